@@ -1,0 +1,441 @@
+"""Settings: one frozen object, built once at start and passed down explicitly.
+
+Sources, later wins:
+1. the defaults declared below (each with one line of help);
+2. ``$state_path/secrets.ini`` if it exists (written 0600 by ``openimds up`` on first start);
+3. the INI file (``--config``, default ``/etc/openimds/openimds.ini``; a missing default file
+   is fine, a missing named file is an error);
+4. environment overrides: ``OPENIMDS_<KEY>`` for ``[DEFAULT]``, ``OPENIMDS_<SECTION>_<KEY>``
+   for the other sections (e.g. ``OPENIMDS_REGISTRY_CONNECTION``).
+
+Option names follow Neutron (``[DEFAULT]`` metadata_proxy_*, nova_metadata_*, the DHCP and L3
+metadata flags, ``[metadata_haproxy]`` timeouts, ``[AGENT]`` process monitoring) and Nova's
+``[api]`` vendordata options, so an operator can carry a config over. ``$state_path`` is
+interpolated in string values. Unknown sections, keys and bad values raise `ConfigError`
+naming the source, section, key and reason.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from openimds.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = "/etc/openimds/openimds.ini"
+ENV_PREFIX = "OPENIMDS_"
+# Environment variables with our prefix that are not options.
+_ENV_NOT_OPTIONS = frozenset({"OPENIMDS_CONFIG"})
+DEFAULT_SECTION = "DEFAULT"
+
+
+def opt(
+    default: Any,
+    help: str,
+    *,
+    secret: bool = False,
+    choices: tuple[str, ...] = (),
+    min: float | None = None,
+    max: float | None = None,
+) -> Any:
+    """Declare one option: default, one line of help, and how to validate it."""
+    return field(
+        default=default,
+        repr=not secret,
+        metadata={"help": help, "secret": secret, "choices": choices, "min": min, "max": max},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrySettings:
+    connection: str = opt(
+        "", "SQLAlchemy URL of the store; empty = sqlite:///$state_path/registry.sqlite",
+        secret=True,
+    )
+    bind_host: str = opt("127.0.0.1", "Address the registry REST API listens on")
+    bind_port: int = opt(9696, "Port the registry REST API listens on", min=1, max=65535)
+    url: str = opt("", "URL clients use to reach the registry; empty = http://bind_host:bind_port")
+    admin_token: str = opt("", "Bearer token allowed to read and write", secret=True)
+    reader_token: str = opt("", "Bearer token allowed to read only (agents)", secret=True)
+    change_retention: int = opt(10000, "How many changes the feed keeps before resync", min=10)
+    max_page_size: int = opt(1000, "Largest page a list call returns", min=1)
+
+    @property
+    def effective_url(self) -> str:
+        if self.url:
+            return self.url.rstrip("/")
+        host = f"[{self.bind_host}]" if ":" in self.bind_host else self.bind_host
+        if host in ("0.0.0.0", "[::]"):
+            host = "127.0.0.1"
+        return f"http://{host}:{self.bind_port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ApiSettings:
+    """Nova's metadata API options (Nova keeps them in [api] and [DEFAULT])."""
+
+    metadata_listen: str = opt("0.0.0.0", "Address the metadata API listens on")
+    metadata_listen_port: int = opt(8775, "Port the metadata API listens on", min=1, max=65535)
+    dhcp_domain: str = opt("novalocal", "Domain appended to hostnames; empty = none")
+    vendordata_providers: tuple[str, ...] = opt(
+        ("StaticJSON",), "Vendordata sources: StaticJSON, DynamicJSON"
+    )
+    vendordata_jsonfile_path: str = opt("", "JSON file served as vendor_data.json")
+    vendordata_dynamic_targets: tuple[str, ...] = opt(
+        (), "name@url targets POSTed for vendor_data2.json"
+    )
+    vendordata_dynamic_connect_timeout: float = opt(5.0, "Seconds to connect to a target", min=0.1)
+    vendordata_dynamic_read_timeout: float = opt(5.0, "Seconds to wait for a target", min=0.1)
+    vendordata_dynamic_failure_fatal: bool = opt(False, "A failing target fails the request")
+    vendordata_dynamic_cache_ttl: float = opt(
+        300.0, "Seconds to keep dynamic vendordata when the target sends no Cache-Control", min=0
+    )
+    imds_tokens: str = opt(
+        "optional", "IMDSv2 session tokens: optional or required",
+        choices=("optional", "required"),
+    )
+    client_timeout: float = opt(30.0, "Seconds a client may take to send a request", min=0.1)
+    max_request_bytes: int = opt(65536, "Largest request body accepted", min=1024)
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataAgentSettings:
+    cache_size: int = opt(65536, "Entries in the (router|network, ip) -> instance cache", min=0)
+    max_concurrency: int = opt(
+        1024, "Requests in flight before the agent answers 503", min=1
+    )
+    upstream_pool_size: int = opt(64, "Keep-alive connections to the metadata API", min=1)
+    upstream_timeout: float = opt(60.0, "Seconds to wait for the metadata API", min=0.1)
+    registry_timeout: float = opt(5.0, "Seconds to wait for the registry", min=0.1)
+    retry_after: int = opt(2, "Retry-After seconds sent with 503", min=1)
+
+
+@dataclass(frozen=True, slots=True)
+class HaproxySettings:
+    """Neutron's [metadata_haproxy] timeouts, applied by our namespace proxy."""
+
+    timeout_connect: float = opt(30.0, "Seconds to connect to the agent's socket", min=0.1)
+    timeout_client: float = opt(32.0, "Seconds of client inactivity allowed", min=0.1)
+    timeout_server: float = opt(32.0, "Seconds to wait for the agent's answer", min=0.1)
+    timeout_http_request: float = opt(30.0, "Seconds to receive a whole request", min=0.1)
+    timeout_http_keep_alive: float = opt(30.0, "Seconds an idle keep-alive may stay", min=0.1)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    upstream_pool_size: int = opt(64, "Keep-alive connections to the agent", min=1)
+    listeners_dir: str = opt(
+        "$state_path/proxy/listeners", "Directory of listener specs written by the agents"
+    )
+    rescan_interval: float = opt(1.0, "Seconds between listener directory scans", min=0.05)
+
+
+@dataclass(frozen=True, slots=True)
+class L3Settings:
+    firewall_driver: str = opt(
+        "nft", "How router rules are written: nft (native) or iptables (iptables-nft)",
+        choices=("nft", "iptables"),
+    )
+    resync_interval: float = opt(60.0, "Seconds between full resyncs with the registry", min=1)
+
+
+@dataclass(frozen=True, slots=True)
+class DhcpSettings:
+    dnsmasq_binary: str = opt("dnsmasq", "dnsmasq executable (Debian package dnsmasq-base)")
+    dhcp_confs: str = opt("$state_path/dhcp", "Where per-network dnsmasq files live")
+    resync_interval: float = opt(60.0, "Seconds between full resyncs with the registry", min=1)
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessMonitorSettings:
+    """Neutron's [AGENT] process-monitor options."""
+
+    check_child_processes_interval: float = opt(
+        1.0, "Seconds between child-process checks; 0 disables respawning", min=0
+    )
+    check_child_processes_action: str = opt(
+        "respawn", "What to do when a child died", choices=("respawn", "exit")
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The whole configuration. [DEFAULT] options are attributes; sections are nested."""
+
+    state_path: str = opt("/var/lib/openimds", "Where openimds keeps its state")
+    debug: bool = opt(False, "Log at DEBUG, including request detail (never secrets)")
+    log_file: str = opt("", "Log file; empty = stderr")
+    metadata_proxy_shared_secret: str = opt(
+        "", "HMAC key shared by the agent and the metadata API", secret=True
+    )
+    metadata_proxy_socket: str = opt(
+        "$state_path/metadata_proxy", "Unix socket the agent listens on"
+    )
+    metadata_proxy_socket_mode: str = opt(
+        "deduce", "Socket permissions: deduce, user (0644), group (0664), all (0666)",
+        choices=("deduce", "user", "group", "all"),
+    )
+    metadata_proxy_user: str = opt("", "User the proxy runs as; empty = the agent's user")
+    metadata_proxy_group: str = opt("", "Group the proxy runs as; empty = the agent's group")
+    metadata_backlog: int = opt(4096, "listen() backlog of the agent's socket", min=1)
+    nova_metadata_host: str = opt("127.0.0.1", "Host of the metadata API")
+    nova_metadata_port: int = opt(8775, "Port of the metadata API", min=1, max=65535)
+    nova_metadata_protocol: str = opt(
+        "http", "Protocol to the metadata API", choices=("http", "https")
+    )
+    nova_metadata_insecure: bool = opt(False, "Do not verify the metadata API's certificate")
+    auth_ca_cert: str = opt("", "CA bundle for https to the metadata API")
+    nova_client_cert: str = opt("", "Client certificate for https to the metadata API")
+    nova_client_priv_key: str = opt("", "Client key for https to the metadata API")
+    enable_metadata_proxy: bool = opt(True, "L3 agent serves metadata in router namespaces")
+    metadata_port: int = opt(9697, "Port the router-namespace listener uses", min=1, max=65535)
+    metadata_access_mark: str = opt("0x1", "Packet mark for metadata traffic (masked 0xffff)")
+    enable_isolated_metadata: bool = opt(False, "Serve metadata on isolated subnets via DHCP")
+    force_metadata: bool = opt(False, "Serve metadata via DHCP on every subnet")
+    enable_metadata_network: bool = opt(
+        False, "Router-scoped metadata on 169.254/16 metadata networks"
+    )
+    dhcp_lease_duration: int = opt(86400, "DHCP lease seconds; -1 = infinite", min=-1)
+    external_pids: str = opt("$state_path/external/pids", "Pid files of spawned processes")
+
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
+    metadata_agent: MetadataAgentSettings = field(default_factory=MetadataAgentSettings)
+    metadata_haproxy: HaproxySettings = field(default_factory=HaproxySettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    l3: L3Settings = field(default_factory=L3Settings)
+    dhcp: DhcpSettings = field(default_factory=DhcpSettings)
+    AGENT: ProcessMonitorSettings = field(default_factory=ProcessMonitorSettings)
+
+    @property
+    def secret_bytes(self) -> bytes:
+        return self.metadata_proxy_shared_secret.encode()
+
+    @property
+    def registry_connection(self) -> str:
+        return self.registry.connection or f"sqlite:///{self.state_path}/registry.sqlite"
+
+    @property
+    def access_mark(self) -> int:
+        return int(self.metadata_access_mark, 0)
+
+    def path(self, *parts: str) -> Path:
+        """A path under state_path."""
+        return Path(self.state_path, *parts)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "registry": RegistrySettings,
+    "api": ApiSettings,
+    "metadata_agent": MetadataAgentSettings,
+    "metadata_haproxy": HaproxySettings,
+    "proxy": ProxySettings,
+    "l3": L3Settings,
+    "dhcp": DhcpSettings,
+    "AGENT": ProcessMonitorSettings,
+}
+
+
+def _fields(cls: type[Any]) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.name not in _SECTIONS}
+
+
+def _parse_value(cls: type[Any], f: dataclasses.Field[Any], raw: str, where: str) -> Any:
+    hints = get_type_hints(cls)
+    kind = hints[f.name]
+    meta = f.metadata
+    text = raw.strip()
+
+    def bad(reason: str) -> ConfigError:
+        shown = "***" if meta["secret"] else repr(raw)
+        return ConfigError(f"{where}: value {shown} {reason}")
+
+    value: Any
+    if kind is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            value = True
+        elif low in ("0", "false", "no", "off"):
+            value = False
+        else:
+            raise bad("is not a boolean (true/false)")
+    elif kind is int:
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise bad("is not an integer") from None
+    elif kind is float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise bad("is not a number") from None
+    elif kind == tuple[str, ...]:
+        value = tuple(p.strip() for p in text.split(",") if p.strip())
+    else:
+        value = raw if meta["secret"] else text
+    if meta["choices"] and value not in meta["choices"]:
+        raise bad(f"is not one of {', '.join(meta['choices'])}")
+    if meta["min"] is not None and value < meta["min"]:
+        raise bad(f"is below the minimum {meta['min']}")
+    if meta["max"] is not None and value > meta["max"]:
+        raise bad(f"is above the maximum {meta['max']}")
+    return value
+
+
+def env_name(section: str, key: str) -> str:
+    """The environment variable that overrides one option."""
+    if section == DEFAULT_SECTION:
+        return f"{ENV_PREFIX}{key.upper()}"
+    return f"{ENV_PREFIX}{section.upper()}_{key.upper()}"
+
+
+def _env_index() -> dict[str, tuple[str, str]]:
+    index: dict[str, tuple[str, str]] = {}
+    for key in _fields(Settings):
+        index[env_name(DEFAULT_SECTION, key)] = (DEFAULT_SECTION, key)
+    for section, cls in _SECTIONS.items():
+        for key in _fields(cls):
+            index[env_name(section, key)] = (section, key)
+    return index
+
+
+def _read_ini(path: Path) -> dict[str, dict[str, str]]:
+    parser = configparser.ConfigParser(interpolation=None, default_section="__none__")
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    try:
+        with path.open(encoding="utf-8") as fh:
+            parser.read_file(fh)
+    except configparser.Error as exc:
+        raise ConfigError(f"{path}: cannot parse: {str(exc).splitlines()[0]}") from exc
+    return {s: dict(parser.items(s, raw=True)) for s in parser.sections()}
+
+
+def _merge(
+    layers: list[tuple[str, dict[str, dict[str, str]]]],
+) -> dict[str, dict[str, tuple[str, str]]]:
+    merged: dict[str, dict[str, tuple[str, str]]] = {}
+    for source, data in layers:
+        for section, values in data.items():
+            if section != DEFAULT_SECTION and section not in _SECTIONS:
+                known = ", ".join([DEFAULT_SECTION, *_SECTIONS])
+                raise ConfigError(f"{source}: unknown section [{section}] (known: {known})")
+            cls = Settings if section == DEFAULT_SECTION else _SECTIONS[section]
+            allowed = _fields(cls)
+            for key, raw in values.items():
+                if key not in allowed:
+                    raise ConfigError(f"{source} [{section}] {key}: unknown option")
+                merged.setdefault(section, {})[key] = (raw, source)
+    return merged
+
+
+def load_settings(
+    config_file: str | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Build the Settings from defaults, secrets file, INI file and environment.
+
+    Raises ConfigError naming the file (or variable), section, key and reason.
+    """
+    env = os.environ if environ is None else environ
+    explicit = config_file if config_file is not None else env.get("OPENIMDS_CONFIG")
+    path = Path(explicit or DEFAULT_CONFIG_FILE)
+    file_layer: dict[str, dict[str, str]] = {}
+    if path.exists():
+        file_layer = _read_ini(path)
+    elif explicit:
+        raise ConfigError(f"{path}: config file not found")
+
+    env_layer: dict[str, dict[str, str]] = {}
+    index = _env_index()
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_OPTIONS:
+            continue
+        if name not in index:
+            raise ConfigError(f"environment {name}: unknown option")
+        section, key = index[name]
+        env_layer.setdefault(section, {})[key] = raw
+
+    # state_path decides where the secrets file lives, so resolve it first.
+    pre = _merge([(str(path), file_layer), ("environment", env_layer)])
+    state_path = pre.get(DEFAULT_SECTION, {}).get("state_path", (Settings().state_path, ""))[0]
+    layers: list[tuple[str, dict[str, dict[str, str]]]] = []
+    secrets_file = Path(state_path.strip(), "secrets.ini")
+    if secrets_file.exists():
+        layers.append((str(secrets_file), _read_ini(secrets_file)))
+    layers += [(str(path), file_layer), ("environment", env_layer)]
+    merged = _merge(layers)
+
+    def build(cls: type[Any], section: str) -> Any:
+        kwargs: dict[str, Any] = {}
+        for key, (raw, source) in merged.get(section, {}).items():
+            where = f"{source} [{section}] {key}"
+            if source == "environment":
+                where = f"environment {env_name(section, key)}"
+            kwargs[key] = _parse_value(cls, _fields(cls)[key], raw, where)
+        return cls(**kwargs)
+
+    top = build(Settings, DEFAULT_SECTION)
+    sections = {name: build(cls, name) for name, cls in _SECTIONS.items()}
+    settings = dataclasses.replace(top, **sections)
+    return _interpolate(settings)
+
+
+def _interpolate(settings: Settings) -> Settings:
+    sp = settings.state_path
+
+    def fix(obj: Any) -> Any:
+        changes: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, str) and "$state_path" in value:
+                changes[f.name] = value.replace("$state_path", sp)
+        return dataclasses.replace(obj, **changes) if changes else obj
+
+    sections = {name: fix(getattr(settings, name)) for name in _SECTIONS}
+    return dataclasses.replace(fix(settings), **sections)
+
+
+def render_settings(settings: Settings, *, mask_secrets: bool = True) -> str:
+    """The effective settings as INI text; secrets are shown as *** when set."""
+
+    def section_lines(obj: Any, cls: type[Any]) -> list[str]:
+        out = []
+        for name, f in _fields(cls).items():
+            value = getattr(obj, name)
+            if f.metadata["secret"] and mask_secrets:
+                shown = "***" if value else ""
+            elif isinstance(value, bool):
+                shown = "true" if value else "false"
+            elif isinstance(value, tuple):
+                shown = ",".join(value)
+            else:
+                shown = str(value)
+            out.append(f"{name} = {shown}".rstrip())
+        return out
+
+    lines = [f"[{DEFAULT_SECTION}]", *section_lines(settings, Settings)]
+    for name, cls in _SECTIONS.items():
+        lines += ["", f"[{name}]", *section_lines(getattr(settings, name), cls)]
+    return "\n".join(lines) + "\n"
+
+
+def settings_as_dict(settings: Settings, *, mask_secrets: bool = True) -> dict[str, Any]:
+    """The effective settings as nested plain data (for `-f json`)."""
+
+    def one(obj: Any, cls: type[Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, f in _fields(cls).items():
+            value = getattr(obj, name)
+            if f.metadata["secret"] and mask_secrets:
+                value = "***" if value else ""
+            out[name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    result = {DEFAULT_SECTION: one(settings, Settings)}
+    for name, cls in _SECTIONS.items():
+        result[name] = one(getattr(settings, name), cls)
+    return result

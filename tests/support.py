@@ -1,0 +1,222 @@
+"""Helpers shared by the integration and netns tests: real processes, stopped by PID."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+CLOUDINIT_PATH = REPO / ".cache" / "cloud-init" / "usr" / "lib" / "python3" / "dist-packages"
+PG_SOCKET_DIR = "/var/run/postgresql"
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 of the (private) namespace we run in."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:
+    """Write an INI file: {"DEFAULT": {...}, "registry": {...}}."""
+    lines: list[str] = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            lines.append(f"{key} = {value}")
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def base_config(state: Path, **overrides: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """A complete test configuration under `state`, with fresh secrets and free ports."""
+    cfg: dict[str, dict[str, Any]] = {
+        "DEFAULT": {
+            "state_path": str(state),
+            "debug": "false",
+            "metadata_proxy_shared_secret": secrets.token_hex(16),
+            "nova_metadata_host": "127.0.0.1",
+            "nova_metadata_port": free_port(),
+        },
+        "registry": {
+            "bind_host": "127.0.0.1",
+            "bind_port": free_port(),
+            "admin_token": "admin-" + secrets.token_hex(8),
+            "reader_token": "reader-" + secrets.token_hex(8),
+        },
+        "api": {},
+    }
+    for section, values in overrides.items():
+        cfg.setdefault(section, {}).update(values)
+    cfg["api"].setdefault("metadata_listen", "127.0.0.1")
+    cfg["api"].setdefault("metadata_listen_port", cfg["DEFAULT"]["nova_metadata_port"])
+    return cfg
+
+
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for child processes: no stray OPENIMDS_* options, no proxies."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENIMDS_")}
+    for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        env.pop(k, None)
+    env["NO_PROXY"] = "*"
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run_cli(
+    config: Path, *args: str, check: bool = False, input: bytes | None = None,
+    timeout: float = 60, env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run `openimds --config CONFIG ARGS...` as a real subprocess."""
+    proc = subprocess.run(
+        [PYTHON, "-m", "openimds", "--config", str(config), *args],
+        capture_output=True, text=True, timeout=timeout, env=clean_env(env),
+        input=input.decode() if input is not None else None,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"openimds {' '.join(args)} exited {proc.returncode}\n"
+            f"stdout: {proc.stdout}\nstderr: {proc.stderr}"
+        )
+    return proc
+
+
+def cli_json(config: Path, *args: str) -> Any:
+    """Run a CLI command with -f json and parse its output."""
+    return json.loads(run_cli(config, *args, "-f", "json", check=True).stdout)
+
+
+class Service:
+    """One real process, started from argv, stopped by its PID (never by name)."""
+
+    def __init__(
+        self, name: str, argv: Sequence[str], log_dir: Path,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_dir / f"{name}.log"
+        self.env = clean_env(env)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> Service:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+            start_new_session=True,
+        )
+        log.close()
+        return self
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_until(self, ready: Callable[[], bool], timeout: float = 20.0) -> Service:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise AssertionError(f"{self.name} exited early:\n{self.log()[-4000:]}")
+            with contextlib.suppress(Exception):
+                if ready():
+                    return self
+            time.sleep(0.05)
+        raise AssertionError(f"{self.name} not ready in {timeout}s:\n{self.log()[-4000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+def openimds_service(name: str, config: Path, *args: str, log_dir: Path) -> Service:
+    """A Service running `python -m openimds --config CONFIG ARGS...`."""
+    return Service(name, [PYTHON, "-m", "openimds", "--config", str(config), *args], log_dir)
+
+
+def http_ready(url: str) -> Callable[[], bool]:
+    def check() -> bool:
+        with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310
+            return bool(resp.status < 500)
+
+    return check
+
+
+def tcp_ready(host: str, port: int) -> Callable[[], bool]:
+    def check() -> bool:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+
+    return check
+
+
+def unix_ready(path: str | Path) -> Callable[[], bool]:
+    def check() -> bool:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(1)
+            s.connect(str(path))
+            return True
+
+    return check
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database over the Unix socket; dropped afterwards. Yields its URL."""
+    name = "openimds_test_" + uuid.uuid4().hex[:12]
+
+    def psql(sql: str) -> None:
+        subprocess.run(
+            ["psql", "-h", PG_SOCKET_DIR, "-d", "postgres", "-qAtc", sql],
+            check=True, capture_output=True, env=clean_env({"PGUSER": "root"}),
+        )
+
+    psql(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql+psycopg://root@/{name}?host={PG_SOCKET_DIR}"
+    finally:
+        psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def unique_name(prefix: str) -> str:
+    """A namespace name unique to this test process and call."""
+    return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
