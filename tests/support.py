@@ -175,7 +175,7 @@ def openimds_service(name: str, config: Path, *args: str, log_dir: Path) -> Serv
 
 def http_ready(url: str) -> Callable[[], bool]:
     def check() -> bool:
-        with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310
+        with urllib.request.urlopen(url, timeout=1) as resp:
             return bool(resp.status < 500)
 
     return check

@@ -396,7 +396,8 @@ def _interpolate(settings: Settings) -> Settings:
         return dataclasses.replace(obj, **changes) if changes else obj
 
     sections = {name: fix(getattr(settings, name)) for name in _SECTIONS}
-    return dataclasses.replace(fix(settings), **sections)
+    result: Settings = dataclasses.replace(fix(settings), **sections)
+    return result
 
 
 def render_settings(settings: Settings, *, mask_secrets: bool = True) -> str:
