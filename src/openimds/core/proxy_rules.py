@@ -1,0 +1,198 @@
+"""Rules of the namespace metadata proxy: listener specs and the request header rewrite.
+
+This module never sees a socket or a file: it receives bytes and plain values.
+
+Listener specs are the JSON files the L3 and DHCP agents drop into `[proxy] listeners_dir`
+(docs/architecture.md, "Proxy listener specs"):
+
+    {"netns": "qrouter-<id>", "host": "0.0.0.0", "port": 9697,
+     "router_id": "<id>", "network_id": null}
+
+The rewrite is Neutron's haproxy listener (`del-header` + `set-header` of the router/network
+ID, `option forwardfor`) made strict, because a VM controls every header it sends:
+- every X-Neutron-*, X-Instance-ID*, X-Tenant-ID, X-Forwarded-* and Forwarded header is
+  removed, whatever its case, and also when spelled with underscores (`X_Forwarded_For`), which
+  some servers fold into the same variable;
+- X-Forwarded-For is *set* to the TCP peer, never appended: a VM-sent value neither survives
+  nor breaks the request (Neutron's appended header made webob see "spoofed, real" and fail);
+- exactly one X-Neutron-Router-ID or X-Neutron-Network-ID names the listener;
+- hop-by-hop headers (and those the client's Connection header lists) stay on the client's
+  hop; the body is re-framed by the upstream client, so Content-Length, Transfer-Encoding and
+  Expect are dropped too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from openimds.errors import BadRequest
+
+SPEC_SUFFIX = ".json"
+ROUTER_ID_HEADER = b"X-Neutron-Router-ID"
+NETWORK_ID_HEADER = b"X-Neutron-Network-ID"
+FORWARDED_FOR_HEADER = b"X-Forwarded-For"
+
+# Compared after lower-casing and mapping "_" to "-".
+_STRIPPED_PREFIXES = (b"x-neutron-", b"x-instance-id", b"x-forwarded-")
+_STRIPPED_NAMES = frozenset({b"x-tenant-id", b"forwarded"})
+_HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
+    b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+    b"content-length", b"expect",
+})
+# IDs end up in a header value and a file name: no spaces, no control characters.
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_NETNS_RE = re.compile(r"[A-Za-z0-9._:@+-]{1,255}")
+_SPEC_KEYS = ("netns", "host", "port", "router_id", "network_id")
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSpec:
+    """One listener: where to listen and which router or network it speaks for."""
+
+    name: str
+    netns: str
+    host: str
+    port: int
+    router_id: str | None
+    network_id: str | None
+
+    @property
+    def identity_header(self) -> tuple[bytes, bytes]:
+        """The one header naming this listener's router or network."""
+        if self.router_id is not None:
+            return ROUTER_ID_HEADER, self.router_id.encode("ascii")
+        return NETWORK_ID_HEADER, (self.network_id or "").encode("ascii")
+
+    @property
+    def is_ipv6(self) -> bool:
+        return ":" in self.host
+
+
+def is_spec_filename(filename: str) -> bool:
+    """Whether a directory entry is a spec (`<name>.json`); dot-files are temp files."""
+    return (
+        filename.endswith(SPEC_SUFFIX)
+        and not filename.startswith(".")
+        and len(filename) > len(SPEC_SUFFIX)
+    )
+
+
+def spec_name(filename: str) -> str:
+    return filename[: -len(SPEC_SUFFIX)]
+
+
+def parse_listener_spec(name: str, data: bytes | str) -> ListenerSpec:
+    """Parse and validate one spec file's content. Raises BadRequest naming the field."""
+    try:
+        raw: Any = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"listener spec {name}: not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise BadRequest(f"listener spec {name}: not a JSON object")
+    return listener_spec_from_dict(name, raw)
+
+
+def listener_spec_from_dict(name: str, raw: Mapping[str, Any]) -> ListenerSpec:
+    def bad(key: str, reason: str) -> BadRequest:
+        return BadRequest(f"listener spec {name}: {key}={raw.get(key)!r} {reason}")
+
+    netns = raw.get("netns")
+    if not isinstance(netns, str) or not _NETNS_RE.fullmatch(netns) or netns in (".", ".."):
+        raise bad("netns", "is not a namespace name")
+    host = raw.get("host")
+    if not isinstance(host, str):
+        raise bad("host", "is not an IP address")
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise bad("host", "is not an IP address") from None
+    port = raw.get("port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise bad("port", "is not a port number (1-65535)")
+    ids: dict[str, str | None] = {}
+    for key in ("router_id", "network_id"):
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, str) or not _ID_RE.fullmatch(value)):
+            raise bad(key, "is not an ID")
+        ids[key] = value
+    if (ids["router_id"] is None) == (ids["network_id"] is None):
+        raise BadRequest(
+            f"listener spec {name}: exactly one of router_id and network_id must be set "
+            f"(router_id={ids['router_id']!r}, network_id={ids['network_id']!r})"
+        )
+    return ListenerSpec(name, netns, host, port, ids["router_id"], ids["network_id"])
+
+
+def render_listener_spec(spec: ListenerSpec) -> str:
+    """The JSON text of a spec, as the agents write it (name is the file name)."""
+    return json.dumps({k: getattr(spec, k) for k in _SPEC_KEYS}, sort_keys=True) + "\n"
+
+
+def plan_listeners(
+    desired: Mapping[str, ListenerSpec], current: Mapping[str, ListenerSpec],
+) -> tuple[list[ListenerSpec], list[str]]:
+    """(specs to open, names to close) turning `current` into `desired`; a changed spec is both."""
+    to_close = [n for n, spec in current.items() if desired.get(n) != spec]
+    to_open = [spec for n, spec in desired.items() if current.get(n) != spec]
+    return sorted(to_open, key=lambda s: s.name), sorted(to_close)
+
+
+def peer_address(host: str) -> str:
+    """The client address as the agent expects it: IPv4-mapped IPv6 unwrapped, no scope."""
+    host = host.split("%", 1)[0]
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]
+    return host
+
+
+def _canonical(name: bytes) -> bytes:
+    return name.lower().replace(b"_", b"-")
+
+
+def is_spoofable(name: bytes) -> bool:
+    """Whether a client-sent header must never reach the agent."""
+    canon = _canonical(name)
+    return canon in _STRIPPED_NAMES or canon.startswith(_STRIPPED_PREFIXES)
+
+
+def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    # A client may not make us drop the Host header by listing it in Connection.
+    tokens.discard(b"host")
+    return frozenset(tokens)
+
+
+def rewrite_headers(
+    headers: Iterable[tuple[bytes, bytes]], added: Iterable[tuple[bytes, bytes]],
+) -> list[tuple[bytes, bytes]]:
+    """The client's headers minus spoofable and hop-by-hop ones, then `added`, in order.
+
+    `added` is what the proxy sets: `proxy_headers(peer, spec)`.
+    """
+    headers = list(headers)
+    listed = _connection_tokens(headers)
+    out = []
+    for name, value in headers:
+        low = name.lower()
+        if low in _HOP_BY_HOP or low in listed or is_spoofable(name):
+            continue
+        out.append((name, value))
+    out.extend(added)
+    return out
+
+
+def proxy_headers(peer_host: str, spec: ListenerSpec) -> tuple[tuple[bytes, bytes], ...]:
+    """The headers the proxy sets for one client connection (compute once per connection)."""
+    return (
+        (FORWARDED_FOR_HEADER, peer_address(peer_host).encode("ascii")),
+        spec.identity_header,
+    )
