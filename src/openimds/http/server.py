@@ -1,0 +1,413 @@
+"""A small HTTP/1.1 server for the three hot hops: asyncio Protocol + httptools' C parser.
+
+Rules:
+- A handler takes a `Request` and returns a `Response`/`RawResponse`, or an awaitable of one.
+  A plain value is written at once, with no task per request; an awaitable runs as a task.
+- Pipelined requests are answered strictly in order: while one awaits, later ones queue
+  (reading pauses once the queue is long).
+- Limits are enforced here, once, for every hop: header bytes (431), body bytes (413),
+  time to receive a whole request (408), idle keep-alive time, malformed input (400).
+  Every error answer carries a one-line reason and closes the connection.
+
+The server never logs per request; handlers do (they know who asked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import socket
+import stat
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+
+import httptools
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Handler",
+    "Limits",
+    "RawResponse",
+    "Request",
+    "Response",
+    "bind_tcp",
+    "bind_unix",
+    "error_response",
+    "serve",
+]
+
+_PHRASES = {s.value: s.phrase for s in HTTPStatus}
+MAX_PIPELINE = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-connection limits; the defaults suit metadata traffic (small requests)."""
+
+    max_header_bytes: int = 16384
+    max_headers: int = 100
+    max_body_bytes: int = 65536 + 4096
+    request_timeout_s: float = 30.0
+    keepalive_timeout_s: float = 30.0
+
+
+class Request:
+    """One parsed request. Header names are lower-cased bytes; values are raw bytes."""
+
+    __slots__ = ("body", "headers", "keep_alive", "method", "path", "peer", "query",
+                 "target", "version")
+
+    def __init__(
+        self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes,
+        version: str, keep_alive: bool, peer: tuple[str, int] | None,
+    ) -> None:
+        self.method = method
+        self.target = target
+        path, _, query = target.partition("?")
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.body = body
+        self.version = version
+        self.keep_alive = keep_alive
+        self.peer = peer
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of a header (name in lower case), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    def header_all(self, name: bytes) -> list[bytes]:
+        """Every value of a header, in order."""
+        return [value for key, value in self.headers if key == name]
+
+
+class Response:
+    """A response to render: status, body, content type and extra headers."""
+
+    __slots__ = ("body", "content_type", "headers", "status")
+
+    def __init__(
+        self, status: int = 200, body: bytes = b"", *,
+        content_type: str = "text/plain; charset=UTF-8",
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers
+
+    def encode(self, *, keep_alive: bool, head: bool = False) -> bytes:
+        parts = [
+            f"HTTP/1.1 {self.status} {_PHRASES.get(self.status, 'Unknown')}\r\n"
+            f"Content-Type: {self.content_type}\r\n"
+            f"Content-Length: {len(self.body)}\r\n"
+        ]
+        for name, value in self.headers:
+            parts.append(f"{name}: {value}\r\n")
+        if not keep_alive:
+            parts.append("Connection: close\r\n")
+        parts.append("\r\n")
+        head_bytes = "".join(parts).encode("latin-1")
+        if head or self.status in (204, 304) or self.status < 200:
+            return head_bytes
+        return head_bytes + self.body
+
+
+class RawResponse:
+    """Bytes sent verbatim: a complete answer relayed from an upstream hop."""
+
+    __slots__ = ("close", "data")
+
+    def __init__(self, data: bytes, *, close: bool = False) -> None:
+        self.data = data
+        self.close = close
+
+
+AnyResponse = Response | RawResponse
+Handler = Callable[[Request], AnyResponse | Awaitable[AnyResponse]]
+
+
+def error_response(
+    status: int, reason: str, headers: Sequence[tuple[str, str]] = ()
+) -> Response:
+    """A short text answer: the status line's phrase and a one-line reason."""
+    line = reason.replace("\r", " ").replace("\n", " ")
+    body = f"{status} {_PHRASES.get(status, 'Error')}: {line}\n".encode()
+    return Response(status, body, headers=headers)
+
+
+class _ProtocolError(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    __slots__ = (
+        "_body", "_body_len", "_busy", "_closing", "_handler", "_header_bytes", "_headers",
+        "_last_name", "_limits", "_loop", "_parser", "_paused", "_peer", "_queue", "_task",
+        "_timer", "_transport", "_url",
+    )
+
+    def __init__(self, handler: Handler, limits: Limits, loop: asyncio.AbstractEventLoop):
+        self._handler = handler
+        self._limits = limits
+        self._loop = loop
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._peer: tuple[str, int] | None = None
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._header_bytes = 0
+        self._last_name = b""
+        self._body: list[bytes] = []
+        self._body_len = 0
+        self._queue: deque[Request] = deque()
+        self._busy = False
+        self._paused = False
+        self._closing = False
+        self._task: asyncio.Future[AnyResponse] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- transport events -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self._peer = (str(peer[0]), int(peer[1]))
+        self._arm(self._limits.request_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._queue.clear()
+        self._transport = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "protocol upgrade is not supported")
+            return
+        except httptools.HttpParserError as exc:
+            # Our callbacks raise _ProtocolError; httptools wraps it in a callback error.
+            cause = exc.__context__
+            if isinstance(cause, _ProtocolError):
+                self._fail(cause.status, cause.reason)
+            else:
+                self._fail(400, f"malformed request: {exc}")
+            return
+        self._drain_queue()
+
+    # -- parser callbacks ---------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._header_bytes = 0
+        self._body = []
+        self._body_len = 0
+        self._arm(self._limits.request_timeout_s)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._header_bytes += len(url)
+        if self._header_bytes > self._limits.max_header_bytes:
+            raise _ProtocolError(414, "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self._limits.max_header_bytes:
+            raise _ProtocolError(431, "request headers too large")
+        if len(self._headers) >= self._limits.max_headers:
+            raise _ProtocolError(431, "too many request headers")
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        for name, value in self._headers:
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    raise _ProtocolError(400, "bad Content-Length") from None
+                if length > self._limits.max_body_bytes:
+                    raise _ProtocolError(
+                        413, f"body of {length} bytes exceeds {self._limits.max_body_bytes}"
+                    )
+            elif name == b"expect" and value.lower() == b"100-continue" and self._transport:
+                self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self._body_len += len(body)
+        if self._body_len > self._limits.max_body_bytes:
+            raise _ProtocolError(413, f"body exceeds {self._limits.max_body_bytes} bytes")
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        parser = self._parser
+        try:
+            target = self._url.decode("ascii")
+        except UnicodeDecodeError:
+            raise _ProtocolError(400, "request target is not ASCII") from None
+        req = Request(
+            parser.get_method().decode("ascii", "replace"), target, self._headers,
+            b"".join(self._body) if self._body else b"", parser.get_http_version(),
+            bool(parser.should_keep_alive()), self._peer,
+        )
+        self._queue.append(req)
+        if len(self._queue) > MAX_PIPELINE and self._transport and not self._paused:
+            self._transport.pause_reading()
+            self._paused = True
+
+    # -- dispatch -----------------------------------------------------------------------
+    def _drain_queue(self) -> None:
+        while self._queue and not self._busy and not self._closing:
+            req = self._queue.popleft()
+            try:
+                result = self._handler(req)
+            except Exception:
+                log.exception("http.handler_failed method=%s path=%s", req.method, req.path)
+                self._send(req, error_response(500, "internal error"))
+                continue
+            if isinstance(result, Response | RawResponse):
+                self._send(req, result)
+            else:
+                self._busy = True
+                task = asyncio.ensure_future(result)
+                self._task = task
+                task.add_done_callback(functools.partial(self._finish, req))
+                return
+        if self._paused and not self._queue and self._transport:
+            self._transport.resume_reading()
+            self._paused = False
+
+    def _finish(self, req: Request, task: asyncio.Future[AnyResponse]) -> None:
+        self._busy = False
+        self._task = None
+        if self._closing or task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("http.handler_failed method=%s path=%s error=%r",
+                      req.method, req.path, exc)
+            self._send(req, error_response(500, "internal error"))
+        else:
+            self._send(req, task.result())
+        self._drain_queue()
+
+    def _send(self, req: Request, resp: AnyResponse) -> None:
+        transport = self._transport
+        if transport is None or self._closing:
+            return
+        if isinstance(resp, RawResponse):
+            transport.write(resp.data)
+            keep = req.keep_alive and not resp.close
+        else:
+            keep = req.keep_alive
+            transport.write(resp.encode(keep_alive=keep, head=req.method == "HEAD"))
+        if not keep:
+            self._close()
+        elif not self._queue:
+            self._arm(self._limits.keepalive_timeout_s)
+
+    def _fail(self, status: int, reason: str) -> None:
+        if self._transport is not None and not self._closing:
+            self._transport.write(error_response(status, reason).encode(keep_alive=False))
+        self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._transport is not None:
+            self._transport.close()
+
+    def _arm(self, seconds: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(seconds, self._on_timeout)
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        if self._busy:
+            # The handler owns the time now; upstream timeouts bound it.
+            return
+        if self._url or self._headers or self._body:
+            self._fail(408, "request not received in time")
+        else:
+            self._close()
+
+
+def bind_tcp(host: str, port: int, *, backlog: int = 4096) -> socket.socket:
+    """A listening TCP socket (SO_REUSEADDR), non-blocking."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_unix(path: str, *, mode: int = 0o666, backlog: int = 4096) -> socket.socket:
+    """A listening Unix socket at path: parent made (0755), a stale socket replaced."""
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, mode=0o755, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, mode)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve(
+    handler: Handler, sock: socket.socket, limits: Limits | None = None,
+    *, backlog: int = 4096,
+) -> asyncio.Server:
+    """Serve handler on an already bound, listening socket; returns the started Server."""
+    loop = asyncio.get_running_loop()
+    lim = limits or Limits()
+
+    def factory() -> HttpProtocol:
+        return HttpProtocol(handler, lim, loop)
+
+    return await loop.create_server(factory, sock=sock, backlog=backlog)
+
+
+def install_uvloop() -> None:
+    """Use uvloop's event loop policy when available (it is a declared dependency)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

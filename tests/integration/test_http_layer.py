@@ -1,0 +1,199 @@
+"""The lean HTTP layer over real sockets: framing, limits, pipelining, pooled upstreams."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from openimds.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
+from openimds.http.client import UpstreamPool
+from openimds.http.server import (
+    Limits,
+    RawResponse,
+    Request,
+    Response,
+    bind_tcp,
+    bind_unix,
+    error_response,
+    serve,
+)
+
+
+async def echo(req: Request) -> Response:
+    await asyncio.sleep(0)
+    body = f"{req.method} {req.path} q={req.query} n={len(req.body)}".encode()
+    return Response(200, body, headers=[("X-Seen-Host", (req.header(b"host") or b"").decode())])
+
+
+def sync_handler(req: Request) -> Response:
+    if req.path == "/raw":
+        return RawResponse(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")  # type: ignore[return-value]
+    if req.path == "/boom":
+        raise RuntimeError("bug")
+    return Response(200, req.path.encode())
+
+
+async def start(handler, limits: Limits | None = None):
+    sock = bind_tcp("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = await serve(handler, sock, limits)
+    return server, port
+
+
+async def exchange(port: int, data: bytes, *, read_until_close: bool = True) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    out = await asyncio.wait_for(reader.read(-1), 5) if read_until_close else b""
+    writer.close()
+    return out
+
+
+async def test_keepalive_and_pipelining_keep_order() -> None:
+    server, port = await start(echo)
+    try:
+        reqs = b"".join(
+            f"GET /p{i}?x={i} HTTP/1.1\r\nHost: h\r\n\r\n".encode() for i in range(5)
+        ) + b"GET /last HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+        out = await exchange(port, reqs)
+        bodies = [part for part in out.split(b"\r\n\r\n")[1:]]
+        assert out.count(b"HTTP/1.1 200 OK") == 6
+        order = [b.split(b"HTTP/1.1")[0] for b in bodies]
+        assert order[:5] == [f"GET /p{i} q=x={i} n=0".encode() for i in range(5)]
+        assert out.rstrip().endswith(b"GET /last q= n=0")
+        assert b"Connection: close" in out
+    finally:
+        server.close()
+
+
+async def test_sync_handler_raw_and_errors() -> None:
+    server, port = await start(sync_handler)
+    try:
+        out = await exchange(port, b"GET /raw HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 201 Created") and out.endswith(b"ok")
+        out = await exchange(port, b"GET /boom HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 500 ")
+        out = await exchange(port, b"HEAD /abc HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert b"Content-Length: 4" in out and out.endswith(b"\r\n\r\n")
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", b"400"),
+        (b"GET / HTTP/1.1\r\n" + b"X-Big: " + b"a" * 20000 + b"\r\n\r\n", b"431"),
+        (b"POST / HTTP/1.1\r\nContent-Length: 999999\r\n\r\n", b"413"),
+        (b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n", b"400"),
+    ],
+)
+async def test_bad_requests_get_a_status_and_a_reason(data: bytes, status: bytes) -> None:
+    server, port = await start(echo)
+    try:
+        out = await exchange(port, data)
+        assert out.startswith(b"HTTP/1.1 " + status), out[:80]
+        assert b"Connection: close" in out
+        assert out.split(b"\r\n\r\n", 1)[1].strip()  # a one-line reason
+    finally:
+        server.close()
+
+
+async def test_slow_client_times_out_with_408() -> None:
+    server, port = await start(echo, Limits(request_timeout_s=0.3))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")  # never finishes
+        out = await asyncio.wait_for(reader.read(-1), 5)
+        assert out.startswith(b"HTTP/1.1 408")
+        writer.close()
+    finally:
+        server.close()
+
+
+async def test_pool_reuses_connections_and_relays_raw() -> None:
+    peers: set[tuple[str, int] | None] = set()
+
+    async def recording(req: Request) -> Response:
+        peers.add(req.peer)
+        return await echo(req)
+
+    server, port = await start(recording)
+    pool = UpstreamPool(host="127.0.0.1", port=port, size=4)
+    try:
+        results = await asyncio.gather(*[
+            pool.request("GET", f"/r{i}", [(b"Host", b"vm")]) for i in range(40)
+        ])
+        assert [r.status for r in results] == [200] * 40
+        assert results[7].body == b"GET /r7 q= n=0"
+        assert results[7].raw.startswith(b"HTTP/1.1 200 OK")
+        assert results[7].raw.endswith(b"GET /r7 q= n=0")
+        assert results[0].header(b"x-seen-host") == b"vm"
+        assert 1 <= len(peers) <= 4  # 40 requests over at most `size` connections
+        post = await pool.request("POST", "/p", [], b"x" * 100)
+        assert post.body == b"POST /p q= n=100"
+        head = await pool.request("HEAD", "/h")
+        assert head.status == 200 and head.body == b""
+        after_head = await pool.request("GET", "/again")
+        assert after_head.body == b"GET /again q= n=0"
+    finally:
+        await pool.close()
+        server.close()
+
+
+async def test_pool_retries_a_stale_idle_connection(tmp_path) -> None:
+    path = str(tmp_path / "stale.sock")
+    server = await serve(echo, bind_unix(path), Limits(keepalive_timeout_s=0.1))
+    pool = UpstreamPool(unix_path=path, size=2)
+    try:
+        assert (await pool.request("GET", "/one")).status == 200
+        await asyncio.sleep(0.3)  # the server closes the idle keep-alive connection
+        assert (await pool.request("GET", "/two")).body == b"GET /two q= n=0"
+    finally:
+        await pool.close()
+        server.close()
+
+
+async def test_pool_failures_map_to_503_504_502(tmp_path) -> None:
+    missing = UpstreamPool(unix_path=str(tmp_path / "nothing.sock"))
+    with pytest.raises(UpstreamUnavailable):
+        await missing.request("GET", "/")
+    assert UpstreamUnavailable("x").status == 503
+
+    async def hang(req: Request) -> Response:
+        await asyncio.sleep(30)
+        return error_response(500, "never")
+
+    server, port = await start(hang)
+    pool = UpstreamPool(host="127.0.0.1", port=port, timeout_s=0.2)
+    with pytest.raises(UpstreamTimeout):
+        await pool.request("GET", "/")
+    server.close()
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+        writer.write(b"THIS IS NOT HTTP\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    gsrv = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    gport = gsrv.sockets[0].getsockname()[1]
+    pool = UpstreamPool(host="127.0.0.1", port=gport)
+    with pytest.raises(UpstreamProtocolError):
+        await pool.request("GET", "/")
+    gsrv.close()
+
+
+def test_unix_socket_mode_and_stale_file(tmp_path) -> None:
+    path = tmp_path / "d" / "s.sock"
+    first = bind_unix(str(path), mode=0o664, backlog=16)
+    first.close()
+    second = bind_unix(str(path), mode=0o644)  # a stale socket file is replaced
+    try:
+        assert (path.stat().st_mode & 0o777) == 0o644
+        with socket.socket(socket.AF_UNIX) as c:
+            c.connect(str(path))
+    finally:
+        second.close()
