@@ -1,0 +1,124 @@
+"""Header rewriting for the agent's hop to the metadata API. Pure: header lists in, lists out.
+
+Rules of this module: it never sees a socket. `rewrite_request_headers()` takes the VM's
+headers (names lower-cased bytes, values bytes, as the lean HTTP server parses them) and
+returns the list sent to the API:
+
+- dropped first, whatever their case or count: every identity header a VM could use to pass for
+  another instance (`X-Forwarded-*`, `Forwarded`, `X-Instance-ID*`, `X-Tenant-ID`,
+  `X-Project-ID`, `X-Neutron-*`, `X-OVN-*`, `X-Metadata-Provider*`), the hop-by-hop headers of
+  RFC 9110 §7.6.1 plus any header the request's `Connection` header names, and the framing
+  headers (`Content-Length`, `Transfer-Encoding`), which are re-derived from the body we send;
+- then added, once each: X-Forwarded-For (normalised), X-Instance-ID, X-Tenant-ID,
+  X-Instance-ID-Signature, a Content-Length when there is a body (or the method carries one),
+  and a Host when the VM sent none.
+
+Everything else (Host, User-Agent, Accept, Content-Type, the IMDSv2 token headers, ...) passes
+through unchanged, in order. Neutron sends only its four headers and drops the rest, which
+breaks token-based clients; passing the harmless ones through is deliberate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = [
+    "DROPPED_PREFIXES",
+    "HOP_BY_HOP",
+    "SENSITIVE",
+    "is_dropped",
+    "redact",
+    "rewrite_request_headers",
+]
+
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"trailers",
+    b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
+})
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+_DROPPED_EXACT = frozenset({b"forwarded", b"x-tenant-id", b"x-project-id"})
+DROPPED_PREFIXES = (
+    b"x-forwarded-", b"x-instance-id", b"x-neutron-", b"x-ovn-", b"x-metadata-provider",
+)
+# Never logged: our signature, and credentials a VM may send.
+SENSITIVE = frozenset({
+    b"x-instance-id-signature", b"x-metadata-provider-signature", b"authorization",
+    b"proxy-authorization", b"cookie", b"x-aws-ec2-metadata-token",
+})
+_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+
+OUT_FORWARDED_FOR = b"X-Forwarded-For"
+OUT_INSTANCE_ID = b"X-Instance-ID"
+OUT_TENANT_ID = b"X-Tenant-ID"
+OUT_SIGNATURE = b"X-Instance-ID-Signature"
+
+
+def is_dropped(name: bytes) -> bool:
+    """True for a header name (lower-case) that never crosses the agent."""
+    return (
+        name in HOP_BY_HOP
+        or name in _FRAMING
+        or name in _DROPPED_EXACT
+        or name.startswith(DROPPED_PREFIXES)
+    )
+
+
+def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(tokens)
+
+
+def rewrite_request_headers(
+    headers: Iterable[tuple[bytes, bytes]],
+    *,
+    forwarded_for: str,
+    instance_id: str,
+    tenant_id: str,
+    signature: str,
+    method: bytes = b"GET",
+    body_length: int = 0,
+    default_host: bytes = b"169.254.169.254",
+) -> list[tuple[bytes, bytes]]:
+    """The headers the agent sends to the API for one request (see the module docstring).
+
+    Header names in `headers` must be lower-case, as the lean HTTP server delivers them.
+    """
+    items = list(headers)
+    named_by_connection = _connection_tokens(items)
+    out: list[tuple[bytes, bytes]] = []
+    has_host = False
+    for name, value in items:
+        if is_dropped(name) or name in named_by_connection:
+            continue
+        if name == b"host":
+            if has_host:  # a second Host is a request-smuggling shape: keep the first only
+                continue
+            has_host = True
+        out.append((name, value))
+    if not has_host:
+        out.append((b"host", default_host))
+    out += [
+        (OUT_FORWARDED_FOR, forwarded_for.encode("ascii")),
+        (OUT_INSTANCE_ID, instance_id.encode()),
+        (OUT_TENANT_ID, tenant_id.encode()),
+        (OUT_SIGNATURE, signature.encode("ascii")),
+    ]
+    if body_length or method.upper() in _BODY_METHODS:
+        out.append((b"content-length", str(body_length).encode("ascii")))
+    return out
+
+
+def redact(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """Headers as printable text for a debug log, sensitive values replaced by `***`."""
+    shown: list[tuple[str, str]] = []
+    for name, value in headers:
+        text_name = name.decode("latin-1")
+        if name.lower() in SENSITIVE:
+            shown.append((text_name, "***"))
+        else:
+            text = value.decode("latin-1")
+            shown.append((text_name, "".join(c if " " <= c <= "~" else "?" for c in text)))
+    return shown
