@@ -1,0 +1,99 @@
+from pathlib import Path
+
+import pytest
+
+from openimds.config import env_name, load_settings, render_settings, settings_as_dict
+from openimds.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "openimds.ini"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_follow_neutron(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, ""), environ={})
+    assert s.metadata_port == 9697
+    assert s.metadata_backlog == 4096
+    assert s.nova_metadata_port == 8775
+    assert s.metadata_proxy_socket_mode == "deduce"
+    assert s.metadata_proxy_socket == "/var/lib/openimds/metadata_proxy"
+    assert s.registry.bind_port == 9696
+    assert s.registry_connection == "sqlite:////var/lib/openimds/registry.sqlite"
+    assert s.access_mark == 1
+
+
+def test_file_then_env_and_state_path_interpolation(tmp_path: Path) -> None:
+    cfg = write(tmp_path, "[DEFAULT]\nstate_path = /srv/imds\nmetadata_backlog = 128\n"
+                          "[registry]\nbind_port = 19696\n[api]\nvendordata_providers = "
+                          "StaticJSON, DynamicJSON\n")
+    s = load_settings(cfg, environ={"OPENIMDS_METADATA_BACKLOG": "256",
+                                    "OPENIMDS_REGISTRY_ADMIN_TOKEN": "tok"})
+    assert s.metadata_backlog == 256
+    assert s.registry.bind_port == 19696
+    assert s.registry.admin_token == "tok"
+    assert s.metadata_proxy_socket == "/srv/imds/metadata_proxy"
+    assert s.proxy.listeners_dir == "/srv/imds/proxy/listeners"
+    assert s.api.vendordata_providers == ("StaticJSON", "DynamicJSON")
+
+
+def test_secrets_file_under_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "secrets.ini").write_text("[DEFAULT]\nmetadata_proxy_shared_secret = s3\n"
+                                          "[registry]\nadmin_token = a\n")
+    cfg = write(tmp_path, f"[DEFAULT]\nstate_path = {tmp_path}\n[registry]\nadmin_token = b\n")
+    s = load_settings(cfg, environ={})
+    assert s.metadata_proxy_shared_secret == "s3"
+    assert s.registry.admin_token == "b"
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        ("[DEFAULT]\nmetadata_backlog = lots\n", {}, "[DEFAULT] metadata_backlog: value 'lots' is not an integer"),
+        ("[DEFAULT]\nmetadata_backlog = 0\n", {}, "below the minimum"),
+        ("[DEFAULT]\nnova_metadata_protocol = ftp\n", {}, "is not one of http, https"),
+        ("[DEFAULT]\nfrobnicate = 1\n", {}, "[DEFAULT] frobnicate: unknown option"),
+        ("[nova]\nx = 1\n", {}, "unknown section [nova]"),
+        ("[DEFAULT]\nforce_metadata = maybe\n", {}, "is not a boolean"),
+        ("", {"OPENIMDS_NOPE": "1"}, "environment OPENIMDS_NOPE: unknown option"),
+        ("", {"OPENIMDS_REGISTRY_BIND_PORT": "99999"}, "environment OPENIMDS_REGISTRY_BIND_PORT"),
+        ("[DEFAULT\n", {}, "cannot parse"),
+    ],
+)
+def test_bad_settings_name_file_section_key_and_reason(
+    tmp_path: Path, text: str, env: dict[str, str], message: str
+) -> None:
+    cfg = write(tmp_path, text)
+    with pytest.raises(ConfigError) as exc:
+        load_settings(cfg, environ=env)
+    assert message in exc.value.reason
+    if not env:
+        assert cfg in exc.value.reason
+
+
+def test_missing_named_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_settings(str(tmp_path / "nope.ini"), environ={})
+
+
+def test_secret_values_are_masked_everywhere(tmp_path: Path) -> None:
+    cfg = write(tmp_path, "[DEFAULT]\nmetadata_proxy_shared_secret = hunter2\n"
+                          "[registry]\nadmin_token = tok\n")
+    s = load_settings(cfg, environ={})
+    assert "hunter2" not in render_settings(s)
+    assert "hunter2" not in repr(s)
+    assert "metadata_proxy_shared_secret = ***" in render_settings(s)
+    assert settings_as_dict(s)["registry"]["admin_token"] == "***"
+    with pytest.raises(ConfigError) as exc:
+        load_settings(write(tmp_path, "[registry]\nadmin_token = tok\nbind_port = x\n"),
+                      environ={})
+    assert "tok" not in exc.value.reason
+
+
+def test_env_names_do_not_collide() -> None:
+    from openimds.config import _env_index
+
+    index = _env_index()
+    assert env_name("DEFAULT", "metadata_port") == "OPENIMDS_METADATA_PORT"
+    assert len(index) == len(set(index.values()))
