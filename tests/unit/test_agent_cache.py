@@ -1,0 +1,245 @@
+"""metadata.agent_cache: the never-stale caller cache and the single-flight resolver."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from openimds.core.caller import Caller, Resolution
+from openimds.errors import AmbiguousCaller, UnknownCaller, UpstreamUnavailable
+from openimds.metadata.agent_cache import CallerCache, LookupResult, Resolver
+
+R1, R2, N1, N2 = "router-1", "router-2", "net-1", "net-2"
+
+
+def res(inst: str = "i1", port: str = "p1", net: str = N1) -> Resolution:
+    return Resolution(instance_id=inst, project_id="t1", port_id=port, network_id=net)
+
+
+def port_change(rev: int, pid: str, ips: list[str], **attrs: Any) -> dict[str, Any]:
+    return {"revision": rev, "kind": "port", "op": attrs.pop("op", "update"), "id": pid,
+            "attrs": {"network_id": N1, "ips": ips, **attrs}}
+
+
+def test_put_get_and_lru_bound() -> None:
+    cache = CallerCache(2)
+    a, b, c = (Caller(f"10.0.0.{i}", router_id=R1) for i in (1, 2, 3))
+    assert cache.put(a, res("ia", "pa"), 5)
+    assert cache.put(b, res("ib", "pb"), 5)
+    assert cache.get(a) == res("ia", "pa")  # a is now most recent
+    assert cache.put(c, res("ic", "pc"), 5)
+    assert len(cache) == 2 and cache.get(b) is None and cache.get(a) is not None
+    assert cache.evictions == 1
+
+
+def test_size_zero_disables() -> None:
+    cache = CallerCache(0)
+    assert not cache.put(Caller("10.0.0.1", router_id=R1), res(), 1)
+    assert len(cache) == 0
+
+
+def test_same_ip_other_scope_is_another_entry() -> None:
+    cache = CallerCache(10)
+    cache.put(Caller("10.0.0.5", router_id=R1), res("i1", "p1", N1), 1)
+    cache.put(Caller("10.0.0.5", router_id=R2), res("i2", "p2", N2), 1)
+    assert cache.get(Caller("10.0.0.5", router_id=R1)) == res("i1", "p1", N1)
+    assert cache.get(Caller("10.0.0.5", router_id=R2)) == res("i2", "p2", N2)
+    assert cache.get(Caller("10.0.0.5", network_id=N1)) is None
+
+
+def test_port_change_drops_its_ips_only() -> None:
+    cache = CallerCache(10)
+    five, six = Caller("10.0.0.5", router_id=R1), Caller("10.0.0.6", router_id=R1)
+    cache.put(five, res("i1", "p1"), 1)
+    cache.put(six, res("i2", "p2"), 1)
+    assert cache.apply_change(port_change(2, "p9", ["10.0.0.5"], op="create")) == 1
+    assert cache.get(five) is None and cache.get(six) is not None
+
+
+def test_port_change_by_id_without_ips() -> None:
+    cache = CallerCache(10)
+    c = Caller("10.0.0.5", network_id=N1)
+    cache.put(c, res("i1", "p1"), 1)
+    cache.apply_change(port_change(2, "p1", []))
+    assert cache.get(c) is None
+
+
+def test_router_interface_change_drops_router_scope() -> None:
+    cache = CallerCache(10)
+    c = Caller("10.0.0.5", router_id=R1)
+    other = Caller("10.9.0.5", router_id=R2)
+    cache.put(c, res(), 1)
+    cache.put(other, res("i2", "p2", N2), 1)
+    cache.apply_change(port_change(2, "rp", ["10.1.0.1"], device_owner="network:router_interface",
+                                   device_id=R1, op="create"))
+    assert cache.get(c) is None and cache.get(other) is not None
+
+
+@pytest.mark.parametrize("change,gone", [
+    ({"kind": "router", "op": "update", "id": R1, "attrs": {}}, True),
+    ({"kind": "router", "op": "update", "id": R2, "attrs": {}}, False),
+    ({"kind": "network", "op": "delete", "id": N1, "attrs": {}}, True),
+    ({"kind": "subnet", "op": "update", "id": "s", "attrs": {"network_id": N1}}, True),
+    ({"kind": "subnet", "op": "update", "id": "s", "attrs": {"network_id": N2}}, False),
+    ({"kind": "subnet", "op": "update", "id": "s", "attrs": {}}, True),
+    ({"kind": "instance", "op": "delete", "id": "i1", "attrs": {}}, True),
+    ({"kind": "instance", "op": "update", "id": "i1", "attrs": {}}, False),
+    ({"kind": "keypair", "op": "create", "id": "k", "attrs": {}}, False),
+    ({"kind": "mystery", "op": "create", "id": "x", "attrs": {}}, True),
+])
+def test_change_kinds(change: dict[str, Any], gone: bool) -> None:
+    cache = CallerCache(10)
+    c = Caller("10.0.0.5", router_id=R1)
+    cache.put(c, res("i1", "p1", N1), 1)
+    cache.apply_change({"revision": 2, **change})
+    assert (cache.get(c) is None) is gone
+
+
+def test_resync_clears() -> None:
+    cache = CallerCache(10)
+    c = Caller("10.0.0.5", router_id=R1)
+    cache.put(c, res(), 1)
+    cache.clear(7)
+    assert cache.get(c) is None
+    assert not cache.put(c, res(), 6)  # answered before the resync point
+    assert cache.put(c, res(), 7)
+
+
+def test_late_lookup_answer_is_not_cached_over_a_newer_change() -> None:
+    cache = CallerCache(10)
+    c = Caller("10.0.0.5", router_id=R1)
+    # the feed already delivered revision 10 (port for that IP deleted) ...
+    cache.apply_change(port_change(10, "p1", ["10.0.0.5"], op="delete"))
+    # ... and a lookup that answered at revision 9 comes back late: refused
+    assert not cache.put(c, res(), 9)
+    # a lookup that answered at 10 or later reflects that change: fine
+    assert cache.put(c, res("i2", "p2"), 10)
+
+
+def test_tombstone_overflow_collapses_to_floor() -> None:
+    cache = CallerCache(10, max_tombstones=3)
+    for i in range(5):
+        cache.apply_change(port_change(100 + i, f"p{i}", [f"10.0.1.{i}"]))
+    c = Caller("10.0.2.1", router_id=R1)
+    assert not cache.put(c, res(), 50)  # unknown whether touched: be conservative
+    assert cache.put(c, res(), 104)
+
+
+def test_forget() -> None:
+    cache = CallerCache(10)
+    c = Caller("10.0.0.5", router_id=R1)
+    cache.put(c, res(), 1)
+    cache.forget(c)
+    cache.forget(c)
+    assert cache.get(c) is None
+
+
+class FakeRegistry:
+    def __init__(self) -> None:
+        self.ports: dict[tuple[str, str], list[dict[str, str]]] = {}
+        self.calls = 0
+        self.revision = 1
+        self.delay = 0.0
+        self.down = False
+
+    async def lookup(self, caller: Caller) -> LookupResult:
+        self.calls += 1
+        await asyncio.sleep(self.delay)
+        if self.down:
+            raise UpstreamUnavailable("registry down")
+        return LookupResult(self.revision, self.ports.get((caller.scope[1], caller.ip), []))
+
+
+def add_port(reg: FakeRegistry, scope: str, ip: str, inst: str, pid: str) -> None:
+    reg.ports.setdefault((scope, ip), []).append(
+        {"id": pid, "network_id": N1, "device_id": inst, "project_id": "t1"})
+
+
+async def test_single_flight_boot_storm() -> None:
+    reg = FakeRegistry()
+    reg.delay = 0.05
+    for i in range(50):
+        add_port(reg, R1, f"10.0.0.{i}", f"i{i}", f"p{i}")
+    trusted = True
+    resolver = Resolver(reg.lookup, CallerCache(100), lambda: trusted)
+    callers = [Caller(f"10.0.0.{i % 50}", router_id=R1) for i in range(1000)]
+    results = await asyncio.gather(*(resolver.resolve(c) for c in callers))
+    assert reg.calls == 50
+    assert resolver.stats.registry_queries == 50
+    assert {r.instance_id for r, _ in results} == {f"i{i}" for i in range(50)}
+    sources = [s for _, s in results]
+    assert sources.count("miss") == 50 and sources.count("shared") == 950
+    # afterwards: hits, no queries
+    await asyncio.gather(*(resolver.resolve(c) for c in callers[:100]))
+    assert reg.calls == 50 and resolver.stats.hits == 100
+
+
+async def test_untrusted_feed_asks_every_time() -> None:
+    reg = FakeRegistry()
+    add_port(reg, R1, "10.0.0.5", "i1", "p1")
+    trusted = False
+    resolver = Resolver(reg.lookup, CallerCache(100), lambda: trusted)
+    c = Caller("10.0.0.5", router_id=R1)
+    for _ in range(3):
+        r, source = await resolver.resolve(c)
+        assert r.instance_id == "i1" and source == "miss"
+    assert reg.calls == 3 and resolver.stats.uncached == 3
+    trusted = True
+    assert (await resolver.resolve(c))[1] == "hit"
+
+
+async def test_registry_down_propagates_to_every_waiter() -> None:
+    reg = FakeRegistry()
+    reg.down = True
+    reg.delay = 0.02
+    resolver = Resolver(reg.lookup, CallerCache(100), lambda: False)
+    c = Caller("10.0.0.5", router_id=R1)
+    out = await asyncio.gather(*(resolver.resolve(c) for _ in range(10)),
+                               return_exceptions=True)
+    assert all(isinstance(e, UpstreamUnavailable) for e in out)
+    assert reg.calls == 1 and resolver.stats.registry_errors == 1
+
+
+async def test_zero_and_two_ports_are_not_cached() -> None:
+    reg = FakeRegistry()
+    resolver = Resolver(reg.lookup, CallerCache(100), lambda: True)
+    c = Caller("10.0.0.5", router_id=R1)
+    with pytest.raises(UnknownCaller):
+        await resolver.resolve(c)
+    add_port(reg, R1, "10.0.0.5", "i1", "p1")
+    add_port(reg, R1, "10.0.0.5", "i2", "p2")
+    with pytest.raises(AmbiguousCaller):
+        await resolver.resolve(c)
+    assert reg.calls == 2 and len(resolver.cache) == 0
+
+
+async def test_leader_cancelled_followers_still_answered() -> None:
+    reg = FakeRegistry()
+    reg.delay = 0.05
+    add_port(reg, R1, "10.0.0.5", "i1", "p1")
+    resolver = Resolver(reg.lookup, CallerCache(100), lambda: True)
+    c = Caller("10.0.0.5", router_id=R1)
+    leader = asyncio.ensure_future(resolver.resolve(c))
+    await asyncio.sleep(0)
+    follower = asyncio.ensure_future(resolver.resolve(c))
+    await asyncio.sleep(0)
+    leader.cancel()
+    r, source = await follower
+    assert r.instance_id == "i1" and source == "shared" and reg.calls == 1
+
+
+async def test_change_during_lookup_keeps_the_answer_out_of_the_cache() -> None:
+    reg = FakeRegistry()
+    reg.delay = 0.05
+    reg.revision = 4
+    add_port(reg, R1, "10.0.0.5", "old", "p1")
+    resolver = Resolver(reg.lookup, CallerCache(100), lambda: True)
+    c = Caller("10.0.0.5", router_id=R1)
+    task = asyncio.ensure_future(resolver.resolve(c))
+    await asyncio.sleep(0.01)
+    resolver.cache.apply_change(port_change(5, "p1", ["10.0.0.5"], op="delete"))
+    r, _ = await task
+    assert r.instance_id == "old"  # the answer reflected revision 4, true when asked
+    assert resolver.cache.get(c) is None  # but it is not kept
