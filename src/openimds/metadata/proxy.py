@@ -1,0 +1,477 @@
+"""The namespace metadata proxy: one process, one event loop, a listener in every namespace.
+
+Neutron runs one haproxy per router and per isolated network (about 4 MB each). Here one
+process holds every listener: each listening socket is created inside its namespace
+(`host.netns.socket_in_netns`) and then served from the same loop, about 1 KB per listener.
+
+Listeners follow `[proxy] listeners_dir` (docs/architecture.md, "Proxy listener specs"). On
+SIGHUP and every `rescan_interval` the proxy converges:
+- a new spec opens a listener (IP_FREEBIND, so the address need not exist yet);
+- a removed or changed spec closes its listener (an open socket keeps a deleted namespace
+  alive, about 230 KB of kernel memory each);
+- a namespace that was deleted, or deleted and made again under the same name, closes (and
+  then reopens) the listener, found by comparing namespace inodes;
+- a spec whose namespace does not exist yet, or whose bind fails, is retried at every scan.
+
+Per request (`core.proxy_rules`): drop every VM-sent identity header, set X-Forwarded-For to
+the TCP peer and X-Neutron-Router-ID / X-Neutron-Network-ID to the listener's, forward over
+pooled keep-alive Unix-socket connections to the agent and relay its answer verbatim.
+Agent unreachable -> 503, no answer in time -> 504, garbled -> 502, each with a one-line body;
+the detail goes to the log, not to the VM.
+
+Only one proxy runs per state_path: it holds an flock on `$state_path/proxy/proxy.lock` and
+writes its pid to `$state_path/proxy/proxy.pid` once the first convergence is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import resource
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from openimds.config import Settings
+from openimds.core.proxy_rules import (
+    ListenerSpec,
+    is_spec_filename,
+    parse_listener_spec,
+    plan_listeners,
+    proxy_headers,
+    rewrite_headers,
+    spec_name,
+)
+from openimds.errors import (
+    BadRequest,
+    OpenImdsError,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from openimds.host.netns import netns_inode, socket_in_netns
+from openimds.http.client import UpstreamPool
+from openimds.http.server import (
+    AnyResponse,
+    HttpProtocol,
+    Limits,
+    RawResponse,
+    Request,
+    error_response,
+)
+
+log = logging.getLogger(__name__)
+
+LISTEN_BACKLOG = 1024
+CONNECT_RETRIES = 3  # haproxy's `retries 3` in Neutron's config
+CONNECT_RETRY_DELAY_S = 0.1
+_IPV6_FREEBIND = getattr(socket, "IPV6_FREEBIND", 78)
+_IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
+
+# One-line bodies the VM sees; the reason with paths and errno goes to our log only.
+_VM_REASONS = {
+    503: "the metadata agent is unavailable",
+    504: "the metadata agent did not answer in time",
+    502: "the metadata agent sent a bad answer",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyPaths:
+    directory: Path
+    pid_file: Path
+    lock_file: Path
+    listeners_dir: Path
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ProxyPaths:
+        directory = settings.path("proxy")
+        return cls(directory, directory / "proxy.pid", directory / "proxy.lock",
+                   Path(settings.proxy.listeners_dir))
+
+
+def limits_from_settings(settings: Settings) -> Limits:
+    """Neutron's [metadata_haproxy] timeouts applied to the client side.
+
+    haproxy's `timeout http-request` bounds receiving a request and `timeout client` bounds
+    client inactivity; for a request both apply, so the shorter one wins.
+    """
+    h = settings.metadata_haproxy
+    return Limits(
+        request_timeout_s=min(h.timeout_http_request, h.timeout_client),
+        keepalive_timeout_s=h.timeout_http_keep_alive,
+    )
+
+
+def pool_from_settings(settings: Settings) -> UpstreamPool:
+    h = settings.metadata_haproxy
+    return UpstreamPool(
+        unix_path=settings.metadata_proxy_socket, size=settings.proxy.upstream_pool_size,
+        connect_timeout_s=h.timeout_connect, timeout_s=h.timeout_server,
+    )
+
+
+class _ErrorLog:
+    """Upstream failures logged at most once a second per kind, with a count."""
+
+    __slots__ = ("_last", "_suppressed")
+
+    def __init__(self) -> None:
+        self._last: dict[int, float] = {}
+        self._suppressed: dict[int, int] = {}
+
+    def report(self, status: int, reason: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(status, -10.0) < 1.0:
+            self._suppressed[status] = self._suppressed.get(status, 0) + 1
+            return
+        self._last[status] = now
+        more = self._suppressed.pop(status, 0)
+        log.warning("proxy.upstream_failed status=%d reason=%s suppressed=%d",
+                    status, reason, more)
+
+
+class Forwarder:
+    """Relays requests to the agent; shared by every listener."""
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self._errors = _ErrorLog()
+
+    def handler_for(self, spec: ListenerSpec) -> Callable[[Request], Awaitable[AnyResponse]]:
+        """The request handler of one listener."""
+        forward = self.forward
+
+        def handle(req: Request) -> Awaitable[AnyResponse]:
+            added = proxy_headers(req.peer[0] if req.peer else "0.0.0.0", spec)
+            return forward(req, rewrite_headers(req.headers, added))
+
+        return handle
+
+    async def forward(self, req: Request, headers: list[tuple[bytes, bytes]]) -> AnyResponse:
+        for attempt in range(CONNECT_RETRIES + 1):
+            try:
+                resp = await self.pool.request(req.method, req.target, headers, req.body)
+            except UpstreamUnavailable as exc:
+                if attempt < CONNECT_RETRIES:
+                    await asyncio.sleep(CONNECT_RETRY_DELAY_S)
+                    continue
+                return self._failed(exc)
+            except UpstreamError as exc:
+                return self._failed(exc)
+            return RawResponse(resp.raw, close=not resp.keep_alive)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _failed(self, exc: UpstreamError) -> AnyResponse:
+        status = 504 if isinstance(exc, UpstreamTimeout) else exc.status
+        self._errors.report(status, exc.reason)
+        return error_response(status, _VM_REASONS.get(status, "metadata proxy error"))
+
+
+class _ClientProtocol(HttpProtocol):
+    """A client connection that its listener can close (each one pins the namespace too)."""
+
+    __slots__ = ("_conns", "_own")
+
+    def __init__(
+        self, handler: Callable[[Request], Awaitable[AnyResponse]], limits: Limits,
+        loop: asyncio.AbstractEventLoop, conns: set[asyncio.Transport],
+    ) -> None:
+        super().__init__(handler, limits, loop)
+        self._conns = conns
+        self._own: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have the same API.
+        self._own = transport  # type: ignore[assignment]
+        self._conns.add(transport)  # type: ignore[arg-type]
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._own is not None:
+            self._conns.discard(self._own)
+            self._own = None
+        super().connection_lost(exc)
+
+
+class Listener:
+    """One open listening socket in one namespace, and its client connections."""
+
+    __slots__ = ("conns", "netns_inode", "server", "spec")
+
+    def __init__(self, spec: ListenerSpec, inode: int) -> None:
+        self.spec = spec
+        self.netns_inode = inode
+        self.server: asyncio.AbstractServer | None = None
+        self.conns: set[asyncio.Transport] = set()
+
+    async def start(self, sock: socket.socket, forwarder: Forwarder, limits: Limits) -> None:
+        loop = asyncio.get_running_loop()
+        handler = forwarder.handler_for(self.spec)
+        conns = self.conns
+        self.server = await loop.create_server(
+            lambda: _ClientProtocol(handler, limits, loop, conns), sock=sock,
+            backlog=LISTEN_BACKLOG,
+        )
+
+    def close(self) -> None:
+        """Stop listening and close every client connection: nothing pins the namespace."""
+        if self.server is not None:
+            self.server.close()
+        for transport in list(self.conns):
+            transport.abort()
+        self.conns.clear()
+
+
+def open_listening_socket(spec: ListenerSpec) -> tuple[socket.socket, int]:
+    """A bound, listening, non-blocking socket inside spec.netns, and that namespace's inode.
+
+    Raises FileNotFoundError if the namespace does not exist, OSError if the bind fails.
+    """
+    inode = netns_inode(spec.netns)
+    family = socket.AF_INET6 if spec.is_ipv6 else socket.AF_INET
+    sock = socket_in_netns(spec.netns, family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if spec.is_ipv6:
+            sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_FREEBIND, 1)
+        else:
+            sock.setsockopt(socket.SOL_IP, _IP_FREEBIND, 1)
+        sock.bind((spec.host, spec.port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock, inode
+
+
+class NamespaceProxy:
+    """Keeps one listener open per spec file; see the module docstring."""
+
+    def __init__(
+        self, listeners_dir: Path, forwarder: Forwarder, limits: Limits,
+        rescan_interval_s: float,
+    ) -> None:
+        self.listeners_dir = listeners_dir
+        self.forwarder = forwarder
+        self.limits = limits
+        self.rescan_interval_s = rescan_interval_s
+        self.listeners: dict[str, Listener] = {}
+        # file name -> (identity of the file version, parsed spec or None if invalid)
+        self._files: dict[str, tuple[tuple[int, int, int], ListenerSpec | None]] = {}
+        self._pending: dict[str, str] = {}  # spec name -> last reason it could not open
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    def read_specs(self) -> dict[str, ListenerSpec]:
+        """The valid specs in listeners_dir; files are re-parsed only when they changed."""
+        specs: dict[str, ListenerSpec] = {}
+        seen: set[str] = set()
+        try:
+            entries = list(os.scandir(self.listeners_dir))
+        except FileNotFoundError:
+            entries = []
+        for entry in entries:
+            if not is_spec_filename(entry.name):
+                continue
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+            seen.add(entry.name)
+            cached = self._files.get(entry.name)
+            if cached is None or cached[0] != key:
+                spec = self._parse_file(entry.path, spec_name(entry.name))
+                cached = (key, spec)
+                self._files[entry.name] = cached
+            if cached[1] is not None:
+                specs[cached[1].name] = cached[1]
+        for gone in self._files.keys() - seen:
+            del self._files[gone]
+        return specs
+
+    @staticmethod
+    def _parse_file(path: str, name: str) -> ListenerSpec | None:
+        try:
+            with open(path, "rb") as fh:
+                return parse_listener_spec(name, fh.read(65536))
+        except FileNotFoundError:
+            return None
+        except (BadRequest, OSError) as exc:
+            log.warning("proxy.bad_spec file=%s reason=%s", path, exc)
+            return None
+
+    async def converge(self) -> None:
+        desired = self.read_specs()
+        current = {name: lst.spec for name, lst in self.listeners.items()}
+        to_open, to_close = plan_listeners(desired, current)
+        for name in to_close:
+            self._close(name, "spec removed" if name not in desired else "spec changed")
+        # A namespace deleted (or deleted and made again) under an open listener.
+        for name, lst in list(self.listeners.items()):
+            try:
+                inode = netns_inode(lst.spec.netns)
+            except (FileNotFoundError, ValueError):
+                inode = -1
+            if inode != lst.netns_inode:
+                self._close(name, "namespace gone" if inode < 0 else "namespace replaced")
+                to_open.append(lst.spec)
+        for name in list(self._pending):
+            if name not in desired:
+                del self._pending[name]
+        for spec in to_open:
+            await self._open(spec)
+
+    async def _open(self, spec: ListenerSpec) -> None:
+        try:
+            sock, inode = open_listening_socket(spec)
+        except FileNotFoundError:
+            self._note_pending(spec, f"namespace {spec.netns} does not exist yet")
+            return
+        except OSError as exc:
+            self._note_pending(spec, f"cannot listen on {spec.host}:{spec.port}: {exc}")
+            return
+        listener = Listener(spec, inode)
+        try:
+            await listener.start(sock, self.forwarder, self.limits)
+        except OSError as exc:
+            sock.close()
+            self._note_pending(spec, f"cannot serve {spec.host}:{spec.port}: {exc}")
+            return
+        self.listeners[spec.name] = listener
+        self._pending.pop(spec.name, None)
+        log.info("proxy.listener_opened name=%s netns=%s addr=%s:%d", spec.name, spec.netns,
+                 spec.host, spec.port)
+
+    def _note_pending(self, spec: ListenerSpec, reason: str) -> None:
+        if self._pending.get(spec.name) != reason:
+            log.info("proxy.listener_pending name=%s reason=%s (retrying)", spec.name, reason)
+        self._pending[spec.name] = reason
+
+    def _close(self, name: str, why: str) -> None:
+        lst = self.listeners.pop(name, None)
+        if lst is None:
+            return
+        lst.close()
+        log.info("proxy.listener_closed name=%s netns=%s reason=%s", name, lst.spec.netns, why)
+
+    def wake(self) -> None:
+        """Converge now (SIGHUP)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self, on_first_converge: Callable[[], None] | None = None) -> None:
+        await self.converge()
+        if on_first_converge is not None:
+            on_first_converge()
+        log.info("proxy.ready listeners=%d pending=%d dir=%s", len(self.listeners),
+                 len(self._pending), self.listeners_dir)
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.rescan_interval_s)
+            self._wake.clear()
+            if self._stopping:
+                break
+            try:
+                await self.converge()
+            except Exception:  # a bug must not take every listener down
+                log.exception("proxy.converge_failed")
+
+    def close_all(self) -> None:
+        for name in list(self.listeners):
+            self._close(name, "proxy stopping")
+
+
+# -- process-level plumbing --------------------------------------------------------------
+
+def raise_nofile_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard limit (one fd per listener and client)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def acquire_lock(paths: ProxyPaths) -> int:
+    """Take the proxy's flock (held until exit); raise if another proxy holds it."""
+    paths.directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+    fd = os.open(paths.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        other = read_pid(paths.pid_file)
+        who = f"pid {other}" if other else "another process"
+        raise OpenImdsError(
+            f"another openimds proxy ({who}) already runs: {paths.lock_file} is locked"
+        ) from None
+    return fd
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip() or "0") or None
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def write_pid(path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def remove_pid(path: Path) -> None:
+    if read_pid(path) == os.getpid():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+async def run_proxy(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT. The caller holds the lock (see `main`)."""
+    paths = ProxyPaths.from_settings(settings)
+    paths.listeners_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    pool = pool_from_settings(settings)
+    proxy = NamespaceProxy(paths.listeners_dir, Forwarder(pool),
+                           limits_from_settings(settings), settings.proxy.rescan_interval)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, proxy.wake)
+    loop.add_signal_handler(signal.SIGTERM, proxy.stop)
+    loop.add_signal_handler(signal.SIGINT, proxy.stop)
+    try:
+        await proxy.run(on_first_converge=lambda: write_pid(paths.pid_file))
+    finally:
+        proxy.close_all()
+        await pool.close()
+        remove_pid(paths.pid_file)
+    log.info("proxy.stopped")
+    return 0
+
+
+def main(settings: Settings) -> int:
+    """Entry point of `openimds proxy`: lock, raise fd limit, serve on uvloop."""
+    from openimds.http.server import install_uvloop
+
+    paths = ProxyPaths.from_settings(settings)
+    lock_fd = acquire_lock(paths)
+    try:
+        nofile = raise_nofile_limit()
+        log.info("proxy.starting pid=%d socket=%s listeners_dir=%s nofile=%d", os.getpid(),
+                 settings.metadata_proxy_socket, paths.listeners_dir, nofile)
+        install_uvloop()
+        return asyncio.run(run_proxy(settings))
+    finally:
+        os.close(lock_fd)

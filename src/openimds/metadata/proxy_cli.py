@@ -1,0 +1,25 @@
+"""`openimds proxy`: the one-process namespace metadata proxy (see metadata/proxy.py)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from openimds.cli import add_command
+
+
+def _proxy(args: argparse.Namespace, settings: Any) -> int:
+    # Imported here so other commands do not pay for uvloop and the HTTP layer.
+    from openimds.log import setup_logging
+    from openimds.metadata.proxy import main
+
+    setup_logging(debug=settings.debug, log_file=settings.log_file, component="proxy")
+    return main(settings)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    add_command(
+        sub, "proxy", _proxy,
+        "serve metadata in every router/network namespace listed in [proxy] listeners_dir "
+        "(one process; SIGHUP rescans)",
+    )
