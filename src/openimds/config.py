@@ -149,6 +149,10 @@ class DhcpSettings:
     dnsmasq_binary: str = opt("dnsmasq", "dnsmasq executable (Debian package dnsmasq-base)")
     dhcp_confs: str = opt("$state_path/dhcp", "Where per-network dnsmasq files live")
     resync_interval: float = opt(60.0, "Seconds between full resyncs with the registry", min=1)
+    dnsmasq_user: str = opt(
+        "", "User dnsmasq drops to (--user); empty = its default, nobody, as under Neutron"
+    )
+    dnsmasq_lease_max: int = opt(2**24, "Cap on --dhcp-lease-max per network", min=1)
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,6 +54,7 @@ __all__ = [
     "format_option",
     "has_metadata_subnet",
     "isolated_subnets",
+    "metadata_router_id",
     "networks_from_topology",
     "plan_network",
     "render_hosts",
@@ -262,6 +263,20 @@ def should_enable_metadata(flags: MetadataFlags, network: DhcpNetwork) -> bool:
     return any(isolated[s.id] for s in dhcp_subnets)
 
 
+def metadata_router_id(flags: MetadataFlags, network: DhcpNetwork) -> str | None:
+    """The router a metadata network's listener speaks for, else None (network-scoped).
+
+    With enable_metadata_network, a network holding a 169.254/16 subnet and a router port is
+    served router-scoped: X-Neutron-Router-ID of the first router port's router.
+    """
+    if not (flags.enable_metadata_network and has_metadata_subnet(network.subnets)):
+        return None
+    for port in network.ports:
+        if port.device_owner in ROUTER_INTERFACE_OWNERS and port.device_id:
+            return port.device_id
+    return None
+
+
 def dhcp_port(network: DhcpNetwork) -> DhcpPort | None:
     """The network's DHCP port (device_owner network:dhcp); the lowest id if several."""
     for port in network.ports:
@@ -378,7 +393,7 @@ def render_opts(network: DhcpNetwork, flags: MetadataFlags) -> str:
 
 def dnsmasq_argv(
     network: DhcpNetwork, interface: str, paths: DhcpPaths, *, lease_duration_s: int,
-    binary: str = "dnsmasq", lease_max: int = DNSMASQ_LEASE_MAX,
+    binary: str = "dnsmasq", lease_max: int = DNSMASQ_LEASE_MAX, user: str = "",
 ) -> list[str]:
     """The dnsmasq command line for one network (run inside its qdhcp- namespace).
 
@@ -393,6 +408,7 @@ def dnsmasq_argv(
         "--no-resolv",
         "--port=0",
         "--conf-file=/dev/null",
+        *([f"--user={user}"] if user else []),
         f"--pid-file={paths.pid}",
         f"--dhcp-hostsfile={paths.hosts}",
         f"--dhcp-optsfile={paths.opts}",
@@ -432,6 +448,7 @@ class NetworkPlan:
     mac_address: str
     addresses: tuple[str, ...]  # "ip/prefixlen" on the tap
     metadata: bool  # serve metadata from this namespace (listener + 169.254.169.254/32)
+    router_id: str | None  # the listener is router-scoped (enable_metadata_network)
     hosts: str
     opts: str
     argv: tuple[str, ...]
@@ -439,7 +456,7 @@ class NetworkPlan:
 
 def plan_network(
     network: DhcpNetwork, flags: MetadataFlags, conf_dir: str, *, lease_duration_s: int,
-    binary: str = "dnsmasq", lease_max: int = DNSMASQ_LEASE_MAX,
+    binary: str = "dnsmasq", lease_max: int = DNSMASQ_LEASE_MAX, user: str = "",
 ) -> NetworkPlan | None:
     """What to build for one network, or None when it needs no DHCP namespace.
 
@@ -470,8 +487,9 @@ def plan_network(
         mac_address=port.mac_address,
         addresses=tuple(addresses),
         metadata=metadata,
+        router_id=metadata_router_id(flags, network) if metadata else None,
         hosts=render_hosts(network),
         opts=render_opts(network, flags),
         argv=tuple(dnsmasq_argv(network, tap, paths, lease_duration_s=lease_duration_s,
-                                binary=binary, lease_max=lease_max)),
+                                binary=binary, lease_max=lease_max, user=user)),
     )
