@@ -1,0 +1,530 @@
+"""The L3 agent: router namespaces, their legs, Neutron's metadata rules, proxy listener specs.
+
+Rules: the registry is the truth. `plan_routers(topology)` (pure) says what every router
+should look like; `RouterDriver.converge()` makes the host match it and removes what the
+registry no longer has. Every step is idempotent, so a restart at any moment converges without
+duplicates. The agent only ever deletes `qrouter-` namespaces it can identify as its own: each
+router it builds is first recorded as a marker file `$state_path/l3/routers/<router id>`, and
+only marked routers are torn down (other stacks on the same host, e.g. parallel test runs,
+keep theirs).
+
+Per router (Neutron's L3 agent + MetadataDriver, see neutron.md §2.3):
+- namespace `qrouter-<id>`, lo up, net.ipv4.ip_forward=1;
+- the metadata rules (`core.firewall`), one atomic `nft -f -` (or iptables-nft-restore);
+- one `qr-<port[:11]>` leg per interface, a veth created directly inside the namespace whose
+  bridge-side peer `qrb-<port[:11]>` is enslaved to the network's `brq` bridge; the leg holds
+  the port's MAC and its gateway IP/prefix;
+- the listener spec `router-<id>.json` in `[proxy] listeners_dir`, then SIGHUP to the proxy.
+Tear-down runs the other way: spec first (the proxy closes its socket, which would otherwise
+keep the namespace alive), then the namespace with its legs.
+
+The agent follows the change feed, converges on any router/port/subnet/network change, resyncs
+fully every `[l3] resync_interval` and on a feed resync, and keeps one `openimds proxy` running
+if no proxy holds the proxy lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import ipaddress
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from openimds.agents import fabric
+from openimds.config import Settings
+from openimds.core import firewall
+from openimds.core.names import (
+    bridge_name,
+    router_leg,
+    router_leg_peer,
+    router_listener_name,
+    router_namespace,
+)
+from openimds.core.proxy_rules import ListenerSpec, render_listener_spec
+from openimds.errors import OpenImdsError
+from openimds.host import links
+from openimds.host.run import run
+
+log = logging.getLogger(__name__)
+
+ROUTER_INTERFACE_OWNER = "network:router_interface"
+RELEVANT_KINDS = frozenset({"router", "port", "subnet", "network"})
+LEG_PREFIX = "qr-"
+
+
+# --- the plan (pure) ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Leg:
+    port_id: str
+    network_id: str
+    ifname: str  # inside the router namespace
+    peer: str  # bridge side, in the agent's namespace
+    bridge: str
+    mac: str
+    cidrs: tuple[str, ...]  # "10.0.0.1/24"
+    mtu: int
+
+
+@dataclass(frozen=True, slots=True)
+class RouterPlan:
+    router_id: str
+    namespace: str
+    legs: tuple[Leg, ...]
+
+
+def plan_routers(topology: Mapping[str, Any]) -> dict[str, RouterPlan]:
+    """What every router of the topology should look like, by router id.
+
+    A router's legs are its `network:router_interface` ports (device_id = router id); each
+    leg carries the port's IPs with the prefix length of their subnet.
+    """
+    subnets = {s["id"]: s for s in topology.get("subnets", [])}
+    networks = {n["id"]: n for n in topology.get("networks", [])}
+    ports_by_router: dict[str, list[Mapping[str, Any]]] = {}
+    for port in topology.get("ports", []):
+        if port.get("device_owner") == ROUTER_INTERFACE_OWNER and port.get("device_id"):
+            ports_by_router.setdefault(port["device_id"], []).append(port)
+    plans: dict[str, RouterPlan] = {}
+    for router in topology.get("routers", []):
+        rid = str(router["id"])
+        legs = []
+        for port in sorted(ports_by_router.get(rid, []), key=lambda p: str(p["id"])):
+            cidrs = []
+            for fixed in port.get("fixed_ips", []):
+                subnet = subnets.get(fixed.get("subnet_id"))
+                if subnet is None:
+                    continue
+                prefix = ipaddress.ip_network(subnet["cidr"], strict=False).prefixlen
+                cidrs.append(f"{fixed['ip_address']}/{prefix}")
+            net_id = str(port["network_id"])
+            mtu = int((networks.get(net_id) or {}).get("mtu") or 1500)
+            legs.append(Leg(
+                port_id=str(port["id"]), network_id=net_id, ifname=router_leg(port["id"]),
+                peer=router_leg_peer(port["id"]), bridge=bridge_name(net_id),
+                mac=str(port["mac_address"]).lower(), cidrs=tuple(sorted(cidrs)), mtu=mtu,
+            ))
+        plans[rid] = RouterPlan(rid, router_namespace(rid), tuple(legs))
+    return plans
+
+
+def is_relevant(change: Mapping[str, Any]) -> bool:
+    """Whether a feed change can alter what the L3 agent builds."""
+    kind = change.get("kind")
+    if kind not in RELEVANT_KINDS:
+        return False
+    if kind == "port":
+        owner = (change.get("attrs") or {}).get("device_owner")
+        return owner in (None, ROUTER_INTERFACE_OWNER)
+    return True
+
+
+def router_listener(router_id: str, metadata_port: int) -> ListenerSpec:
+    """The proxy listener spec of one router (docs/architecture.md)."""
+    return ListenerSpec(
+        name=router_listener_name(router_id), netns=router_namespace(router_id),
+        host="0.0.0.0", port=metadata_port, router_id=router_id, network_id=None,
+    )
+
+
+# --- applying it --------------------------------------------------------------------------
+
+
+def apply_firewall(namespace: str, rules: Sequence[firewall.Rule], driver: str) -> None:
+    """Replace the namespace's metadata rules in one call; the other driver's rules go."""
+    nft = ["ip", "netns", "exec", namespace, "nft", "-f", "-"]
+    if driver == "nft":
+        script = firewall.render_nft_delete(firewall.IPTABLES_NFT_TABLES)
+        run(nft, input=script + firewall.render_nft(rules))
+    elif driver == "iptables":
+        run(nft, input=firewall.render_nft_delete([(firewall.NFT_FAMILY, firewall.NFT_TABLE)]))
+        run(["ip", "netns", "exec", namespace, "iptables-nft-restore", "-w", "5"],
+            input=firewall.render_iptables(rules))
+    else:
+        raise ValueError(f"unknown firewall_driver {driver!r}")
+
+
+def _write_atomic(path: Path, text: str) -> bool:
+    """Write text to path via a temp file + rename; False if it already had that content."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.read_text() == text:
+            return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return True
+
+
+@dataclass(slots=True)
+class ConvergeReport:
+    routers: int = 0
+    created: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    specs_changed: bool = False
+
+
+class RouterDriver:
+    """Makes this host's routers match a plan. Blocking (netlink, commands): run in a thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.markers = settings.path("l3", "routers")
+        self.listeners_dir = Path(settings.proxy.listeners_dir)
+        self.rules = firewall.metadata_rules(
+            settings.metadata_port, settings.access_mark,
+            proxy_enabled=settings.enable_metadata_proxy,
+        )
+        # Namespaces whose sysctl and rules were applied by this process (reset on full resync).
+        self._prepared: set[str] = set()
+
+    # markers: which routers are ours
+    def owned(self) -> set[str]:
+        if not self.markers.is_dir():
+            return set()
+        return {p.name for p in self.markers.iterdir() if not p.name.startswith(".")}
+
+    def _mark(self, router_id: str) -> None:
+        self.markers.mkdir(parents=True, exist_ok=True)
+        (self.markers / router_id).touch()
+
+    def _unmark(self, router_id: str) -> None:
+        (self.markers / router_id).unlink(missing_ok=True)
+
+    def _spec_path(self, router_id: str) -> Path:
+        return self.listeners_dir / f"{router_listener_name(router_id)}.json"
+
+    def forget_prepared(self) -> None:
+        self._prepared.clear()
+
+    def converge(self, topology: Mapping[str, Any]) -> ConvergeReport:
+        plans = plan_routers(topology)
+        report = ConvergeReport(routers=len(plans))
+        networks = topology.get("networks", [])
+        with links.netlink() as here:
+            fabric.converge(here, networks, delete_stale=False)
+            for plan in plans.values():
+                try:
+                    if self.converge_router(here, plan):
+                        report.created.append(plan.router_id)
+                except (OpenImdsError, OSError) as exc:
+                    log.error("l3.router_failed router=%s reason=%s", plan.router_id, exc)
+                    report.failed.append(plan.router_id)
+            for router_id in sorted(self.owned() - set(plans)):
+                try:
+                    self.remove_router(router_id)
+                    report.removed.append(router_id)
+                except (OpenImdsError, OSError) as exc:
+                    log.error("l3.remove_failed router=%s reason=%s", router_id, exc)
+                    report.failed.append(router_id)
+            report.specs_changed = self._converge_specs(plans)
+            fabric.converge(here, networks, delete_stale=True)
+        return report
+
+    def converge_router(self, here: links.Netlink, plan: RouterPlan) -> bool:
+        """Build or repair one router; True if its namespace was created now."""
+        self._mark(plan.router_id)  # before the namespace: a crash in between leaks nothing
+        ns = plan.namespace
+        created = links.ensure_namespace(ns)
+        if created or ns not in self._prepared:
+            links.set_sysctl(ns, "net.ipv4.ip_forward", "1")
+            apply_firewall(ns, self.rules, self.settings.l3.firewall_driver)
+            self._prepared.add(ns)
+        with links.netlink(ns) as inside:
+            wanted = {leg.ifname for leg in plan.legs}
+            for link in inside.links(LEG_PREFIX):
+                if link.name not in wanted:
+                    inside.delete_link(link.name)  # its bridge-side peer goes with it
+                    log.info("l3.leg_removed router=%s leg=%s", plan.router_id, link.name)
+            for leg in plan.legs:
+                here.ensure_bridge(leg.bridge, mtu=leg.mtu)
+                if here.ensure_veth(leg.peer, peer=leg.ifname, inside=inside, master=leg.bridge,
+                                    mtu=leg.mtu, peer_mac=leg.mac):
+                    log.info("l3.leg_added router=%s leg=%s bridge=%s cidrs=%s",
+                             plan.router_id, leg.ifname, leg.bridge, ",".join(leg.cidrs))
+                inside.set_addresses(leg.ifname, leg.cidrs)
+                inside.set_up(leg.ifname)
+        if created:
+            log.info("l3.router_added router=%s legs=%d", plan.router_id, len(plan.legs))
+        return created
+
+    def remove_router(self, router_id: str) -> None:
+        """Spec first (the proxy must close its socket), then the namespace, then the marker."""
+        if self._spec_path(router_id).exists():
+            self._spec_path(router_id).unlink(missing_ok=True)
+            signal_proxy(self.settings)
+        ns = router_namespace(router_id)
+        if links.namespace_exists(ns):
+            with links.netlink(ns) as inside:
+                for link in inside.links(LEG_PREFIX):
+                    inside.delete_link(link.name)
+            links.delete_namespace(ns)
+        self._prepared.discard(ns)
+        self._unmark(router_id)
+        log.info("l3.router_removed router=%s", router_id)
+
+    def _converge_specs(self, plans: Mapping[str, RouterPlan]) -> bool:
+        changed = False
+        want: dict[str, str] = {}
+        if self.settings.enable_metadata_proxy:
+            for rid in plans:
+                spec = router_listener(rid, self.settings.metadata_port)
+                want[f"{spec.name}.json"] = render_listener_spec(spec)
+        for name, text in want.items():
+            changed |= _write_atomic(self.listeners_dir / name, text)
+        if self.listeners_dir.is_dir():
+            for path in self.listeners_dir.glob("router-*.json"):
+                if path.name not in want:
+                    path.unlink(missing_ok=True)
+                    changed = True
+        return changed
+
+
+# --- the proxy: signal it, keep one running -----------------------------------------------
+
+
+def proxy_dir(settings: Settings) -> Path:
+    return settings.path("proxy")
+
+
+def read_proxy_pid(settings: Settings) -> int | None:
+    try:
+        return int((proxy_dir(settings) / "proxy.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def signal_proxy(settings: Settings) -> bool:
+    """SIGHUP the running proxy so it converges to the listener directory now."""
+    pid = read_proxy_pid(settings)
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def proxy_running(settings: Settings) -> bool:
+    """True if some process holds the proxy's flock (only a running proxy does)."""
+    path = proxy_dir(settings) / "proxy.lock"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return True
+        raise
+    finally:
+        os.close(fd)  # closing drops our probe lock, if we got it
+    return False
+
+
+class ProxyKeeper:
+    """Keeps one `openimds proxy` running for this state_path.
+
+    If no process holds the proxy lock, spawn one (in its own session, so it outlives an agent
+    restart as Neutron's haproxy does; the spec files keep it correct). Our own child is reaped
+    on every check. (A minimal keeper on purpose: host/supervise.py's Child owns its process
+    through an asyncio transport, which kills the child when the transport is collected.)
+    """
+
+    def __init__(self, settings: Settings, argv: Sequence[str]) -> None:
+        self.settings = settings
+        self.argv = list(argv)
+        self.child: subprocess.Popen[bytes] | None = None
+        self.spawned = 0
+
+    def check(self) -> None:
+        if self.child is not None and self.child.poll() is not None:
+            log.warning("l3.proxy_exited pid=%d rc=%s", self.child.pid, self.child.returncode)
+            self.child = None
+        if self.child is not None or proxy_running(self.settings):
+            return
+        directory = proxy_dir(self.settings)
+        directory.mkdir(parents=True, exist_ok=True)
+        with (directory / "proxy-spawned.log").open("ab") as out:
+            self.child = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.spawned += 1
+        log.info("l3.proxy_spawned pid=%d", self.child.pid)
+
+    async def run(self, interval_s: float) -> None:
+        while True:
+            try:
+                self.check()
+            except OSError as exc:
+                log.error("l3.proxy_spawn_failed reason=%s", exc)
+            await asyncio.sleep(interval_s)
+
+
+def proxy_argv(config_path: str | None) -> list[str]:
+    argv = [sys.executable, "-m", "openimds"]
+    if config_path:
+        argv += ["--config", config_path]
+    return argv + ["proxy"]
+
+
+# --- following the registry ---------------------------------------------------------------
+
+
+class RegistryDown(OpenImdsError):
+    """The registry could not be reached or answered with a server error."""
+
+
+class Resync(OpenImdsError):
+    """The change feed said 410: reload everything."""
+
+
+class RegistryFeed:
+    """GET /v1/topology and the long-polled /v1/changes with the reader token."""
+
+    def __init__(self, settings: Settings) -> None:
+        import httpx  # imported here: only the running agent needs it
+
+        token = settings.registry.reader_token or settings.registry.admin_token
+        self._client = httpx.AsyncClient(
+            base_url=settings.registry.effective_url,
+            headers={"Authorization": f"Bearer {token}"}, timeout=75.0, trust_env=False,
+        )
+        self._errors: tuple[type[BaseException], ...] = (httpx.HTTPError, ValueError)
+
+    async def _get(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
+        try:
+            resp = await self._client.get(path, params=params)
+        except self._errors as exc:
+            raise RegistryDown(f"registry GET {path}: {exc!r}") from exc
+        if resp.status_code == 410:
+            raise Resync(f"registry feed resync at {resp.json().get('revision')}")
+        if resp.status_code != 200:
+            raise RegistryDown(f"registry GET {path}: HTTP {resp.status_code} {resp.text[:200]}")
+        return resp.json()
+
+    async def topology(self) -> dict[str, Any]:
+        data: dict[str, Any] = await self._get("/v1/topology")
+        return data
+
+    async def changes(self, since: int, wait_s: float) -> tuple[int, list[dict[str, Any]]]:
+        data = await self._get("/v1/changes", {"since": since, "wait": int(max(0, wait_s))})
+        return int(data["revision"]), list(data.get("changes", []))
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class L3Agent:
+    def __init__(
+        self, settings: Settings, *, config_path: str | None = None,
+        feed: RegistryFeed | None = None, supervise_proxy: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.driver = RouterDriver(settings)
+        self.feed = feed or RegistryFeed(settings)
+        self.keeper = (
+            ProxyKeeper(settings, proxy_argv(config_path))
+            if supervise_proxy and settings.enable_metadata_proxy else None
+        )
+        self.revision: int | None = None
+
+    async def converge(self, *, full: bool) -> ConvergeReport:
+        topology = await self.feed.topology()
+        if full:
+            self.driver.forget_prepared()
+        report = await asyncio.to_thread(self.driver.converge, topology)
+        self.revision = int(topology.get("revision", 0))
+        if report.specs_changed:
+            signal_proxy(self.settings)
+        log.info("l3.converged revision=%s full=%s routers=%d created=%d removed=%d failed=%d",
+                 self.revision, full, report.routers, len(report.created), len(report.removed),
+                 len(report.failed))
+        return report
+
+    async def run(self) -> None:
+        tasks: list[asyncio.Task[None]] = []
+        if self.keeper is not None:
+            interval = self.settings.AGENT.check_child_processes_interval or 1.0
+            tasks.append(asyncio.create_task(self.keeper.run(interval), name="proxy-keeper"))
+        try:
+            await self._follow()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await self.feed.close()
+
+    async def _follow(self) -> None:
+        backoff = 0.5
+        resync_s = self.settings.l3.resync_interval
+        while True:
+            try:
+                report = await self.converge(full=True)
+            except RegistryDown as exc:
+                log.warning("l3.registry_down reason=%s retry_in_s=%.1f", exc.reason, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            backoff = 0.5
+            last_full = time.monotonic()
+            retry_soon = bool(report.failed)
+            while True:
+                left = resync_s - (time.monotonic() - last_full)
+                if left <= 0:
+                    break
+                wait = min(30.0, left, 2.0 if retry_soon else 30.0)
+                try:
+                    assert self.revision is not None
+                    revision, changes = await self.feed.changes(self.revision, wait)
+                except Resync as exc:
+                    log.info("l3.resync reason=%s", exc.reason)
+                    break
+                except RegistryDown as exc:
+                    log.warning("l3.feed_down reason=%s", exc.reason)
+                    await asyncio.sleep(1.0)
+                    continue
+                if any(is_relevant(c) for c in changes) or retry_soon:
+                    try:
+                        report = await self.converge(full=False)
+                    except RegistryDown as exc:
+                        log.warning("l3.registry_down reason=%s", exc.reason)
+                        await asyncio.sleep(1.0)
+                        continue
+                    retry_soon = bool(report.failed)
+                else:
+                    self.revision = revision
+
+
+def run_agent(settings: Settings, config_path: str | None) -> int:
+    """Entry of `openimds l3-agent`: run until SIGTERM/SIGINT."""
+
+    async def main() -> None:
+        agent = L3Agent(settings, config_path=config_path)
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await agent.run()
+        log.info("l3.stopped")
+
+    asyncio.run(main())
+    return 0
+

@@ -1,0 +1,336 @@
+"""Namespaces, bridges, veth pairs, addresses and routes, through netlink (pyroute2).
+
+Rules of this module: every helper is idempotent (ensure_* converges, delete_* of something
+absent is a no-op) and works by name, never by parsing `ip` output. Code outside `host/` gets
+names in and plain data out. Never read /sys/class/net: tests run in a private netns where
+sysfs still shows the host. Sysctls of a named namespace are written from inside it with
+`ip netns exec NS sysctl -w` (through `host.run`), since /proc/sys/net is per opener's netns.
+
+    with netlink() as nl:                       # the current netns (where bridges live)
+        nl.ensure_bridge("brq0b3c1d2e3f4", mtu=1500)
+        with netlink("qrouter-...") as inside:
+            nl.ensure_veth("qrb-1234", peer="qr-1234", inside=inside,
+                           master="brq0b3c1d2e3f4", mtu=1500, peer_mac="fa:16:3e:..")
+            inside.set_addresses("qr-1234", ["10.0.0.1/24"])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute, netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from openimds.errors import CommandFailed, NotFound
+from openimds.host.run import run
+
+log = logging.getLogger(__name__)
+
+NETNS_RUN_DIR = Path("/var/run/netns")
+ETC_NETNS = Path("/etc/netns")
+
+
+@dataclass(frozen=True, slots=True)
+class LinkInfo:
+    index: int
+    name: str
+    kind: str | None  # "bridge", "veth", ... (None for lo / physical)
+    mac: str | None
+    mtu: int
+    up: bool
+    master: int | None  # ifindex of the bridge it is enslaved to
+
+
+# --- namespaces ---------------------------------------------------------------------------
+
+
+def list_namespaces(prefix: str = "") -> list[str]:
+    """Named namespaces (`ip netns list`) whose name starts with prefix."""
+    return sorted(n for n in netns.listnetns() if n.startswith(prefix))
+
+
+def namespace_exists(name: str) -> bool:
+    return (NETNS_RUN_DIR / name).exists()
+
+
+def ensure_namespace(name: str) -> bool:
+    """Create the named namespace with lo up; True if it was created now."""
+    created = False
+    if not namespace_exists(name):
+        try:
+            netns.create(name)
+            created = True
+            log.info("netns.created name=%s", name)
+        except OSError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+    with netlink(name) as nl:
+        nl.set_up("lo")
+    return created
+
+
+def delete_namespace(name: str) -> bool:
+    """Delete the named namespace (its interfaces go with it); True if it existed."""
+    if not namespace_exists(name):
+        return False
+    try:
+        netns.remove(name)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+        return False
+    log.info("netns.deleted name=%s", name)
+    return True
+
+
+def set_sysctl(namespace: str, key: str, value: str) -> None:
+    """Write one sysctl inside a named namespace (e.g. net.ipv4.ip_forward=1)."""
+    run(["ip", "netns", "exec", namespace, "sysctl", "-q", "-w", f"{key}={value}"])
+
+
+def write_netns_resolv_conf(namespace: str, nameservers: Iterable[str] = ()) -> Path:
+    """/etc/netns/<ns>/resolv.conf, which `ip netns exec` binds over /etc/resolv.conf.
+
+    Then DHCP clients and resolvers in the namespace never touch the host's file.
+    """
+    directory = ETC_NETNS / namespace
+    directory.mkdir(parents=True, exist_ok=True)
+    text = "# written by openimds for this namespace\n"
+    text += "".join(f"nameserver {ns}\n" for ns in nameservers)
+    path = directory / "resolv.conf"
+    tmp = directory / ".resolv.conf.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def remove_netns_etc(namespace: str) -> None:
+    directory = ETC_NETNS / namespace
+    if not directory.is_dir():
+        return
+    for child in directory.iterdir():
+        child.unlink(missing_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        directory.rmdir()
+
+
+# --- links, addresses, routes -------------------------------------------------------------
+
+
+def _link_info(msg: Any) -> LinkInfo:
+    linkinfo = msg.get_attr("IFLA_LINKINFO")
+    kind = linkinfo.get_attr("IFLA_INFO_KIND") if linkinfo is not None else None
+    flags = int(msg.get("flags", 0))
+    return LinkInfo(
+        index=int(msg["index"]),
+        name=str(msg.get_attr("IFLA_IFNAME")),
+        kind=kind,
+        mac=msg.get_attr("IFLA_ADDRESS"),
+        mtu=int(msg.get_attr("IFLA_MTU") or 0),
+        up=bool(flags & 1),  # IFF_UP
+        master=msg.get_attr("IFLA_MASTER"),
+    )
+
+
+class Netlink:
+    """One netlink socket in one namespace (None = the current one)."""
+
+    def __init__(self, namespace: str | None = None) -> None:
+        self.namespace = namespace
+        if namespace is not None and not namespace_exists(namespace):
+            raise NotFound(f"network namespace {namespace} does not exist")
+        # flags=0: never let pyroute2 create a missing namespace behind our back.
+        self._ipr = IPRoute(netns=namespace, flags=0) if namespace else IPRoute()
+
+    def close(self) -> None:
+        self._ipr.close()
+
+    # links
+    def links(self, prefix: str = "") -> list[LinkInfo]:
+        out = [_link_info(m) for m in self._ipr.get_links()]
+        return [link for link in out if link.name.startswith(prefix)]
+
+    def link(self, name: str) -> LinkInfo | None:
+        found = self._ipr.link_lookup(ifname=name)
+        if not found:
+            return None
+        return _link_info(self._ipr.get_links(found[0])[0])
+
+    def _index(self, name: str) -> int:
+        found = self._ipr.link_lookup(ifname=name)
+        if not found:
+            raise NotFound(f"link {name} not found in {self.namespace or 'current netns'}")
+        return int(found[0])
+
+    def set_up(self, name: str) -> None:
+        link = self.link(name)
+        if link is None:
+            raise NotFound(f"link {name} not found in {self.namespace or 'current netns'}")
+        if not link.up:
+            self._ipr.link("set", index=link.index, state="up")
+
+    def set_link(
+        self, name: str, *, mtu: int | None = None, mac: str | None = None,
+        master: str | None = None, up: bool = True,
+    ) -> None:
+        """Converge MTU, MAC, bridge membership and state of one link."""
+        link = self.link(name)
+        if link is None:
+            raise NotFound(f"link {name} not found in {self.namespace or 'current netns'}")
+        changes: dict[str, Any] = {}
+        if mtu is not None and link.mtu != mtu:
+            changes["mtu"] = mtu
+        if mac is not None and (link.mac or "").lower() != mac.lower():
+            changes["address"] = mac.lower()
+        if master is not None:
+            master_index = self._index(master)
+            if link.master != master_index:
+                changes["master"] = master_index
+        if changes:
+            self._ipr.link("set", index=link.index, **changes)
+        if up and not link.up:
+            self._ipr.link("set", index=link.index, state="up")
+
+    def ensure_bridge(self, name: str, *, mtu: int | None = None) -> bool:
+        """A Linux bridge, up; True if it was created now."""
+        created = False
+        link = self.link(name)
+        if link is not None and link.kind != "bridge":
+            raise CommandFailed(["netlink", "bridge", name], 1, f"{name} exists as {link.kind}")
+        if link is None:
+            with _tolerate(errno.EEXIST):
+                self._ipr.link("add", ifname=name, kind="bridge")
+                created = True
+                log.info("link.created kind=bridge name=%s", name)
+        self.set_link(name, mtu=mtu)
+        return created
+
+    def ensure_veth(
+        self, name: str, *, peer: str, inside: Netlink, master: str | None = None,
+        mtu: int | None = None, peer_mac: str | None = None,
+    ) -> bool:
+        """A veth pair: `name` here (enslaved to master), `peer` created directly inside the
+        namespace `inside` speaks for; both up. True if the pair was created now.
+
+        Deleting one end deletes the other, but a `name` whose peer sits elsewhere (e.g. its
+        namespace was re-created) is replaced.
+        """
+        if inside.namespace is None:
+            raise ValueError("ensure_veth needs a named namespace for the peer")
+        created = False
+        link = self.link(name)
+        peer_link = inside.link(peer)
+        if link is not None and peer_link is None:
+            self.delete_link(name)
+            link = None
+        if peer_link is not None and link is None:
+            inside.delete_link(peer)
+        if link is None:
+            peer_spec: dict[str, Any] = {"ifname": peer, "net_ns_fd": inside.namespace}
+            if peer_mac:
+                peer_spec["address"] = peer_mac.lower()
+            if mtu:
+                peer_spec["mtu"] = mtu
+            self._ipr.link("add", ifname=name, kind="veth", peer=peer_spec)
+            created = True
+            log.info("link.created kind=veth name=%s peer=%s netns=%s",
+                     name, peer, inside.namespace)
+        inside.set_link(peer, mtu=mtu, mac=peer_mac)
+        self.set_link(name, mtu=mtu, master=master)
+        return created
+
+    def delete_link(self, name: str) -> bool:
+        link = self.link(name)
+        if link is None:
+            return False
+        with _tolerate(errno.ENODEV):
+            self._ipr.link("del", index=link.index)
+        log.info("link.deleted name=%s netns=%s", name, self.namespace or "-")
+        return True
+
+    def bridge_ports(self, bridge: str) -> list[LinkInfo]:
+        link = self.link(bridge)
+        if link is None:
+            return []
+        return [other for other in self.links() if other.master == link.index]
+
+    # addresses
+    def addresses(self, name: str) -> list[str]:
+        """Global (non link-local) addresses of a link as 'ip/prefixlen'."""
+        index = self._index(name)
+        out = []
+        for msg in self._ipr.get_addr(index=index):
+            ip = ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
+            if ip.is_link_local and ip.version == 6:
+                continue
+            out.append(f"{ip}/{msg['prefixlen']}")
+        return sorted(out)
+
+    def set_addresses(self, name: str, cidrs: Iterable[str]) -> None:
+        """Exactly these addresses ('10.0.0.1/24') on the link; IPv6 link-local is kept."""
+        index = self._index(name)
+        want = {str(ipaddress.ip_interface(c)) for c in cidrs}
+        have = set(self.addresses(name))
+        for extra in sorted(have - want):
+            iface = ipaddress.ip_interface(extra)
+            with _tolerate(errno.EADDRNOTAVAIL):
+                self._ipr.addr("del", index=index, address=str(iface.ip),
+                               prefixlen=iface.network.prefixlen)
+        for missing in sorted(want - have):
+            iface = ipaddress.ip_interface(missing)
+            with _tolerate(errno.EEXIST):
+                self._ipr.addr("add", index=index, address=str(iface.ip),
+                               prefixlen=iface.network.prefixlen)
+
+    # routes
+    def default_gateway(self) -> str | None:
+        for msg in self._ipr.get_routes(family=2, table=254):
+            if msg["dst_len"] == 0 and msg.get_attr("RTA_GATEWAY"):
+                return str(msg.get_attr("RTA_GATEWAY"))
+        return None
+
+    def set_default_route(self, gateway: str | None, device: str) -> None:
+        """The IPv4 default route via gateway on device, or none if gateway is None."""
+        current = self.default_gateway()
+        if current == gateway:
+            return
+        if current is not None:
+            with _tolerate(errno.ESRCH):
+                self._ipr.route("del", dst="0.0.0.0/0")
+        if gateway is not None:
+            self._ipr.route("replace", dst="0.0.0.0/0", gateway=gateway,
+                            oif=self._index(device))
+
+    def __enter__(self) -> Netlink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def netlink(namespace: str | None = None) -> Iterator[Netlink]:
+    """A Netlink handle for the named namespace (None = current), closed afterwards."""
+    nl = Netlink(namespace)
+    try:
+        yield nl
+    finally:
+        nl.close()
+
+
+@contextlib.contextmanager
+def _tolerate(code: int) -> Iterator[None]:
+    """Ignore one netlink errno: the state we wanted is already there (races, re-runs)."""
+    try:
+        yield
+    except NetlinkError as exc:
+        if exc.code != code:
+            raise

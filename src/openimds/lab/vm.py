@@ -1,0 +1,197 @@
+"""Lab VMs: a network namespace that stands in for a server, so users and tests can be a VM.
+
+`plug` makes namespace `vm-<server id[:8]>` with `eth0` (the port's MAC, the network's MTU),
+a veth whose other end `vmb-<id[:8]>` is enslaved to the network's bridge, and then addresses
+it according to `address_mode`:
+- "static": the port's fixed IP/prefix and a default route via the subnet gateway (none for a
+  subnet without a gateway), as if cloud-init had applied network_data.json.
+Further modes (e.g. "dhcp") register in `ADDRESS_MODES`; each gets the namespace's Netlink
+handle and the `VmPlan`. `/etc/netns/<ns>/resolv.conf` is always written so that nothing run
+inside (`ip netns exec`) can touch the host's resolv.conf.
+
+Rules: `plan_vm()` is pure (registry documents in, plan out); plug/unplug are idempotent.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from openimds.agents import fabric
+from openimds.config import Settings
+from openimds.core.names import bridge_name, vm_namespace, vm_peer
+from openimds.errors import BadRequest, NotFound, OpenImdsError
+from openimds.host import links
+
+log = logging.getLogger(__name__)
+
+VM_IFNAME = "eth0"
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+@dataclass(frozen=True, slots=True)
+class VmPlan:
+    server_id: str
+    server_name: str
+    namespace: str
+    interface: str
+    peer: str
+    bridge: str
+    network_id: str
+    port_id: str
+    mac: str
+    ip_address: str
+    cidr: str  # "10.0.0.5/24"
+    gateway: str | None
+    mtu: int
+    dns_nameservers: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["dns_nameservers"] = list(self.dns_nameservers)
+        return data
+
+
+def plan_vm(
+    instance: Mapping[str, Any], subnet: Mapping[str, Any], network: Mapping[str, Any],
+) -> VmPlan:
+    """Where and how a server's first port is plugged (its first IPv4 fixed IP)."""
+    ports = instance.get("ports") or []
+    if not ports:
+        raise BadRequest(f"server {instance['id']} has no port")
+    port = ports[0]
+    fixed = [f for f in port.get("fixed_ips", []) if f.get("subnet_id") == subnet["id"]]
+    if not fixed:
+        raise BadRequest(f"server {instance['id']} has no IP on subnet {subnet['id']}")
+    ip = fixed[0]["ip_address"]
+    prefix = ipaddress.ip_network(subnet["cidr"], strict=False).prefixlen
+    sid = str(instance["id"])
+    return VmPlan(
+        server_id=sid, server_name=str(instance.get("name") or ""),
+        namespace=vm_namespace(sid), interface=VM_IFNAME, peer=vm_peer(sid),
+        bridge=bridge_name(str(port["network_id"])), network_id=str(port["network_id"]),
+        port_id=str(port["id"]), mac=str(port["mac_address"]).lower(), ip_address=ip,
+        cidr=f"{ip}/{prefix}", gateway=subnet.get("gateway_ip"),
+        mtu=int(network.get("mtu") or 1500),
+        dns_nameservers=tuple(subnet.get("dns_nameservers") or ()),
+    )
+
+
+def _configure_static(nl: links.Netlink, plan: VmPlan) -> None:
+    nl.set_addresses(plan.interface, [plan.cidr])
+    nl.set_default_route(plan.gateway, plan.interface)
+
+
+AddressMode = Callable[[links.Netlink, VmPlan], None]
+ADDRESS_MODES: dict[str, AddressMode] = {"static": _configure_static}
+
+
+def apply_plug(plan: VmPlan, address_mode: str = "static") -> None:
+    """Build or repair the VM namespace for plan."""
+    try:
+        configure = ADDRESS_MODES[address_mode]
+    except KeyError:
+        raise BadRequest(f"address mode {address_mode!r} is not one of "
+                         f"{', '.join(ADDRESS_MODES)}") from None
+    links.ensure_namespace(plan.namespace)
+    links.write_netns_resolv_conf(plan.namespace, plan.dns_nameservers)
+    with links.netlink() as here, links.netlink(plan.namespace) as inside:
+        fabric.ensure_bridge(here, fabric.BridgeSpec(plan.bridge, plan.network_id, plan.mtu))
+        here.ensure_veth(plan.peer, peer=plan.interface, inside=inside, master=plan.bridge,
+                         mtu=plan.mtu, peer_mac=plan.mac)
+        inside.set_up(plan.interface)
+        configure(inside, plan)
+    log.info("vm.plugged server=%s netns=%s ip=%s", plan.server_id, plan.namespace, plan.cidr)
+
+
+def unplug_namespace(namespace: str) -> bool:
+    """Delete the VM namespace (its veth pair goes with it) and its /etc/netns dir."""
+    existed = links.delete_namespace(namespace)
+    links.remove_netns_etc(namespace)
+    return existed
+
+
+# --- registry look-ups (CLI side, admin token) ---------------------------------------------
+
+
+class Registry:
+    """The few registry reads `vm` needs."""
+
+    def __init__(self, settings: Settings) -> None:
+        import httpx  # imported here: only these commands need it
+
+        token = settings.registry.admin_token or settings.registry.reader_token
+        self._client = httpx.Client(
+            base_url=settings.registry.effective_url,
+            headers={"Authorization": f"Bearer {token}"}, timeout=30.0, trust_env=False,
+        )
+        self._http_error = httpx.HTTPError
+
+    def get(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
+        try:
+            resp = self._client.get(path, params=params)
+        except self._http_error as exc:
+            raise OpenImdsError(f"registry {self._client.base_url}: {exc}") from exc
+        if resp.status_code == 404:
+            raise NotFound(f"registry: {path} not found")
+        if resp.status_code != 200:
+            raise OpenImdsError(f"registry GET {path}: HTTP {resp.status_code} "
+                                f"{resp.text[:200]}")
+        return resp.json()
+
+    def find_instance(self, server: str) -> dict[str, Any]:
+        """A server by id or by unique name."""
+        if _UUID_RE.match(server):
+            found: dict[str, Any] = self.get(f"/v1/instances/{server}")
+            return found
+        matches: list[dict[str, Any]] = []
+        marker: str | None = None
+        while True:
+            params = {"limit": 1000} | ({"marker": marker} if marker else {})
+            page = self.get("/v1/instances", params)
+            matches += [i for i in page.get("instances", []) if i.get("name") == server]
+            marker = page.get("next")
+            if not marker:
+                break
+        if not matches:
+            raise NotFound(f"no server named or with id {server!r}")
+        if len(matches) > 1:
+            raise BadRequest(f"{len(matches)} servers are named {server!r}; use the id")
+        return matches[0]
+
+    def plan(self, server: str) -> VmPlan:
+        instance = self.find_instance(server)
+        ports = instance.get("ports") or []
+        if not ports or not ports[0].get("fixed_ips"):
+            raise BadRequest(f"server {instance['id']} has no port with a fixed IP")
+        subnet = self.get(f"/v1/subnets/{ports[0]['fixed_ips'][0]['subnet_id']}")
+        network = self.get(f"/v1/networks/{ports[0]['network_id']}")
+        return plan_vm(instance, subnet, network)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def namespace_for(settings: Settings, server: str) -> str:
+    """The VM namespace of a server given by id (no registry call) or by name."""
+    if _UUID_RE.match(server):
+        return vm_namespace(server)
+    registry = Registry(settings)
+    try:
+        return vm_namespace(str(registry.find_instance(server)["id"]))
+    finally:
+        registry.close()
+
+
+def plug(settings: Settings, server: str, *, address_mode: str = "static") -> VmPlan:
+    registry = Registry(settings)
+    try:
+        plan = registry.plan(server)
+    finally:
+        registry.close()
+    apply_plug(plan, address_mode)
+    return plan
