@@ -1,0 +1,457 @@
+"""`openimds proxy` for real: one process, listeners inside several namespaces.
+
+Topology per test (all names unique, all deleted in finalizers):
+
+    vm-r  eth0 10.0.0.5/24  <-veth->  qr0 10.0.0.1/24   router ns   (listener 0.0.0.0:9697)
+    vm-d  eth0 10.0.0.5/24  <-veth->  tap0 10.0.0.2/24  dhcp ns     (listener 169.254.169.254:80)
+          route 169.254.169.254 via 10.0.0.2
+
+The agent is a recording Unix-socket HTTP server in this process: it answers every request
+with the headers it saw, as JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import socketserver
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from openimds.host.netns import socket_in_netns
+from tests.support import Service, openimds_service, run_cli, unique_name, write_config
+
+pytestmark = pytest.mark.netns
+
+ROUTER_ID = "11111111-2222-4333-8444-555555555555"
+NETWORK_ID = "66666666-7777-4888-9999-aaaaaaaaaaaa"
+SPOOFS = [
+    ("X-Forwarded-For", "6.6.6.6"),
+    ("X-Forwarded-For", "7.7.7.7, 8.8.8.8"),
+    ("X_Forwarded_For", "9.9.9.9"),
+    ("Forwarded", "for=6.6.6.6"),
+    ("X-Neutron-Router-ID", "evil-router"),
+    ("x-neutron-network-id", "evil-network"),
+    ("X-Instance-ID", "victim"),
+    ("X-Instance-ID-Signature", "forged"),
+    ("X-Tenant-ID", "victim-project"),
+]
+
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True)
+
+
+class Lab:
+    """Namespaces and veths made for one test; `cleanup` removes them all."""
+
+    def __init__(self) -> None:
+        self.namespaces: list[str] = []
+
+    def netns(self, prefix: str) -> str:
+        name = unique_name(prefix)
+        ip("netns", "add", name)
+        self.namespaces.append(name)
+        ip("-n", name, "link", "set", "lo", "up")
+        return name
+
+    def link(self, ns_a: str, if_a: str, addr_a: str, ns_b: str, if_b: str,
+             addr_b: str) -> None:
+        ip("link", "add", if_a, "netns", ns_a, "type", "veth", "peer", "name", if_b,
+           "netns", ns_b)
+        for ns, ifname, addr in ((ns_a, if_a, addr_a), (ns_b, if_b, addr_b)):
+            ip("-n", ns, "addr", "add", addr, "dev", ifname)
+            ip("-n", ns, "link", "set", ifname, "up")
+
+    def delete(self, name: str) -> None:
+        ip("netns", "del", name, check=False)
+        if name in self.namespaces:
+            self.namespaces.remove(name)
+
+    def cleanup(self) -> None:
+        for name in reversed(list(self.namespaces)):
+            self.delete(name)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: Any
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        seen = {"method": self.command, "path": self.path,
+                "headers": [[k, v] for k, v in self.headers.items()], "body": body.decode()}
+        self.server.recorded.append(seen)
+        if self.server.stall.is_set():
+            time.sleep(5)
+            return
+        out = json.dumps(seen).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    do_GET = do_POST = do_PUT = _answer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class RecordingAgent(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """Stands in for the metadata agent: records each request, echoes what it saw."""
+
+    daemon_threads = True
+    request_queue_size = 256
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.recorded: list[dict[str, Any]] = []
+        self.stall = threading.Event()
+        super().__init__(str(path), _Handler)
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class ProxyEnv:
+    """A config, a spec directory and the proxy process(es) started from it."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.state = tmp / "state"
+        self.socket = tmp / "agent.sock"
+        self.specs = self.state / "proxy" / "listeners"
+        self.specs.mkdir(parents=True)
+        self.pid_file = self.state / "proxy" / "proxy.pid"
+        self.config = write_config(tmp / "openimds.ini", {
+            "DEFAULT": {"state_path": self.state, "metadata_proxy_socket": self.socket},
+            "proxy": {"rescan_interval": 0.2},
+            "metadata_haproxy": {"timeout_server": 1.0, "timeout_connect": 1.0},
+        })
+        self.services: list[Service] = []
+
+    def write_spec(self, name: str, netns: str, host: str, port: int, *,
+                   router_id: str | None = None, network_id: str | None = None) -> None:
+        data = {"netns": netns, "host": host, "port": port, "router_id": router_id,
+                "network_id": network_id}
+        tmp = self.specs / f".{name}.tmp"
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.specs / f"{name}.json")
+
+    def remove_spec(self, name: str) -> None:
+        (self.specs / f"{name}.json").unlink()
+
+    def start(self) -> Service:
+        svc = openimds_service(f"proxy{len(self.services)}", self.config, "proxy",
+                               log_dir=self.tmp)
+        self.services.append(svc)
+        svc.start()
+        svc.wait_until(lambda: self.pid_file.read_text().strip() == str(svc.pid))
+        return svc
+
+    def cleanup(self) -> None:
+        for svc in self.services:
+            svc.stop()
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    made = Lab()
+    try:
+        yield made
+    finally:
+        made.cleanup()
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[ProxyEnv]:
+    made = ProxyEnv(tmp_path)
+    try:
+        yield made
+    finally:
+        made.cleanup()
+
+
+@pytest.fixture
+def agent(env: ProxyEnv) -> Iterator[RecordingAgent]:
+    server = RecordingAgent(env.socket)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def router(lab: Lab) -> tuple[str, str]:
+    """(router ns, vm ns): the VM reaches the router's 10.0.0.1."""
+    rns, vm = lab.netns("pxr"), lab.netns("pxvr")
+    lab.link(vm, "eth0", "10.0.0.5/24", rns, "qr0", "10.0.0.1/24")
+    return rns, vm
+
+
+@pytest.fixture
+def dhcp(lab: Lab) -> tuple[str, str]:
+    """(dhcp ns, vm ns): same VM address, reaching 169.254.169.254 via 10.0.0.2."""
+    dns, vm = lab.netns("pxd"), lab.netns("pxvd")
+    lab.link(vm, "eth0", "10.0.0.5/24", dns, "tap0", "10.0.0.2/24")
+    ip("-n", vm, "route", "add", "169.254.169.254/32", "via", "10.0.0.2")
+    return dns, vm
+
+
+# -- client side --------------------------------------------------------------------------
+
+def connect(ns: str, host: str, port: int, timeout: float = 5.0) -> socket.socket:
+    sock = socket_in_netns(ns)
+    sock.settimeout(timeout)
+    sock.connect((host, port))
+    return sock
+
+
+def request_bytes(
+    path: str, headers: Sequence[tuple[str, str]] = (), *, close: bool = False,
+    method: str = "GET", body: bytes = b"",
+) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 169.254.169.254"]
+    lines += [f"{k}: {v}" for k, v in headers]
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def read_responses(sock: socket.socket, count: int) -> list[tuple[int, bytes, bytes]]:
+    """Read `count` responses framed by Content-Length: [(status, head, body)]."""
+    buf = b""
+    out: list[tuple[int, bytes, bytes]] = []
+    while len(out) < count:
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            head = buf[:end]
+            m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            length = int(m.group(1)) if m else 0
+            if len(buf) >= end + 4 + length:
+                status = int(head.split(b" ", 2)[1])
+                out.append((status, head, buf[end + 4:end + 4 + length]))
+                buf = buf[end + 4 + length:]
+                continue
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed after {len(out)} of {count} responses")
+        buf += chunk
+    return out
+
+
+def get(ns: str, host: str, port: int, path: str = "/latest/meta-data/",
+        headers: Sequence[tuple[str, str]] = ()) -> tuple[int, bytes]:
+    with connect(ns, host, port) as sock:
+        sock.sendall(request_bytes(path, headers, close=True))
+        status, _, body = read_responses(sock, 1)[0]
+        return status, body
+
+
+def wait_for(check: Any, timeout: float = 5.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except (OSError, AssertionError) as exc:
+            last = exc
+        time.sleep(0.05)
+    raise AssertionError(f"not true within {timeout}s (last error: {last!r})")
+
+
+def headers_of(seen: dict[str, Any], name: str) -> list[str]:
+    return [v for k, v in seen["headers"] if k.lower() == name.lower()]
+
+
+def proxy_sockets_in(ns: str, pid: int) -> list[str]:
+    out = subprocess.run(["ip", "netns", "exec", ns, "ss", "-tanpH"], check=True,
+                         capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if f"pid={pid}," in line]
+
+
+def start_both(env: ProxyEnv, router: tuple[str, str], dhcp: tuple[str, str]) -> Service:
+    env.write_spec(f"router-{ROUTER_ID}", router[0], "0.0.0.0", 9697, router_id=ROUTER_ID)
+    env.write_spec(f"network-{NETWORK_ID}", dhcp[0], "169.254.169.254", 80,
+                   network_id=NETWORK_ID)
+    svc = env.start()
+    # The metadata address appears only now: IP_FREEBIND let the proxy bind it already.
+    ip("-n", dhcp[0], "addr", "add", "169.254.169.254/32", "dev", "tap0")
+    return svc
+
+
+# -- tests --------------------------------------------------------------------------------
+
+def test_each_namespace_reaches_the_agent_as_itself(
+    env: ProxyEnv, agent: RecordingAgent, router: tuple[str, str], dhcp: tuple[str, str],
+) -> None:
+    start_both(env, router, dhcp)
+    status, _ = get(router[1], "10.0.0.1", 9697, "/openstack/latest/meta_data.json", SPOOFS)
+    assert status == 200
+    status, _ = get(dhcp[1], "169.254.169.254", 80, "/latest/meta-data/", SPOOFS)
+    assert status == 200
+
+    via_router, via_dhcp = agent.recorded
+    assert via_router["path"] == "/openstack/latest/meta_data.json"
+    assert headers_of(via_router, "X-Forwarded-For") == ["10.0.0.5"]
+    assert headers_of(via_router, "X-Neutron-Router-ID") == [ROUTER_ID]
+    assert headers_of(via_router, "X-Neutron-Network-ID") == []
+    assert via_dhcp["path"] == "/latest/meta-data/"
+    assert headers_of(via_dhcp, "X-Forwarded-For") == ["10.0.0.5"]
+    assert headers_of(via_dhcp, "X-Neutron-Network-ID") == [NETWORK_ID]
+    assert headers_of(via_dhcp, "X-Neutron-Router-ID") == []
+    for seen in agent.recorded:
+        for name in ("X_Forwarded_For", "Forwarded", "X-Instance-ID",
+                     "X-Instance-ID-Signature", "X-Tenant-ID"):
+            assert headers_of(seen, name) == [], name
+        assert headers_of(seen, "Host") == ["169.254.169.254"]
+
+
+def test_keep_alive_pipelining_and_bodies(
+    env: ProxyEnv, agent: RecordingAgent, router: tuple[str, str], dhcp: tuple[str, str],
+) -> None:
+    start_both(env, router, dhcp)
+    with connect(router[1], "10.0.0.1", 9697) as sock:
+        # Sequential keep-alive requests on one connection.
+        for i in range(3):
+            sock.sendall(request_bytes(f"/seq/{i}", [("X-Forwarded-For", "6.6.6.6")]))
+            status, _, body = read_responses(sock, 1)[0]
+            assert status == 200 and json.loads(body)["path"] == f"/seq/{i}"
+        # Pipelined: five requests in one write, answered in order; one carries a body.
+        batch = b"".join(request_bytes(f"/pipe/{i}") for i in range(4))
+        batch += request_bytes("/latest/api/token", method="PUT", body=b"x" * 10, close=True)
+        sock.sendall(batch)
+        answers = read_responses(sock, 5)
+        assert [json.loads(b)["path"] for _, _, b in answers] == [
+            "/pipe/0", "/pipe/1", "/pipe/2", "/pipe/3", "/latest/api/token"]
+        assert json.loads(answers[-1][2])["body"] == "x" * 10
+        assert sock.recv(1) == b""  # closed after the Connection: close request
+    assert all(headers_of(s, "X-Forwarded-For") == ["10.0.0.5"] for s in agent.recorded)
+
+
+def test_removing_a_spec_frees_the_namespace(
+    env: ProxyEnv, agent: RecordingAgent, lab: Lab, router: tuple[str, str],
+    dhcp: tuple[str, str],
+) -> None:
+    svc = start_both(env, router, dhcp)
+    held = connect(router[1], "10.0.0.1", 9697)
+    try:
+        held.sendall(request_bytes("/held"))
+        assert read_responses(held, 1)[0][0] == 200
+        assert proxy_sockets_in(router[0], svc.pid)  # listener + the held connection
+
+        env.remove_spec(f"router-{ROUTER_ID}")
+        os.kill(svc.pid, signal.SIGHUP)
+        wait_for(lambda: not proxy_sockets_in(router[0], svc.pid))
+        assert held.recv(1) == b""  # the kept-alive client connection was closed too
+    finally:
+        held.close()
+    with pytest.raises(OSError):
+        get(router[1], "10.0.0.1", 9697)
+    # The other listener is untouched, and the freed namespace can go.
+    assert get(dhcp[1], "169.254.169.254", 80)[0] == 200
+    lab.delete(router[0])
+    assert svc.alive()
+
+
+def test_namespace_deleted_under_a_listener_is_released(
+    env: ProxyEnv, agent: RecordingAgent, lab: Lab, router: tuple[str, str],
+) -> None:
+    rns, vm = router
+    env.write_spec(f"router-{ROUTER_ID}", rns, "0.0.0.0", 9697, router_id=ROUTER_ID)
+    svc = env.start()
+    assert get(vm, "10.0.0.1", 9697)[0] == 200
+    lab.delete(rns)  # spec left behind: the proxy must notice by itself
+    wait_for(lambda: "reason=namespace gone" in svc.log())
+    # The same name made again is picked up (new namespace, new listener).
+    ip("netns", "add", rns)
+    lab.namespaces.append(rns)
+    ip("-n", rns, "link", "set", "lo", "up")
+    wait_for(lambda: get(rns, "127.0.0.1", 9697)[0] == 200)
+
+
+def test_spec_before_namespace_is_retried(
+    env: ProxyEnv, agent: RecordingAgent, lab: Lab,
+) -> None:
+    later = unique_name("pxl")
+    env.write_spec("router-later", later, "0.0.0.0", 9697, router_id="later")
+    svc = env.start()
+    ip("netns", "add", later)
+    lab.namespaces.append(later)
+    ip("-n", later, "link", "set", "lo", "up")
+    wait_for(lambda: get(later, "127.0.0.1", 9697)[0] == 200)
+    assert headers_of(agent.recorded[-1], "X-Neutron-Router-ID") == ["later"]
+    assert headers_of(agent.recorded[-1], "X-Forwarded-For") == ["127.0.0.1"]
+    assert svc.alive()
+
+
+def test_sigkill_and_restart_reopens_every_listener_within_2s(
+    env: ProxyEnv, agent: RecordingAgent, router: tuple[str, str], dhcp: tuple[str, str],
+) -> None:
+    svc = start_both(env, router, dhcp)
+    assert get(router[1], "10.0.0.1", 9697)[0] == 200
+    svc.kill()
+    with pytest.raises(OSError):
+        get(router[1], "10.0.0.1", 9697)
+
+    began = time.monotonic()
+    again = openimds_service("proxy-again", env.config, "proxy", log_dir=env.tmp)
+    env.services.append(again)
+    again.start()
+    wait_for(lambda: get(router[1], "10.0.0.1", 9697)[0] == 200
+             and get(dhcp[1], "169.254.169.254", 80)[0] == 200, timeout=5)
+    took = time.monotonic() - began
+    assert took < 2.0, f"listeners back after {took:.2f}s"
+    assert env.pid_file.read_text().strip() == str(again.pid)
+
+
+def test_second_proxy_refuses_to_start(env: ProxyEnv, agent: RecordingAgent) -> None:
+    svc = env.start()
+    proc = run_cli(env.config, "proxy", timeout=10)
+    assert proc.returncode == 1
+    assert "another openimds proxy" in proc.stderr and str(svc.pid) in proc.stderr
+    assert svc.alive()
+
+
+def test_agent_down_is_503_and_silent_agent_is_504(
+    env: ProxyEnv, router: tuple[str, str],
+) -> None:
+    rns, vm = router
+    env.write_spec(f"router-{ROUTER_ID}", rns, "0.0.0.0", 9697, router_id=ROUTER_ID)
+    env.start()
+    status, body = get(vm, "10.0.0.1", 9697, headers=[("X-Forwarded-For", "6.6.6.6")])
+    assert status == 503
+    assert body.count(b"\n") == 1 and b"unavailable" in body
+    assert str(env.socket).encode() not in body  # details stay in the proxy's log
+
+    stalled = RecordingAgent(env.socket)
+    try:
+        stalled.stall.set()
+        status, body = get(vm, "10.0.0.1", 9697)
+        assert status == 504 and body.count(b"\n") == 1
+        stalled.stall.clear()
+        assert get(vm, "10.0.0.1", 9697)[0] == 200
+    finally:
+        stalled.stop()
