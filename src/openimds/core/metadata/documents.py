@@ -1,0 +1,201 @@
+"""Every document of one instance, built from its view once and looked up by path.
+
+Routing follows Nova's `InstanceMetadata.lookup` (metadata-api.md §2.1): the path is
+normalised (`..` resolved, trailing slashes dropped, query ignored by the caller), a first
+token other than `ec2`/`openstack` means EC2 (`/ec2/latest/...` is an alias), matching is
+case-sensitive. Fixed quirks: below a leaf is 404 (Nova: 500); a leading `//` is just `/`;
+`network_data.json` is `application/json`; `password` is `text/plain`.
+
+`InstanceDocuments.lookup(path, today)` returns one of:
+- `Document` — complete bytes, content type, ETag;
+- `SeededDocument` — meta_data.json, the server splices a fresh random_seed in;
+- `AddressLeaf` — `local-ipv4` when the instance has no IPv4: the request's address;
+- `PasswordTarget` — the password document; POST is allowed here;
+- `DynamicVendorTarget` — vendor_data2.json with dynamic targets: the server fetches them.
+It raises `NotFound` otherwise. Successful lookups are memoised per normalised path, so a
+document is serialised once per view (i.e. once per change of the instance).
+"""
+
+from __future__ import annotations
+
+import datetime
+import posixpath
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from openimds.core.metadata.ec2 import RequestAddress, ec2_tree
+from openimds.core.metadata.listing import JSON, NAME_KEY, TEXT, Document, document, render_node
+from openimds.core.metadata.network_data import network_data
+from openimds.core.metadata.openstack import SeededDocument, dump, meta_data, openstack_listing
+from openimds.core.metadata.versions import (
+    EC2_VERSIONS,
+    GRIZZLY,
+    HAVANA,
+    NEWTON_TWO,
+    ec2_version,
+    openstack_at_least,
+    openstack_version,
+    visible_openstack_versions,
+)
+from openimds.core.metadata.view import View
+from openimds.errors import NotFound
+
+__all__ = [
+    "ROOT",
+    "AddressLeaf",
+    "DocumentOptions",
+    "DynamicVendorTarget",
+    "InstanceDocuments",
+    "PasswordTarget",
+    "Target",
+    "normalize_path",
+    "root_document",
+]
+
+PASSWORD_TYPE = TEXT
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentOptions:
+    """What the documents depend on besides the view (from `[api]` settings)."""
+
+    dhcp_domain: str = "novalocal"
+    # The StaticJSON vendordata dict, or None when StaticJSON is not a provider.
+    static_vendordata: Mapping[str, Any] | None = None
+    # True when DynamicJSON is a provider with at least one target.
+    dynamic_vendordata: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AddressLeaf:
+    """`local-ipv4` with no fixed IPv4: the server answers with the request's address."""
+
+
+@dataclass(frozen=True, slots=True)
+class PasswordTarget:
+    doc: Document
+
+
+@dataclass(frozen=True, slots=True)
+class DynamicVendorTarget:
+    """vendor_data2.json: `{"static": ...}` (if StaticJSON) plus one key per target."""
+
+    static: Mapping[str, Any] | None
+
+
+Target = Document | SeededDocument | AddressLeaf | PasswordTarget | DynamicVendorTarget
+_ADDRESS: Final = AddressLeaf()
+ROOT = "/"
+
+
+def root_document() -> Document:
+    """`GET /`: the EC2 version list; Nova answers it before any identification."""
+    return document(render_node([*EC2_VERSIONS, "latest"]))
+
+
+_ROOT_DOC = root_document()
+
+
+def normalize_path(path: str) -> str:
+    """Nova's normalisation (posixpath.normpath), with any leading `//` collapsed to `/`."""
+    norm = posixpath.normpath("/" + path.lstrip("/"))
+    return norm if norm.startswith("/") else "/" + norm
+
+
+class InstanceDocuments:
+    """The documents of one instance at one revision of its view."""
+
+    __slots__ = ("_ec2", "_memo", "_os_listing", "options", "view")
+
+    def __init__(self, view: View, options: DocumentOptions) -> None:
+        self.view = view
+        self.options = options
+        self._memo: dict[str, Target] = {}
+        self._ec2: dict[str, dict[str, Any]] = {}
+        self._os_listing: tuple[datetime.date, Document] | None = None
+
+    @property
+    def instance_id(self) -> str:
+        return self.view.id
+
+    @property
+    def project_id(self) -> str:
+        return self.view.project_id
+
+    def lookup(self, path: str, today: datetime.date) -> Target:
+        """The target for a normalised path (see `normalize_path`); raises NotFound."""
+        hit = self._memo.get(path)
+        if hit is not None:
+            return hit
+        tokens = path.split("/")[1:]
+        if tokens[0] == "openstack":
+            if len(tokens) == 1:
+                return self._openstack_versions(today)
+            target = self._openstack(tokens[1:])
+        else:
+            target = self._ec2_item(tokens[1:] if tokens[0] == "ec2" else tokens)
+        self._memo[path] = target
+        return target
+
+    # -- OpenStack ----------------------------------------------------------------------
+    def _openstack_versions(self, today: datetime.date) -> Document:
+        cached = self._os_listing
+        if cached is not None and cached[0] == today:
+            return cached[1]
+        doc = document(render_node(list(visible_openstack_versions(today))))
+        self._os_listing = (today, doc)
+        return doc
+
+    def _openstack(self, tokens: list[str]) -> Target:
+        version = openstack_version(tokens[0])
+        if version is None:
+            raise NotFound(f"no OpenStack metadata version {tokens[0]!r}")
+        if len(tokens) == 1:
+            listing = openstack_listing(
+                self.view, version, static_vendordata=self.options.static_vendordata is not None
+            )
+            return document(render_node(listing))
+        name = "/".join(tokens[1:])
+        view = self.view
+        if name == "meta_data.json":
+            md = meta_data(view, version, dhcp_domain=self.options.dhcp_domain)
+            return md if isinstance(md, SeededDocument) else document(md, JSON)
+        if name == "user_data" and view.user_data is not None:
+            return document(view.user_data)
+        if name == "password" and openstack_at_least(version, GRIZZLY):
+            return PasswordTarget(document((view.password or "").encode(), PASSWORD_TYPE))
+        if name == "vendor_data.json" and openstack_at_least(version, HAVANA):
+            static = self.options.static_vendordata
+            if static is not None:
+                return document(dump(static), JSON)
+        if name == "vendor_data2.json" and openstack_at_least(version, NEWTON_TWO):
+            static = self.options.static_vendordata
+            if self.options.dynamic_vendordata:
+                return DynamicVendorTarget(static)
+            return document(dump({} if static is None else {"static": static}), JSON)
+        if name == "network_data.json":
+            return document(dump(network_data(view)), JSON)
+        raise NotFound(f"no OpenStack metadata document {name!r}")
+
+    # -- EC2 ----------------------------------------------------------------------------
+    def _ec2_item(self, tokens: list[str]) -> Target:
+        if not tokens:
+            return _ROOT_DOC
+        version = ec2_version(tokens[0])
+        if version is None:
+            raise NotFound(f"no EC2 metadata version {tokens[0]!r}")
+        key = "latest" if tokens[0] == "latest" else version
+        tree = self._ec2.get(key)
+        if tree is None:
+            tree = ec2_tree(self.view, version, dhcp_domain=self.options.dhcp_domain,
+                            latest=key == "latest")
+            self._ec2[key] = tree
+        node: Any = tree
+        for part in tokens[1:]:
+            if not isinstance(node, Mapping) or part not in node or part == NAME_KEY:
+                raise NotFound("no such metadata path")
+            node = node[part]
+        if isinstance(node, RequestAddress):
+            return _ADDRESS
+        return document(render_node(node))
