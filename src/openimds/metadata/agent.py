@@ -1,0 +1,469 @@
+"""The metadata agent: who is asking, signed, and forwarded to the metadata API.
+
+Between the namespace proxy and the metadata API, on the Unix socket
+`metadata_proxy_socket` (docs/architecture.md, "The metadata path"). Per request:
+
+1. `core.caller.parse_caller`: X-Forwarded-For (last value, `::ffff:` normalised) and exactly
+   one of X-Neutron-Router-ID / X-Neutron-Network-ID, else 400;
+2. the caller's instance: from the cache (`agent_cache`, invalidated by the registry's change
+   feed, read only while the feed is live) or one single-flight registry `/v1/lookup`;
+   zero ports or several -> 404 "instance not found" (detail in the log), registry
+   unreachable -> 503 + Retry-After, never a guess;
+3. `core.headers.rewrite_request_headers` + `core.signing.sign_instance_id`, then the request
+   goes over pooled keep-alive connections to nova_metadata_protocol://host:port; the API's
+   answer (every status, with its body) is relayed byte for byte. API unreachable -> 503 +
+   Retry-After, no answer in time -> 504, garbled -> 502, each with a one-line body.
+
+Where Neutron falls short (neutron.md §0, §6) this does better: the listen backlog and socket
+mode are honoured; whole requests are read (keep-alive, pipelining, Content-Length); a cached
+answer that the API rejects with 404 is re-checked once against the registry (an IP reused
+before the feed delivered the change); more than `max_concurrency` requests in flight get an
+explicit 503; every request has one access-log line on `openimds.access`, and debug mode logs
+the request detail with the signature and credentials masked.
+
+Registry queries and cache behaviour are counted; `GET /openimds-agent/stats` on the socket
+answers them as JSON, but only to a local client that sends neither X-Forwarded-For nor an
+X-Neutron-* header (anything the proxy forwards always carries both).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import json
+import logging
+import os
+import pwd
+import socket
+import ssl
+import stat
+import time
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+from openimds.config import Settings
+from openimds.core.caller import Caller, Resolution, parse_caller
+from openimds.core.headers import redact, rewrite_request_headers
+from openimds.core.signing import sign_instance_id
+from openimds.errors import (
+    BadRequest,
+    ConfigError,
+    NotFound,
+    OpenImdsError,
+    ResolutionError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from openimds.http.client import UpstreamPool, UpstreamResponse
+from openimds.http.server import AnyResponse, RawResponse, Request, Response, error_response
+from openimds.log import access as access_log
+from openimds.metadata.agent_cache import CallerCache, LookupResult, Resolver, key_of
+
+log = logging.getLogger(__name__)
+
+STATS_PATH = "/openimds-agent/stats"
+MODE_MAP = {"user": 0o644, "group": 0o664, "all": 0o666}
+_RECHECK_INTERVAL_S = 1.0
+_MAX_RECHECK_KEYS = 4096
+
+# One-line bodies the VM sees; the detail (ports, errno, registry URL) goes to our log only.
+_BODY_NOT_FOUND = "instance not found"
+
+
+class RegistryLookup(Protocol):
+    """The part of `AsyncRegistryClient` the agent uses."""
+
+    async def lookup(
+        self, ip: str, *, router_id: str | None = None, network_id: str | None = None,
+    ) -> Any: ...
+
+
+class Upstream(Protocol):
+    async def request(
+        self, method: str, target: str, headers: Any = (), body: bytes = b"",
+    ) -> UpstreamResponse: ...
+
+
+class RegistryUnreachable(UpstreamUnavailable):
+    """The registry could not answer a lookup (down, timeout, 5xx)."""
+
+
+def socket_mode(
+    mode: str, proxy_user: str, proxy_group: str, *, euid: int, egid: int,
+) -> int:
+    """The socket's permission bits, with Neutron's `deduce` rule (neutron.md §1.2).
+
+    deduce: the proxy user unset, "0", "root" or our effective user -> user (0644); else the
+    proxy group unset or our effective group -> group (0664); else all (0666).
+    """
+    if mode == "deduce":
+        if proxy_user in ("", "0", "root") or _is_user(proxy_user, euid):
+            mode = "user"
+        elif proxy_group == "" or _is_group(proxy_group, egid):
+            mode = "group"
+        else:
+            mode = "all"
+    if mode not in MODE_MAP:
+        raise ConfigError(f"metadata_proxy_socket_mode {mode!r} is not deduce/user/group/all")
+    return MODE_MAP[mode]
+
+
+def _is_user(name: str, euid: int) -> bool:
+    if name == str(euid):
+        return True
+    try:
+        return pwd.getpwuid(euid).pw_name == name
+    except KeyError:
+        return False
+
+
+def _is_group(name: str, egid: int) -> bool:
+    if name == str(egid):
+        return True
+    try:
+        return grp.getgrgid(egid).gr_name == name
+    except KeyError:
+        return False
+
+
+def open_socket(settings: Settings) -> tuple[socket.socket, int]:
+    """Bind and listen on metadata_proxy_socket with the configured mode and backlog.
+
+    The directory is created (0755) if needed; a stale socket is replaced, but a socket some
+    live process still accepts on is not (two agents would split the traffic). Returns the
+    listening socket and the mode applied.
+    """
+    path = settings.metadata_proxy_socket
+    mode = socket_mode(
+        settings.metadata_proxy_socket_mode, settings.metadata_proxy_user,
+        settings.metadata_proxy_group, euid=os.geteuid(), egid=os.getegid(),
+    )
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ConfigError(f"metadata_proxy_socket {path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # nobody accepts on it: stale
+        else:
+            raise OpenImdsError(f"another process is serving on {path}; not replacing it")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, mode)
+        sock.listen(settings.metadata_backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise OpenImdsError(f"cannot listen on {path}: {exc}") from exc
+    return sock, mode
+
+
+def upstream_ssl(settings: Settings) -> ssl.SSLContext | None:
+    """TLS to the metadata API with Neutron's options (neutron.md §1.5), or None for http."""
+    if settings.nova_metadata_protocol != "https":
+        return None
+    try:
+        if settings.nova_metadata_insecure:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        else:
+            ctx = ssl.create_default_context(cafile=settings.auth_ca_cert or None)
+        if settings.nova_client_cert and settings.nova_client_priv_key:
+            ctx.load_cert_chain(settings.nova_client_cert, settings.nova_client_priv_key)
+        elif settings.nova_client_cert or settings.nova_client_priv_key:
+            # Neutron uses a client certificate only when both are set; say so.
+            log.warning("agent.tls_client_cert_ignored reason=%s",
+                        "nova_client_cert and nova_client_priv_key must both be set")
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"https to the metadata API: {exc}") from exc
+    return ctx
+
+
+def make_pool(settings: Settings) -> UpstreamPool:
+    agent = settings.metadata_agent
+    return UpstreamPool(
+        host=settings.nova_metadata_host, port=settings.nova_metadata_port,
+        ssl=upstream_ssl(settings), server_hostname=settings.nova_metadata_host,
+        size=agent.upstream_pool_size, connect_timeout_s=min(5.0, agent.upstream_timeout),
+        timeout_s=agent.upstream_timeout,
+    )
+
+
+def _field(obj: Any, name: str) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+class MetadataAgent:
+    """The request handler plus its cache, feed consumer and counters."""
+
+    def __init__(
+        self, settings: Settings, *, registry: RegistryLookup, upstream: Upstream,
+        feed_up: Callable[[], bool] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.settings = settings
+        self._secret = settings.secret_bytes
+        self._registry = registry
+        self._upstream = upstream
+        self._feed_up = feed_up or (lambda: False)
+        self._clock = clock
+        cfg = settings.metadata_agent
+        self._max_concurrency = cfg.max_concurrency
+        self._retry_after = str(cfg.retry_after)
+        self._registry_timeout_s = cfg.registry_timeout
+        self.cache = CallerCache(cfg.cache_size)
+        self.resolver = Resolver(self._lookup, self.cache, self.trusts_cache)
+        self._synced = False  # the feed delivered at least one batch since we started
+        self._trusted_last = False
+        self._active = 0
+        self._recheck_at: dict[tuple[str, str, str], float] = {}
+        self.counts: dict[str, int] = {"requests": 0, "saturated": 0, "rechecks": 0}
+        self.status_counts: dict[int, int] = {}
+
+    # -- feed ---------------------------------------------------------------------------
+    def trusts_cache(self) -> bool:
+        trusted = self._synced and self._feed_up()
+        if trusted != self._trusted_last:
+            self._trusted_last = trusted
+            if trusted:
+                log.info("agent.cache_trusted reason=change feed live")
+            else:
+                log.warning("agent.cache_untrusted reason=change feed down; "
+                            "asking the registry for every request")
+        return trusted
+
+    def apply_batch(self, batch: Any) -> None:
+        """One ChangeBatch(revision, changes, resync) from the registry's feed."""
+        revision = int(_field(batch, "revision") or 0)
+        if _field(batch, "resync") or not self._synced:
+            # On a resync, and on the first batch (lookups made before the feed started may
+            # predate its starting point), nothing older than this batch is kept.
+            self.cache.clear(revision)
+            self._synced = True
+            if _field(batch, "resync"):
+                log.info("agent.cache_resync revision=%d", revision)
+            return
+        dropped = 0
+        for change in _field(batch, "changes") or ():
+            row = change if isinstance(change, Mapping) else {
+                k: _field(change, k) for k in ("revision", "kind", "op", "id", "attrs")
+            }
+            dropped += self.cache.apply_change(row)
+        if dropped:
+            log.debug("agent.cache_invalidated revision=%d dropped=%d", revision, dropped)
+
+    async def follow(self, batches: AsyncIterable[Any]) -> None:
+        """Consume the change feed forever (the caller cancels on shutdown)."""
+        async for batch in batches:
+            self.apply_batch(batch)
+
+    # -- registry -----------------------------------------------------------------------
+    async def _lookup(self, caller: Caller) -> LookupResult:
+        try:
+            answer = await asyncio.wait_for(
+                self._registry.lookup(
+                    caller.ip, router_id=caller.router_id, network_id=caller.network_id),
+                self._registry_timeout_s,
+            )
+        except NotFound:
+            # unknown router or network: nobody there
+            return LookupResult(0, ())
+        except BadRequest:
+            raise
+        except TimeoutError:
+            raise RegistryUnreachable(
+                f"registry lookup timed out after {self._registry_timeout_s}s") from None
+        except OpenImdsError as exc:
+            raise RegistryUnreachable(f"registry lookup failed: {exc.reason}") from exc
+        except Exception as exc:  # any client-library failure means: no answer
+            raise RegistryUnreachable(f"registry lookup failed: {exc!r}") from exc
+        ports = _field(answer, "ports")
+        if not isinstance(ports, list | tuple):
+            raise RegistryUnreachable("registry lookup answer has no port list")
+        return LookupResult(int(_field(answer, "revision") or 0), ports)
+
+    # -- requests -----------------------------------------------------------------------
+    def handle(self, req: Request) -> AnyResponse | Awaitable[AnyResponse]:
+        t0 = self._clock()
+        self.counts["requests"] += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("Request: %s %s HTTP/%s headers=%s body_bytes=%d", req.method,
+                      req.target, req.version, redact(req.headers), len(req.body))
+        try:
+            caller = parse_caller(req.headers)
+        except OpenImdsError as exc:
+            if req.path == STATS_PATH and self._is_local(req):
+                return self._stats_response()
+            log.warning("agent.rejected status=%d reason=%s", exc.status, exc.reason)
+            return self._finish(req, None, None, t0, error_response(exc.status, exc.reason))
+        if self._active >= self._max_concurrency:
+            self.counts["saturated"] += 1
+            return self._finish(req, caller, None, t0, error_response(
+                503, f"agent saturated: {self._active} requests in flight",
+                headers=[("Retry-After", self._retry_after)]))
+        return self._serve(req, caller, t0)
+
+    async def _serve(self, req: Request, caller: Caller, t0: float) -> AnyResponse:
+        self._active += 1
+        resolution: Resolution | None = None
+        try:
+            try:
+                resolution, source = await self.resolver.resolve(caller)
+            except ResolutionError as exc:
+                log.warning("agent.instance_not_found %s detail=%s", caller.describe(),
+                            exc.reason)
+                return self._finish(req, caller, None, t0, error_response(404, _BODY_NOT_FOUND))
+            except BadRequest as exc:
+                return self._finish(req, caller, None, t0, error_response(400, exc.reason))
+            except UpstreamError as exc:
+                log.error("agent.registry_unavailable %s error=%s", caller.describe(),
+                          exc.reason)
+                return self._finish(req, caller, None, t0, error_response(
+                    503, "instance lookup unavailable",
+                    headers=[("Retry-After", self._retry_after)]))
+            resp = await self._forward(req, caller, resolution)
+            if resp.status == 404 and source == "hit" and self._may_recheck(caller):
+                # The API does not know the cached instance: maybe its IP was reused before
+                # the feed told us. Ask the registry once (Neutron's LP#1868867 retry).
+                self.counts["rechecks"] += 1
+                self.resolver.forget(caller)
+                try:
+                    fresh, _ = await self.resolver.resolve(caller, use_cache=False)
+                except OpenImdsError:
+                    fresh = resolution
+                if fresh != resolution:
+                    resolution = fresh
+                    resp = await self._forward(req, caller, resolution)
+            return self._finish(req, caller, resolution, t0,
+                                RawResponse(resp.raw, close=not resp.keep_alive), resp.status)
+        except UpstreamError as exc:
+            return self._finish(req, caller, resolution, t0, self._upstream_failure(exc))
+        finally:
+            self._active -= 1
+
+    async def _forward(
+        self, req: Request, caller: Caller, res: Resolution,
+    ) -> UpstreamResponse:
+        headers = rewrite_request_headers(
+            req.headers, forwarded_for=caller.ip, instance_id=res.instance_id,
+            tenant_id=res.project_id, signature=sign_instance_id(self._secret, res.instance_id),
+            method=req.method.encode(), body_length=len(req.body),
+        )
+        resp = await self._upstream.request(req.method, req.target, headers, req.body)
+        if resp.status == 403:
+            log.warning("agent.api_forbidden %s instance=%s reason=%s", caller.describe(),
+                        res.instance_id, "the metadata API rejected the request; shared "
+                        "secrets may not match")
+        elif resp.status >= 500:
+            log.warning("agent.api_error %s instance=%s status=%d", caller.describe(),
+                        res.instance_id, resp.status)
+        return resp
+
+    def _upstream_failure(self, exc: UpstreamError) -> Response:
+        log.error("agent.api_failed status=%d error=%s", exc.status, exc.reason)
+        if isinstance(exc, UpstreamTimeout):
+            return error_response(504, "the metadata API did not answer in time")
+        if isinstance(exc, UpstreamUnavailable):
+            return error_response(503, "the metadata API is unavailable",
+                                  headers=[("Retry-After", self._retry_after)])
+        if isinstance(exc, UpstreamProtocolError):
+            return error_response(502, "the metadata API sent a bad answer")
+        return error_response(502, "the metadata API failed")
+
+    def _may_recheck(self, caller: Caller) -> bool:
+        """At most one registry re-check per caller per second (a VM asking for missing
+        paths must not turn every 404 into a registry query)."""
+        now = self._clock()
+        key = key_of(caller)
+        last = self._recheck_at.get(key)
+        if last is not None and now - last < _RECHECK_INTERVAL_S:
+            return False
+        if len(self._recheck_at) >= _MAX_RECHECK_KEYS:
+            self._recheck_at.clear()
+        self._recheck_at[key] = now
+        return True
+
+    def _finish(
+        self, req: Request, caller: Caller | None, res: Resolution | None, t0: float,
+        resp: AnyResponse, status: int | None = None,
+    ) -> AnyResponse:
+        code = status if status is not None else (
+            resp.status if isinstance(resp, Response) else 0)
+        self.status_counts[code] = self.status_counts.get(code, 0) + 1
+        if access_log.isEnabledFor(logging.INFO):
+            if caller is not None:
+                kind, ident = caller.scope
+                who = f"ip={caller.ip} {kind}={ident}"
+            else:
+                who = "ip=- scope=-"
+            access_log.info(
+                "agent %s instance=%s status=%d ms=%.2f method=%s path=%s", who,
+                res.instance_id if res is not None else "-", code,
+                (self._clock() - t0) * 1000.0, req.method, req.path,
+            )
+        return resp
+
+    # -- stats --------------------------------------------------------------------------
+    @staticmethod
+    def _is_local(req: Request) -> bool:
+        return not any(
+            name == b"x-forwarded-for" or name.startswith(b"x-neutron-")
+            for name, _ in req.headers
+        )
+
+    def stats(self) -> dict[str, Any]:
+        s = self.resolver.stats
+        return {
+            "requests": self.counts["requests"],
+            "in_flight": self._active,
+            "saturated_503": self.counts["saturated"],
+            "cache_hits": s.hits,
+            "cache_misses": s.misses,
+            "single_flight_shared": s.shared,
+            "registry_queries": s.registry_queries,
+            "registry_errors": s.registry_errors,
+            "uncached_lookups": s.uncached,
+            "rechecks_after_api_404": self.counts["rechecks"],
+            "cache_entries": len(self.cache),
+            "cache_evictions": self.cache.evictions,
+            "cache_invalidations": self.cache.invalidations,
+            "feed_live": self.trusts_cache(),
+            "statuses": {str(k): v for k, v in sorted(self.status_counts.items())},
+        }
+
+    def _stats_response(self) -> Response:
+        body = json.dumps(self.stats(), sort_keys=True).encode() + b"\n"
+        return Response(200, body, content_type="application/json")
+
+    def log_stats(self) -> None:
+        log.info("agent.stats %s", " ".join(
+            f"{k}={v}" for k, v in self.stats().items() if not isinstance(v, dict)))
+
+
+async def close_quietly(obj: Any) -> None:
+    """Close a client/pool if it has an (async) close method."""
+    for name in ("aclose", "close"):
+        method = getattr(obj, name, None)
+        if method is None:
+            continue
+        with contextlib.suppress(Exception):
+            result = method()
+            if asyncio.iscoroutine(result):
+                await result
+        return

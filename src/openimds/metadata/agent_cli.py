@@ -1,0 +1,91 @@
+"""`openimds agent`: run the metadata agent on metadata_proxy_socket until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+
+from openimds.cli import add_command
+from openimds.config import Settings
+from openimds.errors import ConfigError
+from openimds.http.server import Limits, install_uvloop, serve
+from openimds.log import setup_logging
+from openimds.metadata.agent import MetadataAgent, close_quietly, make_pool, open_socket
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    add_command(
+        sub, "agent", _agent,
+        "run the metadata agent: identify the VM, sign, forward to the metadata API",
+        formatted=False,
+    )
+
+
+def _agent(args: argparse.Namespace, settings: Settings) -> int:
+    setup_logging(debug=settings.debug, log_file=settings.log_file, component="agent")
+    install_uvloop()
+    return asyncio.run(run_agent(settings))
+
+
+def _registry_token(settings: Settings) -> str:
+    token = settings.registry.reader_token or settings.registry.admin_token
+    if not token:
+        raise ConfigError("[registry] reader_token (or admin_token) is needed to look up callers")
+    return token
+
+
+async def run_agent(settings: Settings) -> int:
+    # Imported here: the registry package sits on a lower floor but is not needed to import
+    # this module (the CLI lists every component).
+    from openimds.registry.client import AsyncRegistryClient
+    from openimds.registry.feed import ChangeFollower
+
+    registry = AsyncRegistryClient(
+        settings.registry.effective_url, _registry_token(settings),
+        timeout_s=settings.metadata_agent.registry_timeout,
+    )
+    follower = ChangeFollower(registry)
+    pool = make_pool(settings)
+    agent = MetadataAgent(
+        settings, registry=registry, upstream=pool,
+        feed_up=lambda: bool(follower.registry_up),
+    )
+    sock, mode = open_socket(settings)
+    path = settings.metadata_proxy_socket
+    inode = os.stat(path).st_ino
+    limits = Limits(max_body_bytes=settings.api.max_request_bytes + 4096)
+    server = await serve(agent.handle, sock, limits, backlog=settings.metadata_backlog)
+    feed_task = asyncio.create_task(agent.follow(follower))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info(
+        "agent.started socket=%s mode=%o backlog=%d api=%s://%s:%d registry=%s cache_size=%d "
+        "max_concurrency=%d", path, mode, settings.metadata_backlog,
+        settings.nova_metadata_protocol, settings.nova_metadata_host,
+        settings.nova_metadata_port, settings.registry.effective_url,
+        settings.metadata_agent.cache_size, settings.metadata_agent.max_concurrency,
+    )
+    try:
+        await stop.wait()
+    finally:
+        server.close()
+        feed_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await feed_task
+        await close_quietly(follower)
+        await close_quietly(pool)
+        await close_quietly(registry)
+        agent.log_stats()
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == inode:
+                os.unlink(path)
+    log.info("agent.stopped")
+    return 0
