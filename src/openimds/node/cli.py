@@ -1,0 +1,45 @@
+"""`openimds up [--demo]`, `openimds trace SERVER`, `openimds doctor`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from openimds.cli import add_command
+
+
+def _up(args: argparse.Namespace, settings: Any) -> int:
+    from openimds.node.up import cmd_up
+
+    return cmd_up(args, settings)
+
+
+def _trace(args: argparse.Namespace, settings: Any) -> int:
+    from openimds.node.trace import cmd_trace
+
+    return cmd_trace(args, settings)
+
+
+def _doctor(args: argparse.Namespace, settings: Any) -> int:
+    from openimds.node.doctor import cmd_doctor
+
+    return cmd_doctor(args, settings)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    up = add_command(
+        sub, "up", _up,
+        "run the registry, metadata API, agent, proxy, L3 and DHCP agents as supervised "
+        "children (Ctrl-C stops them; state is kept)", formatted=False,
+    )
+    up.add_argument("--demo", action="store_true",
+                    help="also build a demo: two tenants, an isolated network, three VMs")
+    up.add_argument("--set", action="append", metavar="[SECTION.]KEY=VALUE",
+                    help="setting passed to every child as OPENIMDS_* (repeatable)")
+    trace = add_command(
+        sub, "trace", _trace,
+        "check each hop of a server's metadata path, from its VM namespace to the API",
+    )
+    trace.add_argument("server", metavar="SERVER", help="server name or id")
+    add_command(sub, "doctor", _doctor,
+                "host-wide checks: binaries, kernel, services, socket, secret, stale state")
