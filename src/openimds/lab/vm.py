@@ -23,7 +23,7 @@ from typing import Any
 
 from openimds.agents import fabric
 from openimds.config import Settings
-from openimds.core.names import bridge_name, vm_namespace, vm_peer
+from openimds.core.names import VM_NS_PREFIX, bridge_name, vm_namespace, vm_peer
 from openimds.errors import BadRequest, NotFound, OpenImdsError
 from openimds.host import links
 
@@ -109,7 +109,14 @@ def apply_plug(plan: VmPlan, address_mode: str = "static") -> None:
 
 
 def unplug_namespace(namespace: str) -> bool:
-    """Delete the VM namespace (its veth pair goes with it) and its /etc/netns dir."""
+    """Delete the VM namespace, its veth pair and its /etc/netns dir.
+
+    The bridge-side end is deleted first, synchronously: the kernel destroys a deleted
+    namespace's devices asynchronously, and the bridge would look busy meanwhile.
+    """
+    if namespace.startswith(VM_NS_PREFIX):
+        with links.netlink() as here:
+            here.delete_link(vm_peer(namespace[len(VM_NS_PREFIX):]))
     existed = links.delete_namespace(namespace)
     links.remove_netns_etc(namespace)
     return existed
