@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     up.add_argument("--demo", action="store_true",
                     help="also build a demo: two tenants, an isolated network, three VMs")
+    up.add_argument("--init", action="store_true",
+                    help="only create $state_path/secrets.ini (0600) if needed, then exit")
     up.add_argument("--set", action="append", metavar="[SECTION.]KEY=VALUE",
                     help="setting passed to every child as OPENIMDS_* (repeatable)")
     trace = add_command(

@@ -48,6 +48,8 @@ from openimds.host.supervise import (
     ReadyCheck,
     Supervisor,
     http_ready,
+    pid_alive,
+    stop_pid,
     tcp_ready,
     unix_ready,
 )
@@ -112,6 +114,7 @@ class Service:
     name: str
     command: tuple[str, ...]  # the openimds subcommand
     stop_timeout_s: float = 10.0
+    backoff_initial_s: float = 0.5
 
 
 # Dependency order; stopped in reverse.
@@ -119,7 +122,8 @@ SERVICES: tuple[Service, ...] = (
     Service("registry", ("registry", "serve")),
     Service("api", ("api",)),
     Service("agent", ("agent",)),
-    Service("proxy", ("proxy",)),
+    # Respawned at once: the L3 agent also starts a proxy when none holds the proxy lock.
+    Service("proxy", ("proxy",), backoff_initial_s=0.05),
     Service("l3-agent", ("l3-agent",), stop_timeout_s=20.0),
     Service("dhcp-agent", ("dhcp-agent",), stop_timeout_s=20.0),
 )
@@ -199,7 +203,7 @@ def build_supervisor(
             ready_timeout_s=60.0,
             stop_timeout_s=service.stop_timeout_s,
             restart=interval > 0 and settings.AGENT.check_child_processes_action == "respawn",
-            backoff_initial_s=max(0.2, min(interval, 1.0)) if interval > 0 else 0.5,
+            backoff_initial_s=service.backoff_initial_s,
             backoff_max_s=30.0,
         )
         holder.append(sup.add(spec))
@@ -313,8 +317,32 @@ async def run_up(
     await stop.wait()
     say("stopping: " + ", ".join(c.name for c in reversed(sup.children)))
     await sup.stop_all()
+    stray = await stop_stray_proxy(settings)
+    if stray is not None:
+        say(f"stopped a proxy (pid {stray}) that another agent had started meanwhile")
     say("stopped.")
     return exit_code
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+async def stop_stray_proxy(settings: Settings) -> int | None:
+    """Stop a proxy left running after our own children stopped (one an agent spawned while
+    ours was restarting). Only a process whose command line is `... openimds ... proxy`."""
+    try:
+        pid = int(settings.path("proxy", "proxy.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    argv = _cmdline(pid)
+    if not pid_alive(pid) or not any(b"openimds" in a for a in argv) or b"proxy" not in argv:
+        return None
+    await stop_pid(pid, timeout_s=10)
+    return pid
 
 
 def _indent(text: str, n: int) -> str:
@@ -326,6 +354,10 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
     state = Path(settings.state_path)
     state.mkdir(parents=True, exist_ok=True)
+    if args.init:
+        path, added = ensure_secrets(state)
+        print(f"{path}: " + (f"generated {', '.join(added)}" if added else "complete"))
+        return 0
     lock = take_lock(state)
     try:
         path, added = ensure_secrets(state)
