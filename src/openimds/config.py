@@ -101,6 +101,9 @@ class ApiSettings:
     )
     client_timeout: float = opt(30.0, "Seconds a client may take to send a request", min=0.1)
     max_request_bytes: int = opt(65536, "Largest request body accepted", min=1024)
+    cache_size: int = opt(10000, "Instances whose serialized documents are kept", min=1)
+    registry_timeout: float = opt(5.0, "Seconds to wait for the registry's view", min=0.1)
+    retry_after: int = opt(2, "Retry-After seconds sent with 503", min=1)
 
 
 @dataclass(frozen=True, slots=True)
