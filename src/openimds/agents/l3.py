@@ -55,6 +55,8 @@ from openimds.core.proxy_rules import ListenerSpec, render_listener_spec
 from openimds.errors import OpenImdsError
 from openimds.host import links
 from openimds.host.run import run
+from openimds.registry.client import AsyncRegistryClient
+from openimds.registry.feed import ChangeFollower
 
 log = logging.getLogger(__name__)
 
@@ -387,66 +389,33 @@ def proxy_argv(config_path: str | None) -> list[str]:
 # --- following the registry ---------------------------------------------------------------
 
 
-class RegistryDown(OpenImdsError):
-    """The registry could not be reached or answered with a server error."""
-
-
-class Resync(OpenImdsError):
-    """The change feed said 410: reload everything."""
-
-
-class RegistryFeed:
-    """GET /v1/topology and the long-polled /v1/changes with the reader token."""
-
-    def __init__(self, settings: Settings) -> None:
-        import httpx  # imported here: only the running agent needs it
-
-        token = settings.registry.reader_token or settings.registry.admin_token
-        self._client = httpx.AsyncClient(
-            base_url=settings.registry.effective_url,
-            headers={"Authorization": f"Bearer {token}"}, timeout=75.0, trust_env=False,
-        )
-        self._errors: tuple[type[BaseException], ...] = (httpx.HTTPError, ValueError)
-
-    async def _get(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
-        try:
-            resp = await self._client.get(path, params=params)
-        except self._errors as exc:
-            raise RegistryDown(f"registry GET {path}: {exc!r}") from exc
-        if resp.status_code == 410:
-            raise Resync(f"registry feed resync at {resp.json().get('revision')}")
-        if resp.status_code != 200:
-            raise RegistryDown(f"registry GET {path}: HTTP {resp.status_code} {resp.text[:200]}")
-        return resp.json()
-
-    async def topology(self) -> dict[str, Any]:
-        data: dict[str, Any] = await self._get("/v1/topology")
-        return data
-
-    async def changes(self, since: int, wait_s: float) -> tuple[int, list[dict[str, Any]]]:
-        data = await self._get("/v1/changes", {"since": since, "wait": int(max(0, wait_s))})
-        return int(data["revision"]), list(data.get("changes", []))
-
-    async def close(self) -> None:
-        await self._client.aclose()
-
-
 class L3Agent:
+    """Follows the change feed; converges on relevant changes, on resync, periodically and
+    (sooner) after a failure. One converge at a time, always from a fresh /v1/topology."""
+
+    RETRY_S = 2.0
+
     def __init__(
         self, settings: Settings, *, config_path: str | None = None,
-        feed: RegistryFeed | None = None, supervise_proxy: bool = True,
+        client: AsyncRegistryClient | None = None, supervise_proxy: bool = True,
     ) -> None:
         self.settings = settings
         self.driver = RouterDriver(settings)
-        self.feed = feed or RegistryFeed(settings)
+        self.client = client or AsyncRegistryClient.from_settings(settings, admin=False)
         self.keeper = (
             ProxyKeeper(settings, proxy_argv(config_path))
             if supervise_proxy and settings.enable_metadata_proxy else None
         )
         self.revision: int | None = None
+        self._wake = asyncio.Event()
+        self._full = True
+
+    def request_converge(self, *, full: bool) -> None:
+        self._full |= full
+        self._wake.set()
 
     async def converge(self, *, full: bool) -> ConvergeReport:
-        topology = await self.feed.topology()
+        topology = await self.client.topology()
         if full:
             self.driver.forget_prepared()
         report = await asyncio.to_thread(self.driver.converge, topology)
@@ -458,57 +427,60 @@ class L3Agent:
                  len(report.failed))
         return report
 
+    async def _watch(self) -> None:
+        follower = ChangeFollower(self.client)
+        try:
+            async for batch in follower:
+                if batch.resync:
+                    self.request_converge(full=True)
+                elif any(is_relevant(c) for c in batch.changes):
+                    self.request_converge(full=False)
+        finally:
+            await follower.aclose()
+
+    async def _converge_loop(self) -> None:
+        resync_s = self.settings.l3.resync_interval
+        last_full = time.monotonic()
+        retry_at: float | None = None
+        while True:
+            now = time.monotonic()
+            deadline = last_full + resync_s if retry_at is None else min(retry_at,
+                                                                          last_full + resync_s)
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(0.0, deadline - now))
+            except TimeoutError:
+                self._full = True
+            self._wake.clear()
+            full, self._full = self._full, False
+            try:
+                report = await self.converge(full=full)
+            except OpenImdsError as exc:
+                log.warning("l3.converge_failed reason=%s retry_in_s=%.1f", exc.reason,
+                            self.RETRY_S)
+                self._full |= full
+                retry_at = time.monotonic() + self.RETRY_S
+                continue
+            if full:
+                last_full = time.monotonic()
+            retry_at = time.monotonic() + self.RETRY_S if report.failed else None
+
     async def run(self) -> None:
-        tasks: list[asyncio.Task[None]] = []
+        tasks = [
+            asyncio.create_task(self._watch(), name="l3-watch"),
+            asyncio.create_task(self._converge_loop(), name="l3-converge"),
+        ]
         if self.keeper is not None:
             interval = self.settings.AGENT.check_child_processes_interval or 1.0
             tasks.append(asyncio.create_task(self.keeper.run(interval), name="proxy-keeper"))
         try:
-            await self._follow()
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # a crashed task is a bug: re-raise it
         finally:
             for task in tasks:
                 task.cancel()
-            await self.feed.close()
-
-    async def _follow(self) -> None:
-        backoff = 0.5
-        resync_s = self.settings.l3.resync_interval
-        while True:
-            try:
-                report = await self.converge(full=True)
-            except RegistryDown as exc:
-                log.warning("l3.registry_down reason=%s retry_in_s=%.1f", exc.reason, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-                continue
-            backoff = 0.5
-            last_full = time.monotonic()
-            retry_soon = bool(report.failed)
-            while True:
-                left = resync_s - (time.monotonic() - last_full)
-                if left <= 0:
-                    break
-                wait = min(30.0, left, 2.0 if retry_soon else 30.0)
-                try:
-                    assert self.revision is not None
-                    revision, changes = await self.feed.changes(self.revision, wait)
-                except Resync as exc:
-                    log.info("l3.resync reason=%s", exc.reason)
-                    break
-                except RegistryDown as exc:
-                    log.warning("l3.feed_down reason=%s", exc.reason)
-                    await asyncio.sleep(1.0)
-                    continue
-                if any(is_relevant(c) for c in changes) or retry_soon:
-                    try:
-                        report = await self.converge(full=False)
-                    except RegistryDown as exc:
-                        log.warning("l3.registry_down reason=%s", exc.reason)
-                        await asyncio.sleep(1.0)
-                        continue
-                    retry_soon = bool(report.failed)
-                else:
-                    self.revision = revision
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.client.aclose()
 
 
 def run_agent(settings: Settings, config_path: str | None) -> int:

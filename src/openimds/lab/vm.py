@@ -24,8 +24,9 @@ from typing import Any
 from openimds.agents import fabric
 from openimds.config import Settings
 from openimds.core.names import VM_NS_PREFIX, bridge_name, vm_namespace, vm_peer
-from openimds.errors import BadRequest, NotFound, OpenImdsError
+from openimds.errors import BadRequest, NotFound
 from openimds.host import links
+from openimds.registry.client import RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -126,44 +127,16 @@ def unplug_namespace(namespace: str) -> bool:
 
 
 class Registry:
-    """The few registry reads `vm` needs."""
+    """The few registry reads `vm` needs (over the CLI's RegistryClient)."""
 
     def __init__(self, settings: Settings) -> None:
-        import httpx  # imported here: only these commands need it
-
-        token = settings.registry.admin_token or settings.registry.reader_token
-        self._client = httpx.Client(
-            base_url=settings.registry.effective_url,
-            headers={"Authorization": f"Bearer {token}"}, timeout=30.0, trust_env=False,
-        )
-        self._http_error = httpx.HTTPError
-
-    def get(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
-        try:
-            resp = self._client.get(path, params=params)
-        except self._http_error as exc:
-            raise OpenImdsError(f"registry {self._client.base_url}: {exc}") from exc
-        if resp.status_code == 404:
-            raise NotFound(f"registry: {path} not found")
-        if resp.status_code != 200:
-            raise OpenImdsError(f"registry GET {path}: HTTP {resp.status_code} "
-                                f"{resp.text[:200]}")
-        return resp.json()
+        self.client = RegistryClient.from_settings(settings, admin=True)
 
     def find_instance(self, server: str) -> dict[str, Any]:
         """A server by id or by unique name."""
         if _UUID_RE.match(server):
-            found: dict[str, Any] = self.get(f"/v1/instances/{server}")
-            return found
-        matches: list[dict[str, Any]] = []
-        marker: str | None = None
-        while True:
-            params = {"limit": 1000} | ({"marker": marker} if marker else {})
-            page = self.get("/v1/instances", params)
-            matches += [i for i in page.get("instances", []) if i.get("name") == server]
-            marker = page.get("next")
-            if not marker:
-                break
+            return self.client.get("instance", server)
+        matches = [i for i in self.client.list("instance") if i.get("name") == server]
         if not matches:
             raise NotFound(f"no server named or with id {server!r}")
         if len(matches) > 1:
@@ -175,12 +148,12 @@ class Registry:
         ports = instance.get("ports") or []
         if not ports or not ports[0].get("fixed_ips"):
             raise BadRequest(f"server {instance['id']} has no port with a fixed IP")
-        subnet = self.get(f"/v1/subnets/{ports[0]['fixed_ips'][0]['subnet_id']}")
-        network = self.get(f"/v1/networks/{ports[0]['network_id']}")
+        subnet = self.client.get("subnet", ports[0]["fixed_ips"][0]["subnet_id"])
+        network = self.client.get("network", ports[0]["network_id"])
         return plan_vm(instance, subnet, network)
 
     def close(self) -> None:
-        self._client.close()
+        self.client.close()
 
 
 def namespace_for(settings: Settings, server: str) -> str:
