@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 STATS_PATH = "/openimds-agent/stats"
 MODE_MAP = {"user": 0o644, "group": 0o664, "all": 0o666}
 _RECHECK_INTERVAL_S = 1.0
+_FEED_RETRY_MIN_S = 0.2
+_FEED_RETRY_MAX_S = 5.0
 _MAX_RECHECK_KEYS = 4096
 
 # One-line bodies the VM sees; the detail (ports, errno, registry URL) goes to our log only.
@@ -203,6 +205,30 @@ def make_pool(settings: Settings) -> UpstreamPool:
     )
 
 
+class WatchedFeedClient:
+    """The registry client as the change follower sees it: any failed feed call tells the
+    agent at once (`on_error`), so no request is answered from the cache between an outage
+    and the resync that follows it."""
+
+    def __init__(self, client: Any, on_error: Callable[[], None]) -> None:
+        self._client = client
+        self._on_error = on_error
+
+    async def health(self) -> Any:
+        try:
+            return await self._client.health()
+        except BaseException:
+            self._on_error()
+            raise
+
+    async def changes(self, since: int, wait: float = 0, limit: int | None = None) -> Any:
+        try:
+            return await self._client.changes(since, wait, limit)
+        except BaseException:
+            self._on_error()
+            raise
+
+
 def _field(obj: Any, name: str) -> Any:
     if isinstance(obj, Mapping):
         return obj.get(name)
@@ -221,7 +247,9 @@ class MetadataAgent:
         self._secret = settings.secret_bytes
         self._registry = registry
         self._upstream = upstream
-        self._feed_up = feed_up or (lambda: False)
+        self._follower: Any = None
+        self._feed_up = feed_up or (
+            lambda: bool(getattr(self._follower, "registry_up", False)))
         self._clock = clock
         cfg = settings.metadata_agent
         self._max_concurrency = cfg.max_concurrency
@@ -268,10 +296,28 @@ class MetadataAgent:
         if dropped:
             log.debug("agent.cache_invalidated revision=%d dropped=%d", revision, dropped)
 
-    async def follow(self, batches: AsyncIterable[Any]) -> None:
-        """Consume the change feed forever (the caller cancels on shutdown)."""
-        async for batch in batches:
-            self.apply_batch(batch)
+    def feed_lost(self) -> None:
+        """A feed call failed: changes may be missed, so the cache is untrusted (and will be
+        dropped) until the feed delivers its next batch, which after an outage is a resync."""
+        self._synced = False
+
+    async def follow(self, make_follower: Callable[[], AsyncIterable[Any]]) -> None:
+        """Consume the change feed until cancelled; a follower that dies is replaced."""
+        delay = _FEED_RETRY_MIN_S
+        while True:
+            follower = make_follower()
+            self._follower = follower
+            try:
+                async for batch in follower:
+                    self.apply_batch(batch)
+                    delay = _FEED_RETRY_MIN_S
+            except Exception as exc:  # a bug or an unexpected answer: never trust blindly
+                log.error("agent.feed_failed error=%r; cache untrusted until it resyncs", exc)
+            finally:
+                self._synced = False
+                await close_quietly(follower)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _FEED_RETRY_MAX_S)
 
     # -- registry -----------------------------------------------------------------------
     async def _lookup(self, caller: Caller) -> LookupResult:

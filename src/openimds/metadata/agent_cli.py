@@ -8,13 +8,22 @@ import contextlib
 import logging
 import os
 import signal
+from typing import cast
 
 from openimds.cli import add_command
 from openimds.config import Settings
 from openimds.errors import ConfigError
 from openimds.http.server import Limits, install_uvloop, serve
 from openimds.log import setup_logging
-from openimds.metadata.agent import MetadataAgent, close_quietly, make_pool, open_socket
+from openimds.metadata.agent import (
+    MetadataAgent,
+    WatchedFeedClient,
+    close_quietly,
+    make_pool,
+    open_socket,
+)
+from openimds.registry.client import AsyncRegistryClient
+from openimds.registry.feed import ChangeFollower
 
 log = logging.getLogger(__name__)
 
@@ -41,27 +50,19 @@ def _registry_token(settings: Settings) -> str:
 
 
 async def run_agent(settings: Settings) -> int:
-    # Imported here: the registry package sits on a lower floor but is not needed to import
-    # this module (the CLI lists every component).
-    from openimds.registry.client import AsyncRegistryClient
-    from openimds.registry.feed import ChangeFollower
-
     registry = AsyncRegistryClient(
         settings.registry.effective_url, _registry_token(settings),
         timeout_s=settings.metadata_agent.registry_timeout,
     )
-    follower = ChangeFollower(registry)
     pool = make_pool(settings)
-    agent = MetadataAgent(
-        settings, registry=registry, upstream=pool,
-        feed_up=lambda: bool(follower.registry_up),
-    )
+    agent = MetadataAgent(settings, registry=registry, upstream=pool)
+    feed_client = cast(AsyncRegistryClient, WatchedFeedClient(registry, agent.feed_lost))
     sock, mode = open_socket(settings)
     path = settings.metadata_proxy_socket
     inode = os.stat(path).st_ino
     limits = Limits(max_body_bytes=settings.api.max_request_bytes + 4096)
     server = await serve(agent.handle, sock, limits, backlog=settings.metadata_backlog)
-    feed_task = asyncio.create_task(agent.follow(follower))
+    feed_task = asyncio.create_task(agent.follow(lambda: ChangeFollower(feed_client)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -80,7 +81,6 @@ async def run_agent(settings: Settings) -> int:
         feed_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await feed_task
-        await close_quietly(follower)
         await close_quietly(pool)
         await close_quietly(registry)
         agent.log_stats()
