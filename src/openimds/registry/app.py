@@ -1,0 +1,288 @@
+"""The registry REST API on aiohttp.web: parse -> `Registry` (in a worker thread) -> JSON.
+
+Auth, error mapping and JSON parsing happen once, in `_middleware`. Every write wakes the
+long-polls of `/v1/changes` in this process at once; waiters also re-check the store every
+`RECHECK_S` so writes by other registry processes sharing a PostgreSQL database are seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import re
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from openimds.config import Settings
+from openimds.errors import BadRequest, ConfigError, Forbidden, OpenImdsError, Unauthorized
+from openimds.registry.client import ResyncRequired
+from openimds.registry.openapi import openapi_document
+from openimds.registry.service import MAX_WAIT_S, Registry
+from openimds.registry.store import Store
+
+log = logging.getLogger(__name__)
+
+RECHECK_S = 0.5
+MAX_BODY_BYTES = 1024 * 1024
+OPEN_PATHS = frozenset({"/v1/health", "/v1/openapi.json"})
+_FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
+_KIND = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+         405: "method_not_allowed", 409: "conflict", 410: "resync", 413: "too_large"}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Notifier:
+    """Wakes every waiter when a write commits in this process."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout_s)
+
+
+REGISTRY = web.AppKey("registry", Registry)
+NOTIFIER = web.AppKey("notifier", Notifier)
+TOKENS = web.AppKey("tokens", tuple)
+
+
+def _error(status: int, reason: str, **extra: Any) -> web.Response:
+    body: dict[str, Any] = {"error": _KIND.get(status, "error"), "reason": reason}
+    if status == 400:
+        m = _FIELD.match(reason)
+        if m:
+            body["field"] = m.group(1)
+    body.update(extra)
+    return web.json_response(body, status=status)
+
+
+def _authorize(request: web.Request) -> None:
+    if request.path in OPEN_PATHS:
+        return
+    admin, reader = request.app[TOKENS]
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("missing bearer token")
+    tok = token.strip().encode()
+    if hmac.compare_digest(tok, admin.encode()):
+        return
+    if reader and hmac.compare_digest(tok, reader.encode()):
+        if request.method not in ("GET", "HEAD"):
+            raise Forbidden(f"the reader token may not {request.method} {request.path}")
+        return
+    raise Unauthorized("invalid bearer token")
+
+
+@web.middleware
+async def _middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.monotonic()
+    try:
+        _authorize(request)
+        resp = await handler(request)
+    except ResyncRequired as exc:
+        resp = _error(410, exc.reason, revision=exc.revision)
+    except OpenImdsError as exc:
+        resp = _error(exc.status, exc.reason)
+    except web.HTTPRequestEntityTooLarge:
+        resp = _error(413, f"body: larger than {MAX_BODY_BYTES} bytes")
+    except web.HTTPException as exc:
+        resp = _error(exc.status, f"{request.method} {request.path}: {exc.reason}")
+    log.debug("request method=%s path=%s status=%s ms=%.1f", request.method, request.path,
+              resp.status, (time.monotonic() - started) * 1000)
+    return resp
+
+
+async def _json_body(request: web.Request) -> Any:
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body: malformed JSON: {exc}") from None
+
+
+def _query(request: web.Request) -> dict[str, str]:
+    return dict(request.query)
+
+
+async def _call(request: web.Request, fn: Callable[..., Any], *args: Any,
+                write: bool = False, status: int = 200) -> web.Response:
+    try:
+        result = await asyncio.to_thread(fn, *args)
+    finally:
+        if write:
+            request.app[NOTIFIER].notify()
+    return web.json_response(result, status=status)
+
+
+def _routes(reg: Registry) -> list[web.RouteDef]:
+    def lister(fn: Callable[[dict[str, str]], Any]) -> Handler:
+        async def h(request: web.Request) -> web.StreamResponse:
+            return await _call(request, fn, _query(request))
+        return h
+
+    def getter(fn: Callable[[str], Any]) -> Handler:
+        async def h(request: web.Request) -> web.StreamResponse:
+            return await _call(request, fn, request.match_info["id"])
+        return h
+
+    def creator(fn: Callable[[Any], Any]) -> Handler:
+        async def h(request: web.Request) -> web.StreamResponse:
+            body = await _json_body(request)
+            return await _call(request, fn, body, write=True, status=201)
+        return h
+
+    def deleter(fn: Callable[[str], Any]) -> Handler:
+        async def h(request: web.Request) -> web.StreamResponse:
+            return await _call(request, fn, request.match_info["id"], write=True)
+        return h
+
+    def acting(fn: Callable[[str, Any], Any]) -> Handler:
+        async def h(request: web.Request) -> web.StreamResponse:
+            body = await _json_body(request)
+            return await _call(request, fn, request.match_info["id"], body, write=True)
+        return h
+
+    async def health(request: web.Request) -> web.StreamResponse:
+        return await _call(request, reg.health)
+
+    async def openapi(request: web.Request) -> web.StreamResponse:
+        return web.json_response(openapi_document())
+
+    async def lookup(request: web.Request) -> web.StreamResponse:
+        return await _call(request, reg.lookup, _query(request))
+
+    async def topology(request: web.Request) -> web.StreamResponse:
+        return await _call(request, reg.topology)
+
+    async def changes(request: web.Request) -> web.StreamResponse:
+        q = request.query
+        try:
+            since = int(q.get("since", "0"))
+        except ValueError:
+            raise BadRequest(f"since: {q.get('since')!r} is not an integer") from None
+        try:
+            wait = float(q.get("wait", "0"))
+        except ValueError:
+            raise BadRequest(f"wait: {q.get('wait')!r} is not a number") from None
+        if not 0 <= wait <= MAX_WAIT_S:
+            raise BadRequest(f"wait: {wait} is not between 0 and {MAX_WAIT_S:g}")
+        limit = None
+        if q.get("limit"):
+            try:
+                limit = int(q["limit"])
+            except ValueError:
+                raise BadRequest(f"limit: {q['limit']!r} is not an integer") from None
+            if limit < 1:
+                raise BadRequest(f"limit: {limit} must be at least 1")
+        notifier = request.app[NOTIFIER]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            result = await asyncio.to_thread(reg.changes, since, limit)
+            left = deadline - loop.time()
+            if result["changes"] or left <= 0:
+                return web.json_response(result)
+            await notifier.wait(min(RECHECK_S, left))
+
+    return [
+        web.get("/v1/health", health),
+        web.get("/v1/openapi.json", openapi),
+        web.get("/v1/projects", lister(reg.list_projects)),
+        web.post("/v1/projects", creator(reg.create_project)),
+        web.get("/v1/projects/{id}", getter(reg.get_project)),
+        web.get("/v1/networks", lister(reg.list_networks)),
+        web.post("/v1/networks", creator(reg.create_network)),
+        web.get("/v1/networks/{id}", getter(reg.get_network)),
+        web.delete("/v1/networks/{id}", deleter(reg.delete_network)),
+        web.get("/v1/subnets", lister(reg.list_subnets)),
+        web.post("/v1/subnets", creator(reg.create_subnet)),
+        web.get("/v1/subnets/{id}", getter(reg.get_subnet)),
+        web.delete("/v1/subnets/{id}", deleter(reg.delete_subnet)),
+        web.get("/v1/routers", lister(reg.list_routers)),
+        web.post("/v1/routers", creator(reg.create_router)),
+        web.get("/v1/routers/{id}", getter(reg.get_router)),
+        web.delete("/v1/routers/{id}", deleter(reg.delete_router)),
+        web.post("/v1/routers/{id}/add_interface", acting(reg.add_interface)),
+        web.post("/v1/routers/{id}/remove_interface", acting(reg.remove_interface)),
+        web.get("/v1/ports", lister(reg.list_ports)),
+        web.post("/v1/ports", creator(reg.create_port)),
+        web.get("/v1/ports/{id}", getter(reg.get_port)),
+        web.delete("/v1/ports/{id}", deleter(reg.delete_port)),
+        web.get("/v1/keypairs", lister(reg.list_keypairs)),
+        web.post("/v1/keypairs", creator(reg.create_keypair)),
+        web.get("/v1/keypairs/{id}", getter(reg.get_keypair)),
+        web.delete("/v1/keypairs/{id}", deleter(reg.delete_keypair)),
+        web.get("/v1/instances", lister(reg.list_instances)),
+        web.post("/v1/instances", creator(reg.create_instance)),
+        web.get("/v1/instances/{id}", getter(reg.get_instance)),
+        web.patch("/v1/instances/{id}", acting(reg.update_instance)),
+        web.delete("/v1/instances/{id}", deleter(reg.delete_instance)),
+        web.get("/v1/instances/{id}/password", getter(reg.get_password)),
+        web.post("/v1/instances/{id}/password", acting(reg.set_password)),
+        web.delete("/v1/instances/{id}/password", deleter(reg.clear_password)),
+        web.get("/v1/instances/{id}/view", getter(reg.view)),
+        web.get("/v1/lookup", lookup),
+        web.get("/v1/topology", topology),
+        web.get("/v1/changes", changes),
+    ]
+
+
+def make_app(registry: Registry, *, admin_token: str, reader_token: str = "") -> web.Application:
+    """The aiohttp application; refuses to exist without an admin token."""
+    if not admin_token:
+        raise ConfigError("[registry] admin_token is empty: the registry refuses to start "
+                          "without one")
+    app = web.Application(middlewares=[_middleware], client_max_size=MAX_BODY_BYTES)
+    app[REGISTRY] = registry
+    app[NOTIFIER] = Notifier()
+    app[TOKENS] = (admin_token, reader_token)
+    app.add_routes(_routes(registry))
+    return app
+
+
+async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) -> None:
+    """Open the store, serve the API until SIGTERM/SIGINT."""
+    reg_settings = settings.registry
+    if not reg_settings.admin_token:
+        raise ConfigError("[registry] admin_token is empty: the registry refuses to start "
+                          "without one")
+    store = Store(settings.registry_connection, change_retention=reg_settings.change_retention)
+    await asyncio.to_thread(store.create_schema)
+    registry = Registry(store, max_page_size=reg_settings.max_page_size)
+    app = make_app(registry, admin_token=reg_settings.admin_token,
+                   reader_token=reg_settings.reader_token)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, reg_settings.bind_host, reg_settings.bind_port,
+                       reuse_address=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await site.start()
+        backend = store.backend
+        log.info("registry.start url=%s backend=%s", reg_settings.effective_url, backend)
+        if ready is not None:
+            ready()
+        await stop.wait()
+        log.info("registry.stop")
+    finally:
+        await runner.cleanup()
+        store.dispose()

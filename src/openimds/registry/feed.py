@@ -1,0 +1,123 @@
+"""Follow the registry's change feed: an async iterator of `ChangeBatch`.
+
+    follower = ChangeFollower(client)          # since=None: start with a resync
+    async for batch in follower:
+        if batch.resync: reload everything     # first batch, after a 410, after an outage
+        else: apply batch.changes
+        # follower.registry_up says whether the registry answered the last call
+
+A batch with ``resync=True`` carries no changes: the consumer reloads its whole state
+(``/v1/topology`` or drop caches), and the follower continues from ``batch.revision``.
+When the registry cannot be reached the follower retries with backoff (0.2 s doubling to
+5 s), sets ``registry_up = False``, and yields a resync batch once it answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from openimds.errors import UpstreamError
+from openimds.registry.client import AsyncRegistryClient, ResyncRequired
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ChangeBatch", "ChangeFollower", "follow_changes"]
+
+BACKOFF_MIN_S = 0.2
+BACKOFF_MAX_S = 5.0
+DEFAULT_WAIT_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeBatch:
+    revision: int
+    changes: list[dict[str, Any]] = field(default_factory=list)
+    resync: bool = False
+
+
+class ChangeFollower:
+    """Async iterator over the change feed; see the module docstring."""
+
+    def __init__(self, client: AsyncRegistryClient, since: int | None = None, *,
+                 wait_s: float = DEFAULT_WAIT_S, limit: int | None = None) -> None:
+        self.client = client
+        self.since = since
+        self.wait_s = wait_s
+        self.limit = limit
+        self.registry_up = True
+        self._gen: AsyncIterator[ChangeBatch] | None = None
+
+    @property
+    def revision(self) -> int | None:
+        """The revision the next call continues from."""
+        return self.since
+
+    def __aiter__(self) -> ChangeFollower:
+        return self
+
+    async def __anext__(self) -> ChangeBatch:
+        if self._gen is None:
+            self._gen = self._run()
+        return await self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        if self._gen is not None:
+            await self._gen.aclose()  # type: ignore[attr-defined]
+
+    async def _call_until_up(self, what: str, since: int | None) -> dict[str, Any] | int:
+        """The answer of one call (health if since is None), retried while the registry is
+        down. Returns the new revision (int) when the feed says resync."""
+        delay = BACKOFF_MIN_S
+        while True:
+            try:
+                if since is None:
+                    result = await self.client.health()
+                else:
+                    result = await self.client.changes(since, self.wait_s, self.limit)
+                if not self.registry_up:
+                    log.info("feed.registry_up since=%s", since)
+                    self.registry_up = True
+                    # Changes may have been missed while down: start again from scratch.
+                    if since is not None:
+                        return int(await self._health_revision())
+                return result
+            except ResyncRequired as exc:
+                log.info("feed.resync since=%s revision=%s", since, exc.revision)
+                self.registry_up = True
+                return exc.revision
+            except UpstreamError as exc:
+                if self.registry_up:
+                    log.warning("feed.registry_down what=%s reason=%s", what, exc.reason)
+                self.registry_up = False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX_S)
+
+    async def _health_revision(self) -> int:
+        result = await self._call_until_up("health", None)
+        assert isinstance(result, dict)
+        return int(result["revision"])
+
+    async def _run(self) -> AsyncIterator[ChangeBatch]:
+        if self.since is None:
+            self.since = await self._health_revision()
+            yield ChangeBatch(self.since, [], resync=True)
+        while True:
+            result = await self._call_until_up("changes", self.since)
+            if isinstance(result, int):
+                self.since = result
+                yield ChangeBatch(result, [], resync=True)
+                continue
+            revision = int(result["revision"])
+            batch = list(result["changes"])
+            self.since = revision
+            if batch:
+                yield ChangeBatch(revision, batch, resync=False)
+
+
+def follow_changes(client: AsyncRegistryClient, since: int | None = None) -> ChangeFollower:
+    """The follower named in docs/architecture.md; same object as ChangeFollower."""
+    return ChangeFollower(client, since)

@@ -1,0 +1,314 @@
+"""The registry's storage: SQLAlchemy Core tables and one transaction discipline.
+
+- SQLite (default, ``sqlite:///$state_path/registry.sqlite``): WAL journal, synchronous=FULL,
+  foreign keys on, ``BEGIN IMMEDIATE`` for writes so a writer holds the lock from its first
+  statement. A kill -9 loses nothing committed: WAL + FULL fsyncs every commit.
+- PostgreSQL (``postgresql+psycopg://`` or ``postgresql://``): every write first bumps the one
+  ``state`` row, which row-locks it, so writers from any number of processes are serialized;
+  ``UNIQUE (network_id, ip_address)`` on fixed IPs is the backstop against duplicate IPs.
+
+Every write is one transaction: `Store.write()` yields a `Tx` whose revision is already bumped;
+``tx.change(kind, op, id, attrs)`` appends change rows with that revision, and the changes
+table is trimmed to the retention window on commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from openimds.errors import ConfigError, Conflict
+
+log = logging.getLogger(__name__)
+
+metadata = sa.MetaData()
+
+ID = sa.String(36)
+
+state = sa.Table(
+    "state", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("revision", sa.BigInteger, nullable=False),
+    # Changes with revision <= floor have been trimmed.
+    sa.Column("floor", sa.BigInteger, nullable=False),
+    sa.Column("ec2_seq", sa.BigInteger, nullable=False),
+)
+
+projects = sa.Table(
+    "projects", metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False, unique=True),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("revision", sa.BigInteger, nullable=False),
+)
+
+networks = sa.Table(
+    "networks", metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False, index=True),
+    sa.Column("project_id", ID, sa.ForeignKey("projects.id"), nullable=False),
+    sa.Column("mtu", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("revision", sa.BigInteger, nullable=False),
+)
+
+subnets = sa.Table(
+    "subnets", metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False, index=True),
+    sa.Column("network_id", ID, sa.ForeignKey("networks.id"), nullable=False, index=True),
+    sa.Column("project_id", ID, sa.ForeignKey("projects.id"), nullable=False),
+    sa.Column("ip_version", sa.Integer, nullable=False),
+    sa.Column("cidr", sa.String(64), nullable=False),
+    sa.Column("gateway_ip", sa.String(64), nullable=True),
+    sa.Column("enable_dhcp", sa.Boolean, nullable=False),
+    sa.Column("allocation_pools", sa.JSON, nullable=False),
+    sa.Column("dns_nameservers", sa.JSON, nullable=False),
+    sa.Column("host_routes", sa.JSON, nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("revision", sa.BigInteger, nullable=False),
+)
+
+routers = sa.Table(
+    "routers", metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False, index=True),
+    sa.Column("project_id", ID, sa.ForeignKey("projects.id"), nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("revision", sa.BigInteger, nullable=False),
+)
+
+ports = sa.Table(
+    "ports", metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("network_id", ID, sa.ForeignKey("networks.id"), nullable=False, index=True),
+    sa.Column("project_id", ID, sa.ForeignKey("projects.id"), nullable=False),
+    sa.Column("mac_address", sa.String(17), nullable=False, unique=True),
+    sa.Column("device_id", sa.String(255), nullable=False, index=True),
+    sa.Column("device_owner", sa.String(255), nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("revision", sa.BigInteger, nullable=False),
+)
+
+port_ips = sa.Table(
+    "port_ips", metadata,
+    sa.Column("port_id", ID, sa.ForeignKey("ports.id", ondelete="CASCADE"), nullable=False,
+              index=True),
+    sa.Column("subnet_id", ID, sa.ForeignKey("subnets.id"), nullable=False, index=True),
+    sa.Column("network_id", ID, sa.ForeignKey("networks.id"), nullable=False),
+    sa.Column("ip_address", sa.String(64), nullable=False),
+    sa.PrimaryKeyConstraint("port_id", "ip_address"),
+    sa.UniqueConstraint("network_id", "ip_address", name="uq_port_ips_network_ip"),
+)
+
+keypairs = sa.Table(
+    "keypairs", metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("project_id", ID, sa.ForeignKey("projects.id"), nullable=False),
+    sa.Column("public_key", sa.Text, nullable=False),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("type", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("revision", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint("project_id", "name", name="uq_keypairs_project_name"),
+)
+
+instances = sa.Table(
+    "instances", metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False, index=True),
+    sa.Column("hostname", sa.String(255), nullable=False),
+    sa.Column("project_id", ID, sa.ForeignKey("projects.id"), nullable=False),
+    sa.Column("availability_zone", sa.String(255), nullable=False),
+    sa.Column("flavor", sa.String(255), nullable=False),
+    sa.Column("launch_index", sa.Integer, nullable=False),
+    sa.Column("key_name", sa.String(255), nullable=True),
+    sa.Column("keypair_id", ID, nullable=True),
+    # A copy of the key pair at boot, as Nova keeps it: deleting the key pair later does not
+    # change what the instance's metadata shows.
+    sa.Column("keypair", sa.JSON, nullable=True),
+    sa.Column("metadata", sa.JSON, nullable=False),
+    sa.Column("user_data", sa.LargeBinary, nullable=True),
+    sa.Column("image_id", sa.String(255), nullable=True),
+    sa.Column("ec2_id", sa.BigInteger, nullable=False, unique=True),
+    sa.Column("password", sa.Text, nullable=True),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("revision", sa.BigInteger, nullable=False),
+)
+
+changes = sa.Table(
+    "changes", metadata,
+    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("revision", sa.BigInteger, nullable=False, index=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("op", sa.String(8), nullable=False),
+    sa.Column("obj_id", sa.String(64), nullable=False),
+    sa.Column("attrs", sa.JSON, nullable=False),
+)
+
+
+def normalize_url(url: str) -> URL:
+    """Map postgresql:// (and postgres://) to the psycopg 3 driver."""
+    try:
+        parsed = make_url(url)
+    except Exception as exc:
+        raise ConfigError(f"[registry] connection: cannot parse the URL: {exc}") from None
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ConfigError(
+            f"[registry] connection: backend {parsed.get_backend_name()!r} is not supported "
+            "(sqlite or postgresql)"
+        )
+    return parsed
+
+
+@dataclass
+class Tx:
+    """One write transaction: its connection, its revision, and the changes it records."""
+
+    conn: Connection
+    revision: int
+    changes: list[dict[str, Any]] = field(default_factory=list)
+
+    def change(self, kind: str, op: str, obj_id: str, attrs: dict[str, Any]) -> None:
+        self.changes.append(
+            {"revision": self.revision, "kind": kind, "op": op, "obj_id": obj_id, "attrs": attrs}
+        )
+
+
+class Store:
+    """The one store interface: `read()` and `write()` transactions over an Engine."""
+
+    def __init__(self, url: str, *, change_retention: int = 10000) -> None:
+        self.url = normalize_url(url)
+        self.change_retention = change_retention
+        self.backend = self.url.get_backend_name()
+        self._write_lock = threading.Lock()
+        self.engine = self._make_engine()
+
+    def _make_engine(self) -> Engine:
+        if self.backend == "sqlite":
+            db = self.url.database
+            if db and db != ":memory:":
+                Path(db).parent.mkdir(parents=True, exist_ok=True)
+            engine = sa.create_engine(
+                self.url, connect_args={"check_same_thread": False, "timeout": 30},
+                pool_size=8, max_overflow=8,
+            )
+
+            @event.listens_for(engine, "connect")
+            def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+                # Let SQLAlchemy's begin event (below) issue BEGIN itself.
+                dbapi_conn.isolation_level = None
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=FULL")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.close()
+
+            @event.listens_for(engine, "begin")
+            def _on_begin(conn: Connection) -> None:
+                write = conn.get_execution_options().get("openimds_write", False)
+                conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+            return engine
+        return sa.create_engine(self.url, pool_size=8, max_overflow=8, pool_pre_ping=True)
+
+    def create_schema(self) -> None:
+        """Create the tables and the state row if missing (idempotent)."""
+        for attempt in range(5):
+            try:
+                metadata.create_all(self.engine)
+                with self.engine.connect().execution_options(openimds_write=True) as conn:
+                    with conn.begin():
+                        row = conn.execute(sa.select(state.c.id)).first()
+                        if row is None:
+                            conn.execute(
+                                state.insert().values(id=1, revision=0, floor=0, ec2_seq=0)
+                            )
+                return
+            except (IntegrityError, OperationalError):
+                # Another registry process created it at the same moment.
+                if attempt == 4:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read transaction (a consistent snapshot on PostgreSQL REPEATABLE READ)."""
+        opts: dict[str, Any] = {}
+        if self.backend == "postgresql":
+            opts["isolation_level"] = "REPEATABLE READ"
+        with self.engine.connect().execution_options(**opts) as conn, conn.begin():
+            yield conn
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Tx]:
+        """One write transaction with the revision already bumped; changes appended on exit."""
+        with self._write_lock, self.engine.connect().execution_options(
+            openimds_write=True
+        ) as conn:
+            try:
+                with conn.begin():
+                    rev = conn.execute(
+                        state.update().where(state.c.id == 1)
+                        .values(revision=state.c.revision + 1)
+                        .returning(state.c.revision, state.c.floor)
+                    ).one()
+                    tx = Tx(conn, int(rev[0]))
+                    yield tx
+                    if not tx.changes:
+                        raise RuntimeError("a write transaction recorded no change")
+                    conn.execute(changes.insert(), tx.changes)
+                    keep_from = tx.revision - self.change_retention
+                    if keep_from > int(rev[1]):
+                        conn.execute(changes.delete().where(changes.c.revision <= keep_from))
+                        conn.execute(state.update().where(state.c.id == 1)
+                                     .values(floor=keep_from))
+            except IntegrityError as exc:
+                raise Conflict(_integrity_reason(exc)) from None
+
+    def next_ec2_id(self, tx: Tx) -> int:
+        row = tx.conn.execute(
+            state.update().where(state.c.id == 1).values(ec2_seq=state.c.ec2_seq + 1)
+            .returning(state.c.ec2_seq)
+        ).one()
+        return int(row[0])
+
+    def revision(self, conn: Connection) -> int:
+        return int(conn.execute(sa.select(state.c.revision).where(state.c.id == 1)).scalar_one())
+
+    def floor(self, conn: Connection) -> int:
+        return int(conn.execute(sa.select(state.c.floor).where(state.c.id == 1)).scalar_one())
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _integrity_reason(exc: IntegrityError) -> str:
+    text = str(exc.orig) if exc.orig is not None else str(exc)
+    if "uq_port_ips_network_ip" in text or "port_ips.network_id" in text:
+        return "IP address already in use on this network"
+    if "mac_address" in text:
+        return "MAC address already in use"
+    if "uq_keypairs_project_name" in text or "keypairs.project_id" in text:
+        return "key pair name already exists in this project"
+    if "projects.name" in text or "projects_name" in text:
+        return "project name already exists"
+    return "conflicts with an existing object: " + text.splitlines()[0][:200]
