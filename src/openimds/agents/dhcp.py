@@ -1,0 +1,437 @@
+"""The DHCP agent (`openimds dhcp-agent`): one qdhcp- namespace and one dnsmasq per network.
+
+It follows the registry (a `/v1/topology` snapshot, then the change feed as a trigger) and
+converges every network with a DHCP-enabled IPv4 subnet and a DHCP port to the plan
+`core.dnsmasq.plan_network` computes:
+
+- namespace `qdhcp-<network id>` (lo up), the DHCP port as `tap<port id[:11]>` inside it,
+  veth to `tpb<port id[:11]>` in the network's bridge (`brq...`, made through
+  `agents.fabric`), with the port's MAC and IPs; plus 169.254.169.254/32 while the namespace
+  serves metadata;
+- `[dhcp] dhcp_confs/<network id>/{host,opts,leases,pid,dnsmasq.log}`; dnsmasq (from
+  Debian's dnsmasq-base) runs in the foreground inside the namespace, supervised by the
+  process handle: it is respawned when it dies (`[AGENT] check_child_processes_*`), sent
+  SIGHUP when only the hosts/opts files changed, and restarted only when its command line
+  changes (subnets added or removed, MTU);
+- the proxy listener spec `network-<id>.json` in `[proxy] listeners_dir` while the network
+  serves metadata (169.254.169.254:80 in the namespace), then SIGHUP to the proxy. A router
+  attach/detach only rewrites the opts file (SIGHUP to dnsmasq), the address and the spec.
+
+What it owns is what it can find again after a restart: the per-network directories under
+dhcp_confs (as Neutron's `existing_dhcp_networks`). A network that has gone is removed in
+this order: listener spec (and proxy SIGHUP), dnsmasq, namespace, empty bridge, directory.
+qdhcp- namespaces without a directory are never touched: they may belong to another agent.
+
+dnsmasq drops privileges to `[dhcp] dnsmasq_user` (empty = its built-in default, `nobody`,
+as under Neutron, which never passes --user). It re-reads the hosts and opts files as that
+user, so directories are made 0755, files 0644, and the agent refuses to start when an
+ancestor of dhcp_confs is not traversable by others (set dnsmasq_user = root, or fix the
+mode). The lease and pid files are opened before the drop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shutil
+import signal
+import stat
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from openimds.agents import fabric
+from openimds.config import Settings
+from openimds.core import dnsmasq as dm
+from openimds.core import names
+from openimds.core.proxy_rules import ListenerSpec, render_listener_spec
+from openimds.errors import ConfigError, OpenImdsError
+from openimds.host import links
+from openimds.host.supervise import Child, ChildSpec, pid_alive, signal_pid, stop_pid
+
+log = logging.getLogger(__name__)
+
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+FEED_WAIT_S = 30
+_FILE_MODE = 0o644
+_DIR_MODE = 0o755
+
+
+@dataclass(slots=True)
+class _Served:
+    plan: dm.NetworkPlan
+    child: Child
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _write_if_changed(path: Path, text: str) -> bool:
+    """Atomically write text (mode 0644) unless the file already holds it; True if written."""
+    try:
+        if path.read_text() == text:
+            return False
+    except OSError:
+        pass
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, _FILE_MODE)
+    os.replace(tmp, path)
+    return True
+
+
+def check_traversable(directory: Path) -> None:
+    """Raise ConfigError if a non-root dnsmasq could not reach files under directory."""
+    for parent in [directory, *directory.parents]:
+        try:
+            mode = parent.stat().st_mode
+        except FileNotFoundError:
+            continue
+        if not mode & stat.S_IXOTH:
+            raise ConfigError(
+                f"[dhcp] dhcp_confs {directory}: {parent} (mode {stat.S_IMODE(mode):04o}) is "
+                "not traversable by the user dnsmasq drops to; make it o+x or set "
+                "[dhcp] dnsmasq_user = root"
+            )
+
+
+class DhcpAgent:
+    """Converges the host to the registry's DHCP view. Use from one event loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.flags = dm.MetadataFlags(
+            enable_isolated_metadata=settings.enable_isolated_metadata,
+            force_metadata=settings.force_metadata,
+            enable_metadata_network=settings.enable_metadata_network,
+        )
+        self.confs = Path(settings.dhcp.dhcp_confs)
+        self.listeners_dir = Path(settings.proxy.listeners_dir)
+        self.proxy_pid_file = settings.path("proxy", "proxy.pid")
+        self.served: dict[str, _Served] = {}
+        self.stop_event = asyncio.Event()
+        self.exit_code = 0
+        self._lock = asyncio.Lock()
+
+    # --- one network ---------------------------------------------------------------------
+
+    def _conf_dir(self, network_id: str) -> Path:
+        return self.confs / network_id
+
+    def plan(self, network: dm.DhcpNetwork) -> dm.NetworkPlan | None:
+        d = self.settings.dhcp
+        return dm.plan_network(
+            network, self.flags, str(self._conf_dir(network.id)),
+            lease_duration_s=self.settings.dhcp_lease_duration, binary=d.dnsmasq_binary,
+            lease_max=d.dnsmasq_lease_max, user=d.dnsmasq_user,
+        )
+
+    def _apply_links(self, plan: dm.NetworkPlan, mtu: int) -> None:
+        """Bridge, namespace, veth and addresses (blocking netlink calls; run in a thread)."""
+        links.ensure_namespace(plan.namespace)
+        with links.netlink() as nl, links.netlink(plan.namespace) as inside:
+            fabric.ensure_bridge(nl, fabric.BridgeSpec(plan.bridge, plan.network_id, mtu))
+            nl.ensure_veth(plan.tap_peer, peer=plan.tap, inside=inside, master=plan.bridge,
+                           mtu=mtu, peer_mac=plan.mac_address)
+            inside.set_addresses(plan.tap, plan.addresses)
+            inside.set_up(plan.tap)
+
+    def _write_files(self, plan: dm.NetworkPlan) -> bool:
+        conf = self._conf_dir(plan.network_id)
+        conf.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+        os.chmod(conf, _DIR_MODE)
+        paths = dm.DhcpPaths(str(conf))
+        changed = _write_if_changed(Path(paths.hosts), plan.hosts)
+        changed = _write_if_changed(Path(paths.opts), plan.opts) or changed
+        return changed
+
+    def _listener_path(self, network_id: str) -> Path:
+        return self.listeners_dir / f"{names.network_listener_name(network_id)}.json"
+
+    def _set_listener(self, plan: dm.NetworkPlan | None, network_id: str) -> bool:
+        """Write or remove the network's listener spec; True if the directory changed."""
+        path = self._listener_path(network_id)
+        if plan is None or not plan.metadata:
+            if path.exists():
+                path.unlink(missing_ok=True)
+                log.info("dhcp.listener_removed network=%s", network_id)
+                return True
+            return False
+        spec = ListenerSpec(
+            name=names.network_listener_name(network_id), netns=plan.namespace,
+            host=dm.METADATA_IP, port=80,
+            router_id=plan.router_id, network_id=None if plan.router_id else network_id,
+        )
+        self.listeners_dir.mkdir(parents=True, exist_ok=True)
+        if _write_if_changed(path, render_listener_spec(spec)):
+            log.info("dhcp.listener_written network=%s netns=%s", network_id, plan.namespace)
+            return True
+        return False
+
+    def _signal_proxy(self) -> None:
+        pid = _read_pid(self.proxy_pid_file)
+        if pid is None or not pid_alive(pid):
+            log.debug("dhcp.proxy_not_running pid_file=%s", self.proxy_pid_file)
+            return
+        signal_pid(pid, signal.SIGHUP)
+        log.debug("dhcp.proxy_hup pid=%d", pid)
+
+    def _child_spec(self, plan: dm.NetworkPlan, holder: list[Child]) -> ChildSpec:
+        """How to run one dnsmasq; ready once its pid file names the process (holder[0])."""
+        pid_file = Path(dm.DhcpPaths(str(self._conf_dir(plan.network_id))).pid)
+
+        def ready() -> bool:
+            return bool(holder) and _read_pid(pid_file) == holder[0].pid
+
+        mon = self.settings.AGENT
+        return ChildSpec(
+            name=f"dnsmasq-{plan.network_id}",
+            argv=("ip", "netns", "exec", plan.namespace, *plan.argv),
+            log_file=self._conf_dir(plan.network_id) / "dnsmasq.stderr",
+            ready=ready, ready_timeout_s=15.0,
+            restart=mon.check_child_processes_interval > 0
+            and mon.check_child_processes_action == "respawn",
+            backoff_initial_s=max(mon.check_child_processes_interval, 0.2),
+            stop_timeout_s=5.0,
+        )
+
+    def _on_dnsmasq_exit(self, network_id: str) -> Any:
+        def callback(child: Child, rc: int) -> None:
+            log.error("dhcp.dnsmasq_died network=%s pid=%s rc=%d: dnsmasq for network with "
+                      "uuid %s not found. The process should not have died",
+                      network_id, child.pid, rc, network_id)
+            if self.settings.AGENT.check_child_processes_action == "exit":
+                log.error("dhcp.exiting reason=dnsmasq died and check_child_processes_action"
+                          " = exit")
+                self.exit_code = 1
+                self.stop_event.set()
+            elif child.spec.restart:
+                log.warning("dhcp.respawning network=%s: respawning dnsmasq for uuid %s",
+                            network_id, network_id)
+        return callback
+
+    async def _kill_stale(self, network_id: str) -> None:
+        """Stop a dnsmasq left by an earlier agent run (pid file + cmdline naming our dir)."""
+        pid_file = dm.DhcpPaths(str(self._conf_dir(network_id))).pid
+        pid = _read_pid(Path(pid_file))
+        if pid is not None and pid_alive(pid) and f"--pid-file={pid_file}" in _cmdline(pid):
+            log.info("dhcp.stale_dnsmasq network=%s pid=%d action=stop", network_id, pid)
+            await stop_pid(pid, timeout_s=5.0)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pid_file)
+
+    async def _start_dnsmasq(self, plan: dm.NetworkPlan) -> Child:
+        await self._kill_stale(plan.network_id)
+        holder: list[Child] = []
+        child = Child(self._child_spec(plan, holder))
+        holder.append(child)
+        child.on_exit(self._on_dnsmasq_exit(plan.network_id))
+        await child.start()
+        log.info("dhcp.dnsmasq_started network=%s pid=%s", plan.network_id, child.pid)
+        return child
+
+    async def converge_network(self, network: dm.DhcpNetwork) -> None:
+        plan = self.plan(network)
+        if plan is None:
+            if network.id in self.served or self._conf_dir(network.id).exists():
+                await self.remove_network(network.id, network_gone=False)
+            return
+        await asyncio.to_thread(self._apply_links, plan, network.mtu or 1500)
+        files_changed = await asyncio.to_thread(self._write_files, plan)
+        served = self.served.get(network.id)
+        if served is None or not served.child.running and not served.child.spec.restart:
+            if served is not None:
+                await served.child.stop()
+            child = await self._start_dnsmasq(plan)
+            self.served[network.id] = _Served(plan, child)
+        elif served.plan.argv != plan.argv:
+            log.info("dhcp.dnsmasq_restart network=%s reason=command line changed", network.id)
+            await served.child.stop()
+            served.child = await self._start_dnsmasq(plan)
+            served.plan = plan
+        else:
+            if files_changed and served.child.pid is not None and served.child.running:
+                signal_pid(served.child.pid, signal.SIGHUP)
+                log.info("dhcp.dnsmasq_reload network=%s pid=%d", network.id, served.child.pid)
+            served.plan = plan
+        if self._set_listener(plan, network.id):
+            self._signal_proxy()
+
+    async def remove_network(self, network_id: str, *, network_gone: bool = True) -> None:
+        """Listener spec, dnsmasq, namespace, files; and the bridge if the network is gone
+        from the registry and nothing else is attached to it."""
+        if self._set_listener(None, network_id):
+            self._signal_proxy()
+        served = self.served.pop(network_id, None)
+        if served is not None:
+            await served.child.stop()
+        await self._kill_stale(network_id)
+        await asyncio.to_thread(self._remove_links, network_id, network_gone)
+        conf = self._conf_dir(network_id)
+        if conf.exists():
+            await asyncio.to_thread(shutil.rmtree, conf, True)
+        log.info("dhcp.network_removed network=%s", network_id)
+
+    def _remove_links(self, network_id: str, network_gone: bool) -> None:
+        namespace = names.dhcp_namespace(network_id)
+        links.delete_namespace(namespace)  # takes the tap and so its bridge-side peer
+        links.remove_netns_etc(namespace)
+        if not network_gone:
+            return
+        bridge = names.bridge_name(network_id)
+        with links.netlink() as nl:
+            # the bridge-side peer dies with the namespace, a moment later
+            deadline = time.monotonic() + 2.0
+            while any(p.name.startswith("tpb") for p in nl.bridge_ports(bridge)):
+                if time.monotonic() > deadline:
+                    log.warning("dhcp.bridge_kept bridge=%s reason=tap peer still attached",
+                                bridge)
+                    return
+                time.sleep(0.05)
+            if nl.link(bridge) is not None and not nl.bridge_ports(bridge):
+                nl.delete_link(bridge)
+
+    # --- all networks --------------------------------------------------------------------
+
+    def owned_networks(self) -> set[str]:
+        """Networks this agent has state for (its per-network directories)."""
+        try:
+            return {p.name for p in self.confs.iterdir() if p.is_dir() and _UUID.match(p.name)}
+        except FileNotFoundError:
+            return set()
+
+    async def converge(self, topology: Mapping[str, Any]) -> None:
+        """Make the host match one /v1/topology answer. Other networks are left as they are
+        (unchanged plans write nothing and signal nothing)."""
+        async with self._lock:
+            networks = dm.networks_from_topology(topology)
+            for network in networks.values():
+                try:
+                    await self.converge_network(network)
+                except (OpenImdsError, OSError) as exc:
+                    log.error("dhcp.converge_failed network=%s reason=%s", network.id, exc)
+                except Exception:
+                    log.exception("dhcp.converge_failed network=%s", network.id)
+            for network_id in (set(self.served) | self.owned_networks()) - set(networks):
+                try:
+                    await self.remove_network(network_id)
+                except Exception:
+                    log.exception("dhcp.remove_failed network=%s", network_id)
+
+    async def shutdown(self, *, cleanup: bool) -> None:
+        """Stop every dnsmasq; with cleanup also remove namespaces, specs and files."""
+        async with self._lock:
+            for network_id in list(self.served):
+                if cleanup:
+                    await self.remove_network(network_id)
+                else:
+                    await self.served.pop(network_id).child.stop()
+            if cleanup:
+                for network_id in self.owned_networks():
+                    await self.remove_network(network_id)
+
+    # --- following the registry ----------------------------------------------------------
+
+    async def follow(self, client: httpx.AsyncClient) -> None:
+        """Snapshot, converge, then long-poll the change feed; resync on 410 and periodically.
+
+        Any change reloads the whole topology: plans of untouched networks come out the same
+        and cost nothing.
+        """
+        since: int | None = None
+        backoff = 0.5
+        resync_s = self.settings.dhcp.resync_interval
+        loop = asyncio.get_running_loop()
+        next_resync = 0.0
+        while not self.stop_event.is_set():
+            try:
+                if since is None or loop.time() >= next_resync:
+                    topology = await self._get_json(client, "/v1/topology")
+                    await self.converge(topology)
+                    since = int(topology["revision"]) if since is None else since
+                    next_resync = loop.time() + resync_s
+                wait = max(1, min(FEED_WAIT_S, int(next_resync - loop.time())))
+                resp = await client.get("/v1/changes", params={"since": since, "wait": wait},
+                                        timeout=wait + 10)
+                if resp.status_code == 410:
+                    log.warning("dhcp.feed_resync since=%s", since)
+                    since = None
+                    continue
+                resp.raise_for_status()
+                batch = resp.json()
+                if batch.get("changes"):
+                    topology = await self._get_json(client, "/v1/topology")
+                    await self.converge(topology)
+                since = int(batch["revision"])
+                backoff = 0.5
+            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                log.warning("dhcp.registry_unavailable reason=%s retry_in_s=%.1f",
+                            str(exc) or type(exc).__name__, backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop_event.wait(), backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    @staticmethod
+    async def _get_json(client: httpx.AsyncClient, path: str) -> Any:
+        resp = await client.get(path)
+        resp.raise_for_status()
+        return resp.json()
+
+
+async def run_agent(settings: Settings, *, cleanup_on_exit: bool = False) -> int:
+    if settings.dhcp.dnsmasq_user != "root":
+        check_traversable(Path(settings.dhcp.dhcp_confs))
+    if shutil.which(settings.dhcp.dnsmasq_binary) is None:
+        raise ConfigError(f"[dhcp] dnsmasq_binary {settings.dhcp.dnsmasq_binary!r}: not found "
+                          "(install Debian's dnsmasq-base, not the dnsmasq service package)")
+    confs = settings.dhcp.dhcp_confs
+    os.makedirs(confs, mode=_DIR_MODE, exist_ok=True)
+    os.chmod(confs, _DIR_MODE)
+    agent = DhcpAgent(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.stop_event.set)
+    reg = settings.registry
+    token = reg.reader_token or reg.admin_token
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    log.info("dhcp.starting pid=%d registry=%s confs=%s isolated_metadata=%s force=%s",
+             os.getpid(), reg.effective_url, confs, settings.enable_isolated_metadata,
+             settings.force_metadata)
+    async with httpx.AsyncClient(base_url=reg.effective_url, headers=headers, timeout=10.0,
+                                 trust_env=False) as client:
+        follower = asyncio.create_task(agent.follow(client), name="dhcp-follow")
+        stopper = asyncio.create_task(agent.stop_event.wait())
+        done, _ = await asyncio.wait({follower, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        follower.cancel()
+        stopper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+        if follower in done and not follower.cancelled() and follower.exception():
+            log.error("dhcp.follow_failed reason=%s", follower.exception())
+            agent.exit_code = 1
+    await agent.shutdown(cleanup=cleanup_on_exit)
+    log.info("dhcp.stopped cleanup=%s", cleanup_on_exit)
+    return agent.exit_code
+
+
+def main(settings: Settings, *, cleanup_on_exit: bool = False) -> int:
+    return asyncio.run(run_agent(settings, cleanup_on_exit=cleanup_on_exit))
