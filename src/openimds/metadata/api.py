@@ -1,0 +1,455 @@
+"""The metadata API (`openimds api`): Nova's side of the metadata path, on the lean HTTP layer.
+
+Rules:
+- Identity comes only from the agent's headers, checked in Nova's order and with Nova's
+  messages: X-Instance-ID, X-Instance-ID-Signature, X-Tenant-ID missing -> 400; a signature
+  that is not the lowercase hex HMAC-SHA256 of the instance id -> 403 (constant-time
+  compare, an empty secret still signs); unknown instance or another tenant -> 404.
+  X-Forwarded-For is read only for the `local-ipv4` fallback. `GET /` needs no identity.
+- Documents come from `core.metadata`, built from one registry view per instance
+  (`get_view`, single-flight per instance, cancelled requests do not cancel it) and kept as
+  serialized bytes with an ETag until the change feed says the instance changed
+  (`apply_batch`; a resync drops everything). A cache hit is answered synchronously, from
+  pre-encoded bytes for keep-alive GETs. While the feed is down, cached documents keep being
+  served (every write goes through the registry; the follower's resync after an outage drops
+  them); a miss then answers 503 with Retry-After.
+- Methods: GET/HEAD everywhere, POST on `password`, PUT on `/latest/api/token`; anything else
+  is 405 with Allow. GET never writes.
+- IMDSv2 (`core.metadata.tokens`): a token header, when present, must be valid for the
+  caller's instance (else 401); with `[api] imds_tokens = required` it must be present.
+  A token PUT that shows signs of a forwarding proxy inside the guest is refused with 403.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import ipaddress
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from openimds.config import Settings
+from openimds.core.metadata import (
+    AddressLeaf,
+    Document,
+    DocumentOptions,
+    DynamicVendorTarget,
+    InstanceDocuments,
+    PasswordTarget,
+    SeededDocument,
+    View,
+    normalize_path,
+    parse_view,
+    root_document,
+)
+from openimds.core.metadata.invalidation import DependencyIndex
+from openimds.core.metadata.listing import JSON, TEXT, etag_of
+from openimds.core.metadata.openstack import dump
+from openimds.core.metadata.tokens import (
+    TOKEN_HEADER,
+    TTL_HEADER,
+    check_token,
+    derive_key,
+    forwarded_by_guest,
+    mint_token,
+    parse_ttl,
+)
+from openimds.core.signing import verify_signature
+from openimds.errors import BadRequest, Conflict, NotFound, OpenImdsError, UpstreamError
+from openimds.http.server import AnyResponse, RawResponse, Request, Response, error_response
+from openimds.metadata.vendordata import VendorData
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MetadataApi", "Registry"]
+
+TOKEN_PATH = "/latest/api/token"  # noqa: S105 - a URL path, not a secret
+PASSWORD_MAX = 1020  # Nova: 4 chunks of 255 characters
+SEED_BYTES = 512
+RECENT_CHANGES = 4096
+_GET_HEAD = ("GET", "HEAD")
+_ALLOW_READ = "GET, HEAD"
+_ALLOW_PASSWORD = "GET, HEAD, POST"  # noqa: S105
+_ALLOW_TOKEN = "PUT"  # noqa: S105
+_TTL_RESPONSE_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
+
+
+class Registry(Protocol):
+    async def get_view(self, instance_id: str) -> dict[str, Any]: ...
+
+    async def set_password(self, instance_id: str, password: str) -> dict[str, Any]: ...
+
+
+@dataclass(slots=True)
+class _Entry:
+    docs: InstanceDocuments
+    wire: dict[str, bytes] = field(default_factory=dict)  # path -> keep-alive GET answer
+
+
+@dataclass(slots=True)
+class _Flight:
+    task: asyncio.Task[_Entry]
+    stale: bool = False
+
+
+class _Unavailable(Exception):
+    """The registry could not answer a miss: 503."""
+
+
+def _today() -> datetime.date:
+    return datetime.datetime.now(datetime.UTC).date()
+
+
+def _not_allowed(allow: str) -> Response:
+    return error_response(405, "method not allowed here", headers=[("Allow", allow)])
+
+
+def _is_password_path(path: str) -> bool:
+    return path.startswith("/openstack/") and path.endswith("/password")
+
+
+def _etag_matches(header: bytes, etag: str) -> bool:
+    if header.strip() == b"*":
+        return True
+    want = etag[2:] if etag.startswith("W/") else etag
+    for part in header.decode("latin-1").split(","):
+        tag = part.strip()
+        if tag.startswith("W/"):
+            tag = tag[2:]
+        if tag == want:
+            return True
+    return False
+
+
+def _doc_response(body: bytes, content_type: str, etag: str, req: Request) -> Response:
+    inm = req.header(b"if-none-match")
+    if inm is not None and _etag_matches(inm, etag):
+        return Response(304, b"", content_type=content_type, headers=[("ETag", etag)])
+    return Response(200, body, content_type=content_type, headers=[("ETag", etag)])
+
+
+class MetadataApi:
+    """The request handler, its document cache and its change-feed consumer."""
+
+    def __init__(
+        self, settings: Settings, registry: Registry, vendordata: VendorData, *,
+        wall_clock: Callable[[], float] = time.time,
+        today: Callable[[], datetime.date] = _today,
+        urandom: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        api = settings.api
+        self._secret = settings.secret_bytes
+        self._registry = registry
+        self._vendordata = vendordata
+        self._wall = wall_clock
+        self._today = today
+        self._urandom = urandom
+        self._tokens_required = api.imds_tokens == "required"
+        self._token_key = derive_key(self._secret, urandom(32))
+        self._registry_timeout_s = api.registry_timeout
+        self._retry_after = str(api.retry_after)
+        self._cache_size = api.cache_size
+        self._options = DocumentOptions(
+            dhcp_domain=api.dhcp_domain, static_vendordata=vendordata.static,
+            dynamic_vendordata=vendordata.dynamic,
+        )
+        self._cache: dict[str, _Entry] = {}
+        self._index = DependencyIndex()
+        self._inflight: dict[str, _Flight] = {}
+        self._recent: deque[tuple[int, Mapping[str, Any]]] = deque(maxlen=RECENT_CHANGES)
+        self._feed_revision = 0
+        self._synced = False
+        root = root_document()
+        self._root = Response(200, root.body, headers=[("ETag", root.etag)])
+        self._root_etag = root.etag
+        self.stats: dict[str, int] = {"hits": 0, "misses": 0, "fetches": 0, "invalidated": 0}
+
+    # -- the handler --------------------------------------------------------------------
+    def handle(self, req: Request) -> AnyResponse | Awaitable[AnyResponse]:
+        path = normalize_path(req.path)
+        method = req.method
+        if path == "/":
+            if method not in _GET_HEAD:
+                return _not_allowed(_ALLOW_READ)
+            inm = req.header(b"if-none-match")
+            if inm is not None and _etag_matches(inm, self._root_etag):
+                return Response(304, b"", headers=[("ETag", self._root_etag)])
+            return self._root
+        if path == TOKEN_PATH:
+            if method != "PUT":
+                return _not_allowed(_ALLOW_TOKEN)
+        elif method not in _GET_HEAD:
+            password = _is_password_path(path)
+            if not (password and method == "POST"):
+                return _not_allowed(_ALLOW_PASSWORD if password else _ALLOW_READ)
+
+        who = self._identify(req)
+        if isinstance(who, Response):
+            return who
+        instance_id, tenant_id = who
+        if path != TOKEN_PATH:
+            token = req.header(TOKEN_HEADER)
+            if token is not None:
+                if not check_token(self._token_key, instance_id, token, self._wall()):
+                    return self._refuse(req, 401, "invalid or expired IMDSv2 token", path)
+            elif self._tokens_required:
+                return self._refuse(req, 401, "an IMDSv2 token is required", path)
+
+        entry = self._cache.get(instance_id)
+        if entry is None:
+            return self._serve_miss(req, path, instance_id, tenant_id)
+        self.stats["hits"] += 1
+        if (method == "GET" and req.keep_alive and entry.docs.project_id == tenant_id
+                and req.header(b"if-none-match") is None):
+            wire = entry.wire.get(path)
+            if wire is not None:
+                return RawResponse(wire)
+        return self._serve(req, path, entry, tenant_id)
+
+    def _identify(self, req: Request) -> tuple[str, str] | Response:
+        ids = req.header_all(b"x-instance-id")
+        sigs = req.header_all(b"x-instance-id-signature")
+        tenants = req.header_all(b"x-tenant-id")
+        if not ids:
+            return self._refuse(req, 400, "X-Instance-ID header is missing from request.")
+        if not sigs:
+            return self._refuse(
+                req, 400, "X-Instance-ID-Signature header is missing from request.")
+        if not tenants:
+            return self._refuse(req, 400, "X-Tenant-ID header is missing from request.")
+        if len(ids) > 1:
+            return self._refuse(req, 400, "Multiple X-Instance-ID headers found within request.")
+        if len(tenants) > 1:
+            return self._refuse(req, 400, "Multiple X-Tenant-ID headers found within request.")
+        instance_id = ids[0].decode("latin-1").strip()
+        tenant_id = tenants[0].decode("latin-1").strip()
+        signature = sigs[-1].decode("latin-1").strip()
+        if not verify_signature(self._secret, instance_id, signature):
+            log.warning("api.bad_signature instance=%s", instance_id)
+            return self._refuse(req, 403, "Invalid proxy request signature.")
+        return instance_id, tenant_id
+
+    def _refuse(self, req: Request, status: int, reason: str, path: str | None = None,
+                headers: tuple[tuple[str, str], ...] = ()) -> Response:
+        log.info("api.request method=%s path=%s status=%d reason=%s", req.method,
+                 path if path is not None else req.path, status, reason)
+        return error_response(status, reason, headers=headers)
+
+    async def _serve_miss(
+        self, req: Request, path: str, instance_id: str, tenant_id: str
+    ) -> AnyResponse:
+        self.stats["misses"] += 1
+        try:
+            entry = await self._load(instance_id)
+        except NotFound:
+            return self._refuse(req, 404, "instance not found", path)
+        except _Unavailable as exc:
+            return self._refuse(req, 503, str(exc), path,
+                                headers=(("Retry-After", self._retry_after),))
+        result = self._serve(req, path, entry, tenant_id)
+        if isinstance(result, Response | RawResponse):
+            return result
+        return await result
+
+    def _serve(
+        self, req: Request, path: str, entry: _Entry, tenant_id: str
+    ) -> AnyResponse | Awaitable[AnyResponse]:
+        docs = entry.docs
+        if docs.project_id != tenant_id:
+            log.warning("api.tenant_mismatch instance=%s tenant=%s", docs.instance_id, tenant_id)
+            return self._refuse(req, 404, "instance not found", path)
+        if path == TOKEN_PATH:
+            return self._put_token(req, docs.instance_id, path)
+        try:
+            target = docs.lookup(path, self._today())
+        except NotFound:
+            return error_response(404, "no such metadata path")
+        if isinstance(target, Document):
+            if req.method == "POST":
+                return _not_allowed(_ALLOW_READ)
+            resp = _doc_response(target.body, target.content_type, target.etag, req)
+            if req.method == "GET" and resp.status == 200 and len(entry.wire) < 256:
+                entry.wire[path] = resp.encode(keep_alive=True)
+            return resp
+        if isinstance(target, PasswordTarget):
+            if req.method == "POST":
+                return self._post_password(req, docs.view, path)
+            doc = target.doc
+            return _doc_response(doc.body, doc.content_type, doc.etag, req)
+        if req.method == "POST":
+            return _not_allowed(_ALLOW_READ)
+        if isinstance(target, SeededDocument):
+            seed = base64.b64encode(self._urandom(SEED_BYTES))
+            return _doc_response(target.render(seed), target.content_type, target.etag, req)
+        if isinstance(target, AddressLeaf):
+            body = self._request_address(req).encode()
+            return _doc_response(body, TEXT, etag_of(body), req)
+        return self._dynamic_vendordata(req, docs.view, target, path)
+
+    # -- documents that need more than the cache ----------------------------------------
+    @staticmethod
+    def _request_address(req: Request) -> str:
+        raw = req.header(b"x-forwarded-for")
+        if raw is None:
+            return ""
+        first = raw.decode("latin-1").split(",")[0].strip()
+        try:
+            return str(ipaddress.ip_address(first))
+        except ValueError:
+            return ""
+
+    async def _dynamic_vendordata(
+        self, req: Request, view: View, target: DynamicVendorTarget, path: str
+    ) -> AnyResponse:
+        try:
+            body = dump(await self._vendordata.document(view, target.static))
+        except UpstreamError as exc:
+            return self._refuse(req, 500, exc.reason, path)
+        return _doc_response(body, JSON, etag_of(body), req)
+
+    async def _post_password(self, req: Request, view: View, path: str) -> AnyResponse:
+        if view.password:
+            return self._refuse(req, 409, "a password is already set", path)
+        length = req.header(b"content-length")
+        if len(req.body) > PASSWORD_MAX or (
+            length is not None and length.strip().isdigit() and int(length) > PASSWORD_MAX
+        ):
+            return self._refuse(req, 400, "Request is too large.", path)
+        try:
+            password = req.body.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._refuse(req, 400, "password is not UTF-8 text", path)
+        try:
+            await asyncio.wait_for(self._registry.set_password(view.id, password),
+                                   self._registry_timeout_s)
+        except Conflict:
+            return self._refuse(req, 409, "a password is already set", path)
+        except NotFound:
+            return self._refuse(req, 404, "instance not found", path)
+        except BadRequest as exc:
+            return self._refuse(req, 400, exc.reason, path)
+        except (OpenImdsError, TimeoutError, OSError) as exc:
+            return self._refuse(req, 503, f"registry unavailable: {exc}", path,
+                                headers=(("Retry-After", self._retry_after),))
+        self._invalidate(view.id)
+        log.info("api.password_set instance=%s", view.id)
+        return Response(200, b"")
+
+    def _put_token(self, req: Request, instance_id: str, path: str) -> Response:
+        if forwarded_by_guest(req.headers):
+            return self._refuse(req, 403, "forwarded requests are not issued tokens", path)
+        ttl = parse_ttl(req.header(TTL_HEADER))
+        if ttl is None:
+            return self._refuse(
+                req, 400, "X-aws-ec2-metadata-token-ttl-seconds must be 1 to 21600", path)
+        token = mint_token(self._token_key, instance_id, ttl, self._wall(), self._urandom(8))
+        return Response(200, token.encode(), headers=[(_TTL_RESPONSE_HEADER, str(ttl))])
+
+    # -- cache --------------------------------------------------------------------------
+    async def _load(self, instance_id: str) -> _Entry:
+        flight = self._inflight.get(instance_id)
+        if flight is None:
+            task = asyncio.ensure_future(self._fetch(instance_id))
+            flight = self._inflight[instance_id] = _Flight(task)
+            task.add_done_callback(lambda _t: self._inflight.pop(instance_id, None))
+        return await asyncio.shield(flight.task)
+
+    async def _fetch(self, instance_id: str) -> _Entry:
+        self.stats["fetches"] += 1
+        try:
+            raw = await asyncio.wait_for(self._registry.get_view(instance_id),
+                                         self._registry_timeout_s)
+        except NotFound:
+            raise
+        except TimeoutError:
+            raise _Unavailable(
+                f"registry did not answer in {self._registry_timeout_s}s") from None
+        except OpenImdsError as exc:
+            raise _Unavailable(f"registry unavailable: {exc.reason}") from None
+        except Exception as exc:  # any client failure means: no answer
+            raise _Unavailable(f"registry unavailable: {exc!r}") from None
+        try:
+            view = parse_view(raw)
+        except BadRequest as exc:
+            raise _Unavailable(f"registry view unusable: {exc.reason}") from None
+        entry = _Entry(InstanceDocuments(view, self._options))
+        flight = self._inflight.get(instance_id)
+        if (flight is None or not flight.stale) and not self._changed_since(view):
+            self._store(entry)
+        return entry
+
+    def _store(self, entry: _Entry) -> None:
+        iid = entry.docs.instance_id
+        self._cache.pop(iid, None)
+        while len(self._cache) >= self._cache_size:
+            oldest = next(iter(self._cache))
+            self._drop(oldest)
+        self._cache[iid] = entry
+        self._index.add(entry.docs.view)
+
+    def _changed_since(self, view: View) -> bool:
+        """True when the feed already delivered a change newer than the view that touches it."""
+        if view.revision >= self._feed_revision or not self._recent:
+            return False
+        if len(self._recent) == self._recent.maxlen and self._recent[0][0] > view.revision + 1:
+            return True  # changes after the view may have scrolled out of the log
+        probe = DependencyIndex()
+        probe.add(view)
+        return any(rev > view.revision and view.id in probe.affected(change)
+                   for rev, change in self._recent)
+
+    def _drop(self, instance_id: str) -> None:
+        if self._cache.pop(instance_id, None) is not None:
+            self.stats["invalidated"] += 1
+        self._index.remove(instance_id)
+
+    def _invalidate(self, instance_id: str) -> None:
+        self._drop(instance_id)
+        flight = self._inflight.get(instance_id)
+        if flight is not None:
+            flight.stale = True
+
+    def clear(self) -> None:
+        for iid in list(self._cache):
+            self._drop(iid)
+        for flight in self._inflight.values():
+            flight.stale = True
+
+    # -- change feed --------------------------------------------------------------------
+    def apply_batch(self, batch: Any) -> None:
+        """One ChangeBatch(revision, changes, resync) from `openimds.registry.feed`."""
+        revision = int(getattr(batch, "revision", 0) or 0)
+        if getattr(batch, "resync", False) or not self._synced:
+            # On a resync, and on the first batch (views fetched before the feed started may
+            # predate its starting point), nothing cached is kept.
+            self.clear()
+            self._recent.clear()
+            self._synced = True
+            self._feed_revision = revision
+            log.info("api.cache_resync revision=%d", revision)
+            return
+        touched: set[str] = set()
+        for change in getattr(batch, "changes", None) or ():
+            rev = int(change.get("revision") or revision)
+            self._recent.append((rev, change))
+            touched |= self._index.affected(change)
+            # an instance being fetched right now is not in the index yet
+            kind_id = change.get("id")
+            if change.get("kind") == "instance" and kind_id in self._inflight:
+                touched.add(str(kind_id))
+        for iid in touched:
+            self._invalidate(iid)
+        self._feed_revision = max(self._feed_revision, revision)
+        if touched:
+            log.debug("api.cache_invalidated revision=%d instances=%d", revision, len(touched))
+
+    async def follow(self, batches: Any) -> None:
+        """Consume the change feed until cancelled."""
+        async for batch in batches:
+            self.apply_batch(batch)
