@@ -45,9 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from openimds.agents import fabric
+from openimds.agents.l3 import ProxyKeeper, proxy_argv
 from openimds.config import Settings
 from openimds.core import dnsmasq as dm
 from openimds.core import names
@@ -55,11 +54,16 @@ from openimds.core.proxy_rules import ListenerSpec, render_listener_spec
 from openimds.errors import ConfigError, OpenImdsError
 from openimds.host import links
 from openimds.host.supervise import Child, ChildSpec, pid_alive, signal_pid, stop_pid
+from openimds.registry.client import AsyncRegistryClient
+from openimds.registry.feed import ChangeFollower
 
 log = logging.getLogger(__name__)
 
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-FEED_WAIT_S = 30
+RETRY_MIN_S = 0.5
+RETRY_MAX_S = 10.0
+# Change kinds that can alter a DHCP plan (router interfaces arrive as port changes).
+RELEVANT_KINDS = frozenset({"network", "subnet", "port", "instance"})
 _FILE_MODE = 0o644
 _DIR_MODE = 0o755
 
@@ -351,53 +355,41 @@ class DhcpAgent:
 
     # --- following the registry ----------------------------------------------------------
 
-    async def follow(self, client: httpx.AsyncClient) -> None:
-        """Snapshot, converge, then long-poll the change feed; resync on 410 and periodically.
-
-        Any change reloads the whole topology: plans of untouched networks come out the same
-        and cost nothing.
-        """
-        since: int | None = None
-        backoff = 0.5
-        resync_s = self.settings.dhcp.resync_interval
-        loop = asyncio.get_running_loop()
-        next_resync = 0.0
-        while not self.stop_event.is_set():
+    async def reload(self, client: AsyncRegistryClient) -> None:
+        """Fetch /v1/topology and converge; retried with backoff while the registry is down."""
+        delay = RETRY_MIN_S
+        while True:
             try:
-                if since is None or loop.time() >= next_resync:
-                    topology = await self._get_json(client, "/v1/topology")
-                    await self.converge(topology)
-                    since = int(topology["revision"]) if since is None else since
-                    next_resync = loop.time() + resync_s
-                wait = max(1, min(FEED_WAIT_S, int(next_resync - loop.time())))
-                resp = await client.get("/v1/changes", params={"since": since, "wait": wait},
-                                        timeout=wait + 10)
-                if resp.status_code == 410:
-                    log.warning("dhcp.feed_resync since=%s", since)
-                    since = None
-                    continue
-                resp.raise_for_status()
-                batch = resp.json()
-                if batch.get("changes"):
-                    topology = await self._get_json(client, "/v1/topology")
-                    await self.converge(topology)
-                since = int(batch["revision"])
-                backoff = 0.5
-            except (httpx.HTTPError, ValueError, KeyError) as exc:
-                log.warning("dhcp.registry_unavailable reason=%s retry_in_s=%.1f",
-                            str(exc) or type(exc).__name__, backoff)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop_event.wait(), backoff)
-                backoff = min(backoff * 2, 10.0)
+                topology = await client.topology()
+            except OpenImdsError as exc:
+                log.warning("dhcp.topology_failed reason=%s retry_in_s=%.1f", exc.reason, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+                continue
+            await self.converge(topology)
+            log.debug("dhcp.converged revision=%s networks=%d", topology.get("revision"),
+                      len(self.served))
+            return
 
-    @staticmethod
-    async def _get_json(client: httpx.AsyncClient, path: str) -> Any:
-        resp = await client.get(path)
-        resp.raise_for_status()
-        return resp.json()
+    async def follow(self, client: AsyncRegistryClient) -> None:
+        """Converge on every relevant change batch (and on resync); any change reloads the
+        whole topology, since plans of untouched networks come out the same and cost nothing."""
+        follower = ChangeFollower(client)
+        try:
+            async for batch in follower:
+                if batch.resync or any(c.get("kind") in RELEVANT_KINDS for c in batch.changes):
+                    await self.reload(client)
+        finally:
+            await follower.aclose()
+
+    async def resync_periodically(self, client: AsyncRegistryClient) -> None:
+        while True:
+            await asyncio.sleep(self.settings.dhcp.resync_interval)
+            await self.reload(client)
 
 
-async def run_agent(settings: Settings, *, cleanup_on_exit: bool = False) -> int:
+async def run_agent(settings: Settings, *, cleanup_on_exit: bool = False,
+                    config_path: str | None = None) -> int:
     if settings.dhcp.dnsmasq_user != "root":
         check_traversable(Path(settings.dhcp.dhcp_confs))
     if shutil.which(settings.dhcp.dnsmasq_binary) is None:
@@ -410,28 +402,39 @@ async def run_agent(settings: Settings, *, cleanup_on_exit: bool = False) -> int
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop_event.set)
-    reg = settings.registry
-    token = reg.reader_token or reg.admin_token
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
     log.info("dhcp.starting pid=%d registry=%s confs=%s isolated_metadata=%s force=%s",
-             os.getpid(), reg.effective_url, confs, settings.enable_isolated_metadata,
-             settings.force_metadata)
-    async with httpx.AsyncClient(base_url=reg.effective_url, headers=headers, timeout=10.0,
-                                 trust_env=False) as client:
-        follower = asyncio.create_task(agent.follow(client), name="dhcp-follow")
-        stopper = asyncio.create_task(agent.stop_event.wait())
-        done, _ = await asyncio.wait({follower, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        follower.cancel()
-        stopper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await follower
-        if follower in done and not follower.cancelled() and follower.exception():
-            log.error("dhcp.follow_failed reason=%s", follower.exception())
-            agent.exit_code = 1
-    await agent.shutdown(cleanup=cleanup_on_exit)
+             os.getpid(), settings.registry.effective_url, confs,
+             settings.enable_isolated_metadata, settings.force_metadata)
+    client = AsyncRegistryClient.from_settings(settings, admin=False)
+    tasks = [
+        asyncio.create_task(agent.follow(client), name="dhcp-follow"),
+        asyncio.create_task(agent.resync_periodically(client), name="dhcp-resync"),
+        asyncio.create_task(agent.stop_event.wait(), name="dhcp-stop"),
+    ]
+    if agent.flags.serves_metadata:
+        # Like the L3 agent: keep one `openimds proxy` for this state_path (if none holds its
+        # lock), so an isolated-only host serves metadata too.
+        keeper = ProxyKeeper(settings, proxy_argv(config_path))
+        interval = settings.AGENT.check_child_processes_interval or 1.0
+        tasks.append(asyncio.create_task(keeper.run(interval), name="proxy-keeper"))
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("dhcp.task_failed task=%s reason=%r", task.get_name(),
+                          task.exception())
+                agent.exit_code = 1
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await agent.shutdown(cleanup=cleanup_on_exit)
+        await client.aclose()
     log.info("dhcp.stopped cleanup=%s", cleanup_on_exit)
     return agent.exit_code
 
 
-def main(settings: Settings, *, cleanup_on_exit: bool = False) -> int:
-    return asyncio.run(run_agent(settings, cleanup_on_exit=cleanup_on_exit))
+def main(settings: Settings, *, cleanup_on_exit: bool = False,
+         config_path: str | None = None) -> int:
+    return asyncio.run(run_agent(settings, cleanup_on_exit=cleanup_on_exit,
+                                 config_path=config_path))

@@ -14,7 +14,7 @@ def _dhcp_agent(args: argparse.Namespace, settings: Any) -> int:
     from openimds.log import setup_logging
 
     setup_logging(debug=settings.debug, log_file=settings.log_file, component="dhcp-agent")
-    return main(settings, cleanup_on_exit=args.cleanup_on_exit)
+    return main(settings, cleanup_on_exit=args.cleanup_on_exit, config_path=args.config)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         sub, "dhcp-agent", _dhcp_agent,
         "serve DHCP (dnsmasq in qdhcp-<network> namespaces) and isolated-network metadata, "
         "following the registry",
+        formatted=False,
     )
     parser.add_argument(
         "--cleanup-on-exit", action="store_true",
