@@ -61,8 +61,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     plug = add_command(vm_sub, "plug", _plug,
                        "make namespace vm-<id[:8]> with the server's port on its network")
     plug.add_argument("server", help="server id or unique name")
-    plug.add_argument("--address-mode", default="static", choices=("static",),
+    plug.add_argument("--address-mode", default="static", choices=("static", "dhcp"),
                       help="how eth0 gets its address (default: static fixed IP + gateway)")
+    plug.add_argument("--dhcp", dest="address_mode", action="store_const", const="dhcp",
+                      help="run a DHCP client (udhcpc, option 121 routes) instead; run again "
+                           "to renew")
     plug.add_argument("-v", "--verbose", action="store_true",
                       help="print every field, not just the namespace name")
 

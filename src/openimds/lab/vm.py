@@ -87,8 +87,15 @@ def _configure_static(nl: links.Netlink, plan: VmPlan) -> None:
     nl.set_default_route(plan.gateway, plan.interface)
 
 
+def _configure_dhcp(nl: links.Netlink, plan: VmPlan) -> None:
+    # a real DHCP client (udhcpc, option 121) against the network's dnsmasq: lab/dhcp_client.py
+    from openimds.lab.dhcp_client import configure_dhcp
+
+    configure_dhcp(nl, plan.namespace, plan.interface)
+
+
 AddressMode = Callable[[links.Netlink, VmPlan], None]
-ADDRESS_MODES: dict[str, AddressMode] = {"static": _configure_static}
+ADDRESS_MODES: dict[str, AddressMode] = {"static": _configure_static, "dhcp": _configure_dhcp}
 
 
 def apply_plug(plan: VmPlan, address_mode: str = "static") -> None:
