@@ -335,3 +335,34 @@ def test_plan_routers_shapes():
     (leg,) = plans[rid].legs
     assert leg.cidrs == ("10.1.0.1/16",) and leg.mtu == 9000
     assert leg.ifname == ("qr-" + port["id"])[:14] and len(leg.peer) <= 15
+
+
+def test_l3_agent_follows_a_real_registry(make_stack):
+    """`openimds l3-agent` against `openimds registry serve`: builds from the feed, spawns a
+    proxy when none runs, removes a detached leg and a deleted router."""
+    stack = make_stack(services=["registry", "l3-agent"])
+    c = stack.client
+    net = c.create_network("n")
+    sub = c.create_subnet("s", net["id"], "10.0.0.0/24")
+    router = c.create_router("r")
+    port = c.add_interface(router["id"], sub["id"])
+    ns = router_namespace(router["id"])
+    spec = stack.settings.path("proxy", "listeners", f"router-{router['id']}.json")
+    stack.wait(lambda: links.namespace_exists(ns) and spec.exists(), 20, "router built")
+
+    def leg():
+        with links.netlink(ns) as nl:
+            link = nl.link(router_leg(port["id"]))
+            return link and (link.mac, nl.addresses(link.name))
+    assert stack.wait(leg, 10, "leg") == (port["mac_address"], ["10.0.0.1/24"])
+    with links.netlink() as nl:
+        assert nl.link(bridge_name(net["id"])) is not None
+    assert "redirect to :9697" in ns_exec(ns, "nft", "list", "ruleset").stdout
+    # no proxy was running: the agent started one
+    assert stack.wait(stack.proxy_pid, 15, "proxy spawned by the l3-agent")
+
+    c.remove_interface(router["id"], sub["id"])
+    stack.wait(lambda: not leg(), 10, "leg removed")
+    c.delete("router", router["id"])
+    stack.wait(lambda: not links.namespace_exists(ns), 10, "namespace removed")
+    assert not spec.exists()

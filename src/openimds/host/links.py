@@ -27,12 +27,19 @@ from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute, netns
+from pyroute2 import config as pyroute2_config
 from pyroute2.netlink.exceptions import NetlinkError
 
 from openimds.errors import CommandFailed, NotFound
 from openimds.host.run import run
 
 log = logging.getLogger(__name__)
+
+# pyroute2 forks a helper to open a socket inside a namespace and stops it with SIGTERM. The
+# fork shares asyncio's signal wakeup fd, so the helper's Python-level SIGTERM handler would
+# write into the *parent's* loop, which then believes it got SIGTERM and shuts the agent
+# down. With this flag the helper resets SIGTERM to SIG_DFL first and dies quietly.
+pyroute2_config.disable_mp_signal = True
 
 NETNS_RUN_DIR = Path("/var/run/netns")
 ETC_NETNS = Path("/etc/netns")
