@@ -264,7 +264,7 @@ def build_demo(settings: Settings, config: str | None) -> int:
     """Run the demo steps with a progress display, then print what to try. 0 on success."""
     from rich.console import Console
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     reg = Registry(settings)
     try:
         steps = demo_steps(settings, config, reg)

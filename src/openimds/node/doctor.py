@@ -166,6 +166,8 @@ def probe_kernel(ctx: DoctorContext) -> str:
                           "load nf_tables (modprobe nf_tables nft_nat nft_redir)") from exc
     release = os.uname().release
     missing = []
+    if not Path("/lib/modules", release).is_dir():
+        return f"netns, nftables on {release} (no module tree: drivers built in)"
     for mod in ("bridge", "veth"):
         if Path("/sys/module", mod).exists():
             continue

@@ -267,13 +267,6 @@ async def run_up(
 
         for child in sup.children:
             child.on_exit(on_exit)
-    else:
-        def on_died(child: Child, rc: int) -> None:
-            say(f"! {child.name} (pid {child.pid}) exited {rc}; restarting with backoff "
-                f"(log: {child.spec.log_file or settings.log_file})")
-
-        for child in sup.children:
-            child.on_exit(on_died)
 
     t0 = time.monotonic()
 
@@ -370,6 +363,9 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         # Validate what the children will see before starting any of them.
         load_settings(args.config, environ=child_env(overrides))
         setup_logging(debug=settings.debug, log_file=settings.log_file, component="up")
+        if not settings.debug:
+            # started/ready lines are printed as progress; deaths and restarts stay logged
+            logging.getLogger("openimds.host.supervise").setLevel(logging.WARNING)
         after: Callable[[], int] | None = None
         if args.demo:
             from openimds.node.demo import build_demo
