@@ -56,7 +56,8 @@ class Stack:
     def api_url(self) -> str:
         return f"http://{self.api_host}:{self.api_port}"
 
-    def headers(self, instance: dict[str, Any] | None = None, **extra: str) -> dict[str, str]:
+    def headers(self, instance: dict[str, Any] | None = None, /,
+                **extra: str) -> dict[str, str]:
         inst = instance or self.instance
         ip = inst["ports"][0]["fixed_ips"][0]["ip_address"] if inst.get("ports") else ""
         out = {"X-Forwarded-For": ip, "X-Instance-ID": inst["id"],
@@ -76,7 +77,7 @@ class Stack:
         finally:
             conn.close()
 
-    def get(self, path: str, **extra: str) -> tuple[int, dict[str, str], bytes]:
+    def get(self, path: str, /, **extra: str) -> tuple[int, dict[str, str], bytes]:
         return self.request("GET", path, self.headers(**extra))
 
 
