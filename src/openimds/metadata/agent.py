@@ -206,27 +206,38 @@ def make_pool(settings: Settings) -> UpstreamPool:
 
 
 class WatchedFeedClient:
-    """The registry client as the change follower sees it: any failed feed call tells the
-    agent at once (`on_error`), so no request is answered from the cache between an outage
-    and the resync that follows it."""
+    """The registry client as the change follower sees it.
+
+    - Any failed feed call tells the agent at once (`on_error`), so no request is answered
+      from the cache between an outage and the resync that follows it.
+    - After a failure the next `changes` call does not long-poll: otherwise a registry that
+      came back with nothing new would hold it for the whole wait and the follower would
+      report the registry down (and the agent ask it for every request) all that time.
+    """
 
     def __init__(self, client: Any, on_error: Callable[[], None]) -> None:
         self._client = client
         self._on_error = on_error
+        self._failed = False
 
     async def health(self) -> Any:
         try:
-            return await self._client.health()
+            result = await self._client.health()
         except BaseException:
+            self._failed = True
             self._on_error()
             raise
+        return result
 
     async def changes(self, since: int, wait: float = 0, limit: int | None = None) -> Any:
         try:
-            return await self._client.changes(since, wait, limit)
+            result = await self._client.changes(since, 0 if self._failed else wait, limit)
         except BaseException:
+            self._failed = True
             self._on_error()
             raise
+        self._failed = False
+        return result
 
 
 def _field(obj: Any, name: str) -> Any:
@@ -258,6 +269,7 @@ class MetadataAgent:
         self.cache = CallerCache(cfg.cache_size)
         self.resolver = Resolver(self._lookup, self.cache, self.trusts_cache)
         self._synced = False  # the feed delivered at least one batch since we started
+        self.feed_revision = 0
         self._trusted_last = False
         self._active = 0
         self._recheck_at: dict[tuple[str, str, str], float] = {}
@@ -279,6 +291,7 @@ class MetadataAgent:
     def apply_batch(self, batch: Any) -> None:
         """One ChangeBatch(revision, changes, resync) from the registry's feed."""
         revision = int(_field(batch, "revision") or 0)
+        self.feed_revision = revision
         if _field(batch, "resync") or not self._synced:
             # On a resync, and on the first batch (lookups made before the feed started may
             # predate its starting point), nothing older than this batch is kept.
@@ -490,6 +503,7 @@ class MetadataAgent:
             "cache_evictions": self.cache.evictions,
             "cache_invalidations": self.cache.invalidations,
             "feed_live": self.trusts_cache(),
+            "feed_revision": self.feed_revision,
             "statuses": {str(k): v for k, v in sorted(self.status_counts.items())},
         }
 
