@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import struct
 import subprocess
 import uuid
 
@@ -55,7 +57,8 @@ def make_tenant(stack, tag: str) -> dict:
     subnet = c.create_subnet(f"sub-{tag}", net["id"], "10.0.0.0/24", project_id=pid)
     router = c.create_router(f"router-{tag}", project_id=pid)
     c.add_interface(router["id"], subnet["id"])
-    pubkey = f"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI{uuid.uuid4().hex} {tag}@lab"
+    blob = struct.pack(">I", 11) + b"ssh-ed25519" + struct.pack(">I", 32) + os.urandom(32)
+    pubkey = f"ssh-ed25519 {base64.b64encode(blob).decode()} {tag}@lab"
     c.create("keypair", {"name": f"key-{tag}", "public_key": pubkey, "project_id": pid})
     user_data = f"#cloud-config\nhostname: vm-{tag}\n"
     server = c.create_instance(
