@@ -52,6 +52,15 @@ def test_drops_spoofed_identity_headers() -> None:
     assert not {b"x-neutron-router-id", b"x-metadata-provider", b"forwarded"} & set(names(out))
 
 
+def test_underscore_spellings_are_dropped() -> None:
+    out = rewrite([(b"x_instance_id", b"victim"), (b"x_tenant_id", b"victim"),
+                   (b"x_neutron_router_id", b"r"), (b"x-instance_id-signature", b"0"),
+                   (b"x_forwarded_for", b"6.6.6.6"), (b"accept", b"*/*")])
+    assert b"victim" not in b"".join(v for _, v in out)
+    assert b"6.6.6.6" not in b"".join(v for _, v in out)
+    assert (b"accept", b"*/*") in out
+
+
 def test_drops_hop_by_hop_and_connection_named() -> None:
     out = rewrite([(b"connection", b"keep-alive, x-secret-hop"), (b"keep-alive", b"300"),
                    (b"x-secret-hop", b"1"), (b"te", b"trailers"), (b"upgrade", b"h2c"),

@@ -4,11 +4,12 @@ Rules of this module: it never sees a socket. `rewrite_request_headers()` takes 
 headers (names lower-cased bytes, values bytes, as the lean HTTP server parses them) and
 returns the list sent to the API:
 
-- dropped first, whatever their case or count: every identity header a VM could use to pass for
-  another instance (`X-Forwarded-*`, `Forwarded`, `X-Instance-ID*`, `X-Tenant-ID`,
-  `X-Project-ID`, `X-Neutron-*`, `X-OVN-*`, `X-Metadata-Provider*`), the hop-by-hop headers of
-  RFC 9110 §7.6.1 plus any header the request's `Connection` header names, and the framing
-  headers (`Content-Length`, `Transfer-Encoding`), which are re-derived from the body we send;
+- dropped first, whatever their case, count or `_`-for-`-` spelling: every identity header
+  a VM could use to pass for another instance (`X-Forwarded-*`, `Forwarded`,
+  `X-Instance-ID*`, `X-Tenant-ID`, `X-Project-ID`, `X-Neutron-*`, `X-OVN-*`,
+  `X-Metadata-Provider*`), the hop-by-hop headers of RFC 9110 §7.6.1 plus any header the
+  request's `Connection` header names, and the framing headers (`Content-Length`,
+  `Transfer-Encoding`), which are re-derived from the body we send;
 - then added, once each: X-Forwarded-For (normalised), X-Instance-ID, X-Tenant-ID,
   X-Instance-ID-Signature, a Content-Length when there is a body (or the method carries one),
   and a Host when the VM sent none.
@@ -54,7 +55,12 @@ OUT_SIGNATURE = b"X-Instance-ID-Signature"
 
 
 def is_dropped(name: bytes) -> bool:
-    """True for a header name (lower-case) that never crosses the agent."""
+    """True for a header name (lower-case) that never crosses the agent.
+
+    Underscores count as dashes: WSGI servers (Nova's among them) map both to the same
+    variable, so `X_Instance_ID` must go as surely as `X-Instance-ID`.
+    """
+    name = name.replace(b"_", b"-")
     return (
         name in HOP_BY_HOP
         or name in _FRAMING
