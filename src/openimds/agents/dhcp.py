@@ -132,6 +132,7 @@ class DhcpAgent:
         self.listeners_dir = Path(settings.proxy.listeners_dir)
         self.proxy_pid_file = settings.path("proxy", "proxy.pid")
         self.served: dict[str, _Served] = {}
+        self._bridge_candidates: set[str] = set()
         self.stop_event = asyncio.Event()
         self.exit_code = 0
         self._lock = asyncio.Lock()
@@ -290,6 +291,9 @@ class DhcpAgent:
             await served.child.stop()
         await self._kill_stale(network_id)
         await asyncio.to_thread(self._remove_links, network_id, network_gone)
+        if not network_gone:
+            # its bridge may go once the network leaves the registry
+            self._bridge_candidates.add(network_id)
         conf = self._conf_dir(network_id)
         if conf.exists():
             await asyncio.to_thread(shutil.rmtree, conf, True)
@@ -299,8 +303,12 @@ class DhcpAgent:
         namespace = names.dhcp_namespace(network_id)
         links.delete_namespace(namespace)  # takes the tap and so its bridge-side peer
         links.remove_netns_etc(namespace)
-        if not network_gone:
-            return
+        if network_gone:
+            self._delete_bridge_if_empty(network_id)
+
+    def _delete_bridge_if_empty(self, network_id: str) -> None:
+        """The network's bridge, once the registry has no such network and nothing (but our
+        dying tap peer) is attached; the fabric's rule, for hosts without an L3 agent."""
         bridge = names.bridge_name(network_id)
         with links.netlink() as nl:
             # the bridge-side peer dies with the namespace, a moment later
@@ -340,6 +348,12 @@ class DhcpAgent:
                     await self.remove_network(network_id)
                 except Exception:
                     log.exception("dhcp.remove_failed network=%s", network_id)
+            for network_id in self._bridge_candidates - set(networks):
+                self._bridge_candidates.discard(network_id)
+                try:
+                    await asyncio.to_thread(self._delete_bridge_if_empty, network_id)
+                except Exception:
+                    log.exception("dhcp.bridge_remove_failed network=%s", network_id)
 
     async def shutdown(self, *, cleanup: bool) -> None:
         """Stop every dnsmasq; with cleanup also remove namespaces, specs and files."""
