@@ -44,6 +44,12 @@ class Notifier:
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
+        self.closed = False
+
+    def close(self) -> None:
+        """Shutting down: every waiter answers now with what it has."""
+        self.closed = True
+        self.notify()
 
     def notify(self) -> None:
         self._event.set()
@@ -196,7 +202,7 @@ def _routes(reg: Registry) -> list[web.RouteDef]:
         while True:
             result = await asyncio.to_thread(reg.changes, since, limit)
             left = deadline - loop.time()
-            if result["changes"] or left <= 0:
+            if result["changes"] or left <= 0 or notifier.closed:
                 return web.json_response(result)
             await notifier.wait(min(RECHECK_S, left))
 
@@ -267,7 +273,7 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) 
     registry = Registry(store, max_page_size=reg_settings.max_page_size)
     app = make_app(registry, admin_token=reg_settings.admin_token,
                    reader_token=reg_settings.reader_token)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, reg_settings.bind_host, reg_settings.bind_port,
                        reuse_address=True)
@@ -283,6 +289,7 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) 
             ready()
         await stop.wait()
         log.info("registry.stop")
+        app[NOTIFIER].close()
     finally:
         await runner.cleanup()
         store.dispose()

@@ -68,54 +68,44 @@ class ChangeFollower:
         if self._gen is not None:
             await self._gen.aclose()  # type: ignore[attr-defined]
 
-    async def _call_until_up(self, what: str, since: int | None) -> dict[str, Any] | int:
-        """The answer of one call (health if since is None), retried while the registry is
-        down. Returns the new revision (int) when the feed says resync."""
+    async def _fetch(self) -> dict[str, Any] | int:
+        """The next feed answer, or a revision (int) to resync to. Retries while the
+        registry is down; once it answers again, asks only for its revision (a cheap call,
+        not a long-poll) so the consumer resyncs at once."""
         delay = BACKOFF_MIN_S
         while True:
             try:
-                if since is None:
-                    result = await self.client.health()
-                else:
-                    result = await self.client.changes(since, self.wait_s, self.limit)
-                if not self.registry_up:
-                    log.info("feed.registry_up since=%s", since)
-                    self.registry_up = True
-                    # Changes may have been missed while down: start again from scratch.
-                    if since is not None:
-                        return int(await self._health_revision())
+                if self.since is None or not self.registry_up:
+                    revision = int((await self.client.health())["revision"])
+                    if not self.registry_up:
+                        log.info("feed.registry_up revision=%s", revision)
+                        self.registry_up = True
+                    return revision
+                result: dict[str, Any] = await self.client.changes(
+                    self.since, self.wait_s, self.limit)
                 return result
             except ResyncRequired as exc:
-                log.info("feed.resync since=%s revision=%s", since, exc.revision)
-                self.registry_up = True
+                log.info("feed.resync since=%s revision=%s", self.since, exc.revision)
                 return exc.revision
             except UpstreamError as exc:
                 if self.registry_up:
-                    log.warning("feed.registry_down what=%s reason=%s", what, exc.reason)
+                    log.warning("feed.registry_down since=%s reason=%s", self.since,
+                                exc.reason)
                 self.registry_up = False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX_S)
 
-    async def _health_revision(self) -> int:
-        result = await self._call_until_up("health", None)
-        assert isinstance(result, dict)
-        return int(result["revision"])
-
     async def _run(self) -> AsyncIterator[ChangeBatch]:
-        if self.since is None:
-            self.since = await self._health_revision()
-            yield ChangeBatch(self.since, [], resync=True)
         while True:
-            result = await self._call_until_up("changes", self.since)
+            result = await self._fetch()
             if isinstance(result, int):
                 self.since = result
                 yield ChangeBatch(result, [], resync=True)
                 continue
             revision = int(result["revision"])
-            batch = list(result["changes"])
             self.since = revision
-            if batch:
-                yield ChangeBatch(revision, batch, resync=False)
+            if result["changes"]:
+                yield ChangeBatch(revision, list(result["changes"]), resync=False)
 
 
 def follow_changes(client: AsyncRegistryClient, since: int | None = None) -> ChangeFollower:

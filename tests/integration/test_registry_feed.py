@@ -1,0 +1,178 @@
+"""The change feed: long-poll wake-ups, the resync answer, and `ChangeFollower`."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from openimds.errors import BadRequest
+from openimds.registry.client import AsyncRegistryClient, ResyncRequired
+from openimds.registry.feed import ChangeBatch, ChangeFollower
+from tests.integration.registry_support import BACKENDS, Registry, registry_process
+from tests.support import http_ready
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def reg(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+        ) -> Iterator[Registry]:
+    state = tmp_path_factory.mktemp(f"registry-feed-{request.param}")
+    with registry_process(state, request.param, change_retention=10) as r:
+        yield r
+
+
+def _net(reg: Registry) -> dict[str, Any]:
+    with reg.client() as c:
+        return c.create("network", {"name": f"n-{uuid.uuid4().hex[:6]}"})
+
+
+def test_long_poll_wakes_within_milliseconds_of_a_write(reg: Registry) -> None:
+    with reg.client() as c:
+        since = c.health()["revision"]
+        result: dict[str, Any] = {}
+
+        def poll() -> None:
+            with reg.client() as pc:
+                result["answer"] = pc.changes(since, wait=10)
+                result["at"] = time.monotonic()
+
+        t = threading.Thread(target=poll)
+        t.start()
+        time.sleep(0.3)
+        net = _net(reg)
+        written = time.monotonic()
+        t.join(10)
+    latency = result["at"] - written
+    assert latency < 0.25, f"long-poll answered {latency:.3f}s after the write"
+    changes = result["answer"]["changes"]
+    # The first network of a fresh registry also auto-creates the default project.
+    assert [(ch["kind"], ch["op"]) for ch in changes][-1] == ("network", "create")
+    assert changes[-1]["id"] == net["id"]
+    assert result["answer"]["revision"] == changes[-1]["revision"] == net["revision"]
+
+
+def test_long_poll_times_out_with_current_revision(reg: Registry) -> None:
+    with reg.client() as c:
+        rev = c.health()["revision"]
+        started = time.monotonic()
+        answer = c.changes(rev, wait=0.6)
+        elapsed = time.monotonic() - started
+        assert answer == {"revision": rev, "changes": []}
+        assert 0.55 <= elapsed < 2.0
+        with pytest.raises(BadRequest):
+            c.changes(rev, wait=61)
+        with pytest.raises(ResyncRequired) as exc:
+            c.changes(rev + 100)
+        assert exc.value.revision == rev
+
+
+def test_resync_after_falling_behind_the_window(reg: Registry) -> None:
+    with reg.client() as c:
+        start = c.health()["revision"]
+        for _ in range(12):
+            _net(reg)
+        now = c.health()["revision"]
+        with pytest.raises(ResyncRequired) as exc:
+            c.changes(start)
+        assert exc.value.revision == now
+        recent = c.changes(now - 5)
+        assert [ch["revision"] for ch in recent["changes"]] == list(range(now - 4, now + 1))
+
+
+def test_change_contents_and_whole_revisions(reg: Registry) -> None:
+    with reg.client() as c:
+        net = c.create("network", {"name": "feed-net"})
+        c.create("subnet", {"network_id": net["id"], "cidr": "10.0.0.0/24"})
+        since = c.health()["revision"]
+        inst = c.create("instance", {"name": "f", "network_id": net["id"]})
+        one = c.changes(since, limit=1)  # one revision holds the port and the instance
+        assert {ch["revision"] for ch in one["changes"]} == {inst["revision"]}
+        port, instance = one["changes"]
+        assert port["kind"] == "port" and port["op"] == "create"
+        assert port["attrs"]["ips"] == ["10.0.0.3"]
+        assert port["attrs"]["device_id"] == inst["id"]
+        assert port["attrs"]["device_owner"] == "compute:nova"
+        assert instance == {"revision": inst["revision"], "kind": "instance", "op": "create",
+                            "id": inst["id"], "attrs": {
+                                "project_id": inst["project_id"], "key_name": None,
+                                "keypair_id": None, "hostname": "f", "name": "f"}}
+        c.set_password(inst["id"], "pw")
+        upd = c.changes(one["revision"])["changes"]
+        assert [(ch["kind"], ch["op"]) for ch in upd] == [("instance", "update")]
+        c.delete("instance", inst["id"])
+        gone = c.changes(upd[-1]["revision"])["changes"]
+        assert [(ch["kind"], ch["op"]) for ch in gone] == [("port", "delete"),
+                                                           ("instance", "delete")]
+        assert gone[0]["attrs"]["ips"] == ["10.0.0.3"]
+
+
+async def _next(follower: ChangeFollower, timeout: float = 15) -> ChangeBatch:
+    return await asyncio.wait_for(follower.__anext__(), timeout)
+
+
+async def test_follower_resyncs_follows_and_survives_an_outage(tmp_path: Path) -> None:
+    with registry_process(tmp_path, "sqlite", change_retention=10) as reg:
+        client = AsyncRegistryClient(reg.url, reg.reader_token)
+        follower = ChangeFollower(client, wait_s=5)
+        try:
+            first = await _next(follower)
+            assert first.resync and first.changes == []
+            net = await asyncio.to_thread(_net, reg)
+            batch = await _next(follower)
+            assert not batch.resync and batch.revision == net["revision"]
+            assert batch.changes[-1]["id"] == net["id"]
+            assert follower.registry_up
+
+            pending = asyncio.ensure_future(_next(follower, 30))
+            await asyncio.sleep(0.2)
+            reg.service.stop()
+            deadline = time.monotonic() + 5
+            while follower.registry_up and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert not follower.registry_up
+            reg.service.start().wait_until(http_ready(reg.url + "/v1/health"))
+            back = await asyncio.wait_for(pending, 15)
+            assert back.resync and follower.registry_up
+            net2 = await asyncio.to_thread(_net, reg)
+            after = await _next(follower)
+            assert after.changes[0]["id"] == net2["id"]
+
+            # Fell out of the window: a follower starting from revision 0 must resync.
+            for _ in range(12):
+                await asyncio.to_thread(_net, reg)
+            stale = ChangeFollower(client, since=0, wait_s=1)
+            got = await _next(stale)
+            assert got.resync and got.revision == (await client.health())["revision"]
+        finally:
+            await client.aclose()
+
+
+@pytest.mark.postgres
+def test_long_poll_sees_writes_of_another_registry_process(tmp_path: Path) -> None:
+    with registry_process(tmp_path / "a", "postgres", name="feed-a") as a:
+        conn = next(line.split("=", 1)[1].strip() for line in a.config.read_text().splitlines()
+                    if line.startswith("connection"))
+        with registry_process(tmp_path / "b", "sqlite", name="feed-b", connection=conn) as b:
+            with b.client() as cb:
+                since = cb.health()["revision"]
+                result: dict[str, Any] = {}
+
+                def poll() -> None:
+                    with b.client() as pc:
+                        result["answer"] = pc.changes(since, wait=10)
+                        result["at"] = time.monotonic()
+
+                t = threading.Thread(target=poll)
+                t.start()
+                time.sleep(0.3)
+                net = _net(a)
+                written = time.monotonic()
+                t.join(10)
+            assert result["answer"]["changes"][-1]["id"] == net["id"]
+            assert result["at"] - written < 1.0
