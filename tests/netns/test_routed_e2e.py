@@ -14,6 +14,7 @@ import json
 import os
 import struct
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -97,6 +98,12 @@ def router_snapshot(router_id: str) -> tuple:
     return legs, ns_exec(ns, "nft", "list", "ruleset").stdout
 
 
+def proxy_logs(stack) -> str:
+    """The fixture's proxy log plus the log of any proxy the L3 agent respawned."""
+    spawned = stack.settings.path("proxy", "proxy-spawned.log")
+    return stack.log("proxy") + (spawned.read_text(errors="replace") if spawned.exists() else "")
+
+
 def test_two_tenants_overlapping_subnets(stack):
     a, b = make_tenant(stack, "a"), make_tenant(stack, "b")
     for t in (a, b):
@@ -173,11 +180,42 @@ def test_router_lifecycle_proxy_and_agent_restarts(stack):
     # b's VM lost its router: no metadata
     assert curl(stack, b["server"]["id"], MD_URL, "-f", timeout=2).returncode != 0
 
+    # killed in the middle of building a router: the restarted agent finishes it, once
+    c = make_tenant(stack, "c")
+    rc = c["router"]["id"]
+    time.sleep(0.15)
+    stack.services["l3-agent"].kill()
+    stack.stop("l3-agent")
+    stack.start("l3-agent")
+    wait_router_ready(stack, rc)
+    stack.plug(c["server"]["id"])
+    assert wait_metadata(stack, c["server"]["id"])["uuid"] == c["server"]["id"]
+    legs, ruleset = router_snapshot(rc)
+    assert len([leg for leg in legs if leg[0].startswith("qr-")]) == 1
+    assert ruleset.count("redirect to :9697") == 1
+
     # a router deleted live: legs, rules, listener and namespace go
     stack.client.remove_interface(ra, a["subnet"]["id"])
     stack.wait(lambda: len(router_snapshot(ra)[0]) == 1, 20, "leg removed")  # only lo left
     stack.client.delete("router", ra)
     stack.wait(lambda: not links.namespace_exists(router_namespace(ra)), 20, "router removed")
     assert not stack.settings.path("proxy", "listeners", f"router-{ra}.json").exists()
-    assert stack.settings.path("l3", "routers").is_dir()
-    assert list(stack.settings.path("l3", "routers").iterdir()) == []
+    stack.wait(lambda: f"proxy.listener_closed name=router-{ra}" in proxy_logs(stack), 10,
+               "the proxy closed the deleted router's listener")
+    stack.wait(lambda: f"proxy.listener_closed name=router-{rb}" in proxy_logs(stack), 10,
+               "the proxy closed the listener of the router deleted while the agent was down")
+    assert sorted(p.name for p in stack.settings.path("l3", "routers").iterdir()) == [rc]
+
+
+def test_iptables_driver_end_to_end(make_stack):
+    """[l3] firewall_driver = iptables: the same path through iptables-nft rules."""
+    stack = make_stack(overrides={"l3": {"firewall_driver": "iptables"}})
+    t = make_tenant(stack, "ipt")
+    wait_router_ready(stack, t["router"]["id"])
+    sid = t["server"]["id"]
+    stack.plug(sid)
+    assert wait_metadata(stack, sid)["uuid"] == sid
+    assert curl(stack, sid, "http://10.0.0.1:9697/", timeout=2).returncode == 28
+    ns = router_namespace(t["router"]["id"])
+    assert "-j REDIRECT --to-ports 9697" in ns_exec(ns, "iptables-save").stdout
+    assert "inet openimds" not in ns_exec(ns, "nft", "list", "tables").stdout
