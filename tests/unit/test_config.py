@@ -50,7 +50,8 @@ def test_secrets_file_under_the_config_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "env", "message"),
     [
-        ("[DEFAULT]\nmetadata_backlog = lots\n", {}, "[DEFAULT] metadata_backlog: value 'lots' is not an integer"),
+        ("[DEFAULT]\nmetadata_backlog = lots\n", {},
+         "[DEFAULT] metadata_backlog: value 'lots' is not an integer"),
         ("[DEFAULT]\nmetadata_backlog = 0\n", {}, "below the minimum"),
         ("[DEFAULT]\nnova_metadata_protocol = ftp\n", {}, "is not one of http, https"),
         ("[DEFAULT]\nfrobnicate = 1\n", {}, "[DEFAULT] frobnicate: unknown option"),
