@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
+import hmac
 import ipaddress
 import logging
 import os
@@ -60,7 +61,7 @@ from openimds.core.metadata.tokens import (
     mint_token,
     parse_ttl,
 )
-from openimds.core.signing import verify_signature
+from openimds.core.signing import sign_instance_id
 from openimds.errors import BadRequest, Conflict, NotFound, OpenImdsError, UpstreamError
 from openimds.http.server import AnyResponse, RawResponse, Request, Response, error_response
 from openimds.metadata.vendordata import VendorData
@@ -73,6 +74,10 @@ TOKEN_PATH = "/latest/api/token"  # noqa: S105 - a URL path, not a secret
 PASSWORD_MAX = 1020  # Nova: 4 chunks of 255 characters
 SEED_BYTES = 512
 RECENT_CHANGES = 4096
+PATH_MEMO = 4096
+SIGNATURE_MEMO = 65536
+_WANTED = frozenset({b"x-instance-id", b"x-instance-id-signature", b"x-tenant-id",
+                     TOKEN_HEADER, b"if-none-match"})
 _GET_HEAD = ("GET", "HEAD")
 _ALLOW_READ = "GET, HEAD"
 _ALLOW_PASSWORD = "GET, HEAD, POST"  # noqa: S105
@@ -160,6 +165,8 @@ class MetadataApi:
             dynamic_vendordata=vendordata.dynamic,
         )
         self._cache: dict[str, _Entry] = {}
+        self._paths: dict[str, str] = {}
+        self._signatures: dict[str, bytes] = {}
         self._index = DependencyIndex()
         self._inflight: dict[str, _Flight] = {}
         self._recent: deque[tuple[int, Mapping[str, Any]]] = deque(maxlen=RECENT_CHANGES)
@@ -172,7 +179,12 @@ class MetadataApi:
 
     # -- the handler --------------------------------------------------------------------
     def handle(self, req: Request) -> AnyResponse | Awaitable[AnyResponse]:
-        path = normalize_path(req.path)
+        path = self._paths.get(req.path)
+        if path is None:
+            path = normalize_path(req.path)
+            if len(self._paths) >= PATH_MEMO:
+                self._paths.clear()
+            self._paths[req.path] = path
         method = req.method
         if path == "/":
             if method not in _GET_HEAD:
@@ -189,14 +201,19 @@ class MetadataApi:
             if not (password and method == "POST"):
                 return _not_allowed(_ALLOW_PASSWORD if password else _ALLOW_READ)
 
-        who = self._identify(req)
+        # One pass over the headers for everything the hot path reads.
+        seen: dict[bytes, list[bytes]] = {}
+        for name, value in req.headers:
+            if name in _WANTED:
+                seen.setdefault(name, []).append(value)
+        who = self._identify(req, seen)
         if isinstance(who, Response):
             return who
         instance_id, tenant_id = who
         if path != TOKEN_PATH:
-            token = req.header(TOKEN_HEADER)
+            token = seen.get(TOKEN_HEADER)
             if token is not None:
-                if not check_token(self._token_key, instance_id, token, self._wall()):
+                if not check_token(self._token_key, instance_id, token[0], self._wall()):
                     return self._refuse(req, 401, "invalid or expired IMDSv2 token", path)
             elif self._tokens_required:
                 return self._refuse(req, 401, "an IMDSv2 token is required", path)
@@ -205,17 +222,19 @@ class MetadataApi:
         if entry is None:
             return self._serve_miss(req, path, instance_id, tenant_id)
         self.stats["hits"] += 1
-        if (method == "GET" and req.keep_alive and entry.docs.project_id == tenant_id
-                and req.header(b"if-none-match") is None):
+        if (method == "GET" and req.keep_alive and b"if-none-match" not in seen
+                and entry.docs.project_id == tenant_id):
             wire = entry.wire.get(path)
             if wire is not None:
                 return RawResponse(wire)
         return self._serve(req, path, entry, tenant_id)
 
-    def _identify(self, req: Request) -> tuple[str, str] | Response:
-        ids = req.header_all(b"x-instance-id")
-        sigs = req.header_all(b"x-instance-id-signature")
-        tenants = req.header_all(b"x-tenant-id")
+    def _identify(
+        self, req: Request, seen: Mapping[bytes, list[bytes]]
+    ) -> tuple[str, str] | Response:
+        ids = seen.get(b"x-instance-id")
+        sigs = seen.get(b"x-instance-id-signature")
+        tenants = seen.get(b"x-tenant-id")
         if not ids:
             return self._refuse(req, 400, "X-Instance-ID header is missing from request.")
         if not sigs:
@@ -229,8 +248,16 @@ class MetadataApi:
             return self._refuse(req, 400, "Multiple X-Tenant-ID headers found within request.")
         instance_id = ids[0].decode("latin-1").strip()
         tenant_id = tenants[0].decode("latin-1").strip()
-        signature = sigs[-1].decode("latin-1").strip()
-        if not verify_signature(self._secret, instance_id, signature):
+        signature = sigs[-1].strip()
+        # The expected signature is a function of the id alone: memoise it, compare in
+        # constant time every time.
+        expected = self._signatures.get(instance_id)
+        if expected is None:
+            expected = sign_instance_id(self._secret, instance_id).encode()
+            if len(self._signatures) >= SIGNATURE_MEMO:
+                self._signatures.clear()
+            self._signatures[instance_id] = expected
+        if not signature or not hmac.compare_digest(expected, signature):
             log.warning("api.bad_signature instance=%s", instance_id)
             return self._refuse(req, 403, "Invalid proxy request signature.")
         return instance_id, tenant_id
