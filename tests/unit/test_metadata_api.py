@@ -316,3 +316,16 @@ def test_cache_control() -> None:
     assert cache_ttl("no-store", 300) == 0
     assert cache_ttl("no-cache, max-age=60", 300) == 0
     assert cache_ttl("public", 300) == 300
+
+
+async def test_debug_access_log(caplog: pytest.LogCaptureFixture) -> None:
+    api, _ = make_api()
+    with caplog.at_level("DEBUG", logger="openimds.metadata.api"):
+        req = Request("GET", "/latest/meta-data/hostname", signed(), b"", "1.1", True, None)
+        result = api.handle_logged(req)
+        if inspect.isawaitable(result):
+            result = await result
+        again = api.handle_logged(req)
+        assert isinstance(again, RawResponse)
+    lines = [r.getMessage() for r in caplog.records if "api.access" in r.getMessage()]
+    assert len(lines) == 2 and all("status=200" in line for line in lines)

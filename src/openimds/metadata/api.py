@@ -229,6 +229,28 @@ class MetadataApi:
                 return RawResponse(wire)
         return self._serve(req, path, entry, tenant_id)
 
+    def handle_logged(self, req: Request) -> AnyResponse | Awaitable[AnyResponse]:
+        """`handle` plus one DEBUG access line per request (used when debug is on)."""
+        result = self.handle(req)
+        if isinstance(result, Response | RawResponse):
+            self._access(req, result)
+            return result
+        return self._logged(req, result)
+
+    async def _logged(self, req: Request, pending: Awaitable[AnyResponse]) -> AnyResponse:
+        result = await pending
+        self._access(req, result)
+        return result
+
+    @staticmethod
+    def _access(req: Request, resp: AnyResponse) -> None:
+        if isinstance(resp, Response):
+            status = resp.status
+        else:
+            status = int(resp.data[9:12])
+        log.debug("api.access method=%s path=%s status=%d instance=%s", req.method, req.path,
+                  status, (req.header(b"x-instance-id") or b"-").decode("latin-1"))
+
     def _identify(
         self, req: Request, seen: Mapping[bytes, list[bytes]]
     ) -> tuple[str, str] | Response:

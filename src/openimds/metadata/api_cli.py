@@ -68,7 +68,8 @@ async def run_api(settings: Settings) -> int:
             f"{exc.strerror}") from None
     limits = Limits(max_body_bytes=api_cfg.max_request_bytes,
                     request_timeout_s=api_cfg.client_timeout)
-    server = await serve(api.handle, sock, limits)
+    handler = api.handle_logged if log.isEnabledFor(logging.DEBUG) else api.handle
+    server = await serve(handler, sock, limits)
     feed_task = asyncio.create_task(api.follow(follower))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
