@@ -158,7 +158,7 @@ class HttpProtocol(asyncio.Protocol):
     __slots__ = (
         "_body", "_body_len", "_busy", "_closing", "_handler", "_header_bytes", "_headers",
         "_last_name", "_limits", "_loop", "_parser", "_paused", "_peer", "_queue", "_task",
-        "_timer", "_transport", "_url",
+        "_deadline", "_timer", "_transport", "_url",
     )
 
     def __init__(self, handler: Handler, limits: Limits, loop: asyncio.AbstractEventLoop):
@@ -180,6 +180,7 @@ class HttpProtocol(asyncio.Protocol):
         self._closing = False
         self._task: asyncio.Future[AnyResponse] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
 
     # -- transport events -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -341,9 +342,24 @@ class HttpProtocol(asyncio.Protocol):
             self._transport.close()
 
     def _arm(self, seconds: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_later(seconds, self._on_timeout)
+        # One timer per connection, moved lazily: re-arming for each request only stores the
+        # new deadline. A call_later per request (two per request here) cost ~5 us of the
+        # ~8 us this protocol spends per request on uvloop.
+        deadline = self._loop.time() + seconds
+        timer = self._timer
+        if timer is not None and timer.when() > deadline:
+            timer.cancel()
+            timer = None
+        self._deadline = deadline
+        if timer is None:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+            return
+        self._on_timeout()
 
     def _on_timeout(self) -> None:
         self._timer = None
