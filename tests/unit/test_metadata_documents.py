@@ -341,3 +341,37 @@ def test_view_is_not_mutated() -> None:
     before = copy.deepcopy(view)
     get(docs(view), "/openstack/latest/network_data.json")
     assert view == before
+
+
+def test_ami_id_without_image_and_odd_values() -> None:
+    d = docs(make_view(image_id=None, launch_index=3))
+    assert body(d, "/latest/meta-data/ami-id") == b"ami-00000000"
+    assert body(d, "/latest/meta-data/ami-launch-index") == b"3"
+    assert d.lookup("/openstack", TODAY) is d.lookup("/openstack", TODAY)
+
+
+def test_render_node_other_values() -> None:
+    from openimds.core.metadata.listing import render_node
+
+    assert render_node(5) == b"5"
+    assert render_node(["a", "b"]) == b"a\nb"
+
+
+def test_parse_view_errors() -> None:
+    from openimds.errors import BadRequest
+
+    broken = make_view()
+    del broken["instance"]["project_id"]
+    with pytest.raises(BadRequest, match="project_id"):
+        parse_view(broken)
+    with pytest.raises(BadRequest):
+        parse_view(make_view(ec2_id="not a number"))
+    with pytest.raises(BadRequest):
+        parse_view(make_view(user_data="!!notbase64"))
+
+
+def test_port_without_subnets_has_no_link() -> None:
+    view = make_view()
+    view["ports"][0]["subnets"] = []
+    nd = get(docs(view), "/openstack/latest/network_data.json")
+    assert json.loads(nd.body) == {"links": [], "networks": [], "services": []}

@@ -99,8 +99,7 @@ _ROOT_DOC = root_document()
 
 def normalize_path(path: str) -> str:
     """Nova's normalisation (posixpath.normpath), with any leading `//` collapsed to `/`."""
-    norm = posixpath.normpath("/" + path.lstrip("/"))
-    return norm if norm.startswith("/") else "/" + norm
+    return posixpath.normpath("/" + path.lstrip("/"))
 
 
 class InstanceDocuments:
