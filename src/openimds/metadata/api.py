@@ -75,6 +75,10 @@ PASSWORD_MAX = 1020  # Nova: 4 chunks of 255 characters
 SEED_BYTES = 512
 RECENT_CHANGES = 4096
 PATH_MEMO = 4096
+# Pre-encoded answers per instance: how many, and only small ones (a large user-data would
+# otherwise be held twice per path alias).
+WIRE_MAX_DOCS = 256
+WIRE_MAX_BODY = 4096
 SIGNATURE_MEMO = 65536
 _WANTED = frozenset({b"x-instance-id", b"x-instance-id-signature", b"x-tenant-id",
                      TOKEN_HEADER, b"if-none-match"})
@@ -323,7 +327,8 @@ class MetadataApi:
             if req.method == "POST":
                 return _not_allowed(_ALLOW_READ)
             resp = _doc_response(target.body, target.content_type, target.etag, req)
-            if req.method == "GET" and resp.status == 200 and len(entry.wire) < 256:
+            if (req.method == "GET" and resp.status == 200 and len(entry.wire) < WIRE_MAX_DOCS
+                    and len(target.body) <= WIRE_MAX_BODY):
                 entry.wire[path] = resp.encode(keep_alive=True)
             return resp
         if isinstance(target, PasswordTarget):
