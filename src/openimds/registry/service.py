@@ -913,32 +913,10 @@ class Registry:
         with self.store.read() as conn:
             rev = self.store.revision(conn)
             row = self._get_row(conn, instances, "instance", iid)
-            rows = list(conn.execute(
-                sa.select(ports, networks.c.name.label("net_name"),
-                          networks.c.mtu.label("net_mtu"), port_ips.c.subnet_id,
-                          port_ips.c.ip_address)
-                .join(networks, networks.c.id == ports.c.network_id)
-                .outerjoin(port_ips, port_ips.c.port_id == ports.c.id)
-                .where(ports.c.device_id == iid, ports.c.device_owner.like("compute:%"))
-                .order_by(ports.c.created_at, ports.c.id)))
+            rows = list(conn.execute(_VIEW_PORTS, {"iid": iid}))
             net_ids = sorted({r.network_id for r in rows})
-            dhcp = port_ips.alias("dhcp_ip")
-            dhcp_port = ports.alias("dhcp_port")
-            gw = port_ips.alias("gw_ip")
-            gw_port = ports.alias("gw_port")
-            sub_rows = list(conn.execute(
-                sa.select(subnets, dhcp.c.ip_address.label("dhcp_ip"),
-                          gw_port.c.id.label("gw_port_id"))
-                .outerjoin(dhcp_port, sa.and_(dhcp_port.c.network_id == subnets.c.network_id,
-                                              dhcp_port.c.device_owner == DEVICE_OWNER_DHCP))
-                .outerjoin(dhcp, sa.and_(dhcp.c.port_id == dhcp_port.c.id,
-                                         dhcp.c.subnet_id == subnets.c.id))
-                .outerjoin(gw, sa.and_(gw.c.subnet_id == subnets.c.id,
-                                       gw.c.ip_address == subnets.c.gateway_ip))
-                .outerjoin(gw_port, sa.and_(gw_port.c.id == gw.c.port_id,
-                                            gw_port.c.device_owner == DEVICE_OWNER_ROUTER))
-                .where(subnets.c.network_id.in_(net_ids))
-                .order_by(subnets.c.created_at, subnets.c.id))) if net_ids else []
+            sub_rows = (list(conn.execute(_VIEW_SUBNETS, {"net_ids": net_ids}))
+                        if net_ids else [])
         subs_by_net: dict[str, list[Json]] = {}
         seen: set[str] = set()
         for s in sub_rows:
@@ -982,19 +960,11 @@ class Registry:
         if not q.get("ip"):
             raise BadRequest("ip: required")
         ip = str(ipam.normalize_ip(ipam.parse_ip(q["ip"], "ip")))
-        if router_id:
-            nets = sa.select(ports.c.network_id).where(
-                ports.c.device_id == router_id, ports.c.device_owner == DEVICE_OWNER_ROUTER)
-        else:
-            nets = sa.select(sa.literal(network_id))
-        query = (sa.select(ports.c.id, ports.c.network_id, ports.c.device_id,
-                           ports.c.device_owner, ports.c.project_id, ports.c.mac_address)
-                 .join(port_ips, port_ips.c.port_id == ports.c.id)
-                 .where(port_ips.c.ip_address == ip, port_ips.c.network_id.in_(nets))
-                 .order_by(ports.c.id))
+        query = _LOOKUP_ROUTER if router_id else _LOOKUP_NETWORK
+        params = {"ip": ip, "ref": router_id or network_id}
         with self.store.read() as conn:
             rev = self.store.revision(conn)
-            found = [dict(r._mapping) for r in conn.execute(query)]
+            found = [dict(r._mapping) for r in conn.execute(query, params)]
         return {"revision": rev, "ports": found}
 
     def topology(self) -> Json:
@@ -1046,6 +1016,59 @@ class Registry:
         out = [{"revision": r.revision, "kind": r.kind, "op": r.op, "id": r.obj_id,
                 "attrs": r.attrs} for r in rows]
         return {"revision": out[-1]["revision"] if out else rev, "changes": out}
+
+
+# ---------------------------------------------------------------------- prepared queries
+# Built once: constructing SQLAlchemy statements per call costs more than running them.
+
+
+def _view_subnets_query() -> sa.Select[Any]:
+    dhcp = port_ips.alias("dhcp_ip")
+    dhcp_port = ports.alias("dhcp_port")
+    gw = port_ips.alias("gw_ip")
+    gw_port = ports.alias("gw_port")
+    return (
+        sa.select(subnets, dhcp.c.ip_address.label("dhcp_ip"), gw_port.c.id.label("gw_port_id"))
+        .outerjoin(dhcp_port, sa.and_(dhcp_port.c.network_id == subnets.c.network_id,
+                                      dhcp_port.c.device_owner == DEVICE_OWNER_DHCP))
+        .outerjoin(dhcp, sa.and_(dhcp.c.port_id == dhcp_port.c.id,
+                                 dhcp.c.subnet_id == subnets.c.id))
+        .outerjoin(gw, sa.and_(gw.c.subnet_id == subnets.c.id,
+                               gw.c.ip_address == subnets.c.gateway_ip))
+        .outerjoin(gw_port, sa.and_(gw_port.c.id == gw.c.port_id,
+                                    gw_port.c.device_owner == DEVICE_OWNER_ROUTER))
+        .where(subnets.c.network_id.in_(sa.bindparam("net_ids", expanding=True)))
+        .order_by(subnets.c.created_at, subnets.c.id)
+    )
+
+
+_VIEW_SUBNETS = _view_subnets_query()
+_VIEW_PORTS = (
+    sa.select(ports, networks.c.name.label("net_name"), networks.c.mtu.label("net_mtu"),
+              port_ips.c.subnet_id, port_ips.c.ip_address)
+    .join(networks, networks.c.id == ports.c.network_id)
+    .outerjoin(port_ips, port_ips.c.port_id == ports.c.id)
+    .where(ports.c.device_id == sa.bindparam("iid"), ports.c.device_owner.like("compute:%"))
+    .order_by(ports.c.created_at, ports.c.id)
+)
+_LOOKUP_COLUMNS = (ports.c.id, ports.c.network_id, ports.c.device_id, ports.c.device_owner,
+                   ports.c.project_id, ports.c.mac_address)
+# Neutron's two RPCs in one query: the router's networks, then the ports holding the IP there.
+_LOOKUP_ROUTER = (
+    sa.select(*_LOOKUP_COLUMNS).join(port_ips, port_ips.c.port_id == ports.c.id)
+    .where(port_ips.c.ip_address == sa.bindparam("ip"),
+           port_ips.c.network_id.in_(
+               sa.select(ports.c.network_id).where(
+                   ports.c.device_id == sa.bindparam("ref"),
+                   ports.c.device_owner == DEVICE_OWNER_ROUTER).scalar_subquery()))
+    .order_by(ports.c.id)
+)
+_LOOKUP_NETWORK = (
+    sa.select(*_LOOKUP_COLUMNS).join(port_ips, port_ips.c.port_id == ports.c.id)
+    .where(port_ips.c.ip_address == sa.bindparam("ip"),
+           port_ips.c.network_id == sa.bindparam("ref"))
+    .order_by(ports.c.id)
+)
 
 
 # ---------------------------------------------------------------------- shaping
