@@ -20,13 +20,13 @@ import asyncio
 import contextlib
 import ssl as ssl_module
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import httptools
 
 from openimds.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
 
-__all__ = ["UpstreamPool", "UpstreamResponse"]
+__all__ = ["ResultCallback", "UpstreamPool", "UpstreamResponse"]
 
 # Hop-by-hop headers never forwarded (RFC 9110 §7.6.1), plus framing we recompute.
 HOP_BY_HOP = frozenset({
@@ -57,6 +57,10 @@ class UpstreamResponse:
         return None
 
 
+# Receives the complete answer, or the UpstreamError (or bug) that ended the exchange.
+ResultCallback = Callable[["UpstreamResponse | BaseException"], None]
+
+
 class _Closed(Exception):
     """The connection closed; `got_bytes` says whether any answer had started."""
 
@@ -67,12 +71,18 @@ class _Closed(Exception):
 
 class _Conn(asyncio.Protocol):
     __slots__ = ("_body", "_done", "_headers", "_head_only", "_max", "_parser", "_raw",
-                 "_raw_len", "_status", "closed", "transport", "waiter")
+                 "_raw_len", "_status", "closed", "deadline", "on_result", "timed_out",
+                 "timer", "transport", "waiter")
 
     def __init__(self, max_response_bytes: int) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.waiter: asyncio.Future[UpstreamResponse] | None = None
+        self.on_result: ResultCallback | None = None
+        # Callback exchanges: one timer per connection, moved lazily (see UpstreamPool.send).
+        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0
+        self.timed_out = False
         self._max = max_response_bytes
         self._parser: httptools.HttpResponseParser | None = None
         self._raw: list[bytes] = []
@@ -89,15 +99,65 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._pending():
+            self._settle(_Closed(self._raw_len > 0))
+
+    def _pending(self) -> bool:
+        waiter = self.waiter
+        return self.on_result is not None or (waiter is not None and not waiter.done())
+
+    def _settle(self, result: UpstreamResponse | BaseException) -> None:
+        """Hand the outcome to whoever waits: a callback (at once) or a future."""
+        callback = self.on_result
+        if callback is not None:
+            self.on_result = None
+            callback(result)
+            return
         waiter = self.waiter
         if waiter is not None and not waiter.done():
-            waiter.set_exception(_Closed(self._raw_len > 0))
+            if isinstance(result, BaseException):
+                waiter.set_exception(result)
+            else:
+                waiter.set_result(result)
 
     def begin(self, data: bytes, head_only: bool) -> asyncio.Future[UpstreamResponse]:
-        assert self.transport is not None
         loop = asyncio.get_running_loop()
         self.waiter = loop.create_future()
-        self._parser = httptools.HttpResponseParser(self)
+        self._start(data, head_only)
+        return self.waiter
+
+    def begin_with_callback(
+        self, data: bytes, head_only: bool, callback: ResultCallback, timeout_s: float,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self.waiter = None
+        self.on_result = callback
+        self.timed_out = False
+        self.deadline = loop.time() + timeout_s
+        timer = self.timer
+        if timer is not None and timer.when() > self.deadline:
+            timer.cancel()
+            timer = None
+        if timer is None:
+            self.timer = loop.call_at(self.deadline, self._on_timer)
+        self._start(data, head_only)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        if self.on_result is None:
+            return  # idle: the next exchange arms it again
+        loop = asyncio.get_running_loop()
+        if loop.time() < self.deadline:
+            self.timer = loop.call_at(self.deadline, self._on_timer)
+            return
+        self.timed_out = True
+        self.close()  # connection_lost settles the exchange
+
+    def _start(self, data: bytes, head_only: bool) -> None:
+        assert self.transport is not None
+        if self._parser is None:
+            # One parser per connection: llhttp starts over after each complete answer.
+            self._parser = httptools.HttpResponseParser(self)
         self._raw = []
         self._raw_len = 0
         self._headers = []
@@ -106,27 +166,24 @@ class _Conn(asyncio.Protocol):
         self._head_only = head_only
         self._done = False
         self.transport.write(data)
-        return self.waiter
 
     def data_received(self, data: bytes) -> None:
-        waiter = self.waiter
-        if waiter is None or waiter.done() or self._parser is None:
+        if not self._pending() or self._parser is None:
             # Bytes nobody asked for: the connection is out of step; drop it.
             self.close()
             return
         self._raw.append(data)
         self._raw_len += len(data)
         if self._raw_len > self._max:
-            waiter.set_exception(UpstreamProtocolError(
-                f"upstream answer exceeds {self._max} bytes"))
             self.close()
+            self._settle(UpstreamProtocolError(f"upstream answer exceeds {self._max} bytes"))
             return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            if not waiter.done():
-                waiter.set_exception(UpstreamProtocolError(f"garbled upstream answer: {exc}"))
             self.close()
+            if self._pending():
+                self._settle(UpstreamProtocolError(f"garbled upstream answer: {exc}"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name.lower(), value))
@@ -156,16 +213,16 @@ class _Conn(asyncio.Protocol):
         if self._done:
             return
         self._done = True
-        waiter = self.waiter
-        raw = b"".join(self._raw)
+        raw = self._raw[0] if len(self._raw) == 1 else b"".join(self._raw)
         body = b"".join(self._body)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(
-                UpstreamResponse(self._status, self._headers, body, raw, keep_alive)
-            )
+        if self._pending():
+            self._settle(UpstreamResponse(self._status, self._headers, body, raw, keep_alive))
 
     def close(self) -> None:
         self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.transport is not None:
             self.transport.close()
 
@@ -191,7 +248,8 @@ class UpstreamPool:
         self.timeout_s = timeout_s
         self.max_response_bytes = max_response_bytes
         self._idle: deque[_Conn] = deque()
-        self._slots = asyncio.Semaphore(size)
+        self._free = size  # connection slots not in use
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
         if unix_path is not None:
             self._host_header = b"localhost"
             self.where = f"unix:{unix_path}"
@@ -251,12 +309,7 @@ class UpstreamPool:
         data = self.encode_request(method, target, headers, body)
         head_only = method == "HEAD"
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        try:
-            await asyncio.wait_for(self._slots.acquire(), self.connect_timeout_s)
-        except TimeoutError:
-            raise UpstreamUnavailable(
-                f"all {self.size} connections to {self.where} busy"
-            ) from None
+        await self._acquire()
         try:
             for attempt in (0, 1):
                 conn, reused = self._take_idle()
@@ -287,7 +340,93 @@ class UpstreamPool:
                 return resp
             raise AssertionError("unreachable")  # pragma: no cover
         finally:
-            self._slots.release()
+            self._release()
+
+    async def _acquire(self) -> None:
+        if self._free > 0:
+            self._free -= 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, self.connect_timeout_s)
+        except TimeoutError:
+            raise UpstreamUnavailable(
+                f"all {self.size} connections to {self.where} busy"
+            ) from None
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # handed a slot just as we were cancelled: pass it on
+            raise
+
+    def _release(self) -> None:
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes straight to the next waiter
+                return
+        self._free += 1
+
+    def send(
+        self, method: str, target: str, headers: Iterable[tuple[bytes, bytes]], body: bytes,
+        on_result: ResultCallback, *, timeout_s: float | None = None,
+    ) -> None:
+        """`request()` for callback-style callers: `on_result(answer or error)` is called once.
+
+        In the steady state (a free slot and an idle pooled connection) no Task, future or
+        wait_for is involved and `on_result` runs straight from the read callback; otherwise
+        (connecting, waiting for a slot, retrying a stale connection) it runs `request()` in a
+        Task. Same rules and errors as `request()`.
+        """
+        conn = None
+        if self._free > 0:
+            conn, _ = self._take_idle()
+        if conn is None:
+            self._send_slow(method, target, headers, body, on_result, timeout_s)
+            return
+        headers = list(headers)
+        self._free -= 1
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+
+        def done(result: UpstreamResponse | BaseException) -> None:
+            if isinstance(result, UpstreamResponse):
+                if result.keep_alive and not conn.closed:
+                    self._idle.append(conn)
+                else:
+                    conn.close()
+                self._release()
+                on_result(result)
+                return
+            conn.close()
+            self._release()
+            if conn.timed_out:
+                on_result(UpstreamTimeout(f"no answer from {self.where} within {timeout}s"))
+            elif isinstance(result, _Closed) and not result.got_bytes:
+                # The upstream closed the idle connection first: once more, fresh.
+                self._send_slow(method, target, headers, body, on_result, timeout_s)
+            elif isinstance(result, _Closed):
+                on_result(UpstreamProtocolError(
+                    f"{self.where} closed the connection before a complete answer"))
+            else:
+                on_result(result)
+
+        conn.begin_with_callback(
+            self.encode_request(method, target, headers, body), method == "HEAD", done, timeout)
+
+    def _send_slow(
+        self, method: str, target: str, headers: Iterable[tuple[bytes, bytes]], body: bytes,
+        on_result: ResultCallback, timeout_s: float | None,
+    ) -> None:
+        task = asyncio.ensure_future(
+            self.request(method, target, headers, body, timeout_s=timeout_s))
+
+        def done(t: asyncio.Future[UpstreamResponse]) -> None:
+            if t.cancelled():
+                on_result(UpstreamUnavailable(f"request to {self.where} cancelled"))
+            else:
+                on_result(t.exception() or t.result())
+
+        task.add_done_callback(done)
 
     def _take_idle(self) -> tuple[_Conn | None, bool]:
         while self._idle:
