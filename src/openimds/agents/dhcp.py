@@ -53,7 +53,14 @@ from openimds.core import names
 from openimds.core.proxy_rules import ListenerSpec, render_listener_spec
 from openimds.errors import ConfigError, OpenImdsError
 from openimds.host import links
-from openimds.host.supervise import Child, ChildSpec, pid_alive, signal_pid, stop_pid
+from openimds.host.supervise import (
+    Child,
+    ChildFailed,
+    ChildSpec,
+    pid_alive,
+    signal_pid,
+    stop_pid,
+)
 from openimds.registry.client import AsyncRegistryClient
 from openimds.registry.feed import ChangeFollower
 
@@ -61,6 +68,7 @@ log = logging.getLogger(__name__)
 
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 RETRY_MIN_S = 0.5
+RETRY_S = 2.0  # a failed converge is tried again this soon
 RETRY_MAX_S = 10.0
 # Change kinds that can alter a DHCP plan (router interfaces arrive as port changes).
 RELEVANT_KINDS = frozenset({"network", "subnet", "port", "instance"})
@@ -133,6 +141,8 @@ class DhcpAgent:
         self.proxy_pid_file = settings.path("proxy", "proxy.pid")
         self.served: dict[str, _Served] = {}
         self._bridge_candidates: set[str] = set()
+        self.failed: set[str] = set()  # networks the last converge could not finish
+        self._retry = asyncio.Event()
         self.stop_event = asyncio.Event()
         self.exit_code = 0
         self._lock = asyncio.Lock()
@@ -336,18 +346,28 @@ class DhcpAgent:
         (unchanged plans write nothing and signal nothing)."""
         async with self._lock:
             networks = dm.networks_from_topology(topology)
+            failed: set[str] = set()
             for network in networks.values():
                 try:
                     await self.converge_network(network)
+                    continue
+                except ChildFailed as exc:
+                    log.error("dhcp.converge_failed network=%s reason=dnsmasq %s log=%r",
+                              network.id, exc.reason, exc.log_tail[-500:])
                 except (OpenImdsError, OSError) as exc:
                     log.error("dhcp.converge_failed network=%s reason=%s", network.id, exc)
                 except Exception:
                     log.exception("dhcp.converge_failed network=%s", network.id)
+                failed.add(network.id)
             for network_id in (set(self.served) | self.owned_networks()) - set(networks):
                 try:
                     await self.remove_network(network_id)
                 except Exception:
                     log.exception("dhcp.remove_failed network=%s", network_id)
+                    failed.add(network_id)
+            self.failed = failed
+            if failed:
+                self._retry.set()
             for network_id in self._bridge_candidates - set(networks):
                 self._bridge_candidates.discard(network_id)
                 try:
@@ -397,8 +417,14 @@ class DhcpAgent:
             await follower.aclose()
 
     async def resync_periodically(self, client: AsyncRegistryClient) -> None:
+        """A full reload every [dhcp] resync_interval, and RETRY_MIN_S after a failed one."""
         while True:
-            await asyncio.sleep(self.settings.dhcp.resync_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._retry.wait(), self.settings.dhcp.resync_interval)
+            if self._retry.is_set():
+                self._retry.clear()
+                await asyncio.sleep(RETRY_S)
+                log.info("dhcp.retry networks=%s", sorted(self.failed))
             await self.reload(client)
 
 

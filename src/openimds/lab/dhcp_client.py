@@ -177,18 +177,50 @@ def _run_dhclient(namespace: str, interface: str, timeout_s: float) -> Lease:
 
 
 def _stop_pid_file(pid_file: Path) -> None:
-    """dhclient -1 daemonizes once bound: stop it by the PID it wrote."""
-    try:
-        pid = int(pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+    """dhclient -1 daemonizes once bound: stop it by its PID.
+
+    The daemon writes its pid file a moment after the parent exits, so wait for it; and stop
+    any process whose command line names this (unique, private) pid file as well.
+    """
+    marker = str(pid_file).encode()
+    deadline = time.monotonic() + 3
+    pids: set[int] = set()
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            pids.add(int(pid_file.read_text().strip()))
+        pids |= _pids_with_arg(marker)
+        if pids:
+            break
         time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+    for pid in sorted(pids):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_running(pid) for pid in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        if _running(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _pids_with_arg(marker: bytes) -> set[int]:
+    found: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if marker in Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0"):
+                    found.add(int(entry))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] not in (b"Z", b"X")
 
 
 def _lease_from_dhclient(leases: str, namespace: str, interface: str) -> Lease:
