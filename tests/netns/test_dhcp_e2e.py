@@ -87,10 +87,11 @@ def tenant(stack: Any, tag: str, *, gateway: bool = False) -> dict[str, Any]:
     user_data = f"#cloud-config\nhostname: vm-{tag}\n"
     server = c.create_instance(f"server-{tag}", net["id"], project_id=pid, fixed_ip="10.0.0.5",
                                user_data=base64.b64encode(user_data.encode()).decode())
-    dhcp_ip = next(p["fixed_ips"][0]["ip_address"] for p in c.topology()["ports"]
-                   if p["network_id"] == net["id"] and p["device_owner"] == "network:dhcp")
+    dhcp_port = next(p for p in c.topology()["ports"]
+                     if p["network_id"] == net["id"] and p["device_owner"] == "network:dhcp")
     return {"project": project, "network": net, "subnet": subnet, "server": server,
-            "user_data": user_data, "dhcp_ip": dhcp_ip}
+            "user_data": user_data, "dhcp_ip": dhcp_port["fixed_ips"][0]["ip_address"],
+            "dhcp_port_id": dhcp_port["id"]}
 
 
 def spec_path(stack: Any, network_id: str) -> Path:
@@ -242,6 +243,25 @@ def test_dnsmasq_killed_is_respawned_and_leases_served(
     routes = plug_dhcp(stack, sid)
     assert f"169.254.169.254 via {t['dhcp_ip']} dev eth0" in routes
     assert wait_metadata(stack, sid)["uuid"] == sid
+
+    # the agent is SIGKILLed (its dnsmasq lives on in its own session) and restarted: it
+    # converges to one dnsmasq, one tap, one listener
+    stack.services["dhcp-agent"].kill()
+    stack.stop("dhcp-agent")
+    stack.start("dhcp-agent")
+    newest = stack.wait(lambda: (p := dnsmasq_pid(confs_dir, net)) != new and pid_alive(p) and p,
+                        20, "dnsmasq of the restarted agent")
+    stack.wait(lambda: not pid_alive(new), 10, "the orphaned dnsmasq stopped")
+    marker = f"--pid-file={confs_dir / net / 'pid'}".encode()
+    running = [p for p in os.listdir("/proc") if p.isdigit() and pid_alive(int(p))
+               and marker in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")]
+    assert running == [str(newest)]
+    with links.netlink(dhcp_namespace(net)) as nl:
+        assert sorted(lk.name for lk in nl.links()) == ["lo", f"tap{t['dhcp_port_id'][:11]}"]
+    assert spec_path(stack, net).exists()
+    routes = plug_dhcp(stack, sid)
+    assert f"169.254.169.254 via {t['dhcp_ip']} dev eth0" in routes
+    new = newest
 
     # stopping everything leaves nothing of the network behind
     tap_ns = dhcp_namespace(net)
