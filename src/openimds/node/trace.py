@@ -99,6 +99,15 @@ def judge_route(route_json: str, via: str | None) -> str:
     return f"{METADATA_IP} via {gateway or 'on-link'} dev {dev}"
 
 
+def route_source(route_json: str) -> str | None:
+    """The source address the VM uses toward 169.254.169.254 (what the proxy will see)."""
+    try:
+        routes = json.loads(route_json or "[]")
+    except json.JSONDecodeError:
+        return None
+    return str(routes[0]["prefsrc"]) if routes and routes[0].get("prefsrc") else None
+
+
 def judge_nft_redirect(ruleset: str, port: int) -> str:
     """The router's nft ruleset must REDIRECT 169.254.169.254:80 to port."""
     text = " ".join(ruleset.split())
@@ -372,7 +381,13 @@ def probe_vm_route(ctx: TraceContext) -> str:
         via = ctx.dhcp_ip
     proc = run(["ip", "-n", ctx.vm_ns, "-j", "route", "get", METADATA_IP], check=False,
                timeout_s=10)
-    return judge_route(proc.stdout if proc.returncode == 0 else "", via)
+    text = proc.stdout if proc.returncode == 0 else ""
+    detail = judge_route(text, via)
+    source = route_source(text)
+    if source:
+        ctx.extra["source_ip"] = source
+        detail += f" src {source}"
+    return detail
 
 
 def probe_hop_namespace(ctx: TraceContext) -> str:
@@ -453,12 +468,24 @@ def probe_agent_socket(ctx: TraceContext) -> str:
 
 
 def probe_lookup(ctx: TraceContext) -> str:
-    params = {"ip": ctx.ip}
+    # The agent looks up the address the request comes from, which is the VM's source address
+    # toward 169.254.169.254, not necessarily its port's IP (a secondary address, a wrong
+    # manual configuration: Neutron's "instance not found").
+    source = str(ctx.extra.get("source_ip") or ctx.ip)
+    params = {"ip": source}
     if ctx.router_id is not None:
         params["router_id"] = ctx.router_id
+        where = f"ip {source} behind router {ctx.router_id}"
     else:
         params["network_id"] = ctx.network_id
-    return judge_lookup(_get(ctx.http, "/v1/lookup", **params), ctx.instance_id, ctx.where)
+        where = f"ip {source} on network {ctx.network_id}"
+    try:
+        return judge_lookup(_get(ctx.http, "/v1/lookup", **params), ctx.instance_id, where)
+    except CheckFailed as exc:
+        if source != ctx.ip:
+            exc.advice = (f"the VM sends from {source}, not its port's IP {ctx.ip}: the agent "
+                          "cannot map it to the server; make the port's IP its primary address")
+        raise
 
 
 def _api_get(ctx: TraceContext, path: str) -> httpx.Response:
