@@ -56,7 +56,7 @@ from openimds.errors import (
     UpstreamUnavailable,
 )
 from openimds.host.netns import netns_inode, socket_in_netns
-from openimds.http.client import UpstreamPool
+from openimds.http.client import UpstreamPool, UpstreamResponse
 from openimds.http.server import (
     AnyResponse,
     HttpProtocol,
@@ -154,13 +154,36 @@ class Forwarder:
 
         return handle
 
-    async def forward(self, req: Request, headers: list[tuple[bytes, bytes]]) -> AnyResponse:
-        for attempt in range(CONNECT_RETRIES + 1):
+    def forward(self, req: Request, headers: list[tuple[bytes, bytes]]) -> Awaitable[AnyResponse]:
+        """Send upstream; the answer completes the returned future (no Task per request)."""
+        out: asyncio.Future[AnyResponse] = asyncio.get_running_loop().create_future()
+
+        def done(result: UpstreamResponse | BaseException) -> None:
+            if out.done():  # the client went away meanwhile
+                return
+            if isinstance(result, UpstreamResponse):
+                out.set_result(RawResponse(result.raw, close=not result.keep_alive))
+            elif isinstance(result, UpstreamUnavailable):
+                # Connect failed: retry like haproxy's `retries 3`, off the hot path.
+                retry = asyncio.ensure_future(self._forward_retrying(req, headers))
+                retry.add_done_callback(lambda t: _pass_on(t, out))
+            elif isinstance(result, UpstreamError):
+                out.set_result(self._failed(result))
+            else:
+                out.set_exception(result)
+
+        self.pool.send(req.method, req.target, headers, req.body, done)
+        return out
+
+    async def _forward_retrying(
+        self, req: Request, headers: list[tuple[bytes, bytes]],
+    ) -> AnyResponse:
+        for attempt in range(1, CONNECT_RETRIES + 1):
+            await asyncio.sleep(CONNECT_RETRY_DELAY_S)
             try:
                 resp = await self.pool.request(req.method, req.target, headers, req.body)
             except UpstreamUnavailable as exc:
                 if attempt < CONNECT_RETRIES:
-                    await asyncio.sleep(CONNECT_RETRY_DELAY_S)
                     continue
                 return self._failed(exc)
             except UpstreamError as exc:
@@ -172,6 +195,16 @@ class Forwarder:
         status = 504 if isinstance(exc, UpstreamTimeout) else exc.status
         self._errors.report(status, exc.reason)
         return error_response(status, _VM_REASONS.get(status, "metadata proxy error"))
+
+
+def _pass_on(src: asyncio.Future[AnyResponse], dst: asyncio.Future[AnyResponse]) -> None:
+    if dst.done() or src.cancelled():
+        return
+    exc = src.exception()
+    if exc is not None:
+        dst.set_exception(exc)
+    else:
+        dst.set_result(src.result())
 
 
 class _ClientProtocol(HttpProtocol):
