@@ -40,7 +40,7 @@ import shutil
 import signal
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -229,7 +229,7 @@ class DhcpAgent:
             stop_timeout_s=5.0,
         )
 
-    def _on_dnsmasq_exit(self, network_id: str) -> Any:
+    def _on_dnsmasq_exit(self, network_id: str) -> Callable[[Child, int], None]:
         def callback(child: Child, rc: int) -> None:
             log.error("dhcp.dnsmasq_died network=%s pid=%s rc=%d: dnsmasq for network with "
                       "uuid %s not found. The process should not have died",
@@ -284,8 +284,13 @@ class DhcpAgent:
             served.child = await self._start_dnsmasq(plan)
             served.plan = plan
         else:
-            if files_changed and served.child.pid is not None and served.child.running:
-                signal_pid(served.child.pid, signal.SIGHUP)
+            pid = served.child.pid
+            pid_file = Path(dm.DhcpPaths(str(self._conf_dir(network.id))).pid)
+            # Only a dnsmasq that wrote its pid file has its SIGHUP handler (and has read the
+            # files once); one still starting reads the new files anyway.
+            if files_changed and pid is not None and served.child.running \
+                    and _read_pid(pid_file) == pid:
+                signal_pid(pid, signal.SIGHUP)
                 log.info("dhcp.dnsmasq_reload network=%s pid=%d", network.id, served.child.pid)
             served.plan = plan
         if self._set_listener(plan, network.id):
