@@ -1,0 +1,200 @@
+"""`openimds up --demo` as an operator runs it: everything starts in order, the demo VMs read
+their own metadata, a killed child is restarted, SIGTERM stops every child and keeps the
+namespaces, and a second start reuses the generated secrets."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from openimds.config import load_settings
+from openimds.registry.client import RegistryClient
+from tests.support import PYTHON, clean_env
+
+pytestmark = pytest.mark.netns
+
+SERVICES = ("registry", "api", "agent", "proxy", "l3-agent", "dhcp-agent")
+
+
+def children_of(pid: int) -> dict[str, int]:
+    """{service: pid} of the openimds children of pid."""
+    found: dict[str, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_bytes()
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat[stat.rfind(b")") + 2:].split()[1])
+        if ppid != pid or b"openimds" not in argv:
+            continue
+        words = [a.decode() for a in argv if a]
+        for name in SERVICES:
+            if name in words:
+                found[name] = int(entry)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+
+
+class Up:
+    def __init__(self, config: Path, out: Path, *args: str) -> None:
+        self.out = out
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", "openimds", "--config", str(config), "up", *args],
+            stdout=out.open("ab"), stderr=subprocess.STDOUT, env=clean_env(),
+            start_new_session=True,
+        )
+        self.children: dict[str, int] = {}
+
+    def text(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def wait_for(self, needle: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.text():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"up exited {self.proc.returncode}:\n{self.text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {needle!r} after {timeout}s:\n{self.text()}")
+            time.sleep(0.1)
+        self.children = children_of(self.proc.pid)
+
+    def stop(self, timeout: float = 90) -> int:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill_all(self) -> None:
+        """Finalizer: whatever happened, nothing of this up survives (by PID)."""
+        kids = children_of(self.proc.pid) if self.proc.poll() is None else {}
+        kids.update(self.children)
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        for pid in kids.values():
+            if alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def ups() -> Iterator[list[Up]]:
+    started: list[Up] = []
+    yield started
+    for up in started:
+        up.kill_all()
+
+
+def test_up_demo_restart_stop_and_reuse(
+    make_stack: Callable[..., Any], ups: list[Up], tmp_path: Path,
+) -> None:
+    # The stack fixture gives a config (free ports, its own state_path) and, at the end,
+    # removes every namespace and link the registry ever described; `up` runs everything.
+    stack = make_stack(start=False, overrides={"dhcp": {"dnsmasq_user": "root"}})
+    cfg = stack.config.read_text()
+    # let `up` generate the secrets: drop them from the config
+    cfg = re.sub(r"^(metadata_proxy_shared_secret|admin_token|reader_token) = .*\n", "", cfg,
+                 flags=re.M)
+    stack.config.write_text(cfg)
+    up = Up(stack.config, tmp_path / "up.out", "--demo")
+    ups.append(up)
+    up.wait_for("The demo is ready", timeout=180)
+    text = up.text()
+    order = [m.group(1) for m in re.finditer(r"✓ (\S+) +ready", text)]
+    assert order == list(SERVICES), text
+    assert "vm exec demo-a -- curl -s http://169.254.169.254/openstack/latest/meta_data.json" \
+        in text
+    for step in ("network demo-iso-net", "plug VM demo-c (--dhcp)", "demo-c reads its metadata"):
+        assert step in text
+
+    secrets = stack.state / "secrets.ini"
+    assert secrets.stat().st_mode & 0o777 == 0o600
+    first_secrets = secrets.read_text()
+    # the CLI on this host reads the same secrets: the registry answers it
+    stack.settings = load_settings(str(stack.config), environ={})
+    stack.client.close()
+    stack.client = RegistryClient.from_settings(stack.settings, admin=True)
+
+    uuids = {}
+    for server in ("demo-a", "demo-b", "demo-c"):
+        out = stack.vm_exec(server, "curl", "-s", "-m", "10",
+                            "http://169.254.169.254/openstack/latest/meta_data.json").stdout
+        doc = json.loads(out)
+        assert doc["name"] == server
+        assert doc["public_keys"]
+        uuids[server] = doc["uuid"]
+    assert len(set(uuids.values())) == 3
+    ud = stack.vm_exec("demo-a", "curl", "-s", "-m", "10",
+                       "http://169.254.169.254/openstack/latest/user_data").stdout
+    assert ud.startswith("#cloud-config")
+    route = stack.vm_exec("demo-c", "ip", "route").stdout
+    assert "169.254.169.254" in route
+    for server in ("demo-a", "demo-c"):
+        trace = stack.cli("trace", server, check=False)
+        assert trace.returncode == 0 and "all hops OK" in trace.stdout, trace.stdout
+
+    # a killed child is restarted (logged) and serves again
+    old_agent = up.children["agent"]
+    os.kill(old_agent, signal.SIGKILL)
+    stack.wait(lambda: children_of(up.proc.pid).get("agent", old_agent) != old_agent, 20,
+               "a new agent")
+    assert re.search(r"supervise\.exited name=agent pid=\d+ rc=-9", up.text())
+    stack.wait(lambda: json.loads(stack.vm_exec(
+        "demo-a", "curl", "-s", "-m", "5",
+        "http://169.254.169.254/openstack/latest/meta_data.json").stdout)["uuid"]
+        == uuids["demo-a"], 20, "metadata after the agent restart")
+
+    # SIGTERM stops every child, in reverse order, and removes nothing
+    children = children_of(up.proc.pid)
+    assert set(children) == set(SERVICES)
+    assert up.stop() == 0
+    for name, pid in children.items():
+        assert not alive(pid), f"{name} (pid {pid}) survived up"
+    text = up.text()
+    assert "stopping: dhcp-agent, l3-agent, proxy, agent, api, registry" in text
+    assert "stopped." in text
+    for server, uuid in uuids.items():
+        assert Path(f"/run/netns/vm-{uuid[:8]}").exists(), f"{server}'s namespace was removed"
+    specs = list((stack.state / "proxy" / "listeners").glob("*.json"))
+    assert len(specs) >= 3  # two routers + the isolated network
+
+    # a second start reuses the secrets and serves the same VMs again
+    again = Up(stack.config, tmp_path / "up2.out")
+    ups.append(again)
+    again.wait_for("Ctrl-C or SIGTERM stops", timeout=120)
+    assert secrets.read_text() == first_secrets
+    assert "generated" not in again.text()
+    stack.wait(lambda: json.loads(stack.vm_exec(
+        "demo-b", "curl", "-s", "-m", "5",
+        "http://169.254.169.254/openstack/latest/meta_data.json").stdout)["uuid"]
+        == uuids["demo-b"], 30, "metadata after the second start")
+    # one up per state_path
+    second = subprocess.run([PYTHON, "-m", "openimds", "--config", str(stack.config), "up"],
+                            capture_output=True, text=True, timeout=30, env=clean_env())
+    assert second.returncode == 1 and "another openimds up" in second.stderr
+    assert again.stop() == 0
+    # the stack's teardown needs the registry to list what to remove
+    stack.start("registry")
