@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 STATS_PATH = "/openimds-agent/stats"
 MODE_MAP = {"user": 0o644, "group": 0o664, "all": 0o666}
 _RECHECK_INTERVAL_S = 1.0
+_MEMO_MAX = 65536  # parsed callers and signatures kept (a dict; cleared when full)
+_IDENTITY_NAMES = frozenset({b"x-forwarded-for", b"x-neutron-router-id", b"x-neutron-network-id"})
 _FEED_RETRY_MIN_S = 0.2
 _FEED_RETRY_MAX_S = 5.0
 _MAX_RECHECK_KEYS = 4096
@@ -274,6 +276,10 @@ class MetadataAgent:
         self._active = 0
         self._recheck_at: dict[tuple[str, str, str], float] = {}
         self.counts: dict[str, int] = {"requests": 0, "saturated": 0, "rechecks": 0}
+        self._access = cfg.access_log
+        # Hot-path memos: the same VM asks again and again (parse ~9 µs, sign ~3 µs).
+        self._callers: dict[tuple[tuple[bytes, bytes], ...], Caller] = {}
+        self._signatures: dict[str, str] = {}
         self.status_counts: dict[int, int] = {}
 
     # -- feed ---------------------------------------------------------------------------
@@ -365,7 +371,7 @@ class MetadataAgent:
             log.debug("Request: %s %s HTTP/%s headers=%s body_bytes=%d", req.method,
                       req.target, req.version, redact(req.headers), len(req.body))
         try:
-            caller = parse_caller(req.headers)
+            caller = self._parse_caller(req.headers)
         except OpenImdsError as exc:
             if req.path == STATS_PATH and self._is_local(req):
                 return self._stats_response()
@@ -377,6 +383,25 @@ class MetadataAgent:
                 503, f"agent saturated: {self._active} requests in flight",
                 headers=[("Retry-After", self._retry_after)]))
         return self._serve(req, caller, t0)
+
+    def _parse_caller(self, headers: list[tuple[bytes, bytes]]) -> Caller:
+        key = tuple([h for h in headers if h[0] in _IDENTITY_NAMES])
+        caller = self._callers.get(key)
+        if caller is None:
+            caller = parse_caller(key)  # raises for bad input: errors are never memoised
+            if len(self._callers) >= _MEMO_MAX:
+                self._callers.clear()
+            self._callers[key] = caller
+        return caller
+
+    def _sign(self, instance_id: str) -> str:
+        sig = self._signatures.get(instance_id)
+        if sig is None:
+            sig = sign_instance_id(self._secret, instance_id)
+            if len(self._signatures) >= _MEMO_MAX:
+                self._signatures.clear()
+            self._signatures[instance_id] = sig
+        return sig
 
     async def _serve(self, req: Request, caller: Caller, t0: float) -> AnyResponse:
         self._active += 1
@@ -421,7 +446,7 @@ class MetadataAgent:
     ) -> UpstreamResponse:
         headers = rewrite_request_headers(
             req.headers, forwarded_for=caller.ip, instance_id=res.instance_id,
-            tenant_id=res.project_id, signature=sign_instance_id(self._secret, res.instance_id),
+            tenant_id=res.project_id, signature=self._sign(res.instance_id),
             method=req.method.encode(), body_length=len(req.body),
         )
         resp = await self._upstream.request(req.method, req.target, headers, req.body)
@@ -465,7 +490,7 @@ class MetadataAgent:
         code = status if status is not None else (
             resp.status if isinstance(resp, Response) else 0)
         self.status_counts[code] = self.status_counts.get(code, 0) + 1
-        if access_log.isEnabledFor(logging.INFO):
+        if self._access and access_log.isEnabledFor(logging.INFO):
             if caller is not None:
                 kind, ident = caller.scope
                 who = f"ip={caller.ip} {kind}={ident}"
