@@ -8,7 +8,9 @@ What it does:
 2. crawls the API the way cloud-init does (`/openstack`, the five 2018-08-27 files, the
    recursive `latest/meta-data/` walk) to get the request set and every answer's bytes;
 3. starts a minimal uvloop + httptools server that answers each of those paths with the same
-   bytes (status line, Content-Type, Content-Length, ETag, body), nothing else;
+   bytes (status line, Content-Type, Content-Length, ETag, body), nothing else; and the same
+   lookup on our own HTTP layer (`openimds.http.server`, "layer"), to split the API's cost
+   into the HTTP layer's and the handler's;
 4. runs wrk (keep-alive, `-t min(2,c)`, a Lua script cycling through the request set with the
    agent's signed headers) against both, interleaved per round and per connection count, and
    prints requests/s, p50/p99 and server CPU µs per request, with per-round ratios API/minimal
@@ -83,6 +85,24 @@ async def main():
     await srv.serve_forever()
 
 uvloop.install()
+asyncio.run(main())
+'''
+
+LAYER_SERVER = r'''
+import asyncio, base64, json, sys
+from openimds.http.server import RawResponse, Response, bind_tcp, install_uvloop, serve
+
+answers = {p: RawResponse(base64.b64decode(v)) for p, v in json.load(open(sys.argv[1])).items()}
+missing = Response(404, b"")
+
+def handle(req):
+    return answers.get(req.path, missing)
+
+async def main():
+    await serve(handle, bind_tcp("127.0.0.1", int(sys.argv[2])))
+    await asyncio.Event().wait()
+
+install_uvloop()
 asyncio.run(main())
 '''
 
@@ -225,6 +245,10 @@ def main() -> int:
             minimal = Service("minimal", [PYTHON, "-c", MINIMAL_SERVER,
                                           str(tmp / "answers.json"), str(mport)], tmp)
             minimal.start().wait_until(tcp_ready("127.0.0.1", mport))
+            lport = free_port()
+            layer = Service("layer", [PYTHON, "-c", LAYER_SERVER, str(tmp / "answers.json"),
+                                      str(lport)], tmp, env={"PYTHONPATH": str(REPO / "src")})
+            layer.start().wait_until(tcp_ready("127.0.0.1", lport))
             try:
                 script = tmp / "set.lua"
                 script.write_text(WRK_SCRIPT % {
@@ -233,6 +257,7 @@ def main() -> int:
                                          for k, v in headers.items()),
                 })
                 servers = {"api": (api_url, api.pid),
+                           "layer": (f"http://127.0.0.1:{lport}", layer.pid),
                            "minimal": (f"http://127.0.0.1:{mport}", minimal.pid)}
                 print(f"request set: {len(paths)} requests per cloud-init boot; "
                       f"{args.rounds} rounds x {conns} connections, {args.duration}s each",
@@ -254,6 +279,7 @@ def main() -> int:
                 report(results, conns, args.rounds)
             finally:
                 minimal.stop()
+                layer.stop()
     return 0
 
 
@@ -263,7 +289,7 @@ def report(results: dict[tuple[str, int], list[dict[str, float]]], conns: list[i
     print("| conns | server | req/s (median, min-max) | p50 ms | p99 ms | CPU µs/req | errors |")
     print("|---|---|---|---|---|---|---|")
     for c in conns:
-        for name in ("api", "minimal"):
+        for name in ("api", "layer", "minimal"):
             rs = results[(name, c)]
             rps = [r["rps"] for r in rs]
             print(f"| {c} | {name} | {statistics.median(rps):,.0f} "
@@ -272,17 +298,19 @@ def report(results: dict[tuple[str, int], list[dict[str, float]]], conns: list[i
                   f"| {statistics.median(r['p99'] for r in rs):.2f} "
                   f"| {statistics.median(r['cpu_us'] for r in rs):.1f} "
                   f"| {int(sum(r['errors'] for r in rs))} |")
-    print()
-    print("| conns | api/minimal req/s (median of per-round ratios, min-max) "
-          "| CPU/req ratio | p99 ratio |")
-    print("|---|---|---|---|")
-    for c in conns:
-        a, m = results[("api", c)], results[("minimal", c)]
-        ratios = [a[i]["rps"] / m[i]["rps"] for i in range(rounds)]
-        cpu = [a[i]["cpu_us"] / m[i]["cpu_us"] for i in range(rounds)]
-        p99 = [a[i]["p99"] / m[i]["p99"] for i in range(rounds)]
-        print(f"| {c} | {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) "
-              f"| {statistics.median(cpu):.2f} | {statistics.median(p99):.2f} |")
+    for num, den in (("api", "minimal"), ("api", "layer"), ("layer", "minimal")):
+        print()
+        print(f"| conns | {num}/{den} req/s (median of per-round ratios, min-max) "
+              "| CPU/req ratio | p99 ratio |")
+        print("|---|---|---|---|")
+        for c in conns:
+            a, m = results[(num, c)], results[(den, c)]
+            ratios = [a[i]["rps"] / m[i]["rps"] for i in range(rounds)]
+            cpu = [a[i]["cpu_us"] / m[i]["cpu_us"] for i in range(rounds)]
+            p99 = [a[i]["p99"] / m[i]["p99"] for i in range(rounds)]
+            print(f"| {c} | {statistics.median(ratios):.2f} "
+                  f"({min(ratios):.2f}-{max(ratios):.2f}) "
+                  f"| {statistics.median(cpu):.2f} | {statistics.median(p99):.2f} |")
 
 
 if __name__ == "__main__":
