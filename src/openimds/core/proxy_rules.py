@@ -161,14 +161,33 @@ def is_spoofable(name: bytes) -> bool:
     return canon in _STRIPPED_NAMES or canon.startswith(_STRIPPED_PREFIXES)
 
 
-def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+def _connection_tokens(value: bytes) -> set[bytes]:
+    tokens = {t.strip().lower() for t in value.split(b",")}
+    tokens.discard(b"")
     # A client may not make us drop the Host header by listing it in Connection.
     tokens.discard(b"host")
-    return frozenset(tokens)
+    return tokens
+
+
+_KEEP, _DROP, _CONNECTION = 0, 1, 2
+# Decisions per header name as sent (names repeat: host, user-agent, accept ...). A pure
+# function's memo, bounded because the names come from VMs.
+_DECISIONS: dict[bytes, int] = {}
+_MAX_DECISIONS = 4096
+
+
+def _decide(name: bytes) -> int:
+    low = name.lower()
+    if low == b"connection":
+        decision = _CONNECTION
+    elif low in _HOP_BY_HOP or is_spoofable(name):
+        decision = _DROP
+    else:
+        decision = _KEEP
+    if len(_DECISIONS) >= _MAX_DECISIONS:
+        _DECISIONS.clear()
+    _DECISIONS[name] = decision
+    return decision
 
 
 def rewrite_headers(
@@ -178,14 +197,19 @@ def rewrite_headers(
 
     `added` is what the proxy sets: `proxy_headers(peer, spec)`.
     """
-    headers = list(headers)
-    listed = _connection_tokens(headers)
     out = []
-    for name, value in headers:
-        low = name.lower()
-        if low in _HOP_BY_HOP or low in listed or is_spoofable(name):
-            continue
-        out.append((name, value))
+    listed: set[bytes] | None = None
+    decisions = _DECISIONS
+    for item in headers:
+        decision = decisions.get(item[0])
+        if decision is None:
+            decision = _decide(item[0])
+        if decision == _KEEP:
+            out.append(item)
+        elif decision == _CONNECTION:
+            listed = _connection_tokens(item[1]) | (listed or set())
+    if listed:
+        out = [item for item in out if item[0].lower() not in listed]
     out.extend(added)
     return out
 

@@ -147,10 +147,16 @@ class Forwarder:
     def handler_for(self, spec: ListenerSpec) -> Callable[[Request], Awaitable[AnyResponse]]:
         """The request handler of one listener."""
         forward = self.forward
+        last_host = ""
+        last_added: tuple[tuple[bytes, bytes], ...] = ()
 
         def handle(req: Request) -> Awaitable[AnyResponse]:
-            added = proxy_headers(req.peer[0] if req.peer else "0.0.0.0", spec)
-            return forward(req, rewrite_headers(req.headers, added))
+            nonlocal last_host, last_added
+            host = req.peer[0] if req.peer else "0.0.0.0"
+            if host != last_host:  # the same VM usually asks many times in a row
+                last_added = proxy_headers(host, spec)
+                last_host = host
+            return forward(req, rewrite_headers(req.headers, last_added))
 
         return handle
 
