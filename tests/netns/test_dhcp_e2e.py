@@ -69,7 +69,8 @@ def confs_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def dhcp_stack(make_stack: Callable[..., Any], confs_dir: Path) -> Any:
+def dhcp_stack(confs_dir: Path, make_stack: Callable[..., Any]) -> Any:
+    # confs_dir first: it is torn down last, after the stack stopped the agent
     return make_stack(dhcp=True, overrides={
         "DEFAULT": {"enable_isolated_metadata": True, "dhcp_lease_duration": 300},
         "dhcp": {"dhcp_confs": str(confs_dir)},
@@ -225,7 +226,7 @@ def test_router_attach_and_detach_flip_metadata_path(dhcp_stack: Any, confs_dir:
 
 
 def test_dnsmasq_killed_is_respawned_and_leases_served(
-    make_stack: Callable[..., Any], confs_dir: Path,
+    confs_dir: Path, make_stack: Callable[..., Any],
 ) -> None:
     stack = make_stack(dhcp=True, l3=False, overrides={
         "DEFAULT": {"enable_isolated_metadata": True},
