@@ -293,3 +293,52 @@ def test_dnsmasq_accepts_rendered_files(tmp_path: Path) -> None:
     proc = subprocess.run([*argv, "--test"], capture_output=True, text=True, timeout=10)
     assert proc.returncode == 0, proc.stderr
     assert "syntax check OK" in proc.stderr
+
+
+# --- remaining branches -------------------------------------------------------------------
+
+def test_metadata_network_listener_is_router_scoped() -> None:
+    both = MetadataFlags(enable_isolated_metadata=True, enable_metadata_network=True)
+    assert both.serves_metadata and not MetadataFlags().serves_metadata
+    rport = router("169.254.0.1")
+    meta = network([subnet(cidr="169.254.0.0/16", gw="169.254.0.1")],
+                   [port(DHCP_PORT, "network:dhcp", [(SUB, "169.254.0.2")], "fa:16:3e:00:00:02"),
+                    rport])
+    assert dm.metadata_router_id(both, meta) == "dev"
+    plan = dm.plan_network(meta, both, "/d", lease_duration_s=60)
+    assert plan is not None and plan.metadata and plan.router_id == "dev"
+    # no router port: network-scoped; option off or no 169.254 subnet: None
+    no_router = network([subnet(cidr="169.254.0.0/16", gw="169.254.0.1")], [dhcp()])
+    assert dm.metadata_router_id(both, no_router) is None
+    assert dm.metadata_router_id(ISOLATED, meta) is None
+    assert dm.metadata_router_id(both, network([subnet()], [router()])) is None
+
+
+def test_ipv6_subnets_are_not_metadata_networks_and_ips_compare_by_value() -> None:
+    v6 = dm.DhcpSubnet("s6", NET, "fe80::/64", 6, None, True)
+    assert not dm.has_metadata_subnet([v6])
+    # values ipaddress rejects (leading zeros) still compare, as text
+    odd = network([subnet(gw="10.0.0.001")], [router("10.0.0.001")])
+    assert dm.isolated_subnets(odd) == {SUB: False}
+
+
+def test_no_dhcp_port_means_no_metadata_route_and_no_ips() -> None:
+    net = network([subnet(gw=None)], [vm()])
+    assert dm.dhcp_ips_by_subnet(net) == {}
+    assert dm.render_opts(net, ISOLATED).splitlines() == [
+        f"{T},option:dns-server", f"{T},option:router"]
+
+
+def test_default_host_route_does_not_override_gateway() -> None:
+    s = subnet(host_routes=[{"destination": "0.0.0.0/0", "nexthop": "10.0.0.254"}])
+    lines = dm.render_opts(network([s], [dhcp(), router()]), OFF).splitlines()
+    assert lines[-1] == f"{T},option:router,10.0.0.1"
+    assert lines[1].endswith("169.254.169.254/32,10.0.0.1,0.0.0.0/0,10.0.0.1")
+
+
+def test_ipv6_sibling_is_not_an_on_link_route() -> None:
+    v6 = {"id": SUB2, "network_id": NET, "cidr": "2001:db8::/64", "ip_version": 6,
+          "gateway_ip": None, "enable_dhcp": True}
+    lines = dm.render_opts(network([subnet(), v6], [dhcp()]), ISOLATED).splitlines()
+    assert "2001:db8" not in "".join(lines)
+    assert len(lines) == 4  # the IPv6 subnet gets no options
