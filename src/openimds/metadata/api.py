@@ -75,6 +75,7 @@ PASSWORD_MAX = 1020  # Nova: 4 chunks of 255 characters
 SEED_BYTES = 512
 RECENT_CHANGES = 4096
 PATH_MEMO = 4096
+MEMO_KEY_MAX = 128  # longer paths / ids are not memoised (bounds the memos' memory)
 # Pre-encoded answers per instance: how many, and only small ones (a large user-data would
 # otherwise be held twice per path alias).
 WIRE_MAX_DOCS = 256
@@ -109,6 +110,9 @@ class _Flight:
 
 class _Unavailable(Exception):
     """The registry could not answer a miss: 503."""
+
+
+_EPOCH = datetime.date(1970, 1, 1)
 
 
 def _today() -> datetime.date:
@@ -186,9 +190,10 @@ class MetadataApi:
         path = self._paths.get(req.path)
         if path is None:
             path = normalize_path(req.path)
-            if len(self._paths) >= PATH_MEMO:
-                self._paths.clear()
-            self._paths[req.path] = path
+            if len(req.path) <= MEMO_KEY_MAX:
+                if len(self._paths) >= PATH_MEMO:
+                    self._paths.clear()
+                self._paths[req.path] = path
         method = req.method
         if path == "/":
             if method not in _GET_HEAD:
@@ -280,9 +285,10 @@ class MetadataApi:
         expected = self._signatures.get(instance_id)
         if expected is None:
             expected = sign_instance_id(self._secret, instance_id).encode()
-            if len(self._signatures) >= SIGNATURE_MEMO:
-                self._signatures.clear()
-            self._signatures[instance_id] = expected
+            if len(instance_id) <= MEMO_KEY_MAX:
+                if len(self._signatures) >= SIGNATURE_MEMO:
+                    self._signatures.clear()
+                self._signatures[instance_id] = expected
         if not signature or not hmac.compare_digest(expected, signature):
             log.warning("api.bad_signature instance=%s", instance_id)
             return self._refuse(req, 403, "Invalid proxy request signature.")
@@ -320,7 +326,8 @@ class MetadataApi:
         if path == TOKEN_PATH:
             return self._put_token(req, docs.instance_id, path)
         try:
-            target = docs.lookup(path, self._today())
+            # only the /openstack version list depends on the date
+            target = docs.lookup(path, self._today() if path == "/openstack" else _EPOCH)
         except NotFound:
             return error_response(404, "no such metadata path")
         if isinstance(target, Document):
