@@ -88,17 +88,29 @@ class Topo:
 
 @pytest.fixture
 def cleanup():
-    """Names to delete at the end, whatever happened: namespaces and links of this netns."""
+    """Names to delete at the end, whatever happened: namespaces and links of this netns.
+
+    Every step is attempted; the first error is raised at the end so a leak is not silent.
+    """
     namespaces: list[str] = []
     bridges: list[str] = []
     yield namespaces, bridges
+    errors: list[BaseException] = []
     for ns in namespaces:
-        vm.unplug_namespace(ns)
+        try:
+            vm.unplug_namespace(ns)
+        except Exception as exc:
+            errors.append(exc)
     with links.netlink() as nl:
         for name in bridges:
-            for port in nl.bridge_ports(name):
-                nl.delete_link(port.name)
-            nl.delete_link(name)
+            try:
+                for port in nl.bridge_ports(name):
+                    nl.delete_link(port.name)
+                nl.delete_link(name)
+            except Exception as exc:
+                errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 def make_settings(tmp_path: Path, **sections):

@@ -169,7 +169,12 @@ class Netlink:
         found = self._ipr.link_lookup(ifname=name)
         if not found:
             return None
-        return _link_info(self._ipr.get_links(found[0])[0])
+        try:
+            return _link_info(self._ipr.get_links(found[0])[0])
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:  # deleted between the two calls
+                return None
+            raise
 
     def _index(self, name: str) -> int:
         found = self._ipr.link_lookup(ifname=name)
