@@ -178,9 +178,9 @@ class Registry:
         return resp.json() if resp.content else {}
 
 
-def build_topology(settings: Settings, n: int, r: int, i: int) -> Topology:
+def build_topology(settings: Settings, topo: Topology, n: int, r: int, i: int) -> None:
+    """Create the servers and networks, recording each in topo as soon as it exists."""
     reg = Registry(settings)
-    topo = Topology()
     networks: list[tuple[str, str, str | None]] = []  # (network id, project, router id)
     user_data = base64.b64encode(b"#cloud-config\nruncmd:\n  - echo booted\n").decode()
     total = r + i
@@ -195,18 +195,16 @@ def build_topology(settings: Settings, n: int, r: int, i: int) -> Topology:
                                 "cidr": "10.0.0.0/24", "project_id": project}
         if isolated:
             body["gateway_ip"] = None
+        (topo.isolated_networks if isolated else topo.routed_networks).append(net["id"])
         sub = reg.call("POST", "/v1/subnets", body)
         router_id = None
         if not isolated:
             router = reg.call("POST", "/v1/routers", {"name": f"bench-r{k}",
                                                       "project_id": project})
+            topo.routers.append(router["id"])
             reg.call("POST", f"/v1/routers/{router['id']}/add_interface",
                      {"subnet_id": sub["id"]})
             router_id = router["id"]
-            topo.routers.append(router_id)
-            topo.routed_networks.append(net["id"])
-        else:
-            topo.isolated_networks.append(net["id"])
         seed = os.urandom(32)
         blob = (len(b"ssh-ed25519").to_bytes(4, "big") + b"ssh-ed25519"
                 + (32).to_bytes(4, "big") + seed)
@@ -224,7 +222,6 @@ def build_topology(settings: Settings, n: int, r: int, i: int) -> Topology:
         ip = inst["ports"][0]["fixed_ips"][0]["ip_address"]
         topo.vms.append(Vm(inst["id"], inst["name"], ip, net_id, router_id))
     reg.http.close()
-    return topo
 
 
 def wait_converged(settings: Settings, topo: Topology, timeout_s: float) -> float:
@@ -314,6 +311,7 @@ class ArmResult:
             "rps": round(self.rps, 1), "p50_ms": round(self.pct(50), 2),
             "p99_ms": round(self.pct(99), 2),
             "max_ms": round(max(self.latencies_ms, default=0.0), 2),
+            "over_900ms": sum(1 for x in self.latencies_ms if x > 900),
             "registry_queries": self.registry_queries, "processes": self.processes,
             "error_samples": self.error_samples[:5],
         }
@@ -355,7 +353,7 @@ async def boot(vm: Vm, result: ArmResult, record: bool, timeout_s: float) -> Non
             continue
         result.latencies_ms.append((time.perf_counter() - t0) * 1000)
         result.requests += 1
-        if status != 200 or not body:
+        if status != 200:
             result.errors += 1
             result.error_samples.append(f"{vm.name} {path}: HTTP {status} {body[:80]!r}")
             continue
@@ -564,6 +562,7 @@ def start_floor(settings: Settings, topo: Topology, recorded: ArmResult,
         listener, ip = vm_listener[instance_id]
         by_listener.setdefault(listener, []).append(
             (ip, path, base64.b64encode(body).decode()))
+    workdir.mkdir(parents=True, exist_ok=True)
     ready = workdir / "floor.ready"
     spec = workdir / "floor.json"
     spec.write_text(json.dumps({"listeners": listeners, "docs": by_listener,
@@ -620,7 +619,8 @@ async def run_arm(name: str, vms: Sequence[Vm], pids: dict[str, list[int]],
     s = result.summary()
     log(f"arm {name}: {s['requests']} requests in {s['wall_s']} s = {s['rps']} req/s, "
         f"p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms, max {s['max_ms']} ms, "
-        f"errors {s['errors']}, registry queries {s['registry_queries']}")
+        f"errors {s['errors']}, registry queries {s['registry_queries']}, "
+        f"{s['over_900ms']} over 900 ms")
     for sample in result.error_samples[:5]:
         log(f"  error: {sample}")
     return result
@@ -642,9 +642,18 @@ def raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def cleanup_namespaces(topo: Topology) -> None:
+def cleanup_namespaces(topo: Topology, state: Path) -> list[str]:
     wanted = {vm.namespace for vm in topo.vms}
+    # whatever the agents recorded, even if the bench stopped half-way
+    with contextlib.suppress(OSError):
+        wanted |= {names.router_namespace(p.name) for p in (state / "l3" / "routers").iterdir()
+                   if not p.name.startswith(".")}
+    with contextlib.suppress(OSError):
+        wanted |= {names.dhcp_namespace(p.name) for p in (state / "dhcp").iterdir()
+                   if p.is_dir()}
     wanted |= {ns for ns, _, _, _ in topo.hop_namespaces()}
+    # the DHCP agent serves every DHCP-enabled network, routed ones too
+    wanted |= {names.dhcp_namespace(n) for n in topo.routed_networks + topo.isolated_networks}
     present = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
     mine = sorted(wanted & present)
     # stop any process still inside them (dnsmasq, haproxy), by PID
@@ -663,6 +672,7 @@ def cleanup_namespaces(topo: Topology) -> None:
             capture_output=True)
     for ns in mine:
         shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
+    return sorted(wanted)
 
 
 async def bench(args: argparse.Namespace, arms: list[str], settings: Settings, config: Path,
@@ -680,10 +690,8 @@ async def bench(args: argparse.Namespace, arms: list[str], settings: Settings, c
         proxy_rss0 = rss_kib(proxy.pid)
 
         t0 = time.monotonic()
-        built = await asyncio.to_thread(build_topology, settings, args.vms, args.routers,
-                                        args.isolated)
-        topo.routers, topo.routed_networks = built.routers, built.routed_networks
-        topo.isolated_networks, topo.vms = built.isolated_networks, built.vms
+        await asyncio.to_thread(build_topology, settings, topo, args.vms, args.routers,
+                                args.isolated)
         log(f"registry: {args.routers} routers, {args.isolated} isolated networks, "
             f"{args.vms} servers in {time.monotonic() - t0:.1f} s")
         waited = await asyncio.to_thread(wait_converged, settings, topo, 120 + args.vms / 5)
@@ -789,13 +797,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "requests_per_vm": len(BOOT_SEQUENCE)}
     topo = Topology()
     results: dict[str, ArmResult] = {}
-    from openimds.http.server import install_uvloop
+    import uvloop
 
-    install_uvloop()
+    # uvloop for our own loop only: pyroute2 makes asyncio loops of its own in worker threads,
+    # and uvloop cannot open netlink sockets.
     try:
-        asyncio.run(bench(args, arms, settings, config, state, topo, results, report))
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(bench(args, arms, settings, config, state, topo, results, report))
     finally:
-        cleanup_namespaces(topo)
+        report["namespaces"] = cleanup_namespaces(topo, state)
         if not args.keep:
             shutil.rmtree(state, ignore_errors=True)
 
