@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from openimds.core.signing import sign_instance_id
 from tests.integration.agent_support import (
     Stack,
     make_network,
@@ -143,3 +144,29 @@ def test_api_killed_is_503_then_recovers(chain: Any) -> None:
     st.services.append(api)
     assert get(chain).status == 200
     assert json.loads(get(chain).body)["uuid"] == chain["inst"]["id"]
+
+
+def test_debug_mode_logs_requests_but_no_secrets(chain: Any) -> None:
+    st: Stack = chain["st"]
+    sock = str(st.tmp / "debug.sock")
+    dbg = Service("agent-debug",
+                  [PYTHON, "-m", "openimds", "--config", str(st.config), "agent"], st.tmp,
+                  env={"OPENIMDS_DEBUG": "true", "OPENIMDS_METADATA_PROXY_SOCKET": sock})
+    dbg.start().wait_until(unix_ready(sock))
+    try:
+        spoof = ("X-Instance-ID-Signature", "f" * 64)
+        ans = unix_request(sock, META, headers=via_router(chain["r"]["id"], "10.40.0.10", spoof))
+        assert ans.status == 200
+        pw = unix_request(sock, "/openstack/2013-04-04/password", method="POST",
+                          headers=via_router(chain["r"]["id"], "10.40.0.10"),
+                          body=b"guest-password-123")
+        assert pw.status in (200, 409)
+        time.sleep(0.2)
+        log = dbg.log()
+        assert "Request: GET /openstack/latest/meta_data.json" in log
+        real_sig = sign_instance_id(st.secret.encode(), chain["inst"]["id"])
+        for secret in (st.secret, real_sig, "f" * 64, "guest-password-123",
+                       st.cfg["registry"]["reader_token"], st.cfg["registry"]["admin_token"]):
+            assert secret not in log
+    finally:
+        dbg.stop()
