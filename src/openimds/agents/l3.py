@@ -358,6 +358,9 @@ class ProxyKeeper:
         if self.child is not None and self.child.poll() is not None:
             log.warning("l3.proxy_exited pid=%d rc=%s", self.child.pid, self.child.returncode)
             self.child = None
+            if self.settings.AGENT.check_child_processes_action == "exit":
+                raise ProxyDied("the metadata proxy exited and "
+                                "[AGENT] check_child_processes_action = exit")
         if self.child is not None or proxy_running(self.settings):
             return
         directory = proxy_dir(self.settings)
@@ -370,13 +373,21 @@ class ProxyKeeper:
         self.spawned += 1
         log.info("l3.proxy_spawned pid=%d", self.child.pid)
 
-    async def run(self, interval_s: float) -> None:
+    async def run(self) -> None:
+        """Check every [AGENT] check_child_processes_interval; 0 = start once, never respawn."""
+        interval_s = self.settings.AGENT.check_child_processes_interval
         while True:
             try:
                 self.check()
             except OSError as exc:
                 log.error("l3.proxy_spawn_failed reason=%s", exc)
+            if interval_s <= 0:
+                return
             await asyncio.sleep(interval_s)
+
+
+class ProxyDied(OpenImdsError):
+    """The supervised proxy exited and the configured action is to exit too."""
 
 
 def proxy_argv(config_path: str | None) -> list[str]:
@@ -470,12 +481,15 @@ class L3Agent:
             asyncio.create_task(self._converge_loop(), name="l3-converge"),
         ]
         if self.keeper is not None:
-            interval = self.settings.AGENT.check_child_processes_interval or 1.0
-            tasks.append(asyncio.create_task(self.keeper.run(interval), name="proxy-keeper"))
+            tasks.append(asyncio.create_task(self.keeper.run(), name="proxy-keeper"))
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                task.result()  # a crashed task is a bug: re-raise it
+            pending = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    task.result()  # re-raise: a crashed task is a bug (or ProxyDied)
+                if tasks[0] in done or tasks[1] in done:
+                    return
         finally:
             for task in tasks:
                 task.cancel()
