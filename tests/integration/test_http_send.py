@@ -9,7 +9,7 @@ import pytest
 
 from openimds.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
 from openimds.http.client import UpstreamPool, UpstreamResponse
-from openimds.http.server import Request, Response, bind_unix, serve
+from openimds.http.server import Deferred, Request, Response, bind_tcp, bind_unix, serve
 
 
 async def send(pool: UpstreamPool, target: str, **kw: float) -> UpstreamResponse | BaseException:
@@ -101,4 +101,54 @@ async def test_send_garbled_or_cut_answer(tmp_path: Path, answer: bytes) -> None
         assert isinstance(result, UpstreamProtocolError)
     finally:
         await pool.close()
+        server.close()
+
+
+async def test_raw_only_pool_keeps_the_raw_answer(tmp_path: Path) -> None:
+    path = str(tmp_path / "up.sock")
+    server = await serve(slow_or_echo, bind_unix(path))
+    pool = UpstreamPool(unix_path=path, size=2, raw_only=True)
+    try:
+        for target in ("/a", "/b"):  # connect, then the pooled fast path
+            resp = await send(pool, target)
+            assert isinstance(resp, UpstreamResponse) and resp.status == 200
+            assert resp.headers == [] and resp.body == b""
+            assert resp.raw.startswith(b"HTTP/1.1 200 ") and resp.raw.endswith(
+                f"{target} b'1'".encode())
+    finally:
+        await pool.close()
+        server.close()
+
+
+async def test_deferred_responses_keep_pipelined_order(tmp_path: Path) -> None:
+    loop = asyncio.get_running_loop()
+
+    def handler(req: Request) -> Deferred:
+        reply = Deferred()
+        if req.path == "/now":
+            reply.resolve(Response(200, b"now"))  # resolved before returning
+        else:
+            loop.call_later(0.05 if req.path == "/slow" else 0.0, reply.resolve,
+                            Response(200, req.path.encode()))
+        return reply
+
+    sock = bind_tcp("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = await serve(handler, sock)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"".join(f"GET {p} HTTP/1.1\r\nHost: h\r\n\r\n".encode()
+                              for p in ("/slow", "/fast", "/now"))
+                     + b"GET /last HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        out = await asyncio.wait_for(reader.read(-1), 5)
+        bodies = [chunk.split(b"\r\n\r\n", 1)[1][:5] for chunk in out.split(b"HTTP/1.1 ")[1:]]
+        assert bodies == [b"/slow", b"/fast", b"now", b"/last"]
+        writer.close()
+        # A client gone before the answer: resolving later is harmless.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
+        await writer.drain()
+        writer.close()
+        await asyncio.sleep(0.1)
+    finally:
         server.close()

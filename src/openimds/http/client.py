@@ -227,6 +227,15 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
 
 
+class _RawConn(_Conn):
+    """A connection that keeps only the raw answer (for relaying): no per-header or body
+    callbacks from the parser. Answers carry headers=[] and body=b""."""
+
+    __slots__ = ()
+    on_header = None  # type: ignore[assignment]
+    on_body = None  # type: ignore[assignment]
+
+
 class UpstreamPool:
     """Keep-alive connections to one upstream; see the module docstring for the rules."""
 
@@ -234,7 +243,7 @@ class UpstreamPool:
         self, *, unix_path: str | None = None, host: str | None = None, port: int | None = None,
         ssl: ssl_module.SSLContext | None = None, server_hostname: str | None = None,
         size: int = 64, connect_timeout_s: float = 5.0, timeout_s: float = 60.0,
-        max_response_bytes: int = 16 * 1024 * 1024,
+        max_response_bytes: int = 16 * 1024 * 1024, raw_only: bool = False,
     ) -> None:
         if (unix_path is None) == (host is None):
             raise ValueError("UpstreamPool needs exactly one of unix_path or host")
@@ -247,6 +256,8 @@ class UpstreamPool:
         self.connect_timeout_s = connect_timeout_s
         self.timeout_s = timeout_s
         self.max_response_bytes = max_response_bytes
+        # raw_only: answers are relayed verbatim; skip parsing headers and body into objects.
+        self._conn_class = _RawConn if raw_only else _Conn
         self._idle: deque[_Conn] = deque()
         self._free = size  # connection slots not in use
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
@@ -261,13 +272,14 @@ class UpstreamPool:
     async def _connect(self) -> _Conn:
         loop = asyncio.get_running_loop()
         max_bytes = self.max_response_bytes
+        conn_class = self._conn_class
         try:
             if self.unix_path is not None:
-                coro = loop.create_unix_connection(lambda: _Conn(max_bytes), self.unix_path)
+                coro = loop.create_unix_connection(lambda: conn_class(max_bytes), self.unix_path)
             else:
                 assert self.host is not None and self.port is not None
                 coro = loop.create_connection(
-                    lambda: _Conn(max_bytes), self.host, self.port, ssl=self.ssl,
+                    lambda: conn_class(max_bytes), self.host, self.port, ssl=self.ssl,
                     server_hostname=self.server_hostname if self.ssl else None,
                 )
             _, conn = await asyncio.wait_for(coro, self.connect_timeout_s)

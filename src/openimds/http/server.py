@@ -31,6 +31,7 @@ import httptools
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "Deferred",
     "Handler",
     "Limits",
     "RawResponse",
@@ -133,7 +134,37 @@ class RawResponse:
 
 
 AnyResponse = Response | RawResponse
-Handler = Callable[[Request], AnyResponse | Awaitable[AnyResponse]]
+
+
+def _ignore(response: AnyResponse) -> None:
+    pass
+
+
+class Deferred:
+    """A response the handler learns later, from a callback (a relayed upstream answer).
+
+    The handler returns a Deferred and later calls `resolve(response)` once; the server
+    writes the response right then: no Task, no future, no extra event-loop iteration (each
+    of which is a measurable share of a proxied request). If the client went away meanwhile,
+    `resolve` does nothing.
+    """
+
+    __slots__ = ("_deliver", "_early")
+
+    def __init__(self) -> None:
+        self._deliver: Callable[[AnyResponse], None] | None = None
+        self._early: AnyResponse | None = None
+
+    def resolve(self, response: AnyResponse) -> None:
+        deliver = self._deliver
+        if deliver is not None:
+            self._deliver = _ignore
+            deliver(response)
+        elif self._early is None:  # resolved before the handler returned
+            self._early = response
+
+
+Handler = Callable[[Request], AnyResponse | Awaitable[AnyResponse] | Deferred]
 
 
 def error_response(
@@ -156,7 +187,8 @@ class HttpProtocol(asyncio.Protocol):
     """One client connection."""
 
     __slots__ = (
-        "_body", "_body_len", "_busy", "_closing", "_handler", "_header_bytes", "_headers",
+        "_body", "_body_len", "_busy", "_closing", "_deferred", "_deferred_req", "_handler",
+        "_header_bytes", "_headers",
         "_last_name", "_limits", "_loop", "_parser", "_paused", "_peer", "_queue", "_task",
         "_deadline", "_timer", "_transport", "_url",
     )
@@ -179,6 +211,8 @@ class HttpProtocol(asyncio.Protocol):
         self._paused = False
         self._closing = False
         self._task: asyncio.Future[AnyResponse] | None = None
+        self._deferred: Deferred | None = None
+        self._deferred_req: Request | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
 
@@ -197,6 +231,9 @@ class HttpProtocol(asyncio.Protocol):
             self._timer.cancel()
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        if self._deferred is not None:
+            self._deferred._deliver = _ignore
+            self._deferred = self._deferred_req = None
         self._queue.clear()
         self._transport = None
 
@@ -289,6 +326,15 @@ class HttpProtocol(asyncio.Protocol):
                 continue
             if isinstance(result, Response | RawResponse):
                 self._send(req, result)
+            elif isinstance(result, Deferred):
+                if result._early is not None:
+                    self._send(req, result._early)
+                    continue
+                self._busy = True
+                self._deferred = result
+                self._deferred_req = req
+                result._deliver = self._finish_deferred
+                return
             else:
                 self._busy = True
                 task = asyncio.ensure_future(result)
@@ -298,6 +344,19 @@ class HttpProtocol(asyncio.Protocol):
         if self._paused and not self._queue and self._transport:
             self._transport.resume_reading()
             self._paused = False
+
+    def _finish_deferred(self, resp: AnyResponse) -> None:
+        req = self._deferred_req
+        self._busy = False
+        self._deferred = self._deferred_req = None
+        if self._closing or req is None:
+            return
+        try:
+            self._send(req, resp)
+            self._drain_queue()
+        except Exception:  # runs inside someone else's I/O callback: never raise into it
+            log.exception("http.send_failed method=%s path=%s", req.method, req.path)
+            self._close()
 
     def _finish(self, req: Request, task: asyncio.Future[AnyResponse]) -> None:
         self._busy = False
