@@ -34,7 +34,7 @@ import resource
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +59,8 @@ from openimds.host.netns import netns_inode, socket_in_netns
 from openimds.http.client import UpstreamPool, UpstreamResponse
 from openimds.http.server import (
     AnyResponse,
+    Deferred,
+    Handler,
     HttpProtocol,
     Limits,
     RawResponse,
@@ -113,7 +115,7 @@ def pool_from_settings(settings: Settings) -> UpstreamPool:
     h = settings.metadata_haproxy
     return UpstreamPool(
         unix_path=settings.metadata_proxy_socket, size=settings.proxy.upstream_pool_size,
-        connect_timeout_s=h.timeout_connect, timeout_s=h.timeout_server,
+        connect_timeout_s=h.timeout_connect, timeout_s=h.timeout_server, raw_only=True,
     )
 
 
@@ -144,13 +146,13 @@ class Forwarder:
         self.pool = pool
         self._errors = _ErrorLog()
 
-    def handler_for(self, spec: ListenerSpec) -> Callable[[Request], Awaitable[AnyResponse]]:
+    def handler_for(self, spec: ListenerSpec) -> Callable[[Request], Deferred]:
         """The request handler of one listener."""
         forward = self.forward
         last_host = ""
         last_added: tuple[tuple[bytes, bytes], ...] = ()
 
-        def handle(req: Request) -> Awaitable[AnyResponse]:
+        def handle(req: Request) -> Deferred:
             nonlocal last_host, last_added
             host = req.peer[0] if req.peer else "0.0.0.0"
             if host != last_host:  # the same VM usually asks many times in a row
@@ -160,26 +162,26 @@ class Forwarder:
 
         return handle
 
-    def forward(self, req: Request, headers: list[tuple[bytes, bytes]]) -> Awaitable[AnyResponse]:
-        """Send upstream; the answer completes the returned future (no Task per request)."""
-        out: asyncio.Future[AnyResponse] = asyncio.get_running_loop().create_future()
+    def forward(self, req: Request, headers: list[tuple[bytes, bytes]]) -> Deferred:
+        """Send upstream; the answer is written to the client from the upstream's read
+        callback (no Task, no future per request)."""
+        reply = Deferred()
 
         def done(result: UpstreamResponse | BaseException) -> None:
-            if out.done():  # the client went away meanwhile
-                return
             if isinstance(result, UpstreamResponse):
-                out.set_result(RawResponse(result.raw, close=not result.keep_alive))
+                reply.resolve(RawResponse(result.raw, close=not result.keep_alive))
             elif isinstance(result, UpstreamUnavailable):
                 # Connect failed: retry like haproxy's `retries 3`, off the hot path.
                 retry = asyncio.ensure_future(self._forward_retrying(req, headers))
-                retry.add_done_callback(lambda t: _pass_on(t, out))
+                retry.add_done_callback(lambda t: _pass_on(t, reply))
             elif isinstance(result, UpstreamError):
-                out.set_result(self._failed(result))
+                reply.resolve(self._failed(result))
             else:
-                out.set_exception(result)
+                log.error("proxy.forward_failed error=%r", result)
+                reply.resolve(error_response(500, "metadata proxy error"))
 
         self.pool.send(req.method, req.target, headers, req.body, done)
-        return out
+        return reply
 
     async def _forward_retrying(
         self, req: Request, headers: list[tuple[bytes, bytes]],
@@ -203,14 +205,15 @@ class Forwarder:
         return error_response(status, _VM_REASONS.get(status, "metadata proxy error"))
 
 
-def _pass_on(src: asyncio.Future[AnyResponse], dst: asyncio.Future[AnyResponse]) -> None:
-    if dst.done() or src.cancelled():
+def _pass_on(src: asyncio.Future[AnyResponse], reply: Deferred) -> None:
+    if src.cancelled():
         return
     exc = src.exception()
     if exc is not None:
-        dst.set_exception(exc)
+        log.error("proxy.forward_failed error=%r", exc)
+        reply.resolve(error_response(500, "metadata proxy error"))
     else:
-        dst.set_result(src.result())
+        reply.resolve(src.result())
 
 
 class _ClientProtocol(HttpProtocol):
@@ -219,7 +222,7 @@ class _ClientProtocol(HttpProtocol):
     __slots__ = ("_conns", "_own")
 
     def __init__(
-        self, handler: Callable[[Request], Awaitable[AnyResponse]], limits: Limits,
+        self, handler: Handler, limits: Limits,
         loop: asyncio.AbstractEventLoop, conns: set[asyncio.Transport],
     ) -> None:
         super().__init__(handler, limits, loop)
