@@ -7,6 +7,7 @@ import contextlib
 import http.client
 import json
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -33,8 +34,9 @@ class RecordingApi:
     "hang" (answers after `hang_s`), "garbled" (writes junk and closes).
     """
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
         self.host, self.port = host, port
+        self.ssl_context = ssl_context
         self.mode = "echo"
         self.status = 200
         self.hang_s = 10.0
@@ -59,6 +61,8 @@ class RecordingApi:
                 record = {"method": self.command, "path": self.path,
                           "headers": [[k, v] for k, v in self.headers.items()],
                           "body": body.decode("latin-1")}
+                if isinstance(self.connection, ssl.SSLSocket):
+                    record["peer_cert"] = self.connection.getpeercert()
                 with api._lock:
                     api.seen.append(record)
                 if api.mode == "garbled":
@@ -90,6 +94,9 @@ class RecordingApi:
                 super().process_request(request, client_address)
 
         self._server = Server((self.host, self.port), Handler)
+        if self.ssl_context is not None:
+            self._server.socket = self.ssl_context.wrap_socket(
+                self._server.socket, server_side=True)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
         return self
@@ -105,6 +112,10 @@ class RecordingApi:
             for conn in conns:
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
+
+    def last_record(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self.seen[-1])
 
     def last_headers(self) -> dict[str, list[str]]:
         with self._lock:
