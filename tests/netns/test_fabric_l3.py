@@ -378,3 +378,43 @@ def test_l3_agent_follows_a_real_registry(make_stack):
     c.delete("router", router["id"])
     stack.wait(lambda: not links.namespace_exists(ns), 10, "namespace removed")
     assert not spec.exists()
+
+
+def test_vm_cli_plug_exec_unplug(make_stack):
+    """`openimds vm plug|exec|unplug` against a real registry: JSON output, by name,
+    stdin/stdout and the exit code passed through, idempotent plug, clean unplug."""
+    stack = make_stack(services=["registry"])
+    c = stack.client
+    net = c.create_network("n", mtu=1400)
+    sub = c.create_subnet("s", net["id"], "10.9.0.0/24", dns_nameservers=["10.9.0.53"])
+    server = c.create_instance("lab-vm", net["id"], fixed_ip="10.9.0.7")
+    port = server["ports"][0]
+    out = json.loads(stack.cli("vm", "plug", "lab-vm", "-f", "json").stdout)
+    ns = out["namespace"]
+    stack.plugged.add(ns)
+    assert ns == f"vm-{server['id'][:8]}"
+    assert out["cidr"] == "10.9.0.7/24" and out["gateway"] == sub["gateway_ip"] == "10.9.0.1"
+    assert out["mac"] == port["mac_address"] and out["mtu"] == 1400
+    assert stack.plug(server["id"]) == ns  # again: same namespace, nothing duplicated
+    with links.netlink(ns) as nl:
+        assert [lk.name for lk in nl.links()] == ["lo", "eth0"]
+        assert nl.addresses("eth0") == ["10.9.0.7/24"]
+        assert nl.default_gateway() == "10.9.0.1"
+    with links.netlink() as nl:
+        assert nl.link(f"vmb-{server['id'][:8]}").master == nl.link(bridge_name(net["id"])).index
+
+    rc = stack.vm_exec(server["id"], "sh", "-c", "exit 7")
+    assert rc.returncode == 7
+    echo = subprocess.run(
+        [PYTHON, "-m", "openimds", "--config", str(stack.config), "vm", "exec", "lab-vm", "--",
+         "sh", "-c", "cat; ip -o -4 addr show dev eth0 | wc -l; cat /etc/resolv.conf"],
+        input="hello\n", capture_output=True, text=True, timeout=30, check=False)
+    assert echo.returncode == 0, echo.stderr
+    assert echo.stdout.startswith("hello\n1\n") and "nameserver 10.9.0.53" in echo.stdout
+
+    gone = json.loads(stack.cli("vm", "unplug", server["id"], "-f", "json").stdout)
+    assert gone == {"namespace": ns, "removed": True}
+    assert not links.namespace_exists(ns)
+    assert not Path(f"/etc/netns/{ns}").exists()
+    again = stack.cli("vm", "exec", server["id"], "--", "true", check=False)
+    assert again.returncode == 1 and "not plugged" in again.stderr
