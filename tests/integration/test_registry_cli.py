@@ -187,3 +187,25 @@ def test_cli_with_wrong_token_fails_cleanly(reg: Registry, tmp_path: Path) -> No
     proc = run_cli(bad, "network", "list")
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == ["openimds: error: invalid bearer token"]
+
+
+def test_registry_refuses_to_start_without_admin_token(tmp_path: Path) -> None:
+    from tests.support import base_config, write_config
+
+    cfg = base_config(tmp_path / "state", registry={"admin_token": ""})
+    config = write_config(tmp_path / "no-admin.ini", cfg)
+    proc = run_cli(config, "registry", "serve", timeout=30)
+    assert proc.returncode == 2
+    assert "admin_token" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_sqlite_file_created_private_and_bodies_limited(reg: Registry) -> None:
+    import httpx
+
+    if reg.backend == "sqlite":
+        state = next(line.split("=", 1)[1].strip() for line in reg.config.read_text()
+                     .splitlines() if line.startswith("state_path"))
+        assert (Path(state) / "registry.sqlite").stat().st_mode & 0o077 == 0
+    resp = httpx.post(reg.url + "/v1/networks", content=b"x" * (2 * 1024 * 1024),
+                      headers={"Authorization": f"Bearer {reg.admin_token}"}, trust_env=False)
+    assert resp.status_code == 413 and resp.json()["error"] == "too_large"

@@ -76,3 +76,16 @@ def test_openapi_lists_every_route() -> None:
     assert set(doc) == set(routed)
     for path, methods in routed.items():
         assert methods <= set(doc[path]) - {"parameters"}, path
+
+
+def test_store_urls() -> None:
+    from openimds.registry.store import normalize_url
+
+    assert normalize_url("postgresql://u@/db?host=/run").drivername == "postgresql+psycopg"
+    assert normalize_url("postgres://u@h/db").drivername == "postgresql+psycopg"
+    assert normalize_url("postgresql+psycopg://u@h/db").drivername == "postgresql+psycopg"
+    assert normalize_url("sqlite:////tmp/x.sqlite").drivername == "sqlite"
+    with pytest.raises(ConfigError):
+        normalize_url("mysql://u@h/db")
+    with pytest.raises(ConfigError):
+        normalize_url("::not a url::")

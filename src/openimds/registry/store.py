@@ -231,7 +231,12 @@ class Store:
         return sa.create_engine(self.url, pool_size=8, max_overflow=8, pool_pre_ping=True)
 
     def create_schema(self) -> None:
-        """Create the tables and the state row if missing (idempotent)."""
+        """Create the tables and the state row if missing (idempotent). A new SQLite file is
+        made readable by its owner only: it holds passwords and user data."""
+        if self.backend == "sqlite" and self.url.database not in (None, "", ":memory:"):
+            db = Path(str(self.url.database))
+            if not db.exists():
+                db.touch(mode=0o600)
         for attempt in range(5):
             try:
                 metadata.create_all(self.engine)
