@@ -152,3 +152,21 @@ async def test_deferred_responses_keep_pipelined_order(tmp_path: Path) -> None:
         await asyncio.sleep(0.1)
     finally:
         server.close()
+
+
+async def test_send_queued_too_long_for_a_slot_is_unavailable(tmp_path: Path) -> None:
+    path = str(tmp_path / "up.sock")
+    server = await serve(slow_or_echo, bind_unix(path))
+    pool = UpstreamPool(unix_path=path, size=1, connect_timeout_s=0.2, timeout_s=5)
+    try:
+        assert isinstance(await send(pool, "/warm"), UpstreamResponse)
+        slow = asyncio.ensure_future(send(pool, "/slow"))  # holds the only slot for 1 s
+        await asyncio.sleep(0.05)
+        quick = asyncio.ensure_future(send(pool, "/queued"))
+        assert isinstance(await slow, UpstreamResponse)
+        assert isinstance(await quick, UpstreamUnavailable)
+        resp = await send(pool, "/next")  # the slot is free again
+        assert isinstance(resp, UpstreamResponse) and resp.status == 200
+    finally:
+        await pool.close()
+        server.close()

@@ -227,6 +227,33 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
 
 
+class _QueuedSend:
+    """A send() waiting for a connection slot."""
+
+    __slots__ = ("body", "headers", "method", "on_result", "queued_at", "target", "timeout_s")
+
+    def __init__(
+        self, queued_at: float, method: str, target: str, headers: list[tuple[bytes, bytes]],
+        body: bytes, on_result: ResultCallback, timeout_s: float | None,
+    ) -> None:
+        self.queued_at = queued_at
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.body = body
+        self.on_result = on_result
+        self.timeout_s = timeout_s
+
+
+def _report(
+    task: asyncio.Future[UpstreamResponse], on_result: ResultCallback, where: str,
+) -> None:
+    if task.cancelled():
+        on_result(UpstreamUnavailable(f"request to {where} cancelled"))
+    else:
+        on_result(task.exception() or task.result())
+
+
 class _RawConn(_Conn):
     """A connection that keeps only the raw answer (for relaying): no per-header or body
     callbacks from the parser. Answers carry headers=[] and body=b""."""
@@ -260,7 +287,9 @@ class UpstreamPool:
         self._conn_class = _RawConn if raw_only else _Conn
         self._idle: deque[_Conn] = deque()
         self._free = size  # connection slots not in use
-        self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        # Who waits for a slot, in order: request() futures, or send() calls (queued time,
+        # arguments) that are started right from _release without a Task.
+        self._slot_waiters: deque[asyncio.Future[None] | _QueuedSend] = deque()
         if unix_path is not None:
             self._host_header = b"localhost"
             self.where = f"unix:{unix_path}"
@@ -318,41 +347,48 @@ class UpstreamPool:
         body: bytes = b"", *, timeout_s: float | None = None,
     ) -> UpstreamResponse:
         """Send one request and return the complete answer."""
+        await self._acquire()
+        try:
+            return await self._exchange(method, target, headers, body, timeout_s)
+        finally:
+            self._release()
+
+    async def _exchange(
+        self, method: str, target: str, headers: Iterable[tuple[bytes, bytes]], body: bytes,
+        timeout_s: float | None,
+    ) -> UpstreamResponse:
+        """One request on a slot the caller holds."""
         data = self.encode_request(method, target, headers, body)
         head_only = method == "HEAD"
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        await self._acquire()
-        try:
-            for attempt in (0, 1):
-                conn, reused = self._take_idle()
-                if conn is None:
-                    conn = await self._connect()
-                try:
-                    resp = await asyncio.wait_for(conn.begin(data, head_only), timeout)
-                except _Closed as exc:
-                    conn.close()
-                    if reused and not exc.got_bytes and attempt == 0:
-                        continue
-                    raise UpstreamProtocolError(
-                        f"{self.where} closed the connection before a complete answer"
-                    ) from None
-                except TimeoutError:
-                    conn.close()
-                    raise UpstreamTimeout(
-                        f"no answer from {self.where} within {timeout}s"
-                    ) from None
-                except BaseException:
-                    conn.close()
-                    raise
-                conn.waiter = None
-                if resp.keep_alive and not conn.closed:
-                    self._idle.append(conn)
-                else:
-                    conn.close()
-                return resp
-            raise AssertionError("unreachable")  # pragma: no cover
-        finally:
-            self._release()
+        for attempt in (0, 1):
+            conn, reused = self._take_idle()
+            if conn is None:
+                conn = await self._connect()
+            try:
+                resp = await asyncio.wait_for(conn.begin(data, head_only), timeout)
+            except _Closed as exc:
+                conn.close()
+                if reused and not exc.got_bytes and attempt == 0:
+                    continue
+                raise UpstreamProtocolError(
+                    f"{self.where} closed the connection before a complete answer"
+                ) from None
+            except TimeoutError:
+                conn.close()
+                raise UpstreamTimeout(
+                    f"no answer from {self.where} within {timeout}s"
+                ) from None
+            except BaseException:
+                conn.close()
+                raise
+            conn.waiter = None
+            if resp.keep_alive and not conn.closed:
+                self._idle.append(conn)
+            else:
+                conn.close()
+            return resp
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _acquire(self) -> None:
         if self._free > 0:
@@ -372,11 +408,21 @@ class UpstreamPool:
             raise
 
     def _release(self) -> None:
+        """Give a slot back, or straight to the next waiter."""
         while self._slot_waiters:
             waiter = self._slot_waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # the slot passes straight to the next waiter
-                return
+            if isinstance(waiter, asyncio.Future):
+                if not waiter.done():
+                    waiter.set_result(None)
+                    return
+                continue
+            if asyncio.get_running_loop().time() - waiter.queued_at > self.connect_timeout_s:
+                waiter.on_result(UpstreamUnavailable(
+                    f"all {self.size} connections to {self.where} busy"))
+                continue
+            self._send_with_slot(waiter.method, waiter.target, waiter.headers, waiter.body,
+                                 waiter.on_result, waiter.timeout_s)
+            return
         self._free += 1
 
     def send(
@@ -385,19 +431,32 @@ class UpstreamPool:
     ) -> None:
         """`request()` for callback-style callers: `on_result(answer or error)` is called once.
 
-        In the steady state (a free slot and an idle pooled connection) no Task, future or
-        wait_for is involved and `on_result` runs straight from the read callback; otherwise
-        (connecting, waiting for a slot, retrying a stale connection) it runs `request()` in a
-        Task. Same rules and errors as `request()`.
+        With an idle pooled connection, no Task, future or wait_for is involved and
+        `on_result` runs straight from the read callback; a call finding every slot busy is
+        queued and started by the `_release` that frees one. Only connecting and retrying a
+        stale connection use a Task. Same rules and errors as `request()`.
         """
-        conn = None
-        if self._free > 0:
-            conn, _ = self._take_idle()
-        if conn is None:
-            self._send_slow(method, target, headers, body, on_result, timeout_s)
-            return
         headers = list(headers)
-        self._free -= 1
+        if self._free > 0:
+            self._free -= 1
+            self._send_with_slot(method, target, headers, body, on_result, timeout_s)
+        else:
+            # All slots busy: queue; the next _release starts it (waiting at most
+            # connect_timeout_s, checked when its turn comes).
+            self._slot_waiters.append(_QueuedSend(
+                asyncio.get_running_loop().time(), method, target, headers, body, on_result,
+                timeout_s))
+
+    def _send_with_slot(
+        self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes,
+        on_result: ResultCallback, timeout_s: float | None,
+    ) -> None:
+        conn, _ = self._take_idle()
+        if conn is None:  # connect first: that needs a Task
+            task = asyncio.ensure_future(
+                self._exchange_releasing(method, target, headers, body, timeout_s))
+            task.add_done_callback(lambda t: _report(t, on_result, self.where))
+            return
         timeout = self.timeout_s if timeout_s is None else timeout_s
 
         def done(result: UpstreamResponse | BaseException) -> None:
@@ -425,20 +484,22 @@ class UpstreamPool:
         conn.begin_with_callback(
             self.encode_request(method, target, headers, body), method == "HEAD", done, timeout)
 
+    async def _exchange_releasing(
+        self, method: str, target: str, headers: Iterable[tuple[bytes, bytes]], body: bytes,
+        timeout_s: float | None,
+    ) -> UpstreamResponse:
+        try:
+            return await self._exchange(method, target, headers, body, timeout_s)
+        finally:
+            self._release()
+
     def _send_slow(
         self, method: str, target: str, headers: Iterable[tuple[bytes, bytes]], body: bytes,
         on_result: ResultCallback, timeout_s: float | None,
     ) -> None:
         task = asyncio.ensure_future(
             self.request(method, target, headers, body, timeout_s=timeout_s))
-
-        def done(t: asyncio.Future[UpstreamResponse]) -> None:
-            if t.cancelled():
-                on_result(UpstreamUnavailable(f"request to {self.where} cancelled"))
-            else:
-                on_result(t.exception() or t.result())
-
-        task.add_done_callback(done)
+        task.add_done_callback(lambda t: _report(t, on_result, self.where))
 
     def _take_idle(self) -> tuple[_Conn | None, bool]:
         while self._idle:
