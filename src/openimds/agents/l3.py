@@ -190,8 +190,11 @@ class RouterDriver:
             settings.metadata_port, settings.access_mark,
             proxy_enabled=settings.enable_metadata_proxy,
         )
-        # Namespaces whose sysctl and rules were applied by this process (reset on full resync).
+        # Namespaces whose sysctl and rules were applied by this process, and the plans applied
+        # in full; both reset on every full resync, so an unchanged router costs nothing on a
+        # feed-triggered converge but is re-checked (and repaired) periodically.
         self._prepared: set[str] = set()
+        self._applied: dict[str, RouterPlan] = {}
 
     # markers: which routers are ours
     def owned(self) -> set[str]:
@@ -209,8 +212,9 @@ class RouterDriver:
     def _spec_path(self, router_id: str) -> Path:
         return self.listeners_dir / f"{router_listener_name(router_id)}.json"
 
-    def forget_prepared(self) -> None:
+    def forget_applied(self) -> None:
         self._prepared.clear()
+        self._applied.clear()
 
     def converge(self, topology: Mapping[str, Any]) -> ConvergeReport:
         plans = plan_routers(topology)
@@ -219,9 +223,14 @@ class RouterDriver:
         with links.netlink() as here:
             fabric.converge(here, networks, delete_stale=False)
             for plan in plans.values():
+                if (self._applied.get(plan.router_id) == plan
+                        and links.namespace_exists(plan.namespace)):
+                    continue
+                self._applied.pop(plan.router_id, None)
                 try:
                     if self.converge_router(here, plan):
                         report.created.append(plan.router_id)
+                    self._applied[plan.router_id] = plan
                 except (OpenImdsError, OSError) as exc:
                     log.error("l3.router_failed router=%s reason=%s", plan.router_id, exc)
                     report.failed.append(plan.router_id)
@@ -275,6 +284,7 @@ class RouterDriver:
                     inside.delete_link(link.name)
             links.delete_namespace(ns)
         self._prepared.discard(ns)
+        self._applied.pop(router_id, None)
         self._unmark(router_id)
         log.info("l3.router_removed router=%s", router_id)
 
@@ -428,7 +438,7 @@ class L3Agent:
     async def converge(self, *, full: bool) -> ConvergeReport:
         topology = await self.client.topology()
         if full:
-            self.driver.forget_prepared()
+            self.driver.forget_applied()
         report = await asyncio.to_thread(self.driver.converge, topology)
         self.revision = int(topology.get("revision", 0))
         if report.specs_changed:
