@@ -455,3 +455,20 @@ def test_agent_down_is_503_and_silent_agent_is_504(
         assert get(vm, "10.0.0.1", 9697)[0] == 200
     finally:
         stalled.stop()
+
+
+def test_dual_stack_listener_reports_plain_ipv4(
+    env: ProxyEnv, agent: RecordingAgent, router: tuple[str, str],
+) -> None:
+    # Neutron binds :::9697 when IPv6 is on; IPv4 clients then appear as ::ffff:a.b.c.d.
+    rns, vm = router
+    env.write_spec(f"router-{ROUTER_ID}", rns, "::", 9697, router_id=ROUTER_ID)
+    env.start()
+    assert get(vm, "10.0.0.1", 9697)[0] == 200
+    assert headers_of(agent.recorded[-1], "X-Forwarded-For") == ["10.0.0.5"]
+    with socket_in_netns(rns, socket.AF_INET6) as sock:
+        sock.settimeout(5)
+        sock.connect(("::1", 9697))
+        sock.sendall(request_bytes("/v6", close=True))
+        assert read_responses(sock, 1)[0][0] == 200
+    assert headers_of(agent.recorded[-1], "X-Forwarded-For") == ["::1"]
