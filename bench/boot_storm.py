@@ -52,6 +52,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -104,6 +105,7 @@ BOOT_SEQUENCE: tuple[str, ...] = (
     "/latest/meta-data/security-groups",
 )
 CLONE_NEWNET = 0x40000000
+STOP = threading.Event()  # set when the bench is interrupted: worker threads give up
 
 
 def log(msg: str) -> None:
@@ -213,6 +215,8 @@ def build_topology(settings: Settings, topo: Topology, n: int, r: int, i: int) -
             "public_key": f"ssh-ed25519 {base64.b64encode(blob).decode()} bench@{k}"})
         networks.append((net["id"], project, router_id))
     for v in range(n):
+        if STOP.is_set():
+            raise SystemExit("interrupted")
         net_id, project, router_id = networks[v % total]
         inst = reg.call("POST", "/v1/instances", {
             "name": f"vm{v}", "network_id": net_id, "project_id": project,
@@ -224,7 +228,7 @@ def build_topology(settings: Settings, topo: Topology, n: int, r: int, i: int) -
     reg.http.close()
 
 
-def wait_converged(settings: Settings, topo: Topology, timeout_s: float) -> float:
+async def wait_converged(settings: Settings, topo: Topology, timeout_s: float) -> float:
     """Until every hop namespace exists and has its listener spec; returns seconds waited."""
     t0 = time.monotonic()
     spec_dir = Path(settings.proxy.listeners_dir)
@@ -237,7 +241,7 @@ def wait_converged(settings: Settings, topo: Topology, timeout_s: float) -> floa
         if time.monotonic() - t0 > timeout_s:
             raise SystemExit(f"not converged after {timeout_s:.0f}s: {len(missing)} missing, "
                              f"e.g. {missing[:3]}")
-        time.sleep(0.25)
+        await asyncio.sleep(0.25)
 
 
 def dhcp_ips(settings: Settings) -> dict[str, str]:
@@ -269,6 +273,8 @@ def plug_vms(settings: Settings, topo: Topology, timeout_s: float) -> None:
             raise SystemExit("the DHCP agent made no DHCP port for every isolated network")
         time.sleep(0.25)
     for vm in topo.vms:
+        if STOP.is_set():
+            raise SystemExit("interrupted")
         port = ports[vm.instance_id]
         instance = {"id": vm.instance_id, "name": vm.name, "ports": [port]}
         plan = plan_vm(instance, subnets[vm.network_id], networks[vm.network_id])
@@ -681,6 +687,9 @@ async def bench(args: argparse.Namespace, arms: list[str], settings: Settings, c
     """Everything that needs the event loop: the supervised services live in this one."""
     sup: Supervisor = build_supervisor(settings, str(config), {})
     extra: list[subprocess.Popen[bytes]] = []
+    main_task = asyncio.current_task()
+    if main_task is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     try:
         t0 = time.monotonic()
         await sup.start_all()
@@ -694,7 +703,7 @@ async def bench(args: argparse.Namespace, arms: list[str], settings: Settings, c
                                 args.isolated)
         log(f"registry: {args.routers} routers, {args.isolated} isolated networks, "
             f"{args.vms} servers in {time.monotonic() - t0:.1f} s")
-        waited = await asyncio.to_thread(wait_converged, settings, topo, 120 + args.vms / 5)
+        waited = await wait_converged(settings, topo, 120 + args.vms / 5)
         log(f"agents converged {waited:.1f} s later")
         t0 = time.monotonic()
         await asyncio.to_thread(plug_vms, settings, topo, 120)
@@ -741,6 +750,7 @@ async def bench(args: argparse.Namespace, arms: list[str], settings: Settings, c
                 stop_processes(extra)
                 extra = []
     finally:
+        STOP.set()
         stop_processes(extra)
         await sup.stop_all()
         # a proxy an agent may have started meanwhile
