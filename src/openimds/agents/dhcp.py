@@ -456,12 +456,21 @@ async def run_agent(settings: Settings, *, cleanup_on_exit: bool = False,
         asyncio.create_task(agent.resync_periodically(client), name="dhcp-resync"),
         asyncio.create_task(agent.stop_event.wait(), name="dhcp-stop"),
     ]
+    keeper_task: asyncio.Task[None] | None = None
     if agent.flags.serves_metadata:
         # Like the L3 agent: keep one `openimds proxy` for this state_path (if none holds its
-        # lock), so an isolated-only host serves metadata too.
+        # lock), so an isolated-only host serves metadata too. Its run() returns at once when
+        # respawning is off; it raises when the proxy died and the action is "exit".
         keeper = ProxyKeeper(settings, proxy_argv(config_path))
-        interval = settings.AGENT.check_child_processes_interval or 1.0
-        tasks.append(asyncio.create_task(keeper.run(interval), name="proxy-keeper"))
+        keeper_task = asyncio.create_task(keeper.run(), name="proxy-keeper")
+
+        def keeper_done(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("dhcp.exiting reason=%s", task.exception())
+                agent.exit_code = 1
+                agent.stop_event.set()
+
+        keeper_task.add_done_callback(keeper_done)
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
@@ -470,6 +479,8 @@ async def run_agent(settings: Settings, *, cleanup_on_exit: bool = False,
                           task.exception())
                 agent.exit_code = 1
     finally:
+        if keeper_task is not None:
+            tasks.append(keeper_task)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
