@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 
 from openimds.config import MetadataAgentSettings, Settings
+from openimds.core.caller import Caller, Resolution
 from openimds.core.signing import sign_instance_id
 from openimds.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
 from openimds.http.client import UpstreamResponse
-from openimds.http.server import RawResponse, Request, Response
+from openimds.http.server import Deferred, RawResponse, Request, Response
 from openimds.metadata.agent import STATS_PATH, MetadataAgent, socket_mode
 
 R, N = "router-1", "net-1"
@@ -68,6 +69,11 @@ class FakeApi:
                + body_out)
         return UpstreamResponse(status, [], body_out, raw, True)
 
+    def send(self, method: str, target: str, headers: Any, body: bytes,
+             on_result: Any) -> None:
+        task = asyncio.ensure_future(self.request(method, target, headers, body))
+        task.add_done_callback(lambda t: on_result(t.exception() or t.result()))
+
 
 def make(feed: bool = True, **agent_opts: Any) -> tuple[MetadataAgent, FakeRegistry, FakeApi]:
     settings = dataclasses.replace(
@@ -94,10 +100,21 @@ def req(xff: str | None = "10.0.0.5", router: str | None = R, network: str | Non
     return Request(method, path, hs, body, "1.1", True, None)
 
 
+async def settle(out: Any) -> Response | RawResponse:
+    """What the server would write: a value, an awaited coroutine, or a resolved Deferred."""
+    if isinstance(out, Response | RawResponse):
+        return out
+    if isinstance(out, Deferred):
+        if out._early is not None:
+            return out._early
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        out._deliver = fut.set_result  # what HttpProtocol does
+        return await fut  # type: ignore[no-any-return]
+    return await out  # type: ignore[no-any-return]
+
+
 async def call(agent: MetadataAgent, r: Request) -> tuple[int, bytes]:
-    out = agent.handle(r)
-    if not isinstance(out, Response | RawResponse):
-        out = await out
+    out = await settle(agent.handle(r))
     if isinstance(out, RawResponse):
         head, _, body = out.data.partition(b"\r\n\r\n")
         return int(head.split()[1]), body
@@ -135,9 +152,7 @@ async def test_feed_down_asks_every_time_and_registry_down_is_503() -> None:
         assert (await call(agent, req()))[0] == 200
     assert len(reg.calls) == 3
     reg.error = ConnectionError("refused")
-    out = agent.handle(req())
-    assert not isinstance(out, Response | RawResponse)
-    resp = await out
+    resp = await settle(agent.handle(req()))
     assert isinstance(resp, Response) and resp.status == 503
     assert ("Retry-After", "2") in list(resp.headers)
 
@@ -180,6 +195,42 @@ async def test_api_failures(exc: Exception, status: int) -> None:
     assert got == status and body.endswith(b"\n") and body.count(b"\n") == 1
 
 
+@pytest.mark.parametrize("exc,status", [
+    (UpstreamUnavailable("refused"), 503),
+    (UpstreamTimeout("slow"), 504),
+    (UpstreamProtocolError("garbled"), 502),
+    (RuntimeError("bug"), 500),
+])
+async def test_api_failures_on_cache_hits(exc: Exception, status: int) -> None:
+    agent, reg, api = make()
+    reg.add(R, "10.0.0.5", "inst-1")
+    assert (await call(agent, req()))[0] == 200
+    api.error = exc
+    out = agent.handle(req())
+    assert isinstance(out, Deferred)
+    got, body = await call(agent, req())
+    assert got == status and body.count(b"\n") == 1
+    await settle(out)
+    assert agent.stats()["in_flight"] == 0
+
+
+def test_send_raising_synchronously_still_answers() -> None:
+    agent, reg, api = make()
+    agent.cache.put(parse_caller_for("10.0.0.5"), Resolution("i", "t", "p", N), 1)
+
+    def boom(*a: Any, **k: Any) -> None:
+        raise RuntimeError("bug")
+
+    api.send = boom  # type: ignore[method-assign]
+    out = agent.handle(req())
+    assert isinstance(out, Deferred) and isinstance(out._early, Response)
+    assert out._early.status == 500 and agent.stats()["in_flight"] == 0
+
+
+def parse_caller_for(ip: str) -> Caller:
+    return Caller(ip, router_id=R)
+
+
 @pytest.mark.parametrize("code", [401, 403, 404, 405, 409, 429, 500])
 async def test_api_status_passed_through(code: int) -> None:
     agent, reg, api = make()
@@ -206,14 +257,14 @@ async def test_saturation_is_503() -> None:
     agent, reg, api = make(max_concurrency=2)
     reg.add(R, "10.0.0.5", "inst-1")
     api.delay = 0.05
-    outs = [agent.handle(req()) for _ in range(3)]
-    first = [asyncio.ensure_future(o) for o in outs[:2]]  # type: ignore[arg-type]
+    assert (await call(agent, req()))[0] == 200  # cached: hits take the Deferred path
+    first = [asyncio.ensure_future(settle(agent.handle(req()))) for _ in range(2)]
     await asyncio.sleep(0.01)
     late = agent.handle(req())
     assert isinstance(late, Response) and late.status == 503
     assert ("Retry-After", "2") in list(late.headers)
     await asyncio.gather(*first)
-    outs[2].close()  # type: ignore[union-attr]
+    assert agent.stats()["in_flight"] == 0
 
 
 async def test_access_log_and_debug_never_show_signature(

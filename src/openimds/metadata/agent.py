@@ -58,7 +58,14 @@ from openimds.errors import (
     UpstreamUnavailable,
 )
 from openimds.http.client import UpstreamPool, UpstreamResponse
-from openimds.http.server import AnyResponse, RawResponse, Request, Response, error_response
+from openimds.http.server import (
+    AnyResponse,
+    Deferred,
+    RawResponse,
+    Request,
+    Response,
+    error_response,
+)
 from openimds.log import access as access_log
 from openimds.metadata.agent_cache import CallerCache, LookupResult, Resolver, key_of
 
@@ -86,9 +93,16 @@ class RegistryLookup(Protocol):
 
 
 class Upstream(Protocol):
+    """The part of `UpstreamPool` the agent uses."""
+
     async def request(
         self, method: str, target: str, headers: Any = (), body: bytes = b"",
     ) -> UpstreamResponse: ...
+
+    def send(
+        self, method: str, target: str, headers: Any, body: bytes,
+        on_result: Callable[[UpstreamResponse | BaseException], None],
+    ) -> None: ...
 
 
 class RegistryUnreachable(UpstreamUnavailable):
@@ -364,7 +378,7 @@ class MetadataAgent:
         return LookupResult(int(_field(answer, "revision") or 0), ports)
 
     # -- requests -----------------------------------------------------------------------
-    def handle(self, req: Request) -> AnyResponse | Awaitable[AnyResponse]:
+    def handle(self, req: Request) -> AnyResponse | Awaitable[AnyResponse] | Deferred:
         t0 = self._clock()
         self.counts["requests"] += 1
         if log.isEnabledFor(logging.DEBUG):
@@ -382,7 +396,68 @@ class MetadataAgent:
             return self._finish(req, caller, None, t0, error_response(
                 503, f"agent saturated: {self._active} requests in flight",
                 headers=[("Retry-After", self._retry_after)]))
+        res = self.resolver.cached(caller)
+        if res is not None:
+            return self._forward_hit(req, caller, res, t0)
         return self._serve(req, caller, t0)
+
+    def _forward_hit(self, req: Request, caller: Caller, res: Resolution, t0: float) -> Deferred:
+        """A cache hit: send upstream and answer from the upstream's read callback (no Task,
+        no future per request). Only a 404 that calls for a re-check goes async."""
+        reply = Deferred()
+        self._active += 1
+
+        def done(result: UpstreamResponse | BaseException) -> None:
+            if isinstance(result, UpstreamResponse):
+                self._check_api_status(caller, res, result.status)
+                if result.status == 404 and self._may_recheck(caller):
+                    task = asyncio.ensure_future(self._recheck(req, caller, res, result, t0))
+                    task.add_done_callback(lambda t: _pass_on(t, reply))
+                    return
+                self._active -= 1
+                reply.resolve(self._finish(
+                    req, caller, res, t0, RawResponse(result.raw, close=not result.keep_alive),
+                    result.status))
+                return
+            self._active -= 1
+            if isinstance(result, UpstreamError):
+                reply.resolve(self._finish(req, caller, res, t0, self._upstream_failure(result)))
+            else:
+                log.error("agent.forward_failed %s error=%r", caller.describe(), result)
+                reply.resolve(self._finish(
+                    req, caller, res, t0, error_response(500, "metadata agent error")))
+
+        try:
+            self._upstream.send(
+                req.method, req.target, self._api_headers(req, caller, res), req.body, done)
+        except Exception as exc:  # never leave the reply (and the in-flight count) hanging
+            done(exc)
+        return reply
+
+    async def _recheck(
+        self, req: Request, caller: Caller, res: Resolution, first: UpstreamResponse,
+        t0: float,
+    ) -> AnyResponse:
+        """The API does not know the cached instance: maybe its IP was reused before the
+        feed told us. Ask the registry once (Neutron's LP#1868867 retry) and, if the answer
+        changed, forward again. Owns one in-flight slot (released here)."""
+        try:
+            self.counts["rechecks"] += 1
+            self.resolver.forget(caller)
+            resp = first
+            try:
+                fresh, _ = await self.resolver.resolve(caller, use_cache=False)
+            except OpenImdsError:
+                fresh = res
+            if fresh != res:
+                res = fresh
+                resp = await self._forward(req, caller, res)
+            return self._finish(req, caller, res, t0,
+                                RawResponse(resp.raw, close=not resp.keep_alive), resp.status)
+        except UpstreamError as exc:
+            return self._finish(req, caller, res, t0, self._upstream_failure(exc))
+        finally:
+            self._active -= 1
 
     def _parse_caller(self, headers: list[tuple[bytes, bytes]]) -> Caller:
         key = tuple([h for h in headers if h[0] in _IDENTITY_NAMES])
@@ -423,17 +498,8 @@ class MetadataAgent:
                     headers=[("Retry-After", self._retry_after)]))
             resp = await self._forward(req, caller, resolution)
             if resp.status == 404 and source == "hit" and self._may_recheck(caller):
-                # The API does not know the cached instance: maybe its IP was reused before
-                # the feed told us. Ask the registry once (Neutron's LP#1868867 retry).
-                self.counts["rechecks"] += 1
-                self.resolver.forget(caller)
-                try:
-                    fresh, _ = await self.resolver.resolve(caller, use_cache=False)
-                except OpenImdsError:
-                    fresh = resolution
-                if fresh != resolution:
-                    resolution = fresh
-                    resp = await self._forward(req, caller, resolution)
+                self._active += 1  # _recheck releases its own slot
+                return await self._recheck(req, caller, resolution, resp, t0)
             return self._finish(req, caller, resolution, t0,
                                 RawResponse(resp.raw, close=not resp.keep_alive), resp.status)
         except UpstreamError as exc:
@@ -441,23 +507,32 @@ class MetadataAgent:
         finally:
             self._active -= 1
 
-    async def _forward(
+    def _api_headers(
         self, req: Request, caller: Caller, res: Resolution,
-    ) -> UpstreamResponse:
-        headers = rewrite_request_headers(
+    ) -> list[tuple[bytes, bytes]]:
+        return rewrite_request_headers(
             req.headers, forwarded_for=caller.ip, instance_id=res.instance_id,
             tenant_id=res.project_id, signature=self._sign(res.instance_id),
             method=req.method.encode(), body_length=len(req.body),
         )
-        resp = await self._upstream.request(req.method, req.target, headers, req.body)
-        if resp.status == 403:
+
+    async def _forward(
+        self, req: Request, caller: Caller, res: Resolution,
+    ) -> UpstreamResponse:
+        resp = await self._upstream.request(
+            req.method, req.target, self._api_headers(req, caller, res), req.body)
+        self._check_api_status(caller, res, resp.status)
+        return resp
+
+    @staticmethod
+    def _check_api_status(caller: Caller, res: Resolution, status: int) -> None:
+        if status == 403:
             log.warning("agent.api_forbidden %s instance=%s reason=%s", caller.describe(),
                         res.instance_id, "the metadata API rejected the request; shared "
                         "secrets may not match")
-        elif resp.status >= 500:
+        elif status >= 500:
             log.warning("agent.api_error %s instance=%s status=%d", caller.describe(),
-                        res.instance_id, resp.status)
-        return resp
+                        res.instance_id, status)
 
     def _upstream_failure(self, exc: UpstreamError) -> Response:
         log.error("agent.api_failed status=%d error=%s", exc.status, exc.reason)
@@ -539,6 +614,17 @@ class MetadataAgent:
     def log_stats(self) -> None:
         log.info("agent.stats %s", " ".join(
             f"{k}={v}" for k, v in self.stats().items() if not isinstance(v, dict)))
+
+
+def _pass_on(task: asyncio.Future[AnyResponse], reply: Deferred) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("agent.forward_failed error=%r", exc)
+        reply.resolve(error_response(500, "metadata agent error"))
+    else:
+        reply.resolve(task.result())
 
 
 async def close_quietly(obj: Any) -> None:
