@@ -49,6 +49,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,7 +68,13 @@ import httpx  # noqa: E402
 from openimds.config import Settings, load_settings  # noqa: E402
 from openimds.core import names  # noqa: E402
 from openimds.host import netns  # noqa: E402
-from openimds.host.supervise import Supervisor, pid_alive, signal_pid  # noqa: E402
+from openimds.host.supervise import (  # noqa: E402
+    ChildFailed,
+    Supervisor,
+    pid_alive,
+    signal_pid,
+    stop_pid,
+)
 from openimds.node.up import build_supervisor, ensure_secrets  # noqa: E402
 
 METADATA_IP = "169.254.169.254"
@@ -298,6 +305,7 @@ class ArmResult:
     error_samples: list[str] = field(default_factory=list)
     processes: dict[str, dict[str, float]] = field(default_factory=dict)
     registry_queries: int | None = None
+    listen_drops: int = 0  # in the host namespace (registry, API): SYNs dropped, 1 s retries
     bodies: dict[tuple[str, str], bytes] = field(default_factory=dict)
 
     @property
@@ -318,6 +326,7 @@ class ArmResult:
             "p99_ms": round(self.pct(99), 2),
             "max_ms": round(max(self.latencies_ms, default=0.0), 2),
             "over_900ms": sum(1 for x in self.latencies_ms if x > 900),
+            "host_listen_drops": self.listen_drops,
             "registry_queries": self.registry_queries, "processes": self.processes,
             "error_samples": self.error_samples[:5],
         }
@@ -601,6 +610,16 @@ def agent_stats(settings: Settings) -> dict[str, Any]:
     return stats
 
 
+def listen_drops() -> int:
+    """TcpExt ListenDrops of our own network namespace (accept queues that overflowed)."""
+    lines = Path("/proc/self/net/netstat").read_text().splitlines()
+    for head, values in zip(lines[::2], lines[1::2], strict=False):
+        if head.startswith("TcpExt:"):
+            table = dict(zip(head.split()[1:], values.split()[1:], strict=False))
+            return int(table.get("ListenDrops", 0))
+    return 0
+
+
 def measure(pids: dict[str, list[int]]) -> dict[str, tuple[float, int]]:
     return {name: (sum(cpu_seconds(p) for p in ps), sum(rss_kib(p) for p in ps))
             for name, ps in pids.items()}
@@ -609,10 +628,12 @@ def measure(pids: dict[str, list[int]]) -> dict[str, tuple[float, int]]:
 async def run_arm(name: str, vms: Sequence[Vm], pids: dict[str, list[int]],
                   settings: Settings, record: bool = False) -> ArmResult:
     before = measure(pids)
+    drops0 = listen_drops()
     stats0 = agent_stats(settings)
     log(f"arm {name}: {len(vms)} VMs x {len(BOOT_SEQUENCE)} requests at once")
     result = await storm(vms, name, record, 60.0)
     after = measure(pids)
+    result.listen_drops = listen_drops() - drops0
     stats1 = agent_stats(settings)
     if "registry_queries" in stats1:
         result.registry_queries = int(stats1["registry_queries"]) - int(
@@ -626,7 +647,7 @@ async def run_arm(name: str, vms: Sequence[Vm], pids: dict[str, list[int]],
     log(f"arm {name}: {s['requests']} requests in {s['wall_s']} s = {s['rps']} req/s, "
         f"p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms, max {s['max_ms']} ms, "
         f"errors {s['errors']}, registry queries {s['registry_queries']}, "
-        f"{s['over_900ms']} over 900 ms")
+        f"{s['over_900ms']} over 900 ms, {s['host_listen_drops']} listen drops")
     for sample in result.error_samples[:5]:
         log(f"  error: {sample}")
     return result
@@ -682,7 +703,7 @@ def cleanup_namespaces(topo: Topology, state: Path) -> list[str]:
 
 
 async def bench(args: argparse.Namespace, arms: list[str], settings: Settings, config: Path,
-                state: Path, topo: Topology, results: dict[str, ArmResult],
+                state: Path, topo: Topology, results: dict[str, list[ArmResult]],
                 report: dict[str, Any]) -> None:
     """Everything that needs the event loop: the supervised services live in this one."""
     sup: Supervisor = build_supervisor(settings, str(config), {})
@@ -724,31 +745,47 @@ async def bench(args: argparse.Namespace, arms: list[str], settings: Settings, c
                 await sup.get(name).start()
             return {"agent": [sup.get("agent").pid or 0], "api": [sup.get("api").pid or 0]}
 
-        backends = await restart_backends()
-        results["ours"] = await run_arm("ours", topo.vms, {"proxy": [proxy.pid], **backends},
-                                        settings, record=True)
+        async def ensure_proxy() -> int:
+            """Our proxy child again; or the one an agent started in the gap, if it won."""
+            try:
+                await proxy.start()
+            except ChildFailed:
+                pass
+            await wait_serving(topo, timeout_s=60)
+            pid = int(settings.path("proxy", "proxy.pid").read_text())
+            return pid
 
-        if "haproxy" in arms or "floor" in arms:
-            await proxy.stop()
-        if "haproxy" in arms:
-            with ProxyLock(settings):
-                backends = await restart_backends()
-                extra = start_haproxies(settings, topo, state / "haproxy")
-                await wait_serving(topo, timeout_s=60)
-                results["haproxy"] = await run_arm(
-                    "haproxy", topo.vms, {"haproxy": [p.pid for p in extra], **backends},
-                    settings)
-                stop_processes(extra)
-                extra = []
-        if "floor" in arms:
-            with ProxyLock(settings):
-                floor = start_floor(settings, topo, results["ours"], state / "floor")
-                extra = [floor]
-                await wait_serving(topo, timeout_s=60)
-                results["floor"] = await run_arm("floor", topo.vms, {"floor": [floor.pid]},
-                                                 settings)
-                stop_processes(extra)
-                extra = []
+        for rnd in range(args.rounds):
+            log(f"round {rnd + 1}/{args.rounds}")
+            proxy_pid = await ensure_proxy()
+            backends = await restart_backends()
+            results.setdefault("ours", []).append(await run_arm(
+                "ours", topo.vms, {"proxy": [proxy_pid], **backends}, settings,
+                record=(rnd == 0)))
+            if "haproxy" in arms or "floor" in arms:
+                await proxy.stop()
+                stray = settings.path("proxy", "proxy.pid")
+                with contextlib.suppress(OSError, ValueError):
+                    await stop_pid(int(stray.read_text()))
+            if "haproxy" in arms:
+                with ProxyLock(settings):
+                    backends = await restart_backends()
+                    extra = start_haproxies(settings, topo, state / "haproxy")
+                    await wait_serving(topo, timeout_s=60)
+                    results.setdefault("haproxy", []).append(await run_arm(
+                        "haproxy", topo.vms, {"haproxy": [p.pid for p in extra], **backends},
+                        settings))
+                    stop_processes(extra)
+                    extra = []
+            if "floor" in arms:
+                with ProxyLock(settings):
+                    floor = start_floor(settings, topo, results["ours"][0], state / "floor")
+                    extra = [floor]
+                    await wait_serving(topo, timeout_s=60)
+                    results.setdefault("floor", []).append(await run_arm(
+                        "floor", topo.vms, {"floor": [floor.pid]}, settings))
+                    stop_processes(extra)
+                    extra = []
     finally:
         STOP.set()
         stop_processes(extra)
@@ -768,6 +805,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="N=50, R=5, I=2 (CI smoke test)")
     parser.add_argument("--arms", default="ours,haproxy,floor",
                         help="comma list of ours, haproxy, floor (ours always runs first)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="interleaved rounds of all arms; medians are reported")
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--keep", action="store_true", help="keep the temp state dir")
     parser.add_argument("--no-unshare", action="store_true",
@@ -806,7 +845,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "isolated": args.isolated,
                               "requests_per_vm": len(BOOT_SEQUENCE)}
     topo = Topology()
-    results: dict[str, ArmResult] = {}
+    results: dict[str, list[ArmResult]] = {}
     import uvloop
 
     # uvloop for our own loop only: pyroute2 makes asyncio loops of its own in worker threads,
@@ -819,19 +858,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(state, ignore_errors=True)
 
-    report["arms"] = {name: r.summary() for name, r in results.items()}
-    ours = results.get("ours")
-    ratios = {}
-    if ours and "floor" in results and results["floor"].rps:
-        ratios["ours_over_floor_rps"] = round(ours.rps / results["floor"].rps, 3)
-    if ours and "haproxy" in results and results["haproxy"].rps:
-        ratios["ours_over_haproxy_rps"] = round(ours.rps / results["haproxy"].rps, 3)
+    report["rounds"] = args.rounds
+    report["arms"] = {name: median_round(rs).summary() | {
+        "rps_rounds": [round(r.rps, 1) for r in rs]} for name, rs in results.items()}
+    ratios: dict[str, Any] = {}
+    for other in ("floor", "haproxy"):
+        per_round = [o.rps / x.rps for o, x in zip(results.get("ours", []),
+                                                   results.get(other, []), strict=False)
+                     if x.rps]
+        if per_round:
+            ratios[f"ours_over_{other}_rps"] = round(statistics.median(per_round), 3)
+            ratios[f"ours_over_{other}_rps_rounds"] = [round(v, 3) for v in per_round]
     report["ratios"] = ratios
     print_report(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
-    errors = sum(r.errors for r in results.values())
+    errors = sum(r.errors for rs in results.values() for r in rs)
     return 1 if errors else 0
+
+
+def median_round(rounds: Sequence[ArmResult]) -> ArmResult:
+    """The round with the median requests/s (the lower middle one for an even count)."""
+    ordered = sorted(rounds, key=lambda r: r.rps)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def print_report(report: dict[str, Any]) -> None:
