@@ -218,6 +218,7 @@ def make_pool(settings: Settings) -> UpstreamPool:
         ssl=upstream_ssl(settings), server_hostname=settings.nova_metadata_host,
         size=agent.upstream_pool_size, connect_timeout_s=min(5.0, agent.upstream_timeout),
         timeout_s=agent.upstream_timeout,
+        raw_only=True,  # answers are relayed verbatim; only status and keep-alive are read
     )
 
 
