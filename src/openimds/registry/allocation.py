@@ -1,0 +1,153 @@
+"""Ports and their fixed IPs: MACs, free-IP search, requested IPs, insert and delete.
+
+Runs inside a write transaction (`Tx`), so "first free IP" and the insert that takes it are
+one atomic step (SQLite: BEGIN IMMEDIATE; PostgreSQL: the revision row lock). IPs come from
+the subnet's allocation pools, never the gateway or an IP another port holds; a requested IP
+may lie outside the pools but must be a host address of one of the network's subnets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Row
+
+from openimds.core import ipam
+from openimds.core.models import DEVICE_OWNER_ROUTER
+from openimds.errors import BadRequest, Conflict
+from openimds.registry.records import Json, new_id, now, port_change, port_dict
+from openimds.registry.store import Tx, port_ips, ports, subnets
+
+
+def new_mac(conn: Connection) -> str:
+    for _ in range(64):
+        mac = ipam.generate_mac(secrets.token_bytes)
+        if conn.execute(
+            sa.select(ports.c.id).where(ports.c.mac_address == mac)
+        ).first() is None:
+            return mac
+    raise Conflict("could not find a free MAC address after 64 tries")
+
+
+def used_ips(conn: Connection, subnet_id: str) -> set[ipam.IPAddress]:
+    return {
+        ipaddress.ip_address(v) for v in conn.execute(
+            sa.select(port_ips.c.ip_address).where(port_ips.c.subnet_id == subnet_id)
+        ).scalars()
+    }
+
+
+def free_ip(conn: Connection, subnet: Row[Any]) -> ipam.IPAddress | None:
+    used = used_ips(conn, subnet.id)
+    if subnet.gateway_ip:
+        used.add(ipaddress.ip_address(subnet.gateway_ip))
+    pools = [
+        ipam.Pool(ipaddress.ip_address(p["start"]), ipaddress.ip_address(p["end"]))
+        for p in subnet.allocation_pools
+    ]
+    return ipam.first_free(pools, used)
+
+
+def allocate(
+    conn: Connection, network_id: str, requests: Any, *, device_owner: str,
+    field: str = "fixed_ips",
+) -> list[tuple[str, str]]:
+    """(subnet_id, ip) pairs for a new port on network_id."""
+    subs = list(conn.execute(
+        sa.select(subnets).where(subnets.c.network_id == network_id)
+        .order_by(subnets.c.created_at, subnets.c.id)
+    ))
+    if not subs:
+        raise BadRequest(f"network_id: network {network_id} has no subnets")
+    out: list[tuple[str, str]] = []
+    if requests is None:
+        for version in (4, 6):
+            candidates = [s for s in subs if s.ip_version == version]
+            for s in candidates:
+                ip = free_ip(conn, s)
+                if ip is not None:
+                    out.append((s.id, str(ip)))
+                    break
+        if not out:
+            cidrs = ", ".join(s.cidr for s in subs)
+            raise Conflict(f"no free IP address left on network {network_id} ({cidrs})")
+        return out
+    if not isinstance(requests, list) or not requests:
+        raise BadRequest(f"{field}: expected a non-empty list of {{subnet_id, ip_address}}")
+    by_id = {s.id: s for s in subs}
+    for i, req in enumerate(requests):
+        where = f"{field}[{i}]"
+        if not isinstance(req, dict) or not set(req) <= {"subnet_id", "ip_address"} or not req:
+            raise BadRequest(f"{where}: expected {{subnet_id?, ip_address?}}, got {req!r}")
+        subnet = None
+        if req.get("subnet_id") is not None:
+            subnet = by_id.get(req["subnet_id"])
+            if subnet is None:
+                raise BadRequest(
+                    f"{where}.subnet_id: subnet {req['subnet_id']} is not on network "
+                    f"{network_id}"
+                )
+        if req.get("ip_address") is None:
+            assert subnet is not None
+            ip = free_ip(conn, subnet)
+            if ip is None:
+                raise Conflict(f"no free IP address left on subnet {subnet.cidr}")
+            out.append((subnet.id, str(ip)))
+            continue
+        addr = ipam.normalize_ip(ipam.parse_ip(req["ip_address"], f"{where}.ip_address"))
+        if subnet is None:
+            subnet = next((s for s in subs if addr in ipam.parse_cidr(s.cidr)), None)
+            if subnet is None:
+                cidrs = ", ".join(s.cidr for s in subs)
+                raise BadRequest(
+                    f"{where}.ip_address: {addr} is not inside any subnet of network "
+                    f"{network_id} ({cidrs})"
+                )
+        net = ipam.parse_cidr(subnet.cidr)
+        if addr.version != net.version or addr not in net:
+            raise BadRequest(f"{where}.ip_address: {addr} is not inside subnet {net}")
+        ipam.validate_fixed_ip(net, addr, f"{where}.ip_address")
+        if subnet.gateway_ip == str(addr) and device_owner != DEVICE_OWNER_ROUTER:
+            raise Conflict(f"IP address {addr} is the gateway of subnet {net}")
+        if addr in used_ips(conn, subnet.id) or any(ip == str(addr) for _, ip in out):
+            raise Conflict(f"IP address {addr} is already in use on network {network_id}")
+        out.append((subnet.id, str(addr)))
+    return out
+
+
+def insert_port(
+    tx: Tx, *, network_id: str, project_id: str, device_id: str, device_owner: str,
+    fixed: list[tuple[str, str]], name: str = "", mac: str | None = None,
+    port_id: str | None = None,
+) -> Json:
+    conn = tx.conn
+    if mac is None:
+        mac = new_mac(conn)
+    elif conn.execute(sa.select(ports.c.id).where(ports.c.mac_address == mac)).first():
+        raise Conflict(f"MAC address {mac} is already in use")
+    values = {
+        "id": port_id or new_id(), "name": name, "network_id": network_id,
+        "project_id": project_id, "mac_address": mac, "device_id": device_id,
+        "device_owner": device_owner, "created_at": now(), "revision": tx.revision,
+    }
+    conn.execute(ports.insert().values(**values))
+    if fixed:
+        conn.execute(port_ips.insert(), [
+            {"port_id": values["id"], "subnet_id": sid, "network_id": network_id,
+             "ip_address": ip} for sid, ip in fixed
+        ])
+    port_change(tx, "create", values, [ip for _, ip in fixed])
+    return port_dict(values, [{"subnet_id": s, "ip_address": ip} for s, ip in fixed])
+
+
+def delete_port(tx: Tx, port: Row[Any]) -> None:
+    conn = tx.conn
+    ips = list(conn.execute(
+        sa.select(port_ips.c.ip_address).where(port_ips.c.port_id == port.id)).scalars())
+    conn.execute(port_ips.delete().where(port_ips.c.port_id == port.id))
+    conn.execute(ports.delete().where(ports.c.id == port.id))
+    port_change(tx, "delete", port, ips)
+

@@ -1,0 +1,203 @@
+"""The read models the agents use: the metadata view, caller lookup, topology, changes.
+
+Each is one read transaction of a few indexed queries whose statements are built once at
+import (building a SQLAlchemy statement costs more than running it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Row
+
+from openimds.core import ipam
+from openimds.core.models import DEVICE_OWNER_DHCP, DEVICE_OWNER_ROUTER
+from openimds.errors import BadRequest
+from openimds.registry.client import ResyncRequired
+from openimds.registry.records import (
+    Json,
+    get_row,
+    instance_dict,
+    ip_sort_key,
+    network_dicts,
+    port_dict,
+    router_dicts,
+    subnet_dict,
+)
+from openimds.registry.store import (
+    Store,
+    instances,
+    networks,
+    port_ips,
+    ports,
+    routers,
+    subnets,
+)
+from openimds.registry.store import (
+    changes as changes_table,
+)
+
+
+def _view_subnets_query() -> sa.Select[Any]:
+    dhcp = port_ips.alias("dhcp_ip")
+    dhcp_port = ports.alias("dhcp_port")
+    gw = port_ips.alias("gw_ip")
+    gw_port = ports.alias("gw_port")
+    return (
+        sa.select(subnets, dhcp.c.ip_address.label("dhcp_ip"), gw_port.c.id.label("gw_port_id"))
+        .outerjoin(dhcp_port, sa.and_(dhcp_port.c.network_id == subnets.c.network_id,
+                                      dhcp_port.c.device_owner == DEVICE_OWNER_DHCP))
+        .outerjoin(dhcp, sa.and_(dhcp.c.port_id == dhcp_port.c.id,
+                                 dhcp.c.subnet_id == subnets.c.id))
+        .outerjoin(gw, sa.and_(gw.c.subnet_id == subnets.c.id,
+                               gw.c.ip_address == subnets.c.gateway_ip))
+        .outerjoin(gw_port, sa.and_(gw_port.c.id == gw.c.port_id,
+                                    gw_port.c.device_owner == DEVICE_OWNER_ROUTER))
+        .where(subnets.c.network_id.in_(sa.bindparam("net_ids", expanding=True)))
+        .order_by(subnets.c.created_at, subnets.c.id)
+    )
+
+
+_VIEW_SUBNETS = _view_subnets_query()
+_VIEW_PORTS = (
+    sa.select(ports, networks.c.name.label("net_name"), networks.c.mtu.label("net_mtu"),
+              port_ips.c.subnet_id, port_ips.c.ip_address)
+    .join(networks, networks.c.id == ports.c.network_id)
+    .outerjoin(port_ips, port_ips.c.port_id == ports.c.id)
+    .where(ports.c.device_id == sa.bindparam("iid"), ports.c.device_owner.like("compute:%"))
+    .order_by(ports.c.created_at, ports.c.id)
+)
+_LOOKUP_COLUMNS = (ports.c.id, ports.c.network_id, ports.c.device_id, ports.c.device_owner,
+                   ports.c.project_id, ports.c.mac_address)
+# Neutron's two RPCs in one query: the router's networks, then the ports holding the IP there.
+_LOOKUP_ROUTER = (
+    sa.select(*_LOOKUP_COLUMNS).join(port_ips, port_ips.c.port_id == ports.c.id)
+    .where(port_ips.c.ip_address == sa.bindparam("ip"),
+           port_ips.c.network_id.in_(
+               sa.select(ports.c.network_id).where(
+                   ports.c.device_id == sa.bindparam("ref"),
+                   ports.c.device_owner == DEVICE_OWNER_ROUTER).scalar_subquery()))
+    .order_by(ports.c.id)
+)
+_LOOKUP_NETWORK = (
+    sa.select(*_LOOKUP_COLUMNS).join(port_ips, port_ips.c.port_id == ports.c.id)
+    .where(port_ips.c.ip_address == sa.bindparam("ip"),
+           port_ips.c.network_id == sa.bindparam("ref"))
+    .order_by(ports.c.id)
+)
+
+
+
+def view(store: Store, iid: str) -> Json:
+    """Everything the metadata API needs about one instance, in one read transaction."""
+    with store.read() as conn:
+        rev = store.revision(conn)
+        row = get_row(conn, instances, "instance", iid)
+        rows = list(conn.execute(_VIEW_PORTS, {"iid": iid}))
+        net_ids = sorted({r.network_id for r in rows})
+        sub_rows = (list(conn.execute(_VIEW_SUBNETS, {"net_ids": net_ids}))
+                    if net_ids else [])
+    subs_by_net: dict[str, list[Json]] = {}
+    seen: set[str] = set()
+    for s in sub_rows:
+        if s.id in seen:
+            continue
+        seen.add(s.id)
+        subs_by_net.setdefault(s.network_id, []).append({
+            "id": s.id, "cidr": s.cidr, "ip_version": s.ip_version,
+            "gateway_ip": s.gateway_ip, "enable_dhcp": s.enable_dhcp,
+            "dns_nameservers": s.dns_nameservers, "host_routes": s.host_routes,
+            "isolated": s.gw_port_id is None, "dhcp_ip": s.dhcp_ip,
+        })
+    view_ports: dict[str, Json] = {}
+    port_rows: dict[str, Row[Any]] = {}
+    for r in rows:
+        p = view_ports.get(r.id)
+        if p is None:
+            port_rows[r.id] = r
+            p = view_ports[r.id] = {
+                "id": r.id, "mac_address": r.mac_address, "network_id": r.network_id,
+                "device_owner": r.device_owner, "fixed_ips": [],
+                "network": {"id": r.network_id, "name": r.net_name, "mtu": r.net_mtu},
+                "subnets": subs_by_net.get(r.network_id, []),
+            }
+        if r.ip_address is not None:
+            p["fixed_ips"].append({"subnet_id": r.subnet_id, "ip_address": r.ip_address})
+    plist = list(view_ports.values())
+    for p in plist:
+        p["fixed_ips"].sort(key=lambda i: ip_sort_key(i["ip_address"]))
+    inst = instance_dict(row._asdict(), [
+        port_dict(port_rows[p["id"]]._asdict(), p["fixed_ips"]) for p in plist])
+    inst["password"] = row.password
+    kp = row.keypair
+    return {"revision": rev, "instance": inst,
+            "keypair": dict(kp) if kp else None, "ports": plist}
+
+
+def lookup(store: Store, q: dict[str, str]) -> Json:
+    router_id, network_id = q.get("router_id"), q.get("network_id")
+    if bool(router_id) == bool(network_id):
+        raise BadRequest("router_id: give exactly one of router_id and network_id")
+    if not q.get("ip"):
+        raise BadRequest("ip: required")
+    ip = str(ipam.normalize_ip(ipam.parse_ip(q["ip"], "ip")))
+    query = _LOOKUP_ROUTER if router_id else _LOOKUP_NETWORK
+    params = {"ip": ip, "ref": router_id or network_id}
+    with store.read() as conn:
+        rev = store.revision(conn)
+        found = [dict(r._mapping) for r in conn.execute(query, params)]
+    return {"revision": rev, "ports": found}
+
+
+def topology(store: Store) -> Json:
+    with store.read() as conn:
+        rev = store.revision(conn)
+        nets = network_dicts(conn, list(conn.execute(
+            sa.select(networks).order_by(networks.c.id))))
+        subs = [subnet_dict(r._asdict()) for r in conn.execute(
+            sa.select(subnets).order_by(subnets.c.id))]
+        rts = router_dicts(conn, list(conn.execute(
+            sa.select(routers).order_by(routers.c.id))))
+        prows = list(conn.execute(
+            sa.select(ports, instances.c.hostname.label("hostname"))
+            .outerjoin(instances, sa.and_(instances.c.id == ports.c.device_id,
+                                          ports.c.device_owner.like("compute:%")))
+            .order_by(ports.c.id)))
+        ips: dict[str, list[Json]] = {r.id: [] for r in prows}
+        for r in conn.execute(sa.select(port_ips)):
+            if r.port_id in ips:
+                ips[r.port_id].append({"subnet_id": r.subnet_id,
+                                       "ip_address": r.ip_address})
+    plist = []
+    for r in prows:
+        fixed = sorted(ips[r.id], key=lambda i: ip_sort_key(i["ip_address"]))
+        plist.append({**port_dict(r._asdict(), fixed), "hostname": r.hostname})
+    return {"revision": rev, "networks": nets, "subnets": subs, "routers": rts,
+            "ports": plist}
+
+
+def changes(store: Store, since: int, size: int) -> Json:
+    """At most about size changes newer than since, whole revisions only (a revision larger
+    than size comes whole); ResyncRequired outside the retained window."""
+    with store.read() as conn:
+        rev = store.revision(conn)
+        floor = store.floor(conn)
+        if since > rev or since < floor:
+            raise ResyncRequired(
+                f"since: revision {since} is outside the retained window "
+                f"({floor}..{rev}); reload everything", rev)
+        rows = list(conn.execute(
+            sa.select(changes_table).where(changes_table.c.revision > since)
+            .order_by(changes_table.c.seq).limit(size + 1)))
+        if len(rows) > size:
+            cut = rows[size].revision
+            if rows[0].revision == cut:
+                rows = list(conn.execute(sa.select(changes_table).where(
+                    changes_table.c.revision == cut).order_by(changes_table.c.seq)))
+            else:
+                rows = [r for r in rows if r.revision < cut]
+    out = [{"revision": r.revision, "kind": r.kind, "op": r.op, "id": r.obj_id,
+            "attrs": r.attrs} for r in rows]
+    return {"revision": out[-1]["revision"] if out else rev, "changes": out}
+
