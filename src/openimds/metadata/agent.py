@@ -14,6 +14,10 @@ Between the namespace proxy and the metadata API, on the Unix socket
    answer (every status, with its body) is relayed byte for byte. API unreachable -> 503 +
    Retry-After, no answer in time -> 504, garbled -> 502, each with a one-line body.
 
+A cache hit never leaves the event loop's callbacks: `handle` returns an `http.Deferred`
+that the pool's `send()` callback resolves (no Task or future per request). Misses, and the
+rare re-check after an API 404, run as coroutines.
+
 Where Neutron falls short (neutron.md §0, §6) this does better: the listen backlog and socket
 mode are honoured; whole requests are read (keep-alive, pipelining, Content-Length); a cached
 answer that the API rejects with 404 is re-checked once against the registry (an IP reused
