@@ -163,7 +163,11 @@ def open_socket(settings: Settings) -> tuple[socket.socket, int]:
         settings.metadata_proxy_socket_mode, settings.metadata_proxy_user,
         settings.metadata_proxy_group, euid=os.geteuid(), egid=os.getegid(),
     )
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"metadata_proxy_socket {path}: cannot create its directory: "
+                          f"{exc.strerror}") from exc
     try:
         st = os.lstat(path)
     except FileNotFoundError:
