@@ -472,3 +472,24 @@ def test_dual_stack_listener_reports_plain_ipv4(
         sock.sendall(request_bytes("/v6", close=True))
         assert read_responses(sock, 1)[0][0] == 200
     assert headers_of(agent.recorded[-1], "X-Forwarded-For") == ["::1"]
+
+
+def test_bad_and_temporary_spec_files_are_ignored(
+    env: ProxyEnv, agent: RecordingAgent, router: tuple[str, str],
+) -> None:
+    rns, vm = router
+    (env.specs / "router-broken.json").write_text("{not json")
+    (env.specs / "router-both.json").write_text(json.dumps(
+        {"netns": rns, "host": "0.0.0.0", "port": 9698, "router_id": "a", "network_id": "b"}))
+    (env.specs / ".router-x.json.tmp").write_text("{}")
+    env.write_spec(f"router-{ROUTER_ID}", rns, "0.0.0.0", 9697, router_id=ROUTER_ID)
+    svc = env.start()
+    assert get(vm, "10.0.0.1", 9697)[0] == 200
+    log = svc.log()
+    assert "proxy.bad_spec" in log and "router-broken.json" in log
+    assert "exactly one of router_id and network_id" in log
+    with pytest.raises(OSError):
+        get(vm, "10.0.0.1", 9698)
+    # Fixing the file is picked up by the next scan.
+    env.write_spec("router-both", rns, "0.0.0.0", 9698, router_id="a")
+    wait_for(lambda: get(vm, "10.0.0.1", 9698)[0] == 200)
