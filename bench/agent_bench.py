@@ -144,7 +144,8 @@ async def _one(conn: _Conn, data: bytes) -> int:
 
 
 async def steady_load(path: str, reqs: list[bytes], conns: int, warmup_s: float,
-                      duration_s: float, pids: list[int]) -> dict[str, Any]:
+                      duration_s: float, pids: list[int],
+                      stats_sock: str | None = None) -> dict[str, Any]:
     """`conns` keep-alive connections for warmup + duration; stats over the duration."""
     perf = time.perf_counter  # uvloop's loop.time() has millisecond resolution
     start = perf()
@@ -171,15 +172,25 @@ async def steady_load(path: str, reqs: list[bytes], conns: int, warmup_s: float,
                     errors += 1
         conn.transport.close()
 
+    queries: dict[str, int] = {}
+
     async def cpu_mark() -> None:
         await asyncio.sleep(max(0.0, measure_from - perf()))
         cpu0.update({pid: cpu_ticks(pid) for pid in pids})
+        if stats_sock is not None:
+            st = await asyncio.get_running_loop().run_in_executor(None, agent_stats, stats_sock)
+            queries["start"] = int(st["registry_queries"])
 
     marker = asyncio.ensure_future(cpu_mark())
     await asyncio.gather(*(worker(k * 7) for k in range(conns)))
     await marker
     cpu1 = {pid: cpu_ticks(pid) for pid in pids}
-    return summarise(lat, errors, duration_s, {p: cpu1[p] - cpu0[p] for p in pids})
+    out = summarise(lat, errors, duration_s, {p: cpu1[p] - cpu0[p] for p in pids})
+    if stats_sock is not None:
+        q = int(agent_stats(stats_sock)["registry_queries"]) - queries["start"]
+        out["registry_queries"] = q
+        out["per_1000"] = 1000 * q / max(1, out["requests"])
+    return out
 
 
 async def storm_load(path: str, per_vm: list[bytes], requests: int) -> dict[str, Any]:
@@ -336,11 +347,8 @@ class Bench:
         for rnd in range(a.rounds):
             for c in conns:
                 for name, (path, pids) in targets.items():
-                    q0 = agent_stats(path)["registry_queries"] if name != "direct" else 0
-                    res = asyncio.run(steady_load(path, reqs, c, a.warmup, a.duration, pids))
-                    if name != "direct":
-                        q = agent_stats(path)["registry_queries"] - q0
-                        res["registry_queries_total_incl_warmup"] = q
+                    res = asyncio.run(steady_load(path, reqs, c, a.warmup, a.duration, pids,
+                                                  None if name == "direct" else path))
                     res["round"] = rnd
                     results.setdefault(f"{name} c={c}", []).append(res)
                     print(f"round {rnd} {name} c={c}: {res['rps']:.0f} rps "
@@ -391,7 +399,7 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
         rps = [r["rps"] for r in runs]
         cpu = [next(iter(r["cpu_us_per_req"].values())) for r in runs]
         q = ("" if name.startswith("direct") else
-             f"{median([1000 * r['registry_queries_total_incl_warmup'] / max(1, r['requests']) for r in runs]):.1f}")  # noqa: E501
+             f"{median([r['per_1000'] for r in runs]):.1f}")
         lines.append(
             f"| {name} | {median(rps):,.0f} | {min(rps):,.0f}-{max(rps):,.0f} | "
             f"{median([r['p50_ms'] for r in runs]):.2f} | "
