@@ -137,7 +137,9 @@ def run_wrk(url: str, script: Path, conns: int, duration: int) -> dict[str, floa
         capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    lat = dict(re.findall(r"^\s*(50|99)(?:\.0+)?%\s+(\S+)\s*$", out, re.M))
+    if "50" not in lat or "99" not in lat:
+        raise RuntimeError(f"cannot parse wrk output:\n{out}")
     errors = 0
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if m:
