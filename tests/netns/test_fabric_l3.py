@@ -208,6 +208,17 @@ def test_router_driver_builds_converges_and_tears_down(tmp_path, cleanup):
     assert again.created == [] and again.removed == [] and not again.specs_changed
     assert snapshot() == before
 
+    # drift (a leg deleted behind the agent's back) is repaired by a full resync only
+    with links.netlink() as nl:
+        nl.delete_link(router_leg_peer(p2["id"]))
+    assert restarted.converge(topo.doc).created == []
+    with links.netlink() as nl:
+        assert nl.link(router_leg_peer(p2["id"])) is None
+    restarted.converge(topo.doc, full=True)
+    assert leg_state(r2, p2) == (p2["mac_address"], True, 1400, ["10.0.0.1/24"])
+    with links.netlink() as nl:
+        assert nl.link(router_leg_peer(p2["id"])).master == nl.link(bridge_name(net_b)).index
+
     # a foreign qrouter- namespace (not ours) survives; an unplanned router of ours goes
     foreign = router_namespace(str(uuid.uuid4()))
     cleanup[0].append(foreign)

@@ -63,12 +63,16 @@ def converge(
     """Create missing bridges; delete ours the registry no longer has, if nothing is attached."""
     want = bridges_for(networks)
     report = FabricReport()
+    have = {link.name: link for link in nl.links(BRIDGE_PREFIX)}  # one dump, not one per net
     for spec in want.values():
+        link = have.get(spec.name)
+        if link is not None and link.kind == "bridge" and link.up and link.mtu == spec.mtu:
+            continue
         if ensure_bridge(nl, spec):
             report.created.append(spec.name)
     if not delete_stale:
         return report
-    for link in nl.links(BRIDGE_PREFIX):
+    for link in have.values():
         if link.kind != "bridge" or not is_our_bridge(link.name) or link.name in want:
             continue
         if nl.bridge_ports(link.name):

@@ -191,8 +191,9 @@ class RouterDriver:
             proxy_enabled=settings.enable_metadata_proxy,
         )
         # Namespaces whose sysctl and rules were applied by this process, and the plans applied
-        # in full; both reset on every full resync, so an unchanged router costs nothing on a
-        # feed-triggered converge but is re-checked (and repaired) periodically.
+        # in full: an unchanged router costs nothing on a feed-triggered converge. A full
+        # resync re-checks them cheaply from one link dump of this namespace (see
+        # `_verify_applied`) and rebuilds the ones that drifted.
         self._prepared: set[str] = set()
         self._applied: dict[str, RouterPlan] = {}
 
@@ -216,12 +217,28 @@ class RouterDriver:
         self._prepared.clear()
         self._applied.clear()
 
-    def converge(self, topology: Mapping[str, Any]) -> ConvergeReport:
+    def _verify_applied(self, here: links.Netlink) -> None:
+        """Forget applied plans whose namespace or bridge-side legs are gone or detached."""
+        by_name = {link.name: link for link in here.links()}
+        for router_id, plan in list(self._applied.items()):
+            intact = links.namespace_exists(plan.namespace)
+            for leg in plan.legs:
+                peer, bridge = by_name.get(leg.peer), by_name.get(leg.bridge)
+                if peer is None or bridge is None or peer.master != bridge.index or not peer.up:
+                    intact = False
+            if not intact:
+                log.warning("l3.drift router=%s: rebuilding", router_id)
+                del self._applied[router_id]
+                self._prepared.discard(plan.namespace)
+
+    def converge(self, topology: Mapping[str, Any], *, full: bool = False) -> ConvergeReport:
         plans = plan_routers(topology)
         report = ConvergeReport(routers=len(plans))
         networks = topology.get("networks", [])
         with links.netlink() as here:
             fabric.converge(here, networks, delete_stale=False)
+            if full:
+                self._verify_applied(here)
             for plan in plans.values():
                 if (self._applied.get(plan.router_id) == plan
                         and links.namespace_exists(plan.namespace)):
@@ -260,8 +277,7 @@ class RouterDriver:
                 if link.name not in wanted:
                     inside.delete_link(link.name)  # its bridge-side peer goes with it
                     log.info("l3.leg_removed router=%s leg=%s", plan.router_id, link.name)
-            for leg in plan.legs:
-                here.ensure_bridge(leg.bridge, mtu=leg.mtu)
+            for leg in plan.legs:  # bridges: fabric.converge ran first
                 if here.ensure_veth(leg.peer, peer=leg.ifname, inside=inside, master=leg.bridge,
                                     mtu=leg.mtu, peer_mac=leg.mac):
                     log.info("l3.leg_added router=%s leg=%s bridge=%s cidrs=%s",
@@ -437,9 +453,7 @@ class L3Agent:
 
     async def converge(self, *, full: bool) -> ConvergeReport:
         topology = await self.client.topology()
-        if full:
-            self.driver.forget_applied()
-        report = await asyncio.to_thread(self.driver.converge, topology)
+        report = await asyncio.to_thread(self.driver.converge, topology, full=full)
         self.revision = int(topology.get("revision", 0))
         if report.specs_changed:
             signal_proxy(self.settings)
