@@ -11,11 +11,14 @@ namespace here; use netlink.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import subprocess
+from collections.abc import Callable, Mapping
 
 import pytest
+import uvloop
 
 CLONE_NEWNET = 0x40000000
 IS_ROOT = os.geteuid() == 0
@@ -40,3 +43,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "netns" in item.keywords or "integration" in str(item.fspath):
             item.add_marker(skip)
+
+
+# The lean HTTP layer runs on uvloop in production, whose transports differ from asyncio's
+# in small ways (they do not subclass asyncio.Transport): its tests run on both loops.
+_BOTH_LOOPS = ("test_http_layer.py", "test_http_send.py")
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    if item.path.name in _BOTH_LOOPS:
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
