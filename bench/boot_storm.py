@@ -660,6 +660,41 @@ def enter_private_netns() -> None:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 
 
+NEIGH_SYSCTL = "/proc/sys/net/ipv4/neigh/default/gc_thresh{}"
+
+
+def raise_neigh_limits(entries: int) -> list[tuple[int, int, int]]:
+    """Raise the ARP table's gc_thresh2/3 so `entries` neighbours fit; [(fd, old, new)].
+
+    The neighbour table is shared by every network namespace on the host and its limits live
+    only in the initial one (default gc_thresh3 = 1024): a thousand VMs each resolving their
+    gateway, and routers resolving their VMs, overflow it ("neighbor table overflow",
+    connects fail with EHOSTUNREACH). Must run before leaving the initial namespace; the fds
+    stay bound to it so `restore_neigh_limits` can undo the change at the end.
+    """
+    changed = []
+    for index, want in ((2, entries // 2), (3, entries)):
+        try:
+            fd = os.open(NEIGH_SYSCTL.format(index), os.O_RDWR)
+        except OSError:
+            continue
+        old = int(os.pread(fd, 32, 0).split()[0])
+        if old >= want:
+            os.close(fd)
+            continue
+        os.pwrite(fd, f"{want}\n".encode(), 0)
+        changed.append((fd, old, want))
+    return changed
+
+
+def restore_neigh_limits(changed: list[tuple[int, int, int]]) -> None:
+    for fd, old, new in reversed(changed):
+        with contextlib.suppress(OSError):
+            if int(os.pread(fd, 32, 0).split()[0]) == new:  # nobody changed it meanwhile
+                os.pwrite(fd, f"{old}\n".encode(), 0)
+        os.close(fd)
+
+
 def raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 1 << 20
@@ -823,6 +858,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         arms.remove("haproxy")
     if os.geteuid() != 0:
         raise SystemExit("the boot storm needs root (namespaces, bridges, nftables)")
+    # neighbours: each VM its gateway or DHCP port, each router/DHCP namespace its VMs
+    neigh = raise_neigh_limits(max(1024, 4 * (2 * args.vms + 2 * (args.routers + args.isolated))))
+    for _fd, old, new in neigh:
+        log(f"raised an ARP table limit (gc_thresh) from {old} to {new}; restored at the end")
     if not args.no_unshare:
         enter_private_netns()
     raise_nofile()
@@ -855,6 +894,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             runner.run(bench(args, arms, settings, config, state, topo, results, report))
     finally:
         report["namespaces"] = cleanup_namespaces(topo, state)
+        restore_neigh_limits(neigh)
         if not args.keep:
             shutil.rmtree(state, ignore_errors=True)
 

@@ -22,6 +22,7 @@ from openimds.node.checks import (
 from openimds.node.doctor import (
     expected_socket_mode,
     judge_backlog,
+    judge_neighbour_table,
     judge_socket_mode,
     stale_namespaces,
     stale_specs,
@@ -204,3 +205,9 @@ def test_stale() -> None:
 
 def test_result_dict() -> None:
     assert CheckResult("a", OK, "d").as_dict()["status"] == "ok"
+
+
+def test_neighbour_table() -> None:
+    assert judge_neighbour_table(1024, 100).startswith("gc_thresh3=1024")
+    with pytest.raises(CheckWarning, match="gc_thresh3=1024 for 1110 namespaces"):
+        judge_neighbour_table(1024, 1110)

@@ -91,6 +91,20 @@ def judge_backlog(ss_text: str, path: str, want: int) -> str:
     raise CheckWarning(f"{path} is not in ss -xl output", "is the agent listening?")
 
 
+def judge_neighbour_table(gc_thresh3: int, namespaces: int) -> str:
+    """Every VM resolves its gateway and every router its VMs: about 2 entries per namespace
+    in a table shared by all namespaces (gc_thresh3 caps it; 1024 by default)."""
+    need = 2 * namespaces
+    if gc_thresh3 < need:
+        raise CheckWarning(
+            f"ARP table limit gc_thresh3={gc_thresh3} for {namespaces} namespaces",
+            f"raise it before VMs fail with EHOSTUNREACH (neighbor table overflow): sysctl "
+            f"-w net.ipv4.neigh.default.gc_thresh3={max(4 * need, 4096)} "
+            f"net.ipv4.neigh.default.gc_thresh2={max(2 * need, 2048)}",
+        )
+    return f"gc_thresh3={gc_thresh3}, room for {gc_thresh3 // 2} namespaces"
+
+
 def stale_namespaces(
     namespaces: Iterable[str], router_ids: set[str], network_ids: set[str],
     instance_prefixes: set[str],
@@ -307,9 +321,18 @@ def probe_stale(ctx: DoctorContext) -> str:
     return f"{len(namespaces)} namespaces, {len(specs)} listener specs, none stale"
 
 
+def probe_neighbours(ctx: DoctorContext) -> str:
+    try:
+        thresh = int(Path("/proc/sys/net/ipv4/neigh/default/gc_thresh3").read_text())
+    except (OSError, ValueError):
+        return "gc_thresh3 not visible here (not the initial network namespace)"
+    return judge_neighbour_table(thresh, len(list_namespaces()))
+
+
 CHECKS: tuple[Check[DoctorContext], ...] = (
     Check("binaries", probe_binaries),
     Check("kernel", probe_kernel),
+    Check("neighbours", probe_neighbours),
     Check("secret", probe_secret),
     Check("registry", probe_registry),
     Check("api", probe_api),
