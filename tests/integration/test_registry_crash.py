@@ -129,7 +129,7 @@ def test_kill_9_during_writes_loses_nothing_committed(tmp_path: Path, backend: s
         try:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
-                if journal.exists() and journal.read_text().count("create") >= 150:
+                if journal.exists() and journal.read_text().count("create") >= 120:
                     break
                 time.sleep(0.05)
             reg.service.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
