@@ -26,9 +26,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from openimds.errors import ConfigError, Conflict
+from openimds.log import audit
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +249,7 @@ class Store:
                                 state.insert().values(id=1, revision=0, floor=0, ec2_seq=0)
                             )
                 return
-            except (IntegrityError, OperationalError):
+            except DBAPIError:
                 # Another registry process created it at the same moment.
                 if attempt == 4:
                     raise
@@ -288,6 +289,8 @@ class Store:
                                      .values(floor=keep_from))
             except IntegrityError as exc:
                 raise Conflict(_integrity_reason(exc)) from None
+        audit.info("registry.write revision=%d changes=%s", tx.revision,
+                   ",".join(f"{c['kind']}:{c['op']}:{c['obj_id']}" for c in tx.changes))
 
     def next_ec2_id(self, tx: Tx) -> int:
         row = tx.conn.execute(
