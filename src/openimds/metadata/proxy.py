@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import logging
 import os
 import resource
@@ -71,6 +72,7 @@ from openimds.http.server import (
 log = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 1024
+GC_THRESHOLD_0 = 20000
 CONNECT_RETRIES = 3  # haproxy's `retries 3` in Neutron's config
 CONNECT_RETRY_DELAY_S = 0.1
 _IPV6_FREEBIND = getattr(socket, "IPV6_FREEBIND", 78)
@@ -493,8 +495,18 @@ async def run_proxy(settings: Settings) -> int:
     loop.add_signal_handler(signal.SIGHUP, proxy.wake)
     loop.add_signal_handler(signal.SIGTERM, proxy.stop)
     loop.add_signal_handler(signal.SIGINT, proxy.stop)
+    def ready() -> None:
+        # Everything made so far lives as long as the process: keep it out of the cyclic
+        # collector's way, and collect young objects less often (each client connection
+        # leaves a protocol <-> parser cycle; the collector was ~6% of the proxy's CPU in
+        # one-request-per-connection load).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(GC_THRESHOLD_0, 20, 20)
+        write_pid(paths.pid_file)
+
     try:
-        await proxy.run(on_first_converge=lambda: write_pid(paths.pid_file))
+        await proxy.run(on_first_converge=ready)
     finally:
         proxy.close_all()
         await pool.close()
