@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +49,7 @@ class ChangeFollower:
         self.wait_s = wait_s
         self.limit = limit
         self.registry_up = True
-        self._gen: AsyncIterator[ChangeBatch] | None = None
+        self._gen: AsyncGenerator[ChangeBatch, None] | None = None
 
     @property
     def revision(self) -> int | None:
@@ -66,7 +66,7 @@ class ChangeFollower:
 
     async def aclose(self) -> None:
         if self._gen is not None:
-            await self._gen.aclose()  # type: ignore[attr-defined]
+            await self._gen.aclose()
 
     async def _fetch(self) -> dict[str, Any] | int:
         """The next feed answer, or a revision (int) to resync to. Retries while the
@@ -95,7 +95,7 @@ class ChangeFollower:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX_S)
 
-    async def _run(self) -> AsyncIterator[ChangeBatch]:
+    async def _run(self) -> AsyncGenerator[ChangeBatch, None]:
         while True:
             result = await self._fetch()
             if isinstance(result, int):
