@@ -319,6 +319,15 @@ def test_keypairs(reg: Registry, api: RegistryClient) -> None:
     api.delete("keypair", kp["id"])
     assert api.get_view(inst["id"])["keypair"]["name"] == "k1"  # the copy taken at boot
 
+    # Nova keeps key pairs per user: a key of another project is found when its name is unique.
+    lone = _name("lone")
+    other = api.create("keypair", {"name": lone, "public_key": ED25519})
+    inst = api.create("instance", {"name": "k", "network_id": net["id"], "key_name": lone})
+    assert inst["keypair_id"] == other["id"]
+    with pytest.raises(BadRequest):  # "k1" now names key pairs in two other projects
+        api.create("keypair", {"name": "k1", "public_key": ED25519, "project_id": _name("p")})
+        api.create("instance", {"name": "k", "network_id": net["id"], "key_name": "k1"})
+
 
 # ---------------------------------------------------------------------- routers, view, lookup
 

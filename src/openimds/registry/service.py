@@ -126,6 +126,22 @@ def _parse_user_data(raw: Any) -> bytes | None:
     return data
 
 
+def _find_keypair(conn: Connection, name: str, project_id: str) -> Row[Any]:
+    """The key pair named so in the instance's project; failing that (Nova keeps key pairs
+    per user, not per project), the one key pair of that name in any project."""
+    kp = conn.execute(sa.select(keypairs).where(
+        keypairs.c.project_id == project_id, keypairs.c.name == name)).first()
+    if kp is not None:
+        return kp
+    found = conn.execute(sa.select(keypairs).where(keypairs.c.name == name).limit(2)).all()
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise BadRequest(f"key_name: no key pair named {name!r}")
+    raise BadRequest(f"key_name: {name!r} names key pairs in several projects, none in "
+                     f"project {project_id}")
+
+
 class Registry:
     """All registry operations over one `Store`."""
 
@@ -616,10 +632,7 @@ class Registry:
                    else network.project_id)
             keypair = None
             if key_name is not None:
-                kp = conn.execute(sa.select(keypairs).where(
-                    keypairs.c.project_id == pid, keypairs.c.name == key_name)).first()
-                if kp is None:
-                    raise BadRequest(f"key_name: no key pair {key_name!r} in project {pid}")
+                kp = _find_keypair(conn, key_name, pid)
                 keypair = {k: getattr(kp, k) for k in
                            ("id", "name", "public_key", "type", "fingerprint")}
             if conn.execute(sa.select(instances.c.id).where(instances.c.id == iid)).first():
