@@ -101,6 +101,7 @@ class _Conn(asyncio.Protocol):
         self.closed = True
         if self._pending():
             self._settle(_Closed(self._raw_len > 0))
+        self._parser = None  # break the conn <-> parser cycle
 
     def _pending(self) -> bool:
         waiter = self.waiter
