@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -26,6 +27,8 @@ from openimds.registry.client import AsyncRegistryClient
 from openimds.registry.feed import ChangeFollower
 
 log = logging.getLogger(__name__)
+
+_GC_THRESHOLD_0 = 20000
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -69,6 +72,12 @@ async def run_agent(settings: Settings) -> int:
     limits = Limits(max_body_bytes=settings.api.max_request_bytes + 4096)
     server = await serve(agent.handle, sock, limits, backlog=settings.metadata_backlog)
     feed_task = asyncio.create_task(agent.follow(lambda: ChangeFollower(feed_client)))
+    # Everything made so far lives as long as the process: keep it out of the cyclic
+    # collector's way, and collect young objects less often (each request leaves a few
+    # short-lived cycles; the default threshold runs the collector every few requests).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(_GC_THRESHOLD_0, 20, 20)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
