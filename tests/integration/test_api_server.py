@@ -33,7 +33,8 @@ from tests.support import (
     write_config,
 )
 
-PUBKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhscHR4f test@openimds"
+PUBKEY = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhscHR4f"
+          " test@openimds")
 USER_DATA = b"#cloud-config\nruncmd:\n - echo hi\n\xff binary tail"
 
 
