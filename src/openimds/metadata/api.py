@@ -174,7 +174,7 @@ class MetadataApi:
         )
         self._cache: dict[str, _Entry] = {}
         self._paths: dict[str, str] = {}
-        self._signatures: dict[str, bytes] = {}
+        self._signatures: dict[bytes, tuple[str, bytes]] = {}
         self._index = DependencyIndex()
         self._inflight: dict[str, _Flight] = {}
         self._recent: deque[tuple[int, Mapping[str, Any]]] = deque(maxlen=RECENT_CHANGES)
@@ -183,7 +183,7 @@ class MetadataApi:
         root = root_document()
         self._root = Response(200, root.body, headers=[("ETag", root.etag)])
         self._root_etag = root.etag
-        self.stats: dict[str, int] = {"hits": 0, "misses": 0, "fetches": 0, "invalidated": 0}
+        self.stats: dict[str, int] = {"misses": 0, "fetches": 0, "invalidated": 0}
 
     # -- the handler --------------------------------------------------------------------
     def handle(self, req: Request) -> AnyResponse | Awaitable[AnyResponse]:
@@ -211,18 +211,21 @@ class MetadataApi:
                 return _not_allowed(_ALLOW_PASSWORD if password else _ALLOW_READ)
 
         # One pass over the headers for everything the hot path reads.
-        seen: dict[bytes, list[bytes]] = {}
+        seen: dict[bytes, bytes] = {}
+        repeated: list[bytes] | None = None
         for name, value in req.headers:
             if name in _WANTED:
-                seen.setdefault(name, []).append(value)
-        who = self._identify(req, seen)
+                if name in seen:
+                    repeated = [*(repeated or ()), name]
+                seen[name] = value
+        who = self._identify(req, seen, repeated)
         if isinstance(who, Response):
             return who
         instance_id, tenant_id = who
         if path != TOKEN_PATH:
             token = seen.get(TOKEN_HEADER)
             if token is not None:
-                if not check_token(self._token_key, instance_id, token[0], self._wall()):
+                if not check_token(self._token_key, instance_id, token, self._wall()):
                     return self._refuse(req, 401, "invalid or expired IMDSv2 token", path)
             elif self._tokens_required:
                 return self._refuse(req, 401, "an IMDSv2 token is required", path)
@@ -230,7 +233,6 @@ class MetadataApi:
         entry = self._cache.get(instance_id)
         if entry is None:
             return self._serve_miss(req, path, instance_id, tenant_id)
-        self.stats["hits"] += 1
         if (method == "GET" and req.keep_alive and b"if-none-match" not in seen
                 and entry.docs.project_id == tenant_id):
             wire = entry.wire.get(path)
@@ -261,38 +263,40 @@ class MetadataApi:
                   status, (req.header(b"x-instance-id") or b"-").decode("latin-1"))
 
     def _identify(
-        self, req: Request, seen: Mapping[bytes, list[bytes]]
+        self, req: Request, seen: Mapping[bytes, bytes], repeated: list[bytes] | None
     ) -> tuple[str, str] | Response:
-        ids = seen.get(b"x-instance-id")
-        sigs = seen.get(b"x-instance-id-signature")
-        tenants = seen.get(b"x-tenant-id")
-        if not ids:
+        raw_id = seen.get(b"x-instance-id")
+        signature = seen.get(b"x-instance-id-signature")
+        raw_tenant = seen.get(b"x-tenant-id")
+        if raw_id is None:
             return self._refuse(req, 400, "X-Instance-ID header is missing from request.")
-        if not sigs:
+        if signature is None:
             return self._refuse(
                 req, 400, "X-Instance-ID-Signature header is missing from request.")
-        if not tenants:
+        if raw_tenant is None:
             return self._refuse(req, 400, "X-Tenant-ID header is missing from request.")
-        if len(ids) > 1:
-            return self._refuse(req, 400, "Multiple X-Instance-ID headers found within request.")
-        if len(tenants) > 1:
-            return self._refuse(req, 400, "Multiple X-Tenant-ID headers found within request.")
-        instance_id = ids[0].decode("latin-1").strip()
-        tenant_id = tenants[0].decode("latin-1").strip()
-        signature = sigs[-1].strip()
-        # The expected signature is a function of the id alone: memoise it, compare in
-        # constant time every time.
-        expected = self._signatures.get(instance_id)
-        if expected is None:
-            expected = sign_instance_id(self._secret, instance_id).encode()
-            if len(instance_id) <= MEMO_KEY_MAX:
+        if repeated is not None:
+            if b"x-instance-id" in repeated:
+                return self._refuse(
+                    req, 400, "Multiple X-Instance-ID headers found within request.")
+            if b"x-tenant-id" in repeated:
+                return self._refuse(
+                    req, 400, "Multiple X-Tenant-ID headers found within request.")
+        # The expected signature is a function of the id alone: memoise it (keyed by the raw
+        # header), compare in constant time every time.
+        known = self._signatures.get(raw_id)
+        if known is None:
+            instance_id = raw_id.decode("latin-1").strip()
+            known = (instance_id, sign_instance_id(self._secret, instance_id).encode())
+            if len(raw_id) <= MEMO_KEY_MAX:
                 if len(self._signatures) >= SIGNATURE_MEMO:
                     self._signatures.clear()
-                self._signatures[instance_id] = expected
-        if not signature or not hmac.compare_digest(expected, signature):
+                self._signatures[raw_id] = known
+        instance_id, expected = known
+        if not hmac.compare_digest(expected, signature.strip()):
             log.warning("api.bad_signature instance=%s", instance_id)
             return self._refuse(req, 403, "Invalid proxy request signature.")
-        return instance_id, tenant_id
+        return instance_id, raw_tenant.decode("latin-1").strip()
 
     def _refuse(self, req: Request, status: int, reason: str, path: str | None = None,
                 headers: tuple[tuple[str, str], ...] = ()) -> Response:
@@ -303,7 +307,7 @@ class MetadataApi:
     async def _serve_miss(
         self, req: Request, path: str, instance_id: str, tenant_id: str
     ) -> AnyResponse:
-        self.stats["misses"] += 1
+        self.stats["misses"] += 1  # hits = requests - misses; not counted on the hot path
         try:
             entry = await self._load(instance_id)
         except NotFound:
