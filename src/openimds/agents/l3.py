@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from openimds.agents import fabric
 from openimds.config import Settings
 from openimds.core import firewall
@@ -61,6 +63,8 @@ from openimds.registry.feed import ChangeFollower
 log = logging.getLogger(__name__)
 
 ROUTER_INTERFACE_OWNER = "network:router_interface"
+# What one router's build or tear-down may raise without stopping the others.
+HOST_ERRORS: tuple[type[Exception], ...] = (OpenImdsError, OSError, NetlinkError)
 RELEVANT_KINDS = frozenset({"router", "port", "subnet", "network"})
 LEG_PREFIX = "qr-"
 
@@ -248,14 +252,14 @@ class RouterDriver:
                     if self.converge_router(here, plan):
                         report.created.append(plan.router_id)
                     self._applied[plan.router_id] = plan
-                except (OpenImdsError, OSError) as exc:
+                except HOST_ERRORS as exc:
                     log.error("l3.router_failed router=%s reason=%s", plan.router_id, exc)
                     report.failed.append(plan.router_id)
             for router_id in sorted(self.owned() - set(plans)):
                 try:
                     self.remove_router(router_id)
                     report.removed.append(router_id)
-                except (OpenImdsError, OSError) as exc:
+                except HOST_ERRORS as exc:
                     log.error("l3.remove_failed router=%s reason=%s", router_id, exc)
                     report.failed.append(router_id)
             report.specs_changed = self._converge_specs(plans)
@@ -489,10 +493,15 @@ class L3Agent:
             full, self._full = self._full, False
             try:
                 report = await self.converge(full=full)
-            except OpenImdsError as exc:
+            except OpenImdsError as exc:  # registry unreachable or refusing: retry soon
                 log.warning("l3.converge_failed reason=%s retry_in_s=%.1f", exc.reason,
                             self.RETRY_S)
                 self._full |= full
+                retry_at = time.monotonic() + self.RETRY_S
+                continue
+            except Exception:  # a bug or an unforeseen kernel answer: keep serving, retry
+                log.exception("l3.converge_crashed retry_in_s=%.1f", self.RETRY_S)
+                self._full = True
                 retry_at = time.monotonic() + self.RETRY_S
                 continue
             if full:

@@ -20,5 +20,4 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_command(
         sub, "l3-agent", _l3_agent,
         "run the L3 agent: qrouter- namespaces, metadata rules, proxy listener specs",
-        formatted=False,
     )
