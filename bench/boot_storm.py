@@ -778,7 +778,8 @@ async def bench(args: argparse.Namespace, arms: list[str], settings: Settings, c
                 await sup.get(name).stop()
             for name in ("api", "agent"):
                 await sup.get(name).start()
-            return {"agent": [sup.get("agent").pid or 0], "api": [sup.get("api").pid or 0]}
+            return {"agent": [sup.get("agent").pid or 0], "api": [sup.get("api").pid or 0],
+                    "registry": [sup.get("registry").pid or 0]}
 
         async def ensure_proxy() -> int:
             """Our proxy child again; or the one an agent started in the gap, if it won."""
