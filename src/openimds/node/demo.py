@@ -22,6 +22,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -170,11 +171,11 @@ def _plug(config: str | None, server: DemoServer, instance_id: str) -> str:
 
 
 def _read_metadata(config: str | None, server: str, instance_id: str,
-                   timeout_s: float = 60) -> str:
+                   cancel: threading.Event, timeout_s: float = 60) -> str:
     """Read meta_data.json from inside the VM until it names the right instance."""
     deadline = time.monotonic() + timeout_s
     last = ""
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not cancel.is_set():
         proc = _cli(config, "vm", "exec", server, "--", "curl", "-s", "-m", "5", META_URL)
         try:
             doc = json.loads(proc.stdout)
@@ -191,7 +192,8 @@ def _read_metadata(config: str | None, server: str, instance_id: str,
 Step = tuple[str, Callable[[], str]]
 
 
-def demo_steps(settings: Settings, config: str | None, reg: Registry) -> list[Step]:
+def demo_steps(settings: Settings, config: str | None, reg: Registry,
+               cancel: threading.Event) -> list[Step]:
     """The demo as a list of (title, action) steps; each action returns a short detail."""
     state: dict[str, dict[str, Any]] = {}
     steps: list[Step] = []
@@ -254,22 +256,29 @@ def demo_steps(settings: Settings, config: str | None, reg: Registry) -> list[St
 
     for server in SERVERS:
         def check(server: DemoServer = server) -> str:
-            return _read_metadata(config, server.name, state[server.name]["id"])
+            return _read_metadata(config, server.name, state[server.name]["id"], cancel)
 
         steps.append((f"{server.name} reads its metadata", check))
     return steps
 
 
-def build_demo(settings: Settings, config: str | None) -> int:
-    """Run the demo steps with a progress display, then print what to try. 0 on success."""
+def build_demo(settings: Settings, config: str | None,
+               cancel: threading.Event | None = None) -> int:
+    """Run the demo steps with a progress display, then print what to try. 0 on success.
+
+    Stops between steps (returning 1) once `cancel` is set."""
+    cancel = cancel or threading.Event()
     from rich.console import Console
 
     console = Console(highlight=False, soft_wrap=True)
     reg = Registry(settings)
     try:
-        steps = demo_steps(settings, config, reg)
+        steps = demo_steps(settings, config, reg, cancel)
         console.print(f"[bold]building the demo[/bold] ({len(steps)} steps)")
         for i, (title, action) in enumerate(steps, 1):
+            if cancel.is_set():
+                console.print("[yellow]demo interrupted[/yellow]")
+                return 1
             t0 = time.monotonic()
             with console.status(f"[{i}/{len(steps)}] {title} …"):
                 try:

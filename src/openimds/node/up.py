@@ -32,6 +32,7 @@ import os
 import secrets
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -246,10 +247,13 @@ def take_lock(state_path: Path) -> int:
 
 async def run_up(
     settings: Settings, config: str | None, overrides: Mapping[str, str],
-    after_start: Callable[[], int] | None = None,
+    after_start: Callable[[threading.Event], int] | None = None,
     say: Callable[[str], None] = print,
 ) -> int:
-    """Start everything, run after_start (the demo) in a thread, serve until a signal."""
+    """Start everything, run after_start (the demo) in a thread, serve until a signal.
+
+    after_start gets an Event that is set when a signal arrives; it should give up soon then.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     exit_code = 0
@@ -296,8 +300,9 @@ async def run_up(
         f"{settings.registry.effective_url}, metadata API {settings.nova_metadata_host}:"
         f"{settings.nova_metadata_port}, agent socket {settings.metadata_proxy_socket}")
 
+    cancel = threading.Event()
     if after_start is not None:
-        demo = asyncio.create_task(asyncio.to_thread(after_start))
+        demo = asyncio.create_task(asyncio.to_thread(after_start, cancel))
         waiting = asyncio.create_task(stop.wait())
         pending: set[asyncio.Task[Any]] = {demo, waiting}
         done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -306,7 +311,12 @@ async def run_up(
             with contextlib.suppress(Exception):
                 if demo.result() != 0:
                     say("the demo did not complete; services keep running (Ctrl-C stops)")
-    say("Ctrl-C or SIGTERM stops every service (namespaces and state are kept).")
+        else:
+            cancel.set()
+            with contextlib.suppress(Exception):
+                await demo
+    if not stop.is_set():
+        say("Ctrl-C or SIGTERM stops every service (namespaces and state are kept).")
     await stop.wait()
     say("stopping: " + ", ".join(c.name for c in reversed(sup.children)))
     await sup.stop_all()
@@ -366,12 +376,12 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         if not settings.debug:
             # started/ready lines are printed as progress; deaths and restarts stay logged
             logging.getLogger("openimds.host.supervise").setLevel(logging.WARNING)
-        after: Callable[[], int] | None = None
+        after: Callable[[threading.Event], int] | None = None
         if args.demo:
             from openimds.node.demo import build_demo
 
-            def after() -> int:
-                return build_demo(settings, args.config)
+            def after(cancel: threading.Event) -> int:
+                return build_demo(settings, args.config, cancel)
 
         return asyncio.run(run_up(settings, args.config, overrides, after))
     finally:
