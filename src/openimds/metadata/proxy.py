@@ -73,6 +73,7 @@ log = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 1024
 GC_THRESHOLD_0 = 20000
+LOCK_WAIT_S = 0.5
 CONNECT_RETRIES = 3  # haproxy's `retries 3` in Neutron's config
 CONNECT_RETRY_DELAY_S = 0.1
 _IPV6_FREEBIND = getattr(socket, "IPV6_FREEBIND", 78)
@@ -453,9 +454,17 @@ def acquire_lock(paths: ProxyPaths) -> int:
     """Take the proxy's flock (held until exit); raise if another proxy holds it."""
     paths.directory.mkdir(mode=0o755, parents=True, exist_ok=True)
     fd = os.open(paths.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    # Agents probe the lock with a brief flock of their own (agents.l3.proxy_running): retry
+    # for a moment so such a probe cannot make a starting proxy give up.
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
         os.close(fd)
         other = read_pid(paths.pid_file)
         who = f"pid {other}" if other else "another process"
