@@ -56,7 +56,7 @@ from openimds.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from openimds.host.netns import netns_inode, socket_in_netns
+from openimds.host.netns import netns_inode, socket_in_netns, socket_netns_inode
 from openimds.http.client import UpstreamPool, UpstreamResponse
 from openimds.http.server import (
     AnyResponse,
@@ -279,10 +279,10 @@ def open_listening_socket(spec: ListenerSpec) -> tuple[socket.socket, int]:
 
     Raises FileNotFoundError if the namespace does not exist, OSError if the bind fails.
     """
-    inode = netns_inode(spec.netns)
     family = socket.AF_INET6 if spec.is_ipv6 else socket.AF_INET
     sock = socket_in_netns(spec.netns, family, socket.SOCK_STREAM)
     try:
+        inode = socket_netns_inode(sock)  # the namespace the socket really lives in
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if spec.is_ipv6:
             sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_FREEBIND, 1)
