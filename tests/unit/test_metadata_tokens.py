@@ -84,3 +84,26 @@ def test_invalidation_index() -> None:
     index.remove(IID)
     assert len(index) == 0
     assert index.affected({"kind": "network", "id": NET}) == set()
+
+
+def _through_agent(vm_headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    from openimds.core.headers import rewrite_request_headers
+
+    out = rewrite_request_headers(vm_headers, forwarded_for="10.0.0.5", instance_id=IID,
+                                  tenant_id=PROJECT, signature="00", method=b"PUT")
+    return [(name.lower(), value) for name, value in out]
+
+
+def test_forwarded_detection_after_the_agent_rewrite() -> None:
+    ttl = (b"x-aws-ec2-metadata-token-ttl-seconds", b"21600")
+    # a direct PUT from the guest
+    assert not forwarded_by_guest(_through_agent([(b"host", b"169.254.169.254"), ttl]))
+    # squid / nginx in the guest leave Via / X-Real-IP, which the agent passes through
+    assert forwarded_by_guest(_through_agent([ttl, (b"via", b"1.1 squid"),
+                                              (b"x-forwarded-for", b"192.168.1.5")]))
+    assert forwarded_by_guest(_through_agent([ttl, (b"x-real-ip", b"192.168.1.5"),
+                                              (b"x-forwarded-for", b"192.168.1.5")]))
+    # a proxy that adds only X-Forwarded-For (haproxy `option forwardfor`) is invisible here:
+    # the agent drops the guest's X-Forwarded-* before we see it. Closing this gap needs the
+    # agent to set X-Openimds-Guest-Forwarded when it drops one (proposed; not in the contract).
+    assert not forwarded_by_guest(_through_agent([ttl, (b"x-forwarded-for", b"192.168.1.5")]))
