@@ -14,8 +14,13 @@ guest). Our own hops always add X-Forwarded-For and strip the VM's X-Forwarded-*
 so XFF itself cannot be the signal here. `forwarded_by_guest(headers)` instead looks for what
 a forwarding proxy in the guest leaves behind and our hops pass through or never produce:
 `Via`, `X-Real-IP`, `X-Client-IP`, `True-Client-IP`, more than one X-Forwarded-For value (a
-hop that appends), a `Forwarded` header, or the agent's `X-Openimds-Guest-Forwarded` marker
-(set when it stripped a forwarded header the VM sent).
+hop that appends), a `Forwarded` header, or an `X-Openimds-Guest-Forwarded` marker.
+
+Gap: a guest proxy that adds only X-Forwarded-For (haproxy `option forwardfor`, Apache
+mod_proxy) is invisible here, because the agent drops the guest's X-Forwarded-* before the
+request reaches us. Closing it needs the agent to add `X-Openimds-Guest-Forwarded: 1` when it
+drops one: proposed, not yet in docs/architecture.md. The marker does no harm if a guest sends
+it itself: it only refuses that guest's own token.
 """
 
 from __future__ import annotations
