@@ -126,3 +126,12 @@ def test_hostile_headers_never_cross(headers: list[tuple[bytes, bytes]], length:
     for n, v in out:
         assert (n, v) in headers or n.lower() in OURS | {b"host", b"content-length"}
         assert not is_dropped(n.lower()) or n.lower() in OURS | {b"content-length"}
+
+
+def test_verdict_memo_stays_bounded() -> None:
+    from openimds.core import headers as mod
+
+    for i in range(mod._MAX_VERDICTS + 10):
+        assert not is_dropped(f"x-junk-{i}".encode())
+    assert len(mod._verdicts) <= mod._MAX_VERDICTS
+    assert is_dropped(b"x-neutron-router-id") and is_dropped(b"x_neutron_router_id")

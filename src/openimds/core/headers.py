@@ -60,13 +60,25 @@ def is_dropped(name: bytes) -> bool:
     Underscores count as dashes: WSGI servers (Nova's among them) map both to the same
     variable, so `X_Instance_ID` must go as surely as `X-Instance-ID`.
     """
-    name = name.replace(b"_", b"-")
-    return (
-        name in HOP_BY_HOP
-        or name in _FRAMING
-        or name in _DROPPED_EXACT
-        or name.startswith(DROPPED_PREFIXES)
+    known = _verdicts.get(name)
+    if known is not None:
+        return known
+    canon = name.replace(b"_", b"-")
+    verdict = (
+        canon in HOP_BY_HOP
+        or canon in _FRAMING
+        or canon in _DROPPED_EXACT
+        or canon.startswith(DROPPED_PREFIXES)
     )
+    if len(_verdicts) >= _MAX_VERDICTS:  # bounded: header names are chosen by the VM
+        _verdicts.clear()
+    _verdicts[name] = verdict
+    return verdict
+
+
+# The same few header names arrive on every request: remember each name's verdict.
+_verdicts: dict[bytes, bool] = {}
+_MAX_VERDICTS = 4096
 
 
 def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
