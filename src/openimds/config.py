@@ -115,6 +115,9 @@ class MetadataAgentSettings:
     upstream_pool_size: int = opt(64, "Keep-alive connections to the metadata API", min=1)
     upstream_timeout: float = opt(60.0, "Seconds to wait for the metadata API", min=0.1)
     registry_timeout: float = opt(5.0, "Seconds to wait for the registry", min=0.1)
+    registry_connections: int = opt(
+        8, "Concurrent registry lookups (more only slows a sqlite registry down)", min=2
+    )
     retry_after: int = opt(2, "Retry-After seconds sent with 503", min=1)
     access_log: bool = opt(True, "One openimds.access line per request (about 20 µs each)")
 
