@@ -113,6 +113,18 @@ async def test_slow_client_times_out_with_408() -> None:
         server.close()
 
 
+async def test_idle_keepalive_closes_silently() -> None:
+    server, port = await start(echo, Limits(keepalive_timeout_s=0.2))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+        out = await asyncio.wait_for(reader.read(-1), 5)  # until the idle close
+        assert out.count(b"HTTP/1.1 ") == 1 and b"408" not in out
+        writer.close()
+    finally:
+        server.close()
+
+
 async def test_pool_reuses_connections_and_relays_raw() -> None:
     peers: set[tuple[str, int] | None] = set()
 

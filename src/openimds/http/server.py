@@ -188,7 +188,7 @@ class HttpProtocol(asyncio.Protocol):
 
     __slots__ = (
         "_body", "_body_len", "_busy", "_closing", "_deferred", "_deferred_req", "_handler",
-        "_header_bytes", "_headers",
+        "_header_bytes", "_headers", "_in_request",
         "_last_name", "_limits", "_loop", "_parser", "_paused", "_peer", "_queue", "_task",
         "_deadline", "_timer", "_transport", "_url",
     )
@@ -203,6 +203,7 @@ class HttpProtocol(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
+        self._in_request = False
         self._last_name = b""
         self._body: list[bytes] = []
         self._body_len = 0
@@ -260,6 +261,7 @@ class HttpProtocol(asyncio.Protocol):
 
     # -- parser callbacks ---------------------------------------------------------------
     def on_message_begin(self) -> None:
+        self._in_request = True
         self._url = b""
         self._headers = []
         self._header_bytes = 0
@@ -302,6 +304,7 @@ class HttpProtocol(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._in_request = False
         parser = self._parser
         try:
             target = self._url.decode("ascii")
@@ -428,9 +431,11 @@ class HttpProtocol(asyncio.Protocol):
         if self._busy:
             # The handler owns the time now; upstream timeouts bound it.
             return
-        if self._url or self._headers or self._body:
+        if self._in_request:
             self._fail(408, "request not received in time")
         else:
+            # An idle keep-alive connection (or one that never sent a byte) just closes:
+            # an unprompted 408 would be read as the answer to the client's next request.
             self._close()
 
 
