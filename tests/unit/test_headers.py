@@ -135,3 +135,11 @@ def test_verdict_memo_stays_bounded() -> None:
         assert not is_dropped(f"x-junk-{i}".encode())
     assert len(mod._verdicts) <= mod._MAX_VERDICTS
     assert is_dropped(b"x-neutron-router-id") and is_dropped(b"x_neutron_router_id")
+
+
+def test_two_connection_headers_and_host_named_in_connection() -> None:
+    out = rewrite([(b"connection", b"x-a"), (b"connection", b"x-b, host"), (b"x-a", b"1"),
+                   (b"x-b", b"2"), (b"host", b"vm-chosen"), (b"x-c", b"3")])
+    assert names(out)[0] == b"x-c"
+    assert not {b"x-a", b"x-b", b"connection"} & set(names(out))
+    assert [v for n, v in out if n == b"host"] == [b"169.254.169.254"]

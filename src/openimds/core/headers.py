@@ -27,9 +27,11 @@ __all__ = [
     "DROPPED_PREFIXES",
     "HOP_BY_HOP",
     "SENSITIVE",
+    "identity_headers",
     "is_dropped",
     "redact",
     "rewrite_request_headers",
+    "rewrite_with_identity",
 ]
 
 HOP_BY_HOP = frozenset({
@@ -81,12 +83,20 @@ _verdicts: dict[bytes, bool] = {}
 _MAX_VERDICTS = 4096
 
 
-def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return frozenset(tokens)
+def _connection_tokens(value: bytes) -> set[bytes]:
+    return {t.strip().lower() for t in value.split(b",") if t.strip()}
+
+
+def identity_headers(
+    *, forwarded_for: str, instance_id: str, tenant_id: str, signature: str,
+) -> tuple[tuple[bytes, bytes], ...]:
+    """The four headers the agent adds, encoded once (the agent memoises them per caller)."""
+    return (
+        (OUT_FORWARDED_FOR, forwarded_for.encode("ascii")),
+        (OUT_INSTANCE_ID, instance_id.encode()),
+        (OUT_TENANT_ID, tenant_id.encode()),
+        (OUT_SIGNATURE, signature.encode("ascii")),
+    )
 
 
 def rewrite_request_headers(
@@ -104,26 +114,44 @@ def rewrite_request_headers(
 
     Header names in `headers` must be lower-case, as the lean HTTP server delivers them.
     """
-    items = list(headers)
-    named_by_connection = _connection_tokens(items)
+    return rewrite_with_identity(
+        headers, identity_headers(forwarded_for=forwarded_for, instance_id=instance_id,
+                                  tenant_id=tenant_id, signature=signature),
+        method=method, body_length=body_length, default_host=default_host,
+    )
+
+
+def rewrite_with_identity(
+    headers: Iterable[tuple[bytes, bytes]],
+    identity: tuple[tuple[bytes, bytes], ...],
+    *,
+    method: bytes = b"GET",
+    body_length: int = 0,
+    default_host: bytes = b"169.254.169.254",
+) -> list[tuple[bytes, bytes]]:
+    """`rewrite_request_headers` with the four identity headers already encoded."""
     out: list[tuple[bytes, bytes]] = []
+    named: set[bytes] | None = None  # headers the request's Connection header names
     has_host = False
-    for name, value in items:
-        if is_dropped(name) or name in named_by_connection:
+    for item in headers:
+        name = item[0]
+        if name == b"connection":
+            tokens = _connection_tokens(item[1])
+            named = tokens if named is None else named | tokens
+            continue
+        if is_dropped(name):
             continue
         if name == b"host":
             if has_host:  # a second Host is a request-smuggling shape: keep the first only
                 continue
             has_host = True
-        out.append((name, value))
+        out.append(item)
+    if named:
+        out = [item for item in out if item[0] not in named]
+        has_host = any(item[0] == b"host" for item in out)
     if not has_host:
         out.append((b"host", default_host))
-    out += [
-        (OUT_FORWARDED_FOR, forwarded_for.encode("ascii")),
-        (OUT_INSTANCE_ID, instance_id.encode()),
-        (OUT_TENANT_ID, tenant_id.encode()),
-        (OUT_SIGNATURE, signature.encode("ascii")),
-    ]
+    out += identity
     if body_length or method.upper() in _BODY_METHODS:
         out.append((b"content-length", str(body_length).encode("ascii")))
     return out
