@@ -140,6 +140,9 @@ class ProxySettings:
         "$state_path/proxy/listeners", "Directory of listener specs written by the agents"
     )
     rescan_interval: float = opt(1.0, "Seconds between listener directory scans", min=0.05)
+    spawn_from_agents: bool = opt(
+        True, "L3/DHCP agents start the proxy when none runs; false when up or systemd runs it"
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -457,7 +457,7 @@ async def run_agent(settings: Settings, *, cleanup_on_exit: bool = False,
         asyncio.create_task(agent.stop_event.wait(), name="dhcp-stop"),
     ]
     keeper_task: asyncio.Task[None] | None = None
-    if agent.flags.serves_metadata:
+    if agent.flags.serves_metadata and settings.proxy.spawn_from_agents:
         # Like the L3 agent: keep one `openimds proxy` for this state_path (if none holds its
         # lock), so an isolated-only host serves metadata too. Its run() returns at once when
         # respawning is off; it raises when the proxy died and the action is "exit".

@@ -445,7 +445,8 @@ class L3Agent:
         self.client = client or AsyncRegistryClient.from_settings(settings, admin=False)
         self.keeper = (
             ProxyKeeper(settings, proxy_argv(config_path))
-            if supervise_proxy and settings.enable_metadata_proxy else None
+            if supervise_proxy and settings.enable_metadata_proxy
+            and settings.proxy.spawn_from_agents else None
         )
         self.revision: int | None = None
         self._wake = asyncio.Event()

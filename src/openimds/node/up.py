@@ -370,6 +370,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         overrides = settings_overrides(args.set or [])
         if args.demo:
             overrides.setdefault(env_name("DEFAULT", "enable_isolated_metadata"), "true")
+        # up supervises the proxy itself: agents starting their own would race with it.
+        overrides.setdefault(env_name("proxy", "spawn_from_agents"), "false")
         # Validate what the children will see before starting any of them.
         load_settings(args.config, environ=child_env(overrides))
         setup_logging(debug=settings.debug, log_file=settings.log_file, component="up")
