@@ -618,7 +618,7 @@ class MetadataAgent:
             "cache_entries": len(self.cache),
             "cache_evictions": self.cache.evictions,
             "cache_invalidations": self.cache.invalidations,
-            "feed_live": self.trusts_cache(),
+            "feed_live": self._synced and self._feed_up(),  # no flip logging from here
             "feed_revision": self.feed_revision,
             "statuses": {str(k): v for k, v in sorted(self.status_counts.items())},
         }
