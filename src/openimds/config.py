@@ -104,6 +104,10 @@ class ApiSettings:
     cache_size: int = opt(10000, "Instances whose serialized documents are kept", min=1)
     registry_timeout: float = opt(5.0, "Seconds to wait for the registry's view", min=0.1)
     retry_after: int = opt(2, "Retry-After seconds sent with 503", min=1)
+    prewarm_concurrency: int = opt(
+        4, "Background view fetches for instances the change feed reports new or changed "
+        "(0 = off: only fetch on a request)", min=0, max=64,
+    )
 
 
 @dataclass(frozen=True, slots=True)

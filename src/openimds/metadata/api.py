@@ -13,6 +13,16 @@ Rules:
   pre-encoded bytes for keep-alive GETs. While the feed is down, cached documents keep being
   served (every write goes through the registry; the follower's resync after an outage drops
   them); a miss then answers 503 with Retry-After.
+- Prewarming (`[api] prewarm_concurrency` background fetches, 0 = off): when the feed reports
+  an instance created, or a change to an instance we hold or are fetching, its view is fetched
+  again in the background instead of only dropped (`core.metadata.invalidation.plan_refresh`),
+  through the same single-flight, so a VM's first request is a cache hit. Deleted instances
+  are dropped, never fetched. A fetch overtaken by a newer change is not kept (the flight is
+  marked stale, the next fetch starts a new flight, and the instance is queued again); a
+  request never joins a stale flight. A resync (and the first batch) re-queues the instances
+  that were cached, behind feed-driven work; the API does not list the registry at startup:
+  instances created from then on are prewarmed as they are created, older ones are fetched
+  on their first request as before.
 - Methods: GET/HEAD everywhere, POST on `password`, PUT on `/latest/api/token`; anything else
   is 405 with Allow. GET never writes.
 - IMDSv2 (`core.metadata.tokens`): a token header, when present, must be valid for the
@@ -49,7 +59,7 @@ from openimds.core.metadata import (
     parse_view,
     root_document,
 )
-from openimds.core.metadata.invalidation import DependencyIndex
+from openimds.core.metadata.invalidation import DependencyIndex, PrewarmQueue, plan_refresh
 from openimds.core.metadata.listing import JSON, TEXT, etag_of
 from openimds.core.metadata.openstack import dump
 from openimds.core.metadata.tokens import (
@@ -104,7 +114,7 @@ class _Entry:
 
 @dataclass(slots=True)
 class _Flight:
-    task: asyncio.Task[_Entry]
+    task: asyncio.Task[_Entry] | None = None
     stale: bool = False
 
 
@@ -168,6 +178,9 @@ class MetadataApi:
         self._registry_timeout_s = api.registry_timeout
         self._retry_after = str(api.retry_after)
         self._cache_size = api.cache_size
+        self._prewarm_concurrency = api.prewarm_concurrency
+        self._prewarm = PrewarmQueue(api.cache_size)
+        self._prewarmers: set[asyncio.Task[None]] = set()
         self._options = DocumentOptions(
             dhcp_domain=api.dhcp_domain, static_vendordata=vendordata.static,
             dynamic_vendordata=vendordata.dynamic,
@@ -183,7 +196,8 @@ class MetadataApi:
         root = root_document()
         self._root = Response(200, root.body, headers=[("ETag", root.etag)])
         self._root_etag = root.etag
-        self.stats: dict[str, int] = {"misses": 0, "fetches": 0, "invalidated": 0}
+        self.stats: dict[str, int] = {"misses": 0, "fetches": 0, "invalidated": 0,
+                                      "prewarmed": 0, "prewarm_failed": 0}
 
     # -- the handler --------------------------------------------------------------------
     def handle(self, req: Request) -> AnyResponse | Awaitable[AnyResponse]:
@@ -417,15 +431,27 @@ class MetadataApi:
         return Response(200, token.encode(), headers=[(_TTL_RESPONSE_HEADER, str(ttl))])
 
     # -- cache --------------------------------------------------------------------------
-    async def _load(self, instance_id: str) -> _Entry:
+    def _flight(self, instance_id: str) -> _Flight:
+        """The current fetch of this instance; a stale one (a change arrived meanwhile) is
+        left to finish unkept and a new one starts."""
         flight = self._inflight.get(instance_id)
-        if flight is None:
-            task = asyncio.ensure_future(self._fetch(instance_id))
-            flight = self._inflight[instance_id] = _Flight(task)
-            task.add_done_callback(lambda _t: self._inflight.pop(instance_id, None))
-        return await asyncio.shield(flight.task)
+        if flight is None or flight.stale:
+            flight = self._inflight[instance_id] = _Flight()
+            task = flight.task = asyncio.ensure_future(self._fetch(instance_id, flight))
 
-    async def _fetch(self, instance_id: str) -> _Entry:
+            def landed(_t: object, flight: _Flight = flight) -> None:
+                if self._inflight.get(instance_id) is flight:
+                    del self._inflight[instance_id]
+
+            task.add_done_callback(landed)
+        return flight
+
+    async def _load(self, instance_id: str) -> _Entry:
+        task = self._flight(instance_id).task
+        assert task is not None
+        return await asyncio.shield(task)
+
+    async def _fetch(self, instance_id: str, flight: _Flight) -> _Entry:
         self.stats["fetches"] += 1
         try:
             raw = await asyncio.wait_for(self._registry.get_view(instance_id),
@@ -444,8 +470,7 @@ class MetadataApi:
         except BadRequest as exc:
             raise _Unavailable(f"registry view unusable: {exc.reason}") from None
         entry = _Entry(InstanceDocuments(view, self._options))
-        flight = self._inflight.get(instance_id)
-        if (flight is None or not flight.stale) and not self._changed_since(view):
+        if not flight.stale and not self._changed_since(view):
             self._store(entry)
         return entry
 
@@ -480,11 +505,59 @@ class MetadataApi:
         if flight is not None:
             flight.stale = True
 
-    def clear(self) -> None:
-        for iid in list(self._cache):
+    def clear(self) -> list[str]:
+        """Drop everything; returns the instances that were cached (oldest first)."""
+        held = list(self._cache)
+        for iid in held:
             self._drop(iid)
         for flight in self._inflight.values():
             flight.stale = True
+        return held
+
+    # -- prewarming ---------------------------------------------------------------------
+    def _queue_prewarm(self, instance_id: str, *, low: bool = False) -> None:
+        if self._prewarm_concurrency:
+            self._prewarm.push(instance_id, low=low)
+
+    def _start_prewarmers(self) -> None:
+        want = min(self._prewarm_concurrency, len(self._prewarm)) - len(self._prewarmers)
+        if want <= 0:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a synchronous caller): the queue waits for one
+            return
+        for _ in range(want):
+            task = loop.create_task(self._prewarmer())
+            self._prewarmers.add(task)
+            task.add_done_callback(self._prewarmers.discard)
+
+    async def _prewarmer(self) -> None:
+        """Fetch queued instances one at a time until the queue is empty."""
+        while (iid := self._prewarm.pop()) is not None:
+            if iid in self._cache:
+                continue  # a request fetched it after the change
+            flight = self._inflight.get(iid)
+            if flight is not None and not flight.stale:
+                continue  # a current fetch is running; it will be kept unless overtaken
+            try:
+                await self._load(iid)
+            except NotFound:
+                continue  # deleted meanwhile
+            except _Unavailable as exc:
+                self.stats["prewarm_failed"] += 1
+                log.debug("api.prewarm_failed instance=%s reason=%s", iid, exc)
+                continue
+            if iid in self._cache:
+                self.stats["prewarmed"] += 1
+
+    async def stop_prewarm(self) -> None:
+        """Cancel background fetches (they are also cancelled when `follow` ends)."""
+        self._prewarm.clear()
+        tasks = list(self._prewarmers)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- change feed --------------------------------------------------------------------
     def apply_batch(self, batch: Any) -> None:
@@ -492,29 +565,56 @@ class MetadataApi:
         revision = int(getattr(batch, "revision", 0) or 0)
         if getattr(batch, "resync", False) or not self._synced:
             # On a resync, and on the first batch (views fetched before the feed started may
-            # predate its starting point), nothing cached is kept.
-            self.clear()
+            # predate its starting point), nothing cached is kept. What was cached is fetched
+            # again behind feed-driven work (at most cache_size instances); nothing is listed.
+            held = self.clear()
             self._recent.clear()
             self._synced = True
             self._feed_revision = revision
-            log.info("api.cache_resync revision=%d", revision)
+            for iid in held:
+                self._queue_prewarm(iid, low=True)
+            self._start_prewarmers()
+            log.info("api.cache_resync revision=%d refetch=%d", revision,
+                     len(held) if self._prewarm_concurrency else 0)
             return
-        touched: set[str] = set()
-        for change in getattr(batch, "changes", None) or ():
+        changes = list(getattr(batch, "changes", None) or ())
+        for change in changes:
             rev = int(change.get("revision") or revision)
             self._recent.append((rev, change))
-            touched |= self._index.affected(change)
-            # an instance being fetched right now is not in the index yet
-            kind_id = change.get("id")
-            if change.get("kind") == "instance" and kind_id in self._inflight:
-                touched.add(str(kind_id))
-        for iid in touched:
+        known = _Known(self._cache, self._inflight, self._prewarm)
+        plan = plan_refresh(changes, self._index, known)
+        # an instance being fetched right now is not in the index yet: instance changes
+        # name it directly, and port/keypair/subnet changes are caught by `_changed_since`
+        for iid in plan.invalidate:
             self._invalidate(iid)
+        for iid in plan.deleted:
+            self._invalidate(iid)
+            self._prewarm.discard(iid)
+        for iid in plan.refresh:
+            self._queue_prewarm(iid)
         self._feed_revision = max(self._feed_revision, revision)
-        if touched:
-            log.debug("api.cache_invalidated revision=%d instances=%d", revision, len(touched))
+        self._start_prewarmers()
+        if plan.invalidate or plan.refresh:
+            log.debug("api.cache_invalidated revision=%d instances=%d refresh=%d", revision,
+                      len(plan.invalidate), len(plan.refresh))
 
     async def follow(self, batches: Any) -> None:
-        """Consume the change feed until cancelled."""
-        async for batch in batches:
-            self.apply_batch(batch)
+        """Consume the change feed until cancelled (background fetches stop with it)."""
+        try:
+            async for batch in batches:
+                self.apply_batch(batch)
+        finally:
+            await self.stop_prewarm()
+
+
+@dataclass(frozen=True, slots=True)
+class _Known:
+    """`in`: the instance is cached, being fetched, or queued for prewarming."""
+
+    cache: Mapping[str, Any]
+    inflight: Mapping[str, Any]
+    queued: PrewarmQueue
+
+    def __contains__(self, instance_id: object) -> bool:
+        return instance_id in self.cache or instance_id in self.inflight \
+            or instance_id in self.queued

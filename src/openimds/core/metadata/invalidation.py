@@ -10,17 +10,28 @@ docs/architecture.md "Change feed"). Pure bookkeeping over the views we hold.
 - subnet S: cached instances with a port on S, and on its network;
 - network N: cached instances with a port on N;
 - project, router: nothing (router interfaces arrive as port changes).
+
+Prewarming (`plan_refresh`, `PrewarmQueue`): the API fetches an instance's view again, in the
+background, before anyone asks, when
+- the instance was created (a VM boots seconds after its instance is created);
+- a change touched an instance the API holds, is fetching or already means to fetch;
+- never when the instance was deleted (in the same batch or earlier): it is only dropped.
+Instances the API never held are not fetched on their updates (a big cloud's idle instances
+would otherwise cost one view per change). The queue coalesces (an instance queued twice is
+fetched once), keeps feed-driven work ahead of a resync's backfill, and holds at most `limit`
+instances (the cache size: prewarming more would only evict what was prewarmed).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Container, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from openimds.core.metadata.view import View
 
-__all__ = ["DependencyIndex"]
+__all__ = ["DependencyIndex", "PrewarmQueue", "RefreshPlan", "plan_refresh"]
 
 _INSTANCE_OWNER_PREFIX = "compute:"
 
@@ -91,3 +102,86 @@ class DependencyIndex:
         elif kind == "network":
             out |= self._get("network", ident)
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshPlan:
+    """What one feed batch means for the cache."""
+
+    invalidate: frozenset[str]  # drop from the cache; fetches in flight must not be kept
+    refresh: tuple[str, ...]  # fetch again in the background, in this order, each once
+    deleted: frozenset[str]  # deleted: dropped and unqueued, never fetched
+
+
+def plan_refresh(changes: Iterable[Mapping[str, Any]], index: DependencyIndex,
+                 known: Container[str]) -> RefreshPlan:
+    """`known`: instances the API holds, is fetching or has queued (the index only holds
+    cached ones)."""
+    invalidate: set[str] = set()
+    refresh: dict[str, None] = {}
+    deleted: set[str] = set()
+    for change in changes:
+        affected = index.affected(change)
+        invalidate |= affected
+        if change.get("kind") == "instance":
+            iid = str(change.get("id"))
+            op = change.get("op")
+            if op == "delete":
+                deleted.add(iid)
+                refresh.pop(iid, None)
+                continue
+            if op == "create":
+                refresh[iid] = None
+        for iid in affected:
+            if iid not in deleted and (iid in known or iid in refresh):
+                refresh.pop(iid, None)
+                refresh[iid] = None  # the latest change decides the order
+    return RefreshPlan(frozenset(invalidate), tuple(refresh), frozenset(deleted))
+
+
+class PrewarmQueue:
+    """Instances to fetch ahead of their first request: FIFO, coalesced, bounded; `low`
+    entries (a resync's backfill) wait until no feed-driven entry is left."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(0, limit)
+        self._high: dict[str, None] = {}
+        self._low: dict[str, None] = {}
+        self.dropped = 0  # entries pushed out by the bound
+
+    def __len__(self) -> int:
+        return len(self._high) + len(self._low)
+
+    def __contains__(self, instance_id: object) -> bool:
+        return instance_id in self._high or instance_id in self._low
+
+    def push(self, instance_id: str, *, low: bool = False) -> None:
+        if instance_id in self._high:
+            return
+        if low:
+            if instance_id in self._low:
+                return
+            self._low[instance_id] = None
+        else:
+            self._low.pop(instance_id, None)
+            self._high[instance_id] = None
+        while len(self) > self.limit:
+            older = self._low or self._high
+            del older[next(iter(older))]
+            self.dropped += 1
+
+    def discard(self, instance_id: str) -> None:
+        self._high.pop(instance_id, None)
+        self._low.pop(instance_id, None)
+
+    def pop(self) -> str | None:
+        for tier in (self._high, self._low):
+            if tier:
+                instance_id = next(iter(tier))
+                del tier[instance_id]
+                return instance_id
+        return None
+
+    def clear(self) -> None:
+        self._high.clear()
+        self._low.clear()
