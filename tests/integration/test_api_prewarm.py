@@ -14,11 +14,11 @@ from tests.integration.test_api_server import api_stack
 
 def test_created_instance_is_served_with_the_registry_gone(tmp_path: Path) -> None:
     with api_stack(tmp_path) as s:
-        time.sleep(1.5)  # the feed's first (resync) batch; then it long-polls
+        time.sleep(2.0)  # the feed's first (resync) batch; then it long-polls
         created = s.registry.create_instance(
             "boot-1", s.network["id"], project_id=s.network["project_id"],
             metadata={"role": "new"})
-        time.sleep(1.0)  # the feed delivers the create; the API fetches in the background
+        time.sleep(2.0)  # the feed delivers the create; the API fetches in the background
         s.registry_service.stop()
         # no request was made for this instance: only a prewarmed view can answer it now
         status, _, body = s.request("GET", "/openstack/latest/meta_data.json",
