@@ -270,10 +270,14 @@ def test_dnsmasq_killed_is_respawned_and_leases_served(
     stack.client.delete("instance", sid)
     stack.client.delete("subnet", t["subnet"]["id"])
     stack.client.delete("network", net)
-    stack.wait(lambda: not links.namespace_exists(tap_ns) and not (confs_dir / net).exists(),
-               20, "network removed")
+    def leftover_links() -> list[str]:
+        with links.netlink() as nl:
+            return [lk.name for lk in nl.links() if lk.name.startswith(("tpb", "brq"))
+                    and lk.name[3:].startswith(net[:8])]
+
+    # The bridge goes last, after the namespace and the files: wait for all of it.
+    stack.wait(lambda: not links.namespace_exists(tap_ns) and not (confs_dir / net).exists()
+               and not leftover_links(), 20, "network removed")
     assert not pid_alive(new)
     assert not spec_path(stack, net).exists()
-    with links.netlink() as nl:
-        assert not [lk.name for lk in nl.links() if lk.name.startswith(("tpb", "brq"))
-                    and lk.name[3:].startswith(net[:8])]
+    assert not leftover_links()
