@@ -773,10 +773,16 @@ async def bench(args: argparse.Namespace, arms: list[str], settings: Settings, c
         log(f"proxy RSS {proxy_rss0} KiB idle -> {proxy_rss1} KiB with {hops} listeners "
             f"({report['proxy_rss_kib_per_extra_router']} KiB per extra router)")
 
+        # Restarted before each cold arm so every arm meets the same cold caches. With
+        # --keep-api the metadata API stays up: it followed the change feed while the servers
+        # were created and prewarmed their documents, as it would in a running cloud; the
+        # agent is still restarted, so its lookups stay cold.
+        restarted = ("agent",) if args.keep_api else ("agent", "api")
+
         async def restart_backends() -> dict[str, list[int]]:
-            for name in ("agent", "api"):
+            for name in restarted:
                 await sup.get(name).stop()
-            for name in ("api", "agent"):
+            for name in reversed(restarted):
                 await sup.get(name).start()
             return {"agent": [sup.get("agent").pid or 0], "api": [sup.get("api").pid or 0],
                     "registry": [sup.get("registry").pid or 0]}
@@ -849,6 +855,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "first; ours-warm repeats it with warm caches)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="interleaved rounds of all arms; medians are reported")
+    parser.add_argument("--keep-api", action="store_true",
+                        help="do not restart the metadata API before the cold arms: it keeps "
+                             "the views it prewarmed from the change feed")
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--keep", action="store_true", help="keep the temp state dir")
     parser.add_argument("--no-unshare", action="store_true",
