@@ -59,6 +59,12 @@ def _registry_token(settings: Settings) -> str:
 
 
 async def run_agent(settings: Settings) -> int:
+    # Handlers first: the socket accepts connections (and so looks ready) before the server
+    # is fully set up, and a SIGTERM in that window must still remove the socket file.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     registry = AsyncRegistryClient(
         settings.registry.effective_url, _registry_token(settings),
         timeout_s=settings.metadata_agent.registry_timeout,
@@ -81,10 +87,6 @@ async def run_agent(settings: Settings) -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(_GC_THRESHOLD_0, 20, 20)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     log.info(
         "agent.started socket=%s mode=%o backlog=%d api=%s://%s:%d registry=%s cache_size=%d "
         "max_concurrency=%d", path, mode, settings.metadata_backlog,
