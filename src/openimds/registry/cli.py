@@ -156,16 +156,21 @@ def _network_list(args: argparse.Namespace, settings: Any) -> int:
     return _list(items, ["id", "name", "project_id", "mtu", "subnets"], args)
 
 
+def _deleter(kind: str) -> Callable[[argparse.Namespace, Any], int]:
+    """The handler of `<resource> delete REF...`: resolve each name or ID, delete it."""
+
+    def delete(args: argparse.Namespace, settings: Any) -> int:
+        with _client(settings) as c:
+            for ref in args.refs:
+                c.delete(kind, resolve(c, kind, ref)["id"])
+        return 0
+
+    return delete
+
+
 def _network_show(args: argparse.Namespace, settings: Any) -> int:
     with _client(settings) as c:
         return _show(resolve(c, "network", args.network), args)
-
-
-def _network_delete(args: argparse.Namespace, settings: Any) -> int:
-    with _client(settings) as c:
-        for ref in args.networks:
-            c.delete("network", resolve(c, "network", ref)["id"])
-    return 0
 
 
 # ---------------------------------------------------------------------- subnets
@@ -214,13 +219,6 @@ def _subnet_show(args: argparse.Namespace, settings: Any) -> int:
     return _show(s if args.format == "json" else _subnet_table(s), args)
 
 
-def _subnet_delete(args: argparse.Namespace, settings: Any) -> int:
-    with _client(settings) as c:
-        for ref in args.subnets:
-            c.delete("subnet", resolve(c, "subnet", ref)["id"])
-    return 0
-
-
 # ---------------------------------------------------------------------- routers
 
 
@@ -247,13 +245,6 @@ def _router_show(args: argparse.Namespace, settings: Any) -> int:
     with _client(settings) as c:
         r = resolve(c, "router", args.router)
     return _show(r if args.format == "json" else _router_table(r), args)
-
-
-def _router_delete(args: argparse.Namespace, settings: Any) -> int:
-    with _client(settings) as c:
-        for ref in args.routers:
-            c.delete("router", resolve(c, "router", ref)["id"])
-    return 0
 
 
 def _router_add_interface(args: argparse.Namespace, settings: Any) -> int:
@@ -321,13 +312,6 @@ def _keypair_show(args: argparse.Namespace, settings: Any) -> int:
         return _show(resolve(c, "keypair", args.keypair), args)
 
 
-def _keypair_delete(args: argparse.Namespace, settings: Any) -> int:
-    with _client(settings) as c:
-        for ref in args.keypairs:
-            c.delete("keypair", resolve(c, "keypair", ref)["id"])
-    return 0
-
-
 # ---------------------------------------------------------------------- servers
 
 
@@ -384,13 +368,6 @@ def _server_show(args: argparse.Namespace, settings: Any) -> int:
     return _show(_server_summary(inst) if args.format == "json" else _server_table(inst), args)
 
 
-def _server_delete(args: argparse.Namespace, settings: Any) -> int:
-    with _client(settings) as c:
-        for ref in args.servers:
-            c.delete("instance", resolve(c, "instance", ref)["id"])
-    return 0
-
-
 def _server_set(args: argparse.Namespace, settings: Any) -> int:
     body: Obj = {}
     if args.property:
@@ -434,8 +411,8 @@ def register(sub: Sub) -> None:
     p.add_argument("--project")
     p = add_command(net, "show", _network_show, "show a network")
     p.add_argument("network")
-    p = add_command(net, "delete", _network_delete, "delete networks")
-    p.add_argument("networks", nargs="+", metavar="network")
+    p = add_command(net, "delete", _deleter("network"), "delete networks")
+    p.add_argument("refs", nargs="+", metavar="network")
 
     subn = _group(sub, "subnet", "subnets")
     p = add_command(subn, "create", _subnet_create, "create a subnet")
@@ -453,8 +430,8 @@ def register(sub: Sub) -> None:
     p.add_argument("--network")
     p = add_command(subn, "show", _subnet_show, "show a subnet")
     p.add_argument("subnet")
-    p = add_command(subn, "delete", _subnet_delete, "delete subnets")
-    p.add_argument("subnets", nargs="+", metavar="subnet")
+    p = add_command(subn, "delete", _deleter("subnet"), "delete subnets")
+    p.add_argument("refs", nargs="+", metavar="subnet")
 
     rt = _group(sub, "router", "routers")
     p = add_command(rt, "create", _router_create, "create a router")
@@ -463,8 +440,8 @@ def register(sub: Sub) -> None:
     add_command(rt, "list", _router_list, "list routers")
     p = add_command(rt, "show", _router_show, "show a router")
     p.add_argument("router")
-    p = add_command(rt, "delete", _router_delete, "delete routers")
-    p.add_argument("routers", nargs="+", metavar="router")
+    p = add_command(rt, "delete", _deleter("router"), "delete routers")
+    p.add_argument("refs", nargs="+", metavar="router")
     p = add_command(rt, "add-interface", _router_add_interface,
                     "attach a subnet (a port holding its gateway IP)")
     p.add_argument("router")
@@ -482,8 +459,8 @@ def register(sub: Sub) -> None:
     p.add_argument("--project")
     p = add_command(kp, "show", _keypair_show, "show a key pair")
     p.add_argument("keypair")
-    p = add_command(kp, "delete", _keypair_delete, "delete key pairs")
-    p.add_argument("keypairs", nargs="+", metavar="keypair")
+    p = add_command(kp, "delete", _deleter("keypair"), "delete key pairs")
+    p.add_argument("refs", nargs="+", metavar="keypair")
 
     srv = _group(sub, "server", "instances")
     p = add_command(srv, "create", _server_create,
@@ -503,8 +480,8 @@ def register(sub: Sub) -> None:
     p.add_argument("--project")
     p = add_command(srv, "show", _server_show, "show an instance")
     p.add_argument("server")
-    p = add_command(srv, "delete", _server_delete, "delete instances and their ports")
-    p.add_argument("servers", nargs="+", metavar="server")
+    p = add_command(srv, "delete", _deleter("instance"), "delete instances and their ports")
+    p.add_argument("refs", nargs="+", metavar="server")
     p = add_command(srv, "set", _server_set, "set properties or the name")
     p.add_argument("server")
     p.add_argument("--property", action="append", metavar="KEY=VALUE")
