@@ -138,6 +138,21 @@ class HaproxySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitSettings:
+    """Neutron's [metadata_rate_limiting], counted per instance (all its addresses) by the
+    agent instead of per source IP by haproxy."""
+
+    rate_limit_enabled: bool = opt(False, "Answer 429 to an instance over its request budget")
+    ip_versions: tuple[str, ...] = opt(
+        ("4",), "Address families whose requests count: 4, 6 or 4,6 (one shared budget)"
+    )
+    base_window_duration: float = opt(10.0, "Seconds of the base window", min=1)
+    base_query_rate_limit: int = opt(10, "Requests per base window", min=1)
+    burst_window_duration: float = opt(10.0, "Seconds of the burst window", min=1)
+    burst_query_rate_limit: int = opt(10, "Requests per burst window", min=1)
+
+
+@dataclass(frozen=True, slots=True)
 class ProxySettings:
     upstream_pool_size: int = opt(64, "Keep-alive connections to the agent", min=1)
     listeners_dir: str = opt(
@@ -226,6 +241,7 @@ class Settings:
     metadata_agent: MetadataAgentSettings = field(default_factory=MetadataAgentSettings)
     metadata_haproxy: HaproxySettings = field(default_factory=HaproxySettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
+    metadata_rate_limiting: RateLimitSettings = field(default_factory=RateLimitSettings)
     l3: L3Settings = field(default_factory=L3Settings)
     dhcp: DhcpSettings = field(default_factory=DhcpSettings)
     AGENT: ProcessMonitorSettings = field(default_factory=ProcessMonitorSettings)
@@ -253,6 +269,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "metadata_agent": MetadataAgentSettings,
     "metadata_haproxy": HaproxySettings,
     "proxy": ProxySettings,
+    "metadata_rate_limiting": RateLimitSettings,
     "l3": L3Settings,
     "dhcp": DhcpSettings,
     "AGENT": ProcessMonitorSettings,

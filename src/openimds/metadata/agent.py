@@ -49,6 +49,7 @@ from typing import Any, Protocol
 from openimds.config import Settings
 from openimds.core.caller import Caller, Resolution, parse_caller
 from openimds.core.headers import identity_headers, redact, rewrite_with_identity
+from openimds.core.ratelimit import RateLimiter, Window, parse_ip_versions
 from openimds.core.signing import sign_instance_id
 from openimds.errors import (
     BadRequest,
@@ -298,13 +299,19 @@ class MetadataAgent:
         self._trusted_last = False
         self._active = 0
         self._recheck_at: dict[tuple[str, str, str], float] = {}
-        self.counts: dict[str, int] = {"requests": 0, "saturated": 0, "rechecks": 0}
+        self.counts: dict[str, int] = {
+            "requests": 0, "saturated": 0, "rechecks": 0, "rate_limited": 0}
+        # Hook for exporters (metrics): called with (instance_id, ip) for every 429 sent.
+        self.on_rate_limited: Callable[[str, str], None] | None = None
         self._access = cfg.access_log
         # Hot-path memos: the same VM asks again and again (parse ~9 µs, sign ~3 µs).
         self._callers: dict[tuple[tuple[bytes, bytes], ...], Caller] = {}
         self._signatures: dict[str, str] = {}
         self._identities: dict[tuple[str, str, str], tuple[tuple[bytes, bytes], ...]] = {}
         self.status_counts: dict[int, int] = {}
+        self.limiter, self._limit_versions = limiter_from_settings(settings)
+        self._limit_v4 = 4 in self._limit_versions
+        self._limit_v6 = 6 in self._limit_versions
 
     # -- feed ---------------------------------------------------------------------------
     def trusts_cache(self) -> bool:
@@ -408,8 +415,39 @@ class MetadataAgent:
                 headers=[("Retry-After", self._retry_after)]))
         res = self.resolver.cached(caller)
         if res is not None:
+            if self.limiter is not None:
+                denied = self._over_budget(req, caller, res, t0)
+                if denied is not None:
+                    return denied
             return self._forward_hit(req, caller, res, t0)
         return self._serve(req, caller, t0)
+
+    def _over_budget(
+        self, req: Request, caller: Caller, res: Resolution, t0: float,
+    ) -> AnyResponse | None:
+        """Count the request against its instance's budget; the 429 if it is over."""
+        limiter = self.limiter
+        assert limiter is not None
+        if not (self._limit_v6 if ":" in caller.ip else self._limit_v4):
+            return None
+        verdict = limiter.hit(res.instance_id, self._clock())
+        if verdict.allowed:
+            return None
+        self.counts["rate_limited"] += 1
+        window = verdict.window
+        assert window is not None
+        if verdict.started:  # one line per episode, not per request (a flood floods logs)
+            log.warning(
+                "agent.rate_limited %s instance=%s window=%s limit=%d/%gs retry_after=%d "
+                "denied_before=%d", caller.describe(), res.instance_id, window.name,
+                window.limit, window.seconds, verdict.retry_after,
+                limiter.denied(res.instance_id) - 1)
+        if self.on_rate_limited is not None:
+            self.on_rate_limited(res.instance_id, caller.ip)
+        return self._finish(req, caller, res, t0, error_response(
+            429, f"rate limit of {window.limit} requests per {window.seconds:g} s exceeded "
+            f"for this instance; retry in {verdict.retry_after} s",
+            headers=limiter.headers(verdict)))
 
     def _forward_hit(self, req: Request, caller: Caller, res: Resolution, t0: float) -> Deferred:
         """A cache hit: send upstream and answer from the upstream's read callback (no Task,
@@ -506,6 +544,10 @@ class MetadataAgent:
                 return self._finish(req, caller, None, t0, error_response(
                     503, "instance lookup unavailable",
                     headers=[("Retry-After", self._retry_after)]))
+            if self.limiter is not None:
+                denied = self._over_budget(req, caller, resolution, t0)
+                if denied is not None:
+                    return denied
             resp = await self._forward(req, caller, resolution)
             if resp.status == 404 and source == "hit" and self._may_recheck(caller):
                 self._active += 1  # _recheck releases its own slot
@@ -615,6 +657,7 @@ class MetadataAgent:
             "registry_errors": s.registry_errors,
             "uncached_lookups": s.uncached,
             "rechecks_after_api_404": self.counts["rechecks"],
+            "rate_limited_429": self.counts["rate_limited"],
             "cache_entries": len(self.cache),
             "cache_evictions": self.cache.evictions,
             "cache_invalidations": self.cache.invalidations,
@@ -630,6 +673,22 @@ class MetadataAgent:
     def log_stats(self) -> None:
         log.info("agent.stats %s", " ".join(
             f"{k}={v}" for k, v in self.stats().items() if not isinstance(v, dict)))
+
+
+def limiter_from_settings(settings: Settings) -> tuple[RateLimiter | None, frozenset[int]]:
+    """`[metadata_rate_limiting]` as a limiter (None when disabled) and the address families
+    it counts. Raises ConfigError for a bad ip_versions."""
+    cfg = settings.metadata_rate_limiting
+    try:
+        versions = parse_ip_versions(cfg.ip_versions)
+    except ValueError as exc:
+        raise ConfigError(f"[metadata_rate_limiting] ip_versions: {exc}") from None
+    if not cfg.rate_limit_enabled:
+        return None, versions
+    return RateLimiter([
+        Window("burst", cfg.burst_window_duration, cfg.burst_query_rate_limit),
+        Window("base", cfg.base_window_duration, cfg.base_query_rate_limit),
+    ], max_keys=max(1024, settings.metadata_agent.cache_size)), versions
 
 
 def _pass_on(task: asyncio.Future[AnyResponse], reply: Deferred) -> None:
