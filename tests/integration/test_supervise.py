@@ -15,12 +15,19 @@ from openimds.host.supervise import (
     Child,
     ChildFailed,
     ChildSpec,
+    Recorded,
     Supervisor,
     file_ready,
     next_backoff,
+    owns_tcp_listener,
+    owns_unix_listener,
     pid_alive,
+    proc_start_time,
+    read_record,
     stop_pid,
+    stop_recorded,
     unix_ready,
+    write_record,
 )
 
 PY = sys.executable
@@ -115,3 +122,100 @@ async def test_stop_pid_by_pid(tmp_path: Path) -> None:
     killed = await stop_pid(proc.pid, timeout_s=5)
     await task
     assert killed is False
+
+
+# --- a supervisor killed -9 leaves nothing behind ---------------------------------------------
+
+SUPERVISOR = """
+import asyncio, sys
+from pathlib import Path
+from openimds.host.supervise import ChildSpec, Supervisor, file_ready
+tmp = Path(sys.argv[1])
+child = "import os, signal, time, pathlib\\n"
+if sys.argv[2] == "ignore-term":
+    child += "signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n"
+child += f"pathlib.Path({str(tmp / 'c.ready')!r}).write_text(str(os.getpid()))\\ntime.sleep(600)\\n"
+async def main():
+    sup = Supervisor(record=tmp / "children.json")
+    sup.add(ChildSpec("c", (sys.executable, "-c", child), ready=file_ready(tmp / "c.ready"),
+                      die_with_parent=sys.argv[3] == "pdeathsig"))
+    await sup.start_all()
+    print("started", flush=True)
+    await asyncio.sleep(600)
+asyncio.run(main())
+"""
+
+
+def _run_supervisor(tmp: Path, term: str, death: str) -> tuple[int, int]:
+    """Start a supervisor process with one child; kill -9 the supervisor. -> pids."""
+    import subprocess
+
+    sup = subprocess.Popen([PY, "-c", SUPERVISOR, str(tmp), term, death],
+                           stdout=subprocess.PIPE, text=True)
+    assert sup.stdout is not None and sup.stdout.readline().strip() == "started"
+    child = int((tmp / "c.ready").read_text())
+    os.kill(sup.pid, signal.SIGKILL)
+    sup.wait(10)
+    return sup.pid, child
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_children_die_with_a_killed_supervisor(tmp_path: Path) -> None:
+    _, child = _run_supervisor(tmp_path, "default", "pdeathsig")
+    assert _gone_within(child, 5), "the child outlived its kill -9'd supervisor"
+
+
+async def test_leftovers_of_a_killed_supervisor_are_found_and_stopped(tmp_path: Path) -> None:
+    # a child that ignores SIGTERM and was not told to die with its parent: an orphan
+    _, child = _run_supervisor(tmp_path, "ignore-term", "none")
+    try:
+        assert not _gone_within(child, 0.3)
+        entries = read_record(tmp_path / "children.json")
+        assert [(e.name, e.pid) for e in entries] == [("c", child)]
+        assert entries[0].start_time == proc_start_time(child)
+        # the same pid with another start time is somebody else: never touched
+        write_record(tmp_path / "other.json",
+                     [Recorded("c", child, entries[0].start_time + 1)])
+        assert await stop_recorded(tmp_path / "other.json", timeout_s=0.2) == []
+        assert pid_alive(child)
+        stopped = await stop_recorded(tmp_path / "children.json", timeout_s=0.5)
+        assert [e.pid for e in stopped] == [child]
+        assert _gone_within(child, 5)
+    finally:
+        if pid_alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+async def test_listener_ownership_names_the_process_on_the_port(tmp_path: Path) -> None:
+    import socket
+
+    code = ("import socket, sys, time\n"
+            "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+            "u = socket.socket(socket.AF_UNIX); u.bind(sys.argv[1]); u.listen()\n"
+            "print(s.getsockname()[1], flush=True); time.sleep(60)\n")
+    path = tmp_path / "l.sock"
+    proc = await asyncio.create_subprocess_exec(PY, "-c", code, str(path),
+                                                stdout=asyncio.subprocess.PIPE)
+    other = await asyncio.create_subprocess_exec(PY, "-c", "import time; time.sleep(60)")
+    try:
+        assert proc.stdout is not None
+        port = int((await proc.stdout.readline()).decode())
+        assert owns_tcp_listener(proc.pid, port)
+        assert owns_unix_listener(proc.pid, path)
+        assert not owns_tcp_listener(other.pid, port)  # it answers nothing there
+        assert not owns_unix_listener(other.pid, path)
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            assert not owns_tcp_listener(proc.pid, free.getsockname()[1])
+    finally:
+        for p in (proc, other):
+            p.kill()
+            await p.wait()

@@ -198,3 +198,80 @@ def test_up_demo_restart_stop_and_reuse(
     assert again.stop() == 0
     # the stack's teardown needs the registry to list what to remove
     stack.start("registry")
+
+
+def _config_without_secrets(stack: Any) -> None:
+    cfg = stack.config.read_text()
+    stack.config.write_text(re.sub(
+        r"^(metadata_proxy_shared_secret|admin_token|reader_token) = .*\n", "", cfg, flags=re.M))
+
+
+def test_up_killed_minus_9_leaves_no_orphans_and_the_next_up_starts(
+    make_stack: Callable[..., Any], ups: list[Up], tmp_path: Path,
+) -> None:
+    # Before the fix: the children of a kill -9'd up lived on, the next up took the orphaned
+    # registry for its new one (ready in 4 ms) and then failed with "another openimds proxy
+    # already runs".
+    stack = make_stack(start=False, overrides={"dhcp": {"dnsmasq_user": "root"}})
+    _config_without_secrets(stack)
+    first = Up(stack.config, tmp_path / "up1.out")
+    ups.append(first)
+    first.wait_for("Ctrl-C or SIGTERM stops", timeout=120)
+    old = dict(first.children)
+    assert set(old) == set(SERVICES)
+    record = json.loads((stack.state / "up.children.json").read_text())
+    assert {c["name"]: c["pid"] for c in record["children"]} == old
+    os.kill(first.proc.pid, signal.SIGKILL)
+    first.proc.wait(10)
+    # the next up starts at once, whatever of the first is still shutting down
+    second = Up(stack.config, tmp_path / "up2.out")
+    ups.append(second)
+    second.wait_for("Ctrl-C or SIGTERM stops", timeout=120)
+    text = second.text()
+    assert "another openimds" not in text and "failed" not in text, text
+    for name, pid in old.items():
+        assert not alive(pid), f"{name} (pid {pid}) of the killed up survived"
+    new = second.children
+    assert set(new) == set(SERVICES) and not set(new.values()) & set(old.values())
+    # and the new children are the ones serving: the agent socket and the proxy pid file
+    proxy_pid = int(stack.settings.path("proxy", "proxy.pid").read_text().strip())
+    assert proxy_pid == new["proxy"]
+    assert second.stop() == 0
+    assert not (stack.state / "up.children.json").exists()
+    for name, pid in new.items():
+        assert not alive(pid), f"{name} (pid {pid}) survived up"
+
+
+def test_up_does_not_take_another_process_on_the_port_for_its_child(
+    make_stack: Callable[..., Any], ups: list[Up], tmp_path: Path,
+) -> None:
+    stack = make_stack(start=False)
+    _config_without_secrets(stack)
+    port = stack.settings.registry.bind_port
+    # somebody else answers the registry's health check on its port
+    impostor = subprocess.Popen(
+        [PYTHON, "-c",
+         "import http.server, sys\n"
+         "class H(http.server.BaseHTTPRequestHandler):\n"
+         "    def do_GET(self):\n"
+         "        self.send_response(200); self.end_headers(); self.wfile.write(b'{}')\n"
+         f"http.server.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        stack.wait(lambda: urllib_ok(f"http://127.0.0.1:{port}/v1/health"), 10, "the impostor")
+        up = Up(stack.config, tmp_path / "up.out")
+        ups.append(up)
+        rc = up.proc.wait(90)
+        text = up.text()
+        assert rc == 1, text
+        assert "registry failed to start" in text and "✓ registry" not in text, text
+    finally:
+        impostor.kill()
+        impostor.wait(10)
+
+
+def urllib_ok(url: str) -> bool:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=2) as resp:
+        return bool(resp.status == 200)

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import inspect
+import json
 import logging
 import os
 import signal
@@ -66,6 +68,9 @@ class ChildSpec:
     stable_after_s: float = 10.0
     kill_group: bool = False  # signal the child's whole process group (it leads a new session)
     stop_signal: int = signal.SIGTERM
+    # The kernel sends the child SIGTERM when we die, however we die (kill -9 too):
+    # PR_SET_PDEATHSIG, set between fork and exec.
+    die_with_parent: bool = False
 
 
 def next_backoff(previous_s: float, uptime_s: float, spec: ChildSpec) -> float:
@@ -132,6 +137,185 @@ async def stop_pid(
     return True
 
 
+# --- dying with the parent, and finding what a dead parent left ------------------------------
+
+PR_SET_PDEATHSIG = 1
+_libc: ctypes.CDLL | None = None
+
+
+def _load_libc() -> ctypes.CDLL:
+    # loaded in the parent: the child between fork and exec must not dlopen
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def die_with_parent_preexec(sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A preexec_fn that makes the kernel send sig to the child when this process dies."""
+    libc = _load_libc()
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def proc_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/pid/stat):
+    with the pid it names one process for good, even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2:].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """One process a supervisor started: enough to find it again, and only it."""
+
+    name: str
+    pid: int
+    start_time: int
+
+    def alive(self) -> bool:
+        return proc_start_time(self.pid) == self.start_time and pid_alive(self.pid)
+
+
+def read_record(path: Path) -> list[Recorded]:
+    """The processes recorded in path (empty if it is missing or unreadable)."""
+    try:
+        data = json.loads(path.read_text())
+        return [Recorded(str(e["name"]), int(e["pid"]), int(e["start_time"]))
+                for e in data.get("children", [])]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
+def write_record(path: Path, entries: Sequence[Recorded], owner: int | None = None) -> None:
+    """Atomically write the record (owner = the supervising process's pid)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({
+        "owner": owner if owner is not None else os.getpid(),
+        "children": [{"name": e.name, "pid": e.pid, "start_time": e.start_time}
+                     for e in entries],
+    }) + "\n")
+    os.replace(tmp, path)
+
+
+async def stop_recorded(path: Path, timeout_s: float = 20.0) -> list[Recorded]:
+    """Stop every process in the record that still runs (same pid AND start time: a reused
+    pid is someone else's), SIGTERM then SIGKILL, all at once. Returns those stopped."""
+    alive = [e for e in read_record(path) if e.alive()]
+    for entry in alive:
+        log.warning("supervise.leftover name=%s pid=%d action=stop", entry.name, entry.pid)
+    await asyncio.gather(*(stop_pid(e.pid, timeout_s=timeout_s) for e in alive))
+    return alive
+
+
+def _socket_inodes(pids: Sequence[int]) -> set[int]:
+    inodes: set[int] = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (worker processes hold listeners too)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        with contextlib.suppress(IndexError, ValueError):
+            ppid = int(stat[stat.rfind(b")") + 2:].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, ()))
+    return tree
+
+
+def tcp_listener_inodes(pid: int, port: int) -> set[int]:
+    """Inodes of the TCP sockets listening on port in pid's network namespace."""
+    found: set[int] = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            # local_address is HEXIP:HEXPORT; st 0A = LISTEN; inode is column 9
+            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                found.add(int(cols[9]))
+    return found
+
+
+def unix_listener_inodes(pid: int, path: str | Path) -> set[int]:
+    """Inodes of the listening Unix stream sockets bound to path (pid's namespace)."""
+    found: set[int] = set()
+    try:
+        lines = Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:]
+    except OSError:
+        return found
+    for line in lines:
+        cols = line.split()
+        # Num RefCount Protocol Flags Type St Inode Path; flag 0x10000 = accepting
+        if len(cols) >= 8 and cols[7] == str(path) and int(cols[3], 16) & 0x10000:
+            found.add(int(cols[6]))
+    return found
+
+
+def owns_tcp_listener(pid: int, port: int) -> bool:
+    """True if pid (or a descendant) holds a socket listening on TCP port: the process that
+    answers there is ours, not another one that happened to be on the port."""
+    listeners = tcp_listener_inodes(pid, port)
+    return bool(listeners) and bool(listeners & _socket_inodes(process_tree(pid)))
+
+
+def owns_unix_listener(pid: int, path: str | Path) -> bool:
+    """True if pid (or a descendant) holds a socket listening on the Unix socket path."""
+    listeners = unix_listener_inodes(pid, path)
+    return bool(listeners) and bool(listeners & _socket_inodes(process_tree(pid)))
+
+
+def all_ready(*checks: ReadyCheck) -> Callable[[], Awaitable[bool]]:
+    """Ready when every check is (in order; stops at the first that is not)."""
+
+    async def check() -> bool:
+        for one in checks:
+            if not await _check(one):
+                return False
+        return True
+
+    return check
+
+
 async def _check(ready: ReadyCheck) -> bool:
     try:
         result = ready()
@@ -154,6 +338,7 @@ class Child:
         self._stopping = False
         self._watch: asyncio.Task[None] | None = None
         self._on_exit: list[Callable[[Child, int], None]] = []
+        self._on_spawn: list[Callable[[Child], None]] = []
 
     @property
     def name(self) -> str:
@@ -171,6 +356,10 @@ class Child:
         """Call callback(child, returncode) each time the process exits unexpectedly."""
         self._on_exit.append(callback)
 
+    def on_spawn(self, callback: Callable[[Child], None]) -> None:
+        """Call callback(child) each time a new process is spawned (self.pid is the new one)."""
+        self._on_spawn.append(callback)
+
     async def _spawn(self) -> asyncio.subprocess.Process:
         spec = self.spec
         out: int | None = None
@@ -186,6 +375,7 @@ class Child:
                 env=dict(spec.env) if spec.env is not None else None,
                 cwd=spec.cwd,
                 start_new_session=True,
+                preexec_fn=die_with_parent_preexec() if spec.die_with_parent else None,
             )
         except OSError as exc:
             raise ChildFailed(spec.name, f"cannot execute {spec.argv[0]!r}: {exc}") from exc
@@ -194,6 +384,9 @@ class Child:
                 os.close(out)
         self.started_at = time.monotonic()
         log.info("supervise.started name=%s pid=%d", spec.name, proc.pid)
+        self.proc = proc
+        for callback in self._on_spawn:
+            callback(self)
         return proc
 
     async def _wait_ready(self, proc: asyncio.subprocess.Process) -> None:
@@ -319,11 +512,30 @@ class Supervisor:
     """Children started in order, each ready before the next; stopped in reverse order."""
 
     children: list[Child] = field(default_factory=list)
+    # Where every spawned child's pid and start time is written, so that whoever runs next
+    # can stop what a killed supervisor left (`stop_recorded`).
+    record: Path | None = None
 
     def add(self, spec: ChildSpec) -> Child:
         child = Child(spec)
         self.children.append(child)
+        if self.record is not None:
+            child.on_spawn(lambda _c: self.write_record())
         return child
+
+    def write_record(self) -> None:
+        if self.record is None:
+            return
+        entries = []
+        for child in self.children:
+            pid = child.pid
+            start = proc_start_time(pid) if pid is not None and child.running else None
+            if pid is not None and start is not None:
+                entries.append(Recorded(child.name, pid, start))
+        try:
+            write_record(self.record, entries)
+        except OSError as exc:
+            log.error("supervise.record_failed path=%s reason=%s", self.record, exc)
 
     def get(self, name: str) -> Child:
         for child in self.children:
@@ -351,6 +563,9 @@ class Supervisor:
                 await child.stop()
             except Exception:
                 log.exception("supervise.stop_failed name=%s", child.name)
+        if self.record is not None:
+            with contextlib.suppress(OSError):
+                self.record.unlink()
 
 
 # Readiness probes (async callables for ChildSpec.ready).

@@ -12,6 +12,12 @@ stops them in reverse order, each by its PID (SIGTERM, then SIGKILL after a time
 itself deletes nothing: namespaces, rules, listener specs and dnsmasq files stay as the
 registry describes them, and the agents converge again on the next start.
 
+No orphans: every child gets SIGTERM from the kernel when `up` dies, even by kill -9
+(PR_SET_PDEATHSIG), and `$state_path/up.children.json` records each child's pid and start
+time, so the next `up` stops whatever is still running of them before it starts anew. A
+probe only counts when the listener it reached belongs to the child just started (its pid or
+a descendant holds the socket), never another process on the port.
+
 First start writes `$state_path/secrets.ini` (mode 0600) with a generated shared secret and
 registry tokens; `load_settings` reads it under the config file, so every child and every
 later CLI call uses them. The registry uses SQLite under state_path unless configured.
@@ -48,9 +54,13 @@ from openimds.host.supervise import (
     ChildSpec,
     ReadyCheck,
     Supervisor,
+    all_ready,
     http_ready,
+    owns_tcp_listener,
+    owns_unix_listener,
     pid_alive,
     stop_pid,
+    stop_recorded,
     tcp_ready,
     unix_ready,
 )
@@ -58,6 +68,9 @@ from openimds.host.supervise import (
 log = logging.getLogger(__name__)
 
 SECRETS_FILE = "secrets.ini"
+# pid + start time of every child of the running `up`: the next `up` stops what a killed one
+# left (its children also get SIGTERM from the kernel when it dies: PR_SET_PDEATHSIG).
+CHILDREN_FILE = "up.children.json"
 # (section, key) -> generator of a fresh value
 GENERATED_SECRETS: tuple[tuple[str, str, Callable[[], str]], ...] = (
     ("DEFAULT", "metadata_proxy_shared_secret", lambda: secrets.token_urlsafe(32)),
@@ -136,17 +149,31 @@ def _host_port(url: str) -> tuple[str, int]:
 
 
 def readiness(name: str, settings: Settings, child_of: Callable[[], Child | None]) -> ReadyCheck:
-    """The probe that says a service is ready to be depended on."""
+    """The probe that says a service is ready to be depended on: it answers, AND the
+    listener belongs to the child just started (never another process on the port)."""
+
+    def owns_tcp(port: int) -> Callable[[], bool]:
+        def check() -> bool:
+            child = child_of()
+            return child is not None and child.pid is not None and \
+                owns_tcp_listener(child.pid, port)
+        return check
+
     if name == "registry":
         host, port = _host_port(settings.registry.effective_url)
-        return http_ready(host, port, "/v1/health", max_status=299)
+        return all_ready(owns_tcp(port), http_ready(host, port, "/v1/health", max_status=299))
     if name == "api":
         host, port = settings.nova_metadata_host, settings.nova_metadata_port
         if settings.nova_metadata_protocol == "https":
-            return tcp_ready(host, port)
-        return http_ready(host, port, "/", max_status=499)
+            return all_ready(owns_tcp(port), tcp_ready(host, port))
+        return all_ready(owns_tcp(port), http_ready(host, port, "/", max_status=499))
     if name == "agent":
-        return unix_ready(settings.metadata_proxy_socket)
+        def owns_socket() -> bool:
+            child = child_of()
+            return child is not None and child.pid is not None and \
+                owns_unix_listener(child.pid, settings.metadata_proxy_socket)
+
+        return all_ready(owns_socket, unix_ready(settings.metadata_proxy_socket))
     if name == "proxy":
         pid_file = settings.path("proxy", "proxy.pid")
 
@@ -184,7 +211,7 @@ def build_supervisor(
     settings: Settings, config: str | None, overrides: Mapping[str, str],
     services: Sequence[Service] = SERVICES,
 ) -> Supervisor:
-    sup = Supervisor()
+    sup = Supervisor(record=Path(settings.state_path) / CHILDREN_FILE)
     log_dir = settings.path("log")
     interval = settings.AGENT.check_child_processes_interval
     env = child_env(overrides)
@@ -206,6 +233,7 @@ def build_supervisor(
             restart=interval > 0 and settings.AGENT.check_child_processes_action == "respawn",
             backoff_initial_s=service.backoff_initial_s,
             backoff_max_s=30.0,
+            die_with_parent=True,
         )
         holder.append(sup.add(spec))
     return sup
@@ -272,6 +300,9 @@ async def run_up(
         for child in sup.children:
             child.on_exit(on_exit)
 
+    leftovers = await stop_leftovers(settings)
+    if leftovers:
+        say("stopped what an earlier `up` left running: " + ", ".join(leftovers))
     t0 = time.monotonic()
 
     def started(child: Child) -> None:
@@ -332,6 +363,17 @@ def _cmdline(pid: int) -> list[bytes]:
         return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return []
+
+
+async def stop_leftovers(settings: Settings) -> list[str]:
+    """Stop what an `up` that died without stopping its children left behind: the children
+    it recorded (same pid and start time) and a proxy an agent started. "name (pid N)" each."""
+    stopped = [f"{e.name} (pid {e.pid})"
+               for e in await stop_recorded(Path(settings.state_path) / CHILDREN_FILE)]
+    stray = await stop_stray_proxy(settings)
+    if stray is not None:
+        stopped.append(f"proxy (pid {stray})")
+    return stopped
 
 
 async def stop_stray_proxy(settings: Settings) -> int | None:
