@@ -197,6 +197,23 @@ class ProcessMonitorSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class FabricSettings:
+    """L2 between nodes: one VXLAN segment per network, as Neutron's linuxbridge agent."""
+
+    local_ip: str = opt(
+        "", "This node's tunnel (VTEP) address; empty = no VXLAN, networks stay on this host"
+    )
+    vxlan_group: str = opt(
+        "", "Multicast group for flooding (vxlan_group); empty = unicast to flood_peers"
+    )
+    flood_peers: tuple[str, ...] = opt(
+        (), "Tunnel addresses of the other nodes (head-end replication when no vxlan_group)"
+    )
+    vxlan_port: int = opt(4789, "UDP port of the VXLAN tunnels", min=1, max=65535)
+    vxlan_ttl: int = opt(0, "TTL of tunnel packets; 0 = the kernel's default", min=0, max=255)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """The whole configuration. [DEFAULT] options are attributes; sections are nested."""
 
@@ -245,6 +262,7 @@ class Settings:
     l3: L3Settings = field(default_factory=L3Settings)
     dhcp: DhcpSettings = field(default_factory=DhcpSettings)
     AGENT: ProcessMonitorSettings = field(default_factory=ProcessMonitorSettings)
+    fabric: FabricSettings = field(default_factory=FabricSettings)
 
     @property
     def secret_bytes(self) -> bytes:
@@ -273,6 +291,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "l3": L3Settings,
     "dhcp": DhcpSettings,
     "AGENT": ProcessMonitorSettings,
+    "fabric": FabricSettings,
 }
 
 

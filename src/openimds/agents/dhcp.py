@@ -137,6 +137,7 @@ class DhcpAgent:
             enable_metadata_network=settings.enable_metadata_network,
         )
         self.confs = Path(settings.dhcp.dhcp_confs)
+        self.tunnel = fabric.tunnel_from(settings.fabric)
         self.listeners_dir = Path(settings.proxy.listeners_dir)
         self.proxy_pid_file = settings.path("proxy", "proxy.pid")
         self.served: dict[str, _Served] = {}
@@ -160,11 +161,12 @@ class DhcpAgent:
             lease_max=d.dnsmasq_lease_max, user=d.dnsmasq_user,
         )
 
-    def _apply_links(self, plan: dm.NetworkPlan, mtu: int) -> None:
+    def _apply_links(self, plan: dm.NetworkPlan, mtu: int, vni: int | None) -> None:
         """Bridge, namespace, veth and addresses (blocking netlink calls; run in a thread)."""
         links.ensure_namespace(plan.namespace)
         with links.netlink() as nl, links.netlink(plan.namespace) as inside:
-            fabric.ensure_bridge(nl, fabric.BridgeSpec(plan.bridge, plan.network_id, mtu))
+            fabric.ensure_bridge(nl, fabric.BridgeSpec(plan.bridge, plan.network_id, mtu, vni),
+                                 self.tunnel)
             nl.ensure_veth(plan.tap_peer, peer=plan.tap, inside=inside, master=plan.bridge,
                            mtu=mtu, peer_mac=plan.mac_address)
             inside.set_addresses(plan.tap, plan.addresses)
@@ -270,7 +272,8 @@ class DhcpAgent:
             if network.id in self.served or self._conf_dir(network.id).exists():
                 await self.remove_network(network.id, network_gone=False)
             return
-        await asyncio.to_thread(self._apply_links, plan, network.mtu or 1500)
+        await asyncio.to_thread(self._apply_links, plan, network.mtu or 1500,
+                                network.segmentation_id)
         files_changed = await asyncio.to_thread(self._write_files, plan)
         served = self.served.get(network.id)
         if served is None or not served.child.running and not served.child.spec.restart:
@@ -334,8 +337,7 @@ class DhcpAgent:
                                 bridge)
                     return
                 time.sleep(0.05)
-            if nl.link(bridge) is not None and not nl.bridge_ports(bridge):
-                nl.delete_link(bridge)
+            fabric.delete_bridge_if_unused(nl, bridge)
 
     # --- all networks --------------------------------------------------------------------
 

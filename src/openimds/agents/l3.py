@@ -189,6 +189,7 @@ class RouterDriver:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.markers = settings.path("l3", "routers")
+        self.tunnel = fabric.tunnel_from(settings.fabric)
         self.listeners_dir = Path(settings.proxy.listeners_dir)
         self.rules = firewall.metadata_rules(
             settings.metadata_port, settings.access_mark,
@@ -240,7 +241,7 @@ class RouterDriver:
         report = ConvergeReport(routers=len(plans))
         networks = topology.get("networks", [])
         with links.netlink() as here:
-            fabric.converge(here, networks, delete_stale=False)
+            fabric.converge(here, networks, delete_stale=False, tunnel=self.tunnel)
             if full:
                 self._verify_applied(here)
             for plan in plans.values():
@@ -263,7 +264,7 @@ class RouterDriver:
                     log.error("l3.remove_failed router=%s reason=%s", router_id, exc)
                     report.failed.append(router_id)
             report.specs_changed = self._converge_specs(plans)
-            fabric.converge(here, networks, delete_stale=True)
+            fabric.converge(here, networks, delete_stale=True, tunnel=self.tunnel)
         return report
 
     def converge_router(self, here: links.Netlink, plan: RouterPlan) -> bool:

@@ -118,6 +118,7 @@ class DhcpNetwork:
     mtu: int
     subnets: tuple[DhcpSubnet, ...]
     ports: tuple[DhcpPort, ...]
+    segmentation_id: int | None = None  # the network's VNI (the fabric's, not dnsmasq's)
 
     @property
     def dhcp_subnets(self) -> tuple[DhcpSubnet, ...]:
@@ -217,6 +218,7 @@ def networks_from_topology(topology: Mapping[str, Any]) -> dict[str, DhcpNetwork
             mtu=int(raw.get("mtu") or 0),
             subnets=tuple(sorted(subnets.get(net_id, ()), key=lambda s: s.id)),
             ports=tuple(sorted(ports.get(net_id, ()), key=lambda p: p.id)),
+            segmentation_id=int(raw["segmentation_id"]) if raw.get("segmentation_id") else None,
         )
     return result
 

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 pyroute2_config.disable_mp_signal = True
 
 NETLINK_ROUTE = 0
+_FLOOD_MAC = "00:00:00:00:00:00"
 NETNS_RUN_DIR = Path("/var/run/netns")
 ETC_NETNS = Path("/etc/netns")
 
@@ -279,6 +280,62 @@ class Netlink:
         log.info("link.deleted name=%s netns=%s", name, self.namespace or "-")
         return True
 
+    def ensure_vxlan(
+        self, name: str, *, vni: int, local: str, port: int = 4789, group: str | None = None,
+        device: str | None = None, ttl: int = 0, mtu: int | None = None,
+        master: str | None = None,
+    ) -> bool:
+        """A VXLAN device (learning on, as the linuxbridge agent without l2population), up,
+        enslaved to master. One whose VNI, local address or group differs is replaced. True if
+        it was created now."""
+        link = self.link(name)
+        if link is not None:
+            found = self._ipr.link("get", index=link.index)[0]
+            info = found.get_attr("IFLA_LINKINFO")
+            data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
+            same = (link.kind == "vxlan" and data is not None
+                    and data.get_attr("IFLA_VXLAN_ID") == vni
+                    and data.get_attr("IFLA_VXLAN_LOCAL") == local
+                    and data.get_attr("IFLA_VXLAN_PORT") == port
+                    and (data.get_attr("IFLA_VXLAN_GROUP") or None) == (group or None))
+            if not same:
+                self.delete_link(name)
+                link = None
+        created = False
+        if link is None:
+            spec: dict[str, Any] = {"vxlan_id": vni, "vxlan_local": local, "vxlan_port": port,
+                                    "vxlan_learning": 1, "vxlan_ttl": ttl}
+            if group:
+                spec["vxlan_group"] = group
+            if device:
+                spec["vxlan_link"] = self._index(device)
+            with _tolerate(errno.EEXIST):
+                self._ipr.link("add", ifname=name, kind="vxlan", **spec)
+                created = True
+                log.info("link.created kind=vxlan name=%s vni=%d local=%s group=%s",
+                         name, vni, local, group or "-")
+        self.set_link(name, mtu=mtu, master=master)
+        return created
+
+    def flood_peers(self, name: str) -> set[str]:
+        """Remote addresses of the all-zeros FDB entries (head-end replication) of a VXLAN."""
+        index = self._index(name)
+        return {str(m.get_attr("NDA_DST")) for m in self._ipr.fdb("dump", ifindex=index)
+                if m["ifindex"] == index and m.get_attr("NDA_DST")
+                and m.get_attr("NDA_LLADDR") == _FLOOD_MAC}
+
+    def set_flood_peers(self, name: str, peers: Iterable[str]) -> None:
+        """Exactly these flood entries on a VXLAN device: BUM traffic goes to every peer."""
+        index = self._index(name)
+        want = set(peers)
+        have = self.flood_peers(name)
+        for extra in sorted(have - want):
+            with _tolerate(errno.ENOENT):
+                self._ipr.fdb("del", ifindex=index, lladdr=_FLOOD_MAC, dst=extra)
+        for missing in sorted(want - have):
+            with _tolerate(errno.EEXIST):
+                self._ipr.fdb("append", ifindex=index, lladdr=_FLOOD_MAC, dst=missing)
+
     def bridge_ports(self, bridge: str) -> list[LinkInfo]:
         link = self.link(bridge)
         if link is None:
@@ -296,6 +353,14 @@ class Netlink:
                 continue
             out.append(f"{ip}/{msg['prefixlen']}")
         return sorted(out)
+
+    def link_with_address(self, ip: str) -> str | None:
+        """The name of the link holding this address, None if no link does."""
+        for msg in self._ipr.get_addr():
+            if msg.get_attr("IFA_ADDRESS") == ip or msg.get_attr("IFA_LOCAL") == ip:
+                found = self._ipr.link("get", index=msg["index"])
+                return str(found[0].get_attr("IFLA_IFNAME")) if found else None
+        return None
 
     def set_addresses(self, name: str, cidrs: Iterable[str]) -> None:
         """Exactly these addresses ('10.0.0.1/24') on the link; IPv6 link-local is kept."""

@@ -50,6 +50,7 @@ class VmPlan:
     gateway: str | None
     mtu: int
     dns_nameservers: tuple[str, ...]
+    vni: int | None = None  # the network's segmentation_id (VXLAN on a tunnel node)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -79,6 +80,7 @@ def plan_vm(
         cidr=f"{ip}/{prefix}", gateway=subnet.get("gateway_ip"),
         mtu=int(network.get("mtu") or 1500),
         dns_nameservers=tuple(subnet.get("dns_nameservers") or ()),
+        vni=int(network["segmentation_id"]) if network.get("segmentation_id") else None,
     )
 
 
@@ -98,7 +100,9 @@ AddressMode = Callable[[links.Netlink, VmPlan], None]
 ADDRESS_MODES: dict[str, AddressMode] = {"static": _configure_static, "dhcp": _configure_dhcp}
 
 
-def apply_plug(plan: VmPlan, address_mode: str = "static") -> None:
+def apply_plug(
+    plan: VmPlan, address_mode: str = "static", tunnel: fabric.Tunnel | None = None,
+) -> None:
     """Build or repair the VM namespace for plan."""
     try:
         configure = ADDRESS_MODES[address_mode]
@@ -108,7 +112,8 @@ def apply_plug(plan: VmPlan, address_mode: str = "static") -> None:
     links.ensure_namespace(plan.namespace)
     links.write_netns_resolv_conf(plan.namespace, plan.dns_nameservers)
     with links.netlink() as here, links.netlink(plan.namespace) as inside:
-        fabric.ensure_bridge(here, fabric.BridgeSpec(plan.bridge, plan.network_id, plan.mtu))
+        fabric.ensure_bridge(
+            here, fabric.BridgeSpec(plan.bridge, plan.network_id, plan.mtu, plan.vni), tunnel)
         here.ensure_veth(plan.peer, peer=plan.interface, inside=inside, master=plan.bridge,
                          mtu=plan.mtu, peer_mac=plan.mac)
         inside.set_up(plan.interface)
@@ -180,5 +185,5 @@ def plug(settings: Settings, server: str, *, address_mode: str = "static") -> Vm
         plan = registry.plan(server)
     finally:
         registry.close()
-    apply_plug(plan, address_mode)
+    apply_plug(plan, address_mode, fabric.tunnel_from(settings.fabric))
     return plan

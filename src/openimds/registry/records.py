@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection, Row
 
 from openimds.core.models import DEVICE_OWNER_ROUTER
 from openimds.errors import NotFound
-from openimds.registry.store import Tx, port_ips, ports, subnets
+from openimds.registry.store import Tx, port_ips, ports, segments, subnets
 
 Json = dict[str, Any]
 
@@ -110,7 +110,12 @@ def network_dicts(conn: Connection, rows: Sequence[Row[Any]]) -> list[Json]:
                               .where(subnets.c.network_id.in_(ids))
                               .order_by(subnets.c.created_at)):
             subs[s.network_id].append(s.id)
-    return [{**dict(r._mapping), "subnets": subs[r.id]} for r in rows]
+    vnis: dict[str, int] = {}
+    if ids:
+        vnis = {r.network_id: r.segmentation_id for r in conn.execute(
+            sa.select(segments).where(segments.c.network_id.in_(ids)))}
+    return [{**dict(r._mapping), "subnets": subs[r.id], "segmentation_id": vnis.get(r.id)}
+            for r in rows]
 
 
 def router_dicts(conn: Connection, rows: Sequence[Row[Any]]) -> list[Json]:

@@ -55,6 +55,7 @@ from openimds.registry.records import (
 from openimds.registry.store import (
     Store,
     Tx,
+    allocate_segment,
     instances,
     keypairs,
     networks,
@@ -62,6 +63,7 @@ from openimds.registry.store import (
     ports,
     projects,
     routers,
+    segments,
     subnets,
 )
 
@@ -256,9 +258,10 @@ class Registry:
             values: Json = {"id": new_id(), "name": name, "project_id": pid, "mtu": mtu,
                       "created_at": now(), "revision": tx.revision}
             tx.conn.execute(networks.insert().values(**values))
+            vni = allocate_segment(tx.conn, values["id"])
             tx.change("network", "create", values["id"],
                       {"name": name, "project_id": pid, "mtu": mtu})
-            return {**values, "subnets": []}
+            return {**values, "subnets": [], "segmentation_id": vni}
 
 
     def list_networks(self, q: dict[str, str]) -> Json:
@@ -290,6 +293,7 @@ class Registry:
             for s in conn.execute(sa.select(subnets).where(subnets.c.network_id == nid)).all():
                 conn.execute(subnets.delete().where(subnets.c.id == s.id))
                 subnet_change(tx, "delete", s)
+            conn.execute(segments.delete().where(segments.c.network_id == nid))
             conn.execute(networks.delete().where(networks.c.id == nid))
             tx.change("network", "delete", nid, {"name": net.name, "project_id": net.project_id,
                                                  "mtu": net.mtu})

@@ -64,6 +64,14 @@ networks = sa.Table(
     sa.Column("revision", sa.BigInteger, nullable=False),
 )
 
+# One VXLAN segment (VNI) per network, allocated at create (a table of its own, so an existing
+# store gains it with create_all; networks made before it are backfilled at start).
+segments = sa.Table(
+    "segments", metadata,
+    sa.Column("network_id", ID, sa.ForeignKey("networks.id"), primary_key=True),
+    sa.Column("segmentation_id", sa.Integer, nullable=False, unique=True),
+)
+
 subnets = sa.Table(
     "subnets", metadata,
     sa.Column("id", ID, primary_key=True),
@@ -248,6 +256,7 @@ class Store:
                             conn.execute(
                                 state.insert().values(id=1, revision=0, floor=0, ec2_seq=0)
                             )
+                        backfill_segments(conn)
                 return
             except DBAPIError:
                 # Another registry process created it at the same moment.
@@ -320,3 +329,28 @@ def _integrity_reason(exc: IntegrityError) -> str:
     if "projects.name" in text or "projects_name" in text:
         return "project name already exists"
     return "conflicts with an existing object: " + text.splitlines()[0][:200]
+
+
+MAX_VNI = 2**24 - 1
+
+
+def allocate_segment(conn: Connection, network_id: str) -> int:
+    """The next free VNI for a network (inside a write transaction, so it is atomic)."""
+    top = conn.execute(sa.select(sa.func.max(segments.c.segmentation_id))).scalar()
+    vni = int(top or 0) + 1
+    if vni > MAX_VNI:  # wrapped: the lowest free one
+        used = set(conn.execute(sa.select(segments.c.segmentation_id)).scalars())
+        vni = next((v for v in range(1, MAX_VNI + 1) if v not in used), 0)
+        if not vni:
+            raise Conflict("no free VXLAN segment (VNI) left")
+    conn.execute(segments.insert().values(network_id=network_id, segmentation_id=vni))
+    return vni
+
+
+def backfill_segments(conn: Connection) -> None:
+    """A segment for every network made before segments existed."""
+    missing = conn.execute(
+        sa.select(networks.c.id).outerjoin(segments, segments.c.network_id == networks.c.id)
+        .where(segments.c.network_id.is_(None)).order_by(networks.c.created_at)).scalars()
+    for network_id in list(missing):
+        allocate_segment(conn, network_id)
