@@ -71,7 +71,7 @@ from openimds.http.server import (
     Response,
     error_response,
 )
-from openimds.log import access as access_log
+from openimds.log import access_line
 from openimds.metadata.agent_cache import CallerCache, LookupResult, Resolver, key_of
 
 log = logging.getLogger(__name__)
@@ -623,17 +623,16 @@ class MetadataAgent:
         code = status if status is not None else (
             resp.status if isinstance(resp, Response) else 0)
         self.status_counts[code] = self.status_counts.get(code, 0) + 1
-        if self._access and access_log.isEnabledFor(logging.INFO):
+        if self._access and access_line.enabled:
             if caller is not None:
                 kind, ident = caller.scope
                 who = f"ip={caller.ip} {kind}={ident}"
             else:
                 who = "ip=- scope=-"
-            access_log.info(
-                "agent %s instance=%s status=%d ms=%.2f method=%s path=%s", who,
-                res.instance_id if res is not None else "-", code,
-                (self._clock() - t0) * 1000.0, req.method, req.path,
-            )
+            access_line.write(
+                f"agent {who} instance={res.instance_id if res is not None else '-'} "
+                f"status={code} ms={(self._clock() - t0) * 1000.0:.2f} method={req.method} "
+                f"path={req.path}")
         return resp
 
     # -- stats --------------------------------------------------------------------------

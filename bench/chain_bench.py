@@ -1,0 +1,598 @@
+"""The whole metadata chain, hop by hop, against a bare uvloop + httptools server.
+
+    sudo .venv/bin/python bench/chain_bench.py [--rounds 3] [--duration 5]
+                                               [--scenarios 100,100close] [--workers 1]
+
+Topology (as a VM reaches its router): a `vm` namespace (eth0 10.0.0.5/24) joined by a veth
+to a `router` namespace (qr0 10.0.0.1/24). wrk runs in `vm` against 10.0.0.1, always
+`GET /openstack/latest/meta_data.json`. In the router namespace, three listeners:
+
+- **chain** (:9697): `openimds proxy` -> Unix socket -> `openimds agent` -> `openimds api`,
+  all real processes started through the CLI, with a real registry (sqlite) holding the VM's
+  router, network, subnet and instance (fixed IP 10.0.0.5). Caches warm; the agent's access
+  line on, as shipped.
+- **haproxy** (:9698): Neutron 29's rendered haproxy config (`option http-server-close`,
+  `option forwardfor`, del/set-header, `nbthread 2`) as hop 1, in front of the same agent
+  and API: "proxy vs haproxy, same backend".
+- **bare** (:9690): one process, a bare asyncio.Protocol + httptools on uvloop (no limits,
+  no timers, no pipelining order) writing the bytes the chain answered, pre-encoded. It is
+  both the per-hop CPU reference and the one-process floor.
+
+Every configuration runs in every round, interleaved per scenario, each after a 1 s warm-up.
+CPU µs per request is utime+stime of each process (/proc/PID/stat, all threads, all worker
+processes of a service) over the requests wrk completed. Printed: per-hop CPU and its ratio
+to bare (target <= 3x, keep-alive), chain / bare rps (one-process floor; target >= 0.6 with
+a new connection per request), chain / haproxy-chain rps (target >= 1.0). Ratios are medians
+of per-round ratios: the 2-core machine is shared with wrk (and with everyone else).
+
+With `--workers N` every service runs N worker processes (`metadata_workers`, `[api]
+workers`, `[proxy] workers`); `--workers 1,2` runs both in the same rounds and prints the
+2-worker / 1-worker throughput ratio.
+
+Profiling a hop (the method behind docs/benchmarks.md's per-hop notes; not a flame graph):
+`--profile agent` (or proxy, api) runs one keep-alive c=100 measurement while
+`py-spy record --format raw` samples that process (100 Hz... 1 kHz, on-CPU samples only; the
+`py-spy` wheel from PyPI, `pip install py-spy`), then prints the 25 lines with most own
+samples and the hot path's functions by inclusive samples. A C call (a socket write, the
+parser) is charged to the Python line that made it. `--profile-native` adds native frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "src"))
+
+from tests.support import base_config, clean_env, write_config  # noqa: E402
+
+from openimds.host.netns import socket_in_netns  # noqa: E402
+
+PY = sys.executable
+TAG = f"chb-{os.getpid()}"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PATH = "/openstack/latest/meta_data.json"
+VM_IP = "10.0.0.5"
+ROUTER_IP = "10.0.0.1"
+PORTS = {"bare": 9690, "chain": 9697, "haproxy": 9698}
+
+HAPROXY_CFG = """\
+global
+    user        nobody
+    group       nogroup
+    maxconn     1024
+    nbthread    2
+    pidfile     {pidfile}
+
+defaults
+    mode http
+    option httplog
+    option dontlognull
+    option http-server-close
+    option forwardfor
+    retries                 3
+    timeout http-request    30s
+    timeout connect         30s
+    timeout client          32s
+    timeout server          32s
+    timeout http-keep-alive 30s
+
+listen listener
+    bind 0.0.0.0:{port}
+    server metadata {socket}
+
+    http-request del-header X-Neutron-Network-ID
+    http-request set-header X-Neutron-Router-ID {router_id}
+"""
+
+
+# -- the bare reference server (its own process, in the router namespace) -------------------
+
+def run_bare(port: int, answer_file: str) -> None:
+    """asyncio.Protocol + httptools on uvloop: parse, write the pre-encoded answer."""
+    import httptools
+    import uvloop
+
+    answer = Path(answer_file).read_bytes()
+
+    class Bare(asyncio.Protocol):
+        __slots__ = ("parser", "transport")
+
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+            self.parser = httptools.HttpRequestParser(self)
+
+        def data_received(self, data: bytes) -> None:
+            self.parser.feed_data(data)
+
+        def on_message_complete(self) -> None:
+            self.transport.write(answer)
+            if not self.parser.should_keep_alive():
+                self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.parser = None  # type: ignore[assignment]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        await loop.create_server(Bare, "0.0.0.0", port, backlog=4096, reuse_address=True)
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
+# -- plumbing --------------------------------------------------------------------------------
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def tree_pids(pid: int) -> list[int]:
+    """pid and every descendant (worker processes)."""
+    out = [pid]
+    with contextlib.suppress(OSError):
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            out += tree_pids(int(child))
+    return out
+
+
+def tree_cpu_s(pid: int) -> float:
+    total = 0.0
+    for p in tree_pids(pid):
+        with contextlib.suppress(OSError):
+            total += cpu_s(p)
+    return total
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+def wait_until(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
+
+
+def get_in(ns: str, port: int) -> tuple[int, bytes]:
+    with socket_in_netns(ns) as sock:
+        sock.settimeout(5)
+        sock.connect((ROUTER_IP, port))
+        sock.sendall(f"GET {PATH} HTTP/1.1\r\nHost: 169.254.169.254\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return int(data.split(b" ", 2)[1]), data
+
+
+def run_wrk(vm: str, port: int, conns: int, duration: float, close: bool) -> dict[str, float]:
+    argv = ["ip", "netns", "exec", vm, "wrk", "-t", str(min(2, conns)), "-c", str(conns),
+            "-d", f"{int(duration)}s", "--timeout", "5s", "--latency"]
+    if close:
+        argv += ["-H", "Connection: close"]
+    out = subprocess.run(argv + [f"http://{ROUTER_IP}:{port}{PATH}"], capture_output=True,
+                         text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+                     out)
+    errors = int(non2xx.group(1)) if non2xx else 0
+    if errs:
+        errors += int(errs.group(1)) + int(errs.group(3)) + int(errs.group(4))
+        if not close:
+            errors += int(errs.group(2))
+
+    def pct(p: str) -> float:
+        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out)
+        if not m:
+            return float("nan")
+        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+
+    return {"rps": rps, "requests": total, "errors": errors, "p50_ms": pct("50"),
+            "p99_ms": pct("99")}
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix=f"{TAG}-")))
+    procs: list[Proc] = field(default_factory=list)
+    namespaces: list[str] = field(default_factory=list)
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+        with (self.tmp / f"{name}.log").open("ab") as fh:
+            popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env=clean_env(env), cwd=str(REPO))
+        proc = Proc(name, popen)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: Proc) -> None:
+        if proc.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.popen.pid, signal.SIGTERM)
+            try:
+                proc.popen.wait(20)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.popen.pid, signal.SIGKILL)
+                proc.popen.wait(5)
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def cleanup(self) -> None:
+        for proc in reversed(list(self.procs)):
+            self.stop(proc)
+        for ns in self.namespaces:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- set-up ------------------------------------------------------------------------
+    def topology(self) -> tuple[str, str]:
+        rns, vm = f"{TAG}-router", f"{TAG}-vm"
+        for ns in (rns, vm):
+            ip("netns", "add", ns)
+            self.namespaces.append(ns)
+            ip("-n", ns, "link", "set", "lo", "up")
+        ip("link", "add", "eth0", "netns", vm, "type", "veth", "peer", "name", "qr0",
+           "netns", rns)
+        for ns, dev, addr in ((vm, "eth0", f"{VM_IP}/24"), (rns, "qr0", f"{ROUTER_IP}/24")):
+            ip("-n", ns, "addr", "add", addr, "dev", dev)
+            ip("-n", ns, "link", "set", dev, "up")
+        return rns, vm
+
+    def config(self, workers: int) -> tuple[Path, dict[str, Any]]:
+        state = self.tmp / f"state-w{workers}"
+        state.mkdir()
+        cfg = base_config(state, DEFAULT={
+            "metadata_proxy_socket": str(self.tmp / f"agent-w{workers}.sock"),
+            "metadata_proxy_socket_mode": "all",  # haproxy runs as nobody
+        }, proxy={"spawn_from_agents": "false"})
+        return write_config(self.tmp / f"openimds-w{workers}.ini", cfg), cfg
+
+    def cli(self, name: str, config: Path, *args: str,
+            env: dict[str, str] | None = None) -> Proc:
+        return self.spawn(name, [PY, "-m", "openimds", "--config", str(config), *args], env)
+
+
+def populate(url: str, token: str) -> str:
+    from openimds.registry.client import RegistryClient
+
+    with RegistryClient(url, token) as admin:
+        router = admin.create_router("bench")
+        net = admin.create_network("bench")
+        sub = admin.create_subnet("bench", net["id"], "10.0.0.0/24")
+        admin.add_interface(router["id"], sub["id"])
+        admin.create_instance("vm-bench", net["id"], fixed_ip=VM_IP)
+    return str(router["id"])
+
+
+@dataclass
+class Stack:
+    """One chain (registry, API, agent, proxy, haproxy) with `workers` per service."""
+
+    workers: int
+    services: dict[str, Proc]
+    ports: dict[str, int]
+
+
+def start_stack(b: Bench, rns: str, workers: int, port_base: int) -> Stack:
+    config, cfg = b.config(workers)
+    reg = cfg["registry"]
+    url = f"http://{reg['bind_host']}:{reg['bind_port']}"
+    wenv = {"OPENIMDS_METADATA_WORKERS": str(workers), "OPENIMDS_API_WORKERS": str(workers),
+            "OPENIMDS_PROXY_WORKERS": str(workers)} if workers > 1 else {}
+    sfx = f"-w{workers}"
+    registry = b.cli("registry" + sfx, config, "registry", "serve")
+    wait_until(lambda: urlopen_ok(url + "/v1/health"), 30, "registry")
+    router_id = populate(url, reg["admin_token"])
+    api = b.cli("api" + sfx, config, "api", env=wenv)
+    api_port = int(cfg["DEFAULT"]["nova_metadata_port"])
+    wait_until(lambda: tcp_open("127.0.0.1", api_port), 30, "api")
+    agent = b.cli("agent" + sfx, config, "agent", env=wenv)
+    sock = cfg["DEFAULT"]["metadata_proxy_socket"]
+    wait_until(lambda: Path(sock).exists(), 30, "agent socket")
+    specs = Path(cfg["DEFAULT"]["state_path"]) / "proxy" / "listeners"
+    specs.mkdir(parents=True, exist_ok=True)
+    chain_port = port_base + 7
+    (specs / f"router-{router_id}.json").write_text(json.dumps({
+        "netns": rns, "host": "0.0.0.0", "port": chain_port, "router_id": router_id,
+        "network_id": None}))
+    proxy = b.cli("proxy" + sfx, config, "proxy", env=wenv)
+    hap_port = port_base + 8
+    hcfg = b.tmp / f"haproxy{sfx}.cfg"
+    hcfg.write_text(HAPROXY_CFG.format(pidfile=b.tmp / f"haproxy{sfx}.pid", port=hap_port,
+                                       socket=sock, router_id=router_id))
+    haproxy = b.spawn("haproxy" + sfx, ["ip", "netns", "exec", rns, "haproxy", "-db", "-f",
+                                        str(hcfg)])
+    return Stack(workers, {"registry": registry, "api": api, "agent": agent, "proxy": proxy,
+                           "haproxy": haproxy},
+                 {"chain": chain_port, "haproxy": hap_port})
+
+
+def urlopen_ok(url: str) -> bool:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=1) as resp:
+        return bool(resp.status == 200)
+
+
+def tcp_open(host: str, port: int) -> bool:
+    import socket
+
+    with socket.create_connection((host, port), timeout=1):
+        return True
+
+
+def check_answers(vm: str, ports: dict[str, int]) -> bytes:
+    """Every listener answers 200 with this VM's meta_data.json; returns the chain's bytes."""
+    answer = b""
+    for name, port in ports.items():
+        wait_until(lambda port=port: get_in(vm, port)[0] == 200, 30, f"{name} answering")
+        status, data = get_in(vm, port)
+        body = json.loads(data.partition(b"\r\n\r\n")[2])
+        assert status == 200 and body["name"] == "vm-bench", (name, data[:300])
+        answer = answer or data
+    return answer
+
+
+def keep_alive_bytes(answer: bytes) -> bytes:
+    """The chain's answer as a keep-alive response (drop `Connection: close`)."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = [ln for ln in head.split(b"\r\n") if not ln.lower().startswith(b"connection:")]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def measure(b: Bench, vm: str, port: int, pids: dict[str, int], conns: int, close: bool,
+            duration: float) -> dict[str, Any]:
+    run_wrk(vm, port, conns, 1, close)  # warm-up
+    before = {k: tree_cpu_s(p) for k, p in pids.items()}
+    r: dict[str, Any] = dict(run_wrk(vm, port, conns, duration, close))
+    after = {k: tree_cpu_s(p) for k, p in pids.items()}
+    n = max(1, int(r["requests"]))
+    r["cpu_us"] = {k: (after[k] - before[k]) / n * 1e6 for k in pids}
+    return r
+
+
+def py_spy(pid: int, seconds: float, out: Path, native: bool) -> subprocess.Popen[bytes]:
+    spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+    argv = [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "1000",
+            "--format", "raw", "--output", str(out), "--nonblocking"]
+    if native:  # perf(1) instead: where the C and kernel time goes, by shared object
+        argv = ["perf", "record", "-q", "-o", str(out.with_suffix(".perf")), "-p", str(pid),
+                "--", "sleep", str(int(seconds))]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def profile_report(path: Path, top: int = 25) -> None:
+    """Own and inclusive samples per frame from py-spy's collapsed stacks."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for fr in set(frames):
+            incl[fr] = incl.get(fr, 0) + n
+    print(f"{total} samples; own samples per line:")
+    for fr, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {100 * n / total:5.1f}%  {fr}")
+    print("inclusive, openimds frames:")
+    hot = [(fr, n) for fr, n in incl.items() if "openimds" in fr]
+    for fr, n in sorted(hot, key=lambda kv: -kv[1])[:top]:
+        print(f"  {100 * n / total:5.1f}%  {fr}")
+
+
+def main() -> int:
+    if len(sys.argv) == 4 and sys.argv[1] == "--bare":
+        run_bare(int(sys.argv[2]), sys.argv[3])
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--scenarios", default="100,100close",
+                   help="comma list of CONNS or CONNSclose")
+    p.add_argument("--workers", default="1", help="comma list of worker counts, e.g. 1,2")
+    p.add_argument("--profile", choices=("proxy", "agent", "api"),
+                   help="sample that service with py-spy during one keep-alive run")
+    p.add_argument("--profile-native", action="store_true")
+    p.add_argument("--json", type=Path)
+    a = p.parse_args()
+    if os.geteuid() != 0:
+        print("needs root (network namespaces)", file=sys.stderr)
+        return 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(0x40000000) == 0:  # CLONE_NEWNET: registry and API on a private loopback
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    scenarios = [(int(s.removesuffix("close")), s.endswith("close"))
+                 for s in a.scenarios.split(",")]
+    worker_counts = [int(w) for w in a.workers.split(",")]
+    b = Bench(a)
+    os.chmod(b.tmp, 0o755)  # noqa: S103 - haproxy (nobody) reaches the agent socket in here
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    results: dict[str, Any] = {"machine": machine(), "load_before": loadavg(), "rows": []}
+    print(results["machine"], "| load", results["load_before"], flush=True)
+    try:
+        rns, vm = b.topology()
+        stacks = [start_stack(b, rns, w, 9700 + 10 * i)
+                  for i, w in enumerate(worker_counts)]
+        answer = b""
+        for st in stacks:
+            answer = check_answers(vm, st.ports) or answer
+        bare_file = b.tmp / "answer.bin"
+        bare_file.write_bytes(keep_alive_bytes(answer))
+        bare = b.spawn("bare", ["ip", "netns", "exec", rns, PY, __file__, "--bare",
+                                str(PORTS["bare"]), str(bare_file)])
+        check_answers(vm, {"bare": PORTS["bare"]})
+        if a.profile:
+            st = stacks[0]
+            pid = st.services[a.profile].popen.pid
+            out = b.tmp / f"{a.profile}.raw"
+            run_wrk(vm, st.ports["chain"], 100, 1, False)
+            spy = py_spy(pid, a.duration, out, a.profile_native)
+            r = measure(b, vm, st.ports["chain"], {a.profile: pid}, 100, False, a.duration)
+            spy.wait(60)
+            print(f"profiled {a.profile}: {r['rps']:.0f} rps, {r['cpu_us'][a.profile]:.1f} "
+                  "us/req")
+            if a.profile_native:
+                subprocess.run(["perf", "report", "-q", "-i", str(out.with_suffix(".perf")),
+                                "--sort", "dso,sym", "--stdio"], check=False,
+                               stdout=sys.stdout, stderr=subprocess.DEVNULL)
+            else:
+                profile_report(out)
+            return 0
+        configs: list[tuple[str, int, dict[str, int]]] = [("bare", PORTS["bare"],
+                                                           {"bare": bare.popen.pid})]
+        for st in stacks:
+            pids = {k: v.popen.pid for k, v in st.services.items() if k != "haproxy"}
+            configs.append((f"chain-w{st.workers}", st.ports["chain"], pids))
+            hp = {k: v for k, v in pids.items() if k != "proxy"}
+            hp["haproxy"] = st.services["haproxy"].popen.pid
+            configs.append((f"haproxy-w{st.workers}", st.ports["haproxy"], hp))
+        for rnd in range(1, a.rounds + 1):
+            for conns, close in scenarios:
+                for name, port, pids in configs:
+                    r = measure(b, vm, port, pids, conns, close, a.duration)
+                    r.update(round=rnd, config=name, conns=conns, close=close)
+                    results["rows"].append(r)
+                    cpu = ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_us"].items())
+                    print(f"round {rnd} c={conns}{' close' if close else '':6s} {name:12s} "
+                          f"{r['rps']:8.0f} rps p99 {r['p99_ms']:7.2f} ms errs "
+                          f"{r['errors']} | CPU us/req: {cpu}", flush=True)
+        for st in stacks:
+            results[f"rss_kib_w{st.workers}"] = {
+                k: sum(rss_kib(q) for q in tree_pids(v.popen.pid))
+                for k, v in st.services.items() if k not in ("haproxy",)}
+    except KeyboardInterrupt:
+        print("interrupted; cleaned up", file=sys.stderr)
+        return 130
+    finally:
+        results["load_after"] = loadavg()
+        b.cleanup()
+    summary = summarize(results["rows"], scenarios, worker_counts)
+    results["summary"] = summary
+    print(f"load average before {results['load_before']}, after {results['load_after']}")
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+def summarize(rows: list[dict[str, Any]], scenarios: list[tuple[int, bool]],
+              workers: list[int]) -> list[str]:
+    lines: list[str] = []
+
+    def sel(name: str, conns: int, close: bool) -> dict[int, dict[str, Any]]:
+        return {r["round"]: r for r in rows
+                if r["config"] == name and r["conns"] == conns and r["close"] == close}
+
+    def ratio(xs: list[float]) -> str:
+        return f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})" if xs else "-"
+
+    print("\nsummary: medians over rounds; ratios are medians of per-round ratios")
+    for conns, close in scenarios:
+        label = f"c={conns}{' close' if close else ''}"
+        bare = sel("bare", conns, close)
+        names = ["bare"] + [f"{k}-w{w}" for w in workers for k in ("chain", "haproxy")]
+        for name in names:
+            rs = list(sel(name, conns, close).values())
+            if not rs:
+                continue
+            cpu_keys = rs[0]["cpu_us"].keys()
+            cpu = ", ".join(f"{k} {statistics.median(r['cpu_us'][k] for r in rs):.1f}"
+                            for k in cpu_keys)
+            line = (f"| {label} | {name} | {statistics.median(r['rps'] for r in rs):,.0f} | "
+                    f"{statistics.median(r['p99_ms'] for r in rs):.2f} | {cpu} | "
+                    f"{sum(r['errors'] for r in rs)} |")
+            lines.append(line)
+            print(line)
+        for w in workers:
+            chain = sel(f"chain-w{w}", conns, close)
+            hap = sel(f"haproxy-w{w}", conns, close)
+            for hop in ("proxy", "agent", "api"):
+                xs = [chain[k]["cpu_us"][hop] / bare[k]["cpu_us"]["bare"]
+                      for k in chain if k in bare and bare[k]["cpu_us"]["bare"]]
+                line = f"{label} w{w}: {hop} CPU/req / bare CPU/req = {ratio(xs)}"
+                if not close:
+                    line += "  (target <= 3)"
+                lines.append(line)
+                print(line)
+            xs = [chain[k]["rps"] / bare[k]["rps"] for k in chain if k in bare]
+            line = f"{label} w{w}: chain / one-process floor (bare) rps = {ratio(xs)}"
+            if close:
+                line += "  (target >= 0.6)"
+            lines.append(line)
+            print(line)
+            xs = [chain[k]["rps"] / hap[k]["rps"] for k in chain if k in hap]
+            line = (f"{label} w{w}: chain with openimds proxy / with haproxy (Neutron "
+                    f"config) rps = {ratio(xs)}")
+            if close:
+                line += "  (target >= 1.0)"
+            lines.append(line)
+            print(line)
+        if len(workers) > 1:
+            one = sel(f"chain-w{workers[0]}", conns, close)
+            for w in workers[1:]:
+                many = sel(f"chain-w{w}", conns, close)
+                xs = [many[k]["rps"] / one[k]["rps"] for k in many if k in one]
+                line = f"{label}: chain {w} workers / {workers[0]} worker rps = {ratio(xs)}"
+                lines.append(line)
+                print(line)
+    return lines
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return (f"{os.cpu_count()} vCPU {cpu}, kernel {platform.release()}, "
+            f"Python {platform.python_version()}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
