@@ -466,3 +466,76 @@ def test_two_registries_share_postgres_without_duplicate_ips(tmp_path: Path) -> 
             assert len(set(ips)) == 60
             with b.client() as c:
                 assert c.health()["revision"] == a.client().health()["revision"]
+
+
+# ---------------------------------------------------------------------- IPv6
+
+
+def test_ipv6_subnets_address_ports_and_lookup_by_link_local(
+        reg: Registry, api: RegistryClient) -> None:
+    net, v4 = _net(api)
+    slaac = api.create("subnet", {"network_id": net["id"], "cidr": "fd00:1::/64",
+                                  "ipv6_address_mode": "slaac", "ipv6_ra_mode": "slaac"})
+    assert slaac["ip_version"] == 6 and slaac["gateway_ip"] == "fd00:1::1"
+    assert (slaac["ipv6_address_mode"], slaac["ipv6_ra_mode"]) == ("slaac", "slaac")
+    assert v4["ipv6_address_mode"] is None
+    static = api.create("subnet", {"network_id": net["id"], "cidr": "fd00:2::/64"})
+    assert static["ipv6_address_mode"] is None
+    inst = api.create("instance", {"name": "vm6", "network_id": net["id"]})
+    port = inst["ports"][0]
+    mac = port["mac_address"]
+    b = bytes(int(x, 16) for x in mac.split(":"))
+    iid = bytes([b[0] ^ 2, b[1], b[2], 0xFF, 0xFE, b[3], b[4], b[5]])
+    eui = str(ipaddress.IPv6Address(b"\xfd\x00\x00\x01" + bytes(4) + iid))
+    link_local = str(ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + iid))
+    by_subnet = {f["subnet_id"]: f["ip_address"] for f in port["fixed_ips"]}
+    # one IPv4 from the pool, the EUI-64 address on the SLAAC subnet, one static IPv6
+    assert by_subnet[v4["id"]] == "10.0.0.3"
+    assert by_subnet[slaac["id"]] == eui
+    assert ipaddress.ip_address(by_subnet[static["id"]]) in ipaddress.ip_network("fd00:2::/64")
+    # the DHCP port gets its EUI-64 address on the SLAAC subnet too
+    dhcp = api.list("port", network_id=net["id"], device_owner="network:dhcp")[0]
+    assert any(f["subnet_id"] == slaac["id"] for f in dhcp["fixed_ips"])
+
+    # lookup: global address by fixed IP, link-local by the MAC its EUI-64 came from
+    for ip in (eui, by_subnet[static["id"]], link_local, link_local.upper() + "%eth0"):
+        found = api.lookup(ip, network_id=net["id"])["ports"]
+        assert [p["device_id"] for p in found] == [inst["id"]], ip
+    router = api.create("router", {"name": _name("r6")})
+    gw = api.add_interface(router["id"], slaac["id"])
+    assert gw["fixed_ips"] == [{"subnet_id": slaac["id"], "ip_address": "fd00:1::1"}]
+    assert [p["device_id"] for p in api.lookup(link_local, router_id=router["id"])["ports"]] \
+        == [inst["id"]]
+    other, _ = _net(api)  # a link-local source is only looked up on the caller's networks
+    assert api.lookup(link_local, network_id=other["id"])["ports"] == []
+    # a privacy address carries no MAC: nobody (Neutron's LP#1460177)
+    assert api.lookup("fe80::1234:5678:9abc:def0", network_id=net["id"])["ports"] == []
+    view_sub = {s["id"]: s for s in api.get_view(inst["id"])["ports"][0]["subnets"]}
+    assert view_sub[slaac["id"]]["ipv6_address_mode"] == "slaac"
+    assert view_sub[slaac["id"]]["ip_version"] == 6
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"cidr": "10.1.0.0/24", "ipv6_address_mode": "slaac"}, "ipv6_address_mode"),
+    ({"cidr": "fd00:9::/64", "ipv6_address_mode": "dhcp"}, "ipv6_address_mode"),
+    ({"cidr": "fd00:9::/64", "ipv6_address_mode": "slaac", "ipv6_ra_mode": "dhcpv6-stateful"},
+     "ipv6_ra_mode"),
+    ({"cidr": "fd00:9::/80", "ipv6_address_mode": "slaac"}, "cidr"),
+    ({"cidr": "fd00:9::/64", "ip_version": 4}, "ip_version"),
+])
+def test_ipv6_subnet_bad_modes(reg: Registry, api: RegistryClient, body: dict[str, Any],
+                               field: str) -> None:
+    net = api.create("network", {"name": _name("net")})
+    resp = _raw(reg, "POST", "/v1/subnets", json={"network_id": net["id"], **body})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["reason"].startswith(field)
+
+
+def test_no_fixed_address_on_a_slaac_subnet(api: RegistryClient) -> None:
+    net = api.create("network", {"name": _name("net")})
+    api.create("subnet", {"network_id": net["id"], "cidr": "fd00:3::/64",
+                          "ipv6_address_mode": "dhcpv6-stateless"})
+    with pytest.raises(BadRequest, match="EUI-64"):
+        api.create("instance", {"name": "x", "network_id": net["id"], "fixed_ip": "fd00:3::99"})
+    inst = api.create("instance", {"name": "y", "network_id": net["id"]})
+    assert [f["ip_address"] for f in inst["ports"][0]["fixed_ips"]][0].startswith("fd00:3::")

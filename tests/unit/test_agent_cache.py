@@ -58,6 +58,19 @@ def test_port_change_drops_its_ips_only() -> None:
     assert cache.get(five) is None and cache.get(six) is not None
 
 
+def test_port_change_drops_the_link_local_caller_of_its_mac() -> None:
+    cache = CallerCache(8)
+    ll = Caller("fe80::5054:ff:fede:5bbf", network_id=N1)
+    # a lookup that answered before a change of the port holding that MAC is not kept
+    cache.apply_change(port_change(7, "p-other", [], mac_address="52:54:00:de:5b:bf"))
+    assert not cache.put(ll, res(port="p9"), 6)
+    assert cache.put(ll, res(port="p9"), 7)
+    cache.apply_change(port_change(8, "p-other", [], mac_address="52:54:00:de:5b:bb"))
+    assert cache.get(ll) is not None
+    cache.apply_change(port_change(9, "p-other", [], mac_address="52:54:00:de:5b:bf"))
+    assert cache.get(ll) is None
+
+
 def test_port_change_by_id_without_ips() -> None:
     cache = CallerCache(10)
     c = Caller("10.0.0.5", network_id=N1)

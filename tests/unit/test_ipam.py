@@ -143,3 +143,41 @@ def test_v6_pools_cover_all_but_subnet_router_anycast_and_gateway(prefix: int,
     pools = ipam.default_pools(network, gateway)
     assert sum(int(p.end) - int(p.start) + 1 for p in pools) == network.num_addresses - 2
     assert all(network.network_address not in p and gateway not in p for p in pools)
+
+
+# --- IPv6: modes, EUI-64 both ways ---------------------------------------------------------
+
+
+def test_eui64_matches_neutrons_link_local_example() -> None:
+    # neutron's test_agent.py uses fe80::5054:ff:fede:5bbf for MAC 52:54:00:de:5b:bf
+    assert str(ipam.link_local_address("52:54:00:de:5b:bf")) == "fe80::5054:ff:fede:5bbf"
+    assert ipam.mac_from_eui64(ipaddress.ip_address("fe80::5054:ff:fede:5bbf")) \
+        == "52:54:00:de:5b:bf"
+    net = ipaddress.IPv6Network("2001:db8:1::/64")
+    assert str(ipam.eui64_address(net, "FA:16:3E:00:00:05")) == "2001:db8:1:0:f816:3eff:fe00:5"
+
+
+@given(mac=st.binary(min_size=6, max_size=6), base=st.integers(0, 2**64 - 1))
+def test_eui64_round_trips_every_unicast_mac(mac: bytes, base: int) -> None:
+    text = ":".join(f"{b:02x}" for b in bytes([mac[0] & 0xFE]) + mac[1:])
+    net = ipaddress.IPv6Network((base << 64, 64))
+    addr = ipam.eui64_address(net, text)
+    assert addr in net and ipam.mac_from_eui64(addr) == text
+
+
+@pytest.mark.parametrize("ip", ["fe80::1", "fe80::1234:5678:9abc:def0", "10.0.0.5",
+                                "fe80::300:ff:fe00:1"])  # the last one decodes to a multicast MAC
+def test_no_mac_in_non_eui64_addresses(ip: str) -> None:
+    assert ipam.mac_from_eui64(ipaddress.ip_address(ip)) is None
+
+
+def test_ipv6_modes_follow_neutrons_rules() -> None:
+    v6, v4 = ipaddress.ip_network("fd00::/64"), ipaddress.ip_network("10.0.0.0/24")
+    assert ipam.parse_ipv6_modes(None, None, v4) == (None, None)
+    assert ipam.parse_ipv6_modes("slaac", "slaac", v6) == ("slaac", "slaac")
+    assert ipam.parse_ipv6_modes("dhcpv6-stateful", None, ipaddress.ip_network("fd00::/80")) \
+        == ("dhcpv6-stateful", None)
+    for args in (("slaac", None, v4), ("bogus", None, v6), ("slaac", "dhcpv6-stateless", v6),
+                 ("dhcpv6-stateless", None, ipaddress.ip_network("fd00::/96"))):
+        with pytest.raises(BadRequest):
+            ipam.parse_ipv6_modes(*args)

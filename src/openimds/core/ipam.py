@@ -28,10 +28,14 @@ __all__ = [
     "Pool",
     "default_gateway",
     "default_pools",
+    "eui64_address",
     "first_free",
     "generate_mac",
     "is_valid_mac",
+    "link_local_address",
+    "mac_from_eui64",
     "normalize_ip",
+    "parse_ipv6_modes",
     "parse_cidr",
     "parse_dns",
     "parse_host_routes",
@@ -43,6 +47,12 @@ __all__ = [
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAC_PREFIX = "fa:16:3e"
+# Neutron's ipv6_address_mode / ipv6_ra_mode values. SLAAC and DHCPv6-stateless subnets
+# address a port by EUI-64 from its MAC (Neutron's "auto-address" subnets); stateful DHCPv6
+# and static (no mode) subnets hand out addresses from the pools like IPv4.
+IPV6_MODES = ("slaac", "dhcpv6-stateful", "dhcpv6-stateless")
+AUTO_ADDRESS_MODES = frozenset({"slaac", "dhcpv6-stateless"})
+LINK_LOCAL_NET = ipaddress.IPv6Network("fe80::/64")
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,3 +250,69 @@ def is_valid_mac(text: str) -> bool:
     except ValueError:
         return False
     return not first & 1
+
+
+def parse_ipv6_modes(
+    address_mode: Any, ra_mode: Any, net: IPNetwork,
+) -> tuple[str | None, str | None]:
+    """(ipv6_address_mode, ipv6_ra_mode) as Neutron validates them.
+
+    Each is None or one of slaac, dhcpv6-stateful, dhcpv6-stateless; only an IPv6 subnet
+    may set them; when both are set they must be equal; an auto-address mode (EUI-64) needs
+    a /64.
+    """
+    modes: list[str | None] = []
+    for field, raw in (("ipv6_address_mode", address_mode), ("ipv6_ra_mode", ra_mode)):
+        if raw is None:
+            modes.append(None)
+            continue
+        if raw not in IPV6_MODES:
+            raise BadRequest(f"{field}: {raw!r} is not one of {', '.join(IPV6_MODES)}")
+        if net.version != 6:
+            raise BadRequest(f"{field}: {raw!r} is only valid on an IPv6 subnet, not {net}")
+        modes.append(str(raw))
+    addr_mode, ra = modes
+    if addr_mode is not None and ra is not None and addr_mode != ra:
+        raise BadRequest(f"ipv6_ra_mode: {ra!r} must equal ipv6_address_mode {addr_mode!r} "
+                         "when both are set")
+    if addr_mode in AUTO_ADDRESS_MODES and net.prefixlen != 64:
+        raise BadRequest(f"cidr: {addr_mode} needs a /64 prefix, {net} is /{net.prefixlen}")
+    return addr_mode, ra
+
+
+def _mac_bytes(mac: str) -> bytes:
+    if not is_valid_mac(mac):
+        raise BadRequest(f"mac_address: {mac!r} is not a unicast MAC address")
+    return bytes(int(p, 16) for p in mac.split(":"))
+
+
+def eui64_address(net: IPNetwork, mac: str) -> ipaddress.IPv6Address:
+    """The modified EUI-64 address of mac in a /64 (RFC 4291 §2.5.1, as SLAAC forms it).
+
+    >>> str(eui64_address(ipaddress.ip_network("fd00:1::/64"), "fa:16:3e:00:00:05"))
+    'fd00:1::f816:3eff:fe00:5'
+    """
+    if net.version != 6 or net.prefixlen != 64:
+        raise BadRequest(f"cidr: EUI-64 addresses need an IPv6 /64, not {net}")
+    b = _mac_bytes(mac)
+    iid = bytes([b[0] ^ 0x02, b[1], b[2], 0xFF, 0xFE, b[3], b[4], b[5]])
+    return ipaddress.IPv6Address(int(net.network_address) | int.from_bytes(iid, "big"))
+
+
+def link_local_address(mac: str) -> ipaddress.IPv6Address:
+    """The fe80::/64 EUI-64 address a guest's kernel gives the NIC with this MAC."""
+    return eui64_address(LINK_LOCAL_NET, mac)
+
+
+def mac_from_eui64(ip: IPAddress) -> str | None:
+    """The MAC an EUI-64 interface ID was derived from, or None (privacy/stable-privacy or
+    manually chosen IDs carry no MAC: LP#1460177)."""
+    if ip.version != 6:
+        return None
+    iid = (int(ip) & ((1 << 64) - 1)).to_bytes(8, "big")
+    if iid[3:5] != b"\xff\xfe":
+        return None
+    mac = bytes([iid[0] ^ 0x02, iid[1], iid[2], iid[5], iid[6], iid[7]])
+    if mac[0] & 1:  # a multicast MAC never names a port
+        return None
+    return ":".join(f"{x:02x}" for x in mac)

@@ -8,7 +8,8 @@ Rules:
 - Bounded LRU of `size` entries (0 disables caching; single-flight still applies).
 - Invalidation comes from the registry's change feed (`apply_change`, `clear`). A change at
   revision r drops every entry it could affect: a port change drops entries for each IP it
-  lists (before and after), for its port id and, for a router interface, for its router; a
+  lists (before and after) and for the link-local EUI-64 address of its MAC, for its port
+  id and, for a router interface, for its router; a
   router change drops that router's entries; a network or subnet change drops entries scoped
   to, or resolved on, that network; an instance deletion drops its entries; an unknown kind
   drops everything.
@@ -32,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from openimds.core.caller import Caller, Resolution, resolve
+from openimds.core.ipam import link_local_address
+from openimds.errors import BadRequest
 
 __all__ = ["CacheEntry", "CallerCache", "LookupResult", "Resolver", "Stats"]
 
@@ -55,6 +58,15 @@ class LookupResult:
 class CacheEntry:
     resolution: Resolution
     revision: int
+
+
+def _link_local_of(mac: Any) -> str | None:
+    if not isinstance(mac, str):
+        return None
+    try:
+        return str(link_local_address(mac))
+    except BadRequest:
+        return None
 
 
 def key_of(caller: Caller) -> Key:
@@ -152,6 +164,9 @@ class CallerCache:
         if kind == "port":
             for ip in attrs.get("ips") or ():
                 self._touch(self._by_ip, self._t_ip, str(ip), rev)
+            link_local = _link_local_of(attrs.get("mac_address"))
+            if link_local is not None:  # link-local callers are the port's MAC (EUI-64)
+                self._touch(self._by_ip, self._t_ip, link_local, rev)
             self._touch(self._by_port, self._t_port, ident, rev)
             if attrs.get("device_owner") in ROUTER_INTERFACE_OWNERS and attrs.get("device_id"):
                 self._touch(self._by_scope, self._t_scope, ("router", str(attrs["device_id"])),

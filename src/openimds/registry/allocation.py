@@ -4,6 +4,11 @@ Runs inside a write transaction (`Tx`), so "first free IP" and the insert that t
 one atomic step (SQLite: BEGIN IMMEDIATE; PostgreSQL: the revision row lock). IPs come from
 the subnet's allocation pools, never the gateway or an IP another port holds; a requested IP
 may lie outside the pools but must be a host address of one of the network's subnets.
+
+IPv6 as Neutron: on an auto-address subnet (ipv6_address_mode slaac or dhcpv6-stateless) a
+port's address is the EUI-64 of its MAC, every non-router port gets one on each such subnet,
+and asking for a specific address there is refused; stateful DHCPv6 and static IPv6 subnets
+hand out pool addresses like IPv4 (one subnet per version when nothing is asked).
 """
 
 from __future__ import annotations
@@ -51,11 +56,19 @@ def free_ip(conn: Connection, subnet: Row[Any]) -> ipam.IPAddress | None:
     return ipam.first_free(pools, used)
 
 
+def is_auto_address(subnet: Row[Any]) -> bool:
+    return subnet.ip_version == 6 and subnet.ipv6_address_mode in ipam.AUTO_ADDRESS_MODES
+
+
+def auto_address(subnet: Row[Any], mac: str) -> ipam.IPAddress:
+    return ipam.eui64_address(ipam.parse_cidr(subnet.cidr), mac)
+
+
 def allocate(
-    conn: Connection, network_id: str, requests: Any, *, device_owner: str,
+    conn: Connection, network_id: str, requests: Any, *, device_owner: str, mac: str,
     field: str = "fixed_ips",
 ) -> list[tuple[str, str]]:
-    """(subnet_id, ip) pairs for a new port on network_id."""
+    """(subnet_id, ip) pairs for a new port with this MAC on network_id."""
     subs = list(conn.execute(
         sa.select(subnets).where(subnets.c.network_id == network_id)
         .order_by(subnets.c.created_at, subnets.c.id)
@@ -63,9 +76,12 @@ def allocate(
     if not subs:
         raise BadRequest(f"network_id: network {network_id} has no subnets")
     out: list[tuple[str, str]] = []
+    if device_owner != DEVICE_OWNER_ROUTER:
+        out += [(s.id, str(auto_address(s, mac))) for s in subs if is_auto_address(s)]
     if requests is None:
         for version in (4, 6):
-            candidates = [s for s in subs if s.ip_version == version]
+            candidates = [s for s in subs if s.ip_version == version
+                          and not is_auto_address(s)]
             for s in candidates:
                 ip = free_ip(conn, s)
                 if ip is not None:
@@ -92,6 +108,10 @@ def allocate(
                 )
         if req.get("ip_address") is None:
             assert subnet is not None
+            if is_auto_address(subnet):
+                if device_owner == DEVICE_OWNER_ROUTER:
+                    out.append((subnet.id, str(auto_address(subnet, mac))))
+                continue  # non-router ports have it already
             ip = free_ip(conn, subnet)
             if ip is None:
                 raise Conflict(f"no free IP address left on subnet {subnet.cidr}")
@@ -107,6 +127,10 @@ def allocate(
                     f"{network_id} ({cidrs})"
                 )
         net = ipam.parse_cidr(subnet.cidr)
+        if is_auto_address(subnet):
+            raise BadRequest(
+                f"{where}.ip_address: {addr} cannot be assigned on subnet {net}: its "
+                f"ipv6_address_mode {subnet.ipv6_address_mode} gives ports EUI-64 addresses")
         if addr.version != net.version or addr not in net:
             raise BadRequest(f"{where}.ip_address: {addr} is not inside subnet {net}")
         ipam.validate_fixed_ip(net, addr, f"{where}.ip_address")

@@ -187,6 +187,9 @@ def _subnet_create(args: argparse.Namespace, settings: Any) -> int:
             body["gateway_ip"] = args.gateway
         if args.dns:
             body["dns_nameservers"] = args.dns
+        for key in ("ip_version", "ipv6_address_mode", "ipv6_ra_mode"):
+            if getattr(args, key) is not None:
+                body[key] = getattr(args, key)
         if args.allocation_pool:
             body["allocation_pools"] = [
                 _pairs(p, "--allocation-pool", ("start", "end")) for p in args.allocation_pool]
@@ -426,6 +429,11 @@ def register(sub: Sub) -> None:
     p.add_argument("--dns", action="append", metavar="IP", help="DNS nameserver (repeat)")
     p.add_argument("--allocation-pool", action="append", metavar="start=IP,end=IP")
     p.add_argument("--host-route", action="append", metavar="destination=CIDR,gateway=IP")
+    p.add_argument("--ip-version", type=int, choices=(4, 6),
+                   help="checked against --cidr (default: the CIDR's)")
+    for opt in ("--ipv6-address-mode", "--ipv6-ra-mode"):
+        p.add_argument(opt, choices=("slaac", "dhcpv6-stateful", "dhcpv6-stateless"),
+                       help="Neutron's IPv6 mode (slaac/dhcpv6-stateless: EUI-64 addresses)")
     p = add_command(subn, "list", _subnet_list, "list subnets")
     p.add_argument("--network")
     p = add_command(subn, "show", _subnet_show, "show a subnet")

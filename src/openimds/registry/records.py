@@ -50,8 +50,8 @@ def port_dict(row: Row[Any] | Json, fixed_ips: list[Json]) -> Json:
 def subnet_dict(d: Json) -> Json:
     keys = ("id", "name", "network_id", "project_id", "ip_version", "cidr", "gateway_ip",
             "enable_dhcp", "allocation_pools", "dns_nameservers", "host_routes", "created_at",
-            "revision")
-    return {k: d[k] for k in keys}
+            "revision", "ipv6_address_mode", "ipv6_ra_mode")
+    return {k: d.get(k) for k in keys}
 
 
 def instance_dict(d: Json, port_list: list[Json]) -> Json:
@@ -161,7 +161,7 @@ def subnet_change(tx: Tx, op: str, s: Row[Any] | Json) -> None:
     tx.change("subnet", op, d["id"], {
         "network_id": d["network_id"], "project_id": d["project_id"], "cidr": d["cidr"],
         "ip_version": d["ip_version"], "gateway_ip": d["gateway_ip"],
-        "enable_dhcp": d["enable_dhcp"],
+        "enable_dhcp": d["enable_dhcp"], "ipv6_address_mode": d.get("ipv6_address_mode"),
     })
 
 

@@ -35,7 +35,15 @@ from openimds.core.models import (
 )
 from openimds.errors import BadRequest, Conflict, NotFound
 from openimds.registry import views
-from openimds.registry.allocation import allocate, delete_port, free_ip, insert_port
+from openimds.registry.allocation import (
+    allocate,
+    auto_address,
+    delete_port,
+    free_ip,
+    insert_port,
+    is_auto_address,
+    new_mac,
+)
 from openimds.registry.records import (
     Json,
     get_row,
@@ -304,12 +312,14 @@ class Registry:
     def create_subnet(self, raw: Any) -> Json:
         body = _body(raw, {"name", "network_id", "cidr", "gateway_ip", "enable_dhcp",
                            "allocation_pools", "dns_nameservers", "host_routes", "ip_version",
-                           "project_id"})
+                           "project_id", "ipv6_address_mode", "ipv6_ra_mode"})
         name = parse_name(body.get("name", ""), required=False)
         network_id = _req_id(body, "network_id")
         net = ipam.parse_cidr(body.get("cidr"))
         if body.get("ip_version") not in (None, net.version):
             raise BadRequest(f"ip_version: {body['ip_version']!r} does not match cidr {net}")
+        address_mode, ra_mode = ipam.parse_ipv6_modes(
+            body.get("ipv6_address_mode"), body.get("ipv6_ra_mode"), net)
         gateway: ipam.IPAddress | None
         if "gateway_ip" not in body:
             gateway = ipam.default_gateway(net)
@@ -341,7 +351,8 @@ class Registry:
                 "gateway_ip": None if gateway is None else str(gateway),
                 "enable_dhcp": enable_dhcp, "allocation_pools": [p.as_dict() for p in pools],
                 "dns_nameservers": dns, "host_routes": routes, "created_at": now(),
-                "revision": tx.revision,
+                "revision": tx.revision, "ipv6_address_mode": address_mode,
+                "ipv6_ra_mode": ra_mode,
             }
             conn.execute(subnets.insert().values(**values))
             subnet_change(tx, "create", values)
@@ -352,16 +363,17 @@ class Registry:
     def _add_dhcp_ip(self, tx: Tx, network: Row[Any], subnet: Json) -> None:
         conn = tx.conn
         row = conn.execute(sa.select(subnets).where(subnets.c.id == subnet["id"])).one()
-        ip = free_ip(conn, row)
-        if ip is None:
-            raise Conflict(f"no free IP address for the DHCP port on subnet {subnet['cidr']}")
         port = conn.execute(sa.select(ports).where(
             ports.c.network_id == network.id, ports.c.device_owner == DEVICE_OWNER_DHCP)).first()
+        mac = port.mac_address if port is not None else new_mac(conn)
+        ip = auto_address(row, mac) if is_auto_address(row) else free_ip(conn, row)
+        if ip is None:
+            raise Conflict(f"no free IP address for the DHCP port on subnet {subnet['cidr']}")
         if port is None:
             insert_port(
                 tx, network_id=network.id, project_id=network.project_id,
                 device_id=dhcp_device_id(network.id), device_owner=DEVICE_OWNER_DHCP,
-                fixed=[(subnet["id"], str(ip))],
+                fixed=[(subnet["id"], str(ip))], mac=mac,
             )
             return
         before = list(conn.execute(sa.select(port_ips.c.ip_address)
@@ -530,8 +542,10 @@ class Registry:
             network = ref_row(tx.conn, networks, "network", "network_id", network_id)
             pid = (self._ensure_project(tx, body["project_id"]) if body.get("project_id")
                    else network.project_id)
-            fixed = allocate(tx.conn, network_id, body.get("fixed_ips"),
-                                   device_owner=owner)
+            if mac is None:
+                mac = new_mac(tx.conn)
+            fixed = allocate(tx.conn, network_id, body.get("fixed_ips"), mac=mac,
+                             device_owner=owner)
             return insert_port(tx, network_id=network_id, project_id=pid,
                                      device_id=device_id, device_owner=owner, fixed=fixed,
                                      name=name, mac=mac)
@@ -641,15 +655,16 @@ class Registry:
                            ("id", "name", "public_key", "type", "fingerprint")}
             if conn.execute(sa.select(instances.c.id).where(instances.c.id == iid)).first():
                 raise Conflict(f"instance {iid} already exists")
+            mac = new_mac(conn)
             try:
-                fixed = allocate(conn, network_id, requests,
-                                       device_owner=DEVICE_OWNER_INSTANCE, field="fixed_ip")
+                fixed = allocate(conn, network_id, requests, mac=mac,
+                                 device_owner=DEVICE_OWNER_INSTANCE, field="fixed_ip")
             except BadRequest as exc:
                 raise BadRequest(exc.reason.replace("fixed_ip[0].ip_address", "fixed_ip")) \
                     from None
             port = insert_port(
                 tx, network_id=network_id, project_id=pid, device_id=iid,
-                device_owner=DEVICE_OWNER_INSTANCE, fixed=fixed,
+                device_owner=DEVICE_OWNER_INSTANCE, fixed=fixed, mac=mac,
             )
             values = {
                 "id": iid, "name": name, "hostname": hostname, "project_id": pid,

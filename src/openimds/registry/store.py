@@ -87,7 +87,13 @@ subnets = sa.Table(
     sa.Column("host_routes", sa.JSON, nullable=False),
     sa.Column("created_at", sa.String(32), nullable=False),
     sa.Column("revision", sa.BigInteger, nullable=False),
+    # Neutron's IPv6 modes (None on IPv4 and static IPv6 subnets); see core.ipam.
+    sa.Column("ipv6_address_mode", sa.String(32), nullable=True),
+    sa.Column("ipv6_ra_mode", sa.String(32), nullable=True),
 )
+# Columns added after the first release: a registry made before them gets them, empty, at
+# start (create_all never alters an existing table).
+_ADDED_COLUMNS = (("subnets", "ipv6_address_mode"), ("subnets", "ipv6_ra_mode"))
 
 routers = sa.Table(
     "routers", metadata,
@@ -249,6 +255,7 @@ class Store:
         for attempt in range(5):
             try:
                 metadata.create_all(self.engine)
+                self._add_missing_columns()
                 with self.engine.connect().execution_options(openimds_write=True) as conn:
                     with conn.begin():
                         row = conn.execute(sa.select(state.c.id)).first()
@@ -263,6 +270,19 @@ class Store:
                 if attempt == 4:
                     raise
                 time.sleep(0.1 * (attempt + 1))
+
+    def _add_missing_columns(self) -> None:
+        inspector = sa.inspect(self.engine)
+        for table_name, column_name in _ADDED_COLUMNS:
+            have = {c["name"] for c in inspector.get_columns(table_name)}
+            if column_name in have:
+                continue
+            column = metadata.tables[table_name].c[column_name]
+            kind = column.type.compile(dialect=self.engine.dialect)
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql(
+                    f"ALTER TABLE {table_name} ADD COLUMN {column_name} {kind}")
+            log.info("registry.schema added column %s.%s", table_name, column_name)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:

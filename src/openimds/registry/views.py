@@ -71,22 +71,20 @@ _VIEW_PORTS = (
 _LOOKUP_COLUMNS = (ports.c.id, ports.c.network_id, ports.c.device_id, ports.c.device_owner,
                    ports.c.project_id, ports.c.mac_address)
 # Neutron's two RPCs in one query: the router's networks, then the ports holding the IP there.
-_LOOKUP_ROUTER = (
-    sa.select(*_LOOKUP_COLUMNS).join(port_ips, port_ips.c.port_id == ports.c.id)
-    .where(port_ips.c.ip_address == sa.bindparam("ip"),
-           port_ips.c.network_id.in_(
-               sa.select(ports.c.network_id).where(
-                   ports.c.device_id == sa.bindparam("ref"),
-                   ports.c.device_owner == DEVICE_OWNER_ROUTER).scalar_subquery()))
-    .order_by(ports.c.id)
-)
-_LOOKUP_NETWORK = (
-    sa.select(*_LOOKUP_COLUMNS).join(port_ips, port_ips.c.port_id == ports.c.id)
-    .where(port_ips.c.ip_address == sa.bindparam("ip"),
-           port_ips.c.network_id == sa.bindparam("ref"))
-    .order_by(ports.c.id)
-)
-
+_ROUTER_NETWORKS = (
+    sa.select(ports.c.network_id).where(
+        ports.c.device_id == sa.bindparam("ref"),
+        ports.c.device_owner == DEVICE_OWNER_ROUTER).scalar_subquery())
+_BY_IP = sa.select(*_LOOKUP_COLUMNS).join(port_ips, port_ips.c.port_id == ports.c.id).where(
+    port_ips.c.ip_address == sa.bindparam("ip"))
+_LOOKUP_ROUTER = _BY_IP.where(port_ips.c.network_id.in_(_ROUTER_NETWORKS)).order_by(ports.c.id)
+_LOOKUP_NETWORK = _BY_IP.where(port_ips.c.network_id == sa.bindparam("ref")).order_by(ports.c.id)
+# A link-local IPv6 source is matched by the MAC its EUI-64 was derived from (Neutron's
+# get_mac_addr_by_ipv6), on the same networks.
+_BY_MAC = sa.select(*_LOOKUP_COLUMNS).where(ports.c.mac_address == sa.bindparam("mac"))
+_LOOKUP_ROUTER_MAC = _BY_MAC.where(ports.c.network_id.in_(_ROUTER_NETWORKS)).order_by(ports.c.id)
+_LOOKUP_NETWORK_MAC = _BY_MAC.where(ports.c.network_id == sa.bindparam("ref")).order_by(
+    ports.c.id)
 
 
 def view(store: Store, iid: str) -> Json:
@@ -109,6 +107,7 @@ def view(store: Store, iid: str) -> Json:
             "gateway_ip": s.gateway_ip, "enable_dhcp": s.enable_dhcp,
             "dns_nameservers": s.dns_nameservers, "host_routes": s.host_routes,
             "isolated": s.gw_port_id is None, "dhcp_ip": s.dhcp_ip,
+            "ipv6_address_mode": s.ipv6_address_mode,
         })
     view_ports: dict[str, Json] = {}
     port_rows: dict[str, Row[Any]] = {}
@@ -141,9 +140,17 @@ def lookup(store: Store, q: dict[str, str]) -> Json:
         raise BadRequest("router_id: give exactly one of router_id and network_id")
     if not q.get("ip"):
         raise BadRequest("ip: required")
-    ip = str(ipam.normalize_ip(ipam.parse_ip(q["ip"], "ip")))
-    query = _LOOKUP_ROUTER if router_id else _LOOKUP_NETWORK
-    params = {"ip": ip, "ref": router_id or network_id}
+    addr = ipam.normalize_ip(ipam.parse_ip(q["ip"].split("%", 1)[0], "ip"))
+    params = {"ip": str(addr), "ref": router_id or network_id}
+    if addr.version == 6 and addr.is_link_local:
+        mac = ipam.mac_from_eui64(addr)
+        if mac is None:  # privacy / stable-privacy address: no MAC to match (LP#1460177)
+            with store.read() as conn:
+                return {"revision": store.revision(conn), "ports": []}
+        params["mac"] = mac
+        query = _LOOKUP_ROUTER_MAC if router_id else _LOOKUP_NETWORK_MAC
+    else:
+        query = _LOOKUP_ROUTER if router_id else _LOOKUP_NETWORK
     with store.read() as conn:
         rev = store.revision(conn)
         found = [dict(r._mapping) for r in conn.execute(query, params)]
