@@ -231,17 +231,15 @@ class _Conn(asyncio.Protocol):
 class _QueuedSend:
     """A send() waiting for a connection slot."""
 
-    __slots__ = ("body", "headers", "method", "on_result", "queued_at", "target", "timeout_s")
+    __slots__ = ("data", "head_only", "on_result", "queued_at", "timeout_s")
 
     def __init__(
-        self, queued_at: float, method: str, target: str, headers: list[tuple[bytes, bytes]],
-        body: bytes, on_result: ResultCallback, timeout_s: float | None,
+        self, queued_at: float, data: bytes, head_only: bool, on_result: ResultCallback,
+        timeout_s: float | None,
     ) -> None:
         self.queued_at = queued_at
-        self.method = method
-        self.target = target
-        self.headers = headers
-        self.body = body
+        self.data = data
+        self.head_only = head_only
         self.on_result = on_result
         self.timeout_s = timeout_s
 
@@ -348,19 +346,23 @@ class UpstreamPool:
         body: bytes = b"", *, timeout_s: float | None = None,
     ) -> UpstreamResponse:
         """Send one request and return the complete answer."""
+        return await self.request_encoded(
+            self.encode_request(method, target, headers, body), method == "HEAD", timeout_s)
+
+    async def request_encoded(
+        self, data: bytes, head_only: bool, timeout_s: float | None = None,
+    ) -> UpstreamResponse:
+        """`request()` with bytes made by `encode_request`."""
         await self._acquire()
         try:
-            return await self._exchange(method, target, headers, body, timeout_s)
+            return await self._exchange(data, head_only, timeout_s)
         finally:
             self._release()
 
     async def _exchange(
-        self, method: str, target: str, headers: Iterable[tuple[bytes, bytes]], body: bytes,
-        timeout_s: float | None,
+        self, data: bytes, head_only: bool, timeout_s: float | None,
     ) -> UpstreamResponse:
-        """One request on a slot the caller holds."""
-        data = self.encode_request(method, target, headers, body)
-        head_only = method == "HEAD"
+        """One request (already encoded) on a slot the caller holds."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         for attempt in (0, 1):
             conn, reused = self._take_idle()
@@ -421,8 +423,8 @@ class UpstreamPool:
                 waiter.on_result(UpstreamUnavailable(
                     f"all {self.size} connections to {self.where} busy"))
                 continue
-            self._send_with_slot(waiter.method, waiter.target, waiter.headers, waiter.body,
-                                 waiter.on_result, waiter.timeout_s)
+            self._send_with_slot(waiter.data, waiter.head_only, waiter.on_result,
+                                 waiter.timeout_s)
             return
         self._free += 1
 
@@ -437,25 +439,30 @@ class UpstreamPool:
         queued and started by the `_release` that frees one. Only connecting and retrying a
         stale connection use a Task. Same rules and errors as `request()`.
         """
-        headers = list(headers)
+        self.send_encoded(self.encode_request(method, target, headers, body),
+                          method == "HEAD", on_result, timeout_s=timeout_s)
+
+    def send_encoded(
+        self, data: bytes, head_only: bool, on_result: ResultCallback, *,
+        timeout_s: float | None = None,
+    ) -> None:
+        """`send()` with the request bytes already made by `encode_request` (a hop that
+        forwards the same request again and again keeps them)."""
         if self._free > 0:
             self._free -= 1
-            self._send_with_slot(method, target, headers, body, on_result, timeout_s)
+            self._send_with_slot(data, head_only, on_result, timeout_s)
         else:
             # All slots busy: queue; the next _release starts it (waiting at most
             # connect_timeout_s, checked when its turn comes).
             self._slot_waiters.append(_QueuedSend(
-                asyncio.get_running_loop().time(), method, target, headers, body, on_result,
-                timeout_s))
+                asyncio.get_running_loop().time(), data, head_only, on_result, timeout_s))
 
     def _send_with_slot(
-        self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes,
-        on_result: ResultCallback, timeout_s: float | None,
+        self, data: bytes, head_only: bool, on_result: ResultCallback, timeout_s: float | None,
     ) -> None:
         conn, _ = self._take_idle()
         if conn is None:  # connect first: that needs a Task
-            task = asyncio.ensure_future(
-                self._exchange_releasing(method, target, headers, body, timeout_s))
+            task = asyncio.ensure_future(self._exchange_releasing(data, head_only, timeout_s))
             task.add_done_callback(lambda t: _report(t, on_result, self.where))
             return
         timeout = self.timeout_s if timeout_s is None else timeout_s
@@ -475,32 +482,23 @@ class UpstreamPool:
                 on_result(UpstreamTimeout(f"no answer from {self.where} within {timeout}s"))
             elif isinstance(result, _Closed) and not result.got_bytes:
                 # The upstream closed the idle connection first: once more, fresh.
-                self._send_slow(method, target, headers, body, on_result, timeout_s)
+                task = asyncio.ensure_future(self.request_encoded(data, head_only, timeout_s))
+                task.add_done_callback(lambda t: _report(t, on_result, self.where))
             elif isinstance(result, _Closed):
                 on_result(UpstreamProtocolError(
                     f"{self.where} closed the connection before a complete answer"))
             else:
                 on_result(result)
 
-        conn.begin_with_callback(
-            self.encode_request(method, target, headers, body), method == "HEAD", done, timeout)
+        conn.begin_with_callback(data, head_only, done, timeout)
 
     async def _exchange_releasing(
-        self, method: str, target: str, headers: Iterable[tuple[bytes, bytes]], body: bytes,
-        timeout_s: float | None,
+        self, data: bytes, head_only: bool, timeout_s: float | None,
     ) -> UpstreamResponse:
         try:
-            return await self._exchange(method, target, headers, body, timeout_s)
+            return await self._exchange(data, head_only, timeout_s)
         finally:
             self._release()
-
-    def _send_slow(
-        self, method: str, target: str, headers: Iterable[tuple[bytes, bytes]], body: bytes,
-        on_result: ResultCallback, timeout_s: float | None,
-    ) -> None:
-        task = asyncio.ensure_future(
-            self.request(method, target, headers, body, timeout_s=timeout_s))
-        task.add_done_callback(lambda t: _report(t, on_result, self.where))
 
     def _take_idle(self) -> tuple[_Conn | None, bool]:
         while self._idle:

@@ -78,6 +78,8 @@ CONNECT_RETRIES = 3  # haproxy's `retries 3` in Neutron's config
 CONNECT_RETRY_DELAY_S = 0.1
 _IPV6_FREEBIND = getattr(socket, "IPV6_FREEBIND", 78)
 _IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
+_MEMO_MAX = 4096  # encoded upstream requests kept (cleared when full)
+_MEMO_TARGET_MAX = 256  # longer request targets are not kept
 
 # One-line bodies the VM sees; the reason with paths and errno goes to our log only.
 _VM_REASONS = {
@@ -148,34 +150,51 @@ class Forwarder:
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self._errors = _ErrorLog()
+        # The bytes sent to the agent are a function of the listener, the peer and the
+        # request: a VM asks for the same few paths with the same headers, so they are made
+        # once (rewrite + encode: ~3 µs of a proxied request). Bounded: keys are VM-chosen.
+        self._encoded: dict[tuple[object, ...], bytes] = {}
 
     def handler_for(self, spec: ListenerSpec) -> Callable[[Request], Deferred]:
         """The request handler of one listener."""
         forward = self.forward
+        encoded = self._encoded
+        encode = self.pool.encode_request
         last_host = ""
         last_added: tuple[tuple[bytes, bytes], ...] = ()
+        tag = object()  # this listener in memo keys (hashed by identity, unlike the spec)
 
         def handle(req: Request) -> Deferred:
             nonlocal last_host, last_added
             host = req.peer[0] if req.peer else "0.0.0.0"
-            if host != last_host:  # the same VM usually asks many times in a row
-                last_added = proxy_headers(host, spec)
-                last_host = host
-            return forward(req, rewrite_headers(req.headers, last_added))
+            key = (tag, host, req.method, req.target, *req.headers) if not req.body else None
+            data = encoded.get(key) if key is not None else None
+            if data is None:
+                if host != last_host:  # the same VM usually asks many times in a row
+                    last_added = proxy_headers(host, spec)
+                    last_host = host
+                data = encode(req.method, req.target,
+                              rewrite_headers(req.headers, last_added), req.body)
+                if key is not None and len(req.target) <= _MEMO_TARGET_MAX:
+                    if len(encoded) >= _MEMO_MAX:
+                        encoded.clear()
+                    encoded[key] = data
+            return forward(req, data)
 
         return handle
 
-    def forward(self, req: Request, headers: list[tuple[bytes, bytes]]) -> Deferred:
-        """Send upstream; the answer is written to the client from the upstream's read
-        callback (no Task, no future per request)."""
+    def forward(self, req: Request, data: bytes) -> Deferred:
+        """Send the encoded request upstream; the answer is written to the client from the
+        upstream's read callback (no Task, no future per request)."""
         reply = Deferred()
+        head_only = req.method == "HEAD"
 
         def done(result: UpstreamResponse | BaseException) -> None:
             if isinstance(result, UpstreamResponse):
                 reply.resolve(RawResponse(result.raw, close=not result.keep_alive))
             elif isinstance(result, UpstreamUnavailable):
                 # Connect failed: retry like haproxy's `retries 3`, off the hot path.
-                retry = asyncio.ensure_future(self._forward_retrying(req, headers))
+                retry = asyncio.ensure_future(self._forward_retrying(data, head_only))
                 retry.add_done_callback(lambda t: _pass_on(t, reply))
             elif isinstance(result, UpstreamError):
                 reply.resolve(self._failed(result))
@@ -183,16 +202,14 @@ class Forwarder:
                 log.error("proxy.forward_failed error=%r", result)
                 reply.resolve(error_response(500, "metadata proxy error"))
 
-        self.pool.send(req.method, req.target, headers, req.body, done)
+        self.pool.send_encoded(data, head_only, done)
         return reply
 
-    async def _forward_retrying(
-        self, req: Request, headers: list[tuple[bytes, bytes]],
-    ) -> AnyResponse:
+    async def _forward_retrying(self, data: bytes, head_only: bool) -> AnyResponse:
         for attempt in range(1, CONNECT_RETRIES + 1):
             await asyncio.sleep(CONNECT_RETRY_DELAY_S)
             try:
-                resp = await self.pool.request(req.method, req.target, headers, req.body)
+                resp = await self.pool.request_encoded(data, head_only)
             except UpstreamUnavailable as exc:
                 if attempt < CONNECT_RETRIES:
                     continue
