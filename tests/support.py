@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 CLOUDINIT_PATH = REPO / ".cache" / "cloud-init" / "usr" / "lib" / "python3" / "dist-packages"
 PG_SOCKET_DIR = "/var/run/postgresql"
 PYTHON = sys.executable
+METRICS_SERVICES = ("registry", "api", "agent", "proxy", "l3_agent", "dhcp_agent")
 
 
 def free_port() -> int:
@@ -61,6 +62,8 @@ def base_config(state: Path, **overrides: Mapping[str, Any]) -> dict[str, dict[s
             "reader_token": "reader-" + secrets.token_hex(8),
         },
         "api": {},
+        # every service's metrics listener on a free port (several stacks may run at once)
+        "metrics": {f"{svc}_port": free_port() for svc in METRICS_SERVICES},
     }
     for section, values in overrides.items():
         cfg.setdefault(section, {}).update(values)
@@ -220,3 +223,24 @@ def postgres_database() -> Iterator[str]:
 def unique_name(prefix: str) -> str:
     """A namespace name unique to this test process and call."""
     return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def scrape(port: int, host: str = "127.0.0.1", path: str = "/metrics") -> str:
+    """One Prometheus scrape of a service's metrics listener (the text format)."""
+    with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=10) as resp:
+        return str(resp.read().decode())
+
+
+def metric_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """{(sample name, labels): value} parsed by prometheus-client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def promtool_check(text: str) -> None:
+    """`promtool check metrics` accepts the exposition (names, types, units, lint)."""
+    proc = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),
+                          capture_output=True, timeout=30)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr).decode() + text[:2000]

@@ -108,6 +108,10 @@ class ApiSettings:
         4, "Background view fetches for instances the change feed reports new or changed "
         "(0 = off: only fetch on a request)", min=0, max=64,
     )
+    access_log: bool = opt(
+        False, "One openimds.access line per request, with the proxy's request ID "
+        "(about 20 µs each; on with debug)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +189,27 @@ class DhcpSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """Prometheus /metrics on an operator-only listener, one port per service."""
+
+    enabled: bool = opt(True, "Serve Prometheus metrics at /metrics on bind_host")
+    bind_host: str = opt(
+        "127.0.0.1", "Address of the metrics listeners (host namespace; never a VM's)"
+    )
+    registry_port: int = opt(9700, "Metrics port of the registry", min=1, max=65535)
+    api_port: int = opt(9701, "Metrics port of the metadata API", min=1, max=65535)
+    agent_port: int = opt(9702, "Metrics port of the metadata agent", min=1, max=65535)
+    proxy_port: int = opt(9703, "Metrics port of the namespace proxy", min=1, max=65535)
+    l3_agent_port: int = opt(9704, "Metrics port of the L3 agent", min=1, max=65535)
+    dhcp_agent_port: int = opt(9705, "Metrics port of the DHCP agent", min=1, max=65535)
+
+    def port(self, service: str) -> int:
+        """The metrics port of one service (registry, api, agent, proxy, l3-agent, ...)."""
+        value: int = getattr(self, service.replace("-", "_") + "_port")
+        return value
+
+
+@dataclass(frozen=True, slots=True)
 class ProcessMonitorSettings:
     """Neutron's [AGENT] process-monitor options."""
 
@@ -220,6 +245,10 @@ class Settings:
     state_path: str = opt("/var/lib/openimds", "Where openimds keeps its state")
     debug: bool = opt(False, "Log at DEBUG, including request detail (never secrets)")
     log_file: str = opt("", "Log file; empty = stderr")
+    log_format: str = opt(
+        "text", "Log lines: text (key=value) or json (one object per line, fixed keys)",
+        choices=("text", "json"),
+    )
     metadata_proxy_shared_secret: str = opt(
         "", "HMAC key shared by the agent and the metadata API", secret=True
     )
@@ -263,6 +292,7 @@ class Settings:
     dhcp: DhcpSettings = field(default_factory=DhcpSettings)
     AGENT: ProcessMonitorSettings = field(default_factory=ProcessMonitorSettings)
     fabric: FabricSettings = field(default_factory=FabricSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     @property
     def secret_bytes(self) -> bytes:
@@ -292,6 +322,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "dhcp": DhcpSettings,
     "AGENT": ProcessMonitorSettings,
     "fabric": FabricSettings,
+    "metrics": MetricsSettings,
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import json
 import logging
 import sys
 import time
@@ -25,7 +26,7 @@ class AccessLine:
     `openimds.access` logger.
     """
 
-    __slots__ = ("_buf", "_prefix", "_second", "_stamp", "_stream", "_loop")
+    __slots__ = ("_buf", "_json", "_prefix", "_second", "_stamp", "_stream", "_loop")
 
     def __init__(self) -> None:
         self._stream: TextIO | None = None
@@ -34,11 +35,16 @@ class AccessLine:
         self._second = -1
         self._stamp = ""
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._json = False
 
-    def configure(self, stream: TextIO | None, component: str) -> None:
+    def configure(self, stream: TextIO | None, component: str, *, as_json: bool = False) -> None:
         self.flush()
         self._stream = stream
-        self._prefix = f" INFO {component} {access.name} "
+        self._json = as_json
+        self._prefix = (
+            f'Z", "level": "INFO", "service": {json.dumps(component)}, '
+            f'"logger": "{access.name}", "message": ' if as_json
+            else f" INFO {component} {access.name} ")
         self._loop = None
 
     @property
@@ -53,9 +59,15 @@ class AccessLine:
         second = int(now)
         if second != self._second:
             self._second = second
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            self._stamp = (
+                '{"time": "' + time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+                if self._json else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
         buf = self._buf
-        buf.append(f"{self._stamp},{int((now - second) * 1000):03d}{self._prefix}{message}\n")
+        if self._json:  # JsonFormatter's object, key for key
+            buf.append(f"{self._stamp}.{int((now - second) * 1000):03d}{self._prefix}"
+                       f"{json.dumps(message, ensure_ascii=False)}}}\n")
+        else:
+            buf.append(f"{self._stamp},{int((now - second) * 1000):03d}{self._prefix}{message}\n")
         if len(buf) == 1:
             loop = self._loop
             if loop is None or loop.is_closed():
@@ -96,14 +108,44 @@ class _OrderedFileHandler(logging.FileHandler):
         super().emit(record)
 
 
-def setup_logging(*, debug: bool, log_file: str = "", component: str = "openimds") -> None:
-    """Configure the root logger once: one line per event, key=value style messages."""
+JSON_KEYS = ("time", "level", "service", "logger", "message")
+
+
+class JsonFormatter(logging.Formatter):
+    """`[DEFAULT] log_format = json`: one object per line, always the keys in JSON_KEYS
+    (plus `error` when an exception is logged). The message keeps its key=value text, so the
+    same grep (`request_id=...`) finds a request in either format."""
+
+    def __init__(self, component: str) -> None:
+        super().__init__()
+        self.component = component
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        obj: dict[str, str] = {
+            "time": f"{ts}.{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "service": self.component,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            obj["error"] = self.formatException(record.exc_info)
+        return json.dumps(obj, ensure_ascii=False)
+
+
+def setup_logging(
+    *, debug: bool, log_file: str = "", component: str = "openimds", fmt: str = "text",
+) -> None:
+    """Configure the root logger once: one line per event, key=value style messages
+    (`fmt="json"`: one JSON object per line, see JsonFormatter)."""
     handler: logging.StreamHandler  # type: ignore[type-arg]
     if log_file:
         handler = _OrderedFileHandler(log_file)
     else:
         handler = _OrderedStreamHandler(sys.stderr)
     handler.setFormatter(
+        JsonFormatter(component) if fmt == "json" else
         logging.Formatter(f"%(asctime)s %(levelname)s {component} %(name)s %(message)s")
     )
     root = logging.getLogger()
@@ -113,4 +155,4 @@ def setup_logging(*, debug: bool, log_file: str = "", component: str = "openimds
     for noisy in ("httpx", "httpcore", "aiohttp.access", "pyroute2", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
     # Debug keeps every line on the logging path (request detail and access lines together).
-    access_line.configure(None if debug else handler.stream, component)
+    access_line.configure(None if debug else handler.stream, component, as_json=fmt == "json")

@@ -318,14 +318,19 @@ def test_cache_control() -> None:
     assert cache_ttl("public", 300) == 300
 
 
-async def test_debug_access_log(caplog: pytest.LogCaptureFixture) -> None:
+async def test_access_log_and_counts(caplog: pytest.LogCaptureFixture) -> None:
     api, _ = make_api()
-    with caplog.at_level("DEBUG", logger="openimds.metadata.api"):
-        req = Request("GET", "/latest/meta-data/hostname", signed(), b"", "1.1", True, None)
-        result = api.handle_logged(req)
+    api.access_log = True
+    with caplog.at_level("INFO", logger="openimds.access"):
+        headers = [*signed(), (b"x-openimds-request-id", b"rid-7")]
+        req = Request("GET", "/latest/meta-data/hostname", headers, b"", "1.1", True, None)
+        result = api.handle_observed(req)
         if inspect.isawaitable(result):
             result = await result
-        again = api.handle_logged(req)
+        again = api.handle_observed(req)
         assert isinstance(again, RawResponse)
-    lines = [r.getMessage() for r in caplog.records if "api.access" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if r.name == "openimds.access"]
     assert len(lines) == 2 and all("status=200" in line for line in lines)
+    assert all(line.startswith("api request_id=rid-7 ") for line in lines)
+    assert api.hop.count == 2 and api.hop.in_flight() == 0
+    assert api.hop.by_class() == {("2xx", "ec2"): 2}

@@ -13,7 +13,8 @@ def _dhcp_agent(args: argparse.Namespace, settings: Any) -> int:
     from openimds.agents.dhcp import main
     from openimds.log import setup_logging
 
-    setup_logging(debug=settings.debug, log_file=settings.log_file, component="dhcp-agent")
+    setup_logging(debug=settings.debug, log_file=settings.log_file, component="dhcp-agent",
+                  fmt=settings.log_format)
     return main(settings, cleanup_on_exit=args.cleanup_on_exit, config_path=args.config)
 
 

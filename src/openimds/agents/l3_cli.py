@@ -12,7 +12,8 @@ from openimds.log import setup_logging
 def _l3_agent(args: argparse.Namespace, settings: Any) -> int:
     from openimds.agents.l3 import run_agent
 
-    setup_logging(debug=settings.debug, log_file=settings.log_file, component="l3-agent")
+    setup_logging(debug=settings.debug, log_file=settings.log_file, component="l3-agent",
+                  fmt=settings.log_format)
     return run_agent(settings, args.config)
 
 

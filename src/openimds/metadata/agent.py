@@ -73,10 +73,12 @@ from openimds.http.server import (
 )
 from openimds.log import access_line
 from openimds.metadata.agent_cache import CallerCache, LookupResult, Resolver, key_of
+from openimds.metrics import HopStats, Metric, counter, gauge
 
 log = logging.getLogger(__name__)
 
 STATS_PATH = "/openimds-agent/stats"
+REQUEST_ID = b"x-openimds-request-id"
 MODE_MAP = {"user": 0o644, "group": 0o664, "all": 0o666}
 _RECHECK_INTERVAL_S = 1.0
 _MEMO_MAX = 65536  # parsed callers and signatures kept (a dict; cleared when full)
@@ -312,6 +314,7 @@ class MetadataAgent:
         self.limiter, self._limit_versions = limiter_from_settings(settings)
         self._limit_v4 = 4 in self._limit_versions
         self._limit_v6 = 6 in self._limit_versions
+        self.hop = HopStats("agent")  # /metrics (openimds.metrics), read at scrape time
 
     # -- feed ---------------------------------------------------------------------------
     def trusts_cache(self) -> bool:
@@ -398,6 +401,7 @@ class MetadataAgent:
     def handle(self, req: Request) -> AnyResponse | Awaitable[AnyResponse] | Deferred:
         t0 = self._clock()
         self.counts["requests"] += 1
+        self.hop.begun += 1
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Request: %s %s HTTP/%s headers=%s body_bytes=%d", req.method,
                       req.target, req.version, redact(req.headers), len(req.body))
@@ -405,6 +409,7 @@ class MetadataAgent:
             caller = self._parse_caller(req.headers)
         except OpenImdsError as exc:
             if req.path == STATS_PATH and self._is_local(req):
+                self.hop.begun -= 1  # not a metadata request
                 return self._stats_response()
             log.warning("agent.rejected status=%d reason=%s", exc.status, exc.reason)
             return self._finish(req, None, None, t0, error_response(exc.status, exc.reason))
@@ -595,10 +600,13 @@ class MetadataAgent:
     def _upstream_failure(self, exc: UpstreamError) -> Response:
         log.error("agent.api_failed status=%d error=%s", exc.status, exc.reason)
         if isinstance(exc, UpstreamTimeout):
+            self.hop.upstream_error(504)
             return error_response(504, "the metadata API did not answer in time")
         if isinstance(exc, UpstreamUnavailable):
+            self.hop.upstream_error(503)
             return error_response(503, "the metadata API is unavailable",
                                   headers=[("Retry-After", self._retry_after)])
+        self.hop.upstream_error(502)
         if isinstance(exc, UpstreamProtocolError):
             return error_response(502, "the metadata API sent a bad answer")
         return error_response(502, "the metadata API failed")
@@ -623,15 +631,19 @@ class MetadataAgent:
         code = status if status is not None else (
             resp.status if isinstance(resp, Response) else 0)
         self.status_counts[code] = self.status_counts.get(code, 0) + 1
+        seconds = self._clock() - t0
+        self.hop.done(code, req.path, seconds)
         if self._access and access_line.enabled:
             if caller is not None:
                 kind, ident = caller.scope
                 who = f"ip={caller.ip} {kind}={ident}"
             else:
                 who = "ip=- scope=-"
+            rid = req.header(REQUEST_ID)
             access_line.write(
-                f"agent {who} instance={res.instance_id if res is not None else '-'} "
-                f"status={code} ms={(self._clock() - t0) * 1000.0:.2f} method={req.method} "
+                f"agent request_id={rid.decode('latin-1') if rid else '-'} {who} "
+                f"instance={res.instance_id if res is not None else '-'} "
+                f"status={code} ms={seconds * 1000.0:.2f} method={req.method} "
                 f"path={req.path}")
         return resp
 
@@ -664,6 +676,35 @@ class MetadataAgent:
             "feed_revision": self.feed_revision,
             "statuses": {str(k): v for k, v in sorted(self.status_counts.items())},
         }
+
+    def metric_families(self) -> list[Metric]:
+        """The cache and registry counters for /metrics (a `ServiceMetrics` source)."""
+        s = self.resolver.stats
+        return [
+            counter("openimds_agent_cache_hits", "Callers answered from the cache", s.hits),
+            counter("openimds_agent_cache_misses", "Callers not in the cache", s.misses),
+            gauge("openimds_agent_cache_entries", "Entries in the caller cache",
+                  len(self.cache)),
+            counter("openimds_agent_cache_evictions", "Entries evicted for room",
+                    self.cache.evictions),
+            counter("openimds_agent_cache_invalidations", "Entries dropped by the change feed",
+                    self.cache.invalidations),
+            gauge("openimds_agent_cache_trusted",
+                  "1 while the change feed is live and the cache is used",
+                  1 if self._synced and self._feed_up() else 0),
+            counter("openimds_agent_registry_lookups", "Registry /v1/lookup queries",
+                    s.registry_queries),
+            counter("openimds_agent_registry_errors", "Registry lookups that failed",
+                    s.registry_errors),
+            counter("openimds_agent_single_flight_shared",
+                    "Misses that joined a lookup already in flight", s.shared),
+            counter("openimds_agent_saturated", "Requests refused (503) at max_concurrency",
+                    self.counts["saturated"]),
+            counter("openimds_agent_rechecks", "Registry re-checks after an API 404",
+                    self.counts["rechecks"]),
+            counter("openimds_rate_limited", "Requests refused (429) by [metadata_rate_limiting]",
+                    self.counts["rate_limited"], hop="agent"),
+        ]
 
     def _stats_response(self) -> Response:
         body = json.dumps(self.stats(), sort_keys=True).encode() + b"\n"

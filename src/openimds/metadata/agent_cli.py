@@ -23,6 +23,7 @@ from openimds.metadata.agent import (
     make_pool,
     open_socket,
 )
+from openimds.metrics import ServiceMetrics, start_metrics_server
 from openimds.registry.client import AsyncRegistryClient
 from openimds.registry.feed import ChangeFollower
 
@@ -40,7 +41,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _agent(args: argparse.Namespace, settings: Settings) -> int:
-    setup_logging(debug=settings.debug, log_file=settings.log_file, component="agent")
+    setup_logging(debug=settings.debug, log_file=settings.log_file, component="agent",
+                  fmt=settings.log_format)
     # The access line is on the hot path; our format uses none of these record fields
     # (the logging HOWTO's "Optimization" section), so do not compute them per record.
     logging._srcfile = None
@@ -74,13 +76,19 @@ async def run_agent(settings: Settings) -> int:
     )
     pool = make_pool(settings)
     agent = MetadataAgent(settings, registry=registry, upstream=pool)
+    metrics = ServiceMetrics("agent")
+    metrics.hops.append(agent.hop)
+    metrics.add(agent.metric_families)
+    feed_stats = metrics.feed("agent")
     feed_client = cast(AsyncRegistryClient, WatchedFeedClient(registry, agent.feed_lost))
     sock, mode = open_socket(settings)
     path = settings.metadata_proxy_socket
     inode = os.stat(path).st_ino
     limits = Limits(max_body_bytes=settings.api.max_request_bytes + 4096)
     server = await serve(agent.handle, sock, limits, backlog=settings.metadata_backlog)
-    feed_task = asyncio.create_task(agent.follow(lambda: ChangeFollower(feed_client)))
+    metrics_server = await start_metrics_server(settings, metrics)
+    feed_task = asyncio.create_task(
+        agent.follow(lambda: ChangeFollower(feed_client, stats=feed_stats)))
     # Everything made so far lives as long as the process: keep it out of the cyclic
     # collector's way, and collect young objects less often (each request leaves a few
     # short-lived cycles; the default threshold runs the collector every few requests).
@@ -98,6 +106,8 @@ async def run_agent(settings: Settings) -> int:
         await stop.wait()
     finally:
         server.close()
+        if metrics_server is not None:
+            metrics_server.close()
         feed_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await feed_task

@@ -43,6 +43,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from time import perf_counter
 from typing import Any, Protocol
 
 from openimds.config import Settings
@@ -74,7 +75,9 @@ from openimds.core.metadata.tokens import (
 from openimds.core.signing import sign_instance_id
 from openimds.errors import BadRequest, Conflict, NotFound, OpenImdsError, UpstreamError
 from openimds.http.server import AnyResponse, RawResponse, Request, Response, error_response
+from openimds.log import access_line
 from openimds.metadata.vendordata import VendorData
+from openimds.metrics import HopStats, Metric, counter, gauge
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +201,9 @@ class MetadataApi:
         self._root_etag = root.etag
         self.stats: dict[str, int] = {"misses": 0, "fetches": 0, "invalidated": 0,
                                       "prewarmed": 0, "prewarm_failed": 0}
+        self.token_counts: dict[str, int] = {"issued": 0, "rejected": 0}
+        self.hop = HopStats("api")  # /metrics (openimds.metrics), read at scrape time
+        self.access_log = api.access_log or settings.debug
 
     # -- the handler --------------------------------------------------------------------
     def handle(self, req: Request) -> AnyResponse | Awaitable[AnyResponse]:
@@ -240,8 +246,10 @@ class MetadataApi:
             token = seen.get(TOKEN_HEADER)
             if token is not None:
                 if not check_token(self._token_key, instance_id, token, self._wall()):
+                    self.token_counts["rejected"] += 1
                     return self._refuse(req, 401, "invalid or expired IMDSv2 token", path)
             elif self._tokens_required:
+                self.token_counts["rejected"] += 1
                 return self._refuse(req, 401, "an IMDSv2 token is required", path)
 
         entry = self._cache.get(instance_id)
@@ -254,27 +262,66 @@ class MetadataApi:
                 return RawResponse(wire)
         return self._serve(req, path, entry, tenant_id)
 
-    def handle_logged(self, req: Request) -> AnyResponse | Awaitable[AnyResponse]:
-        """`handle` plus one DEBUG access line per request (used when debug is on)."""
+    def handle_observed(self, req: Request) -> AnyResponse | Awaitable[AnyResponse]:
+        """`handle`, counted for /metrics (`self.hop`) and, with `self.access_log`, one
+        openimds.access line per request (with the proxy's request ID)."""
+        self.hop.begun += 1
+        t0 = perf_counter()
         result = self.handle(req)
         if isinstance(result, Response | RawResponse):
-            self._access(req, result)
+            self._observe(req, result, t0)
             return result
-        return self._logged(req, result)
+        return self._observe_later(req, result, t0)
 
-    async def _logged(self, req: Request, pending: Awaitable[AnyResponse]) -> AnyResponse:
-        result = await pending
-        self._access(req, result)
+    async def _observe_later(
+        self, req: Request, pending: Awaitable[AnyResponse], t0: float,
+    ) -> AnyResponse:
+        try:
+            result = await pending
+        except BaseException:
+            self._observe(req, None, t0)
+            raise
+        self._observe(req, result, t0)
         return result
 
-    @staticmethod
-    def _access(req: Request, resp: AnyResponse) -> None:
-        if isinstance(resp, Response):
+    def _observe(self, req: Request, resp: AnyResponse | None, t0: float) -> None:
+        if resp is None:
+            status = 500
+        elif isinstance(resp, Response):
             status = resp.status
         else:
             status = int(resp.data[9:12])
-        log.debug("api.access method=%s path=%s status=%d instance=%s", req.method, req.path,
-                  status, (req.header(b"x-instance-id") or b"-").decode("latin-1"))
+        seconds = perf_counter() - t0
+        self.hop.done(status, req.path, seconds)
+        if self.access_log and access_line.enabled:
+            rid = req.header(b"x-openimds-request-id")
+            iid = req.header(b"x-instance-id")
+            access_line.write(
+                f"api request_id={rid.decode('latin-1') if rid else '-'} "
+                f"instance={iid.decode('latin-1') if iid else '-'} status={status} "
+                f"ms={seconds * 1000.0:.2f} method={req.method} path={req.path}")
+
+    def metric_families(self) -> list[Metric]:
+        """The document cache's counters for /metrics (a `ServiceMetrics` source)."""
+        st = self.stats
+        return [
+            gauge("openimds_api_cache_entries", "Instances whose documents are cached",
+                  len(self._cache)),
+            counter("openimds_api_cache_misses", "Requests for an instance not cached",
+                    st["misses"]),
+            counter("openimds_api_view_fetches", "Registry view fetches", st["fetches"]),
+            counter("openimds_api_cache_invalidations", "Cached instances dropped by changes",
+                    st["invalidated"]),
+            counter("openimds_api_prewarmed", "Views fetched ahead of a request",
+                    st["prewarmed"]),
+            counter("openimds_api_prewarm_failures", "Background fetches that failed",
+                    st["prewarm_failed"]),
+            counter("openimds_api_tokens_issued", "IMDSv2 tokens issued",
+                    self.token_counts["issued"]),
+            counter("openimds_api_tokens_rejected",
+                    "Requests refused for a missing, invalid or expired IMDSv2 token",
+                    self.token_counts["rejected"]),
+        ]
 
     def _identify(
         self, req: Request, seen: Mapping[bytes, bytes], repeated: list[bytes] | None
@@ -428,6 +475,7 @@ class MetadataApi:
             return self._refuse(
                 req, 400, "X-aws-ec2-metadata-token-ttl-seconds must be 1 to 21600", path)
         token = mint_token(self._token_key, instance_id, ttl, self._wall(), self._urandom(8))
+        self.token_counts["issued"] += 1
         return Response(200, token.encode(), headers=[(_TTL_RESPONSE_HEADER, str(ttl))])
 
     # -- cache --------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from openimds.http.server import Limits, bind_tcp, install_uvloop, serve
 from openimds.log import setup_logging
 from openimds.metadata.api import MetadataApi
 from openimds.metadata.vendordata import VendorData
+from openimds.metrics import ServiceMetrics, start_metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _api(args: argparse.Namespace, settings: Settings) -> int:
-    setup_logging(debug=settings.debug, log_file=settings.log_file, component="api")
+    setup_logging(debug=settings.debug, log_file=settings.log_file, component="api",
+                  fmt=settings.log_format)
     install_uvloop()
     return asyncio.run(run_api(settings))
 
@@ -68,8 +70,15 @@ async def run_api(settings: Settings) -> int:
             f"{exc.strerror}") from None
     limits = Limits(max_body_bytes=api_cfg.max_request_bytes,
                     request_timeout_s=api_cfg.client_timeout)
-    handler = api.handle_logged if log.isEnabledFor(logging.DEBUG) else api.handle
-    server = await serve(handler, sock, limits)
+    metrics = ServiceMetrics("api")
+    metrics.hops.append(api.hop)
+    metrics.add(api.metric_families)
+    follower.stats = metrics.feed("api")
+    # Counting costs ~1 µs a request (docs/benchmarks.md); with metrics and access lines both
+    # off the handler is the bare one.
+    observed = settings.metrics.enabled or api.access_log
+    server = await serve(api.handle_observed if observed else api.handle, sock, limits)
+    metrics_server = await start_metrics_server(settings, metrics)
     feed_task = asyncio.create_task(api.follow(follower))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -83,6 +92,8 @@ async def run_api(settings: Settings) -> int:
         await stop.wait()
     finally:
         server.close()
+        if metrics_server is not None:
+            metrics_server.close()
         feed_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await feed_task

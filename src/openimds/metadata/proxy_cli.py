@@ -17,7 +17,8 @@ def _proxy(args: argparse.Namespace, settings: Any) -> int:
     from openimds.log import setup_logging
     from openimds.metadata.proxy import main
 
-    setup_logging(debug=settings.debug, log_file=settings.log_file, component="proxy")
+    setup_logging(debug=settings.debug, log_file=settings.log_file, component="proxy",
+                  fmt=settings.log_format)
     return main(settings)
 
 

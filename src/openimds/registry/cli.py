@@ -119,7 +119,8 @@ def _group(sub: Sub, name: str, help: str) -> Sub:
 def _serve(args: argparse.Namespace, settings: Any) -> int:
     from openimds.registry.app import serve
 
-    setup_logging(debug=settings.debug, log_file=settings.log_file, component="registry")
+    setup_logging(debug=settings.debug, log_file=settings.log_file, component="registry",
+                  fmt=settings.log_format)
     asyncio.run(serve(settings))
     return 0
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
 from openimds.errors import UpstreamError
+from openimds.metrics import FeedStats
 from openimds.registry.client import AsyncRegistryClient, ResyncRequired
 
 log = logging.getLogger(__name__)
@@ -43,8 +45,11 @@ class ChangeFollower:
     """Async iterator over the change feed; see the module docstring."""
 
     def __init__(self, client: AsyncRegistryClient, since: int | None = None, *,
-                 wait_s: float = DEFAULT_WAIT_S, limit: int | None = None) -> None:
+                 wait_s: float = DEFAULT_WAIT_S, limit: int | None = None,
+                 stats: FeedStats | None = None) -> None:
         self.client = client
+        # Where the consumer stands (revision, live, lag), read by its /metrics.
+        self.stats = stats if stats is not None else FeedStats()
         self.since = since
         self.wait_s = wait_s
         self.limit = limit
@@ -75,14 +80,21 @@ class ChangeFollower:
         delay = BACKOFF_MIN_S
         while True:
             try:
+                stats = self.stats
+                stats.up = self.registry_up
                 if self.since is None or not self.registry_up:
                     revision = int((await self.client.health())["revision"])
+                    stats.up = True
                     if not self.registry_up:
                         log.info("feed.registry_up revision=%s", revision)
                         self.registry_up = True
                     return revision
-                result: dict[str, Any] = await self.client.changes(
-                    self.since, self.wait_s, self.limit)
+                stats.polling = True
+                try:
+                    result: dict[str, Any] = await self.client.changes(
+                        self.since, self.wait_s, self.limit)
+                finally:
+                    stats.polling = False
                 return result
             except ResyncRequired as exc:
                 log.info("feed.resync since=%s revision=%s", self.since, exc.revision)
@@ -92,20 +104,31 @@ class ChangeFollower:
                     log.warning("feed.registry_down since=%s reason=%s", self.since,
                                 exc.reason)
                 self.registry_up = False
+                self.stats.up = False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX_S)
 
     async def _run(self) -> AsyncGenerator[ChangeBatch, None]:
         while True:
             result = await self._fetch()
+            stats = self.stats
             if isinstance(result, int):
                 self.since = result
                 yield ChangeBatch(result, [], resync=True)
+                stats.resyncs += 1
+                self._applied(result)
                 continue
             revision = int(result["revision"])
             self.since = revision
             if result["changes"]:
                 yield ChangeBatch(revision, list(result["changes"]), resync=False)
+                stats.batches += 1
+            self._applied(revision)
+
+    def _applied(self, revision: int) -> None:
+        """The consumer is back for more: everything up to `revision` is applied."""
+        self.stats.revision = revision
+        self.stats.caught_up_at = time.monotonic()
 
 
 def follow_changes(client: AsyncRegistryClient, since: int | None = None) -> ChangeFollower:

@@ -1,0 +1,352 @@
+"""Prometheus metrics: plain counters on the hot paths, exposition by prometheus-client.
+
+Every service (registry, api, agent, proxy, l3-agent, dhcp-agent) serves `/metrics` on its
+own operator-only listener, `[metrics] bind_host:<service>_port`, opened in the host network
+namespace at start (the proxy's VM-facing listeners live in router/DHCP namespaces; this one
+never does). Names and units follow Prometheus conventions (docs/operations.md lists them).
+
+Why plain ints: prometheus-client's Counter/Histogram take a lock per `inc()`/`observe()`;
+on the proxy's ~30 µs request that is measurable. Here the hops bump ints in `HopStats` and
+`FeedStats` (one event loop per process: no lock needed) and `ServiceMetrics`, a custom
+prometheus-client Collector, turns them into metric families only when Prometheus scrapes.
+
+    metrics = ServiceMetrics("agent")
+    hop = metrics.hop("agent")                 # requests, latency, in-flight, upstream errors
+    metrics.add(lambda: [...metric families...])  # anything else, read at scrape time
+    server = await start_metrics_server(settings, metrics)   # None when disabled
+
+Worker processes (`[api] workers`, `metadata_workers`, `[proxy] workers`): worker k > 0
+serves on its service's port + 100·k, worker 0 (or the only process) on the port itself;
+each is a target of its own (`worker` label), summed by PromQL (docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import CollectorRegistry
+
+from openimds import __version__
+from openimds.config import Settings
+from openimds.errors import ConfigError
+from openimds.http.server import Request, Response, bind_tcp, error_response, serve
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "FAMILIES",
+    "LATENCY_BUCKETS",
+    "FeedStats",
+    "HopStats",
+    "Metric",
+    "ServiceMetrics",
+    "counter",
+    "gauge",
+    "labelled",
+    "path_family",
+    "start_metrics_server",
+    "worker_port",
+]
+
+# Upper bounds (seconds) of the latency histograms: a cached answer takes tens of
+# microseconds per hop, a registry miss milliseconds, an upstream timeout seconds.
+LATENCY_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+FAMILIES = ("ec2", "openstack", "token", "identity", "other")
+_EC2, _OPENSTACK, _TOKEN, _IDENTITY, _OTHER = range(5)
+_FAMILY_BITS = 3
+_FAMILY_MASK = (1 << _FAMILY_BITS) - 1
+_MEMO_MAX = 4096
+WORKER_PORT_STEP = 100
+
+
+def path_family(path: str) -> int:
+    """The path family of a metadata request path, as an index into FAMILIES."""
+    if "identity" in path:  # /latest/dynamic/instance-identity/..., /openstack/.../identity
+        return _IDENTITY
+    if path.endswith("/api/token"):
+        return _TOKEN
+    if path.startswith("/openstack"):
+        return _OPENSTACK
+    if path.startswith("/latest") or path[1:2].isdigit():
+        return _EC2
+    return _OTHER
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx" if 100 <= status < 600 else "other"
+
+
+class HopStats:
+    """One hop's request counters: bumped on the hot path, read when scraped.
+
+    `begin()` when a request arrives, `done(status, path, seconds)` once when it is answered;
+    in flight = begun - done. `upstream_error(status)` counts 502/503/504 answers caused by
+    the next hop.
+    """
+
+    __slots__ = ("_families", "begun", "buckets", "codes", "hop", "sum", "upstream_errors")
+
+    def __init__(self, hop: str) -> None:
+        self.hop = hop
+        self.begun = 0
+        self.codes: dict[int, int] = {}  # status << 3 | family -> count
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+        self.upstream_errors: dict[int, int] = {}
+        self._families: dict[str, int] = {}
+
+    def begin(self) -> None:
+        self.begun += 1
+
+    def done(self, status: int, path: str, seconds: float) -> None:
+        fam = self._families.get(path)
+        if fam is None:
+            fam = path_family(path)
+            if len(self._families) >= _MEMO_MAX:  # paths come from VMs: bounded memo
+                self._families.clear()
+            self._families[path] = fam
+        key = status << _FAMILY_BITS | fam
+        codes = self.codes
+        codes[key] = codes.get(key, 0) + 1
+        self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+    def upstream_error(self, status: int) -> None:
+        self.upstream_errors[status] = self.upstream_errors.get(status, 0) + 1
+
+    @property
+    def count(self) -> int:
+        return sum(self.buckets)
+
+    def in_flight(self) -> int:
+        return max(0, self.begun - self.count)
+
+    def by_class(self) -> dict[tuple[str, str], int]:
+        """{(status class, family): count}."""
+        out: dict[tuple[str, str], int] = {}
+        for key, n in list(self.codes.items()):
+            label = (status_class(key >> _FAMILY_BITS), FAMILIES[key & _FAMILY_MASK])
+            out[label] = out.get(label, 0) + n
+        return out
+
+
+class FeedStats:
+    """A change-feed consumer's position, kept by `registry.feed.ChangeFollower`.
+
+    lag: 0 while the follower waits in a long-poll with nothing left to apply (the registry
+    answers at once when something changes); otherwise the seconds since it was last caught
+    up — growing while a batch is applied or while the registry cannot be reached.
+    """
+
+    __slots__ = ("batches", "caught_up_at", "polling", "resyncs", "revision", "up")
+
+    def __init__(self) -> None:
+        self.revision = 0
+        self.up = False
+        self.polling = False
+        self.caught_up_at = time.monotonic()
+        self.batches = 0
+        self.resyncs = 0
+
+    def lag_seconds(self, now: float | None = None) -> float:
+        if self.polling and self.up:
+            return 0.0
+        return max(0.0, (time.monotonic() if now is None else now) - self.caught_up_at)
+
+
+Source = Callable[[], Iterable[Metric]]
+
+
+def counter(name: str, doc: str, value: float, **labels: str) -> CounterMetricFamily:
+    """One counter sample (name without `_total`; prometheus-client adds it)."""
+    fam = CounterMetricFamily(name, doc, labels=list(labels))
+    fam.add_metric(list(labels.values()), value)
+    return fam
+
+
+def gauge(name: str, doc: str, value: float, **labels: str) -> GaugeMetricFamily:
+    fam = GaugeMetricFamily(name, doc, labels=list(labels))
+    fam.add_metric(list(labels.values()), value)
+    return fam
+
+
+class ServiceMetrics:
+    """The metrics of one process: a prometheus-client registry with one custom collector
+    that reads the hops' plain counters and any extra sources at scrape time."""
+
+    def __init__(self, service: str, *, worker: int = 0) -> None:
+        self.service = service
+        self.worker = worker
+        self.hops: list[HopStats] = []
+        self.feeds: dict[str, FeedStats] = {}
+        self._sources: list[Source] = []
+        self.started = time.time()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+
+    def hop(self, name: str) -> HopStats:
+        stats = HopStats(name)
+        self.hops.append(stats)
+        return stats
+
+    def feed(self, consumer: str) -> FeedStats:
+        stats = self.feeds.setdefault(consumer, FeedStats())
+        return stats
+
+    def add(self, source: Source) -> None:
+        self._sources.append(source)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # -- prometheus-client's Collector protocol ------------------------------------------
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("openimds_build_info", "openimds version and service",
+                                 labels=["service", "version", "worker"])
+        info.add_metric([self.service, __version__, str(self.worker)], 1)
+        yield info
+        yield gauge("openimds_start_time_seconds", "When this process started (Unix time)",
+                    self.started)
+        if self.hops:
+            yield from self._hop_families()
+        if self.feeds:
+            yield from self._feed_families()
+        for source in self._sources:
+            try:
+                yield from source()
+            except Exception:  # a broken source must not hide every other metric
+                log.exception("metrics.source_failed service=%s", self.service)
+
+    def _hop_families(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "openimds_requests", "Requests answered, by hop, status class and path family",
+            labels=["hop", "code", "family"])
+        latency = HistogramMetricFamily(
+            "openimds_request_duration_seconds",
+            "Time from request to answer at this hop", labels=["hop"])
+        in_flight = GaugeMetricFamily(
+            "openimds_requests_in_flight", "Requests received and not answered yet",
+            labels=["hop"])
+        upstream = CounterMetricFamily(
+            "openimds_upstream_errors",
+            "Answers 502 (bad answer), 503 (unavailable), 504 (timeout) caused by the next hop",
+            labels=["hop", "status"])
+        for hop in self.hops:
+            for (code, family), n in sorted(hop.by_class().items()):
+                requests.add_metric([hop.hop, code, family], n)
+            cumulative, running = [], 0
+            counts = list(hop.buckets)
+            for bound, n in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
+                running += n
+                cumulative.append((_le(bound), float(running)))
+            latency.add_metric([hop.hop], cumulative, hop.sum)
+            in_flight.add_metric([hop.hop], max(0, hop.begun - running))
+            for status in (502, 503, 504):
+                upstream.add_metric([hop.hop, str(status)], hop.upstream_errors.get(status, 0))
+        yield from (requests, latency, in_flight, upstream)
+
+    def _feed_families(self) -> Iterator[Metric]:
+        revision = GaugeMetricFamily(
+            "openimds_feed_revision", "Registry revision this change-feed consumer has applied",
+            labels=["consumer"])
+        lag = GaugeMetricFamily(
+            "openimds_feed_lag_seconds",
+            "Seconds since this consumer was last caught up with the registry (0 = live)",
+            labels=["consumer"])
+        up = GaugeMetricFamily(
+            "openimds_feed_up", "1 while the registry answers this consumer's feed calls",
+            labels=["consumer"])
+        batches = CounterMetricFamily(
+            "openimds_feed_batches", "Change batches applied", labels=["consumer"])
+        resyncs = CounterMetricFamily(
+            "openimds_feed_resyncs", "Full reloads (first batch, 410, after an outage)",
+            labels=["consumer"])
+        now = time.monotonic()
+        for name, feed in sorted(self.feeds.items()):
+            revision.add_metric([name], feed.revision)
+            lag.add_metric([name], feed.lag_seconds(now))
+            up.add_metric([name], 1 if feed.up else 0)
+            batches.add_metric([name], feed.batches)
+            resyncs.add_metric([name], feed.resyncs)
+        yield from (revision, lag, up, batches, resyncs)
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
+def worker_port(settings: Settings, service: str, worker: int = 0) -> int:
+    """The metrics port of one worker of a service (see the module docstring)."""
+    return settings.metrics.port(service) + WORKER_PORT_STEP * worker
+
+
+def _handler(metrics: ServiceMetrics) -> Callable[[Request], Response]:
+    def handle(req: Request) -> Response:
+        if req.method not in ("GET", "HEAD"):
+            return error_response(405, "only GET /metrics", headers=[("Allow", "GET, HEAD")])
+        if req.path == "/metrics":
+            return Response(200, metrics.render(), content_type=CONTENT_TYPE_LATEST)
+        if req.path == "/":
+            return Response(200, f"openimds {metrics.service}: see /metrics\n".encode())
+        return error_response(404, "only /metrics is served here")
+
+    return handle
+
+
+async def start_metrics_server(
+    settings: Settings, metrics: ServiceMetrics,
+) -> asyncio.AbstractServer | None:
+    """Listen on [metrics] bind_host:<service>_port (+ the worker offset); None if disabled.
+
+    Bound in the calling thread's namespace (the host's: no caller is inside setns here).
+    A port in use stops the service at start, naming the option.
+    """
+    cfg = settings.metrics
+    if not cfg.enabled:
+        return None
+    port = worker_port(settings, metrics.service, metrics.worker)
+    try:
+        sock = bind_tcp(cfg.bind_host, port, backlog=64)
+    except OSError as exc:
+        key = metrics.service.replace("-", "_") + "_port"
+        raise ConfigError(
+            f"[metrics] {key}: cannot listen on {cfg.bind_host}:{port}: {exc.strerror} "
+            "(set another port, or [metrics] enabled = false)") from None
+    server = await serve(_handler(metrics), sock)
+    log.info("metrics.listening service=%s addr=%s:%d pid=%d", metrics.service,
+             cfg.bind_host, port, os.getpid())
+    return server
+
+
+def labelled(
+    name: str, doc: str, kind: str, label: str, values: Iterable[tuple[str, float]],
+) -> Metric:
+    """A counter or gauge family with one label and several samples."""
+    fam: Any = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+        name, doc, labels=[label])
+    for value, n in values:
+        fam.add_metric([value], n)
+    result: Metric = fam
+    return result
