@@ -44,7 +44,6 @@ from prometheus_client.registry import CollectorRegistry
 
 from openimds import __version__
 from openimds.config import Settings
-from openimds.errors import ConfigError
 from openimds.http.server import Request, Response, bind_tcp, error_response, serve
 
 log = logging.getLogger(__name__)
@@ -321,7 +320,9 @@ async def start_metrics_server(
     """Listen on [metrics] bind_host:<service>_port (+ the worker offset); None if disabled.
 
     Bound in the calling thread's namespace (the host's: no caller is inside setns here).
-    A port in use stops the service at start, naming the option.
+    A port that cannot be bound is logged as an error and the service runs on without
+    metrics: the metadata path matters more than its counters (and a second instance started
+    with the same config, e.g. by a test or an operator's experiment, must not die of it).
     """
     cfg = settings.metrics
     if not cfg.enabled:
@@ -331,9 +332,9 @@ async def start_metrics_server(
         sock = bind_tcp(cfg.bind_host, port, backlog=64)
     except OSError as exc:
         key = metrics.service.replace("-", "_") + "_port"
-        raise ConfigError(
-            f"[metrics] {key}: cannot listen on {cfg.bind_host}:{port}: {exc.strerror} "
-            "(set another port, or [metrics] enabled = false)") from None
+        log.error("metrics.unavailable service=%s addr=%s:%d reason=%s (set [metrics] %s)",
+                  metrics.service, cfg.bind_host, port, exc.strerror, key)
+        return None
     server = await serve(_handler(metrics), sock)
     log.info("metrics.listening service=%s addr=%s:%d pid=%d", metrics.service,
              cfg.bind_host, port, os.getpid())
