@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -113,3 +114,30 @@ def test_exposition_passes_promtool() -> None:
     proc = subprocess.run(["promtool", "check", "metrics"], input=m.render(),
                           capture_output=True, timeout=30)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_json_log_lines_have_fixed_keys(tmp_path: Path) -> None:
+    """`log_format = json`: records and the fast access line give the same keys."""
+    import json
+    import logging
+
+    from openimds.log import JSON_KEYS, access_line, setup_logging
+
+    log_file = tmp_path / "svc.log"
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging(debug=False, log_file=str(log_file), component="agent", fmt="json")
+        logging.getLogger("openimds.test").warning("thing happened id=%s", "x\"y")
+        access_line.write("agent request_id=abc status=200")
+        access_line.flush()
+    finally:
+        access_line.configure(None, "openimds")
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    lines = [json.loads(x) for x in log_file.read_text().splitlines()]
+    assert [tuple(obj) for obj in lines] == [JSON_KEYS, JSON_KEYS]
+    assert lines[0]["message"] == 'thing happened id=x"y' and lines[0]["level"] == "WARNING"
+    assert lines[1]["message"] == "agent request_id=abc status=200"
+    assert lines[1]["service"] == "agent" and lines[1]["logger"] == "openimds.access"
+    assert lines[1]["time"].endswith("Z") and "T" in lines[1]["time"]
