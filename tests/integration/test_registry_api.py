@@ -228,6 +228,27 @@ def test_instance_create_allocates_and_fills_defaults(api: RegistryClient) -> No
     assert sub["id"] == a["ports"][0]["fixed_ips"][0]["subnet_id"]
 
 
+def test_networks_get_their_own_vni_and_instances_their_host(api: RegistryClient) -> None:
+    a, _ = _net(api)
+    b = api.create("network", {"name": _name("net")})
+    vnis = [api.get("network", n["id"])["segmentation_id"] for n in (a, b)]
+    assert vnis[0] == a["segmentation_id"] and vnis[1] == b["segmentation_id"]
+    assert all(isinstance(v, int) and 0 < v < 2**24 for v in vnis) and vnis[0] != vnis[1]
+    topo = {n["id"]: n["segmentation_id"] for n in api.topology()["networks"]}
+    assert topo[a["id"]] == vnis[0] and topo[b["id"]] == vnis[1]
+    placed = api.create("instance", {"name": "p", "network_id": a["id"], "host": "compute-2"})
+    free = api.create("instance", {"name": "f", "network_id": a["id"]})
+    assert placed["host"] == "compute-2" and free["host"] is None
+    assert api.get("instance", placed["id"])["host"] == "compute-2"
+    listed = {i["id"]: i["host"] for i in api.list("instance")}
+    assert listed[placed["id"]] == "compute-2" and listed[free["id"]] is None
+    api.delete("instance", placed["id"])
+    api.delete("instance", free["id"])
+    api.delete("network", b["id"])  # its segment goes with it
+    c = api.create("network", {"name": _name("net")})
+    assert c["segmentation_id"] not in (vnis[0],)
+
+
 def test_instance_bad_input(reg: Registry, api: RegistryClient) -> None:
     net, _ = _net(api)
     api.create("instance", {"name": "one", "network_id": net["id"], "fixed_ip": "10.0.0.9"})

@@ -339,7 +339,7 @@ def _server_create(args: argparse.Namespace, settings: Any) -> int:
     body: Obj = {"name": args.name, "availability_zone": args.availability_zone,
                  "flavor": args.flavor}
     for flag, key in (("fixed_ip", "fixed_ip"), ("key_name", "key_name"),
-                      ("hostname", "hostname"), ("image", "image_id")):
+                      ("hostname", "hostname"), ("image", "image_id"), ("host", "host")):
         if getattr(args, flag):
             body[key] = getattr(args, flag)
     if args.user_data:
@@ -485,6 +485,8 @@ def register(sub: Sub) -> None:
     p.add_argument("--project")
     p.add_argument("--hostname")
     p.add_argument("--image", metavar="IMAGE_ID")
+    p.add_argument("--host", metavar="NODE",
+                   help="the compute node it runs on (a lab VM is plugged there)")
     p = add_command(srv, "list", _server_list, "list instances")
     p.add_argument("--project")
     p = add_command(srv, "show", _server_show, "show an instance")

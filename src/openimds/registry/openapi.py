@@ -140,6 +140,7 @@ def openapi_document() -> dict[str, Any]:
             metadata={"type": "object", "additionalProperties": _S},
             availability_zone={"type": "string", "default": "nova"},
             flavor={"type": "string", "default": "m1.small"}, project_id=_S, hostname=_S,
+            host={"type": "string", "description": "compute node it runs on"},
             image_id=_SN, id=_S),
         "InstanceUpdate": _obj((), name=_S,
                                metadata={"type": "object", "additionalProperties": _S},

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection, Row
 
 from openimds.core.models import DEVICE_OWNER_ROUTER
 from openimds.errors import NotFound
-from openimds.registry.store import Tx, port_ips, ports, segments, subnets
+from openimds.registry.store import Tx, instance_hosts, port_ips, ports, segments, subnets
 
 Json = dict[str, Any]
 
@@ -54,7 +54,15 @@ def subnet_dict(d: Json) -> Json:
     return {k: d.get(k) for k in keys}
 
 
-def instance_dict(d: Json, port_list: list[Json]) -> Json:
+def hosts_of(conn: Connection, instance_ids: Sequence[str]) -> dict[str, str]:
+    """The compute node of each instance that has one."""
+    if not instance_ids:
+        return {}
+    return {r.instance_id: r.host for r in conn.execute(
+        sa.select(instance_hosts).where(instance_hosts.c.instance_id.in_(instance_ids)))}
+
+
+def instance_dict(d: Json, port_list: list[Json], host: str | None = None) -> Json:
     ud = d.get("user_data")
     return {
         "id": d["id"], "name": d["name"], "hostname": d["hostname"],
@@ -65,7 +73,7 @@ def instance_dict(d: Json, port_list: list[Json]) -> Json:
         "user_data": base64.b64encode(ud).decode() if ud is not None else None,
         "image_id": d["image_id"], "ec2_id": d["ec2_id"],
         "has_password": bool(d.get("password")), "revision": d["revision"],
-        "ports": port_list,
+        "ports": port_list, "host": host,
     }
 
 

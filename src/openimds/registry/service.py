@@ -47,6 +47,7 @@ from openimds.registry.allocation import (
 from openimds.registry.records import (
     Json,
     get_row,
+    hosts_of,
     instance_change,
     instance_dict,
     instance_ports,
@@ -64,6 +65,7 @@ from openimds.registry.store import (
     Store,
     Tx,
     allocate_segment,
+    instance_hosts,
     instances,
     keypairs,
     networks,
@@ -624,7 +626,7 @@ class Registry:
     def create_instance(self, raw: Any) -> Json:
         body = _body(raw, {"name", "network_id", "fixed_ip", "key_name", "user_data",
                            "metadata", "availability_zone", "flavor", "project_id", "hostname",
-                           "image_id", "id"})
+                           "image_id", "id", "host"})
         name = parse_name(body.get("name"))
         network_id = _req_id(body, "network_id")
         iid = _opt_str(body, "id") or new_id()
@@ -640,6 +642,7 @@ class Registry:
         flavor = parse_name(body.get("flavor", "m1.small"), "flavor")
         image_id = _opt_str(body, "image_id")
         key_name = _opt_str(body, "key_name")
+        host = parse_name(body["host"], "host") if body.get("host") is not None else None
         requests = None
         if body.get("fixed_ip") is not None:
             requests = [{"ip_address": body["fixed_ip"]}]
@@ -675,8 +678,10 @@ class Registry:
                 "created_at": now(), "revision": tx.revision,
             }
             conn.execute(instances.insert().values(**values))
+            if host is not None:
+                conn.execute(instance_hosts.insert().values(instance_id=iid, host=host))
             instance_change(tx, "create", values)
-            return instance_dict(values, [port])
+            return instance_dict(values, [port], host)
 
 
     def list_instances(self, q: dict[str, str]) -> Json:
@@ -689,13 +694,16 @@ class Registry:
                     self._find_project(conn, q["project_id"]) or q["project_id"]))
             rows, nxt = self._page(conn, instances, where, q.get("limit"), q.get("marker"))
             pmap = instance_ports(conn, [r.id for r in rows])
-            return {"instances": [instance_dict(r._asdict(), pmap[r.id]) for r in rows],
+            hosts = hosts_of(conn, [r.id for r in rows])
+            return {"instances": [instance_dict(r._asdict(), pmap[r.id], hosts.get(r.id))
+                                  for r in rows],
                     "next": nxt}
 
     def get_instance(self, iid: str) -> Json:
         with self.store.read() as conn:
             row = get_row(conn, instances, "instance", iid)
-            return instance_dict(row._asdict(), instance_ports(conn, [iid])[iid])
+            return instance_dict(row._asdict(), instance_ports(conn, [iid])[iid],
+                                 hosts_of(conn, [iid]).get(iid))
 
     def update_instance(self, iid: str, raw: Any) -> Json:
         body = _body(raw, {"name", "metadata", "metadata_unset"})
@@ -721,7 +729,8 @@ class Registry:
             tx.conn.execute(instances.update().where(instances.c.id == iid).values(**changes_))
             values = {**row._asdict(), **changes_}
             instance_change(tx, "update", values)
-            return instance_dict(values, instance_ports(tx.conn, [iid])[iid])
+            return instance_dict(values, instance_ports(tx.conn, [iid])[iid],
+                                 hosts_of(tx.conn, [iid]).get(iid))
 
     def delete_instance(self, iid: str) -> Json:
         with self.store.write() as tx:
@@ -729,6 +738,7 @@ class Registry:
             for p in tx.conn.execute(sa.select(ports).where(
                     ports.c.device_id == iid, ports.c.device_owner.like("compute:%"))).all():
                 delete_port(tx, p)
+            tx.conn.execute(instance_hosts.delete().where(instance_hosts.c.instance_id == iid))
             tx.conn.execute(instances.delete().where(instances.c.id == iid))
             instance_change(tx, "delete", row)
             return {}

@@ -164,6 +164,13 @@ instances = sa.Table(
     sa.Column("revision", sa.BigInteger, nullable=False),
 )
 
+# The compute node an instance runs on (Nova's instance.host), for lab VMs and operators.
+instance_hosts = sa.Table(
+    "instance_hosts", metadata,
+    sa.Column("instance_id", ID, sa.ForeignKey("instances.id"), primary_key=True),
+    sa.Column("host", sa.String(255), nullable=False),
+)
+
 changes = sa.Table(
     "changes", metadata,
     sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,

@@ -128,6 +128,7 @@ def view(store: Store, iid: str) -> Json:
         p["fixed_ips"].sort(key=lambda i: ip_sort_key(i["ip_address"]))
     inst = instance_dict(row._asdict(), [
         port_dict(port_rows[p["id"]]._asdict(), p["fixed_ips"]) for p in plist])
+    del inst["host"]  # not part of the view (one query less on the API's miss path)
     inst["password"] = row.password
     kp = row.keypair
     return {"revision": rev, "instance": inst,
