@@ -166,6 +166,14 @@ class ProxySettings:
     spawn_from_agents: bool = opt(
         True, "L3/DHCP agents start the proxy when none runs; false when up or systemd runs it"
     )
+    max_connections_per_source: int = opt(
+        32, "Open connections one VM address may hold per listener; more get 429 and close",
+        min=1,
+    )
+    max_header_bytes: int = opt(
+        16384, "Largest request line plus headers a VM may send (431/414 beyond)", min=1024
+    )
+    max_body_bytes: int = opt(65536, "Largest request body a VM may send (413 beyond)", min=0)
 
 
 @dataclass(frozen=True, slots=True)

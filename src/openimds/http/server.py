@@ -176,6 +176,27 @@ def error_response(
     return Response(status, body, headers=headers)
 
 
+def _origin_form(method: str, target: str, headers: list[tuple[bytes, bytes]]) -> str:
+    """A target that is not origin-form (`/path`): absolute-form becomes origin-form with Host
+    set from it (RFC 9112 3.2.2: the target's authority wins); `*` only for OPTIONS; anything
+    else (authority-form, a bare word) is a 400. Hops behind us only ever see `/...`."""
+    if target == "*":
+        if method == "OPTIONS":
+            return target
+        raise _ProtocolError(400, "asterisk-form target is only allowed with OPTIONS")
+    scheme, sep, rest = target.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        raise _ProtocolError(400, "request target must be a path (origin-form)")
+    end = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0),
+              default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+    if not authority or "@" in authority or tail.startswith("#"):
+        raise _ProtocolError(400, "absolute-form target without a plain authority and path")
+    headers[:] = [(k, v) for k, v in headers if k != b"host"]
+    headers.append((b"host", authority.encode("ascii")))
+    return tail if tail.startswith("/") else "/" + tail
+
+
 class _ProtocolError(Exception):
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
@@ -188,9 +209,9 @@ class HttpProtocol(asyncio.Protocol):
 
     __slots__ = (
         "_body", "_body_len", "_busy", "_closing", "_deferred", "_deferred_req", "_handler",
-        "_header_bytes", "_headers", "_in_request",
-        "_last_name", "_limits", "_loop", "_parser", "_paused", "_peer", "_queue", "_task",
-        "_deadline", "_timer", "_transport", "_url",
+        "_header_bytes", "_headers", "_in_request", "_eof", "_failure", "_in_trailers",
+        "_last_keep_alive", "_last_name", "_limits", "_loop", "_parser", "_paused", "_peer",
+        "_queue", "_task", "_deadline", "_timer", "_transport", "_url",
     )
 
     def __init__(self, handler: Handler, limits: Limits, loop: asyncio.AbstractEventLoop):
@@ -216,6 +237,12 @@ class HttpProtocol(asyncio.Protocol):
         self._deferred_req: Request | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
+        # Hostile-input state: the client half-closed; a parse error waiting until the
+        # requests before it are answered; trailer fields being skipped.
+        self._eof = False
+        self._failure: tuple[int, str] | None = None
+        self._in_trailers = False
+        self._last_keep_alive = True
 
     # -- transport events -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -242,26 +269,48 @@ class HttpProtocol(asyncio.Protocol):
         self._parser = None  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self._closing:
+        if self._closing or self._failure is not None:
             return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(400, "protocol upgrade is not supported")
-            return
+            # The request asking for it is answered as if Upgrade were absent (RFC 9110 7.8
+            # lets a server ignore it); the parser stops there, so the connection ends.
+            if self._queue:
+                self._fail_after_queue(0, "")
+            else:
+                self._fail_after_queue(400, "protocol upgrade is not supported")
         except httptools.HttpParserError as exc:
             # Our callbacks raise _ProtocolError; httptools wraps it in a callback error.
             cause = exc.__context__
             if isinstance(cause, _ProtocolError):
-                self._fail(cause.status, cause.reason)
+                self._fail_after_queue(cause.status, cause.reason)
+            elif not self._last_keep_alive and not self._in_request:
+                # Bytes after a request that ends the connection: answer it, ignore them.
+                self._fail_after_queue(0, "")
             else:
-                self._fail(400, f"malformed request: {exc}")
-            return
+                self._fail_after_queue(400, f"malformed request: {exc}")
         self._drain_queue()
+
+    def eof_received(self) -> bool | None:
+        """The client half-closed (`nc`, `curl` with stdin): answer what it sent, then close."""
+        if self._busy or self._queue:
+            self._eof = True
+            return True  # keep our half open for the answers
+        return None  # nothing pending: the transport closes
+
+    def _fail_after_queue(self, status: int, reason: str) -> None:
+        """A bad byte stream: the requests complete before it are still answered, in order;
+        then the error (status 0: none) and close. Nothing after it is read."""
+        self._failure = (status, reason)
+        if self._transport is not None and not self._paused:
+            self._transport.pause_reading()
+            self._paused = True
 
     # -- parser callbacks ---------------------------------------------------------------
     def on_message_begin(self) -> None:
         self._in_request = True
+        self._in_trailers = False
         self._url = b""
         self._headers = []
         self._header_bytes = 0
@@ -279,11 +328,16 @@ class HttpProtocol(asyncio.Protocol):
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self._limits.max_header_bytes:
             raise _ProtocolError(431, "request headers too large")
+        if self._in_trailers:
+            # Chunked trailer fields are dropped (RFC 9110 6.5.1 allows it): merged into the
+            # headers they would arrive after every check the header block went through.
+            return
         if len(self._headers) >= self._limits.max_headers:
             raise _ProtocolError(431, "too many request headers")
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        self._in_trailers = True
         for name, value in self._headers:
             if name == b"content-length":
                 try:
@@ -310,10 +364,17 @@ class HttpProtocol(asyncio.Protocol):
             target = self._url.decode("ascii")
         except UnicodeDecodeError:
             raise _ProtocolError(400, "request target is not ASCII") from None
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise _ProtocolError(505, f"HTTP/{version} is not supported; use HTTP/1.1")
+        method = parser.get_method().decode("ascii", "replace")
+        if not target.startswith("/"):
+            target = _origin_form(method, target, self._headers)
+        keep_alive = bool(parser.should_keep_alive())
+        self._last_keep_alive = keep_alive
         req = Request(
-            parser.get_method().decode("ascii", "replace"), target, self._headers,
-            b"".join(self._body) if self._body else b"", parser.get_http_version(),
-            bool(parser.should_keep_alive()), self._peer,
+            method, target, self._headers, b"".join(self._body) if self._body else b"",
+            version, keep_alive, self._peer,
         )
         self._queue.append(req)
         if len(self._queue) > MAX_PIPELINE and self._transport and not self._paused:
@@ -347,7 +408,17 @@ class HttpProtocol(asyncio.Protocol):
                 self._task = task
                 task.add_done_callback(functools.partial(self._finish, req))
                 return
-        if self._paused and not self._queue and self._transport:
+        if self._busy or self._queue or self._closing:
+            return
+        if self._failure is not None:
+            status, reason = self._failure
+            if status:
+                self._fail(status, reason)
+            else:
+                self._close()
+        elif self._eof:
+            self._close()
+        elif self._paused and self._transport:
             self._transport.resume_reading()
             self._paused = False
 

@@ -113,6 +113,8 @@ def limits_from_settings(settings: Settings) -> Limits:
     return Limits(
         request_timeout_s=min(h.timeout_http_request, h.timeout_client),
         keepalive_timeout_s=h.timeout_http_keep_alive,
+        max_header_bytes=settings.proxy.max_header_bytes,
+        max_body_bytes=settings.proxy.max_body_bytes,
     )
 
 
@@ -125,11 +127,12 @@ def pool_from_settings(settings: Settings) -> UpstreamPool:
 
 
 class _ErrorLog:
-    """Upstream failures logged at most once a second per kind, with a count."""
+    """Failures logged at most once a second per kind, with a count."""
 
-    __slots__ = ("_last", "_suppressed")
+    __slots__ = ("_event", "_last", "_suppressed")
 
-    def __init__(self) -> None:
+    def __init__(self, event: str = "proxy.upstream_failed") -> None:
+        self._event = event
         self._last: dict[int, float] = {}
         self._suppressed: dict[int, int] = {}
 
@@ -140,8 +143,7 @@ class _ErrorLog:
             return
         self._last[status] = now
         more = self._suppressed.pop(status, 0)
-        log.warning("proxy.upstream_failed status=%d reason=%s suppressed=%d",
-                    status, reason, more)
+        log.warning("%s status=%d reason=%s suppressed=%d", self._event, status, reason, more)
 
 
 class Forwarder:
@@ -236,49 +238,110 @@ def _pass_on(src: asyncio.Future[AnyResponse], reply: Deferred) -> None:
         reply.resolve(src.result())
 
 
+class SourceCap:
+    """Open connections per source address of one listener, capped (`[proxy]
+    max_connections_per_source`): one VM cannot take the proxy's sockets from the others.
+
+    A connection over the cap is answered 429 (Retry-After: 1, Connection: close) once its
+    request arrived, and closed after OVER_CAP_TIMEOUT_S if none does: it never counts, never
+    reaches the agent, and costs its fd for at most that long.
+    """
+
+    __slots__ = ("cap", "counts", "rejected", "_log")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.counts: dict[str, int] = {}
+        self.rejected = 0
+        self._log = _ErrorLog("proxy.connection_cap")
+
+    def take(self, host: str) -> bool:
+        n = self.counts.get(host, 0)
+        if n >= self.cap:
+            self.rejected += 1
+            self._log.report(429, f"ip={host} open={n} cap={self.cap}")
+            return False
+        self.counts[host] = n + 1
+        return True
+
+    def release(self, host: str) -> None:
+        n = self.counts.get(host, 0) - 1
+        if n > 0:
+            self.counts[host] = n
+        else:
+            self.counts.pop(host, None)
+
+    def refusal(self) -> RawResponse:
+        return RawResponse(error_response(
+            429, f"too many connections from this address (at most {self.cap} at once)",
+            headers=[("Retry-After", "1")]).encode(keep_alive=False), close=True)
+
+
+OVER_CAP_TIMEOUT_S = 2.0
+
+
 class _ClientProtocol(HttpProtocol):
     """A client connection that its listener can close (each one pins the namespace too)."""
 
-    __slots__ = ("_conns", "_own")
+    __slots__ = ("_cap", "_conns", "_own", "_source")
 
     def __init__(
         self, handler: Handler, limits: Limits,
         loop: asyncio.AbstractEventLoop, conns: set[asyncio.Transport],
+        cap: SourceCap | None = None,
     ) -> None:
         super().__init__(handler, limits, loop)
         self._conns = conns
         self._own: asyncio.Transport | None = None
+        self._cap = cap
+        self._source: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have the same API.
         self._own = transport  # type: ignore[assignment]
         self._conns.add(transport)  # type: ignore[arg-type]
         super().connection_made(transport)
+        cap = self._cap
+        if cap is not None:
+            host = self._peer[0] if self._peer else ""
+            if cap.take(host):
+                self._source = host
+            else:
+                refusal = cap.refusal()
+                self._handler = lambda _req: refusal
+                self._arm(OVER_CAP_TIMEOUT_S)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._own is not None:
             self._conns.discard(self._own)
             self._own = None
+        if self._source is not None and self._cap is not None:
+            self._cap.release(self._source)
+            self._source = None
         super().connection_lost(exc)
 
 
 class Listener:
     """One open listening socket in one namespace, and its client connections."""
 
-    __slots__ = ("conns", "netns_inode", "server", "spec")
+    __slots__ = ("cap", "conns", "netns_inode", "server", "spec")
 
-    def __init__(self, spec: ListenerSpec, inode: int) -> None:
+    def __init__(self, spec: ListenerSpec, inode: int,
+                 max_connections_per_source: int | None = None) -> None:
         self.spec = spec
         self.netns_inode = inode
         self.server: asyncio.AbstractServer | None = None
         self.conns: set[asyncio.Transport] = set()
+        self.cap = (SourceCap(max_connections_per_source)
+                    if max_connections_per_source is not None else None)
 
     async def start(self, sock: socket.socket, forwarder: Forwarder, limits: Limits) -> None:
         loop = asyncio.get_running_loop()
         handler = forwarder.handler_for(self.spec)
         conns = self.conns
+        cap = self.cap
         self.server = await loop.create_server(
-            lambda: _ClientProtocol(handler, limits, loop, conns), sock=sock,
+            lambda: _ClientProtocol(handler, limits, loop, conns, cap), sock=sock,
             backlog=LISTEN_BACKLOG,
         )
 
@@ -319,8 +382,9 @@ class NamespaceProxy:
 
     def __init__(
         self, listeners_dir: Path, forwarder: Forwarder, limits: Limits,
-        rescan_interval_s: float,
+        rescan_interval_s: float, max_connections_per_source: int | None = None,
     ) -> None:
+        self.max_connections_per_source = max_connections_per_source
         self.listeners_dir = listeners_dir
         self.forwarder = forwarder
         self.limits = limits
@@ -401,7 +465,7 @@ class NamespaceProxy:
         except OSError as exc:
             self._note_pending(spec, f"cannot listen on {spec.host}:{spec.port}: {exc}")
             return
-        listener = Listener(spec, inode)
+        listener = Listener(spec, inode, self.max_connections_per_source)
         try:
             await listener.start(sock, self.forwarder, self.limits)
         except OSError as exc:
@@ -516,7 +580,8 @@ async def run_proxy(settings: Settings) -> int:
     paths.listeners_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     pool = pool_from_settings(settings)
     proxy = NamespaceProxy(paths.listeners_dir, Forwarder(pool),
-                           limits_from_settings(settings), settings.proxy.rescan_interval)
+                           limits_from_settings(settings), settings.proxy.rescan_interval,
+                           settings.proxy.max_connections_per_source)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, proxy.wake)
     loop.add_signal_handler(signal.SIGTERM, proxy.stop)
