@@ -24,6 +24,7 @@ Handler = Callable[[argparse.Namespace, Any], int]
 COMMAND_MODULES = (
     "openimds.registry.cli",
     "openimds.metadata.api_cli",
+    "openimds.metadata.identity_cli",
     "openimds.metadata.agent_cli",
     "openimds.metadata.proxy_cli",
     "openimds.agents.l3_cli",

@@ -99,6 +99,37 @@ class ApiSettings:
         "optional", "IMDSv2 session tokens: optional or required",
         choices=("optional", "required"),
     )
+    openstack_tokens: str = opt(
+        "optional", "IMDSv2 tokens on the /openstack tree (cloud-init's OpenStack datasource "
+        "sends none): optional or required", choices=("optional", "required"),
+    )
+    token_hop_limit: int = opt(
+        1, "IP TTL / hop limit of the token PUT answer, set by the namespace proxy (AWS's "
+        "HttpPutResponseHopLimit; 2 lets containers behind a VM get tokens)", min=1, max=64,
+    )
+    region: str = opt("RegionOne", "Region in the instance identity document and JWT")
+    architecture: str = opt(
+        "", "architecture in the identity document; empty = this host's (x86_64, aarch64)"
+    )
+    identity_key_file: str = opt(
+        "$state_path/identity/key.pem", "RSA key signing identity documents and JWTs "
+        "(made on first start when missing)",
+    )
+    identity_cert_file: str = opt(
+        "$state_path/identity/cert.pem", "Certificate of identity_key_file (made with it)"
+    )
+    identity_issuer: str = opt("openimds", "iss claim of the identity JWT")
+    required_header: str = opt(
+        "", "A header every request must carry, 'Name: value' (e.g. 'Metadata-Flavor: "
+        "Google'); empty = none"
+    )
+    expose_tags: bool = opt(False, "Serve instance properties as AWS tags (meta-data/tags/)")
+    max_waits_per_instance: int = opt(
+        16, "wait_for_change requests one instance may hold at once (more get 429)", min=1,
+    )
+    max_wait_timeout: int = opt(
+        3600, "Longest wait_for_change hold (timeout_sec is capped to it)", min=1, max=3600,
+    )
     client_timeout: float = opt(30.0, "Seconds a client may take to send a request", min=0.1)
     max_request_bytes: int = opt(65536, "Largest request body accepted", min=1024)
     cache_size: int = opt(10000, "Instances whose serialized documents are kept", min=1)

@@ -81,7 +81,8 @@ elif which == "ec2metadata":
                  "availability_zone_id", "instance_action", "instance_id",
                  "instance_life_cycle", "instance_type", "kernel_id", "mac",
                  "private_hostname", "private_ipv4", "public_hostname", "public_ipv4",
-                 "partition", "domain", "reservation_id", "security_groups", "user_data"):
+                 "partition", "domain", "reservation_id", "security_groups", "user_data",
+                 "region", "account_id"):
         out[name] = jsonable(getattr(md, name))
     out["public_keys"] = {k: {"openssh_key": v.openssh_key} for k, v in md.public_keys.items()}
 print(json.dumps(out))
@@ -214,3 +215,6 @@ def test_ec2_metadata_package(stack: Stack, relay: SigningRelay) -> None:
     assert out["security_groups"] == ["default"]
     assert unb64(out["user_data"]) == USER_DATA
     assert out["public_keys"] == {"mykey": {"openssh_key": PUBKEY}}
+    # from the signed instance identity document
+    assert out["region"] == "RegionOne"
+    assert out["account_id"] == inst["project_id"]

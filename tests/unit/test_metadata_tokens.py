@@ -5,6 +5,9 @@ from __future__ import annotations
 from openimds.core.metadata import parse_view
 from openimds.core.metadata.invalidation import DependencyIndex
 from openimds.core.metadata.tokens import (
+    EXPIRED,
+    MALFORMED,
+    OTHER_INSTANCE,
     check_token,
     derive_key,
     forwarded_by_guest,
@@ -35,13 +38,25 @@ def test_ttl_parsing() -> None:
 
 def test_token_roundtrip_binding_and_expiry() -> None:
     token = mint_token(KEY, IID, 60, 1000.0, b"12345678").encode()
-    assert check_token(KEY, IID, token, 1000.0)
-    assert check_token(KEY, IID, token, 1059.9)
-    assert not check_token(KEY, IID, token, 1060.0)
-    assert not check_token(KEY, "other-instance", token, 1000.0)
-    assert not check_token(b"x" * 32, IID, token, 1000.0)
-    for bad in (b"", b".", b"garbage", token[:-2], token + b"A", b"\xff\xfe", b"a.b.c"):
-        assert not check_token(KEY, IID, bad, 1000.0)
+    assert len(token) <= 80
+    assert check_token(KEY, IID, token, 1000.0) is None
+    assert check_token(KEY, IID, token, 1059.9) is None
+    assert check_token(KEY, IID, token, 1060.0) == EXPIRED
+    assert check_token(KEY, "other-instance", token, 1000.0) == OTHER_INSTANCE
+    assert check_token(b"x" * 32, IID, token, 1000.0) == MALFORMED
+    for bad in (b"", b".", b"garbage", token[:-2], token + b"A", b"\xff\xfe", b"a.b.c",
+                b"A" * 4000):
+        assert check_token(KEY, IID, bad, 1000.0) == MALFORMED
+    # a genuine token of another instance that has also expired: "another instance" wins
+    assert check_token(KEY, "other-instance", token, 5000.0) == OTHER_INSTANCE
+
+
+def test_token_survives_a_restart() -> None:
+    """Two API processes with the same shared secret but different random fallbacks."""
+    one = derive_key(b"shared", b"random-one")
+    two = derive_key(b"shared", b"random-two")
+    token = mint_token(one, IID, 60, 1000.0, b"abcdefgh").encode()
+    assert check_token(two, IID, token, 1001.0) is None
 
 
 def test_token_key() -> None:
@@ -103,7 +118,7 @@ def test_forwarded_detection_after_the_agent_rewrite() -> None:
                                               (b"x-forwarded-for", b"192.168.1.5")]))
     assert forwarded_by_guest(_through_agent([ttl, (b"x-real-ip", b"192.168.1.5"),
                                               (b"x-forwarded-for", b"192.168.1.5")]))
-    # a proxy that adds only X-Forwarded-For (haproxy `option forwardfor`) is invisible here:
-    # the agent drops the guest's X-Forwarded-* before we see it. Closing this gap needs the
-    # agent to set X-Openimds-Guest-Forwarded when it drops one (proposed; not in the contract).
+    # a proxy that adds only X-Forwarded-For (haproxy `option forwardfor`): our agent drops
+    # the guest's X-Forwarded-*, but the namespace proxy marks the request first
     assert not forwarded_by_guest(_through_agent([ttl, (b"x-forwarded-for", b"192.168.1.5")]))
+    assert forwarded_by_guest(_through_agent([ttl, (b"x-openimds-guest-forwarded", b"1")]))

@@ -23,13 +23,16 @@ RSA = (
 def test_sanitize_hostname() -> None:
     iid = "11111111-2222-3333-4444-555555555555"
     assert models.sanitize_hostname("My Web_Server.example", iid) == "my-web-server-example"
-    assert models.sanitize_hostname("--Ünïcode!!--", iid) == "ncode"
-    assert models.sanitize_hostname("!!!", iid) == f"server-{iid}"
+    assert models.sanitize_hostname("--Ünïcode!!--", iid) == "ünïcode"
+    assert models.sanitize_hostname("Café ☕", iid) == "café"
+    assert models.sanitize_hostname("☕☕", iid) == f"Server-{iid}"
+    assert models.sanitize_hostname("!!!", iid) == f"Server-{iid}"
+    assert models.sanitize_hostname(".web.", iid) == "web"
     assert len(models.sanitize_hostname("a" * 100, iid)) == 63
 
 
 def test_parse_hostname() -> None:
-    assert models.parse_hostname("Web-1.example") == "web-1.example"
+    assert models.parse_hostname("Web-1.example") == "Web-1.example"
     for bad in ("bad_host", "-x", "a..b", "x" * 64):
         with pytest.raises(BadRequest):
             models.parse_hostname(bad)

@@ -66,27 +66,29 @@ def parse_name(raw: Any, field: str = "name", *, required: bool = True) -> str:
 
 
 def sanitize_hostname(name: str, instance_id: str) -> str:
-    """A DNS label from a display name, as Nova derives it.
+    """A hostname from a display name, exactly as Nova's `utils.sanitize_hostname`.
 
-    Spaces, underscores and dots become '-', other characters outside [A-Za-z0-9-] are
-    dropped, the result is lower-cased, trimmed of '-' at both ends and cut to 63 chars.
-    An empty result becomes ``server-<instance id>``.
+    Characters outside U+0000..U+00FF are dropped, the name is cut to 63 characters, spaces,
+    underscores and dots become '-', anything that is neither a (Unicode) word character nor
+    '-' is dropped, the result is lower-cased and trimmed of '.' and '-' at both ends
+    (`Café ☕` -> `café`). Nothing left -> Nova's default, ``Server-<instance id>``.
     """
-    text = re.sub(r"[ _.]", "-", name)
-    text = re.sub(r"[^A-Za-z0-9-]", "", text).lower()
-    text = text[:63].strip("-")
-    return text or f"server-{instance_id}"
+    text = name.encode("latin-1", "ignore").decode("latin-1")[:63]
+    text = re.sub(r"[ _.]", "-", text)
+    text = re.sub(r"[^\w.-]+", "", text).lower().strip(".-")
+    return text or f"Server-{instance_id}"[:63]
 
 
 def parse_hostname(raw: Any, field: str = "hostname") -> str:
-    """An explicit hostname: RFC 1123 labels, ≤ 63 chars per label."""
+    """An explicit hostname (`--hostname`): RFC 1123 labels, <= 63 chars per label, kept as
+    given (Nova stores an explicit hostname verbatim, case included)."""
     if not isinstance(raw, str) or not raw:
         raise BadRequest(f"{field}: expected a hostname, got {raw!r}")
     labels = raw.split(".")
     ok = all(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", lab) for lab in labels)
     if not ok or len(raw) > 253:
         raise BadRequest(f"{field}: {raw!r} is not a valid hostname")
-    return raw.lower()
+    return raw
 
 
 def parse_metadata(raw: Any, field: str = "metadata") -> dict[str, str]:

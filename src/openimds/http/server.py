@@ -136,6 +136,21 @@ class RawResponse:
 AnyResponse = Response | RawResponse
 
 
+def _closing(data: bytes) -> bytes:
+    """A relayed answer with `Connection: close` in its head (replacing any other value)."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return data
+    head = data[:end]
+    lower = head.lower()
+    at = lower.find(b"\r\nconnection:")
+    if at < 0:
+        return head + b"\r\nConnection: close" + data[end:]
+    stop = head.find(b"\r\n", at + 2)
+    stop = len(head) if stop < 0 else stop
+    return head[:at] + b"\r\nConnection: close" + head[stop:] + data[end:]
+
+
 def _ignore(response: AnyResponse) -> None:
     pass
 
@@ -454,8 +469,10 @@ class HttpProtocol(asyncio.Protocol):
         if transport is None or self._closing:
             return
         if isinstance(resp, RawResponse):
-            transport.write(resp.data)
             keep = req.keep_alive and not resp.close
+            # A relayed answer was framed for a keep-alive hop: when this connection closes
+            # after it, say so (RFC 9112 §9.6), as a Response does.
+            transport.write(resp.data if keep else _closing(resp.data))
         else:
             keep = req.keep_alive
             transport.write(resp.encode(keep_alive=keep, head=req.method == "HEAD"))

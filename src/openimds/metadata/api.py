@@ -25,15 +25,31 @@ Rules:
   on their first request as before.
 - Methods: GET/HEAD everywhere, POST on `password`, PUT on `/latest/api/token`; anything else
   is 405 with Allow. GET never writes.
-- IMDSv2 (`core.metadata.tokens`): a token header, when present, must be valid for the
-  caller's instance (else 401); with `[api] imds_tokens = required` it must be present.
-  A token PUT that shows signs of a forwarding proxy inside the guest is refused with 403.
+- IMDSv2 (`core.metadata.tokens`): a token header (AWS's or Firecracker's name), when
+  present, must be valid for the caller's instance (else 401 saying why: malformed, expired,
+  another instance's); with `[api] imds_tokens = required` the EC2 tree needs one, with
+  `[api] openstack_tokens = required` the OpenStack tree (cloud-init's OpenStack datasource
+  sends none, so requiring EC2 tokens never locks it out). A token PUT that shows signs of a
+  forwarding proxy inside the guest is refused with 403, a PUT to a versioned token path
+  (`/2021-03-23/api/token`) with 403, other methods on the token path get 405.
+- `[api] required_header` ("Name: value"): a request without it gets 403 naming it.
+- Signed identity (`core.metadata.identity`): `/latest/dynamic/instance-identity/` and
+  `GET /openstack/latest/identity?audience=AUD` (an RS256 JWT, memoised per instance and
+  audience for a few minutes so a guest cannot make us sign per request).
+- Change notification (GCE's): `?wait_for_change=true&last_etag=E&timeout_sec=N` on any
+  document or EC2 directory answers at once when the ETag differs, else holds until the
+  instance changes (the change feed wakes the waiters, which fetch the view once between
+  them) or the timeout passes (`[api] max_wait_timeout` caps it). At most
+  `[api] max_waits_per_instance` held per instance (429 beyond). A held request is a parked
+  future and a timer: no CPU while it waits. `?recursive=true&alt=json` on an EC2 path
+  answers the subtree as one JSON object.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime
 import hmac
 import ipaddress
@@ -45,6 +61,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any, Protocol
+from urllib.parse import parse_qs
 
 from openimds.config import Settings
 from openimds.core.metadata import (
@@ -60,10 +77,13 @@ from openimds.core.metadata import (
     parse_view,
     root_document,
 )
+from openimds.core.metadata.identity import IdentitySigner, identity_claims
 from openimds.core.metadata.invalidation import DependencyIndex, PrewarmQueue, plan_refresh
 from openimds.core.metadata.listing import JSON, TEXT, etag_of
 from openimds.core.metadata.openstack import dump
 from openimds.core.metadata.tokens import (
+    FC_TOKEN_HEADER,
+    FC_TTL_HEADER,
     TOKEN_HEADER,
     TTL_HEADER,
     check_token,
@@ -73,7 +93,14 @@ from openimds.core.metadata.tokens import (
     parse_ttl,
 )
 from openimds.core.signing import sign_instance_id
-from openimds.errors import BadRequest, Conflict, NotFound, OpenImdsError, UpstreamError
+from openimds.errors import (
+    BadRequest,
+    ConfigError,
+    Conflict,
+    NotFound,
+    OpenImdsError,
+    UpstreamError,
+)
 from openimds.http.server import AnyResponse, RawResponse, Request, Response, error_response
 from openimds.log import access_line
 from openimds.metadata.vendordata import VendorData
@@ -95,12 +122,18 @@ WIRE_MAX_DOCS = 256
 WIRE_MAX_BODY = 4096
 SIGNATURE_MEMO = 65536
 _WANTED = frozenset({b"x-instance-id", b"x-instance-id-signature", b"x-tenant-id",
-                     TOKEN_HEADER, b"if-none-match"})
+                     TOKEN_HEADER, FC_TOKEN_HEADER, b"if-none-match"})
 _GET_HEAD = ("GET", "HEAD")
 _ALLOW_READ = "GET, HEAD"
 _ALLOW_PASSWORD = "GET, HEAD, POST"  # noqa: S105
 _ALLOW_TOKEN = "PUT"  # noqa: S105
 _TTL_RESPONSE_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
+_FC_TTL_RESPONSE_HEADER = "X-metadata-token-ttl-seconds"
+TOKEN_SUFFIX = "/api/token"  # noqa: S105
+IDENTITY_PATH = "/openstack/latest/identity"
+JWT_MEMO_S = 300  # a JWT is re-used this long (it still has >= 55 minutes to live)
+JWT_MEMO_MAX = 65536
+AUDIENCE_MAX = 512
 
 
 class Registry(Protocol):
@@ -136,6 +169,17 @@ def _not_allowed(allow: str) -> Response:
     return error_response(405, "method not allowed here", headers=[("Allow", allow)])
 
 
+def parse_required_header(value: str) -> tuple[bytes, bytes] | None:
+    """`[api] required_header` ("Name: value") as (lower-case name, value), or None."""
+    if not value.strip():
+        return None
+    name, sep, want = value.partition(":")
+    name = name.strip()
+    if not sep or not name or any(c in name for c in " \t\r\n") or not want.strip():
+        raise ConfigError(f"[api] required_header={value!r}: expected 'Name: value'")
+    return name.lower().encode("latin-1"), want.strip().encode("latin-1")
+
+
 def _is_password_path(path: str) -> bool:
     return path.startswith("/openstack/") and path.endswith("/password")
 
@@ -168,6 +212,7 @@ class MetadataApi:
         wall_clock: Callable[[], float] = time.time,
         today: Callable[[], datetime.date] = _today,
         urandom: Callable[[int], bytes] = os.urandom,
+        identity: IdentitySigner | None = None, architecture: str = "x86_64",
     ) -> None:
         api = settings.api
         self._secret = settings.secret_bytes
@@ -177,6 +222,17 @@ class MetadataApi:
         self._today = today
         self._urandom = urandom
         self._tokens_required = api.imds_tokens == "required"
+        self._os_tokens_required = api.openstack_tokens == "required"
+        self._required_header = parse_required_header(api.required_header)
+        self._gate_reason = ("this metadata service requires the header "
+                             + " ".join(api.required_header.split()))
+        self._identity = identity
+        self._issuer = api.identity_issuer
+        self._region = api.region
+        self._jwts: dict[tuple[str, str], tuple[float, str]] = {}
+        self._max_waits = api.max_waits_per_instance
+        self._max_wait_s = float(api.max_wait_timeout)
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._token_key = derive_key(self._secret, urandom(32))
         self._registry_timeout_s = api.registry_timeout
         self._retry_after = str(api.retry_after)
@@ -186,7 +242,8 @@ class MetadataApi:
         self._prewarmers: set[asyncio.Task[None]] = set()
         self._options = DocumentOptions(
             dhcp_domain=api.dhcp_domain, static_vendordata=vendordata.static,
-            dynamic_vendordata=vendordata.dynamic,
+            dynamic_vendordata=vendordata.dynamic, identity=identity, region=api.region,
+            architecture=architecture, expose_tags=api.expose_tags,
         )
         self._cache: dict[str, _Entry] = {}
         self._paths: dict[str, str] = {}
@@ -200,7 +257,7 @@ class MetadataApi:
         self._root = Response(200, root.body, headers=[("ETag", root.etag)])
         self._root_etag = root.etag
         self.stats: dict[str, int] = {"misses": 0, "fetches": 0, "invalidated": 0,
-                                      "prewarmed": 0, "prewarm_failed": 0}
+                                      "prewarmed": 0, "prewarm_failed": 0, "waits": 0}
         self.token_counts: dict[str, int] = {"issued": 0, "rejected": 0}
         self.hop = HopStats("api")  # /metrics (openimds.metrics), read at scrape time
         self.access_log = api.access_log or settings.debug
@@ -215,6 +272,9 @@ class MetadataApi:
                     self._paths.clear()
                 self._paths[req.path] = path
         method = req.method
+        gate = self._required_header
+        if gate is not None and req.header(gate[0]) != gate[1]:
+            return self._refuse(req, 403, self._gate_reason)
         if path == "/":
             if method not in _GET_HEAD:
                 return _not_allowed(_ALLOW_READ)
@@ -225,6 +285,8 @@ class MetadataApi:
         if path == TOKEN_PATH:
             if method != "PUT":
                 return _not_allowed(_ALLOW_TOKEN)
+        elif method == "PUT" and path.endswith(TOKEN_SUFFIX):
+            return self._refuse(req, 403, "tokens are issued only by PUT /latest/api/token")
         elif method not in _GET_HEAD:
             password = _is_password_path(path)
             if not (password and method == "POST"):
@@ -244,19 +306,24 @@ class MetadataApi:
         instance_id, tenant_id = who
         if path != TOKEN_PATH:
             token = seen.get(TOKEN_HEADER)
+            if token is None:
+                token = seen.get(FC_TOKEN_HEADER)
             if token is not None:
-                if not check_token(self._token_key, instance_id, token, self._wall()):
+                why = check_token(self._token_key, instance_id, token, self._wall())
+                if why is not None:
                     self.token_counts["rejected"] += 1
-                    return self._refuse(req, 401, "invalid or expired IMDSv2 token", path)
-            elif self._tokens_required:
+                    return self._refuse(req, 401, why, path)
+            elif (self._os_tokens_required if path.startswith("/openstack")
+                  else self._tokens_required):
                 self.token_counts["rejected"] += 1
-                return self._refuse(req, 401, "an IMDSv2 token is required", path)
+                return self._refuse(req, 401, "an IMDSv2 token is required: "
+                                    "PUT /latest/api/token first", path)
 
         entry = self._cache.get(instance_id)
         if entry is None:
             return self._serve_miss(req, path, instance_id, tenant_id)
         if (method == "GET" and req.keep_alive and b"if-none-match" not in seen
-                and entry.docs.project_id == tenant_id):
+                and not req.query and entry.docs.project_id == tenant_id):
             wire = entry.wire.get(path)
             if wire is not None:
                 return RawResponse(wire)
@@ -390,17 +457,27 @@ class MetadataApi:
             return self._refuse(req, 404, "instance not found", path)
         if path == TOKEN_PATH:
             return self._put_token(req, docs.instance_id, path)
+        query = _Query.parse(req.query) if req.query else _NO_QUERY
+        if path == IDENTITY_PATH and self._identity is not None:
+            return self._identity_jwt(req, docs.view, query)
         try:
-            # only the /openstack version list depends on the date
-            target = docs.lookup(path, self._today() if path == "/openstack" else _EPOCH)
+            if query.json:
+                target = docs.lookup_json(path)
+            else:
+                # only the /openstack version list depends on the date
+                target = docs.lookup(path, self._today() if path == "/openstack" else _EPOCH)
         except NotFound:
             return error_response(404, "no such metadata path")
+        if query.wait and req.method != "POST":
+            etag = _etag_of_target(target, req)
+            if etag is not None and etag == query.last_etag:
+                return self._wait_for_change(req, path, docs.instance_id, tenant_id, query)
         if isinstance(target, Document):
             if req.method == "POST":
                 return _not_allowed(_ALLOW_READ)
             resp = _doc_response(target.body, target.content_type, target.etag, req)
             if (req.method == "GET" and resp.status == 200 and len(entry.wire) < WIRE_MAX_DOCS
-                    and len(target.body) <= WIRE_MAX_BODY):
+                    and len(target.body) <= WIRE_MAX_BODY and not req.query):
                 entry.wire[path] = resp.encode(keep_alive=True)
             return resp
         if isinstance(target, PasswordTarget):
@@ -470,13 +547,105 @@ class MetadataApi:
     def _put_token(self, req: Request, instance_id: str, path: str) -> Response:
         if forwarded_by_guest(req.headers):
             return self._refuse(req, 403, "forwarded requests are not issued tokens", path)
-        ttl = parse_ttl(req.header(TTL_HEADER))
+        raw = req.header(TTL_HEADER)
+        echo = _TTL_RESPONSE_HEADER
+        if raw is None:
+            raw = req.header(FC_TTL_HEADER)
+            if raw is not None:
+                echo = _FC_TTL_RESPONSE_HEADER
+        ttl = parse_ttl(raw)
         if ttl is None:
-            return self._refuse(
-                req, 400, "X-aws-ec2-metadata-token-ttl-seconds must be 1 to 21600", path)
+            what = "is missing" if raw is None else "is not an integer from 1 to 21600"
+            return self._refuse(req, 400, f"{echo} {what}", path)
         token = mint_token(self._token_key, instance_id, ttl, self._wall(), self._urandom(8))
         self.token_counts["issued"] += 1
-        return Response(200, token.encode(), headers=[(_TTL_RESPONSE_HEADER, str(ttl))])
+        return Response(200, token.encode(), headers=[(echo, str(ttl))])
+
+    def _identity_jwt(self, req: Request, view: View, query: _Query) -> Response:
+        """`/openstack/latest/identity?audience=AUD`: an RS256 JWT for this instance."""
+        signer = self._identity
+        assert signer is not None
+        audience = query.audience
+        if not audience or len(audience) > AUDIENCE_MAX:
+            return self._refuse(req, 400, f"?audience= is required (1 to {AUDIENCE_MAX} "
+                                "characters)", IDENTITY_PATH)
+        now = self._wall()
+        key = (view.id, audience)
+        memo = self._jwts.get(key)
+        if memo is None or now - memo[0] >= JWT_MEMO_S or now < memo[0]:
+            claims = identity_claims(view, audience=audience, issuer=self._issuer,
+                                     region=self._region, now_s=now)
+            if len(self._jwts) >= JWT_MEMO_MAX:
+                self._jwts.clear()
+            memo = self._jwts[key] = (now, signer.jwt(claims))
+        return Response(200, memo[1].encode("ascii"), content_type="application/jwt")
+
+    # -- change notification --------------------------------------------------------------
+    def _wait_for_change(
+        self, req: Request, path: str, instance_id: str, tenant_id: str, query: _Query,
+    ) -> AnyResponse | Awaitable[AnyResponse]:
+        """Hold the request. The first waiter is registered right here, synchronously, so a
+        change applied before the coroutine first runs still wakes it."""
+        waiters = self._waiters.setdefault(instance_id, set())
+        if len(waiters) >= self._max_waits:
+            return self._refuse(req, 429, f"at most {self._max_waits} wait_for_change "
+                                "requests per instance", path)
+        self.stats["waits"] += 1
+        loop = asyncio.get_running_loop()
+        wake: asyncio.Future[None] = loop.create_future()
+        waiters.add(wake)
+        deadline = loop.time() + min(query.timeout_s, self._max_wait_s)
+        return self._held(req, path, instance_id, tenant_id, query, wake, deadline)
+
+    async def _held(
+        self, req: Request, path: str, instance_id: str, tenant_id: str, query: _Query,
+        wake: asyncio.Future[None], deadline: float,
+    ) -> AnyResponse:
+        loop = asyncio.get_running_loop()
+        waiters = self._waiters[instance_id]
+        try:
+            while True:
+                left = deadline - loop.time()
+                try:
+                    if left > 0:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(wake, left)
+                finally:
+                    waiters.discard(wake)
+                try:
+                    entry = self._cache.get(instance_id) or await self._load(instance_id)
+                except NotFound:
+                    return self._refuse(req, 404, "instance not found", path)
+                except _Unavailable as exc:
+                    return self._refuse(req, 503, str(exc), path,
+                                        headers=(("Retry-After", self._retry_after),))
+                if loop.time() >= deadline:
+                    break
+                try:
+                    target = (entry.docs.lookup_json(path) if query.json
+                              else entry.docs.lookup(path, self._today()))
+                except NotFound:
+                    break  # the document is gone: that is a change (the answer is 404)
+                if _etag_of_target(target, req) != query.last_etag:
+                    break
+                wake = loop.create_future()
+                waiters.add(wake)
+        finally:
+            waiters.discard(wake)
+            if not waiters and self._waiters.get(instance_id) is waiters:
+                del self._waiters[instance_id]
+        plain = Request(req.method, req.path + ("?alt=json&recursive=true" if query.json
+                                                else ""), req.headers, req.body, req.version,
+                        req.keep_alive, req.peer)
+        result = self._serve(plain, path, entry, tenant_id)
+        if isinstance(result, Response | RawResponse):
+            return result
+        return await result
+
+    def _wake(self, instance_id: str) -> None:
+        for wake in self._waiters.get(instance_id, ()):
+            if not wake.done():
+                wake.set_result(None)
 
     # -- cache --------------------------------------------------------------------------
     def _flight(self, instance_id: str) -> _Flight:
@@ -552,6 +721,8 @@ class MetadataApi:
         flight = self._inflight.get(instance_id)
         if flight is not None:
             flight.stale = True
+        if instance_id in self._waiters:
+            self._wake(instance_id)
 
     def clear(self) -> list[str]:
         """Drop everything; returns the instances that were cached (oldest first)."""
@@ -560,6 +731,8 @@ class MetadataApi:
             self._drop(iid)
         for flight in self._inflight.values():
             flight.stale = True
+        for iid in list(self._waiters):
+            self._wake(iid)
         return held
 
     # -- prewarming ---------------------------------------------------------------------
@@ -653,6 +826,53 @@ class MetadataApi:
                 self.apply_batch(batch)
         finally:
             await self.stop_prewarm()
+
+
+@dataclass(frozen=True, slots=True)
+class _Query:
+    """What the API reads from a query string (Nova ignores it; GCE's parameters)."""
+
+    wait: bool = False
+    last_etag: str = ""
+    timeout_s: float = 3600.0
+    json: bool = False
+    audience: str = ""
+
+    @classmethod
+    def parse(cls, query: str) -> _Query:
+        params = parse_qs(query, keep_blank_values=True, max_num_fields=32)
+
+        def one(name: str) -> str:
+            values = params.get(name)
+            return values[-1] if values else ""
+
+        timeout = one("timeout_sec")
+        try:
+            timeout_s = max(0.0, float(timeout)) if timeout else 3600.0
+        except ValueError:
+            timeout_s = 3600.0
+        if timeout_s != timeout_s:  # NaN
+            timeout_s = 3600.0
+        return cls(
+            wait=one("wait_for_change").lower() == "true", last_etag=one("last_etag"),
+            timeout_s=timeout_s,
+            json=one("alt").lower() == "json" and one("recursive").lower() == "true",
+            audience=one("audience"),
+        )
+
+
+_NO_QUERY = _Query()
+
+
+def _etag_of_target(target: Any, req: Request) -> str | None:
+    """The ETag the answer for this target will carry (None: not a waitable document)."""
+    if isinstance(target, Document | SeededDocument):
+        return target.etag
+    if isinstance(target, PasswordTarget):
+        return target.doc.etag
+    if isinstance(target, AddressLeaf):
+        return etag_of(MetadataApi._request_address(req).encode())
+    return None
 
 
 @dataclass(frozen=True, slots=True)

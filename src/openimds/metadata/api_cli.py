@@ -15,6 +15,7 @@ from openimds.errors import ConfigError
 from openimds.http.server import Limits, bind_tcp, install_uvloop, serve
 from openimds.log import setup_logging
 from openimds.metadata.api import MetadataApi
+from openimds.metadata.identity import architecture, load_or_create
 from openimds.metadata.vendordata import VendorData
 from openimds.metrics import ServiceMetrics, start_metrics_server
 
@@ -60,7 +61,8 @@ async def run_api(settings: Settings) -> int:
         settings.registry.effective_url, _registry_token(settings),
         timeout_s=api_cfg.registry_timeout,
     )
-    api = MetadataApi(settings, registry, vendordata)
+    api = MetadataApi(settings, registry, vendordata, identity=load_or_create(settings),
+                      architecture=architecture(settings))
     follower = ChangeFollower(registry)
     try:
         sock = bind_tcp(api_cfg.metadata_listen, api_cfg.metadata_listen_port)

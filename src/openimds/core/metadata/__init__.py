@@ -4,7 +4,8 @@ No I/O here: the view, today's date, random seed bytes and clocks come in as arg
 Modules: `versions` (version lists and gating), `view` (the view's typed form), `ec2` (the
 EC2 tree), `openstack` (meta_data.json, listings), `network_data`, `listing` (Nova's
 directory printing and the `Document` type), `documents` (routing a path to a document),
-`tokens` (IMDSv2 session tokens), `invalidation` (which cached instances a change touches).
+`tokens` (IMDSv2 session tokens), `identity` (signed identity document, JWT),
+`invalidation` (which cached instances a change touches).
 """
 
 from openimds.core.metadata.documents import (

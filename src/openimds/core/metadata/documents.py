@@ -19,12 +19,15 @@ document is serialised once per view (i.e. once per change of the instance).
 from __future__ import annotations
 
 import datetime
+import json
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import unquote
 
 from openimds.core.metadata.ec2 import RequestAddress, ec2_tree
+from openimds.core.metadata.identity import IdentitySigner, identity_document
 from openimds.core.metadata.listing import JSON, NAME_KEY, TEXT, Document, document, render_node
 from openimds.core.metadata.network_data import network_data
 from openimds.core.metadata.openstack import SeededDocument, dump, meta_data, openstack_listing
@@ -65,6 +68,11 @@ class DocumentOptions:
     static_vendordata: Mapping[str, Any] | None = None
     # True when DynamicJSON is a provider with at least one target.
     dynamic_vendordata: bool = False
+    # `/latest/dynamic/instance-identity/` is served when a signer is given.
+    identity: IdentitySigner | None = None
+    region: str = "RegionOne"
+    architecture: str = "x86_64"
+    expose_tags: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,14 +106,26 @@ _ROOT_DOC = root_document()
 
 
 def normalize_path(path: str) -> str:
-    """Nova's normalisation (posixpath.normpath), with any leading `//` collapsed to `/`."""
+    """Nova's normalisation: the path percent-decoded (webob's PATH_INFO), then
+    posixpath.normpath, with any leading `//` collapsed to `/`."""
+    if "%" in path:
+        path = unquote(path, errors="replace")
     return posixpath.normpath("/" + path.lstrip("/"))
+
+
+class _IdentityPart(str):
+    """A leaf of `/latest/dynamic/instance-identity/`, signed when first asked for."""
+
+    __slots__ = ()
+
+
+_IDENTITY_PARTS = ("document", "signature", "pkcs7", "rsa2048")
 
 
 class InstanceDocuments:
     """The documents of one instance at one revision of its view."""
 
-    __slots__ = ("_ec2", "_memo", "_os_listing", "options", "view")
+    __slots__ = ("_ec2", "_identity", "_memo", "_os_listing", "options", "view")
 
     def __init__(self, view: View, options: DocumentOptions) -> None:
         self.view = view
@@ -113,6 +133,7 @@ class InstanceDocuments:
         self._memo: dict[str, Target] = {}
         self._ec2: dict[str, dict[str, Any]] = {}
         self._os_listing: tuple[datetime.date, Document] | None = None
+        self._identity: bytes | None = None
 
     @property
     def instance_id(self) -> str:
@@ -178,23 +199,84 @@ class InstanceDocuments:
         raise NotFound(f"no OpenStack metadata document {name!r}")
 
     # -- EC2 ----------------------------------------------------------------------------
-    def _ec2_item(self, tokens: list[str]) -> Target:
-        if not tokens:
-            return _ROOT_DOC
+    def _ec2_node(self, tokens: list[str]) -> Any:
+        """The EC2 tree node at a path below the root (a dict, list or leaf)."""
         version = ec2_version(tokens[0])
         if version is None:
             raise NotFound(f"no EC2 metadata version {tokens[0]!r}")
         key = "latest" if tokens[0] == "latest" else version
         tree = self._ec2.get(key)
         if tree is None:
-            tree = ec2_tree(self.view, version, dhcp_domain=self.options.dhcp_domain,
-                            latest=key == "latest")
+            opts = self.options
+            tree = ec2_tree(self.view, version, dhcp_domain=opts.dhcp_domain,
+                            latest=key == "latest", expose_tags=opts.expose_tags)
+            if key == "latest" and opts.identity is not None:
+                tree["dynamic"] = {"instance-identity": {
+                    part: _IdentityPart(part) for part in _IDENTITY_PARTS}}
             self._ec2[key] = tree
         node: Any = tree
         for part in tokens[1:]:
             if not isinstance(node, Mapping) or part not in node or part == NAME_KEY:
                 raise NotFound("no such metadata path")
             node = node[part]
+        return node
+
+    def _ec2_item(self, tokens: list[str]) -> Target:
+        if not tokens:
+            return _ROOT_DOC
+        node = self._ec2_node(tokens)
         if isinstance(node, RequestAddress):
             return _ADDRESS
+        if isinstance(node, _IdentityPart):
+            return self._identity_part(node)
         return document(render_node(node))
+
+    def _identity_part(self, part: str) -> Document:
+        signer = self.options.identity
+        assert signer is not None
+        doc = self._identity
+        if doc is None:
+            doc = self._identity = identity_document(
+                self.view, region=self.options.region, architecture=self.options.architecture)
+        if part == "document":
+            return document(doc, JSON)
+        if part == "signature":
+            return document(signer.signature(doc))
+        return document(signer.pkcs7(doc))
+
+    def lookup_json(self, path: str) -> Target:
+        """GCE's `?recursive=true&alt=json` on an EC2 path: the subtree as one JSON object
+        (a leaf as a JSON string). Raises NotFound; `local-ipv4` from the request is left
+        to the plain lookup (AddressLeaf)."""
+        memo_key = path + "?json"
+        hit = self._memo.get(memo_key)
+        if hit is not None:
+            return hit
+        tokens = path.split("/")[1:]
+        if tokens[0] == "ec2":
+            tokens = tokens[1:]
+        if not tokens or tokens[0] in ("", "openstack"):
+            raise NotFound("recursive JSON is served for EC2 paths only")
+        node = self._ec2_node(tokens)
+        if isinstance(node, RequestAddress):
+            return _ADDRESS
+        target = document(json.dumps(self._jsonable(node), sort_keys=True,
+                                     separators=(",", ":")).encode(), JSON)
+        self._memo[memo_key] = target
+        return target
+
+    def _jsonable(self, node: Any) -> Any:
+        if isinstance(node, _IdentityPart):
+            body = self._identity_part(node).body.decode()
+            return json.loads(body) if node == "document" else body
+        if isinstance(node, Mapping):
+            return {k: self._jsonable(v) for k, v in node.items() if k != NAME_KEY}
+        if isinstance(node, RequestAddress):
+            return ""
+        if isinstance(node, bytes):
+            return node.decode("utf-8", "replace")
+        if isinstance(node, str):
+            return node
+        if isinstance(node, Sequence):
+            return [str(item) for item in node]
+        return str(node)

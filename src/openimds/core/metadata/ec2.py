@@ -20,11 +20,16 @@ Only `latest` (which Nova maps to 2009-04-04) also carries a few newer AWS keys 
 botocore and the `ec2-metadata` package read and that we can always answer: `mac`,
 `instance-life-cycle`, `services/partition` and `services/domain` (when `dhcp_domain` is set).
 No listed key ever answers 404.
+
+With `[api] expose_tags` (AWS's `InstanceMetadataTags=enabled`), `latest` also has
+`tags/instance/<key>`: the instance's properties whose key follows AWS's rules for tags in
+metadata (letters, digits and `+-=._:@`; not `.`, `..` or `_index`); others are left out.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import string
 from typing import Any, Final
 
@@ -32,7 +37,7 @@ from openimds.core.metadata.listing import NAME_KEY
 from openimds.core.metadata.versions import ec2_at_least
 from openimds.core.metadata.view import View
 
-__all__ = ["REQUEST_ADDRESS", "RequestAddress", "ec2_tree", "hostname_of"]
+__all__ = ["REQUEST_ADDRESS", "RequestAddress", "ec2_tree", "hostname_of", "is_tag_key"]
 
 
 class RequestAddress:
@@ -43,6 +48,13 @@ class RequestAddress:
 
 REQUEST_ADDRESS: Final = RequestAddress()
 _BASE36 = string.digits + string.ascii_lowercase
+_TAG_KEY = re.compile(r"[A-Za-z0-9+\-=._:@]{1,128}")
+_TAG_RESERVED = frozenset({".", "..", "_index"})
+
+
+def is_tag_key(key: str) -> bool:
+    """AWS's rule for a tag key that instance metadata can carry."""
+    return key not in _TAG_RESERVED and _TAG_KEY.fullmatch(key) is not None
 
 
 def hostname_of(view: View, dhcp_domain: str) -> str:
@@ -62,7 +74,9 @@ def reservation_id(instance_id: str) -> str:
     return "r-" + "".join(_BASE36[b % 36] for b in digest[:8])
 
 
-def ec2_tree(view: View, version: str, *, dhcp_domain: str, latest: bool) -> dict[str, Any]:
+def ec2_tree(
+    view: View, version: str, *, dhcp_domain: str, latest: bool, expose_tags: bool = False,
+) -> dict[str, Any]:
     """The EC2 tree for one version (`latest` = the newest, plus the extra AWS keys)."""
     hostname = hostname_of(view, dhcp_domain)
     local_ipv4: str | RequestAddress = view.first_ipv4() or REQUEST_ADDRESS
@@ -100,6 +114,8 @@ def ec2_tree(view: View, version: str, *, dhcp_domain: str, latest: bool) -> dic
         if dhcp_domain:
             services["domain"] = dhcp_domain
         meta["services"] = services
+        if expose_tags:
+            meta["tags"] = {"instance": {k: v for k, v in view.metadata if is_tag_key(k)}}
     tree: dict[str, Any] = {"meta-data": meta}
     if view.user_data is not None:
         tree["user-data"] = view.user_data

@@ -67,6 +67,7 @@ class View:
     password: str | None
     keypair: Keypair | None
     ports: tuple[Port, ...]
+    created_at: str = ""
 
     def first_ipv4(self) -> str | None:
         for port in self.ports:
@@ -145,6 +146,7 @@ def parse_view(raw: Mapping[str, Any]) -> View:
             password=inst.get("password"),
             keypair=keypair,
             ports=tuple(_port(p) for p in raw.get("ports") or inst.get("ports") or ()),
+            created_at=_str(inst.get("created_at")),
         )
     except KeyError as exc:
         raise BadRequest(f"metadata view lacks field {exc.args[0]!r}") from None
