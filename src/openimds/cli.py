@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "openimds.agents.l3_cli",
     "openimds.agents.dhcp_cli",
     "openimds.lab.cli",
+    "openimds.lab.cluster_cli",
     "openimds.node.cli",
 )
 

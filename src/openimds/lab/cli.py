@@ -12,8 +12,36 @@ from openimds.errors import BadRequest, NotFound
 from openimds.output import emit_one
 
 
+def _on_node(settings: Any, server: str, command: list[str]) -> None:
+    """In a lab cluster (host.ini), run `openimds vm COMMAND` inside the server's node and
+    never return; return if the server has no node (then it is plugged here)."""
+    from openimds.lab import cluster
+    from openimds.lab.vm import Registry
+
+    if cluster.cluster_of(settings) is None:
+        return
+    registry = Registry(settings)
+    try:
+        instance = registry.find_instance(server)
+    finally:
+        registry.close()
+    found = cluster.node_of(settings, instance.get("host"))
+    if found is None:
+        return
+    lab, node = found
+    argv = [sys.executable, "-m", "openimds", "--config", str(lab.node_config(node)), "vm",
+            command[0], str(instance["id"]), *command[1:]]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    entered = cluster.enter_argv(node, argv)
+    os.execvp(entered[0], entered)  # noqa: S606
+
+
 def _plug(args: argparse.Namespace, settings: Any) -> int:
     from openimds.lab.vm import plug
+
+    _on_node(settings, args.server, ["plug", "--address-mode", args.address_mode,
+                                     "-f", args.format] + (["-v"] if args.verbose else []))
 
     plan = plug(settings, args.server, address_mode=args.address_mode)
     if args.format == "table" and not args.verbose:
@@ -32,6 +60,7 @@ def _exec(args: argparse.Namespace, settings: Any) -> int:
         command = command[1:]
     if not command:
         raise BadRequest("vm exec: no command given (openimds vm exec SERVER -- CMD ...)")
+    _on_node(settings, args.server, ["exec", "--", *command])
     ns = namespace_for(settings, args.server)
     if not namespace_exists(ns):
         raise NotFound(f"server {args.server} is not plugged (no namespace {ns})")
@@ -45,6 +74,7 @@ def _exec(args: argparse.Namespace, settings: Any) -> int:
 def _unplug(args: argparse.Namespace, settings: Any) -> int:
     from openimds.lab.vm import namespace_for, unplug_namespace
 
+    _on_node(settings, args.server, ["unplug", "-f", args.format])
     ns = namespace_for(settings, args.server)
     removed = unplug_namespace(ns)
     if args.format == "table":
