@@ -122,7 +122,7 @@ class StrictUpstream:
                 with contextlib.suppress(OSError):
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
                                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
-                                 + body)
+                                 + (b"" if seen.method == "HEAD" else body))
 
     def _parse(self, head: bytes) -> Seen | None:
         lines = head.split(b"\r\n")
@@ -245,8 +245,14 @@ class HostileLab:
                 out += chunk
 
 
-def parse_answers(data: bytes) -> list[tuple[int, dict[bytes, bytes], bytes]]:
-    """Split a byte stream of responses (Content-Length framed); raises on anything else."""
+def parse_answers(
+    data: bytes, *, heads: bool = False,
+) -> list[tuple[int, dict[bytes, bytes], bytes]]:
+    """Split a byte stream of responses (Content-Length framed); raises on anything else.
+
+    `heads`: some requests may have been HEAD: a 200 followed directly by the next status
+    line (or the end) has no body, whatever its Content-Length says.
+    """
     answers = []
     while data:
         head, sep, rest = data.partition(b"\r\n\r\n")
@@ -261,6 +267,8 @@ def parse_answers(data: bytes) -> list[tuple[int, dict[bytes, bytes], bytes]]:
             name, _, value = line.partition(b":")
             headers[name.strip().lower()] = value.strip()
         length = int(headers.get(b"content-length", b"0"))
+        if heads and m.group(1) == b"200" and (not rest or rest.startswith(b"HTTP/1.1 ")):
+            length = 0
         body, data = rest[:length], rest[length:]
         if len(body) < length:
             raise AssertionError(f"truncated body: {head[:200]!r}")

@@ -194,8 +194,12 @@ class _Conn(asyncio.Protocol):
         self._status = self._parser.get_status_code()
         if self._head_only:
             # httptools cannot be told to skip a HEAD answer's body: finish here and never
-            # reuse this connection.
-            self._complete(keep_alive=False)
+            # reuse this connection. The answer's own keep-alive is still reported: a hop
+            # relaying it must not close its client's connection (and drop the requests
+            # pipelined after the HEAD) because of how we treat ours.
+            keep_alive = bool(self._parser.should_keep_alive())
+            self.close()
+            self._complete(keep_alive=keep_alive)
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)

@@ -353,6 +353,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_trailers = True
+        continued = False
         for name, value in self._headers:
             if name == b"content-length":
                 try:
@@ -363,7 +364,11 @@ class HttpProtocol(asyncio.Protocol):
                     raise _ProtocolError(
                         413, f"body of {length} bytes exceeds {self._limits.max_body_bytes}"
                     )
-            elif name == b"expect" and value.lower() == b"100-continue" and self._transport:
+            elif (name == b"expect" and value.lower() == b"100-continue" and self._transport
+                  and not self._busy and not self._queue and not continued):
+                # Only for the request answered next: a 100 written while an earlier
+                # pipelined request waits would be read as that request's interim answer.
+                continued = True
                 self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
