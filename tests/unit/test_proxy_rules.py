@@ -141,7 +141,18 @@ def test_rewrite_removes_spoofed_and_sets_ours() -> None:
         (b"accept", b"*/*"),
         (b"X-Forwarded-For", b"10.0.0.5"),
         (b"X-Neutron-Router-ID", RID.encode()),
+        (b"X-Openimds-Guest-Forwarded", b"1"),  # the guest forwarded: no IMDSv2 token
     ]
+
+
+def test_guest_forwarded_marker_only_from_us() -> None:
+    plain = rewrite_headers([(b"host", b"h"), (b"x-openimds-guest-forwarded", b"0")],
+                            proxy_headers("10.0.0.5", ROUTER))
+    assert plain == [(b"host", b"h"), (b"X-Forwarded-For", b"10.0.0.5"),
+                     (b"X-Neutron-Router-ID", RID.encode())]
+    for name in (b"X-Forwarded-For", b"x_forwarded_for", b"Forwarded", b"X-Forwarded-Proto"):
+        out = rewrite_headers([(name, b"192.168.1.5")], proxy_headers("10.0.0.5", ROUTER))
+        assert out[-1] == (b"X-Openimds-Guest-Forwarded", b"1"), name
 
 
 def test_network_listener_sets_network_id_only() -> None:
@@ -191,6 +202,11 @@ def test_rewrite_is_strict_for_any_input(
     headers: list[tuple[bytes, bytes]], spec: ListenerSpec, peer: str,
 ) -> None:
     out = rewrite_headers(headers, proxy_headers(peer, spec))
+    canon = [n.lower().replace(b"_", b"-") for n, _ in headers]
+    forwarding = any(c == b"forwarded" or c.startswith(b"x-forwarded-") for c in canon)
+    assert (out[-1] == (b"X-Openimds-Guest-Forwarded", b"1")) == forwarding
+    if forwarding:
+        out = out[:-1]
     names = [n.lower().replace(b"_", b"-") for n, _ in out]
     # Exactly one XFF, our own, and exactly one identity header, the listener's.
     assert [v for n, v in out if n.lower() == b"x-forwarded-for"] == [

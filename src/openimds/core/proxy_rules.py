@@ -16,6 +16,10 @@ ID, `option forwardfor`) made strict, because a VM controls every header it send
 - X-Forwarded-For is *set* to the TCP peer, never appended: a VM-sent value neither survives
   nor breaks the request (Neutron's appended header made webob see "spoofed, real" and fail);
 - exactly one X-Neutron-Router-ID or X-Neutron-Network-ID names the listener;
+- when the VM sent any X-Forwarded-* or Forwarded header (a forwarding proxy inside the
+  guest), `X-Openimds-Guest-Forwarded: 1` tells the API (which then issues no IMDSv2 token,
+  as AWS refuses a token PUT carrying X-Forwarded-For); a VM-sent header of that name is
+  removed like the other spoofable ones;
 - hop-by-hop headers (and those the client's Connection header lists) stay on the client's
   hop; the body is re-framed by the upstream client, so Content-Length, Transfer-Encoding and
   Expect are dropped too.
@@ -36,10 +40,12 @@ SPEC_SUFFIX = ".json"
 ROUTER_ID_HEADER = b"X-Neutron-Router-ID"
 NETWORK_ID_HEADER = b"X-Neutron-Network-ID"
 FORWARDED_FOR_HEADER = b"X-Forwarded-For"
+GUEST_FORWARDED = (b"X-Openimds-Guest-Forwarded", b"1")
 
 # Compared after lower-casing and mapping "_" to "-".
 _STRIPPED_PREFIXES = (b"x-neutron-", b"x-instance-id", b"x-forwarded-")
-_STRIPPED_NAMES = frozenset({b"x-tenant-id", b"forwarded"})
+_STRIPPED_NAMES = frozenset({b"x-tenant-id", b"forwarded", b"x-openimds-guest-forwarded"})
+_FORWARDING = frozenset({b"forwarded"})  # plus every x-forwarded-*
 _HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
     b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
@@ -169,7 +175,7 @@ def _connection_tokens(value: bytes) -> set[bytes]:
     return tokens
 
 
-_KEEP, _DROP, _CONNECTION = 0, 1, 2
+_KEEP, _DROP, _CONNECTION, _FORWARDED = 0, 1, 2, 3
 # Decisions per header name as sent (names repeat: host, user-agent, accept ...). A pure
 # function's memo, bounded because the names come from VMs.
 _DECISIONS: dict[bytes, int] = {}
@@ -180,6 +186,8 @@ def _decide(name: bytes) -> int:
     low = name.lower()
     if low == b"connection":
         decision = _CONNECTION
+    elif _canonical(name) in _FORWARDING or _canonical(name).startswith(b"x-forwarded-"):
+        decision = _FORWARDED
     elif low in _HOP_BY_HOP or is_spoofable(name):
         decision = _DROP
     else:
@@ -199,6 +207,7 @@ def rewrite_headers(
     """
     out = []
     listed: set[bytes] | None = None
+    forwarded = False
     decisions = _DECISIONS
     for item in headers:
         decision = decisions.get(item[0])
@@ -208,9 +217,13 @@ def rewrite_headers(
             out.append(item)
         elif decision == _CONNECTION:
             listed = _connection_tokens(item[1]) | (listed or set())
+        elif decision == _FORWARDED:
+            forwarded = True
     if listed:
         out = [item for item in out if item[0].lower() not in listed]
     out.extend(added)
+    if forwarded:
+        out.append(GUEST_FORWARDED)
     return out
 
 

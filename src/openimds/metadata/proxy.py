@@ -149,8 +149,9 @@ class _ErrorLog:
 class Forwarder:
     """Relays requests to the agent; shared by every listener."""
 
-    def __init__(self, pool: UpstreamPool) -> None:
+    def __init__(self, pool: UpstreamPool, *, token_hop_limit: int = 1) -> None:
         self.pool = pool
+        self.token_hop_limit = token_hop_limit  # IP TTL of PUT (token) answers
         self._errors = _ErrorLog()
         # The bytes sent to the agent are a function of the listener, the peer and the
         # request: a VM asks for the same few paths with the same headers, so they are made
@@ -280,21 +281,57 @@ class SourceCap:
 OVER_CAP_TIMEOUT_S = 2.0
 
 
-class _ClientProtocol(HttpProtocol):
-    """A client connection that its listener can close (each one pins the namespace too)."""
+def _set_hop_limit(sock: object, hops: int) -> None:
+    """IP TTL (and IPv6 hop limit) of the packets this socket sends; -1 = the default."""
+    family = getattr(sock, "family", socket.AF_INET)
+    setsockopt = getattr(sock, "setsockopt", None)
+    if setsockopt is None:
+        return
+    try:
+        if family == socket.AF_INET6:
+            setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, hops)
+            with contextlib.suppress(OSError):  # v4-mapped peers of a dual-stack socket
+                setsockopt(socket.IPPROTO_IP, socket.IP_TTL, hops)
+        else:
+            setsockopt(socket.IPPROTO_IP, socket.IP_TTL, hops)
+    except OSError as exc:
+        log.warning("proxy.hop_limit_failed hops=%d error=%s", hops, exc)
 
-    __slots__ = ("_cap", "_conns", "_own", "_source")
+
+class _ClientProtocol(HttpProtocol):
+    """A client connection that its listener can close (each one pins the namespace too).
+
+    An answer to a PUT (the IMDSv2 token request) leaves with IP TTL / hop limit
+    `[api] token_hop_limit`, AWS's HttpPutResponseHopLimit: with 1, a container routed or
+    NATed behind the VM (one more hop, TTL decremented to 0 there) never sees the token. The
+    socket keeps that TTL until the next non-PUT answer on the connection is written, so a
+    retransmission of the token answer is limited too.
+    """
+
+    __slots__ = ("_cap", "_conns", "_hops", "_lowered", "_own", "_source")
 
     def __init__(
         self, handler: Handler, limits: Limits,
         loop: asyncio.AbstractEventLoop, conns: set[asyncio.Transport],
-        cap: SourceCap | None = None,
+        cap: SourceCap | None = None, token_hop_limit: int = 1,
     ) -> None:
         super().__init__(handler, limits, loop)
         self._conns = conns
         self._own: asyncio.Transport | None = None
         self._cap = cap
         self._source: str | None = None
+        self._hops = token_hop_limit
+        self._lowered = False
+
+    def _send(self, req: Request, resp: AnyResponse) -> None:
+        if req.method == "PUT":
+            if not self._lowered and self._own is not None:
+                _set_hop_limit(self._own.get_extra_info("socket"), self._hops)
+                self._lowered = True
+        elif self._lowered and self._own is not None:
+            _set_hop_limit(self._own.get_extra_info("socket"), -1)
+            self._lowered = False
+        super()._send(req, resp)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have the same API.
@@ -341,7 +378,8 @@ class Listener:
         conns = self.conns
         cap = self.cap
         self.server = await loop.create_server(
-            lambda: _ClientProtocol(handler, limits, loop, conns, cap), sock=sock,
+            lambda: _ClientProtocol(handler, limits, loop, conns, cap,
+                                    forwarder.token_hop_limit), sock=sock,
             backlog=LISTEN_BACKLOG,
         )
 
@@ -579,7 +617,8 @@ async def run_proxy(settings: Settings) -> int:
     paths = ProxyPaths.from_settings(settings)
     paths.listeners_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     pool = pool_from_settings(settings)
-    proxy = NamespaceProxy(paths.listeners_dir, Forwarder(pool),
+    forwarder = Forwarder(pool, token_hop_limit=settings.api.token_hop_limit)
+    proxy = NamespaceProxy(paths.listeners_dir, forwarder,
                            limits_from_settings(settings), settings.proxy.rescan_interval,
                            settings.proxy.max_connections_per_source)
     loop = asyncio.get_running_loop()

@@ -149,7 +149,8 @@ class IdentitySigner:
             pkcs7.PKCS7SignatureBuilder()
             .set_data(document)
             .add_signer(self._cert, self._key, hashes.SHA256())
-            .sign(serialization.Encoding.PEM, [pkcs7.PKCS7Options.DetachedSignature])
+            .sign(serialization.Encoding.PEM,
+                  [pkcs7.PKCS7Options.DetachedSignature, pkcs7.PKCS7Options.Binary])
         )
         lines = [ln for ln in pem.strip().splitlines() if not ln.startswith(b"-----")]
         return b"\n".join(lines)
