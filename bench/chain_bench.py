@@ -196,12 +196,20 @@ def get_in(ns: str, port: int) -> tuple[int, bytes]:
     return int(data.split(b" ", 2)[1]), data
 
 
-def run_wrk(vm: str, port: int, conns: int, duration: float, close: bool) -> dict[str, float]:
-    argv = ["ip", "netns", "exec", vm, "wrk", "-t", str(min(2, conns)), "-c", str(conns),
+def run_wrk(vm: str, port: int, conns: int, duration: float, close: bool,
+            headers: list[str] | None = None) -> dict[str, float]:
+    """wrk from the VM's namespace to the router's listener; with `headers`, from here
+    straight to the API on 127.0.0.1, as the agent (headers = what the agent sends)."""
+    argv = ["wrk", "-t", str(min(2, conns)), "-c", str(conns),
             "-d", f"{int(duration)}s", "--timeout", "5s", "--latency"]
+    if headers is None:
+        argv = ["ip", "netns", "exec", vm, *argv]
+    for h in headers or ():
+        argv += ["-H", h]
     if close:
         argv += ["-H", "Connection: close"]
-    out = subprocess.run(argv + [f"http://{ROUTER_IP}:{port}{PATH}"], capture_output=True,
+    host = ROUTER_IP if headers is None else "127.0.0.1"
+    out = subprocess.run(argv + [f"http://{host}:{port}{PATH}"], capture_output=True,
                          text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
@@ -288,7 +296,8 @@ class Bench:
         cfg = base_config(state, DEFAULT={
             "metadata_proxy_socket": str(self.tmp / f"agent-w{workers}.sock"),
             "metadata_proxy_socket_mode": "all",  # haproxy runs as nobody
-        }, proxy={"spawn_from_agents": "false"})
+        }, proxy={"spawn_from_agents": "false"},
+            metrics={"enabled": "false"})  # two stacks in one run: no metrics ports
         return write_config(self.tmp / f"openimds-w{workers}.ini", cfg), cfg
 
     def cli(self, name: str, config: Path, *args: str,
@@ -296,7 +305,7 @@ class Bench:
         return self.spawn(name, [PY, "-m", "openimds", "--config", str(config), *args], env)
 
 
-def populate(url: str, token: str) -> str:
+def populate(url: str, token: str) -> tuple[str, dict[str, Any]]:
     from openimds.registry.client import RegistryClient
 
     with RegistryClient(url, token) as admin:
@@ -304,8 +313,8 @@ def populate(url: str, token: str) -> str:
         net = admin.create_network("bench")
         sub = admin.create_subnet("bench", net["id"], "10.0.0.0/24")
         admin.add_interface(router["id"], sub["id"])
-        admin.create_instance("vm-bench", net["id"], fixed_ip=VM_IP)
-    return str(router["id"])
+        inst = admin.create_instance("vm-bench", net["id"], fixed_ip=VM_IP)
+    return str(router["id"]), inst
 
 
 @dataclass
@@ -315,6 +324,8 @@ class Stack:
     workers: int
     services: dict[str, Proc]
     ports: dict[str, int]
+    api_headers: list[str]  # what the agent sends: wrk straight at the API (--api-only)
+    api_port: int
 
 
 def start_stack(b: Bench, rns: str, workers: int, port_base: int) -> Stack:
@@ -326,7 +337,7 @@ def start_stack(b: Bench, rns: str, workers: int, port_base: int) -> Stack:
     sfx = f"-w{workers}"
     registry = b.cli("registry" + sfx, config, "registry", "serve")
     wait_until(lambda: urlopen_ok(url + "/v1/health"), 30, "registry")
-    router_id = populate(url, reg["admin_token"])
+    router_id, inst = populate(url, reg["admin_token"])
     api = b.cli("api" + sfx, config, "api", env=wenv)
     api_port = int(cfg["DEFAULT"]["nova_metadata_port"])
     wait_until(lambda: tcp_open("127.0.0.1", api_port), 30, "api")
@@ -346,9 +357,15 @@ def start_stack(b: Bench, rns: str, workers: int, port_base: int) -> Stack:
                                        socket=sock, router_id=router_id))
     haproxy = b.spawn("haproxy" + sfx, ["ip", "netns", "exec", rns, "haproxy", "-db", "-f",
                                         str(hcfg)])
+    from openimds.core.signing import sign_instance_id
+
+    secret = cfg["DEFAULT"]["metadata_proxy_shared_secret"].encode()
+    headers = [f"X-Forwarded-For: {VM_IP}", f"X-Instance-ID: {inst['id']}",
+               f"X-Tenant-ID: {inst['project_id']}",
+               f"X-Instance-ID-Signature: {sign_instance_id(secret, inst['id'])}"]
     return Stack(workers, {"registry": registry, "api": api, "agent": agent, "proxy": proxy,
                            "haproxy": haproxy},
-                 {"chain": chain_port, "haproxy": hap_port})
+                 {"chain": chain_port, "haproxy": hap_port}, headers, api_port)
 
 
 def urlopen_ok(url: str) -> bool:
@@ -385,10 +402,10 @@ def keep_alive_bytes(answer: bytes) -> bytes:
 
 
 def measure(b: Bench, vm: str, port: int, pids: dict[str, int], conns: int, close: bool,
-            duration: float) -> dict[str, Any]:
-    run_wrk(vm, port, conns, 1, close)  # warm-up
+            duration: float, headers: list[str] | None = None) -> dict[str, Any]:
+    run_wrk(vm, port, conns, 1, close, headers)  # warm-up
     before = {k: tree_cpu_s(p) for k, p in pids.items()}
-    r: dict[str, Any] = dict(run_wrk(vm, port, conns, duration, close))
+    r: dict[str, Any] = dict(run_wrk(vm, port, conns, duration, close, headers))
     after = {k: tree_cpu_s(p) for k, p in pids.items()}
     n = max(1, int(r["requests"]))
     r["cpu_us"] = {k: (after[k] - before[k]) / n * 1e6 for k in pids}
@@ -440,6 +457,9 @@ def main() -> int:
     p.add_argument("--profile", choices=("proxy", "agent", "api"),
                    help="sample that service with py-spy during one keep-alive run")
     p.add_argument("--profile-native", action="store_true")
+    p.add_argument("--api-only", action="store_true",
+                   help="wrk straight at the API (signed headers, as the agent sends them) "
+                        "instead of through the chain: the API's own worker scaling")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     if os.geteuid() != 0:
@@ -485,18 +505,22 @@ def main() -> int:
             else:
                 profile_report(out)
             return 0
-        configs: list[tuple[str, int, dict[str, int]]] = [("bare", PORTS["bare"],
-                                                           {"bare": bare.popen.pid})]
+        configs: list[tuple[str, int, dict[str, int], list[str] | None]] = [
+            ("bare", PORTS["bare"], {"bare": bare.popen.pid}, None)]
         for st in stacks:
             pids = {k: v.popen.pid for k, v in st.services.items() if k != "haproxy"}
-            configs.append((f"chain-w{st.workers}", st.ports["chain"], pids))
+            if a.api_only:
+                configs.append((f"api-w{st.workers}", st.api_port, {"api": pids["api"]},
+                                st.api_headers))
+                continue
+            configs.append((f"chain-w{st.workers}", st.ports["chain"], pids, None))
             hp = {k: v for k, v in pids.items() if k != "proxy"}
             hp["haproxy"] = st.services["haproxy"].popen.pid
-            configs.append((f"haproxy-w{st.workers}", st.ports["haproxy"], hp))
+            configs.append((f"haproxy-w{st.workers}", st.ports["haproxy"], hp, None))
         for rnd in range(1, a.rounds + 1):
             for conns, close in scenarios:
-                for name, port, pids in configs:
-                    r = measure(b, vm, port, pids, conns, close, a.duration)
+                for name, port, pids, headers in configs:
+                    r = measure(b, vm, port, pids, conns, close, a.duration, headers)
                     r.update(round=rnd, config=name, conns=conns, close=close)
                     results["rows"].append(r)
                     cpu = ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_us"].items())
@@ -513,7 +537,8 @@ def main() -> int:
     finally:
         results["load_after"] = loadavg()
         b.cleanup()
-    summary = summarize(results["rows"], scenarios, worker_counts)
+    summary = summarize(results["rows"], scenarios, worker_counts,
+                        "api" if a.api_only else "chain")
     results["summary"] = summary
     print(f"load average before {results['load_before']}, after {results['load_after']}")
     if a.json:
@@ -522,7 +547,9 @@ def main() -> int:
 
 
 def summarize(rows: list[dict[str, Any]], scenarios: list[tuple[int, bool]],
-              workers: list[int]) -> list[str]:
+              workers: list[int], kind: str = "chain") -> list[str]:
+    """Print and return the summary lines; `kind` is chain (the full chain, with haproxy as
+    the other hop 1) or api (wrk straight at the API)."""
     lines: list[str] = []
 
     def sel(name: str, conns: int, close: bool) -> dict[int, dict[str, Any]]:
@@ -532,55 +559,48 @@ def summarize(rows: list[dict[str, Any]], scenarios: list[tuple[int, bool]],
     def ratio(xs: list[float]) -> str:
         return f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})" if xs else "-"
 
+    def say(line: str) -> None:
+        lines.append(line)
+        print(line)
+
     print("\nsummary: medians over rounds; ratios are medians of per-round ratios")
+    kinds = ("chain", "haproxy") if kind == "chain" else ("api",)
+    hops = ("proxy", "agent", "api") if kind == "chain" else ("api",)
     for conns, close in scenarios:
         label = f"c={conns}{' close' if close else ''}"
         bare = sel("bare", conns, close)
-        names = ["bare"] + [f"{k}-w{w}" for w in workers for k in ("chain", "haproxy")]
-        for name in names:
+        for name in ["bare"] + [f"{k}-w{w}" for w in workers for k in kinds]:
             rs = list(sel(name, conns, close).values())
             if not rs:
                 continue
-            cpu_keys = rs[0]["cpu_us"].keys()
             cpu = ", ".join(f"{k} {statistics.median(r['cpu_us'][k] for r in rs):.1f}"
-                            for k in cpu_keys)
-            line = (f"| {label} | {name} | {statistics.median(r['rps'] for r in rs):,.0f} | "
-                    f"{statistics.median(r['p99_ms'] for r in rs):.2f} | {cpu} | "
-                    f"{sum(r['errors'] for r in rs)} |")
-            lines.append(line)
-            print(line)
+                            for k in rs[0]["cpu_us"])
+            say(f"| {label} | {name} | {statistics.median(r['rps'] for r in rs):,.0f} | "
+                f"{statistics.median(r['p99_ms'] for r in rs):.2f} | {cpu} | "
+                f"{sum(r['errors'] for r in rs)} |")
         for w in workers:
-            chain = sel(f"chain-w{w}", conns, close)
+            ours = sel(f"{kind}-w{w}", conns, close)
+            for hop in hops:
+                xs = [ours[k]["cpu_us"][hop] / bare[k]["cpu_us"]["bare"]
+                      for k in ours if k in bare and bare[k]["cpu_us"]["bare"]]
+                say(f"{label} w{w}: {hop} CPU/req / bare CPU/req = {ratio(xs)}"
+                    + ("" if close else "  (target <= 3)"))
+            if kind != "chain":
+                continue
+            xs = [ours[k]["rps"] / bare[k]["rps"] for k in ours if k in bare]
+            say(f"{label} w{w}: chain / one-process floor (bare) rps = {ratio(xs)}"
+                + ("  (target >= 0.6)" if close else ""))
             hap = sel(f"haproxy-w{w}", conns, close)
-            for hop in ("proxy", "agent", "api"):
-                xs = [chain[k]["cpu_us"][hop] / bare[k]["cpu_us"]["bare"]
-                      for k in chain if k in bare and bare[k]["cpu_us"]["bare"]]
-                line = f"{label} w{w}: {hop} CPU/req / bare CPU/req = {ratio(xs)}"
-                if not close:
-                    line += "  (target <= 3)"
-                lines.append(line)
-                print(line)
-            xs = [chain[k]["rps"] / bare[k]["rps"] for k in chain if k in bare]
-            line = f"{label} w{w}: chain / one-process floor (bare) rps = {ratio(xs)}"
-            if close:
-                line += "  (target >= 0.6)"
-            lines.append(line)
-            print(line)
-            xs = [chain[k]["rps"] / hap[k]["rps"] for k in chain if k in hap]
-            line = (f"{label} w{w}: chain with openimds proxy / with haproxy (Neutron "
-                    f"config) rps = {ratio(xs)}")
-            if close:
-                line += "  (target >= 1.0)"
-            lines.append(line)
-            print(line)
+            xs = [ours[k]["rps"] / hap[k]["rps"] for k in ours if k in hap]
+            say(f"{label} w{w}: chain with openimds proxy / with haproxy (Neutron config) "
+                f"rps = {ratio(xs)}" + ("  (target >= 1.0)" if close else ""))
         if len(workers) > 1:
-            one = sel(f"chain-w{workers[0]}", conns, close)
+            one = sel(f"{kind}-w{workers[0]}", conns, close)
             for w in workers[1:]:
-                many = sel(f"chain-w{w}", conns, close)
+                many = sel(f"{kind}-w{w}", conns, close)
                 xs = [many[k]["rps"] / one[k]["rps"] for k in many if k in one]
-                line = f"{label}: chain {w} workers / {workers[0]} worker rps = {ratio(xs)}"
-                lines.append(line)
-                print(line)
+                say(f"{label}: {kind} {w} workers / {workers[0]} worker rps = {ratio(xs)}"
+                    + ("  (target >= 1.6)" if w == 2 else ""))
     return lines
 
 

@@ -139,6 +139,10 @@ class ApiSettings:
         4, "Background view fetches for instances the change feed reports new or changed "
         "(0 = off: only fetch on a request)", min=0, max=64,
     )
+    workers: int = opt(
+        1, "API worker processes (SO_REUSEPORT listeners; each has its own document cache "
+        "and follows the change feed)", min=1, max=256,
+    )
     access_log: bool = opt(
         False, "One openimds.access line per request, with the proxy's request ID "
         "(about 20 µs each; on with debug)"
@@ -205,6 +209,10 @@ class ProxySettings:
         16384, "Largest request line plus headers a VM may send (431/414 beyond)", min=1024
     )
     max_body_bytes: int = opt(65536, "Largest request body a VM may send (413 beyond)", min=0)
+    workers: int = opt(
+        1, "Proxy worker processes, each with an SO_REUSEPORT listener in every namespace",
+        min=1, max=256,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +309,10 @@ class Settings:
     metadata_proxy_user: str = opt("", "User the proxy runs as; empty = the agent's user")
     metadata_proxy_group: str = opt("", "Group the proxy runs as; empty = the agent's group")
     metadata_backlog: int = opt(4096, "listen() backlog of the agent's socket", min=1)
+    metadata_workers: int = opt(
+        1, "Agent worker processes sharing its socket (Neutron's option; each has its own "
+        "cache and follows the change feed)", min=1, max=256,
+    )
     nova_metadata_host: str = opt("127.0.0.1", "Host of the metadata API")
     nova_metadata_port: int = opt(8775, "Port of the metadata API", min=1, max=65535)
     nova_metadata_protocol: str = opt(

@@ -20,6 +20,7 @@ import signal
 import socket
 import socketserver
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -493,3 +494,36 @@ def test_bad_and_temporary_spec_files_are_ignored(
     # Fixing the file is picked up by the next scan.
     env.write_spec("router-both", rns, "0.0.0.0", 9698, router_id="a")
     wait_for(lambda: get(vm, "10.0.0.1", 9698)[0] == 200)
+
+
+def test_workers_each_listen_in_every_namespace(
+    env: ProxyEnv, agent: RecordingAgent, router: tuple[str, str], dhcp: tuple[str, str],
+) -> None:
+    """`[proxy] workers = 2`: an SO_REUSEPORT listener per worker in each namespace, the
+    same answers, SIGHUP reaching every worker, the pid file the parent's."""
+    env.write_spec(f"router-{ROUTER_ID}", router[0], "0.0.0.0", 9697, router_id=ROUTER_ID)
+    env.write_spec(f"network-{NETWORK_ID}", dhcp[0], "169.254.169.254", 80,
+                   network_id=NETWORK_ID)
+    svc = Service("proxy-workers", [sys.executable, "-m", "openimds", "--config",
+                                    str(env.config), "proxy"], env.tmp,
+                  env={"OPENIMDS_PROXY_WORKERS": "2"})
+    env.services.append(svc)
+    svc.start().wait_until(lambda: env.pid_file.read_text().strip() == str(svc.pid))
+    ip("-n", dhcp[0], "addr", "add", "169.254.169.254/32", "dev", "tap0")
+    kids = [int(p) for p in Path(f"/proc/{svc.pid}/task/{svc.pid}/children").read_text().split()]
+    assert len(kids) == 2
+    for ns in (router[0], dhcp[0]):
+        for pid in kids:
+            assert any("LISTEN" in line for line in proxy_sockets_in(ns, pid)), (ns, pid)
+    for _ in range(10):
+        assert get(router[1], "10.0.0.1", 9697)[0] == 200
+        assert get(dhcp[1], "169.254.169.254", 80)[0] == 200
+    env.remove_spec(f"router-{ROUTER_ID}")
+    os.kill(svc.pid, signal.SIGHUP)
+    for pid in kids:
+        wait_for(lambda pid=pid: not proxy_sockets_in(router[0], pid))
+    assert get(dhcp[1], "169.254.169.254", 80)[0] == 200
+    assert svc.stop() == 0
+    assert not env.pid_file.exists()
+    for pid in kids:
+        assert not Path(f"/proc/{pid}").exists()

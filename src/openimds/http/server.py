@@ -532,12 +532,17 @@ class HttpProtocol(asyncio.Protocol):
             self._close()
 
 
-def bind_tcp(host: str, port: int, *, backlog: int = 4096) -> socket.socket:
-    """A listening TCP socket (SO_REUSEADDR), non-blocking."""
+def bind_tcp(
+    host: str, port: int, *, backlog: int = 4096, reuse_port: bool = False,
+) -> socket.socket:
+    """A listening TCP socket (SO_REUSEADDR), non-blocking. `reuse_port`: SO_REUSEPORT, so
+    worker processes each listen on the same address and the kernel spreads connections."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)

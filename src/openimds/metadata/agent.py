@@ -658,6 +658,7 @@ class MetadataAgent:
     def stats(self) -> dict[str, Any]:
         s = self.resolver.stats
         return {
+            "pid": os.getpid(),  # which worker answered (metadata_workers > 1)
             "requests": self.counts["requests"],
             "in_flight": self._active,
             "saturated_503": self.counts["saturated"],

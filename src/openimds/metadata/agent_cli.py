@@ -9,11 +9,14 @@ import gc
 import logging
 import os
 import signal
+import socket
+from collections.abc import Callable
 from typing import cast
 
 from openimds.cli import add_command
 from openimds.config import Settings
 from openimds.errors import ConfigError
+from openimds.host.workers import run_workers
 from openimds.http.server import Limits, install_uvloop, serve
 from openimds.log import setup_logging
 from openimds.metadata.agent import (
@@ -50,7 +53,33 @@ def _agent(args: argparse.Namespace, settings: Settings) -> int:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     install_uvloop()
-    return asyncio.run(run_agent(settings))
+    workers = settings.metadata_workers
+    if workers <= 1:
+        return asyncio.run(run_agent(settings))
+    # Several workers accept on one socket, bound here once before forking.
+    shared: dict[str, tuple[socket.socket, int]] = {}
+
+    def bind() -> None:
+        sock, _ = open_socket(settings)
+        shared["sock"] = (sock, os.stat(settings.metadata_proxy_socket).st_ino)
+
+    def unlink() -> None:
+        if "sock" in shared:
+            shared["sock"][0].close()
+            _unlink_socket(settings.metadata_proxy_socket, shared["sock"][1])
+
+    def work(index: int, ready: Callable[[], None]) -> int:
+        sock, inode = shared["sock"]
+        return asyncio.run(run_agent(settings, worker=index, shared=(sock, inode), ready=ready))
+
+    return run_workers(workers, work, name="agent", prepare=bind, finish=unlink)
+
+
+def _unlink_socket(path: str, inode: int) -> None:
+    """Remove the socket file if it is still ours (a successor may have replaced it)."""
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
 
 
 def _registry_token(settings: Settings) -> str:
@@ -60,7 +89,13 @@ def _registry_token(settings: Settings) -> str:
     return token
 
 
-async def run_agent(settings: Settings) -> int:
+async def run_agent(
+    settings: Settings, *, worker: int = 0,
+    shared: tuple[socket.socket, int] | None = None,
+    ready: Callable[[], None] | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT. A worker (`shared` given) serves the socket its parent
+    bound, and leaves removing the socket file to the parent."""
     # Handlers first: the socket accepts connections (and so looks ready) before the server
     # is fully set up, and a SIGTERM in that window must still remove the socket file.
     stop = asyncio.Event()
@@ -76,14 +111,18 @@ async def run_agent(settings: Settings) -> int:
     )
     pool = make_pool(settings)
     agent = MetadataAgent(settings, registry=registry, upstream=pool)
-    metrics = ServiceMetrics("agent")
+    metrics = ServiceMetrics("agent", worker=worker)
     metrics.hops.append(agent.hop)
     metrics.add(agent.metric_families)
     feed_stats = metrics.feed("agent")
     feed_client = cast(AsyncRegistryClient, WatchedFeedClient(registry, agent.feed_lost))
-    sock, mode = open_socket(settings)
     path = settings.metadata_proxy_socket
-    inode = os.stat(path).st_ino
+    if shared is None:
+        sock, mode = open_socket(settings)
+        inode = os.stat(path).st_ino
+    else:
+        sock, inode = shared
+        mode = os.stat(path).st_mode & 0o777
     limits = Limits(max_body_bytes=settings.api.max_request_bytes + 4096)
     server = await serve(agent.handle, sock, limits, backlog=settings.metadata_backlog)
     metrics_server = await start_metrics_server(settings, metrics)
@@ -102,6 +141,8 @@ async def run_agent(settings: Settings) -> int:
         settings.nova_metadata_port, settings.registry.effective_url,
         settings.metadata_agent.cache_size, settings.metadata_agent.max_concurrency,
     )
+    if ready is not None:
+        ready()
     try:
         await stop.wait()
     finally:
@@ -114,8 +155,7 @@ async def run_agent(settings: Settings) -> int:
         await close_quietly(pool)
         await close_quietly(registry)
         agent.log_stats()
-        with contextlib.suppress(OSError):
-            if os.stat(path).st_ino == inode:
-                os.unlink(path)
+        if shared is None:
+            _unlink_socket(path, inode)
     log.info("agent.stopped")
     return 0

@@ -8,10 +8,13 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
+from collections.abc import Callable
 
 from openimds.cli import add_command
 from openimds.config import Settings
 from openimds.errors import ConfigError
+from openimds.host.workers import run_workers
 from openimds.http.server import Limits, bind_tcp, install_uvloop, serve
 from openimds.log import setup_logging
 from openimds.metadata.api import MetadataApi
@@ -38,7 +41,38 @@ def _api(args: argparse.Namespace, settings: Settings) -> int:
     setup_logging(debug=settings.debug, log_file=settings.log_file, component="api",
                   fmt=settings.log_format)
     install_uvloop()
-    return asyncio.run(run_api(settings))
+    workers = settings.api.workers
+    if workers <= 1:
+        return asyncio.run(run_api(settings))
+    # One SO_REUSEPORT socket per worker, all bound here before forking: a port in use fails
+    # at once, and the kernel spreads connections over the workers.
+    socks: list[socket.socket] = []
+
+    def bind() -> None:
+        socks.extend(_bind(settings, reuse_port=True) for _ in range(workers))
+
+    def work(index: int, ready: Callable[[], None]) -> int:
+        for i, other in enumerate(socks):
+            if i != index:
+                other.close()
+        return asyncio.run(run_api(settings, worker=index, sock=socks[index], ready=ready))
+
+    def close() -> None:
+        for sock in socks:
+            sock.close()
+
+    return run_workers(workers, work, name="api", prepare=bind, finish=close)
+
+
+def _bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
+    api_cfg = settings.api
+    try:
+        return bind_tcp(api_cfg.metadata_listen, api_cfg.metadata_listen_port,
+                        reuse_port=reuse_port)
+    except OSError as exc:
+        raise ConfigError(
+            f"[api] cannot listen on {api_cfg.metadata_listen}:{api_cfg.metadata_listen_port}: "
+            f"{exc.strerror}") from None
 
 
 def _registry_token(settings: Settings) -> str:
@@ -51,7 +85,11 @@ def _registry_token(settings: Settings) -> str:
     return token
 
 
-async def run_api(settings: Settings) -> int:
+async def run_api(
+    settings: Settings, *, worker: int = 0, sock: socket.socket | None = None,
+    ready: Callable[[], None] | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT; a worker serves the socket its parent bound."""
     from openimds.registry.client import AsyncRegistryClient
     from openimds.registry.feed import ChangeFollower
 
@@ -64,15 +102,11 @@ async def run_api(settings: Settings) -> int:
     api = MetadataApi(settings, registry, vendordata, identity=load_or_create(settings),
                       architecture=architecture(settings))
     follower = ChangeFollower(registry)
-    try:
-        sock = bind_tcp(api_cfg.metadata_listen, api_cfg.metadata_listen_port)
-    except OSError as exc:
-        raise ConfigError(
-            f"[api] cannot listen on {api_cfg.metadata_listen}:{api_cfg.metadata_listen_port}: "
-            f"{exc.strerror}") from None
+    if sock is None:
+        sock = _bind(settings)
     limits = Limits(max_body_bytes=api_cfg.max_request_bytes,
                     request_timeout_s=api_cfg.client_timeout)
-    metrics = ServiceMetrics("api")
+    metrics = ServiceMetrics("api", worker=worker)
     metrics.hops.append(api.hop)
     metrics.add(api.metric_families)
     follower.stats = metrics.feed("api")
@@ -90,6 +124,8 @@ async def run_api(settings: Settings) -> int:
              api_cfg.metadata_listen, api_cfg.metadata_listen_port,
              settings.registry.effective_url, api_cfg.dhcp_domain,
              ",".join(api_cfg.vendordata_providers), api_cfg.imds_tokens)
+    if ready is not None:
+        ready()
     try:
         await stop.wait()
     finally:

@@ -392,8 +392,12 @@ class Listener:
         self.conns.clear()
 
 
-def open_listening_socket(spec: ListenerSpec) -> tuple[socket.socket, int]:
+def open_listening_socket(
+    spec: ListenerSpec, *, reuse_port: bool = False,
+) -> tuple[socket.socket, int]:
     """A bound, listening, non-blocking socket inside spec.netns, and that namespace's inode.
+    `reuse_port` (proxy workers): SO_REUSEPORT, each worker listens and the kernel spreads
+    the VMs' connections over them.
 
     Raises FileNotFoundError if the namespace does not exist, OSError if the bind fails.
     """
@@ -402,6 +406,8 @@ def open_listening_socket(spec: ListenerSpec) -> tuple[socket.socket, int]:
     try:
         inode = socket_netns_inode(sock)  # the namespace the socket really lives in
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if spec.is_ipv6:
             sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_FREEBIND, 1)
         else:
@@ -421,9 +427,11 @@ class NamespaceProxy:
     def __init__(
         self, listeners_dir: Path, forwarder: Forwarder, limits: Limits,
         rescan_interval_s: float, max_connections_per_source: int | None = None,
+        *, reuse_port: bool = False,
     ) -> None:
         self.max_connections_per_source = max_connections_per_source
         self.listeners_dir = listeners_dir
+        self.reuse_port = reuse_port
         self.forwarder = forwarder
         self.limits = limits
         self.rescan_interval_s = rescan_interval_s
@@ -496,7 +504,7 @@ class NamespaceProxy:
 
     async def _open(self, spec: ListenerSpec) -> None:
         try:
-            sock, inode = open_listening_socket(spec)
+            sock, inode = open_listening_socket(spec, reuse_port=self.reuse_port)
         except FileNotFoundError:
             self._note_pending(spec, f"namespace {spec.netns} does not exist yet")
             return
@@ -612,15 +620,20 @@ def remove_pid(path: Path) -> None:
             path.unlink()
 
 
-async def run_proxy(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT. The caller holds the lock (see `main`)."""
+async def run_proxy(
+    settings: Settings, *, worker_ready: Callable[[], None] | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT. The caller holds the lock (see `main`). A worker
+    (`worker_ready` given) listens with SO_REUSEPORT and reports readiness to its parent,
+    which owns the pid file."""
     paths = ProxyPaths.from_settings(settings)
     paths.listeners_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     pool = pool_from_settings(settings)
     forwarder = Forwarder(pool, token_hop_limit=settings.api.token_hop_limit)
     proxy = NamespaceProxy(paths.listeners_dir, forwarder,
                            limits_from_settings(settings), settings.proxy.rescan_interval,
-                           settings.proxy.max_connections_per_source)
+                           settings.proxy.max_connections_per_source,
+                           reuse_port=worker_ready is not None)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, proxy.wake)
     loop.add_signal_handler(signal.SIGTERM, proxy.stop)
@@ -633,14 +646,18 @@ async def run_proxy(settings: Settings) -> int:
         gc.collect()
         gc.freeze()
         gc.set_threshold(GC_THRESHOLD_0, 20, 20)
-        write_pid(paths.pid_file)
+        if worker_ready is not None:
+            worker_ready()
+        else:
+            write_pid(paths.pid_file)
 
     try:
         await proxy.run(on_first_converge=ready)
     finally:
         proxy.close_all()
         await pool.close()
-        remove_pid(paths.pid_file)
+        if worker_ready is None:
+            remove_pid(paths.pid_file)
     log.info("proxy.stopped")
     return 0
 
@@ -656,6 +673,14 @@ def main(settings: Settings) -> int:
         log.info("proxy.starting pid=%d socket=%s listeners_dir=%s nofile=%d", os.getpid(),
                  settings.metadata_proxy_socket, paths.listeners_dir, nofile)
         install_uvloop()
-        return asyncio.run(run_proxy(settings))
+        workers = settings.proxy.workers
+        if workers <= 1:
+            return asyncio.run(run_proxy(settings))
+        from openimds.host.workers import run_workers
+
+        return run_workers(
+            workers, lambda _index, ready: asyncio.run(run_proxy(settings, worker_ready=ready)),
+            name="proxy", on_ready=lambda: write_pid(paths.pid_file),
+            finish=lambda: remove_pid(paths.pid_file))
     finally:
         os.close(lock_fd)
