@@ -20,8 +20,10 @@ from typing import Any
 
 import pytest
 
+from openimds.config import load_settings
 from openimds.host import links
 from openimds.host.supervise import proc_start_time
+from openimds.registry.client import RegistryClient
 from tests.support import PG_SOCKET_DIR, PYTHON, clean_env
 
 pytestmark = [pytest.mark.netns, pytest.mark.postgres]
@@ -48,6 +50,15 @@ class Lab:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return lab(*args, check=check, config=self.host)
+
+    def client(self) -> RegistryClient:
+        return RegistryClient.from_settings(load_settings(str(self.host), environ={}),
+                                            admin=True)
+
+    def spawn(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([PYTHON, "-m", "openimds", "--config", str(self.host), *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=clean_env(), stdin=subprocess.DEVNULL)
 
     def json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "-f", "json").stdout)
@@ -135,23 +146,36 @@ def make_lab(request: pytest.FixtureRequest) -> Iterator[Callable[..., Lab]]:
 
 def build_tenants(c: Lab) -> dict[str, str]:
     """Two tenants with the same 10.0.0.0/24 behind their own routers, one isolated network,
-    and a VM of each on compute-1 and compute-2. Returns server name -> id."""
-    for t in ("a", "b"):
-        c.cli("network", "create", f"net-{t}", "--project", f"tenant-{t}")
-        c.cli("subnet", "create", f"sub-{t}", "--network", f"net-{t}", "--cidr", "10.0.0.0/24")
-        c.cli("router", "create", f"r-{t}", "--project", f"tenant-{t}")
-        c.cli("router", "add-interface", f"r-{t}", f"sub-{t}")
-    c.cli("network", "create", "net-iso", "--project", "tenant-a")
-    c.cli("subnet", "create", "sub-iso", "--network", "net-iso", "--cidr", "10.1.0.0/24")
-    servers = {}
-    for name, net, host in (("a1", "net-a", "compute-1"), ("a2", "net-a", "compute-2"),
-                            ("b1", "net-b", "compute-1"), ("b2", "net-b", "compute-2"),
-                            ("i2", "net-iso", "compute-2")):
-        server = c.json("server", "create", name, "--network", net, "--host", host)
-        assert server["host"] == host
-        servers[name] = server["id"]
-    for name in servers:
-        c.cli("vm", "plug", name, *(["--dhcp"] if name == "i2" else []))
+    and VMs on compute-1 and compute-2 (plugged by `vm plug` from the host, in parallel).
+    Returns server name -> id."""
+    api = c.client()
+    try:
+        nets = {}
+        for t in ("a", "b"):
+            net = api.create("network", {"name": f"net-{t}", "project_id": f"tenant-{t}"})
+            sub = api.create("subnet", {"name": f"sub-{t}", "network_id": net["id"],
+                                        "cidr": "10.0.0.0/24"})
+            router = api.create("router", {"name": f"r-{t}", "project_id": f"tenant-{t}"})
+            api.add_interface(router["id"], sub["id"])
+            nets[f"net-{t}"] = net["id"]
+        iso = api.create("network", {"name": "net-iso", "project_id": "tenant-a"})
+        api.create("subnet", {"name": "sub-iso", "network_id": iso["id"],
+                              "cidr": "10.1.0.0/24"})
+        nets["net-iso"] = iso["id"]
+        servers = {}
+        for name, net, host in (("a1", "net-a", "compute-1"), ("a2", "net-a", "compute-2"),
+                                ("b1", "net-b", "compute-1"), ("b2", "net-b", "compute-2"),
+                                ("i2", "net-iso", "compute-2")):
+            server = api.create("instance", {"name": name, "network_id": nets[net],
+                                             "host": host})
+            servers[name] = server["id"]
+    finally:
+        api.close()
+    plugs = [c.spawn("vm", "plug", sid, *(["--dhcp"] if name == "i2" else []))
+             for name, sid in servers.items()]
+    for proc in plugs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
     return servers
 
 
