@@ -29,9 +29,11 @@ COMMAND_MODULES = (
     "openimds.metadata.proxy_cli",
     "openimds.agents.l3_cli",
     "openimds.agents.dhcp_cli",
+    "openimds.agents.l2_cli",
     "openimds.lab.cli",
     "openimds.lab.cluster_cli",
     "openimds.node.cli",
+    "openimds.node.host_cli",
 )
 
 

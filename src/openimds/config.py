@@ -20,6 +20,7 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,6 +267,10 @@ class ProcessMonitorSettings:
     check_child_processes_action: str = opt(
         "respawn", "What to do when a child died", choices=("respawn", "exit")
     )
+    report_interval: float = opt(
+        2.0, "Seconds between an agent's heartbeats to the registry (keep it under "
+        "agent_down_time / 3)", min=0.1
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,6 +337,14 @@ class Settings:
     )
     dhcp_lease_duration: int = opt(86400, "DHCP lease seconds; -1 = infinite", min=-1)
     external_pids: str = opt("$state_path/external/pids", "Pid files of spawned processes")
+    host: str = opt("", "This node's name in the registry; empty = the machine's hostname")
+    agent_down_time: float = opt(
+        10.0, "Seconds without a heartbeat after which an agent is dead and what it serves "
+        "moves to alive nodes", min=1.0
+    )
+    dhcp_agents_per_network: int = opt(
+        1, "DHCP agents (nodes) serving each network", min=1
+    )
 
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     api: ApiSettings = field(default_factory=ApiSettings)
@@ -533,6 +546,8 @@ def _interpolate(settings: Settings) -> Settings:
 
     sections = {name: fix(getattr(settings, name)) for name in _SECTIONS}
     result: Settings = dataclasses.replace(fix(settings), **sections)
+    if not result.host:
+        result = dataclasses.replace(result, host=socket.gethostname())
     return result
 
 

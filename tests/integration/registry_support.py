@@ -43,15 +43,16 @@ class Registry:
 
 @contextlib.contextmanager
 def registry_process(
-    state: Path, backend: str, *, name: str = "registry", **registry_opts: Any
+    state: Path, backend: str, *, name: str = "registry",
+    defaults: dict[str, Any] | None = None, **registry_opts: Any
 ) -> Iterator[Registry]:
-    """Start a registry under state/, yield it, stop it (by PID)."""
+    """Start a registry under state/, yield it, stop it (by PID). defaults: [DEFAULT] options."""
     state.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         opts = dict(registry_opts)
         if backend == "postgres":
             opts["connection"] = stack.enter_context(postgres_database())
-        cfg = base_config(state / "state", registry=opts)
+        cfg = base_config(state / "state", registry=opts, DEFAULT=defaults or {})
         config = write_config(state / "openimds.ini", cfg)
         reg = cfg["registry"]
         url = f"http://127.0.0.1:{reg['bind_port']}"

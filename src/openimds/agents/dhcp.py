@@ -63,6 +63,7 @@ from openimds.host.supervise import (
 )
 from openimds.registry.client import AsyncRegistryClient
 from openimds.registry.feed import ChangeFollower
+from openimds.registry.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,29 @@ class DhcpAgent:
         self.stop_event = asyncio.Event()
         self.exit_code = 0
         self._lock = asyncio.Lock()
+        # Set by run_agent: build only networks scheduled to `host`, fenced by `heartbeat`.
+        self.host: str | None = None
+        self.heartbeat: Heartbeat | None = None
+
+    def fence(self) -> list[str]:
+        """Stop answering for every network of ours at once (DHCP and isolated metadata):
+        take the taps down, keep everything else; the next converge brings back what is
+        still scheduled here and removes what moved away. Blocking: run in a thread."""
+        fenced = []
+        for network_id in sorted(self.owned_networks()):
+            ns = names.dhcp_namespace(network_id)
+            if not links.namespace_exists(ns):
+                continue
+            try:
+                with links.netlink(ns) as inside:
+                    for link in inside.links("tap"):
+                        inside.set_down(link.name)
+                fenced.append(network_id)
+            except (OpenImdsError, OSError) as exc:
+                log.error("dhcp.fence_failed network=%s reason=%s", network_id, exc)
+        if fenced:
+            log.warning("dhcp.fenced networks=%s", ",".join(fenced))
+        return fenced
 
     # --- one network ---------------------------------------------------------------------
 
@@ -352,7 +376,13 @@ class DhcpAgent:
         """Make the host match one /v1/topology answer. Other networks are left as they are
         (unchanged plans write nothing and signal nothing)."""
         async with self._lock:
+            if self.heartbeat is not None and self.heartbeat.fenced:
+                return  # lost the registry meanwhile: build nothing
             networks = dm.networks_from_topology(topology)
+            if self.host is not None:  # only what the registry scheduled to this node
+                mine = {str(n["id"]) for n in topology.get("networks", ())
+                        if self.host in (n.get("hosts") or ())}
+                networks = {k: v for k, v in networks.items() if k in mine}
             failed: set[str] = set()
             for network in networks.values():
                 try:
@@ -453,10 +483,33 @@ async def run_agent(settings: Settings, *, cleanup_on_exit: bool = False,
              os.getpid(), settings.registry.effective_url, confs,
              settings.enable_isolated_metadata, settings.force_metadata)
     client = AsyncRegistryClient.from_settings(settings, admin=False)
+
+    async def fence() -> None:
+        await asyncio.to_thread(agent.fence)
+
+    reloads: set[asyncio.Task[None]] = set()
+
+    def unfence() -> None:
+        # in its own task: a long converge must not hold up the next heartbeat
+        task = asyncio.create_task(agent.reload(client), name="dhcp-unfence")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    beat = Heartbeat(client, settings, "dhcp", on_fence=fence, on_unfence=unfence)
+    agent.host, agent.heartbeat = settings.host, beat
+    if beat.stale_at_start():
+        # Away longer than the fence time: what we left may be served elsewhere now.
+        await fence()
+
+    async def follow() -> None:
+        await beat.first_ok.wait()
+        await agent.follow(client)
+
     tasks = [
-        asyncio.create_task(agent.follow(client), name="dhcp-follow"),
+        asyncio.create_task(follow(), name="dhcp-follow"),
         asyncio.create_task(agent.resync_periodically(client), name="dhcp-resync"),
         asyncio.create_task(agent.stop_event.wait(), name="dhcp-stop"),
+        asyncio.create_task(beat.run(), name="dhcp-heartbeat"),
     ]
     keeper_task: asyncio.Task[None] | None = None
     if agent.flags.serves_metadata and settings.proxy.spawn_from_agents:

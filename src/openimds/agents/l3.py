@@ -59,6 +59,7 @@ from openimds.host import links
 from openimds.host.run import run
 from openimds.registry.client import AsyncRegistryClient
 from openimds.registry.feed import ChangeFollower
+from openimds.registry.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,10 @@ class RouterPlan:
     legs: tuple[Leg, ...]
 
 
-def plan_routers(topology: Mapping[str, Any]) -> dict[str, RouterPlan]:
-    """What every router of the topology should look like, by router id.
+def plan_routers(topology: Mapping[str, Any], host: str | None = None,
+                 ) -> dict[str, RouterPlan]:
+    """What every router of the topology should look like, by router id; with `host`, only
+    the routers the registry scheduled to that node (`routers[].hosts`).
 
     A router's legs are its `network:router_interface` ports (device_id = router id); each
     leg carries the port's IPs with the prefix length of their subnet.
@@ -105,6 +108,8 @@ def plan_routers(topology: Mapping[str, Any]) -> dict[str, RouterPlan]:
             ports_by_router.setdefault(port["device_id"], []).append(port)
     plans: dict[str, RouterPlan] = {}
     for router in topology.get("routers", []):
+        if host is not None and host not in (router.get("hosts") or ()):
+            continue
         rid = str(router["id"])
         legs = []
         for port in sorted(ports_by_router.get(rid, []), key=lambda p: str(p["id"])):
@@ -236,8 +241,32 @@ class RouterDriver:
                 del self._applied[router_id]
                 self._prepared.discard(plan.namespace)
 
-    def converge(self, topology: Mapping[str, Any], *, full: bool = False) -> ConvergeReport:
-        plans = plan_routers(topology)
+    def fence(self) -> list[str]:
+        """Stop answering for every router of ours at once, keeping its namespace: take the
+        legs down (no ARP, no routing, no metadata). The next converge brings back up what is
+        still scheduled here and removes what moved away."""
+        fenced = []
+        for router_id in sorted(self.owned()):
+            ns = router_namespace(router_id)
+            if not links.namespace_exists(ns):
+                continue
+            try:
+                with links.netlink(ns) as inside:
+                    for link in inside.links(LEG_PREFIX):
+                        inside.set_down(link.name)
+                fenced.append(router_id)
+            except HOST_ERRORS as exc:
+                log.error("l3.fence_failed router=%s reason=%s", router_id, exc)
+        self.forget_applied()
+        if fenced:
+            log.warning("l3.fenced routers=%s", ",".join(fenced))
+        return fenced
+
+    def converge(self, topology: Mapping[str, Any], *, full: bool = False,
+                 host: str | None = None) -> ConvergeReport:
+        """Make this host match the plan; `host`: build only routers scheduled there (the
+        agent passes `[DEFAULT] host`; None = every router, for tests of the driver)."""
+        plans = plan_routers(topology, host)
         report = ConvergeReport(routers=len(plans))
         networks = topology.get("networks", [])
         with links.netlink() as here:
@@ -452,6 +481,11 @@ class L3Agent:
         self.revision: int | None = None
         self._wake = asyncio.Event()
         self._full = True
+        self.heartbeat = Heartbeat(self.client, settings, "l3", on_fence=self._fence,
+                                   on_unfence=lambda: self.request_converge(full=True))
+
+    async def _fence(self) -> None:
+        await asyncio.to_thread(self.driver.fence)
 
     def request_converge(self, *, full: bool) -> None:
         self._full |= full
@@ -459,7 +493,10 @@ class L3Agent:
 
     async def converge(self, *, full: bool) -> ConvergeReport:
         topology = await self.client.topology()
-        report = await asyncio.to_thread(self.driver.converge, topology, full=full)
+        if self.heartbeat.fenced:  # lost the registry meanwhile: build nothing
+            return ConvergeReport()
+        report = await asyncio.to_thread(self.driver.converge, topology, full=full,
+                                         host=self.settings.host)
         self.revision = int(topology.get("revision", 0))
         if report.specs_changed:
             signal_proxy(self.settings)
@@ -480,6 +517,10 @@ class L3Agent:
             await follower.aclose()
 
     async def _converge_loop(self) -> None:
+        if self.heartbeat.stale_at_start():
+            # Away longer than the fence time: what we left may be served elsewhere now.
+            await asyncio.to_thread(self.driver.fence)
+        await self.heartbeat.first_ok.wait()
         resync_s = self.settings.l3.resync_interval
         last_full = time.monotonic()
         retry_at: float | None = None
@@ -493,6 +534,9 @@ class L3Agent:
                 self._full = True
             self._wake.clear()
             full, self._full = self._full, False
+            if self.heartbeat.fenced:
+                self._full = True  # unfencing asks for a full converge
+                continue
             try:
                 report = await self.converge(full=full)
             except OpenImdsError as exc:  # registry unreachable or refusing: retry soon
@@ -515,6 +559,7 @@ class L3Agent:
             asyncio.create_task(self._watch(), name="l3-watch"),
             asyncio.create_task(self._converge_loop(), name="l3-converge"),
         ]
+        tasks.append(asyncio.create_task(self.heartbeat.run(), name="l3-heartbeat"))
         if self.keeper is not None:
             tasks.append(asyncio.create_task(self.keeper.run(), name="proxy-keeper"))
         try:

@@ -201,6 +201,12 @@ class Netlink:
         if not link.up:
             self._ipr.link("set", index=link.index, state="up")
 
+    def set_down(self, name: str) -> None:
+        """Take one link down (a fenced router leg or DHCP tap); missing is fine."""
+        link = self.link(name)
+        if link is not None and link.up:
+            self._ipr.link("set", index=link.index, state="down")
+
     def set_link(
         self, name: str, *, mtu: int | None = None, mac: str | None = None,
         master: str | None = None, up: bool = True,

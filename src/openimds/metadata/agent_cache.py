@@ -185,7 +185,7 @@ class CallerCache:
         elif kind == "instance":
             if op == "delete":
                 self._touch(self._by_instance, self._t_instance, ident, rev)
-        elif kind in ("project", "keypair"):
+        elif kind in ("project", "keypair", "host"):  # host: a node turned alive or dead
             pass
         else:
             self.clear(rev)

@@ -29,6 +29,7 @@ from openimds.metadata.agent import (
 from openimds.metrics import ServiceMetrics, start_metrics_server
 from openimds.registry.client import AsyncRegistryClient
 from openimds.registry.feed import ChangeFollower
+from openimds.registry.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,8 @@ async def run_agent(
     metrics_server = await start_metrics_server(settings, metrics)
     feed_task = asyncio.create_task(
         agent.follow(lambda: ChangeFollower(feed_client, stats=feed_stats)))
+    # shows this node in `openimds host list`; the agent serves a local socket, no fence
+    beat_task = asyncio.create_task(Heartbeat(registry, settings, "metadata").run())
     # Everything made so far lives as long as the process: keep it out of the cyclic
     # collector's way, and collect young objects less often (each request leaves a few
     # short-lived cycles; the default threshold runs the collector every few requests).
@@ -150,8 +153,11 @@ async def run_agent(
         if metrics_server is not None:
             metrics_server.close()
         feed_task.cancel()
+        beat_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await feed_task
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await beat_task
         await close_quietly(pool)
         await close_quietly(registry)
         agent.log_stats()

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from openimds.cli import add_command
+from openimds.node.roles import ROLE_CHOICES
 
 
 def _up(args: argparse.Namespace, settings: Any) -> int:
@@ -36,6 +37,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     help="also build a demo: two tenants, an isolated network, three VMs")
     up.add_argument("--init", action="store_true",
                     help="only create $state_path/secrets.ini (0600) if needed, then exit")
+    up.add_argument("--role", action="append", choices=ROLE_CHOICES,
+                    help="what this node runs (repeatable): controller = registry + API, "
+                         "network = agent, proxy, L3 and DHCP agents, compute = L2 agent; "
+                         "default all = controller + network (see docs/operations.md)")
     up.add_argument("--set", action="append", metavar="[SECTION.]KEY=VALUE",
                     help="setting passed to every child as OPENIMDS_* (repeatable)")
     trace = add_command(

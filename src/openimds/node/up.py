@@ -64,6 +64,7 @@ from openimds.host.supervise import (
     tcp_ready,
     unix_ready,
 )
+from openimds.node import roles as roles_mod
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,8 @@ SERVICES: tuple[Service, ...] = (
     Service("l3-agent", ("l3-agent",), stop_timeout_s=20.0),
     Service("dhcp-agent", ("dhcp-agent",), stop_timeout_s=20.0),
 )
+# Run only by the roles that name them (node/roles.py), never by the default `all`.
+ROLE_ONLY_SERVICES: tuple[Service, ...] = (Service("l2-agent", ("l2-agent",)),)
 
 
 def _host_port(url: str) -> tuple[str, int]:
@@ -251,6 +254,12 @@ def settings_overrides(pairs: Sequence[str]) -> dict[str, str]:
     return env
 
 
+def role_services(roles: Sequence[str]) -> list[Service]:
+    """The services of these roles (node/roles.py), in dependency order."""
+    by_name = {s.name: s for s in SERVICES + ROLE_ONLY_SERVICES}
+    return [by_name[name] for name in roles_mod.services_for(roles)]
+
+
 # --- running ---------------------------------------------------------------------------------
 
 class AlreadyRunning(OpenImdsError):
@@ -277,6 +286,7 @@ async def run_up(
     settings: Settings, config: str | None, overrides: Mapping[str, str],
     after_start: Callable[[threading.Event], int] | None = None,
     say: Callable[[str], None] = print,
+    services: Sequence[Service] | None = None,
 ) -> int:
     """Start everything, run after_start (the demo) in a thread, serve until a signal.
 
@@ -288,7 +298,8 @@ async def run_up(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    sup = build_supervisor(settings, config, overrides)
+    sup = build_supervisor(settings, config, overrides,
+                           SERVICES if services is None else services)
     if settings.AGENT.check_child_processes_action == "exit":
         def on_exit(child: Child, rc: int) -> None:
             nonlocal exit_code
@@ -403,12 +414,19 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         path, added = ensure_secrets(state)
         print(f"{path}: " + (f"generated {', '.join(added)}" if added else "complete"))
         return 0
+    roles = list(getattr(args, "role", None) or ["all"])
+    services = role_services(roles)
     lock = take_lock(state)
     try:
-        path, added = ensure_secrets(state)
-        if added:
-            print(f"generated {', '.join(added)} in {path} (mode 0600)")
+        if roles_mod.runs_registry(roles):
+            path, added = ensure_secrets(state)
+            if added:
+                print(f"generated {', '.join(added)} in {path} (mode 0600)")
+        elif args.demo:
+            raise ConfigError("--demo needs the registry on this node (--role all or "
+                              "controller)")
         settings = load_settings(args.config)  # now with the secrets
+        roles_mod.check_remote_settings(settings, roles)
         overrides = settings_overrides(args.set or [])
         if args.demo:
             overrides.setdefault(env_name("DEFAULT", "enable_isolated_metadata"), "true")
@@ -427,7 +445,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             def after(cancel: threading.Event) -> int:
                 return build_demo(settings, args.config, cancel)
 
-        return asyncio.run(run_up(settings, args.config, overrides, after))
+        return asyncio.run(run_up(settings, args.config, overrides, after,
+                                  services=services))
     finally:
         with contextlib.suppress(OSError):
             if (state / "up.pid").read_text().strip() == str(os.getpid()):

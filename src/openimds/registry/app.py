@@ -24,6 +24,7 @@ from openimds.config import Settings
 from openimds.errors import BadRequest, ConfigError, Forbidden, OpenImdsError, Unauthorized
 from openimds.registry.client import ResyncRequired
 from openimds.registry.openapi import openapi_document
+from openimds.registry.scheduler import Policy
 from openimds.registry.service import MAX_WAIT_S, Registry
 from openimds.registry.store import Store
 
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 RECHECK_S = 0.5
 MAX_BODY_BYTES = 1024 * 1024
 OPEN_PATHS = frozenset({"/v1/health", "/v1/openapi.json"})
+# Writes the reader token (the agents' token) may make: heartbeats.
+READER_WRITES = frozenset({("POST", "/v1/agents")})
 _FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
 _KIND = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
          405: "method_not_allowed", 409: "conflict", 410: "resync", 413: "too_large"}
@@ -87,7 +90,8 @@ def _authorize(request: web.Request) -> None:
     if hmac.compare_digest(tok, admin.encode()):
         return
     if reader and hmac.compare_digest(tok, reader.encode()):
-        if request.method not in ("GET", "HEAD"):
+        if request.method not in ("GET", "HEAD") and (
+                (request.method, request.path) not in READER_WRITES):
             raise Forbidden(f"the reader token may not {request.method} {request.path}")
         return
     raise Unauthorized("invalid bearer token")
@@ -173,6 +177,10 @@ def _routes(reg: Registry) -> list[web.RouteDef]:
     async def lookup(request: web.Request) -> web.StreamResponse:
         return await _call(request, reg.lookup, _query(request))
 
+    async def heartbeat(request: web.Request) -> web.StreamResponse:
+        body = await _json_body(request)
+        return await _call(request, reg.heartbeat, body, write=True)
+
     async def topology(request: web.Request) -> web.StreamResponse:
         return await _call(request, reg.topology)
 
@@ -244,9 +252,33 @@ def _routes(reg: Registry) -> list[web.RouteDef]:
         web.delete("/v1/instances/{id}/password", deleter(reg.clear_password)),
         web.get("/v1/instances/{id}/view", getter(reg.view)),
         web.get("/v1/lookup", lookup),
+        web.post("/v1/agents", heartbeat),
+        web.get("/v1/hosts", lister(reg.list_hosts)),
+        web.get("/v1/hosts/{id}", getter(reg.get_host)),
         web.get("/v1/topology", topology),
         web.get("/v1/changes", changes),
     ]
+
+
+async def _reap(registry: Registry, notifier: Notifier, settings: Settings) -> None:
+    """The registry's own heartbeat (its node shows as a controller), then, a few times per
+    agent_down_time: declare silent agents dead and move their work (`Registry.reconcile`).
+    Every registry process sharing a database runs this; the store serializes them."""
+    tick_s = min(1.0, settings.agent_down_time / 5)
+    report_s = settings.AGENT.report_interval
+    last_report = 0.0
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            if loop.time() - last_report >= report_s:
+                await asyncio.to_thread(registry.heartbeat,
+                                        {"host": settings.host, "type": "registry"})
+                last_report = loop.time()
+            if await asyncio.to_thread(registry.reconcile):
+                notifier.notify()
+        except Exception:  # the database may be briefly away; keep trying
+            log.exception("registry.reconcile_failed")
+        await asyncio.sleep(tick_s)
 
 
 def make_app(registry: Registry, *, admin_token: str, reader_token: str = "") -> web.Application:
@@ -270,7 +302,9 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) 
                           "without one")
     store = Store(settings.registry_connection, change_retention=reg_settings.change_retention)
     await asyncio.to_thread(store.create_schema)
-    registry = Registry(store, max_page_size=reg_settings.max_page_size)
+    registry = Registry(store, max_page_size=reg_settings.max_page_size,
+                        policy=Policy(down_time_s=settings.agent_down_time,
+                                      dhcp_per_network=settings.dhcp_agents_per_network))
     app = make_app(registry, admin_token=reg_settings.admin_token,
                    reader_token=reg_settings.reader_token)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
@@ -287,8 +321,12 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) 
         log.info("registry.start url=%s backend=%s", reg_settings.effective_url, backend)
         if ready is not None:
             ready()
+        reaper = asyncio.create_task(_reap(registry, app[NOTIFIER], settings))
         await stop.wait()
         log.info("registry.stop")
+        reaper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reaper
         app[NOTIFIER].close()
     finally:
         await runner.cleanup()

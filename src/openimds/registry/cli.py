@@ -154,7 +154,7 @@ def _network_create(args: argparse.Namespace, settings: Any) -> int:
 def _network_list(args: argparse.Namespace, settings: Any) -> int:
     with _client(settings) as c:
         items = c.list("network", project_id=args.project)
-    return _list(items, ["id", "name", "project_id", "mtu", "subnets"], args)
+    return _list(items, ["id", "name", "project_id", "mtu", "subnets", "hosts"], args)
 
 
 def _deleter(kind: str) -> Callable[[argparse.Namespace, Any], int]:
@@ -242,7 +242,8 @@ def _router_create(args: argparse.Namespace, settings: Any) -> int:
 def _router_list(args: argparse.Namespace, settings: Any) -> int:
     with _client(settings) as c:
         items = c.list("router")
-    return _list(items, ["id", "name", "project_id", "interfaces"], args, _router_table)
+    return _list(items, ["id", "name", "project_id", "interfaces", "hosts"], args,
+                 _router_table)
 
 
 def _router_show(args: argparse.Namespace, settings: Any) -> int:

@@ -32,7 +32,7 @@ DEFAULT_TIMEOUT_S = 10.0
 # Plural path segment of each resource kind.
 PLURAL = {
     "project": "projects", "network": "networks", "subnet": "subnets", "router": "routers",
-    "port": "ports", "keypair": "keypairs", "instance": "instances",
+    "port": "ports", "keypair": "keypairs", "instance": "instances", "host": "hosts",
 }
 
 
@@ -163,6 +163,11 @@ class RegistryClient:
             timeout_s=self.timeout_s + wait)
         return result
 
+    def heartbeat(self, host: str, agent_type: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "POST", "/v1/agents", json={"host": host, "type": agent_type})
+        return result
+
     def set_password(self, instance_id: str, password: str) -> dict[str, Any]:
         result: dict[str, Any] = self.request(
             "POST", f"/v1/instances/{instance_id}/password", json={"password": password})
@@ -290,6 +295,14 @@ class AsyncRegistryClient:
         result: dict[str, Any] = await self.request(
             "GET", "/v1/changes", params={"since": since, "wait": wait, "limit": limit},
             timeout_s=self.timeout_s + wait)
+        return result
+
+    async def heartbeat(self, host: str, agent_type: str,
+                        timeout_s: float | None = None) -> dict[str, Any]:
+        """Report (host, agent_type) alive; the answer carries the registry's
+        agent_down_time."""
+        result: dict[str, Any] = await self.request(
+            "POST", "/v1/agents", json={"host": host, "type": agent_type}, timeout_s=timeout_s)
         return result
 
     async def set_password(self, instance_id: str, password: str) -> dict[str, Any]:

@@ -102,6 +102,10 @@ def openapi_document() -> dict[str, Any]:
         "/v1/lookup": {"get": _op("ports holding an IP behind a router or on a network",
                                   params=_q("ip", "router_id", "network_id"))},
         "/v1/topology": {"get": _op("all networks, subnets, routers and ports")},
+        "/v1/agents": {"post": _op(
+            "heartbeat of one agent (the reader token may send it)", body="Heartbeat")},
+        "/v1/hosts": {"get": _op("nodes: roles, alive, last heartbeat, routers, networks")},
+        "/v1/hosts/{id}": {"parameters": [_ID], "get": _op("one node by name")},
         "/v1/changes": {"get": _op(
             "changes after a revision, long-poll up to wait seconds (≤ 60); 410 = resync",
             params=[{"name": "since", "in": "query", "schema": {"type": "integer"}},
@@ -146,6 +150,8 @@ def openapi_document() -> dict[str, Any]:
                                metadata={"type": "object", "additionalProperties": _S},
                                metadata_unset={"type": "array", "items": _S}),
         "Password": _obj(("password",), password={"type": "string", "maxLength": 1020}),
+        "Heartbeat": _obj(("host", "type"), host=_S,
+                          type={"enum": ["registry", "api", "l3", "dhcp", "metadata", "l2"]}),
         "Error": _obj(("error", "reason"), error=_S, reason=_S, field=_S,
                       revision={"type": "integer"}),
     }

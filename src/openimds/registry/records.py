@@ -18,7 +18,15 @@ from sqlalchemy.engine import Connection, Row
 
 from openimds.core.models import DEVICE_OWNER_ROUTER
 from openimds.errors import NotFound
-from openimds.registry.store import Tx, instance_hosts, port_ips, ports, segments, subnets
+from openimds.registry.store import (
+    Tx,
+    bindings,
+    instance_hosts,
+    port_ips,
+    ports,
+    segments,
+    subnets,
+)
 
 Json = dict[str, Any]
 
@@ -122,8 +130,25 @@ def network_dicts(conn: Connection, rows: Sequence[Row[Any]]) -> list[Json]:
     if ids:
         vnis = {r.network_id: r.segmentation_id for r in conn.execute(
             sa.select(segments).where(segments.c.network_id.in_(ids)))}
-    return [{**dict(r._mapping), "subnets": subs[r.id], "segmentation_id": vnis.get(r.id)}
+    hosts = bound_hosts(conn, "network", ids)
+    return [{**dict(r._mapping), "subnets": subs[r.id], "segmentation_id": vnis.get(r.id),
+             "hosts": hosts.get(r.id, [])}
             for r in rows]
+
+
+def bound_hosts(conn: Connection, kind: str,
+                ids: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """resource id -> the nodes serving it (routers: the L3 node; networks: DHCP nodes);
+    ids=None: every resource of that kind."""
+    query = sa.select(bindings.c.resource_id, bindings.c.host).where(bindings.c.kind == kind)
+    if ids is not None:
+        if not ids:
+            return {}
+        query = query.where(bindings.c.resource_id.in_(list(ids)))
+    out: dict[str, list[str]] = {}
+    for b in conn.execute(query.order_by(bindings.c.host)):
+        out.setdefault(b.resource_id, []).append(b.host)
+    return out
 
 
 def router_dicts(conn: Connection, rows: Sequence[Row[Any]]) -> list[Json]:
@@ -140,7 +165,9 @@ def router_dicts(conn: Connection, rows: Sequence[Row[Any]]) -> list[Json]:
             ifaces[r.device_id].append({
                 "port_id": r.id, "subnet_id": r.subnet_id, "network_id": r.network_id,
                 "ip_address": r.ip_address})
-    return [{**dict(r._mapping), "interfaces": ifaces[r.id]} for r in rows]
+    hosts = bound_hosts(conn, "router", ids)
+    return [{**dict(r._mapping), "interfaces": ifaces[r.id], "hosts": hosts.get(r.id, [])}
+            for r in rows]
 
 
 def instance_ports(conn: Connection, ids: Sequence[str]) -> dict[str, list[Json]]:

@@ -12,6 +12,7 @@ import base64
 import binascii
 import ipaddress
 import logging
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
-from openimds.core import ipam
+from openimds.core import ipam, nodes
 from openimds.core.models import (
     DEVICE_OWNER_DHCP,
     DEVICE_OWNER_INSTANCE,
@@ -34,7 +35,7 @@ from openimds.core.models import (
     sanitize_hostname,
 )
 from openimds.errors import BadRequest, Conflict, NotFound
-from openimds.registry import views
+from openimds.registry import scheduler, views
 from openimds.registry.allocation import (
     allocate,
     auto_address,
@@ -46,6 +47,7 @@ from openimds.registry.allocation import (
 )
 from openimds.registry.records import (
     Json,
+    bound_hosts,
     get_row,
     hosts_of,
     instance_change,
@@ -64,6 +66,7 @@ from openimds.registry.records import (
 from openimds.registry.store import (
     Store,
     Tx,
+    agents,
     allocate_segment,
     instance_hosts,
     instances,
@@ -157,9 +160,83 @@ def _find_keypair(conn: Connection, name: str, project_id: str) -> Row[Any]:
 class Registry:
     """All registry operations over one `Store`."""
 
-    def __init__(self, store: Store, *, max_page_size: int = 1000) -> None:
+    def __init__(self, store: Store, *, max_page_size: int = 1000,
+                 policy: scheduler.Policy | None = None) -> None:
         self.store = store
         self.max_page_size = max_page_size
+        self.policy = policy or scheduler.Policy(down_time_s=10.0, dhcp_per_network=1)
+        # No agent is declared dead before this process has been up for agent_down_time:
+        # after a registry outage every heartbeat looks old, and the agents need one report
+        # interval to show they are alive (else the first to report would take everything).
+        self._expire_after = time.monotonic() + self.policy.down_time_s
+
+    # ------------------------------------------------------------------ nodes, scheduling
+
+    def _may_expire(self) -> bool:
+        return time.monotonic() >= self._expire_after
+
+    def _schedule(self, tx: Tx) -> None:
+        scheduler.apply(tx, time.time(), self.policy, expire=self._may_expire())
+
+    def heartbeat(self, raw: Any) -> Json:
+        """One agent's report: (host, type) is alive now. A known alive agent costs one
+        UPDATE (no revision, no change row); a new or revived one is a "host" change and
+        runs the scheduler (it may take unplaced work; it takes nothing back)."""
+        body = _body(raw, {"host", "type"})
+        host = parse_name(body.get("host"), "host")
+        type_ = body.get("type")
+        if type_ not in nodes.AGENT_TYPES:
+            known = ", ".join(sorted(nodes.AGENT_TYPES))
+            raise BadRequest(f"type: {type_!r} is not one of {known}")
+        at = time.time()
+        with self.store.quiet_write() as conn:
+            updated = conn.execute(agents.update().where(
+                agents.c.host == host, agents.c.type == type_, agents.c.alive.is_(True))
+                .values(heartbeat_at=at)).rowcount
+        if not updated:
+            with self.store.write(allow_empty=True) as tx:
+                row = scheduler.agent_row(tx.conn, host, type_)
+                if row is None:
+                    tx.conn.execute(agents.insert().values(
+                        host=host, type=type_, heartbeat_at=at, alive=True, created_at=now(),
+                        revision=tx.revision))
+                    tx.change("host", "create", host, {"type": type_, "alive": True})
+                elif not row.alive:
+                    tx.conn.execute(agents.update().where(
+                        agents.c.host == host, agents.c.type == type_)
+                        .values(heartbeat_at=at, alive=True, revision=tx.revision))
+                    tx.change("host", "update", host, {"type": type_, "alive": True})
+                if tx.changes:
+                    self._schedule(tx)
+        return {"host": host, "type": type_, "alive": True,
+                "heartbeat_at": scheduler.iso(at),
+                "agent_down_time": self.policy.down_time_s}
+
+    def reconcile(self) -> bool:
+        """Declare silent agents dead and move or place work; True if anything changed.
+        A read first: the write (and its lock) is taken only when there is work."""
+        at = time.time()
+        expire = self._may_expire()
+        with self.store.read() as conn:
+            if not scheduler.plan(conn, at, self.policy, expire=expire):
+                return False
+        with self.store.write(allow_empty=True) as tx:
+            done = scheduler.apply(tx, at, self.policy, expire=expire)
+            if done:
+                log.info("registry.rescheduled expired=%s moves=%s", done.expired,
+                         {k: v for k, v in done.moves.items() if v})
+            return bool(tx.changes)
+
+    def list_hosts(self, q: dict[str, str]) -> Json:
+        with self.store.read() as conn:
+            return {"hosts": scheduler.hosts_report(conn, time.time(), self.policy),
+                    "next": None}
+
+    def get_host(self, name: str) -> Json:
+        for h in self.list_hosts({})["hosts"]:
+            if h["name"] == name:
+                return dict(h)
+        raise NotFound(f"host {name} not found")
 
     # ------------------------------------------------------------------ helpers
 
@@ -271,7 +348,10 @@ class Registry:
             vni = allocate_segment(tx.conn, values["id"])
             tx.change("network", "create", values["id"],
                       {"name": name, "project_id": pid, "mtu": mtu})
-            return {**values, "subnets": [], "segmentation_id": vni}
+            self._schedule(tx)
+            hosts = bound_hosts(tx.conn, "network", [values["id"]])
+            return {**values, "subnets": [], "segmentation_id": vni,
+                    "hosts": hosts.get(values["id"], [])}
 
 
     def list_networks(self, q: dict[str, str]) -> Json:
@@ -305,6 +385,7 @@ class Registry:
                 subnet_change(tx, "delete", s)
             conn.execute(segments.delete().where(segments.c.network_id == nid))
             conn.execute(networks.delete().where(networks.c.id == nid))
+            scheduler.unbind(tx, "network", nid)
             tx.change("network", "delete", nid, {"name": net.name, "project_id": net.project_id,
                                                  "mtu": net.mtu})
             return {}
@@ -443,7 +524,9 @@ class Registry:
                       "revision": tx.revision}
             tx.conn.execute(routers.insert().values(**values))
             tx.change("router", "create", values["id"], {"name": name, "project_id": pid})
-            return {**values, "interfaces": []}
+            self._schedule(tx)
+            hosts = bound_hosts(tx.conn, "router", [values["id"]])
+            return {**values, "interfaces": [], "hosts": hosts.get(values["id"], [])}
 
     def list_routers(self, q: dict[str, str]) -> Json:
         where = [routers.c.name == q["name"]] if q.get("name") else []
@@ -463,6 +546,7 @@ class Registry:
             if n:
                 raise Conflict(f"router {rid} still has {n} interface(s)")
             tx.conn.execute(routers.delete().where(routers.c.id == rid))
+            scheduler.unbind(tx, "router", rid)
             tx.change("router", "delete", rid, {"name": router.name,
                                                 "project_id": router.project_id})
             return {}

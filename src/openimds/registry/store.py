@@ -171,6 +171,31 @@ instance_hosts = sa.Table(
     sa.Column("host", sa.String(255), nullable=False),
 )
 
+# One row per (node, agent type): the heartbeat the agent last sent (registry clock, epoch
+# seconds) and whether the registry last judged it alive. Heartbeats update heartbeat_at
+# without a revision; only a change of `alive` (or a new agent) is a change-feed event.
+agents = sa.Table(
+    "agents", metadata,
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("type", sa.String(16), nullable=False),
+    sa.Column("heartbeat_at", sa.Float, nullable=False),
+    sa.Column("alive", sa.Boolean, nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("revision", sa.BigInteger, nullable=False),
+    sa.PrimaryKeyConstraint("host", "type"),
+)
+
+# Where each router (kind "router", one host) and each network's DHCP (kind "network",
+# [DEFAULT] dhcp_agents_per_network hosts) is served. Written only by registry/scheduler.py.
+bindings = sa.Table(
+    "bindings", metadata,
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("resource_id", ID, nullable=False),
+    sa.Column("host", sa.String(255), nullable=False, index=True),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.PrimaryKeyConstraint("kind", "resource_id", "host"),
+)
+
 changes = sa.Table(
     "changes", metadata,
     sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
@@ -301,13 +326,23 @@ class Store:
             yield conn
 
     @contextlib.contextmanager
-    def write(self) -> Iterator[Tx]:
-        """One write transaction with the revision already bumped; changes appended on exit."""
+    def quiet_write(self) -> Iterator[Connection]:
+        """A write transaction that bumps no revision and records no change (heartbeats)."""
+        with self._write_lock, self.engine.connect().execution_options(
+            openimds_write=True
+        ) as conn, conn.begin():
+            yield conn
+
+    @contextlib.contextmanager
+    def write(self, *, allow_empty: bool = False) -> Iterator[Tx]:
+        """One write transaction with the revision already bumped; changes appended on exit.
+        allow_empty: a transaction that recorded no change is rolled back quietly (the
+        scheduler re-checks inside the transaction and may find nothing left to do)."""
         with self._write_lock, self.engine.connect().execution_options(
             openimds_write=True
         ) as conn:
             try:
-                with conn.begin():
+                with conn.begin() as trans:
                     rev = conn.execute(
                         state.update().where(state.c.id == 1)
                         .values(revision=state.c.revision + 1)
@@ -316,7 +351,10 @@ class Store:
                     tx = Tx(conn, int(rev[0]))
                     yield tx
                     if not tx.changes:
-                        raise RuntimeError("a write transaction recorded no change")
+                        if not allow_empty:
+                            raise RuntimeError("a write transaction recorded no change")
+                        trans.rollback()
+                        return
                     conn.execute(changes.insert(), tx.changes)
                     keep_from = tx.revision - self.change_retention
                     if keep_from > int(rev[1]):

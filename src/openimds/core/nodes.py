@@ -1,0 +1,93 @@
+"""Nodes, agent types and placement: pure decisions the registry's scheduler applies.
+
+A node is a machine named by its `[DEFAULT] host`. Each agent on it heartbeats into the
+registry as (host, type); a node's roles follow from the types it runs. Routers are placed on
+nodes running an alive L3 agent (exactly one each), networks' DHCP on nodes running an alive
+DHCP agent (`[DEFAULT] dhcp_agents_per_network` each). `place` is the whole policy:
+
+- a resource bound to a dead node moves to an alive one, if one is free for it; with no alive
+  candidate it stays where it is (so the node that comes back finds it and nothing flaps);
+- a resource with fewer nodes than wanted gets the least-loaded alive nodes (ties: name);
+- a node that comes back alive takes nothing back: bindings only move off dead nodes;
+- surplus bindings (the wanted count was lowered) go, dead nodes first, then the most loaded.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+
+__all__ = [
+    "AGENT_TYPES",
+    "KIND_AGENT",
+    "ROLES",
+    "ROLE_OF_AGENT",
+    "place",
+    "roles_of",
+]
+
+# What heartbeats, and which role a node running it has.
+ROLE_OF_AGENT: dict[str, str] = {
+    "registry": "controller",
+    "api": "controller",
+    "l3": "network",
+    "dhcp": "network",
+    "metadata": "network",
+    "l2": "compute",
+}
+AGENT_TYPES = frozenset(ROLE_OF_AGENT)
+ROLES = ("controller", "network", "compute")
+# The agent type that serves each schedulable kind.
+KIND_AGENT: dict[str, str] = {"router": "l3", "network": "dhcp"}
+
+
+def roles_of(agent_types: Iterable[str]) -> list[str]:
+    """A node's roles, in ROLES order, from the agent types it runs."""
+    have = {ROLE_OF_AGENT[t] for t in agent_types if t in ROLE_OF_AGENT}
+    return [r for r in ROLES if r in have]
+
+
+def place(
+    current: Mapping[str, Sequence[str]], resources: Iterable[str], alive: Iterable[str],
+    wanted: int,
+) -> dict[str, list[str]]:
+    """The new host lists of the resources whose placement must change (see module doc).
+
+    current: resource id -> bound hosts; resources: every existing resource id; alive: hosts
+    whose agent for this kind is alive; wanted: hosts per resource.
+    """
+    alive_set = set(alive)
+    existing = sorted(set(resources))
+    load: Counter[str] = Counter()
+    for rid in existing:
+        load.update(current.get(rid, ()))
+    changed: dict[str, list[str]] = {}
+    for rid in existing:
+        before = list(current.get(rid, ()))
+        hosts = list(before)
+        for dead in [h for h in hosts if h not in alive_set]:
+            candidate = _least_loaded(alive_set - set(hosts), load)
+            if candidate is None:
+                break
+            hosts[hosts.index(dead)] = candidate
+            load[dead] -= 1
+            load[candidate] += 1
+        while len(hosts) < wanted:
+            candidate = _least_loaded(alive_set - set(hosts), load)
+            if candidate is None:
+                break
+            hosts.append(candidate)
+            load[candidate] += 1
+        while len(hosts) > wanted:
+            victim = max(hosts, key=lambda h: (h not in alive_set, load[h], h))
+            hosts.remove(victim)
+            load[victim] -= 1
+        if sorted(hosts) != sorted(before):
+            changed[rid] = sorted(hosts)
+    return changed
+
+
+def _least_loaded(candidates: set[str], load: Counter[str]) -> str | None:
+    if not candidates:
+        return None
+    return min(candidates, key=lambda h: (load[h], h))

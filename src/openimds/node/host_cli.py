@@ -1,0 +1,50 @@
+"""`openimds host list|show`: the nodes the registry knows, from their agents' heartbeats.
+
+Each node: its roles (from the agent types it runs), whether every agent on it is alive
+(heartbeat younger than `[DEFAULT] agent_down_time`), its last heartbeat, and the routers and
+networks scheduled to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from openimds.cli import add_command
+from openimds.output import emit_list, emit_one
+from openimds.registry.client import RegistryClient
+
+Obj = dict[str, Any]
+COLUMNS = ("name", "roles", "alive", "last_heartbeat", "heartbeat_age_s", "routers",
+           "networks")
+
+
+def _table(h: Obj) -> Obj:
+    """Counts instead of ID lists, agents as type=alive|dead."""
+    return {**h, "routers": len(h["routers"]), "networks": len(h["networks"]),
+            "agents": [f"{a['type']}={'alive' if a['alive'] else 'dead'}" for a in h["agents"]]}
+
+
+def _host_list(args: argparse.Namespace, settings: Any) -> int:
+    with RegistryClient.from_settings(settings, admin=False) as c:
+        hosts = c.list("host")
+    if args.format != "json":
+        hosts = [_table(h) for h in hosts]
+    emit_list(hosts, [*COLUMNS, "agents"], args.format)
+    return 0
+
+
+def _host_show(args: argparse.Namespace, settings: Any) -> int:
+    with RegistryClient.from_settings(settings, admin=False) as c:
+        host = c.get("host", args.host)
+    emit_one(host, args.format)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser("host", help="nodes and what they serve",
+                            description="nodes and what they serve")
+    group = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add_command(group, "list", _host_list, "list nodes: roles, alive, last heartbeat, load")
+    p = add_command(group, "show", _host_show, "show one node with its agents and resources")
+    p.add_argument("host", metavar="HOST")

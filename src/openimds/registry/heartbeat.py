@@ -1,0 +1,129 @@
+"""An agent's heartbeat into the registry, and the fence that goes with it.
+
+    beat = Heartbeat(client, settings, "l3", on_fence=..., on_unfence=...)
+    task = asyncio.create_task(beat.run())
+    await beat.first_ok.wait()       # build nothing before the registry knows we are alive
+
+Every `[AGENT] report_interval` the agent POSTs /v1/agents {host, type}. The registry
+declares it dead (and moves its work) once its last heartbeat is older than agent_down_time
+(the value the registry returns, which wins over ours). So the agent must stop serving before
+that moment by itself, whatever the reason it cannot report (registry down, network cut,
+event loop stalled): it is *fenced* once `fence_after_s` = FENCE_FRACTION × agent_down_time
+has passed since the send time of its last successful heartbeat, and `on_fence` runs (the
+L3/DHCP agents take their legs down). The send time, not the answer time, is what the
+registry may have recorded at the earliest, so the margin (4 s of 10) covers the registry's
+reaper tick, clock skew between registry processes and the fence's own work. When a
+heartbeat succeeds again, `on_unfence` runs (the agents converge: whatever is still
+scheduled to this node comes back, whatever moved away is removed).
+
+The wall-clock time of the last success is kept in `stamp_file`, so an agent that starts
+after being away longer than the fence time (a crash that left its namespaces behind) knows
+to fence what it finds before anything else (`stale_at_start`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from openimds.config import Settings
+from openimds.errors import OpenImdsError
+from openimds.registry.client import AsyncRegistryClient
+
+log = logging.getLogger(__name__)
+
+FENCE_FRACTION = 0.6
+Callback = Callable[[], Awaitable[None] | None]
+
+
+class Heartbeat:
+    def __init__(self, client: AsyncRegistryClient, settings: Settings, agent_type: str, *,
+                 on_fence: Callback | None = None, on_unfence: Callback | None = None,
+                 stamp_file: Path | None = None) -> None:
+        self.client = client
+        self.host = settings.host
+        self.type = agent_type
+        self.interval_s = settings.AGENT.report_interval
+        self.down_time_s = settings.agent_down_time
+        self.on_fence = on_fence
+        self.on_unfence = on_unfence
+        self.stamp_file = stamp_file or settings.path("heartbeat", agent_type)
+        self.first_ok = asyncio.Event()
+        self.last_ok: float | None = None  # monotonic send time of the last success
+        self.fenced = True  # until the registry has heard from us
+        self.sent = 0
+        self.failed = 0
+
+    @property
+    def fence_after_s(self) -> float:
+        return FENCE_FRACTION * self.down_time_s
+
+    def stale_at_start(self) -> bool:
+        """Whether the last success recorded on disk is older than the fence time (or
+        missing): state left from that run may have been rescheduled elsewhere."""
+        try:
+            last = float(self.stamp_file.read_text().strip())
+        except (OSError, ValueError):
+            return True
+        return time.time() - last > self.fence_after_s
+
+    def _stamp(self) -> None:
+        with contextlib.suppress(OSError):
+            self.stamp_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.stamp_file.with_name(f".{self.stamp_file.name}.tmp")
+            tmp.write_text(f"{time.time():.3f}\n")
+            os.replace(tmp, self.stamp_file)
+
+    async def beat(self) -> bool:
+        """One heartbeat; True if the registry recorded it."""
+        sent_at = time.monotonic()
+        self.sent += 1
+        try:
+            answer = await self.client.heartbeat(self.host, self.type,
+                                                 timeout_s=max(self.interval_s, 1.0))
+        except OpenImdsError as exc:
+            self.failed += 1
+            log.warning("heartbeat.failed host=%s type=%s reason=%s", self.host, self.type,
+                        exc.reason)
+            return False
+        down = answer.get("agent_down_time")
+        if isinstance(down, int | float) and down > 0:
+            self.down_time_s = float(down)
+        self.last_ok = sent_at
+        self._stamp()
+        return True
+
+    def expired(self) -> bool:
+        return self.last_ok is None or time.monotonic() - self.last_ok > self.fence_after_s
+
+    async def _call(self, callback: Callback | None) -> None:
+        if callback is None:
+            return
+        result = callback()
+        if result is not None:
+            await result
+
+    async def run(self) -> None:
+        """Beat every report_interval; fence and unfence as the module doc says."""
+        next_beat = time.monotonic()
+        while True:
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + self.interval_s
+                if await self.beat():
+                    if self.fenced:
+                        self.fenced = False
+                        log.info("heartbeat.serving host=%s type=%s", self.host, self.type)
+                        self.first_ok.set()
+                        await self._call(self.on_unfence)
+            if not self.fenced and self.expired():
+                self.fenced = True
+                log.error("heartbeat.fenced host=%s type=%s reason=no heartbeat recorded for "
+                          "%.1f s: stop serving before the registry moves our work",
+                          self.host, self.type, self.fence_after_s)
+                await self._call(self.on_fence)
+            await asyncio.sleep(max(0.05, min(0.25, next_beat - time.monotonic())))

@@ -1,0 +1,145 @@
+"""Agents' heartbeats, node liveness and the placement of routers and networks (SQL side).
+
+The policy is `core.nodes.place`; this module reads the tables, asks it, and writes the
+answer. `plan()` is read-only and cheap, so the registry's reaper calls it every tick and
+opens a write transaction only when something must change; `apply()` runs inside that
+transaction and plans again (another registry process on the same PostgreSQL may have done
+the work meanwhile: the write lock on the state row serializes them, so each move happens
+once). Every placement change is a change-feed row of the router or network (op "update",
+attrs with "hosts"); a node turning alive or dead is a "host" change. Agents learn their
+work from `/v1/topology` (`routers[].hosts`, `networks[].hosts`), never by RPC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from openimds.core import nodes
+from openimds.registry.records import Json, bound_hosts, now
+from openimds.registry.store import Tx, agents, bindings, networks, routers
+
+TABLES = {"router": routers, "network": networks}
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    down_time_s: float
+    dhcp_per_network: int
+
+    def wanted(self, kind: str) -> int:
+        return 1 if kind == "router" else self.dhcp_per_network
+
+
+@dataclass(slots=True)
+class Plan:
+    expired: list[tuple[str, str]] = field(default_factory=list)  # (host, type) now dead
+    moves: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # kind -> id -> hosts
+    orphans: list[tuple[str, str]] = field(default_factory=list)  # (kind, id) gone
+
+    def __bool__(self) -> bool:
+        return bool(self.expired or self.orphans or any(self.moves.values()))
+
+
+def plan(conn: Connection, at: float, policy: Policy, *, expire: bool = True) -> Plan:
+    """What must change now: agents to declare dead, resources to (re)place."""
+    result = Plan()
+    alive: dict[str, set[str]] = {}
+    for a in conn.execute(sa.select(agents)):
+        is_alive = bool(a.alive)
+        if is_alive and expire and at - float(a.heartbeat_at) > policy.down_time_s:
+            result.expired.append((a.host, a.type))
+            is_alive = False
+        if is_alive:
+            alive.setdefault(a.type, set()).add(a.host)
+    for kind, table in TABLES.items():
+        ids = [str(i) for i in conn.execute(sa.select(table.c.id)).scalars()]
+        current = bound_hosts(conn, kind)
+        result.orphans += [(kind, rid) for rid in sorted(set(current) - set(ids))]
+        result.moves[kind] = nodes.place(current, ids, alive.get(nodes.KIND_AGENT[kind], ()),
+                                         policy.wanted(kind))
+    return result
+
+
+def apply(tx: Tx, at: float, policy: Policy, *, expire: bool = True) -> Plan:
+    """Plan again inside the write transaction and carry it out."""
+    conn = tx.conn
+    todo = plan(conn, at, policy, expire=expire)
+    for host, type_ in todo.expired:
+        conn.execute(agents.update().where(agents.c.host == host, agents.c.type == type_)
+                     .values(alive=False, revision=tx.revision))
+        tx.change("host", "update", host, {"type": type_, "alive": False})
+    for kind, rid in todo.orphans:
+        conn.execute(bindings.delete().where(bindings.c.kind == kind,
+                                             bindings.c.resource_id == rid))
+    for kind, moves in todo.moves.items():
+        table = TABLES[kind]
+        for rid, hosts in moves.items():
+            set_hosts(tx, kind, rid, hosts)
+            row = conn.execute(sa.select(table).where(table.c.id == rid)).one()
+            conn.execute(table.update().where(table.c.id == rid).values(revision=tx.revision))
+            tx.change(kind, "update", rid, {**change_attrs(kind, row._asdict()), "hosts": hosts})
+    return todo
+
+
+def set_hosts(tx: Tx, kind: str, rid: str, hosts: list[str]) -> None:
+    conn = tx.conn
+    conn.execute(bindings.delete().where(bindings.c.kind == kind, bindings.c.resource_id == rid))
+    if hosts:
+        stamp = now()
+        conn.execute(bindings.insert(), [
+            {"kind": kind, "resource_id": rid, "host": h, "created_at": stamp} for h in hosts])
+
+
+def unbind(tx: Tx, kind: str, rid: str) -> None:
+    tx.conn.execute(bindings.delete().where(bindings.c.kind == kind,
+                                            bindings.c.resource_id == rid))
+
+
+def change_attrs(kind: str, row: Json) -> Json:
+    """The attributes a router or network change row carries (docs/architecture.md)."""
+    if kind == "router":
+        return {"name": row["name"], "project_id": row["project_id"]}
+    return {"name": row["name"], "project_id": row["project_id"], "mtu": row["mtu"]}
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def hosts_report(conn: Connection, at: float, policy: Policy) -> list[Json]:
+    """Every node: roles, alive, last heartbeat, agents, and what it serves."""
+    out: dict[str, Json] = {}
+
+    def entry(name: str) -> Json:
+        return out.setdefault(name, {"name": name, "roles": [], "alive": False,
+                                     "last_heartbeat": None, "heartbeat_age_s": None,
+                                     "agents": [], "routers": [], "networks": []})
+
+    newest: dict[str, float] = {}
+    for a in conn.execute(sa.select(agents).order_by(agents.c.host, agents.c.type)):
+        e = entry(a.host)
+        age = max(0.0, at - float(a.heartbeat_at))
+        e["agents"].append({"type": a.type, "alive": bool(a.alive) and age <= policy.down_time_s,
+                            "last_heartbeat": iso(float(a.heartbeat_at)),
+                            "heartbeat_age_s": round(age, 3)})
+        newest[a.host] = max(newest.get(a.host, 0.0), float(a.heartbeat_at))
+    for name, ts in newest.items():
+        e = out[name]
+        e["roles"] = nodes.roles_of(a["type"] for a in e["agents"])
+        e["alive"] = all(a["alive"] for a in e["agents"])
+        e["last_heartbeat"] = iso(ts)
+        e["heartbeat_age_s"] = round(max(0.0, at - ts), 3)
+    for b in conn.execute(sa.select(bindings).order_by(bindings.c.resource_id)):
+        entry(b.host)[f"{b.kind}s"].append(b.resource_id)
+    return [out[k] for k in sorted(out)]
+
+
+def agent_row(conn: Connection, host: str, type_: str) -> Any:
+    return conn.execute(sa.select(agents).where(agents.c.host == host,
+                                                agents.c.type == type_)).first()

@@ -1,0 +1,184 @@
+"""Heartbeats, node liveness, placement and failover through a real registry process, on
+SQLite and PostgreSQL. The "agents" here are heartbeat threads speaking the agents' wire
+(POST /v1/agents with the reader token); the real L3/DHCP agents are in tests/netns."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from openimds.errors import BadRequest, Forbidden
+from openimds.registry.client import RegistryClient
+from tests.integration.registry_support import BACKENDS, Registry, registry_process
+from tests.support import cli_json
+
+DOWN_S = 1.5
+
+
+class Beats:
+    """Heartbeat threads for (host, type) pairs; stop one to make that agent go silent."""
+
+    def __init__(self, reg: Registry) -> None:
+        self.reg = reg
+        self.live: set[tuple[str, str]] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with self.reg.client(admin=False) as c:
+            while not self._stop.is_set():
+                for host, type_ in list(self.live):
+                    c.heartbeat(host, type_)
+                self._stop.wait(0.2)
+
+    def start(self, host: str, type_: str = "l3") -> None:
+        with self.reg.client(admin=False) as c:
+            c.heartbeat(host, type_)
+        self.live.add((host, type_))
+
+    def silence(self, host: str) -> None:
+        self.live = {(h, t) for h, t in self.live if h != host}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+@pytest.fixture(params=BACKENDS)
+def reg(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registry]:
+    with registry_process(tmp_path / request.param, request.param,
+                          defaults={"agent_down_time": DOWN_S}) as r:
+        yield r
+
+
+@pytest.fixture
+def beats(reg: Registry) -> Iterator[Beats]:
+    b = Beats(reg)
+    yield b
+    b.close()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s: {what}")
+
+
+def hosts_of(api: RegistryClient, kind: str) -> dict[str, list[str]]:
+    return {o["id"]: o["hosts"] for o in api.list(kind)}
+
+
+def host_map(api: RegistryClient) -> dict[str, dict[str, Any]]:
+    return {h["name"]: h for h in api.list("host")}
+
+
+def test_routers_spread_over_alive_l3_nodes_and_move_off_a_dead_one(
+        reg: Registry, beats: Beats) -> None:
+    api = reg.client()
+    beats.start("net-1")
+    beats.start("net-2")
+    beats.start("net-2", "dhcp")
+    rids = [api.create("router", {"name": f"r{i}"})["id"] for i in range(4)]
+    placed = hosts_of(api, "router")
+    assert all(len(placed[r]) == 1 for r in rids)
+    load = sorted(sum(1 for r in rids if placed[r] == [h]) for h in ("net-1", "net-2"))
+    assert load == [2, 2], placed  # least-loaded first
+    net = api.create("network", {"name": "n"})
+    assert net["hosts"] == ["net-2"], net  # the only node with a DHCP agent
+
+    hosts = host_map(api)
+    assert hosts["net-1"]["roles"] == ["network"] and hosts["net-1"]["alive"] is True
+    assert sorted(hosts["net-1"]["routers"]) == sorted(r for r in rids if placed[r] == ["net-1"])
+    assert hosts["net-2"]["networks"] == [net["id"]]
+    since = api.health()["revision"]
+
+    beats.silence("net-1")
+    t0 = time.monotonic()
+    wait_for(lambda: all(h == ["net-2"] for h in hosts_of(api, "router").values()),
+             DOWN_S + 3.0, "routers moved to net-2")
+    took = time.monotonic() - t0
+    assert took >= DOWN_S * 0.9, f"moved after {took:.2f}s, before agent_down_time"
+    hosts = host_map(api)
+    assert hosts["net-1"]["alive"] is False and hosts["net-1"]["routers"] == []
+    assert sorted(hosts["net-2"]["routers"]) == sorted(rids)
+    # the move is on the change feed: one router update per moved router, naming the host
+    feed = api.changes(since, 0)["changes"]
+    moved = {c["id"] for c in feed if c["kind"] == "router" and c["attrs"].get("hosts")}
+    assert moved == {r for r in rids if placed[r] == ["net-1"]}
+    assert any(c["kind"] == "host" and c["id"] == "net-1" and c["attrs"]["alive"] is False
+               for c in feed)
+
+    # net-1 comes back: alive again, takes nothing back; new work goes to it (least loaded)
+    beats.start("net-1")
+    wait_for(lambda: host_map(api)["net-1"]["alive"], 3.0, "net-1 alive again")
+    time.sleep(DOWN_S)
+    assert all(h == ["net-2"] for h in hosts_of(api, "router").values())
+    new = api.create("router", {"name": "r-new"})
+    assert new["hosts"] == ["net-1"]
+
+
+def test_no_alive_node_keeps_the_binding_until_one_appears(reg: Registry, beats: Beats) -> None:
+    api = reg.client()
+    beats.start("only")
+    rid = api.create("router", {"name": "r"})["id"]
+    beats.silence("only")
+    wait_for(lambda: not host_map(api)["only"]["alive"], DOWN_S + 3.0, "only is dead")
+    time.sleep(0.5)
+    assert api.get("router", rid)["hosts"] == ["only"]  # nowhere better: stays, no flap
+    beats.start("spare")
+    wait_for(lambda: api.get("router", rid)["hosts"] == ["spare"], 3.0, "moved to spare")
+    unplaced = api.create("router", {"name": "r2"})
+    assert unplaced["hosts"] == ["spare"]
+    api.delete("router", unplaced["id"])
+    assert unplaced["id"] not in sum((h["routers"] for h in api.list("host")), [])
+
+
+def test_unplaced_work_goes_to_the_first_agent_that_reports(reg: Registry) -> None:
+    api = reg.client()
+    rid = api.create("router", {"name": "r"})["id"]
+    assert api.get("router", rid)["hosts"] == []
+    with reg.client(admin=False) as reader:
+        answer = reader.heartbeat("late", "l3")
+    assert answer["agent_down_time"] == DOWN_S and answer["alive"] is True
+    assert api.get("router", rid)["hosts"] == ["late"]
+
+
+def test_heartbeat_input_and_permissions(reg: Registry) -> None:
+    with reg.client(admin=False) as reader:
+        with pytest.raises(BadRequest, match="type"):
+            reader.heartbeat("h", "bogus")
+        with pytest.raises(BadRequest, match="host"):
+            reader.request("POST", "/v1/agents", json={"type": "l3"})
+        with pytest.raises(Forbidden):  # the reader may heartbeat, nothing else
+            reader.create("router", {"name": "x"})
+    resp = httpx.post(reg.url + "/v1/agents", json={"host": "h", "type": "l3"}, timeout=5,
+                      trust_env=False)
+    assert resp.status_code == 401
+
+
+def test_host_list_cli(reg: Registry, beats: Beats) -> None:
+    beats.start("cli-net", "l3")
+    beats.start("cli-net", "dhcp")
+    beats.start("cli-cmp", "l2")
+    api = reg.client()
+    rid = api.create("router", {"name": f"r-{uuid.uuid4().hex[:6]}"})["id"]
+    hosts = {h["name"]: h for h in cli_json(reg.config, "host", "list")}
+    assert hosts["cli-net"]["roles"] == ["network"]
+    assert hosts["cli-net"]["routers"] == [rid]
+    assert {a["type"] for a in hosts["cli-net"]["agents"]} == {"l3", "dhcp"}
+    assert hosts["cli-cmp"]["roles"] == ["compute"] and hosts["cli-cmp"]["routers"] == []
+    assert any("controller" in h["roles"] for h in hosts.values())  # the registry itself
+    shown = cli_json(reg.config, "router", "show", rid)
+    assert shown["hosts"] == ["cli-net"]
