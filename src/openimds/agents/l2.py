@@ -2,7 +2,8 @@
 
 It keeps one bridge per registry network (`agents.fabric`, the same rule the L3 and DHCP
 agents follow: create what the registry has, delete ours it no longer has once nothing is
-attached), converging on every network change of the feed and on resync, and heartbeats as
+attached; a VXLAN device per bridge when `[fabric] local_ip` is set), converging on every
+network change of the feed and on resync, and heartbeats as
 type `l2` so `openimds host list` shows the node with the compute role. Network nodes do not
 need it: their L3 and DHCP agents make the bridges they plug into.
 """
@@ -29,13 +30,16 @@ log = logging.getLogger(__name__)
 RETRY_S = 2.0
 
 
-def converge(topology: Mapping[str, Any]) -> fabric.FabricReport:
-    """Bridges for every network of the topology (blocking netlink: run in a thread)."""
+def converge(topology: Mapping[str, Any],
+             tunnel: fabric.Tunnel | None = None) -> fabric.FabricReport:
+    """Bridges (and their VXLAN, with `[fabric] local_ip`) for every network of the
+    topology. Blocking netlink: run in a thread."""
     with links.netlink() as here:
-        return fabric.converge(here, topology.get("networks", []), delete_stale=True)
+        return fabric.converge(here, topology.get("networks", []), delete_stale=True,
+                               tunnel=tunnel)
 
 
-async def follow(client: AsyncRegistryClient) -> None:
+async def follow(client: AsyncRegistryClient, tunnel: fabric.Tunnel | None = None) -> None:
     follower = ChangeFollower(client)
     try:
         async for batch in follower:
@@ -44,7 +48,7 @@ async def follow(client: AsyncRegistryClient) -> None:
                 continue
             while True:
                 try:
-                    await asyncio.to_thread(converge, await client.topology())
+                    await asyncio.to_thread(converge, await client.topology(), tunnel)
                     break
                 except (OpenImdsError, OSError) as exc:
                     log.warning("l2.converge_failed reason=%s retry_in_s=%.1f", exc, RETRY_S)
@@ -56,7 +60,8 @@ async def follow(client: AsyncRegistryClient) -> None:
 def run_agent(settings: Settings) -> int:
     async def main() -> None:
         client = AsyncRegistryClient.from_settings(settings, admin=False)
-        tasks = [asyncio.create_task(follow(client), name="l2-follow"),
+        tunnel = fabric.tunnel_from(settings.fabric)
+        tasks = [asyncio.create_task(follow(client, tunnel), name="l2-follow"),
                  asyncio.create_task(Heartbeat(client, settings, "l2").run(),
                                      name="l2-heartbeat")]
         loop = asyncio.get_running_loop()
