@@ -41,9 +41,13 @@ ROUTER_ID_HEADER = b"X-Neutron-Router-ID"
 NETWORK_ID_HEADER = b"X-Neutron-Network-ID"
 FORWARDED_FOR_HEADER = b"X-Forwarded-For"
 GUEST_FORWARDED = (b"X-Openimds-Guest-Forwarded", b"1")
+REQUEST_ID_HEADER = b"X-Openimds-Request-Id"
+# A guest's own X-Request-Id is kept as the request ID only if it looks like an ID (it goes
+# into every hop's log line): letters, digits and . _ : - , at most 64 characters.
+_GUEST_REQUEST_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 
-# Compared after lower-casing and mapping "_" to "-".
-_STRIPPED_PREFIXES = (b"x-neutron-", b"x-instance-id", b"x-forwarded-")
+# Compared after lower-casing and mapping "_" to "-". X-Openimds-* are set by the proxy only.
+_STRIPPED_PREFIXES = (b"x-neutron-", b"x-instance-id", b"x-forwarded-", b"x-openimds-")
 _STRIPPED_NAMES = frozenset({b"x-tenant-id", b"forwarded", b"x-openimds-guest-forwarded"})
 _FORWARDING = frozenset({b"forwarded"})  # plus every x-forwarded-*
 _HOP_BY_HOP = frozenset({
@@ -225,6 +229,15 @@ def rewrite_headers(
     if forwarded:
         out.append(GUEST_FORWARDED)
     return out
+
+
+def guest_request_id(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """The guest's X-Request-Id (the first one) if it is well-formed, else None."""
+    for name, value in headers:
+        if name == b"x-request-id":
+            value = value.strip()
+            return value if _GUEST_REQUEST_ID.fullmatch(value) else None
+    return None
 
 
 def proxy_headers(peer_host: str, spec: ListenerSpec) -> tuple[tuple[bytes, bytes], ...]:

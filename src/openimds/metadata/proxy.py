@@ -38,10 +38,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from time import perf_counter
 
 from openimds.config import Settings
 from openimds.core.proxy_rules import (
+    REQUEST_ID_HEADER,
     ListenerSpec,
+    guest_request_id,
     is_spec_filename,
     parse_listener_spec,
     plan_listeners,
@@ -66,7 +69,17 @@ from openimds.http.server import (
     Limits,
     RawResponse,
     Request,
+    Response,
     error_response,
+)
+from openimds.log import access_line
+from openimds.metrics import (
+    HopStats,
+    Metric,
+    ServiceMetrics,
+    counter,
+    gauge,
+    start_metrics_server,
 )
 
 log = logging.getLogger(__name__)
@@ -80,6 +93,7 @@ _IPV6_FREEBIND = getattr(socket, "IPV6_FREEBIND", 78)
 _IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 _MEMO_MAX = 4096  # encoded upstream requests kept (cleared when full)
 _MEMO_TARGET_MAX = 256  # longer request targets are not kept
+_RID_LINE = b"\r\n" + REQUEST_ID_HEADER + b": "
 
 # One-line bodies the VM sees; the reason with paths and errno goes to our log only.
 _VM_REASONS = {
@@ -149,14 +163,21 @@ class _ErrorLog:
 class Forwarder:
     """Relays requests to the agent; shared by every listener."""
 
-    def __init__(self, pool: UpstreamPool, *, token_hop_limit: int = 1) -> None:
+    def __init__(
+        self, pool: UpstreamPool, *, token_hop_limit: int = 1, access_log: bool = False,
+    ) -> None:
         self.pool = pool
         self.token_hop_limit = token_hop_limit  # IP TTL of PUT (token) answers
         self._errors = _ErrorLog()
+        self.hop = HopStats("proxy")  # /metrics (openimds.metrics), read at scrape time
+        self.access_log = access_log
+        # Request IDs: <8 random hex>-<sequence in hex>, unique per process and start.
+        self._id_prefix = os.urandom(4).hex().encode() + b"-"
+        self._id_seq = 0
         # The bytes sent to the agent are a function of the listener, the peer and the
         # request: a VM asks for the same few paths with the same headers, so they are made
         # once (rewrite + encode: ~3 µs of a proxied request). Bounded: keys are VM-chosen.
-        self._encoded: dict[tuple[object, ...], bytes] = {}
+        self._encoded: dict[tuple[object, ...], tuple[bytes, bytes, bytes | None]] = {}
 
     def handler_for(self, spec: ListenerSpec) -> Callable[[Request], Deferred]:
         """The request handler of one listener."""
@@ -166,49 +187,77 @@ class Forwarder:
         last_host = ""
         last_added: tuple[tuple[bytes, bytes], ...] = ()
         tag = object()  # this listener in memo keys (hashed by identity, unlike the spec)
+        hop = self.hop
+        scope = (f"router={spec.router_id}" if spec.router_id else
+                 f"network={spec.network_id}")
 
         def handle(req: Request) -> Deferred:
             nonlocal last_host, last_added
+            hop.begun += 1
+            t0 = perf_counter()
             host = req.peer[0] if req.peer else "0.0.0.0"
             key = (tag, host, req.method, req.target, *req.headers) if not req.body else None
-            data = encoded.get(key) if key is not None else None
-            if data is None:
+            entry = encoded.get(key) if key is not None else None
+            if entry is None:
                 if host != last_host:  # the same VM usually asks many times in a row
                     last_added = proxy_headers(host, spec)
                     last_host = host
-                data = encode(req.method, req.target,
-                              rewrite_headers(req.headers, last_added), req.body)
+                whole = encode(req.method, req.target,
+                               rewrite_headers(req.headers, last_added), req.body)
+                # Kept split where the request ID goes: the end of the header block.
+                cut = whole.index(b"\r\n\r\n")
+                entry = (whole[:cut], whole[cut:], guest_request_id(req.headers))
                 if key is not None and len(req.target) <= _MEMO_TARGET_MAX:
                     if len(encoded) >= _MEMO_MAX:
                         encoded.clear()
-                    encoded[key] = data
-            return forward(req, data)
+                    encoded[key] = entry
+            head, tail, rid = entry
+            if rid is None:
+                self._id_seq += 1
+                rid = self._id_prefix + b"%x" % self._id_seq
+            data = b"".join((head, _RID_LINE, rid, tail))
+            return forward(req, data, t0, rid, host, scope)
 
         return handle
 
-    def forward(self, req: Request, data: bytes) -> Deferred:
+    def forward(
+        self, req: Request, data: bytes, t0: float, rid: bytes, host: str, scope: str,
+    ) -> Deferred:
         """Send the encoded request upstream; the answer is written to the client from the
         upstream's read callback (no Task, no future per request)."""
         reply = Deferred()
         head_only = req.method == "HEAD"
+        hop = self.hop
+
+        def answer(resp: AnyResponse, status: int) -> None:
+            seconds = perf_counter() - t0
+            hop.done(status, req.path, seconds)
+            if self.access_log and access_line.enabled:
+                access_line.write(
+                    f"proxy request_id={rid.decode('latin-1')} ip={host} {scope} "
+                    f"status={status} ms={seconds * 1000.0:.2f} method={req.method} "
+                    f"path={req.path}")
+            reply.resolve(resp)
 
         def done(result: UpstreamResponse | BaseException) -> None:
             if isinstance(result, UpstreamResponse):
-                reply.resolve(RawResponse(result.raw, close=not result.keep_alive))
+                answer(RawResponse(result.raw, close=not result.keep_alive), result.status)
             elif isinstance(result, UpstreamUnavailable):
                 # Connect failed: retry like haproxy's `retries 3`, off the hot path.
                 retry = asyncio.ensure_future(self._forward_retrying(data, head_only))
-                retry.add_done_callback(lambda t: _pass_on(t, reply))
+                retry.add_done_callback(lambda t: _pass_on(t, answer))
             elif isinstance(result, UpstreamError):
-                reply.resolve(self._failed(result))
+                answer(*self._failed(result))
             else:
                 log.error("proxy.forward_failed error=%r", result)
-                reply.resolve(error_response(500, "metadata proxy error"))
+                answer(error_response(500, "metadata proxy error"), 500)
 
         self.pool.send_encoded(data, head_only, done)
         return reply
 
-    async def _forward_retrying(self, data: bytes, head_only: bool) -> AnyResponse:
+    async def _forward_retrying(
+        self, data: bytes, head_only: bool,
+    ) -> tuple[AnyResponse, int]:
         for attempt in range(1, CONNECT_RETRIES + 1):
             await asyncio.sleep(CONNECT_RETRY_DELAY_S)
             try:
@@ -219,24 +268,27 @@ class Forwarder:
                 return self._failed(exc)
             except UpstreamError as exc:
                 return self._failed(exc)
-            return RawResponse(resp.raw, close=not resp.keep_alive)
+            return RawResponse(resp.raw, close=not resp.keep_alive), resp.status
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _failed(self, exc: UpstreamError) -> AnyResponse:
+    def _failed(self, exc: UpstreamError) -> tuple[Response, int]:
         status = 504 if isinstance(exc, UpstreamTimeout) else exc.status
         self._errors.report(status, exc.reason)
-        return error_response(status, _VM_REASONS.get(status, "metadata proxy error"))
+        self.hop.upstream_error(status)
+        return error_response(status, _VM_REASONS.get(status, "metadata proxy error")), status
 
 
-def _pass_on(src: asyncio.Future[AnyResponse], reply: Deferred) -> None:
+def _pass_on(
+    src: asyncio.Future[tuple[AnyResponse, int]], answer: Callable[[AnyResponse, int], None],
+) -> None:
     if src.cancelled():
         return
     exc = src.exception()
     if exc is not None:
         log.error("proxy.forward_failed error=%r", exc)
-        reply.resolve(error_response(500, "metadata proxy error"))
+        answer(error_response(500, "metadata proxy error"), 500)
     else:
-        reply.resolve(src.result())
+        answer(*src.result())
 
 
 class SourceCap:
@@ -441,6 +493,31 @@ class NamespaceProxy:
         self._pending: dict[str, str] = {}  # spec name -> last reason it could not open
         self._wake = asyncio.Event()
         self._stopping = False
+        self.counts = {"opened": 0, "closed": 0, "converges": 0, "converge_failures": 0,
+                       "refused_closed": 0}  # connection-cap refusals of closed listeners
+
+    def metric_families(self) -> list[Metric]:
+        """Listeners, namespaces and client connections for /metrics."""
+        c = self.counts
+        lsn = list(self.listeners.values())
+        return [
+            gauge("openimds_proxy_listeners", "Listening sockets open (one per spec)", len(lsn)),
+            gauge("openimds_proxy_listeners_pending",
+                  "Specs not served yet (namespace missing, bind failed; retried)",
+                  len(self._pending)),
+            gauge("openimds_proxy_namespaces", "Network namespaces with a listener",
+                  len({x.netns_inode for x in lsn})),
+            gauge("openimds_proxy_connections", "Client connections open",
+                  sum(len(x.conns) for x in lsn)),
+            counter("openimds_proxy_connections_refused",
+                    "Connections over [proxy] max_connections_per_source (answered 429)",
+                    c["refused_closed"] + sum(x.cap.rejected for x in lsn if x.cap)),
+            counter("openimds_proxy_listeners_opened", "Listeners opened", c["opened"]),
+            counter("openimds_proxy_listeners_closed", "Listeners closed", c["closed"]),
+            counter("openimds_proxy_converges", "Listener directory scans", c["converges"]),
+            counter("openimds_proxy_converge_failures", "Scans that failed (a bug)",
+                    c["converge_failures"]),
+        ]
 
     def read_specs(self) -> dict[str, ListenerSpec]:
         """The valid specs in listeners_dir; files are re-parsed only when they changed."""
@@ -519,6 +596,7 @@ class NamespaceProxy:
             self._note_pending(spec, f"cannot serve {spec.host}:{spec.port}: {exc}")
             return
         self.listeners[spec.name] = listener
+        self.counts["opened"] += 1
         self._pending.pop(spec.name, None)
         log.info("proxy.listener_opened name=%s netns=%s addr=%s:%d", spec.name, spec.netns,
                  spec.host, spec.port)
@@ -533,6 +611,9 @@ class NamespaceProxy:
         if lst is None:
             return
         lst.close()
+        self.counts["closed"] += 1
+        if lst.cap is not None:
+            self.counts["refused_closed"] += lst.cap.rejected
         log.info("proxy.listener_closed name=%s netns=%s reason=%s", name, lst.spec.netns, why)
 
     def wake(self) -> None:
@@ -556,8 +637,10 @@ class NamespaceProxy:
             if self._stopping:
                 break
             try:
+                self.counts["converges"] += 1
                 await self.converge()
             except Exception:  # a bug must not take every listener down
+                self.counts["converge_failures"] += 1
                 log.exception("proxy.converge_failed")
 
     def close_all(self) -> None:
@@ -629,11 +712,17 @@ async def run_proxy(
     paths = ProxyPaths.from_settings(settings)
     paths.listeners_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     pool = pool_from_settings(settings)
-    forwarder = Forwarder(pool, token_hop_limit=settings.api.token_hop_limit)
+    forwarder = Forwarder(pool, token_hop_limit=settings.api.token_hop_limit,
+                          access_log=settings.proxy.access_log)
     proxy = NamespaceProxy(paths.listeners_dir, forwarder,
                            limits_from_settings(settings), settings.proxy.rescan_interval,
                            settings.proxy.max_connections_per_source,
                            reuse_port=worker_ready is not None)
+    metrics = ServiceMetrics("proxy")
+    metrics.hops.append(forwarder.hop)
+    metrics.add(proxy.metric_families)
+    # In the host namespace, like every operator listener (the VM-facing ones are not).
+    metrics_server = await start_metrics_server(settings, metrics)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, proxy.wake)
     loop.add_signal_handler(signal.SIGTERM, proxy.stop)
@@ -654,6 +743,8 @@ async def run_proxy(
     try:
         await proxy.run(on_first_converge=ready)
     finally:
+        if metrics_server is not None:
+            metrics_server.close()
         proxy.close_all()
         await pool.close()
         if worker_ready is None:
