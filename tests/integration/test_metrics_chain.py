@@ -101,3 +101,26 @@ def test_request_id_reaches_the_api_access_line(chain: Any) -> None:
         time.sleep(0.05)
     line = next(x for x in chain["api"].log().splitlines() if rid in x)
     assert "status=200" in line and f"instance={chain['inst']['id']}" in line
+
+
+def test_registry_and_api_metrics(chain: Any) -> None:
+    st: Stack = chain["st"]
+    for _ in range(2):
+        assert unix_request(st.socket, "/latest/meta-data/instance-id", headers=via_router(
+            chain["r"]["id"], "10.41.0.10")).status == 200
+    st.admin.create_router("r-metrics")
+    reg_text, api_text = scrape(port_of(st, "registry")), scrape(port_of(st, "api"))
+    promtool_check(reg_text)
+    promtool_check(api_text)
+    reg, api = metric_samples(reg_text), metric_samples(api_text)
+    assert value(reg, "openimds_registry_revision") == st.admin.health()["revision"]
+    assert value(reg, "openimds_registry_writes_total", resource="routers") == 3  # 2 made, 1 leg
+    assert value(reg, "openimds_registry_writes_total", resource="instances") >= 1
+    assert value(reg, "openimds_requests_total", hop="registry", code="2xx",
+                 family="lookup") >= 1
+    assert value(reg, "openimds_registry_feed_polls_total", code="200") >= 1
+    assert value(api, "openimds_requests_total", hop="api", code="2xx", family="ec2") >= 2
+    assert value(api, "openimds_request_duration_seconds_count", hop="api") >= 2
+    assert value(api, "openimds_api_cache_entries") >= 1
+    assert value(api, "openimds_feed_up", consumer="api") == 1
+    assert value(api, "openimds_build_info", service="api", version="0.1.0", worker="0") == 1

@@ -2,6 +2,7 @@
 DHCP namespace; the proxy's metrics listener is in the host namespace on 127.0.0.1 and no VM
 can reach it."""
 
+# ruff: noqa: F811 - the fixtures of test_proxy are imported by name, then requested
 from __future__ import annotations
 
 import re

@@ -61,6 +61,7 @@ from openimds.host.supervise import (
     signal_pid,
     stop_pid,
 )
+from openimds.metrics import Metric, ServiceMetrics, counter, gauge, labelled, start_metrics_server
 from openimds.registry.client import AsyncRegistryClient
 from openimds.registry.feed import ChangeFollower
 from openimds.registry.heartbeat import Heartbeat
@@ -147,6 +148,11 @@ class DhcpAgent:
         self._retry = asyncio.Event()
         self.stop_event = asyncio.Event()
         self.exit_code = 0
+        self.metrics = ServiceMetrics("dhcp-agent")
+        self.metrics.add(self.metric_families)
+        self.feed_stats = self.metrics.feed("dhcp-agent")
+        # dnsmasq restarts by reason: died (respawned), argv (command line changed)
+        self.counts = {"died": 0, "argv": 0, "reloads": 0, "started": 0, "converges": 0}
         self._lock = asyncio.Lock()
         # Set by run_agent: build only networks scheduled to `host`, fenced by `heartbeat`.
         self.host: str | None = None
@@ -171,6 +177,26 @@ class DhcpAgent:
         if fenced:
             log.warning("dhcp.fenced networks=%s", ",".join(fenced))
         return fenced
+
+    def metric_families(self) -> list[Metric]:
+        """Networks and dnsmasq for /metrics."""
+        c = self.counts
+        return [
+            gauge("openimds_dhcp_networks", "Networks this agent serves DHCP for",
+                  len(self.served)),
+            gauge("openimds_dhcp_networks_failed", "Networks the last converge could not finish",
+                  len(self.failed)),
+            gauge("openimds_dhcp_dnsmasq_running", "dnsmasq processes running",
+                  sum(1 for x in self.served.values() if x.child.running)),
+            counter("openimds_dhcp_dnsmasq_started", "dnsmasq processes started", c["started"]),
+            labelled("openimds_dhcp_dnsmasq_restarts",
+                     "dnsmasq restarts: died (respawned) or argv (command line changed)",
+                     "counter", "reason", [("died", c["died"]), ("argv", c["argv"])]),
+            counter("openimds_dhcp_dnsmasq_reloads", "SIGHUPs after host/option file changes",
+                    c["reloads"]),
+            counter("openimds_dhcp_converges", "Converges with the registry's topology",
+                    c["converges"]),
+        ]
 
     # --- one network ---------------------------------------------------------------------
 
@@ -266,6 +292,7 @@ class DhcpAgent:
                 self.exit_code = 1
                 self.stop_event.set()
             elif child.spec.restart:
+                self.counts["died"] += 1
                 log.warning("dhcp.respawning network=%s: respawning dnsmasq for uuid %s",
                             network_id, network_id)
         return callback
@@ -287,6 +314,7 @@ class DhcpAgent:
         holder.append(child)
         child.on_exit(self._on_dnsmasq_exit(plan.network_id))
         await child.start()
+        self.counts["started"] += 1
         log.info("dhcp.dnsmasq_started network=%s pid=%s", plan.network_id, child.pid)
         return child
 
@@ -307,6 +335,7 @@ class DhcpAgent:
             self.served[network.id] = _Served(plan, child)
         elif served.plan.argv != plan.argv:
             log.info("dhcp.dnsmasq_restart network=%s reason=command line changed", network.id)
+            self.counts["argv"] += 1
             await served.child.stop()
             served.child = await self._start_dnsmasq(plan)
             served.plan = plan
@@ -318,6 +347,7 @@ class DhcpAgent:
             if files_changed and pid is not None and served.child.running \
                     and _read_pid(pid_file) == pid:
                 signal_pid(pid, signal.SIGHUP)
+                self.counts["reloads"] += 1
                 log.info("dhcp.dnsmasq_reload network=%s pid=%d", network.id, served.child.pid)
             served.plan = plan
         if self._set_listener(plan, network.id):
@@ -438,6 +468,7 @@ class DhcpAgent:
                 delay = min(delay * 2, RETRY_MAX_S)
                 continue
             await self.converge(topology)
+            self.counts["converges"] += 1
             log.debug("dhcp.converged revision=%s networks=%d", topology.get("revision"),
                       len(self.served))
             return
@@ -445,7 +476,7 @@ class DhcpAgent:
     async def follow(self, client: AsyncRegistryClient) -> None:
         """Converge on every relevant change batch (and on resync); any change reloads the
         whole topology, since plans of untouched networks come out the same and cost nothing."""
-        follower = ChangeFollower(client)
+        follower = ChangeFollower(client, stats=self.feed_stats)
         try:
             async for batch in follower:
                 if batch.resync or any(c.get("kind") in RELEVANT_KINDS for c in batch.changes):
@@ -505,6 +536,7 @@ async def run_agent(settings: Settings, *, cleanup_on_exit: bool = False,
         await beat.first_ok.wait()
         await agent.follow(client)
 
+    metrics_server = await start_metrics_server(settings, agent.metrics)
     tasks = [
         asyncio.create_task(follow(), name="dhcp-follow"),
         asyncio.create_task(agent.resync_periodically(client), name="dhcp-resync"),
@@ -541,6 +573,8 @@ async def run_agent(settings: Settings, *, cleanup_on_exit: bool = False,
         await asyncio.gather(*tasks, return_exceptions=True)
         await agent.shutdown(cleanup=cleanup_on_exit)
         await client.aclose()
+        if metrics_server is not None:
+            metrics_server.close()
     log.info("dhcp.stopped cleanup=%s", cleanup_on_exit)
     return agent.exit_code
 

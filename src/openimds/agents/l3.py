@@ -57,6 +57,7 @@ from openimds.core.proxy_rules import ListenerSpec, render_listener_spec
 from openimds.errors import OpenImdsError
 from openimds.host import links
 from openimds.host.run import run
+from openimds.metrics import Metric, ServiceMetrics, counter, gauge, labelled, start_metrics_server
 from openimds.registry.client import AsyncRegistryClient
 from openimds.registry.feed import ChangeFollower
 from openimds.registry.heartbeat import Heartbeat
@@ -483,21 +484,52 @@ class L3Agent:
         self._full = True
         self.heartbeat = Heartbeat(self.client, settings, "l3", on_fence=self._fence,
                                    on_unfence=lambda: self.request_converge(full=True))
+        self.metrics = ServiceMetrics("l3-agent")
+        self.metrics.add(self.metric_families)
+        self.feed_stats = self.metrics.feed("l3-agent")
+        self.last_report = ConvergeReport()
+        self.last_converge_s = 0.0
+        self.counts = {"full": 0, "incremental": 0, "failed": 0, "created": 0, "removed": 0}
 
     async def _fence(self) -> None:
         await asyncio.to_thread(self.driver.fence)
+
+    def metric_families(self) -> list[Metric]:
+        """Routers and converges for /metrics."""
+        c, r = self.counts, self.last_report
+        return [
+            gauge("openimds_l3_routers", "Routers this agent serves", r.routers),
+            gauge("openimds_l3_routers_failed", "Routers the last converge could not build",
+                  len(r.failed)),
+            labelled("openimds_l3_converges", "Converges with the registry's topology",
+                     "counter", "kind", [("full", c["full"]), ("incremental", c["incremental"])]),
+            counter("openimds_l3_converge_failures",
+                    "Converges that failed (registry unreachable, a bug)", c["failed"]),
+            counter("openimds_l3_namespaces_created", "qrouter- namespaces created",
+                    c["created"]),
+            counter("openimds_l3_namespaces_removed", "qrouter- namespaces removed",
+                    c["removed"]),
+            gauge("openimds_l3_last_converge_duration_seconds", "How long the last converge took",
+                  self.last_converge_s),
+        ]
 
     def request_converge(self, *, full: bool) -> None:
         self._full |= full
         self._wake.set()
 
     async def converge(self, *, full: bool) -> ConvergeReport:
+        t0 = time.monotonic()
         topology = await self.client.topology()
         if self.heartbeat.fenced:  # lost the registry meanwhile: build nothing
             return ConvergeReport()
         report = await asyncio.to_thread(self.driver.converge, topology, full=full,
                                          host=self.settings.host)
         self.revision = int(topology.get("revision", 0))
+        self.last_converge_s = time.monotonic() - t0
+        self.last_report = report
+        self.counts["full" if full else "incremental"] += 1
+        self.counts["created"] += len(report.created)
+        self.counts["removed"] += len(report.removed)
         if report.specs_changed:
             signal_proxy(self.settings)
         log.info("l3.converged revision=%s full=%s routers=%d created=%d removed=%d failed=%d",
@@ -506,7 +538,7 @@ class L3Agent:
         return report
 
     async def _watch(self) -> None:
-        follower = ChangeFollower(self.client)
+        follower = ChangeFollower(self.client, stats=self.feed_stats)
         try:
             async for batch in follower:
                 if batch.resync:
@@ -540,12 +572,14 @@ class L3Agent:
             try:
                 report = await self.converge(full=full)
             except OpenImdsError as exc:  # registry unreachable or refusing: retry soon
+                self.counts["failed"] += 1
                 log.warning("l3.converge_failed reason=%s retry_in_s=%.1f", exc.reason,
                             self.RETRY_S)
                 self._full |= full
                 retry_at = time.monotonic() + self.RETRY_S
                 continue
             except Exception:  # a bug or an unforeseen kernel answer: keep serving, retry
+                self.counts["failed"] += 1
                 log.exception("l3.converge_crashed retry_in_s=%.1f", self.RETRY_S)
                 self._full = True
                 retry_at = time.monotonic() + self.RETRY_S
@@ -562,6 +596,7 @@ class L3Agent:
         tasks.append(asyncio.create_task(self.heartbeat.run(), name="l3-heartbeat"))
         if self.keeper is not None:
             tasks.append(asyncio.create_task(self.keeper.run(), name="proxy-keeper"))
+        metrics_server = await start_metrics_server(self.settings, self.metrics)
         try:
             pending = set(tasks)
             while pending:
@@ -571,6 +606,8 @@ class L3Agent:
                 if tasks[0] in done or tasks[1] in done:
                     return
         finally:
+            if metrics_server is not None:
+                metrics_server.close()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -59,6 +59,7 @@ __all__ = [
     "gauge",
     "labelled",
     "path_family",
+    "registry_family",
     "start_metrics_server",
     "worker_port",
 ]
@@ -69,8 +70,9 @@ LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
     0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
-FAMILIES = ("ec2", "openstack", "token", "identity", "other")
-_EC2, _OPENSTACK, _TOKEN, _IDENTITY, _OTHER = range(5)
+# Metadata path families, then the registry's (lookup, feed, the rest of its REST API).
+FAMILIES = ("ec2", "openstack", "token", "identity", "other", "lookup", "feed", "rest")
+_EC2, _OPENSTACK, _TOKEN, _IDENTITY, _OTHER, _LOOKUP, _FEED, _REST = range(8)
 _FAMILY_BITS = 3
 _FAMILY_MASK = (1 << _FAMILY_BITS) - 1
 _MEMO_MAX = 4096
@@ -90,6 +92,15 @@ def path_family(path: str) -> int:
     return _OTHER
 
 
+def registry_family(path: str) -> int:
+    """The family of a registry REST path, as an index into FAMILIES."""
+    if path.startswith("/v1/lookup"):
+        return _LOOKUP
+    if path.startswith("/v1/changes"):
+        return _FEED
+    return _REST
+
+
 def status_class(status: int) -> str:
     return f"{status // 100}xx" if 100 <= status < 600 else "other"
 
@@ -102,10 +113,12 @@ class HopStats:
     the next hop.
     """
 
-    __slots__ = ("_families", "begun", "buckets", "codes", "hop", "sum", "upstream_errors")
+    __slots__ = ("_families", "begun", "buckets", "codes", "family_of", "hop", "sum",
+                 "upstream_errors")
 
-    def __init__(self, hop: str) -> None:
+    def __init__(self, hop: str, family_of: Callable[[str], int] = path_family) -> None:
         self.hop = hop
+        self.family_of = family_of
         self.begun = 0
         self.codes: dict[int, int] = {}  # status << 3 | family -> count
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -119,7 +132,7 @@ class HopStats:
     def done(self, status: int, path: str, seconds: float) -> None:
         fam = self._families.get(path)
         if fam is None:
-            fam = path_family(path)
+            fam = self.family_of(path)
             if len(self._families) >= _MEMO_MAX:  # paths come from VMs: bounded memo
                 self._families.clear()
             self._families[path] = fam

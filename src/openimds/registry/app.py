@@ -22,6 +22,15 @@ from aiohttp import web
 
 from openimds.config import Settings
 from openimds.errors import BadRequest, ConfigError, Forbidden, OpenImdsError, Unauthorized
+from openimds.metrics import (
+    HopStats,
+    Metric,
+    ServiceMetrics,
+    gauge,
+    labelled,
+    registry_family,
+    start_metrics_server,
+)
 from openimds.registry.client import ResyncRequired
 from openimds.registry.openapi import openapi_document
 from openimds.registry.scheduler import Policy
@@ -63,7 +72,44 @@ class Notifier:
             await asyncio.wait_for(self._event.wait(), timeout_s)
 
 
+class RegistryMetrics:
+    """What the registry counts for /metrics: its REST requests (a hop, minus the feed's
+    long-polls, whose latency is the wait), feed polls, and writes by resource."""
+
+    def __init__(self) -> None:
+        self.hop = HopStats("registry", registry_family)
+        self.feed_polls: dict[int, int] = {}
+        self.writes: dict[str, int] = {}
+
+    def record(self, method: str, path: str, status: int, seconds: float) -> None:
+        if path.startswith("/v1/changes"):
+            self.feed_polls[status] = self.feed_polls.get(status, 0) + 1
+            return
+        self.hop.begun += 1
+        self.hop.done(status, path, seconds)
+        if method in _WRITES and status < 400:
+            parts = path.split("/")
+            resource = parts[2] if len(parts) > 2 and parts[2] in _RESOURCES else "other"
+            self.writes[resource] = self.writes.get(resource, 0) + 1
+
+    def families(self, registry: Registry) -> list[Metric]:
+        fams: list[Metric] = [
+            labelled("openimds_registry_writes", "Writes committed, by resource", "counter",
+                     "resource", sorted(self.writes.items())),
+            labelled("openimds_registry_feed_polls", "Change-feed calls answered, by status",
+                     "counter", "code", sorted((str(k), v) for k, v in self.feed_polls.items())),
+        ]
+        fams.append(gauge("openimds_registry_revision", "The registry's current revision",
+                          int(registry.health()["revision"])))
+        return fams
+
+
+_WRITES = frozenset({"POST", "PATCH", "PUT", "DELETE"})
+_RESOURCES = frozenset({"projects", "networks", "subnets", "routers", "ports", "keypairs",
+                        "instances"})
+
 REGISTRY = web.AppKey("registry", Registry)
+METRICS = web.AppKey("metrics", RegistryMetrics)
 NOTIFIER = web.AppKey("notifier", Notifier)
 TOKENS = web.AppKey("tokens", tuple)
 
@@ -111,8 +157,10 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
         resp = _error(413, f"body: larger than {MAX_BODY_BYTES} bytes")
     except web.HTTPException as exc:
         resp = _error(exc.status, f"{request.method} {request.path}: {exc.reason}")
+    seconds = time.monotonic() - started
     log.debug("request method=%s path=%s status=%s ms=%.1f", request.method, request.path,
-              resp.status, (time.monotonic() - started) * 1000)
+              resp.status, seconds * 1000)
+    request.app[METRICS].record(request.method, request.path, resp.status, seconds)
     return resp
 
 
@@ -290,6 +338,7 @@ def make_app(registry: Registry, *, admin_token: str, reader_token: str = "") ->
     app[REGISTRY] = registry
     app[NOTIFIER] = Notifier()
     app[TOKENS] = (admin_token, reader_token)
+    app[METRICS] = RegistryMetrics()
     app.add_routes(_routes(registry))
     return app
 
@@ -307,6 +356,10 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) 
                                       dhcp_per_network=settings.dhcp_agents_per_network))
     app = make_app(registry, admin_token=reg_settings.admin_token,
                    reader_token=reg_settings.reader_token)
+    metrics = ServiceMetrics("registry")
+    metrics.hops.append(app[METRICS].hop)
+    metrics.add(lambda: app[METRICS].families(registry))
+    metrics_server = await start_metrics_server(settings, metrics)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, reg_settings.bind_host, reg_settings.bind_port,
@@ -329,5 +382,7 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) 
             await reaper
         app[NOTIFIER].close()
     finally:
+        if metrics_server is not None:
+            metrics_server.close()
         await runner.cleanup()
         store.dispose()
