@@ -213,6 +213,7 @@ class ProxySettings:
     workers: int = opt(
         1, "Proxy worker processes, each with an SO_REUSEPORT listener in every namespace",
         min=1, max=256,
+    )
     access_log: bool = opt(
         False, "One openimds.access line per request, with its request ID (a few µs each)"
     )

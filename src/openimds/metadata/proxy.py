@@ -704,7 +704,7 @@ def remove_pid(path: Path) -> None:
 
 
 async def run_proxy(
-    settings: Settings, *, worker_ready: Callable[[], None] | None = None,
+    settings: Settings, *, worker_ready: Callable[[], None] | None = None, worker: int = 0,
 ) -> int:
     """Run until SIGTERM/SIGINT. The caller holds the lock (see `main`). A worker
     (`worker_ready` given) listens with SO_REUSEPORT and reports readiness to its parent,
@@ -718,7 +718,7 @@ async def run_proxy(
                            limits_from_settings(settings), settings.proxy.rescan_interval,
                            settings.proxy.max_connections_per_source,
                            reuse_port=worker_ready is not None)
-    metrics = ServiceMetrics("proxy")
+    metrics = ServiceMetrics("proxy", worker=worker)
     metrics.hops.append(forwarder.hop)
     metrics.add(proxy.metric_families)
     # In the host namespace, like every operator listener (the VM-facing ones are not).
@@ -770,7 +770,8 @@ def main(settings: Settings) -> int:
         from openimds.host.workers import run_workers
 
         return run_workers(
-            workers, lambda _index, ready: asyncio.run(run_proxy(settings, worker_ready=ready)),
+            workers, lambda index, ready: asyncio.run(
+                run_proxy(settings, worker_ready=ready, worker=index)),
             name="proxy", on_ready=lambda: write_pid(paths.pid_file),
             finish=lambda: remove_pid(paths.pid_file))
     finally:
