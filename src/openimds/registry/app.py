@@ -1,8 +1,10 @@
 """The registry REST API on aiohttp.web: parse -> `Registry` (in a worker thread) -> JSON.
 
 Auth, error mapping and JSON parsing happen once, in `_middleware`. Every write wakes the
-long-polls of `/v1/changes` in this process at once; waiters also re-check the store every
-`RECHECK_S` so writes by other registry processes sharing a PostgreSQL database are seen.
+long-polls of `/v1/changes` in this process at once. On PostgreSQL a LISTEN session
+(`registry/notify.py`) wakes them when any registry process sharing the database commits, and
+they re-check the store only every `RECHECK_SLOW_S` as a backstop; without a live LISTEN
+session (SQLite, or PostgreSQL reconnecting) they re-check every `RECHECK_S`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from openimds.metrics import (
     start_metrics_server,
 )
 from openimds.registry.client import ResyncRequired
+from openimds.registry.notify import Listener
 from openimds.registry.openapi import openapi_document
 from openimds.registry.scheduler import Policy
 from openimds.registry.service import MAX_WAIT_S, Registry
@@ -40,6 +43,7 @@ from openimds.registry.store import Store
 log = logging.getLogger(__name__)
 
 RECHECK_S = 0.5
+RECHECK_SLOW_S = 5.0
 MAX_BODY_BYTES = 1024 * 1024
 OPEN_PATHS = frozenset({"/v1/health", "/v1/openapi.json"})
 # Writes the reader token (the agents' token) may make: heartbeats.
@@ -57,6 +61,12 @@ class Notifier:
     def __init__(self) -> None:
         self._event = asyncio.Event()
         self.closed = False
+        self.listener: Listener | None = None  # PostgreSQL: wakes us on others' commits
+
+    @property
+    def recheck_s(self) -> float:
+        live = self.listener is not None and self.listener.live
+        return RECHECK_SLOW_S if live else RECHECK_S
 
     def close(self) -> None:
         """Shutting down: every waiter answers now with what it has."""
@@ -260,7 +270,7 @@ def _routes(reg: Registry) -> list[web.RouteDef]:
             left = deadline - loop.time()
             if result["changes"] or left <= 0 or notifier.closed:
                 return web.json_response(result)
-            await notifier.wait(min(RECHECK_S, left))
+            await notifier.wait(min(notifier.recheck_s, left))
 
     return [
         web.get("/v1/health", health),
@@ -374,12 +384,16 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) 
         log.info("registry.start url=%s backend=%s", reg_settings.effective_url, backend)
         if ready is not None:
             ready()
-        reaper = asyncio.create_task(_reap(registry, app[NOTIFIER], settings))
+        notifier = app[NOTIFIER]
+        background = [asyncio.create_task(_reap(registry, notifier, settings))]
+        if backend == "postgresql":
+            notifier.listener = Listener(store.url, notifier.notify)
+            background.append(asyncio.create_task(notifier.listener.run()))
         await stop.wait()
         log.info("registry.stop")
-        reaper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reaper
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         app[NOTIFIER].close()
     finally:
         if metrics_server is not None:

@@ -208,6 +208,9 @@ changes = sa.Table(
 )
 
 
+_NOTIFY = sa.text("SELECT pg_notify('openimds_changes', :revision)")
+
+
 def normalize_url(url: str) -> URL:
     """Map postgresql:// (and postgres://) to the psycopg 3 driver."""
     try:
@@ -356,6 +359,9 @@ class Store:
                         trans.rollback()
                         return
                     conn.execute(changes.insert(), tx.changes)
+                    if self.backend == "postgresql":
+                        # delivered at commit to every registry process (registry/notify.py)
+                        conn.execute(_NOTIFY, {"revision": str(tx.revision)})
                     keep_from = tx.revision - self.change_retention
                     if keep_from > int(rev[1]):
                         conn.execute(changes.delete().where(changes.c.revision <= keep_from))

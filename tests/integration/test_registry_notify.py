@@ -1,0 +1,112 @@
+"""Two registry processes behind one PostgreSQL serve the same change feed without polling:
+a write committed through one wakes the other's long-polls within a second (LISTEN/NOTIFY;
+the long-polls' own re-check is 5 s), also after the listening sessions were cut."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from openimds.registry.app import RECHECK_SLOW_S
+from openimds.registry.client import RegistryClient
+from openimds.registry.notify import APPLICATION_NAME
+from tests.support import (
+    PG_SOCKET_DIR,
+    base_config,
+    clean_env,
+    free_port,
+    http_ready,
+    openimds_service,
+    postgres_database,
+    write_config,
+)
+
+pytestmark = pytest.mark.postgres
+
+
+def psql(db: str, sql: str) -> str:
+    return subprocess.run(
+        ["psql", "-h", PG_SOCKET_DIR, "-d", db, "-qAtc", sql], check=True, text=True,
+        capture_output=True, env=clean_env({"PGUSER": "root"})).stdout.strip()
+
+
+def listeners(db: str) -> int:
+    return int(psql(db, "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                        f"'{APPLICATION_NAME}' AND datname = current_database()"))
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[str, RegistryClient, RegistryClient]]:
+    """(database, client of registry A, client of registry B), one database."""
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(postgres_database())
+        db = str(make_url(url).database)
+        shared = base_config(tmp_path / "a" / "state", registry={"connection": url})
+        clients = []
+        for name in ("a", "b"):
+            cfg = base_config(tmp_path / name / "state",
+                              registry={**shared["registry"], "bind_port": free_port()})
+            (tmp_path / name).mkdir(parents=True, exist_ok=True)
+            config = write_config(tmp_path / name / "openimds.ini", cfg)
+            svc = openimds_service(f"registry-{name}", config, "registry", "serve",
+                                   log_dir=tmp_path / name)
+            stack.callback(svc.stop)
+            base = f"http://127.0.0.1:{cfg['registry']['bind_port']}"
+            svc.start().wait_until(http_ready(base + "/v1/health"))
+            client = RegistryClient(base, cfg["registry"]["admin_token"])
+            stack.callback(client.close)
+            clients.append(client)
+        deadline = time.monotonic() + 10
+        while listeners(db) < 2:
+            assert time.monotonic() < deadline, "the registries never LISTENed"
+            time.sleep(0.1)
+        yield db, clients[0], clients[1]
+
+
+def wake_latency(waiter: RegistryClient, writer: RegistryClient) -> float:
+    """Seconds from a write through `writer` to the answer of a long-poll on `waiter`."""
+    since = waiter.health()["revision"]
+    answer: dict[str, Any] = {}
+
+    def poll() -> None:
+        answer.update(waiter.changes(since, wait=20))
+        answer["at"] = time.monotonic()
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    time.sleep(0.3)  # the long-poll is parked
+    assert "at" not in answer
+    t0 = time.monotonic()
+    net = writer.create("network", {"name": f"n-{t0}"})
+    thread.join(25)
+    assert [c["id"] for c in answer["changes"] if c["kind"] == "network"] == [net["id"]]
+    return float(answer["at"] - t0)
+
+
+def test_two_registries_wake_each_other_within_a_second(
+        pair: tuple[str, RegistryClient, RegistryClient]) -> None:
+    db, a, b = pair
+    times = [wake_latency(a, b) for _ in range(3)] + [wake_latency(b, a) for _ in range(3)]
+    print("wake latencies s:", [f"{t:.3f}" for t in times])
+    assert max(times) < 1.0, times
+    assert RECHECK_SLOW_S >= 5 * max(times), "the re-check, not NOTIFY, answered"
+
+    # Cut both LISTEN sessions: they come back, and wake each other again.
+    killed = psql(db, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE "
+                      f"application_name = '{APPLICATION_NAME}' AND datname = current_database()")
+    assert killed == "2"
+    deadline = time.monotonic() + 10
+    while listeners(db) < 2:
+        assert time.monotonic() < deadline, "the registries did not LISTEN again"
+        time.sleep(0.1)
+    time.sleep(0.3)
+    again = [wake_latency(a, b), wake_latency(b, a)]
+    assert max(again) < 1.0, again
