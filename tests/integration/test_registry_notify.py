@@ -38,9 +38,13 @@ def psql(db: str, sql: str) -> str:
         capture_output=True, env=clean_env({"PGUSER": "root"})).stdout.strip()
 
 
+OURS = ("FROM pg_stat_activity WHERE application_name = 'openimds-registry-listen' "
+        "AND datname = current_database()")
+assert APPLICATION_NAME == "openimds-registry-listen"
+
+
 def listeners(db: str) -> int:
-    return int(psql(db, "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
-                        f"'{APPLICATION_NAME}' AND datname = current_database()"))
+    return int(psql(db, "SELECT count(*) " + OURS))
 
 
 @pytest.fixture
@@ -100,8 +104,7 @@ def test_two_registries_wake_each_other_within_a_second(
     assert RECHECK_SLOW_S >= 5 * max(times), "the re-check, not NOTIFY, answered"
 
     # Cut both LISTEN sessions: they come back, and wake each other again.
-    killed = psql(db, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE "
-                      f"application_name = '{APPLICATION_NAME}' AND datname = current_database()")
+    killed = psql(db, "SELECT count(pg_terminate_backend(pid)) " + OURS)
     assert killed == "2"
     deadline = time.monotonic() + 10
     while listeners(db) < 2:
