@@ -85,7 +85,7 @@ class Heartbeat:
         self.sent += 1
         try:
             answer = await self.client.heartbeat(self.host, self.type,
-                                                 timeout_s=max(self.interval_s, 1.0))
+                                                 timeout_s=max(self.fence_after_s, 1.0))
         except OpenImdsError as exc:
             self.failed += 1
             log.warning("heartbeat.failed host=%s type=%s reason=%s", self.host, self.type,
@@ -109,21 +109,30 @@ class Heartbeat:
             await result
 
     async def run(self) -> None:
-        """Beat every report_interval; fence and unfence as the module doc says."""
+        """Beat every report_interval; fence and unfence as the module doc says. A beat runs
+        in its own task, so a registry that hangs cannot delay the fence."""
         next_beat = time.monotonic()
-        while True:
-            if time.monotonic() >= next_beat:
-                next_beat = time.monotonic() + self.interval_s
-                if await self.beat():
-                    if self.fenced:
+        inflight: asyncio.Task[bool] | None = None
+        try:
+            while True:
+                if inflight is not None and inflight.done():
+                    ok, inflight = inflight.result(), None
+                    if ok and self.fenced and not self.expired():
                         self.fenced = False
                         log.info("heartbeat.serving host=%s type=%s", self.host, self.type)
                         self.first_ok.set()
                         await self._call(self.on_unfence)
-            if not self.fenced and self.expired():
-                self.fenced = True
-                log.error("heartbeat.fenced host=%s type=%s reason=no heartbeat recorded for "
-                          "%.1f s: stop serving before the registry moves our work",
-                          self.host, self.type, self.fence_after_s)
-                await self._call(self.on_fence)
-            await asyncio.sleep(max(0.05, min(0.25, next_beat - time.monotonic())))
+                if inflight is None and time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + self.interval_s
+                    inflight = asyncio.create_task(self.beat())
+                if not self.fenced and self.expired():
+                    self.fenced = True
+                    log.error("heartbeat.fenced host=%s type=%s reason=no heartbeat recorded "
+                              "for %.1f s: stop serving before the registry moves our work",
+                              self.host, self.type, self.fence_after_s)
+                    await self._call(self.on_fence)
+                await asyncio.sleep(0.05 if inflight is not None else
+                                    max(0.05, min(0.25, next_beat - time.monotonic())))
+        finally:
+            if inflight is not None:
+                inflight.cancel()

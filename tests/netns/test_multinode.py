@@ -1,0 +1,220 @@
+"""Two network nodes on one machine against one registry: placement, failover, no steal-back.
+
+Each node is a private mount namespace (its own /run/netns, so its qrouter-/qdhcp-
+namespaces are its own, as on separate machines) running its own metadata agent, proxy, L3
+and DHCP agent with its own `[DEFAULT] host` and state_path. The nodes share this test's
+network namespace, so the networks' bridges are one L2 segment that both nodes' router legs
+and the lab VMs plug into (what VXLAN gives separate machines). Killing a node kills every
+process in its mount namespace, which takes its namespaces and legs with it, as a crash does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from openimds.core.names import dhcp_namespace, router_namespace
+from tests.netns.conftest import Stack
+from tests.support import PYTHON, Service, cli_json, unix_ready, write_config
+
+pytestmark = pytest.mark.netns
+
+DOWN_S = 4.0
+MD_URL = "http://169.254.169.254/openstack/latest/meta_data.json"
+
+
+def _mnt_inode(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/mnt").st_ino
+    except OSError:
+        return None
+
+
+class Node:
+    """One network node: a mount-namespace holder and the node's services inside it."""
+
+    def __init__(self, stack: Stack, name: str) -> None:
+        self.name = name
+        self.root = stack.root / name
+        self.root.mkdir(parents=True, exist_ok=True)
+        cfg = copy.deepcopy(stack.cfg)
+        cfg["DEFAULT"].update(state_path=str(self.root / "state"), host=name)
+        cfg.setdefault("proxy", {})["spawn_from_agents"] = "false"
+        cfg.setdefault("dhcp", {})["dnsmasq_user"] = "root"  # pytest's tmp dirs are 0700
+        cfg["metrics"] = {"enabled": "false"}  # one port per service, but two nodes
+        self.config = write_config(self.root / "openimds.ini", cfg)
+        self.socket = self.root / "state" / "metadata_proxy"
+        self.holder: subprocess.Popen[bytes] | None = None
+        self.services: list[Service] = []
+
+    def start(self) -> Node:
+        self.holder = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+             "mount -t tmpfs -o mode=0755 node-netns /run/netns && exec sleep 100000"],
+            start_new_session=True)
+        deadline = time.monotonic() + 10
+        while b"sleep" not in Path(f"/proc/{self.holder.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "mount namespace holder did not start"
+            time.sleep(0.02)
+        for command, ready in (("agent", unix_ready(self.socket)), ("proxy", self._proxy_up),
+                               ("l3-agent", None), ("dhcp-agent", None)):
+            svc = Service(f"{self.name}-{command}", [
+                "nsenter", "-t", str(self.holder.pid), "-m", "--",
+                PYTHON, "-m", "openimds", "--config", str(self.config), command],
+                self.root)
+            self.services.append(svc)
+            svc.start()
+            if ready is not None:
+                svc.wait_until(ready, 30)
+        return self
+
+    def _proxy_up(self) -> bool:
+        return (self.root / "state" / "proxy" / "proxy.pid").exists()
+
+    def pids(self) -> list[int]:
+        """Every process of this node: the ones in its mount namespace."""
+        if self.holder is None:
+            return []
+        ours = _mnt_inode(self.holder.pid)
+        if ours is None:
+            return []
+        return [int(p) for p in os.listdir("/proc")
+                if p.isdigit() and int(p) != os.getpid() and _mnt_inode(int(p)) == ours]
+
+    def kill(self) -> None:
+        """kill -9 every process of the node, as a crash would."""
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for svc in self.services:
+            if svc.proc is not None:
+                svc.proc.wait(10)
+        if self.holder is not None:
+            self.holder.wait(10)
+        self.services, self.holder = [], None
+
+    def stop(self) -> None:
+        for svc in reversed(self.services):
+            svc.stop(timeout=20)
+        self.kill()
+
+    def namespaces(self) -> set[str]:
+        if self.holder is None:
+            return set()
+        out = subprocess.run(["nsenter", "-t", str(self.holder.pid), "-m", "--", "ip",
+                              "netns", "list"], capture_output=True, text=True, check=True)
+        return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
+
+    def log(self, command: str) -> str:
+        path = self.root / f"{self.name}-{command}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+@pytest.fixture
+def cloud(make_stack: Callable[..., Stack]) -> Iterator[tuple[Stack, dict[str, Node]]]:
+    stack = make_stack(services=["registry", "api"], overrides={
+        "DEFAULT": {"agent_down_time": DOWN_S},
+        "AGENT": {"report_interval": 0.5},
+    })
+    nodes = {name: Node(stack, name) for name in ("net-a", "net-b")}
+    try:
+        for node in nodes.values():
+            node.start()
+        yield stack, nodes
+    finally:
+        for node in nodes.values():
+            with contextlib.suppress(Exception):
+                node.stop()
+
+
+def tenant(stack: Stack, tag: str) -> dict[str, Any]:
+    c = stack.client
+    net = c.create_network(f"net-{tag}-{uuid.uuid4().hex[:4]}")
+    sub = c.create_subnet(f"sub-{tag}", net["id"], "10.0.0.0/24")
+    router = c.create_router(f"router-{tag}")
+    c.add_interface(router["id"], sub["id"])
+    server = c.create_instance(f"vm-{tag}", net["id"], fixed_ip="10.0.0.5")
+    return {"net": net["id"], "router": router["id"], "server": server["id"]}
+
+
+def hosts_by_name(stack: Stack) -> dict[str, dict[str, Any]]:
+    return {h["name"]: h for h in cli_json(stack.config, "host", "list")}
+
+
+def serving(nodes: dict[str, Node], namespace: str) -> list[str]:
+    return sorted(n.name for n in nodes.values() if namespace in n.namespaces())
+
+
+def test_each_router_on_one_node_moves_on_death_and_stays_moved(
+        cloud: tuple[Stack, dict[str, Node]]) -> None:
+    stack, nodes = cloud
+    stack.wait(lambda: {"net-a", "net-b"} <= {
+        n for n, h in hosts_by_name(stack).items() if h["alive"] and "network" in h["roles"]},
+        15, "both network nodes alive")
+    t1, t2 = tenant(stack, "one"), tenant(stack, "two")
+    routers = {t["router"]: cli_json(stack.config, "router", "show", t["router"])["hosts"]
+               for t in (t1, t2)}
+    assert sorted(h for hs in routers.values() for h in hs) == ["net-a", "net-b"], routers
+    for t in (t1, t2):  # built on exactly the scheduled node, DHCP on exactly one node
+        where = routers[t["router"]]
+        stack.wait(lambda t=t, where=where: serving(nodes, router_namespace(t["router"])) == where,
+                   30, f"router {t['router']} only on {where}")
+        net_hosts = cli_json(stack.config, "network", "show", t["net"])["hosts"]
+        assert len(net_hosts) == 1
+        stack.wait(lambda t=t, nh=net_hosts: serving(nodes, dhcp_namespace(t["net"])) == nh,
+                   30, f"DHCP of {t['net']} only on {net_hosts}")
+    for t in (t1, t2):
+        stack.plug(t["server"])
+        out = stack.vm_exec(t["server"], "curl", "-sf", "-m", "5", MD_URL)
+        assert t["server"] in out.stdout, out
+
+    # kill -9 the node serving tenant one's router: it moves, the VM gets metadata again
+    victim = nodes[routers[t1["router"]][0]]
+    survivor = next(n for n in nodes.values() if n is not victim)
+    t0 = time.monotonic()
+    victim.kill()
+    loop = (f"until curl -sf -m 1 -o /dev/null {MD_URL}; do sleep 0.1; done; "
+            f"curl -sf -m 5 {MD_URL}")
+    out = stack.vm_exec(t1["server"], "sh", "-c", loop, timeout=60)
+    failover_s = time.monotonic() - t0
+    print(f"failover: kill -9 -> first 200 in the VM after {failover_s:.2f} s "
+          f"(agent_down_time {DOWN_S} s)")
+    assert t1["server"] in out.stdout, out
+    assert failover_s < DOWN_S + 5, failover_s
+    assert cli_json(stack.config, "router", "show", t1["router"])["hosts"] == [survivor.name]
+    assert serving(nodes, router_namespace(t1["router"])) == [survivor.name]
+    hosts = hosts_by_name(stack)
+    assert hosts[victim.name]["alive"] is False and hosts[victim.name]["routers"] == []
+    assert sorted(hosts[survivor.name]["routers"]) == sorted([t1["router"], t2["router"]])
+    for t in (t1, t2):
+        stack.wait(lambda t=t: serving(nodes, dhcp_namespace(t["net"])) == [survivor.name],
+                   15, "DHCP on the survivor")
+        assert cli_json(stack.config, "network", "show", t["net"])["hosts"] == [survivor.name]
+
+    # the victim comes back: alive, takes nothing back, builds nothing
+    victim.start()
+    stack.wait(lambda: hosts_by_name(stack)[victim.name]["alive"], 15, "victim alive again")
+    time.sleep(DOWN_S)
+    assert not any(ns.startswith(("qrouter-", "qdhcp-")) for ns in victim.namespaces())
+    for t in (t1, t2):
+        assert cli_json(stack.config, "router", "show", t["router"])["hosts"] == [survivor.name]
+        out = stack.vm_exec(t["server"], "curl", "-sf", "-m", "5", MD_URL)
+        assert t["server"] in out.stdout, out
+    shown = cli_json(stack.config, "host", "show", victim.name)
+    assert shown["routers"] == [] and {a["type"] for a in shown["agents"]} == {
+        "l3", "dhcp", "metadata"}
+    # new work goes to the least-loaded node: the one that came back
+    t3 = tenant(stack, "three")
+    assert cli_json(stack.config, "router", "show", t3["router"])["hosts"] == [victim.name]
+    stack.wait(lambda: serving(nodes, router_namespace(t3["router"])) == [victim.name], 30,
+               "new router on the returned node")
