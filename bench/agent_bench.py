@@ -146,8 +146,10 @@ async def _one(conn: _Conn, data: bytes) -> int:
 
 async def steady_load(path: str, reqs: list[bytes], conns: int, warmup_s: float,
                       duration_s: float, pids: list[int],
-                      stats_sock: str | None = None) -> dict[str, Any]:
-    """`conns` keep-alive connections for warmup + duration; stats over the duration."""
+                      stats_sock: str | None = None,
+                      total: int | None = None) -> dict[str, Any]:
+    """`conns` keep-alive connections for warmup + duration; stats over the duration.
+    With `total`, every request in `reqs[:total]` is sent exactly once, then it stops."""
     perf = time.perf_counter  # uvloop's loop.time() has millisecond resolution
     start = perf()
     measure_from = start + warmup_s
@@ -155,6 +157,8 @@ async def steady_load(path: str, reqs: list[bytes], conns: int, warmup_s: float,
     lat: list[float] = []
     errors = 0
     cpu0: dict[int, int] = {}
+
+    taken = [0]
 
     async def worker(offset: int) -> None:
         nonlocal errors
@@ -165,6 +169,10 @@ async def steady_load(path: str, reqs: list[bytes], conns: int, warmup_s: float,
             t0 = perf()
             if t0 >= stop_at:
                 break
+            if total is not None:
+                if taken[0] >= total:
+                    break
+                i, taken[0] = taken[0], taken[0] + 1
             status = await _one(conn, reqs[i % n])
             i += 1
             if t0 >= measure_from:
@@ -186,7 +194,8 @@ async def steady_load(path: str, reqs: list[bytes], conns: int, warmup_s: float,
     await asyncio.gather(*(worker(k * 7) for k in range(conns)))
     await marker
     cpu1 = {pid: cpu_ticks(pid) for pid in pids}
-    out = summarise(lat, errors, duration_s, {p: cpu1[p] - cpu0[p] for p in pids})
+    seconds = duration_s if total is None else perf() - measure_from
+    out = summarise(lat, errors, seconds, {p: cpu1[p] - cpu0[p] for p in pids})
     if stats_sock is not None:
         q = int(agent_stats(stats_sock)["registry_queries"]) - queries["start"]
         out["registry_queries"] = q

@@ -1,0 +1,277 @@
+"""Flat at scale: the agent + API hops and the registry at 100 and at 10,000 instances.
+
+    sudo .venv/bin/python bench/scale_bench.py [--sizes 100,10000] [--per-router 10]
+                                               [--duration 5] [--json FILE]
+
+One real registry (sqlite, `openimds registry serve`) grows from the first size to the last:
+`--per-router` instances on each router's own /24 network (10,000 instances = 1,000 routers,
+networks and subnets). The registry is seeded in-process through the same `Registry`
+service code its REST API runs (far faster than 10,000 HTTP round trips; the REST path is
+what the create figures below measure). At each size, in this order:
+
+1. `server create` through the REST API (`RegistryClient.create_instance`, one at a time,
+   `--creates` of them): p50/p99 ms; the instances are deleted again afterwards.
+2. The change feed: `GET /v1/changes?since=<head - 100>` p50/p99 ms, and the wake-up of a
+   long-poll (`wait=10`) after a create: ms from the create's answer to the poll's.
+3. Fresh `openimds agent` and `openimds api` (cold caches) are started; a load generator (this
+   process, uvloop + httptools, keep-alive, as the proxy speaks) sends every instance's
+   cloud-init core requests (`--paths`) once over the agent's Unix socket, with the
+   proxy's headers (X-Forwarded-For = the instance's IP, X-Neutron-Router-ID = its router),
+   so every cache holds every instance; RSS of registry, agent and API is read then.
+4. Steady load for `--duration` s: 100 connections cycling over all instances: CPU µs per
+   request of the agent and the API (utime+stime, /proc).
+
+Printed: CPU per request at the last size / at the first (target within 10 %), memory per
+instance (RSS difference between the sizes / instance difference; targets agent <= 4 KiB,
+API <= 16 KiB), create and feed p99 at the last size (target < 10 ms). VM traffic comes in by
+source address (the header the proxy sets), not from namespaces: the proxy's own cost per
+router is measured by bench/proxy_bench.py (1,000 namespaces). The 2-core machine is shared:
+compare within the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "src"))
+
+from agent_bench import agent_stats, enter_private_netns, steady_load  # noqa: E402
+from tests.support import (  # noqa: E402
+    Service,
+    base_config,
+    http_ready,
+    openimds_service,
+    unix_ready,
+    write_config,
+)
+
+PATHS = ("/openstack/latest/meta_data.json", "/openstack/latest/network_data.json",
+         "/latest/meta-data/instance-id", "/latest/meta-data/local-ipv4")
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")
+
+
+def request(router_id: str, ip: str, path: str) -> bytes:
+    return (f"GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nUser-Agent: Cloud-Init/24.1\r\n"
+            f"Accept: */*\r\nX-Forwarded-For: {ip}\r\nX-Neutron-Router-ID: {router_id}\r\n"
+            "\r\n").encode()
+
+
+class Scale:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="scale-bench-"))
+        (self.tmp / "state").mkdir()
+        self.cfg = base_config(self.tmp / "state", DEFAULT={
+            "metadata_proxy_socket": str(self.tmp / "agent.sock")},
+            metrics={"enabled": "false"}, api={"prewarm_concurrency": 0})
+        self.config = write_config(self.tmp / "openimds.ini", self.cfg)
+        reg = self.cfg["registry"]
+        self.url = f"http://{reg['bind_host']}:{reg['bind_port']}"
+        self.token = reg["admin_token"]
+        self.services: list[Service] = []
+        self.vms: list[tuple[str, str]] = []  # (router id, ip)
+        self.routers: list[tuple[str, str]] = []  # (router id, network id)
+
+    # -- registry ------------------------------------------------------------------------
+    def seed(self, total: int) -> float:
+        """Grow the registry to `total` instances, in-process (registry stopped)."""
+        from openimds.registry.service import Registry
+        from openimds.registry.store import Store
+
+        store = Store(f"sqlite:///{self.tmp / 'state' / 'registry.sqlite'}")
+        store.create_schema()
+        reg = Registry(store)
+        t0 = time.monotonic()
+        per = self.args.per_router
+        while len(self.vms) < total:
+            k = len(self.vms)
+            if k % per == 0:
+                i = len(self.routers)
+                r = reg.create_router({"name": f"r{i}"})
+                n = reg.create_network({"name": f"n{i}"})
+                s = reg.create_subnet({"name": f"s{i}", "network_id": n["id"],
+                                       "cidr": f"10.{i // 256}.{i % 256}.0/24"})
+                reg.add_interface(r["id"], {"subnet_id": s["id"]})
+                self.routers.append((r["id"], n["id"]))
+            rid, nid = self.routers[-1]
+            i = len(self.routers) - 1
+            ip = f"10.{i // 256}.{i % 256}.{10 + k % per}"
+            reg.create_instance({"name": f"vm{k}", "network_id": nid,
+                                 "fixed_ip": ip,
+                                 "metadata": {"role": "scale", "n": str(k)}})
+            self.vms.append((rid, ip))
+        store.dispose()
+        return time.monotonic() - t0
+
+    def start(self, name: str, *args: str, ready: Any) -> Service:
+        svc = openimds_service(name, self.config, *args, log_dir=self.tmp)
+        self.services.append(svc)
+        return svc.start().wait_until(ready, timeout=60)
+
+    def stop(self, svc: Service) -> None:
+        svc.stop()
+        self.services.remove(svc)
+
+    def registry_timings(self) -> dict[str, float]:
+        from openimds.registry.client import RegistryClient
+
+        out: dict[str, float] = {}
+        with RegistryClient(self.url, self.token) as admin:
+            rid, nid = self.routers[-1]
+            made, ms = [], []
+            for i in range(self.args.creates):
+                t0 = time.perf_counter()
+                made.append(admin.create_instance(f"probe{i}", nid)["id"])
+                ms.append((time.perf_counter() - t0) * 1000)
+            out["create_p50_ms"], out["create_p99_ms"] = pct(ms, 0.5), pct(ms, 0.99)
+            head = int(admin.health()["revision"])
+            ms = []
+            for _ in range(100):
+                t0 = time.perf_counter()
+                admin.changes(max(0, head - 100), limit=100)
+                ms.append((time.perf_counter() - t0) * 1000)
+            out["changes_p50_ms"], out["changes_p99_ms"] = pct(ms, 0.5), pct(ms, 0.99)
+            wake = []
+            for iid in made[:30]:
+                head = int(admin.health()["revision"])
+                got: dict[str, float] = {}
+
+                def poll(since: int = head, got: dict[str, float] = got) -> None:
+                    with RegistryClient(self.url, self.token) as c:
+                        c.changes(since, wait=10)
+                    got["t"] = time.perf_counter()
+
+                th = threading.Thread(target=poll)
+                th.start()
+                time.sleep(0.05)  # the poll is waiting
+                admin.update("instance", iid, {"metadata": {"probe": "1"}})
+                t_write = time.perf_counter()
+                th.join(15)
+                wake.append((got.get("t", float("inf")) - t_write) * 1000)
+            out["feed_wake_p50_ms"] = pct(wake, 0.5)
+            out["feed_wake_p99_ms"] = pct(wake, 0.99)
+            for iid in made:
+                admin.delete("instance", iid)
+        return out
+
+    # -- one size ------------------------------------------------------------------------
+    def measure(self, size: int) -> dict[str, Any]:
+        a = self.args
+        seed_s = self.seed(size)
+        registry = self.start("registry", "registry", "serve",
+                              ready=http_ready(self.url + "/v1/health"))
+        res: dict[str, Any] = {"instances": size, "routers": len(self.routers),
+                               "seed_s": round(seed_s, 1)}
+        res.update(self.registry_timings())
+        port = self.cfg["DEFAULT"]["nova_metadata_port"]
+        api = self.start("api", "api", ready=http_ready(f"http://127.0.0.1:{port}/"))
+        sock = self.cfg["DEFAULT"]["metadata_proxy_socket"]
+        agent = self.start("agent", "agent", ready=unix_ready(sock))
+        deadline = time.monotonic() + 30
+        while not agent_stats(sock)["feed_live"]:
+            assert time.monotonic() < deadline, "agent feed never live"
+            time.sleep(0.1)
+        rss0 = {"registry": rss_kib(registry.pid), "agent": rss_kib(agent.pid),
+                "api": rss_kib(api.pid)}
+        # Warm: every instance's core requests, once each (cold: a lookup and a view each).
+        warm = [request(rid, ip, p) for rid, ip in self.vms for p in PATHS]
+        t0 = time.monotonic()
+        w = asyncio.run(steady_load(sock, warm, 50, 0.0, 3600.0, [], None,
+                                    total=len(warm)))
+        res["warm_s"] = round(time.monotonic() - t0, 1)
+        res["warm_errors"] = w["errors"]
+        st = agent_stats(sock)
+        res["agent_cache_entries"] = st["cache_entries"]
+        res["rss_kib"] = {"registry": rss_kib(registry.pid), "agent": rss_kib(agent.pid),
+                          "api": rss_kib(api.pid)}
+        res["rss_kib_fresh"] = rss0
+        steady = [request(rid, ip, PATHS[0]) for rid, ip in self.vms]
+        r = asyncio.run(steady_load(sock, steady, 100, 1.0, a.duration,
+                                    [agent.pid, api.pid], None))
+        res["rps"] = r["rps"]
+        res["p99_ms"] = r["p99_ms"]
+        res["errors"] = r["errors"]
+        res["cpu_us"] = {"agent": r["cpu_us_per_req"][agent.pid],
+                         "api": r["cpu_us_per_req"][api.pid]}
+        for svc in (agent, api, registry):
+            self.stop(svc)
+        return res
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="100,10000")
+    p.add_argument("--per-router", type=int, default=10)
+    p.add_argument("--creates", type=int, default=100)
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--json", type=Path)
+    a = p.parse_args()
+    enter_private_netns()
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    sc = Scale(a)
+    rows: list[dict[str, Any]] = []
+    print(f"load average {os.getloadavg()}", flush=True)
+    try:
+        for size in [int(s) for s in a.sizes.split(",")]:
+            row = sc.measure(size)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        for svc in reversed(sc.services):
+            svc.stop()
+    first, last = rows[0], rows[-1]
+    dn = last["instances"] - first["instances"]
+    print("\n| instances | routers | create p50/p99 ms | changes p50/p99 ms | feed wake "
+          "p50/p99 ms | agent CPU us/req | API CPU us/req | RSS KiB registry/agent/API |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['instances']:,} | {r['routers']:,} | {r['create_p50_ms']:.1f} / "
+              f"{r['create_p99_ms']:.1f} | {r['changes_p50_ms']:.1f} / "
+              f"{r['changes_p99_ms']:.1f} | {r['feed_wake_p50_ms']:.1f} / "
+              f"{r['feed_wake_p99_ms']:.1f} | {r['cpu_us']['agent']:.1f} | "
+              f"{r['cpu_us']['api']:.1f} | {r['rss_kib']['registry']:,} / "
+              f"{r['rss_kib']['agent']:,} / {r['rss_kib']['api']:,} |")
+    for hop in ("agent", "api"):
+        ratio = last["cpu_us"][hop] / first["cpu_us"][hop]
+        print(f"{hop} CPU/req at {last['instances']:,} / at {first['instances']:,} = "
+              f"{ratio:.2f} (target <= 1.10)")
+    for svc, target in (("agent", 4.0), ("api", 16.0), ("registry", None)):
+        per = (last["rss_kib"][svc] - first["rss_kib"][svc]) / dn if dn else float("nan")
+        goal = f" (target <= {target:g} KiB)" if target else ""
+        print(f"{svc} RSS per instance: {per:.2f} KiB{goal}")
+    print(f"at {last['instances']:,}: create p99 {last['create_p99_ms']:.1f} ms, changes p99 "
+          f"{last['changes_p99_ms']:.1f} ms, feed wake p99 {last['feed_wake_p99_ms']:.1f} ms "
+          "(target < 10 ms)")
+    print(f"load average {os.getloadavg()}")
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
