@@ -296,7 +296,8 @@ class Bench:
         cfg = base_config(state, DEFAULT={
             "metadata_proxy_socket": str(self.tmp / f"agent-w{workers}.sock"),
             "metadata_proxy_socket_mode": "all",  # haproxy runs as nobody
-        }, proxy={"spawn_from_agents": "false"},
+        }, proxy={"spawn_from_agents": "false",
+                  "max_connections_per_source": 4096},  # wrk: 100 connections, one VM
             metrics={"enabled": "false"})  # two stacks in one run: no metrics ports
         return write_config(self.tmp / f"openimds-w{workers}.ini", cfg), cfg
 
