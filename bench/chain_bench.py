@@ -53,7 +53,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +65,10 @@ from tests.support import base_config, clean_env, write_config  # noqa: E402
 
 from openimds.host.netns import socket_in_netns  # noqa: E402
 
+sys.path.insert(0, str(REPO / "bench"))
+# Neutron's rendered haproxy config and the /proc helpers, shared with the proxy bench.
+from proxy_bench import HAPROXY_CFG, cpu_s, ip, rss_kib, wait_until  # noqa: E402
+
 PY = sys.executable
 TAG = f"chb-{os.getpid()}"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -74,34 +77,6 @@ VM_IP = "10.0.0.5"
 ROUTER_IP = "10.0.0.1"
 PORTS = {"bare": 9690, "chain": 9697, "haproxy": 9698}
 
-HAPROXY_CFG = """\
-global
-    user        nobody
-    group       nogroup
-    maxconn     1024
-    nbthread    2
-    pidfile     {pidfile}
-
-defaults
-    mode http
-    option httplog
-    option dontlognull
-    option http-server-close
-    option forwardfor
-    retries                 3
-    timeout http-request    30s
-    timeout connect         30s
-    timeout client          32s
-    timeout server          32s
-    timeout http-keep-alive 30s
-
-listen listener
-    bind 0.0.0.0:{port}
-    server metadata {socket}
-
-    http-request del-header X-Neutron-Network-ID
-    http-request set-header X-Neutron-Router-ID {router_id}
-"""
 
 
 # -- the bare reference server (its own process, in the router namespace) -------------------
@@ -141,11 +116,6 @@ def run_bare(port: int, answer_file: str) -> None:
 
 # -- plumbing --------------------------------------------------------------------------------
 
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 def tree_pids(pid: int) -> list[int]:
     """pid and every descendant (worker processes)."""
     out = [pid]
@@ -161,27 +131,6 @@ def tree_cpu_s(pid: int) -> float:
         with contextlib.suppress(OSError):
             total += cpu_s(p)
     return total
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
-def wait_until(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            if check():
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
 
 
 def get_in(ns: str, port: int) -> tuple[int, bytes]:
@@ -354,8 +303,8 @@ def start_stack(b: Bench, rns: str, workers: int, port_base: int) -> Stack:
     proxy = b.cli("proxy" + sfx, config, "proxy", env=wenv)
     hap_port = port_base + 8
     hcfg = b.tmp / f"haproxy{sfx}.cfg"
-    hcfg.write_text(HAPROXY_CFG.format(pidfile=b.tmp / f"haproxy{sfx}.pid", port=hap_port,
-                                       socket=sock, router_id=router_id))
+    hcfg.write_text(HAPROXY_CFG.format(nbthread=2, pidfile=b.tmp / f"haproxy{sfx}.pid",
+                                       port=hap_port, socket=sock, router_id=router_id))
     haproxy = b.spawn("haproxy" + sfx, ["ip", "netns", "exec", rns, "haproxy", "-db", "-f",
                                         str(hcfg)])
     from openimds.core.signing import sign_instance_id
