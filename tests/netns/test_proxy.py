@@ -527,3 +527,37 @@ def test_workers_each_listen_in_every_namespace(
     assert not env.pid_file.exists()
     for pid in kids:
         assert not Path(f"/proc/{pid}").exists()
+
+
+def test_connections_per_source_are_capped_for_that_source_only(
+    env: ProxyEnv, agent: RecordingAgent, router: tuple[str, str],
+) -> None:
+    rns, vm = router
+    ip("-n", vm, "addr", "add", "10.0.0.6/24", "dev", "eth0")
+    env.config = write_config(env.tmp / "openimds.ini", {
+        "DEFAULT": {"state_path": env.state, "metadata_proxy_socket": env.socket},
+        "proxy": {"rescan_interval": 0.2, "max_connections_per_source": 2},
+    })
+    env.write_spec(f"router-{ROUTER_ID}", rns, "0.0.0.0", 9697, router_id=ROUTER_ID)
+    svc = env.start()
+    held = [connect(vm, "10.0.0.1", 9697) for _ in range(2)]
+    try:
+        with connect(vm, "10.0.0.1", 9697) as third:
+            third.sendall(request_bytes("/over"))
+            status, head, body = read_responses(third, 1)[0]
+            assert status == 429 and b"Retry-After: 1" in head and b"at most 2" in body
+            assert third.recv(1) == b""  # and closed
+        other = socket_in_netns(vm)  # another VM address is not affected
+        other.settimeout(5)
+        other.bind(("10.0.0.6", 0))
+        other.connect(("10.0.0.1", 9697))
+        with other:
+            other.sendall(request_bytes("/other"))
+            assert read_responses(other, 1)[0][0] == 200
+        held[0].sendall(request_bytes("/held"))
+        assert read_responses(held[0], 1)[0][0] == 200
+    finally:
+        for sock in held:
+            sock.close()
+    assert [seen["path"] for seen in agent.recorded] == ["/other", "/held"]
+    assert "proxy.connection_cap" in svc.log() and "ip=10.0.0.5" in svc.log()
