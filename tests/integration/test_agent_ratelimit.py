@@ -76,3 +76,25 @@ def test_rate_limited_instance_gets_429_and_keeps_its_connection(tmp_path: Path)
         log = st.agent.log()
         assert f"agent.rate_limited ip={v6} router={r['id']} instance={inst['id']}" in log
         assert other["id"] not in log.split("agent.rate_limited", 1)[1].splitlines()[0]
+
+
+def test_agent_workers_share_one_budget(tmp_path: Path) -> None:
+    rl = {"rate_limit_enabled": "true", "burst_query_rate_limit": 4,
+          "burst_window_duration": 30, "base_query_rate_limit": 100,
+          "base_window_duration": 60}
+    with stack(tmp_path, metadata_rate_limiting=rl, DEFAULT={"metadata_workers": 3}) as st:
+        r = st.admin.create_router("r")
+        net, _ = make_network(st.admin, "n", "10.42.0.0/24", r["id"])
+        st.admin.create_instance("vm1", net["id"], fixed_ip="10.42.0.10")
+        st.start_agent()
+        st.wait_feed(True)
+        statuses, pids = [], set()
+        for _ in range(12):  # a new connection each: the workers take turns accepting
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(10)
+                sock.connect(st.socket)
+                statuses.append(ask(sock, r["id"], "10.42.0.10")[0])
+            pids.add(st.stats().get("pid"))
+        # Exactly the burst passes, whichever worker answered (one table for all).
+        assert statuses == [200] * 4 + [429] * 8, statuses
+        assert len(pids) >= 2  # more than one worker really served

@@ -65,39 +65,32 @@ class Verdict:
 
 
 
-class _Entry:
-    """One key's counters: per window [period start, current count, previous count]."""
-
-    __slots__ = ("counts", "denied", "last", "limited")
-
-    def __init__(self, n: int, now: float) -> None:
-        self.counts = [[now, 0, 0] for _ in range(n)]
-        self.last = now
-        self.limited = False
-        self.denied = 0
+# One key's state is a flat list of floats (so that it can live in shared memory too, see
+# metadata/shared_limit.py): per window i, [3i] period start, [3i+1] count of the current
+# period, [3i+2] count of the previous one; then last-seen time, limited flag, denials.
 
 
-def _advance(c: list[float], seconds: float, now: float) -> None:
-    """Roll a window's periods forward to the one containing `now`."""
-    elapsed = now - c[0]
+def _advance(c: list[float], i: int, seconds: float, now: float) -> None:
+    """Roll window i's periods forward to the one containing `now`."""
+    elapsed = now - c[i]
     if elapsed < seconds:
         return
     periods = int(elapsed // seconds)
-    c[2] = c[1] if periods == 1 else 0
-    c[1] = 0
-    c[0] += periods * seconds
+    c[i + 2] = c[i + 1] if periods == 1 else 0
+    c[i + 1] = 0
+    c[i] += periods * seconds
 
 
-def _rate(c: list[float], seconds: float, now: float) -> float:
-    frac = (now - c[0]) / seconds
-    return c[1] + c[2] * (1.0 - frac)
+def _rate(c: list[float], i: int, seconds: float, now: float) -> float:
+    frac = (now - c[i]) / seconds
+    return c[i + 1] + c[i + 2] * (1.0 - frac)
 
 
-def _wait(c: list[float], seconds: float, limit: int, now: float) -> float:
-    """Seconds until one more request would keep this window at or under its limit."""
+def _wait(c: list[float], i: int, seconds: float, limit: int, now: float) -> float:
+    """Seconds until one more request would keep window i at or under its limit."""
     room = limit - 1  # the next request adds one: rate <= limit - 1 before it
-    curr, prev = c[1], c[2]
-    frac = (now - c[0]) / seconds
+    curr, prev = c[i + 1], c[i + 2]
+    frac = (now - c[i]) / seconds
     if curr + prev * (1.0 - frac) <= room:
         return 0.0
     if curr <= room and prev > 0:
@@ -119,7 +112,8 @@ class RateLimiter:
             raise ValueError("a rate limiter needs at least one window")
         self.windows = tuple(windows)
         self.max_keys = max(1, max_keys)
-        self._entries: dict[str, _Entry] = {}
+        self.width = 3 * len(self.windows) + 3  # floats of one key's state
+        self._entries: dict[str, list[float]] = {}
         self._expire_s = 2.0 * max(w.seconds for w in self.windows)
         self.policy = ", ".join(f'"{w.name}";q={w.limit};w={_secs(w.seconds)}'
                                 for w in self.windows)
@@ -130,38 +124,60 @@ class RateLimiter:
 
     def hit(self, key: str, now: float) -> Verdict:
         """Count one request of `key` at `now` and say whether it may pass."""
-        entry = self._entries.get(key)
-        if entry is None:
-            if len(self._entries) >= self.max_keys:
-                self._make_room(now)
-            entry = _Entry(len(self.windows), now)
-            self._entries[key] = entry
-        entry.last = now
+        state = self._load(key, now)
+        verdict = self._count(state, now)
+        self._store(key, state)
+        return verdict
+
+    def fresh(self, now: float) -> list[float]:
+        """The state of a key never seen before."""
+        state = [now, 0.0, 0.0] * len(self.windows)
+        return [*state, now, 0.0, 0.0]
+
+    def _count(self, c: list[float], now: float) -> Verdict:
+        n = 3 * len(self.windows)
+        c[n] = now
         denied_by: Window | None = None
-        for w, c in zip(self.windows, entry.counts, strict=True):
-            _advance(c, w.seconds, now)
-            c[1] += 1
-            if denied_by is None and _rate(c, w.seconds, now) > w.limit:
+        for k, w in enumerate(self.windows):
+            i = 3 * k
+            _advance(c, i, w.seconds, now)
+            c[i + 1] += 1
+            if denied_by is None and _rate(c, i, w.seconds, now) > w.limit:
                 denied_by = w
         if denied_by is None:
-            if entry.limited:
-                entry.limited = False
+            c[n + 1] = 0.0
             return Verdict(True, 0, None, False, (), (), self.policy)
-        started = not entry.limited
-        entry.limited = True
-        entry.denied += 1
+        started = not c[n + 1]
+        c[n + 1] = 1.0
+        c[n + 2] += 1
         self.denied_total += 1
         remaining: list[int] = []
         resets: list[int] = []
         wait = 0.0
-        for w, c in zip(self.windows, entry.counts, strict=True):
-            rate = _rate(c, w.seconds, now)
-            remaining.append(max(0, math.floor(w.limit - rate)))
-            secs = _wait(c, w.seconds, w.limit, now)
+        for k, w in enumerate(self.windows):
+            i = 3 * k
+            remaining.append(max(0, math.floor(w.limit - _rate(c, i, w.seconds, now))))
+            secs = _wait(c, i, w.seconds, w.limit, now)
             resets.append(math.ceil(secs))
             wait = max(wait, secs)
         return Verdict(False, max(1, math.ceil(wait)), denied_by, started, tuple(remaining),
                        tuple(resets), self.policy)
+
+    # Storage: a dict here; metadata/shared_limit.py overrides these three for shared memory.
+    def _load(self, key: str, now: float) -> list[float]:
+        state = self._entries.get(key)
+        if state is None:
+            if len(self._entries) >= self.max_keys:
+                self._make_room(now)
+            state = self._entries[key] = self.fresh(now)
+        return state
+
+    def _store(self, key: str, state: list[float]) -> None:
+        pass  # the dict holds the list itself
+
+    def expired(self, state: list[float], now: float) -> bool:
+        """Idle long enough that forgetting it changes nothing."""
+        return state[3 * len(self.windows)] < now - self._expire_s
 
     def headers(self, verdict: Verdict) -> list[tuple[str, str]]:
         """Retry-After, RateLimit-Policy and RateLimit for a denied request."""
@@ -173,12 +189,11 @@ class RateLimiter:
 
     def denied(self, key: str) -> int:
         """Requests of `key` denied since it was first seen (0 for an unknown key)."""
-        entry = self._entries.get(key)
-        return entry.denied if entry is not None else 0
+        state = self._entries.get(key)
+        return int(state[-1]) if state is not None else 0
 
     def _make_room(self, now: float) -> None:
-        horizon = now - self._expire_s
-        stale = [k for k, e in self._entries.items() if e.last < horizon]
+        stale = [k for k, e in self._entries.items() if self.expired(e, now)]
         for k in stale:
             del self._entries[k]
         if len(self._entries) >= self.max_keys:

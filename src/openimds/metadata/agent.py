@@ -281,6 +281,7 @@ class MetadataAgent:
         self, settings: Settings, *, registry: RegistryLookup, upstream: Upstream,
         feed_up: Callable[[], bool] | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.settings = settings
         self._secret = settings.secret_bytes
@@ -311,7 +312,10 @@ class MetadataAgent:
         self._signatures: dict[str, str] = {}
         self._identities: dict[tuple[str, str, str], tuple[tuple[bytes, bytes], ...]] = {}
         self.status_counts: dict[int, int] = {}
-        self.limiter, self._limit_versions = limiter_from_settings(settings)
+        # `limiter`: a table shared with the other workers (their parent made it, see
+        # agent_cli); otherwise this process's own, from the settings.
+        own, self._limit_versions = limiter_from_settings(settings)
+        self.limiter = limiter if limiter is not None else own
         self._limit_v4 = 4 in self._limit_versions
         self._limit_v6 = 6 in self._limit_versions
         self.hop = HopStats("agent")  # /metrics (openimds.metrics), read at scrape time
@@ -716,9 +720,11 @@ class MetadataAgent:
             f"{k}={v}" for k, v in self.stats().items() if not isinstance(v, dict)))
 
 
-def limiter_from_settings(settings: Settings) -> tuple[RateLimiter | None, frozenset[int]]:
-    """`[metadata_rate_limiting]` as a limiter (None when disabled) and the address families
-    it counts. Raises ConfigError for a bad ip_versions."""
+def limiter_from_settings(
+    settings: Settings, kind: type[RateLimiter] = RateLimiter,
+) -> tuple[RateLimiter | None, frozenset[int]]:
+    """`[metadata_rate_limiting]` as a limiter of `kind` (None when disabled) and the address
+    families it counts. Raises ConfigError for a bad ip_versions."""
     cfg = settings.metadata_rate_limiting
     try:
         versions = parse_ip_versions(cfg.ip_versions)
@@ -726,7 +732,7 @@ def limiter_from_settings(settings: Settings) -> tuple[RateLimiter | None, froze
         raise ConfigError(f"[metadata_rate_limiting] ip_versions: {exc}") from None
     if not cfg.rate_limit_enabled:
         return None, versions
-    return RateLimiter([
+    return kind([
         Window("burst", cfg.burst_window_duration, cfg.burst_query_rate_limit),
         Window("base", cfg.base_window_duration, cfg.base_query_rate_limit),
     ], max_keys=max(1024, settings.metadata_agent.cache_size)), versions

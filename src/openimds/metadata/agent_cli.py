@@ -15,6 +15,7 @@ from typing import cast
 
 from openimds.cli import add_command
 from openimds.config import Settings
+from openimds.core.ratelimit import RateLimiter
 from openimds.errors import ConfigError
 from openimds.host.workers import run_workers
 from openimds.http.server import Limits, install_uvloop, serve
@@ -23,9 +24,11 @@ from openimds.metadata.agent import (
     MetadataAgent,
     WatchedFeedClient,
     close_quietly,
+    limiter_from_settings,
     make_pool,
     open_socket,
 )
+from openimds.metadata.shared_limit import SharedRateLimiter
 from openimds.metrics import ServiceMetrics, start_metrics_server
 from openimds.registry.client import AsyncRegistryClient
 from openimds.registry.feed import ChangeFollower
@@ -57,8 +60,10 @@ def _agent(args: argparse.Namespace, settings: Settings) -> int:
     workers = settings.metadata_workers
     if workers <= 1:
         return asyncio.run(run_agent(settings))
-    # Several workers accept on one socket, bound here once before forking.
+    # Several workers accept on one socket, bound here once before forking; with rate
+    # limiting on, they also count into one table made here (an exact budget per instance).
     shared: dict[str, tuple[socket.socket, int]] = {}
+    limiter, _ = limiter_from_settings(settings, SharedRateLimiter)
 
     def bind() -> None:
         sock, _ = open_socket(settings)
@@ -71,7 +76,8 @@ def _agent(args: argparse.Namespace, settings: Settings) -> int:
 
     def work(index: int, ready: Callable[[], None]) -> int:
         sock, inode = shared["sock"]
-        return asyncio.run(run_agent(settings, worker=index, shared=(sock, inode), ready=ready))
+        return asyncio.run(run_agent(settings, worker=index, shared=(sock, inode), ready=ready,
+                                     limiter=limiter))
 
     return run_workers(workers, work, name="agent", prepare=bind, finish=unlink)
 
@@ -93,7 +99,7 @@ def _registry_token(settings: Settings) -> str:
 async def run_agent(
     settings: Settings, *, worker: int = 0,
     shared: tuple[socket.socket, int] | None = None,
-    ready: Callable[[], None] | None = None,
+    ready: Callable[[], None] | None = None, limiter: RateLimiter | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT. A worker (`shared` given) serves the socket its parent
     bound, and leaves removing the socket file to the parent."""
@@ -111,7 +117,7 @@ async def run_agent(
         max_connections=settings.metadata_agent.registry_connections,
     )
     pool = make_pool(settings)
-    agent = MetadataAgent(settings, registry=registry, upstream=pool)
+    agent = MetadataAgent(settings, registry=registry, upstream=pool, limiter=limiter)
     metrics = ServiceMetrics("agent", worker=worker)
     metrics.hops.append(agent.hop)
     metrics.add(agent.metric_families)
