@@ -153,6 +153,9 @@ class ApiSettings:
 @dataclass(frozen=True, slots=True)
 class MetadataAgentSettings:
     cache_size: int = opt(65536, "Entries in the (router|network, ip) -> instance cache", min=0)
+    warm_index: bool = opt(
+        True, "Keep every port's (network, ip) in memory from /v1/topology and the change "
+        "feed, so a new VM's first request needs no registry lookup (about 1 KiB per port)")
     max_concurrency: int = opt(
         1024, "Requests in flight before the agent answers 503", min=1
     )

@@ -78,3 +78,40 @@ def test_property_changes_visible_within_1s_never_reverted(tmp_path: Path) -> No
                     if began > at and v < n]
         assert not reverted, reverted[:5]
         assert len(visible) == 20 and len(seen) > 100
+
+
+def test_registry_outage_keeps_documents_and_catches_up_without_a_resync(
+    tmp_path: Path,
+) -> None:
+    with api_stack(tmp_path) as s:
+        time.sleep(1.5)  # the feed's first batch
+        status, _, body = s.request("GET", "/openstack/latest/meta_data.json",
+                                    s.headers(s.instance))
+        assert status == 200
+        s.registry_service.stop()
+        for _ in range(20):  # known: served all through the outage
+            status, _, again = s.request("GET", "/openstack/latest/meta_data.json",
+                                         s.headers(s.instance))
+            assert status == 200
+            assert json.loads(again)["meta"] == json.loads(body)["meta"]  # random_seed varies
+        s.registry_service.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                s.registry.health()
+                break
+            except Exception:
+                time.sleep(0.05)
+        s.registry.update("instance", s.instance["id"], {"metadata": {"role": "after"}})
+        deadline = time.monotonic() + 5
+        meta: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            meta = json.loads(s.request("GET", "/openstack/latest/meta_data.json",
+                                        s.headers(s.instance))[2])["meta"]
+            if meta.get("role") == "after":
+                break
+            time.sleep(0.05)
+        assert meta.get("role") == "after"  # the change made after the outage is seen
+        s.api.stop()
+        # caught up from where it was: one resync (the start), not one per outage
+        assert s.api.log().count("api.cache_resync") == 1, s.api.log()[-3000:]

@@ -176,3 +176,77 @@ def test_long_poll_sees_writes_of_another_registry_process(tmp_path: Path) -> No
                 t.join(10)
             assert result["answer"]["changes"][-1]["id"] == net["id"]
             assert result["at"] - written < 1.0
+
+
+async def test_resuming_follower_catches_up_after_an_outage_without_a_resync(
+    tmp_path: Path,
+) -> None:
+    with registry_process(tmp_path, "sqlite", change_retention=100) as reg:
+        client = AsyncRegistryClient(reg.url, reg.reader_token)
+        follower = ChangeFollower(client, wait_s=5, resume=True, backoff_max_s=0.5)
+        try:
+            assert (await _next(follower)).resync  # the start
+            net = await asyncio.to_thread(_net, reg)
+            assert (await _next(follower)).changes[-1]["id"] == net["id"]
+            pending = asyncio.ensure_future(_next(follower, 30))
+            await asyncio.sleep(0.2)
+            reg.service.stop()
+            deadline = time.monotonic() + 5
+            while follower.registry_up and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert not follower.registry_up
+            reg.service.start().wait_until(http_ready(reg.url + "/v1/health"))
+            net2 = await asyncio.to_thread(_net, reg)
+            seen: list[ChangeBatch] = [await asyncio.wait_for(pending, 15)]
+            while net2["id"] not in {c["id"] for b in seen for c in b.changes}:
+                seen.append(await _next(follower))
+            # the change made while the follower was away arrives as a change, never as a
+            # resync that would make its consumers drop what they hold
+            assert not any(b.resync for b in seen)
+            assert follower.registry_up
+        finally:
+            await client.aclose()
+
+
+class _FlakyFeed:
+    """health/changes of a registry that goes away and comes back with a given revision."""
+
+    def __init__(self) -> None:
+        self.revision = 5
+        self.down = False
+
+    async def health(self) -> dict[str, Any]:
+        if self.down:
+            from openimds.errors import UpstreamUnavailable
+            raise UpstreamUnavailable("down")
+        return {"revision": self.revision}
+
+    async def changes(self, since: int, wait: float = 0, limit: int | None = None) -> Any:
+        from openimds.errors import UpstreamUnavailable
+        if self.down:
+            raise UpstreamUnavailable("down")
+        if since > self.revision:
+            raise ResyncRequired("behind", self.revision)
+        await asyncio.sleep(min(wait, 0.05))
+        return {"revision": self.revision, "changes": []}
+
+
+async def test_resuming_follower_resyncs_when_the_registry_went_backwards() -> None:
+    feed = _FlakyFeed()
+    follower = ChangeFollower(feed, wait_s=0.05, resume=True,  # type: ignore[arg-type]
+                              backoff_max_s=0.2)
+    assert (await _next(follower)).resync
+    feed.down = True
+    pending = asyncio.ensure_future(_next(follower, 10))
+    await asyncio.sleep(0.3)
+    # back, empty: the first batch says "caught up" (empty, no resync)
+    feed.down = False
+    caught_up = await asyncio.wait_for(pending, 5)
+    assert not caught_up.resync and caught_up.changes == []
+    # down again, back with an older revision (a restore): resync
+    feed.down = True
+    pending = asyncio.ensure_future(_next(follower, 10))
+    await asyncio.sleep(0.3)
+    feed.revision, feed.down = 2, False
+    again = await asyncio.wait_for(pending, 5)
+    assert again.resync and again.revision == 2

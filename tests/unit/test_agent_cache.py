@@ -256,3 +256,173 @@ async def test_change_during_lookup_keeps_the_answer_out_of_the_cache() -> None:
     r, _ = await task
     assert r.instance_id == "old"  # the answer reflected revision 4, true when asked
     assert resolver.cache.get(c) is None  # but it is not kept
+
+
+# --- the warm index --------------------------------------------------------------------------
+
+ROUTER_OWNER = "network:router_interface"
+
+
+def topo_port(pid: str, net: str, ips: list[str], device: str,
+              owner: str = "compute:nova") -> dict[str, Any]:
+    return {"id": pid, "network_id": net, "device_id": device, "device_owner": owner,
+            "project_id": "t1", "fixed_ips": [{"subnet_id": "s", "ip_address": i} for i in ips]}
+
+
+def created(rev: int, pid: str, net: str, ips: list[str], device: str,
+            owner: str = "compute:nova", op: str = "create") -> dict[str, Any]:
+    return {"revision": rev, "kind": "port", "op": op, "id": pid,
+            "attrs": {"network_id": net, "device_id": device, "device_owner": owner,
+                      "project_id": "t1", "ips": ips}}
+
+
+def topology(rev: int = 10) -> dict[str, Any]:
+    return {"revision": rev, "ports": [
+        topo_port("rp1", N1, ["10.0.0.1"], R1, ROUTER_OWNER),
+        topo_port("p1", N1, ["10.0.0.5"], "i1"),
+        topo_port("p2", N2, ["10.0.0.5"], "i2"),  # same IP, another network, not on R1
+    ]}
+
+
+def found(index: Any, caller: Caller) -> list[str] | None:
+    ports = index.find(caller)
+    return None if ports is None else [p["device_id"] for p in ports]
+
+
+def test_index_answers_what_the_registry_lookup_would() -> None:
+    cache = CallerCache(10)
+    index = cache.index
+    assert found(index, Caller("10.0.0.5", network_id=N1)) is None  # not loaded: ask
+    index.install(topology())
+    assert found(index, Caller("10.0.0.5", network_id=N1)) == ["i1"]
+    assert found(index, Caller("10.0.0.5", network_id=N2)) == ["i2"]
+    assert found(index, Caller("10.0.0.5", router_id=R1)) == ["i1"]
+    assert found(index, Caller("10.0.0.5", router_id=R2)) is None  # unknown router
+    assert found(index, Caller("10.0.0.9", network_id=N1)) is None  # no port: ask
+    # a router interface on N2 puts 10.0.0.5 of N2 in R1's scope too: two ports
+    cache.apply_change(created(11, "rp2", N2, ["10.0.0.1"], R1, ROUTER_OWNER))
+    assert found(index, Caller("10.0.0.5", router_id=R1)) == ["i1", "i2"]
+    cache.apply_change(created(12, "rp2", N2, ["10.0.0.1"], R1, ROUTER_OWNER, op="delete"))
+    assert found(index, Caller("10.0.0.5", router_id=R1)) == ["i1"]
+    # a new VM's port: known at once; its deletion: gone at once
+    cache.apply_change(created(13, "p3", N1, ["10.0.0.7"], "i3"))
+    assert found(index, Caller("10.0.0.7", router_id=R1)) == ["i3"]
+    cache.apply_change(created(14, "p3", N1, ["10.0.0.7"], "i3", op="delete"))
+    assert found(index, Caller("10.0.0.7", router_id=R1)) is None
+    # an update lists before+after IPs: the port is dropped, the registry decides
+    cache.apply_change(created(15, "p1", N1, ["10.0.0.5", "10.0.0.6"], "i1", op="update"))
+    assert found(index, Caller("10.0.0.5", network_id=N1)) is None
+    # an old change (already in what was loaded) is ignored
+    cache.apply_change(created(9, "p9", N1, ["10.0.0.9"], "i9"))
+    assert found(index, Caller("10.0.0.9", network_id=N1)) is None
+    assert index.revision == 15
+
+
+def test_index_replays_changes_that_arrive_while_it_loads() -> None:
+    cache = CallerCache(10)
+    index = cache.index
+    index.begin_load()
+    cache.apply_change(created(9, "p8", N1, ["10.0.0.8"], "i8"))  # in the topology already
+    cache.apply_change(created(11, "p1", N1, ["10.0.0.5"], "i1", op="delete"))
+    cache.apply_change(created(12, "p4", N1, ["10.0.0.4"], "i4"))
+    assert found(index, Caller("10.0.0.4", network_id=N1)) is None  # loading
+    index.install(topology(10))
+    assert found(index, Caller("10.0.0.5", network_id=N1)) is None  # deleted at 11
+    assert found(index, Caller("10.0.0.4", network_id=N1)) == ["i4"]
+    assert found(index, Caller("10.0.0.8", network_id=N1)) is None  # 9 <= 10: skipped
+    assert index.revision == 12 and len(index) == 3  # rp1, p2, p4
+
+
+def test_index_memory_per_port_is_small() -> None:
+    import tracemalloc
+    import uuid
+
+    ports = [topo_port(str(uuid.uuid4()), N1, [f"10.{i // 65536}.{i // 256 % 256}.{i % 256}"],
+                       str(uuid.uuid4())) for i in range(5000)]
+    topo = {"revision": 1, "ports": ports}
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    index = CallerCache(10).index
+    index.install(topo)
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert len(index) == 5000
+    # the port and device ids are shared with the topology here; even so: well under 4 KiB
+    assert used / 5000 < 1024, used / 5000
+
+
+class TopologyRegistry(FakeRegistry):
+    def __init__(self) -> None:
+        super().__init__()
+        self.topology_calls = 0
+        self.topology_rev = 10
+
+    async def topology(self) -> dict[str, Any]:
+        self.topology_calls += 1
+        await asyncio.sleep(self.delay)
+        if self.down:
+            raise UpstreamUnavailable("registry down")
+        return topology(self.topology_rev)
+
+
+async def test_first_request_of_a_new_vm_is_a_hit_without_a_lookup() -> None:
+    reg = TopologyRegistry()
+    cache = CallerCache(100)
+    resolver = Resolver(reg.lookup, cache, lambda: True, topology=reg.topology)
+    cache.clear(10)  # the first batch: load the index
+    for _ in range(50):
+        if cache.index.loaded:
+            break
+        await asyncio.sleep(0.01)
+    assert cache.index.loaded and reg.topology_calls == 1
+    cache.apply_change(created(11, "p7", N1, ["10.0.0.7"], "new-vm"))
+    res_, source = await resolver.resolve(Caller("10.0.0.7", router_id=R1))
+    assert res_.instance_id == "new-vm" and source == "hit"
+    assert reg.calls == 0 and resolver.stats.index_hits == 1
+    # its deletion is seen at once: the next request asks the registry
+    cache.apply_change(created(12, "p7", N1, ["10.0.0.7"], "new-vm", op="delete"))
+    with pytest.raises(UnknownCaller):
+        await resolver.resolve(Caller("10.0.0.7", router_id=R1))
+    assert reg.calls == 1
+
+
+async def test_index_load_retries_while_the_registry_is_down() -> None:
+    reg = TopologyRegistry()
+    reg.down = True
+    cache = CallerCache(100)
+    resolver = Resolver(reg.lookup, cache, lambda: True, topology=reg.topology)
+    cache.clear(10)
+    await asyncio.sleep(0.05)
+    assert not cache.index.loaded and resolver.stats.index_load_errors == 1
+    reg.down = False
+    for _ in range(200):
+        if cache.index.loaded:
+            break
+        await asyncio.sleep(0.01)
+    assert cache.index.loaded
+    await resolver.aclose()
+
+
+async def test_registry_down_serves_what_is_known_and_only_that() -> None:
+    reg = TopologyRegistry()
+    trusted = True
+    cache = CallerCache(100)
+    resolver = Resolver(reg.lookup, cache, lambda: trusted, topology=reg.topology)
+    cache.clear(10)
+    while not cache.index.loaded:
+        await asyncio.sleep(0.01)
+    add_port(reg, R1, "10.0.0.9", "i9", "p9")
+    reg.revision = 10
+    assert (await resolver.resolve(Caller("10.0.0.9", router_id=R1)))[0].instance_id == "i9"
+    # the feed and the registry go down
+    trusted, reg.down = False, True
+    for ip, want in (("10.0.0.5", "i1"), ("10.0.0.9", "i9")):  # index, cache
+        r, source = await resolver.resolve(Caller(ip, router_id=R1))
+        assert (r.instance_id, source) == (want, "known")
+    calls = reg.calls
+    # within the hold window no lookup is even tried for a known caller
+    assert resolver.cached(Caller("10.0.0.5", router_id=R1)) is not None
+    assert reg.calls == calls
+    with pytest.raises(UpstreamUnavailable):  # never seen: no guess
+        await resolver.resolve(Caller("10.0.0.77", router_id=R1))
+    assert resolver.stats.known == 3

@@ -145,16 +145,31 @@ async def test_second_request_is_a_cache_hit() -> None:
     assert agent.stats()["cache_hits"] == 2
 
 
-async def test_feed_down_asks_every_time_and_registry_down_is_503() -> None:
-    agent, reg, _ = make(feed=False)
+async def test_feed_down_asks_every_time_and_registry_down_is_503_for_the_unknown() -> None:
+    agent, reg, api = make(feed=False)
     reg.add(R, "10.0.0.5", "inst-1")
     for _ in range(3):
         assert (await call(agent, req()))[0] == 200
     assert len(reg.calls) == 3
     reg.error = ConnectionError("refused")
-    resp = await settle(agent.handle(req()))
+    # a caller never resolved: 503, never a guess
+    resp = await settle(agent.handle(req("10.0.0.6")))
     assert isinstance(resp, Response) and resp.status == 503
     assert ("Retry-After", "2") in list(resp.headers)
+    # a known caller: nothing can change while no registry answers, so it is served
+    asked = len(reg.calls)
+    for _ in range(5):
+        status, body = await call(agent, req())
+        assert status == 200 and body == b"hello inst-1"
+    assert len(reg.calls) <= asked + 1  # the failed lookup holds off the next ones
+    assert agent.stats()["served_known_registry_down"] == 5
+    # the registry answers again: asked again, and its answer wins
+    reg.error = None
+    reg.ports[(R, "10.0.0.5")] = [{"id": "p2", "network_id": "n1", "device_id": "inst-2",
+                                   "project_id": "t1"}]
+    agent.resolver._down_until = 0.0  # the hold window has passed
+    status, body = await call(agent, req())
+    assert status == 200 and body == b"hello inst-2"
 
 
 async def test_not_found_and_ambiguous_are_404(caplog: pytest.LogCaptureFixture) -> None:

@@ -296,8 +296,12 @@ class MetadataAgent:
         self._retry_after = str(cfg.retry_after)
         self._registry_timeout_s = cfg.registry_timeout
         self.cache = CallerCache(cfg.cache_size)
-        self.resolver = Resolver(self._lookup, self.cache, self.trusts_cache)
+        topology = getattr(registry, "topology", None)
+        self.resolver = Resolver(self._lookup, self.cache, self.trusts_cache,
+                                 topology=topology if cfg.warm_index else None)
+        self.resolver.on_registry_back = self._registry_back
         self._synced = False  # the feed delivered at least one batch since we started
+        self._behind = False  # a feed call failed; the changes missed are not applied yet
         self.feed_revision = 0
         self._trusted_last = False
         self._active = 0
@@ -322,7 +326,7 @@ class MetadataAgent:
 
     # -- feed ---------------------------------------------------------------------------
     def trusts_cache(self) -> bool:
-        trusted = self._synced and self._feed_up()
+        trusted = self._synced and not self._behind and self._feed_up()
         if trusted != self._trusted_last:
             self._trusted_last = trusted
             if trusted:
@@ -336,6 +340,7 @@ class MetadataAgent:
         """One ChangeBatch(revision, changes, resync) from the registry's feed."""
         revision = int(_field(batch, "revision") or 0)
         self.feed_revision = revision
+        self._behind = False  # this batch carries what was missed (or is a resync)
         if _field(batch, "resync") or not self._synced:
             # On a resync, and on the first batch (lookups made before the feed started may
             # predate its starting point), nothing older than this batch is kept.
@@ -354,9 +359,15 @@ class MetadataAgent:
             log.debug("agent.cache_invalidated revision=%d dropped=%d", revision, dropped)
 
     def feed_lost(self) -> None:
-        """A feed call failed: changes may be missed, so the cache is untrusted (and will be
-        dropped) until the feed delivers its next batch, which after an outage is a resync."""
-        self._synced = False
+        """A feed call failed: changes may be missed, so the cache is untrusted until the feed
+        delivers its next batch (the changes missed, or a resync). It is kept meanwhile:
+        while the registry does not answer, what is known is served (agent_cache)."""
+        self._behind = True
+
+    def _registry_back(self) -> None:
+        wake = getattr(self._follower, "wake", None)
+        if wake is not None:
+            wake()
 
     async def follow(self, make_follower: Callable[[], AsyncIterable[Any]]) -> None:
         """Consume the change feed until cancelled; a follower that dies is replaced."""
@@ -672,6 +683,11 @@ class MetadataAgent:
             "registry_queries": s.registry_queries,
             "registry_errors": s.registry_errors,
             "uncached_lookups": s.uncached,
+            "served_known_registry_down": s.known,
+            "index_hits": s.index_hits,
+            "index_ports": len(self.cache.index),
+            "index_loads": s.index_loads,
+            "index_load_errors": s.index_load_errors,
             "rechecks_after_api_404": self.counts["rechecks"],
             "rate_limited_429": self.counts["rate_limited"],
             "cache_entries": len(self.cache),

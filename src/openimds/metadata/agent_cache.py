@@ -19,14 +19,30 @@ Rules:
   newer than N that arrive later delete the entry as usual. So an entry never outlives a
   change the feed delivered.
 - The cache is read only while `trust()` says the feed is live; otherwise every request asks
-  the registry (still single-flight). If the registry cannot answer, the error propagates:
-  the agent answers 503, never a guess.
+  the registry (still single-flight).
+- A registry outage costs nothing known: while no registry answers, nothing can change (every
+  write goes through it), so when a lookup fails the caller's entry, if the cache or the
+  index holds one, is served ("known"), and for `DOWN_HOLD_S` after a failed lookup known
+  callers are served without asking again. Only an unknown caller gets the error (the agent
+  answers 503, never a guess). The feed catches up from where it was once the registry is
+  back (`ChangeFollower(resume=True)`), and a lookup that succeeds calls `on_registry_back`
+  so the follower retries at once.
+- Warm index (`PortIndex`): the registry's lookup answered locally. Loaded from
+  `/v1/topology` on the first batch and on every resync, then kept exact by the feed (port
+  creates and deletes carry the whole port; a port update drops the port, so its IPs are
+  asked of the registry until the next load; router interfaces are ports too). The first
+  request of a new VM whose port the feed already delivered is a hit, with no registry
+  query. An index answer is used only when it finds ports (a port the feed has not
+  delivered yet is still looked up); it obeys the same trust rule as the cache.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import sys
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,9 +50,17 @@ from typing import Any, TypeVar
 
 from openimds.core.caller import Caller, Resolution, resolve
 from openimds.core.ipam import link_local_address
-from openimds.errors import BadRequest
+from openimds.core.models import DEVICE_OWNER_ROUTER
+from openimds.errors import BadRequest, OpenImdsError, UpstreamError
 
-__all__ = ["CacheEntry", "CallerCache", "LookupResult", "Resolver", "Stats"]
+__all__ = ["CacheEntry", "CallerCache", "LookupResult", "PortIndex", "Resolver", "Stats"]
+
+log = logging.getLogger(__name__)
+DOWN_HOLD_S = 0.25  # after a failed lookup, serve known callers without asking for this long
+_LOAD_RETRY_MIN_S = 0.5
+_LOAD_RETRY_MAX_S = 5.0
+_MAX_PENDING = 200_000  # feed changes buffered while the index loads
+_LINK_LOCAL_V6 = ("fe8", "fe9", "fea", "feb")  # fe80::/10, as normalised (lower case)
 
 Key = tuple[str, str, str]
 ROUTER_INTERFACE_OWNERS = frozenset({
@@ -74,6 +98,171 @@ def key_of(caller: Caller) -> Key:
     return (kind, ident, caller.ip)
 
 
+class _Port:
+    """One port as the lookup needs it (slots: ~100 bytes plus its strings)."""
+
+    __slots__ = ("device_id", "device_owner", "ips", "network_id", "project_id")
+
+    def __init__(self, network_id: str, device_id: str, device_owner: str, project_id: str,
+                 ips: tuple[str, ...]) -> None:
+        self.network_id = network_id
+        self.device_id = device_id
+        self.device_owner = device_owner
+        self.project_id = project_id
+        self.ips = ips
+
+
+class PortIndex:
+    """(network, ip) -> port and router -> its networks, exact at `revision`.
+
+    Pure: `install(topology)` loads it, `apply_change(row)` follows the feed. While a load is
+    in flight (`begin_load`), feed changes are buffered and replayed after the topology
+    (only those newer than the topology's revision). `find` answers what the registry's
+    `/v1/lookup` would, or None when it does not know (not loaded, or no port there).
+    """
+
+    def __init__(self) -> None:
+        self.loaded = False
+        self.revision = 0
+        self.loads = 0
+        self._ports: dict[str, _Port] = {}
+        self._by_addr: dict[tuple[str, str], str] = {}
+        self._clashes: set[tuple[str, str]] = set()  # two ports claim one address: ask
+        self._router_nets: dict[str, dict[str, int]] = {}
+        self._pending: list[Mapping[str, Any]] | None = None
+
+    def __len__(self) -> int:
+        return len(self._ports)
+
+    @property
+    def loading(self) -> bool:
+        return self._pending is not None
+
+    def begin_load(self) -> None:
+        """Stop answering; buffer feed changes until `install` or `abort_load`."""
+        self.loaded = False
+        self._pending = []
+
+    def abort_load(self) -> None:
+        self._pending = None
+        self._reset()
+
+    def drop(self) -> None:
+        """Forget everything (a resync): nothing is answered until the next install."""
+        self.loaded = False
+        self._reset()
+
+    def install(self, topology: Mapping[str, Any]) -> None:
+        """Load from a /v1/topology answer, then replay the changes buffered meanwhile."""
+        self._reset()
+        self.revision = int(topology.get("revision") or 0)
+        for port in topology.get("ports") or ():
+            ips = tuple(str(i.get("ip_address")) for i in port.get("fixed_ips") or ()
+                        if i.get("ip_address"))
+            self._add(str(port.get("id") or ""), port, ips)
+        pending, self._pending = self._pending or [], None
+        self.loaded = True
+        self.loads += 1
+        for change in pending:
+            self.apply_change(change)
+
+    def apply_change(self, change: Mapping[str, Any]) -> None:
+        if self._pending is not None:
+            if len(self._pending) >= _MAX_PENDING:  # give up this load; the next one redoes it
+                self._pending = None
+                self.loaded = False
+                self._reset()
+                return
+            self._pending.append(change)
+            return
+        if not self.loaded:
+            return
+        rev = int(change.get("revision") or 0)
+        if rev <= self.revision:
+            return  # already in the topology this index was loaded from
+        self.revision = rev
+        kind, op = change.get("kind"), change.get("op")
+        ident = str(change.get("id") or "")
+        attrs = change.get("attrs") or {}
+        if kind == "port" and isinstance(attrs, Mapping):
+            self._remove(ident)
+            if op == "create":
+                self._add(ident, attrs, tuple(str(ip) for ip in attrs.get("ips") or ()))
+            # an update lists the IPs before and after: the port is asked of the registry
+        elif kind == "router" and op == "delete":
+            self._router_nets.pop(ident, None)
+        elif kind not in ("port", "router", "network", "subnet", "instance", "project",
+                          "keypair"):
+            self.drop()  # a change we do not understand: know nothing rather than guess
+
+    def find(self, caller: Caller) -> list[dict[str, str]] | None:
+        """The ports the registry's lookup would return (sorted by id), or None."""
+        if not self.loaded or caller.ip.startswith(_LINK_LOCAL_V6):
+            return None  # link-local v6 callers are matched by MAC: the registry decides
+        kind, ident = caller.scope
+        nets = (self._router_nets.get(ident, {}) if kind == "router" else (ident,))
+        ids = []
+        for net in nets:
+            addr = (net, caller.ip)
+            if addr in self._clashes:
+                return None
+            pid = self._by_addr.get(addr)
+            if pid is not None:
+                ids.append(pid)
+        if not ids:
+            return None
+        out = []
+        for pid in sorted(ids):
+            p = self._ports[pid]
+            out.append({"id": pid, "network_id": p.network_id, "device_id": p.device_id,
+                        "device_owner": p.device_owner, "project_id": p.project_id})
+        return out
+
+    # -- internals
+    def _reset(self) -> None:
+        self._ports.clear()
+        self._by_addr.clear()
+        self._clashes.clear()
+        self._router_nets.clear()
+
+    def _add(self, pid: str, attrs: Mapping[str, Any], ips: tuple[str, ...]) -> None:
+        if not pid:
+            return
+        intern = sys.intern  # network, project and router ids repeat across ports
+        port = _Port(intern(str(attrs.get("network_id") or "")),
+                     str(attrs.get("device_id") or ""),
+                     intern(str(attrs.get("device_owner") or "")),
+                     intern(str(attrs.get("project_id") or "")), ips)
+        self._ports[pid] = port
+        for ip in ips:
+            addr = (port.network_id, ip)
+            if self._by_addr.setdefault(addr, pid) != pid:
+                self._clashes.add(addr)
+        if port.device_owner == DEVICE_OWNER_ROUTER and port.device_id:
+            nets = self._router_nets.setdefault(intern(port.device_id), {})
+            nets[port.network_id] = nets.get(port.network_id, 0) + 1
+
+    def _remove(self, pid: str) -> None:
+        port = self._ports.pop(pid, None)
+        if port is None:
+            return
+        for ip in port.ips:
+            addr = (port.network_id, ip)
+            if self._by_addr.get(addr) == pid:
+                del self._by_addr[addr]
+            self._clashes.discard(addr)
+        if port.device_owner == DEVICE_OWNER_ROUTER and port.device_id:
+            nets = self._router_nets.get(port.device_id)
+            if nets is not None:
+                left = nets.get(port.network_id, 0) - 1
+                if left > 0:
+                    nets[port.network_id] = left
+                else:
+                    nets.pop(port.network_id, None)
+                if not nets:
+                    del self._router_nets[port.device_id]
+
+
 class CallerCache:
     """(router|network, ip) -> Resolution, bounded, invalidated by registry changes."""
 
@@ -98,6 +287,9 @@ class CallerCache:
         self._floor = 0  # nothing that answered at or below this revision is inserted
         self.evictions = 0
         self.invalidations = 0
+        self.index = PortIndex()
+        # called by clear() (a resync or the first batch): the index must be reloaded
+        self.on_reload: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -143,7 +335,14 @@ class CallerCache:
             self._unlink(key)
 
     def clear(self, revision: int) -> None:
-        """Drop everything (feed resync): nothing answered at or before `revision` returns."""
+        """Drop everything (feed resync): nothing answered at or before `revision` returns;
+        the index is reloaded (`on_reload`)."""
+        self._clear_entries(revision)
+        if self.on_reload is not None:
+            self.index.drop()
+            self.on_reload()
+
+    def _clear_entries(self, revision: int) -> None:
         self.invalidations += len(self._entries)
         self._entries.clear()
         for index in (self._by_ip, self._by_scope, self._by_port, self._by_network,
@@ -161,6 +360,10 @@ class CallerCache:
         if not isinstance(attrs, Mapping):
             attrs = {}
         before = len(self._entries)
+        was_loaded = self.index.loaded
+        self.index.apply_change(change)
+        if was_loaded and not self.index.loaded and self.on_reload is not None:
+            self.on_reload()
         if kind == "port":
             for ip in attrs.get("ips") or ():
                 self._touch(self._by_ip, self._t_ip, str(ip), rev)
@@ -178,7 +381,7 @@ class CallerCache:
         elif kind in ("network", "subnet"):
             net = ident if kind == "network" else str(attrs.get("network_id") or "")
             if not net:
-                self.clear(rev)
+                self._clear_entries(rev)
             else:
                 self._touch(self._by_network, self._t_network, net, rev)
                 self._touch(self._by_scope, self._t_scope, ("network", net), rev)
@@ -188,7 +391,7 @@ class CallerCache:
         elif kind in ("project", "keypair", "host"):  # host: a node turned alive or dead
             pass
         else:
-            self.clear(rev)
+            self._clear_entries(rev)
         dropped = before - len(self._entries)
         self.invalidations += dropped
         return dropped
@@ -243,7 +446,7 @@ class CallerCache:
 
 @dataclass(slots=True)
 class Stats:
-    """Counters the agent exposes (stats endpoint, final log line, benchmark)."""
+    """Counters the agent exposes (stats endpoint, final log line, benchmark, metrics)."""
 
     hits: int = 0
     misses: int = 0
@@ -251,47 +454,141 @@ class Stats:
     registry_queries: int = 0
     registry_errors: int = 0
     uncached: int = 0  # lookups made because the feed was down
+    index_hits: int = 0  # answered from the warm index (counted in hits or known too)
+    known: int = 0  # served what was known while the registry did not answer
+    index_loads: int = 0
+    index_load_errors: int = 0
     extra: dict[str, int] = field(default_factory=dict)
 
 
 class Resolver:
-    """Caller -> Resolution through the cache, with single-flight registry lookups."""
+    """Caller -> Resolution through the cache and the warm index, with single-flight
+    registry lookups. `topology` (an async /v1/topology) enables the index."""
 
     def __init__(
         self, lookup: Callable[[Caller], Awaitable[LookupResult]], cache: CallerCache,
-        trust: Callable[[], bool],
+        trust: Callable[[], bool], *,
+        topology: Callable[[], Awaitable[Mapping[str, Any]]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._lookup = lookup
         self.cache = cache
         self._trust = trust
+        self._topology = topology
+        self._clock = clock
         self._inflight: dict[Key, asyncio.Future[Resolution]] = {}
+        self._down_until = 0.0
+        self._load_task: asyncio.Task[None] | None = None
+        self._load_again = False
+        self._load_wanted = False
         self.stats = Stats()
+        # called when a lookup succeeds after failing (the follower should retry now)
+        self.on_registry_back: Callable[[], None] | None = None
+        if topology is not None:
+            cache.on_reload = self._want_load
 
-    def cached(self, caller: Caller) -> Resolution | None:
-        """A cache hit, only while the feed is live (no I/O, no await)."""
-        if not self._trust():
+    # -- the warm index -------------------------------------------------------------------
+    def _want_load(self) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self._load_wanted = True  # started by the next request, inside the loop
+            return
+        self._load_wanted = False
+        if self._load_task is not None and not self._load_task.done():
+            self._load_again = True
+            return
+        self._load_task = asyncio.ensure_future(self._load())
+
+    async def _load(self) -> None:
+        assert self._topology is not None
+        index = self.cache.index
+        delay = _LOAD_RETRY_MIN_S
+        while True:
+            self._load_again = False
+            index.begin_load()
+            try:
+                topology = await self._topology()
+            except asyncio.CancelledError:
+                index.abort_load()
+                raise
+            except Exception as exc:  # registry down or a bad answer: retry; lookups cover
+                index.abort_load()
+                self.stats.index_load_errors += 1
+                log.warning("agent.index_load_failed error=%r retry_in_s=%.1f", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _LOAD_RETRY_MAX_S)
+                continue
+            if self._load_again:
+                continue  # a resync came in while loading: load again, from then
+            index.install(topology)
+            self.stats.index_loads += 1
+            log.info("agent.index_loaded revision=%d ports=%d", index.revision, len(index))
+            return
+
+    def _from_index(self, caller: Caller) -> Resolution | None:
+        ports = self.cache.index.find(caller)
+        if ports is None:
             return None
-        res = self.cache.get(caller)
-        if res is not None:
-            self.stats.hits += 1
+        try:
+            res = resolve(caller, ports)
+        except OpenImdsError:
+            return None  # ambiguous or deviceless: the registry's answer decides
+        self.cache.put(caller, res, self.cache.index.revision)
+        self.stats.index_hits += 1
         return res
 
+    def _known(self, caller: Caller) -> Resolution | None:
+        res = self.cache.get(caller)
+        return res if res is not None else self._from_index(caller)
+
+    # -- answering ------------------------------------------------------------------------
+    def cached(self, caller: Caller) -> Resolution | None:
+        """A cache (or index) hit, only while the feed is live, or what is known while the
+        registry does not answer (no I/O, no await)."""
+        if self._trust():
+            res = self.cache.get(caller)
+            if res is None:
+                if self._load_wanted:
+                    self._want_load()
+                res = self._from_index(caller)
+                if res is None:
+                    return None
+            self.stats.hits += 1
+            return res
+        if self._down_until and self._clock() < self._down_until:
+            res = self._known(caller)
+            if res is not None:
+                self.stats.known += 1
+            return res
+        return None
+
     async def resolve(self, caller: Caller, *, use_cache: bool = True) -> tuple[Resolution, str]:
-        """(resolution, "hit" | "miss" | "shared"). Raises ResolutionError or the lookup's error."""
+        """(resolution, "hit" | "miss" | "shared" | "known"). Raises ResolutionError, or the
+        lookup's error when the registry does not answer and the caller is not known."""
         if use_cache:
             res = self.cached(caller)
             if res is not None:
-                return res, "hit"
+                return res, "hit" if self._trust() else "known"
         key = key_of(caller)
         fut = self._inflight.get(key)
         if fut is not None:
             self.stats.shared += 1
-            return await asyncio.shield(fut), "shared"
-        fut = asyncio.ensure_future(self._fetch(caller, key))
-        self._inflight[key] = fut
-        fut.add_done_callback(lambda f: self._done(key, f))
-        self.stats.misses += 1
-        return await asyncio.shield(fut), "miss"
+            source = "shared"
+        else:
+            fut = asyncio.ensure_future(self._fetch(caller, key))
+            self._inflight[key] = fut
+            fut.add_done_callback(lambda f: self._done(key, f))
+            self.stats.misses += 1
+            source = "miss"
+        try:
+            return await asyncio.shield(fut), source
+        except UpstreamError:
+            known = self._known(caller) if use_cache else None
+            if known is None:
+                raise
+            self.stats.known += 1
+            return known, "known"
 
     def _done(self, key: Key, fut: asyncio.Future[Resolution]) -> None:
         if self._inflight.get(key) is fut:
@@ -308,12 +605,28 @@ class Resolver:
         self.stats.registry_queries += 1
         try:
             result = await self._lookup(caller)
+        except UpstreamError:
+            self.stats.registry_errors += 1
+            self._down_until = self._clock() + DOWN_HOLD_S
+            raise
         except BaseException:
             self.stats.registry_errors += 1
             raise
+        if self._down_until:
+            self._down_until = 0.0
+            if self.on_registry_back is not None:
+                self.on_registry_back()
         res = resolve(caller, result.ports)
         self.cache.put(caller, res, result.revision)
         return res
 
     def forget(self, caller: Caller) -> None:
         self.cache.forget(caller)
+
+    async def aclose(self) -> None:
+        """Stop a running index load."""
+        task, self._load_task = self._load_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

@@ -134,7 +134,8 @@ async def run_agent(
     server = await serve(agent.handle, sock, limits, backlog=settings.metadata_backlog)
     metrics_server = await start_metrics_server(settings, metrics)
     feed_task = asyncio.create_task(
-        agent.follow(lambda: ChangeFollower(feed_client, stats=feed_stats)))
+        agent.follow(lambda: ChangeFollower(feed_client, stats=feed_stats, resume=True,
+                                            backoff_max_s=1.0)))
     # shows this node in `openimds host list`; the agent serves a local socket, no fence
     beat_task = asyncio.create_task(Heartbeat(registry, settings, "metadata").run())
     # Everything made so far lives as long as the process: keep it out of the cyclic

@@ -101,7 +101,9 @@ async def run_api(
     )
     api = MetadataApi(settings, registry, vendordata, identity=load_or_create(settings),
                       architecture=architecture(settings))
-    follower = ChangeFollower(registry)
+    # resume: after a registry outage the documents are kept and only what changed meanwhile
+    # is dropped (a resync would drop them all).
+    follower = ChangeFollower(registry, resume=True, backoff_max_s=1.0)
     if sock is None:
         sock = _bind(settings)
     limits = Limits(max_body_bytes=api_cfg.max_request_bytes,

@@ -10,11 +10,20 @@ A batch with ``resync=True`` carries no changes: the consumer reloads its whole 
 (``/v1/topology`` or drop caches), and the follower continues from ``batch.revision``.
 When the registry cannot be reached the follower retries with backoff (0.2 s doubling to
 5 s), sets ``registry_up = False``, and yields a resync batch once it answers again.
+
+``resume=True`` (the agent and the API, whose caches outlive an outage): once the registry
+answers again the follower continues from where it was, so the consumer gets exactly the
+changes it missed (the change table is durable) instead of dropping everything; the first
+batch after an outage is yielded even when empty, so the consumer knows it is caught up. It
+resyncs only when the registry cannot continue (410: outside the retained window, or a
+registry whose revision went backwards). ``wake()`` cuts a retry sleep short (someone saw the
+registry answer).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -46,15 +55,24 @@ class ChangeFollower:
 
     def __init__(self, client: AsyncRegistryClient, since: int | None = None, *,
                  wait_s: float = DEFAULT_WAIT_S, limit: int | None = None,
-                 stats: FeedStats | None = None) -> None:
+                 stats: FeedStats | None = None, resume: bool = False,
+                 backoff_max_s: float = BACKOFF_MAX_S) -> None:
         self.client = client
         # Where the consumer stands (revision, live, lag), read by its /metrics.
         self.stats = stats if stats is not None else FeedStats()
         self.since = since
         self.wait_s = wait_s
         self.limit = limit
+        self.resume = resume
+        self.backoff_max_s = backoff_max_s
         self.registry_up = True
+        self._caught_up_pending = False  # yield the first batch after an outage, even empty
+        self._wake = asyncio.Event()
         self._gen: AsyncGenerator[ChangeBatch, None] | None = None
+
+    def wake(self) -> None:
+        """Retry now if waiting out a backoff (the registry was seen answering)."""
+        self._wake.set()
 
     @property
     def revision(self) -> int | None:
@@ -88,16 +106,21 @@ class ChangeFollower:
                     if not self.registry_up:
                         log.info("feed.registry_up revision=%s", revision)
                         self.registry_up = True
+                        if self.resume and self.since is not None and revision >= self.since:
+                            self._caught_up_pending = True
+                            continue  # the changes missed, not a resync
                     return revision
                 stats.polling = True
                 try:
                     result: dict[str, Any] = await self.client.changes(
-                        self.since, self.wait_s, self.limit)
+                        self.since, 0 if self._caught_up_pending else self.wait_s,
+                        self.limit)
                 finally:
                     stats.polling = False
                 return result
             except ResyncRequired as exc:
                 log.info("feed.resync since=%s revision=%s", self.since, exc.revision)
+                self._caught_up_pending = False
                 return exc.revision
             except UpstreamError as exc:
                 if self.registry_up:
@@ -105,8 +128,10 @@ class ChangeFollower:
                                 exc.reason)
                 self.registry_up = False
                 self.stats.up = False
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, BACKOFF_MAX_S)
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                delay = min(delay * 2, self.backoff_max_s)
 
     async def _run(self) -> AsyncGenerator[ChangeBatch, None]:
         while True:
@@ -120,7 +145,8 @@ class ChangeFollower:
                 continue
             revision = int(result["revision"])
             self.since = revision
-            if result["changes"]:
+            if result["changes"] or self._caught_up_pending:
+                self._caught_up_pending = False
                 yield ChangeBatch(revision, list(result["changes"]), resync=False)
                 stats.batches += 1
             self._applied(revision)
