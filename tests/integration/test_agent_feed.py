@@ -5,6 +5,7 @@ one registry query per VM."""
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from typing import Any
 
 import pytest
@@ -92,6 +93,9 @@ def test_boot_storm_costs_no_registry_query(world: Any) -> None:
     insts = [st.admin.create_instance(f"storm{i}", world["net"]["id"],
                                       fixed_ip=f"10.20.1.{i + 10}") for i in range(vms)]
     st.wait_feed_caught_up()
+    deadline = time.monotonic() + 10  # the index loads once, after the first batch
+    while st.stats()["index_loads"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
     before = st.stats()["registry_queries"]
     jobs = [(f"10.20.1.{i % vms + 10}", insts[i % vms]["id"]) for i in range(vms * 10)]
 
