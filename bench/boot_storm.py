@@ -784,6 +784,14 @@ async def bench(args: argparse.Namespace, arms: list[str], settings: Settings, c
                 await sup.get(name).stop()
             for name in reversed(restarted):
                 await sup.get(name).start()
+            # A running agent holds every port in its warm index (from the change feed); a
+            # restarted one loads it from /v1/topology first: wait for that, as for readiness.
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                stats = agent_stats(settings)
+                if "index_loads" not in stats or stats["index_loads"] >= 1:
+                    break
+                await asyncio.sleep(0.05)
             return {"agent": [sup.get("agent").pid or 0], "api": [sup.get("api").pid or 0],
                     "registry": [sup.get("registry").pid or 0]}
 
