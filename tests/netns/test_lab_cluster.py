@@ -121,8 +121,9 @@ def make_lab(request: pytest.FixtureRequest) -> Iterator[Callable[..., Lab]]:
     for cluster, recorded in made:
         recorded = cluster.recorded() or recorded
         if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
-            for log in sorted(cluster.dir.glob("nodes/*/log/*.log")):
-                print(f"----- {log.parent.parent.name}/{log.name} (tail) -----")
+            for log in sorted(cluster.dir.glob("nodes/*/log/*.log")) + sorted(
+                    cluster.dir.glob("nodes/*/state/log/*.log")):
+                print(f"----- {log.relative_to(cluster.dir)} (tail) -----")
                 print(log.read_text(errors="replace")[-2500:])
         down = lab("lab", "cluster", "down", "--name", cluster.name, check=False)
         # the safety net: whatever down missed is killed/deleted here, and the test fails
@@ -238,3 +239,80 @@ def test_lab_cluster_bad_input_is_named_and_leaves_nothing():
     assert not (LAB_ROOT / name).exists()
     missing = lab("lab", "node", "kill", "--name", name, "network-1", check=False)
     assert missing.returncode != 0 and name in missing.stderr
+
+
+DOWN_TIME = 6.0  # [DEFAULT] agent_down_time for the failover test (default 10 s)
+
+
+def metadata_of_all(c: Lab, servers: dict[str, str], timeout: float = 2) -> dict[str, bool]:
+    """name -> whether that VM got its own meta_data.json now (all VMs asked in parallel)."""
+    procs = {name: c.spawn("vm", "exec", sid, "--", "curl", "-s", "-m", str(timeout),
+                           "http://169.254.169.254/openstack/latest/meta_data.json")
+             for name, sid in servers.items()}
+    ok = {}
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=60)
+        try:
+            ok[name] = proc.returncode == 0 and json.loads(out)["uuid"] == servers[name]
+        except (ValueError, KeyError, TypeError):
+            ok[name] = False
+    return ok
+
+
+def hosts_alive(c: Lab) -> dict[str, bool]:
+    return {h["name"]: h["alive"] for h in c.json("host", "list")}
+
+
+def placement(c: Lab) -> dict[str, list[str]]:
+    api = c.client()
+    try:
+        return {r["name"]: r["hosts"] for r in api.list("router")} | {
+            n["name"]: n["hosts"] for n in api.list("network")}
+    finally:
+        api.close()
+
+
+def test_two_network_nodes_fail_over_within_agent_down_time(make_lab):
+    c = make_lab("--network-nodes", "2", "--compute-nodes", "2",
+                 "--set", f"agent_down_time={DOWN_TIME}", "--set", "AGENT.report_interval=0.5")
+    wait_for(lambda: all(hosts_alive(c).get(n) for n in ("network-1", "network-2")), 30,
+             "both network nodes to heartbeat")
+    servers = build_tenants(c)
+    where = placement(c)
+    # routers on exactly one node each, and not the same one (least loaded first)
+    assert len(where["r-a"]) == 1 and len(where["r-b"]) == 1
+    assert where["r-a"] != where["r-b"], where
+    assert {where["r-a"][0], where["r-b"][0]} == {"network-1", "network-2"}
+    wait_for(lambda: all(metadata_of_all(c, servers).values()), 60, "every VM's metadata")
+    # each router's namespace exists on its own node only
+    for router, node in (("r-a", where["r-a"][0]), ("r-b", where["r-b"][0])):
+        other = "network-2" if node == "network-1" else "network-1"
+        rid = next(r["id"] for r in c.json("router", "list") if r["name"] == router)
+        assert f"qrouter-{rid}" in c.node("exec", node, "--", "ip", "netns", "list").stdout
+        assert f"qrouter-{rid}" not in c.node("exec", other, "--", "ip", "netns",
+                                              "list").stdout
+
+    victim = where["r-a"][0]
+    c.node("kill", victim)
+    t0 = time.monotonic()
+    back: dict[str, float] = {}
+    while len(back) < len(servers) and time.monotonic() - t0 < DOWN_TIME + 30:
+        for name, ok in metadata_of_all(c, {n: servers[n] for n in servers
+                                            if n not in back}).items():
+            if ok:
+                back[name] = time.monotonic() - t0
+    assert set(back) == set(servers), f"no metadata again for {set(servers) - set(back)}"
+    worst = max(back.values())
+    print(f"failover: every VM has its own metadata {worst:.1f} s after kill -9 of {victim}")
+    assert worst <= DOWN_TIME + 5 + 2, back  # + one round of 5 parallel `vm exec` (~2 s)
+    assert hosts_alive(c)[victim] is False
+    moved = placement(c)
+    assert moved["r-a"] != [victim] and len(moved["r-a"]) == 1
+
+    # the node comes back: it heartbeats again, takes nothing back, nothing flaps
+    c.node("start", victim)
+    wait_for(lambda: hosts_alive(c).get(victim), 30, f"{victim} alive again")
+    for _ in range(3):
+        assert placement(c) == moved
+        assert all(metadata_of_all(c, servers).values())
+        time.sleep(1)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import ipaddress
 import json
 import logging
@@ -67,6 +68,15 @@ ROLE_SERVICES: dict[str, tuple[tuple[str, ...], ...]] = {
     "network": (("agent",), ("proxy",), ("l3-agent",), ("dhcp-agent",)),
     "compute": (),
 }
+
+
+def role_commands(role: str) -> tuple[tuple[str, ...], ...]:
+    """`openimds up --role ROLE` where this openimds has node roles (one supervised process
+    tree per node: respawns, heartbeats, the compute node's L2 agent); else the role's
+    services one by one."""
+    if importlib.util.find_spec("openimds.node.roles") is not None:
+        return (("up", "--role", role),)
+    return ROLE_SERVICES[role]
 
 
 class LabError(OpenImdsError):
@@ -386,7 +396,7 @@ def start_node(cluster: Cluster, node: Node, *, wait: bool = True) -> None:
     _boot(cluster, node)
     nd = cluster.node_dir(node)
     env = _service_env()
-    for command in ROLE_SERVICES[node.role]:
+    for command in role_commands(node.role):
         argv = [sys.executable, "-m", "openimds", "--config", str(cluster.node_config(node)),
                 *command]
         _popen_logged(enter_argv(node, argv), nd / "log" / f"{command[0]}.log", env)
