@@ -73,7 +73,16 @@ def socket_in_netns(
     (e.g. without CAP_SYS_ADMIN). If switching back fails, the thread would be stranded in the
     foreign namespace: that raises RuntimeError, which callers should treat as fatal.
     """
-    target = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
+    return socket_in_netns_file(netns_path(name), family, type, proto)
+
+
+def socket_in_netns_file(
+    path: str, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0,
+) -> socket.socket:
+    """`socket_in_netns` for a namespace given by its file: /proc/PID/ns/net, or a named
+    namespace of another mount namespace seen through /proc/PID/root/run/netns/NAME (a lab
+    node's VMs, from the host)."""
+    target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         home = os.open(_THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
         try:

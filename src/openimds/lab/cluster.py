@@ -321,6 +321,14 @@ def enter_argv(node: Node, argv: Sequence[str]) -> list[str]:
     return ["nsenter", "-t", str(node.pid), "-m", "-n", "-p", "--", *argv]
 
 
+def netns_file(node: Node, namespace: str) -> str:
+    """A namespace the node made (a VM's, a router's), as a file the host can setns into:
+    /proc/<its PID 1>/root/run/netns/<name> (host/netns.socket_in_netns_file)."""
+    if not node.alive():
+        raise LabError(f"node {node.name} is not running")
+    return f"/proc/{node.pid}/root/run/netns/{namespace}"
+
+
 def _service_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENIMDS_")}
     env["PYTHONUNBUFFERED"] = "1"
@@ -405,12 +413,14 @@ def start_node(cluster: Cluster, node: Node, *, wait: bool = True) -> None:
     log.info("lab.node_started cluster=%s node=%s pid=%s", cluster.name, node.name, node.pid)
 
 
-def kill_node(cluster: Cluster, node: Node, timeout: float = 15.0) -> bool:
+def kill_node(cluster: Cluster, node: Node, timeout: float = 15.0) -> float | None:
     """SIGKILL the node's PID 1 (the kernel kills every process of its PID namespace), then
-    wait until its network namespace is gone. False if it was not running."""
+    wait until its network namespace is gone. Returns the wall-clock time of the SIGKILL
+    (what failover is measured from), None if the node was not running."""
     if not node.alive():
-        return False
+        return None
     assert node.pid is not None
+    killed_at = time.time()
     with contextlib.suppress(ProcessLookupError):
         os.kill(node.pid, signal.SIGKILL)
 
@@ -423,7 +433,7 @@ def kill_node(cluster: Cluster, node: Node, timeout: float = 15.0) -> bool:
 
     _wait(gone, timeout, f"node {node.name} to die")
     log.info("lab.node_killed cluster=%s node=%s pid=%s", cluster.name, node.name, node.pid)
-    return True
+    return killed_at
 
 
 # --- the cluster ---------------------------------------------------------------------------
@@ -504,7 +514,7 @@ def destroy(cluster: Cluster) -> list[str]:
     removed: list[str] = []
     for node in cluster.nodes:
         with contextlib.suppress(LabError):
-            if kill_node(cluster, node):
+            if kill_node(cluster, node) is not None:
                 removed.append(f"node {node.name}")
     with links.netlink() as nl:
         for node in cluster.nodes:

@@ -93,8 +93,9 @@ def _node_kill(args: argparse.Namespace, settings: Any) -> int:
     from openimds.lab import cluster
 
     found = cluster.load(args.name)
-    killed = cluster.kill_node(found, found.node(args.node))
-    emit_one({"node": args.node, "killed": killed}, args.format)
+    killed_at = cluster.kill_node(found, found.node(args.node))
+    emit_one({"node": args.node, "killed": killed_at is not None, "killed_at": killed_at},
+             args.format)
     return 0
 
 
