@@ -131,6 +131,10 @@ class ApiSettings:
     max_wait_timeout: int = opt(
         3600, "Longest wait_for_change hold (timeout_sec is capped to it)", min=1, max=3600,
     )
+    max_waits: int = opt(
+        4096, "wait_for_change requests held at once on this node (503 beyond); also the "
+        "size of the proxy's and the agent's long-poll pools", min=1,
+    )
     client_timeout: float = opt(30.0, "Seconds a client may take to send a request", min=0.1)
     max_request_bytes: int = opt(65536, "Largest request body accepted", min=1024)
     cache_size: int = opt(10000, "Instances whose serialized documents are kept", min=1)

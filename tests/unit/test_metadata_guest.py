@@ -322,3 +322,13 @@ async def test_recursive_json_directory() -> None:
     now = await call(api, "GET", "/latest/meta-data/?recursive=true&alt=json"
                      "&wait_for_change=true&last_etag=other")
     assert header(now, "ETag") == etag  # type: ignore[arg-type]
+
+
+async def test_recursive_without_alt_is_json_and_alt_text_is_not() -> None:
+    api, _ = make()
+    resp = await call(api, "GET", "/latest/meta-data/placement?recursive=true")
+    assert json.loads(body_of(resp)) == {"availability-zone": "nova"}
+    text = await call(api, "GET", "/latest/meta-data/placement?recursive=true&alt=text")
+    assert body_of(text) == b"availability-zone"
+    listing = await call(api, "GET", "/openstack/latest?recursive=true")
+    assert status(listing) == 200 and b"meta_data.json" in body_of(listing)

@@ -22,15 +22,17 @@ import os
 import socket
 import stat
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Any
 
 import httptools
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "Abandonable",
     "Deferred",
     "Handler",
     "Limits",
@@ -136,6 +138,21 @@ class RawResponse:
 AnyResponse = Response | RawResponse
 
 
+class Abandonable:
+    """An awaitable answer the client may give up on (a held `wait_for_change` request):
+    an EOF from the client while it is pending closes the connection and cancels it, where
+    other requests are still answered to a half-closed client. Nobody half-closes to wait
+    for an hour; a client that gave up must not keep a hold on every hop behind us."""
+
+    __slots__ = ("_aw",)
+
+    def __init__(self, aw: Awaitable[AnyResponse]) -> None:
+        self._aw = aw
+
+    def __await__(self) -> Generator[Any, None, AnyResponse]:
+        return self._aw.__await__()
+
+
 def _closing(data: bytes) -> bytes:
     """A relayed answer with `Connection: close` in its head (replacing any other value)."""
     end = data.find(b"\r\n\r\n")
@@ -225,6 +242,7 @@ class HttpProtocol(asyncio.Protocol):
     __slots__ = (
         "_body", "_body_len", "_busy", "_closing", "_deferred", "_deferred_req", "_handler",
         "_header_bytes", "_headers", "_in_request", "_eof", "_failure", "_in_trailers",
+        "_abandonable",
         "_last_keep_alive", "_last_name", "_limits", "_loop", "_parser", "_paused", "_peer",
         "_queue", "_task", "_deadline", "_timer", "_transport", "_url",
     )
@@ -255,6 +273,7 @@ class HttpProtocol(asyncio.Protocol):
         # Hostile-input state: the client half-closed; a parse error waiting until the
         # requests before it are answered; trailer fields being skipped.
         self._eof = False
+        self._abandonable = False
         self._failure: tuple[int, str] | None = None
         self._in_trailers = False
         self._last_keep_alive = True
@@ -309,6 +328,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         """The client half-closed (`nc`, `curl` with stdin): answer what it sent, then close."""
+        if self._busy and self._abandonable:
+            return None  # a held request whose client went: close, which cancels it
         if self._busy or self._queue:
             self._eof = True
             return True  # keep our half open for the answers
@@ -424,6 +445,7 @@ class HttpProtocol(asyncio.Protocol):
                 return
             else:
                 self._busy = True
+                self._abandonable = isinstance(result, Abandonable)
                 task = asyncio.ensure_future(result)
                 self._task = task
                 task.add_done_callback(functools.partial(self._finish, req))
@@ -457,6 +479,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _finish(self, req: Request, task: asyncio.Future[AnyResponse]) -> None:
         self._busy = False
+        self._abandonable = False
         self._task = None
         if self._closing or task.cancelled():
             return

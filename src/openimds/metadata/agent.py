@@ -64,6 +64,7 @@ from openimds.errors import (
 )
 from openimds.http.client import UpstreamPool, UpstreamResponse
 from openimds.http.server import (
+    Abandonable,
     AnyResponse,
     Deferred,
     RawResponse,
@@ -73,6 +74,7 @@ from openimds.http.server import (
 )
 from openimds.log import access_line
 from openimds.metadata.agent_cache import CallerCache, LookupResult, Resolver, key_of
+from openimds.metadata.longpoll import HeldUpstream, is_long_poll, long_poll_timeout
 from openimds.metrics import HopStats, Metric, counter, gauge
 
 log = logging.getLogger(__name__)
@@ -222,13 +224,15 @@ def upstream_ssl(settings: Settings) -> ssl.SSLContext | None:
     return ctx
 
 
-def make_pool(settings: Settings) -> UpstreamPool:
+def make_pool(settings: Settings, *, long_poll: bool = False) -> UpstreamPool:
+    """The pool to the API; `long_poll`: the one for held requests (`metadata.longpoll`)."""
     agent = settings.metadata_agent
     return UpstreamPool(
         host=settings.nova_metadata_host, port=settings.nova_metadata_port,
         ssl=upstream_ssl(settings), server_hostname=settings.nova_metadata_host,
-        size=agent.upstream_pool_size, connect_timeout_s=min(5.0, agent.upstream_timeout),
-        timeout_s=agent.upstream_timeout,
+        size=settings.api.max_waits if long_poll else agent.upstream_pool_size,
+        connect_timeout_s=min(5.0, agent.upstream_timeout),
+        timeout_s=long_poll_timeout(settings) if long_poll else agent.upstream_timeout,
         raw_only=True,  # answers are relayed verbatim; only status and keep-alive are read
     )
 
@@ -282,11 +286,13 @@ class MetadataAgent:
         feed_up: Callable[[], bool] | None = None,
         clock: Callable[[], float] = time.perf_counter,
         limiter: RateLimiter | None = None,
+        held: HeldUpstream | None = None,
     ) -> None:
         self.settings = settings
         self._secret = settings.secret_bytes
         self._registry = registry
         self._upstream = upstream
+        self._held = held  # held requests (wait_for_change) go here: metadata.longpoll
         self._follower: Any = None
         self._feed_up = feed_up or (
             lambda: bool(getattr(self._follower, "registry_up", False)))
@@ -428,18 +434,23 @@ class MetadataAgent:
                 return self._stats_response()
             log.warning("agent.rejected status=%d reason=%s", exc.status, exc.reason)
             return self._finish(req, None, None, t0, error_response(exc.status, exc.reason))
-        if self._active >= self._max_concurrency:
+        active = self._active - self._held.held if self._held is not None else self._active
+        if active >= self._max_concurrency:
             self.counts["saturated"] += 1
             return self._finish(req, caller, None, t0, error_response(
-                503, f"agent saturated: {self._active} requests in flight",
+                503, f"agent saturated: {active} requests in flight",
                 headers=[("Retry-After", self._retry_after)]))
         res = self.resolver.cached(caller)
-        if res is not None:
+        # a held request runs as a task (cancelled with its client, which closes the
+        # upstream connection and so releases the API's hold); others stay on callbacks
+        if res is not None and not (self._held is not None and is_long_poll(req.query)):
             if self.limiter is not None:
                 denied = self._over_budget(req, caller, res, t0)
                 if denied is not None:
                     return denied
             return self._forward_hit(req, caller, res, t0)
+        if self._held is not None and is_long_poll(req.query):
+            return Abandonable(self._serve(req, caller, t0))
         return self._serve(req, caller, t0)
 
     def _over_budget(
@@ -496,7 +507,7 @@ class MetadataAgent:
                     req, caller, res, t0, error_response(500, "metadata agent error")))
 
         try:
-            self._upstream.send(
+            self._upstream_for(req).send(
                 req.method, req.target, self._api_headers(req, caller, res), req.body, done)
         except Exception as exc:  # never leave the reply (and the in-flight count) hanging
             done(exc)
@@ -526,6 +537,12 @@ class MetadataAgent:
             return self._finish(req, caller, res, t0, self._upstream_failure(exc))
         finally:
             self._active -= 1
+
+    def _upstream_for(self, req: Request) -> Upstream:
+        """The long-poll pool for a held request, else the ordinary one."""
+        if self._held is not None and is_long_poll(req.query):
+            return self._held
+        return self._upstream
 
     def _parse_caller(self, headers: list[tuple[bytes, bytes]]) -> Caller:
         key = tuple([h for h in headers if h[0] in _IDENTITY_NAMES])
@@ -597,7 +614,7 @@ class MetadataAgent:
     async def _forward(
         self, req: Request, caller: Caller, res: Resolution,
     ) -> UpstreamResponse:
-        resp = await self._upstream.request(
+        resp = await self._upstream_for(req).request(
             req.method, req.target, self._api_headers(req, caller, res), req.body)
         self._check_api_status(caller, res, resp.status)
         return resp

@@ -28,6 +28,7 @@ from openimds.metadata.agent import (
     make_pool,
     open_socket,
 )
+from openimds.metadata.longpoll import HeldUpstream
 from openimds.metadata.shared_limit import SharedRateLimiter
 from openimds.metrics import ServiceMetrics, start_metrics_server
 from openimds.registry.client import AsyncRegistryClient
@@ -117,7 +118,9 @@ async def run_agent(
         max_connections=settings.metadata_agent.registry_connections,
     )
     pool = make_pool(settings)
-    agent = MetadataAgent(settings, registry=registry, upstream=pool, limiter=limiter)
+    held = HeldUpstream(make_pool(settings, long_poll=True))
+    agent = MetadataAgent(settings, registry=registry, upstream=pool, limiter=limiter,
+                          held=held)
     metrics = ServiceMetrics("agent", worker=worker)
     metrics.hops.append(agent.hop)
     metrics.add(agent.metric_families)
@@ -166,6 +169,7 @@ async def run_agent(
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await beat_task
         await close_quietly(pool)
+        await close_quietly(held)
         await close_quietly(registry)
         agent.log_stats()
         if shared is None:

@@ -50,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import datetime
 import hmac
 import ipaddress
@@ -101,7 +102,14 @@ from openimds.errors import (
     OpenImdsError,
     UpstreamError,
 )
-from openimds.http.server import AnyResponse, RawResponse, Request, Response, error_response
+from openimds.http.server import (
+    Abandonable,
+    AnyResponse,
+    RawResponse,
+    Request,
+    Response,
+    error_response,
+)
 from openimds.log import access_line
 from openimds.metadata.vendordata import VendorData
 from openimds.metrics import HopStats, Metric, counter, gauge
@@ -232,6 +240,8 @@ class MetadataApi:
         self._jwts: dict[tuple[str, str], tuple[float, str]] = {}
         self._max_waits = api.max_waits_per_instance
         self._max_wait_s = float(api.max_wait_timeout)
+        self._max_waits_total = api.max_waits
+        self._held_total = 0
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._token_key = derive_key(self._secret, urandom(32))
         self._registry_timeout_s = api.registry_timeout
@@ -338,6 +348,8 @@ class MetadataApi:
         if isinstance(result, Response | RawResponse):
             self._observe(req, result, t0)
             return result
+        if isinstance(result, Abandonable):  # stays recognisable to the server
+            return Abandonable(self._observe_later(req, result, t0))
         return self._observe_later(req, result, t0)
 
     async def _observe_later(
@@ -458,6 +470,8 @@ class MetadataApi:
         if path == TOKEN_PATH:
             return self._put_token(req, docs.instance_id, path)
         query = _Query.parse(req.query) if req.query else _NO_QUERY
+        if query.json and (path.startswith("/openstack") or path == "/"):
+            query = dataclasses.replace(query, json=False)  # OpenStack documents are JSON
         if path == IDENTITY_PATH and self._identity is not None:
             return self._identity_jwt(req, docs.view, query)
         try:
@@ -471,7 +485,7 @@ class MetadataApi:
         if query.wait and req.method != "POST":
             etag = _etag_of_target(target, req)
             if etag is not None and etag == query.last_etag:
-                return self._wait_for_change(req, path, docs.instance_id, tenant_id, query)
+                return self._wait_for_change(req, path, entry, tenant_id, query)
         if isinstance(target, Document):
             if req.method == "POST":
                 return _not_allowed(_ALLOW_READ)
@@ -582,56 +596,62 @@ class MetadataApi:
 
     # -- change notification --------------------------------------------------------------
     def _wait_for_change(
-        self, req: Request, path: str, instance_id: str, tenant_id: str, query: _Query,
-    ) -> AnyResponse | Awaitable[AnyResponse]:
-        """Hold the request. The first waiter is registered right here, synchronously, so a
-        change applied before the coroutine first runs still wakes it."""
+        self, req: Request, path: str, entry: _Entry, tenant_id: str, query: _Query,
+    ) -> Awaitable[AnyResponse]:
+        """Hold the request until the document's ETag differs from `last_etag` or the
+        timeout passes. `entry` is what the ETag was compared against: if the cache holds
+        another by the time the coroutine runs, the instance changed meanwhile."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(query.timeout_s, self._max_wait_s)
+        return Abandonable(self._held(req, path, entry, tenant_id, query, deadline))
+
+    async def _held(
+        self, req: Request, path: str, entry: _Entry, tenant_id: str, query: _Query,
+        deadline: float,
+    ) -> AnyResponse:
+        instance_id = entry.docs.instance_id
+        if self._held_total >= self._max_waits_total:
+            return self._refuse(req, 503, "too many wait_for_change requests held on this "
+                                "node", path, headers=(("Retry-After", self._retry_after),))
         waiters = self._waiters.setdefault(instance_id, set())
         if len(waiters) >= self._max_waits:
             return self._refuse(req, 429, f"at most {self._max_waits} wait_for_change "
                                 "requests per instance", path)
         self.stats["waits"] += 1
+        self._held_total += 1
         loop = asyncio.get_running_loop()
-        wake: asyncio.Future[None] = loop.create_future()
-        waiters.add(wake)
-        deadline = loop.time() + min(query.timeout_s, self._max_wait_s)
-        return self._held(req, path, instance_id, tenant_id, query, wake, deadline)
-
-    async def _held(
-        self, req: Request, path: str, instance_id: str, tenant_id: str, query: _Query,
-        wake: asyncio.Future[None], deadline: float,
-    ) -> AnyResponse:
-        loop = asyncio.get_running_loop()
-        waiters = self._waiters[instance_id]
+        wake: asyncio.Future[None] | None = None
+        woken = self._cache.get(instance_id) is not entry
         try:
             while True:
+                if woken:
+                    try:
+                        entry = self._cache.get(instance_id) or await self._load(instance_id)
+                    except NotFound:
+                        return self._refuse(req, 404, "instance not found", path)
+                    except _Unavailable as exc:
+                        return self._refuse(req, 503, str(exc), path,
+                                            headers=(("Retry-After", self._retry_after),))
+                    try:
+                        target = (entry.docs.lookup_json(path) if query.json
+                                  else entry.docs.lookup(path, self._today()))
+                    except NotFound:
+                        break  # the document is gone: that is a change (answered 404)
+                    if _etag_of_target(target, req) != query.last_etag:
+                        break
                 left = deadline - loop.time()
-                try:
-                    if left > 0:
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(wake, left)
-                finally:
-                    waiters.discard(wake)
-                try:
-                    entry = self._cache.get(instance_id) or await self._load(instance_id)
-                except NotFound:
-                    return self._refuse(req, 404, "instance not found", path)
-                except _Unavailable as exc:
-                    return self._refuse(req, 503, str(exc), path,
-                                        headers=(("Retry-After", self._retry_after),))
-                if loop.time() >= deadline:
-                    break
-                try:
-                    target = (entry.docs.lookup_json(path) if query.json
-                              else entry.docs.lookup(path, self._today()))
-                except NotFound:
-                    break  # the document is gone: that is a change (the answer is 404)
-                if _etag_of_target(target, req) != query.last_etag:
+                if left <= 0:
                     break
                 wake = loop.create_future()
                 waiters.add(wake)
+                try:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake, left)
+                finally:
+                    waiters.discard(wake)
+                woken = True
         finally:
-            waiters.discard(wake)
+            self._held_total -= 1
             if not waiters and self._waiters.get(instance_id) is waiters:
                 del self._waiters[instance_id]
         plain = Request(req.method, req.path + ("?alt=json&recursive=true" if query.json
@@ -856,7 +876,8 @@ class _Query:
         return cls(
             wait=one("wait_for_change").lower() == "true", last_etag=one("last_etag"),
             timeout_s=timeout_s,
-            json=one("alt").lower() == "json" and one("recursive").lower() == "true",
+            # GCE: recursive answers are JSON unless alt=text asks otherwise
+            json=one("recursive").lower() == "true" and one("alt").lower() != "text",
             audience=one("audience"),
         )
 

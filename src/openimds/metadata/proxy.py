@@ -35,7 +35,7 @@ import resource
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
@@ -62,6 +62,7 @@ from openimds.errors import (
 from openimds.host.netns import netns_inode, socket_in_netns, socket_netns_inode
 from openimds.http.client import UpstreamPool, UpstreamResponse
 from openimds.http.server import (
+    Abandonable,
     AnyResponse,
     Deferred,
     Handler,
@@ -73,6 +74,7 @@ from openimds.http.server import (
     error_response,
 )
 from openimds.log import access_line
+from openimds.metadata.longpoll import is_long_poll, long_poll_timeout
 from openimds.metrics import (
     HopStats,
     Metric,
@@ -132,11 +134,15 @@ def limits_from_settings(settings: Settings) -> Limits:
     )
 
 
-def pool_from_settings(settings: Settings) -> UpstreamPool:
+def pool_from_settings(settings: Settings, *, long_poll: bool = False) -> UpstreamPool:
+    """The pool to the agent; `long_poll`: the one for held requests (`metadata.longpoll`)."""
     h = settings.metadata_haproxy
     return UpstreamPool(
-        unix_path=settings.metadata_proxy_socket, size=settings.proxy.upstream_pool_size,
-        connect_timeout_s=h.timeout_connect, timeout_s=h.timeout_server, raw_only=True,
+        unix_path=settings.metadata_proxy_socket,
+        size=settings.api.max_waits if long_poll else settings.proxy.upstream_pool_size,
+        connect_timeout_s=h.timeout_connect,
+        timeout_s=long_poll_timeout(settings) if long_poll else h.timeout_server,
+        raw_only=True,
     )
 
 
@@ -165,8 +171,10 @@ class Forwarder:
 
     def __init__(
         self, pool: UpstreamPool, *, token_hop_limit: int = 1, access_log: bool = False,
+        long_poll: UpstreamPool | None = None,
     ) -> None:
         self.pool = pool
+        self.long_poll = long_poll or pool  # held requests (wait_for_change): own pool
         self.token_hop_limit = token_hop_limit  # IP TTL of PUT (token) answers
         self._errors = _ErrorLog()
         self.hop = HopStats("proxy")  # /metrics (openimds.metrics), read at scrape time
@@ -179,7 +187,9 @@ class Forwarder:
         # once (rewrite + encode: ~3 µs of a proxied request). Bounded: keys are VM-chosen.
         self._encoded: dict[tuple[object, ...], tuple[bytes, bytes, bytes | None]] = {}
 
-    def handler_for(self, spec: ListenerSpec) -> Callable[[Request], Deferred]:
+    def handler_for(
+        self, spec: ListenerSpec,
+    ) -> Callable[[Request], Deferred | Awaitable[AnyResponse]]:
         """The request handler of one listener."""
         forward = self.forward
         encoded = self._encoded
@@ -191,7 +201,7 @@ class Forwarder:
         scope = (f"router={spec.router_id}" if spec.router_id else
                  f"network={spec.network_id}")
 
-        def handle(req: Request) -> Deferred:
+        def handle(req: Request) -> Deferred | Awaitable[AnyResponse]:
             nonlocal last_host, last_added
             hop.begun += 1
             t0 = perf_counter()
@@ -216,6 +226,8 @@ class Forwarder:
                 self._id_seq += 1
                 rid = self._id_prefix + b"%x" % self._id_seq
             data = b"".join((head, _RID_LINE, rid, tail))
+            if is_long_poll(req.query):
+                return Abandonable(self._forward_held(req, data, t0, rid, host, scope))
             return forward(req, data, t0, rid, host, scope)
 
         return handle
@@ -227,16 +239,9 @@ class Forwarder:
         upstream's read callback (no Task, no future per request)."""
         reply = Deferred()
         head_only = req.method == "HEAD"
-        hop = self.hop
 
         def answer(resp: AnyResponse, status: int) -> None:
-            seconds = perf_counter() - t0
-            hop.done(status, req.path, seconds)
-            if self.access_log and access_line.enabled:
-                access_line.write(
-                    f"proxy request_id={rid.decode('latin-1')} ip={host} {scope} "
-                    f"status={status} ms={seconds * 1000.0:.2f} method={req.method} "
-                    f"path={req.path}")
+            self._observe(req, status, t0, rid, host, scope)
             reply.resolve(resp)
 
         def done(result: UpstreamResponse | BaseException) -> None:
@@ -254,6 +259,34 @@ class Forwarder:
 
         self.pool.send_encoded(data, head_only, done)
         return reply
+
+    def _observe(
+        self, req: Request, status: int, t0: float, rid: bytes, host: str, scope: str,
+    ) -> None:
+        seconds = perf_counter() - t0
+        self.hop.done(status, req.path, seconds)
+        if self.access_log and access_line.enabled:
+            access_line.write(
+                f"proxy request_id={rid.decode('latin-1')} ip={host} {scope} "
+                f"status={status} ms={seconds * 1000.0:.2f} method={req.method} "
+                f"path={req.path}")
+
+    async def _forward_held(
+        self, req: Request, data: bytes, t0: float, rid: bytes, host: str, scope: str,
+    ) -> AnyResponse:
+        """A held request (wait_for_change), over the long-poll pool, as a task: when the
+        VM gives up, the server cancels it, which closes the upstream connection, and so on
+        up to the API, which then stops holding it."""
+        resp: AnyResponse
+        try:
+            upstream = await self.long_poll.request_encoded(data, req.method == "HEAD")
+        except UpstreamError as exc:
+            resp, status = self._failed(exc)
+        else:
+            resp = RawResponse(upstream.raw, close=not upstream.keep_alive)
+            status = upstream.status
+        self._observe(req, status, t0, rid, host, scope)
+        return resp
 
     async def _forward_retrying(
         self, data: bytes, head_only: bool,
@@ -712,8 +745,9 @@ async def run_proxy(
     paths = ProxyPaths.from_settings(settings)
     paths.listeners_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     pool = pool_from_settings(settings)
+    long_poll = pool_from_settings(settings, long_poll=True)
     forwarder = Forwarder(pool, token_hop_limit=settings.api.token_hop_limit,
-                          access_log=settings.proxy.access_log)
+                          access_log=settings.proxy.access_log, long_poll=long_poll)
     proxy = NamespaceProxy(paths.listeners_dir, forwarder,
                            limits_from_settings(settings), settings.proxy.rescan_interval,
                            settings.proxy.max_connections_per_source,
@@ -747,6 +781,7 @@ async def run_proxy(
             metrics_server.close()
         proxy.close_all()
         await pool.close()
+        await long_poll.close()
         if worker_ready is None:
             remove_pid(paths.pid_file)
     log.info("proxy.stopped")
