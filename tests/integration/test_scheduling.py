@@ -4,6 +4,9 @@ SQLite and PostgreSQL. The "agents" here are heartbeat threads speaking the agen
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import threading
 import time
 import uuid
@@ -14,8 +17,10 @@ from typing import Any
 import httpx
 import pytest
 
+from openimds.config import load_settings
 from openimds.errors import BadRequest, Forbidden
-from openimds.registry.client import RegistryClient
+from openimds.registry.client import AsyncRegistryClient, RegistryClient
+from openimds.registry.heartbeat import Heartbeat
 from tests.integration.registry_support import BACKENDS, Registry, registry_process
 from tests.support import cli_json
 
@@ -182,3 +187,46 @@ def test_host_list_cli(reg: Registry, beats: Beats) -> None:
     assert any("controller" in h["roles"] for h in hosts.values())  # the registry itself
     shown = cli_json(reg.config, "router", "show", rid)
     assert shown["hosts"] == ["cli-net"]
+
+
+async def test_heartbeat_fences_before_the_registry_could_move_work(
+        reg: Registry, tmp_path: Path) -> None:
+    """A real agent heartbeat against the registry process; the registry stops: fenced after
+    0.6 x the registry's agent_down_time (not ours), unfenced once it answers again."""
+    base = load_settings(str(reg.config), environ={})
+    settings = dataclasses.replace(
+        base, state_path=str(tmp_path), host="hb-node", agent_down_time=30.0,
+        AGENT=dataclasses.replace(base.AGENT, report_interval=0.1))
+    client = AsyncRegistryClient(reg.url, reg.reader_token)
+    events: list[str] = []
+    fenced_at: list[float] = []
+
+    def on_fence() -> None:
+        events.append("fence")
+        fenced_at.append(time.monotonic())
+
+    beat = Heartbeat(client, settings, "l3", on_fence=on_fence,
+                     on_unfence=lambda: events.append("unfence"))
+    assert beat.fenced and beat.stale_at_start()  # never reported: fenced until it does
+    task = asyncio.create_task(beat.run())
+    try:
+        await asyncio.wait_for(beat.first_ok.wait(), 5)
+        assert not beat.fenced and beat.down_time_s == DOWN_S
+        assert not beat.stale_at_start()  # the stamp file says we reported just now
+        await asyncio.to_thread(reg.service.stop)
+        while not beat.fenced:
+            await asyncio.sleep(0.02)
+        assert beat.last_ok is not None
+        # from the send time of the last heartbeat the registry recorded: before it could
+        # declare us dead (DOWN_S), after the fence time (0.6 x DOWN_S)
+        fenced_after = fenced_at[0] - beat.last_ok
+        assert 0.6 * DOWN_S <= fenced_after < DOWN_S, fenced_after
+        await asyncio.to_thread(reg.restart)
+        while beat.fenced:
+            await asyncio.sleep(0.02)
+        assert events == ["unfence", "fence", "unfence"]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await client.aclose()

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import os
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -23,11 +24,17 @@ from typing import Any
 
 import pytest
 
-from openimds.core.names import dhcp_namespace, router_namespace
+from openimds.agents import fabric
+from openimds.agents.l3 import RouterDriver
+from openimds.core.names import bridge_name, dhcp_namespace, router_namespace
+from openimds.core.nodes import gratuitous_arp
+from openimds.host import links
 from tests.netns.conftest import Stack
+from tests.netns.test_fabric_l3 import Topo, cleanup, leg_state, make_settings, track
 from tests.support import PYTHON, Service, cli_json, unix_ready, write_config
 
 pytestmark = pytest.mark.netns
+__all__ = ["cleanup"]  # the fixture, imported from test_fabric_l3
 
 DOWN_S = 4.0
 MD_URL = "http://169.254.169.254/openstack/latest/meta_data.json"
@@ -218,3 +225,42 @@ def test_each_router_on_one_node_moves_on_death_and_stays_moved(
     assert cli_json(stack.config, "router", "show", t3["router"])["hosts"] == [victim.name]
     stack.wait(lambda: serving(nodes, router_namespace(t3["router"])) == [victim.name], 30,
                "new router on the returned node")
+
+
+def _sniff_arp(sock: socket.socket, timeout: float) -> list[bytes]:
+    frames, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            frames.append(sock.recv(2048))
+        except TimeoutError:
+            break
+    return frames
+
+
+def test_router_fence_takes_legs_down_and_a_rebuilt_router_announces_itself(
+        tmp_path: Path, cleanup: Any) -> None:
+    topo = Topo()
+    net = topo.network()
+    sub = topo.subnet(net)
+    rid = topo.router()
+    port = topo.attach(rid, net, sub, "10.0.0.1")
+    track(cleanup, topo)
+    driver = RouterDriver(make_settings(tmp_path))
+    with links.netlink() as nl:
+        fabric.converge(nl, topo.doc["networks"])
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806)) as sniff:
+        sniff.bind((bridge_name(net), 0))
+        report = driver.converge(topo.doc)
+        assert report.created == [rid]
+        garp = gratuitous_arp(port["mac_address"], "10.0.0.1")
+        assert garp[6:] in [f[6:] for f in _sniff_arp(sniff, 1.0)]  # as sent, from the leg
+
+        assert leg_state(rid, port)[1] is True
+        assert driver.fence() == [rid]
+        assert leg_state(rid, port)[1] is False  # no ARP, no routing, no metadata
+        _sniff_arp(sniff, 0.2)
+        assert driver.converge(topo.doc, full=True).created == []  # same namespace...
+        assert leg_state(rid, port)[1] is True  # ...legs back up, and announced again
+        assert garp[6:] in [f[6:] for f in _sniff_arp(sniff, 1.0)]
+        assert driver.converge(topo.doc, host="elsewhere").removed == [rid]

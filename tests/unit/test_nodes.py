@@ -1,10 +1,10 @@
-"""Placement policy (core/nodes.py) and node roles (node/roles.py): pure decisions."""
+"""Placement policy and frames (core/nodes.py), node roles (node/roles.py): pure decisions."""
 
 from __future__ import annotations
 
 import pytest
 
-from openimds.core.nodes import place, roles_of
+from openimds.core.nodes import gratuitous_arp, place, roles_of
 from openimds.errors import ConfigError
 from openimds.node.roles import services_for
 
@@ -59,3 +59,15 @@ def test_services_for_roles() -> None:
                                                        "l3-agent", "dhcp-agent"]
     with pytest.raises(ConfigError, match="storage"):
         services_for(["storage"])
+
+
+def test_gratuitous_arp_frame() -> None:
+    frame = gratuitous_arp("fa:16:3e:01:02:03", "10.0.0.1")
+    mac, ip = bytes.fromhex("fa163e010203"), bytes([10, 0, 0, 1])
+    assert len(frame) == 42
+    assert frame[:6] == b"\xff" * 6 and frame[6:12] == mac and frame[12:14] == b"\x08\x06"
+    assert frame[14:22] == b"\x00\x01\x08\x00\x06\x04\x00\x01"  # Ethernet/IPv4, request
+    assert frame[22:28] == mac and frame[28:32] == ip  # sender
+    assert frame[32:38] == b"\x00" * 6 and frame[38:42] == ip  # target = sender: gratuitous
+    with pytest.raises(ValueError):
+        gratuitous_arp("fa:16:3e", "10.0.0.1")

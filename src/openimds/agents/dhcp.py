@@ -49,7 +49,7 @@ from openimds.agents import fabric
 from openimds.agents.l3 import ProxyKeeper, proxy_argv
 from openimds.config import Settings
 from openimds.core import dnsmasq as dm
-from openimds.core import names
+from openimds.core import names, nodes
 from openimds.core.proxy_rules import ListenerSpec, render_listener_spec
 from openimds.errors import ConfigError, OpenImdsError
 from openimds.host import links
@@ -333,6 +333,11 @@ class DhcpAgent:
                 await served.child.stop()
             child = await self._start_dnsmasq(plan)
             self.served[network.id] = _Served(plan, child)
+            # this node serves the network now (maybe moved here): tell the segment
+            frames = [nodes.gratuitous_arp(plan.mac_address, cidr.split("/")[0])
+                      for cidr in plan.addresses
+                      if ":" not in cidr and not cidr.startswith(dm.METADATA_IP + "/")]
+            await asyncio.to_thread(links.announce, plan.namespace, plan.tap, frames)
         elif served.plan.argv != plan.argv:
             log.info("dhcp.dnsmasq_restart network=%s reason=command line changed", network.id)
             self.counts["argv"] += 1

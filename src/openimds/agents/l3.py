@@ -45,7 +45,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from openimds.agents import fabric
 from openimds.config import Settings
-from openimds.core import firewall
+from openimds.core import firewall, nodes
 from openimds.core.names import (
     bridge_name,
     router_leg,
@@ -151,6 +151,24 @@ def router_listener(router_id: str, metadata_port: int) -> ListenerSpec:
     )
 
 
+def announcements(plan: RouterPlan) -> list[tuple[str, str, tuple[bytes, ...]]]:
+    """Gratuitous ARPs for every IPv4 address of the router's legs: a router that moved here
+    (or came back up) must tell the segment, or VXLAN learning and the VMs keep sending its
+    MAC to the node it left until their entries age out."""
+    out = []
+    for leg in plan.legs:
+        frames = tuple(nodes.gratuitous_arp(leg.mac, cidr.split("/")[0])
+                       for cidr in leg.cidrs if ":" not in cidr)
+        if frames:
+            out.append((plan.namespace, leg.ifname, frames))
+    return out
+
+
+def send_announcements(items: Sequence[tuple[str, str, tuple[bytes, ...]]]) -> None:
+    for namespace, ifname, frames in items:
+        links.announce(namespace, ifname, frames)
+
+
 # --- applying it --------------------------------------------------------------------------
 
 
@@ -187,6 +205,8 @@ class ConvergeReport:
     removed: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     specs_changed: bool = False
+    # (namespace, leg, frames): gratuitous ARPs of the legs built or brought up now
+    announced: list[tuple[str, str, tuple[bytes, ...]]] = field(default_factory=list)
 
 
 class RouterDriver:
@@ -283,6 +303,7 @@ class RouterDriver:
                     if self.converge_router(here, plan):
                         report.created.append(plan.router_id)
                     self._applied[plan.router_id] = plan
+                    report.announced += announcements(plan)
                 except HOST_ERRORS as exc:
                     log.error("l3.router_failed router=%s reason=%s", plan.router_id, exc)
                     report.failed.append(plan.router_id)
@@ -295,6 +316,7 @@ class RouterDriver:
                     report.failed.append(router_id)
             report.specs_changed = self._converge_specs(plans)
             fabric.converge(here, networks, delete_stale=True, tunnel=self.tunnel)
+        send_announcements(report.announced)
         return report
 
     def converge_router(self, here: links.Netlink, plan: RouterPlan) -> bool:
@@ -482,6 +504,7 @@ class L3Agent:
         self.revision: int | None = None
         self._wake = asyncio.Event()
         self._full = True
+        self._background: set[asyncio.Task[None]] = set()
         self.heartbeat = Heartbeat(self.client, settings, "l3", on_fence=self._fence,
                                    on_unfence=lambda: self.request_converge(full=True))
         self.metrics = ServiceMetrics("l3-agent")
@@ -490,6 +513,11 @@ class L3Agent:
         self.last_report = ConvergeReport()
         self.last_converge_s = 0.0
         self.counts = {"full": 0, "incremental": 0, "failed": 0, "created": 0, "removed": 0}
+
+    async def _announce_again(self, items: list[tuple[str, str, tuple[bytes, ...]]]) -> None:
+        for delay in (0.5, 2.0):
+            await asyncio.sleep(delay)
+            await asyncio.to_thread(send_announcements, items)
 
     async def _fence(self) -> None:
         await asyncio.to_thread(self.driver.fence)
@@ -532,6 +560,10 @@ class L3Agent:
         self.counts["removed"] += len(report.removed)
         if report.specs_changed:
             signal_proxy(self.settings)
+        if report.announced:  # again shortly, as Neutron's send_arp_for_ha does
+            task = asyncio.create_task(self._announce_again(report.announced))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         log.info("l3.converged revision=%s full=%s routers=%d created=%d removed=%d failed=%d",
                  self.revision, full, report.routers, len(report.created), len(report.removed),
                  len(report.failed))

@@ -91,3 +91,16 @@ def _least_loaded(candidates: set[str], load: Counter[str]) -> str | None:
     if not candidates:
         return None
     return min(candidates, key=lambda h: (load[h], h))
+
+
+def gratuitous_arp(mac: str, ip: str) -> bytes:
+    """An Ethernet broadcast ARP request announcing ip at mac (sender = target = ip), as
+    `arping -U` sends: after a router or DHCP port moves to another node, it tells the L2
+    (bridges, VXLAN learning, the VMs' neighbour caches) where that address lives now."""
+    hw = bytes.fromhex(mac.replace(":", ""))
+    addr = bytes(int(part) for part in ip.split("."))
+    if len(hw) != 6 or len(addr) != 4:
+        raise ValueError(f"gratuitous_arp: bad MAC {mac!r} or IPv4 address {ip!r}")
+    ether = b"\xff" * 6 + hw + b"\x08\x06"
+    arp = b"\x00\x01\x08\x00\x06\x04\x00\x01" + hw + addr + b"\x00" * 6 + addr
+    return ether + arp

@@ -63,6 +63,32 @@ class LinkInfo:
 # --- namespaces ---------------------------------------------------------------------------
 
 
+ETH_P_ARP = 0x0806
+
+
+def announce(namespace: str, ifname: str, frames: Iterable[bytes]) -> int:
+    """Send raw Ethernet frames (gratuitous ARPs) out of one link inside a namespace; how
+    many went out. A link that is gone or not up yet is logged, not raised: the next
+    converge announces again."""
+    sent = 0
+    try:
+        sock = socket_in_netns(namespace, socket.AF_PACKET, socket.SOCK_RAW,
+                               socket.htons(ETH_P_ARP))
+    except OSError as exc:
+        log.warning("link.announce_failed netns=%s link=%s reason=%s", namespace, ifname, exc)
+        return 0
+    with sock:
+        try:
+            sock.bind((ifname, ETH_P_ARP))
+            for frame in frames:
+                sock.send(frame)
+                sent += 1
+        except OSError as exc:
+            log.warning("link.announce_failed netns=%s link=%s reason=%s", namespace, ifname,
+                        exc)
+    return sent
+
+
 def list_namespaces(prefix: str = "") -> list[str]:
     """Named namespaces (`ip netns list`) whose name starts with prefix."""
     return sorted(n for n in netns.listnetns() if n.startswith(prefix))
