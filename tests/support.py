@@ -220,6 +220,18 @@ def postgres_database() -> Iterator[str]:
         psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
+             interval: float = 0.05) -> Any:
+    """Poll predicate until it returns something true (returned) or timeout (AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
 def unique_name(prefix: str) -> str:
     """A namespace name unique to this test process and call."""
     return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

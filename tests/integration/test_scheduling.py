@@ -10,7 +10,7 @@ import dataclasses
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from openimds.errors import BadRequest, Forbidden
 from openimds.registry.client import AsyncRegistryClient, RegistryClient
 from openimds.registry.heartbeat import Heartbeat
 from tests.integration.registry_support import BACKENDS, Registry, registry_process
-from tests.support import cli_json
+from tests.support import cli_json, wait_for
 
 DOWN_S = 1.5
 
@@ -69,16 +69,6 @@ def beats(reg: Registry) -> Iterator[Beats]:
     b = Beats(reg)
     yield b
     b.close()
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s: {what}")
 
 
 def hosts_of(api: RegistryClient, kind: str) -> dict[str, list[str]]:
