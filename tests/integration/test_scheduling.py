@@ -18,11 +18,11 @@ import httpx
 import pytest
 
 from openimds.config import load_settings
-from openimds.errors import BadRequest, Forbidden
+from openimds.errors import BadRequest, Conflict, Forbidden, NotFound
 from openimds.registry.client import AsyncRegistryClient, RegistryClient
 from openimds.registry.heartbeat import Heartbeat
 from tests.integration.registry_support import BACKENDS, Registry, registry_process
-from tests.support import cli_json, wait_for
+from tests.support import cli_json, run_cli, wait_for
 
 DOWN_S = 1.5
 
@@ -220,3 +220,21 @@ async def test_heartbeat_fences_before_the_registry_could_move_work(
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await client.aclose()
+
+
+def test_host_delete_forgets_a_dead_node_and_refuses_an_alive_one(
+        reg: Registry, beats: Beats) -> None:
+    api = reg.client()
+    beats.start("old")
+    rid = api.create("router", {"name": "r"})["id"]
+    with pytest.raises(Conflict, match="alive"):
+        api.delete("host", "old")
+    beats.silence("old")
+    wait_for(lambda: not host_map(api)["old"]["alive"], DOWN_S + 3.0, "old is dead")
+    assert api.get("router", rid)["hosts"] == ["old"]  # nowhere else to go yet
+    beats.start("new")
+    wait_for(lambda: api.get("router", rid)["hosts"] == ["new"], 3.0, "moved to new")
+    run_cli(reg.config, "host", "delete", "old", check=True)
+    assert "old" not in host_map(api)
+    with pytest.raises(NotFound):
+        api.delete("host", "old")

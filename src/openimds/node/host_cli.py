@@ -1,4 +1,4 @@
-"""`openimds host list|show`: the nodes the registry knows, from their agents' heartbeats.
+"""`openimds host list|show|delete`: the nodes the registry knows, from their agents' heartbeats.
 
 Each node: its roles (from the agent types it runs), whether every agent on it is alive
 (heartbeat younger than `[DEFAULT] agent_down_time`), its last heartbeat, and the routers and
@@ -41,6 +41,13 @@ def _host_show(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
+def _host_delete(args: argparse.Namespace, settings: Any) -> int:
+    with RegistryClient.from_settings(settings, admin=True) as c:
+        for name in args.hosts:
+            c.delete("host", name)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser("host", help="nodes and what they serve",
                             description="nodes and what they serve")
@@ -48,3 +55,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_command(group, "list", _host_list, "list nodes: roles, alive, last heartbeat, load")
     p = add_command(group, "show", _host_show, "show one node with its agents and resources")
     p.add_argument("host", metavar="HOST")
+    p = add_command(group, "delete", _host_delete,
+                    "forget decommissioned (dead) nodes; what they served moves elsewhere")
+    p.add_argument("hosts", nargs="+", metavar="HOST")

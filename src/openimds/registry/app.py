@@ -313,6 +313,7 @@ def _routes(reg: Registry) -> list[web.RouteDef]:
         web.post("/v1/agents", heartbeat),
         web.get("/v1/hosts", lister(reg.list_hosts)),
         web.get("/v1/hosts/{id}", getter(reg.get_host)),
+        web.delete("/v1/hosts/{id}", deleter(reg.delete_host)),
         web.get("/v1/topology", topology),
         web.get("/v1/changes", changes),
     ]

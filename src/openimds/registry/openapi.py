@@ -105,7 +105,8 @@ def openapi_document() -> dict[str, Any]:
         "/v1/agents": {"post": _op(
             "heartbeat of one agent (the reader token may send it)", body="Heartbeat")},
         "/v1/hosts": {"get": _op("nodes: roles, alive, last heartbeat, routers, networks")},
-        "/v1/hosts/{id}": {"parameters": [_ID], "get": _op("one node by name")},
+        "/v1/hosts/{id}": {"parameters": [_ID], "get": _op("one node by name"),
+                           "delete": _op("forget a dead node; its work is placed elsewhere")},
         "/v1/changes": {"get": _op(
             "changes after a revision, long-poll up to wait seconds (≤ 60); 410 = resync",
             params=[{"name": "since", "in": "query", "schema": {"type": "integer"}},

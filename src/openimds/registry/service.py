@@ -232,6 +232,24 @@ class Registry:
             return {"hosts": scheduler.hosts_report(conn, time.time(), self.policy),
                     "next": None}
 
+    def delete_host(self, name: str) -> Json:
+        """Forget a decommissioned node: its agents' rows go and whatever was still bound to
+        it is placed on alive nodes. 409 while any of its agents is alive."""
+        with self.store.write() as tx:
+            rows = list(tx.conn.execute(sa.select(agents).where(agents.c.host == name)))
+            if not rows:
+                raise NotFound(f"host {name} not found")
+            at = time.time()
+            alive = [r.type for r in rows
+                     if r.alive and at - float(r.heartbeat_at) <= self.policy.down_time_s]
+            if alive:
+                raise Conflict(f"host {name} is alive ({', '.join(alive)} agent heartbeats "
+                               f"within {self.policy.down_time_s:g} s): stop it first")
+            tx.conn.execute(agents.delete().where(agents.c.host == name))
+            tx.change("host", "delete", name, {"types": sorted(r.type for r in rows)})
+            self._schedule(tx)
+            return {}
+
     def get_host(self, name: str) -> Json:
         for h in self.list_hosts({})["hosts"]:
             if h["name"] == name:
