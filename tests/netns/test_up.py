@@ -275,3 +275,67 @@ def urllib_ok(url: str) -> bool:
 
     with urllib.request.urlopen(url, timeout=2) as resp:
         return bool(resp.status == 200)
+
+
+def _host_state() -> tuple[set[str], set[str]]:
+    """(namespaces, links with our prefixes) of this (the test's private) network namespace."""
+    from openimds.host import links
+
+    with links.netlink() as nl:
+        ours = {lk.name for lk in nl.links()
+                if lk.name.startswith(("brq", "qrb-", "tpb", "vmb-", "tap", "vxlan-"))}
+    return set(links.list_namespaces()), ours
+
+
+def test_down_purge_from_another_terminal_leaves_the_host_as_it_was(
+    make_stack: Callable[..., Any], ups: list[Up], tmp_path: Path,
+) -> None:
+    stack = make_stack(start=False, overrides={"dhcp": {"dnsmasq_user": "root"}})
+    _config_without_secrets(stack)
+    namespaces0, links0 = _host_state()
+    up = Up(stack.config, tmp_path / "up.out", "--demo")
+    ups.append(up)
+    up.wait_for("The demo is ready", timeout=240)
+    children = children_of(up.proc.pid)
+    assert set(children) == set(SERVICES)
+    dnsmasq = [int(p.read_text()) for p in (stack.state / "dhcp").glob("*/pid")]
+    assert dnsmasq and all(alive(pid) for pid in dnsmasq)
+    # /run/netns is shared with whatever else runs on this host: look at this node's only
+    stack.settings = load_settings(str(stack.config), environ={})
+    stack.client.close()
+    stack.client = RegistryClient.from_settings(stack.settings, admin=True)
+    topo = stack.client.topology()
+    ours = ({f"qrouter-{r['id']}" for r in topo["routers"]}
+            | {f"vm-{p['device_id'][:8]}" for p in topo["ports"]
+               if p["device_owner"].startswith("compute:")})
+    namespaces1, links1 = _host_state()
+    made = namespaces1 - namespaces0
+    assert ours <= made, ours - made
+    assert sum(ns.startswith("vm-") for ns in ours) == 3
+    assert any(ns.startswith("qdhcp-") and ns[6:] in {n["id"] for n in topo["networks"]}
+               for ns in made)
+    ours |= {ns for ns in made if ns.startswith("qdhcp-")
+             and ns[6:] in {n["id"] for n in topo["networks"]}}
+    assert links1 - links0
+
+    down = subprocess.run(
+        [PYTHON, "-m", "openimds", "--config", str(stack.config), "down", "--purge"],
+        capture_output=True, text=True, timeout=240, env=clean_env())
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert f"stopping openimds up (pid {up.proc.pid})" in down.stdout
+    assert up.proc.wait(30) == 0
+    for name, pid in children.items():
+        assert not alive(pid), f"{name} (pid {pid}) survived down"
+    for pid in dnsmasq:
+        assert not alive(pid), f"dnsmasq (pid {pid}) survived down --purge"
+    namespaces2, links2 = _host_state()
+    assert not ours & namespaces2, ours & namespaces2
+    assert links2 == links0, links2 ^ links0
+    assert not stack.state.exists(), list(stack.state.rglob("*"))[:20]
+    assert "removed 3 VM namespaces" in down.stdout, down.stdout
+    # again: nothing runs, nothing to remove, still fine
+    again = subprocess.run(
+        [PYTHON, "-m", "openimds", "--config", str(stack.config), "down", "--purge"],
+        capture_output=True, text=True, timeout=60, env=clean_env())
+    assert again.returncode == 0 and "no openimds up runs" in again.stdout, again.stdout
+    assert "nothing to remove" in again.stdout

@@ -1,4 +1,4 @@
-"""`openimds up [--demo]`, `openimds trace SERVER`, `openimds doctor`."""
+"""`openimds up [--demo]`, `openimds down [--purge]`, `openimds trace SERVER`, `openimds doctor`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,12 @@ def _up(args: argparse.Namespace, settings: Any) -> int:
     from openimds.node.up import cmd_up
 
     return cmd_up(args, settings)
+
+
+def _down(args: argparse.Namespace, settings: Any) -> int:
+    from openimds.node.down import cmd_down
+
+    return cmd_down(args, settings)
 
 
 def _trace(args: argparse.Namespace, settings: Any) -> int:
@@ -43,6 +49,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                          "default all = controller + network (see docs/operations.md)")
     up.add_argument("--set", action="append", metavar="[SECTION.]KEY=VALUE",
                     help="setting passed to every child as OPENIMDS_* (repeatable)")
+    down = add_command(
+        sub, "down", _down,
+        "stop the node `openimds up` runs (from any terminal); --purge also removes every "
+        "namespace, link, listener spec, dnsmasq and state file it made",
+    )
+    down.add_argument("--purge", action="store_true",
+                      help="also remove what the node made: routers, DHCP namespaces and "
+                           "dnsmasq, lab VM namespaces, bridges, listener specs, state_path")
+    down.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                      help="how long `up` may take to stop before it is killed (default 120)")
     trace = add_command(
         sub, "trace", _trace,
         "check each hop of a server's metadata path, from its VM namespace to the API",
