@@ -19,6 +19,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 CLOUDINIT_PATH = REPO / ".cache" / "cloud-init" / "usr" / "lib" / "python3" / "dist-packages"
+AWS_JS_PATH = REPO / ".cache" / "aws-js" / "node_modules"  # scripts/setup, from npm
 PG_SOCKET_DIR = "/var/run/postgresql"
 PYTHON = sys.executable
 METRICS_SERVICES = ("registry", "api", "agent", "proxy", "l3_agent", "dhcp_agent")

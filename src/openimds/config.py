@@ -346,6 +346,9 @@ class Settings:
         False, "Router-scoped metadata on 169.254/16 metadata networks"
     )
     dhcp_lease_duration: int = opt(86400, "DHCP lease seconds; -1 = infinite", min=-1)
+    metadata_ipv6_ula: bool = opt(
+        False, "Also serve metadata on the routable ULA fd00:ec2::254 (AWS SDKs' IPv6 mode)"
+    )
     external_pids: str = opt("$state_path/external/pids", "Pid files of spawned processes")
     host: str = opt("", "This node's name in the registry; empty = the machine's hostname")
     agent_down_time: float = opt(

@@ -57,7 +57,7 @@ table inet openimds {
 
 
 def test_rules_are_neutrons_in_order():
-    rules = metadata_rules(9697, 0x1)
+    rules = metadata_rules(9697, 0x1, ipv6=())
     assert [(r.table, r.chain, r.action) for r in rules] == [
         ("mangle", "PREROUTING", Action.MARK),
         ("nat", "PREROUTING", Action.REDIRECT),
@@ -78,7 +78,34 @@ def test_iptables_text_is_exact():
 
 
 def test_nft_text_is_exact():
-    assert render_nft(metadata_rules(9697, 0x1)) == EXPECTED_NFT
+    assert render_nft(metadata_rules(9697, 0x1, ipv6=())) == EXPECTED_NFT
+
+
+NEUTRON_IP6TABLES = [  # the same rules with -d fe80::a9fe:a9fe/128 (IPv6 enabled)
+    "-A PREROUTING -d fe80::a9fe:a9fe/128 -i qr-+ -p tcp -m tcp --dport 80 "
+    "-j MARK --set-xmark 0x1/0xffff",
+    "-A PREROUTING -d fe80::a9fe:a9fe/128 -i qr-+ -p tcp -m tcp --dport 80 "
+    "-j REDIRECT --to-ports 9697",
+    "-A INPUT -m mark --mark 0x1/0xffff -j ACCEPT",
+    "-A INPUT -p tcp -m tcp --dport 9697 -j DROP",
+    "-A FORWARD -j openimds-scope",
+    "-A openimds-scope -m mark --mark 0x1/0xffff -j DROP",
+]
+
+
+def test_ipv6_rules_are_neutrons_twins_per_family():
+    rules = metadata_rules(9697, 0x1)  # IPv6 on by default, as Neutron with IPv6 enabled
+    assert [line for line in render_iptables(rules, 4).splitlines()
+            if line.startswith("-A ")] == NEUTRON_IPTABLES
+    assert [line for line in render_iptables(rules, 6).splitlines()
+            if line.startswith("-A ")] == NEUTRON_IP6TABLES
+    nft = render_nft(rules)
+    assert ('iifname "qr-*" ip6 daddr fe80::a9fe:a9fe tcp dport 80 meta mark set meta mark '
+            "and 0xffff0000 xor 0x1") in nft
+    assert 'iifname "qr-*" ip6 daddr fe80::a9fe:a9fe tcp dport 80 redirect to :9697' in nft
+    assert nft.count("tcp dport 9697 drop") == 1  # one rule, both families (inet)
+    ula = render_nft(metadata_rules(9697, 0x1, ipv6=("fe80::a9fe:a9fe", "fd00:ec2::254")))
+    assert 'ip6 daddr fd00:ec2::254 tcp dport 80 redirect to :9697' in ula
 
 
 def test_custom_port_and_mark():
@@ -94,7 +121,7 @@ def test_custom_port_and_mark():
 
 def test_proxy_disabled_keeps_mark_and_scope_only():
     rules = metadata_rules(9697, 0x1, proxy_enabled=False)
-    assert [r.action for r in rules] == [Action.MARK, Action.DROP]
+    assert [r.action for r in rules] == [Action.MARK, Action.MARK, Action.DROP]
     ipt = render_iptables(rules)
     assert "REDIRECT" not in ipt and "9697" not in ipt
     assert "-A openimds-scope -m mark --mark 0x1/0xffff -j DROP" in ipt
@@ -136,7 +163,8 @@ def test_render_is_deterministic():
 def test_nft_syntax_check():
     """`nft -c` parses and evaluates the script without applying it (cheap, real check)."""
     proc = subprocess.run(
-        ["nft", "-c", "-f", "-"], input=render_nft(metadata_rules(9697, 0x1)),
+        ["nft", "-c", "-f", "-"],
+        input=render_nft(metadata_rules(9697, 0x1, ipv6=("fe80::a9fe:a9fe", "fd00:ec2::254"))),
         capture_output=True, text=True, check=False,
     )
     if proc.returncode != 0 and "Operation not permitted" in proc.stderr:

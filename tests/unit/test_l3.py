@@ -70,7 +70,7 @@ def test_is_relevant(change, relevant):
 
 def test_router_listener_spec_text():
     text = render_listener_spec(router_listener(RTR, 9697))
-    assert text == (f'{{"host": "0.0.0.0", "netns": "qrouter-{RTR}", "network_id": null, '
+    assert text == (f'{{"host": "::", "netns": "qrouter-{RTR}", "network_id": null, '
                     f'"port": 9697, "router_id": "{RTR}"}}\n')
 
 

@@ -12,6 +12,7 @@ from openimds.core.proxy_rules import (
     ListenerSpec,
     is_spec_filename,
     is_spoofable,
+    listener_spec_from_dict,
     parse_listener_spec,
     peer_address,
     plan_listeners,
@@ -227,3 +228,18 @@ def test_rewrite_is_strict_for_any_input(
     expected = [(n, v) for n, v in headers
                 if not is_spoofable(n) and n.lower() not in hop and n.lower() not in listed]
     assert client_part == expected
+
+
+def test_ipv6_link_local_spec_needs_its_interface() -> None:
+    base = {"netns": "qdhcp-n", "host": "fe80::a9fe:a9fe", "port": 80, "router_id": None,
+            "network_id": "n1"}
+    with pytest.raises(BadRequest, match="interface"):
+        listener_spec_from_dict("network-n1-ipv6", base)
+    with pytest.raises(BadRequest, match="interface"):
+        listener_spec_from_dict("network-n1-ipv6", {**base, "interface": "tap/../x"})
+    spec = listener_spec_from_dict("network-n1-ipv6", {**base, "interface": "tap12345678-9a"})
+    assert spec.interface == "tap12345678-9a" and spec.is_ipv6
+    assert parse_listener_spec(spec.name, render_listener_spec(spec)) == spec
+    # specs without an interface render exactly as before (no new key)
+    v4 = listener_spec_from_dict("network-n1", {**base, "host": "169.254.169.254"})
+    assert "interface" not in json.loads(render_listener_spec(v4))

@@ -14,7 +14,10 @@ converges every network with a DHCP-enabled IPv4 subnet and a DHCP port to the p
   SIGHUP when only the hosts/opts files changed, and restarted only when its command line
   changes (subnets added or removed, MTU);
 - the proxy listener spec `network-<id>.json` in `[proxy] listeners_dir` while the network
-  serves metadata (169.254.169.254:80 in the namespace), then SIGHUP to the proxy. A router
+  serves metadata (169.254.169.254:80 in the namespace), then SIGHUP to the proxy; with an
+  IPv6 subnet also `fe80::a9fe:a9fe/128` (no DAD: several DHCP agents may hold it, and any of
+  them answers rightly) on the tap with `network-<id>-ipv6.json` ([fe80::a9fe:a9fe%tap]:80),
+  and with `metadata_ipv6_ula` `fd00:ec2::254/128` with `network-<id>-ula.json`. A router
   attach/detach only rewrites the opts file (SIGHUP to dnsmasq), the address and the spec.
 
 What it owns is what it can find again after a restart: the per-network directories under
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import re
@@ -46,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from openimds.agents import fabric
-from openimds.agents.l3 import ProxyKeeper, proxy_argv
+from openimds.agents.l3 import ProxyKeeper, ipv6_metadata_addresses, proxy_argv
 from openimds.config import Settings
 from openimds.core import dnsmasq as dm
 from openimds.core import names, nodes
@@ -76,6 +80,7 @@ RETRY_MAX_S = 10.0
 RELEVANT_KINDS = frozenset({"network", "subnet", "port", "instance"})
 _FILE_MODE = 0o644
 _DIR_MODE = 0o755
+_IPV6_SPEC_SUFFIXES = ("-ipv6", "-ula")  # network-<id>-ipv6.json, network-<id>-ula.json
 
 
 @dataclass(slots=True)
@@ -209,6 +214,7 @@ class DhcpAgent:
             network, self.flags, str(self._conf_dir(network.id)),
             lease_duration_s=self.settings.dhcp_lease_duration, binary=d.dnsmasq_binary,
             lease_max=d.dnsmasq_lease_max, user=d.dnsmasq_user,
+            ipv6_metadata=ipv6_metadata_addresses(self.settings),
         )
 
     def _apply_links(self, plan: dm.NetworkPlan, mtu: int, vni: int | None) -> None:
@@ -231,28 +237,43 @@ class DhcpAgent:
         changed = _write_if_changed(Path(paths.opts), plan.opts) or changed
         return changed
 
-    def _listener_path(self, network_id: str) -> Path:
-        return self.listeners_dir / f"{names.network_listener_name(network_id)}.json"
+    def _listener_path(self, network_id: str, suffix: str = "") -> Path:
+        return self.listeners_dir / f"{names.network_listener_name(network_id)}{suffix}.json"
+
+    def _listener_specs(self, plan: dm.NetworkPlan) -> dict[str, ListenerSpec]:
+        """spec file suffix -> spec: 169.254.169.254:80, and with IPv6 one listener per IPv6
+        metadata address (the link-local one bound to the tap, as Neutron's
+        `bind [fe80::a9fe:a9fe]:80 interface tapX`)."""
+        scope = {"router_id": plan.router_id,
+                 "network_id": None if plan.router_id else plan.network_id}
+        base = names.network_listener_name(plan.network_id)
+        specs = {"": ListenerSpec(name=base, netns=plan.namespace, host=dm.METADATA_IP,
+                                  port=80, **scope)}
+        for ip in plan.metadata_ipv6:
+            suffix = "-ipv6" if ipaddress.ip_address(ip).is_link_local else "-ula"
+            specs[suffix] = ListenerSpec(name=base + suffix, netns=plan.namespace, host=ip,
+                                         port=80, interface=plan.tap, **scope)
+        return specs
 
     def _set_listener(self, plan: dm.NetworkPlan | None, network_id: str) -> bool:
-        """Write or remove the network's listener spec; True if the directory changed."""
-        path = self._listener_path(network_id)
-        if plan is None or not plan.metadata:
-            if path.exists():
-                path.unlink(missing_ok=True)
-                log.info("dhcp.listener_removed network=%s", network_id)
-                return True
-            return False
-        spec = ListenerSpec(
-            name=names.network_listener_name(network_id), netns=plan.namespace,
-            host=dm.METADATA_IP, port=80,
-            router_id=plan.router_id, network_id=None if plan.router_id else network_id,
-        )
-        self.listeners_dir.mkdir(parents=True, exist_ok=True)
-        if _write_if_changed(path, render_listener_spec(spec)):
-            log.info("dhcp.listener_written network=%s netns=%s", network_id, plan.namespace)
-            return True
-        return False
+        """Write or remove the network's listener specs; True if the directory changed."""
+        want = self._listener_specs(plan) if plan is not None and plan.metadata else {}
+        changed = False
+        for suffix in ("", *_IPV6_SPEC_SUFFIXES):
+            path = self._listener_path(network_id, suffix)
+            spec = want.get(suffix)
+            if spec is None:
+                if path.exists():
+                    path.unlink(missing_ok=True)
+                    log.info("dhcp.listener_removed network=%s spec=%s", network_id, path.name)
+                    changed = True
+                continue
+            self.listeners_dir.mkdir(parents=True, exist_ok=True)
+            if _write_if_changed(path, render_listener_spec(spec)):
+                log.info("dhcp.listener_written network=%s netns=%s spec=%s", network_id,
+                         plan.namespace if plan else "-", path.name)
+                changed = True
+        return changed
 
     def _signal_proxy(self) -> None:
         pid = _read_pid(self.proxy_pid_file)

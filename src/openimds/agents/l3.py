@@ -9,11 +9,14 @@ only marked routers are torn down (other stacks on the same host, e.g. parallel 
 keep theirs).
 
 Per router (Neutron's L3 agent + MetadataDriver, see neutron.md §2.3):
-- namespace `qrouter-<id>`, lo up, net.ipv4.ip_forward=1;
+- namespace `qrouter-<id>`, lo up, IPv4 and IPv6 forwarding on, no DAD on its legs (the
+  registry made their addresses unique; a tentative address would drop redirected traffic);
 - the metadata rules (`core.firewall`), one atomic `nft -f -` (or iptables-nft-restore);
 - one `qr-<port[:11]>` leg per interface, a veth created directly inside the namespace whose
   bridge-side peer `qrb-<port[:11]>` is enslaved to the network's `brq` bridge; the leg holds
-  the port's MAC and its gateway IP/prefix;
+  the port's MAC and its gateway IP/prefix, and `fe80::a9fe:a9fe/128`, so the router itself
+  answers a guest's neighbour solicitation for the IPv6 metadata address (Neutron relies on
+  radvd's RFC 4191 route, which Linux guests ignore by default);
 - the listener spec `router-<id>.json` in `[proxy] listeners_dir`, then SIGHUP to the proxy.
 Tear-down runs the other way: spec first (the proxy closes its socket, which would otherwise
 keep the namespace alive), then the namespace with its legs.
@@ -144,10 +147,11 @@ def is_relevant(change: Mapping[str, Any]) -> bool:
 
 
 def router_listener(router_id: str, metadata_port: int) -> ListenerSpec:
-    """The proxy listener spec of one router (docs/architecture.md)."""
+    """The proxy listener spec of one router (docs/architecture.md): one dual-stack socket,
+    as Neutron's `bind :::9697`, behind the IPv4 and IPv6 REDIRECTs."""
     return ListenerSpec(
         name=router_listener_name(router_id), netns=router_namespace(router_id),
-        host="0.0.0.0", port=metadata_port, router_id=router_id, network_id=None,
+        host="::", port=metadata_port, router_id=router_id, network_id=None,
     )
 
 
@@ -167,6 +171,12 @@ def announcements(plan: RouterPlan) -> list[tuple[str, str, tuple[bytes, ...]]]:
 def send_announcements(items: Sequence[tuple[str, str, tuple[bytes, ...]]]) -> None:
     for namespace, ifname, frames in items:
         links.announce(namespace, ifname, frames)
+
+
+def ipv6_metadata_addresses(settings: Settings) -> tuple[str, ...]:
+    """The IPv6 addresses metadata answers on: link-local always, the ULA if configured."""
+    ula = (firewall.METADATA_ULA,) if settings.metadata_ipv6_ula else ()
+    return (firewall.METADATA_IPV6, *ula)
 
 
 # --- applying it --------------------------------------------------------------------------
@@ -220,7 +230,10 @@ class RouterDriver:
         self.rules = firewall.metadata_rules(
             settings.metadata_port, settings.access_mark,
             proxy_enabled=settings.enable_metadata_proxy,
+            ipv6=ipv6_metadata_addresses(settings),
         )
+        self._leg_extra = ((f"{firewall.METADATA_IPV6}/128",)
+                           if settings.enable_metadata_proxy else ())
         # Namespaces whose sysctl and rules were applied by this process, and the plans applied
         # in full: an unchanged router costs nothing on a feed-triggered converge. A full
         # resync re-checks them cheaply from one link dump of this namespace (see
@@ -325,7 +338,10 @@ class RouterDriver:
         ns = plan.namespace
         created = links.ensure_namespace(ns)
         if created or ns not in self._prepared:
-            links.set_sysctl(ns, "net.ipv4.ip_forward", "1")
+            links.set_sysctl(ns, "net.ipv4.ip_forward", "1",
+                             ("net.ipv6.conf.all.forwarding", "1"),
+                             ("net.ipv6.conf.all.accept_dad", "0"),
+                             ("net.ipv6.conf.default.accept_dad", "0"))
             apply_firewall(ns, self.rules, self.settings.l3.firewall_driver)
             self._prepared.add(ns)
         with links.netlink(ns) as inside:
@@ -339,7 +355,7 @@ class RouterDriver:
                                     mtu=leg.mtu, peer_mac=leg.mac):
                     log.info("l3.leg_added router=%s leg=%s bridge=%s cidrs=%s",
                              plan.router_id, leg.ifname, leg.bridge, ",".join(leg.cidrs))
-                inside.set_addresses(leg.ifname, leg.cidrs)
+                inside.set_addresses(leg.ifname, (*leg.cidrs, *self._leg_extra))
                 inside.set_up(leg.ifname)
         if created:
             log.info("l3.router_added router=%s legs=%d", plan.router_id, len(plan.legs))

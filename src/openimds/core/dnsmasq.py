@@ -451,6 +451,9 @@ class NetworkPlan:
     addresses: tuple[str, ...]  # "ip/prefixlen" on the tap
     metadata: bool  # serve metadata from this namespace (listener + 169.254.169.254/32)
     router_id: str | None  # the listener is router-scoped (enable_metadata_network)
+    # IPv6 addresses metadata also answers on (fe80::a9fe:a9fe[, fd00:ec2::254]): only when
+    # metadata is served and the network has an IPv6 subnet; each is a /128 on the tap.
+    metadata_ipv6: tuple[str, ...]
     hosts: str
     opts: str
     argv: tuple[str, ...]
@@ -459,6 +462,7 @@ class NetworkPlan:
 def plan_network(
     network: DhcpNetwork, flags: MetadataFlags, conf_dir: str, *, lease_duration_s: int,
     binary: str = "dnsmasq", lease_max: int = DNSMASQ_LEASE_MAX, user: str = "",
+    ipv6_metadata: tuple[str, ...] = (),
 ) -> NetworkPlan | None:
     """What to build for one network, or None when it needs no DHCP namespace.
 
@@ -466,6 +470,8 @@ def plan_network(
     Neutron, which adds 169.254.169.254/32 to every DHCP tap once isolated metadata is
     configured, the address follows `should_enable_metadata` together with the listener, so
     a routed network's DHCP namespace holds nothing that answers for the metadata IP.
+    The IPv6 metadata addresses (`ipv6_metadata`) join it when the network has an IPv6
+    subnet (Neutron adds fe80::a9fe:a9fe/128 then, LP#2074207).
     """
     port = dhcp_port(network)
     if not network.dhcp_subnets or port is None:
@@ -475,8 +481,12 @@ def plan_network(
     addresses = [f"{f.ip_address}/{prefixes[f.subnet_id]}"
                  for f in port.fixed_ips if f.subnet_id in prefixes]
     metadata = should_enable_metadata(flags, network)
+    metadata_ipv6: tuple[str, ...] = ()
     if metadata:
         addresses.append(METADATA_CIDR)
+        if any(s.ip_version == 6 for s in network.subnets):
+            metadata_ipv6 = tuple(ipv6_metadata)
+            addresses += [f"{ip}/128" for ip in metadata_ipv6]
     tap = names.dhcp_tap(port.id)
     paths = DhcpPaths(conf_dir)
     return NetworkPlan(
@@ -490,6 +500,7 @@ def plan_network(
         addresses=tuple(addresses),
         metadata=metadata,
         router_id=metadata_router_id(flags, network) if metadata else None,
+        metadata_ipv6=metadata_ipv6,
         hosts=render_hosts(network),
         opts=render_opts(network, flags),
         argv=tuple(dnsmasq_argv(network, tap, paths, lease_duration_s=lease_duration_s,

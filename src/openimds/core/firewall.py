@@ -16,6 +16,11 @@ The mark is set at mangle priority (-150), before nat (-100), on every packet of
 (mangle still sees 169.254.169.254), so the INPUT accept matches the whole redirected flow and a
 direct connection to the router's metadata port is dropped. The scope chain drops marked
 packets that were not redirected, so metadata traffic never leaves the router.
+
+IPv6 (Neutron's `-d fe80::a9fe:a9fe/128` twins, plus the optional ULA fd00:ec2::254): the same
+MARK and REDIRECT per address; the INPUT and scope rules match no address, so they hold for
+both families (nft's inet table; the iptables driver renders them into both ip6tables and
+iptables input).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from dataclasses import dataclass
 __all__ = [
     "IPTABLES_NFT_TABLES",
     "METADATA_IP",
+    "METADATA_IPV6",
+    "METADATA_ULA",
     "NFT_FAMILY",
     "NFT_TABLE",
     "ROUTER_MARK_MASK",
@@ -40,6 +47,8 @@ __all__ = [
 ]
 
 METADATA_IP = "169.254.169.254"
+METADATA_IPV6 = "fe80::a9fe:a9fe"  # Neutron's link-local metadata address
+METADATA_ULA = "fd00:ec2::254"  # AWS's routable IPv6 metadata address (ULA)
 METADATA_HTTP_PORT = 80
 ROUTER_MARK_MASK = 0xFFFF  # neutron ROUTER_MARK_MASK
 ROUTER_LEG_PATTERN = "qr-"  # iptables "qr-+", nft "qr-*"
@@ -49,6 +58,7 @@ SCOPE_CHAIN = "openimds-scope"  # Neutron's `scope` chain, reached from FORWARD
 # The tables iptables-nft creates; removed when the nft driver takes a namespace over.
 IPTABLES_NFT_TABLES: tuple[tuple[str, str], ...] = (
     ("ip", "mangle"), ("ip", "nat"), ("ip", "filter"),
+    ("ip6", "mangle"), ("ip6", "nat"), ("ip6", "filter"),
 )
 
 
@@ -79,29 +89,40 @@ class Rule:
     to_port: int | None = None  # REDIRECT target port
     via_scope: bool = False
 
+    @property
+    def version(self) -> int | None:
+        """4 or 6 for a rule matching a destination address, None for both families."""
+        if self.daddr is None:
+            return None
+        return 6 if ":" in self.daddr else 4
+
 
 def metadata_rules(
-    metadata_port: int, access_mark: int, *, proxy_enabled: bool = True
+    metadata_port: int, access_mark: int, *, proxy_enabled: bool = True,
+    ipv6: Sequence[str] = (METADATA_IPV6,),
 ) -> tuple[Rule, ...]:
     """The rules of one router namespace, in Neutron's order.
 
     With the proxy disabled Neutron still marks metadata traffic and drops it in FORWARD
     (`initialize_metadata_iptables` runs for every router), but adds no REDIRECT and no INPUT
-    rules.
+    rules. `ipv6` lists the IPv6 metadata addresses (empty: IPv4 only).
     """
     if not 0 < access_mark <= ROUTER_MARK_MASK:
         raise ValueError(f"metadata_access_mark {access_mark:#x} is outside 0x1..0xffff")
     if not 0 < metadata_port < 65536:
         raise ValueError(f"metadata_port {metadata_port} is not a TCP port")
-    to_ip, leg, http = METADATA_IP, ROUTER_LEG_PATTERN, METADATA_HTTP_PORT
+    leg, http = ROUTER_LEG_PATTERN, METADATA_HTTP_PORT
+    addresses = (METADATA_IP, *ipv6)
     rules = [
         Rule("mangle", "PREROUTING", Action.MARK, daddr=to_ip, in_prefix=leg, tcp_dport=http,
-             set_mark=access_mark),
+             set_mark=access_mark) for to_ip in addresses
     ]
     if proxy_enabled:
         rules += [
             Rule("nat", "PREROUTING", Action.REDIRECT, daddr=to_ip, in_prefix=leg,
-                 tcp_dport=http, to_port=metadata_port),
+                 tcp_dport=http, to_port=metadata_port) for to_ip in addresses
+        ]
+        rules += [
             Rule("filter", "INPUT", Action.ACCEPT, mark=access_mark),
             Rule("filter", "INPUT", Action.DROP, tcp_dport=metadata_port),
         ]
@@ -121,7 +142,7 @@ _IPT_TABLE_CHAINS = {
 def _ipt_rule(rule: Rule, chain: str) -> str:
     parts = ["-A", chain]
     if rule.daddr is not None:
-        parts += ["-d", f"{rule.daddr}/32"]
+        parts += ["-d", f"{rule.daddr}/{128 if rule.version == 6 else 32}"]
     if rule.in_prefix is not None:
         parts += ["-i", f"{rule.in_prefix}+"]
     if rule.tcp_dport is not None:
@@ -140,15 +161,16 @@ def _ipt_rule(rule: Rule, chain: str) -> str:
     return " ".join(parts)
 
 
-def render_iptables(rules: Sequence[Rule]) -> str:
-    """iptables-restore input that replaces the mangle, nat and filter tables.
+def render_iptables(rules: Sequence[Rule], version: int = 4) -> str:
+    """iptables-restore (version 4) or ip6tables-restore (6) input that replaces the mangle,
+    nat and filter tables with the rules of that family.
 
     Without --noflush each table named here is flushed and rewritten in one commit, so applying
     it twice gives the same ruleset. The namespace is ours; nothing else writes rules in it.
     """
     lines: list[str] = []
     for table, builtins in _IPT_TABLE_CHAINS.items():
-        in_table = [r for r in rules if r.table == table]
+        in_table = [r for r in rules if r.table == table and r.version in (None, version)]
         lines.append(f"*{table}")
         lines += [f":{chain} ACCEPT [0:0]" for chain in builtins]
         scoped = [r for r in in_table if r.via_scope]
@@ -182,7 +204,7 @@ def _nft_rule(rule: Rule) -> str:
     if rule.in_prefix is not None:
         parts.append(f'iifname "{rule.in_prefix}*"')
     if rule.daddr is not None:
-        parts.append(f"ip daddr {rule.daddr}")
+        parts.append(f"{'ip6' if rule.version == 6 else 'ip'} daddr {rule.daddr}")
     if rule.tcp_dport is not None:
         parts.append(f"tcp dport {rule.tcp_dport}")
     if rule.mark is not None:

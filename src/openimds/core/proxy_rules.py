@@ -5,8 +5,11 @@ This module never sees a socket or a file: it receives bytes and plain values.
 Listener specs are the JSON files the L3 and DHCP agents drop into `[proxy] listeners_dir`
 (docs/architecture.md, "Proxy listener specs"):
 
-    {"netns": "qrouter-<id>", "host": "0.0.0.0", "port": 9697,
+    {"netns": "qrouter-<id>", "host": "::", "port": 9697,
      "router_id": "<id>", "network_id": null}
+
+`host` "::" is one dual-stack listener (Neutron's `bind :::9697`); a link-local host needs
+`interface` (Neutron's `bind [fe80::a9fe:a9fe]:80 interface tapX`), which is optional otherwise.
 
 The rewrite is Neutron's haproxy listener (`del-header` + `set-header` of the router/network
 ID, `option forwardfor`) made strict, because a VM controls every header it sends:
@@ -59,6 +62,7 @@ _HOP_BY_HOP = frozenset({
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _NETNS_RE = re.compile(r"[A-Za-z0-9._:@+-]{1,255}")
 _SPEC_KEYS = ("netns", "host", "port", "router_id", "network_id")
+_IFNAME_RE = re.compile(r"[A-Za-z0-9._@+-]{1,15}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +75,7 @@ class ListenerSpec:
     port: int
     router_id: str | None
     network_id: str | None
+    interface: str | None = None  # SO_BINDTODEVICE; required for a link-local host
 
     @property
     def identity_header(self) -> tuple[bytes, bytes]:
@@ -136,12 +141,23 @@ def listener_spec_from_dict(name: str, raw: Mapping[str, Any]) -> ListenerSpec:
             f"listener spec {name}: exactly one of router_id and network_id must be set "
             f"(router_id={ids['router_id']!r}, network_id={ids['network_id']!r})"
         )
-    return ListenerSpec(name, netns, host, port, ids["router_id"], ids["network_id"])
+    interface = raw.get("interface")
+    if interface is not None and (not isinstance(interface, str)
+                                  or not _IFNAME_RE.fullmatch(interface)):
+        raise bad("interface", "is not an interface name")
+    addr = ipaddress.ip_address(host)
+    if interface is None and addr.version == 6 and addr.is_link_local:
+        raise bad("interface", f"is required with the link-local host {host}")
+    return ListenerSpec(name, netns, host, port, ids["router_id"], ids["network_id"],
+                        interface)
 
 
 def render_listener_spec(spec: ListenerSpec) -> str:
     """The JSON text of a spec, as the agents write it (name is the file name)."""
-    return json.dumps({k: getattr(spec, k) for k in _SPEC_KEYS}, sort_keys=True) + "\n"
+    data = {k: getattr(spec, k) for k in _SPEC_KEYS}
+    if spec.interface is not None:
+        data["interface"] = spec.interface
+    return json.dumps(data, sort_keys=True) + "\n"
 
 
 def plan_listeners(

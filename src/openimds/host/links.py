@@ -36,6 +36,7 @@ from openimds.host.netns import socket_in_netns
 from openimds.host.run import run
 
 log = logging.getLogger(__name__)
+IFA_F_NODAD = 0x02
 
 # pyroute2 forks a helper to open a socket inside a namespace and stops it with SIGTERM. The
 # fork shares asyncio's signal wakeup fd, so the helper's Python-level SIGTERM handler would
@@ -128,9 +129,10 @@ def delete_namespace(name: str) -> bool:
     return True
 
 
-def set_sysctl(namespace: str, key: str, value: str) -> None:
-    """Write one sysctl inside a named namespace (e.g. net.ipv4.ip_forward=1)."""
-    run(["ip", "netns", "exec", namespace, "sysctl", "-q", "-w", f"{key}={value}"])
+def set_sysctl(namespace: str, key: str, value: str, *more: tuple[str, str]) -> None:
+    """Write sysctls inside a named namespace (e.g. net.ipv4.ip_forward=1), in one command."""
+    pairs = [f"{k}={v}" for k, v in ((key, value), *more)]
+    run(["ip", "netns", "exec", namespace, "sysctl", "-q", "-w", *pairs])
 
 
 def write_netns_resolv_conf(namespace: str, nameservers: Iterable[str] = ()) -> Path:
@@ -376,12 +378,13 @@ class Netlink:
 
     # addresses
     def addresses(self, name: str) -> list[str]:
-        """Global (non link-local) addresses of a link as 'ip/prefixlen'."""
+        """Addresses of a link as 'ip/prefixlen', except the kernel's own IPv6 link-local
+        (fe80::/64); a link-local /128 someone added (fe80::a9fe:a9fe) is listed."""
         index = self._index(name)
         out = []
         for msg in self._ipr.get_addr(index=index):
             ip = ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
-            if ip.is_link_local and ip.version == 6:
+            if ip.is_link_local and ip.version == 6 and msg["prefixlen"] != 128:
                 continue
             out.append(f"{ip}/{msg['prefixlen']}")
         return sorted(out)
@@ -395,7 +398,9 @@ class Netlink:
         return None
 
     def set_addresses(self, name: str, cidrs: Iterable[str]) -> None:
-        """Exactly these addresses ('10.0.0.1/24') on the link; IPv6 link-local is kept."""
+        """Exactly these addresses ('10.0.0.1/24') on the link; the kernel's IPv6 link-local
+        is kept. IPv6 ones skip DAD (the registry made them unique), so they are usable at
+        once instead of tentative for a second or two."""
         index = self._index(name)
         want = {str(ipaddress.ip_interface(c)) for c in cidrs}
         have = set(self.addresses(name))
@@ -406,9 +411,29 @@ class Netlink:
                                prefixlen=iface.network.prefixlen)
         for missing in sorted(want - have):
             iface = ipaddress.ip_interface(missing)
+            flags = IFA_F_NODAD if iface.version == 6 else 0
             with _tolerate(errno.EEXIST):
                 self._ipr.addr("add", index=index, address=str(iface.ip),
-                               prefixlen=iface.network.prefixlen)
+                               prefixlen=iface.network.prefixlen, flags=flags)
+
+    def add_link_local(self, name: str, address: str) -> None:
+        """Add the kernel-style fe80::/64 address now, without DAD (idempotent): added before
+        the link comes up, the kernel's own identical EUI-64 address is then never made
+        tentative, so the address answers at once."""
+        with _tolerate(errno.EEXIST):
+            self._ipr.addr("add", index=self._index(name), address=address, prefixlen=64,
+                           flags=IFA_F_NODAD)
+
+    def set_ipv6_routes(self, device: str, gateway: str | None,
+                        onlink: Iterable[str] = ()) -> None:
+        """The IPv6 default route via gateway on device (replaced, never removed), and on-link
+        routes to the given /128 destinations."""
+        oif = self._index(device)
+        if gateway is not None:
+            self._ipr.route("replace", family=socket.AF_INET6, dst="::/0", gateway=gateway,
+                            oif=oif)
+        for dest in onlink:
+            self._ipr.route("replace", family=socket.AF_INET6, dst=f"{dest}/128", oif=oif)
 
     # routes
     def default_gateway(self) -> str | None:

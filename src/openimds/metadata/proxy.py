@@ -495,8 +495,16 @@ def open_listening_socket(
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if spec.is_ipv6:
             sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_FREEBIND, 1)
+            # "::" serves IPv4 too (Neutron's `bind :::9697`), whatever bindv6only says
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY,
+                            0 if spec.host == "::" else 1)
         else:
             sock.setsockopt(socket.SOL_IP, _IP_FREEBIND, 1)
+        if spec.interface is not None:
+            # resolved in the socket's namespace; a link-local bind needs it (ENODEV until
+            # the agent made the device: retried at the next scan)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
+                            spec.interface.encode())
         sock.bind((spec.host, spec.port))
         sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)

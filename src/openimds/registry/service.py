@@ -459,7 +459,26 @@ class Registry:
             subnet_change(tx, "create", values)
             if enable_dhcp:
                 self._add_dhcp_ip(tx, network, values)
+            if address_mode in ipam.AUTO_ADDRESS_MODES:
+                self._add_auto_addresses(tx, values, net)
             return subnet_dict(values)
+
+    def _add_auto_addresses(self, tx: Tx, subnet: Json, net: ipam.IPNetwork) -> None:
+        """A new SLAAC/stateless subnet addresses the network's existing ports too (as
+        Neutron's _add_auto_addrs_on_network_ports): each non-router, non-DHCP port gains
+        the EUI-64 address of its MAC."""
+        conn = tx.conn
+        for port in conn.execute(sa.select(ports).where(
+                ports.c.network_id == subnet["network_id"],
+                ports.c.device_owner.not_in((DEVICE_OWNER_ROUTER, DEVICE_OWNER_DHCP)))).all():
+            before = list(conn.execute(sa.select(port_ips.c.ip_address)
+                                       .where(port_ips.c.port_id == port.id)).scalars())
+            ip = str(ipam.eui64_address(net, port.mac_address))
+            conn.execute(port_ips.insert().values(port_id=port.id, subnet_id=subnet["id"],
+                                                  network_id=port.network_id, ip_address=ip))
+            conn.execute(ports.update().where(ports.c.id == port.id)
+                         .values(revision=tx.revision))
+            port_change(tx, "update", port, [*before, ip])
 
     def _add_dhcp_ip(self, tx: Tx, network: Row[Any], subnet: Json) -> None:
         conn = tx.conn
