@@ -552,6 +552,25 @@ def test_ipv6_subnet_bad_modes(reg: Registry, api: RegistryClient, body: dict[st
     assert resp.json()["reason"].startswith(field)
 
 
+def test_a_new_slaac_subnet_addresses_existing_ports(api: RegistryClient) -> None:
+    net, v4 = _net(api)
+    inst = api.create("instance", {"name": "early", "network_id": net["id"]})
+    router = api.create("router", {"name": _name("r")})
+    api.add_interface(router["id"], v4["id"])
+    slaac = api.create("subnet", {"network_id": net["id"], "cidr": "fd00:7::/64",
+                                  "ipv6_address_mode": "slaac"})
+    port = api.get("instance", inst["id"])["ports"][0]
+    got = {f["subnet_id"]: f["ip_address"] for f in port["fixed_ips"]}
+    assert ipaddress.ip_address(got[slaac["id"]]) in ipaddress.ip_network("fd00:7::/64")
+    assert ipaddress.ip_address(got[slaac["id"]]).packed[-3:] == bytes(
+        int(x, 16) for x in port["mac_address"].split(":")[3:])  # EUI-64 of its MAC
+    # the router's port on the IPv4 subnet gains nothing (router ports hold gateways only)
+    rport = api.get("router", router["id"])["interfaces"]
+    assert [i["subnet_id"] for i in rport] == [v4["id"]]
+    assert [p["device_id"] for p in api.lookup(got[slaac["id"]], network_id=net["id"])[
+        "ports"]] == [inst["id"]]
+
+
 def test_no_fixed_address_on_a_slaac_subnet(api: RegistryClient) -> None:
     net = api.create("network", {"name": _name("net")})
     api.create("subnet", {"network_id": net["id"], "cidr": "fd00:3::/64",

@@ -178,7 +178,8 @@ def test_router_driver_builds_converges_and_tears_down(tmp_path, cleanup):
 
     for rid, port, cidr, mtu in ((r1, p1, "10.0.0.1/24", 1500), (r2, p2, "10.0.0.1/24", 1400),
                                  (r1, p3, "192.168.7.1/26", 1500)):
-        assert leg_state(rid, port) == (port["mac_address"], True, mtu, [cidr])
+        assert leg_state(rid, port) == (port["mac_address"], True, mtu,
+                                        [cidr, "fe80::a9fe:a9fe/128"])
     with links.netlink() as nl:
         peer = nl.link(router_leg_peer(p1["id"]))
         assert peer is not None and peer.up
@@ -192,7 +193,7 @@ def test_router_driver_builds_converges_and_tears_down(tmp_path, cleanup):
     with links.netlink(ns1) as nl:
         assert nl.link("lo").up
     spec = json.loads((Path(settings.proxy.listeners_dir) / f"router-{r1}.json").read_text())
-    assert spec == {"netns": ns1, "host": "0.0.0.0", "port": 9697, "router_id": r1,
+    assert spec == {"netns": ns1, "host": "::", "port": 9697, "router_id": r1,
                     "network_id": None}
 
     # converging again, and from a fresh driver (an agent restart), changes nothing
@@ -215,7 +216,8 @@ def test_router_driver_builds_converges_and_tears_down(tmp_path, cleanup):
     with links.netlink() as nl:
         assert nl.link(router_leg_peer(p2["id"])) is None
     restarted.converge(topo.doc, full=True)
-    assert leg_state(r2, p2) == (p2["mac_address"], True, 1400, ["10.0.0.1/24"])
+    assert leg_state(r2, p2) == (p2["mac_address"], True, 1400,
+                                 ["10.0.0.1/24", "fe80::a9fe:a9fe/128"])
     with links.netlink() as nl:
         assert nl.link(router_leg_peer(p2["id"])).master == nl.link(bridge_name(net_b)).index
 
@@ -377,7 +379,8 @@ def test_l3_agent_follows_a_real_registry(make_stack):
         with links.netlink(ns) as nl:
             link = nl.link(router_leg(port["id"]))
             return link and (link.mac, nl.addresses(link.name))
-    assert stack.wait(leg, 10, "leg") == (port["mac_address"], ["10.0.0.1/24"])
+    assert stack.wait(leg, 10, "leg") == (port["mac_address"],
+                                          ["10.0.0.1/24", "fe80::a9fe:a9fe/128"])
     with links.netlink() as nl:
         assert nl.link(bridge_name(net["id"])) is not None
     assert "redirect to :9697" in ns_exec(ns, "nft", "list", "ruleset").stdout

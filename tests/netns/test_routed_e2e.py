@@ -192,7 +192,7 @@ def test_router_lifecycle_proxy_and_agent_restarts(stack):
     assert wait_metadata(stack, c["server"]["id"])["uuid"] == c["server"]["id"]
     legs, ruleset = router_snapshot(rc)
     assert len([leg for leg in legs if leg[0].startswith("qr-")]) == 1
-    assert ruleset.count("redirect to :9697") == 1
+    assert ruleset.count("redirect to :9697") == 2  # one per family (IPv4, fe80::a9fe:a9fe)
 
     # a router deleted live: legs, rules, listener and namespace go
     stack.client.remove_interface(ra, a["subnet"]["id"])

@@ -101,7 +101,7 @@ def test_all_hops_ok_and_doctor(world: World) -> None:
                               ("iso", names.dhcp_namespace(world.iso_net))):
         result = world.wait_ok(server)
         assert result["namespace"] == namespace
-        assert [h["status"] for h in result["hops"]] == ["ok"] * 11
+        assert [h["status"] for h in result["hops"]] == ["ok"] * 15
         assert all(h["ms"] >= 0 for h in result["hops"])
     table = world.stack.cli("trace", "web").stdout
     assert "all hops OK" in table and "end-to-end" in table
@@ -230,14 +230,32 @@ def break_api(world: World, server: str) -> None:
     fake.start().wait_until(tcp_ready(s.api.metadata_listen, s.api.metadata_listen_port), 10)
 
 
-def break_end_to_end(world: World, server: str) -> None:
+def _vm_rejects(world: World, server: str, family: str, daddr: str) -> None:
     # Everything on the path is right, but the VM's own firewall rejects the request.
     ns = _vm(world, server)
     table = unique_name("t").replace("-", "_")
-    rules = (f"table ip {table} {{\n chain out {{\n  type filter hook output priority 0;\n"
-             "  ip daddr 169.254.169.254 tcp dport 80 reject with tcp reset\n }\n}\n")
+    rules = (f"table {family} {table} {{\n chain out {{\n  type filter hook output priority 0;"
+             f"\n  {family} daddr {daddr} tcp dport 80 reject with tcp reset\n }}\n}}\n")
     subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules, text=True,
                    check=True)
+
+
+def break_end_to_end(world: World, server: str) -> None:
+    _vm_rejects(world, server, "ip", "169.254.169.254")
+
+
+def break_v6_intercept(world: World, server: str) -> None:
+    # the IPv4 path stays intact; the router leg loses the IPv6 metadata address
+    ns = names.router_namespace(world.router_id)
+    leg = next(line.split(":")[1].strip().split("@")[0] for line in subprocess.run(
+        ["ip", "-n", ns, "-o", "link", "show"], capture_output=True, text=True,
+        check=True).stdout.splitlines() if ": qr-" in line)
+    subprocess.run(["ip", "-n", ns, "addr", "del", "fe80::a9fe:a9fe/128", "dev", leg],
+                   check=True)
+
+
+def break_v6_end_to_end(world: World, server: str) -> None:
+    _vm_rejects(world, server, "ip6", "fe80::a9fe:a9fe")
 
 
 CASES: list[tuple[str, str, Callable[[World, str], None]]] = [
@@ -253,6 +271,8 @@ CASES: list[tuple[str, str, Callable[[World, str], None]]] = [
     ("web", "signature", break_signature),
     ("iso", "api", break_api),
     ("web", "end-to-end", break_end_to_end),
+    ("web", "v6-intercept", break_v6_intercept),
+    ("web", "v6-end-to-end", break_v6_end_to_end),
 ]
 
 

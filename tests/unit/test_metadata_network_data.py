@@ -65,6 +65,20 @@ def test_static_dual_stack_with_routes() -> None:
                                        "network_id", "services"]
 
 
+def test_static_ipv6_with_an_address_mode_is_typed_by_it() -> None:
+    for mode, kind in ((None, "ipv6"), ("slaac", "ipv6_slaac"),
+                       ("dhcpv6-stateless", "ipv6_dhcpv6-stateless")):
+        v6 = _subnet(id="v6", cidr="fd00::/64", ip_version=6, gateway_ip="fd00::1",
+                     enable_dhcp=False, ipv6_address_mode=mode)
+        view = make_view(ports=[_port([v6], [("v6", "fd00::f816:3eff:fe00:5")])])
+        net = network_data(parse_view(view))["networks"][0]
+        assert net["type"] == kind and net["ip_address"] == "fd00::f816:3eff:fe00:5"
+    dhcp = _subnet(id="v6", cidr="fd00::/64", ip_version=6, ipv6_address_mode="slaac",
+                   enable_dhcp=True)
+    view = make_view(ports=[_port([dhcp], [("v6", "fd00::5")])])
+    assert network_data(parse_view(view))["networks"][0]["type"] == "ipv6_dhcp"
+
+
 def test_metadata_route_on_isolated_static_subnet() -> None:
     iso = _subnet(isolated=True, dhcp_ip="10.0.0.2", gateway_ip=None)
     nd = network_data(parse_view(make_view(ports=[_port([iso], [(SUBNET, "10.0.0.5")])])))

@@ -81,6 +81,7 @@ def test_hops_are_in_path_order() -> None:
     assert [h.name for h in HOPS] == [
         "vm-namespace", "vm-address", "vm-route", "hop-namespace", "intercept", "proxy",
         "agent-socket", "lookup", "signature", "api", "end-to-end",
+        "v6-intercept", "v6-lookup", "v6-end-to-end", "ula-end-to-end",
     ]
 
 
@@ -127,6 +128,23 @@ def test_nft_redirect() -> None:
         judge_nft_redirect(NFT, 9698)
     with pytest.raises(CheckFailed, match="no rule mentions"):
         judge_nft_redirect("table ip filter {}", 9697)
+
+
+def test_ipv6_redirect_and_address() -> None:
+    v6 = NFT + '        iifname "qr-*" ip6 daddr fe80::a9fe:a9fe tcp dport 80 meta mark set 0x1\n'
+    # the IPv4 REDIRECT alone does not count for the IPv6 address
+    with pytest.raises(CheckFailed, match="redirect to :9697' rule for fe80::a9fe:a9fe"):
+        judge_nft_redirect(v6, 9697, "fe80::a9fe:a9fe")
+    v6 += '        iifname "qr-*" ip6 daddr fe80::a9fe:a9fe tcp dport 80 redirect to :9697\n'
+    assert judge_nft_redirect(v6, 9697, "fe80::a9fe:a9fe").startswith("REDIRECT fe80::a9fe:a9fe")
+    save = ("-A PREROUTING -d fe80::a9fe:a9fe/128 -i qr-+ -p tcp -m tcp --dport 80 "
+            "-j REDIRECT --to-ports 9697\n")
+    assert "iptables" in judge_iptables_redirect(save, 9697, "fe80::a9fe:a9fe")
+    addr = json.dumps([{"ifname": "qr-abc", "addr_info": [
+        {"local": "10.0.0.1", "prefixlen": 24}, {"local": "fe80::a9fe:a9fe", "prefixlen": 128}]}])
+    assert judge_isolated_address(addr, "fe80::a9fe:a9fe") == "fe80::a9fe:a9fe/128 on qr-abc"
+    with pytest.raises(CheckFailed, match="fe80::a9fe:a9fe is on no interface"):
+        judge_isolated_address(ADDR, "fe80::a9fe:a9fe")
 
 
 def test_iptables_redirect() -> None:

@@ -14,6 +14,11 @@ The seeds' troubleshooting, automated, in the order a request travels:
     signature       the API accepts our signature made with the configured secret
     api             the API answers meta_data.json with this server's uuid
     end-to-end      a real request from inside the VM namespace gets its own meta_data.json
+    v6-intercept    routed: fe80::a9fe:a9fe/128 on a router leg and its ip6 REDIRECT; isolated:
+                    fe80::a9fe:a9fe on the DHCP tap (when the network has an IPv6 subnet)
+    v6-lookup       the registry maps the VM's link-local address (EUI-64 of its MAC) to it
+    v6-end-to-end   a real request to [fe80::a9fe:a9fe%eth0]:80 gets its own meta_data.json
+    ula-end-to-end  with metadata_ipv6_ula: the same to [fd00:ec2::254]:80
 
 Each hop prints OK with its time, or FAIL with what to do; hops after the first failure are
 not checked. Verdicts over captured command output are the pure `judge_*` functions below.
@@ -35,6 +40,7 @@ import httpx
 
 from openimds.config import Settings
 from openimds.core import names
+from openimds.core.ipam import link_local_address
 from openimds.core.signing import sign_instance_id
 from openimds.errors import CommandFailed, NotFound
 from openimds.host import netns
@@ -50,6 +56,8 @@ from openimds.node.checks import (
 )
 
 METADATA_IP = "169.254.169.254"
+METADATA_IPV6 = "fe80::a9fe:a9fe"
+METADATA_ULA = "fd00:ec2::254"
 META_DATA_PATH = "/openstack/latest/meta_data.json"
 
 
@@ -108,45 +116,46 @@ def route_source(route_json: str) -> str | None:
     return str(routes[0]["prefsrc"]) if routes and routes[0].get("prefsrc") else None
 
 
-def judge_nft_redirect(ruleset: str, port: int) -> str:
-    """The router's nft ruleset must REDIRECT 169.254.169.254:80 to port."""
+def judge_nft_redirect(ruleset: str, port: int, ip: str = METADATA_IP) -> str:
+    """The router's nft ruleset must REDIRECT ip:80 to port."""
     text = " ".join(ruleset.split())
-    if METADATA_IP not in text:
+    if ip not in text:
         raise CheckFailed(
-            f"no rule mentions {METADATA_IP} in the router namespace's nftables",
+            f"no rule mentions {ip} in the router namespace's nftables",
             "the L3 agent has not written the metadata rules: check that openimds l3-agent is "
             "running and its log",
         )
-    if f"redirect to :{port}" not in text:
+    if not any(ip in line and f"redirect to :{port}" in line for line in ruleset.splitlines()):
         raise CheckFailed(
-            f"no 'redirect to :{port}' rule for {METADATA_IP}",
+            f"no 'redirect to :{port}' rule for {ip}",
             "the REDIRECT is missing: restart openimds l3-agent so it rewrites the rules",
         )
     mark = "meta mark set" in text or "mark set" in text
-    return f"REDIRECT {METADATA_IP}:80 -> :{port}" + (" (marked)" if mark else "")
+    return f"REDIRECT {ip}:80 -> :{port}" + (" (marked)" if mark else "")
 
 
-def judge_iptables_redirect(save_text: str, port: int) -> str:
-    """`iptables-save` inside the router must hold Neutron's REDIRECT rule."""
+def judge_iptables_redirect(save_text: str, port: int, ip: str = METADATA_IP) -> str:
+    """`iptables-save` (`ip6tables-save`) inside the router must hold Neutron's REDIRECT."""
     for line in save_text.splitlines():
-        if METADATA_IP in line and "REDIRECT" in line and f"--to-ports {port}" in line:
-            return f"REDIRECT {METADATA_IP}:80 -> :{port} (iptables)"
+        if ip in line and "REDIRECT" in line and f"--to-ports {port}" in line:
+            return f"REDIRECT {ip}:80 -> :{port} (iptables)"
     raise CheckFailed(
-        f"no REDIRECT of {METADATA_IP}:80 to :{port} in iptables-save",
+        f"no REDIRECT of {ip}:80 to :{port} in iptables-save",
         "the L3 agent has not written the metadata rules: check openimds l3-agent and its log",
     )
 
 
-def judge_isolated_address(addr_json: str) -> str:
-    """The DHCP namespace must hold 169.254.169.254 on its tap."""
+def judge_isolated_address(addr_json: str, ip: str = METADATA_IP) -> str:
+    """The DHCP namespace (or a router leg) must hold ip on an interface other than lo."""
     for link in json.loads(addr_json or "[]"):
         for info in link.get("addr_info", []):
-            if info.get("local") == METADATA_IP and link.get("ifname") != "lo":
-                return f"{METADATA_IP}/{info.get('prefixlen')} on {link.get('ifname')}"
+            if info.get("local") == ip and link.get("ifname") != "lo":
+                return f"{ip}/{info.get('prefixlen')} on {link.get('ifname')}"
     raise CheckFailed(
-        f"{METADATA_IP} is not on the DHCP tap",
+        f"{ip} is not on the DHCP tap" if ip == METADATA_IP else f"{ip} is on no interface",
         "isolated metadata is off or the DHCP agent has not converged: set "
-        "enable_isolated_metadata = true and check openimds dhcp-agent",
+        "enable_isolated_metadata = true and check openimds dhcp-agent" if ip == METADATA_IP
+        else "the L3 or DHCP agent has not added it: restart it and check its log",
     )
 
 
@@ -347,11 +356,15 @@ def build_context(settings: Settings, http: httpx.Client, server: str) -> TraceC
             marker = page.get("next")
             if not marker:
                 break
-    return TraceContext(
+    ctx = TraceContext(
         settings=settings, http=http, instance=view.get("instance", instance),
         ip=fixed["ip_address"], network_id=port["network_id"], subnet=subnet,
         router_id=router_id, dhcp_ip=subnet.get("dhcp_ip"),
     )
+    ctx.extra["mac"] = str(port.get("mac_address") or "")
+    ctx.extra["has_ipv6"] = any(int(s.get("ip_version") or 4) == 6
+                                for s in port.get("subnets", []))
+    return ctx
 
 
 # --- probes (I/O) ----------------------------------------------------------------------------
@@ -472,20 +485,25 @@ def probe_lookup(ctx: TraceContext) -> str:
     # toward 169.254.169.254, not necessarily its port's IP (a secondary address, a wrong
     # manual configuration: Neutron's "instance not found").
     source = str(ctx.extra.get("source_ip") or ctx.ip)
-    params = {"ip": source}
-    if ctx.router_id is not None:
-        params["router_id"] = ctx.router_id
-        where = f"ip {source} behind router {ctx.router_id}"
-    else:
-        params["network_id"] = ctx.network_id
-        where = f"ip {source} on network {ctx.network_id}"
     try:
-        return judge_lookup(_get(ctx.http, "/v1/lookup", **params), ctx.instance_id, where)
+        return _lookup(ctx, source, "ip")
     except CheckFailed as exc:
         if source != ctx.ip:
             exc.advice = (f"the VM sends from {source}, not its port's IP {ctx.ip}: the agent "
                           "cannot map it to the server; make the port's IP its primary address")
         raise
+
+
+def _lookup(ctx: TraceContext, source: str, label: str) -> str:
+    """The registry's answer for (source, this router or network), judged."""
+    params = {"ip": source}
+    if ctx.router_id is not None:
+        params["router_id"] = ctx.router_id
+        where = f"{label} {source} behind router {ctx.router_id}"
+    else:
+        params["network_id"] = ctx.network_id
+        where = f"{label} {source} on network {ctx.network_id}"
+    return judge_lookup(_get(ctx.http, "/v1/lookup", **params), ctx.instance_id, where)
 
 
 def _api_get(ctx: TraceContext, path: str) -> httpx.Response:
@@ -526,15 +544,63 @@ def probe_api(ctx: TraceContext) -> str:
     return judge_metadata(resp.status_code, resp.content, ctx.instance_id)
 
 
+def _ipv6_served(ctx: TraceContext) -> bool:
+    """Routers always answer on IPv6; a DHCP namespace only for a network with IPv6."""
+    return ctx.routed or bool(ctx.extra.get("has_ipv6"))
+
+
+def probe_v6_intercept(ctx: TraceContext) -> str:
+    if not _ipv6_served(ctx):
+        return "the network has no IPv6 subnet: its DHCP namespace serves IPv4 only"
+    on_leg = judge_isolated_address(_cmd(["ip", "-n", ctx.hop_ns, "-j", "addr", "show"]),
+                                    METADATA_IPV6)
+    if not ctx.routed:
+        return on_leg
+    port = ctx.settings.metadata_port
+    if ctx.settings.l3.firewall_driver == "iptables":
+        text = _cmd(["ip", "netns", "exec", ctx.hop_ns, "ip6tables-save", "-t", "nat"])
+        return f"{on_leg}, {judge_iptables_redirect(text, port, METADATA_IPV6)}"
+    ruleset = _cmd(["ip", "netns", "exec", ctx.hop_ns, "nft", "list", "ruleset"])
+    return f"{on_leg}, {judge_nft_redirect(ruleset, port, METADATA_IPV6)}"
+
+
+def probe_v6_lookup(ctx: TraceContext) -> str:
+    if not _ipv6_served(ctx):
+        return "not served here (no IPv6 subnet)"
+    return _lookup(ctx, str(link_local_address(ctx.extra["mac"])), "link-local")
+
+
+def probe_v6_end_to_end(ctx: TraceContext) -> str:
+    if not _ipv6_served(ctx):
+        return "not served here (no IPv6 subnet)"
+    return _request_from_vm(ctx, METADATA_IPV6, interface="eth0")
+
+
+def probe_ula_end_to_end(ctx: TraceContext) -> str:
+    if not ctx.settings.metadata_ipv6_ula:
+        return "metadata_ipv6_ula is off"
+    if not _ipv6_served(ctx):
+        return "not served here (no IPv6 subnet)"
+    return _request_from_vm(ctx, METADATA_ULA)
+
+
 def probe_end_to_end(ctx: TraceContext) -> str:
-    request = (f"GET {META_DATA_PATH} HTTP/1.1\r\nHost: {METADATA_IP}\r\n"
+    return _request_from_vm(ctx, METADATA_IP)
+
+
+def _request_from_vm(ctx: TraceContext, address: str, interface: str | None = None) -> str:
+    host = f"[{address}]" if ":" in address else address
+    request = (f"GET {META_DATA_PATH} HTTP/1.1\r\nHost: {host}\r\n"
                "User-Agent: openimds-trace\r\nConnection: close\r\n\r\n").encode()
-    sock = netns.socket_in_netns(ctx.vm_ns, socket.AF_INET, socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = netns.socket_in_netns(ctx.vm_ns, family, socket.SOCK_STREAM)
     chunks: list[bytes] = []
     with sock:
         sock.settimeout(10)
         try:
-            sock.connect((METADATA_IP, 80))
+            if interface is not None:  # a link-local destination needs its interface
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+            sock.connect((address, 80))
             sock.sendall(request)
             while True:
                 data = sock.recv(65536)
@@ -543,7 +609,7 @@ def probe_end_to_end(ctx: TraceContext) -> str:
                 chunks.append(data)
         except OSError as exc:
             raise CheckFailed(
-                f"request from {ctx.vm_ns} to {METADATA_IP}:80 failed: {exc}",
+                f"request from {ctx.vm_ns} to {host}:80 failed: {exc}",
                 "the hops above look right: check the proxy, agent and API logs for this VM's "
                 "IP (timeouts mean packets are dropped: check the mark/INPUT rules)",
             ) from exc
@@ -577,6 +643,10 @@ HOPS: tuple[Check[TraceContext], ...] = (
     Check("signature", probe_signature),
     Check("api", probe_api),
     Check("end-to-end", probe_end_to_end),
+    Check("v6-intercept", probe_v6_intercept),
+    Check("v6-lookup", probe_v6_lookup),
+    Check("v6-end-to-end", probe_v6_end_to_end),
+    Check("ula-end-to-end", probe_ula_end_to_end),
 )
 
 

@@ -9,7 +9,8 @@ of the port's addresses become networks, numbered across the document (`network0
 - a subnet with `enable_dhcp` is `ipv4_dhcp` / `ipv6_dhcp` with no addresses (Neutron gives
   the DHCP port addresses only on such subnets, so this is Nova's "has a DHCP server" rule);
   otherwise it is static with `ip_address`, `netmask`, the default route via the gateway, the
-  host routes, and `services` (its DNS servers);
+  host routes, and `services` (its DNS servers); a static IPv6 network with an
+  `ipv6_address_mode` is typed `ipv6_<mode>` (`ipv6_slaac`, ...), as Nova types it;
 - the metadata route: a static network on an isolated subnet (no router holds its gateway)
   cannot reach 169.254.169.254 through a router, so when the network's DHCP port (whose
   namespace serves metadata) has an address on it, a `169.254.169.254/32` route via that
@@ -61,9 +62,12 @@ def _network(
     ):
         routes.append({"network": METADATA_IP, "netmask": "255.255.255.255",
                        "gateway": subnet.dhcp_ip})
+    kind = f"ipv{version}"
+    if version == 6 and subnet.ipv6_address_mode:
+        kind = f"ipv6_{subnet.ipv6_address_mode}"
     return {
         "id": f"network{num}",
-        "type": f"ipv{version}",
+        "type": kind,
         "link": link_id,
         "ip_address": address,
         "netmask": str(net.netmask),

@@ -36,6 +36,7 @@ class Subnet:
     host_routes: tuple[tuple[str, str], ...]  # (destination CIDR, nexthop)
     isolated: bool
     dhcp_ip: str | None
+    ipv6_address_mode: str | None = None  # slaac, dhcpv6-stateful, dhcpv6-stateless
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +96,7 @@ def _subnet(raw: Mapping[str, Any]) -> Subnet:
         ),
         isolated=bool(raw.get("isolated", True)),
         dhcp_ip=raw.get("dhcp_ip") or None,
+        ipv6_address_mode=raw.get("ipv6_address_mode") or None,
     )
 
 
