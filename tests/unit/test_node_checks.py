@@ -219,6 +219,8 @@ def test_stale() -> None:
     assert stale_namespaces(nss, {"r1"}, {"n1"}, {"abcdef01"}) == ["qrouter-r2", "vm-00000000"]
     assert stale_specs(["router-r1.json", "network-n2.json"], {"r1"}, {"n1"}) == [
         "network-n2.json"]
+    assert stale_specs(["network-n1-ipv6.json", "network-n1-ula.json", "network-n2-ipv6.json"],
+                       set(), {"n1"}) == ["network-n2-ipv6.json"]
 
 
 def test_result_dict() -> None:

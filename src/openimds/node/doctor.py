@@ -131,6 +131,8 @@ def stale_specs(spec_names: Iterable[str], router_ids: set[str],
     for name in spec_names:
         stem = name.removesuffix(".json")
         kind, _, ident = stem.partition("-")
+        for suffix in ("-ipv6", "-ula"):  # a network's IPv6 listeners (network-<id>-ipv6)
+            ident = ident.removesuffix(suffix)
         if (kind == "router" and ident not in router_ids) or \
                 (kind == "network" and ident not in network_ids):
             stale.append(name)
