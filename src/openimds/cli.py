@@ -33,6 +33,7 @@ COMMAND_MODULES = (
     "openimds.lab.cli",
     "openimds.lab.cluster_cli",
     "openimds.node.cli",
+    "openimds.metrics.status_cli",
     "openimds.node.host_cli",
 )
 

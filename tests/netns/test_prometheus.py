@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import time
 import urllib.parse
 import urllib.request
@@ -24,8 +25,10 @@ import pytest
 
 from openimds.core.names import dhcp_namespace
 from tests.support import (
+    PYTHON,
     REPO,
     Service,
+    clean_env,
     free_port,
     http_ready,
     metric_samples,
@@ -139,12 +142,12 @@ def test_prometheus_scrapes_every_service_and_the_dashboard_fits(
                          "http://169.254.169.254/latest/api/token", check=True).stdout
 
     # A VM cannot reach any metrics listener: not on its gateway, not on the metadata IP.
-    for service in SERVICES:
-        port = metrics_port(stack, service)
-        for host in ("10.0.0.1", "169.254.169.254"):
-            res = stack.vm_exec(server["id"], "curl", "-s", "-m", "2", "-o", "/dev/null",
-                                "-w", "%{http_code}", f"http://{host}:{port}/metrics")
-            assert res.stdout.strip() in ("000", ""), (service, host, res.stdout)
+    urls = [f"http://{host}:{metrics_port(stack, svc)}/metrics"
+            for svc in SERVICES for host in ("10.0.0.1", "169.254.169.254")]
+    script = "for u in " + " ".join(urls) + "; do " \
+        "curl -s -m 1 -o /dev/null -w '%{http_code}\\n' $u; done"
+    codes = stack.vm_exec(server["id"], "sh", "-c", script).stdout.split()
+    assert codes == ["000"] * len(urls), codes
 
     # dnsmasq dies: the DHCP agent respawns it and counts the restart.
     confs = Path(stack.settings.dhcp.dhcp_confs) / net["id"]
@@ -174,6 +177,36 @@ def test_prometheus_scrapes_every_service_and_the_dashboard_fits(
     dhcp = metric_samples(texts["dhcp-agent"])
     assert dhcp[("openimds_dhcp_networks", frozenset())] == 1
     assert dhcp[("openimds_dhcp_dnsmasq_running", frozenset())] == 1
+
+    # `openimds status`: one screen, every service up, read from the same endpoints.
+    for _ in range(2):
+        stack.vm_exec(server["id"], "curl", "-s", "-m", "10", MD_URL, check=True)
+    status = json.loads(stack.cli("status", "-f", "json", "--interval", "0.5").stdout)
+    rows = {r["service"]: r for r in status["services"]}
+    assert sorted(rows) == sorted(SERVICES)
+    assert all(r["state"] == "up" for r in rows.values()), rows
+    for hop in ("proxy", "agent", "api"):
+        assert rows[hop]["requests"] >= 5 and rows[hop]["p99_ms"] > 0, rows[hop]
+        assert rows[hop]["error_ratio"] == 0.0, rows[hop]
+    assert rows["agent"]["cache_hit_ratio"] > 0.5
+    assert rows["agent"]["feed_live"] is True and rows["agent"]["feed_behind"] == 0
+    assert rows["l3-agent"]["routers"] == 1 and rows["dhcp-agent"]["dnsmasq_restarts"] == 1
+    assert rows["proxy"]["listeners"] == 1
+    table = stack.cli("status").stdout
+    assert "p99_ms" in table and "cache_hit_ratio" in table
+    watch_out = stack.root / "status-watch.out"
+    with watch_out.open("wb") as sink:
+        watch = subprocess.Popen(
+            [PYTHON, "-m", "openimds", "--config", str(stack.config), "status", "--watch",
+             "--interval", "0.3"], stdout=sink, stderr=subprocess.STDOUT, env=clean_env())
+    try:
+        wait(lambda: watch_out.read_text().count("openimds status") >= 2, 60, "two frames")
+    finally:
+        watch.send_signal(signal.SIGINT)
+        watch.wait(timeout=20)
+    out = watch_out.read_text()
+    assert watch.returncode == 0, out
+    assert out.count("openimds status") >= 2, out  # refreshed
 
     prom = prometheus_factory({svc: metrics_port(stack, svc) for svc in SERVICES})
 

@@ -329,6 +329,7 @@ class MetadataAgent:
         self._limit_v4 = 4 in self._limit_versions
         self._limit_v6 = 6 in self._limit_versions
         self.hop = HopStats("agent")  # /metrics (openimds.metrics), read at scrape time
+        self._count = settings.metrics.enabled  # off: not even the plain ints (benchmarks)
 
     # -- feed ---------------------------------------------------------------------------
     def trusts_cache(self) -> bool:
@@ -422,7 +423,8 @@ class MetadataAgent:
     def handle(self, req: Request) -> AnyResponse | Awaitable[AnyResponse] | Deferred:
         t0 = self._clock()
         self.counts["requests"] += 1
-        self.hop.begun += 1
+        if self._count:
+            self.hop.begun += 1
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Request: %s %s HTTP/%s headers=%s body_bytes=%d", req.method,
                       req.target, req.version, redact(req.headers), len(req.body))
@@ -430,7 +432,7 @@ class MetadataAgent:
             caller = self._parse_caller(req.headers)
         except OpenImdsError as exc:
             if req.path == STATS_PATH and self._is_local(req):
-                self.hop.begun -= 1  # not a metadata request
+                self.hop.begun -= self._count  # not a metadata request
                 return self._stats_response()
             log.warning("agent.rejected status=%d reason=%s", exc.status, exc.reason)
             return self._finish(req, None, None, t0, error_response(exc.status, exc.reason))
@@ -664,7 +666,8 @@ class MetadataAgent:
             resp.status if isinstance(resp, Response) else 0)
         self.status_counts[code] = self.status_counts.get(code, 0) + 1
         seconds = self._clock() - t0
-        self.hop.done(code, req.path, seconds)
+        if self._count:
+            self.hop.done(code, req.path, seconds)
         if self._access and access_line.enabled:
             if caller is not None:
                 kind, ident = caller.scope

@@ -172,6 +172,7 @@ class Forwarder:
     def __init__(
         self, pool: UpstreamPool, *, token_hop_limit: int = 1, access_log: bool = False,
         long_poll: UpstreamPool | None = None,
+        count: bool = True,
     ) -> None:
         self.pool = pool
         self.long_poll = long_poll or pool  # held requests (wait_for_change): own pool
@@ -179,6 +180,9 @@ class Forwarder:
         self._errors = _ErrorLog()
         self.hop = HopStats("proxy")  # /metrics (openimds.metrics), read at scrape time
         self.access_log = access_log
+        # off ([metrics] enabled = false): no counting at all, not even the plain ints
+        self.timed = count or access_log
+        self.count = count
         # Request IDs: <8 random hex>-<sequence in hex>, unique per process and start.
         self._id_prefix = os.urandom(4).hex().encode() + b"-"
         self._id_seq = 0
@@ -201,10 +205,13 @@ class Forwarder:
         scope = (f"router={spec.router_id}" if spec.router_id else
                  f"network={spec.network_id}")
 
+        count, timed = self.count, self.timed
+
         def handle(req: Request) -> Deferred | Awaitable[AnyResponse]:
             nonlocal last_host, last_added
-            hop.begun += 1
-            t0 = perf_counter()
+            if count:
+                hop.begun += 1
+            t0 = perf_counter() if timed else 0.0
             host = req.peer[0] if req.peer else "0.0.0.0"
             key = (tag, host, req.method, req.target, *req.headers) if not req.body else None
             entry = encoded.get(key) if key is not None else None
@@ -263,8 +270,11 @@ class Forwarder:
     def _observe(
         self, req: Request, status: int, t0: float, rid: bytes, host: str, scope: str,
     ) -> None:
+        if not self.timed:  # [metrics] enabled = false and no access line
+            return
         seconds = perf_counter() - t0
-        self.hop.done(status, req.path, seconds)
+        if self.count:
+            self.hop.done(status, req.path, seconds)
         if self.access_log and access_line.enabled:
             access_line.write(
                 f"proxy request_id={rid.decode('latin-1')} ip={host} {scope} "
@@ -755,7 +765,8 @@ async def run_proxy(
     pool = pool_from_settings(settings)
     long_poll = pool_from_settings(settings, long_poll=True)
     forwarder = Forwarder(pool, token_hop_limit=settings.api.token_hop_limit,
-                          access_log=settings.proxy.access_log, long_poll=long_poll)
+                          access_log=settings.proxy.access_log, long_poll=long_poll,
+                          count=settings.metrics.enabled)
     proxy = NamespaceProxy(paths.listeners_dir, forwarder,
                            limits_from_settings(settings), settings.proxy.rescan_interval,
                            settings.proxy.max_connections_per_source,
