@@ -12,17 +12,26 @@ interleaved per scenario, after a 1 s warm-up each. Printed: per-hop CPU µs per
 (utime+stime of the process over the requests wrk completed) on and off, and the medians of
 the per-round on/off ratios (the target is at most a few per cent). A scrape of each
 service's /metrics during the measured run shows the counts are real.
+
+    .venv/bin/python bench/metrics_bench.py --micro
+
+The same question without wrk and the shared machine's noise: in one process, the hops' real
+handlers called back to back with counting on and off (CPU time, interleaved rounds): the
+proxy's `Forwarder` handler with an upstream that answers at once, the API's warm
+keep-alive GET (`handle_observed` vs `handle`), and the bare `HopStats` bookkeeping.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ctypes
 import os
 import signal
 import statistics
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -63,12 +72,93 @@ def scrape_count(port: int, hop: str) -> float:
                         frozenset({("hop", hop)})), 0.0)
 
 
+def cpu_ns_per_call(fn: Any, n: int) -> float:
+    t0 = time.thread_time_ns()
+    for _ in range(n):
+        fn()
+    return (time.thread_time_ns() - t0) / n
+
+
+def micro(rounds: int, n: int) -> int:
+    """In-process: each hop's handler with counting on and off, interleaved."""
+    from openimds.core.proxy_rules import ListenerSpec
+    from openimds.http.client import UpstreamResponse
+    from openimds.http.server import Request
+    from openimds.metadata.proxy import Forwarder
+    from openimds.metrics import HopStats
+
+    sys.path.insert(0, str(cb.REPO))
+    from tests.unit.test_metadata_api import call, make_api, signed
+
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+    resp = UpstreamResponse(200, [], b"{}", answer, True)
+
+    class Pool:  # the agent answers at once, from the send call
+        def encode_request(self, method: str, target: str, headers: Any, body: bytes) -> bytes:
+            return cb_encode(method, target, headers)
+
+        def send_encoded(self, data: bytes, head_only: bool, cb_: Any) -> None:
+            cb_(resp)
+
+    def cb_encode(method: str, target: str, headers: Any) -> bytes:
+        return (f"{method} {target} HTTP/1.1\r\n".encode()
+                + b"".join(k + b": " + v + b"\r\n" for k, v in headers) + b"\r\n")
+
+    spec = ListenerSpec("router-x", "qrouter-x", "0.0.0.0", 9697, "r" * 36, None)
+    headers = [(b"host", b"169.254.169.254"), (b"user-agent", b"curl/7.88.1"),
+               (b"accept", b"*/*")]
+    req = Request("GET", "/openstack/latest/meta_data.json", headers, b"", "1.1", True,
+                  ("10.0.0.5", 40000))
+    proxies = {flag: Forwarder(Pool(), count=flag).handler_for(spec)  # type: ignore[arg-type]
+               for flag in (True, False)}
+
+    api, _ = make_api()
+    areq = Request("GET", "/latest/meta-data/instance-id", signed(), b"", "1.1", True,
+                   ("127.0.0.1", 1))
+    asyncio.run(call(api, "GET", "/latest/meta-data/instance-id", keep_alive=True))
+    api.handle(areq)  # warm: the pre-encoded answer exists now
+    hop = HopStats("agent")
+
+    def bookkeeping() -> None:
+        hop.begun += 1
+        t0 = time.perf_counter()
+        hop.done(200, "/openstack/latest/meta_data.json", time.perf_counter() - t0)
+
+    cases = {
+        "proxy handler": (lambda: proxies[True](req), lambda: proxies[False](req)),
+        "api handler (warm keep-alive GET)": (lambda: api.handle_observed(areq),
+                                              lambda: api.handle(areq)),
+        "HopStats begin+done+2 clock reads": (bookkeeping, lambda: None),
+    }
+    print(cb.machine(), "| load", cb.loadavg(), f"| {n} calls x {rounds} rounds", flush=True)
+    results: dict[str, list[tuple[float, float]]] = {k: [] for k in cases}
+    for rnd in range(1, rounds + 1):
+        for name, (on, off) in cases.items():
+            cpu_ns_per_call(on, n // 10)
+            cpu_ns_per_call(off, n // 10)
+            a_on, a_off = cpu_ns_per_call(on, n), cpu_ns_per_call(off, n)
+            results[name].append((a_on, a_off))
+            print(f"round {rnd} {name:36s} on {a_on:7.0f} ns  off {a_off:7.0f} ns", flush=True)
+    print("\n| case | off ns/call | on ns/call | added ns | on/off |")
+    print("|---|---|---|---|---|")
+    for name, pairs in results.items():
+        on = statistics.median(x for x, _ in pairs)
+        off = statistics.median(y for _, y in pairs)
+        ratio = statistics.median(x / y for x, y in pairs) if off > 60 else float("nan")
+        print(f"| {name} | {off:.0f} | {on:.0f} | {on - off:.0f} | {ratio:.3f} |")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--scenarios", default="100,100close")
+    p.add_argument("--micro", action="store_true", help="in-process handlers, on vs off")
+    p.add_argument("--calls", type=int, default=200000)
     a = p.parse_args()
+    if a.micro:
+        return micro(a.rounds, a.calls)
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
         return 1

@@ -108,12 +108,13 @@ def status_class(status: int) -> str:
 class HopStats:
     """One hop's request counters: bumped on the hot path, read when scraped.
 
-    `begin()` when a request arrives, `done(status, path, seconds)` once when it is answered;
-    in flight = begun - done. `upstream_error(status)` counts 502/503/504 answers caused by
-    the next hop.
+    `begun += 1` when a request arrives, `done(status, path, seconds)` once when it is
+    answered; in flight = begun - done. `upstream_error(status)` counts 502/503/504 answers
+    caused by the next hop. `done` is a closure over its tables (no attribute lookups, no
+    method binding): ~0.3 µs a request on this machine (bench/metrics_bench.py --micro).
     """
 
-    __slots__ = ("_families", "begun", "buckets", "codes", "family_of", "hop", "sum",
+    __slots__ = ("_families", "_sum", "begun", "buckets", "codes", "done", "family_of", "hop",
                  "upstream_errors")
 
     def __init__(self, hop: str, family_of: Callable[[str], int] = path_family) -> None:
@@ -122,25 +123,41 @@ class HopStats:
         self.begun = 0
         self.codes: dict[int, int] = {}  # status << 3 | family -> count
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.sum = 0.0
+        self._sum = [0.0]
         self.upstream_errors: dict[int, int] = {}
         self._families: dict[str, int] = {}
+        self.done: Callable[[int, str, float], None] = self._make_done()
+
+    def _make_done(self) -> Callable[[int, str, float], None]:
+        families, codes, buckets, sums = self._families, self.codes, self.buckets, self._sum
+        bounds, family_of = LATENCY_BUCKETS, self.family_of
+
+        def learn(path: str) -> int:
+            if len(families) >= _MEMO_MAX:  # paths come from VMs: bounded memo
+                families.clear()
+            fam = families[path] = family_of(path)
+            return fam
+
+        def done(status: int, path: str, seconds: float) -> None:
+            try:
+                key = families[path] | status << _FAMILY_BITS
+            except KeyError:
+                key = learn(path) | status << _FAMILY_BITS
+            try:
+                codes[key] += 1
+            except KeyError:
+                codes[key] = 1
+            buckets[bisect_left(bounds, seconds)] += 1
+            sums[0] += seconds
+
+        return done
 
     def begin(self) -> None:
         self.begun += 1
 
-    def done(self, status: int, path: str, seconds: float) -> None:
-        fam = self._families.get(path)
-        if fam is None:
-            fam = self.family_of(path)
-            if len(self._families) >= _MEMO_MAX:  # paths come from VMs: bounded memo
-                self._families.clear()
-            self._families[path] = fam
-        key = status << _FAMILY_BITS | fam
-        codes = self.codes
-        codes[key] = codes.get(key, 0) + 1
-        self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.sum += seconds
+    @property
+    def sum(self) -> float:
+        return self._sum[0]
 
     def upstream_error(self, status: int) -> None:
         self.upstream_errors[status] = self.upstream_errors.get(status, 0) + 1
