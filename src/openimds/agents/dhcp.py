@@ -562,13 +562,13 @@ async def run_agent(settings: Settings, *, cleanup_on_exit: bool = False,
         await beat.first_ok.wait()
         await agent.follow(client)
 
-    metrics_server = await start_metrics_server(settings, agent.metrics)
     tasks = [
         asyncio.create_task(follow(), name="dhcp-follow"),
         asyncio.create_task(agent.resync_periodically(client), name="dhcp-resync"),
         asyncio.create_task(agent.stop_event.wait(), name="dhcp-stop"),
         asyncio.create_task(beat.run(), name="dhcp-heartbeat"),
     ]
+    metrics_server = await start_metrics_server(settings, agent.metrics)
     keeper_task: asyncio.Task[None] | None = None
     if agent.flags.serves_metadata and settings.proxy.spawn_from_agents:
         # Like the L3 agent: keep one `openimds proxy` for this state_path (if none holds its

@@ -774,8 +774,7 @@ async def run_proxy(
     metrics = ServiceMetrics("proxy", worker=worker)
     metrics.hops.append(forwarder.hop)
     metrics.add(proxy.metric_families)
-    # In the host namespace, like every operator listener (the VM-facing ones are not).
-    metrics_server = await start_metrics_server(settings, metrics)
+    metrics_start: list[asyncio.Task[asyncio.AbstractServer | None]] = []
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, proxy.wake)
     loop.add_signal_handler(signal.SIGTERM, proxy.stop)
@@ -788,6 +787,9 @@ async def run_proxy(
         gc.collect()
         gc.freeze()
         gc.set_threshold(GC_THRESHOLD_0, 20, 20)
+        # In the host namespace, like every operator listener (the VM-facing ones are not);
+        # only now, so loading prometheus-client never delays the VM-facing listeners.
+        metrics_start.append(asyncio.ensure_future(start_metrics_server(settings, metrics)))
         if worker_ready is not None:
             worker_ready()
         else:
@@ -796,8 +798,13 @@ async def run_proxy(
     try:
         await proxy.run(on_first_converge=ready)
     finally:
-        if metrics_server is not None:
-            metrics_server.close()
+        for task in metrics_start:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                server = task.result()
+                if server is not None:
+                    server.close()
+            else:
+                task.cancel()
         proxy.close_all()
         await pool.close()
         await long_poll.close()

@@ -28,23 +28,21 @@ import os
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
-
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.gc_collector import GCCollector
-from prometheus_client.platform_collector import PlatformCollector
-from prometheus_client.process_collector import ProcessCollector
-from prometheus_client.registry import CollectorRegistry
+from typing import TYPE_CHECKING, Any
 
 from openimds import __version__
 from openimds.config import Settings
 from openimds.http.server import Request, Response, bind_tcp, error_response, serve
+
+if TYPE_CHECKING:
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        Metric,
+    )
+    from prometheus_client.registry import CollectorRegistry
+else:  # only annotations name it here; the class is prometheus-client's, loaded on first use
+    Metric = object
 
 log = logging.getLogger(__name__)
 
@@ -202,18 +200,27 @@ class FeedStats:
         return max(0.0, (time.monotonic() if now is None else now) - self.caught_up_at)
 
 
-Source = Callable[[], Iterable[Metric]]
+Source = Callable[[], Iterable["Metric"]]
+
+
+def _families() -> Any:
+    """prometheus_client.core, imported on first use: importing prometheus_client takes
+    0.2-0.4 s here (it pulls in http.server, ssl, wsgiref), which a hop must not pay
+    before it serves (a restarted proxy reopens its listeners within 2 s)."""
+    from prometheus_client import core
+
+    return core
 
 
 def counter(name: str, doc: str, value: float, **labels: str) -> CounterMetricFamily:
     """One counter sample (name without `_total`; prometheus-client adds it)."""
-    fam = CounterMetricFamily(name, doc, labels=list(labels))
+    fam: CounterMetricFamily = _families().CounterMetricFamily(name, doc, labels=list(labels))
     fam.add_metric(list(labels.values()), value)
     return fam
 
 
 def gauge(name: str, doc: str, value: float, **labels: str) -> GaugeMetricFamily:
-    fam = GaugeMetricFamily(name, doc, labels=list(labels))
+    fam: GaugeMetricFamily = _families().GaugeMetricFamily(name, doc, labels=list(labels))
     fam.add_metric(list(labels.values()), value)
     return fam
 
@@ -229,11 +236,25 @@ class ServiceMetrics:
         self.feeds: dict[str, FeedStats] = {}
         self._sources: list[Source] = []
         self.started = time.time()
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self)
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
-        GCCollector(registry=self.registry)
+        self._registry: CollectorRegistry | None = None
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The prometheus-client registry: this collector plus its process, platform and GC
+        collectors (made on first use, see `_families`)."""
+        if self._registry is None:
+            from prometheus_client.gc_collector import GCCollector
+            from prometheus_client.platform_collector import PlatformCollector
+            from prometheus_client.process_collector import ProcessCollector
+            from prometheus_client.registry import CollectorRegistry
+
+            reg = CollectorRegistry(auto_describe=False)
+            reg.register(self)
+            ProcessCollector(registry=reg)
+            PlatformCollector(registry=reg)
+            GCCollector(registry=reg)
+            self._registry = reg
+        return self._registry
 
     def hop(self, name: str) -> HopStats:
         stats = HopStats(name)
@@ -248,11 +269,13 @@ class ServiceMetrics:
         self._sources.append(source)
 
     def render(self) -> bytes:
+        from prometheus_client.exposition import generate_latest
+
         return generate_latest(self.registry)
 
     # -- prometheus-client's Collector protocol ------------------------------------------
     def collect(self) -> Iterator[Metric]:
-        info = GaugeMetricFamily("openimds_build_info", "openimds version and service",
+        info = _families().GaugeMetricFamily("openimds_build_info", "openimds version and service",
                                  labels=["service", "version", "worker"])
         info.add_metric([self.service, __version__, str(self.worker)], 1)
         yield info
@@ -269,16 +292,17 @@ class ServiceMetrics:
                 log.exception("metrics.source_failed service=%s", self.service)
 
     def _hop_families(self) -> Iterator[Metric]:
-        requests = CounterMetricFamily(
+        core = _families()
+        requests = core.CounterMetricFamily(
             "openimds_requests", "Requests answered, by hop, status class and path family",
             labels=["hop", "code", "family"])
-        latency = HistogramMetricFamily(
+        latency = core.HistogramMetricFamily(
             "openimds_request_duration_seconds",
             "Time from request to answer at this hop", labels=["hop"])
-        in_flight = GaugeMetricFamily(
+        in_flight = core.GaugeMetricFamily(
             "openimds_requests_in_flight", "Requests received and not answered yet",
             labels=["hop"])
-        upstream = CounterMetricFamily(
+        upstream = core.CounterMetricFamily(
             "openimds_upstream_errors",
             "Answers 502 (bad answer), 503 (unavailable), 504 (timeout) caused by the next hop",
             labels=["hop", "status"])
@@ -297,19 +321,20 @@ class ServiceMetrics:
         yield from (requests, latency, in_flight, upstream)
 
     def _feed_families(self) -> Iterator[Metric]:
-        revision = GaugeMetricFamily(
+        core = _families()
+        revision = core.GaugeMetricFamily(
             "openimds_feed_revision", "Registry revision this change-feed consumer has applied",
             labels=["consumer"])
-        lag = GaugeMetricFamily(
+        lag = core.GaugeMetricFamily(
             "openimds_feed_lag_seconds",
             "Seconds since this consumer was last caught up with the registry (0 = live)",
             labels=["consumer"])
-        up = GaugeMetricFamily(
+        up = core.GaugeMetricFamily(
             "openimds_feed_up", "1 while the registry answers this consumer's feed calls",
             labels=["consumer"])
-        batches = CounterMetricFamily(
+        batches = core.CounterMetricFamily(
             "openimds_feed_batches", "Change batches applied", labels=["consumer"])
-        resyncs = CounterMetricFamily(
+        resyncs = core.CounterMetricFamily(
             "openimds_feed_resyncs", "Full reloads (first batch, 410, after an outage)",
             labels=["consumer"])
         now = time.monotonic()
@@ -331,12 +356,12 @@ def worker_port(settings: Settings, service: str, worker: int = 0) -> int:
     return settings.metrics.port(service) + WORKER_PORT_STEP * worker
 
 
-def _handler(metrics: ServiceMetrics) -> Callable[[Request], Response]:
+def _handler(metrics: ServiceMetrics, content_type: str) -> Callable[[Request], Response]:
     def handle(req: Request) -> Response:
         if req.method not in ("GET", "HEAD"):
             return error_response(405, "only GET /metrics", headers=[("Allow", "GET, HEAD")])
         if req.path == "/metrics":
-            return Response(200, metrics.render(), content_type=CONTENT_TYPE_LATEST)
+            return Response(200, metrics.render(), content_type=content_type)
         if req.path == "/":
             return Response(200, f"openimds {metrics.service}: see /metrics\n".encode())
         return error_response(404, "only /metrics is served here")
@@ -357,6 +382,8 @@ async def start_metrics_server(
     cfg = settings.metrics
     if not cfg.enabled:
         return None
+    # The import runs in a thread: the hop keeps serving meanwhile (GIL switches).
+    await asyncio.to_thread(lambda: metrics.registry)
     port = worker_port(settings, metrics.service, metrics.worker)
     try:
         sock = bind_tcp(cfg.bind_host, port, backlog=64)
@@ -365,7 +392,9 @@ async def start_metrics_server(
         log.error("metrics.unavailable service=%s addr=%s:%d reason=%s (set [metrics] %s)",
                   metrics.service, cfg.bind_host, port, exc.strerror, key)
         return None
-    server = await serve(_handler(metrics), sock)
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+    server = await serve(_handler(metrics, CONTENT_TYPE_LATEST), sock)
     log.info("metrics.listening service=%s addr=%s:%d pid=%d", metrics.service,
              cfg.bind_host, port, os.getpid())
     return server
@@ -375,7 +404,8 @@ def labelled(
     name: str, doc: str, kind: str, label: str, values: Iterable[tuple[str, float]],
 ) -> Metric:
     """A counter or gauge family with one label and several samples."""
-    fam: Any = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+    core = _families()
+    fam: Any = (core.CounterMetricFamily if kind == "counter" else core.GaugeMetricFamily)(
         name, doc, labels=[label])
     for value, n in values:
         fam.add_metric([value], n)

@@ -370,7 +370,7 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) 
     metrics = ServiceMetrics("registry")
     metrics.hops.append(app[METRICS].hop)
     metrics.add(lambda: app[METRICS].families(registry))
-    metrics_server = await start_metrics_server(settings, metrics)
+    metrics_server: asyncio.AbstractServer | None = None
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, reg_settings.bind_host, reg_settings.bind_port,
@@ -381,6 +381,7 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) 
         loop.add_signal_handler(sig, stop.set)
     try:
         await site.start()
+        metrics_server = await start_metrics_server(settings, metrics)
         backend = store.backend
         log.info("registry.start url=%s backend=%s", reg_settings.effective_url, backend)
         if ready is not None:
