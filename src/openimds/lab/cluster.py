@@ -6,11 +6,11 @@ processes, its own state_path (`<cluster>/nodes/<node>/state`) and config
 (`<cluster>/nodes/<node>/openimds.ini`). Nodes meet on an underlay bridge `lab<name>` in the
 namespace the command runs in (each node's `eth0`, MTU 1600 so 1500-byte networks fit in
 VXLAN); the host side of the bridge holds `.254`, so the host's CLI reaches the registry.
-The controller runs the registry (on PostgreSQL over its Unix socket, which every node sees:
-a socket is a file, not a network address) and the metadata API; network nodes the agent,
-proxy, L3 and DHCP agents; compute nodes nothing but their VMs (`vm plug` builds the bridge
-and VXLAN). `[fabric] local_ip` is each node's underlay address; `flood_peers` lists every
-non-controller node.
+Each node runs `openimds up --role <its role>`: the controller the registry (on PostgreSQL
+over its Unix socket, which every node sees: a socket is a file, not a network address) and
+the metadata API; network nodes the agent, proxy, L3 and DHCP agents; compute nodes the L2
+agent (bridges and VXLAN for the VMs `vm plug` puts there). `[fabric] local_ip` is each
+node's underlay address; `flood_peers` lists every non-controller node.
 
 Everything the cluster makes is recorded in `<root>/<name>/cluster.json` before it is made,
 so `destroy` removes exactly that (a half-built cluster included) and nothing else: node
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import ipaddress
 import json
 import logging
@@ -60,24 +59,6 @@ UNDERLAY_MTU = 1600
 REGISTRY_PORT = 9696
 API_PORT = 8775
 _NAME = re.compile(r"^[a-z][a-z0-9]{0,5}$")
-ROLES = ("controller", "network", "compute")
-
-# What each role runs (openimds subcommands), in start order.
-ROLE_SERVICES: dict[str, tuple[tuple[str, ...], ...]] = {
-    "controller": (("registry", "serve"), ("api",)),
-    "network": (("agent",), ("proxy",), ("l3-agent",), ("dhcp-agent",)),
-    "compute": (),
-}
-
-
-def role_commands(role: str) -> tuple[tuple[str, ...], ...]:
-    """`openimds up --role ROLE` where this openimds has node roles (one supervised process
-    tree per node: respawns, heartbeats, the compute node's L2 agent); else the role's
-    services one by one."""
-    if importlib.util.find_spec("openimds.node.roles") is not None:
-        return (("up", "--role", role),)
-    return ROLE_SERVICES[role]
-
 
 class LabError(OpenImdsError):
     pass
@@ -205,10 +186,6 @@ def _write_ini(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> None:
         fh.write("\n".join(lines))
 
 
-def _has_option(name: str) -> bool:
-    return any(f.name == name for f in dataclasses.fields(Settings))
-
-
 def _apply_sets(sections: dict[str, dict[str, Any]], sets: Iterable[str]) -> None:
     for pair in sets:
         key, sep, value = pair.partition("=")
@@ -233,8 +210,7 @@ def common_sections(cluster: Cluster, state_path: Path) -> dict[str, dict[str, A
 
 def node_sections(cluster: Cluster, node: Node) -> dict[str, dict[str, Any]]:
     sections = common_sections(cluster, cluster.node_dir(node) / "state")
-    if _has_option("host"):  # `[DEFAULT] host` names the node (issue 10's node roles)
-        sections["DEFAULT"]["host"] = node.name
+    sections["DEFAULT"]["host"] = node.name
     sections["DEFAULT"]["enable_isolated_metadata"] = True
     sections["registry"].update({"connection": cluster.connection, "bind_host": "0.0.0.0",
                                  "bind_port": REGISTRY_PORT})
@@ -404,10 +380,11 @@ def start_node(cluster: Cluster, node: Node, *, wait: bool = True) -> None:
     _boot(cluster, node)
     nd = cluster.node_dir(node)
     env = _service_env()
-    for command in role_commands(node.role):
-        argv = [sys.executable, "-m", "openimds", "--config", str(cluster.node_config(node)),
-                *command]
-        _popen_logged(enter_argv(node, argv), nd / "log" / f"{command[0]}.log", env)
+    # One supervised tree per node, as on a real machine (respawns, heartbeats; its
+    # services log to <state>/log/<service>.log).
+    argv = [sys.executable, "-m", "openimds", "--config", str(cluster.node_config(node)),
+            "up", "--role", node.role]
+    _popen_logged(enter_argv(node, argv), nd / "log" / "up.log", env)
     if wait:
         _ready(cluster, node)
     log.info("lab.node_started cluster=%s node=%s pid=%s", cluster.name, node.name, node.pid)
