@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from boot_storm import BOOT_SEQUENCE, enter_private_netns, raise_nofile  # noqa: E402
+from boot_storm import (  # noqa: E402
+    BOOT_SEQUENCE,
+    ArmResult,
+    enter_private_netns,
+    raise_nofile,
+)
 
 from openimds.config import load_settings  # noqa: E402
 from openimds.host.netns import socket_in_netns_file  # noqa: E402
@@ -73,29 +78,6 @@ class Vm:
     ns_file: str = ""
 
 
-@dataclass
-class Result:
-    name: str
-    requests: int = 0
-    errors: int = 0
-    wrong_instance: int = 0
-    wall_s: float = 0.0
-    latencies_ms: list[float] = field(default_factory=list)
-    samples: list[str] = field(default_factory=list)
-
-    def pct(self, p: float) -> float:
-        data = sorted(self.latencies_ms)
-        return data[min(len(data) - 1, int(round(p / 100 * (len(data) - 1))))] if data else 0.0
-
-    def summary(self) -> dict[str, Any]:
-        return {"arm": self.name, "requests": self.requests, "errors": self.errors,
-                "wrong_instance": self.wrong_instance, "wall_s": round(self.wall_s, 2),
-                "rps": round(self.requests / self.wall_s, 1) if self.wall_s else 0.0,
-                "p50_ms": round(self.pct(50), 1), "p99_ms": round(self.pct(99), 1),
-                "max_ms": round(max(self.latencies_ms, default=0.0), 1),
-                "error_samples": self.samples[:5]}
-
-
 async def one_request(vm: Vm, path: str, timeout_s: float) -> tuple[int, bytes]:
     loop = asyncio.get_running_loop()
     sock = socket_in_netns_file(vm.ns_file, socket.AF_INET, socket.SOCK_STREAM)
@@ -115,7 +97,7 @@ async def one_request(vm: Vm, path: str, timeout_s: float) -> tuple[int, bytes]:
     return (int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0), body
 
 
-async def boot(vm: Vm, result: Result, timeout_s: float,
+async def boot(vm: Vm, result: ArmResult, timeout_s: float,
                events: list[tuple[float, bool]] | None = None) -> None:
     for path in BOOT_SEQUENCE:
         t0 = time.perf_counter()
@@ -136,13 +118,13 @@ async def boot(vm: Vm, result: Result, timeout_s: float,
             result.latencies_ms.append((time.perf_counter() - t0) * 1000)
         else:
             result.errors += 1
-            result.samples.append(f"{vm.name} {path}: {status} {body[:60]!r}")
+            result.error_samples.append(f"{vm.name} {path}: {status} {body[:60]!r}")
         if events is not None:  # failover: reached its own instance's metadata or not
             events.append((time.time(), ok or 200 < status < 500))
 
 
-async def storm(vms: list[Vm], name: str, timeout_s: float = 10.0) -> Result:
-    result = Result(name)
+async def storm(vms: list[Vm], name: str, timeout_s: float = 10.0) -> ArmResult:
+    result = ArmResult(name)
     t0 = time.perf_counter()
     await asyncio.gather(*(boot(vm, result, timeout_s) for vm in vms))
     result.wall_s = time.perf_counter() - t0
@@ -150,8 +132,8 @@ async def storm(vms: list[Vm], name: str, timeout_s: float = 10.0) -> Result:
 
 
 async def reboot_storm(vms: list[Vm], seconds: float, kill_at: float, cluster: lab.Cluster,
-                       victim: str) -> tuple[Result, dict[str, float], float]:
-    result = Result("cloud failover")
+                       victim: str) -> tuple[ArmResult, dict[str, float], float]:
+    result = ArmResult("cloud failover")
     events: dict[str, list[tuple[float, bool]]] = {vm.name: [] for vm in vms}
     stop = time.monotonic() + seconds
 
@@ -182,14 +164,16 @@ async def reboot_storm(vms: list[Vm], seconds: float, kill_at: float, cluster: l
 
 
 def wait_alive(api: RegistryClient, names: list[str], timeout_s: float = 60) -> None:
-    """Every network node heartbeating, so the scheduler spreads routers over all of them."""
+    """Every network node's L3 and DHCP agents heartbeating, so the scheduler spreads
+    routers and networks over all of them (a node shows alive once any agent reported)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        alive = {h["name"] for h in api.list("host") if h["alive"]}
-        if set(names) <= alive:
+        ready = {h["name"] for h in api.list("host")
+                 if {"l3", "dhcp"} <= {a["type"] for a in h["agents"] if a["alive"]}}
+        if set(names) <= ready:
             return
         if time.monotonic() > deadline:
-            raise SystemExit(f"network nodes not alive: {sorted(set(names) - alive)}")
+            raise SystemExit(f"network nodes not ready: {sorted(set(names) - ready)}")
         time.sleep(0.5)
 
 

@@ -311,8 +311,10 @@ def test_cluster_of_2_network_and_2_compute_nodes_routes_isolates_and_fails_over
         "controller": "controller", "network-1": "network", "network-2": "network",
         "compute-1": "compute", "compute-2": "compute"}
     assert all(v["alive"] for v in nodes.values())
-    wait_for(lambda: all(hosts_alive(c).get(n) for n in ("network-1", "network-2")), 30,
-             "both network nodes to heartbeat")
+    wait_for(lambda: {"network-1", "network-2"} <= {
+        h["name"] for h in c.json("host", "list")
+        if {"l3", "dhcp"} <= {a["type"] for a in h["agents"] if a["alive"]}}, 60,
+        "both network nodes' L3 and DHCP agents to heartbeat")
     servers = build_tenants(c)
     doc = wait_for(lambda: c.metadata("b2"), 60, "b2's metadata through `vm exec`")
     assert doc["uuid"] == servers["b2"] and doc["name"] == "b2"
