@@ -69,6 +69,7 @@ def test_is_relevant(change, relevant):
 
 
 def test_router_listener_spec_text():
+    assert router_listener(RTR, 9697, ipv6=False).host == "0.0.0.0"  # kernel without IPv6
     text = render_listener_spec(router_listener(RTR, 9697))
     assert text == (f'{{"host": "::", "netns": "qrouter-{RTR}", "network_id": null, '
                     f'"port": 9697, "router_id": "{RTR}"}}\n')

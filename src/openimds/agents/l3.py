@@ -146,12 +146,14 @@ def is_relevant(change: Mapping[str, Any]) -> bool:
     return True
 
 
-def router_listener(router_id: str, metadata_port: int) -> ListenerSpec:
+def router_listener(router_id: str, metadata_port: int, *, ipv6: bool = True) -> ListenerSpec:
     """The proxy listener spec of one router (docs/architecture.md): one dual-stack socket,
-    as Neutron's `bind :::9697`, behind the IPv4 and IPv6 REDIRECTs."""
+    as Neutron's `bind :::9697`, behind the IPv4 and IPv6 REDIRECTs (IPv4 only on a kernel
+    without IPv6, as Neutron's `bind 0.0.0.0:9697`)."""
     return ListenerSpec(
         name=router_listener_name(router_id), netns=router_namespace(router_id),
-        host="::", port=metadata_port, router_id=router_id, network_id=None,
+        host="::" if ipv6 else "0.0.0.0", port=metadata_port, router_id=router_id,
+        network_id=None,
     )
 
 
@@ -174,7 +176,10 @@ def send_announcements(items: Sequence[tuple[str, str, tuple[bytes, ...]]]) -> N
 
 
 def ipv6_metadata_addresses(settings: Settings) -> tuple[str, ...]:
-    """The IPv6 addresses metadata answers on: link-local always, the ULA if configured."""
+    """The IPv6 addresses metadata answers on: link-local always, the ULA if configured;
+    none on a kernel without IPv6."""
+    if not links.ipv6_enabled():
+        return ()
     ula = (firewall.METADATA_ULA,) if settings.metadata_ipv6_ula else ()
     return (firewall.METADATA_IPV6, *ula)
 
@@ -232,8 +237,12 @@ class RouterDriver:
             proxy_enabled=settings.enable_metadata_proxy,
             ipv6=ipv6_metadata_addresses(settings),
         )
+        self.ipv6 = links.ipv6_enabled()
         self._leg_extra = ((f"{firewall.METADATA_IPV6}/128",)
-                           if settings.enable_metadata_proxy else ())
+                           if settings.enable_metadata_proxy and self.ipv6 else ())
+        v6 = (("net.ipv6.conf.all.forwarding", "1"), ("net.ipv6.conf.all.accept_dad", "0"),
+              ("net.ipv6.conf.default.accept_dad", "0"))
+        self._sysctls: tuple[tuple[str, str], ...] = v6 if self.ipv6 else ()
         # Namespaces whose sysctl and rules were applied by this process, and the plans applied
         # in full: an unchanged router costs nothing on a feed-triggered converge. A full
         # resync re-checks them cheaply from one link dump of this namespace (see
@@ -338,10 +347,7 @@ class RouterDriver:
         ns = plan.namespace
         created = links.ensure_namespace(ns)
         if created or ns not in self._prepared:
-            links.set_sysctl(ns, "net.ipv4.ip_forward", "1",
-                             ("net.ipv6.conf.all.forwarding", "1"),
-                             ("net.ipv6.conf.all.accept_dad", "0"),
-                             ("net.ipv6.conf.default.accept_dad", "0"))
+            links.set_sysctl(ns, "net.ipv4.ip_forward", "1", *self._sysctls)
             apply_firewall(ns, self.rules, self.settings.l3.firewall_driver)
             self._prepared.add(ns)
         with links.netlink(ns) as inside:
@@ -382,7 +388,7 @@ class RouterDriver:
         want: dict[str, str] = {}
         if self.settings.enable_metadata_proxy:
             for rid in plans:
-                spec = router_listener(rid, self.settings.metadata_port)
+                spec = router_listener(rid, self.settings.metadata_port, ipv6=self.ipv6)
                 want[f"{spec.name}.json"] = render_listener_spec(spec)
         for name, text in want.items():
             changed |= _write_atomic(self.listeners_dir / name, text)

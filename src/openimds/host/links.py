@@ -129,6 +129,11 @@ def delete_namespace(name: str) -> bool:
     return True
 
 
+def ipv6_enabled() -> bool:
+    """Whether this kernel has IPv6 at all (not booted with ipv6.disable=1)."""
+    return os.path.isdir("/proc/sys/net/ipv6")
+
+
 def set_sysctl(namespace: str, key: str, value: str, *more: tuple[str, str]) -> None:
     """Write sysctls inside a named namespace (e.g. net.ipv4.ip_forward=1), in one command."""
     pairs = [f"{k}={v}" for k, v in ((key, value), *more)]
