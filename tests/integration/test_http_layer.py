@@ -73,6 +73,10 @@ async def test_sync_handler_raw_and_errors() -> None:
     try:
         out = await exchange(port, b"GET /raw HTTP/1.1\r\nConnection: close\r\n\r\n")
         assert out.startswith(b"HTTP/1.1 201 Created") and out.endswith(b"ok")
+        # a relayed answer says it closes, as a rendered one does (RFC 9112 section 9.6)
+        assert b"\r\nConnection: close\r\n" in out
+        assert b"\r\nConnection: close\r\n" in await exchange(
+            port, b"GET /abc HTTP/1.1\r\nConnection: close\r\n\r\n")
         out = await exchange(port, b"GET /boom HTTP/1.1\r\nConnection: close\r\n\r\n")
         assert out.startswith(b"HTTP/1.1 500 ")
         out = await exchange(port, b"HEAD /abc HTTP/1.1\r\nConnection: close\r\n\r\n")

@@ -515,6 +515,9 @@ def _api_get(ctx: TraceContext, path: str) -> httpx.Response:
         "X-Instance-ID-Signature": sign_instance_id(s.secret_bytes, ctx.instance_id),
         "X-Forwarded-For": ctx.ip,
     }
+    name, _, value = s.api.required_header.partition(":")
+    if value.strip():  # [api] required_header: every request must carry it, ours too
+        headers[name.strip()] = value.strip()
     verify: bool | str = not s.nova_metadata_insecure
     if s.auth_ca_cert and verify:
         verify = s.auth_ca_cert
@@ -590,7 +593,9 @@ def probe_end_to_end(ctx: TraceContext) -> str:
 
 def _request_from_vm(ctx: TraceContext, address: str, interface: str | None = None) -> str:
     host = f"[{address}]" if ":" in address else address
-    request = (f"GET {META_DATA_PATH} HTTP/1.1\r\nHost: {host}\r\n"
+    gate = ctx.settings.api.required_header.strip()
+    extra = f"{gate}\r\n" if gate else ""  # [api] required_header, as a guest must send it
+    request = (f"GET {META_DATA_PATH} HTTP/1.1\r\nHost: {host}\r\n{extra}"
                "User-Agent: openimds-trace\r\nConnection: close\r\n\r\n").encode()
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = netns.socket_in_netns(ctx.vm_ns, family, socket.SOCK_STREAM)
