@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,23 +45,13 @@ from tests.support import (  # noqa: E402
 
 from openimds.registry.client import RegistryClient  # noqa: E402
 
+sys.path.insert(0, str(REPO / "bench"))
+# the namespace and /proc helpers, shared with the agent and proxy benches
+from agent_bench import enter_private_netns  # noqa: E402
+from proxy_bench import cpu_s  # noqa: E402
+
 DOC = "/openstack/latest/meta_data.json"  # changes with the instance properties
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
-
-
-def enter_private_netns() -> None:
-    if os.geteuid() != 0:
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET
-        return
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-
-
-def cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * TICK_S
 
 
 class Held(asyncio.Protocol):

@@ -14,21 +14,28 @@ from tests.unit.test_agent_handler import SECRET, FakeApi, FakeRegistry, R, call
 WAIT = "/latest/meta-data/?wait_for_change=true&last_etag=x&timeout_sec=60"
 
 
-def test_is_long_poll() -> None:
-    assert is_long_poll("wait_for_change=true&last_etag=x")
-    assert not is_long_poll("") and not is_long_poll("recursive=true&alt=json")
-
-
-async def test_held_requests_use_their_pool_and_never_saturate_the_agent() -> None:
+def make(**agent_opts: object) -> tuple[MetadataAgent, FakeApi, HeldUpstream]:
+    """An agent whose held requests go to their own fake upstream; inst-1 at 10.0.0.5."""
     settings = dataclasses.replace(
         Settings(), metadata_proxy_shared_secret=SECRET,
-        metadata_agent=dataclasses.replace(MetadataAgentSettings(), max_concurrency=2))
+        metadata_agent=dataclasses.replace(MetadataAgentSettings(), **agent_opts))
     reg, api, slow = FakeRegistry(), FakeApi(), FakeApi()
     held = HeldUpstream(slow)
     agent = MetadataAgent(settings, registry=reg, upstream=api, feed_up=lambda: True,
                           held=held)
     agent.apply_batch({"revision": 0, "changes": [], "resync": False})
     reg.add(R, "10.0.0.5", "inst-1")
+    return agent, api, held
+
+
+def test_is_long_poll() -> None:
+    assert is_long_poll("wait_for_change=true&last_etag=x")
+    assert not is_long_poll("") and not is_long_poll("recursive=true&alt=json")
+
+
+async def test_held_requests_use_their_pool_and_never_saturate_the_agent() -> None:
+    agent, api, held = make(max_concurrency=2)
+    slow = held.pool
     assert (await call(agent, req()))[0] == 200
     slow.delay = 0.3
     waits = [asyncio.ensure_future(settle(agent.handle(req(path=WAIT)))) for _ in range(5)]
@@ -46,14 +53,8 @@ async def test_held_requests_use_their_pool_and_never_saturate_the_agent() -> No
 
 async def test_a_cancelled_held_request_releases_its_upstream() -> None:
     """The server cancels the task when the client goes: the upstream call is cancelled."""
-    settings = dataclasses.replace(Settings(), metadata_proxy_shared_secret=SECRET)
-    reg, api, slow = FakeRegistry(), FakeApi(), FakeApi()
-    held = HeldUpstream(slow)
-    agent = MetadataAgent(settings, registry=reg, upstream=api, feed_up=lambda: True,
-                          held=held)
-    agent.apply_batch({"revision": 0, "changes": [], "resync": False})
-    reg.add(R, "10.0.0.5", "inst-1")
-    slow.delay = 30
+    agent, _, held = make()
+    held.pool.delay = 30
     task = asyncio.ensure_future(settle(agent.handle(req(path=WAIT))))
     await asyncio.sleep(0.05)
     assert held.held == 1
