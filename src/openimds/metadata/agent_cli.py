@@ -17,6 +17,7 @@ from openimds.cli import add_command
 from openimds.config import Settings
 from openimds.core.ratelimit import RateLimiter
 from openimds.errors import ConfigError
+from openimds.host.limits import raise_nofile_limit
 from openimds.host.workers import run_workers
 from openimds.http.server import Limits, install_uvloop, serve
 from openimds.log import setup_logging
@@ -57,6 +58,7 @@ def _agent(args: argparse.Namespace, settings: Settings) -> int:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+    raise_nofile_limit()  # held requests keep two fds each ([api] max_waits)
     install_uvloop()
     workers = settings.metadata_workers
     if workers <= 1:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from openimds.cli import add_command
 from openimds.config import Settings
 from openimds.errors import ConfigError
+from openimds.host.limits import raise_nofile_limit
 from openimds.host.workers import run_workers
 from openimds.http.server import Limits, bind_tcp, install_uvloop, serve
 from openimds.log import setup_logging
@@ -40,6 +41,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _api(args: argparse.Namespace, settings: Settings) -> int:
     setup_logging(debug=settings.debug, log_file=settings.log_file, component="api",
                   fmt=settings.log_format)
+    raise_nofile_limit()  # a held request keeps its connection ([api] max_waits)
     install_uvloop()
     workers = settings.api.workers
     if workers <= 1:

@@ -31,7 +31,6 @@ import fcntl
 import gc
 import logging
 import os
-import resource
 import signal
 import socket
 import time
@@ -59,6 +58,7 @@ from openimds.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from openimds.host.limits import raise_nofile_limit
 from openimds.host.netns import netns_inode, socket_in_netns, socket_netns_inode
 from openimds.http.client import UpstreamPool, UpstreamResponse
 from openimds.http.server import (
@@ -700,16 +700,6 @@ class NamespaceProxy:
 
 
 # -- process-level plumbing --------------------------------------------------------------
-
-def raise_nofile_limit() -> int:
-    """Raise RLIMIT_NOFILE's soft limit to the hard limit (one fd per listener and client)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
 
 def acquire_lock(paths: ProxyPaths) -> int:
     """Take the proxy's flock (held until exit); raise if another proxy holds it."""
