@@ -295,6 +295,9 @@ async def test_imdsv2_tokens() -> None:
     resp2 = await call(api, "GET", "/latest/meta-data/instance-id", [
         *signed(iid="other-instance"), (b"x-aws-ec2-metadata-token", token)])
     assert status(resp2) == 401
+    # what /metrics shows: 1 issued, 2 refused for a bad token, 5 token PUTs refused
+    # (3 bad TTLs, 1 missing, 1 forwarded)
+    assert api.token_counts == {"issued": 1, "rejected": 2, "refused": 5}
 
 
 async def test_imdsv2_required() -> None:

@@ -268,7 +268,7 @@ class MetadataApi:
         self._root_etag = root.etag
         self.stats: dict[str, int] = {"misses": 0, "fetches": 0, "invalidated": 0,
                                       "prewarmed": 0, "prewarm_failed": 0, "waits": 0}
-        self.token_counts: dict[str, int] = {"issued": 0, "rejected": 0}
+        self.token_counts: dict[str, int] = {"issued": 0, "rejected": 0, "refused": 0}
         self.hop = HopStats("api")  # /metrics (openimds.metrics), read at scrape time
         self.access_log = api.access_log or settings.debug
 
@@ -296,6 +296,7 @@ class MetadataApi:
             if method != "PUT":
                 return _not_allowed(_ALLOW_TOKEN)
         elif method == "PUT" and path.endswith(TOKEN_SUFFIX):
+            self.token_counts["refused"] += 1
             return self._refuse(req, 403, "tokens are issued only by PUT /latest/api/token")
         elif method not in _GET_HEAD:
             password = _is_password_path(path)
@@ -404,6 +405,9 @@ class MetadataApi:
             counter("openimds_api_tokens_rejected",
                     "Requests refused for a missing, invalid or expired IMDSv2 token",
                     self.token_counts["rejected"]),
+            counter("openimds_api_token_puts_refused",
+                    "Token PUTs refused: forwarded by the guest, a versioned path, a bad TTL",
+                    self.token_counts["refused"]),
         ]
 
     def _identify(
@@ -564,6 +568,7 @@ class MetadataApi:
 
     def _put_token(self, req: Request, instance_id: str, path: str) -> Response:
         if forwarded_by_guest(req.headers):
+            self.token_counts["refused"] += 1
             return self._refuse(req, 403, "forwarded requests are not issued tokens", path)
         raw = req.header(TTL_HEADER)
         echo = _TTL_RESPONSE_HEADER
@@ -574,6 +579,7 @@ class MetadataApi:
         ttl = parse_ttl(raw)
         if ttl is None:
             what = "is missing" if raw is None else "is not an integer from 1 to 21600"
+            self.token_counts["refused"] += 1
             return self._refuse(req, 400, f"{echo} {what}", path)
         token = mint_token(self._token_key, instance_id, ttl, self._wall(), self._urandom(8))
         self.token_counts["issued"] += 1
