@@ -38,18 +38,11 @@ from pathlib import Path
 from openimds.config import Settings
 from openimds.errors import OpenImdsError
 from openimds.host.supervise import pid_alive, signal_pid
-from openimds.node.up import CHILDREN_FILE, stop_leftovers
+from openimds.node.up import CHILDREN_FILE, _cmdline, stop_leftovers
 
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 120.0
-
-
-def _cmdline(pid: int) -> list[bytes]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return []
 
 
 def running_up(state: Path) -> int | None:
