@@ -426,3 +426,20 @@ async def test_registry_down_serves_what_is_known_and_only_that() -> None:
     with pytest.raises(UpstreamUnavailable):  # never seen: no guess
         await resolver.resolve(Caller("10.0.0.77", router_id=R1))
     assert resolver.stats.known == 3
+
+
+def test_node_liveness_changes_keep_cache_and_index_but_unknown_kinds_do_not() -> None:
+    cache = CallerCache(10)
+    cache.index.install(topology())
+    reloads: list[int] = []
+    cache.on_reload = lambda: reloads.append(1)
+    c = Caller("10.0.0.5", network_id=N1)
+    cache.put(c, res(), 10)
+    cache.apply_change({"revision": 11, "kind": "host", "op": "create", "id": "node-1",
+                        "attrs": {"type": "metadata", "alive": True}})
+    assert cache.get(c) is not None and cache.index.loaded and not reloads
+    # a restore (or any kind this release does not know): nothing is trusted any more
+    cache.apply_change({"revision": 12, "kind": "registry", "op": "restore", "id": "",
+                        "attrs": {}})
+    assert cache.get(c) is None and not cache.index.loaded and reloads == [1]
+

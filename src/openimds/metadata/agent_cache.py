@@ -192,7 +192,7 @@ class PortIndex:
         elif kind == "router" and op == "delete":
             self._router_nets.pop(ident, None)
         elif kind not in ("port", "router", "network", "subnet", "instance", "project",
-                          "keypair"):
+                          "keypair", "host"):  # host: a node's liveness, not an address
             self.drop()  # a change we do not understand: know nothing rather than guess
 
     def find(self, caller: Caller) -> list[dict[str, str]] | None:
