@@ -458,6 +458,8 @@ class DhcpAgent:
                 except Exception:
                     log.exception("dhcp.remove_failed network=%s", network_id)
                     failed.add(network_id)
+            if self.heartbeat is not None and self.heartbeat.fenced:
+                await asyncio.to_thread(self.fence)  # fenced while converging
             self.failed = failed
             if failed:
                 self._retry.set()

@@ -574,6 +574,8 @@ class L3Agent:
             return ConvergeReport()
         report = await asyncio.to_thread(self.driver.converge, topology, full=full,
                                          host=self.settings.host)
+        if self.heartbeat.fenced:  # fenced while converging: what it brought up goes down
+            await asyncio.to_thread(self.driver.fence)
         self.revision = int(topology.get("revision", 0))
         self.last_converge_s = time.monotonic() - t0
         self.last_report = report
