@@ -168,6 +168,9 @@ def test_each_router_on_one_node_moves_on_death_and_stays_moved(
     stack.wait(lambda: {"net-a", "net-b"} <= {
         n for n, h in hosts_by_name(stack).items() if h["alive"] and "network" in h["roles"]},
         15, "both network nodes alive")
+    stack.wait(lambda: any(h["roles"] == ["controller"] and {"registry", "api"} <= {
+        a["type"] for a in h["agents"]} for h in hosts_by_name(stack).values()),
+        15, "the controller (registry + API) in host list")
     t1, t2 = tenant(stack, "one"), tenant(stack, "two")
     routers = {t["router"]: cli_json(stack.config, "router", "show", t["router"])["hosts"]
                for t in (t1, t2)}

@@ -94,6 +94,7 @@ async def run_api(
     """Serve until SIGTERM/SIGINT; a worker serves the socket its parent bound."""
     from openimds.registry.client import AsyncRegistryClient
     from openimds.registry.feed import ChangeFollower
+    from openimds.registry.heartbeat import Heartbeat
 
     api_cfg = settings.api
     vendordata = VendorData(api_cfg)
@@ -120,6 +121,9 @@ async def run_api(
     server = await serve(api.handle_observed if observed else api.handle, sock, limits)
     metrics_server = await start_metrics_server(settings, metrics)
     feed_task = asyncio.create_task(api.follow(follower))
+    # the node shows as a controller in `openimds host list` (one heartbeat per process set)
+    beat_task = (asyncio.create_task(Heartbeat(registry, settings, "api").run())
+                 if worker == 0 else None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -139,6 +143,10 @@ async def run_api(
         feed_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await feed_task
+        if beat_task is not None:
+            beat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await beat_task
         with contextlib.suppress(Exception):
             await follower.aclose()
         await vendordata.aclose()
