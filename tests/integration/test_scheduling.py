@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from openimds.config import load_settings
-from openimds.errors import BadRequest, Conflict, Forbidden, NotFound
+from openimds.config import Settings, load_settings
+from openimds.errors import BadRequest, Conflict, Forbidden, NotFound, OpenImdsError
 from openimds.registry.client import AsyncRegistryClient, RegistryClient
 from openimds.registry.heartbeat import Heartbeat
 from tests.integration.registry_support import BACKENDS, Registry, registry_process
@@ -41,7 +41,8 @@ class Beats:
         with self.reg.client(admin=False) as c:
             while not self._stop.is_set():
                 for host, type_ in list(self.live):
-                    c.heartbeat(host, type_)
+                    with contextlib.suppress(OpenImdsError):  # a test stopped the registry
+                        c.heartbeat(host, type_)
                 self._stop.wait(0.2)
 
     def start(self, host: str, type_: str = "l3") -> None:
@@ -124,20 +125,39 @@ def test_routers_spread_over_alive_l3_nodes_and_move_off_a_dead_one(
     assert new["hosts"] == ["net-1"]
 
 
-def test_no_alive_node_keeps_the_binding_until_one_appears(reg: Registry, beats: Beats) -> None:
+def test_a_dead_solo_nodes_work_waits_for_it_or_host_delete(reg: Registry, beats: Beats) -> None:
+    """A node alone of its type (told peers=0, so it does not fence) that goes silent keeps
+    its router: no alive node to take it, and a node that appears later must not either (the
+    silent one may still serve it). `host delete` hands it over."""
     api = reg.client()
     beats.start("only")
+    with reg.client(admin=False) as reader:
+        assert reader.heartbeat("only", "l3")["peers"] == 0
     rid = api.create("router", {"name": "r"})["id"]
     beats.silence("only")
     wait_for(lambda: not host_map(api)["only"]["alive"], DOWN_S + 3.0, "only is dead")
-    time.sleep(0.5)
-    assert api.get("router", rid)["hosts"] == ["only"]  # nowhere better: stays, no flap
     beats.start("spare")
-    wait_for(lambda: api.get("router", rid)["hosts"] == ["spare"], 3.0, "moved to spare")
+    wait_for(lambda: host_map(api)["spare"]["alive"], 3.0, "spare alive")
+    time.sleep(1.0)  # several reaper ticks
+    assert api.get("router", rid)["hosts"] == ["only"]  # spare joined after only's last beat
     unplaced = api.create("router", {"name": "r2"})
-    assert unplaced["hosts"] == ["spare"]
+    assert unplaced["hosts"] == ["spare"]  # new work goes to the alive node
     api.delete("router", unplaced["id"])
     assert unplaced["id"] not in sum((h["routers"] for h in api.list("host")), [])
+    run_cli(reg.config, "host", "delete", "only", check=True)
+    wait_for(lambda: api.get("router", rid)["hosts"] == ["spare"], 3.0, "moved to spare")
+
+
+def test_peers_in_the_heartbeat_answer(reg: Registry, beats: Beats) -> None:
+    beats.start("p-1")
+    with reg.client(admin=False) as reader:
+        assert reader.heartbeat("p-1", "l3")["peers"] == 0
+        assert reader.heartbeat("p-1", "dhcp")["peers"] == 0  # other types do not count
+        beats.start("p-2")
+        assert reader.heartbeat("p-1", "l3")["peers"] == 1
+        beats.silence("p-2")
+        wait_for(lambda: reader.heartbeat("p-1", "l3")["peers"] == 0, DOWN_S + 3.0,
+                 "p-2 no longer counted")
 
 
 def test_unplaced_work_goes_to_the_first_agent_that_reports(reg: Registry) -> None:
@@ -179,14 +199,20 @@ def test_host_list_cli(reg: Registry, beats: Beats) -> None:
     assert shown["hosts"] == ["cli-net"]
 
 
-async def test_heartbeat_fences_before_the_registry_could_move_work(
-        reg: Registry, tmp_path: Path) -> None:
-    """A real agent heartbeat against the registry process; the registry stops: fenced after
-    0.6 x the registry's agent_down_time (not ours), unfenced once it answers again."""
+def beat_settings(reg: Registry, tmp_path: Path, host: str) -> Settings:
     base = load_settings(str(reg.config), environ={})
-    settings = dataclasses.replace(
-        base, state_path=str(tmp_path), host="hb-node", agent_down_time=30.0,
+    return dataclasses.replace(
+        base, state_path=str(tmp_path), host=host, agent_down_time=30.0,
         AGENT=dataclasses.replace(base.AGENT, report_interval=0.1))
+
+
+async def test_heartbeat_fences_before_the_registry_could_move_work(
+        reg: Registry, beats: Beats, tmp_path: Path) -> None:
+    """A real agent heartbeat against the registry process, with a peer that could take its
+    work; the registry stops: fenced after 0.6 x the registry's agent_down_time (not ours),
+    unfenced once it answers again."""
+    beats.start("hb-peer")
+    settings = beat_settings(reg, tmp_path, "hb-node")
     client = AsyncRegistryClient(reg.url, reg.reader_token)
     events: list[str] = []
     fenced_at: list[float] = []
@@ -201,7 +227,7 @@ async def test_heartbeat_fences_before_the_registry_could_move_work(
     task = asyncio.create_task(beat.run())
     try:
         await asyncio.wait_for(beat.first_ok.wait(), 5)
-        assert not beat.fenced and beat.down_time_s == DOWN_S
+        assert not beat.fenced and beat.down_time_s == DOWN_S and beat.peers == 1
         assert not beat.stale_at_start()  # the stamp file says we reported just now
         await asyncio.to_thread(reg.service.stop)
         while not beat.fenced:
@@ -222,6 +248,35 @@ async def test_heartbeat_fences_before_the_registry_could_move_work(
         await client.aclose()
 
 
+async def test_a_solo_agent_keeps_serving_through_a_registry_outage(
+        reg: Registry, tmp_path: Path) -> None:
+    """The only L3 agent: nobody could take its work over, so a registry outage longer than
+    the fence time costs nothing (issue 14), and a restart after it keeps what it left."""
+    client = AsyncRegistryClient(reg.url, reg.reader_token)
+    events: list[str] = []
+    beat = Heartbeat(client, beat_settings(reg, tmp_path, "hb-solo"), "l3",
+                     on_fence=lambda: events.append("fence"),
+                     on_unfence=lambda: events.append("unfence"))
+    task = asyncio.create_task(beat.run())
+    try:
+        await asyncio.wait_for(beat.first_ok.wait(), 5)
+        assert not beat.fenced and beat.peers == 0
+        await asyncio.to_thread(reg.service.stop)
+        await asyncio.sleep(1.5 * beat.fence_after_s)
+        assert beat.expired() and beat.solo_serving, "the outage must outlast the fence time"
+        assert not beat.fenced and events == ["unfence"]
+        assert not beat.stale_at_start()  # solo: a restart now keeps what it finds
+        await asyncio.to_thread(reg.restart)
+        while beat.expired():
+            await asyncio.sleep(0.02)
+        assert not beat.fenced and not beat.solo_serving and events == ["unfence"]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await client.aclose()
+
+
 def test_host_delete_forgets_a_dead_node_and_refuses_an_alive_one(
         reg: Registry, beats: Beats) -> None:
     api = reg.client()
@@ -233,8 +288,10 @@ def test_host_delete_forgets_a_dead_node_and_refuses_an_alive_one(
     wait_for(lambda: not host_map(api)["old"]["alive"], DOWN_S + 3.0, "old is dead")
     assert api.get("router", rid)["hosts"] == ["old"]  # nowhere else to go yet
     beats.start("new")
-    wait_for(lambda: api.get("router", rid)["hosts"] == ["new"], 3.0, "moved to new")
+    time.sleep(0.5)
+    assert api.get("router", rid)["hosts"] == ["old"]  # new came after old's last heartbeat
     run_cli(reg.config, "host", "delete", "old", check=True)
     assert "old" not in host_map(api)
+    assert api.get("router", rid)["hosts"] == ["new"]
     with pytest.raises(NotFound):
         api.delete("host", "old")

@@ -71,3 +71,14 @@ def test_gratuitous_arp_frame() -> None:
     assert frame[32:38] == b"\x00" * 6 and frame[38:42] == ip  # target = sender: gratuitous
     with pytest.raises(ValueError):
         gratuitous_arp("fa:16:3e", "10.0.0.1")
+
+
+def test_a_dead_nodes_work_goes_only_to_its_takers() -> None:
+    current = {"r1": ["solo"], "r2": ["had-peer"]}
+    # solo reported alone: nobody may take its work; had-peer's goes to the old node only
+    moves = place(current, current, ["old", "newcomer"], 1,
+                  takers={"solo": [], "had-peer": ["old"]})
+    assert moves == {"r2": ["old"]}
+    # a node the registry forgot (host delete): any alive node
+    assert place(current, current, ["newcomer"], 1, takers={"had-peer": []}) == {
+        "r1": ["newcomer"]}

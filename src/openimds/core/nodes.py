@@ -7,6 +7,9 @@ DHCP agent (`[DEFAULT] dhcp_agents_per_network` each). `place` is the whole poli
 
 - a resource bound to a dead node moves to an alive one, if one is free for it; with no alive
   candidate it stays where it is (so the node that comes back finds it and nothing flaps);
+- `takers` narrows who may take a dead node's work: only nodes that were already alive when
+  it last reported (it was told it had peers, so it fenced itself); a solo node's work waits
+  for it, or for `openimds host delete`, so no newcomer answers an IP it may still serve;
 - a resource with fewer nodes than wanted gets the least-loaded alive nodes (ties: name);
 - a node that comes back alive takes nothing back: bindings only move off dead nodes;
 - surplus bindings (the wanted count was lowered) go, dead nodes first, then the most loaded.
@@ -49,13 +52,15 @@ def roles_of(agent_types: Iterable[str]) -> list[str]:
 
 def place(
     current: Mapping[str, Sequence[str]], resources: Iterable[str], alive: Iterable[str],
-    wanted: int,
+    wanted: int, takers: Mapping[str, Iterable[str]] | None = None,
 ) -> dict[str, list[str]]:
     """The new host lists of the resources whose placement must change (see module doc).
 
     current: resource id -> bound hosts; resources: every existing resource id; alive: hosts
-    whose agent for this kind is alive; wanted: hosts per resource.
+    whose agent for this kind is alive; wanted: hosts per resource; takers: dead host -> the
+    alive hosts that may take its work (a dead host not in it: any alive host).
     """
+    allowed = {dead: set(hosts) for dead, hosts in (takers or {}).items()}
     alive_set = set(alive)
     existing = sorted(set(resources))
     load: Counter[str] = Counter()
@@ -66,9 +71,12 @@ def place(
         before = list(current.get(rid, ()))
         hosts = list(before)
         for dead in [h for h in hosts if h not in alive_set]:
-            candidate = _least_loaded(alive_set - set(hosts), load)
+            free = alive_set - set(hosts)
+            if dead in allowed:
+                free &= allowed[dead]
+            candidate = _least_loaded(free, load)
             if candidate is None:
-                break
+                continue
             hosts[hosts.index(dead)] = candidate
             load[dead] -= 1
             load[candidate] += 1

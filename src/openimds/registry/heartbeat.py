@@ -16,9 +16,16 @@ reaper tick, clock skew between registry processes and the fence's own work. Whe
 heartbeat succeeds again, `on_unfence` runs (the agents converge: whatever is still
 scheduled to this node comes back, whatever moved away is removed).
 
-The wall-clock time of the last success is kept in `stamp_file`, so an agent that starts
-after being away longer than the fence time (a crash that left its namespaces behind) knows
-to fence what it finds before anything else (`stale_at_start`).
+Solo agents do not fence. Each answer says how many other alive agents of our type exist
+(`peers`); if the last successful one said none, nobody can take our work over (the registry
+moves a dead agent's work only to agents alive since before its last heartbeat), so on expiry
+we keep serving: a registry outage costs the VMs nothing. Unknown peers (no answer yet, an
+old stamp file, an old registry) count as peers: fence.
+
+The wall-clock time of the last success and its peers are kept in `stamp_file`, so an agent
+that starts after being away longer than the fence time (a crash that left its namespaces
+behind) knows to fence what it finds before anything else (`stale_at_start`), unless it was
+solo.
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ class Heartbeat:
         self.stamp_file = stamp_file or settings.path("heartbeat", agent_type)
         self.first_ok = asyncio.Event()
         self.last_ok: float | None = None  # monotonic send time of the last success
+        self.peers: int | None = None  # other alive agents of our type, per the last success
+        self.solo_serving = False  # expired, but solo: serving on (logged once)
         self.fenced = True  # until the registry has heard from us
         self.sent = 0
         self.failed = 0
@@ -65,18 +74,31 @@ class Heartbeat:
 
     def stale_at_start(self) -> bool:
         """Whether the last success recorded on disk is older than the fence time (or
-        missing): state left from that run may have been rescheduled elsewhere."""
+        missing) and that run had peers: state left from it may be served elsewhere now."""
         try:
-            last = float(self.stamp_file.read_text().strip())
-        except (OSError, ValueError):
+            fields = self.stamp_file.read_text().split()
+            last = float(fields[0])
+            peers = int(fields[1]) if len(fields) > 1 else None
+        except (OSError, ValueError, IndexError):
             return True
-        return time.time() - last > self.fence_after_s
+        if time.time() - last <= self.fence_after_s:
+            return False
+        if peers == 0:
+            log.warning("heartbeat.stale_solo host=%s type=%s age_s=%.1f: keep what the last "
+                        "run left, it had no peer that could have taken it over", self.host,
+                        self.type, time.time() - last)
+            return False
+        log.warning("heartbeat.stale host=%s type=%s age_s=%.1f peers=%s: fence what the last "
+                    "run left, it may be served elsewhere now", self.host, self.type,
+                    time.time() - last, "unknown" if peers is None else peers)
+        return True
 
     def _stamp(self) -> None:
         with contextlib.suppress(OSError):
             self.stamp_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.stamp_file.with_name(f".{self.stamp_file.name}.tmp")
-            tmp.write_text(f"{time.time():.3f}\n")
+            peers = -1 if self.peers is None else self.peers
+            tmp.write_text(f"{time.time():.3f} {peers}\n")
             os.replace(tmp, self.stamp_file)
 
     async def beat(self) -> bool:
@@ -94,7 +116,10 @@ class Heartbeat:
         down = answer.get("agent_down_time")
         if isinstance(down, int | float) and down > 0:
             self.down_time_s = float(down)
+        peers = answer.get("peers")
+        self.peers = peers if isinstance(peers, int) and not isinstance(peers, bool) else None
         self.last_ok = sent_at
+        self.solo_serving = False
         self._stamp()
         return True
 
@@ -125,11 +150,19 @@ class Heartbeat:
                 if inflight is None and time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + self.interval_s
                     inflight = asyncio.create_task(self.beat())
-                if not self.fenced and self.expired():
+                if not self.fenced and self.expired() and self.peers == 0:
+                    if not self.solo_serving:
+                        self.solo_serving = True
+                        log.warning("heartbeat.solo host=%s type=%s reason=no heartbeat "
+                                    "recorded for %.1f s, but no other %s agent was alive: "
+                                    "keep serving (nobody can take our work over)",
+                                    self.host, self.type, self.fence_after_s, self.type)
+                elif not self.fenced and self.expired():
                     self.fenced = True
                     log.error("heartbeat.fenced host=%s type=%s reason=no heartbeat recorded "
-                              "for %.1f s: stop serving before the registry moves our work",
-                              self.host, self.type, self.fence_after_s)
+                              "for %.1f s, peers=%s: stop serving before the registry moves "
+                              "our work", self.host, self.type, self.fence_after_s,
+                              "unknown" if self.peers is None else self.peers)
                     await self._call(self.on_fence)
                 await asyncio.sleep(0.05 if inflight is not None else
                                     max(0.05, min(0.25, next_beat - time.monotonic())))

@@ -8,6 +8,12 @@ the work meanwhile: the write lock on the state row serializes them, so each mov
 once). Every placement change is a change-feed row of the router or network (op "update",
 attrs with "hosts"); a node turning alive or dead is a "host" change. Agents learn their
 work from `/v1/topology` (`routers[].hosts`, `networks[].hosts`), never by RPC.
+
+Fencing and takers: every heartbeat answer tells the agent how many other alive agents of its
+type exist (`peers`, the rule of `alive_at`). An agent fences itself on a registry outage only
+if it had peers; so a dead agent's work moves only to agents that were alive since before its
+last heartbeat (`takers`): a solo agent kept serving, and a node that joined since must not
+answer the same IPs. Its work waits for it to come back, or for `openimds host delete`.
 """
 
 from __future__ import annotations
@@ -45,24 +51,42 @@ class Plan:
         return bool(self.expired or self.orphans or any(self.moves.values()))
 
 
+def alive_at(row: Any, at: float, policy: Policy, *, expire: bool) -> bool:
+    """The one liveness rule: flagged alive and, once the registry may expire agents, a
+    heartbeat within agent_down_time."""
+    return bool(row.alive) and not (expire and at - float(row.heartbeat_at) > policy.down_time_s)
+
+
 def plan(conn: Connection, at: float, policy: Policy, *, expire: bool = True) -> Plan:
     """What must change now: agents to declare dead, resources to (re)place."""
     result = Plan()
-    alive: dict[str, set[str]] = {}
+    alive: dict[str, dict[str, float]] = {}  # type -> alive host -> alive since
+    dead: dict[str, dict[str, float]] = {}  # type -> dead host -> last heartbeat
     for a in conn.execute(sa.select(agents)):
-        is_alive = bool(a.alive)
-        if is_alive and expire and at - float(a.heartbeat_at) > policy.down_time_s:
+        if alive_at(a, at, policy, expire=expire):
+            alive.setdefault(a.type, {})[a.host] = float(a.alive_since or 0.0)
+            continue
+        if a.alive:
             result.expired.append((a.host, a.type))
-            is_alive = False
-        if is_alive:
-            alive.setdefault(a.type, set()).add(a.host)
+        dead.setdefault(a.type, {})[a.host] = float(a.heartbeat_at)
     for kind, table in TABLES.items():
         ids = [str(i) for i in conn.execute(sa.select(table.c.id)).scalars()]
         current = bound_hosts(conn, kind)
         result.orphans += [(kind, rid) for rid in sorted(set(current) - set(ids))]
-        result.moves[kind] = nodes.place(current, ids, alive.get(nodes.KIND_AGENT[kind], ()),
-                                         policy.wanted(kind))
+        type_ = nodes.KIND_AGENT[kind]
+        candidates = alive.get(type_, {})
+        takers = {host: [h for h, since in candidates.items() if since <= last]
+                  for host, last in dead.get(type_, {}).items()}
+        result.moves[kind] = nodes.place(current, ids, candidates, policy.wanted(kind),
+                                         takers)
     return result
+
+
+def peers(conn: Connection, host: str, type_: str, at: float, policy: Policy, *,
+          expire: bool) -> int:
+    """How many other agents of this type are alive now (what a heartbeat answer says)."""
+    rows = conn.execute(sa.select(agents).where(agents.c.type == type_, agents.c.host != host))
+    return sum(1 for r in rows if alive_at(r, at, policy, expire=expire))
 
 
 def apply(tx: Tx, at: float, policy: Policy, *, expire: bool = True) -> Plan:
