@@ -37,7 +37,7 @@ def test_older_registry_gains_the_ipv6_mode_columns(tmp_path: Path) -> None:
     store.dispose()
 
 
-def test_older_registry_gains_alive_since_and_its_agents_count_as_alive_since_ever(
+def test_older_registry_gains_agents_peers_and_unknown_peers_let_work_move(
         tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'registry.sqlite'}"
     policy = Policy(down_time_s=0.5, dhcp_per_network=1)
@@ -49,18 +49,18 @@ def test_older_registry_gains_alive_since_and_its_agents_count_as_alive_since_ev
     rid = reg.create_router({"name": "r"})["id"]
     assert reg.get_router(rid)["hosts"] == ["a"]
     with store.engine.begin() as conn:  # the schema before the column
-        conn.exec_driver_sql("ALTER TABLE agents DROP COLUMN alive_since")
+        conn.exec_driver_sql("ALTER TABLE agents DROP COLUMN peers")
     store.dispose()
 
     store = Store(url)
     store.create_schema()
     with store.read() as conn:
         rows = list(conn.execute(sa.select(agents)))
-    assert sorted((r.host, r.alive_since) for r in rows) == [("a", None), ("b", None)]
+    assert sorted((r.host, r.peers) for r in rows) == [("a", None), ("b", None)]
     reg = Registry(store, policy=policy)
     for _ in range(10):  # b reports, a is silent past agent_down_time
         reg.heartbeat({"host": "b", "type": "l3"})
         time.sleep(0.1)
     reg.reconcile()
-    assert reg.get_router(rid)["hosts"] == ["b"]  # b was alive before a's last heartbeat
+    assert reg.get_router(rid)["hosts"] == ["b"]  # a's peers unknown: it fenced, move
     store.dispose()

@@ -10,10 +10,12 @@ attrs with "hosts"); a node turning alive or dead is a "host" change. Agents lea
 work from `/v1/topology` (`routers[].hosts`, `networks[].hosts`), never by RPC.
 
 Fencing and takers: every heartbeat answer tells the agent how many other alive agents of its
-type exist (`peers`, the rule of `alive_at`). An agent fences itself on a registry outage only
-if it had peers; so a dead agent's work moves only to agents that were alive since before its
-last heartbeat (`takers`): a solo agent kept serving, and a node that joined since must not
-answer the same IPs. Its work waits for it to come back, or for `openimds host delete`.
+type exist (`peers`, the rule of `alive_at`), and the agent's row keeps that number. An agent
+fences itself on a registry outage only if it had peers; so the work of a dead agent whose
+last answer said `peers: 0` does not move (`takers`): it kept serving, and a node that joined
+since must not answer the same IPs. Its work waits for it to come back, or for `openimds host
+delete`. A dead agent that was told it had peers fenced itself: its work moves to any alive
+agent, whether or not those peers are still the ones alive.
 """
 
 from __future__ import annotations
@@ -60,25 +62,24 @@ def alive_at(row: Any, at: float, policy: Policy, *, expire: bool) -> bool:
 def plan(conn: Connection, at: float, policy: Policy, *, expire: bool = True) -> Plan:
     """What must change now: agents to declare dead, resources to (re)place."""
     result = Plan()
-    alive: dict[str, dict[str, float]] = {}  # type -> alive host -> alive since
-    dead: dict[str, dict[str, float]] = {}  # type -> dead host -> last heartbeat
+    alive: dict[str, set[str]] = {}
+    solo_dead: dict[str, set[str]] = {}  # type -> dead hosts told peers=0 (did not fence)
     for a in conn.execute(sa.select(agents)):
         if alive_at(a, at, policy, expire=expire):
-            alive.setdefault(a.type, {})[a.host] = float(a.alive_since or 0.0)
+            alive.setdefault(a.type, set()).add(a.host)
             continue
         if a.alive:
             result.expired.append((a.host, a.type))
-        dead.setdefault(a.type, {})[a.host] = float(a.heartbeat_at)
+        if a.peers == 0:
+            solo_dead.setdefault(a.type, set()).add(a.host)
     for kind, table in TABLES.items():
         ids = [str(i) for i in conn.execute(sa.select(table.c.id)).scalars()]
         current = bound_hosts(conn, kind)
         result.orphans += [(kind, rid) for rid in sorted(set(current) - set(ids))]
         type_ = nodes.KIND_AGENT[kind]
-        candidates = alive.get(type_, {})
-        takers = {host: [h for h, since in candidates.items() if since <= last]
-                  for host, last in dead.get(type_, {}).items()}
-        result.moves[kind] = nodes.place(current, ids, candidates, policy.wanted(kind),
-                                         takers)
+        takers: dict[str, list[str]] = {h: [] for h in solo_dead.get(type_, ())}
+        result.moves[kind] = nodes.place(current, ids, alive.get(type_, ()),
+                                         policy.wanted(kind), takers)
     return result
 
 

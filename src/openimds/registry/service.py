@@ -179,11 +179,11 @@ class Registry:
         scheduler.apply(tx, time.time(), self.policy, expire=self._may_expire())
 
     def heartbeat(self, raw: Any) -> Json:
-        """One agent's report: (host, type) is alive now. A known alive agent costs one
-        UPDATE (no revision, no change row) and a read of its peers; a new or revived one is
-        a "host" change, gets a new alive_since and runs the scheduler (it may take unplaced
-        work; it takes nothing back). The answer's `peers` (other alive agents of this type)
-        tells the agent whether to fence itself on a registry outage (registry/heartbeat.py)."""
+        """One agent's report: (host, type) is alive now. A known alive agent costs a read of
+        its peers and one UPDATE (no revision, no change row); a new or revived one is a
+        "host" change and runs the scheduler (it may take unplaced work; it takes nothing
+        back). The answer's `peers` (other alive agents of this type, kept in the row) tells
+        the agent whether to fence itself on a registry outage (registry/heartbeat.py)."""
         body = _body(raw, {"host", "type"})
         host = parse_name(body.get("host"), "host")
         type_ = body.get("type")
@@ -192,34 +192,27 @@ class Registry:
             raise BadRequest(f"type: {type_!r} is not one of {known}")
         at = time.time()
         expire = self._may_expire()
-        # once we may expire, a row silent past agent_down_time that the reaper has not
-        # reached yet is dead already: the slow path below revives it (new alive_since)
-        fresh = sa.and_(agents.c.alive.is_(True),
-                        agents.c.heartbeat_at >= at - self.policy.down_time_s if expire
-                        else sa.true())
+        this = (agents.c.host == host) & (agents.c.type == type_)
         with self.store.quiet_write() as conn:
-            updated = conn.execute(agents.update().where(
-                agents.c.host == host, agents.c.type == type_, fresh)
-                .values(heartbeat_at=at)).rowcount
-            if updated:
-                n = scheduler.peers(conn, host, type_, at, self.policy, expire=expire)
+            n = scheduler.peers(conn, host, type_, at, self.policy, expire=expire)
+            updated = conn.execute(agents.update().where(this, agents.c.alive.is_(True))
+                                   .values(heartbeat_at=at, peers=n)).rowcount
         if not updated:
             with self.store.write(allow_empty=True) as tx:
                 row = scheduler.agent_row(tx.conn, host, type_)
                 if row is None:
                     tx.conn.execute(agents.insert().values(
                         host=host, type=type_, heartbeat_at=at, alive=True, created_at=now(),
-                        revision=tx.revision, alive_since=at))
+                        revision=tx.revision))
                     tx.change("host", "create", host, {"type": type_, "alive": True})
-                else:  # dead, or silent past agent_down_time and not reaped yet: revived
-                    tx.conn.execute(agents.update().where(
-                        agents.c.host == host, agents.c.type == type_)
-                        .values(heartbeat_at=at, alive=True, alive_since=at,
-                                revision=tx.revision))
+                elif not row.alive:
+                    tx.conn.execute(agents.update().where(this)
+                                    .values(heartbeat_at=at, alive=True, revision=tx.revision))
                     tx.change("host", "update", host, {"type": type_, "alive": True})
                 if tx.changes:
                     self._schedule(tx)
                 n = scheduler.peers(tx.conn, host, type_, at, self.policy, expire=expire)
+                tx.conn.execute(agents.update().where(this).values(peers=n))
         return {"host": host, "type": type_, "alive": True,
                 "heartbeat_at": scheduler.iso(at),
                 "agent_down_time": self.policy.down_time_s, "peers": n}

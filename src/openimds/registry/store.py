@@ -94,7 +94,7 @@ subnets = sa.Table(
 # Columns added after the first release: a registry made before them gets them, empty, at
 # start (create_all never alters an existing table).
 _ADDED_COLUMNS = (("subnets", "ipv6_address_mode"), ("subnets", "ipv6_ra_mode"),
-                  ("agents", "alive_since"))
+                  ("agents", "peers"))
 
 routers = sa.Table(
     "routers", metadata,
@@ -183,10 +183,10 @@ agents = sa.Table(
     sa.Column("alive", sa.Boolean, nullable=False),
     sa.Column("created_at", sa.String(32), nullable=False),
     sa.Column("revision", sa.BigInteger, nullable=False),
-    # When the agent was created or last came back alive (epoch seconds; NULL on rows made
-    # before the column: alive since ever). A dead agent's work moves only to agents alive
-    # since before its last heartbeat (registry/scheduler.py).
-    sa.Column("alive_since", sa.Float, nullable=True),
+    # The `peers` its last heartbeat answer told it (other alive agents of its type; NULL on
+    # rows made before the column: unknown). Told 0, it does not fence, so its work does not
+    # move while it is dead (registry/scheduler.py).
+    sa.Column("peers", sa.Integer, nullable=True),
     sa.PrimaryKeyConstraint("host", "type"),
 )
 
