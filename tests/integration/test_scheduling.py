@@ -86,6 +86,8 @@ def test_routers_spread_over_alive_l3_nodes_and_move_off_a_dead_one(
     beats.start("net-1")
     beats.start("net-2")
     beats.start("net-2", "dhcp")
+    with reg.client(admin=False) as reader:  # net-1 knows it has a peer (so it would fence)
+        assert reader.heartbeat("net-1", "l3")["peers"] == 1
     rids = [api.create("router", {"name": f"r{i}"})["id"] for i in range(4)]
     placed = hosts_of(api, "router")
     assert all(len(placed[r]) == 1 for r in rids)
