@@ -46,7 +46,6 @@ import ctypes
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import statistics
@@ -67,7 +66,7 @@ from openimds.host.netns import socket_in_netns  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
 # Neutron's rendered haproxy config and the /proc helpers, shared with the proxy bench.
-from proxy_bench import HAPROXY_CFG, cpu_s, ip, rss_kib, wait_until  # noqa: E402
+from proxy_bench import HAPROXY_CFG, cpu_s, ip, parse_wrk, rss_kib, wait_until  # noqa: E402
 
 PY = sys.executable
 TAG = f"chb-{os.getpid()}"
@@ -160,25 +159,7 @@ def run_wrk(vm: str, port: int, conns: int, duration: float, close: bool,
     host = ROUTER_IP if headers is None else "127.0.0.1"
     out = subprocess.run(argv + [f"http://{host}:{port}{PATH}"], capture_output=True,
                          text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
-                     out)
-    errors = int(non2xx.group(1)) if non2xx else 0
-    if errs:
-        errors += int(errs.group(1)) + int(errs.group(3)) + int(errs.group(4))
-        if not close:
-            errors += int(errs.group(2))
-
-    def pct(p: str) -> float:
-        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out)
-        if not m:
-            return float("nan")
-        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
-
-    return {"rps": rps, "requests": total, "errors": errors, "p50_ms": pct("50"),
-            "p99_ms": pct("99")}
+    return parse_wrk(out, close)
 
 
 def loadavg() -> str:

@@ -383,13 +383,9 @@ class Config:
     pids: list[int]
 
 
-def run_wrk(vm: str, port: int, conns: int, duration: int, close: bool) -> dict[str, float]:
-    argv = ["ip", "netns", "exec", vm, "wrk", "-t", str(min(2, conns)), "-c", str(conns),
-            "-d", f"{duration}s", "--timeout", "5s", "--latency"]
-    if close:
-        argv += ["-H", "Connection: close"]
-    out = subprocess.run(argv + [f"http://10.0.0.1:{port}{PATH}"], capture_output=True,
-                         text=True, check=True).stdout
+def parse_wrk(out: str, close: bool) -> dict[str, float]:
+    """rps, requests, errors (non-2xx/3xx and socket errors; with `close`, read errors
+    are the server closing as asked, not errors) and p50/p99 in ms from `wrk --latency`."""
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -410,6 +406,16 @@ def run_wrk(vm: str, port: int, conns: int, duration: int, close: bool) -> dict[
 
     return {"rps": rps, "requests": total, "errors": errors, "p50_ms": pct("50"),
             "p99_ms": pct("99")}
+
+
+def run_wrk(vm: str, port: int, conns: int, duration: int, close: bool) -> dict[str, float]:
+    argv = ["ip", "netns", "exec", vm, "wrk", "-t", str(min(2, conns)), "-c", str(conns),
+            "-d", f"{duration}s", "--timeout", "5s", "--latency"]
+    if close:
+        argv += ["-H", "Connection: close"]
+    out = subprocess.run(argv + [f"http://10.0.0.1:{port}{PATH}"], capture_output=True,
+                         text=True, check=True).stdout
+    return parse_wrk(out, close)
 
 
 def bench_throughput(rounds: int, duration: int, scenarios: list[tuple[int, bool]]) -> dict[
