@@ -333,6 +333,26 @@ def test_index_replays_changes_that_arrive_while_it_loads() -> None:
     assert index.revision == 12 and len(index) == 3  # rp1, p2, p4
 
 
+def test_index_applies_every_change_of_one_write() -> None:
+    # one write's changes share its revision: a project created with the instance's port,
+    # both ports of a deleted two-port instance
+    cache = CallerCache(10)
+    index = cache.index
+    index.begin_load()
+    index.install(topology(10))
+    cache.apply_change({"revision": 11, "kind": "project", "op": "create", "id": "p-new",
+                        "attrs": {"name": "p-new"}})
+    cache.apply_change(created(11, "p5", N1, ["10.0.0.50"], "i5"))
+    assert found(index, Caller("10.0.0.50", network_id=N1)) == ["i5"]
+    cache.apply_change(created(12, "p6", N1, ["10.0.0.60"], "i6"))
+    cache.apply_change(created(12, "p7", N1, ["10.0.0.61"], "i6"))
+    cache.apply_change(created(13, "p6", N1, ["10.0.0.60"], "i6", op="delete"))
+    cache.apply_change(created(13, "p7", N1, ["10.0.0.61"], "i6", op="delete"))
+    assert found(index, Caller("10.0.0.60", network_id=N1)) is None
+    assert found(index, Caller("10.0.0.61", network_id=N1)) is None
+    assert index.revision == 13
+
+
 def test_index_memory_per_port_is_small() -> None:
     import tracemalloc
     import uuid

@@ -124,6 +124,7 @@ class PortIndex:
     def __init__(self) -> None:
         self.loaded = False
         self.revision = 0
+        self._topology_revision = 0  # changes at or below it are in the loaded topology
         self.loads = 0
         self._ports: dict[str, _Port] = {}
         self._by_addr: dict[tuple[str, str], str] = {}
@@ -155,7 +156,7 @@ class PortIndex:
     def install(self, topology: Mapping[str, Any]) -> None:
         """Load from a /v1/topology answer, then replay the changes buffered meanwhile."""
         self._reset()
-        self.revision = int(topology.get("revision") or 0)
+        self.revision = self._topology_revision = int(topology.get("revision") or 0)
         for port in topology.get("ports") or ():
             ips = tuple(str(i.get("ip_address")) for i in port.get("fixed_ips") or ()
                         if i.get("ip_address"))
@@ -178,9 +179,11 @@ class PortIndex:
         if not self.loaded:
             return
         rev = int(change.get("revision") or 0)
-        if rev <= self.revision:
+        if rev <= self._topology_revision:
             return  # already in the topology this index was loaded from
-        self.revision = rev
+        # one write's changes share a revision: each of them applies (a port created with
+        # its project, or the second port of a deleted instance, must not be skipped)
+        self.revision = max(self.revision, rev)
         kind, op = change.get("kind"), change.get("op")
         ident = str(change.get("id") or "")
         attrs = change.get("attrs") or {}
