@@ -65,6 +65,10 @@ class RegistrySettings:
     reader_token: str = opt("", "Bearer token allowed to read only (agents)", secret=True)
     change_retention: int = opt(10000, "How many changes the feed keeps before resync", min=10)
     max_page_size: int = opt(1000, "Largest page a list call returns", min=1)
+    sqlite_synchronous: str = opt(
+        "full", "SQLite commit durability: full fsyncs each commit (survives power loss); "
+        "normal only at checkpoints (survives kill -9, a power cut may lose the last commits)",
+        choices=("full", "normal"))
 
     @property
     def effective_url(self) -> str:

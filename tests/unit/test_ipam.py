@@ -98,6 +98,18 @@ def test_first_free_skips_used() -> None:
     assert ipam.first_free(pools, used | {ip("10.0.0.10")}) is None
 
 
+@given(taken=st.sets(st.integers(0, 40), max_size=40), v6=st.booleans(),
+       split=st.integers(1, 39))
+def test_first_free_of_text_matches_first_free(taken: set[int], v6: bool, split: int) -> None:
+    base = ip("fd00::") if v6 else ip("10.0.0.0")
+    pools = [ipam.Pool(base + 1, base + split), ipam.Pool(base + split + 2, base + 40)]
+    used = {base + t for t in taken}
+    # Addresses of the other version never count (a subnet holds one version).
+    other = ["10.0.0.1"] if v6 else ["fd00::1"]
+    assert ipam.first_free_of(pools, [str(u) for u in used] + other) == \
+        ipam.first_free(pools, used)
+
+
 def test_normalize_ip() -> None:
     assert ipam.normalize_ip(ip("::ffff:10.0.0.5")) == ip("10.0.0.5")
     assert ipam.normalize_ip(ip("fd00::5")) == ip("fd00::5")

@@ -26,34 +26,37 @@ from openimds.errors import BadRequest, Conflict
 from openimds.registry.records import Json, new_id, now, port_change, port_dict
 from openimds.registry.store import Tx, port_ips, ports, subnets
 
+# Built once (a create runs each of them; building a statement costs more than running it).
+_MAC_TAKEN = sa.select(ports.c.id).where(ports.c.mac_address == sa.bindparam("mac"))
+_SUBNET_IPS = sa.select(port_ips.c.ip_address).where(
+    port_ips.c.subnet_id == sa.bindparam("subnet_id"))
+_IP_TAKEN = sa.select(port_ips.c.port_id).where(
+    port_ips.c.network_id == sa.bindparam("network_id"),
+    port_ips.c.ip_address == sa.bindparam("ip"))
+_NETWORK_SUBNETS = (sa.select(subnets).where(subnets.c.network_id == sa.bindparam("network_id"))
+                    .order_by(subnets.c.created_at, subnets.c.id))
+_INSERT_PORT = ports.insert()
+_INSERT_PORT_IPS = port_ips.insert()
+
 
 def new_mac(conn: Connection) -> str:
     for _ in range(64):
         mac = ipam.generate_mac(secrets.token_bytes)
-        if conn.execute(
-            sa.select(ports.c.id).where(ports.c.mac_address == mac)
-        ).first() is None:
+        if conn.execute(_MAC_TAKEN, {"mac": mac}).first() is None:
             return mac
     raise Conflict("could not find a free MAC address after 64 tries")
 
 
-def used_ips(conn: Connection, subnet_id: str) -> set[ipam.IPAddress]:
-    return {
-        ipaddress.ip_address(v) for v in conn.execute(
-            sa.select(port_ips.c.ip_address).where(port_ips.c.subnet_id == subnet_id)
-        ).scalars()
-    }
-
-
 def free_ip(conn: Connection, subnet: Row[Any]) -> ipam.IPAddress | None:
-    used = used_ips(conn, subnet.id)
+    """The lowest free pool address: the used ones stay text (no per-address parse)."""
+    used = list(conn.execute(_SUBNET_IPS, {"subnet_id": subnet.id}).scalars())
     if subnet.gateway_ip:
-        used.add(ipaddress.ip_address(subnet.gateway_ip))
+        used.append(str(ipaddress.ip_address(subnet.gateway_ip)))
     pools = [
         ipam.Pool(ipaddress.ip_address(p["start"]), ipaddress.ip_address(p["end"]))
         for p in subnet.allocation_pools
     ]
-    return ipam.first_free(pools, used)
+    return ipam.first_free_of(pools, used)
 
 
 def is_auto_address(subnet: Row[Any]) -> bool:
@@ -69,10 +72,7 @@ def allocate(
     field: str = "fixed_ips",
 ) -> list[tuple[str, str]]:
     """(subnet_id, ip) pairs for a new port with this MAC on network_id."""
-    subs = list(conn.execute(
-        sa.select(subnets).where(subnets.c.network_id == network_id)
-        .order_by(subnets.c.created_at, subnets.c.id)
-    ))
+    subs = list(conn.execute(_NETWORK_SUBNETS, {"network_id": network_id}))
     if not subs:
         raise BadRequest(f"network_id: network {network_id} has no subnets")
     out: list[tuple[str, str]] = []
@@ -136,7 +136,8 @@ def allocate(
         ipam.validate_fixed_ip(net, addr, f"{where}.ip_address")
         if subnet.gateway_ip == str(addr) and device_owner != DEVICE_OWNER_ROUTER:
             raise Conflict(f"IP address {addr} is the gateway of subnet {net}")
-        if addr in used_ips(conn, subnet.id) or any(ip == str(addr) for _, ip in out):
+        if any(ip == str(addr) for _, ip in out) or conn.execute(
+                _IP_TAKEN, {"network_id": network_id, "ip": str(addr)}).first():
             raise Conflict(f"IP address {addr} is already in use on network {network_id}")
         out.append((subnet.id, str(addr)))
     return out
@@ -145,21 +146,22 @@ def allocate(
 def insert_port(
     tx: Tx, *, network_id: str, project_id: str, device_id: str, device_owner: str,
     fixed: list[tuple[str, str]], name: str = "", mac: str | None = None,
-    port_id: str | None = None,
+    port_id: str | None = None, mac_checked: bool = False,
 ) -> Json:
+    """mac_checked: the caller took mac from `new_mac` in this transaction (no re-check)."""
     conn = tx.conn
     if mac is None:
         mac = new_mac(conn)
-    elif conn.execute(sa.select(ports.c.id).where(ports.c.mac_address == mac)).first():
+    elif not mac_checked and conn.execute(_MAC_TAKEN, {"mac": mac}).first():
         raise Conflict(f"MAC address {mac} is already in use")
     values = {
         "id": port_id or new_id(), "name": name, "network_id": network_id,
         "project_id": project_id, "mac_address": mac, "device_id": device_id,
         "device_owner": device_owner, "created_at": now(), "revision": tx.revision,
     }
-    conn.execute(ports.insert().values(**values))
+    conn.execute(_INSERT_PORT, values)
     if fixed:
-        conn.execute(port_ips.insert(), [
+        conn.execute(_INSERT_PORT_IPS, [
             {"port_id": values["id"], "subnet_id": sid, "network_id": network_id,
              "ip_address": ip} for sid, ip in fixed
         ])

@@ -360,7 +360,8 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) 
     if not reg_settings.admin_token:
         raise ConfigError("[registry] admin_token is empty: the registry refuses to start "
                           "without one")
-    store = Store(settings.registry_connection, change_retention=reg_settings.change_retention)
+    store = Store(settings.registry_connection, change_retention=reg_settings.change_retention,
+                  sqlite_synchronous=reg_settings.sqlite_synchronous)
     await asyncio.to_thread(store.create_schema)
     registry = Registry(store, max_page_size=reg_settings.max_page_size,
                         policy=Policy(down_time_s=settings.agent_down_time,

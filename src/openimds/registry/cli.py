@@ -129,7 +129,8 @@ def _store(settings: Any) -> Any:
     from openimds.registry.store import Store
 
     return Store(settings.registry_connection,
-                 change_retention=settings.registry.change_retention)
+                 change_retention=settings.registry.change_retention,
+                 sqlite_synchronous=settings.registry.sqlite_synchronous)
 
 
 def _backup(args: argparse.Namespace, settings: Any) -> int:

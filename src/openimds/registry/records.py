@@ -85,8 +85,19 @@ def instance_dict(d: Json, port_list: list[Json], host: str | None = None) -> Js
     }
 
 
+_BY_ID: dict[sa.Table, sa.Select[Any]] = {}
+
+
+def by_id(conn: Connection, table: sa.Table, obj_id: str) -> Row[Any] | None:
+    """The row with this id, or None (one statement per table, built once)."""
+    query = _BY_ID.get(table)
+    if query is None:
+        query = _BY_ID[table] = sa.select(table).where(table.c.id == sa.bindparam("id"))
+    return conn.execute(query, {"id": obj_id}).first()
+
+
 def get_row(conn: Connection, table: sa.Table, kind: str, obj_id: str) -> Row[Any]:
-    row = conn.execute(sa.select(table).where(table.c.id == obj_id)).first()
+    row = by_id(conn, table, obj_id)
     if row is None:
         raise NotFound(f"{kind} {obj_id} not found")
     return row
@@ -94,7 +105,7 @@ def get_row(conn: Connection, table: sa.Table, kind: str, obj_id: str) -> Row[An
 
 def ref_row(conn: Connection, table: sa.Table, kind: str, field: str, obj_id: str) -> Row[Any]:
     """A referenced object from a request body: missing = 404 naming the field."""
-    row = conn.execute(sa.select(table).where(table.c.id == obj_id)).first()
+    row = by_id(conn, table, obj_id)
     if row is None:
         raise NotFound(f"{field}: {kind} {obj_id} not found")
     return row

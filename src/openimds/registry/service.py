@@ -48,6 +48,7 @@ from openimds.registry.allocation import (
 from openimds.registry.records import (
     Json,
     bound_hosts,
+    by_id,
     get_row,
     hosts_of,
     instance_change,
@@ -83,6 +84,7 @@ from openimds.registry.store import (
 log = logging.getLogger(__name__)
 
 DEFAULT_PROJECT = "default"
+_INSERT_INSTANCE = instances.insert()
 MAX_WAIT_S = 60.0
 
 
@@ -782,7 +784,7 @@ class Registry:
                 kp = _find_keypair(conn, key_name, pid)
                 keypair = {k: getattr(kp, k) for k in
                            ("id", "name", "public_key", "type", "fingerprint")}
-            if conn.execute(sa.select(instances.c.id).where(instances.c.id == iid)).first():
+            if by_id(conn, instances, iid) is not None:
                 raise Conflict(f"instance {iid} already exists")
             mac = new_mac(conn)
             try:
@@ -793,7 +795,7 @@ class Registry:
                     from None
             port = insert_port(
                 tx, network_id=network_id, project_id=pid, device_id=iid,
-                device_owner=DEVICE_OWNER_INSTANCE, fixed=fixed, mac=mac,
+                device_owner=DEVICE_OWNER_INSTANCE, fixed=fixed, mac=mac, mac_checked=True,
             )
             values = {
                 "id": iid, "name": name, "hostname": hostname, "project_id": pid,
@@ -803,7 +805,7 @@ class Registry:
                 "image_id": image_id, "ec2_id": self.store.next_ec2_id(tx), "password": None,
                 "created_at": now(), "revision": tx.revision,
             }
-            conn.execute(instances.insert().values(**values))
+            conn.execute(_INSERT_INSTANCE, values)
             if host is not None:
                 conn.execute(instance_hosts.insert().values(instance_id=iid, host=host))
             instance_change(tx, "create", values)

@@ -1,8 +1,11 @@
 """The registry's storage: SQLAlchemy Core tables and one transaction discipline.
 
-- SQLite (default, ``sqlite:///$state_path/registry.sqlite``): WAL journal, synchronous=FULL,
-  foreign keys on, ``BEGIN IMMEDIATE`` for writes so a writer holds the lock from its first
-  statement. A kill -9 loses nothing committed: WAL + FULL fsyncs every commit.
+- SQLite (default, ``sqlite:///$state_path/registry.sqlite``): WAL journal, foreign keys on,
+  ``BEGIN IMMEDIATE`` for writes so a writer holds the lock from its first statement.
+  ``[registry] sqlite_synchronous`` (default ``full``): FULL fsyncs every commit, so neither a
+  kill -9 nor a power cut loses an acknowledged write; NORMAL fsyncs only at WAL checkpoints:
+  a kill -9 of the registry still loses nothing (the commit is in the WAL file, in the OS's
+  page cache), a power cut or kernel crash may lose the last commits (never corrupts).
 - PostgreSQL (``postgresql+psycopg://`` or ``postgresql://``): every write first bumps the one
   ``state`` row, which row-locks it, so writers from any number of processes are serialized;
   ``UNIQUE (network_id, ip_address)`` on fixed IPs is the backstop against duplicate IPs.
@@ -214,6 +217,20 @@ changes = sa.Table(
 
 
 _NOTIFY = sa.text("SELECT pg_notify('openimds_changes', :revision)")
+SQLITE_SYNCHRONOUS = ("FULL", "NORMAL")
+
+# The write path's statements, built once: building a Core statement per call costs more
+# than running it (a create is a dozen statements; profile in bench/registry_bench.py).
+_BUMP = (state.update().where(state.c.id == 1).values(revision=state.c.revision + 1)
+         .returning(state.c.revision, state.c.floor))
+_BUMP_EC2 = (state.update().where(state.c.id == 1).values(ec2_seq=state.c.ec2_seq + 1)
+             .returning(state.c.ec2_seq))
+_INSERT_CHANGES = changes.insert()
+_TRIM = changes.delete().where(changes.c.revision <= sa.bindparam("keep_from"))
+_SET_FLOOR = state.update().where(state.c.id == 1).values(floor=sa.bindparam("keep_from"))
+_REVISION = sa.select(state.c.revision).where(state.c.id == 1)
+_FLOOR = sa.select(state.c.floor).where(state.c.id == 1)
+_WINDOW = sa.select(state.c.revision, state.c.floor).where(state.c.id == 1)
 
 
 def normalize_url(url: str) -> URL:
@@ -249,9 +266,17 @@ class Tx:
 class Store:
     """The one store interface: `read()` and `write()` transactions over an Engine."""
 
-    def __init__(self, url: str, *, change_retention: int = 10000) -> None:
+    def __init__(self, url: str, *, change_retention: int = 10000,
+                 sqlite_synchronous: str = "full") -> None:
         self.url = normalize_url(url)
         self.change_retention = change_retention
+        # The feed keeps at least change_retention revisions and trims in steps of about 1 %
+        # of it, so most writes skip the DELETE and the floor UPDATE.
+        self._trim_step = max(1, change_retention // 100)
+        if sqlite_synchronous.upper() not in SQLITE_SYNCHRONOUS:
+            raise ConfigError(f"[registry] sqlite_synchronous: {sqlite_synchronous!r} is not "
+                              f"one of {', '.join(s.lower() for s in SQLITE_SYNCHRONOUS)}")
+        self.sqlite_synchronous = sqlite_synchronous.upper()
         self.backend = self.url.get_backend_name()
         self._write_lock = threading.Lock()
         self.engine = self._make_engine()
@@ -272,7 +297,7 @@ class Store:
                 dbapi_conn.isolation_level = None
                 cur = dbapi_conn.cursor()
                 cur.execute("PRAGMA journal_mode=WAL")
-                cur.execute("PRAGMA synchronous=FULL")
+                cur.execute(f"PRAGMA synchronous={self.sqlite_synchronous}")
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.execute("PRAGMA busy_timeout=30000")
                 cur.close()
@@ -351,11 +376,7 @@ class Store:
         ) as conn:
             try:
                 with conn.begin() as trans:
-                    rev = conn.execute(
-                        state.update().where(state.c.id == 1)
-                        .values(revision=state.c.revision + 1)
-                        .returning(state.c.revision, state.c.floor)
-                    ).one()
+                    rev = conn.execute(_BUMP).one()
                     tx = Tx(conn, int(rev[0]))
                     yield tx
                     if not tx.changes:
@@ -363,32 +384,32 @@ class Store:
                             raise RuntimeError("a write transaction recorded no change")
                         trans.rollback()
                         return
-                    conn.execute(changes.insert(), tx.changes)
+                    conn.execute(_INSERT_CHANGES, tx.changes)
                     if self.backend == "postgresql":
                         # delivered at commit to every registry process (registry/notify.py)
                         conn.execute(_NOTIFY, {"revision": str(tx.revision)})
                     keep_from = tx.revision - self.change_retention
-                    if keep_from > int(rev[1]):
-                        conn.execute(changes.delete().where(changes.c.revision <= keep_from))
-                        conn.execute(state.update().where(state.c.id == 1)
-                                     .values(floor=keep_from))
+                    if keep_from >= int(rev[1]) + self._trim_step:
+                        conn.execute(_TRIM, {"keep_from": keep_from})
+                        conn.execute(_SET_FLOOR, {"keep_from": keep_from})
             except IntegrityError as exc:
                 raise Conflict(_integrity_reason(exc)) from None
         audit.info("registry.write revision=%d changes=%s", tx.revision,
                    ",".join(f"{c['kind']}:{c['op']}:{c['obj_id']}" for c in tx.changes))
 
     def next_ec2_id(self, tx: Tx) -> int:
-        row = tx.conn.execute(
-            state.update().where(state.c.id == 1).values(ec2_seq=state.c.ec2_seq + 1)
-            .returning(state.c.ec2_seq)
-        ).one()
-        return int(row[0])
+        return int(tx.conn.execute(_BUMP_EC2).one()[0])
 
     def revision(self, conn: Connection) -> int:
-        return int(conn.execute(sa.select(state.c.revision).where(state.c.id == 1)).scalar_one())
+        return int(conn.execute(_REVISION).scalar_one())
 
     def floor(self, conn: Connection) -> int:
-        return int(conn.execute(sa.select(state.c.floor).where(state.c.id == 1)).scalar_one())
+        return int(conn.execute(_FLOOR).scalar_one())
+
+    def window(self, conn: Connection) -> tuple[int, int]:
+        """(revision, floor) in one read: the feed's retained window is floor..revision."""
+        rev, floor = conn.execute(_WINDOW).one()
+        return int(rev), int(floor)
 
     def dispose(self) -> None:
         self.engine.dispose()
