@@ -1,0 +1,157 @@
+"""The registry's write and feed paths in-process, at a small and a large size, same run.
+
+    .venv/bin/python bench/registry_bench.py [--sizes 100,10000] [--ops 200]
+        [--synchronous full|normal] [--backend sqlite|postgresql] [--profile] [--json FILE]
+
+The profiling method behind bench/scale_bench.py's registry figures, without HTTP: one store
+per size (SQLite in a temp dir, or the scripts/setup PostgreSQL, a database of its own),
+seeded through the `Registry` service as scale_bench seeds it (`--per-router` instances on
+each router's own /24), then, at each size:
+
+- `create_instance` (auto-allocated IP on the last network) and `delete_instance`, `--ops`
+  times: p50/p99 ms of the create, and the SQL statements one create runs (counted with a
+  `before_cursor_execute` listener);
+- `changes(head - 100, 100)`: p50/p99 ms and statements;
+- `reconcile()` (the reaper's tick, every second in `registry serve`): p50/max ms;
+- `--profile`: cProfile of the creates, the 20 functions with the most own time.
+
+Printed: each size's figures, and large / small ratios (a flat registry stays near 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import json
+import os
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "src"))
+
+from sqlalchemy import event  # noqa: E402
+from tests.support import postgres_database  # noqa: E402
+
+from openimds.registry.service import Registry  # noqa: E402
+from openimds.registry.store import Store  # noqa: E402
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")
+
+
+def seed(reg: Registry, total: int, per: int) -> str:
+    """Routers, networks, /24 subnets and `total` instances; returns the last network id."""
+    nid = ""
+    for k in range(total):
+        if k % per == 0:
+            i = k // per
+            r = reg.create_router({"name": f"r{i}"})
+            nid = reg.create_network({"name": f"n{i}"})["id"]
+            s = reg.create_subnet({"name": f"s{i}", "network_id": nid,
+                                   "cidr": f"10.{i // 256}.{i % 256}.0/24"})
+            reg.add_interface(r["id"], {"subnet_id": s["id"]})
+        i = k // per
+        reg.create_instance({"name": f"vm{k}", "network_id": nid,
+                             "fixed_ip": f"10.{i // 256}.{i % 256}.{10 + k % per}",
+                             "metadata": {"role": "scale", "n": str(k)}})
+    return nid
+
+
+def measure(url: str, size: int, a: argparse.Namespace) -> dict[str, Any]:
+    store = Store(url, sqlite_synchronous=a.synchronous)
+    store.create_schema()
+    reg = Registry(store)
+    t0 = time.monotonic()
+    nid = seed(reg, size, a.per_router)
+    out: dict[str, Any] = {"instances": size, "seed_s": round(time.monotonic() - t0, 1)}
+    stmts: list[str] = []
+
+    @event.listens_for(store.engine, "before_cursor_execute")
+    def _count(*args: Any) -> None:
+        stmts.append(str(args[2]).split()[0])
+
+    prof = cProfile.Profile()
+    ms = []
+    for j in range(a.ops):
+        stmts.clear()
+        t = time.perf_counter()
+        if a.profile:
+            prof.enable()
+        iid = reg.create_instance({"name": f"probe{j}", "network_id": nid})["id"]
+        if a.profile:
+            prof.disable()
+        ms.append((time.perf_counter() - t) * 1000)
+        out["create_statements"] = len(stmts)
+        reg.delete_instance(iid)
+    out["create_p50_ms"], out["create_p99_ms"] = pct(ms, 0.5), pct(ms, 0.99)
+    head = int(reg.health()["revision"])
+    ms = []
+    for _ in range(a.ops):
+        stmts.clear()
+        t = time.perf_counter()
+        reg.changes(head - 100, 100)
+        ms.append((time.perf_counter() - t) * 1000)
+    out["changes_statements"] = len(stmts)
+    out["changes_p50_ms"], out["changes_p99_ms"] = pct(ms, 0.5), pct(ms, 0.99)
+    ms = []
+    for _ in range(20):
+        t = time.perf_counter()
+        reg.reconcile()
+        ms.append((time.perf_counter() - t) * 1000)
+    out["reconcile_p50_ms"], out["reconcile_max_ms"] = pct(ms, 0.5), max(ms)
+    store.dispose()
+    if a.profile:
+        print(f"-- cProfile of {a.ops} creates at {size:,} instances (own time)")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(20)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="100,10000")
+    p.add_argument("--per-router", type=int, default=10)
+    p.add_argument("--ops", type=int, default=200)
+    p.add_argument("--synchronous", default="full", choices=("full", "normal"))
+    p.add_argument("--backend", default="sqlite", choices=("sqlite", "postgresql"))
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--json", type=Path)
+    a = p.parse_args()
+    print(f"load average {os.getloadavg()}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="registry-bench-") as tmp:
+        for size in [int(s) for s in a.sizes.split(",")]:
+            with contextlib.ExitStack() as stack:
+                url = (f"sqlite:///{tmp}/r{size}.sqlite" if a.backend == "sqlite"
+                       else stack.enter_context(postgres_database()))
+                rows.append(measure(url, size, a))
+            print(json.dumps(rows[-1]), flush=True)
+    first, last = rows[0], rows[-1]
+    print(f"\n{a.backend} (synchronous={a.synchronous} on sqlite)")
+    print("| instances | statements per create | create p50 / p99 ms | changes p50 / p99 ms "
+          "| reconcile p50 / max ms |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['instances']:,} | {r['create_statements']} | {r['create_p50_ms']:.2f} / "
+              f"{r['create_p99_ms']:.2f} | {r['changes_p50_ms']:.2f} / "
+              f"{r['changes_p99_ms']:.2f} | {r['reconcile_p50_ms']:.2f} / "
+              f"{r['reconcile_max_ms']:.2f} |")
+    for k in ("create_p50_ms", "changes_p50_ms", "reconcile_p50_ms"):
+        print(f"{k} at {last['instances']:,} / at {first['instances']:,} = "
+              f"{last[k] / first[k]:.2f}")
+    print(f"load average {os.getloadavg()}")
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
