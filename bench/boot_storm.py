@@ -262,7 +262,11 @@ def dhcp_ips(settings: Settings) -> dict[str, str]:
     return out
 
 
-def plug_vms(settings: Settings, topo: Topology, timeout_s: float) -> None:
+def plug_vms(settings: Settings, topo: Topology, timeout_s: float,
+             isolated_dhcp: bool = False) -> None:
+    """Plug every VM (static address). An isolated VM reaches 169.254.169.254 via its
+    network's DHCP port: a static /32 route, as option 121 would give it, or with
+    isolated_dhcp a real lease from the network's dnsmasq (udhcpc, option 121)."""
     from openimds.lab.vm import apply_plug, plan_vm
 
     reg = Registry(settings)
@@ -285,9 +289,11 @@ def plug_vms(settings: Settings, topo: Topology, timeout_s: float) -> None:
         port = ports[vm.instance_id]
         instance = {"id": vm.instance_id, "name": vm.name, "ports": [port]}
         plan = plan_vm(instance, subnets[vm.network_id], networks[vm.network_id])
-        apply_plug(plan)
+        by_dhcp = isolated_dhcp and vm.router_id is None
+        apply_plug(plan, address_mode="dhcp" if by_dhcp else "static")
         if vm.router_id is None:
             vm.dhcp_ip = dhcp[vm.network_id]
+        if vm.router_id is None and not by_dhcp:
             subprocess.run(["ip", "-n", vm.namespace, "route", "replace", f"{METADATA_IP}/32",
                             "via", vm.dhcp_ip, "dev", "eth0"], check=True)
 

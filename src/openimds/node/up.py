@@ -254,6 +254,14 @@ def settings_overrides(pairs: Sequence[str]) -> dict[str, str]:
     return env
 
 
+def supervised_overrides(overrides: Mapping[str, str]) -> dict[str, str]:
+    """overrides plus what `up` sets for every child it supervises (benches use it too)."""
+    out = dict(overrides)
+    # up supervises the proxy itself: agents starting their own would race with it.
+    out.setdefault(env_name("proxy", "spawn_from_agents"), "false")
+    return out
+
+
 def role_services(roles: Sequence[str]) -> list[Service]:
     """The services of these roles (node/roles.py), in dependency order."""
     by_name = {s.name: s for s in SERVICES + ROLE_ONLY_SERVICES}
@@ -430,8 +438,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         overrides = settings_overrides(args.set or [])
         if args.demo:
             overrides.setdefault(env_name("DEFAULT", "enable_isolated_metadata"), "true")
-        # up supervises the proxy itself: agents starting their own would race with it.
-        overrides.setdefault(env_name("proxy", "spawn_from_agents"), "false")
+        overrides = supervised_overrides(overrides)
         # Validate what the children will see before starting any of them.
         load_settings(args.config, environ=child_env(overrides))
         setup_logging(debug=settings.debug, log_file=settings.log_file, component="up")
@@ -454,4 +461,4 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         os.close(lock)
 
 
-__all__ = ["SERVICES", "build_supervisor", "cmd_up", "ensure_secrets"]
+__all__ = ["SERVICES", "build_supervisor", "cmd_up", "ensure_secrets", "supervised_overrides"]
