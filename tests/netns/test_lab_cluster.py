@@ -25,7 +25,7 @@ import pytest
 from openimds.config import load_settings
 from openimds.host import links
 from openimds.host.netns import socket_in_netns_file
-from openimds.host.supervise import proc_start_time
+from openimds.host.supervise import owns_tcp_listener, proc_start_time, process_tree
 from openimds.registry.client import RegistryClient
 from tests.support import PG_SOCKET_DIR, PYTHON, clean_env
 
@@ -53,6 +53,7 @@ class Lab:
         self.name = name
         self.dir = LAB_ROOT / name
         self.host = self.dir / "host.ini"
+        self.old_nodes: list[dict[str, Any]] = []  # of an earlier build: the safety net's too
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return lab(*args, check=check, config=self.host)
@@ -144,12 +145,15 @@ def databases() -> set[str]:
 def make_lab(request: pytest.FixtureRequest) -> Iterator[Callable[..., Lab]]:
     made: list[tuple[Lab, dict[str, Any]]] = []
 
-    def make(*extra: str) -> Lab:
+    def make(*extra: str, start: bool = True) -> Lab:
+        """A cluster `lab cluster up` built (start=False: only named, the test builds it);
+        removed by `lab cluster down` at the end, whatever happened."""
         name = "t" + uuid.uuid4().hex[:5]
         cluster = Lab(name)
         made.append((cluster, {}))
-        lab("lab", "cluster", "up", "--name", name, *extra, timeout=180)
-        made[-1] = (cluster, cluster.recorded())
+        if start:
+            lab("lab", "cluster", "up", "--name", name, *extra, timeout=180)
+            made[-1] = (cluster, cluster.recorded())
         return cluster
 
     yield make
@@ -163,11 +167,12 @@ def make_lab(request: pytest.FixtureRequest) -> Iterator[Callable[..., Lab]]:
         down = lab("lab", "cluster", "down", "--name", cluster.name, check=False)
         # the safety net: whatever down missed is killed/deleted here, and the test fails
         leftovers = []
-        for node in recorded.get("nodes", []):
-            pid, start = node.get("pid"), node.get("start_time")
-            if pid and proc_start_time(pid) == start:
-                os.kill(pid, signal.SIGKILL)
-                leftovers.append(f"node {node['name']} pid {pid}")
+        for node in recorded.get("nodes", []) + cluster.old_nodes:
+            for pid, start in ((node.get("pid"), node.get("start_time")),
+                               (node.get("launcher"), node.get("launcher_start"))):
+                if pid and proc_start_time(pid) == start:
+                    os.kill(pid, signal.SIGKILL)
+                    leftovers.append(f"node {node['name']} pid {pid}")
         with links.netlink() as nl:
             for name in [n["veth"] for n in recorded.get("nodes", [])] + [f"lab{cluster.name}"]:
                 if nl.delete_link(name):
@@ -225,6 +230,70 @@ def test_lab_cluster_bad_input_is_named_and_leaves_nothing():
     assert not (LAB_ROOT / name).exists()
     missing = lab("lab", "node", "kill", "--name", name, "network-1", check=False)
     assert missing.returncode != 0 and name in missing.stderr
+
+
+def up_of(init_pid: int) -> int | None:
+    """The node's `openimds up` (a child of its PID 1), host PID."""
+    for pid in process_tree(init_pid)[1:]:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"up" in argv and b"--role" in argv:
+            return pid
+    return None
+
+
+def test_lab_killed_minus_9_leaves_nothing_the_next_up_removes_and_a_node_up_respawns(
+        make_lab):
+    """kill -9 of `lab cluster up` while it builds: the next `lab cluster up` of that name
+    stops every process the killed one started (PID 1 and unshare of each node) and builds
+    anew, ready meaning its own node's listener; kill -9 of a node's `openimds up`: its
+    children die with it, the node's PID 1 starts it again, the registry comes back as the
+    new `up`'s child."""
+    c = make_lab(start=False)
+    args = ("lab", "cluster", "up", "--name", c.name, "--network-nodes", "0",
+            "--compute-nodes", "0")
+    first = subprocess.Popen([PYTHON, "-m", "openimds", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=clean_env(),
+                             stdin=subprocess.DEVNULL)
+    try:
+        # half-way: the controller is booted and its `up` runs, the build is not complete
+        node = wait_for(lambda: next((n for n in c.recorded().get("nodes", [])
+                                      if n.get("pid") and up_of(n["pid"])), None), 60,
+                        "the controller's `up` to run")
+        assert not c.recorded()["complete"]
+    finally:
+        first.kill()
+        first.communicate(timeout=10)
+    old = [(node["pid"], node["start_time"]), (node["launcher"], node["launcher_start"])]
+    c.old_nodes.append(node)
+    assert all(proc_start_time(pid) == start for pid, start in old)  # left behind for now
+
+    again = lab(*args, timeout=180)
+    assert "removed what a killed" in again.stderr and "node controller" in again.stderr
+    assert not any(proc_start_time(pid) == start for pid, start in old), "a leftover survived"
+    rec = c.recorded()
+    assert rec["complete"] and rec["builder"] != first.pid
+    ctrl = rec["nodes"][0]
+    assert ctrl["pid"] != node["pid"] and owns_tcp_listener(ctrl["pid"], 9696)
+
+    # the node's supervisor killed -9: its children die with it, PID 1 starts it again
+    up_pid = up_of(ctrl["pid"])
+    assert up_pid is not None
+    children = [p for p in process_tree(up_pid)[1:]]
+    assert children
+    starts = {p: proc_start_time(p) for p in children}
+    os.kill(up_pid, signal.SIGKILL)
+    wait_for(lambda: not any(proc_start_time(p) == t for p, t in starts.items()), 30,
+             "the killed `up`'s children to die with it")
+    wait_for(lambda: (up_of(ctrl["pid"]) or up_pid) != up_pid, 30,
+             "the node's PID 1 to start `up` again")
+    new_up = up_of(ctrl["pid"])
+    assert new_up is not None
+    wait_for(lambda: owns_tcp_listener(new_up, 9696), 60,
+             "the registry again, as the new `up`'s child")
+    assert c.client().list("network") == []
 
 
 DOWN_TIME = 6.0  # [DEFAULT] agent_down_time for the failover test (default 10 s)

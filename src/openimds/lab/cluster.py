@@ -18,6 +18,17 @@ processes (SIGKILL to each node's PID 1 kills its whole PID namespace; its netwo
 and every namespace the node made, go with the last process), the bridge and veths, the
 database (and PostgreSQL if this command started it), /etc/netns if it made it, its directory.
 
+No orphans: each node's `unshare` is recorded (pid and start time, as `up` records its
+children) the moment it is started, and runs with --kill-child, so a node whose PID 1 was never
+recorded still dies with it. The building command records itself too, and the cluster is
+marked complete only when every node is ready: a `lab cluster up` killed half-way (even -9)
+leaves a record whose builder is gone, and the next `lab cluster up` of that name removes
+everything it left (`clear_leftovers`) before it builds anew; `lab cluster down` removes it
+as any other. Inside a node, PID 1 (lab/node_init.py) supervises the node's `openimds up`:
+killed -9 it starts again, and stops what its predecessor's children left (up.children.json).
+A node counts as ready only when the listener that answers belongs to a process of that node
+(its PID 1's tree), never to another process on the address.
+
 A node is "killed" as a crash would: SIGKILL to its PID 1. `start_node` boots it again on
 the same state (like a reboot: the kernel state is gone, the disk is not).
 """
@@ -48,7 +59,12 @@ from openimds.config import Settings, load_settings
 from openimds.errors import BadRequest, CommandFailed, Conflict, NotFound, OpenImdsError
 from openimds.host import links
 from openimds.host.run import run
-from openimds.host.supervise import proc_start_time
+from openimds.host.supervise import (
+    Recorded,
+    owns_tcp_listener,
+    owns_unix_listener,
+    proc_start_time,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +88,19 @@ class Node:
     veth: str  # the underlay veth's end in the cluster's namespace
     pid: int | None = None  # host PID of the node's PID 1
     start_time: int | None = None  # its start time, so a reused PID is never taken for it
+    launcher: int | None = None  # host PID of its `unshare` (--kill-child: PID 1 dies with it)
+    launcher_start: int | None = None
 
     def alive(self) -> bool:
         return self.pid is not None and proc_start_time(self.pid) == self.start_time
+
+    def processes(self) -> list[Recorded]:
+        """Its recorded processes that still run: PID 1 and the `unshare` above it."""
+        out = [Recorded(f"{self.name} init", self.pid, self.start_time or 0)
+               if self.pid else None,
+               Recorded(f"{self.name} unshare", self.launcher, self.launcher_start or 0)
+               if self.launcher else None]
+        return [r for r in out if r is not None and r.alive()]
 
 
 @dataclass(slots=True)
@@ -91,6 +117,9 @@ class Cluster:
     secrets: dict[str, str] = field(default_factory=dict)
     sets: list[str] = field(default_factory=list)  # section.key=value for every node
     nodes: list[Node] = field(default_factory=list)
+    builder: int | None = None  # pid + start time of the `lab cluster up` building it
+    builder_start: int | None = None
+    complete: bool = False  # every node was ready once: the builder is done with it
 
     # --- paths and addresses
     @property
@@ -319,16 +348,21 @@ def _popen_logged(argv: Sequence[str], log_path: Path, env: Mapping[str, str] | 
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def _boot(cluster: Cluster, node: Node) -> None:
-    """PID 1 of the node in fresh namespaces, then its underlay leg."""
+def _boot(cluster: Cluster, node: Node, command: Sequence[str]) -> None:
+    """PID 1 of the node in fresh namespaces (supervising command), then its underlay leg."""
     nd = cluster.node_dir(node)
     (nd / "etc-netns").mkdir(parents=True, exist_ok=True)
     ready = nd / "init.ready"
     ready.unlink(missing_ok=True)
     unshare = _popen_logged(
-        ["unshare", "--pid", "--fork", "--mount-proc", "--mount", "--net",
+        ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--mount", "--net",
          "--propagation", "private", "--", sys.executable, "-m", "openimds.lab.node_init",
-         str(nd / "etc-netns"), str(ready)], nd / "log" / "init.log", _service_env())
+         str(nd / "etc-netns"), str(ready), str(nd / "log" / "up.log"), "--", *command],
+        nd / "log" / "init.log", _service_env())
+    # recorded before anything waits: a builder killed from here on leaves a findable node
+    node.pid = node.start_time = None
+    node.launcher, node.launcher_start = unshare.pid, proc_start_time(unshare.pid)
+    cluster.save()
     _wait(ready.exists, 20, f"node {node.name} to boot (log {nd / 'log' / 'init.log'})")
     pid = _child_pid(unshare.pid)
     if pid is None:
@@ -357,9 +391,12 @@ def _ready(cluster: Cluster, node: Node) -> None:
                 return bool(resp.status == 200)
 
         _wait(registry_up, 60, f"the registry on {node.name} ({nd / 'log' / 'registry.log'})")
+        _wait(lambda: _owns_tcp(node, REGISTRY_PORT), 10,
+              f"the registry on {node.ip}:{REGISTRY_PORT} to be node {node.name}'s")
+
         def api_up() -> bool:
             socket.create_connection((node.ip, API_PORT), timeout=1).close()
-            return True
+            return _owns_tcp(node, API_PORT)
 
         _wait(api_up, 60, f"the metadata API on {node.name} ({nd / 'log' / 'api.log'})")
     elif node.role == "network":
@@ -368,23 +405,26 @@ def _ready(cluster: Cluster, node: Node) -> None:
         def agent_up() -> bool:
             with socket.socket(socket.AF_UNIX) as s:
                 s.connect(sock_path)
-            return True
+            return node.pid is not None and owns_unix_listener(node.pid, sock_path)
 
         _wait(agent_up, 60, f"the metadata agent on {node.name} ({nd / 'log' / 'agent.log'})")
+
+
+def _owns_tcp(node: Node, port: int) -> bool:
+    """The listener on port in the node's network namespace is held by one of its processes
+    (its PID 1's tree): the answer came from this node, not a leftover elsewhere."""
+    return node.alive() and node.pid is not None and owns_tcp_listener(node.pid, port)
 
 
 def start_node(cluster: Cluster, node: Node, *, wait: bool = True) -> None:
     """Boot a node and start its role's services (a reboot on the same state)."""
     if node.alive():
         raise Conflict(f"node {node.name} is already running (pid {node.pid})")
-    _boot(cluster, node)
-    nd = cluster.node_dir(node)
-    env = _service_env()
-    # One supervised tree per node, as on a real machine (respawns, heartbeats; its
-    # services log to <state>/log/<service>.log).
-    argv = [sys.executable, "-m", "openimds", "--config", str(cluster.node_config(node)),
-            "up", "--role", node.role]
-    _popen_logged(enter_argv(node, argv), nd / "log" / "up.log", env)
+    # One supervised tree per node, as on a real machine: its PID 1 runs `up` (and starts it
+    # again if it dies), `up` its role's services (respawns, heartbeats; each logs to
+    # <state>/log/<service>.log).
+    _boot(cluster, node, [sys.executable, "-m", "openimds", "--config",
+                          str(cluster.node_config(node)), "up", "--role", node.role])
     if wait:
         _ready(cluster, node)
     log.info("lab.node_started cluster=%s node=%s pid=%s", cluster.name, node.name, node.pid)
@@ -394,16 +434,16 @@ def kill_node(cluster: Cluster, node: Node, timeout: float = 15.0) -> float | No
     """SIGKILL the node's PID 1 (the kernel kills every process of its PID namespace), then
     wait until its network namespace is gone. Returns the wall-clock time of the SIGKILL
     (what failover is measured from), None if the node was not running."""
-    if not node.alive():
+    running = node.processes()
+    if not running:
         return None
-    assert node.pid is not None
     killed_at = time.time()
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(node.pid, signal.SIGKILL)
+    for proc in running:  # PID 1 first: its unshare (and the namespace) go with it
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
 
     def gone() -> bool:
-        stat = proc_start_time(node.pid) if node.pid else None
-        if stat == node.start_time:
+        if any(p.alive() for p in running):
             return False
         with links.netlink() as nl:
             return nl.link(node.veth) is None  # its peer went with the node's netns
@@ -435,10 +475,17 @@ def create(
     name: str, *, network_nodes: int, compute_nodes: int, subnet: str = "10.250.0.0/24",
     connection: str = "", sets: Sequence[str] = (), root: Path = LAB_ROOT,
 ) -> Cluster:
-    """Build and start a cluster. On any failure everything made so far is removed."""
+    """Build and start a cluster. On any failure everything made so far is removed; what a
+    killed earlier build of the same name left is removed first (`clear_leftovers`)."""
     directory = cluster_dir(name, root)
+    removed = clear_leftovers(name, root)
+    if removed:
+        log.warning("lab.leftovers_removed cluster=%s removed=%s", name, "; ".join(removed))
     if (directory / CLUSTER_FILE).exists():
-        raise Conflict(f"lab cluster {name} exists ({directory}); "
+        other = load(name, root)
+        building = "" if other.complete or other.builder is None else \
+            f", being built by pid {other.builder}"
+        raise Conflict(f"lab cluster {name} exists ({directory}{building}); "
                        f"`openimds lab cluster down --name {name}` first")
     try:
         ipaddress.ip_network(subnet, strict=True)
@@ -451,6 +498,7 @@ def create(
                  "admin_token": "admin-" + secrets.token_urlsafe(16),
                  "reader_token": "reader-" + secrets.token_urlsafe(16)},
         nodes=plan_nodes(name, subnet, network_nodes, compute_nodes),
+        builder=os.getpid(), builder_start=proc_start_time(os.getpid()),
     )
     cluster.save()
     try:
@@ -479,11 +527,28 @@ def create(
                 start_node(cluster, node, wait=False)
         for node in cluster.nodes:
             _ready(cluster, node)
+        cluster.complete = True
+        cluster.save()
     except BaseException:
         with contextlib.suppress(Exception):
             destroy(cluster)
         raise
     return cluster
+
+
+def clear_leftovers(name: str, root: Path = LAB_ROOT) -> list[str]:
+    """Remove what a `lab cluster up` of this name left when it was killed before the cluster
+    was complete (its builder is gone); [] when there is no such cluster, or it is complete,
+    or its builder still runs. Returns what was removed."""
+    try:
+        cluster = load(name, root)
+    except (NotFound, ValueError, TypeError, KeyError):
+        return []
+    if cluster.complete or cluster.builder is None:  # None: recorded before builders were
+        return []
+    if Recorded("builder", cluster.builder, cluster.builder_start or 0).alive():
+        return []
+    return destroy(cluster)
 
 
 def destroy(cluster: Cluster) -> list[str]:

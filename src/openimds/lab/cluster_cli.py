@@ -27,6 +27,10 @@ def _name_arg(p: argparse.ArgumentParser) -> None:
 def _up(args: argparse.Namespace, settings: Any) -> int:
     from openimds.lab import cluster
 
+    removed = cluster.clear_leftovers(args.name)
+    if removed:
+        print(f"removed what a killed `lab cluster up --name {args.name}` left: "
+              + ", ".join(removed), file=sys.stderr)
     made = cluster.create(
         args.name, network_nodes=args.network_nodes, compute_nodes=args.compute_nodes,
         subnet=args.subnet, connection=args.connection, sets=args.set or [],
