@@ -22,7 +22,8 @@ cloud-init does (giving up 120 s late). 2 s in, the fault hits:
   restarts it);
 - dnsmasq: `kill -9` of every network's dnsmasq (the DHCP agent's process monitor respawns
   them); one VM per isolated network (kept out of the storm in every fault: a DHCP client
-  deconfigures its interface first) renews its lease meanwhile, until one comes;
+  deconfigures its interface first) renews its lease meanwhile, until one comes (also
+  when the DHCP agent is killed);
 - sqlite-lock: another process holds the registry database's write lock for 10 s;
 - postgresql: the registry's PostgreSQL (a private instance the bench starts) stops as a crash
   would (`pg_ctl stop -m immediate`) and starts again 2 s later. This fault runs in a second
@@ -318,17 +319,20 @@ async def run_fault(fault: str, backend: str, sup: Supervisor, settings: Setting
             os.kill(pid, signal.SIGKILL)
         log(f"dnsmasq: killed pids {pids}")
         result.restarted = f"{len(pids)} killed"
-        side = threading.Thread(target=renew_until_leased, args=(
-            probes, result, t_fault, t_fault + 60))
-        side.start()
     else:
         old = sup.get(fault).pid
         assert old is not None
         os.kill(old, signal.SIGKILL)
         log(f"{fault}: killed pid {old}")
+    renewer: threading.Thread | None = None
+    if fault in ("dnsmasq", "dhcp-agent"):
+        renewer = threading.Thread(target=renew_until_leased, args=(
+            probes, result, t_fault, t_fault + 60))
+        renewer.start()
     done = await asyncio.gather(*boots)
-    if side is not None:
-        await asyncio.to_thread(side.join)
+    for thread in (side, renewer):
+        if thread is not None:
+            await asyncio.to_thread(thread.join)
     stop.set()
     await asyncio.to_thread(wthread.join)
     if fault in KILLED:

@@ -25,7 +25,12 @@ import pytest
 from openimds.config import load_settings
 from openimds.host import links
 from openimds.host.netns import socket_in_netns_file
-from openimds.host.supervise import owns_tcp_listener, proc_start_time, process_tree
+from openimds.host.supervise import (
+    owns_tcp_listener,
+    pid_alive,
+    proc_start_time,
+    process_tree,
+)
 from openimds.registry.client import RegistryClient
 from tests.support import PG_SOCKET_DIR, PYTHON, clean_env
 
@@ -170,7 +175,8 @@ def make_lab(request: pytest.FixtureRequest) -> Iterator[Callable[..., Lab]]:
         for node in recorded.get("nodes", []) + cluster.old_nodes:
             for pid, start in ((node.get("pid"), node.get("start_time")),
                                (node.get("launcher"), node.get("launcher_start"))):
-                if pid and proc_start_time(pid) == start:
+                # a zombie is no leftover: our PID 1 may reap an orphan's late
+                if pid and proc_start_time(pid) == start and pid_alive(pid):
                     os.kill(pid, signal.SIGKILL)
                     leftovers.append(f"node {node['name']} pid {pid}")
         with links.netlink() as nl:
@@ -268,11 +274,12 @@ def test_lab_killed_minus_9_leaves_nothing_the_next_up_removes_and_a_node_up_res
         first.communicate(timeout=10)
     old = [(node["pid"], node["start_time"]), (node["launcher"], node["launcher_start"])]
     c.old_nodes.append(node)
-    assert all(proc_start_time(pid) == start for pid, start in old)  # left behind for now
+    assert all(pid_alive(pid) for pid, _ in old)  # left behind for now
 
     again = lab(*args, timeout=180)
     assert "removed what a killed" in again.stderr and "node controller" in again.stderr
-    assert not any(proc_start_time(pid) == start for pid, start in old), "a leftover survived"
+    assert not any(proc_start_time(pid) == start and pid_alive(pid) for pid, start in old), \
+        "a leftover survived"
     rec = c.recorded()
     assert rec["complete"] and rec["builder"] != first.pid
     ctrl = rec["nodes"][0]
@@ -281,11 +288,12 @@ def test_lab_killed_minus_9_leaves_nothing_the_next_up_removes_and_a_node_up_res
     # the node's supervisor killed -9: its children die with it, PID 1 starts it again
     up_pid = up_of(ctrl["pid"])
     assert up_pid is not None
-    children = [p for p in process_tree(up_pid)[1:]]
+    children = process_tree(up_pid)[1:]
     assert children
     starts = {p: proc_start_time(p) for p in children}
     os.kill(up_pid, signal.SIGKILL)
-    wait_for(lambda: not any(proc_start_time(p) == t for p, t in starts.items()), 30,
+    wait_for(lambda: not any(proc_start_time(p) == t and pid_alive(p)
+                             for p, t in starts.items()), 30,
              "the killed `up`'s children to die with it")
     wait_for(lambda: (up_of(ctrl["pid"]) or up_pid) != up_pid, 30,
              "the node's PID 1 to start `up` again")
@@ -293,7 +301,9 @@ def test_lab_killed_minus_9_leaves_nothing_the_next_up_removes_and_a_node_up_res
     assert new_up is not None
     wait_for(lambda: owns_tcp_listener(new_up, 9696), 60,
              "the registry again, as the new `up`'s child")
-    assert c.client().list("network") == []
+    api = c.client()
+    assert api.list("network") == []
+    api.close()
 
 
 DOWN_TIME = 6.0  # [DEFAULT] agent_down_time for the failover test (default 10 s)
