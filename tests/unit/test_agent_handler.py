@@ -13,7 +13,7 @@ from openimds.config import MetadataAgentSettings, Settings
 from openimds.core.caller import Caller, Resolution
 from openimds.core.signing import sign_instance_id
 from openimds.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
-from openimds.http.client import UpstreamResponse
+from openimds.http.client import UpstreamPool, UpstreamResponse
 from openimds.http.server import Deferred, RawResponse, Request, Response
 from openimds.metadata.agent import STATS_PATH, MetadataAgent, socket_mode
 
@@ -73,6 +73,18 @@ class FakeApi:
              on_result: Any) -> None:
         task = asyncio.ensure_future(self.request(method, target, headers, body))
         task.add_done_callback(lambda t: on_result(t.exception() or t.result()))
+
+    def encode_request(self, method: str, target: str, headers: Any, body: bytes) -> bytes:
+        return UpstreamPool(unix_path="/nonexistent").encode_request(
+            method, target, headers, body)
+
+    def send_encoded(self, data: bytes, head_only: bool, on_result: Any) -> None:
+        """The bytes a hit sends, parsed back into what `request` records."""
+        head, _, body = data.partition(b"\r\n\r\n")
+        first, *lines = head.split(b"\r\n")
+        method, target, _ = first.decode().split(" ")
+        headers = [tuple(line.split(b": ", 1)) for line in lines]
+        self.send(method, target, headers, body, on_result)
 
 
 def make(feed: bool = True, **agent_opts: Any) -> tuple[MetadataAgent, FakeRegistry, FakeApi]:
@@ -143,6 +155,33 @@ async def test_second_request_is_a_cache_hit() -> None:
         assert (await call(agent, req()))[0] == 200
     assert len(reg.calls) == 1
     assert agent.stats()["cache_hits"] == 2
+
+
+async def test_hits_send_kept_bytes_with_each_request_id_and_the_miss_headers() -> None:
+    """A hit's API-bound bytes are kept per request (less its ID): each request still
+    carries its own ID in its place, and the same headers a miss sends."""
+    agent, reg, api = make()
+    reg.add(R, "10.0.0.5", "inst-1", "proj-1")
+
+    def rid(n: int, *more: tuple[bytes, bytes]) -> Request:
+        return req(extra=[(b"accept", b"*/*"), (b"x-openimds-request-id", b"id-%d" % n),
+                          *more])
+
+    for n in range(4):
+        assert (await call(agent, rid(n)))[0] == 200
+    # two IDs (not from our proxy, but possible on the socket): the first is the one logged
+    # and both pass, as on the miss path
+    assert (await call(agent, rid(9, (b"x-openimds-request-id", b"other"))))[0] == 200
+    seen = [[(k.lower(), v) for k, v in hs] for _, _, hs, _ in api.seen]
+    assert [dict(hs)[b"x-openimds-request-id"] for hs in seen[:4]] == [
+        b"id-0", b"id-1", b"id-2", b"id-3"]
+    for n, hs in enumerate(seen[:4]):
+        assert [h for h in hs if h[0] != b"x-openimds-request-id"] == [
+            h for h in seen[0] if h[0] != b"x-openimds-request-id"]  # the miss's headers
+        assert (b"x-openimds-request-id", b"id-%d" % n) in hs
+    assert [v for k, v in seen[4] if k == b"x-openimds-request-id"] == [b"id-9", b"other"]
+    assert all(b"\x00" not in v for hs in seen for _, v in hs)
+    assert len(agent._hits) == 2  # one entry per request shape, not per ID
 
 
 async def test_feed_down_asks_every_time_and_registry_down_is_503_for_the_unknown() -> None:
