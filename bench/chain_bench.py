@@ -145,9 +145,12 @@ def get_in(ns: str, port: int) -> tuple[int, bytes]:
 
 
 def run_wrk(vm: str, port: int, conns: int, duration: float, close: bool,
-            headers: list[str] | None = None) -> dict[str, float]:
+            headers: list[str] | None = None, delay_ms: float | None = None,
+            script_dir: Path | None = None) -> dict[str, float]:
     """wrk from the VM's namespace to the router's listener; with `headers`, from here
-    straight to the API on 127.0.0.1, as the agent (headers = what the agent sends)."""
+    straight to the API on 127.0.0.1, as the agent (headers = what the agent sends).
+    `delay_ms`: each connection waits that long after each answer (wrk's Lua `delay()`),
+    to hold a chosen request rate. Also returns wrk's own CPU seconds (`wrk_cpu_s`)."""
     argv = ["wrk", "-t", str(min(2, conns)), "-c", str(conns),
             "-d", f"{int(duration)}s", "--timeout", "5s", "--latency"]
     if headers is None:
@@ -156,10 +159,31 @@ def run_wrk(vm: str, port: int, conns: int, duration: float, close: bool,
         argv += ["-H", h]
     if close:
         argv += ["-H", "Connection: close"]
+    if delay_ms is not None:
+        script = (script_dir or Path(tempfile.gettempdir())) / f"{TAG}-delay.lua"
+        script.write_text(f"function delay()\n  return {max(0, int(round(delay_ms)))}\nend\n")
+        argv += ["-s", str(script)]
     host = ROUTER_IP if headers is None else "127.0.0.1"
-    out = subprocess.run(argv + [f"http://{host}:{port}{PATH}"], capture_output=True,
-                         text=True, check=True).stdout
-    return parse_wrk(out, close)
+    with tempfile.TemporaryFile() as out:
+        popen = subprocess.Popen(argv + [f"http://{host}:{port}{PATH}"], stdout=out,
+                                 stderr=subprocess.DEVNULL)
+        # wait4: the exit status and wrk's rusage (all its threads), read as it is reaped
+        _, status, usage = os.wait4(popen.pid, 0)
+        popen.returncode = os.waitstatus_to_exitcode(status)
+        if popen.returncode != 0:
+            raise subprocess.CalledProcessError(popen.returncode, argv)
+        out.seek(0)
+        r = parse_wrk(out.read().decode(), close)
+    r["wrk_cpu_s"] = usage.ru_utime + usage.ru_stime
+    return r
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, idle) core-seconds of the whole machine so far, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    busy = sum(fields[:8]) - idle  # user nice system irq softirq steal
+    return busy / CLK_TCK, idle / CLK_TCK
 
 
 def loadavg() -> str:
@@ -333,14 +357,43 @@ def keep_alive_bytes(answer: bytes) -> bytes:
 
 
 def measure(b: Bench, vm: str, port: int, pids: dict[str, int], conns: int, close: bool,
-            duration: float, headers: list[str] | None = None) -> dict[str, Any]:
-    run_wrk(vm, port, conns, 1, close, headers)  # warm-up
+            duration: float, headers: list[str] | None = None,
+            rate: float | None = None) -> dict[str, Any]:
+    """One wrk run with CPU accounting: µs per request of each of our processes, and the
+    machine's share (cores busy, idle fraction, wrk's cores, everyone else's cores), so a
+    reader can tell what limited the run. `rate`: hold about that many requests/s (the
+    1 s warm-up calibrates wrk's per-connection delay)."""
+    delay = None
+    if rate:
+        delay = max(0.0, conns / rate * 1000.0)
+        warm = run_wrk(vm, port, conns, 1, close, headers, delay, b.tmp)
+        if warm["rps"] > 0:  # latency adds to the delay: correct once
+            delay = max(0.0, delay - (conns / warm["rps"] * 1000.0 - delay))
+    else:
+        run_wrk(vm, port, conns, 1, close, headers)  # warm-up
     before = {k: tree_cpu_s(p) for k, p in pids.items()}
-    r: dict[str, Any] = dict(run_wrk(vm, port, conns, duration, close, headers))
+    busy0, idle0 = machine_cpu()
+    r: dict[str, Any] = dict(run_wrk(vm, port, conns, duration, close, headers, delay, b.tmp))
+    busy1, idle1 = machine_cpu()
     after = {k: tree_cpu_s(p) for k, p in pids.items()}
     n = max(1, int(r["requests"]))
     r["cpu_us"] = {k: (after[k] - before[k]) / n * 1e6 for k in pids}
+    wall = (busy1 - busy0) + (idle1 - idle0)
+    ours = sum(after[k] - before[k] for k in pids)
+    r["machine"] = {
+        "cores_busy": (busy1 - busy0) / duration, "idle": (idle1 - idle0) / wall if wall else 0,
+        "cores_ours": ours / duration, "cores_wrk": r["wrk_cpu_s"] / duration,
+        "cores_other": max(0.0, (busy1 - busy0) - ours - r["wrk_cpu_s"]) / duration,
+    }
+    if delay is not None:
+        r["delay_ms"] = delay
     return r
+
+
+def machine_note(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    return (f"cores busy {m['cores_busy']:.2f} (ours {m['cores_ours']:.2f}, wrk "
+            f"{m['cores_wrk']:.2f}, other {m['cores_other']:.2f}), idle {100 * m['idle']:.0f}%")
 
 
 def py_spy(pid: int, seconds: float, out: Path, native: bool) -> subprocess.Popen[bytes]:
@@ -388,9 +441,13 @@ def main() -> int:
     p.add_argument("--profile", choices=("proxy", "agent", "api"),
                    help="sample that service with py-spy during one keep-alive run")
     p.add_argument("--profile-native", action="store_true")
+    p.add_argument("--profile-close", action="store_true",
+                   help="profile with a new connection per request (cloud-init's pattern)")
     p.add_argument("--api-only", action="store_true",
                    help="wrk straight at the API (signed headers, as the agent sends them) "
                         "instead of through the chain: the API's own worker scaling")
+    p.add_argument("--no-matched", dest="matched", action="store_false",
+                   help="skip the second reference: bare held at the chain's request rate")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     if os.geteuid() != 0:
@@ -423,9 +480,10 @@ def main() -> int:
             st = stacks[0]
             pid = st.services[a.profile].popen.pid
             out = b.tmp / f"{a.profile}.raw"
-            run_wrk(vm, st.ports["chain"], 100, 1, False)
+            close = a.profile_close
+            run_wrk(vm, st.ports["chain"], 100, 1, close)
             spy = py_spy(pid, a.duration, out, a.profile_native)
-            r = measure(b, vm, st.ports["chain"], {a.profile: pid}, 100, False, a.duration)
+            r = measure(b, vm, st.ports["chain"], {a.profile: pid}, 100, close, a.duration)
             spy.wait(60)
             print(f"profiled {a.profile}: {r['rps']:.0f} rps, {r['cpu_us'][a.profile]:.1f} "
                   "us/req")
@@ -448,16 +506,26 @@ def main() -> int:
             hp = {k: v for k, v in pids.items() if k != "proxy"}
             hp["haproxy"] = st.services["haproxy"].popen.pid
             configs.append((f"haproxy-w{st.workers}", st.ports["haproxy"], hp, None))
+        kinds = ("api",) if a.api_only else ("chain",)
         for rnd in range(1, a.rounds + 1):
             for conns, close in scenarios:
-                for name, port, pids, headers in configs:
-                    r = measure(b, vm, port, pids, conns, close, a.duration, headers)
+                runs = list(configs)
+                while runs:
+                    name, port, pids, headers = runs.pop(0)
+                    rate = None
+                    if name == "bare@rate":  # at the rate the 1-worker chain just ran
+                        rate = results["rows"][-1]["rps"]
+                    r = measure(b, vm, port, pids, conns, close, a.duration, headers, rate)
                     r.update(round=rnd, config=name, conns=conns, close=close)
                     results["rows"].append(r)
                     cpu = ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_us"].items())
                     print(f"round {rnd} c={conns}{' close' if close else '':6s} {name:12s} "
                           f"{r['rps']:8.0f} rps p99 {r['p99_ms']:7.2f} ms errs "
-                          f"{r['errors']} | CPU us/req: {cpu}", flush=True)
+                          f"{r['errors']} | CPU us/req: {cpu} | {machine_note(r)}",
+                          flush=True)
+                    if a.matched and name == f"{kinds[0]}-w{worker_counts[0]}":
+                        runs.insert(0, ("bare@rate", PORTS["bare"], {"bare": bare.popen.pid},
+                                        None))
         for st in stacks:
             results[f"rss_kib_w{st.workers}"] = {
                 k: sum(rss_kib(q) for q in tree_pids(v.popen.pid))
@@ -500,22 +568,28 @@ def summarize(rows: list[dict[str, Any]], scenarios: list[tuple[int, bool]],
     for conns, close in scenarios:
         label = f"c={conns}{' close' if close else ''}"
         bare = sel("bare", conns, close)
-        for name in ["bare"] + [f"{k}-w{w}" for w in workers for k in kinds]:
+        matched = sel("bare@rate", conns, close)
+        for name in ["bare", "bare@rate"] + [f"{k}-w{w}" for w in workers for k in kinds]:
             rs = list(sel(name, conns, close).values())
             if not rs:
                 continue
             cpu = ", ".join(f"{k} {statistics.median(r['cpu_us'][k] for r in rs):.1f}"
                             for k in rs[0]["cpu_us"])
+            m = {k: statistics.median(r["machine"][k] for r in rs) for k in rs[0]["machine"]}
             say(f"| {label} | {name} | {statistics.median(r['rps'] for r in rs):,.0f} | "
                 f"{statistics.median(r['p99_ms'] for r in rs):.2f} | {cpu} | "
-                f"{sum(r['errors'] for r in rs)} |")
+                f"{sum(r['errors'] for r in rs)} | {m['cores_busy']:.2f} busy: ours "
+                f"{m['cores_ours']:.2f}, wrk {m['cores_wrk']:.2f}, other "
+                f"{m['cores_other']:.2f}; idle {100 * m['idle']:.0f}% |")
         for w in workers:
             ours = sel(f"{kind}-w{w}", conns, close)
             for hop in hops:
-                xs = [ours[k]["cpu_us"][hop] / bare[k]["cpu_us"]["bare"]
-                      for k in ours if k in bare and bare[k]["cpu_us"]["bare"]]
-                say(f"{label} w{w}: {hop} CPU/req / bare CPU/req = {ratio(xs)}"
-                    + ("" if close else "  (target <= 3)"))
+                for ref, refname in ((bare, "bare"), (matched, "bare at the same rate")):
+                    xs = [ours[k]["cpu_us"][hop] / ref[k]["cpu_us"]["bare"]
+                          for k in ours if k in ref and ref[k]["cpu_us"]["bare"]]
+                    if xs:
+                        say(f"{label} w{w}: {hop} CPU/req / {refname} CPU/req = {ratio(xs)}"
+                            + ("" if close else "  (target <= 3)"))
             if kind != "chain":
                 continue
             xs = [ours[k]["rps"] / bare[k]["rps"] for k in ours if k in bare]
