@@ -46,6 +46,8 @@ __all__ = [
 ]
 
 _PHRASES = {s.value: s.phrase for s in HTTPStatus}
+# The usual method names as str without a decode per request.
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH")}
 MAX_PIPELINE = 32
 
 
@@ -244,7 +246,8 @@ class HttpProtocol(asyncio.Protocol):
         "_header_bytes", "_headers", "_in_request", "_eof", "_failure", "_in_trailers",
         "_abandonable",
         "_last_keep_alive", "_last_name", "_limits", "_loop", "_parser", "_paused", "_peer",
-        "_queue", "_task", "_deadline", "_timer", "_transport", "_url",
+        "_queue", "_task", "_deadline", "_timer", "_timer_at", "_transport", "_url",
+        "_max_header_bytes",
     )
 
     def __init__(self, handler: Handler, limits: Limits, loop: asyncio.AbstractEventLoop):
@@ -269,7 +272,9 @@ class HttpProtocol(asyncio.Protocol):
         self._deferred: Deferred | None = None
         self._deferred_req: Request | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when the timer fires (kept: timer.when() is a call)
         self._deadline = 0.0
+        self._max_header_bytes = limits.max_header_bytes  # read per header: one lookup
         # Hostile-input state: the client half-closed; a parse error waiting until the
         # requests before it are answered; trailer fields being skipped.
         self._eof = False
@@ -357,23 +362,25 @@ class HttpProtocol(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._header_bytes += len(url)
-        if self._header_bytes > self._limits.max_header_bytes:
+        if self._header_bytes > self._max_header_bytes:
             raise _ProtocolError(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Called for every header of every request: only the byte bound here (it bounds
+        # the count too, and memory); the count is checked once the block is complete.
         self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > self._limits.max_header_bytes:
+        if self._header_bytes > self._max_header_bytes:
             raise _ProtocolError(431, "request headers too large")
         if self._in_trailers:
             # Chunked trailer fields are dropped (RFC 9110 6.5.1 allows it): merged into the
             # headers they would arrive after every check the header block went through.
             return
-        if len(self._headers) >= self._limits.max_headers:
-            raise _ProtocolError(431, "too many request headers")
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         self._in_trailers = True
+        if len(self._headers) > self._limits.max_headers:
+            raise _ProtocolError(431, "too many request headers")
         continued = False
         for name, value in self._headers:
             if name == b"content-length":
@@ -408,7 +415,8 @@ class HttpProtocol(asyncio.Protocol):
         version = parser.get_http_version()
         if version not in ("1.1", "1.0"):
             raise _ProtocolError(505, f"HTTP/{version} is not supported; use HTTP/1.1")
-        method = parser.get_method().decode("ascii", "replace")
+        raw_method = parser.get_method()
+        method = _METHODS.get(raw_method) or raw_method.decode("ascii", "replace")
         if not target.startswith("/"):
             target = _origin_form(method, target, self._headers)
         keep_alive = bool(parser.should_keep_alive())
@@ -528,16 +536,18 @@ class HttpProtocol(asyncio.Protocol):
         # ~8 us this protocol spends per request on uvloop.
         deadline = self._loop.time() + seconds
         timer = self._timer
-        if timer is not None and timer.when() > deadline:
+        if timer is not None and self._timer_at > deadline:
             timer.cancel()
             timer = None
         self._deadline = deadline
         if timer is None:
+            self._timer_at = deadline
             self._timer = self._loop.call_at(deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
         if self._loop.time() < self._deadline:
+            self._timer_at = self._deadline
             self._timer = self._loop.call_at(self._deadline, self._on_timer)
             return
         self._on_timeout()
