@@ -606,6 +606,24 @@ def summarize(rows: list[dict[str, Any]], scenarios: list[tuple[int, bool]],
                 xs = [many[k]["rps"] / one[k]["rps"] for k in many if k in one]
                 say(f"{label}: {kind} {w} workers / {workers[0]} worker rps = {ratio(xs)}"
                     + ("  (target >= 1.6)" if w == 2 else ""))
+                # What a bigger node would give: requests per core-second our processes
+                # used. Equal for 1 and N workers = no loss from splitting the work, so N
+                # workers with N free cores serve N times as much.
+                xs = [(many[k]["rps"] / many[k]["machine"]["cores_ours"])
+                      / (one[k]["rps"] / one[k]["machine"]["cores_ours"])
+                      for k in many if k in one and many[k]["machine"]["cores_ours"]
+                      and one[k]["machine"]["cores_ours"]]
+                say(f"{label}: {kind} requests per core used, {w} workers / {workers[0]} "
+                    f"worker = {ratio(xs)}  (1.0: the work splits without loss)")
+                for n, sel_rows in ((workers[0], one), (w, many)):
+                    rs = list(sel_rows.values())
+                    if not rs:
+                        continue
+                    m = {k: statistics.median(r["machine"][k] for r in rs)
+                         for k in rs[0]["machine"]}
+                    say(f"{label}: {kind} {n} worker(s): cores used by it {m['cores_ours']:.2f}"
+                        f", by wrk {m['cores_wrk']:.2f}, by others {m['cores_other']:.2f}, "
+                        f"machine idle {100 * m['idle']:.0f}%")
     return lines
 
 
