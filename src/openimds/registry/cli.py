@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import sys
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -144,8 +145,8 @@ def _backup(args: argparse.Namespace, settings: Any) -> int:
         done = write_backup(store, Path(args.file))
     finally:
         store.dispose()
-    print(f"{args.file}: {done['rows']} rows at revision {done['revision']}, "
-          f"sha256 {done['sha256']}")
+    print(f"{args.file}: {done['rows']} rows at revision {done['revision']}, schema "
+          f"{done['schema']}, sha256 {done['sha256']}")
     return 0
 
 
@@ -157,7 +158,8 @@ def _restore(args: argparse.Namespace, settings: Any) -> int:
     data = read_backup(Path(args.file))  # checked: refuses a corrupt or mismatched file
     if args.check:
         s = summary(data)
-        print(f"{args.file}: consistent, {s['rows']} rows at revision {s['revision']}")
+        print(f"{args.file}: consistent, {s['rows']} rows at revision {s['revision']}"
+              + _upgraded_note(s))
         return 0
     store = _store(settings)
     try:
@@ -165,8 +167,72 @@ def _restore(args: argparse.Namespace, settings: Any) -> int:
     finally:
         store.dispose()
     print(f"restored {done['rows']} rows from {args.file}; the registry is at revision "
-          f"{done['revision']} (every agent and API resyncs)")
+          f"{done['revision']} (every agent and API resyncs)" + _upgraded_note(done))
     return 0
+
+
+def _upgraded_note(s: Obj) -> str:
+    if not s.get("upgraded_from"):
+        return ""
+    return f" (upgraded from schema revision {s['upgraded_from']} to {s['schema']})"
+
+
+def _migrate(args: argparse.Namespace, settings: Any) -> int:
+    from openimds.registry import migrations
+
+    if args.sql:
+        from openimds.registry.store import normalize_url
+
+        sys.stdout.write(migrations.offline_sql(normalize_url(settings.registry_connection),
+                                                args.start, args.to))
+        return 0
+    if args.start:
+        raise BadRequest("--from goes with --sql (online, the database says where it is)")
+    store = _store(settings)
+    try:
+        before, after = store.create_schema(to=args.to)
+    finally:
+        store.dispose()
+    if not before:
+        print(f"created the registry schema at revision {after}")
+    elif before == after:
+        print(f"the registry schema is at revision {after}: nothing to do")
+    else:
+        print(f"upgraded the registry schema from revision {before} to {after}")
+    return 0
+
+
+def _db_version(args: argparse.Namespace, settings: Any) -> int:
+    from openimds.registry import migrations
+
+    store = _store(settings)
+    try:
+        db = store.url.database
+        if store.backend == "sqlite" and db not in (None, "", ":memory:") \
+                and not Path(db).exists():  # do not create it (with the umask's mode)
+            found: dict[str, str | None] = {"current": None, "detected": None,
+                                             "head": migrations.head()}
+        else:
+            with store.read() as conn:
+                found = migrations.status(conn)
+    finally:
+        store.dispose()
+    current, head = found["current"] or found["detected"], found["head"]
+    order = migrations.revisions()
+    if current is None:
+        note = f"empty: the registry creates it at revision {head} when it starts"
+    elif current not in order:
+        note = "made by a newer openimds: this release refuses to start on it"
+    elif current == head:
+        note = "up to date"
+    else:
+        pending = order[order.index(current) + 1:]
+        note = (f"{len(pending)} migration(s) pending ({' '.join(pending)}): the registry "
+                "applies them when it starts, or `openimds registry migrate`")
+    if found["detected"]:
+        note = f"no revision recorded (made before migrations), tables match it; {note}"
+    emit_one({"schema": current, "head": head, "status": note}, args.format)
+    return 0 if current is None or current in order else 1
 
 
 # ---------------------------------------------------------------------- projects
@@ -455,6 +521,16 @@ def register(sub: Sub) -> None:
     p.add_argument("--replace", action="store_true",
                    help="replace a registry that is not empty (default: refuse)")
     p.add_argument("--check", action="store_true", help="only check FILE; change nothing")
+    p = add_command(reg, "migrate", _migrate, "upgrade the registry's database schema in place "
+                    "(the registry does it when it starts; back up first)", formatted=False)
+    p.add_argument("--to", default="head", metavar="REV",
+                   help="the revision to upgrade to (default: this release's newest)")
+    p.add_argument("--sql", action="store_true",
+                   help="print the SQL instead of running it (for the configured backend)")
+    p.add_argument("--from", dest="start", default=None, metavar="REV",
+                   help="with --sql: the revision the database is at (default: empty)")
+    add_command(reg, "db-version", _db_version, "show the registry database's schema "
+                "revision and this release's")
 
     proj = _group(sub, "project", "projects (tenants)")
     p = add_command(proj, "create", _project_create, "create a project")

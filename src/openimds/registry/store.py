@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 
 from openimds.errors import ConfigError, Conflict
 from openimds.log import audit
@@ -67,8 +66,8 @@ networks = sa.Table(
     sa.Column("revision", sa.BigInteger, nullable=False),
 )
 
-# One VXLAN segment (VNI) per network, allocated at create (a table of its own, so an existing
-# store gains it with create_all; networks made before it are backfilled at start).
+# One VXLAN segment (VNI) per network, allocated at create (networks made before the table
+# are numbered by its migration, registry/migrations/versions/r0002_segments.py).
 segments = sa.Table(
     "segments", metadata,
     sa.Column("network_id", ID, sa.ForeignKey("networks.id"), primary_key=True),
@@ -94,10 +93,6 @@ subnets = sa.Table(
     sa.Column("ipv6_address_mode", sa.String(32), nullable=True),
     sa.Column("ipv6_ra_mode", sa.String(32), nullable=True),
 )
-# Columns added after the first release: a registry made before them gets them, empty, at
-# start (create_all never alters an existing table).
-_ADDED_COLUMNS = (("subnets", "ipv6_address_mode"), ("subnets", "ipv6_ra_mode"),
-                  ("agents", "peers"))
 
 routers = sa.Table(
     "routers", metadata,
@@ -231,6 +226,8 @@ _SET_FLOOR = state.update().where(state.c.id == 1).values(floor=sa.bindparam("ke
 _REVISION = sa.select(state.c.revision).where(state.c.id == 1)
 _FLOOR = sa.select(state.c.floor).where(state.c.id == 1)
 _WINDOW = sa.select(state.c.revision, state.c.floor).where(state.c.id == 1)
+# Held while the schema is created or migrated (Store.schema_lock); the key is "oimdsch".
+_SCHEMA_LOCK = sa.text("SELECT pg_advisory_xact_lock(31359640972518248)")
 
 
 def normalize_url(url: str) -> URL:
@@ -310,44 +307,35 @@ class Store:
             return engine
         return sa.create_engine(self.url, pool_size=8, max_overflow=8, pool_pre_ping=True)
 
-    def create_schema(self) -> None:
-        """Create the tables and the state row if missing (idempotent). A new SQLite file is
-        made readable by its owner only: it holds passwords and user data."""
+    def create_schema(self, to: str = "head") -> tuple[str, str]:
+        """Bring the schema to revision `to` (default: this release's) with the migrations
+        (registry/migrations/), and make the state row. Idempotent; under the schema lock.
+        Returns (from, to) revisions, from "" for a new database. A new SQLite file is made
+        readable by its owner only: it holds passwords and user data."""
+        from openimds.registry import migrations
+
         if self.backend == "sqlite" and self.url.database not in (None, "", ":memory:"):
             db = Path(str(self.url.database))
             if not db.exists():
                 db.touch(mode=0o600)
-        for attempt in range(5):
-            try:
-                metadata.create_all(self.engine)
-                self._add_missing_columns()
-                with self.engine.connect().execution_options(openimds_write=True) as conn:
-                    with conn.begin():
-                        row = conn.execute(sa.select(state.c.id)).first()
-                        if row is None:
-                            conn.execute(
-                                state.insert().values(id=1, revision=0, floor=0, ec2_seq=0)
-                            )
-                        backfill_segments(conn)
-                return
-            except DBAPIError:
-                # Another registry process created it at the same moment.
-                if attempt == 4:
-                    raise
-                time.sleep(0.1 * (attempt + 1))
+        with self.schema_lock() as conn:
+            done = migrations.upgrade(conn, metadata, to)
+            if conn.execute(sa.select(state.c.id)).first() is None:
+                conn.execute(state.insert().values(id=1, revision=0, floor=0, ec2_seq=0))
+        return done
 
-    def _add_missing_columns(self) -> None:
-        inspector = sa.inspect(self.engine)
-        for table_name, column_name in _ADDED_COLUMNS:
-            have = {c["name"] for c in inspector.get_columns(table_name)}
-            if column_name in have:
-                continue
-            column = metadata.tables[table_name].c[column_name]
-            kind = column.type.compile(dialect=self.engine.dialect)
-            with self.engine.begin() as conn:
-                conn.exec_driver_sql(
-                    f"ALTER TABLE {table_name} ADD COLUMN {column_name} {kind}")
-            log.info("registry.schema added column %s.%s", table_name, column_name)
+    @contextlib.contextmanager
+    def schema_lock(self) -> Iterator[Connection]:
+        """A write transaction holding the schema lock: SQLite's write lock (BEGIN IMMEDIATE,
+        which another process waits for) or, on PostgreSQL, a transaction-scoped advisory
+        lock, so registries starting together on one database migrate one after the other
+        (READ COMMITTED: the second sees what the first committed)."""
+        with self._write_lock, self.engine.connect().execution_options(
+            openimds_write=True
+        ) as conn, conn.begin():
+            if self.backend == "postgresql":
+                conn.execute(_SCHEMA_LOCK)
+            yield conn
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
@@ -442,12 +430,3 @@ def allocate_segment(conn: Connection, network_id: str) -> int:
             raise Conflict("no free VXLAN segment (VNI) left")
     conn.execute(segments.insert().values(network_id=network_id, segmentation_id=vni))
     return vni
-
-
-def backfill_segments(conn: Connection) -> None:
-    """A segment for every network made before segments existed."""
-    missing = conn.execute(
-        sa.select(networks.c.id).outerjoin(segments, segments.c.network_id == networks.c.id)
-        .where(segments.c.network_id.is_(None)).order_by(networks.c.created_at)).scalars()
-    for network_id in list(missing):
-        allocate_segment(conn, network_id)
