@@ -4,8 +4,14 @@ A backup is one JSON document written from one read transaction (a consistent sn
 both backends), mode 0600 (it holds user data and passwords):
 
     {"format": "openimds-registry-backup", "version": 1, "backend": "sqlite",
-     "revision": 812, "counts": {"ports": 40, ...}, "sha256": "<of the tables>",
-     "tables": {"projects": [{"id": ..., ...}, ...], ...}}
+     "revision": 812, "schema": "0006", "counts": {"ports": 40, ...},
+     "sha256": "<of the tables>", "tables": {"projects": [{"id": ..., ...}, ...], ...}}
+
+`schema` is the registry's schema revision (registry/migrations/); backups written before it
+was recorded have none and are placed by their tables and columns (`migrations.detect`). A
+backup of an older schema is carried through the migrations first (`upgraded()`: loaded into
+a scratch SQLite database at its revision, upgraded, dumped again), so restoring it gives
+what upgrading that registry in place would have; one of a newer schema is refused.
 
 Binary columns are base64 (`{"b64": "..."}`). `check()` refuses, with a reason naming what
 is wrong, a file that is not a backup, of another format version, whose checksum or row
@@ -23,6 +29,7 @@ import base64
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +37,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from openimds.errors import BadRequest, Conflict
+from openimds.registry import migrations
 from openimds.registry.store import Store, metadata
 
 FORMAT = "openimds-registry-backup"
@@ -62,13 +70,14 @@ def dump(store: Store) -> Json:
     tables: dict[str, list[Json]] = {}
     with store.read() as conn:
         revision = store.revision(conn)
+        schema = migrations.current(conn)
         for table in metadata.sorted_tables:
             pk = list(table.primary_key.columns) or list(table.columns)
             rows = conn.execute(sa.select(table).order_by(*pk))
             tables[table.name] = [{k: _encode(v) for k, v in r._mapping.items()} for r in rows]
     return {
         "format": FORMAT, "version": VERSION, "backend": store.backend, "revision": revision,
-        "counts": {name: len(rows) for name, rows in tables.items()},
+        "schema": schema, "counts": {name: len(rows) for name, rows in tables.items()},
         "sha256": _digest(tables), "tables": tables,
     }
 
@@ -91,8 +100,11 @@ def write_backup(store: Store, path: Path) -> Json:
 
 
 def summary(data: Mapping[str, Any]) -> Json:
-    return {"revision": data["revision"], "sha256": data["sha256"],
-            "rows": sum(data["counts"].values()), "counts": dict(data["counts"])}
+    out = {"revision": data["revision"], "sha256": data["sha256"], "schema": data.get("schema"),
+           "rows": sum(data["counts"].values()), "counts": dict(data["counts"])}
+    if data.get("upgraded_from"):
+        out["upgraded_from"] = data["upgraded_from"]
+    return out
 
 
 def read_backup(path: Path) -> Json:
@@ -104,12 +116,76 @@ def read_backup(path: Path) -> Json:
         data = json.loads(text)
     except ValueError as exc:
         raise BadRequest(f"{path}: not a registry backup (not JSON: {exc})") from None
-    check(data, str(path))
+    return upgraded(data, str(path))
+
+
+def schema_of(data: Json, name: str = "backup") -> str:
+    """The backup's schema revision: recorded, or for a backup without one, the revision its
+    tables and columns match. BadRequest if this release does not know it."""
+    rev = data.get("schema")
+    if rev is None:
+        tables = data["tables"]
+        shape = migrations.Shape({t: (set(rows[0]) if rows else None)
+                                  for t, rows in tables.items() if isinstance(rows, list)})
+        try:
+            return migrations.detect(shape)
+        except migrations.SchemaError as exc:
+            raise BadRequest(f"{name}: mismatched: {exc}") from None
+    if not isinstance(rev, str) or rev not in migrations.revisions():
+        raise BadRequest(f"{name}: made by a newer release: schema revision {rev!r}, this "
+                         f"release knows up to {migrations.head()}")
+    return rev
+
+
+def upgraded(data: Any, name: str = "backup") -> Json:
+    """The backup at this release's schema, checked: as it is if it already is, else carried
+    through the migrations from its own revision first. BadRequest naming the problem."""
+    _check_file(data, name)
+    rev = schema_of(data, name)
+    if rev != migrations.head():
+        data = _upgrade(data, rev, name)
+    check(data, name)
     return data  # type: ignore[no-any-return]
 
 
-def check(data: Any, name: str = "backup") -> None:
-    """Raise BadRequest naming the first problem (see the module docstring)."""
+def _upgrade(data: Json, rev: str, name: str) -> Json:
+    """Load the rows into a scratch SQLite registry at `rev`, upgrade it, dump it again."""
+    with tempfile.TemporaryDirectory(prefix="openimds-restore-") as tmp:
+        scratch = Store(f"sqlite:///{Path(tmp) / 'upgrade.sqlite'}")
+        try:
+            scratch.create_schema(to=rev)
+            old = sa.MetaData()
+            with scratch.schema_lock() as conn:
+                old.reflect(conn)
+                conn.execute(old.tables["state"].delete())
+                for table in old.sorted_tables:
+                    rows = data["tables"].get(table.name) or []
+                    for row in rows:
+                        extra = {k for k in row if k not in table.c
+                                 and (table.name, k) not in migrations.DROPPED}
+                        if extra:
+                            raise BadRequest(
+                                f"{name}: mismatched: {table.name} has columns {sorted(extra)} "
+                                f"schema revision {rev} does not have")
+                    clean = [{k: _decode(table.c[k], v) for k, v in row.items() if k in table.c}
+                             for row in rows]
+                    if clean:
+                        try:
+                            conn.execute(table.insert(), clean)
+                        except sa.exc.IntegrityError as exc:
+                            first = str(exc.orig).splitlines()[0][:200]
+                            raise BadRequest(f"{name}: inconsistent: {table.name}: {first}"
+                                             ) from None
+            scratch.create_schema()
+            out = dump(scratch)
+        finally:
+            scratch.dispose()
+    out["backend"] = data.get("backend")
+    out["upgraded_from"] = rev
+    return out
+
+
+def _check_file(data: Any, name: str) -> None:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise BadRequest(f"{name}: not an openimds registry backup")
     if data.get("version") != VERSION:
@@ -125,6 +201,17 @@ def check(data: Any, name: str = "backup") -> None:
             raise BadRequest(f"{name}: corrupt: table {table_name} has "
                              f"{len(rows) if isinstance(rows, list) else '?'} rows, its "
                              f"count says {data['counts'].get(table_name)}")
+
+
+def check(data: Any, name: str = "backup") -> None:
+    """Raise BadRequest naming the first problem (see the module docstring); the backup must
+    be of this release's schema (`upgraded()` brings an older one to it)."""
+    _check_file(data, name)
+    rev = schema_of(data, name)
+    if rev != migrations.head():
+        raise BadRequest(f"{name}: schema revision {rev}, not this release's "
+                         f"{migrations.head()}: upgrade it first")
+    tables = data["tables"]
     known = {t.name: t for t in metadata.sorted_tables}
     for table_name, rows in tables.items():
         table = known.get(table_name)
@@ -172,8 +259,9 @@ def _check_invariants(tables: Mapping[str, list[Json]], name: str) -> None:
 
 def restore(store: Store, data: Json, *, replace: bool = False) -> Json:
     """Replace the store's rows with the backup's (checked first). Unless replace, the store
-    must be empty. Returns the summary with the new revision."""
-    check(data)
+    must be empty. A backup of an older schema is upgraded first. Returns the summary with
+    the new revision."""
+    data = upgraded(data)
     store.create_schema()
     tables = data["tables"]
     ordered = [t for t in metadata.sorted_tables if t.name != "state"]
@@ -215,4 +303,5 @@ def restore(store: Store, data: Json, *, replace: bool = False) -> Json:
     return out
 
 
-__all__ = ["check", "dump", "read_backup", "restore", "write_backup"]
+__all__ = ["check", "dump", "read_backup", "restore", "schema_of", "upgraded",
+           "write_backup"]
