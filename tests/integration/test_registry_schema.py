@@ -571,3 +571,23 @@ def test_migrate_sql_prints_the_statements_for_the_backend(tmp_path: Path) -> No
     assert "BIGSERIAL" in ans.stdout  # PostgreSQL's DDL, not SQLite's
     assert "INSERT INTO segments" in ans.stdout
     assert f"version_num='{HEAD}'" in ans.stdout
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_failed_upgrade_leaves_the_database_at_its_old_revision(tmp_path: Path,
+                                                                  backend: str) -> None:
+    with database(backend, tmp_path) as url:
+        store = Store(url)
+        try:
+            store.create_schema(to="0001")
+            with store.engine.begin() as conn:  # in the way of 0004, after 0002 and 0003 ran
+                conn.exec_driver_sql("CREATE TABLE instance_hosts (x INTEGER)")
+            with pytest.raises(sa.exc.DBAPIError):
+                store.create_schema()
+            with store.engine.connect() as conn:
+                assert migrations.current(conn) == "0001"
+                tables = set(sa.inspect(conn).get_table_names())
+                columns = {c["name"] for c in sa.inspect(conn).get_columns("subnets")}
+            assert "segments" not in tables and "ipv6_address_mode" not in columns
+        finally:
+            store.dispose()
