@@ -80,11 +80,18 @@ from openimds.registry.store import (
     segments,
     subnets,
 )
+from openimds.registry.store import changes as changes_table
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PROJECT = "default"
 _INSERT_INSTANCE = instances.insert()
+_AGENTS = sa.select(agents.c.host, agents.c.type, agents.c.alive, agents.c.heartbeat_at,
+                    agents.c.peers)
+# Changes the reaper's plan cannot ignore outright (then instance ports are skipped by owner).
+_PLACEMENT_CHANGES = sa.select(changes_table.c.kind, changes_table.c.attrs).where(
+    changes_table.c.revision > sa.bindparam("since"),
+    changes_table.c.kind.notin_(("instance", "keypair", "project")))
 MAX_WAIT_S = 60.0
 
 
@@ -171,6 +178,8 @@ class Registry:
         # after a registry outage every heartbeat looks old, and the agents need one report
         # interval to show they are alive (else the first to report would take everything).
         self._expire_after = time.monotonic() + self.policy.down_time_s
+        # (revision, agents' liveness) at which the reaper last found nothing to do.
+        self._quiet: tuple[int, tuple[Any, ...]] | None = None
 
     # ------------------------------------------------------------------ nodes, scheduling
 
@@ -221,18 +230,48 @@ class Registry:
 
     def reconcile(self) -> bool:
         """Declare silent agents dead and move or place work; True if anything changed.
-        A read first: the write (and its lock) is taken only when there is work."""
+        A read first: the write (and its lock) is taken only when there is work, and the
+        plan only when something it reads changed since it last found nothing to do."""
         at = time.time()
         expire = self._may_expire()
         with self.store.read() as conn:
-            if not scheduler.plan(conn, at, self.policy, expire=expire):
+            liveness = self._liveness(conn, at, expire)
+            revision, floor = self.store.window(conn)
+            if self._settled(conn, liveness, floor):
+                self._quiet = (revision, liveness)
                 return False
+            if not scheduler.plan(conn, at, self.policy, expire=expire):
+                self._quiet = (revision, liveness)
+                return False
+        self._quiet = None
         with self.store.write(allow_empty=True) as tx:
             done = scheduler.apply(tx, at, self.policy, expire=expire)
             if done:
                 log.info("registry.rescheduled expired=%s moves=%s", done.expired,
                          {k: v for k, v in done.moves.items() if v})
             return bool(tx.changes)
+
+    def _liveness(self, conn: Connection, at: float, expire: bool) -> tuple[Any, ...]:
+        """What `scheduler.plan` reads of the agents: who is alive by the rule, who is still
+        flagged alive, who was told it had no peers (a few rows; heartbeat times only count
+        through the rule)."""
+        return (expire, tuple(sorted(
+            (a.host, a.type, scheduler.alive_at(a, at, self.policy, expire=expire),
+             bool(a.alive), a.peers) for a in conn.execute(_AGENTS))))
+
+    def _settled(self, conn: Connection, liveness: tuple[Any, ...], floor: int) -> bool:
+        """True when the last plan found nothing to do and nothing it reads has changed:
+        the same liveness, and no change since of a kind that could place or be placed.
+        plan() reads agents, routers, networks and bindings; instances, key pairs,
+        projects and instance ports are none of these (any other change, or a window the
+        feed no longer holds, plans again)."""
+        if self._quiet is None or self._quiet[1] != liveness or self._quiet[0] < floor:
+            return False
+        for kind, attrs in conn.execute(_PLACEMENT_CHANGES, {"since": self._quiet[0]}):
+            if kind != "port" or not str((attrs or {}).get("device_owner", "")).startswith(
+                    "compute:"):
+                return False
+        return True
 
     def list_hosts(self, q: dict[str, str]) -> Json:
         with self.store.read() as conn:
