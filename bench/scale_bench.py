@@ -88,7 +88,8 @@ class Scale:
         (self.tmp / "state").mkdir()
         self.cfg = base_config(self.tmp / "state", DEFAULT={
             "metadata_proxy_socket": str(self.tmp / "agent.sock")},
-            metrics={"enabled": "false"}, api={"prewarm_concurrency": 0})
+            metrics={"enabled": "false"}, api={"prewarm_concurrency": 0},
+            registry={"sqlite_synchronous": args.sqlite_synchronous})
         self.config = write_config(self.tmp / "openimds.ini", self.cfg)
         reg = self.cfg["registry"]
         self.url = f"http://{reg['bind_host']}:{reg['bind_port']}"
@@ -103,7 +104,9 @@ class Scale:
         from openimds.registry.service import Registry
         from openimds.registry.store import Store
 
-        store = Store(f"sqlite:///{self.tmp / 'state' / 'registry.sqlite'}")
+        # normal: the seed is setup, not measured (the registry then opens it as configured)
+        store = Store(f"sqlite:///{self.tmp / 'state' / 'registry.sqlite'}",
+                      sqlite_synchronous="normal")
         store.create_schema()
         reg = Registry(store)
         t0 = time.monotonic()
@@ -244,6 +247,8 @@ def main() -> int:
     p.add_argument("--creates", type=int, default=100)
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--sqlite-synchronous", default="full", choices=("full", "normal"),
+                   help="[registry] sqlite_synchronous of the registry under test")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     enter_private_netns()
@@ -252,7 +257,8 @@ def main() -> int:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     sc = Scale(a)
     rows: list[dict[str, Any]] = []
-    print(f"load average {os.getloadavg()}", flush=True)
+    print(f"load average {os.getloadavg()}; registry sqlite_synchronous="
+          f"{a.sqlite_synchronous}", flush=True)
     try:
         for size in [int(s) for s in a.sizes.split(",")]:
             row = sc.measure(size)

@@ -49,6 +49,45 @@ def test_same_ip_other_scope_is_another_entry() -> None:
     assert cache.get(Caller("10.0.0.5", network_id=N1)) is None
 
 
+def test_names_shared_by_several_entries_drop_them_all_and_only_them() -> None:
+    """A secondary index holds one key per name until a second entry shares it."""
+    cache = CallerCache(10)
+    a, b = Caller("10.0.0.5", router_id=R1), Caller("10.0.0.5", router_id=R2)
+    c = Caller("10.0.0.6", router_id=R1)
+    cache.put(a, res("i1", "p1", N1), 1)
+    cache.put(b, res("i2", "p2", N2), 1)  # shares the IP with a
+    cache.put(c, res("i1", "p3", N1), 1)  # shares the instance with a
+    cache.forget(b)  # the IP's slot goes back to one key (a)
+    assert cache.apply_change(port_change(2, "p9", ["10.0.0.5"])) == 1
+    assert cache.get(a) is None and cache.get(c) is not None
+    cache.put(a, res("i1", "p1", N1), 3)
+    cache.put(b, res("i2", "p2", N2), 3)
+    assert cache.apply_change(port_change(4, "p9", ["10.0.0.5"])) == 2
+    assert cache.apply_change({"revision": 5, "kind": "instance", "op": "delete", "id": "i1",
+                               "attrs": {}}) == 1
+    assert len(cache) == 0
+
+
+def test_cache_memory_per_entry_is_small() -> None:
+    import tracemalloc
+    import uuid
+
+    n = 5000
+    callers = [Caller(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", router_id=f"r{i // 10}")
+               for i in range(n)]
+    answers = [res(str(uuid.uuid4()), str(uuid.uuid4()), f"n{i // 10}") for i in range(n)]
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    cache = CallerCache(n)
+    for caller, answer in zip(callers, answers, strict=True):
+        cache.put(caller, answer, 1)
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert len(cache) == n
+    # the entry and its secondary indexes, not the caller's strings (the agent has those)
+    assert used / n < 1024, used / n
+
+
 def test_port_change_drops_its_ips_only() -> None:
     cache = CallerCache(10)
     five, six = Caller("10.0.0.5", router_id=R1), Caller("10.0.0.6", router_id=R1)

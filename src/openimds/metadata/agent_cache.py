@@ -63,6 +63,7 @@ _MAX_PENDING = 200_000  # feed changes buffered while the index loads
 _LINK_LOCAL_V6 = ("fe8", "fe9", "fea", "feb")  # fe80::/10, as normalised (lower case)
 
 Key = tuple[str, str, str]
+Slot = Key | set[Key]  # a secondary index's value: one key, or several
 ROUTER_INTERFACE_OWNERS = frozenset({
     "network:router_interface", "network:ha_router_replicated_interface",
     "network:router_interface_distributed",
@@ -275,11 +276,11 @@ class CallerCache:
             4096, 4 * size)
         self._entries: OrderedDict[Key, CacheEntry] = OrderedDict()
         # secondary indexes: what a change names -> the keys it affects
-        self._by_ip: dict[str, set[Key]] = {}
-        self._by_scope: dict[tuple[str, str], set[Key]] = {}
-        self._by_port: dict[str, set[Key]] = {}
-        self._by_network: dict[str, set[Key]] = {}
-        self._by_instance: dict[str, set[Key]] = {}
+        self._by_ip: dict[str, Slot] = {}
+        self._by_scope: dict[tuple[str, str], Slot] = {}
+        self._by_port: dict[str, Slot] = {}
+        self._by_network: dict[str, Slot] = {}
+        self._by_instance: dict[str, Slot] = {}
         # tombstones: the newest change revision that touched each name
         self._t_ip: dict[str, int] = {}
         self._t_scope: dict[tuple[str, str], int] = {}
@@ -400,8 +401,8 @@ class CallerCache:
         return dropped
 
     # -- internals ----------------------------------------------------------------------
-    def _touch(self, index: dict[_K, set[Key]], tombs: dict[_K, int], name: _K, rev: int) -> None:
-        for key in list(index.get(name, ())):
+    def _touch(self, index: dict[_K, Slot], tombs: dict[_K, int], name: _K, rev: int) -> None:
+        for key in self._keys(index, name):
             self._unlink(key)
         if tombs.get(name, -1) < rev:
             if name not in tombs:
@@ -417,7 +418,7 @@ class CallerCache:
             tombs.clear()
         self._t_count = 0
 
-    def _names(self, key: Key, res: Resolution) -> list[tuple[dict[Any, set[Key]], Any]]:
+    def _names(self, key: Key, res: Resolution) -> list[tuple[dict[Any, Slot], Any]]:
         return [
             (self._by_ip, key[2]),
             (self._by_scope, (key[0], key[1])),
@@ -426,21 +427,43 @@ class CallerCache:
             (self._by_instance, res.instance_id),
         ]
 
+    # A name maps to its one key (the common case: one IP, port and instance per entry) or,
+    # from the second on, to a set of keys: a set per name cost ~200 bytes per entry each.
     def _index(self, key: Key, res: Resolution) -> None:
         for index, name in self._names(key, res):
-            index.setdefault(name, set()).add(key)
+            keys = index.get(name)
+            if keys is None:
+                index[name] = key
+            elif isinstance(keys, set):
+                keys.add(key)
+            elif keys != key:
+                index[name] = {keys, key}
 
     def _unindex(self, key: Key, entry: CacheEntry) -> None:
         for index, name in self._names(key, entry.resolution):
             self._discard(index, name, key)
 
     @staticmethod
-    def _discard(index: dict[Any, set[Key]], name: Any, key: Key) -> None:
+    def _keys(index: dict[Any, Slot], name: Any) -> list[Key]:
         keys = index.get(name)
-        if keys is not None:
-            keys.discard(key)
-            if not keys:
+        if keys is None:
+            return []
+        return list(keys) if isinstance(keys, set) else [keys]
+
+    @staticmethod
+    def _discard(index: dict[Any, Slot], name: Any, key: Key) -> None:
+        keys = index.get(name)
+        if keys is None:
+            return
+        if not isinstance(keys, set):
+            if keys == key:
                 del index[name]
+            return
+        keys.discard(key)
+        if len(keys) == 1:
+            index[name] = next(iter(keys))
+        elif not keys:
+            del index[name]
 
     def _unlink(self, key: Key) -> None:
         entry = self._entries.pop(key)
