@@ -20,11 +20,16 @@ class AccessLine:
     Once `setup_logging` has configured a process (and debug is off), a line skips the
     logging machinery (a LogRecord, a Formatter, a lock and a write per line: ~20 µs): it is
     formatted here with a timestamp cached per second, buffered, and written with one write
-    and flush per event-loop iteration. The line is byte-for-byte what the handler would
-    have written, and the handler flushes this buffer before each of its own lines, so the
-    log stays in order. Without that set-up (library use, tests), lines go to the
+    and flush at most FLUSH_S after the first line buffered (or at MAX_LINES lines): one
+    write per event-loop iteration cost ~3.5 µs a request when an iteration carried one or
+    two. The line is byte-for-byte what the handler would have written, and the handler
+    flushes this buffer before each of its own lines, so the log stays in order; exit
+    flushes it too. Without that set-up (library use, tests), lines go to the
     `openimds.access` logger.
     """
+
+    FLUSH_S = 0.01
+    MAX_LINES = 512
 
     __slots__ = ("_buf", "_json", "_prefix", "_second", "_stamp", "_stream", "_loop")
 
@@ -76,7 +81,9 @@ class AccessLine:
                 except RuntimeError:
                     self.flush()
                     return
-            loop.call_soon(self.flush)
+            loop.call_later(self.FLUSH_S, self.flush)
+        elif len(buf) >= self.MAX_LINES:
+            self.flush()  # the pending call_later then finds little or nothing to write
 
     def flush(self) -> None:
         if not self._buf or self._stream is None:
