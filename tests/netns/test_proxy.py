@@ -458,6 +458,35 @@ def test_agent_down_is_503_and_silent_agent_is_504(
         stalled.stop()
 
 
+def test_agent_restarted_within_the_retries_costs_the_vm_no_error(
+    env: ProxyEnv, router: tuple[str, str],
+) -> None:
+    """The agent socket refuses (agent killed, being respawned) when the request comes and
+    listens again 1.5 s later: the proxy's connect retries (haproxy's `retries 3`, 1 s apart)
+    carry the request over, the VM gets 200 instead of a 503."""
+    rns, vm = router
+    env.write_spec(f"router-{ROUTER_ID}", rns, "0.0.0.0", 9697, router_id=ROUTER_ID)
+    env.start()
+    got: list[tuple[int, bytes]] = []
+
+    def ask() -> None:
+        with connect(vm, "10.0.0.1", 9697, timeout=15) as sock:
+            sock.sendall(request_bytes("/latest/meta-data/", close=True))
+            status, _, body = read_responses(sock, 1)[0]
+            got.append((status, body))
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    time.sleep(1.5)
+    back = RecordingAgent(env.socket)
+    try:
+        asker.join(20)
+        assert got and got[0][0] == 200, got
+        assert len(back.recorded) == 1  # the one request, sent once
+    finally:
+        back.stop()
+
+
 def test_dual_stack_listener_reports_plain_ipv4(
     env: ProxyEnv, agent: RecordingAgent, router: tuple[str, str],
 ) -> None:

@@ -90,7 +90,9 @@ LISTEN_BACKLOG = 1024
 GC_THRESHOLD_0 = 20000
 LOCK_WAIT_S = 0.5
 CONNECT_RETRIES = 3  # haproxy's `retries 3` in Neutron's config
-CONNECT_RETRY_DELAY_S = 0.1
+# haproxy's turn-around timer before each retry, min(timeout connect, 1 s): an agent being
+# restarted (kill -9, respawned in ~1-2 s) costs a VM latency, not a 503 (bench/faults.py)
+CONNECT_RETRY_DELAY_S = 1.0
 _IPV6_FREEBIND = getattr(socket, "IPV6_FREEBIND", 78)
 _IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 _MEMO_MAX = 4096  # encoded upstream requests kept (cleared when full)
