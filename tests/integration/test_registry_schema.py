@@ -269,26 +269,58 @@ RELEASE_SCHEMAS = [
 @pytest.mark.parametrize(("fixture", "matches"), RELEASE_SCHEMAS)
 def test_a_registry_from_before_migrations_is_stamped_and_upgraded(
         tmp_path: Path, backend: str, fixture: str, matches: str) -> None:
+    """Every table that schema had gets rows (every column it had filled); all of them
+    survive the upgrade."""
     with database(backend, tmp_path) as url:
         store = Store(url)
         try:
             load_ddl(store, fixture)
-            with store.engine.begin() as conn:
-                conn.exec_driver_sql("INSERT INTO state (id, revision, floor, ec2_seq) "
-                                     "VALUES (1, 7, 0, 0)")
-                if fixture == "r4b_agents_alive_since":
-                    conn.exec_driver_sql(
-                        "INSERT INTO agents (host, type, heartbeat_at, alive, created_at, "
-                        "revision, alive_since) VALUES ('n1', 'l3', 1.5, true, 'x', 7, 1.0)")
+            md = reflect(store)
+            rows = {t.name: [{k: v for k, v in r.items() if k in t.c}
+                             for r in first_release_rows().get(t.name, [])
+                             + LATER_ROWS.get(t.name, [])] for t in md.sorted_tables}
+            for row in rows["subnets"]:  # the modes, where the schema has them
+                row.update({k: v for k, v in SUBNET_MODES.get(row["id"], {}).items()
+                            if k in md.tables["subnets"].c})
+            fill(store, rows)
+            before = snapshot(store, md)
+            assert all(before[t] for t in before), before  # every table has rows
+
             assert store.create_schema() == (matches, HEAD)
             assert schema_diff(store) == []
-            if fixture == "r4b_agents_alive_since":
-                with store.read() as conn:
-                    assert [tuple(r) for r in conn.execute(sa.select(agents))] \
-                        == [("n1", "l3", 1.5, True, "x", 7, None)]
+            after = snapshot(store, reflect(store))
+            for table, old in before.items():
+                assert len(after[table]) == len(old), table
+                for old_row, new_row in zip(old, after[table], strict=True):
+                    kept = {k: v for k, v in old_row.items()
+                            if (table, k) not in migrations.DROPPED}
+                    assert {k: new_row[k] for k in kept} == kept, table
+            assert all("alive_since" not in r for r in after["agents"])
+            if "peers" not in md.tables.get("agents", sa.Table("x", sa.MetaData())).c:
+                assert all(r["peers"] is None for r in after["agents"])  # unknown
             assert store.create_schema() == (HEAD, HEAD)
         finally:
             store.dispose()
+
+
+# rows for the tables added after the first release (every column any schema had)
+LATER_ROWS: dict[str, list[dict[str, Any]]] = {
+    "segments": [{"network_id": N1, "segmentation_id": 7},
+                 {"network_id": N2, "segmentation_id": 8},
+                 {"network_id": N3, "segmentation_id": 9}],
+    "instance_hosts": [{"instance_id": I1, "host": "cmp-1"}],
+    "agents": [{"host": "net-1", "type": "l3", "heartbeat_at": 1764600000.25, "alive": True,
+                "created_at": "2026-12-01T22:40:00Z", "revision": 30, "peers": 1,
+                "alive_since": 1764590000.5},
+               {"host": "net-2", "type": "dhcp", "heartbeat_at": 1764600001.0,
+                "alive": False, "created_at": "2026-12-01T22:41:00Z", "revision": 31,
+                "peers": None, "alive_since": None}],
+    "bindings": [{"kind": "router", "resource_id": R1, "host": "net-1",
+                  "created_at": "2026-12-01T22:42:00Z"},
+                 {"kind": "network", "resource_id": N2, "host": "net-2",
+                  "created_at": "2026-12-01T22:42:00Z"}],
+}
+SUBNET_MODES = {S2: {"ipv6_address_mode": "dhcpv6-stateful", "ipv6_ra_mode": "dhcpv6-stateful"}}
 
 
 def test_main_between_alive_since_and_peers_had_both_columns(tmp_path: Path) -> None:

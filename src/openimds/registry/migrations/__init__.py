@@ -46,9 +46,8 @@ HERE = Path(__file__).resolve().parent
 
 # Alembic is imported only when there is something to migrate (or print): a registry already
 # at head starts without it (importing it cost 0.75 s on a loaded 2-core machine, on every
-# registry restart). It says
-# "Context impl SQLiteImpl" and more at INFO on import and on every run; our own lines say
-# what ran.
+# registry restart). It says "Context impl SQLiteImpl" and more at INFO on import and on
+# every run; our own lines say what ran.
 if logging.getLogger("alembic").level == logging.NOTSET:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
