@@ -74,6 +74,7 @@ from openimds.http.server import (
 )
 from openimds.log import access_line
 from openimds.metadata.agent_cache import CallerCache, LookupResult, Resolver, key_of
+from openimds.metadata.feed_lease import FeedLease
 from openimds.metadata.longpoll import HeldUpstream, is_long_poll, long_poll_timeout
 from openimds.metrics import HopStats, Metric, counter, gauge
 
@@ -261,11 +262,15 @@ class WatchedFeedClient:
     - After a failure the next `changes` call does not long-poll: otherwise a registry that
       came back with nothing new would hold it for the whole wait and the follower would
       report the registry down (and the agent ask it for every request) all that time.
+    - With a `lease` (`metadata.feed_lease`), every answer renews it from when its call was
+      sent, and the long-poll wait is capped so that an idle agent renews in time.
     """
 
-    def __init__(self, client: Any, on_error: Callable[[], None]) -> None:
+    def __init__(self, client: Any, on_error: Callable[[], None],
+                 lease: FeedLease | None = None) -> None:
         self._client = client
         self._on_error = on_error
+        self._lease = lease
         self._failed = False
 
     async def health(self) -> Any:
@@ -278,6 +283,10 @@ class WatchedFeedClient:
         return result
 
     async def changes(self, since: int, wait: float = 0, limit: int | None = None) -> Any:
+        lease = self._lease
+        if lease is not None:
+            wait = lease.poll_wait(wait)
+            sent = lease.clock()
         try:
             result = await self._client.changes(since, 0 if self._failed else wait, limit)
         except BaseException:
@@ -285,6 +294,8 @@ class WatchedFeedClient:
             self._on_error()
             raise
         self._failed = False
+        if lease is not None and isinstance(result, Mapping):
+            lease.answered(result, sent)
         return result
 
 
@@ -310,8 +321,10 @@ class MetadataAgent:
         self._upstream = upstream
         self._held = held  # held requests (wait_for_change) go here: metadata.longpoll
         self._follower: Any = None
+        # the feed is live, and what it delivered is recent enough to trust (registry/reuse.py)
+        self.lease = FeedLease()
         self._feed_up = feed_up or (
-            lambda: bool(getattr(self._follower, "registry_up", False)))
+            lambda: bool(getattr(self._follower, "registry_up", False)) and self.lease.valid())
         self._clock = clock
         cfg = settings.metadata_agent
         self._max_concurrency = cfg.max_concurrency
@@ -359,6 +372,11 @@ class MetadataAgent:
             self._trusted_last = trusted
             if trusted:
                 log.info("agent.cache_trusted reason=change feed live")
+            elif self._synced and not self._behind and not self.lease.valid() and bool(
+                    getattr(self._follower, "registry_up", False)):
+                log.info("agent.cache_untrusted reason=feed lease lapsed (no feed answer "
+                         "applied for %.1fs); asking the registry until the next one",
+                         self.lease.lease_s)
             else:
                 log.warning("agent.cache_untrusted reason=change feed down; "
                             "asking the registry for every request")
@@ -374,6 +392,7 @@ class MetadataAgent:
             # predate its starting point), nothing older than this batch is kept.
             self.cache.clear(revision)
             self._synced = True
+            self.lease.applied(revision)
             if _field(batch, "resync"):
                 log.info("agent.cache_resync revision=%d", revision)
             return
@@ -383,6 +402,7 @@ class MetadataAgent:
                 k: _field(change, k) for k in ("revision", "kind", "op", "id", "attrs")
             }
             dropped += self.cache.apply_change(row)
+        self.lease.applied(revision)
         if dropped:
             log.debug("agent.cache_invalidated revision=%d dropped=%d", revision, dropped)
 

@@ -18,8 +18,9 @@ Rules:
   overflow they collapse into one floor revision below which nothing is inserted). Changes
   newer than N that arrive later delete the entry as usual. So an entry never outlives a
   change the feed delivered.
-- The cache is read only while `trust()` says the feed is live; otherwise every request asks
-  the registry (still single-flight).
+- The cache is read only while `trust()` says the feed is live and within its lease
+  (`metadata.feed_lease`: a reused IP is never answered from an entry the feed may not have
+  invalidated yet); otherwise every request asks the registry (still single-flight).
 - A registry outage costs nothing known: while no registry answers, nothing can change (every
   write goes through it), so when a lookup fails the caller's entry, if the cache or the
   index holds one, is served ("known"), and for `DOWN_HOLD_S` after a failed lookup known

@@ -127,7 +127,8 @@ async def run_agent(
     metrics.hops.append(agent.hop)
     metrics.add(agent.metric_families)
     feed_stats = metrics.feed("agent")
-    feed_client = cast(AsyncRegistryClient, WatchedFeedClient(registry, agent.feed_lost))
+    feed_client = cast(AsyncRegistryClient, WatchedFeedClient(registry, agent.feed_lost,
+                                                           agent.lease))
     path = settings.metadata_proxy_socket
     if shared is None:
         sock, mode = open_socket(settings)

@@ -38,7 +38,7 @@ from openimds.registry.notify import Listener
 from openimds.registry.openapi import openapi_document
 from openimds.registry.scheduler import Policy
 from openimds.registry.service import MAX_WAIT_S, Registry
-from openimds.registry.store import Store
+from openimds.registry.store import ACK_HOLD, AckHold, Store
 
 log = logging.getLogger(__name__)
 
@@ -190,11 +190,16 @@ def _query(request: web.Request) -> dict[str, str]:
 
 async def _call(request: web.Request, fn: Callable[..., Any], *args: Any,
                 write: bool = False, status: int = 200) -> web.Response:
+    hold = AckHold()
+    token = ACK_HOLD.set(hold)  # the worker thread gets a copy of this context
     try:
         result = await asyncio.to_thread(fn, *args)
     finally:
+        ACK_HOLD.reset(token)
         if write:
             request.app[NOTIFIER].notify()
+    if hold.seconds > 0:  # an IP reused moments after its release: see registry/reuse.py
+        await asyncio.sleep(hold.seconds)
     return web.json_response(result, status=status)
 
 

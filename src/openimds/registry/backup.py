@@ -42,7 +42,7 @@ from openimds.registry.store import Store, metadata
 
 FORMAT = "openimds-registry-backup"
 VERSION = 1
-_NOT_RESTORED = ("changes",)  # history: followers resync instead
+_NOT_RESTORED = ("changes", "releases")  # history (followers resync instead), IP reuse holds
 _LIVENESS = ("agents",)  # heartbeats of running nodes: not data, refilled within seconds
 
 Json = dict[str, Any]

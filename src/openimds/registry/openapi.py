@@ -108,7 +108,8 @@ def openapi_document() -> dict[str, Any]:
         "/v1/hosts/{id}": {"parameters": [_ID], "get": _op("one node by name"),
                            "delete": _op("forget a dead node; its work is placed elsewhere")},
         "/v1/changes": {"get": _op(
-            "changes after a revision, long-poll up to wait seconds (≤ 60); 410 = resync",
+            "changes after a revision, long-poll up to wait seconds (≤ 60); 410 = resync; "
+            "answers {revision, changes, head, lease_s}",
             params=[{"name": "since", "in": "query", "schema": {"type": "integer"}},
                     {"name": "wait", "in": "query", "schema": {"type": "number",
                                                                "maximum": 60}},

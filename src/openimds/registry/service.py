@@ -35,7 +35,7 @@ from openimds.core.models import (
     sanitize_hostname,
 )
 from openimds.errors import BadRequest, Conflict, NotFound
-from openimds.registry import scheduler, views
+from openimds.registry import reuse, scheduler, views
 from openimds.registry.allocation import (
     allocate,
     auto_address,
@@ -172,6 +172,7 @@ class Registry:
     def __init__(self, store: Store, *, max_page_size: int = 1000,
                  policy: scheduler.Policy | None = None) -> None:
         self.store = store
+        store.before_commit = reuse.hold  # a reused IP waits for the agents' leases
         self.max_page_size = max_page_size
         self.policy = policy or scheduler.Policy(down_time_s=10.0, dhcp_per_network=1)
         # No agent is declared dead before this process has been up for agent_down_time:

@@ -20,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,15 @@ changes = sa.Table(
 )
 
 
+# IP reuse hold (`registry/reuse.py`): when an address or a router's scope last lost its port,
+# in the database's clock (epoch seconds). Rows older than the hold window are pruned.
+releases = sa.Table(
+    "releases", metadata,
+    sa.Column("key", sa.String(160), primary_key=True),
+    sa.Column("at", sa.Float, nullable=False, index=True),
+)
+
+
 _NOTIFY = sa.text("SELECT pg_notify('openimds_changes', :revision)")
 SQLITE_SYNCHRONOUS = ("FULL", "NORMAL")
 
@@ -253,11 +263,27 @@ class Tx:
     conn: Connection
     revision: int
     changes: list[dict[str, Any]] = field(default_factory=list)
+    # seconds the REST answer to this write must wait after commit (`registry/reuse.py`)
+    hold_s: float = 0.0
 
     def change(self, kind: str, op: str, obj_id: str, attrs: dict[str, Any]) -> None:
         self.changes.append(
             {"revision": self.revision, "kind": kind, "op": op, "obj_id": obj_id, "attrs": attrs}
         )
+
+
+class AckHold:
+    """Filled by `Store.write` with how long the caller must wait before it acknowledges
+    the write (the REST layer sets one in `ACK_HOLD` per request; see registry/reuse.py)."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+
+# Per request; asyncio.to_thread copies the context, so the worker thread fills the same one.
+ACK_HOLD: ContextVar[AckHold | None] = ContextVar("openimds_ack_hold", default=None)
 
 
 class Store:
@@ -277,6 +303,9 @@ class Store:
         self.backend = self.url.get_backend_name()
         self._write_lock = threading.Lock()
         self.engine = self._make_engine()
+        # called with each write's Tx as the last step before its commit (the Registry
+        # installs the IP reuse hold, registry/reuse.py)
+        self.before_commit: Callable[[Tx], None] | None = None
 
     def _make_engine(self) -> Engine:
         if self.backend == "sqlite":
@@ -380,8 +409,14 @@ class Store:
                     if keep_from >= int(rev[1]) + self._trim_step:
                         conn.execute(_TRIM, {"keep_from": keep_from})
                         conn.execute(_SET_FLOOR, {"keep_from": keep_from})
+                    if self.before_commit is not None:
+                        # last: a release's timestamp should be as close to its commit as can be
+                        self.before_commit(tx)
             except IntegrityError as exc:
                 raise Conflict(_integrity_reason(exc)) from None
+        hold = ACK_HOLD.get()
+        if hold is not None and tx.hold_s > hold.seconds:
+            hold.seconds = tx.hold_s
         audit.info("registry.write revision=%d changes=%s", tx.revision,
                    ",".join(f"{c['kind']}:{c['op']}:{c['obj_id']}" for c in tx.changes))
 

@@ -25,6 +25,7 @@ from openimds.registry.records import (
     router_dicts,
     subnet_dict,
 )
+from openimds.registry.reuse import LEASE_S
 from openimds.registry.store import (
     Store,
     instances,
@@ -214,5 +215,8 @@ def changes(store: Store, since: int, size: int) -> Json:
                 rows = [r for r in rows if r.revision < cut]
     out = [{"revision": r.revision, "kind": r.kind, "op": r.op, "id": r.obj_id,
             "attrs": r.attrs} for r in rows]
-    return {"revision": out[-1]["revision"] if out else rev, "changes": out}
+    # head: the registry's revision when this was read (a page that ends below it is not the
+    # whole story); lease_s: how long a consumer may trust what it applied (registry/reuse.py)
+    return {"revision": out[-1]["revision"] if out else rev, "changes": out, "head": rev,
+            "lease_s": LEASE_S}
 

@@ -1,0 +1,69 @@
+"""The agent's feed lease: how long what the change feed delivered may be trusted.
+
+The registry acknowledges a port that reuses an address only `lease_s` after its commit
+when the address was released moments before (registry/reuse.py); every `/v1/changes`
+answer announces `lease_s` and `head` (the registry's revision when it read). A feed call
+received after a commit answers with it, so the agent trusts its cache and warm index only
+until `lease_s` after it *sent* the newest call whose answer is applied:
+
+- an answer with no changes renews at once (nothing was newer when it was read);
+- an answer with changes renews once `applied(revision)` says the agent applied it;
+- a page that ends below `head`, or an answer without `lease_s` (a registry that does not
+  hold reused IPs), renews nothing.
+
+An agent too busy to poll in time stops trusting and asks the registry per request until
+its next answer: slower, never stale. The long-poll wait is capped (`poll_wait`) so that an
+idle agent renews well before its lease ends.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = ["FeedLease"]
+
+DEFAULT_LEASE_S = 2.0  # until the registry has announced its own
+POLL_SHARE = 0.3  # long-poll at most this share of the lease: two round trips fit in it
+
+
+class FeedLease:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.lease_s = DEFAULT_LEASE_S
+        self.until = float("-inf")
+        self.renewals = 0
+        self._pending: tuple[int, float] | None = None
+
+    def valid(self) -> bool:
+        return self.clock() < self.until
+
+    def poll_wait(self, wait: float) -> float:
+        return min(wait, self.lease_s * POLL_SHARE)
+
+    def answered(self, result: Mapping[str, Any], sent: float) -> None:
+        """A `/v1/changes` answer to the call sent at `sent` (this clock)."""
+        self._pending = None
+        lease_s, head = result.get("lease_s"), result.get("head")
+        if not isinstance(lease_s, int | float) or lease_s <= 0 or head is None:
+            return
+        self.lease_s = float(lease_s)
+        revision = int(result.get("revision") or 0)
+        if int(head) != revision:
+            return  # a page: the rest follows at once, and renews
+        if result.get("changes"):
+            self._pending = (revision, sent)
+        else:
+            self._renew(sent)
+
+    def applied(self, revision: int) -> None:
+        """The batch up to `revision` is applied."""
+        pending = self._pending
+        if pending is not None and pending[0] == revision:
+            self._pending = None
+            self._renew(pending[1])
+
+    def _renew(self, sent: float) -> None:
+        self.until = max(self.until, sent + self.lease_s)
+        self.renewals += 1

@@ -1,0 +1,123 @@
+"""IP reuse hold: a port that takes an address some other port left moments ago is
+acknowledged only after every metadata agent has either seen the release or stopped
+trusting its cache.
+
+The contract (docs/architecture.md, "IP reuse"):
+
+- A metadata agent trusts its cache and warm index only for `LEASE_S` after it *sent* the
+  latest feed call whose answer it has applied, or that found nothing new (its lease; the
+  registry announces `lease_s` in every `/v1/changes` answer). A feed call received after a
+  commit answers with that commit, so an agent that still trusts at time t has applied every
+  commit older than t - LEASE_S.
+- A write that binds an address (a port create or update: (network, ip), the link-local
+  address of its MAC, and the scope of every router on its network) within
+  `LEASE_S + SLACK_S` of a release of the same address or router scope (a port delete or
+  update, a router interface removed) is answered `LEASE_S` after its own commit
+  (`Tx.hold_s`, slept by the REST layer). The new VM cannot ask before its port exists, so
+  its first request reaches the agent after the release is older than LEASE_S: the agent has
+  applied it, or asks the registry.
+- A release's timestamp is taken as its transaction's last statement, in the database's
+  clock (so registry processes on several hosts agree). The one remaining assumption: a
+  release commits within `SLACK_S` of that statement (a SQLite fsync, a PostgreSQL commit).
+  Only durations are compared across hosts, never wall clocks.
+
+Releases are recorded per address and per router (`store.releases`), so reuse elsewhere
+never waits; rows older than the window are pruned by the next release.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import sqlalchemy as sa
+
+from openimds.core.ipam import link_local_address
+from openimds.core.models import DEVICE_OWNER_ROUTER
+from openimds.errors import BadRequest
+from openimds.registry.store import Tx, port_ips, ports, releases
+
+__all__ = ["LEASE_S", "SLACK_S", "WINDOW_S", "hold"]
+
+LEASE_S = 2.0  # an agent's cache is trusted this long after it sent a feed call
+SLACK_S = 1.0  # a release's commit lands within this of its timestamp
+WINDOW_S = LEASE_S + SLACK_S
+
+
+def _now(tx: Tx) -> Any:
+    """The database's clock, epoch seconds (one clock for every registry process)."""
+    if tx.conn.dialect.name == "postgresql":
+        return sa.extract("epoch", sa.func.clock_timestamp())
+    return sa.literal_column("((julianday('now') - 2440587.5) * 86400.0)")
+
+
+def _addresses(attrs: Mapping[str, Any]) -> list[str]:
+    net = str(attrs.get("network_id") or "")
+    out = [f"n:{net}:{ip}" for ip in attrs.get("ips") or ()]
+    mac = attrs.get("mac_address")
+    if isinstance(mac, str):
+        try:  # link-local callers are found by the MAC's EUI-64 address
+            out.append(f"n:{net}:{link_local_address(mac)}")
+        except BadRequest:
+            pass
+    return out
+
+
+def _own_router(attrs: Mapping[str, Any]) -> list[str]:
+    if attrs.get("device_owner") == DEVICE_OWNER_ROUTER and attrs.get("device_id"):
+        return [f"r:{attrs['device_id']}"]
+    return []
+
+
+def _routers_on(tx: Tx, network_ids: Iterable[str]) -> list[str]:
+    nets = sorted(set(network_ids))
+    if not nets:
+        return []
+    rows = tx.conn.execute(sa.select(ports.c.device_id).distinct().where(
+        ports.c.network_id.in_(nets), ports.c.device_owner == DEVICE_OWNER_ROUTER))
+    return [f"r:{r}" for r in rows.scalars()]
+
+
+def _current_ips(tx: Tx, port_id: str) -> set[str]:
+    return set(tx.conn.execute(sa.select(port_ips.c.ip_address)
+                               .where(port_ips.c.port_id == port_id)).scalars())
+
+
+def hold(tx: Tx) -> None:
+    """`Store.before_commit`: record this write's releases, and set `tx.hold_s` if it binds
+    an address or router scope released within the window (its own releases included)."""
+    released: list[str] = []
+    claimed: list[str] = []
+    claim_nets: list[str] = []
+    for change in tx.changes:
+        if change["kind"] != "port":
+            continue
+        attrs = change["attrs"]
+        op = change["op"]
+        if op == "delete":
+            released += _addresses(attrs) + _own_router(attrs)
+            continue
+        if op != "create":  # an update lists the IPs before and after: gone = released
+            kept = _current_ips(tx, str(change["obj_id"]))
+            net = str(attrs.get("network_id") or "")
+            released += [f"n:{net}:{ip}" for ip in attrs.get("ips") or () if ip not in kept]
+            attrs = {**attrs, "ips": sorted(kept)}
+        claimed += _addresses(attrs) + _own_router(attrs)
+        claim_nets.append(str(attrs.get("network_id") or ""))
+    if not released and not claimed:
+        return
+    conn = tx.conn
+    now = float(conn.execute(sa.select(_now(tx))).scalar_one())
+    if claimed:
+        # a new port on a network is also reached through each router on it: a scope that
+        # lost an interface moments ago may still map this address to the old port
+        keys = set(claimed) | set(_routers_on(tx, claim_nets))
+        newest = conn.execute(sa.select(sa.func.max(releases.c.at))
+                              .where(releases.c.key.in_(sorted(keys)))).scalar()
+        if (newest is not None and now - float(newest) < WINDOW_S) or keys & set(released):
+            tx.hold_s = LEASE_S
+    if released:
+        keys = set(released)
+        conn.execute(releases.delete().where(
+            sa.or_(releases.c.key.in_(sorted(keys)), releases.c.at < now - WINDOW_S)))
+        conn.execute(releases.insert(), [{"key": k, "at": now} for k in sorted(keys)])

@@ -1,0 +1,125 @@
+"""The IP reuse hold (registry/reuse.py): a port that takes an address, or a router scope,
+released moments ago is acknowledged only after the agents' feed lease; nothing else waits."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from openimds.registry.reuse import LEASE_S, WINDOW_S
+from openimds.registry.service import Registry
+from openimds.registry.store import ACK_HOLD, AckHold, Store, releases
+from tests.support import postgres_database
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def reg(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registry]:
+    with contextlib.ExitStack() as stack:
+        if request.param == "postgres":
+            url = stack.enter_context(postgres_database())
+        else:
+            url = f"sqlite:///{tmp_path / 'registry.sqlite'}"
+        store = Store(url)
+        store.create_schema()
+        stack.callback(store.dispose)
+        yield Registry(store)
+
+
+def held(fn: Any, *args: Any) -> tuple[Any, float]:
+    """fn's result and the acknowledgement hold it asked for (as the REST layer sees it)."""
+    hold = AckHold()
+    token = ACK_HOLD.set(hold)
+    try:
+        return fn(*args), hold.seconds
+    finally:
+        ACK_HOLD.reset(token)
+
+
+def network(reg: Registry, name: str, cidr: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    net = reg.create_network({"name": name})
+    sub = reg.create_subnet({"network_id": net["id"], "cidr": cidr, "enable_dhcp": False})
+    return net, sub
+
+
+def age_releases(reg: Registry, seconds: float) -> None:
+    with reg.store.engine.begin() as conn:
+        conn.execute(releases.update().values(at=releases.c.at - seconds))
+
+
+def test_a_reused_address_is_held_others_are_not(reg: Registry) -> None:
+    net, _ = network(reg, "n", "10.0.0.0/24")
+    first, hold = held(reg.create_instance, {"name": "a", "network_id": net["id"],
+                                              "fixed_ip": "10.0.0.5"})
+    assert hold == 0  # nothing was released
+    _, hold = held(reg.delete_instance, first["id"])
+    assert hold == 0  # a release itself is never held
+    _, hold = held(reg.create_instance, {"name": "b", "network_id": net["id"],
+                                         "fixed_ip": "10.0.0.5"})
+    assert hold == LEASE_S
+    _, hold = held(reg.create_instance, {"name": "c", "network_id": net["id"],
+                                         "fixed_ip": "10.0.0.6"})
+    assert hold == 0  # another address on the same network
+
+
+def test_a_release_older_than_the_window_costs_nothing(reg: Registry) -> None:
+    net, _ = network(reg, "n", "10.0.0.0/24")
+    port = reg.create_port({"network_id": net["id"],
+                            "fixed_ips": [{"ip_address": "10.0.0.7"}]})
+    reg.delete_port(port["id"])
+    age_releases(reg, WINDOW_S + 0.5)
+    _, hold = held(reg.create_port, {"network_id": net["id"],
+                                     "fixed_ips": [{"ip_address": "10.0.0.7"}]})
+    assert hold == 0
+    other = reg.create_port({"network_id": net["id"]})
+    reg.delete_port(other["id"])  # prunes the aged row
+    with reg.store.engine.connect() as conn:
+        keys = set(conn.execute(sa.select(releases.c.key)).scalars())
+    assert not any(k.endswith(":10.0.0.7") for k in keys), keys
+
+
+def test_a_reused_mac_is_held(reg: Registry) -> None:
+    # link-local IPv6 callers are found by the MAC's EUI-64 address
+    net, _ = network(reg, "n", "10.0.0.0/24")
+    mac = "fa:16:3e:00:00:42"
+    port = reg.create_port({"network_id": net["id"], "mac_address": mac})
+    reg.delete_port(port["id"])
+    _, hold = held(reg.create_port, {"network_id": net["id"], "mac_address": mac})
+    assert hold == LEASE_S
+
+
+def test_a_router_scope_that_lost_an_interface_is_held(reg: Registry) -> None:
+    # (router, ip) moves from network m to network n: the agent may still map it to m's port
+    router = reg.create_router({"name": "r"})
+    m, m_sub = network(reg, "m", "10.1.0.0/24")
+    n, n_sub = network(reg, "n", "10.1.0.0/24")
+    reg.add_interface(router["id"], {"subnet_id": m_sub["id"]})
+    reg.create_instance({"name": "on-m", "network_id": m["id"], "fixed_ip": "10.1.0.5"})
+    reg.create_instance({"name": "on-n", "network_id": n["id"], "fixed_ip": "10.1.0.5"})
+    age_releases(reg, WINDOW_S + 0.5)
+    _, hold = held(reg.remove_interface, router["id"], {"subnet_id": m_sub["id"]})
+    assert hold == 0
+    _, hold = held(reg.add_interface, router["id"], {"subnet_id": n_sub["id"]})
+    assert hold == LEASE_S  # n's 10.1.0.5 is now what (r, 10.1.0.5) means
+    _, hold = held(reg.create_instance, {"name": "late", "network_id": n["id"],
+                                         "fixed_ip": "10.1.0.6"})
+    assert hold == LEASE_S  # reached through r too, whose scope changed moments ago
+    age_releases(reg, WINDOW_S + 0.5)
+    _, hold = held(reg.create_instance, {"name": "later", "network_id": n["id"],
+                                         "fixed_ip": "10.1.0.7"})
+    assert hold == 0
+
+
+def test_the_feed_announces_its_lease_and_head(reg: Registry) -> None:
+    net, _ = network(reg, "n", "10.0.0.0/24")
+    head = int(reg.health()["revision"])
+    page = reg.changes(0, 1)
+    assert page["head"] == head and page["lease_s"] == LEASE_S
+    assert page["revision"] < head  # a page: not the whole story
+    assert reg.changes(head, None) == {"revision": head, "changes": [], "head": head,
+                                       "lease_s": LEASE_S}
+    assert net
