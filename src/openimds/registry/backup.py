@@ -4,7 +4,7 @@ A backup is one JSON document written from one read transaction (a consistent sn
 both backends), mode 0600 (it holds user data and passwords):
 
     {"format": "openimds-registry-backup", "version": 1, "backend": "sqlite",
-     "revision": 812, "schema": "0006", "counts": {"ports": 40, ...},
+     "revision": 812, "schema": "0007", "counts": {"ports": 40, ...},
      "sha256": "<of the tables>", "tables": {"projects": [{"id": ..., ...}, ...], ...}}
 
 `schema` is the registry's schema revision (registry/migrations/); backups written before it
