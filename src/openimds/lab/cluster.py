@@ -18,14 +18,18 @@ processes (SIGKILL to each node's PID 1 kills its whole PID namespace; its netwo
 and every namespace the node made, go with the last process), the bridge and veths, the
 database (and PostgreSQL if this command started it), /etc/netns if it made it, its directory.
 
-No orphans: each node's `unshare` is recorded (pid and start time, as `up` records its
-children) the moment it is started, and runs with --kill-child, so a node whose PID 1 was never
-recorded still dies with it. The building command records itself too, and the cluster is
-marked complete only when every node is ready: a `lab cluster up` killed half-way (even -9)
-leaves a record whose builder is gone, and the next `lab cluster up` of that name removes
-everything it left (`clear_leftovers`) before it builds anew; `lab cluster down` removes it
-as any other. Inside a node, PID 1 (lab/node_init.py) supervises the node's `openimds up`:
-killed -9 it starts again, and stops what its predecessor's children left (up.children.json).
+No orphans: a node dies with the command that boots it until that command hands it over
+(`release`, once the node is ready; `lab cluster up` releases its nodes only when all are):
+its PID 1 watches the command through a pidfd (lab/node_init.py). Each node's `unshare` is
+recorded (pid and start time, as `up` records its children) the moment it is started, and
+runs with --kill-child, so a node whose PID 1 was never recorded still dies with it. The
+building command records itself too, and the cluster is marked complete only when every node
+is ready: a `lab cluster up` killed half-way (even -9) leaves no process, and a record whose
+builder is gone; the next `lab cluster up` of that name removes everything else it left
+(links, database, directory; and any process still there: `clear_leftovers`) before it builds
+anew, and `lab cluster down` removes it as any other. Inside a node, PID 1 supervises the
+node's `openimds up`: killed -9 it starts again, and stops what its predecessor's children
+left (up.children.json).
 A node counts as ready only when the listener that answers belongs to a process of that node
 (its PID 1's tree), never to another process on the address.
 
@@ -341,11 +345,21 @@ def _service_env() -> dict[str, str]:
 
 
 def _popen_logged(argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None,
-                  ) -> subprocess.Popen[bytes]:
+                  pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as out:
         return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                pass_fds=tuple(pass_fds))
+
+
+def _release_file(cluster: Cluster, node: Node) -> Path:
+    return cluster.node_dir(node) / "init.released"
+
+
+def release(cluster: Cluster, node: Node) -> None:
+    """Hand a booted node over: from now on it outlives the command that booted it."""
+    _release_file(cluster, node).write_text(f"{os.getpid()}\n")
 
 
 def _boot(cluster: Cluster, node: Node, command: Sequence[str]) -> None:
@@ -354,11 +368,19 @@ def _boot(cluster: Cluster, node: Node, command: Sequence[str]) -> None:
     (nd / "etc-netns").mkdir(parents=True, exist_ok=True)
     ready = nd / "init.ready"
     ready.unlink(missing_ok=True)
-    unshare = _popen_logged(
-        ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--mount", "--net",
-         "--propagation", "private", "--", sys.executable, "-m", "openimds.lab.node_init",
-         str(nd / "etc-netns"), str(ready), str(nd / "log" / "up.log"), "--", *command],
-        nd / "log" / "init.log", _service_env())
+    _release_file(cluster, node).unlink(missing_ok=True)
+    # the node watches this command (a pidfd) until `release`: killed before, it takes the
+    # node down with it
+    me = os.pidfd_open(os.getpid())
+    try:
+        unshare = _popen_logged(
+            ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--mount", "--net",
+             "--propagation", "private", "--", sys.executable, "-m", "openimds.lab.node_init",
+             "--watch", str(me), str(_release_file(cluster, node)),
+             str(nd / "etc-netns"), str(ready), str(nd / "log" / "up.log"), "--", *command],
+            nd / "log" / "init.log", _service_env(), pass_fds=(me,))
+    finally:
+        os.close(me)
     # recorded before anything waits: a builder killed from here on leaves a findable node
     node.pid = node.start_time = None
     node.launcher, node.launcher_start = unshare.pid, proc_start_time(unshare.pid)
@@ -416,8 +438,11 @@ def _owns_tcp(node: Node, port: int) -> bool:
     return node.alive() and node.pid is not None and owns_tcp_listener(node.pid, port)
 
 
-def start_node(cluster: Cluster, node: Node, *, wait: bool = True) -> None:
-    """Boot a node and start its role's services (a reboot on the same state)."""
+def start_node(cluster: Cluster, node: Node, *, wait: bool = True,
+               hand_over: bool = True) -> None:
+    """Boot a node and start its role's services (a reboot on the same state). The node dies
+    with this process until it is handed over (`release`): at the end unless hand_over is
+    False (the caller releases it later)."""
     if node.alive():
         raise Conflict(f"node {node.name} is already running (pid {node.pid})")
     # One supervised tree per node, as on a real machine: its PID 1 runs `up` (and starts it
@@ -427,6 +452,8 @@ def start_node(cluster: Cluster, node: Node, *, wait: bool = True) -> None:
                           str(cluster.node_config(node)), "up", "--role", node.role])
     if wait:
         _ready(cluster, node)
+    if hand_over:
+        release(cluster, node)
     log.info("lab.node_started cluster=%s node=%s pid=%s", cluster.name, node.name, node.pid)
 
 
@@ -521,14 +548,16 @@ def create(
             cluster.save()
             nl.ensure_bridge(cluster.bridge, mtu=UNDERLAY_MTU)
             nl.set_addresses(cluster.bridge, [f"{cluster.host_ip}/{cluster.prefixlen}"])
-        start_node(cluster, cluster.controller)
+        start_node(cluster, cluster.controller, hand_over=False)
         for node in cluster.nodes:
             if node.role != "controller":
-                start_node(cluster, node, wait=False)
+                start_node(cluster, node, wait=False, hand_over=False)
         for node in cluster.nodes:
             _ready(cluster, node)
         cluster.complete = True
         cluster.save()
+        for node in cluster.nodes:  # from now on the nodes outlive this command
+            release(cluster, node)
     except BaseException:
         with contextlib.suppress(Exception):
             destroy(cluster)
