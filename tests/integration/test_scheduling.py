@@ -195,6 +195,12 @@ def test_host_list_cli(reg: Registry, beats: Beats) -> None:
     assert hosts["cli-net"]["roles"] == ["network"]
     assert hosts["cli-net"]["routers"] == [rid]
     assert {a["type"] for a in hosts["cli-net"]["agents"]} == {"l3", "dhcp"}
+    # each agent's peers, as its last heartbeat answer counted them (other alive l2: none)
+    peers = {a["type"]: a["peers"] for a in hosts["cli-cmp"]["agents"]}
+    assert peers == {"l2": 0}, hosts["cli-cmp"]
+    assert all(isinstance(a["peers"], int) for a in hosts["cli-net"]["agents"])
+    table = run_cli(reg.config, "host", "list", check=True).stdout
+    assert "l2=alive(peers=0)" in table, table
     assert hosts["cli-cmp"]["roles"] == ["compute"] and hosts["cli-cmp"]["routers"] == []
     assert any("controller" in h["roles"] for h in hosts.values())  # the registry itself
     shown = cli_json(reg.config, "router", "show", rid)

@@ -1,8 +1,9 @@
 """`openimds host list|show|delete`: the nodes the registry knows, from their agents' heartbeats.
 
 Each node: its roles (from the agent types it runs), whether every agent on it is alive
-(heartbeat younger than `[DEFAULT] agent_down_time`), its last heartbeat, and the routers and
-networks scheduled to it.
+(heartbeat younger than `[DEFAULT] agent_down_time`), its last heartbeat, the routers and
+networks scheduled to it, and for each agent the peers its last heartbeat answer counted (0:
+it is solo and does not fence on a registry outage; ? unknown).
 """
 
 from __future__ import annotations
@@ -19,10 +20,17 @@ COLUMNS = ("name", "roles", "alive", "last_heartbeat", "heartbeat_age_s", "route
            "networks")
 
 
+def _peers(a: Obj) -> str:
+    peers = a.get("peers")
+    return "?" if peers is None else str(peers)
+
+
 def _table(h: Obj) -> Obj:
-    """Counts instead of ID lists, agents as type=alive|dead."""
+    """Counts instead of ID lists, agents as type=alive|dead(peers=N): N other alive agents of
+    its type, as its last heartbeat answer said (? unknown); peers=0 means it does not fence."""
     return {**h, "routers": len(h["routers"]), "networks": len(h["networks"]),
-            "agents": [f"{a['type']}={'alive' if a['alive'] else 'dead'}" for a in h["agents"]]}
+            "agents": [f"{a['type']}={'alive' if a['alive'] else 'dead'}(peers={_peers(a)})"
+                       for a in h["agents"]]}
 
 
 def _host_list(args: argparse.Namespace, settings: Any) -> int:

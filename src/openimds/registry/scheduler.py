@@ -150,9 +150,10 @@ def hosts_report(conn: Connection, at: float, policy: Policy) -> list[Json]:
     for a in conn.execute(sa.select(agents).order_by(agents.c.host, agents.c.type)):
         e = entry(a.host)
         age = max(0.0, at - float(a.heartbeat_at))
+        # peers: what its last heartbeat answer told it (None: unknown, it fences)
         e["agents"].append({"type": a.type, "alive": bool(a.alive) and age <= policy.down_time_s,
                             "last_heartbeat": iso(float(a.heartbeat_at)),
-                            "heartbeat_age_s": round(age, 3)})
+                            "heartbeat_age_s": round(age, 3), "peers": a.peers})
         newest[a.host] = max(newest.get(a.host, 0.0), float(a.heartbeat_at))
     for name, ts in newest.items():
         e = out[name]
