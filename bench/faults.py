@@ -457,6 +457,7 @@ def main() -> int:
     if "postgresql" in faults:
         passes.append(("postgresql", ["postgresql"]))
     results: list[dict[str, Any]] = []
+    left: list[str] = []  # namespaces of ours still there after the cleanup (must be none)
     try:
         for backend, pass_faults in passes:
             if not pass_faults:
@@ -468,7 +469,8 @@ def main() -> int:
             try:
                 results += asyncio.run(run_pass(args, backend, pass_faults, state, topo, pg))
             finally:
-                bs.cleanup_namespaces(topo, state)
+                left += [ns for ns in bs.cleanup_namespaces(topo, state)
+                         if os.path.exists(f"/run/netns/{ns}")]
                 if pg is not None:
                     pg.remove()
                 shutil.rmtree(state, ignore_errors=True)
@@ -479,7 +481,8 @@ def main() -> int:
         Path(args.json).write_text(json.dumps({"vms": args.vms, "routers": args.routers,
                                                "isolated": args.isolated,
                                                "duration_s": args.duration,
-                                               "loadavg_end": load, "faults": results},
+                                               "loadavg_end": load, "faults": results,
+                                               "namespaces_left": left},
                                               indent=2) + "\n")
     print(f"\n{'fault':<12} {'registry':<10} {'finished':>9} {'errors':>7} {'wrong':>6} "
           f"{'recover s':>10} {'acked':>6} {'lost':>5} {'dhcp fail':>9} {'lease s':>8}")
@@ -489,8 +492,10 @@ def main() -> int:
               f"{s['writes_acked']:>6} {s['writes_lost']:>5} {s['dhcp_failures']:>9} "
               f"{s['dhcp_recover_s'] if s['dhcp_recover_s'] is not None else '-':>8}")
     print(f"load average at the end: {' '.join(load)}")
-    ok = all(s["finished"] == s["vms"] and s["wrong_answers"] == 0 and s["writes_lost"] == 0
-             for s in results)
+    if left:
+        print(f"namespaces left behind: {left}")
+    ok = not left and all(s["finished"] == s["vms"] and s["wrong_answers"] == 0
+                          and s["writes_lost"] == 0 for s in results)
     return 0 if ok else 1
 
 
