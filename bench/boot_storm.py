@@ -71,11 +71,10 @@ from openimds.host import netns  # noqa: E402
 from openimds.host.supervise import (  # noqa: E402
     ChildFailed,
     Supervisor,
-    pid_alive,
     signal_pid,
     stop_pid,
 )
-from openimds.node.up import build_supervisor, ensure_secrets  # noqa: E402
+from openimds.node.up import build_supervisor, ensure_secrets, stop_stray_proxy  # noqa: E402
 
 METADATA_IP = "169.254.169.254"
 OS_VERSION = "2018-08-27"
@@ -851,11 +850,7 @@ async def bench(args: argparse.Namespace, arms: list[str], settings: Settings, c
         STOP.set()
         stop_processes(extra)
         await sup.stop_all()
-        # a proxy an agent may have started meanwhile
-        with contextlib.suppress(OSError, ValueError):
-            pid = int(settings.path("proxy", "proxy.pid").read_text())
-            if pid_alive(pid) and b"proxy" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                signal_pid(pid, signal.SIGTERM)
+        await stop_stray_proxy(settings)  # a proxy an agent may have started meanwhile
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -68,7 +68,12 @@ import boot_storm as bs  # noqa: E402
 
 from openimds.config import Settings, load_settings  # noqa: E402
 from openimds.host.supervise import Supervisor, pid_alive  # noqa: E402
-from openimds.node.up import build_supervisor, ensure_secrets, supervised_overrides  # noqa: E402
+from openimds.node.up import (  # noqa: E402
+    build_supervisor,
+    ensure_secrets,
+    stop_stray_proxy,
+    supervised_overrides,
+)
 from openimds.registry.client import RegistryClient  # noqa: E402
 
 KILLED = ("agent", "api", "registry", "proxy", "l3-agent", "dhcp-agent")
@@ -423,10 +428,7 @@ async def run_pass(args: argparse.Namespace, backend: str, faults: list[str], st
     finally:
         bs.STOP.set()
         await sup.stop_all()
-        with contextlib.suppress(OSError, ValueError):  # a proxy an agent may have started
-            pid = int(settings.path("proxy", "proxy.pid").read_text())
-            if pid_alive(pid) and b"proxy" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(pid, signal.SIGTERM)
+        await stop_stray_proxy(settings)  # as `up` does at its end
         bs.STOP.clear()
     return out
 
