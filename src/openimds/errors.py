@@ -85,6 +85,9 @@ class SpoofedRequest(OpenImdsError):
 
 class UpstreamError(OpenImdsError):
     status = 502
+    # False only when the request surely never reached the upstream (no connection was made),
+    # so it cannot have acted on it; a lost answer leaves it True.
+    sent = True
 
 
 class UpstreamUnavailable(UpstreamError):

@@ -21,6 +21,7 @@ from openimds.errors import (
     NotFound,
     OpenImdsError,
     Unauthorized,
+    UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -68,6 +69,14 @@ def _raise_for(resp: httpx.Response) -> None:
             raise UpstreamProtocolError(f"registry answered HTTP {resp.status_code}: {reason}")
         cls = OpenImdsError
     raise cls(reason)
+
+
+def _unsent(cause: Exception, err: UpstreamError) -> UpstreamError:
+    """`err`, marked not sent when no connection was made (refused, or the connect timed
+    out): the registry cannot have recorded a request it never received."""
+    if isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout):
+        err.sent = False
+    return err
 
 
 def _decode(resp: httpx.Response) -> Any:
@@ -133,9 +142,11 @@ class RegistryClient:
                 method, path, json=json, params=_clean(params),
                 timeout=timeout_s if timeout_s is not None else self.timeout_s)
         except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"registry {self.base_url} did not answer: {exc}") from None
+            raise _unsent(exc, UpstreamTimeout(
+                f"registry {self.base_url} did not answer: {exc}")) from None
         except httpx.TransportError as exc:
-            raise UpstreamUnavailable(f"registry {self.base_url} unreachable: {exc}") from None
+            raise _unsent(exc, UpstreamUnavailable(
+                f"registry {self.base_url} unreachable: {exc}")) from None
         return _decode(resp)
 
     # --- the calls other components use
@@ -267,9 +278,11 @@ class AsyncRegistryClient:
                 method, path, json=json, params=_clean(params),
                 timeout=timeout_s if timeout_s is not None else self.timeout_s)
         except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"registry {self.base_url} did not answer: {exc}") from None
+            raise _unsent(exc, UpstreamTimeout(
+                f"registry {self.base_url} did not answer: {exc}")) from None
         except httpx.TransportError as exc:
-            raise UpstreamUnavailable(f"registry {self.base_url} unreachable: {exc}") from None
+            raise _unsent(exc, UpstreamUnavailable(
+                f"registry {self.base_url} unreachable: {exc}")) from None
         return _decode(resp)
 
     async def health(self) -> dict[str, Any]:

@@ -20,7 +20,12 @@ Solo agents do not fence. Each answer says how many other alive agents of our ty
 (`peers`); if the last successful one said none, nobody can take our work over (the registry
 moves a dead agent's work only to agents alive since before its last heartbeat), so on expiry
 we keep serving: a registry outage costs the VMs nothing. Unknown peers (no answer yet, an
-old stamp file, an old registry) count as peers: fence.
+old stamp file, an old registry) count as peers: fence. A beat whose answer was lost (a
+timeout, a connection cut after sending, a 5xx) makes them unknown too: the registry may have
+recorded it and answered that a peer had just joined, and it keeps that answer
+(`agents.peers`) to decide whether our work moves. Only a beat that surely never reached the
+registry (connection refused, connect timed out) or that it refused (4xx) leaves them as the
+last answer said, so a registry that is down still costs a solo agent nothing.
 
 The wall-clock time of the last success and its peers are kept in `stamp_file`, so an agent
 that starts after being away longer than the fence time (a crash that left its namespaces
@@ -39,7 +44,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from openimds.config import Settings
-from openimds.errors import OpenImdsError
+from openimds.errors import OpenImdsError, UpstreamError
 from openimds.registry.client import AsyncRegistryClient
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,7 @@ class Heartbeat:
         self.first_ok = asyncio.Event()
         self.last_ok: float | None = None  # monotonic send time of the last success
         self.peers: int | None = None  # other alive agents of our type, per the last success
+        self.last_ok_wall = 0.0  # wall-clock time of the last success (the stamp file's)
         self.solo_serving = False  # expired, but solo: serving on (logged once)
         self.fenced = True  # until the registry has heard from us
         self.sent = 0
@@ -98,7 +104,7 @@ class Heartbeat:
             self.stamp_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.stamp_file.with_name(f".{self.stamp_file.name}.tmp")
             peers = -1 if self.peers is None else self.peers
-            tmp.write_text(f"{time.time():.3f} {peers}\n")
+            tmp.write_text(f"{self.last_ok_wall:.3f} {peers}\n")
             os.replace(tmp, self.stamp_file)
 
     async def beat(self) -> bool:
@@ -110,8 +116,13 @@ class Heartbeat:
                                                  timeout_s=max(self.fence_after_s, 1.0))
         except OpenImdsError as exc:
             self.failed += 1
-            log.warning("heartbeat.failed host=%s type=%s reason=%s", self.host, self.type,
-                        exc.reason)
+            lost = isinstance(exc, UpstreamError) and exc.sent
+            log.warning("heartbeat.failed host=%s type=%s reason=%s%s", self.host, self.type,
+                        exc.reason, "; peers unknown (the registry may have recorded it)"
+                        if lost and self.peers is not None else "")
+            if lost and self.peers is not None:
+                self.peers = None
+                self._stamp()
             return False
         down = answer.get("agent_down_time")
         if isinstance(down, int | float) and down > 0:
@@ -119,6 +130,7 @@ class Heartbeat:
         peers = answer.get("peers")
         self.peers = peers if isinstance(peers, int) and not isinstance(peers, bool) else None
         self.last_ok = sent_at
+        self.last_ok_wall = time.time()
         self.solo_serving = False
         self._stamp()
         return True

@@ -1,0 +1,126 @@
+"""A heartbeat whose answer was lost makes the agent's peers unknown (it fences on expiry):
+the registry may have recorded it and answered that a peer had just joined. A beat that never
+reached the registry, or that it refused, leaves them as the last answer said."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from openimds.config import Settings
+from openimds.errors import (
+    BadRequest,
+    OpenImdsError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from openimds.registry.client import AsyncRegistryClient
+from openimds.registry.heartbeat import Heartbeat
+
+
+def unsent(exc: Any) -> Any:
+    exc.sent = False
+    return exc
+
+
+class Registry:
+    """Answers heartbeats from a script: a dict answer, or an error to raise."""
+
+    def __init__(self, *script: dict[str, Any] | OpenImdsError) -> None:
+        self.script = list(script)
+
+    async def heartbeat(self, host: str, agent_type: str,
+                        timeout_s: float | None = None) -> dict[str, Any]:
+        step = self.script.pop(0)
+        if isinstance(step, OpenImdsError):
+            raise step
+        return step
+
+
+def beat_for(tmp_path: Path, reg: Registry, down_time_s: float = 10.0) -> Heartbeat:
+    settings = dataclasses.replace(Settings(), state_path=str(tmp_path), host="net-1",
+                                   agent_down_time=down_time_s)
+    return Heartbeat(reg, settings, "l3", stamp_file=tmp_path / "stamp")  # type: ignore[arg-type]
+
+
+SOLO = {"agent_down_time": 10, "peers": 0}
+
+
+@pytest.mark.parametrize("lost", [
+    UpstreamTimeout("registry did not answer"),
+    UpstreamUnavailable("connection reset after sending"),
+    UpstreamProtocolError("registry answered HTTP 500"),
+])
+def test_a_lost_answer_makes_peers_unknown(tmp_path: Path, lost: OpenImdsError) -> None:
+    beat = beat_for(tmp_path, Registry(SOLO, lost))
+    assert asyncio.run(beat.beat()) and beat.peers == 0
+    stamped = (tmp_path / "stamp").read_text().split()
+    assert not asyncio.run(beat.beat())
+    assert beat.peers is None
+    again = (tmp_path / "stamp").read_text().split()
+    assert again == [stamped[0], "-1"]  # the last success's time, peers unknown
+
+
+@pytest.mark.parametrize("kept", [
+    unsent(UpstreamUnavailable("connection refused")),
+    unsent(UpstreamTimeout("connect timed out")),
+    BadRequest("type: 'bogus' is not an agent type"),
+])
+def test_a_beat_the_registry_never_recorded_keeps_them(tmp_path: Path,
+                                                       kept: OpenImdsError) -> None:
+    beat = beat_for(tmp_path, Registry(SOLO, kept))
+    asyncio.run(beat.beat())
+    assert not asyncio.run(beat.beat())
+    assert beat.peers == 0
+
+
+def test_solo_keeps_serving_but_a_lost_answer_fences(tmp_path: Path) -> None:
+    async def scenario(script: list[Any]) -> bool:
+        beat = beat_for(tmp_path, Registry(*script), down_time_s=0.5)
+        beat.interval_s = 0.05
+        fenced = asyncio.Event()
+        beat.on_fence = fenced.set
+        task = asyncio.create_task(beat.run())
+        try:
+            await asyncio.wait_for(beat.first_ok.wait(), 5)
+            try:
+                await asyncio.wait_for(fenced.wait(), 1.5)  # fence time 0.3 s
+            except TimeoutError:
+                return False
+            return True
+        finally:
+            task.cancel()
+
+    solo = {"agent_down_time": 0.5, "peers": 0}  # the registry's down time wins over ours
+    down = [unsent(UpstreamUnavailable("connection refused")) for _ in range(100)]
+    assert not asyncio.run(scenario([solo, *down]))  # the registry is down: solo serves on
+    lost = [UpstreamTimeout("no answer"), *down]
+    assert asyncio.run(scenario([solo, *lost]))  # one answer lost: it may have had a peer
+
+
+def test_the_client_marks_what_it_never_sent() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed: connection refused
+
+    async def ask(url: str) -> Any:
+        async with AsyncRegistryClient(url, "t", timeout_s=0.3) as c:
+            try:
+                await c.heartbeat("h", "l3")
+            except OpenImdsError as exc:
+                return exc
+        return None
+
+    refused = asyncio.run(ask(f"http://127.0.0.1:{port}"))
+    assert isinstance(refused, UpstreamUnavailable) and refused.sent is False
+    with socket.socket() as silent:  # accepts, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        timed_out = asyncio.run(ask(f"http://127.0.0.1:{silent.getsockname()[1]}"))
+    assert isinstance(timed_out, UpstreamTimeout) and timed_out.sent is True
