@@ -360,8 +360,8 @@ class Settings:
         "moves to alive nodes", min=1.0
     )
     dhcp_agents_per_network: int = opt(
-        1, "DHCP agents (nodes) serving each network (1 until DHCP ports are per node: two "
-        "nodes must never hold the same DHCP port address)", min=1, max=1
+        1, "DHCP agents (nodes) serving each network, each with its own DHCP port and address "
+        "(fewer while fewer DHCP nodes are alive)", min=1
     )
 
     registry: RegistrySettings = field(default_factory=RegistrySettings)

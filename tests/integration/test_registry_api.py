@@ -128,8 +128,8 @@ def test_subnet_defaults_and_dhcp_port(api: RegistryClient) -> None:
     assert sub["project_id"] == net["project_id"] and sub["revision"] > net["revision"]
     assert sub["created_at"].endswith("Z")
     dhcp = api.list("port", network_id=net["id"], device_owner="network:dhcp")
-    assert len(dhcp) == 1
-    assert dhcp[0]["device_id"] == f"dhcp-{net['id']}"
+    assert len(dhcp) == 1  # no DHCP node yet: one port keeps its address reserved
+    assert dhcp[0]["device_id"] == "reserved_dhcp_port"
     assert dhcp[0]["fixed_ips"] == [{"subnet_id": sub["id"], "ip_address": "10.0.0.2"}]
     assert dhcp[0]["mac_address"].startswith("fa:16:3e:")
     # A second DHCP subnet adds an IP to the same DHCP port.
@@ -419,7 +419,8 @@ def test_topology(api: RegistryClient) -> None:
     assert sub["id"] in {s["id"] for s in topo["subnets"]}
     by_id = {p["id"]: p for p in topo["ports"]}
     assert by_id[inst["ports"][0]["id"]]["hostname"] == "topo"
-    dhcp = [p for p in topo["ports"] if p["device_id"] == f"dhcp-{net['id']}"]
+    dhcp = [p for p in topo["ports"] if p["network_id"] == net["id"]
+            and p["device_owner"] == "network:dhcp"]
     assert dhcp[0]["hostname"] is None
 
 

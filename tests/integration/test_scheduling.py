@@ -303,3 +303,98 @@ def test_host_delete_forgets_a_dead_node_and_refuses_an_alive_one(
     assert api.get("router", rid)["hosts"] == ["new"]
     with pytest.raises(NotFound):
         api.delete("host", "old")
+
+
+def _dhcp_ports(api: RegistryClient, net_id: str) -> dict[str, dict[str, Any]]:
+    """port id -> port, of the network's DHCP ports."""
+    return {p["id"]: p for p in api.list("port", network_id=net_id,
+                                         device_owner="network:dhcp")}
+
+
+def test_dhcp_port_per_node_moves_with_its_ip_and_goes_when_k_is_lowered(
+        tmp_path: Path) -> None:
+    """dhcp_agents_per_network=2: one DHCP port per serving node, each with its own IP; a
+    dead node's port is re-bound to its replacement keeping port, MAC and IP; lowering k to
+    1 frees one port. (SQLite only: the SQL is the scheduler's, exercised on PostgreSQL by
+    the tests above.)"""
+    from openimds.core.models import dhcp_device_id
+
+    with registry_process(tmp_path, "sqlite", defaults={
+            "agent_down_time": DOWN_S, "dhcp_agents_per_network": 2}) as reg:
+        beats = Beats(reg)
+        try:
+            api = reg.client()
+            early = api.create("network", {"name": "early"})  # before any DHCP node
+            api.create("subnet", {"network_id": early["id"], "cidr": "10.9.0.0/24"})
+            (reserved,) = _dhcp_ports(api, early["id"]).values()
+            assert reserved["device_id"] == "reserved_dhcp_port"
+            for h in ("d-1", "d-2"):
+                beats.start(h, "dhcp")
+            wait_for(lambda: len(api.get("network", early["id"])["hosts"]) == 2, 5.0,
+                     "early network on both nodes")
+            ports = _dhcp_ports(api, early["id"])
+            # the reserved port went to the first node, keeping its address; d-2 got its own
+            assert ports[reserved["id"]]["device_id"] == dhcp_device_id("d-1", early["id"])
+            assert ports[reserved["id"]]["fixed_ips"] == reserved["fixed_ips"]
+
+            net = api.create("network", {"name": "n"})
+            assert net["hosts"] == ["d-1", "d-2"]
+            sub = api.create("subnet", {"network_id": net["id"], "cidr": "10.0.0.0/24",
+                                        "gateway_ip": None})
+            ports = _dhcp_ports(api, net["id"])
+            by_dev = {p["device_id"]: p for p in ports.values()}
+            assert sorted(by_dev) == sorted(dhcp_device_id(h, net["id"]) for h in ("d-1", "d-2"))
+            ips = {h: by_dev[dhcp_device_id(h, net["id"])]["fixed_ips"][0]["ip_address"]
+                   for h in ("d-1", "d-2")}
+            assert ips == {"d-1": "10.0.0.1", "d-2": "10.0.0.2"}  # distinct, first free
+            shown = api.get("network", net["id"])["dhcp"]
+            assert [(d["host"], d["ip_addresses"]) for d in shown] == [
+                ("d-1", ["10.0.0.1"]), ("d-2", ["10.0.0.2"])]
+            listed = host_map(api)
+            assert {d["network_id"]: d["ip_addresses"] for d in listed["d-2"]["dhcp"]} == {
+                early["id"]: [ports_ip(api, early["id"], "d-2")], net["id"]: ["10.0.0.2"]}
+            table = run_cli(reg.config, "network", "list", check=True).stdout
+            assert "d-1=10.0.0.1" in table and "d-2=10.0.0.2" in table
+            # the view lists every DHCP address; network_data routes via the lowest
+            inst = api.create("instance", {"name": "vm", "network_id": net["id"]})
+            vsub = api.get_view(inst["id"])["ports"][0]["subnets"][0]
+            assert vsub["dhcp_ips"] == ["10.0.0.1", "10.0.0.2"]
+            assert vsub["dhcp_ip"] == "10.0.0.1" and vsub["id"] == sub["id"]
+            # the agent's lookup of a DHCP address finds the DHCP port, never an instance
+            found = api.lookup("10.0.0.2", network_id=net["id"])["ports"]
+            assert [p["device_owner"] for p in found] == ["network:dhcp"]
+
+            # d-1 dies, d-3 is alive: d-1's port goes to d-3 with its MAC and IP
+            beats.start("d-3", "dhcp")
+            d1_port = by_dev[dhcp_device_id("d-1", net["id"])]
+            beats.silence("d-1")
+            wait_for(lambda: api.get("network", net["id"])["hosts"] == ["d-2", "d-3"],
+                     DOWN_S + 5.0, "d-1's binding moved to d-3")
+            moved = _dhcp_ports(api, net["id"])
+            assert set(moved) == set(ports)  # no port made, none freed
+            assert moved[d1_port["id"]]["device_id"] == dhcp_device_id("d-3", net["id"])
+            assert moved[d1_port["id"]]["mac_address"] == d1_port["mac_address"]
+            assert moved[d1_port["id"]]["fixed_ips"] == d1_port["fixed_ips"]
+
+            # k lowered to 1: one binding and its port go; the other keeps its address
+            text = reg.config.read_text().replace("dhcp_agents_per_network = 2",
+                                                  "dhcp_agents_per_network = 1")
+            assert "dhcp_agents_per_network = 1" in text
+            reg.config.write_text(text)
+            reg.restart()
+            wait_for(lambda: len(api.get("network", net["id"])["hosts"]) == 1, 5.0,
+                     "one DHCP node left")
+            (left,) = _dhcp_ports(api, net["id"]).values()
+            (host,) = api.get("network", net["id"])["hosts"]
+            assert left["device_id"] == dhcp_device_id(host, net["id"])
+            assert left["fixed_ips"] == ports[left["id"]]["fixed_ips"]
+        finally:
+            beats.close()
+
+
+def ports_ip(api: RegistryClient, net_id: str, host: str) -> str:
+    from openimds.core.models import dhcp_device_id
+
+    (port,) = [p for p in _dhcp_ports(api, net_id).values()
+               if p["device_id"] == dhcp_device_id(host, net_id)]
+    return str(port["fixed_ips"][0]["ip_address"])

@@ -137,6 +137,13 @@ def test_resolve_port_without_device() -> None:
         resolve(Caller("10.0.0.5", router_id=R), [port("p1", device="")])
 
 
+
+def test_resolve_never_takes_a_dhcp_port_for_an_instance() -> None:
+    dhcp = {**port("pd", device=f"dhcp{'1' * 8}-{N}"), "device_owner": "network:dhcp"}
+    with pytest.raises(UnknownCaller, match="DHCP port") as err:
+        resolve(Caller("10.0.0.3", network_id=N), [dhcp])
+    assert err.value.status == 404
+
 _names = st.sampled_from([b"x-forwarded-for", b"x-neutron-router-id", b"x-neutron-network-id",
                           b"host", b"x-other"])
 _headers = st.lists(st.tuples(_names, st.binary(max_size=80)), max_size=8)

@@ -234,7 +234,7 @@ def test_dnsmasq_argv() -> None:
         "--conf-file=/dev/null", f"--pid-file={d}/pid", f"--dhcp-hostsfile={d}/host",
         f"--dhcp-optsfile={d}/opts", f"--dhcp-leasefile={d}/leases", "--log-dhcp",
         f"--log-facility={d}/dnsmasq.log", "--interface=tapd1d2d3d4-00",
-        "--except-interface=lo", "--bind-interfaces",
+        "--except-interface=lo", "--bind-interfaces", "--dhcp-authoritative",
         f"--dhcp-range=set:subnet-{SUB},10.0.0.0,static,255.255.255.0,86400s",
         "--dhcp-option-force=option:mtu,1500", "--dhcp-lease-max=256",
     ]
@@ -270,6 +270,38 @@ def test_plan_none_without_dhcp_port_or_subnet() -> None:
                            lease_duration_s=1) is None
     assert dm.plan_network(network([subnet(enable_dhcp=False)], [dhcp()]), ISOLATED, "/d",
                            lease_duration_s=1) is None
+
+
+def test_two_dhcp_nodes_each_serve_from_their_own_port() -> None:
+    """k=2: each node's plan uses the port named for it; same hosts file (whichever server
+    answers, the guest gets the same address), own IP as option 121 next hop, and only the
+    node of the lowest port IP answers ARP for 169.254.169.254."""
+    from openimds.core.models import dhcp_device_id
+
+    ports = []
+    for pid, host, ip, mac in (("p-b", "net-b", "10.0.0.3", "fa:16:3e:00:00:03"),
+                               ("p-a", "net-a", "10.0.0.2", "fa:16:3e:00:00:02")):
+        p = port(pid, "network:dhcp", [(SUB, ip)], mac)
+        p["device_id"] = dhcp_device_id(host, NET)
+        ports.append(p)
+    net = network([subnet(gw=None)], [*ports, vm()])
+    a = dm.plan_network(net, ISOLATED, "/d", lease_duration_s=600, host="net-a")
+    b = dm.plan_network(net, ISOLATED, "/d", lease_duration_s=600, host="net-b")
+    assert a is not None and b is not None
+    assert (a.port_id, b.port_id) == ("p-a", "p-b")
+    assert a.addresses == ("10.0.0.2/24", "169.254.169.254/32")
+    assert b.addresses == ("10.0.0.3/24", "169.254.169.254/32")
+    assert a.hosts == b.hosts == "fa:16:3e:00:00:05,vm1,10.0.0.5\n"
+    assert f"{T},option:classless-static-route,169.254.169.254/32,10.0.0.2" in a.opts
+    assert f"{T},option:classless-static-route,169.254.169.254/32,10.0.0.3" in b.opts
+    assert "10.0.0.3" not in a.opts and "10.0.0.2" not in b.opts
+    assert (a.metadata_arp, b.metadata_arp) == (True, False)
+    assert "--dhcp-authoritative" in a.argv and a.tap != b.tap
+    # a node with no port of its own (not yet handed one) builds nothing
+    assert dm.plan_network(net, ISOLATED, "/d", lease_duration_s=600, host="net-c") is None
+    # no metadata served: nobody holds 169.254.169.254, nobody answers ARP for it
+    off = dm.plan_network(net, OFF, "/d", lease_duration_s=600, host="net-a")
+    assert off is not None and not off.metadata_arp
 
 
 # --- real syntax check --------------------------------------------------------------------

@@ -89,6 +89,15 @@ def test_metadata_route_on_isolated_static_subnet() -> None:
     assert all(r["network"] != "169.254.169.254" for r in nd["networks"][0]["routes"])
 
 
+
+def test_metadata_route_with_several_dhcp_nodes_goes_via_the_lowest_address() -> None:
+    iso = _subnet(isolated=True, gateway_ip=None, dhcp_ips=["10.0.0.30", "10.0.0.4"],
+                  dhcp_ip="10.0.0.30")
+    view = parse_view(make_view(ports=[_port([iso], [(SUBNET, "10.0.0.5")])]))
+    assert view.ports[0].subnets[0].dhcp_ips == ("10.0.0.4", "10.0.0.30")
+    assert network_data(view)["networks"][0]["routes"] == [
+        {"network": "169.254.169.254", "netmask": "255.255.255.255", "gateway": "10.0.0.4"}]
+
 def test_two_ports_numbering_and_no_ports() -> None:
     second = _port([_subnet(id="s2", cidr="10.1.0.0/24")], [("s2", "10.1.0.9")],
                    id="11112222-3333-4444-5555-666677778888", mac_address="fa:16:3e:00:00:02")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
-from openimds.core.nodes import gratuitous_arp, place, roles_of
+from openimds.core.models import DHCP_RESERVED_DEVICE_ID, dhcp_device_id
+from openimds.core.nodes import DhcpPortPlan, dhcp_ports, gratuitous_arp, place, roles_of
 from openimds.errors import ConfigError
 from openimds.node.roles import services_for
 
@@ -82,3 +85,59 @@ def test_a_dead_nodes_work_goes_only_to_its_takers() -> None:
     # a node the registry forgot (host delete): any alive node
     assert place(current, current, ["newcomer"], 1, takers={"had-peer": []}) == {
         "r1": ["newcomer"]}
+
+
+# --- k > 1 DHCP nodes per network, and their DHCP ports ------------------------------------
+
+def test_k2_a_dead_node_is_replaced_without_touching_the_live_one() -> None:
+    current = {"n1": ["a", "b"], "n2": ["a", "c"], "n3": ["b", "c"]}
+    moves = place(current, current, ["a", "c", "d"], 2)  # b died, d joined
+    assert moves == {"n1": ["a", "d"], "n3": ["c", "d"]}
+    # no free alive node: the dead binding stays (the live one keeps serving alone)
+    assert place({"n1": ["a", "b"]}, ["n1"], ["a"], 2) == {}
+    # fewer alive nodes than wanted: as many as there are, never one node twice
+    assert place({}, ["n1"], ["a"], 3) == {"n1": ["a"]}
+    # raised k: the least-loaded nodes join (ties: name), existing bindings stay
+    assert place({"n1": ["a"], "n2": ["b"]}, ["n1", "n2"], ["a", "b", "c"], 2) == {
+        "n1": ["a", "c"], "n2": ["a", "b"]}
+    # lowered k: dead first, then the most loaded
+    assert place({"n1": ["a", "b", "c"], "n2": ["a", "c"]}, ["n1", "n2"], ["a", "c"], 2) == {
+        "n1": ["a", "c"]}
+    assert place({"n1": ["a", "c"], "n2": ["a"]}, ["n1", "n2"], ["a", "c"], 1) == {"n1": ["c"]}
+
+
+NET = "0f0e0d0c-0000-4000-8000-000000000001"
+
+
+def test_dhcp_device_id_names_the_host_as_neutron_does() -> None:
+    dev = dhcp_device_id("net-a", NET)
+    assert dev == f"dhcp{uuid.uuid5(uuid.NAMESPACE_DNS, 'net-a')}-{NET}"
+    assert dev != dhcp_device_id("net-b", NET) and dev != dhcp_device_id("net-a", "other")
+
+
+def test_dhcp_ports_one_per_host_a_moved_binding_rebinds_its_port() -> None:
+    a, b, c = (dhcp_device_id(h, NET) for h in ("a", "b", "c"))
+    # new hosts, no ports: one new port each
+    assert dhcp_ports(NET, ["b", "a"], {}) == DhcpPortPlan(create=["a", "b"])
+    # in step: nothing
+    assert not dhcp_ports(NET, ["a", "b"], {"p1": a, "p2": b})
+    # b lost its binding to c: b's port goes to c (same port, same IPs), nothing created
+    assert dhcp_ports(NET, ["a", "c"], {"p1": a, "p2": b}) == DhcpPortPlan(rebind={"p2": c})
+    # the reserved port (or a legacy dhcp-<net> one) goes to the first host
+    assert dhcp_ports(NET, ["b", "a"], {"p0": DHCP_RESERVED_DEVICE_ID}) == DhcpPortPlan(
+        rebind={"p0": a}, create=["b"])
+    assert dhcp_ports(NET, ["a"], {"p0": f"dhcp-{NET}"}) == DhcpPortPlan(rebind={"p0": a})
+    # k lowered: the port of the host that lost its binding is freed
+    assert dhcp_ports(NET, ["a"], {"p1": a, "p2": b}) == DhcpPortPlan(delete=["p2"])
+    # a duplicate port for one host: the second is handed over or freed
+    assert dhcp_ports(NET, ["a", "b"], {"p1": a, "p2": a}) == DhcpPortPlan(rebind={"p2": b})
+    assert dhcp_ports(NET, ["a"], {"p1": a, "p2": a}) == DhcpPortPlan(delete=["p2"])
+
+
+def test_dhcp_ports_with_no_host_keep_one_reserved_and_none_without_dhcp() -> None:
+    a = dhcp_device_id("a", NET)
+    assert dhcp_ports(NET, [], {"p1": a, "p2": "x"}) == DhcpPortPlan(
+        rebind={"p1": DHCP_RESERVED_DEVICE_ID}, delete=["p2"])
+    assert not dhcp_ports(NET, [], {"p1": DHCP_RESERVED_DEVICE_ID})
+    assert not dhcp_ports(NET, [], {})  # the reserved port is made with the first subnet
+    assert dhcp_ports(NET, ["a"], {"p1": a}, has_dhcp=False) == DhcpPortPlan(delete=["p1"])

@@ -4,10 +4,12 @@ It follows the registry (a `/v1/topology` snapshot, then the change feed as a tr
 converges every network with a DHCP-enabled IPv4 subnet and a DHCP port to the plan
 `core.dnsmasq.plan_network` computes:
 
-- namespace `qdhcp-<network id>` (lo up), the DHCP port as `tap<port id[:11]>` inside it,
+- namespace `qdhcp-<network id>` (lo up), this node's DHCP port (the one whose device_id
+  names `[DEFAULT] host`: one per DHCP node of the network) as `tap<port id[:11]>` inside it,
   veth to `tpb<port id[:11]>` in the network's bridge (`brq...`, made through
   `agents.fabric`), with the port's MAC and IPs; plus 169.254.169.254/32 while the namespace
-  serves metadata;
+  serves metadata, with `arp_ignore=2` on the tap unless this node is the one that answers
+  ARP for it (`core.dnsmasq` module doc);
 - `[dhcp] dhcp_confs/<network id>/{host,opts,leases,pid,dnsmasq.log}`; dnsmasq (from
   Debian's dnsmasq-base) runs in the foreground inside the namespace, supervised by the
   process handle: it is respawned when it dies (`[AGENT] check_child_processes_*`), sent
@@ -214,18 +216,28 @@ class DhcpAgent:
             network, self.flags, str(self._conf_dir(network.id)),
             lease_duration_s=self.settings.dhcp_lease_duration, binary=d.dnsmasq_binary,
             lease_max=d.dnsmasq_lease_max, user=d.dnsmasq_user,
-            ipv6_metadata=ipv6_metadata_addresses(self.settings),
+            ipv6_metadata=ipv6_metadata_addresses(self.settings), host=self.host,
         )
 
-    def _apply_links(self, plan: dm.NetworkPlan, mtu: int, vni: int | None) -> None:
-        """Bridge, namespace, veth and addresses (blocking netlink calls; run in a thread)."""
+    def _apply_links(self, plan: dm.NetworkPlan, mtu: int, vni: int | None,
+                     set_arp: bool) -> None:
+        """Bridge, namespace, veth and addresses (blocking netlink calls; run in a thread);
+        set_arp: (re)write the tap's arp_ignore (first build, or the ARP answerer changed)."""
         links.ensure_namespace(plan.namespace)
         with links.netlink() as nl, links.netlink(plan.namespace) as inside:
             fabric.ensure_bridge(nl, fabric.BridgeSpec(plan.bridge, plan.network_id, mtu, vni),
                                  self.tunnel)
+            for old in inside.links("tap"):
+                if old.name != plan.tap:  # this node's port changed: the old one's addresses go
+                    inside.delete_link(old.name)
             nl.ensure_veth(plan.tap_peer, peer=plan.tap, inside=inside, master=plan.bridge,
                            mtu=mtu, peer_mac=plan.mac_address)
             inside.set_addresses(plan.tap, plan.addresses)
+            if set_arp:
+                # 2: answer ARP only for addresses in the asker's subnet, so not for
+                # 169.254.169.254/32 while another node's tap answers for it
+                links.set_sysctl(plan.namespace, f"net.ipv4.conf.{plan.tap}.arp_ignore",
+                                 "0" if plan.metadata_arp or not plan.metadata else "2")
             inside.set_up(plan.tap)
 
     def _write_files(self, plan: dm.NetworkPlan) -> bool:
@@ -247,8 +259,9 @@ class DhcpAgent:
         scope = {"router_id": plan.router_id,
                  "network_id": None if plan.router_id else plan.network_id}
         base = names.network_listener_name(plan.network_id)
+        # bound to this node's own tap (SO_BINDTODEVICE), like the IPv6 listeners
         specs = {"": ListenerSpec(name=base, netns=plan.namespace, host=dm.METADATA_IP,
-                                  port=80, **scope)}
+                                  port=80, interface=plan.tap, **scope)}
         for ip in plan.metadata_ipv6:
             suffix = "-ipv6" if ipaddress.ip_address(ip).is_link_local else "-ula"
             specs[suffix] = ListenerSpec(name=base + suffix, netns=plan.namespace, host=ip,
@@ -345,10 +358,13 @@ class DhcpAgent:
             if network.id in self.served or self._conf_dir(network.id).exists():
                 await self.remove_network(network.id, network_gone=False)
             return
-        await asyncio.to_thread(self._apply_links, plan, network.mtu or 1500,
-                                network.segmentation_id)
-        files_changed = await asyncio.to_thread(self._write_files, plan)
         served = self.served.get(network.id)
+        set_arp = (served is None or served.plan.tap != plan.tap
+                   or served.plan.metadata_arp != plan.metadata_arp
+                   or served.plan.metadata != plan.metadata)
+        await asyncio.to_thread(self._apply_links, plan, network.mtu or 1500,
+                                network.segmentation_id, set_arp)
+        files_changed = await asyncio.to_thread(self._write_files, plan)
         if served is None or not served.child.running and not served.child.spec.restart:
             if served is not None:
                 await served.child.stop()

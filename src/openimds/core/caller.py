@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from openimds.core.models import DEVICE_OWNER_DHCP
 from openimds.errors import AmbiguousCaller, BadRequest, SpoofedRequest, UnknownCaller
 
 __all__ = [
@@ -159,8 +160,8 @@ def _last_forwarded(values: Sequence[bytes]) -> str:
 def resolve(caller: Caller, ports: Sequence[Mapping[str, Any]]) -> Resolution:
     """The registry's ports for this caller -> the one instance (Neutron's 1-port rule).
 
-    Raises `UnknownCaller` for zero ports (or one port without a device) and `AmbiguousCaller`
-    naming the ports when more than one holds the IP.
+    Raises `UnknownCaller` for zero ports (or one port without a device, or a DHCP port) and
+    `AmbiguousCaller` naming the ports when more than one holds the IP.
     """
     if not ports:
         raise UnknownCaller(f"no port with {caller.describe()}")
@@ -169,6 +170,9 @@ def resolve(caller: Caller, ports: Sequence[Mapping[str, Any]]) -> Resolution:
         raise AmbiguousCaller(f"{len(ports)} ports with {caller.describe()}: {ids}")
     port = ports[0]
     device_id = str(port.get("device_id") or "")
+    if port.get("device_owner") == DEVICE_OWNER_DHCP:
+        # a DHCP node's own address (its device_id names the node, not an instance)
+        raise UnknownCaller(f"port {port.get('id')} with {caller.describe()} is a DHCP port")
     if not device_id:
         raise UnknownCaller(f"port {port.get('id')} with {caller.describe()} has no device")
     return Resolution(

@@ -24,6 +24,19 @@ Rules kept from Neutron (`neutron/agent/linux/dhcp.py`, reference/neutron.md §2
 - dnsmasq gets one `--dhcp-range=set:subnet-<id>,<network>,static,<netmask>,<lease>` per
   DHCP-enabled IPv4 subnet and `--dhcp-lease-max` capped at the subnets' total size.
 
+Several DHCP nodes per network (`[DEFAULT] dhcp_agents_per_network`): each node has its own
+DHCP port (device_id `dhcp<uuid5(host)>-<network>`, `dhcp_port(network, host)`), so each
+dnsmasq serves the whole subnet with the same static hosts file (whichever answers, a guest
+gets the same address) and announces its *own* port IP as the option 121 next hop, and
+`--dhcp-authoritative` lets a server ACK a renewal or reboot request for a lease the other
+one granted (without it, dnsmasq NAKs a REQUEST it has no lease for: a rebinding client would
+get an ACK from one server and a NAK from the other). Every node serving metadata holds
+169.254.169.254/32 on its tap, but only one answers ARP for it (`metadata_arp`): the node of
+the port with the lowest IPv4 address, the same port network_data.json routes static guests
+via; the others run the tap with arp_ignore=2, which answers ARP only for an address in the
+asker's own subnet, so their port IPs still resolve and 169.254.169.254 (a /32) does not. A
+guest that ARPs for 169.254.169.254 directly (an on-link 169.254/16 route) thus sees one MAC.
+
 IPv6 subnets are ignored here (no DHCPv6 yet). Deliberate differences from Neutron are
 marked "Unlike Neutron" where they occur.
 """
@@ -36,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from openimds.core import names
+from openimds.core.models import dhcp_device_id
 
 __all__ = [
     "DHCP_OWNER",
@@ -54,6 +68,7 @@ __all__ = [
     "format_option",
     "has_metadata_subnet",
     "isolated_subnets",
+    "metadata_arp_port",
     "metadata_router_id",
     "networks_from_topology",
     "plan_network",
@@ -279,17 +294,34 @@ def metadata_router_id(flags: MetadataFlags, network: DhcpNetwork) -> str | None
     return None
 
 
-def dhcp_port(network: DhcpNetwork) -> DhcpPort | None:
-    """The network's DHCP port (device_owner network:dhcp); the lowest id if several."""
+def dhcp_port(network: DhcpNetwork, host: str | None = None) -> DhcpPort | None:
+    """The DHCP port (device_owner network:dhcp) the node `host` serves: the one whose
+    device_id names it. host=None (a single agent that is told no node name): the lowest
+    id of the network's DHCP ports."""
+    want = None if host is None else dhcp_device_id(host, network.id)
     for port in network.ports:
-        if port.device_owner == DHCP_OWNER:
+        if port.device_owner == DHCP_OWNER and (want is None or port.device_id == want):
             return port
     return None
 
 
-def dhcp_ips_by_subnet(network: DhcpNetwork) -> dict[str, str]:
-    """subnet id -> the DHCP port's IP on it."""
-    port = dhcp_port(network)
+def _lowest_ipv4(port: DhcpPort) -> tuple[int, int]:
+    addrs = [int(ipaddress.ip_address(f.ip_address)) for f in port.fixed_ips
+             if ":" not in f.ip_address]
+    return (0, min(addrs)) if addrs else (1, 0)
+
+
+def metadata_arp_port(network: DhcpNetwork) -> DhcpPort | None:
+    """The DHCP port whose node answers ARP for 169.254.169.254: the one holding the lowest
+    IPv4 address (the next hop network_data.json gives static guests; stable, since a port
+    keeps its addresses when it moves to another node)."""
+    ports = [p for p in network.ports if p.device_owner == DHCP_OWNER]
+    return min(ports, key=lambda p: (_lowest_ipv4(p), p.id)) if ports else None
+
+
+def dhcp_ips_by_subnet(network: DhcpNetwork, port: DhcpPort | None = None) -> dict[str, str]:
+    """subnet id -> the DHCP port's IP on it (port: this node's; default `dhcp_port`)."""
+    port = port or dhcp_port(network)
     if port is None:
         return {}
     result: dict[str, str] = {}
@@ -383,10 +415,12 @@ def _subnet_options(
     return options
 
 
-def render_opts(network: DhcpNetwork, flags: MetadataFlags) -> str:
-    """The dhcp-optsfile: per-subnet DNS, option 121/249 routes and router lines."""
+def render_opts(network: DhcpNetwork, flags: MetadataFlags,
+                port: DhcpPort | None = None) -> str:
+    """The dhcp-optsfile: per-subnet DNS, option 121/249 routes and router lines; the
+    metadata route goes via `port` (this node's DHCP port; default `dhcp_port`)."""
     isolated = isolated_subnets(network)
-    dhcp_ips = dhcp_ips_by_subnet(network)
+    dhcp_ips = dhcp_ips_by_subnet(network, port)
     options: list[str] = []
     for subnet in network.dhcp_subnets:
         options += _subnet_options(subnet, network, flags, isolated, dhcp_ips)
@@ -420,6 +454,8 @@ def dnsmasq_argv(
         f"--interface={interface}",
         "--except-interface=lo",
         "--bind-interfaces",
+        # ACK renewals of leases another DHCP node of the network granted (module doc)
+        "--dhcp-authoritative",
     ]
     possible_leases = 0
     for subnet in network.dhcp_subnets:
@@ -454,6 +490,8 @@ class NetworkPlan:
     # IPv6 addresses metadata also answers on (fe80::a9fe:a9fe[, fd00:ec2::254]): only when
     # metadata is served and the network has an IPv6 subnet; each is a /128 on the tap.
     metadata_ipv6: tuple[str, ...]
+    # this node answers ARP for 169.254.169.254 (else the tap runs with arp_ignore=2)
+    metadata_arp: bool
     hosts: str
     opts: str
     argv: tuple[str, ...]
@@ -462,7 +500,7 @@ class NetworkPlan:
 def plan_network(
     network: DhcpNetwork, flags: MetadataFlags, conf_dir: str, *, lease_duration_s: int,
     binary: str = "dnsmasq", lease_max: int = DNSMASQ_LEASE_MAX, user: str = "",
-    ipv6_metadata: tuple[str, ...] = (),
+    ipv6_metadata: tuple[str, ...] = (), host: str | None = None,
 ) -> NetworkPlan | None:
     """What to build for one network, or None when it needs no DHCP namespace.
 
@@ -471,15 +509,18 @@ def plan_network(
     configured, the address follows `should_enable_metadata` together with the listener, so
     a routed network's DHCP namespace holds nothing that answers for the metadata IP.
     The IPv6 metadata addresses (`ipv6_metadata`) join it when the network has an IPv6
-    subnet (Neutron adds fe80::a9fe:a9fe/128 then, LP#2074207).
+    subnet (Neutron adds fe80::a9fe:a9fe/128 then, LP#2074207). host: this node's name,
+    whose own DHCP port is used (None: the network's first DHCP port).
     """
-    port = dhcp_port(network)
+    port = dhcp_port(network, host)
     if not network.dhcp_subnets or port is None:
         return None
     prefixes = {s.id: ipaddress.ip_network(s.cidr, strict=False).prefixlen
                 for s in network.dhcp_subnets}
     addresses = [f"{f.ip_address}/{prefixes[f.subnet_id]}"
                  for f in port.fixed_ips if f.subnet_id in prefixes]
+    if not addresses:
+        return None  # no address to serve from (its subnets' pools were full)
     metadata = should_enable_metadata(flags, network)
     metadata_ipv6: tuple[str, ...] = ()
     if metadata:
@@ -501,8 +542,9 @@ def plan_network(
         metadata=metadata,
         router_id=metadata_router_id(flags, network) if metadata else None,
         metadata_ipv6=metadata_ipv6,
+        metadata_arp=metadata and metadata_arp_port(network) == port,
         hosts=render_hosts(network),
-        opts=render_opts(network, flags),
+        opts=render_opts(network, flags, port),
         argv=tuple(dnsmasq_argv(network, tap, paths, lease_duration_s=lease_duration_s,
                                 binary=binary, lease_max=lease_max, user=user)),
     )

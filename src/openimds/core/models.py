@@ -11,6 +11,7 @@ import binascii
 import hashlib
 import re
 import struct
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ __all__ = [
     "MAX_PASSWORD_CHARS",
     "MAX_USER_DATA_BYTES",
     "PublicKey",
+    "DHCP_RESERVED_DEVICE_ID",
     "dhcp_device_id",
     "parse_metadata",
     "parse_name",
@@ -46,8 +48,15 @@ _KEY_TYPES = frozenset({
 })
 
 
-def dhcp_device_id(network_id: str) -> str:
-    return f"dhcp-{network_id}"
+# A DHCP port no node serves (the network has no DHCP node yet, or had and lost them all): it
+# keeps its address until a node claims it (Neutron's DEVICE_ID_RESERVED_DHCP_PORT).
+DHCP_RESERVED_DEVICE_ID = "reserved_dhcp_port"
+
+
+def dhcp_device_id(host: str, network_id: str) -> str:
+    """The device_id of the DHCP port `host` serves on `network_id`, as Neutron names it:
+    `dhcp<uuid5(DNS namespace, host)>-<network id>`."""
+    return f"dhcp{uuid.uuid5(uuid.NAMESPACE_DNS, host)}-{network_id}"
 
 
 def parse_name(raw: Any, field: str = "name", *, required: bool = True) -> str:

@@ -13,18 +13,30 @@ DHCP agent (`[DEFAULT] dhcp_agents_per_network` each). `place` is the whole poli
 - a resource with fewer nodes than wanted gets the least-loaded alive nodes (ties: name);
 - a node that comes back alive takes nothing back: bindings only move off dead nodes;
 - surplus bindings (the wanted count was lowered) go, dead nodes first, then the most loaded.
+
+`dhcp_ports` turns a network's DHCP nodes into its DHCP ports: one per node, named for it
+(`models.dhcp_device_id`), each with its own address. A port whose node lost the binding is
+handed to a node that gained one (re-bound: same port, same MAC, same IPs), so clients that
+renew against the old server address, and guests routing metadata via it, keep working once
+the new node announces it. Only a port nobody takes is freed; a network with no DHCP node keeps
+one port reserved, so its address (the first of the pool) survives until a node claims it.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from openimds.core.models import DHCP_RESERVED_DEVICE_ID, dhcp_device_id
 
 __all__ = [
     "AGENT_TYPES",
     "KIND_AGENT",
     "ROLES",
     "ROLE_OF_AGENT",
+    "DhcpPortPlan",
+    "dhcp_ports",
     "place",
     "roles_of",
 ]
@@ -99,6 +111,56 @@ def _least_loaded(candidates: set[str], load: Counter[str]) -> str | None:
     if not candidates:
         return None
     return min(candidates, key=lambda h: (load[h], h))
+
+
+@dataclass(slots=True)
+class DhcpPortPlan:
+    """What to do with one network's DHCP ports (see module doc)."""
+
+    rebind: dict[str, str] = field(default_factory=dict)  # port id -> its new device_id
+    create: list[str] = field(default_factory=list)  # hosts that need a new port
+    delete: list[str] = field(default_factory=list)  # port ids to free
+
+    def __bool__(self) -> bool:
+        return bool(self.rebind or self.create or self.delete)
+
+
+def dhcp_ports(network_id: str, hosts: Iterable[str], ports: Mapping[str, str], *,
+               has_dhcp: bool = True) -> DhcpPortPlan:
+    """The changes that give each of `hosts` exactly one DHCP port on the network.
+
+    ports: port id -> device_id of the network's DHCP ports. Ports already named for a host
+    stay; the rest (a node that lost its binding, a reserved port, a legacy `dhcp-<network>`
+    one) go, in port id order, to the hosts without one, in name order; then new ports for
+    hosts still without one. Left-over ports are freed, except one kept reserved when no host
+    serves the network. has_dhcp=False (no DHCP-enabled subnet): no ports at all.
+    """
+    plan = DhcpPortPlan()
+    if not has_dhcp:
+        plan.delete = sorted(ports)
+        return plan
+    wanted = {dhcp_device_id(h, network_id): h for h in sorted(set(hosts))}
+    claimed = {dev for dev in ports.values() if dev in wanted}
+    needy = [wanted[dev] for dev in wanted if dev not in claimed]
+    spare: list[str] = []
+    seen: set[str] = set()
+    for pid in sorted(ports):
+        dev = ports[pid]
+        if dev in wanted and dev not in seen:
+            seen.add(dev)
+        else:
+            spare.append(pid)  # named for no host we want (or a second port of the same)
+    for host, pid in zip(needy, spare, strict=False):
+        plan.rebind[pid] = dhcp_device_id(host, network_id)
+    plan.create = needy[len(spare):]
+    left = spare[len(needy):]
+    if not wanted and left:
+        keep = next((p for p in left if ports[p] == DHCP_RESERVED_DEVICE_ID), left[0])
+        if ports[keep] != DHCP_RESERVED_DEVICE_ID:
+            plan.rebind[keep] = DHCP_RESERVED_DEVICE_ID
+        left = [p for p in left if p != keep]
+    plan.delete = left
+    return plan
 
 
 def gratuitous_arp(mac: str, ip: str) -> bytes:

@@ -3,7 +3,8 @@
 Each node: its roles (from the agent types it runs), whether every agent on it is alive
 (heartbeat younger than `[DEFAULT] agent_down_time`), its last heartbeat, the routers and
 networks scheduled to it, and for each agent the peers its last heartbeat answer counted (0:
-it is solo and does not fence on a registry outage; ? unknown).
+it is solo and does not fence on a registry outage; ? unknown); `dhcp` lists its DHCP ports
+(network, port, addresses): each node serving a network's DHCP has its own port and address.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from openimds.registry.client import RegistryClient
 
 Obj = dict[str, Any]
 COLUMNS = ("name", "roles", "alive", "last_heartbeat", "heartbeat_age_s", "routers",
-           "networks")
+           "networks", "dhcp_ips")
 
 
 def _peers(a: Obj) -> str:
@@ -29,6 +30,7 @@ def _table(h: Obj) -> Obj:
     """Counts instead of ID lists, agents as type=alive|dead(peers=N): N other alive agents of
     its type, as its last heartbeat answer said (? unknown); peers=0 means it does not fence."""
     return {**h, "routers": len(h["routers"]), "networks": len(h["networks"]),
+            "dhcp_ips": [ip for d in h.get("dhcp", ()) for ip in d["ip_addresses"]],
             "agents": [f"{a['type']}={'alive' if a['alive'] else 'dead'}(peers={_peers(a)})"
                        for a in h["agents"]]}
 

@@ -264,7 +264,14 @@ def _network_create(args: argparse.Namespace, settings: Any) -> int:
 def _network_list(args: argparse.Namespace, settings: Any) -> int:
     with _client(settings) as c:
         items = c.list("network", project_id=args.project)
-    return _list(items, ["id", "name", "project_id", "mtu", "subnets", "hosts"], args)
+    return _list(items, ["id", "name", "project_id", "mtu", "subnets", "hosts", "dhcp"], args,
+                 _network_table)
+
+
+def _network_table(n: Obj) -> Obj:
+    """DHCP as host=ip,ip per serving node (a reserved port as -=ip)."""
+    return {**n, "dhcp": [f"{d['host'] or '-'}={','.join(d['ip_addresses'])}"
+                          for d in n.get("dhcp", ())]}
 
 
 def _deleter(kind: str) -> Callable[[argparse.Namespace, Any], int]:

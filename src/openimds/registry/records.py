@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
-from openimds.core.models import DEVICE_OWNER_ROUTER
+from openimds.core.models import DEVICE_OWNER_DHCP, DEVICE_OWNER_ROUTER, dhcp_device_id
 from openimds.errors import NotFound
 from openimds.registry.store import (
     Tx,
@@ -142,9 +142,40 @@ def network_dicts(conn: Connection, rows: Sequence[Row[Any]]) -> list[Json]:
         vnis = {r.network_id: r.segmentation_id for r in conn.execute(
             sa.select(segments).where(segments.c.network_id.in_(ids)))}
     hosts = bound_hosts(conn, "network", ids)
+    dhcp = dhcp_served(conn, ids, hosts)
     return [{**dict(r._mapping), "subnets": subs[r.id], "segmentation_id": vnis.get(r.id),
-             "hosts": hosts.get(r.id, [])}
+             "hosts": hosts.get(r.id, []), "dhcp": dhcp.get(r.id, [])}
             for r in rows]
+
+
+def dhcp_served(conn: Connection, network_ids: Sequence[str] | None,
+                bound: dict[str, list[str]] | None = None) -> dict[str, list[Json]]:
+    """network id -> its DHCP ports as [{host, port_id, ip_addresses}], by host name; a port
+    no bound node serves (reserved, or not yet handed over) shows with host None, last.
+    network_ids=None: every network."""
+    query = (sa.select(ports.c.id, ports.c.network_id, ports.c.device_id,
+                       port_ips.c.ip_address)
+             .join(port_ips, port_ips.c.port_id == ports.c.id)
+             .where(ports.c.device_owner == DEVICE_OWNER_DHCP))
+    if network_ids is not None:
+        if not network_ids:
+            return {}
+        query = query.where(ports.c.network_id.in_(list(network_ids)))
+    found: dict[str, dict[str, list[str]]] = {}
+    devices: dict[str, str] = {}
+    for r in conn.execute(query):
+        found.setdefault(r.network_id, {}).setdefault(r.id, []).append(r.ip_address)
+        devices[r.id] = r.device_id
+    if bound is None:
+        bound = bound_hosts(conn, "network", sorted(found))
+    out: dict[str, list[Json]] = {}
+    for nid, by_port in found.items():
+        host_of = {dhcp_device_id(h, nid): h for h in bound.get(nid, ())}
+        rows = [{"host": host_of.get(devices[pid]), "port_id": pid,
+                 "ip_addresses": sorted(ips, key=ip_sort_key)} for pid, ips in by_port.items()]
+        out[nid] = sorted(rows, key=lambda e: (e["host"] is None, e["host"] or "",
+                                               e["port_id"]))
+    return out
 
 
 def bound_hosts(conn: Connection, kind: str,

@@ -7,7 +7,9 @@ transaction and plans again (another registry process on the same PostgreSQL may
 the work meanwhile: the write lock on the state row serializes them, so each move happens
 once). Every placement change is a change-feed row of the router or network (op "update",
 attrs with "hosts"); a node turning alive or dead is a "host" change. Agents learn their
-work from `/v1/topology` (`routers[].hosts`, `networks[].hosts`), never by RPC.
+work from `/v1/topology` (`routers[].hosts`, `networks[].hosts`), never by RPC. A network's
+DHCP ports follow its bindings in the same transaction (`registry.dhcp_ports`): one per DHCP
+node, a moved binding re-binds its port (keeping its IPs).
 
 Fencing and takers: every heartbeat answer tells the agent how many other alive agents of its
 type exist (`peers`, the rule of `alive_at`), and the agent's row keeps that number. An agent
@@ -28,7 +30,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from openimds.core import nodes
-from openimds.registry.records import Json, bound_hosts, now
+from openimds.registry import dhcp_ports
+from openimds.registry.records import Json, bound_hosts, dhcp_served, now
 from openimds.registry.store import Tx, agents, bindings, networks, routers
 
 TABLES = {"router": routers, "network": networks}
@@ -48,9 +51,11 @@ class Plan:
     expired: list[tuple[str, str]] = field(default_factory=list)  # (host, type) now dead
     moves: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # kind -> id -> hosts
     orphans: list[tuple[str, str]] = field(default_factory=list)  # (kind, id) gone
+    dhcp_stale: list[str] = field(default_factory=list)  # networks whose DHCP ports lag
 
     def __bool__(self) -> bool:
-        return bool(self.expired or self.orphans or any(self.moves.values()))
+        return bool(self.expired or self.orphans or self.dhcp_stale
+                    or any(self.moves.values()))
 
 
 def alive_at(row: Any, at: float, policy: Policy, *, expire: bool) -> bool:
@@ -59,8 +64,11 @@ def alive_at(row: Any, at: float, policy: Policy, *, expire: bool) -> bool:
     return bool(row.alive) and not (expire and at - float(row.heartbeat_at) > policy.down_time_s)
 
 
-def plan(conn: Connection, at: float, policy: Policy, *, expire: bool = True) -> Plan:
-    """What must change now: agents to declare dead, resources to (re)place."""
+def plan(conn: Connection, at: float, policy: Policy, *, expire: bool = True,
+         check_dhcp: bool = False) -> Plan:
+    """What must change now: agents to declare dead, resources to (re)place; with check_dhcp
+    also networks whose DHCP ports do not match their bindings (a scan of the DHCP ports:
+    the registry does it once at start, since every later binding change syncs its ports)."""
     result = Plan()
     alive: dict[str, set[str]] = {}
     solo_dead: dict[str, set[str]] = {}  # type -> dead hosts told peers=0 (did not fence)
@@ -80,6 +88,9 @@ def plan(conn: Connection, at: float, policy: Policy, *, expire: bool = True) ->
         takers: dict[str, list[str]] = {h: [] for h in solo_dead.get(type_, ())}
         result.moves[kind] = nodes.place(current, ids, alive.get(type_, ()),
                                          policy.wanted(kind), takers)
+        if kind == "network" and check_dhcp:
+            result.dhcp_stale = [n for n in dhcp_ports.stale(conn, current)
+                                 if n not in result.moves[kind]]
     return result
 
 
@@ -90,10 +101,11 @@ def peers(conn: Connection, host: str, type_: str, at: float, policy: Policy, *,
     return sum(1 for r in rows if alive_at(r, at, policy, expire=expire))
 
 
-def apply(tx: Tx, at: float, policy: Policy, *, expire: bool = True) -> Plan:
+def apply(tx: Tx, at: float, policy: Policy, *, expire: bool = True,
+          check_dhcp: bool = False) -> Plan:
     """Plan again inside the write transaction and carry it out."""
     conn = tx.conn
-    todo = plan(conn, at, policy, expire=expire)
+    todo = plan(conn, at, policy, expire=expire, check_dhcp=check_dhcp)
     for host, type_ in todo.expired:
         conn.execute(agents.update().where(agents.c.host == host, agents.c.type == type_)
                      .values(alive=False, revision=tx.revision))
@@ -108,6 +120,12 @@ def apply(tx: Tx, at: float, policy: Policy, *, expire: bool = True) -> Plan:
             row = conn.execute(sa.select(table).where(table.c.id == rid)).one()
             conn.execute(table.update().where(table.c.id == rid).values(revision=tx.revision))
             tx.change(kind, "update", rid, {**change_attrs(kind, row._asdict()), "hosts": hosts})
+            if kind == "network":
+                dhcp_ports.sync(tx, rid, hosts)
+    if todo.dhcp_stale:
+        bound = bound_hosts(conn, "network", todo.dhcp_stale)
+        for nid in todo.dhcp_stale:
+            dhcp_ports.sync(tx, nid, bound.get(nid, []))
     return todo
 
 
@@ -144,7 +162,8 @@ def hosts_report(conn: Connection, at: float, policy: Policy) -> list[Json]:
     def entry(name: str) -> Json:
         return out.setdefault(name, {"name": name, "roles": [], "alive": False,
                                      "last_heartbeat": None, "heartbeat_age_s": None,
-                                     "agents": [], "routers": [], "networks": []})
+                                     "agents": [], "routers": [], "networks": [],
+                                     "dhcp": []})
 
     newest: dict[str, float] = {}
     for a in conn.execute(sa.select(agents).order_by(agents.c.host, agents.c.type)):
@@ -163,6 +182,11 @@ def hosts_report(conn: Connection, at: float, policy: Policy) -> list[Json]:
         e["heartbeat_age_s"] = round(max(0.0, at - ts), 3)
     for b in conn.execute(sa.select(bindings).order_by(bindings.c.resource_id)):
         entry(b.host)[f"{b.kind}s"].append(b.resource_id)
+    for nid, served in sorted(dhcp_served(conn, None).items()):
+        for s in served:
+            if s["host"] is not None:
+                entry(s["host"])["dhcp"].append({"network_id": nid, "port_id": s["port_id"],
+                                                 "ip_addresses": s["ip_addresses"]})
     return [out[k] for k in sorted(out)]
 
 

@@ -27,7 +27,6 @@ from openimds.core.models import (
     DEVICE_OWNER_ROUTER,
     MAX_PASSWORD_CHARS,
     MAX_USER_DATA_BYTES,
-    dhcp_device_id,
     parse_hostname,
     parse_metadata,
     parse_name,
@@ -35,14 +34,11 @@ from openimds.core.models import (
     sanitize_hostname,
 )
 from openimds.errors import BadRequest, Conflict, NotFound
-from openimds.registry import reuse, scheduler, views
+from openimds.registry import dhcp_ports, reuse, scheduler, views
 from openimds.registry.allocation import (
     allocate,
-    auto_address,
     delete_port,
-    free_ip,
     insert_port,
-    is_auto_address,
     new_mac,
 )
 from openimds.registry.records import (
@@ -181,6 +177,9 @@ class Registry:
         self._expire_after = time.monotonic() + self.policy.down_time_s
         # (revision, agents' liveness) at which the reaper last found nothing to do.
         self._quiet: tuple[int, tuple[Any, ...]] | None = None
+        # DHCP ports written before one-port-per-node (device_id dhcp-<network>) are handed
+        # to their nodes by the first reconcile (scheduler.plan check_dhcp).
+        self._dhcp_checked = False
 
     # ------------------------------------------------------------------ nodes, scheduling
 
@@ -235,22 +234,26 @@ class Registry:
         plan only when something it reads changed since it last found nothing to do."""
         at = time.time()
         expire = self._may_expire()
+        check = not self._dhcp_checked
         with self.store.read() as conn:
             liveness = self._liveness(conn, at, expire)
             revision, floor = self.store.window(conn)
-            if self._settled(conn, liveness, floor):
+            if not check and self._settled(conn, liveness, floor):
                 self._quiet = (revision, liveness)
                 return False
-            if not scheduler.plan(conn, at, self.policy, expire=expire):
+            if not scheduler.plan(conn, at, self.policy, expire=expire, check_dhcp=check):
                 self._quiet = (revision, liveness)
+                self._dhcp_checked = True
                 return False
         self._quiet = None
         with self.store.write(allow_empty=True) as tx:
-            done = scheduler.apply(tx, at, self.policy, expire=expire)
+            done = scheduler.apply(tx, at, self.policy, expire=expire, check_dhcp=check)
             if done:
-                log.info("registry.rescheduled expired=%s moves=%s", done.expired,
-                         {k: v for k, v in done.moves.items() if v})
-            return bool(tx.changes)
+                log.info("registry.rescheduled expired=%s moves=%s dhcp_ports=%s",
+                         done.expired, {k: v for k, v in done.moves.items() if v},
+                         done.dhcp_stale)
+        self._dhcp_checked = True
+        return bool(tx.changes)
 
     def _liveness(self, conn: Connection, at: float, expire: bool) -> tuple[Any, ...]:
         """What `scheduler.plan` reads of the agents: who is alive by the rule, who is still
@@ -528,27 +531,10 @@ class Registry:
             port_change(tx, "update", port, [*before, ip])
 
     def _add_dhcp_ip(self, tx: Tx, network: Row[Any], subnet: Json) -> None:
-        conn = tx.conn
-        row = conn.execute(sa.select(subnets).where(subnets.c.id == subnet["id"])).one()
-        port = conn.execute(sa.select(ports).where(
-            ports.c.network_id == network.id, ports.c.device_owner == DEVICE_OWNER_DHCP)).first()
-        mac = port.mac_address if port is not None else new_mac(conn)
-        ip = auto_address(row, mac) if is_auto_address(row) else free_ip(conn, row)
-        if ip is None:
-            raise Conflict(f"no free IP address for the DHCP port on subnet {subnet['cidr']}")
-        if port is None:
-            insert_port(
-                tx, network_id=network.id, project_id=network.project_id,
-                device_id=dhcp_device_id(network.id), device_owner=DEVICE_OWNER_DHCP,
-                fixed=[(subnet["id"], str(ip))], mac=mac,
-            )
-            return
-        before = list(conn.execute(sa.select(port_ips.c.ip_address)
-                                   .where(port_ips.c.port_id == port.id)).scalars())
-        conn.execute(port_ips.insert().values(port_id=port.id, subnet_id=subnet["id"],
-                                              network_id=network.id, ip_address=str(ip)))
-        conn.execute(ports.update().where(ports.c.id == port.id).values(revision=tx.revision))
-        port_change(tx, "update", port, [*before, str(ip)])
+        """Every DHCP port of the network gains an address on the new subnet; each DHCP node
+        of the network without a port gets one (registry/dhcp_ports.py)."""
+        hosts = bound_hosts(tx.conn, "network", [network.id]).get(network.id, [])
+        dhcp_ports.add_subnet(tx, network, subnet["id"], hosts)
 
     def list_subnets(self, q: dict[str, str]) -> Json:
         where = []

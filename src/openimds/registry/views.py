@@ -98,18 +98,25 @@ def view(store: Store, iid: str) -> Json:
         sub_rows = (list(conn.execute(_VIEW_SUBNETS, {"net_ids": net_ids}))
                     if net_ids else [])
     subs_by_net: dict[str, list[Json]] = {}
-    seen: set[str] = set()
-    for s in sub_rows:
-        if s.id in seen:
-            continue
-        seen.add(s.id)
-        subs_by_net.setdefault(s.network_id, []).append({
-            "id": s.id, "cidr": s.cidr, "ip_version": s.ip_version,
-            "gateway_ip": s.gateway_ip, "enable_dhcp": s.enable_dhcp,
-            "dns_nameservers": s.dns_nameservers, "host_routes": s.host_routes,
-            "isolated": s.gw_port_id is None, "dhcp_ip": s.dhcp_ip,
-            "ipv6_address_mode": s.ipv6_address_mode,
-        })
+    seen: dict[str, Json] = {}
+    for s in sub_rows:  # one row per (subnet, DHCP port): a network has one per DHCP node
+        entry = seen.get(s.id)
+        if entry is None:
+            entry = seen[s.id] = {
+                "id": s.id, "cidr": s.cidr, "ip_version": s.ip_version,
+                "gateway_ip": s.gateway_ip, "enable_dhcp": s.enable_dhcp,
+                "dns_nameservers": s.dns_nameservers, "host_routes": s.host_routes,
+                "isolated": s.gw_port_id is None, "dhcp_ip": None, "dhcp_ips": [],
+                "ipv6_address_mode": s.ipv6_address_mode,
+            }
+            subs_by_net.setdefault(s.network_id, []).append(entry)
+        if s.dhcp_ip is not None and s.dhcp_ip not in entry["dhcp_ips"]:
+            entry["dhcp_ips"].append(s.dhcp_ip)
+    for entry in seen.values():
+        # dhcp_ip: the lowest DHCP port address, the next hop network_data.json gives static
+        # guests for 169.254.169.254 (stable: a port keeps its address when it moves node)
+        entry["dhcp_ips"].sort(key=ip_sort_key)
+        entry["dhcp_ip"] = entry["dhcp_ips"][0] if entry["dhcp_ips"] else None
     view_ports: dict[str, Json] = {}
     port_rows: dict[str, Row[Any]] = {}
     for r in rows:

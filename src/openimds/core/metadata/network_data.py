@@ -12,10 +12,13 @@ of the port's addresses become networks, numbered across the document (`network0
   host routes, and `services` (its DNS servers); a static IPv6 network with an
   `ipv6_address_mode` is typed `ipv6_<mode>` (`ipv6_slaac`, ...), as Nova types it;
 - the metadata route: a static network on an isolated subnet (no router holds its gateway)
-  cannot reach 169.254.169.254 through a router, so when the network's DHCP port (whose
-  namespace serves metadata) has an address on it, a `169.254.169.254/32` route via that
-  address is added: the route Neutron's DHCP agent pushes with option 121 to DHCP clients.
-  (A DHCP network gets that route from DHCP itself.)
+  cannot reach 169.254.169.254 through a router, so when the network's DHCP ports (whose
+  namespaces serve metadata) have addresses on it, a `169.254.169.254/32` route via the
+  lowest of them is added: the route Neutron's DHCP agent pushes with option 121 to DHCP
+  clients. With several DHCP nodes the lowest address is the stable choice: a DHCP port keeps
+  its address when its node dies and the port moves, and the node holding it is also the one
+  that answers ARP for 169.254.169.254 (core/dnsmasq.py). (A DHCP network gets its route,
+  via the answering server's own port, from DHCP itself.)
 - top-level `services`: the DNS entries of every network, de-duplicated, in order.
 """
 

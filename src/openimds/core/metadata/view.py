@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,8 +36,9 @@ class Subnet:
     dns_nameservers: tuple[str, ...]
     host_routes: tuple[tuple[str, str], ...]  # (destination CIDR, nexthop)
     isolated: bool
-    dhcp_ip: str | None
+    dhcp_ip: str | None  # the lowest of dhcp_ips: the one network_data.json routes via
     ipv6_address_mode: str | None = None  # slaac, dhcpv6-stateful, dhcpv6-stateless
+    dhcp_ips: tuple[str, ...] = ()  # every DHCP port's address here (one per DHCP node)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +85,16 @@ def _str(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _ip_key(ip: str) -> tuple[int, int]:
+    addr = ipaddress.ip_address(ip)
+    return (addr.version, int(addr))
+
+
 def _subnet(raw: Mapping[str, Any]) -> Subnet:
+    ips = [_str(i) for i in raw.get("dhcp_ips") or ()]
+    if not ips and raw.get("dhcp_ip"):
+        ips = [_str(raw["dhcp_ip"])]
+    ips.sort(key=_ip_key)
     return Subnet(
         id=_str(raw["id"]),
         cidr=_str(raw["cidr"]),
@@ -95,8 +106,9 @@ def _subnet(raw: Mapping[str, Any]) -> Subnet:
             (_str(r["destination"]), _str(r["nexthop"])) for r in raw.get("host_routes") or ()
         ),
         isolated=bool(raw.get("isolated", True)),
-        dhcp_ip=raw.get("dhcp_ip") or None,
+        dhcp_ip=ips[0] if ips else None,
         ipv6_address_mode=raw.get("ipv6_address_mode") or None,
+        dhcp_ips=tuple(ips),
     )
 
 
