@@ -235,7 +235,7 @@ async def test_isolated_network_gets_namespace_dnsmasq_and_option_121(
         spec = json.loads((settings.path("proxy", "listeners") / f"network-{net}.json")
                           .read_text())
         assert spec == {"netns": ns, "host": "169.254.169.254", "port": 80,
-                        "router_id": None, "network_id": net}
+                        "router_id": None, "network_id": net, "interface": tap}
         pid = dnsmasq_pid(confs_dir, net)
         assert pid_alive(pid)
         assert proc_user(pid) != 0  # dropped privileges (nobody), as under Neutron

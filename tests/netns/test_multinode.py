@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ipaddress
 import os
 import signal
 import socket
@@ -89,14 +90,21 @@ class Node:
         return (self.root / "state" / "proxy" / "proxy.pid").exists()
 
     def pids(self) -> list[int]:
-        """Every process of this node: the ones in its mount namespace."""
+        """Every process of this node: the ones in its mount namespace, and the ones in its
+        qdhcp-/qrouter- namespaces (dnsmasq runs under `ip netns exec`, which gives it a
+        mount namespace of its own)."""
         if self.holder is None:
             return []
         ours = _mnt_inode(self.holder.pid)
         if ours is None:
             return []
-        return [int(p) for p in os.listdir("/proc")
-                if p.isdigit() and int(p) != os.getpid() and _mnt_inode(int(p)) == ours]
+        found = {int(p) for p in os.listdir("/proc")
+                 if p.isdigit() and int(p) != os.getpid() and _mnt_inode(int(p)) == ours}
+        for ns in self.namespaces():
+            out = subprocess.run(["nsenter", "-t", str(self.holder.pid), "-m", "--", "ip",
+                                  "netns", "pids", ns], capture_output=True, text=True)
+            found |= {int(p) for p in out.stdout.split() if p.isdigit()}
+        return sorted(found - {os.getpid()})
 
     def kill(self) -> None:
         """kill -9 every process of the node, as a crash would."""
@@ -267,3 +275,154 @@ def test_router_fence_takes_legs_down_and_a_rebuilt_router_announces_itself(
         assert leg_state(rid, port)[1] is True  # ...legs back up, and announced again
         assert garp[6:] in [f[6:] for f in _sniff_arp(sniff, 1.0)]
         assert driver.converge(topo.doc, host="elsewhere").removed == [rid]
+
+
+# --- dhcp_agents_per_network = 2 ----------------------------------------------------------
+
+ARP_PROBE = r"""
+import socket, struct, sys, time
+ifname, mac, sip, tip = sys.argv[1:5]
+hw = bytes.fromhex(mac.replace(":", ""))
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+s.bind((ifname, 0))
+arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, hw, socket.inet_aton(sip),
+                  b"\0" * 6, socket.inet_aton(tip))
+s.send(b"\xff" * 6 + hw + b"\x08\x06" + arp)
+seen, deadline = set(), time.monotonic() + 1.0
+while time.monotonic() < deadline:
+    s.settimeout(max(0.01, deadline - time.monotonic()))
+    try:
+        f = s.recv(2048)
+    except TimeoutError:
+        break
+    op, sha, spa = struct.unpack("!H6s4s", f[20:32])
+    if op == 2 and socket.inet_ntoa(spa) == tip:
+        seen.add(sha.hex(":"))
+print(" ".join(sorted(seen)))
+"""
+
+
+def arp_answers(vm_ns: str, mac: str, source: str, target: str) -> list[str]:
+    """The MACs that answer one ARP request for target from the VM's eth0."""
+    out = subprocess.run(["ip", "netns", "exec", vm_ns, PYTHON, "-c", ARP_PROBE, "eth0", mac,
+                          source, target], capture_output=True, text=True, check=True, timeout=20)
+    return out.stdout.split()
+
+
+def vm_metadata_route(vm_ns: str) -> str | None:
+    """The gateway of the VM's 169.254.169.254 route (from option 121), if any."""
+    out = subprocess.run(["ip", "netns", "exec", vm_ns, "ip", "-4", "route", "show",
+                          "169.254.169.254"], capture_output=True, text=True, check=True).stdout
+    words = out.split()
+    return words[words.index("via") + 1] if "via" in words else None
+
+
+@pytest.fixture
+def dhcp_cloud(make_stack: Callable[..., Stack]) -> Iterator[tuple[Stack, dict[str, Node]]]:
+    stack = make_stack(services=["registry", "api"], overrides={
+        "DEFAULT": {"agent_down_time": DOWN_S, "dhcp_agents_per_network": 2,
+                    "enable_isolated_metadata": True, "dhcp_lease_duration": 120},
+        "AGENT": {"report_interval": 0.5},
+    })
+    nodes = {name: Node(stack, name) for name in ("net-a", "net-b")}
+    try:
+        for node in nodes.values():
+            node.start()
+        yield stack, nodes
+    finally:
+        for node in nodes.values():
+            with contextlib.suppress(Exception):
+                node.stop()
+
+
+def dhcp_of(stack: Stack, net_id: str) -> dict[str, str]:
+    """host -> its DHCP port IP on the network, from `network show`."""
+    shown = cli_json(stack.config, "network", "show", net_id)
+    return {d["host"]: d["ip_addresses"][0] for d in shown["dhcp"]}
+
+
+def test_two_dhcp_nodes_serve_one_isolated_network_and_ports_keep_their_ips(
+        dhcp_cloud: tuple[Stack, dict[str, Node]]) -> None:
+    stack, nodes = dhcp_cloud
+    stack.wait(lambda: {"net-a", "net-b"} <= {
+        n for n, h in hosts_by_name(stack).items() if h["alive"] and "network" in h["roles"]},
+        15, "both network nodes alive")
+    c = stack.client
+    net = c.create_network(f"iso-{uuid.uuid4().hex[:4]}")["id"]
+    c.create_subnet("iso", net, "10.0.0.0/24", gateway_ip=None)
+    server = c.create_instance("vm-iso", net, fixed_ip="10.0.0.5")["id"]
+    ips = dhcp_of(stack, net)
+    assert sorted(ips) == ["net-a", "net-b"] and len(set(ips.values())) == 2, ips
+    listed = hosts_by_name(stack)
+    for name, ip in ips.items():
+        assert {d["network_id"]: d["ip_addresses"] for d in listed[name]["dhcp"]} == {net: [ip]}
+    ns = dhcp_namespace(net)
+    stack.wait(lambda: serving(nodes, ns) == ["net-a", "net-b"], 30, "DHCP on both nodes")
+
+    # a real DHCP client: both dnsmasq offer the same static lease, each with its own IP as
+    # the 169.254.169.254 next hop; the VM reads its own metadata via the one it took
+    vm_ns = stack.cli("vm", "plug", server, "--dhcp").stdout.strip()
+    stack.plugged.add(vm_ns)
+    via = vm_metadata_route(vm_ns)
+    assert via in ips.values(), (via, ips)
+    vm_mac = c.get("instance", server)["ports"][0]["mac_address"]
+
+    def offered(node: Node) -> bool:
+        log = node.root / "state" / "dhcp" / net / "dnsmasq.log"
+        return log.exists() and any("DHCPOFFER(" in line and vm_mac in line
+                                    for line in log.read_text().splitlines())
+
+    stack.wait(lambda: all(offered(n) for n in nodes.values()), 10, "an offer from each node")
+    out = stack.vm_exec(server, "curl", "-sf", "-m", "5", MD_URL)
+    assert server in out.stdout, out
+    # ARP: each node answers for its own port IP; for 169.254.169.254 only the node of the
+    # lowest port IP does (the others' taps run arp_ignore=2)
+    ports = {p["fixed_ips"][0]["ip_address"]: p["mac_address"] for p in c.list(
+        "port", network_id=net, device_owner="network:dhcp")}
+    for ip, mac in ports.items():
+        assert arp_answers(vm_ns, vm_mac, "10.0.0.5", ip) == [mac]
+    lowest = min(ports, key=lambda i: int(ipaddress.ip_address(i)))
+    assert arp_answers(vm_ns, vm_mac, "10.0.0.5", "169.254.169.254") == [ports[lowest]]
+
+    # kill -9 the node the VM got its lease from: no third node to take its port, so the
+    # VM's next DHCP exchange gets the survivor's lease and route, and metadata again
+    victim = next(nodes[h] for h, ip in ips.items() if ip == via)
+    survivor = next(n for n in nodes.values() if n is not victim)
+    victim.kill()
+    stack.cli("vm", "plug", server, "--dhcp")
+    assert vm_metadata_route(vm_ns) == ips[survivor.name]
+    out = stack.vm_exec(server, "curl", "-sf", "-m", "5", MD_URL)
+    assert server in out.stdout, out
+    stack.wait(lambda: not hosts_by_name(stack)[victim.name]["alive"], DOWN_S + 5,
+               "victim dead")
+    assert dhcp_of(stack, net) == ips  # nowhere to move: the dead node's port stays its own
+
+    # the victim comes back (its binding never moved: it serves again); then k is lowered
+    # to 1: one binding and its port go, the other port keeps its IP
+    victim.start()
+    stack.wait(lambda: serving(nodes, ns) == ["net-a", "net-b"], 30, "DHCP on both again")
+    stack.config.write_text(stack.config.read_text().replace(
+        "dhcp_agents_per_network = 2", "dhcp_agents_per_network = 1"))
+    stack.restart("registry")
+    stack.wait(lambda: len(dhcp_of(stack, net)) == 1, DOWN_S + 10, "one DHCP node left")
+    ((kept, kept_ip),) = dhcp_of(stack, net).items()
+    assert ips[kept] == kept_ip
+    stack.wait(lambda: serving(nodes, ns) == [kept], 30, f"DHCP only on {kept}")
+    stack.cli("vm", "plug", server, "--dhcp")
+    assert vm_metadata_route(vm_ns) == kept_ip
+
+    # k=1 failover: the serving node dies; its port (and IP) moves to the other node, so the
+    # VM's route via that IP works again without a new DHCP exchange
+    holder, other = nodes[kept], next(n for n in nodes.values() if n.name != kept)
+    t0 = time.monotonic()
+    holder.kill()
+    loop = (f"until curl -sf -m 1 -o /dev/null {MD_URL}; do sleep 0.1; done; "
+            f"curl -sf -m 5 {MD_URL}")
+    out = stack.vm_exec(server, "sh", "-c", loop, timeout=60)
+    print(f"DHCP port failover: kill -9 -> first 200 via the same IP after "
+          f"{time.monotonic() - t0:.2f} s (agent_down_time {DOWN_S} s)")
+    assert server in out.stdout, out
+    assert dhcp_of(stack, net) == {other.name: kept_ip}
+    assert serving(nodes, ns) == [other.name]
+    stack.cli("vm", "plug", server, "--dhcp")  # and DHCP still leases, via the same IP
+    assert vm_metadata_route(vm_ns) == kept_ip
