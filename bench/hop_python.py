@@ -1,0 +1,216 @@
+"""The Python share of each hot hop's CPU per request, without the kernel.
+
+    .venv/bin/python bench/hop_python.py [--requests 20000] [--repeat 5] [--profile HOP]
+
+chain_bench.py measures what a hop costs per request on real sockets; most of that is the
+kernel's and the event loop's (reads, writes, wake-ups: see docs/benchmarks.md). This bench
+measures only what our Python adds, so a change to the hot path can be judged on a loaded
+machine in seconds: the real hop objects (`HttpProtocol`, the proxy's `Forwarder` and
+`_ClientProtocol`, `MetadataAgent`, `UpstreamPool` with a raw connection) driven with fake
+transports; the upstream answers from inside `write()`, so one `data_received` runs the
+whole request: parse, handler, upstream send, upstream answer, relay.
+
+Rows (µs of process CPU per request, the best of `--repeat` runs of `--requests` each):
+- **bare**: httptools parsing the request and a callback that writes a pre-encoded answer
+  (what chain_bench's bare server does in Python);
+- **server**: `HttpProtocol` answering a plain `RawResponse` (the lean server's own cost);
+- **proxy** keep-alive, and **proxy close** (a new client connection per request);
+- **agent** (a cache hit, metrics off as in chain_bench), with and without its access line
+  (written to a file, as shipped).
+
+`--profile HOP` (proxy, agent): cProfile of that hop's loop, by own time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import dataclasses
+import pstats
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "src"))
+
+import httptools  # noqa: E402
+import uvloop  # noqa: E402
+
+from openimds.config import MetricsSettings, Settings  # noqa: E402
+from openimds.core.proxy_rules import ListenerSpec  # noqa: E402
+from openimds.http.client import UpstreamPool, _RawConn  # noqa: E402
+from openimds.http.server import HttpProtocol, Limits, RawResponse  # noqa: E402
+from openimds.log import setup_logging  # noqa: E402
+from openimds.metadata.agent import MetadataAgent  # noqa: E402
+from openimds.metadata.proxy import Forwarder, _ClientProtocol  # noqa: E402
+
+ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n"
+          b'{"name": "vm-bench"}')
+VM_REQUEST = b"GET /openstack/latest/meta_data.json HTTP/1.1\r\nHost: 10.0.0.1:9697\r\n\r\n"
+# What the proxy sends the agent (the request ID changes every time, as it does there).
+AGENT_REQUEST = (b"GET /openstack/latest/meta_data.json HTTP/1.1\r\nHost: 10.0.0.1:9697\r\n"
+                 b"X-Forwarded-For: 10.0.0.5\r\nX-Neutron-Router-ID: router-1\r\n"
+                 b"X-Openimds-Request-Id: 0a1b2c3d-%x\r\n\r\n")
+
+
+class _Upstream:
+    """An upstream connection's transport: every request is answered at once."""
+
+    def __init__(self, conn: _RawConn) -> None:
+        self.conn = conn
+
+    def write(self, data: bytes) -> None:
+        self.conn.data_received(ANSWER)
+
+    def close(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str) -> Any:
+        return None
+
+
+class _Client:
+    """A client connection's transport: answers are dropped."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str) -> Any:
+        return ("10.0.0.5", 40000) if name == "peername" else None
+
+
+def _pool(**kw: Any) -> UpstreamPool:
+    pool = UpstreamPool(size=64, raw_only=True, **kw)
+    conn = _RawConn(1 << 20)
+    conn.connection_made(_Upstream(conn))  # type: ignore[arg-type]
+    pool._idle.append(conn)
+    return pool
+
+
+def best_us(run: Callable[[int], None], n: int, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.process_time()
+        run(n)
+        best = min(best, (time.process_time() - t) / n * 1e6)
+    return best
+
+
+async def measure(n: int, repeat: int, profile: str | None) -> dict[str, float]:
+    loop = asyncio.get_running_loop()
+    limits = Limits()
+    out: dict[str, float] = {}
+
+    class Bare:
+        def __init__(self) -> None:
+            self.parser = httptools.HttpRequestParser(self)
+            self.transport = _Client()
+
+        def on_message_complete(self) -> None:
+            self.transport.write(ANSWER)
+
+    bare = Bare()
+    out["bare"] = best_us(lambda k: [bare.parser.feed_data(VM_REQUEST) for _ in range(k)],
+                          n, repeat)
+
+    answer = RawResponse(ANSWER)
+    server = HttpProtocol(lambda _req: answer, limits, loop)
+    server.connection_made(_Client())  # type: ignore[arg-type]
+    out["server"] = best_us(lambda k: [server.data_received(VM_REQUEST) for _ in range(k)],
+                            n, repeat)
+
+    fwd = Forwarder(_pool(unix_path="/nonexistent"), count=False)
+    handler = fwd.handler_for(ListenerSpec("r", "ns", "0.0.0.0", 80, "r" * 36, None))
+    conns: set[Any] = set()
+    proxy = _ClientProtocol(handler, limits, loop, conns, None, 1)
+    proxy.connection_made(_Client())  # type: ignore[arg-type]
+
+    def proxy_keep(k: int) -> None:
+        for _ in range(k):
+            proxy.data_received(VM_REQUEST)
+
+    def proxy_close(k: int) -> None:
+        for _ in range(k):
+            p = _ClientProtocol(handler, limits, loop, conns, None, 1)
+            p.connection_made(_Client())  # type: ignore[arg-type]
+            p.data_received(VM_REQUEST)
+            p.connection_lost(None)
+
+    out["proxy"] = best_us(proxy_keep, n, repeat)
+    out["proxy close"] = best_us(proxy_close, n, repeat)
+
+    for access in (False, True):
+        settings = dataclasses.replace(
+            Settings(), metadata_proxy_shared_secret="bench",
+            metrics=dataclasses.replace(MetricsSettings(), enabled=False))
+        settings = dataclasses.replace(settings, metadata_agent=dataclasses.replace(
+            settings.metadata_agent, access_log=access))
+        from tests.unit.test_agent_handler import FakeRegistry
+
+        registry = FakeRegistry()
+        registry.add("router-1", "10.0.0.5", "inst-1")
+        agent = MetadataAgent(settings, registry=registry,
+                              upstream=_pool(host="127.0.0.1", port=1), feed_up=lambda: True)
+        agent.apply_batch({"revision": 0, "changes": [], "resync": False})
+        conn = HttpProtocol(agent.handle, limits, loop)
+        conn.connection_made(_Client())  # type: ignore[arg-type]
+        conn.data_received(AGENT_REQUEST % 0)  # the miss: a registry lookup
+        await asyncio.sleep(0.05)
+        seq = [0]
+
+        def agent_hits(k: int, conn: HttpProtocol = conn, seq: list[int] = seq) -> None:
+            for _ in range(k):
+                seq[0] += 1
+                conn.data_received(AGENT_REQUEST % seq[0])
+
+        async def agent_run(agent_hits: Callable[[int], None] = agent_hits) -> float:
+            # one request per event-loop iteration, as at a modest rate: the access line's
+            # write is paid when the loop runs
+            best = float("inf")
+            for _ in range(repeat):
+                t = time.process_time()
+                for _ in range(n // 10):
+                    agent_hits(10)
+                    await asyncio.sleep(0)
+                best = min(best, (time.process_time() - t) / (n // 10 * 10) * 1e6)
+            return best
+
+        out["agent, access line on" if access else "agent"] = await agent_run()
+        assert agent.stats()["cache_hits"] >= n, agent.stats()
+        if profile == "agent" and access:
+            prof = cProfile.Profile()
+            prof.runcall(agent_hits, n)
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    if profile == "proxy":
+        prof = cProfile.Profile()
+        prof.runcall(proxy_keep, n)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=20000)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--profile", choices=("proxy", "agent"))
+    a = p.parse_args()
+    with tempfile.NamedTemporaryFile(prefix="hop-python-", suffix=".log") as log:
+        setup_logging(debug=False, log_file=log.name, component="agent")
+        out = uvloop.run(measure(a.requests, a.repeat, a.profile))
+    bare = out["bare"]
+    for name, us in out.items():
+        print(f"{name:24s} {us:6.2f} us/request  ({us / bare:4.1f}x bare's Python)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
