@@ -87,6 +87,11 @@ class _Client:
     def get_extra_info(self, name: str) -> Any:
         return ("10.0.0.5", 40000) if name == "peername" else None
 
+    def pause_reading(self) -> None:
+        raise AssertionError("requests queued: the hop did not answer at once")
+
+    resume_reading = pause_reading
+
 
 def _pool(**kw: Any) -> UpstreamPool:
     pool = UpstreamPool(size=64, raw_only=True, **kw)
@@ -164,7 +169,8 @@ async def measure(n: int, repeat: int, profile: str | None) -> dict[str, float]:
         conn = HttpProtocol(agent.handle, limits, loop)
         conn.connection_made(_Client())  # type: ignore[arg-type]
         conn.data_received(AGENT_REQUEST % 0)  # the miss: a registry lookup
-        await asyncio.sleep(0.05)
+        while conn._busy:
+            await asyncio.sleep(0.01)
         seq = [0]
 
         def agent_hits(k: int, conn: HttpProtocol = conn, seq: list[int] = seq) -> None:
