@@ -72,7 +72,7 @@ class _Closed(Exception):
 class _Conn(asyncio.Protocol):
     __slots__ = ("_body", "_done", "_headers", "_head_only", "_max", "_parser", "_raw",
                  "_raw_len", "_status", "closed", "deadline", "on_result", "timed_out",
-                 "timer", "transport", "waiter")
+                 "timer", "timer_at", "transport", "waiter")
 
     def __init__(self, max_response_bytes: int) -> None:
         self.transport: asyncio.Transport | None = None
@@ -81,6 +81,7 @@ class _Conn(asyncio.Protocol):
         self.on_result: ResultCallback | None = None
         # Callback exchanges: one timer per connection, moved lazily (see UpstreamPool.send).
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0  # when it fires (kept: timer.when() is a call)
         self.deadline = 0.0
         self.timed_out = False
         self._max = max_response_bytes
@@ -134,13 +135,14 @@ class _Conn(asyncio.Protocol):
         self.waiter = None
         self.on_result = callback
         self.timed_out = False
-        self.deadline = loop.time() + timeout_s
+        deadline = self.deadline = loop.time() + timeout_s
         timer = self.timer
-        if timer is not None and timer.when() > self.deadline:
+        if timer is not None and self.timer_at > deadline:
             timer.cancel()
             timer = None
         if timer is None:
-            self.timer = loop.call_at(self.deadline, self._on_timer)
+            self.timer_at = deadline
+            self.timer = loop.call_at(deadline, self._on_timer)
         self._start(data, head_only)
 
     def _on_timer(self) -> None:
@@ -149,6 +151,7 @@ class _Conn(asyncio.Protocol):
             return  # idle: the next exchange arms it again
         loop = asyncio.get_running_loop()
         if loop.time() < self.deadline:
+            self.timer_at = self.deadline
             self.timer = loop.call_at(self.deadline, self._on_timer)
             return
         self.timed_out = True
@@ -169,7 +172,7 @@ class _Conn(asyncio.Protocol):
         self.transport.write(data)
 
     def data_received(self, data: bytes) -> None:
-        if not self._pending() or self._parser is None:
+        if self._parser is None or (self.on_result is None and not self._pending()):
             # Bytes nobody asked for: the connection is out of step; drop it.
             self.close()
             return
@@ -416,6 +419,9 @@ class UpstreamPool:
 
     def _release(self) -> None:
         """Give a slot back, or straight to the next waiter."""
+        if not self._slot_waiters:
+            self._free += 1
+            return
         while self._slot_waiters:
             waiter = self._slot_waiters.popleft()
             if isinstance(waiter, asyncio.Future):
