@@ -223,11 +223,11 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> float:
     raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
 
 
-def write_config(tmp: Path, backend: Path, rescan: float = 1.0) -> Path:
+def write_config(tmp: Path, backend: Path, rescan: float = 1.0, workers: int = 1) -> Path:
     cfg = tmp / "openimds.ini"
     cfg.write_text(
         f"[DEFAULT]\nstate_path = {tmp / 'state'}\nmetadata_proxy_socket = {backend}\n"
-        f"[proxy]\nrescan_interval = {rescan}\n"
+        f"[proxy]\nrescan_interval = {rescan}\nworkers = {workers}\n"
         # wrk opens up to 1,000 connections from one VM address: above the default cap (32),
         # which would answer the rest 429 and measure refusals, not relaying
         "max_connections_per_source = 4096\n"
@@ -267,8 +267,8 @@ def start_backend(res: Resources) -> Path:
 def start_proxy(res: Resources, cfg: Path) -> subprocess.Popen[bytes]:
     assert res.tmp is not None
     proc = res.spawn([PY, "-m", "openimds", "--config", str(cfg), "proxy"],
-                     res.tmp / "proxy.log", cwd=str(REPO))
-    pid_file = res.tmp / "state" / "proxy" / "proxy.pid"
+                     cfg.parent / "proxy.log", cwd=str(REPO))
+    pid_file = cfg.parent / "state" / "proxy" / "proxy.pid"
     wait_until(lambda: pid_file.read_text().strip() == str(proc.pid), 10, "proxy pid file")
     return proc
 
@@ -421,7 +421,17 @@ def run_wrk(vm: str, port: int, conns: int, duration: int, close: bool) -> dict[
     return parse_wrk(out, close)
 
 
-def bench_throughput(rounds: int, duration: int, scenarios: list[tuple[int, bool]]) -> dict[
+def tree(pid: int) -> list[int]:
+    """pid and its descendants (the proxy's worker processes)."""
+    out = [pid]
+    with contextlib.suppress(OSError):
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            out += tree(int(child))
+    return out
+
+
+def bench_throughput(rounds: int, duration: int, scenarios: list[tuple[int, bool]],
+                     proxy_workers: tuple[int, ...] = ()) -> dict[
         str, object]:
     with resources() as res:
         assert res.tmp is not None
@@ -442,6 +452,15 @@ def bench_throughput(rounds: int, duration: int, scenarios: list[tuple[int, bool
         write_spec(specs, f"router-{ROUTER_ID}", rns, "0.0.0.0", 9697, ROUTER_ID)
         proxy = start_proxy(res, cfg)
         configs = [Config("openimds-proxy", 9697, [proxy.pid])]
+        for w in proxy_workers:  # [proxy] workers = w: SO_REUSEPORT listeners, same backend
+            wdir = res.tmp / f"w{w}"
+            wspecs = wdir / "state" / "proxy" / "listeners"
+            wspecs.mkdir(parents=True)
+            write_spec(wspecs, f"router-{ROUTER_ID}", rns, "0.0.0.0", 9690 + w, ROUTER_ID)
+            wproxy = start_proxy(res, write_config(wdir, backend, workers=w))
+            wait_until(lambda wproxy=wproxy, w=w: len(tree(wproxy.pid)) > w, 10,  # type: ignore[misc]
+                       f"{w} proxy workers")
+            configs.append(Config(f"openimds-proxy-w{w}", 9690 + w, [wproxy.pid]))
         for nbthread, port in ((2, 9698), (1, 9699)):
             hcfg = res.tmp / f"haproxy-t{nbthread}.cfg"
             hcfg.write_text(HAPROXY_CFG.format(
@@ -463,9 +482,10 @@ def bench_throughput(rounds: int, duration: int, scenarios: list[tuple[int, bool
             for conns, close in scenarios:
                 for c in configs:
                     run_wrk(vm, c.port, conns, 1, close)  # warm-up
-                    before = [cpu_s(p) for p in c.pids] + [cpu_s(backend_pid)]
+                    pids = [q for p in c.pids for q in tree(p)]
+                    before = [cpu_s(p) for p in pids] + [cpu_s(backend_pid)]
                     r = run_wrk(vm, c.port, conns, duration, close)
-                    after = [cpu_s(p) for p in c.pids] + [cpu_s(backend_pid)]
+                    after = [cpu_s(p) for p in pids] + [cpu_s(backend_pid)]
                     n = max(1, int(r["requests"]))
                     row = {"round": rnd, "config": c.name, "conns": conns, "close": close, **r,
                            "proxy_cpu_us": (sum(after[:-1]) - sum(before[:-1])) / n * 1e6,
@@ -504,18 +524,20 @@ def summarize(rows: list[dict[str, object]], scenarios: list[tuple[int, bool]]) 
             out.append({"scenario": label, "config": name, "rps_median": med, "rps_min": lo,
                         "rps_max": hi, "p99_ms": p99, "proxy_cpu_us": cpu,
                         "backend_cpu_us": bcpu, "errors": errs})
-        ours = {int(r["round"]): float(r["rps"]) for r in by_cfg["openimds-proxy"]}  # type: ignore[call-overload,arg-type]
-        for name in by_cfg:
-            if name == "openimds-proxy":
-                continue
-            theirs = {int(r["round"]): float(r["rps"]) for r in by_cfg[name]}  # type: ignore[call-overload,arg-type]
-            ratios = [ours[k] / theirs[k] for k in ours if theirs.get(k)]
-            ratio = statistics.median(ratios)
-            verdict = "PASS" if ratio >= 1.0 else "below 1.0"
-            print(f"  {label:10s} openimds-proxy / {name:22s} = {ratio:.2f}x "
-                  f"(rounds {min(ratios):.2f}-{max(ratios):.2f}) {verdict}")
-            out.append({"scenario": label, "ratio_vs": name, "ratio_median": ratio,
-                        "ratio_min": min(ratios), "ratio_max": max(ratios)})
+        for mine in [n for n in by_cfg if n.startswith("openimds-proxy")]:
+            ours = {int(r["round"]): float(r["rps"]) for r in by_cfg[mine]}  # type: ignore[call-overload,arg-type]
+            for name in by_cfg:
+                if name.startswith("openimds-proxy"):
+                    continue
+                theirs = {int(r["round"]): float(r["rps"]) for r in by_cfg[name]}  # type: ignore[call-overload,arg-type]
+                ratios = [ours[k] / theirs[k] for k in ours if theirs.get(k)]
+                ratio = statistics.median(ratios)
+                verdict = "PASS" if ratio >= 1.0 else "below 1.0"
+                print(f"  {label:10s} {mine} / {name:22s} = {ratio:.2f}x "
+                      f"(rounds {min(ratios):.2f}-{max(ratios):.2f}) {verdict}")
+                out.append({"scenario": label, "config": mine, "ratio_vs": name,
+                            "ratio_median": ratio, "ratio_min": min(ratios),
+                            "ratio_max": max(ratios)})
     return out
 
 
@@ -529,6 +551,8 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--scenarios", default="10,100,100close",
                         help="comma list of CONNS or CONNSclose")
+    parser.add_argument("--proxy-workers", default="",
+                        help="also a proxy with [proxy] workers = N (comma list, e.g. 2)")
     parser.add_argument("--json", type=Path, help="write all results here")
     args = parser.parse_args()
     if args.what == "backend":
@@ -547,7 +571,9 @@ def main() -> int:
             if args.haproxies:
                 results["haproxy_memory"] = bench_haproxy_memory(args.haproxies)
         if args.what in ("all", "throughput"):
-            results["throughput"] = bench_throughput(args.rounds, args.duration, scenarios)
+            results["throughput"] = bench_throughput(
+                args.rounds, args.duration, scenarios,
+                tuple(int(w) for w in args.proxy_workers.split(",") if w))
     except KeyboardInterrupt:
         print("interrupted; cleaned up", file=sys.stderr)
         return 130
