@@ -119,9 +119,11 @@ class Node:
         self.services, self.holder = [], None
 
     def stop(self) -> None:
-        for svc in reversed(self.services):
-            svc.stop(timeout=20)
-        self.kill()
+        try:
+            for svc in reversed(self.services):
+                svc.stop(timeout=20)
+        finally:
+            self.kill()  # whatever is left, dnsmasq in its namespaces included
 
     def namespaces(self) -> set[str]:
         if self.holder is None:
