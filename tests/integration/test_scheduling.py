@@ -376,6 +376,22 @@ def test_dhcp_port_per_node_moves_with_its_ip_and_goes_when_k_is_lowered(
             assert moved[d1_port["id"]]["mac_address"] == d1_port["mac_address"]
             assert moved[d1_port["id"]]["fixed_ips"] == d1_port["fixed_ips"]
 
+            # d-3 dies too: no free node, its binding and port stay; `host delete d-3` (it
+            # will not come back) drops the binding and frees the port
+            beats.silence("d-3")
+            wait_for(lambda: not host_map(api)["d-3"]["alive"], DOWN_S + 5.0, "d-3 dead")
+            assert api.get("network", net["id"])["hosts"] == ["d-2", "d-3"]
+            run_cli(reg.config, "host", "delete", "d-3", check=True)
+            assert api.get("network", net["id"])["hosts"] == ["d-2"]
+            assert set(_dhcp_ports(api, net["id"])) == {
+                by_dev[dhcp_device_id("d-2", net["id"])]["id"]}
+            # d-3 is back (a new node to the registry): a new port, a new address
+            beats.start("d-3", "dhcp")
+            wait_for(lambda: api.get("network", net["id"])["hosts"] == ["d-2", "d-3"], 5.0,
+                     "d-3 serves the network again")
+            ports = _dhcp_ports(api, net["id"])
+            assert len(ports) == 2 and d1_port["id"] not in ports
+
             # k lowered to 1: one binding and its port go; the other keeps its address
             text = reg.config.read_text().replace("dhcp_agents_per_network = 2",
                                                   "dhcp_agents_per_network = 1")

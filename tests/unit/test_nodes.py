@@ -104,6 +104,10 @@ def test_k2_a_dead_node_is_replaced_without_touching_the_live_one() -> None:
     assert place({"n1": ["a", "b", "c"], "n2": ["a", "c"]}, ["n1", "n2"], ["a", "c"], 2) == {
         "n1": ["a", "c"]}
     assert place({"n1": ["a", "c"], "n2": ["a"]}, ["n1", "n2"], ["a", "c"], 1) == {"n1": ["c"]}
+    # a deleted node (gone) with nobody to take over: its binding is dropped, not kept
+    assert place({"n1": ["a", "b"]}, ["n1"], ["a"], 2, gone=["b"]) == {"n1": ["a"]}
+    assert place({"r1": ["b"]}, ["r1"], [], 1, gone=["b"]) == {"r1": []}
+    assert place({"r1": ["b"]}, ["r1"], ["c"], 1, gone=["b"]) == {"r1": ["c"]}
 
 
 NET = "0f0e0d0c-0000-4000-8000-000000000001"

@@ -6,7 +6,10 @@ nodes running an alive L3 agent (exactly one each), networks' DHCP on nodes runn
 DHCP agent (`[DEFAULT] dhcp_agents_per_network` each). `place` is the whole policy:
 
 - a resource bound to a dead node moves to an alive one, if one is free for it; with no alive
-  candidate it stays where it is (so the node that comes back finds it and nothing flaps);
+  candidate it stays where it is (so the node that comes back finds it and nothing flaps),
+  unless the node is `gone` (deleted with `openimds host delete`: it will not come back), then
+  that binding is dropped (a network's other DHCP nodes keep serving; a router waits unbound
+  for the next alive node);
 - `takers` narrows who may take a dead node's work: only nodes that were already alive when
   it last reported (it was told it had peers, so it fenced itself); a solo node's work waits
   for it, or for `openimds host delete`, so no newcomer answers an IP it may still serve;
@@ -65,13 +68,16 @@ def roles_of(agent_types: Iterable[str]) -> list[str]:
 def place(
     current: Mapping[str, Sequence[str]], resources: Iterable[str], alive: Iterable[str],
     wanted: int, takers: Mapping[str, Iterable[str]] | None = None,
+    gone: Iterable[str] = (),
 ) -> dict[str, list[str]]:
     """The new host lists of the resources whose placement must change (see module doc).
 
     current: resource id -> bound hosts; resources: every existing resource id; alive: hosts
     whose agent for this kind is alive; wanted: hosts per resource; takers: dead host -> the
-    alive hosts that may take its work (a dead host not in it: any alive host).
+    alive hosts that may take its work (a dead host not in it: any alive host); gone: hosts
+    the registry no longer knows (deleted).
     """
+    gone_set = set(gone)
     allowed = {dead: set(hosts) for dead, hosts in (takers or {}).items()}
     alive_set = set(alive)
     existing = sorted(set(resources))
@@ -88,6 +94,9 @@ def place(
                 free &= allowed[dead]
             candidate = _least_loaded(free, load)
             if candidate is None:
+                if dead in gone_set:
+                    hosts.remove(dead)
+                    load[dead] -= 1
                 continue
             hosts[hosts.index(dead)] = candidate
             load[dead] -= 1

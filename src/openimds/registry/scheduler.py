@@ -72,7 +72,9 @@ def plan(conn: Connection, at: float, policy: Policy, *, expire: bool = True,
     result = Plan()
     alive: dict[str, set[str]] = {}
     solo_dead: dict[str, set[str]] = {}  # type -> dead hosts told peers=0 (did not fence)
+    known: dict[str, set[str]] = {}  # type -> hosts with an agent row (not deleted)
     for a in conn.execute(sa.select(agents)):
+        known.setdefault(a.type, set()).add(a.host)
         if alive_at(a, at, policy, expire=expire):
             alive.setdefault(a.type, set()).add(a.host)
             continue
@@ -86,8 +88,9 @@ def plan(conn: Connection, at: float, policy: Policy, *, expire: bool = True,
         result.orphans += [(kind, rid) for rid in sorted(set(current) - set(ids))]
         type_ = nodes.KIND_AGENT[kind]
         takers: dict[str, list[str]] = {h: [] for h in solo_dead.get(type_, ())}
+        gone = {h for hosts in current.values() for h in hosts} - known.get(type_, set())
         result.moves[kind] = nodes.place(current, ids, alive.get(type_, ()),
-                                         policy.wanted(kind), takers)
+                                         policy.wanted(kind), takers, gone)
         if kind == "network" and check_dhcp:
             result.dhcp_stale = [n for n in dhcp_ports.stale(conn, current)
                                  if n not in result.moves[kind]]
