@@ -392,6 +392,15 @@ def test_dhcp_port_per_node_moves_with_its_ip_and_goes_when_k_is_lowered(
             ports = _dhcp_ports(api, net["id"])
             assert len(ports) == 2 and d1_port["id"] not in ports
 
+            # a DHCP port named the pre-per-node way (as a registry before it wrote them):
+            # the next registry start hands it over or frees it
+            legacy = api.create("port", {"network_id": net["id"], "device_owner": "network:dhcp",
+                                         "device_id": f"dhcp-{net['id']}"})
+            reg.restart()
+            wait_for(lambda: legacy["id"] not in _dhcp_ports(api, net["id"]), 5.0,
+                     "the legacy DHCP port freed")
+            assert _dhcp_ports(api, net["id"]) == ports  # the others untouched
+
             # k lowered to 1: one binding and its port go; the other keeps its address
             text = reg.config.read_text().replace("dhcp_agents_per_network = 2",
                                                   "dhcp_agents_per_network = 1")
