@@ -150,6 +150,7 @@ def test_ip_reuse_while_the_feed_is_held_back(world: dict[str, Any]) -> None:
     assert seen(st, hdrs) == (new["id"], new["project_id"])
     assert relay.held >= 1  # the deletion really was held back from the agent
     assert st.stats()["registry_queries"] > queries  # it asked: its lease had lapsed
+    assert st.stats()["feed_lease_lapses"] >= 1 and st.stats()["feed_lease_s"] == LEASE_S
     assert took >= LEASE_S - 0.05  # the reusing create waited out the agents' lease
     for _ in range(3):
         assert seen(st, hdrs) == (new["id"], new["project_id"])

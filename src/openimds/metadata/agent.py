@@ -374,6 +374,7 @@ class MetadataAgent:
                 log.info("agent.cache_trusted reason=change feed live")
             elif self._synced and not self._behind and not self.lease.valid() and bool(
                     getattr(self._follower, "registry_up", False)):
+                self.lease.lapses += 1
                 log.info("agent.cache_untrusted reason=feed lease lapsed (no feed answer "
                          "applied for %.1fs); asking the registry until the next one",
                          self.lease.lease_s)
@@ -802,6 +803,8 @@ class MetadataAgent:
             "cache_invalidations": self.cache.invalidations,
             "feed_live": self._synced and self._feed_up(),  # no flip logging from here
             "feed_revision": self.feed_revision,
+            "feed_lease_s": self.lease.lease_s,  # registry/reuse.py
+            "feed_lease_lapses": self.lease.lapses,  # trust lost for want of a feed answer
             "statuses": {str(k): v for k, v in sorted(self.status_counts.items())},
         }
 

@@ -34,6 +34,7 @@ class FeedLease:
         self.lease_s = DEFAULT_LEASE_S
         self.until = float("-inf")
         self.renewals = 0
+        self.lapses = 0  # counted by the agent when its trust ends for want of a renewal
         self._pending: tuple[int, float] | None = None
 
     def valid(self) -> bool:
