@@ -184,6 +184,19 @@ async def test_hits_send_kept_bytes_with_each_request_id_and_the_miss_headers() 
     assert len(agent._hits) == 2  # one entry per request shape, not per ID
 
 
+async def test_a_hit_body_holding_the_id_marker_goes_whole() -> None:
+    """The request-ID marker is only looked for in the head: a body may hold its bytes."""
+    agent, reg, api = make()
+    reg.add(R, "10.0.0.5", "inst-1", "proj-1")
+    body = b"before\x00rid\x00after"
+    for extra in ([], [(b"x-openimds-request-id", b"id-1")]):
+        for _ in range(2):  # a miss, then a hit
+            assert (await call(agent, req(method="POST", body=body, extra=extra)))[0] == 200
+    assert [b for _, _, _, b in api.seen] == [body] * 4
+    assert [dict((k.lower(), v) for k, v in hs).get(b"x-openimds-request-id")
+            for _, _, hs, _ in api.seen] == [None, None, b"id-1", b"id-1"]
+
+
 async def test_feed_down_asks_every_time_and_registry_down_is_503_for_the_unknown() -> None:
     agent, reg, api = make(feed=False)
     reg.add(R, "10.0.0.5", "inst-1")

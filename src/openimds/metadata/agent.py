@@ -583,8 +583,12 @@ class MetadataAgent:
                 req.body)
             kind, ident = caller.scope
             who = f"ip={caller.ip} {kind}={ident} instance={res.instance_id}"
-            before, marked, after = whole.partition(_RID_MARK)
-            entry = (before, after, who) if marked else (whole, None, who)
+            # The marker is in the head only if an ID was masked (the parser refuses NUL
+            # in a header or target); a body may hold anything, so never search it.
+            head_end = whole.find(b"\r\n\r\n") if rid is not None else -1
+            at = whole.find(_RID_MARK, 0, head_end) if head_end >= 0 else -1
+            entry = ((whole[:at], whole[at + len(_RID_MARK):], who) if at >= 0
+                     else (whole, None, who))
             if key is not None and len(req.target) <= _HIT_TARGET_MAX:
                 if len(self._hits) >= _MEMO_MAX:
                     self._hits.clear()
