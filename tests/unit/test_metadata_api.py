@@ -337,3 +337,41 @@ async def test_access_log_and_counts(caplog: pytest.LogCaptureFixture) -> None:
     assert all(line.startswith("api request_id=rid-7 ") for line in lines)
     assert api.hop.count == 2 and api.hop.in_flight() == 0
     assert api.hop.by_class() == {("2xx", "ec2"): 2}
+
+
+async def test_cache_bound_evicts_oldest_and_an_evicted_instance_is_fetched_fresh() -> None:
+    """[api] cache_size bounds the instances held; eviction only drops: the next request
+    fetches a fresh view, and feed changes for an evicted instance touch nothing."""
+    api, reg = make_api(cache_size=2)
+    api.apply_batch(Batch(42, resync=True))
+    ids = [IID, "11111111-2222-4333-8444-555555555555", "22222222-3333-4444-8555-666666666666"]
+    for n, iid in enumerate(ids[1:], start=2):
+        reg.views[iid] = make_view(id=iid, hostname=f"web-{n}")
+
+    async def hostname(iid: str) -> bytes:
+        return body_of(await call(api, "GET", "/latest/meta-data/hostname", signed(iid)))
+
+    assert [await hostname(i) for i in ids] == [b"web-1.novalocal", b"web-2.novalocal",
+                                                b"web-3.novalocal"]
+    assert reg.calls == 3
+    assert await hostname(ids[2]) == b"web-3.novalocal" and reg.calls == 3  # held
+    # the first was evicted (oldest); it changed meanwhile: its next request sees the change
+    reg.views[IID]["instance"]["hostname"] = "web-1b"
+    reg.views[IID]["revision"] = 43
+    api.apply_batch(Batch(43, [{"revision": 43, "kind": "instance", "op": "update",
+                                "id": IID, "attrs": {"project_id": PROJECT}}]))
+    assert await hostname(IID) == b"web-1b.novalocal" and reg.calls == 4
+    # bringing it back evicted the oldest held (ids[1]), never the one just asked for
+    assert await hostname(ids[2]) == b"web-3.novalocal" and reg.calls == 4
+    assert await hostname(ids[1]) == b"web-2.novalocal" and reg.calls == 5  # evicts ids[2]
+    assert await hostname(IID) == b"web-1b.novalocal" and reg.calls == 5
+    assert len(api._cache) == 2
+    # a change to an evicted instance is harmless; a change to a held one still drops it
+    api.apply_batch(Batch(44, [{"revision": 44, "kind": "instance", "op": "update",
+                                "id": ids[2], "attrs": {"project_id": PROJECT}}]))
+    reg.views[ids[1]]["instance"]["hostname"] = "web-2b"
+    reg.views[ids[1]]["revision"] = 45
+    api.apply_batch(Batch(45, [{"revision": 45, "kind": "instance", "op": "update",
+                                "id": ids[1], "attrs": {"project_id": PROJECT}}]))
+    assert await hostname(ids[1]) == b"web-2b.novalocal" and reg.calls == 6
+    assert await hostname(IID) == b"web-1b.novalocal" and reg.calls == 6
