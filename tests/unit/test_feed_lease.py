@@ -90,3 +90,16 @@ def test_the_watched_client_caps_the_wait_and_renews() -> None:
     asyncio.run(client.changes(4, 30.0))
     assert asked == [2.0 * POLL_SHARE]
     assert lease.valid() and lease.until == 100.0 + 2.0
+
+
+def test_a_resync_renews_once_applied() -> None:
+    clock = Clock()
+    lease = FeedLease(clock)
+    sent = clock.t
+    lease.resync_answered({"status": "ok", "revision": 40, "lease_s": 2.0}, sent)
+    assert not lease.valid()  # the cache is not dropped yet
+    lease.applied(40)
+    assert lease.valid() and lease.until == sent + 2.0
+    lease.resync_answered({"status": "ok", "revision": 41}, clock.t)  # an old registry
+    lease.applied(41)
+    assert lease.until == sent + 2.0  # not renewed

@@ -279,12 +279,16 @@ class WatchedFeedClient:
         self._failed = False
 
     async def health(self) -> Any:
+        lease = self._lease
+        sent = lease.clock() if lease is not None else 0.0
         try:
             result = await self._client.health()
         except BaseException:
             self._failed = True
             self._on_error()
             raise
+        if lease is not None and isinstance(result, Mapping):
+            lease.resync_answered(result, sent)
         return result
 
     async def changes(self, since: int, wait: float = 0, limit: int | None = None) -> Any:

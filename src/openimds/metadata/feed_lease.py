@@ -8,6 +8,8 @@ until `lease_s` after it *sent* the newest call whose answer is applied:
 
 - an answer with no changes renews at once (nothing was newer when it was read);
 - an answer with changes renews once `applied(revision)` says the agent applied it;
+- a resync (`/v1/health`, which announces `lease_s` too) renews once applied: the cache is
+  dropped and the index reloaded from a topology read after it;
 - a page that ends below `head`, or an answer without `lease_s` (a registry that does not
   hold reused IPs), renews nothing.
 
@@ -57,6 +59,16 @@ class FeedLease:
             self._pending = (revision, sent)
         else:
             self._renew(sent)
+
+    def resync_answered(self, result: Mapping[str, Any], sent: float) -> None:
+        """A `/v1/health` answer the follower resyncs from: once that resync is applied (the
+        cache dropped, the index loaded from a topology read after it), the agent knows
+        everything committed before `sent`."""
+        self._pending = None
+        lease_s = result.get("lease_s")
+        if isinstance(lease_s, int | float) and lease_s > 0:
+            self.lease_s = float(lease_s)
+            self._pending = (int(result.get("revision") or 0), sent)
 
     def applied(self, revision: int) -> None:
         """The batch up to `revision` is applied."""

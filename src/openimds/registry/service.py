@@ -371,7 +371,10 @@ class Registry:
 
     def health(self) -> Json:
         with self.store.read() as conn:
-            return {"status": "ok", "revision": self.store.revision(conn)}
+            # lease_s: a consumer that resyncs from this revision may trust what it then
+            # loads for that long (registry/reuse.py)
+            return {"status": "ok", "revision": self.store.revision(conn),
+                    "lease_s": reuse.LEASE_S}
 
     def create_project(self, raw: Any) -> Json:
         body = _body(raw, {"name", "id"})
