@@ -103,3 +103,74 @@ def test_a_resync_renews_once_applied() -> None:
     lease.resync_answered({"status": "ok", "revision": 41}, clock.t)  # an old registry
     lease.applied(41)
     assert lease.until == sent + 2.0  # not renewed
+
+
+def test_a_probe_renews_only_if_nothing_is_newer_than_what_was_applied() -> None:
+    clock = Clock()
+    lease = FeedLease(clock)
+    sent = clock.t
+    assert lease.probed(answer(7), 7, sent) and lease.valid()
+    clock.t = sent + 2.0
+    assert not lease.valid()
+    assert not lease.probed(answer(8), 7, clock.t)  # a write the agent has not applied
+    assert not lease.probed(answer(7, changes=1), 7, clock.t)
+    assert not lease.probed(answer(7, lease_s=None), 7, clock.t)  # an old registry
+    assert not lease.valid()
+
+
+class ProbedRegistry:
+    """A registry whose feed is at `head`; counts lookups and feed calls."""
+
+    def __init__(self) -> None:
+        self.head = 5
+        self.lookups = 0
+        self.feed_calls: list[tuple[int, float]] = []
+
+    async def lookup(self, ip: str, *, router_id: str | None = None,
+                     network_id: str | None = None) -> dict[str, Any]:
+        self.lookups += 1
+        await asyncio.sleep(0.01)
+        return {"revision": self.head, "ports": [
+            {"id": f"port-{ip}", "network_id": "net-1", "device_id": f"inst-{ip}",
+             "device_owner": "compute:nova", "project_id": "proj"}]}
+
+    async def changes(self, since: int, wait: float = 0, limit: int | None = None
+                      ) -> dict[str, Any]:
+        self.feed_calls.append((since, wait))
+        await asyncio.sleep(0.01)
+        return answer(self.head, changes=0 if self.head == since else 1)
+
+
+def test_a_lapsed_lease_costs_one_shared_feed_call_not_a_lookup_per_request() -> None:
+    from types import SimpleNamespace
+
+    from openimds.config import Settings
+    from openimds.core.caller import Caller
+    from openimds.metadata.agent import MetadataAgent
+
+    async def main() -> None:
+        reg = ProbedRegistry()
+        agent = MetadataAgent(Settings(), registry=reg, upstream=None)  # type: ignore[arg-type]
+        clock = Clock()
+        agent.lease = FeedLease(clock)
+        agent._follower = SimpleNamespace(registry_up=True)
+        agent.apply_batch({"revision": 5, "changes": [], "resync": False})
+        agent.lease.answered(answer(5), clock.t)
+        callers = [Caller(f"10.0.0.{i}", router_id="r-1") for i in range(1, 21)]
+        for c in callers:  # trusted: one lookup each, then cached
+            await agent.resolver.resolve(c)
+        assert reg.lookups == 20
+        clock.t += 5  # the feed went quiet for longer than the lease (a busy agent)
+        assert not agent.trusts_cache()
+        got = await asyncio.gather(*(agent.resolver.resolve(c) for c in callers))
+        assert [src for _, src in got] == ["hit"] * 20
+        assert reg.lookups == 20 and reg.feed_calls == [(5, 0)]  # one probe, shared
+        assert agent.trusts_cache()
+        # a write the agent has not applied: no renewal, so the registry is asked
+        clock.t += 5
+        reg.head = 6
+        _, src = await agent.resolver.resolve(callers[0])
+        assert src == "miss" and reg.lookups == 21 and len(reg.feed_calls) == 2
+        assert not agent.trusts_cache()
+
+    asyncio.run(main())

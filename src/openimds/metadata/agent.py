@@ -344,6 +344,9 @@ class MetadataAgent:
         self.resolver = Resolver(self._lookup, self.cache, self.trusts_cache,
                                  topology=topology if cfg.warm_index else None)
         self.resolver.on_registry_back = self._registry_back
+        self.resolver.regain = self.regain_trust
+        self._lease_probe: asyncio.Future[bool] | None = None
+        self.lease_probes = 0
         self._synced = False  # the feed delivered at least one batch since we started
         self._behind = False  # a feed call failed; the changes missed are not applied yet
         self.feed_revision = 0
@@ -415,6 +418,33 @@ class MetadataAgent:
         self.lease.applied(revision)
         if dropped:
             log.debug("agent.cache_invalidated revision=%d dropped=%d", revision, dropped)
+
+    async def regain_trust(self) -> bool:
+        """The cache is untrusted only because the feed lease lapsed (an agent too busy to
+        poll in time, or one that just started): one feed call with no wait, shared by every
+        request that meets the lapse, renews it if nothing is newer than what was applied.
+        False (ask the registry) while the feed is down or behind, or if something is."""
+        if not (self._synced and not self._behind
+                and getattr(self._follower, "registry_up", False)):
+            return False
+        changes = getattr(self._registry, "changes", None)
+        if changes is None:
+            return False
+        probe = self._lease_probe
+        if probe is None or probe.done():
+            probe = self._lease_probe = asyncio.ensure_future(self._probe_lease(changes))
+        try:
+            return await asyncio.shield(probe)
+        except Exception:
+            return False
+
+    async def _probe_lease(self, changes: Callable[..., Awaitable[Any]]) -> bool:
+        since, sent = self.feed_revision, self.lease.clock()
+        self.lease_probes += 1
+        result = await changes(since, 0, 1)
+        if not isinstance(result, Mapping) or not self.lease.probed(result, since, sent):
+            return False
+        return self.trusts_cache()
 
     def feed_lost(self) -> None:
         """A feed call failed: changes may be missed, so the cache is untrusted until the feed
@@ -802,6 +832,7 @@ class MetadataAgent:
             "cache_misses": s.misses,
             "single_flight_shared": s.shared,
             "registry_queries": s.registry_queries,
+            "lease_probes": self.lease_probes,
             "registry_errors": s.registry_errors,
             "uncached_lookups": s.uncached,
             "served_known_registry_down": s.known,

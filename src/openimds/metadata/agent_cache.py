@@ -511,6 +511,9 @@ class Resolver:
         self.stats = Stats()
         # called when a lookup succeeds after failing (the follower should retry now)
         self.on_registry_back: Callable[[], None] | None = None
+        # called when the cache is untrusted: True if trust is back (the agent renewed its
+        # feed lease with one shared feed call), so the hit is answered without a lookup
+        self.regain: Callable[[], Awaitable[bool]] | None = None
         if topology is not None:
             cache.on_reload = self._want_load
 
@@ -597,6 +600,10 @@ class Resolver:
             res = self.cached(caller)
             if res is not None:
                 return res, "hit" if self._trust() else "known"
+            if self.regain is not None and not self._trust() and await self.regain():
+                res = self.cached(caller)
+                if res is not None:
+                    return res, "hit"
         key = key_of(caller)
         fut = self._inflight.get(key)
         if fut is not None:

@@ -13,9 +13,12 @@ until `lease_s` after it *sent* the newest call whose answer is applied:
 - a page that ends below `head`, or an answer without `lease_s` (a registry that does not
   hold reused IPs), renews nothing.
 
-An agent too busy to poll in time stops trusting and asks the registry per request until
-its next answer: slower, never stale. The long-poll wait is capped (`poll_wait`) so that an
-idle agent renews well before its lease ends.
+An agent too busy to poll in time (or one that just started) stops trusting; the first
+request that meets the lapse sends one extra feed call with no wait (`probed`), shared by
+every request meanwhile, and nothing newer than what was applied renews the lease: one
+registry call per lapse instead of a lookup per request. Slower, never stale. The
+long-poll wait is capped (`poll_wait`) so that an idle agent renews well before its lease
+ends.
 """
 
 from __future__ import annotations
@@ -69,6 +72,18 @@ class FeedLease:
         if isinstance(lease_s, int | float) and lease_s > 0:
             self.lease_s = float(lease_s)
             self._pending = (int(result.get("revision") or 0), sent)
+
+    def probed(self, result: Mapping[str, Any], since: int, sent: float) -> bool:
+        """An extra `/v1/changes?since=since&wait=0` sent at `sent`, where the agent has
+        applied everything up to `since`: nothing newer at `head` renews as an empty
+        long-poll answer would. True if it renewed."""
+        lease_s, head = result.get("lease_s"), result.get("head")
+        if (not isinstance(lease_s, int | float) or lease_s <= 0 or head is None
+                or int(head) != since or result.get("changes")):
+            return False
+        self.lease_s = float(lease_s)
+        self._renew(sent)
+        return True
 
     def applied(self, revision: int) -> None:
         """The batch up to `revision` is applied."""
