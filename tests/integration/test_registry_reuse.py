@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from openimds.errors import Conflict
 from openimds.registry.reuse import LEASE_S, WINDOW_S
 from openimds.registry.service import Registry
 from openimds.registry.store import ACK_HOLD, AckHold, Store, releases
@@ -123,3 +124,16 @@ def test_the_feed_announces_its_lease_and_head(reg: Registry) -> None:
     assert reg.changes(head, None) == {"revision": head, "changes": [], "head": head,
                                        "lease_s": LEASE_S}
     assert net
+
+
+def test_a_deleted_instance_id_is_never_given_again(reg: Registry) -> None:
+    # the metadata API caches documents by instance ID, so a new instance must never carry
+    # the ID of a deleted one (the API may not have heard of the deletion yet)
+    net, _ = network(reg, "n", "10.0.0.0/24")
+    iid = "0b8f6a52-5c0e-4c43-9d7e-3f3f1f8a9d01"
+    reg.create_instance({"name": "a", "network_id": net["id"], "id": iid})
+    reg.delete_instance(iid)
+    with pytest.raises(Conflict, match="never reused"):
+        reg.create_instance({"name": "b", "network_id": net["id"], "id": iid})
+    other = reg.create_instance({"name": "c", "network_id": net["id"]})
+    assert other["id"] != iid

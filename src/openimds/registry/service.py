@@ -72,6 +72,7 @@ from openimds.registry.store import (
     port_ips,
     ports,
     projects,
+    retired_instances,
     routers,
     segments,
     subnets,
@@ -815,6 +816,11 @@ class Registry:
                            ("id", "name", "public_key", "type", "fingerprint")}
             if by_id(conn, instances, iid) is not None:
                 raise Conflict(f"instance {iid} already exists")
+            retired = by_id(conn, retired_instances, iid)
+            if retired is not None:
+                raise Conflict(f"id: instance {iid} was deleted at {retired.deleted_at}; an "
+                               "instance ID is never reused (a metadata API may still hold "
+                               "the deleted instance's documents)")
             mac = new_mac(conn)
             try:
                 fixed = allocate(conn, network_id, requests, mac=mac,
@@ -897,6 +903,7 @@ class Registry:
                 delete_port(tx, p)
             tx.conn.execute(instance_hosts.delete().where(instance_hosts.c.instance_id == iid))
             tx.conn.execute(instances.delete().where(instances.c.id == iid))
+            tx.conn.execute(retired_instances.insert().values(id=iid, deleted_at=now()))
             instance_change(tx, "delete", row)
             return {}
 

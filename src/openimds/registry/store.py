@@ -220,6 +220,14 @@ releases = sa.Table(
     sa.Column("at", sa.Float, nullable=False, index=True),
 )
 
+# The IDs of deleted instances: never given to a new one (as Nova never reuses a UUID), so
+# documents a metadata API still holds for a deleted instance can never reach a new VM.
+retired_instances = sa.Table(
+    "retired_instances", metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("deleted_at", sa.String(32), nullable=False),
+)
+
 
 _NOTIFY = sa.text("SELECT pg_notify('openimds_changes', :revision)")
 SQLITE_SYNCHRONOUS = ("FULL", "NORMAL")

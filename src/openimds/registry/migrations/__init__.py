@@ -10,6 +10,7 @@ one per schema change since the first release (docs/operations.md "Registry sche
     0005  agents, bindings
     0006  agents.peers (drops agents.alive_since where a registry from main had it)
     0007  releases (the IP reuse hold, registry/reuse.py)
+    0008  retired_instances (deleted instance IDs, never reused)
 
 `upgrade(conn)` runs inside the caller's write transaction that holds the schema lock
 (`Store.schema_lock`), so two registries starting on one database migrate one after the
