@@ -15,6 +15,7 @@ OpenImdsError              base; `status` is the HTTP status hint, `reason` one 
 ├── SpoofedRequest         router and network ID both present, or neither              -> 400
 ├── UpstreamError          a hop behind us failed
 │   ├── UpstreamUnavailable    cannot connect                                          -> 503
+│   │   └── UpstreamRefused    connection refused / no socket: the request was never sent
 │   ├── UpstreamTimeout        no answer in time                                       -> 504
 │   └── UpstreamProtocolError  garbled answer                                          -> 502
 └── CommandFailed          external command failed: argv, returncode, stderr
@@ -92,6 +93,13 @@ class UpstreamError(OpenImdsError):
 
 class UpstreamUnavailable(UpstreamError):
     status = 503
+
+
+class UpstreamRefused(UpstreamUnavailable):
+    """The upstream refused the connection (ECONNREFUSED, or ENOENT for a Unix socket): it
+    is down or being restarted, and no byte of the request left us."""
+
+    sent = False
 
 
 class UpstreamTimeout(UpstreamError):

@@ -47,6 +47,24 @@ def test_api_down_is_503_with_retry_after(world: Any) -> None:
     assert ask(world).status == 200
 
 
+def test_api_restarted_within_the_connect_retries_costs_the_vm_no_error(world: Any) -> None:
+    """The API's port refuses (API killed, being respawned) when the request comes and
+    listens again 1.5 s later: the agent's connect retries (haproxy's `retries 3`, 1 s apart)
+    carry the request over and the VM gets 200, with the request sent to the API once."""
+    st: Stack = world["st"]
+    assert st.api is not None
+    st.api.stop()
+    seen = len(st.api.seen)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(ask, world)
+        time.sleep(1.5)
+        assert not pending.done()  # held by the retries, not answered 503
+        st.api.start()
+        ans = pending.result(timeout=10)
+    assert ans.status == 200, ans.body
+    assert len(st.api.seen) == seen + 1
+
+
 def test_api_hang_is_504(world: Any) -> None:
     st: Stack = world["st"]
     assert st.api is not None

@@ -7,7 +7,12 @@ import socket
 
 import pytest
 
-from openimds.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
+from openimds.errors import (
+    UpstreamProtocolError,
+    UpstreamRefused,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from openimds.http.client import UpstreamPool
 from openimds.http.server import (
     Limits,
@@ -200,6 +205,64 @@ async def test_pool_failures_map_to_503_504_502(tmp_path) -> None:
     with pytest.raises(UpstreamProtocolError):
         await pool.request("GET", "/")
     gsrv.close()
+
+
+async def test_pool_retries_a_refused_connect_but_never_a_sent_request() -> None:
+    """connect_retries: a refused connect (nothing sent) is tried again 1 s later, through
+    both request() and send(); a request already written on a connection the upstream then
+    dropped is not, though the upstream listens again within the retry window."""
+    seen: list[bytes] = []
+    drop_next = False
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            seen.append(data)
+            if drop_next:
+                writer.close()
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        writer.close()
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens: connects are refused
+    pool = UpstreamPool(host="127.0.0.1", port=port, connect_retries=3)
+    loop = asyncio.get_running_loop()
+    servers: list[asyncio.Server] = []
+
+    async def listen_later() -> None:
+        await asyncio.sleep(0.5)
+        servers.append(await asyncio.start_server(upstream, "127.0.0.1", port))
+
+    try:
+        waiting = asyncio.ensure_future(listen_later())
+        assert (await pool.request("GET", "/late")).status == 200
+        await waiting
+        assert len(seen) == 1
+        servers.pop().close()
+        await pool.close()
+        got: asyncio.Future[object] = loop.create_future()
+        waiting = asyncio.ensure_future(listen_later())
+        pool.send("PUT", "/late", [], b"x", got.set_result)
+        assert getattr(await got, "status", None) == 200
+        await waiting
+        assert len(seen) == 2 and seen[1].startswith(b"PUT /late")
+
+        drop_next = True  # the next request is read, then the connection and port go
+        servers[0].close()
+        with pytest.raises(UpstreamUnavailable) as failed:
+            waiting = asyncio.ensure_future(listen_later())
+            await pool.request("POST", "/once", [], b"y")
+        assert not isinstance(failed.value, UpstreamRefused)
+        await waiting
+        await asyncio.sleep(1.5)  # past a retry's turn: the back upstream sees nothing
+        assert len(seen) == 3 and seen[2].startswith(b"POST /once")
+    finally:
+        await pool.close()
+        for server in servers:
+            server.close()
 
 
 def test_unix_socket_mode_and_stale_file(tmp_path) -> None:

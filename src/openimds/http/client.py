@@ -7,6 +7,12 @@ Rules:
   the answer was complete and both sides allow keep-alive.
 - A request that fails on a *reused* idle connection before any answer byte arrived is
   retried once on a fresh connection (the upstream closed the idle connection first).
+- With `connect_retries`, a connection the upstream *refuses* (ECONNREFUSED, or ENOENT for a
+  Unix socket: it is down or being restarted) is tried again that many times,
+  `CONNECT_RETRY_DELAY_S` apart, without holding a slot meanwhile (haproxy's `retries 3` and
+  its turn-around timer). Only a request that was never written on any connection is
+  retried so: one already sent may have been acted on, and not every request is idempotent.
+  Connect timeouts are not retried (an upstream too busy to accept gets no extra load).
 - Failures are translated here, once: cannot connect -> UpstreamUnavailable (503),
   no answer in time -> UpstreamTimeout (504), garbled or oversized -> UpstreamProtocolError (502).
 
@@ -24,9 +30,20 @@ from collections.abc import Callable, Iterable
 
 import httptools
 
-from openimds.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
+from openimds.errors import (
+    UpstreamProtocolError,
+    UpstreamRefused,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 
-__all__ = ["ResultCallback", "UpstreamPool", "UpstreamResponse"]
+__all__ = ["CONNECT_RETRIES", "CONNECT_RETRY_DELAY_S", "ResultCallback", "UpstreamPool",
+           "UpstreamResponse"]
+
+CONNECT_RETRIES = 3  # haproxy's `retries 3` in Neutron's config
+# haproxy's turn-around timer before each retry, min(timeout connect, 1 s): an upstream being
+# restarted (kill -9, respawned in ~1-2 s) costs a VM latency, not a 503 (bench/faults.py)
+CONNECT_RETRY_DELAY_S = 1.0
 
 # Hop-by-hop headers never forwarded (RFC 9110 §7.6.1), plus framing we recompute.
 HOP_BY_HOP = frozenset({
@@ -277,6 +294,7 @@ class UpstreamPool:
         ssl: ssl_module.SSLContext | None = None, server_hostname: str | None = None,
         size: int = 64, connect_timeout_s: float = 5.0, timeout_s: float = 60.0,
         max_response_bytes: int = 16 * 1024 * 1024, raw_only: bool = False,
+        connect_retries: int = 0,
     ) -> None:
         if (unix_path is None) == (host is None):
             raise ValueError("UpstreamPool needs exactly one of unix_path or host")
@@ -289,6 +307,7 @@ class UpstreamPool:
         self.connect_timeout_s = connect_timeout_s
         self.timeout_s = timeout_s
         self.max_response_bytes = max_response_bytes
+        self.connect_retries = connect_retries
         # raw_only: answers are relayed verbatim; skip parsing headers and body into objects.
         self._conn_class = _RawConn if raw_only else _Conn
         self._idle: deque[_Conn] = deque()
@@ -322,6 +341,8 @@ class UpstreamPool:
             raise UpstreamUnavailable(
                 f"connect to {self.where} timed out after {self.connect_timeout_s}s"
             ) from None
+        except (ConnectionRefusedError, FileNotFoundError) as exc:
+            raise UpstreamRefused(f"cannot connect to {self.where}: {exc}") from exc
         except (OSError, ssl_module.SSLError) as exc:
             raise UpstreamUnavailable(f"cannot connect to {self.where}: {exc}") from exc
         return conn
@@ -360,21 +381,40 @@ class UpstreamPool:
         self, data: bytes, head_only: bool, timeout_s: float | None = None,
     ) -> UpstreamResponse:
         """`request()` with bytes made by `encode_request`."""
-        await self._acquire()
-        try:
-            return await self._exchange(data, head_only, timeout_s)
-        finally:
-            self._release()
+        return await self._request_encoded(data, head_only, timeout_s, self.connect_retries)
+
+    async def _request_encoded(
+        self, data: bytes, head_only: bool, timeout_s: float | None, retries: int,
+        *, written: bool = False,
+    ) -> UpstreamResponse:
+        while True:
+            await self._acquire()
+            try:
+                return await self._exchange(data, head_only, timeout_s, written=written)
+            except UpstreamRefused:
+                if retries <= 0:
+                    raise
+            finally:
+                self._release()
+            retries -= 1  # refused: nothing was sent; wait, slot given back, and again
+            await asyncio.sleep(CONNECT_RETRY_DELAY_S)
 
     async def _exchange(
-        self, data: bytes, head_only: bool, timeout_s: float | None,
+        self, data: bytes, head_only: bool, timeout_s: float | None, *, written: bool = False,
     ) -> UpstreamResponse:
-        """One request (already encoded) on a slot the caller holds."""
+        """One request (already encoded) on a slot the caller holds. `written`: the request
+        was already written on a connection once, so a refused connect is not retriable."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         for attempt in (0, 1):
             conn, reused = self._take_idle()
             if conn is None:
-                conn = await self._connect()
+                try:
+                    conn = await self._connect()
+                except UpstreamRefused as exc:
+                    if written:
+                        raise UpstreamUnavailable(exc.reason) from exc
+                    raise
+            written = True
             try:
                 resp = await asyncio.wait_for(conn.begin(data, head_only), timeout)
             except _Closed as exc:
@@ -491,8 +531,10 @@ class UpstreamPool:
             if conn.timed_out:
                 on_result(UpstreamTimeout(f"no answer from {self.where} within {timeout}s"))
             elif isinstance(result, _Closed) and not result.got_bytes:
-                # The upstream closed the idle connection first: once more, fresh.
-                task = asyncio.ensure_future(self.request_encoded(data, head_only, timeout_s))
+                # The upstream closed the idle connection first: once more, fresh (written
+                # once already: a refused connect is not retried).
+                task = asyncio.ensure_future(
+                    self._request_encoded(data, head_only, timeout_s, 0, written=True))
                 task.add_done_callback(lambda t: _report(t, on_result, self.where))
             elif isinstance(result, _Closed):
                 on_result(UpstreamProtocolError(
@@ -507,8 +549,13 @@ class UpstreamPool:
     ) -> UpstreamResponse:
         try:
             return await self._exchange(data, head_only, timeout_s)
+        except UpstreamRefused:
+            if self.connect_retries <= 0:
+                raise
         finally:
             self._release()
+        await asyncio.sleep(CONNECT_RETRY_DELAY_S)
+        return await self._request_encoded(data, head_only, timeout_s, self.connect_retries - 1)
 
     def _take_idle(self) -> tuple[_Conn | None, bool]:
         while self._idle:

@@ -62,7 +62,7 @@ from openimds.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from openimds.http.client import UpstreamPool, UpstreamResponse
+from openimds.http.client import CONNECT_RETRIES, UpstreamPool, UpstreamResponse
 from openimds.http.server import (
     Abandonable,
     AnyResponse,
@@ -256,6 +256,8 @@ def make_pool(settings: Settings, *, long_poll: bool = False) -> UpstreamPool:
         connect_timeout_s=min(5.0, agent.upstream_timeout),
         timeout_s=long_poll_timeout(settings) if long_poll else agent.upstream_timeout,
         raw_only=True,  # answers are relayed verbatim; only status and keep-alive are read
+        # an API being restarted (its port refuses) costs a VM latency, not a 503
+        connect_retries=CONNECT_RETRIES,
     )
 
 

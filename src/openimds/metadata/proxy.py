@@ -56,11 +56,10 @@ from openimds.errors import (
     OpenImdsError,
     UpstreamError,
     UpstreamTimeout,
-    UpstreamUnavailable,
 )
 from openimds.host.limits import raise_nofile_limit
 from openimds.host.netns import netns_inode, socket_in_netns, socket_netns_inode
-from openimds.http.client import UpstreamPool, UpstreamResponse
+from openimds.http.client import CONNECT_RETRIES, UpstreamPool, UpstreamResponse
 from openimds.http.server import (
     Abandonable,
     AnyResponse,
@@ -89,10 +88,6 @@ log = logging.getLogger(__name__)
 LISTEN_BACKLOG = 1024
 GC_THRESHOLD_0 = 20000
 LOCK_WAIT_S = 0.5
-CONNECT_RETRIES = 3  # haproxy's `retries 3` in Neutron's config
-# haproxy's turn-around timer before each retry, min(timeout connect, 1 s): an agent being
-# restarted (kill -9, respawned in ~1-2 s) costs a VM latency, not a 503 (bench/faults.py)
-CONNECT_RETRY_DELAY_S = 1.0
 _IPV6_FREEBIND = getattr(socket, "IPV6_FREEBIND", 78)
 _IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 _MEMO_MAX = 4096  # encoded upstream requests kept (cleared when full)
@@ -145,6 +140,9 @@ def pool_from_settings(settings: Settings, *, long_poll: bool = False) -> Upstre
         connect_timeout_s=h.timeout_connect,
         timeout_s=long_poll_timeout(settings) if long_poll else h.timeout_server,
         raw_only=True,
+        # haproxy's `retries 3`: an agent being restarted (its socket refuses) costs a VM
+        # latency, not a 503
+        connect_retries=CONNECT_RETRIES,
     )
 
 
@@ -256,10 +254,6 @@ class Forwarder:
         def done(result: UpstreamResponse | BaseException) -> None:
             if isinstance(result, UpstreamResponse):
                 answer(RawResponse(result.raw, close=not result.keep_alive), result.status)
-            elif isinstance(result, UpstreamUnavailable):
-                # Connect failed: retry like haproxy's `retries 3`, off the hot path.
-                retry = asyncio.ensure_future(self._forward_retrying(data, head_only))
-                retry.add_done_callback(lambda t: _pass_on(t, answer))
             elif isinstance(result, UpstreamError):
                 answer(*self._failed(result))
             else:
@@ -300,40 +294,11 @@ class Forwarder:
         self._observe(req, status, t0, rid, host, scope)
         return resp
 
-    async def _forward_retrying(
-        self, data: bytes, head_only: bool,
-    ) -> tuple[AnyResponse, int]:
-        for attempt in range(1, CONNECT_RETRIES + 1):
-            await asyncio.sleep(CONNECT_RETRY_DELAY_S)
-            try:
-                resp = await self.pool.request_encoded(data, head_only)
-            except UpstreamUnavailable as exc:
-                if attempt < CONNECT_RETRIES:
-                    continue
-                return self._failed(exc)
-            except UpstreamError as exc:
-                return self._failed(exc)
-            return RawResponse(resp.raw, close=not resp.keep_alive), resp.status
-        raise AssertionError("unreachable")  # pragma: no cover
-
     def _failed(self, exc: UpstreamError) -> tuple[Response, int]:
         status = 504 if isinstance(exc, UpstreamTimeout) else exc.status
         self._errors.report(status, exc.reason)
         self.hop.upstream_error(status)
         return error_response(status, _VM_REASONS.get(status, "metadata proxy error")), status
-
-
-def _pass_on(
-    src: asyncio.Future[tuple[AnyResponse, int]], answer: Callable[[AnyResponse, int], None],
-) -> None:
-    if src.cancelled():
-        return
-    exc = src.exception()
-    if exc is not None:
-        log.error("proxy.forward_failed error=%r", exc)
-        answer(error_response(500, "metadata proxy error"), 500)
-    else:
-        answer(*src.result())
 
 
 class SourceCap:
