@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -267,6 +268,7 @@ def main() -> int:
     finally:
         for svc in reversed(sc.services):
             svc.stop()
+        shutil.rmtree(sc.tmp, ignore_errors=True)  # the 10,000-instance store and the logs
     first, last = rows[0], rows[-1]
     dn = last["instances"] - first["instances"]
     print("\n| instances | routers | create p50/p99 ms | changes p50/p99 ms | feed wake "
