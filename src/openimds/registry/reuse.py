@@ -44,11 +44,29 @@ SLACK_S = 1.0  # a release's commit lands within this of its timestamp
 WINDOW_S = LEASE_S + SLACK_S
 
 
-def _now(tx: Tx) -> Any:
+# Built once: every port write runs several of these, and building a statement costs more
+# than running it (bench/registry_bench.py). IN lists are expanding parameters.
+_NOW = {
+    "postgresql": sa.select(sa.extract("epoch", sa.func.clock_timestamp())),
+    "sqlite": sa.select(sa.literal_column("((julianday('now') - 2440587.5) * 86400.0)")),
+}
+_ROUTERS_ON = sa.select(ports.c.device_id).distinct().where(
+    ports.c.network_id.in_(sa.bindparam("nets", expanding=True)),
+    ports.c.device_owner == DEVICE_OWNER_ROUTER)
+_CURRENT_IPS = sa.select(port_ips.c.ip_address).where(
+    port_ips.c.port_id == sa.bindparam("port_id"))
+_NEWEST = sa.select(sa.func.max(releases.c.at)).where(
+    releases.c.key.in_(sa.bindparam("keys", expanding=True)))
+_PRUNE = releases.delete().where(sa.or_(
+    releases.c.key.in_(sa.bindparam("keys", expanding=True)),
+    releases.c.at < sa.bindparam("before")))
+_RECORD = releases.insert()
+
+
+def _now(tx: Tx) -> float:
     """The database's clock, epoch seconds (one clock for every registry process)."""
-    if tx.conn.dialect.name == "postgresql":
-        return sa.extract("epoch", sa.func.clock_timestamp())
-    return sa.literal_column("((julianday('now') - 2440587.5) * 86400.0)")
+    query = _NOW["postgresql" if tx.conn.dialect.name == "postgresql" else "sqlite"]
+    return float(tx.conn.execute(query).scalar_one())
 
 
 def _addresses(attrs: Mapping[str, Any]) -> list[str]:
@@ -73,14 +91,12 @@ def _routers_on(tx: Tx, network_ids: Iterable[str]) -> list[str]:
     nets = sorted(set(network_ids))
     if not nets:
         return []
-    rows = tx.conn.execute(sa.select(ports.c.device_id).distinct().where(
-        ports.c.network_id.in_(nets), ports.c.device_owner == DEVICE_OWNER_ROUTER))
+    rows = tx.conn.execute(_ROUTERS_ON, {"nets": nets})
     return [f"r:{r}" for r in rows.scalars()]
 
 
 def _current_ips(tx: Tx, port_id: str) -> set[str]:
-    return set(tx.conn.execute(sa.select(port_ips.c.ip_address)
-                               .where(port_ips.c.port_id == port_id)).scalars())
+    return set(tx.conn.execute(_CURRENT_IPS, {"port_id": port_id}).scalars())
 
 
 def hold(tx: Tx) -> None:
@@ -107,17 +123,15 @@ def hold(tx: Tx) -> None:
     if not released and not claimed:
         return
     conn = tx.conn
-    now = float(conn.execute(sa.select(_now(tx))).scalar_one())
+    now = _now(tx)
     if claimed:
         # a new port on a network is also reached through each router on it: a scope that
         # lost an interface moments ago may still map this address to the old port
         keys = set(claimed) | set(_routers_on(tx, claim_nets))
-        newest = conn.execute(sa.select(sa.func.max(releases.c.at))
-                              .where(releases.c.key.in_(sorted(keys)))).scalar()
+        newest = conn.execute(_NEWEST, {"keys": sorted(keys)}).scalar()
         if (newest is not None and now - float(newest) < WINDOW_S) or keys & set(released):
             tx.hold_s = LEASE_S
     if released:
         keys = set(released)
-        conn.execute(releases.delete().where(
-            sa.or_(releases.c.key.in_(sorted(keys)), releases.c.at < now - WINDOW_S)))
-        conn.execute(releases.insert(), [{"key": k, "at": now} for k in sorted(keys)])
+        conn.execute(_PRUNE, {"keys": sorted(keys), "before": now - WINDOW_S})
+        conn.execute(_RECORD, [{"key": k, "at": now} for k in sorted(keys)])
