@@ -527,8 +527,9 @@ def summarize(rows: list[dict[str, object]], scenarios: list[tuple[int, bool]]) 
         for mine in [n for n in by_cfg if n.startswith("openimds-proxy")]:
             ours = {int(r["round"]): float(r["rps"]) for r in by_cfg[mine]}  # type: ignore[call-overload,arg-type]
             for name in by_cfg:
-                if name.startswith("openimds-proxy"):
-                    continue
+                if name.startswith("openimds-proxy") and (
+                        mine == "openimds-proxy" or name != "openimds-proxy"):
+                    continue  # workers are compared with haproxy and with one process
                 theirs = {int(r["round"]): float(r["rps"]) for r in by_cfg[name]}  # type: ignore[call-overload,arg-type]
                 ratios = [ours[k] / theirs[k] for k in ours if theirs.get(k)]
                 ratio = statistics.median(ratios)
