@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from openimds.errors import Conflict
-from openimds.registry.reuse import LEASE_S, WINDOW_S
+from openimds.registry.reuse import HOLD_S, LEASE_S, WINDOW_S
 from openimds.registry.service import Registry
 from openimds.registry.store import ACK_HOLD, AckHold, Store, releases
 from tests.support import postgres_database
@@ -61,7 +61,7 @@ def test_a_reused_address_is_held_others_are_not(reg: Registry) -> None:
     assert hold == 0  # a release itself is never held
     _, hold = held(reg.create_instance, {"name": "b", "network_id": net["id"],
                                          "fixed_ip": "10.0.0.5"})
-    assert hold == LEASE_S
+    assert hold == HOLD_S
     _, hold = held(reg.create_instance, {"name": "c", "network_id": net["id"],
                                          "fixed_ip": "10.0.0.6"})
     assert hold == 0  # another address on the same network
@@ -90,7 +90,7 @@ def test_a_reused_mac_is_held(reg: Registry) -> None:
     port = reg.create_port({"network_id": net["id"], "mac_address": mac})
     reg.delete_port(port["id"])
     _, hold = held(reg.create_port, {"network_id": net["id"], "mac_address": mac})
-    assert hold == LEASE_S
+    assert hold == HOLD_S
 
 
 def test_a_router_scope_that_lost_an_interface_is_held(reg: Registry) -> None:
@@ -105,10 +105,10 @@ def test_a_router_scope_that_lost_an_interface_is_held(reg: Registry) -> None:
     _, hold = held(reg.remove_interface, router["id"], {"subnet_id": m_sub["id"]})
     assert hold == 0
     _, hold = held(reg.add_interface, router["id"], {"subnet_id": n_sub["id"]})
-    assert hold == LEASE_S  # n's 10.1.0.5 is now what (r, 10.1.0.5) means
+    assert hold == HOLD_S  # n's 10.1.0.5 is now what (r, 10.1.0.5) means
     _, hold = held(reg.create_instance, {"name": "late", "network_id": n["id"],
                                          "fixed_ip": "10.1.0.6"})
-    assert hold == LEASE_S  # reached through r too, whose scope changed moments ago
+    assert hold == HOLD_S  # reached through r too, whose scope changed moments ago
     age_releases(reg, WINDOW_S + 0.5)
     _, hold = held(reg.create_instance, {"name": "later", "network_id": n["id"],
                                          "fixed_ip": "10.1.0.7"})
@@ -119,10 +119,11 @@ def test_the_feed_announces_its_lease_and_head(reg: Registry) -> None:
     net, _ = network(reg, "n", "10.0.0.0/24")
     head = int(reg.health()["revision"])
     page = reg.changes(0, 1)
-    assert page["head"] == head and page["lease_s"] == LEASE_S
+    assert page["head"] == head and page["lease_s"] == LEASE_S and page["hold_s"] == HOLD_S
     assert page["revision"] < head  # a page: not the whole story
     assert reg.changes(head, None) == {"revision": head, "changes": [], "head": head,
-                                       "lease_s": LEASE_S}
+                                       "lease_s": LEASE_S, "hold_s": HOLD_S}
+    assert reg.health()["lease_s"] == LEASE_S and reg.health()["hold_s"] == HOLD_S
     assert net
 
 

@@ -485,6 +485,14 @@ async def test_registry_down_serves_what_is_known_and_only_that() -> None:
     with pytest.raises(UpstreamUnavailable):  # never seen: no guess
         await resolver.resolve(Caller("10.0.0.77", router_id=R1))
     assert resolver.stats.known == 3
+    # past the feed lease's hold a reused address may belong to a new VM (the registry may
+    # only be cut off from us and still take writes): nothing known is served any more
+    resolver.may_know = lambda: False
+    assert resolver.cached(Caller("10.0.0.5", router_id=R1)) is None
+    for ip in ("10.0.0.5", "10.0.0.9"):
+        with pytest.raises(UpstreamUnavailable):
+            await resolver.resolve(Caller(ip, router_id=R1))
+    assert resolver.stats.known == 3
 
 
 def test_node_liveness_changes_keep_cache_and_index_but_unknown_kinds_do_not() -> None:

@@ -174,3 +174,17 @@ def test_a_lapsed_lease_costs_one_shared_feed_call_not_a_lookup_per_request() ->
         assert not agent.trusts_cache()
 
     asyncio.run(main())
+
+
+def test_known_callers_are_served_only_within_the_registry_hold() -> None:
+    clock = Clock()
+    lease = FeedLease(clock)
+    assert not lease.may_know()
+    sent = clock.t
+    lease.answered({**answer(5), "hold_s": 5.0}, sent)
+    clock.t = sent + 2.5
+    assert not lease.valid() and lease.may_know()  # lease over: asks, but may serve known
+    clock.t = sent + 5.0
+    assert not lease.may_know()  # a reused address may be answered to its new VM now
+    lease.answered({**answer(6), "hold_s": 1.0}, clock.t)  # never less than the lease
+    assert lease.hold_s == lease.lease_s == 2.0

@@ -346,6 +346,8 @@ class MetadataAgent:
         self.resolver = Resolver(self._lookup, self.cache, self.trusts_cache,
                                  topology=topology if cfg.warm_index else None)
         self.resolver.on_registry_back = self._registry_back
+        if feed_up is None:  # an injected feed_up stands in for the follower and its lease
+            self.resolver.may_know = self.lease.may_know
         self.resolver.regain = self.regain_trust
         self._lease_probe: asyncio.Future[bool] | None = None
         self.lease_probes = 0

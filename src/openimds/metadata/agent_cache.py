@@ -24,8 +24,10 @@ Rules:
 - A registry outage costs nothing known: while no registry answers, nothing can change (every
   write goes through it), so when a lookup fails the caller's entry, if the cache or the
   index holds one, is served ("known"), and for `DOWN_HOLD_S` after a failed lookup known
-  callers are served without asking again. Only an unknown caller gets the error (the agent
-  answers 503, never a guess). The feed catches up from where it was once the registry is
+  callers are served without asking again, as long as `may_know()` (the agent: within its
+  feed lease's hold, after which a reused address may belong to a new VM; a registry that
+  is only cut off from us may still take writes). Only an unknown caller gets the error
+  (the agent answers 503, never a guess). The feed catches up from where it was once the registry is
   back (`ChangeFollower(resume=True)`), and a lookup that succeeds calls `on_registry_back`
   so the follower retries at once.
 - Warm index (`PortIndex`): the registry's lookup answered locally. Loaded from
@@ -511,6 +513,9 @@ class Resolver:
         self.stats = Stats()
         # called when a lookup succeeds after failing (the follower should retry now)
         self.on_registry_back: Callable[[], None] | None = None
+        # whether what is known may still be served while no registry answers (the agent:
+        # within its feed lease's hold, metadata.feed_lease; a reused IP waits that long)
+        self.may_know: Callable[[], bool] = lambda: True
         # called when the cache is untrusted: True if trust is back (the agent renewed its
         # feed lease with one shared feed call), so the hit is answered without a lookup
         self.regain: Callable[[], Awaitable[bool]] | None = None
@@ -586,7 +591,7 @@ class Resolver:
                     return None
             self.stats.hits += 1
             return res
-        if self._down_until and self._clock() < self._down_until:
+        if self._down_until and self._clock() < self._down_until and self.may_know():
             res = self._known(caller)
             if res is not None:
                 self.stats.known += 1
@@ -618,7 +623,7 @@ class Resolver:
         try:
             return await asyncio.shield(fut), source
         except UpstreamError:
-            known = self._known(caller) if use_cache else None
+            known = self._known(caller) if use_cache and self.may_know() else None
             if known is None:
                 raise
             self.stats.known += 1

@@ -13,6 +13,9 @@ until `lease_s` after it *sent* the newest call whose answer is applied:
 - a page that ends below `head`, or an answer without `lease_s` (a registry that does not
   hold reused IPs), renews nothing.
 
+While no registry answers, callers the agent knows are served (agent_cache), but only until
+`hold_s` after the same send (`may_know`): a reused address is acknowledged no sooner.
+
 An agent too busy to poll in time (or one that just started) stops trusting; the first
 request that meets the lapse sends one extra feed call with no wait (`probed`), shared by
 every request meanwhile, and nothing newer than what was applied renews the lease: one
@@ -37,7 +40,11 @@ class FeedLease:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.lease_s = DEFAULT_LEASE_S
+        # the registry's reuse hold: known callers may be served this long after the send
+        # while no registry answers (no grace beyond the lease until it says)
+        self.hold_s = DEFAULT_LEASE_S
         self.until = float("-inf")
+        self.known_until = float("-inf")
         self.renewals = 0
         self.lapses = 0  # counted by the agent when its trust ends for want of a renewal
         self._pending: tuple[int, float] | None = None
@@ -45,16 +52,31 @@ class FeedLease:
     def valid(self) -> bool:
         return self.clock() < self.until
 
+    def may_know(self) -> bool:
+        """Whether callers known from before may still be served while the registry does not
+        answer: a VM that reused an address is acknowledged only `hold_s` after the release
+        (registry/reuse.py), so until then the address still belongs to what we knew."""
+        return self.clock() < self.known_until
+
+    def _take(self, result: Mapping[str, Any]) -> bool:
+        """Adopt the announced lease_s and hold_s; False if there is no lease."""
+        lease_s, hold_s = result.get("lease_s"), result.get("hold_s")
+        if not isinstance(lease_s, int | float) or lease_s <= 0:
+            return False
+        self.lease_s = float(lease_s)
+        self.hold_s = (float(hold_s) if isinstance(hold_s, int | float) and hold_s >= lease_s
+                       else self.lease_s)
+        return True
+
     def poll_wait(self, wait: float) -> float:
         return min(wait, self.lease_s * POLL_SHARE)
 
     def answered(self, result: Mapping[str, Any], sent: float) -> None:
         """A `/v1/changes` answer to the call sent at `sent` (this clock)."""
         self._pending = None
-        lease_s, head = result.get("lease_s"), result.get("head")
-        if not isinstance(lease_s, int | float) or lease_s <= 0 or head is None:
+        head = result.get("head")
+        if head is None or not self._take(result):
             return
-        self.lease_s = float(lease_s)
         revision = int(result.get("revision") or 0)
         if int(head) != revision:
             return  # a page: the rest follows at once, and renews
@@ -68,20 +90,18 @@ class FeedLease:
         cache dropped, the index loaded from a topology read after it), the agent knows
         everything committed before `sent`."""
         self._pending = None
-        lease_s = result.get("lease_s")
-        if isinstance(lease_s, int | float) and lease_s > 0:
-            self.lease_s = float(lease_s)
+        if self._take(result):
             self._pending = (int(result.get("revision") or 0), sent)
 
     def probed(self, result: Mapping[str, Any], since: int, sent: float) -> bool:
         """An extra `/v1/changes?since=since&wait=0` sent at `sent`, where the agent has
         applied everything up to `since`: nothing newer at `head` renews as an empty
         long-poll answer would. True if it renewed."""
-        lease_s, head = result.get("lease_s"), result.get("head")
-        if (not isinstance(lease_s, int | float) or lease_s <= 0 or head is None
-                or int(head) != since or result.get("changes")):
+        head = result.get("head")
+        if head is None or int(head) != since or result.get("changes"):
             return False
-        self.lease_s = float(lease_s)
+        if not self._take(result):
+            return False
         self._renew(sent)
         return True
 
@@ -94,4 +114,5 @@ class FeedLease:
 
     def _renew(self, sent: float) -> None:
         self.until = max(self.until, sent + self.lease_s)
+        self.known_until = max(self.known_until, sent + self.hold_s)
         self.renewals += 1

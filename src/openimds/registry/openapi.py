@@ -109,7 +109,7 @@ def openapi_document() -> dict[str, Any]:
                            "delete": _op("forget a dead node; its work is placed elsewhere")},
         "/v1/changes": {"get": _op(
             "changes after a revision, long-poll up to wait seconds (≤ 60); 410 = resync; "
-            "answers {revision, changes, head, lease_s}",
+            "answers {revision, changes, head, lease_s, hold_s}",
             params=[{"name": "since", "in": "query", "schema": {"type": "integer"}},
                     {"name": "wait", "in": "query", "schema": {"type": "number",
                                                                "maximum": 60}},

@@ -6,16 +6,17 @@ The contract (docs/architecture.md, "IP reuse"):
 
 - A metadata agent trusts its cache and warm index only for `LEASE_S` after it *sent* the
   latest feed call whose answer it has applied, or that found nothing new (its lease; the
-  registry announces `lease_s` in every `/v1/changes` answer). A feed call received after a
-  commit answers with that commit, so an agent that still trusts at time t has applied every
-  commit older than t - LEASE_S.
+  registry announces `lease_s` and `hold_s` in every `/v1/changes` and `/v1/health`
+  answer). A feed call received after a commit answers with that commit, so an agent that
+  still trusts at time t has applied every commit older than t - LEASE_S. While no registry
+  answers it serves callers it knows, but only until `HOLD_S` after that send.
 - A write that binds an address (a port create or update: (network, ip), the link-local
   address of its MAC, and the scope of every router on its network) within
-  `LEASE_S + SLACK_S` of a release of the same address or router scope (a port delete or
-  update, a router interface removed) is answered `LEASE_S` after its own commit
+  `HOLD_S + SLACK_S` of a release of the same address or router scope (a port delete or
+  update, a router interface removed) is answered `HOLD_S` after its own commit
   (`Tx.hold_s`, slept by the REST layer). The new VM cannot ask before its port exists, so
-  its first request reaches the agent after the release is older than LEASE_S: the agent has
-  applied it, or asks the registry.
+  its first request reaches the agent more than HOLD_S after the release: the agent has
+  applied it, or asks the registry, and no longer serves what it knew.
 - A release's timestamp is taken as its transaction's last statement, in the database's
   clock (so registry processes on several hosts agree). The one remaining assumption: a
   release commits within `SLACK_S` of that statement (a SQLite fsync, a PostgreSQL commit).
@@ -37,11 +38,13 @@ from openimds.core.models import DEVICE_OWNER_ROUTER
 from openimds.errors import BadRequest
 from openimds.registry.store import Tx, port_ips, ports, releases
 
-__all__ = ["LEASE_S", "SLACK_S", "WINDOW_S", "hold"]
+__all__ = ["GRACE_S", "HOLD_S", "LEASE_S", "SLACK_S", "WINDOW_S", "hold"]
 
 LEASE_S = 2.0  # an agent's cache is trusted this long after it sent a feed call
+GRACE_S = 3.0  # ... and known callers served this much longer while no registry answers
+HOLD_S = LEASE_S + GRACE_S  # how long a reusing bind's answer waits after its commit
 SLACK_S = 1.0  # a release's commit lands within this of its timestamp
-WINDOW_S = LEASE_S + SLACK_S
+WINDOW_S = HOLD_S + SLACK_S
 
 
 # Built once: every port write runs several of these, and building a statement costs more
@@ -130,7 +133,7 @@ def hold(tx: Tx) -> None:
         keys = set(claimed) | set(_routers_on(tx, claim_nets))
         newest = conn.execute(_NEWEST, {"keys": sorted(keys)}).scalar()
         if (newest is not None and now - float(newest) < WINDOW_S) or keys & set(released):
-            tx.hold_s = LEASE_S
+            tx.hold_s = HOLD_S
     if released:
         keys = set(released)
         conn.execute(_PRUNE, {"keys": sorted(keys), "before": now - WINDOW_S})

@@ -375,7 +375,7 @@ class Registry:
             # lease_s: a consumer that resyncs from this revision may trust what it then
             # loads for that long (registry/reuse.py)
             return {"status": "ok", "revision": self.store.revision(conn),
-                    "lease_s": reuse.LEASE_S}
+                    "lease_s": reuse.LEASE_S, "hold_s": reuse.HOLD_S}
 
     def create_project(self, raw: Any) -> Json:
         body = _body(raw, {"name", "id"})

@@ -25,7 +25,7 @@ from openimds.registry.records import (
     router_dicts,
     subnet_dict,
 )
-from openimds.registry.reuse import LEASE_S
+from openimds.registry.reuse import HOLD_S, LEASE_S
 from openimds.registry.store import (
     Store,
     instances,
@@ -223,7 +223,8 @@ def changes(store: Store, since: int, size: int) -> Json:
     out = [{"revision": r.revision, "kind": r.kind, "op": r.op, "id": r.obj_id,
             "attrs": r.attrs} for r in rows]
     # head: the registry's revision when this was read (a page that ends below it is not the
-    # whole story); lease_s: how long a consumer may trust what it applied (registry/reuse.py)
+    # whole story); lease_s: how long a consumer may trust what it applied, hold_s: how long
+    # it may serve what it knew while no registry answers (registry/reuse.py)
     return {"revision": out[-1]["revision"] if out else rev, "changes": out, "head": rev,
-            "lease_s": LEASE_S}
+            "lease_s": LEASE_S, "hold_s": HOLD_S}
 
