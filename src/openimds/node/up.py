@@ -135,9 +135,13 @@ class Service:
 # Dependency order; stopped in reverse.
 SERVICES: tuple[Service, ...] = (
     Service("registry", ("registry", "serve")),
-    Service("api", ("api",)),
-    Service("agent", ("agent",)),
-    # Respawned at once: the L3 agent also starts a proxy when none holds the proxy lock.
+    # The hops on the request path are respawned at once (a crash loop still backs off,
+    # doubling): the hop in front retries a refused connect 1 s apart
+    # (http.client.CONNECT_RETRY_DELAY_S), so backoff + start-up (~0.45 s idle,
+    # bench/restart_bench.py) must fit in those retries, and a 0.5 s backoff took half of it.
+    Service("api", ("api",), backoff_initial_s=0.05),
+    Service("agent", ("agent",), backoff_initial_s=0.05),
+    # Also because the L3 agent starts a proxy of its own when none holds the proxy lock.
     Service("proxy", ("proxy",), backoff_initial_s=0.05),
     Service("l3-agent", ("l3-agent",), stop_timeout_s=20.0),
     Service("dhcp-agent", ("dhcp-agent",), stop_timeout_s=20.0),
