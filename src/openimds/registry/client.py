@@ -9,6 +9,7 @@ revision)); no connection becomes UpstreamUnavailable, no answer in time Upstrea
 from __future__ import annotations
 
 import json
+import ssl
 from typing import Any
 
 import httpx
@@ -110,6 +111,16 @@ def _lookup_params(ip: str, router_id: str | None, network_id: str | None) -> di
     return {"ip": ip, "router_id": router_id, "network_id": network_id}
 
 
+def _verify(base_url: str) -> ssl.SSLContext | bool:
+    """TLS verification for the registry's URL. Over plain http a context with no CA loaded:
+    httpx would otherwise load the CA bundle (~50 ms of every service's start, profiled;
+    bench/restart_bench.py) for a TLS it never does; a redirect to https fails to verify
+    (no CA), it never goes unverified."""
+    if base_url.startswith("http://"):
+        return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    return True
+
+
 class RegistryClient:
     """Synchronous client (CLI, tests)."""
 
@@ -118,7 +129,8 @@ class RegistryClient:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self._http = httpx.Client(base_url=self.base_url, headers=_headers(token),
-                                  timeout=timeout_s, transport=transport, trust_env=False)
+                                  timeout=timeout_s, transport=transport, trust_env=False,
+                                  verify=_verify(self.base_url))
 
     @classmethod
     def from_settings(cls, settings: Any, *, admin: bool,
@@ -251,7 +263,7 @@ class AsyncRegistryClient:
         self.timeout_s = timeout_s
         self._http = httpx.AsyncClient(
             base_url=self.base_url, headers=_headers(token), timeout=timeout_s,
-            transport=transport, trust_env=False,
+            transport=transport, trust_env=False, verify=_verify(self.base_url),
             limits=httpx.Limits(max_connections=max_connections,
                                 max_keepalive_connections=max_connections))
 
