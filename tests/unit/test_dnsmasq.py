@@ -304,6 +304,29 @@ def test_two_dhcp_nodes_each_serve_from_their_own_port() -> None:
     assert off is not None and not off.metadata_arp
 
 
+def test_an_adopted_port_adds_its_addresses_and_maybe_the_metadata_arp() -> None:
+    """A node that adopted a dead node's port holds its address after its own, keeps its own
+    IP as option 121 next hop, and answers ARP for 169.254.169.254 when the adopted port is
+    the lowest."""
+    from openimds.core.models import dhcp_adopted_device_id, dhcp_device_id
+
+    dead = port("p-dead", "network:dhcp", [(SUB, "10.0.0.2")], "fa:16:3e:00:00:02")
+    dead["device_id"] = dhcp_adopted_device_id("net-b", NET)
+    own = port("p-b", "network:dhcp", [(SUB, "10.0.0.3")], "fa:16:3e:00:00:03")
+    own["device_id"] = dhcp_device_id("net-b", NET)
+    net = network([subnet(gw=None)], [dead, own, vm()])
+    b = dm.plan_network(net, ISOLATED, "/d", lease_duration_s=600, host="net-b")
+    assert b is not None and b.port_id == "p-b" and b.mac_address == "fa:16:3e:00:00:03"
+    assert b.addresses == ("10.0.0.3/24", "10.0.0.2/24", "169.254.169.254/32")
+    assert b.metadata_arp
+    assert f"{T},option:classless-static-route,169.254.169.254/32,10.0.0.3" in b.opts
+    assert [p.id for p in dm.adopted_ports(net, "net-b")] == ["p-dead"]
+    assert dm.adopted_ports(net, "net-a") == [] and dm.adopted_ports(net, None) == []
+    # an adopted port alone is no port of one's own: nothing to build from
+    assert dm.plan_network(network([subnet(gw=None)], [dead]), ISOLATED, "/d",
+                           lease_duration_s=600, host="net-b") is None
+
+
 # --- real syntax check --------------------------------------------------------------------
 
 @pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="dnsmasq (dnsmasq-base) missing")

@@ -6,8 +6,19 @@ import uuid
 
 import pytest
 
-from openimds.core.models import DHCP_RESERVED_DEVICE_ID, dhcp_device_id
-from openimds.core.nodes import DhcpPortPlan, dhcp_ports, gratuitous_arp, place, roles_of
+from openimds.core.models import (
+    DHCP_RESERVED_DEVICE_ID,
+    dhcp_adopted_device_id,
+    dhcp_device_id,
+)
+from openimds.core.nodes import (
+    DhcpPortPlan,
+    dhcp_ports,
+    gratuitous_arp,
+    place,
+    place_adopting,
+    roles_of,
+)
 from openimds.errors import ConfigError
 from openimds.node.roles import services_for
 
@@ -145,3 +156,50 @@ def test_dhcp_ports_with_no_host_keep_one_reserved_and_none_without_dhcp() -> No
     assert not dhcp_ports(NET, [], {"p1": DHCP_RESERVED_DEVICE_ID})
     assert not dhcp_ports(NET, [], {})  # the reserved port is made with the first subnet
     assert dhcp_ports(NET, ["a"], {"p1": a}, has_dhcp=False) == DhcpPortPlan(delete=["p1"])
+
+
+def test_a_dead_dhcp_node_with_no_free_replacement_is_adopted_by_a_live_mate() -> None:
+    # k=2 on two nodes, b dies: nobody free, so a (bound too) adopts b's port
+    assert place_adopting({"n1": ["a", "b"]}, ["n1"], ["a"], 2) == (
+        {"n1": ["a"]}, {"n1": {"b": "a"}})
+    # a free node exists: the binding moves (the port with it), nobody adopts
+    assert place_adopting({"n1": ["a", "b"]}, ["n1"], ["a", "c"], 2) == (
+        {"n1": ["a", "c"]}, {})
+    # k=3, two dead, one survivor: it adopts both; with two survivors the least loaded
+    assert place_adopting({"n1": ["a", "b", "c"]}, ["n1"], ["a"], 3) == (
+        {"n1": ["a"]}, {"n1": {"b": "a", "c": "a"}})
+    moves, adopted = place_adopting({"n1": ["a", "b", "c"], "n2": ["a"]}, ["n1", "n2"],
+                                    ["a", "b"], 3)
+    assert moves == {"n1": ["a", "b"], "n2": ["a", "b"]} and adopted == {"n1": {"c": "b"}}
+    # a solo dead node (told peers=0, so it never fenced): nobody may adopt, nothing moves
+    assert place_adopting({"n1": ["a", "b"]}, ["n1"], ["a"], 2, takers={"b": []}) == ({}, {})
+    # nobody alive on the network: nothing to adopt with (routers: never a mate)
+    assert place_adopting({"n1": ["b"]}, ["n1"], ["a"], 1, takers={"b": []}) == ({}, {})
+    # a deleted node's binding is dropped (its port freed), not adopted
+    assert place_adopting({"n1": ["a", "b"]}, ["n1"], ["a"], 2, gone=["b"]) == (
+        {"n1": ["a"]}, {})
+    # the adopted node comes back: k=2 wants it, it is bound again (a new port), takes
+    # nothing back; plain `place` never adopts
+    assert place_adopting({"n1": ["a"]}, ["n1"], ["a", "b"], 2) == ({"n1": ["a", "b"]}, {})
+    assert place({"n1": ["a", "b"]}, ["n1"], ["a"], 2) == {}
+
+
+def test_dhcp_ports_an_adopted_port_is_rebound_kept_and_never_handed_back() -> None:
+    a, b = dhcp_device_id("a", NET), dhcp_device_id("b", NET)
+    a_adopted = dhcp_adopted_device_id("a", NET)
+    # b's binding dropped, a adopts: b's port is re-bound to a (same port: same IP and MAC)
+    assert dhcp_ports(NET, ["a"], {"p1": a, "p2": b}, adopt={"b": "a"}) == DhcpPortPlan(
+        rebind={"p2": a_adopted})
+    # without adoption the left-over port is freed, as before
+    assert dhcp_ports(NET, ["a"], {"p1": a, "p2": b}) == DhcpPortPlan(delete=["p2"])
+    # an adopter that is not bound adopts nothing
+    assert dhcp_ports(NET, ["a"], {"p1": a, "p2": b}, adopt={"b": "c"}) == DhcpPortPlan(
+        delete=["p2"])
+    # the adopted port stays with a; b, bound again, gets a new port of its own
+    assert not dhcp_ports(NET, ["a"], {"p1": a, "p2": a_adopted})
+    assert dhcp_ports(NET, ["a", "b"], {"p1": a, "p2": a_adopted}) == DhcpPortPlan(
+        create=["b"])
+    # a loses its binding: its adopted port is handed over like any other (or freed)
+    assert dhcp_ports(NET, ["b", "c"], {"p1": b, "p2": a_adopted}) == DhcpPortPlan(
+        rebind={"p2": dhcp_device_id("c", NET)})
+    assert dhcp_ports(NET, ["b"], {"p1": b, "p2": a_adopted}) == DhcpPortPlan(delete=["p2"])

@@ -7,7 +7,8 @@ converges every network with a DHCP-enabled IPv4 subnet and a DHCP port to the p
 - namespace `qdhcp-<network id>` (lo up), this node's DHCP port (the one whose device_id
   names `[DEFAULT] host`: one per DHCP node of the network) as `tap<port id[:11]>` inside it,
   veth to `tpb<port id[:11]>` in the network's bridge (`brq...`, made through
-  `agents.fabric`), with the port's MAC and IPs; plus 169.254.169.254/32 while the namespace
+  `agents.fabric`), with the port's MAC and IPs (and those of the dead nodes' ports it
+  adopted, announced by gratuitous ARP); plus 169.254.169.254/32 while the namespace
   serves metadata, with `arp_ignore=2` on the tap unless this node is the one that answers
   ARP for it (`core.dnsmasq` module doc);
 - `[dhcp] dhcp_confs/<network id>/{host,opts,leases,pid,dnsmasq.log}`; dnsmasq (from
@@ -236,8 +237,11 @@ class DhcpAgent:
             if set_arp:
                 # 2: answer ARP only for addresses in the asker's subnet, so not for
                 # 169.254.169.254/32 while another node's tap answers for it
+                # promote_secondaries: an adopted port's address is a secondary of the same
+                # subnet; freeing whichever is primary must not take the others with it
                 links.set_sysctl(plan.namespace, f"net.ipv4.conf.{plan.tap}.arp_ignore",
-                                 "0" if plan.metadata_arp or not plan.metadata else "2")
+                                 "0" if plan.metadata_arp or not plan.metadata else "2",
+                                 (f"net.ipv4.conf.{plan.tap}.promote_secondaries", "1"))
             inside.set_up(plan.tap)
 
     def _write_files(self, plan: dm.NetworkPlan) -> bool:
@@ -359,6 +363,9 @@ class DhcpAgent:
                 await self.remove_network(network.id, network_gone=False)
             return
         served = self.served.get(network.id)
+        # addresses gained while serving (a dead node's port adopted): announced below
+        gained = () if served is None or served.plan.tap != plan.tap else tuple(
+            a for a in plan.addresses if a not in served.plan.addresses)
         set_arp = (served is None or served.plan.tap != plan.tap
                    or served.plan.metadata_arp != plan.metadata_arp
                    or served.plan.metadata != plan.metadata)
@@ -371,10 +378,7 @@ class DhcpAgent:
             child = await self._start_dnsmasq(plan)
             self.served[network.id] = _Served(plan, child)
             # this node serves the network now (maybe moved here): tell the segment
-            frames = [nodes.gratuitous_arp(plan.mac_address, cidr.split("/")[0])
-                      for cidr in plan.addresses
-                      if ":" not in cidr and not cidr.startswith(dm.METADATA_IP + "/")]
-            await asyncio.to_thread(links.announce, plan.namespace, plan.tap, frames)
+            await self._announce(plan, plan.addresses)
         elif served.plan.argv != plan.argv:
             log.info("dhcp.dnsmasq_restart network=%s reason=command line changed", network.id)
             self.counts["argv"] += 1
@@ -392,8 +396,19 @@ class DhcpAgent:
                 self.counts["reloads"] += 1
                 log.info("dhcp.dnsmasq_reload network=%s pid=%d", network.id, served.child.pid)
             served.plan = plan
+        if gained:
+            await self._announce(plan, gained)
         if self._set_listener(plan, network.id):
             self._signal_proxy()
+
+    async def _announce(self, plan: dm.NetworkPlan, addresses: tuple[str, ...]) -> None:
+        """Gratuitous ARP for the IPv4 addresses (not 169.254.169.254) at the tap's MAC: the
+        segment (and a VM whose cache still holds a dead node's MAC for them) follows."""
+        frames = [nodes.gratuitous_arp(plan.mac_address, cidr.split("/")[0])
+                  for cidr in addresses
+                  if ":" not in cidr and not cidr.startswith(dm.METADATA_IP + "/")]
+        if frames:
+            await asyncio.to_thread(links.announce, plan.namespace, plan.tap, frames)
 
     async def remove_network(self, network_id: str, *, network_gone: bool = True) -> None:
         """Listener spec, dnsmasq, namespace, files; and the bridge if the network is gone

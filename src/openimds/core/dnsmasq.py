@@ -36,6 +36,10 @@ the port with the lowest IPv4 address, the same port network_data.json routes st
 via; the others run the tap with arp_ignore=2, which answers ARP only for an address in the
 asker's own subnet, so their port IPs still resolve and 169.254.169.254 (a /32) does not. A
 guest that ARPs for 169.254.169.254 directly (an on-link 169.254/16 route) thus sees one MAC.
+A node that adopted a dead node's port (`adopted_ports`, `core.nodes` module doc) holds that
+port's addresses too, as secondary addresses on its own tap (its own MAC: the agent announces
+them with gratuitous ARP, so guests' neighbour caches drop the dead MAC), and answers ARP for
+169.254.169.254 if the adopted port is the lowest one.
 
 IPv6 subnets are ignored here (no DHCPv6 yet). Deliberate differences from Neutron are
 marked "Unlike Neutron" where they occur.
@@ -49,7 +53,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from openimds.core import names
-from openimds.core.models import dhcp_device_id
+from openimds.core.models import dhcp_adopted_device_id, dhcp_device_id
 
 __all__ = [
     "DHCP_OWNER",
@@ -62,6 +66,7 @@ __all__ = [
     "FixedIp",
     "MetadataFlags",
     "NetworkPlan",
+    "adopted_ports",
     "dhcp_ips_by_subnet",
     "dhcp_port",
     "dnsmasq_argv",
@@ -305,6 +310,14 @@ def dhcp_port(network: DhcpNetwork, host: str | None = None) -> DhcpPort | None:
     return None
 
 
+def adopted_ports(network: DhcpNetwork, host: str | None) -> list[DhcpPort]:
+    """The DHCP ports of dead nodes that the node `host` adopted (serves besides its own)."""
+    if host is None:
+        return []
+    want = dhcp_adopted_device_id(host, network.id)
+    return [p for p in network.ports if p.device_owner == DHCP_OWNER and p.device_id == want]
+
+
 def _lowest_ipv4(port: DhcpPort) -> tuple[int, int]:
     addrs = [int(ipaddress.ip_address(f.ip_address)) for f in port.fixed_ips
              if ":" not in f.ip_address]
@@ -510,7 +523,8 @@ def plan_network(
     a routed network's DHCP namespace holds nothing that answers for the metadata IP.
     The IPv6 metadata addresses (`ipv6_metadata`) join it when the network has an IPv6
     subnet (Neutron adds fe80::a9fe:a9fe/128 then, LP#2074207). host: this node's name,
-    whose own DHCP port is used (None: the network's first DHCP port).
+    whose own DHCP port is used (None: the network's first DHCP port), plus the addresses
+    of the ports it adopted (after its own: the tap's primary addresses stay its own).
     """
     port = dhcp_port(network, host)
     if not network.dhcp_subnets or port is None:
@@ -521,6 +535,9 @@ def plan_network(
                  for f in port.fixed_ips if f.subnet_id in prefixes]
     if not addresses:
         return None  # no address to serve from (its subnets' pools were full)
+    adopted = adopted_ports(network, host)
+    addresses += [f"{f.ip_address}/{prefixes[f.subnet_id]}"
+                  for a in adopted for f in a.fixed_ips if f.subnet_id in prefixes]
     metadata = should_enable_metadata(flags, network)
     metadata_ipv6: tuple[str, ...] = ()
     if metadata:
@@ -542,7 +559,7 @@ def plan_network(
         metadata=metadata,
         router_id=metadata_router_id(flags, network) if metadata else None,
         metadata_ipv6=metadata_ipv6,
-        metadata_arp=metadata and metadata_arp_port(network) == port,
+        metadata_arp=metadata and metadata_arp_port(network) in (port, *adopted),
         hosts=render_hosts(network),
         opts=render_opts(network, flags, port),
         argv=tuple(dnsmasq_argv(network, tap, paths, lease_duration_s=lease_duration_s,

@@ -59,6 +59,12 @@ def dhcp_device_id(host: str, network_id: str) -> str:
     return f"dhcp{uuid.uuid5(uuid.NAMESPACE_DNS, host)}-{network_id}"
 
 
+def dhcp_adopted_device_id(host: str, network_id: str) -> str:
+    """The device_id of a dead node's DHCP port that `host` adopted (serves besides its own,
+    `core.nodes` module doc): its own port's device_id with `-adopted`."""
+    return f"{dhcp_device_id(host, network_id)}-adopted"
+
+
 def parse_name(raw: Any, field: str = "name", *, required: bool = True) -> str:
     """A printable name of at most 255 characters ('' allowed when not required)."""
     if raw is None and not required:

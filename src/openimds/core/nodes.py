@@ -15,13 +15,24 @@ DHCP agent (`[DEFAULT] dhcp_agents_per_network` each). `place` is the whole poli
   for it, or for `openimds host delete`, so no newcomer answers an IP it may still serve;
 - a resource with fewer nodes than wanted gets the least-loaded alive nodes (ties: name);
 - a node that comes back alive takes nothing back: bindings only move off dead nodes;
-- surplus bindings (the wanted count was lowered) go, dead nodes first, then the most loaded.
+- surplus bindings (the wanted count was lowered) go, dead nodes first, then the most loaded;
+- adoption (`place_adopting`, networks' DHCP): a dead node's binding that no free node can
+  take, on a resource that still has an alive node allowed to take its work (`takers`), is
+  dropped and that node *adopts* its DHCP port: it serves the port's address besides its
+  own. The move happens when the registry declares the node dead (agent_down_time), after
+  the node fenced itself (0.6 × agent_down_time, `registry.heartbeat`), the rule router
+  failover follows, so no address is answered by two nodes. A node that comes back takes
+  nothing back: the adopted port stays where it is; the node is bound again only if the
+  wanted count needs it, and then gets a port (and address) of its own.
 
 `dhcp_ports` turns a network's DHCP nodes into its DHCP ports: one per node, named for it
 (`models.dhcp_device_id`), each with its own address. A port whose node lost the binding is
 handed to a node that gained one (re-bound: same port, same MAC, same IPs), so clients that
 renew against the old server address, and guests routing metadata via it, keep working once
-the new node announces it. Only a port nobody takes is freed; a network with no DHCP node keeps
+the new node announces it. A port named for a dead node that a live node adopts is re-bound
+to it as `models.dhcp_adopted_device_id` (the node then holds several DHCP ports' addresses);
+an adopted port whose adopter lost its binding is handed over or freed like any other port.
+Only a port nobody takes is freed; a network with no DHCP node keeps
 one port reserved, so its address (the first of the pool) survives until a node claims it.
 """
 
@@ -31,7 +42,11 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from openimds.core.models import DHCP_RESERVED_DEVICE_ID, dhcp_device_id
+from openimds.core.models import (
+    DHCP_RESERVED_DEVICE_ID,
+    dhcp_adopted_device_id,
+    dhcp_device_id,
+)
 
 __all__ = [
     "AGENT_TYPES",
@@ -41,6 +56,7 @@ __all__ = [
     "DhcpPortPlan",
     "dhcp_ports",
     "place",
+    "place_adopting",
     "roles_of",
 ]
 
@@ -77,6 +93,24 @@ def place(
     alive hosts that may take its work (a dead host not in it: any alive host); gone: hosts
     the registry no longer knows (deleted).
     """
+    return _place(current, resources, alive, wanted, takers, gone, adopt=False)[0]
+
+
+def place_adopting(
+    current: Mapping[str, Sequence[str]], resources: Iterable[str], alive: Iterable[str],
+    wanted: int, takers: Mapping[str, Iterable[str]] | None = None,
+    gone: Iterable[str] = (),
+) -> tuple[dict[str, list[str]], dict[str, dict[str, str]]]:
+    """`place`, plus adoption (module doc): (changed host lists, resource id -> {dead host:
+    the alive host, still bound, that adopts its DHCP port})."""
+    return _place(current, resources, alive, wanted, takers, gone, adopt=True)
+
+
+def _place(
+    current: Mapping[str, Sequence[str]], resources: Iterable[str], alive: Iterable[str],
+    wanted: int, takers: Mapping[str, Iterable[str]] | None, gone: Iterable[str], *,
+    adopt: bool,
+) -> tuple[dict[str, list[str]], dict[str, dict[str, str]]]:
     gone_set = set(gone)
     allowed = {dead: set(hosts) for dead, hosts in (takers or {}).items()}
     alive_set = set(alive)
@@ -85,6 +119,7 @@ def place(
     for rid in existing:
         load.update(current.get(rid, ()))
     changed: dict[str, list[str]] = {}
+    adopted: dict[str, dict[str, str]] = {}
     for rid in existing:
         before = list(current.get(rid, ()))
         hosts = list(before)
@@ -97,6 +132,15 @@ def place(
                 if dead in gone_set:
                     hosts.remove(dead)
                     load[dead] -= 1
+                elif adopt:
+                    mates = alive_set & set(hosts)
+                    if dead in allowed:
+                        mates &= allowed[dead]
+                    adopter = _least_loaded(mates, load)
+                    if adopter is not None:
+                        hosts.remove(dead)
+                        load[dead] -= 1
+                        adopted.setdefault(rid, {})[dead] = adopter
                 continue
             hosts[hosts.index(dead)] = candidate
             load[dead] -= 1
@@ -113,7 +157,7 @@ def place(
             load[victim] -= 1
         if sorted(hosts) != sorted(before):
             changed[rid] = sorted(hosts)
-    return changed
+    return changed, adopted
 
 
 def _least_loaded(candidates: set[str], load: Counter[str]) -> str | None:
@@ -135,26 +179,31 @@ class DhcpPortPlan:
 
 
 def dhcp_ports(network_id: str, hosts: Iterable[str], ports: Mapping[str, str], *,
-               has_dhcp: bool = True) -> DhcpPortPlan:
+               has_dhcp: bool = True, adopt: Mapping[str, str] | None = None) -> DhcpPortPlan:
     """The changes that give each of `hosts` exactly one DHCP port on the network.
 
     ports: port id -> device_id of the network's DHCP ports. Ports already named for a host
-    stay; the rest (a node that lost its binding, a reserved port, a legacy `dhcp-<network>`
-    one) go, in port id order, to the hosts without one, in name order; then new ports for
-    hosts still without one. Left-over ports are freed, except one kept reserved when no host
-    serves the network. has_dhcp=False (no DHCP-enabled subnet): no ports at all.
+    stay, and so do ports adopted by one of them; the rest (a node that lost its binding, a
+    reserved port, a legacy `dhcp-<network>` one) go, in port id order, to the hosts without
+    one, in name order; then new ports for hosts still without one. adopt: dead host -> the
+    host (one of `hosts`) that adopts its port: a left-over port named for the dead host is
+    re-bound to the adopter. Other left-over ports are freed, except one kept reserved when
+    no host serves the network. has_dhcp=False (no DHCP-enabled subnet): no ports at all.
     """
     plan = DhcpPortPlan()
     if not has_dhcp:
         plan.delete = sorted(ports)
         return plan
     wanted = {dhcp_device_id(h, network_id): h for h in sorted(set(hosts))}
+    kept_adopted = {dhcp_adopted_device_id(h, network_id) for h in wanted.values()}
     claimed = {dev for dev in ports.values() if dev in wanted}
     needy = [wanted[dev] for dev in wanted if dev not in claimed]
     spare: list[str] = []
     seen: set[str] = set()
     for pid in sorted(ports):
         dev = ports[pid]
+        if dev in kept_adopted:
+            continue  # served by a bound node besides its own
         if dev in wanted and dev not in seen:
             seen.add(dev)
         else:
@@ -163,6 +212,11 @@ def dhcp_ports(network_id: str, hosts: Iterable[str], ports: Mapping[str, str], 
         plan.rebind[pid] = dhcp_device_id(host, network_id)
     plan.create = needy[len(spare):]
     left = spare[len(needy):]
+    adopters = {dhcp_device_id(dead, network_id): dhcp_adopted_device_id(by, network_id)
+                for dead, by in (adopt or {}).items() if by in wanted.values()}
+    for pid in [p for p in left if ports[p] in adopters]:
+        plan.rebind[pid] = adopters[ports[pid]]
+        left.remove(pid)
     if not wanted and left:
         keep = next((p for p in left if ports[p] == DHCP_RESERVED_DEVICE_ID), left[0])
         if ports[keep] != DHCP_RESERVED_DEVICE_ID:

@@ -21,7 +21,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from openimds.core import nodes
-from openimds.core.models import DEVICE_OWNER_DHCP, DHCP_RESERVED_DEVICE_ID, dhcp_device_id
+from openimds.core.models import (
+    DEVICE_OWNER_DHCP,
+    DHCP_RESERVED_DEVICE_ID,
+    dhcp_adopted_device_id,
+    dhcp_device_id,
+)
 from openimds.errors import Conflict
 from openimds.registry.allocation import (
     auto_address,
@@ -48,13 +53,15 @@ def _dhcp_subnets(conn: Connection, network_id: str) -> list[Any]:
         .order_by(subnets.c.created_at, subnets.c.id)))
 
 
-def sync(tx: Tx, network_id: str, hosts: Sequence[str]) -> nodes.DhcpPortPlan:
-    """Give each of hosts its own DHCP port on the network (see module doc)."""
+def sync(tx: Tx, network_id: str, hosts: Sequence[str],
+         adopt: Mapping[str, str] | None = None) -> nodes.DhcpPortPlan:
+    """Give each of hosts its own DHCP port on the network (see module doc); adopt: dead
+    host -> the bound host that adopts its port (`nodes.dhcp_ports`)."""
     conn = tx.conn
     current = _ports_of(conn, network_id)
     subs = _dhcp_subnets(conn, network_id)
     plan = nodes.dhcp_ports(network_id, hosts, {p.id: p.device_id for p in current.values()},
-                            has_dhcp=bool(subs))
+                            has_dhcp=bool(subs), adopt=adopt)
     for pid, device_id in plan.rebind.items():
         port = current[pid]
         conn.execute(ports.update().where(ports.c.id == pid)
@@ -136,10 +143,12 @@ def stale(conn: Connection, bound: Mapping[str, Sequence[str]]) -> list[str]:
             if devices != [DHCP_RESERVED_DEVICE_ID]:
                 out.append(nid)
             continue
-        if sorted(devices) != sorted(dhcp_device_id(h, nid) for h in hosts):
+        adopted = {dhcp_adopted_device_id(h, nid) for h in hosts}
+        own = [d for d in devices if d not in adopted]  # adopted ports stay with their node
+        if sorted(own) != sorted(dhcp_device_id(h, nid) for h in hosts):
             # a host lacking a port with nothing to hand over needs a new IP: that is the
             # binding's own write (sync), not a retry every tick
-            if any(d not in {dhcp_device_id(h, nid) for h in hosts} for d in devices) \
-                    or len(devices) != len(set(devices)):
+            if any(d not in {dhcp_device_id(h, nid) for h in hosts} for d in own) \
+                    or len(own) != len(set(own)):
                 out.append(nid)
     return sorted(out)

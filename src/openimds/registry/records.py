@@ -16,7 +16,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
-from openimds.core.models import DEVICE_OWNER_DHCP, DEVICE_OWNER_ROUTER, dhcp_device_id
+from openimds.core.models import (
+    DEVICE_OWNER_DHCP,
+    DEVICE_OWNER_ROUTER,
+    dhcp_adopted_device_id,
+    dhcp_device_id,
+)
 from openimds.errors import NotFound
 from openimds.registry.store import (
     Tx,
@@ -170,7 +175,8 @@ def dhcp_served(conn: Connection, network_ids: Sequence[str] | None,
         bound = bound_hosts(conn, "network", sorted(found))
     out: dict[str, list[Json]] = {}
     for nid, by_port in found.items():
-        host_of = {dhcp_device_id(h, nid): h for h in bound.get(nid, ())}
+        host_of = {dev(h, nid): h for h in bound.get(nid, ())
+                   for dev in (dhcp_device_id, dhcp_adopted_device_id)}
         rows = [{"host": host_of.get(devices[pid]), "port_id": pid,
                  "ip_addresses": sorted(ips, key=ip_sort_key)} for pid, ips in by_port.items()]
         out[nid] = sorted(rows, key=lambda e: (e["host"] is None, e["host"] or "",

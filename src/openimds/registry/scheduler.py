@@ -9,7 +9,8 @@ once). Every placement change is a change-feed row of the router or network (op 
 attrs with "hosts"); a node turning alive or dead is a "host" change. Agents learn their
 work from `/v1/topology` (`routers[].hosts`, `networks[].hosts`), never by RPC. A network's
 DHCP ports follow its bindings in the same transaction (`registry.dhcp_ports`): one per DHCP
-node, a moved binding re-binds its port (keeping its IPs).
+node, a moved binding re-binds its port (keeping its IPs), and a dead node's binding that no
+free node can take is dropped while a still-bound node adopts its port (`nodes.place_adopting`).
 
 Fencing and takers: every heartbeat answer tells the agent how many other alive agents of its
 type exist (`peers`, the rule of `alive_at`), and the agent's row keeps that number. An agent
@@ -52,6 +53,8 @@ class Plan:
     moves: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # kind -> id -> hosts
     orphans: list[tuple[str, str]] = field(default_factory=list)  # (kind, id) gone
     dhcp_stale: list[str] = field(default_factory=list)  # networks whose DHCP ports lag
+    # network id -> {dead host: the bound host that adopts its DHCP port}
+    adopted: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.expired or self.orphans or self.dhcp_stale
@@ -89,8 +92,12 @@ def plan(conn: Connection, at: float, policy: Policy, *, expire: bool = True,
         type_ = nodes.KIND_AGENT[kind]
         takers: dict[str, list[str]] = {h: [] for h in solo_dead.get(type_, ())}
         gone = {h for hosts in current.values() for h in hosts} - known.get(type_, set())
-        result.moves[kind] = nodes.place(current, ids, alive.get(type_, ()),
-                                         policy.wanted(kind), takers, gone)
+        if kind == "network":
+            result.moves[kind], result.adopted = nodes.place_adopting(
+                current, ids, alive.get(type_, ()), policy.wanted(kind), takers, gone)
+        else:
+            result.moves[kind] = nodes.place(current, ids, alive.get(type_, ()),
+                                             policy.wanted(kind), takers, gone)
         if kind == "network" and check_dhcp:
             result.dhcp_stale = [n for n in dhcp_ports.stale(conn, current)
                                  if n not in result.moves[kind]]
@@ -124,7 +131,7 @@ def apply(tx: Tx, at: float, policy: Policy, *, expire: bool = True,
             conn.execute(table.update().where(table.c.id == rid).values(revision=tx.revision))
             tx.change(kind, "update", rid, {**change_attrs(kind, row._asdict()), "hosts": hosts})
             if kind == "network":
-                dhcp_ports.sync(tx, rid, hosts)
+                dhcp_ports.sync(tx, rid, hosts, todo.adopted.get(rid))
     if todo.dhcp_stale:
         bound = bound_hosts(conn, "network", todo.dhcp_stale)
         for nid in todo.dhcp_stale:
