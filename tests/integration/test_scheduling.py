@@ -317,7 +317,7 @@ def test_dhcp_port_per_node_moves_with_its_ip_and_goes_when_k_is_lowered(
     dead node's port is re-bound to its replacement keeping port, MAC and IP; lowering k to
     1 frees one port. (SQLite only: the SQL is the scheduler's, exercised on PostgreSQL by
     the tests above.)"""
-    from openimds.core.models import dhcp_device_id
+    from openimds.core.models import dhcp_adopted_device_id, dhcp_device_id
 
     with registry_process(tmp_path, "sqlite", defaults={
             "agent_down_time": DOWN_S, "dhcp_agents_per_network": 2}) as reg:
@@ -376,21 +376,31 @@ def test_dhcp_port_per_node_moves_with_its_ip_and_goes_when_k_is_lowered(
             assert moved[d1_port["id"]]["mac_address"] == d1_port["mac_address"]
             assert moved[d1_port["id"]]["fixed_ips"] == d1_port["fixed_ips"]
 
-            # d-3 dies too: no free node, its binding and port stay; `host delete d-3` (it
-            # will not come back) drops the binding and frees the port
+            # d-3 dies too: no free node, so d-2 (serving the network too) adopts d-3's port:
+            # same port, MAC and IP, now served by d-2 besides its own; `host delete d-3`
+            # changes nothing (d-3 serves nothing any more)
             beats.silence("d-3")
-            wait_for(lambda: not host_map(api)["d-3"]["alive"], DOWN_S + 5.0, "d-3 dead")
-            assert api.get("network", net["id"])["hosts"] == ["d-2", "d-3"]
+            wait_for(lambda: api.get("network", net["id"])["hosts"] == ["d-2"],
+                     DOWN_S + 5.0, "d-3's binding dropped, its port adopted")
+            adopted = _dhcp_ports(api, net["id"])
+            assert set(adopted) == set(ports)  # no port made, none freed
+            assert adopted[d1_port["id"]]["device_id"] == dhcp_adopted_device_id("d-2", net["id"])
+            assert adopted[d1_port["id"]]["fixed_ips"] == d1_port["fixed_ips"]
+            assert adopted[d1_port["id"]]["mac_address"] == d1_port["mac_address"]
+            shown = api.get("network", net["id"])["dhcp"]
+            assert sorted((d["host"], d["ip_addresses"][0]) for d in shown) == [
+                ("d-2", "10.0.0.1"), ("d-2", "10.0.0.2")]
             run_cli(reg.config, "host", "delete", "d-3", check=True)
             assert api.get("network", net["id"])["hosts"] == ["d-2"]
-            assert set(_dhcp_ports(api, net["id"])) == {
-                by_dev[dhcp_device_id("d-2", net["id"])]["id"]}
-            # d-3 is back (a new node to the registry): a new port, a new address
+            assert _dhcp_ports(api, net["id"]) == adopted
+            # d-3 is back: k=2 wants it, it gets a new port and address; the adopted one
+            # stays with d-2 (nothing is handed back)
             beats.start("d-3", "dhcp")
             wait_for(lambda: api.get("network", net["id"])["hosts"] == ["d-2", "d-3"], 5.0,
                      "d-3 serves the network again")
             ports = _dhcp_ports(api, net["id"])
-            assert len(ports) == 2 and d1_port["id"] not in ports
+            assert len(ports) == 3 and ports[d1_port["id"]] == adopted[d1_port["id"]]
+            assert ports_ip(api, net["id"], "d-3") not in ("10.0.0.1", "10.0.0.2")
 
             # a DHCP port named the pre-per-node way (as a registry before it wrote them):
             # the next registry start hands it over or frees it
