@@ -199,7 +199,11 @@ def test_dhcp_ports_an_adopted_port_is_rebound_kept_and_never_handed_back() -> N
     assert not dhcp_ports(NET, ["a"], {"p1": a, "p2": a_adopted})
     assert dhcp_ports(NET, ["a", "b"], {"p1": a, "p2": a_adopted}) == DhcpPortPlan(
         create=["b"])
-    # a loses its binding: its adopted port is handed over like any other (or freed)
+    # a's binding moves to c: its own port and the one it adopted go to c together
+    for own, other in (("p1", "p2"), ("p2", "p1")):  # whatever the port ids' order
+        assert dhcp_ports(NET, ["c"], {own: a, other: a_adopted}) == DhcpPortPlan(
+            rebind={own: dhcp_device_id("c", NET), other: dhcp_adopted_device_id("c", NET)})
+    # a loses its binding otherwise: its adopted port is handed over like any other (or freed)
     assert dhcp_ports(NET, ["b", "c"], {"p1": b, "p2": a_adopted}) == DhcpPortPlan(
         rebind={"p2": dhcp_device_id("c", NET)})
     assert dhcp_ports(NET, ["b"], {"p1": b, "p2": a_adopted}) == DhcpPortPlan(delete=["p2"])

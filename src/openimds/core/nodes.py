@@ -31,7 +31,8 @@ handed to a node that gained one (re-bound: same port, same MAC, same IPs), so c
 renew against the old server address, and guests routing metadata via it, keep working once
 the new node announces it. A port named for a dead node that a live node adopts is re-bound
 to it as `models.dhcp_adopted_device_id` (the node then holds several DHCP ports' addresses);
-an adopted port whose adopter lost its binding is handed over or freed like any other port.
+an adopted port follows its adopter's own port when that is handed over, else it is handed
+over or freed like any other port.
 Only a port nobody takes is freed; a network with no DHCP node keeps
 one port reserved, so its address (the first of the pool) survives until a node claims it.
 """
@@ -187,7 +188,8 @@ def dhcp_ports(network_id: str, hosts: Iterable[str], ports: Mapping[str, str], 
     reserved port, a legacy `dhcp-<network>` one) go, in port id order, to the hosts without
     one, in name order; then new ports for hosts still without one. adopt: dead host -> the
     host (one of `hosts`) that adopts its port: a left-over port named for the dead host is
-    re-bound to the adopter. Other left-over ports are freed, except one kept reserved when
+    re-bound to the adopter; ports a node had adopted follow its own port when that is
+    handed over (they stay together). Other left-over ports are freed, except one kept reserved when
     no host serves the network. has_dhcp=False (no DHCP-enabled subnet): no ports at all.
     """
     plan = DhcpPortPlan()
@@ -200,7 +202,8 @@ def dhcp_ports(network_id: str, hosts: Iterable[str], ports: Mapping[str, str], 
     needy = [wanted[dev] for dev in wanted if dev not in claimed]
     spare: list[str] = []
     seen: set[str] = set()
-    for pid in sorted(ports):
+    # adopted ports last: a node's own port is what a node without one takes over
+    for pid in sorted(ports, key=lambda p: (ports[p].endswith("-adopted"), p)):
         dev = ports[pid]
         if dev in kept_adopted:
             continue  # served by a bound node besides its own
@@ -208,12 +211,14 @@ def dhcp_ports(network_id: str, hosts: Iterable[str], ports: Mapping[str, str], 
             seen.add(dev)
         else:
             spare.append(pid)  # named for no host we want (or a second port of the same)
-    for host, pid in zip(needy, spare, strict=False):
-        plan.rebind[pid] = dhcp_device_id(host, network_id)
-    plan.create = needy[len(spare):]
-    left = spare[len(needy):]
     adopters = {dhcp_device_id(dead, network_id): dhcp_adopted_device_id(by, network_id)
                 for dead, by in (adopt or {}).items() if by in wanted.values()}
+    for host, pid in zip(needy, spare, strict=False):
+        plan.rebind[pid] = dhcp_device_id(host, network_id)
+        # the node taking this port over also takes what its old node had adopted
+        adopters[ports[pid] + "-adopted"] = dhcp_adopted_device_id(host, network_id)
+    plan.create = needy[len(spare):]
+    left = spare[len(needy):]
     for pid in [p for p in left if ports[p] in adopters]:
         plan.rebind[pid] = adopters[ports[pid]]
         left.remove(pid)
