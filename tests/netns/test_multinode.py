@@ -338,9 +338,16 @@ def dhcp_cloud(make_stack: Callable[..., Stack]) -> Iterator[tuple[Stack, dict[s
 
 
 def dhcp_of(stack: Stack, net_id: str) -> dict[str, str]:
-    """host -> its DHCP port IP on the network, from `network show`."""
-    shown = cli_json(stack.config, "network", "show", net_id)
-    return {d["host"]: d["ip_addresses"][0] for d in shown["dhcp"]}
+    """host -> its (first) DHCP port IP on the network, from `network show`."""
+    return {h: ips[0] for h, ips in dhcp_all(stack, net_id).items()}
+
+
+def dhcp_all(stack: Stack, net_id: str) -> dict[str, list[str]]:
+    """host -> every DHCP port IP it serves on the network (its own and adopted ones)."""
+    out: dict[str, list[str]] = {}
+    for d in cli_json(stack.config, "network", "show", net_id)["dhcp"]:
+        out.setdefault(d["host"], []).append(d["ip_addresses"][0])
+    return {h: sorted(ips, key=lambda i: int(ipaddress.ip_address(i))) for h, ips in out.items()}
 
 
 def test_two_dhcp_nodes_serve_one_isolated_network_and_ports_keep_their_ips(
@@ -386,29 +393,60 @@ def test_two_dhcp_nodes_serve_one_isolated_network_and_ports_keep_their_ips(
     lowest = min(ports, key=lambda i: int(ipaddress.ip_address(i)))
     assert arp_answers(vm_ns, vm_mac, "10.0.0.5", "169.254.169.254") == [ports[lowest]]
 
-    # kill -9 the node the VM got its lease from: no third node to take its port, so the
-    # VM's next DHCP exchange gets the survivor's lease and route, and metadata again
+    # a second guest, configured statically as network_data.json says: 169.254.169.254 via
+    # the lowest DHCP address
+    server2 = c.create_instance("vm-static", net, fixed_ip="10.0.0.6")["id"]
+    vm2_ns = stack.plug(server2)
+    subprocess.run(["ip", "netns", "exec", vm2_ns, "ip", "route", "add", "169.254.169.254/32",
+                    "via", lowest], check=True)
+    out = stack.vm_exec(server2, "curl", "-sf", "-m", "5", MD_URL)
+    assert server2 in out.stdout, out
+
+    # kill -9 the node the VM got its lease from (a one-shot DHCP client: it never renews):
+    # no third node to take its port, so the survivor adopts it (same IP, its own MAC,
+    # announced): the VM reads its metadata again via the same next hop, the static guest too
     victim = next(nodes[h] for h, ip in ips.items() if ip == via)
     survivor = next(n for n in nodes.values() if n is not victim)
+    t0 = time.monotonic()
     victim.kill()
-    stack.cli("vm", "plug", server, "--dhcp")
-    assert vm_metadata_route(vm_ns) == ips[survivor.name]
-    out = stack.vm_exec(server, "curl", "-sf", "-m", "5", MD_URL)
+    loop = (f"until curl -sf -m 1 -o /dev/null {MD_URL}; do sleep 0.1; done; "
+            f"curl -sf -m 5 {MD_URL}")
+    out = stack.vm_exec(server, "sh", "-c", loop, timeout=60)
+    adopt_s = time.monotonic() - t0
+    print(f"DHCP port adoption: kill -9 -> first 200 via the dead node's IP after "
+          f"{adopt_s:.2f} s (agent_down_time {DOWN_S} s)")
     assert server in out.stdout, out
-    stack.wait(lambda: not hosts_by_name(stack)[victim.name]["alive"], DOWN_S + 5,
-               "victim dead")
-    assert dhcp_of(stack, net) == ips  # nowhere to move: the dead node's port stays its own
+    assert adopt_s < DOWN_S + 5, adopt_s
+    assert vm_metadata_route(vm_ns) == via  # the lease was never renewed
+    assert dhcp_all(stack, net) == {survivor.name: sorted(
+        ips.values(), key=lambda i: int(ipaddress.ip_address(i)))}
+    assert not hosts_by_name(stack)[victim.name]["alive"]
+    out = stack.vm_exec(server2, "sh", "-c", loop, timeout=30)
+    assert server2 in out.stdout, out
+    survivor_mac = ports[ips[survivor.name]]
+    for ip in (via, "169.254.169.254"):  # one answer each, from the survivor
+        assert arp_answers(vm_ns, vm_mac, "10.0.0.5", ip) == [survivor_mac]
 
-    # the victim comes back (its binding never moved: it serves again); then k is lowered
-    # to 1: one binding and its port go, the other port keeps its IP
+    # the victim comes back: it takes nothing back; k=2 wants it, so it gets a new port
     victim.start()
+    stack.wait(lambda: victim.name in dhcp_all(stack, net), DOWN_S + 10, "victim bound again")
     stack.wait(lambda: serving(nodes, ns) == ["net-a", "net-b"], 30, "DHCP on both again")
+    now = dhcp_all(stack, net)
+    assert now[survivor.name] == sorted(ips.values(), key=lambda i: int(ipaddress.ip_address(i)))
+    assert len(now[victim.name]) == 1 and now[victim.name][0] not in ips.values(), now
+    for srv in (server, server2):
+        out = stack.vm_exec(srv, "curl", "-sf", "-m", "5", MD_URL)
+        assert srv in out.stdout, out
+    assert arp_answers(vm_ns, vm_mac, "10.0.0.5", via) == [survivor_mac]
+
+    # k lowered to 1: one binding and its ports go, the other node keeps its addresses
     stack.config.write_text(stack.config.read_text().replace(
         "dhcp_agents_per_network = 2", "dhcp_agents_per_network = 1"))
     stack.restart("registry")
-    stack.wait(lambda: len(dhcp_of(stack, net)) == 1, DOWN_S + 10, "one DHCP node left")
-    ((kept, kept_ip),) = dhcp_of(stack, net).items()
-    assert ips[kept] == kept_ip
+    stack.wait(lambda: len(dhcp_all(stack, net)) == 1, DOWN_S + 10, "one DHCP node left")
+    ((kept, kept_ips),) = dhcp_all(stack, net).items()
+    assert kept_ips == now[kept]
+    kept_ip = ips[kept] if kept == survivor.name else kept_ips[0]  # its own: option 121's
     stack.wait(lambda: serving(nodes, ns) == [kept], 30, f"DHCP only on {kept}")
     stack.cli("vm", "plug", server, "--dhcp")
     assert vm_metadata_route(vm_ns) == kept_ip
@@ -424,7 +462,7 @@ def test_two_dhcp_nodes_serve_one_isolated_network_and_ports_keep_their_ips(
     print(f"DHCP port failover: kill -9 -> first 200 via the same IP after "
           f"{time.monotonic() - t0:.2f} s (agent_down_time {DOWN_S} s)")
     assert server in out.stdout, out
-    assert dhcp_of(stack, net) == {other.name: kept_ip}
+    assert dhcp_all(stack, net) == {other.name: kept_ips}  # adopted ones moved along
     assert serving(nodes, ns) == [other.name]
     stack.cli("vm", "plug", server, "--dhcp")  # and DHCP still leases, via the same IP
     assert vm_metadata_route(vm_ns) == kept_ip
