@@ -414,7 +414,8 @@ def test_two_dhcp_nodes_serve_one_isolated_network_and_ports_keep_their_ips(
     out = stack.vm_exec(server, "sh", "-c", loop, timeout=60)
     adopt_s = time.monotonic() - t0
     print(f"DHCP port adoption: kill -9 -> first 200 via the dead node's IP after "
-          f"{adopt_s:.2f} s (agent_down_time {DOWN_S} s)")
+          f"{adopt_s:.2f} s (agent_down_time {DOWN_S} s; the dead node held the lowest "
+          f"address: {via == lowest})")
     assert server in out.stdout, out
     assert adopt_s < DOWN_S + 5, adopt_s
     assert vm_metadata_route(vm_ns) == via  # the lease was never renewed
