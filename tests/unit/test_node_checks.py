@@ -171,6 +171,10 @@ def test_listening() -> None:
     with pytest.raises(CheckFailed, match="port 9698"):
         judge_listening(ss, 9698, ("0.0.0.0",))
     assert judge_listening("LISTEN 0 5 [::]:9697 [::]:*", 9697, ("0.0.0.0",))
+    bound = "LISTEN 0 4096 169.254.169.254%tapbcec6a77-b2:80 0.0.0.0:*"
+    assert judge_listening(bound, 80, ("169.254.169.254",)).endswith("%tapbcec6a77-b2:80")
+    bound6 = "LISTEN 0 4096 [fe80::a9fe:a9fe]%tapbcec6a77-b2:80 [::]:*"
+    assert judge_listening(bound6, 80, ("fe80::a9fe:a9fe",))
 
 
 def test_lookup() -> None:

@@ -167,7 +167,9 @@ def judge_listening(ss_text: str, port: int, hosts: Sequence[str]) -> str:
             continue
         local = cols[3]
         host, _, lport = local.rpartition(":")
-        host = host.strip("[]")
+        # a listener bound to its device shows as addr%dev (the DHCP tap's, since each node
+        # of a network listens on its own tap)
+        host = host.partition("%")[0].strip("[]")
         if lport == str(port) and (host in hosts or host in ("*", "0.0.0.0", "::")):
             return f"listening on {local}"
     raise CheckFailed(
