@@ -67,6 +67,7 @@ from openimds.host.supervise import (
     Recorded,
     owns_tcp_listener,
     owns_unix_listener,
+    pid_alive,
     proc_start_time,
 )
 
@@ -96,7 +97,10 @@ class Node:
     launcher_start: int | None = None
 
     def alive(self) -> bool:
-        return self.pid is not None and proc_start_time(self.pid) == self.start_time
+        # a killed PID 1 stays a zombie until the host's init reaps it (its unshare parent
+        # died with it): dead all the same, so `node start` right after `node kill` works
+        return (self.pid is not None and proc_start_time(self.pid) == self.start_time
+                and pid_alive(self.pid))
 
     def processes(self) -> list[Recorded]:
         """Its recorded processes that still run: PID 1 and the `unshare` above it."""
