@@ -65,6 +65,12 @@ class RegistrySettings:
     reader_token: str = opt("", "Bearer token allowed to read only (agents)", secret=True)
     change_retention: int = opt(10000, "How many changes the feed keeps before resync", min=10)
     max_page_size: int = opt(1000, "Largest page a list call returns", min=1)
+    reuse_hold: float = opt(
+        30.0, "Seconds a write that re-binds an address released within that time waits "
+        "before it is answered, and so how long a metadata agent serves the VMs it knows while "
+        "no registry answers (announced as hold_s); automatic allocation avoids such "
+        "addresses, so only a requested fixed IP or a full pool waits. At least 3 (lease + 1)",
+        min=3.0)
     sqlite_synchronous: str = opt(
         "full", "SQLite commit durability: full fsyncs each commit (survives power loss); "
         "normal only at checkpoints (survives kill -9, a power cut may lose the last commits)",

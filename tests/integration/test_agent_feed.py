@@ -23,7 +23,8 @@ from tests.integration.agent_support import (
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Any:
     tmp = tmp_path_factory.mktemp("agent-feed")
-    with stack(tmp, metadata_agent={"cache_size": 10000}) as st:
+    # a short reuse hold: every reuse below asks for its fixed IP and so waits it out
+    with stack(tmp, metadata_agent={"cache_size": 10000}, registry={"reuse_hold": 3.0}) as st:
         r = st.admin.create_router("r")
         net, sub = make_network(st.admin, "n", "10.20.0.0/22", r["id"])
         st.start_agent()

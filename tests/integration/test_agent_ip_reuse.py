@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from openimds.registry.reuse import HOLD_S, LEASE_S
+from openimds.registry.reuse import LEASE_S
 from tests.integration.agent_support import (
     Stack,
     make_network,
@@ -32,6 +32,7 @@ from tests.integration.agent_support import (
 )
 from tests.support import openimds_service, write_config
 
+HOLD_S = 4.0  # [registry] reuse_hold: short, the create below waits it out
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length"}
 
 
@@ -105,7 +106,8 @@ class FeedHoldingRelay:
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    with stack(tmp_path, metadata_agent={"cache_size": 1000}) as st, \
+    with stack(tmp_path, metadata_agent={"cache_size": 1000},
+               registry={"reuse_hold": HOLD_S}) as st, \
             FeedHoldingRelay(st.registry_url) as relay:
         cfg = copy.deepcopy(st.cfg)
         cfg["registry"]["url"] = relay.url  # the agent's feed and lookups go through it
@@ -161,3 +163,19 @@ def test_ip_reuse_while_the_feed_is_held_back(world: dict[str, Any]) -> None:
     hits = st.stats()["cache_hits"]
     assert seen(st, hdrs) == (new["id"], new["project_id"])
     assert st.stats()["cache_hits"] > hits, st.stats()  # trusted again once the feed answers
+
+
+def test_delete_then_create_picks_another_address_at_once(world: dict[str, Any]) -> None:
+    # the address the deleted VM had is quarantined: a create that asks for no address gets
+    # another one and is answered without the hold
+    st: Stack = world["st"]
+    old = st.admin.create_instance("old", world["net"]["id"], project_id="p-old")
+    st.admin.delete("instance", old["id"])
+    t0 = time.monotonic()
+    new = st.admin.create_instance("new", world["net"]["id"], project_id="p-new")
+    took = time.monotonic() - t0
+    old_ip, ip = (str(i["ports"][0]["fixed_ips"][0]["ip_address"]) for i in (old, new))
+    assert ip != old_ip
+    assert took < HOLD_S - 1  # generous; held, it would take at least HOLD_S
+    hdrs = via_router(world["r"]["id"], ip)
+    assert seen(st, hdrs) == (new["id"], new["project_id"])

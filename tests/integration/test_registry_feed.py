@@ -15,7 +15,7 @@ import pytest
 from openimds.errors import BadRequest
 from openimds.registry.client import AsyncRegistryClient, ResyncRequired
 from openimds.registry.feed import ChangeBatch, ChangeFollower
-from openimds.registry.reuse import HOLD_S, LEASE_S
+from openimds.registry.reuse import DEFAULT_HOLD_S, LEASE_S
 from tests.integration.registry_support import BACKENDS, Registry, registry_process
 from tests.support import http_ready
 
@@ -72,7 +72,7 @@ def test_long_poll_times_out_with_current_revision(reg: Registry) -> None:
         answer = c.changes(rev, wait=0.6)
         elapsed = time.monotonic() - started
         assert answer == {"revision": rev, "changes": [], "head": rev, "lease_s": LEASE_S,
-                          "hold_s": HOLD_S}
+                          "hold_s": DEFAULT_HOLD_S}
         assert 0.55 <= elapsed < 2.0
         with pytest.raises(BadRequest):
             c.changes(rev, wait=61)

@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from openimds.errors import Conflict
-from openimds.registry.reuse import HOLD_S, LEASE_S, WINDOW_S
+from openimds.registry.reuse import DEFAULT_HOLD_S, LEASE_S
 from openimds.registry.service import Registry
 from openimds.registry.store import ACK_HOLD, AckHold, Store, releases
 from tests.support import postgres_database
@@ -29,6 +29,14 @@ def reg(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registry]:
         store.create_schema()
         stack.callback(store.dispose)
         yield Registry(store)
+
+
+def ports_on(reg: Registry, net: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    return [reg.create_port({"network_id": net["id"]}) for _ in range(n)]
+
+
+def ip_of(port: dict[str, Any]) -> str:
+    return str(port["fixed_ips"][0]["ip_address"])
 
 
 def held(fn: Any, *args: Any) -> tuple[Any, float]:
@@ -61,7 +69,7 @@ def test_a_reused_address_is_held_others_are_not(reg: Registry) -> None:
     assert hold == 0  # a release itself is never held
     _, hold = held(reg.create_instance, {"name": "b", "network_id": net["id"],
                                          "fixed_ip": "10.0.0.5"})
-    assert hold == HOLD_S
+    assert hold == reg.reuse.hold_s
     _, hold = held(reg.create_instance, {"name": "c", "network_id": net["id"],
                                          "fixed_ip": "10.0.0.6"})
     assert hold == 0  # another address on the same network
@@ -72,7 +80,7 @@ def test_a_release_older_than_the_window_costs_nothing(reg: Registry) -> None:
     port = reg.create_port({"network_id": net["id"],
                             "fixed_ips": [{"ip_address": "10.0.0.7"}]})
     reg.delete_port(port["id"])
-    age_releases(reg, WINDOW_S + 0.5)
+    age_releases(reg, reg.reuse.window_s + 0.5)
     _, hold = held(reg.create_port, {"network_id": net["id"],
                                      "fixed_ips": [{"ip_address": "10.0.0.7"}]})
     assert hold == 0
@@ -90,7 +98,7 @@ def test_a_reused_mac_is_held(reg: Registry) -> None:
     port = reg.create_port({"network_id": net["id"], "mac_address": mac})
     reg.delete_port(port["id"])
     _, hold = held(reg.create_port, {"network_id": net["id"], "mac_address": mac})
-    assert hold == HOLD_S
+    assert hold == reg.reuse.hold_s
 
 
 def test_a_router_scope_that_lost_an_interface_is_held(reg: Registry) -> None:
@@ -101,15 +109,15 @@ def test_a_router_scope_that_lost_an_interface_is_held(reg: Registry) -> None:
     reg.add_interface(router["id"], {"subnet_id": m_sub["id"]})
     reg.create_instance({"name": "on-m", "network_id": m["id"], "fixed_ip": "10.1.0.5"})
     reg.create_instance({"name": "on-n", "network_id": n["id"], "fixed_ip": "10.1.0.5"})
-    age_releases(reg, WINDOW_S + 0.5)
+    age_releases(reg, reg.reuse.window_s + 0.5)
     _, hold = held(reg.remove_interface, router["id"], {"subnet_id": m_sub["id"]})
     assert hold == 0
     _, hold = held(reg.add_interface, router["id"], {"subnet_id": n_sub["id"]})
-    assert hold == HOLD_S  # n's 10.1.0.5 is now what (r, 10.1.0.5) means
+    assert hold == reg.reuse.hold_s  # n's 10.1.0.5 is now what (r, 10.1.0.5) means
     _, hold = held(reg.create_instance, {"name": "late", "network_id": n["id"],
                                          "fixed_ip": "10.1.0.6"})
-    assert hold == HOLD_S  # reached through r too, whose scope changed moments ago
-    age_releases(reg, WINDOW_S + 0.5)
+    assert hold == reg.reuse.hold_s  # reached through r too, whose scope changed moments ago
+    age_releases(reg, reg.reuse.window_s + 0.5)
     _, hold = held(reg.create_instance, {"name": "later", "network_id": n["id"],
                                          "fixed_ip": "10.1.0.7"})
     assert hold == 0
@@ -119,11 +127,11 @@ def test_the_feed_announces_its_lease_and_head(reg: Registry) -> None:
     net, _ = network(reg, "n", "10.0.0.0/24")
     head = int(reg.health()["revision"])
     page = reg.changes(0, 1)
-    assert page["head"] == head and page["lease_s"] == LEASE_S and page["hold_s"] == HOLD_S
+    assert page["head"] == head and page["lease_s"] == LEASE_S and page["hold_s"] == reg.reuse.hold_s
     assert page["revision"] < head  # a page: not the whole story
     assert reg.changes(head, None) == {"revision": head, "changes": [], "head": head,
-                                       "lease_s": LEASE_S, "hold_s": HOLD_S}
-    assert reg.health()["lease_s"] == LEASE_S and reg.health()["hold_s"] == HOLD_S
+                                       "lease_s": LEASE_S, "hold_s": reg.reuse.hold_s}
+    assert reg.health()["lease_s"] == LEASE_S and reg.health()["hold_s"] == reg.reuse.hold_s
     assert net
 
 
@@ -138,3 +146,55 @@ def test_a_deleted_instance_id_is_never_given_again(reg: Registry) -> None:
         reg.create_instance({"name": "b", "network_id": net["id"], "id": iid})
     other = reg.create_instance({"name": "c", "network_id": net["id"]})
     assert other["id"] != iid
+
+
+def test_the_hold_defaults_to_the_setting_and_is_announced(reg: Registry) -> None:
+    assert reg.reuse.hold_s == DEFAULT_HOLD_S == 30.0
+    assert reg.health()["hold_s"] == DEFAULT_HOLD_S
+    short = Registry(reg.store, reuse_hold=4.0)
+    assert short.reuse.hold_s == 4.0 and short.health()["hold_s"] == 4.0
+    assert short.changes(0, 1)["hold_s"] == 4.0
+    net, _ = network(short, "n", "10.0.0.0/24")
+    port = short.create_port({"network_id": net["id"],
+                              "fixed_ips": [{"ip_address": "10.0.0.9"}]})
+    short.delete_port(port["id"])
+    _, hold = held(short.create_port, {"network_id": net["id"],
+                                       "fixed_ips": [{"ip_address": "10.0.0.9"}]})
+    assert hold == 4.0
+    assert Registry(reg.store, reuse_hold=1.0).reuse.hold_s == LEASE_S + 1  # never below
+
+
+def test_automatic_allocation_skips_a_just_released_address(reg: Registry) -> None:
+    net, sub = network(reg, "n", "10.0.0.0/24")
+    a, b, c = ports_on(reg, net, 3)
+    assert [ip_of(p) for p in (a, b, c)] == ["10.0.0.2", "10.0.0.3", "10.0.0.4"]
+    reg.delete_port(b["id"])
+    reg.delete_instance(reg.create_instance({"name": "i", "network_id": net["id"]})["id"])
+    # the lowest free address (10.0.0.3) and the instance's (10.0.0.5) were released
+    # moments ago: a picked address is another one, and the create is not held
+    d, hold = held(reg.create_port, {"network_id": net["id"]})
+    assert hold == 0 and ip_of(d) == "10.0.0.6"
+    e, hold = held(reg.create_instance, {"name": "j", "network_id": net["id"]})
+    assert hold == 0 and ip_of(e["ports"][0]) == "10.0.0.7"
+    f, hold = held(reg.create_port, {"network_id": net["id"],
+                                     "fixed_ips": [{"subnet_id": sub["id"]}]})
+    assert hold == 0 and ip_of(f) == "10.0.0.8"  # a subnet asked for, not an address
+    # asked for by address, the released one is given, and the answer waits the hold
+    g, hold = held(reg.create_port, {"network_id": net["id"],
+                                     "fixed_ips": [{"ip_address": "10.0.0.3"}]})
+    assert hold == reg.reuse.hold_s and ip_of(g) == "10.0.0.3"
+    reg.delete_port(g["id"])
+    age_releases(reg, reg.reuse.window_s + 0.5)  # out of quarantine: lowest first again
+    h, hold = held(reg.create_port, {"network_id": net["id"]})
+    assert hold == 0 and ip_of(h) == "10.0.0.3"
+
+
+def test_a_full_pool_reuses_a_quarantined_address_and_waits(reg: Registry) -> None:
+    net = reg.create_network({"name": "tiny"})
+    reg.create_subnet({"network_id": net["id"], "cidr": "10.9.0.0/29", "enable_dhcp": False,
+                       "allocation_pools": [{"start": "10.9.0.2", "end": "10.9.0.3"}]})
+    a, b = ports_on(reg, net, 2)
+    reg.delete_port(a["id"])
+    c, hold = held(reg.create_port, {"network_id": net["id"]})
+    assert ip_of(c) == ip_of(a) and hold == reg.reuse.hold_s  # the only free one
+    assert ip_of(b) == "10.9.0.3"

@@ -33,6 +33,7 @@ __all__ = [
     "eui64_address",
     "first_free",
     "first_free_of",
+    "pick_free",
     "generate_mac",
     "is_valid_mac",
     "link_local_address",
@@ -252,6 +253,18 @@ def first_free_of(pools: Sequence[Pool], used: Iterable[str]) -> IPAddress | Non
         if cand <= end:
             return type(pool.start)(cand)
     return None
+
+
+def pick_free(pools: Sequence[Pool], used: Collection[str],
+              quarantined: Collection[str] = ()) -> IPAddress | None:
+    """The lowest free address not quarantined (released moments ago: its reuse would be
+    held, registry/reuse.py); a quarantined one only when no other is free. Addresses as
+    the registry stores them (``str``), like `first_free_of`."""
+    if quarantined:
+        ip = first_free_of(pools, [*used, *quarantined])
+        if ip is not None:
+            return ip
+    return first_free_of(pools, used)
 
 
 def generate_mac(randbytes: Callable[[int], bytes]) -> str:

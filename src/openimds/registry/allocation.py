@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
+from collections.abc import Callable, Collection
 from typing import Any
 
 import sqlalchemy as sa
@@ -47,8 +48,10 @@ def new_mac(conn: Connection) -> str:
     raise Conflict("could not find a free MAC address after 64 tries")
 
 
-def free_ip(conn: Connection, subnet: Row[Any]) -> ipam.IPAddress | None:
-    """The lowest free pool address: the used ones stay text (no per-address parse)."""
+def free_ip(conn: Connection, subnet: Row[Any],
+            quarantined: Collection[str] = ()) -> ipam.IPAddress | None:
+    """The lowest free pool address not quarantined while another is free (`ipam.pick_free`):
+    the used ones stay text (no per-address parse)."""
     used = list(conn.execute(_SUBNET_IPS, {"subnet_id": subnet.id}).scalars())
     if subnet.gateway_ip:
         used.append(str(ipaddress.ip_address(subnet.gateway_ip)))
@@ -56,7 +59,7 @@ def free_ip(conn: Connection, subnet: Row[Any]) -> ipam.IPAddress | None:
         ipam.Pool(ipaddress.ip_address(p["start"]), ipaddress.ip_address(p["end"]))
         for p in subnet.allocation_pools
     ]
-    return ipam.first_free_of(pools, used)
+    return ipam.pick_free(pools, used, quarantined)
 
 
 def is_auto_address(subnet: Row[Any]) -> bool:
@@ -67,14 +70,27 @@ def auto_address(subnet: Row[Any], mac: str) -> ipam.IPAddress:
     return ipam.eui64_address(ipam.parse_cidr(subnet.cidr), mac)
 
 
+Quarantine = Callable[[Connection, str], Collection[str]]
+
+
 def allocate(
     conn: Connection, network_id: str, requests: Any, *, device_owner: str, mac: str,
-    field: str = "fixed_ips",
+    field: str = "fixed_ips", quarantine: Quarantine | None = None,
 ) -> list[tuple[str, str]]:
-    """(subnet_id, ip) pairs for a new port with this MAC on network_id."""
+    """(subnet_id, ip) pairs for a new port with this MAC on network_id. An address picked
+    for the port (none requested) avoids what `quarantine` names (addresses released
+    moments ago, `ReuseHold.quarantined`) while another is free; asked for, it is given."""
     subs = list(conn.execute(_NETWORK_SUBNETS, {"network_id": network_id}))
     if not subs:
         raise BadRequest(f"network_id: network {network_id} has no subnets")
+    avoid: Collection[str] | None = None
+
+    def free(subnet: Row[Any]) -> ipam.IPAddress | None:
+        nonlocal avoid
+        if avoid is None:  # asked once per port, only if it picks an address
+            avoid = quarantine(conn, network_id) if quarantine is not None else ()
+        return free_ip(conn, subnet, avoid)
+
     out: list[tuple[str, str]] = []
     if device_owner != DEVICE_OWNER_ROUTER:
         out += [(s.id, str(auto_address(s, mac))) for s in subs if is_auto_address(s)]
@@ -83,7 +99,7 @@ def allocate(
             candidates = [s for s in subs if s.ip_version == version
                           and not is_auto_address(s)]
             for s in candidates:
-                ip = free_ip(conn, s)
+                ip = free(s)
                 if ip is not None:
                     out.append((s.id, str(ip)))
                     break
@@ -112,7 +128,7 @@ def allocate(
                 if device_owner == DEVICE_OWNER_ROUTER:
                     out.append((subnet.id, str(auto_address(subnet, mac))))
                 continue  # non-router ports have it already
-            ip = free_ip(conn, subnet)
+            ip = free(subnet)
             if ip is None:
                 raise Conflict(f"no free IP address left on subnet {subnet.cidr}")
             out.append((subnet.id, str(ip)))

@@ -369,6 +369,7 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) 
                   sqlite_synchronous=reg_settings.sqlite_synchronous)
     await asyncio.to_thread(store.create_schema)
     registry = Registry(store, max_page_size=reg_settings.max_page_size,
+                        reuse_hold=reg_settings.reuse_hold,
                         policy=Policy(down_time_s=settings.agent_down_time,
                                       dhcp_per_network=settings.dhcp_agents_per_network))
     app = make_app(registry, admin_token=reg_settings.admin_token,

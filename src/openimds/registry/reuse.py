@@ -9,13 +9,14 @@ The contract (docs/architecture.md, "IP reuse"):
   registry announces `lease_s` and `hold_s` in every `/v1/changes` and `/v1/health`
   answer). A feed call received after a commit answers with that commit, so an agent that
   still trusts at time t has applied every commit older than t - LEASE_S. While no registry
-  answers it serves callers it knows, but only until `HOLD_S` after that send.
+  answers it serves callers it knows, but only until hold_s after that send (the operator's
+  `[registry] reuse_hold`: the outage a known VM rides out).
 - A write that binds an address (a port create or update: (network, ip), the link-local
   address of its MAC, and the scope of every router on its network) within
-  `HOLD_S + SLACK_S` of a release of the same address or router scope (a port delete or
-  update, a router interface removed) is answered `HOLD_S` after its own commit
+  `hold_s + SLACK_S` of a release of the same address or router scope (a port delete or
+  update, a router interface removed) is answered hold_s after its own commit
   (`Tx.hold_s`, slept by the REST layer). The new VM cannot ask before its port exists, so
-  its first request reaches the agent more than HOLD_S after the release: the agent has
+  its first request reaches the agent more than hold_s after the release: the agent has
   applied it, or asks the registry, and no longer serves what it knew.
 - A release's timestamp is taken as its transaction's last statement, in the database's
   clock (so registry processes on several hosts agree). The one remaining assumption: a
@@ -23,28 +24,34 @@ The contract (docs/architecture.md, "IP reuse"):
   Only durations are compared across hosts, never wall clocks.
 
 Releases are recorded per address and per router (`store.releases`), so reuse elsewhere
-never waits; rows older than the window are pruned by the next release.
+never waits; rows older than the window are pruned by the next release. Automatic
+allocation skips the addresses still in the window while another is free (`quarantined`,
+registry/allocation.py), so only a requested fixed IP or an exhausted pool waits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
 from openimds.core.ipam import link_local_address
 from openimds.core.models import DEVICE_OWNER_ROUTER
 from openimds.errors import BadRequest
 from openimds.registry.store import Tx, port_ips, ports, releases
 
-__all__ = ["GRACE_S", "HOLD_S", "LEASE_S", "SLACK_S", "WINDOW_S", "hold"]
+__all__ = ["DEFAULT_HOLD_S", "LEASE_S", "MIN_HOLD_S", "SLACK_S", "ReuseHold"]
 
 LEASE_S = 2.0  # an agent's cache is trusted this long after it sent a feed call
-GRACE_S = 3.0  # ... and known callers served this much longer while no registry answers
-HOLD_S = LEASE_S + GRACE_S  # how long a reusing bind's answer waits after its commit
+# How long a reusing bind's answer waits after its commit, and so how long an agent serves
+# known callers after its last feed answer while no registry answers ([registry] reuse_hold):
+# long enough to ride out a registry or PostgreSQL restart.
+DEFAULT_HOLD_S = 30.0
+MIN_HOLD_S = LEASE_S + 1.0
 SLACK_S = 1.0  # a release's commit lands within this of its timestamp
-WINDOW_S = HOLD_S + SLACK_S
 
 
 # Built once: every port write runs several of these, and building a statement costs more
@@ -64,6 +71,13 @@ _PRUNE = releases.delete().where(sa.or_(
     releases.c.key.in_(sa.bindparam("keys", expanding=True)),
     releases.c.at < sa.bindparam("before")))
 _RECORD = releases.insert()
+# the network's addresses released within the window, by the database's clock
+_RECENT = {
+    dialect: sa.select(releases.c.key).where(
+        releases.c.key.startswith(sa.bindparam("prefix")),
+        releases.c.at > now.scalar_subquery() - sa.bindparam("window"))
+    for dialect, now in _NOW.items()
+}
 
 
 def _now(tx: Tx) -> float:
@@ -102,39 +116,58 @@ def _current_ips(tx: Tx, port_id: str) -> set[str]:
     return set(tx.conn.execute(_CURRENT_IPS, {"port_id": port_id}).scalars())
 
 
-def hold(tx: Tx) -> None:
-    """`Store.before_commit`: record this write's releases, and set `tx.hold_s` if it binds
-    an address or router scope released within the window (its own releases included)."""
-    released: list[str] = []
-    claimed: list[str] = []
-    claim_nets: list[str] = []
-    for change in tx.changes:
-        if change["kind"] != "port":
-            continue
-        attrs = change["attrs"]
-        op = change["op"]
-        if op == "delete":
-            released += _addresses(attrs) + _own_router(attrs)
-            continue
-        if op != "create":  # an update lists the IPs before and after: gone = released
-            kept = _current_ips(tx, str(change["obj_id"]))
-            net = str(attrs.get("network_id") or "")
-            released += [f"n:{net}:{ip}" for ip in attrs.get("ips") or () if ip not in kept]
-            attrs = {**attrs, "ips": sorted(kept)}
-        claimed += _addresses(attrs) + _own_router(attrs)
-        claim_nets.append(str(attrs.get("network_id") or ""))
-    if not released and not claimed:
-        return
-    conn = tx.conn
-    now = _now(tx)
-    if claimed:
-        # a new port on a network is also reached through each router on it: a scope that
-        # lost an interface moments ago may still map this address to the old port
-        keys = set(claimed) | set(_routers_on(tx, claim_nets))
-        newest = conn.execute(_NEWEST, {"keys": sorted(keys)}).scalar()
-        if (newest is not None and now - float(newest) < WINDOW_S) or keys & set(released):
-            tx.hold_s = HOLD_S
-    if released:
-        keys = set(released)
-        conn.execute(_PRUNE, {"keys": sorted(keys), "before": now - WINDOW_S})
-        conn.execute(_RECORD, [{"key": k, "at": now} for k in sorted(keys)])
+@dataclass(frozen=True, slots=True)
+class ReuseHold:
+    """The hold, for one registry's `hold_s` (at least `MIN_HOLD_S`)."""
+
+    hold_s: float = DEFAULT_HOLD_S
+
+    @property
+    def window_s(self) -> float:
+        return self.hold_s + SLACK_S
+
+    def quarantined(self, conn: Connection, network_id: str) -> list[str]:
+        """The network's addresses whose reuse would be held now (one statement)."""
+        prefix = f"n:{network_id}:"
+        query = _RECENT["postgresql" if conn.dialect.name == "postgresql" else "sqlite"]
+        keys = conn.execute(query, {"prefix": prefix, "window": self.window_s}).scalars()
+        return [k[len(prefix):] for k in keys]
+
+    def __call__(self, tx: Tx) -> None:
+        """`Store.before_commit`: record this write's releases, and set `tx.hold_s` if it
+        binds an address or router scope released within the window (its own releases
+        included)."""
+        released: list[str] = []
+        claimed: list[str] = []
+        claim_nets: list[str] = []
+        for change in tx.changes:
+            if change["kind"] != "port":
+                continue
+            attrs = change["attrs"]
+            op = change["op"]
+            if op == "delete":
+                released += _addresses(attrs) + _own_router(attrs)
+                continue
+            if op != "create":  # an update lists the IPs before and after: gone = released
+                kept = _current_ips(tx, str(change["obj_id"]))
+                net = str(attrs.get("network_id") or "")
+                released += [f"n:{net}:{ip}" for ip in attrs.get("ips") or () if ip not in kept]
+                attrs = {**attrs, "ips": sorted(kept)}
+            claimed += _addresses(attrs) + _own_router(attrs)
+            claim_nets.append(str(attrs.get("network_id") or ""))
+        if not released and not claimed:
+            return
+        conn = tx.conn
+        now = _now(tx)
+        if claimed:
+            # a new port on a network is also reached through each router on it: a scope that
+            # lost an interface moments ago may still map this address to the old port
+            keys = set(claimed) | set(_routers_on(tx, claim_nets))
+            newest = conn.execute(_NEWEST, {"keys": sorted(keys)}).scalar()
+            recent = newest is not None and now - float(newest) < self.window_s
+            if recent or keys & set(released):
+                tx.hold_s = self.hold_s
+        if released:
+            keys = set(released)
+            conn.execute(_PRUNE, {"keys": sorted(keys), "before": now - self.window_s})
+            conn.execute(_RECORD, [{"key": k, "at": now} for k in sorted(keys)])

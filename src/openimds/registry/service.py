@@ -167,9 +167,11 @@ class Registry:
     """All registry operations over one `Store`."""
 
     def __init__(self, store: Store, *, max_page_size: int = 1000,
-                 policy: scheduler.Policy | None = None) -> None:
+                 policy: scheduler.Policy | None = None,
+                 reuse_hold: float = reuse.DEFAULT_HOLD_S) -> None:
         self.store = store
-        store.before_commit = reuse.hold  # a reused IP waits for the agents' leases
+        self.reuse = reuse.ReuseHold(max(reuse_hold, reuse.MIN_HOLD_S))
+        store.before_commit = self.reuse  # a reused IP waits for the agents' leases
         self.max_page_size = max_page_size
         self.policy = policy or scheduler.Policy(down_time_s=10.0, dhcp_per_network=1)
         # No agent is declared dead before this process has been up for agent_down_time:
@@ -375,7 +377,7 @@ class Registry:
             # lease_s: a consumer that resyncs from this revision may trust what it then
             # loads for that long (registry/reuse.py)
             return {"status": "ok", "revision": self.store.revision(conn),
-                    "lease_s": reuse.LEASE_S, "hold_s": reuse.HOLD_S}
+                    "lease_s": reuse.LEASE_S, "hold_s": self.reuse.hold_s}
 
     def create_project(self, raw: Any) -> Json:
         body = _body(raw, {"name", "id"})
@@ -705,7 +707,7 @@ class Registry:
             if mac is None:
                 mac = new_mac(tx.conn)
             fixed = allocate(tx.conn, network_id, body.get("fixed_ips"), mac=mac,
-                             device_owner=owner)
+                             device_owner=owner, quarantine=self.reuse.quarantined)
             return insert_port(tx, network_id=network_id, project_id=pid,
                                      device_id=device_id, device_owner=owner, fixed=fixed,
                                      name=name, mac=mac)
@@ -824,7 +826,8 @@ class Registry:
             mac = new_mac(conn)
             try:
                 fixed = allocate(conn, network_id, requests, mac=mac,
-                                 device_owner=DEVICE_OWNER_INSTANCE, field="fixed_ip")
+                                 device_owner=DEVICE_OWNER_INSTANCE, field="fixed_ip",
+                                 quarantine=self.reuse.quarantined)
             except BadRequest as exc:
                 raise BadRequest(exc.reason.replace("fixed_ip[0].ip_address", "fixed_ip")) \
                     from None
@@ -948,4 +951,4 @@ class Registry:
 
     def changes(self, since: int, limit: int | None = None) -> Json:
         return views.changes(self.store, since, min(limit or self.max_page_size,
-                                                    self.max_page_size))
+                                                    self.max_page_size), self.reuse.hold_s)

@@ -25,7 +25,7 @@ from openimds.registry.records import (
     router_dicts,
     subnet_dict,
 )
-from openimds.registry.reuse import HOLD_S, LEASE_S
+from openimds.registry.reuse import DEFAULT_HOLD_S, LEASE_S
 from openimds.registry.store import (
     Store,
     instances,
@@ -204,7 +204,7 @@ _CHANGES_AT = (sa.select(changes_table).where(changes_table.c.revision == sa.bin
                .order_by(changes_table.c.seq))
 
 
-def changes(store: Store, since: int, size: int) -> Json:
+def changes(store: Store, since: int, size: int, hold_s: float = DEFAULT_HOLD_S) -> Json:
     """At most about size changes newer than since, whole revisions only (a revision larger
     than size comes whole); ResyncRequired outside the retained window."""
     with store.read() as conn:
@@ -226,5 +226,5 @@ def changes(store: Store, since: int, size: int) -> Json:
     # whole story); lease_s: how long a consumer may trust what it applied, hold_s: how long
     # it may serve what it knew while no registry answers (registry/reuse.py)
     return {"revision": out[-1]["revision"] if out else rev, "changes": out, "head": rev,
-            "lease_s": LEASE_S, "hold_s": HOLD_S}
+            "lease_s": LEASE_S, "hold_s": hold_s}
 
