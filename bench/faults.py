@@ -286,7 +286,7 @@ def dnsmasq_pids(settings: Settings) -> list[int]:
 
 async def run_fault(fault: str, backend: str, sup: Supervisor, settings: Settings,
                     topo: bs.Topology, writer_net: str, duration_s: float,
-                    pg: Postgres | None) -> FaultResult:
+                    pg: Postgres | None, pg_down_s: float = 2.0) -> FaultResult:
     # one VM per isolated network renews its lease (dnsmasq fault) and stays out of the
     # storm: udhcpc deconfigures the interface first, which is the probe's doing, not the
     # fault's
@@ -315,7 +315,7 @@ async def run_fault(fault: str, backend: str, sup: Supervisor, settings: Setting
         assert pg is not None
         await asyncio.to_thread(pg.crash_stop)
         log("postgresql: stopped (immediate)")
-        await asyncio.sleep(2)
+        await asyncio.sleep(pg_down_s)
         await asyncio.to_thread(pg.start)
         log(f"postgresql: started again {time.monotonic() - t_fault:.1f} s after the stop")
     elif fault == "dnsmasq":
@@ -384,7 +384,8 @@ async def run_pass(args: argparse.Namespace, backend: str, faults: list[str], st
         f"[DEFAULT]\nstate_path = {state}\nnova_metadata_host = 127.0.0.1\n"
         "enable_isolated_metadata = true\n\n[api]\nmetadata_listen = 127.0.0.1\n\n"
         "[registry]\nbind_host = 127.0.0.1\n"
-        + (f"connection = {connection}\n" if connection else ""))
+        + (f"connection = {connection}\n" if connection else "")
+        + (f"reuse_hold = {args.reuse_hold}\n" if args.reuse_hold is not None else ""))
     ensure_secrets(state)
     settings = load_settings(str(config))
     # the children see what `up` gives them (it supervises the proxy: agents spawn none)
@@ -413,7 +414,7 @@ async def run_pass(args: argparse.Namespace, backend: str, faults: list[str], st
         for fault in faults:
             log(f"[{backend}] fault {fault}: {len(topo.vms)} VMs loop for {args.duration} s")
             res = await run_fault(fault, backend, sup, settings, topo, str(wnet["id"]),
-                                  args.duration, pg)
+                                  args.duration, pg, args.pg_down)
             s = res.summary()
             out.append(s)
             log(f"[{backend}] fault {fault}: finished {s['finished']}/{s['vms']}, "
@@ -441,6 +442,11 @@ def main() -> int:
     parser.add_argument("--faults", default=",".join(FAULTS))
     parser.add_argument("--duration", type=float, default=12.0,
                         help="seconds each VM loops on its boot documents (the fault at 2 s)")
+    parser.add_argument("--pg-down", type=float, default=2.0,
+                        help="seconds PostgreSQL stays stopped in its fault")
+    parser.add_argument("--reuse-hold", type=float, default=None,
+                        help="[registry] reuse_hold (how long agents serve known VMs through "
+                        "an outage); default: the setting's default")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     faults = [f for f in args.faults.split(",") if f]
