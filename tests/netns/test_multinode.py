@@ -137,10 +137,11 @@ class Node:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-@pytest.fixture
-def cloud(make_stack: Callable[..., Stack]) -> Iterator[tuple[Stack, dict[str, Node]]]:
+def two_network_nodes(make_stack: Callable[..., Stack], **defaults: Any
+                      ) -> Iterator[tuple[Stack, dict[str, Node]]]:
+    """A controller (registry + API) and network nodes net-a and net-b, stopped after."""
     stack = make_stack(services=["registry", "api"], overrides={
-        "DEFAULT": {"agent_down_time": DOWN_S},
+        "DEFAULT": {"agent_down_time": DOWN_S, **defaults},
         "AGENT": {"report_interval": 0.5},
     })
     nodes = {name: Node(stack, name) for name in ("net-a", "net-b")}
@@ -152,6 +153,11 @@ def cloud(make_stack: Callable[..., Stack]) -> Iterator[tuple[Stack, dict[str, N
         for node in nodes.values():
             with contextlib.suppress(Exception):
                 node.stop()
+
+
+@pytest.fixture
+def cloud(make_stack: Callable[..., Stack]) -> Iterator[tuple[Stack, dict[str, Node]]]:
+    yield from two_network_nodes(make_stack)
 
 
 def tenant(stack: Stack, tag: str) -> dict[str, Any]:
@@ -321,20 +327,8 @@ def vm_metadata_route(vm_ns: str) -> str | None:
 
 @pytest.fixture
 def dhcp_cloud(make_stack: Callable[..., Stack]) -> Iterator[tuple[Stack, dict[str, Node]]]:
-    stack = make_stack(services=["registry", "api"], overrides={
-        "DEFAULT": {"agent_down_time": DOWN_S, "dhcp_agents_per_network": 2,
-                    "enable_isolated_metadata": True, "dhcp_lease_duration": 120},
-        "AGENT": {"report_interval": 0.5},
-    })
-    nodes = {name: Node(stack, name) for name in ("net-a", "net-b")}
-    try:
-        for node in nodes.values():
-            node.start()
-        yield stack, nodes
-    finally:
-        for node in nodes.values():
-            with contextlib.suppress(Exception):
-                node.stop()
+    yield from two_network_nodes(make_stack, dhcp_agents_per_network=2,
+                                 enable_isolated_metadata=True, dhcp_lease_duration=120)
 
 
 def dhcp_of(stack: Stack, net_id: str) -> dict[str, str]:
