@@ -134,6 +134,32 @@ async def test_idle_keepalive_closes_silently() -> None:
         server.close()
 
 
+async def test_a_closing_answer_leaves_with_the_fin() -> None:
+    """The last answer on a connection and the server's FIN leave in one segment: when the
+    client's read returns the answer, the connection is already half-closed (CLOSE_WAIT), so
+    the client is never the first to close and TIME_WAIT stays on the server's side."""
+    server, port = await start(sync_handler)
+    close_wait = 8  # TCP_CLOSE_WAIT in the kernel's tcp_info.tcpi_state
+    loop = asyncio.get_running_loop()
+
+    def one(request: bytes) -> tuple[bytes, int]:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(request)
+            data = sock.recv(65536)
+            state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        return data, state
+
+    try:
+        for path, status in ((b"/x", b"200"), (b"/raw", b"201")):  # a Response, a RawResponse
+            for _ in range(20):
+                data, state = await loop.run_in_executor(None, one, (
+                    b"GET " + path + b" HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"))
+                assert data.startswith(b"HTTP/1.1 " + status) and b"Connection: close" in data
+                assert state == close_wait, (path, state)
+    finally:
+        server.close()
+
+
 async def test_pool_reuses_connections_and_relays_raw() -> None:
     peers: set[tuple[str, int] | None] = set()
 
