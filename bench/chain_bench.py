@@ -82,6 +82,8 @@ PORTS = {"bare": 9690, "chain": 9697, "haproxy": 9698}
 
 def run_bare(port: int, answer_file: str) -> None:
     """asyncio.Protocol + httptools on uvloop: parse, write the pre-encoded answer."""
+    import socket
+
     import httptools
     import uvloop
 
@@ -98,9 +100,15 @@ def run_bare(port: int, answer_file: str) -> None:
             self.parser.feed_data(data)
 
         def on_message_complete(self) -> None:
-            self.transport.write(answer)
             if not self.parser.should_keep_alive():
+                # as the lean server does (http.server._cork): the answer and the FIN in
+                # one segment, so the floor is the best one process does
+                sock = self.transport.get_extra_info("socket")
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+                self.transport.write(answer)
                 self.transport.close()
+                return
+            self.transport.write(answer)
 
         def connection_lost(self, exc: Exception | None) -> None:
             self.parser = None  # type: ignore[assignment]
