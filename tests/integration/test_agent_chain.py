@@ -26,7 +26,8 @@ META = "/openstack/latest/meta_data.json"
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Any:
     tmp = tmp_path_factory.mktemp("agent-chain")
-    with stack(tmp, recording_api=False) as st:
+    # a short reuse hold: test_ip_reuse_never_serves_the_old_instance re-creates on one IP
+    with stack(tmp, recording_api=False, registry={"reuse_hold": 3.0}) as st:
         api = openimds_service("api", st.config, "api", log_dir=tmp)
         port = st.cfg["DEFAULT"]["nova_metadata_port"]
         api.start().wait_until(http_ready(f"http://127.0.0.1:{port}/"))
@@ -76,7 +77,7 @@ def test_ip_reuse_never_serves_the_old_instance(chain: Any) -> None:
     old = st.admin.create_instance("reuse0", chain["net"]["id"], fixed_ip=ip)
     assert get(chain, ip=ip).json()["uuid"] == old["id"]
     assert get(chain, ip=ip).json()["uuid"] == old["id"]  # cached now
-    for i in range(1, 6):
+    for i in range(1, 4):  # each create waits the reuse hold (3 s here)
         st.admin.delete("instance", old["id"])
         new = st.admin.create_instance(f"reuse{i}", chain["net"]["id"], fixed_ip=ip)
         ans = get(chain, ip=ip)

@@ -580,3 +580,28 @@ def test_no_fixed_address_on_a_slaac_subnet(api: RegistryClient) -> None:
         api.create("instance", {"name": "x", "network_id": net["id"], "fixed_ip": "fd00:3::99"})
     inst = api.create("instance", {"name": "y", "network_id": net["id"]})
     assert [f["ip_address"] for f in inst["ports"][0]["fixed_ips"]][0].startswith("fd00:3::")
+
+
+def test_a_held_write_outlasts_the_clients_read_timeout(tmp_path: Path) -> None:
+    """A create on a fixed IP released moments ago is answered after the reuse hold: the
+    client (CLI) waits for it as long as the hold, not only its read timeout, so a create that
+    committed is never reported as failed."""
+    import time
+
+    from openimds.config import load_settings
+
+    with registry_process(tmp_path, "sqlite", reuse_hold=3.0) as r:
+        settings = load_settings(str(r.config), environ={})
+        with RegistryClient.from_settings(settings, admin=True, timeout_s=1.0) as c:
+            assert c.write_timeout_s == 1.0 + 3.0
+            net, _ = _net(c)
+            first = c.create("instance", {"name": _name("a"), "network_id": net["id"],
+                                          "fixed_ip": "10.0.0.9"})
+            c.delete("instance", first["id"])
+            started = time.monotonic()
+            again = c.create("instance", {"name": _name("b"), "network_id": net["id"],
+                                          "fixed_ip": "10.0.0.9"})
+            assert time.monotonic() - started >= 3.0 - 0.1  # it was held
+            assert again["id"] != first["id"]
+            with pytest.raises(NotFound):  # a GET keeps the short read timeout's meaning
+                c.request("GET", f"/v1/instances/{first['id']}")

@@ -31,6 +31,16 @@ from openimds.errors import (
 __all__ = ["AsyncRegistryClient", "RegistryClient", "ResyncRequired"]
 
 DEFAULT_TIMEOUT_S = 10.0
+# A write that re-binds an address released moments before is answered only after the
+# registry's reuse hold ([registry] reuse_hold, default 30 s; registry/reuse.py): writes wait
+# that much longer than reads, or a create that committed would be reported as failed.
+DEFAULT_REUSE_HOLD_S = 30.0
+
+
+def _write_timeout(timeout_s: float, settings: Any = None) -> float:
+    registry = getattr(settings, "registry", None)
+    hold = getattr(registry, "reuse_hold", DEFAULT_REUSE_HOLD_S)
+    return timeout_s + float(hold)
 # Plural path segment of each resource kind.
 PLURAL = {
     "project": "projects", "network": "networks", "subnet": "subnets", "router": "routers",
@@ -125,9 +135,12 @@ class RegistryClient:
     """Synchronous client (CLI, tests)."""
 
     def __init__(self, base_url: str, token: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None,
+                 write_timeout_s: float | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self.write_timeout_s = (write_timeout_s if write_timeout_s is not None
+                                else _write_timeout(timeout_s))
         self._http = httpx.Client(base_url=self.base_url, headers=_headers(token),
                                   timeout=timeout_s, transport=transport, trust_env=False,
                                   verify=_verify(self.base_url))
@@ -136,7 +149,8 @@ class RegistryClient:
     def from_settings(cls, settings: Any, *, admin: bool,
                       timeout_s: float = DEFAULT_TIMEOUT_S) -> RegistryClient:
         url, token = _settings_args(settings, admin)
-        return cls(url, token, timeout_s=timeout_s)
+        return cls(url, token, timeout_s=timeout_s,
+                   write_timeout_s=_write_timeout(timeout_s, settings))
 
     def close(self) -> None:
         self._http.close()
@@ -149,10 +163,11 @@ class RegistryClient:
 
     def request(self, method: str, path: str, *, json: Any = None,
                 params: dict[str, Any] | None = None, timeout_s: float | None = None) -> Any:
+        if timeout_s is None:
+            timeout_s = self.timeout_s if method == "GET" else self.write_timeout_s
         try:
             resp = self._http.request(
-                method, path, json=json, params=_clean(params),
-                timeout=timeout_s if timeout_s is not None else self.timeout_s)
+                method, path, json=json, params=_clean(params), timeout=timeout_s)
         except httpx.TimeoutException as exc:
             raise _unsent(exc, UpstreamTimeout(
                 f"registry {self.base_url} did not answer: {exc}")) from None
@@ -258,9 +273,11 @@ class AsyncRegistryClient:
 
     def __init__(self, base_url: str, token: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  transport: httpx.AsyncBaseTransport | None = None,
-                 max_connections: int = 32) -> None:
+                 max_connections: int = 32, write_timeout_s: float | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self.write_timeout_s = (write_timeout_s if write_timeout_s is not None
+                                else _write_timeout(timeout_s))
         self._http = httpx.AsyncClient(
             base_url=self.base_url, headers=_headers(token), timeout=timeout_s,
             transport=transport, trust_env=False, verify=_verify(self.base_url),
@@ -271,7 +288,8 @@ class AsyncRegistryClient:
     def from_settings(cls, settings: Any, *, admin: bool,
                       timeout_s: float = DEFAULT_TIMEOUT_S) -> AsyncRegistryClient:
         url, token = _settings_args(settings, admin)
-        return cls(url, token, timeout_s=timeout_s)
+        return cls(url, token, timeout_s=timeout_s,
+                   write_timeout_s=_write_timeout(timeout_s, settings))
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -285,10 +303,11 @@ class AsyncRegistryClient:
     async def request(self, method: str, path: str, *, json: Any = None,
                       params: dict[str, Any] | None = None,
                       timeout_s: float | None = None) -> Any:
+        if timeout_s is None:
+            timeout_s = self.timeout_s if method == "GET" else self.write_timeout_s
         try:
             resp = await self._http.request(
-                method, path, json=json, params=_clean(params),
-                timeout=timeout_s if timeout_s is not None else self.timeout_s)
+                method, path, json=json, params=_clean(params), timeout=timeout_s)
         except httpx.TimeoutException as exc:
             raise _unsent(exc, UpstreamTimeout(
                 f"registry {self.base_url} did not answer: {exc}")) from None
