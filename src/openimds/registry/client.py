@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from openimds.config import RegistrySettings
 from openimds.errors import (
     BadRequest,
     Conflict,
@@ -31,16 +32,14 @@ from openimds.errors import (
 __all__ = ["AsyncRegistryClient", "RegistryClient", "ResyncRequired"]
 
 DEFAULT_TIMEOUT_S = 10.0
-# A write that re-binds an address released moments before is answered only after the
-# registry's reuse hold ([registry] reuse_hold, default 30 s; registry/reuse.py): writes wait
-# that much longer than reads, or a create that committed would be reported as failed.
-DEFAULT_REUSE_HOLD_S = 30.0
 
 
 def _write_timeout(timeout_s: float, settings: Any = None) -> float:
-    registry = getattr(settings, "registry", None)
-    hold = getattr(registry, "reuse_hold", DEFAULT_REUSE_HOLD_S)
-    return timeout_s + float(hold)
+    """A write that re-binds an address released moments before is answered only after the
+    registry's reuse hold (registry/reuse.py): writes wait that much longer than reads, or a
+    create that committed would be reported as failed. Without settings, the default hold."""
+    registry = getattr(settings, "registry", None) or RegistrySettings()
+    return timeout_s + float(registry.reuse_hold)
 # Plural path segment of each resource kind.
 PLURAL = {
     "project": "projects", "network": "networks", "subnet": "subnets", "router": "routers",

@@ -38,6 +38,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from openimds.config import RegistrySettings
 from openimds.core.ipam import link_local_address
 from openimds.core.models import DEVICE_OWNER_ROUTER
 from openimds.errors import BadRequest
@@ -49,7 +50,7 @@ LEASE_S = 2.0  # an agent's cache is trusted this long after it sent a feed call
 # How long a reusing bind's answer waits after its commit, and so how long an agent serves
 # known callers after its last feed answer while no registry answers ([registry] reuse_hold):
 # long enough to ride out a registry or PostgreSQL restart.
-DEFAULT_HOLD_S = 30.0
+DEFAULT_HOLD_S = RegistrySettings().reuse_hold  # one default, in the settings
 MIN_HOLD_S = LEASE_S + 1.0
 SLACK_S = 1.0  # a release's commit lands within this of its timestamp
 
