@@ -73,6 +73,50 @@ async def test_keepalive_and_pipelining_keep_order() -> None:
         server.close()
 
 
+class _CountingTransport:
+    """The real transport, with its writes counted (everything else passes through)."""
+
+    def __init__(self, transport: asyncio.Transport, writes: list[int]) -> None:
+        self._t = transport
+        self._writes = writes
+
+    def write(self, data: bytes) -> None:
+        self._writes.append(len(data))
+        self._t.write(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self._t, name)
+
+
+async def test_pipelined_answers_of_one_read_leave_in_one_write(monkeypatch) -> None:
+    # A pipelining client's batch arrives in one read; answering each request with its own
+    # write was a syscall per request (wrk -s pipeline: most of the server's CPU).
+    from openimds.http import server as server_mod
+
+    writes: list[int] = []
+    original = server_mod.HttpProtocol.connection_made
+
+    def counted(self, transport) -> None:
+        original(self, _CountingTransport(transport, writes))
+
+    monkeypatch.setattr(server_mod.HttpProtocol, "connection_made", counted)
+    server, port = await start(sync_handler)
+    try:
+        n = 16
+        reqs = b"".join(f"GET /p{i} HTTP/1.1\r\nHost: h\r\n\r\n".encode() for i in range(n))
+        reqs += b"GET /last HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+        out = await exchange(port, reqs)
+        assert out.count(b"HTTP/1.1 200 OK") == n + 1
+        bodies = [part.split(b"HTTP/1.1")[0] for part in out.split(b"\r\n\r\n")[1:]]
+        assert bodies == [f"/p{i}".encode() for i in range(n)] + [b"/last"]
+        # One read carries all 17 requests (a few hundred bytes, one send on loopback);
+        # allow it to arrive in a few reads, never one write per answer.
+        assert 1 <= len(writes) <= 4, writes
+        assert sum(writes) == len(out)
+    finally:
+        server.close()
+
+
 async def test_sync_handler_raw_and_errors() -> None:
     server, port = await start(sync_handler)
     try:

@@ -4,7 +4,8 @@ Rules:
 - A handler takes a `Request` and returns a `Response`/`RawResponse`, or an awaitable of one.
   A plain value is written at once, with no task per request; an awaitable runs as a task.
 - Pipelined requests are answered strictly in order: while one awaits, later ones queue
-  (reading pauses once the queue is long).
+  (reading pauses once the queue is long). The answers a read produces at once leave in
+  one write: one syscall for a pipelined batch, not one per request.
 - Limits are enforced here, once, for every hop: header bytes (431), body bytes (413),
   time to receive a whole request (408), idle keep-alive time, malformed input (400).
   Every error answer carries a one-line reason and closes the connection.
@@ -247,7 +248,7 @@ class HttpProtocol(asyncio.Protocol):
         "_abandonable",
         "_last_keep_alive", "_last_name", "_limits", "_loop", "_parser", "_paused", "_peer",
         "_queue", "_task", "_deadline", "_timer", "_timer_at", "_transport", "_url",
-        "_max_header_bytes",
+        "_max_header_bytes", "_out",
     )
 
     def __init__(self, handler: Handler, limits: Limits, loop: asyncio.AbstractEventLoop):
@@ -282,6 +283,8 @@ class HttpProtocol(asyncio.Protocol):
         self._failure: tuple[int, str] | None = None
         self._in_trailers = False
         self._last_keep_alive = True
+        # Answers produced while a read is handled, written together when it is done.
+        self._out: list[bytes] | None = None
 
     # -- transport events -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -310,6 +313,18 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing or self._failure is not None:
             return
+        # A pipelining client (wrk -s pipeline, a proxy batching) sends many requests per
+        # read: their answers leave in one write instead of one syscall each.
+        out: list[bytes] = []
+        self._out = out
+        try:
+            self._receive(data)
+        finally:
+            self._out = None
+            if out:
+                self._write_out(out)
+
+    def _receive(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -397,7 +412,7 @@ class HttpProtocol(asyncio.Protocol):
                 # Only for the request answered next: a 100 written while an earlier
                 # pipelined request waits would be read as that request's interim answer.
                 continued = True
-                self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         self._body_len += len(body)
@@ -510,12 +525,17 @@ class HttpProtocol(asyncio.Protocol):
                 self._cork()
             # A relayed answer was framed for a keep-alive hop: when this connection closes
             # after it, say so (RFC 9112 §9.6), as a Response does.
-            transport.write(resp.data if keep else _closing(resp.data))
+            data = resp.data if keep else _closing(resp.data)
         else:
             keep = req.keep_alive
             if not keep:
                 self._cork()
-            transport.write(resp.encode(keep_alive=keep, head=req.method == "HEAD"))
+            data = resp.encode(keep_alive=keep, head=req.method == "HEAD")
+        out = self._out
+        if out is not None:
+            out.append(data)
+        else:
+            transport.write(data)
         if not keep:
             self._close()
         elif not self._queue:
@@ -531,9 +551,21 @@ class HttpProtocol(asyncio.Protocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
 
+    def _write(self, data: bytes) -> None:
+        out = self._out
+        if out is not None:
+            out.append(data)
+        elif self._transport is not None:
+            self._transport.write(data)
+
+    def _write_out(self, out: list[bytes]) -> None:
+        if self._transport is not None:
+            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
+
     def _fail(self, status: int, reason: str) -> None:
         if self._transport is not None and not self._closing:
-            self._transport.write(error_response(status, reason).encode(keep_alive=False))
+            self._write(error_response(status, reason).encode(keep_alive=False))
         self._close()
 
     def _close(self) -> None:
@@ -541,6 +573,8 @@ class HttpProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._out:  # answers of this read still batched: they go before the close
+            self._write_out(self._out)
         if self._transport is not None:
             self._transport.close()
 
