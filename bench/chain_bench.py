@@ -27,7 +27,13 @@ of per-round ratios: the 2-core machine is shared with wrk (and with everyone el
 
 With `--workers N` every service runs N worker processes (`metadata_workers`, `[api]
 workers`, `[proxy] workers`); `--workers 1,2` runs both in the same rounds and prints the
-2-worker / 1-worker throughput ratio.
+2-worker / 1-worker throughput ratio, each worker's share of its service's CPU (`split`),
+and the ceiling the machine allows: with a = our CPU per request and w = wrk's (both from
+the run), one worker is bound by one core and N workers share the cores with wrk, so
+T_N = min(N / a, cores / (a + w)) (the busiest hop's a for the first term); on 2 cores
+T_2 / T_1 = 2a / (a + w). `--pipeline D` adds the same runs with wrk writing D requests at
+once (labelled `-pD`): a generator with a fraction of wrk's w, so the ratio shows more of
+the server's own scaling; the server answers one read's requests in one write.
 
 Profiling a hop (the method behind docs/benchmarks.md's per-hop notes; not a flame graph):
 `--profile agent` (or proxy, api) runs one keep-alive c=100 measurement while
@@ -132,6 +138,16 @@ def tree_pids(pid: int) -> list[int]:
     return out
 
 
+def worker_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds of each worker process (the children; the pid itself with none)."""
+    kids = tree_pids(pid)[1:] or [pid]
+    out = {}
+    for q in kids:
+        with contextlib.suppress(OSError):
+            out[q] = cpu_s(q)
+    return out
+
+
 def tree_cpu_s(pid: int) -> float:
     total = 0.0
     for p in tree_pids(pid):
@@ -154,11 +170,13 @@ def get_in(ns: str, port: int) -> tuple[int, bytes]:
 
 def run_wrk(vm: str, port: int, conns: int, duration: float, close: bool,
             headers: list[str] | None = None, delay_ms: float | None = None,
-            script_dir: Path | None = None) -> dict[str, float]:
+            script_dir: Path | None = None, pipeline: int = 1) -> dict[str, float]:
     """wrk from the VM's namespace to the router's listener; with `headers`, from here
     straight to the API on 127.0.0.1, as the agent (headers = what the agent sends).
     `delay_ms`: each connection waits that long after each answer (wrk's Lua `delay()`),
-    to hold a chosen request rate. Also returns wrk's own CPU seconds (`wrk_cpu_s`)."""
+    to hold a chosen request rate. `pipeline`: each connection writes that many requests at
+    once and waits for all their answers (wrk's Lua `request()` returning a batch), so wrk
+    spends a fraction of its CPU per request. Also returns wrk's CPU seconds (`wrk_cpu_s`)."""
     argv = ["wrk", "-t", str(min(2, conns)), "-c", str(conns),
             "-d", f"{int(duration)}s", "--timeout", "5s", "--latency"]
     if headers is None:
@@ -170,6 +188,14 @@ def run_wrk(vm: str, port: int, conns: int, duration: float, close: bool,
     if delay_ms is not None:
         script = (script_dir or Path(tempfile.gettempdir())) / f"{TAG}-delay.lua"
         script.write_text(f"function delay()\n  return {max(0, int(round(delay_ms)))}\nend\n")
+        argv += ["-s", str(script)]
+    elif pipeline > 1:
+        script = (script_dir or Path(tempfile.gettempdir())) / f"{TAG}-pipeline{pipeline}.lua"
+        script.write_text(
+            "init = function(args)\n  local r = {}\n"
+            f"  for i = 1, {pipeline} do r[i] = wrk.format() end\n"
+            "  batch = table.concat(r)\nend\n"
+            "request = function() return batch end\n")
         argv += ["-s", str(script)]
     host = ROUTER_IP if headers is None else "127.0.0.1"
     with tempfile.TemporaryFile() as out:
@@ -366,11 +392,12 @@ def keep_alive_bytes(answer: bytes) -> bytes:
 
 def measure(b: Bench, vm: str, port: int, pids: dict[str, int], conns: int, close: bool,
             duration: float, headers: list[str] | None = None,
-            rate: float | None = None) -> dict[str, Any]:
+            rate: float | None = None, pipeline: int = 1) -> dict[str, Any]:
     """One wrk run with CPU accounting: µs per request of each of our processes, and the
     machine's share (cores busy, idle fraction, wrk's cores, everyone else's cores), so a
     reader can tell what limited the run. `rate`: hold about that many requests/s (the
-    1 s warm-up calibrates wrk's per-connection delay)."""
+    1 s warm-up calibrates wrk's per-connection delay). Also each worker's share of its
+    service's CPU (`split`: does the kernel spread the load?) and wrk's µs per request."""
     delay = None
     if rate:
         delay = max(0.0, conns / rate * 1000.0)
@@ -378,14 +405,24 @@ def measure(b: Bench, vm: str, port: int, pids: dict[str, int], conns: int, clos
         if warm["rps"] > 0:  # latency adds to the delay: correct once
             delay = max(0.0, delay - (conns / warm["rps"] * 1000.0 - delay))
     else:
-        run_wrk(vm, port, conns, 1, close, headers)  # warm-up
+        run_wrk(vm, port, conns, 1, close, headers, pipeline=pipeline)  # warm-up
     before = {k: tree_cpu_s(p) for k, p in pids.items()}
+    workers0 = {k: worker_cpu_s(p) for k, p in pids.items()}
     busy0, idle0 = machine_cpu()
-    r: dict[str, Any] = dict(run_wrk(vm, port, conns, duration, close, headers, delay, b.tmp))
+    r: dict[str, Any] = dict(run_wrk(vm, port, conns, duration, close, headers, delay, b.tmp,
+                                     pipeline))
     busy1, idle1 = machine_cpu()
     after = {k: tree_cpu_s(p) for k, p in pids.items()}
+    workers1 = {k: worker_cpu_s(p) for k, p in pids.items()}
     n = max(1, int(r["requests"]))
     r["cpu_us"] = {k: (after[k] - before[k]) / n * 1e6 for k in pids}
+    r["wrk_us"] = r["wrk_cpu_s"] / n * 1e6
+    r["split"] = {}
+    for k in pids:
+        used = {q: workers1[k][q] - workers0[k].get(q, 0.0) for q in workers1[k]}
+        total = sum(used.values())
+        if len(used) > 1 and total > 0:
+            r["split"][k] = sorted((u / total for u in used.values()), reverse=True)
     wall = (busy1 - busy0) + (idle1 - idle0)
     ours = sum(after[k] - before[k] for k in pids)
     r["machine"] = {
@@ -454,6 +491,9 @@ def main() -> int:
     p.add_argument("--api-only", action="store_true",
                    help="wrk straight at the API (signed headers, as the agent sends them) "
                         "instead of through the chain: the API's own worker scaling")
+    p.add_argument("--pipeline", type=int, default=1, metavar="D",
+                   help="with --workers: also run every worker count with wrk pipelining D "
+                        "requests per write (the low-cost generator; labelled -pD)")
     p.add_argument("--no-matched", dest="matched", action="store_false",
                    help="skip the second reference: bare held at the chain's request rate")
     p.add_argument("--json", type=Path)
@@ -504,17 +544,23 @@ def main() -> int:
             return 0
         configs: list[tuple[str, int, dict[str, int], list[str] | None]] = [
             ("bare", PORTS["bare"], {"bare": bare.popen.pid}, None)]
+        kinds: tuple[str, ...] = ("api",) if a.api_only else ("chain",)
+        piped = f"{kinds[0]}-p{a.pipeline}"  # the same, wrk pipelining (low-cost generator)
         for st in stacks:
             pids = {k: v.popen.pid for k, v in st.services.items() if k != "haproxy"}
             if a.api_only:
                 configs.append((f"api-w{st.workers}", st.api_port, {"api": pids["api"]},
                                 st.api_headers))
+                if a.pipeline > 1:
+                    configs.append((f"{piped}-w{st.workers}", st.api_port, {"api": pids["api"]},
+                                    st.api_headers))
                 continue
             configs.append((f"chain-w{st.workers}", st.ports["chain"], pids, None))
+            if a.pipeline > 1:
+                configs.append((f"{piped}-w{st.workers}", st.ports["chain"], pids, None))
             hp = {k: v for k, v in pids.items() if k != "proxy"}
             hp["haproxy"] = st.services["haproxy"].popen.pid
             configs.append((f"haproxy-w{st.workers}", st.ports["haproxy"], hp, None))
-        kinds = ("api",) if a.api_only else ("chain",)
         for rnd in range(1, a.rounds + 1):
             for conns, close in scenarios:
                 runs = list(configs)
@@ -523,14 +569,18 @@ def main() -> int:
                     rate = None
                     if name == "bare@rate":  # at the rate the 1-worker chain just ran
                         rate = results["rows"][-1]["rps"]
-                    r = measure(b, vm, port, pids, conns, close, a.duration, headers, rate)
+                    depth = a.pipeline if name.startswith(piped + "-") else 1
+                    r = measure(b, vm, port, pids, conns, close, a.duration, headers, rate,
+                                depth)
                     r.update(round=rnd, config=name, conns=conns, close=close)
                     results["rows"].append(r)
                     cpu = ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_us"].items())
+                    split = "".join(f" | {k} split " + "/".join(f"{x:.2f}" for x in v)
+                                    for k, v in r["split"].items())
                     print(f"round {rnd} c={conns}{' close' if close else '':6s} {name:12s} "
                           f"{r['rps']:8.0f} rps p99 {r['p99_ms']:7.2f} ms errs "
-                          f"{r['errors']} | CPU us/req: {cpu} | {machine_note(r)}",
-                          flush=True)
+                          f"{r['errors']} | CPU us/req: {cpu}, wrk {r['wrk_us']:.1f} | "
+                          f"{machine_note(r)}{split}", flush=True)
                     if a.matched and name == f"{kinds[0]}-w{worker_counts[0]}":
                         runs.insert(0, ("bare@rate", PORTS["bare"], {"bare": bare.popen.pid},
                                         None))
@@ -545,7 +595,7 @@ def main() -> int:
         results["load_after"] = loadavg()
         b.cleanup()
     summary = summarize(results["rows"], scenarios, worker_counts,
-                        "api" if a.api_only else "chain")
+                        "api" if a.api_only else "chain", a.pipeline)
     results["summary"] = summary
     print(f"load average before {results['load_before']}, after {results['load_after']}")
     if a.json:
@@ -553,10 +603,21 @@ def main() -> int:
     return 0
 
 
+def ceiling(r: dict[str, Any], workers: int, cores: int) -> float:
+    """Requests/s the model allows one run's configuration: each worker process is one
+    core at most (the busiest hop bounds), and our processes plus the generator share the
+    machine's cores: min(workers / max a_hop, cores / (sum a_hop + w)), a and w in CPU
+    seconds per request from the run itself (w: the load generator's)."""
+    a = [us / 1e6 for us in r["cpu_us"].values()]
+    w = r["wrk_us"] / 1e6
+    return min(workers / max(a), cores / (sum(a) + w)) if sum(a) + w > 0 else 0.0
+
+
 def summarize(rows: list[dict[str, Any]], scenarios: list[tuple[int, bool]],
-              workers: list[int], kind: str = "chain") -> list[str]:
+              workers: list[int], kind: str = "chain", pipeline: int = 1) -> list[str]:
     """Print and return the summary lines; `kind` is chain (the full chain, with haproxy as
-    the other hop 1) or api (wrk straight at the API)."""
+    the other hop 1) or api (wrk straight at the API); `pipeline` > 1: the same runs with
+    wrk pipelining (`<kind>-p<D>`) are summarized next to the plain ones."""
     lines: list[str] = []
 
     def sel(name: str, conns: int, close: bool) -> dict[int, dict[str, Any]]:
@@ -571,7 +632,10 @@ def summarize(rows: list[dict[str, Any]], scenarios: list[tuple[int, bool]],
         print(line)
 
     print("\nsummary: medians over rounds; ratios are medians of per-round ratios")
-    kinds = ("chain", "haproxy") if kind == "chain" else ("api",)
+    kinds: tuple[str, ...] = ("chain", "haproxy") if kind == "chain" else ("api",)
+    scaled = [kind] + ([f"{kind}-p{pipeline}"] if pipeline > 1 else [])
+    kinds += tuple(scaled[1:])
+    cores = os.cpu_count() or 1
     hops = ("proxy", "agent", "api") if kind == "chain" else ("api",)
     for conns, close in scenarios:
         label = f"c={conns}{' close' if close else ''}"
@@ -607,13 +671,37 @@ def summarize(rows: list[dict[str, Any]], scenarios: list[tuple[int, bool]],
             xs = [ours[k]["rps"] / hap[k]["rps"] for k in ours if k in hap]
             say(f"{label} w{w}: chain with openimds proxy / with haproxy (Neutron config) "
                 f"rps = {ratio(xs)}" + ("  (target >= 1.0)" if close else ""))
-        if len(workers) > 1:
-            one = sel(f"{kind}-w{workers[0]}", conns, close)
+        for kd in scaled if len(workers) > 1 else ():
+            gen = f"wrk pipelining {pipeline}" if kd != kind else "plain wrk"
+            one = sel(f"{kd}-w{workers[0]}", conns, close)
             for w in workers[1:]:
-                many = sel(f"{kind}-w{w}", conns, close)
+                many = sel(f"{kd}-w{w}", conns, close)
                 xs = [many[k]["rps"] / one[k]["rps"] for k in many if k in one]
-                say(f"{label}: {kind} {w} workers / {workers[0]} worker rps = {ratio(xs)}"
-                    + ("  (target >= 1.6)" if w == 2 else ""))
+                say(f"{label}: {kd} {w} workers / {workers[0]} worker rps = {ratio(xs)}"
+                    + ("  (target >= 1.6)" if w == 2 else "") + f"  [{gen}]")
+                # What this machine allows at best: the model with each run's own a and w.
+                xs = [ceiling(many[k], w, cores) / ceiling(one[k], workers[0], cores)
+                      for k in many if k in one and ceiling(one[k], workers[0], cores)]
+                say(f"{label}: {kd} predicted ceiling on {cores} cores = {ratio(xs)}  "
+                    "(min(N/max a, cores/(sum a + w)), a: our CPU/req, w: wrk's)")
+                # The same on what the run really had: other processes' cores taken out.
+                xs = [ceiling(many[k], w, cores - many[k]["machine"]["cores_other"])
+                      / ceiling(one[k], workers[0], cores - one[k]["machine"]["cores_other"])
+                      for k in many if k in one
+                      and ceiling(one[k], workers[0], cores - one[k]["machine"]["cores_other"])]
+                say(f"{label}: {kd} predicted on the cores others left = {ratio(xs)}")
+                for n, sel_rows in ((workers[0], one), (w, many)):
+                    rs = list(sel_rows.values())
+                    if rs:
+                        a_us = statistics.median(sum(r["cpu_us"].values()) for r in rs)
+                        w_us = statistics.median(r["wrk_us"] for r in rs)
+                        split = "; ".join(
+                            f"{h} split " + "/".join(
+                                f"{statistics.median(r['split'][h][i] for r in rs):.2f}"
+                                for i in range(len(rs[0]["split"][h])))
+                            for h in rs[0]["split"] if all(h in r["split"] for r in rs))
+                        say(f"{label}: {kd} {n} worker(s): a = {a_us:.1f} us/req, w = "
+                            f"{w_us:.1f} us/req" + (f"; {split}" if split else ""))
                 # What a bigger node would give: requests per core-second our processes
                 # used. Equal for 1 and N workers = no loss from splitting the work, so N
                 # workers with N free cores serve N times as much.
@@ -621,7 +709,7 @@ def summarize(rows: list[dict[str, Any]], scenarios: list[tuple[int, bool]],
                       / (one[k]["rps"] / one[k]["machine"]["cores_ours"])
                       for k in many if k in one and many[k]["machine"]["cores_ours"]
                       and one[k]["machine"]["cores_ours"]]
-                say(f"{label}: {kind} requests per core used, {w} workers / {workers[0]} "
+                say(f"{label}: {kd} requests per core used, {w} workers / {workers[0]} "
                     f"worker = {ratio(xs)}  (1.0: the work splits without loss)")
                 for n, sel_rows in ((workers[0], one), (w, many)):
                     rs = list(sel_rows.values())
@@ -629,7 +717,7 @@ def summarize(rows: list[dict[str, Any]], scenarios: list[tuple[int, bool]],
                         continue
                     m = {k: statistics.median(r["machine"][k] for r in rs)
                          for k in rs[0]["machine"]}
-                    say(f"{label}: {kind} {n} worker(s): cores used by it {m['cores_ours']:.2f}"
+                    say(f"{label}: {kd} {n} worker(s): cores used by it {m['cores_ours']:.2f}"
                         f", by wrk {m['cores_wrk']:.2f}, by others {m['cores_other']:.2f}, "
                         f"machine idle {100 * m['idle']:.0f}%")
     return lines
