@@ -223,6 +223,14 @@ class ProxySettings:
         32, "Open connections one VM address may hold per listener; more get 429 and close",
         min=1,
     )
+    tarpit_delay: float = opt(
+        0.25, "Seconds an over-limit or over-cap 429 is held before it is sent; 0 = at once",
+        min=0, max=10,
+    )
+    tarpit_max_per_source: int = opt(
+        128, "Answers held at once per VM address and listener; more are sent at once", min=1
+    )
+    tarpit_max: int = opt(4096, "Answers held at once in all; more are sent at once", min=1)
     max_header_bytes: int = opt(
         16384, "Largest request line plus headers a VM may send (431/414 beyond)", min=1024
     )

@@ -31,12 +31,21 @@ from typing import Any
 import pytest
 
 from openimds.host.netns import socket_in_netns
-from tests.support import Service, openimds_service, run_cli, unique_name, write_config
+from tests.support import (
+    Service,
+    metric_samples,
+    openimds_service,
+    run_cli,
+    scrape,
+    unique_name,
+    write_config,
+)
 
 pytestmark = pytest.mark.netns
 
 ROUTER_ID = "11111111-2222-4333-8444-555555555555"
 NETWORK_ID = "66666666-7777-4888-9999-aaaaaaaaaaaa"
+PROXY_METRICS = 9703  # the default [metrics] proxy_port
 SPOOFS = [
     ("X-Forwarded-For", "6.6.6.6"),
     ("X-Forwarded-For", "7.7.7.7, 8.8.8.8"),
@@ -98,6 +107,18 @@ class _Handler(BaseHTTPRequestHandler):
         if self.server.stall.is_set():
             time.sleep(5)
             return
+        retry = self.server.limited.get(self.headers.get("X-Forwarded-For", ""))
+        if retry is not None:  # the agent's rate-limit answer (agent._over_budget)
+            out = (f"429 Too Many Requests: rate limit of 4 requests per 10 s exceeded for "
+                   f"this instance; retry in {retry} s\n").encode()
+            self.send_response(429)
+            self.send_header("Retry-After", str(retry))
+            self.send_header("RateLimit-Policy", '"burst";q=4;w=10, "base";q=100;w=60')
+            self.send_header("RateLimit", f'"burst";r=0;t={retry}, "base";r=90;t=0')
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+            return
         out = json.dumps(seen).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -121,6 +142,7 @@ class RecordingAgent(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         self.path = path
         self.recorded: list[dict[str, Any]] = []
         self.stall = threading.Event()
+        self.limited: dict[str, int] = {}  # X-Forwarded-For -> Retry-After: answered 429
         super().__init__(str(path), _Handler)
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
         self.thread.start()
@@ -590,3 +612,136 @@ def test_connections_per_source_are_capped_for_that_source_only(
             sock.close()
     assert [seen["path"] for seen in agent.recorded] == ["/other", "/held"]
     assert "proxy.connection_cap" in svc.log() and "ip=10.0.0.5" in svc.log()
+
+
+# -- sources over their limits: the proxy's own 429 and the tarpit ------------------------
+
+def _fields(head: bytes) -> dict[str, str]:
+    lines = head.decode("latin-1").split("\r\n")[1:]
+    return {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines)}
+
+
+def _proxy_metric(name: str) -> float:
+    return metric_samples(scrape(PROXY_METRICS)).get((name, frozenset()), 0.0)
+
+
+def _from(vm: str, addr: str) -> socket.socket:
+    sock = socket_in_netns(vm)
+    sock.settimeout(10)
+    sock.bind((addr, 0))
+    sock.connect(("10.0.0.1", 9697))
+    return sock
+
+
+def test_a_source_the_agent_limited_is_answered_by_the_proxy_until_retry_after(
+    env: ProxyEnv, agent: RecordingAgent, router: tuple[str, str],
+) -> None:
+    rns, vm = router
+    ip("-n", vm, "addr", "add", "10.0.0.6/24", "dev", "eth0")
+    env.config = write_config(env.tmp / "openimds.ini", {
+        "DEFAULT": {"state_path": env.state, "metadata_proxy_socket": env.socket},
+        "proxy": {"rescan_interval": 0.2, "tarpit_delay": 0.5},
+    })
+    env.write_spec(f"router-{ROUTER_ID}", rns, "0.0.0.0", 9697, router_id=ROUTER_ID)
+    svc = env.start()
+    agent.limited["10.0.0.5"] = 3
+    with _from(vm, "10.0.0.5") as sock:
+        sock.sendall(request_bytes("/latest/meta-data/"))
+        status, _, _ = read_responses(sock, 1)[0]
+        learned = time.monotonic()
+        assert status == 429 and len(agent.recorded) == 1  # the agent's own answer
+        # From now on the proxy answers, for metadata and token PUTs alike, held 0.5 s.
+        for method, path in (("GET", "/latest/meta-data/instance-id"),
+                             ("PUT", "/latest/api/token")):
+            t0 = time.monotonic()
+            sock.sendall(request_bytes(path, method=method))
+            status, head, body = read_responses(sock, 1)[0]
+            took = time.monotonic() - t0
+            fields = _fields(head)
+            assert status == 429, (method, head)
+            assert took >= 0.45, took  # the tarpit held it
+            assert 1 <= int(fields["retry-after"]) <= 3
+            assert fields["ratelimit-policy"] == '"burst";q=4;w=10, "base";q=100;w=60'
+            assert fields["ratelimit"].startswith('"burst";r=0;t=')
+            assert "connection" not in fields  # kept alive, as the agent's 429
+            assert body.count(b"\n") == 1 and body.startswith(b"429 Too Many Requests: ")
+            assert b"rate limit of 4 requests per 10 s" in body and b"; retry in " in body
+        assert len(agent.recorded) == 1  # neither reached the agent
+        # Another VM on the same listener is not affected.
+        with _from(vm, "10.0.0.6") as other:
+            other.sendall(request_bytes("/other"))
+            assert read_responses(other, 1)[0][0] == 200
+        assert headers_of(agent.recorded[-1], "X-Forwarded-For") == ["10.0.0.6"]
+        # Once Retry-After has passed, the agent decides again (and now lets it pass).
+        agent.limited.clear()
+        time.sleep(max(0.0, learned + 3.05 - time.monotonic()))
+        sock.sendall(request_bytes("/after"))
+        assert read_responses(sock, 1)[0][0] == 200
+    assert [seen["path"] for seen in agent.recorded] == [
+        "/latest/meta-data/", "/other", "/after"]
+    assert f"proxy.rate_limited ip=10.0.0.5 router={ROUTER_ID} retry_after=3" in svc.log()
+    got = metric_samples(scrape(PROXY_METRICS))
+    assert got[("openimds_rate_limited_total", frozenset({("hop", "proxy")}))] == 2
+    assert _proxy_metric("openimds_proxy_rate_limited_episodes_total") == 1
+    assert _proxy_metric("openimds_proxy_tarpit_delayed_total") == 2
+
+
+def test_tarpit_bounds_held_answers_and_frees_them_with_their_connection(
+    env: ProxyEnv, agent: RecordingAgent, router: tuple[str, str],
+) -> None:
+    rns, vm = router
+    ip("-n", vm, "addr", "add", "10.0.0.6/24", "dev", "eth0")
+    env.config = write_config(env.tmp / "openimds.ini", {
+        "DEFAULT": {"state_path": env.state, "metadata_proxy_socket": env.socket},
+        "proxy": {"rescan_interval": 0.2, "max_connections_per_source": 1,
+                  "tarpit_delay": 10, "tarpit_max_per_source": 2, "tarpit_max": 3},
+    })
+    env.write_spec(f"router-{ROUTER_ID}", rns, "0.0.0.0", 9697, router_id=ROUTER_ID)
+    svc = env.start()
+    socks: list[socket.socket] = []
+
+    def over(addr: str) -> socket.socket:
+        sock = _from(vm, addr)
+        socks.append(sock)
+        sock.sendall(request_bytes("/over"))
+        return sock
+
+    def answered_at_once(sock: socket.socket) -> None:
+        status, _, body = read_responses(sock, 1)[0]
+        assert status == 429 and b"at most 1" in body
+        assert sock.recv(1) == b""  # and closed
+
+    try:
+        for addr in ("10.0.0.5", "10.0.0.6"):  # each address's one connection, in use
+            sock = _from(vm, addr)
+            socks.append(sock)
+            sock.sendall(request_bytes("/in"))
+            assert read_responses(sock, 1)[0][0] == 200
+        held = [over("10.0.0.5"), over("10.0.0.5")]
+        wait_for(lambda: _proxy_metric("openimds_proxy_tarpit_held") == 2)
+        # Per source: 2 held, the next ones answered (429, close) at once.
+        for _ in range(2):
+            answered_at_once(over("10.0.0.5"))
+        assert _proxy_metric("openimds_proxy_tarpit_overflow_total") == 2
+        assert _proxy_metric("openimds_proxy_tarpit_held") == 2
+        # In all: 3 held; 10.0.0.6 gets the last slot, its next one is answered at once.
+        over("10.0.0.6")
+        wait_for(lambda: _proxy_metric("openimds_proxy_tarpit_held") == 3)
+        answered_at_once(over("10.0.0.6"))
+        assert _proxy_metric("openimds_proxy_tarpit_overflow_total") == 3
+        for sock in held:  # still held (10 s), nothing sent yet
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                sock.recv(1)
+        # A held answer goes with its connection: the slot is free at once.
+        held[0].close()
+        wait_for(lambda: _proxy_metric("openimds_proxy_tarpit_held") == 2)
+        over("10.0.0.5")
+        wait_for(lambda: _proxy_metric("openimds_proxy_tarpit_held") == 3)
+        assert _proxy_metric("openimds_proxy_tarpit_delayed_total") == 4
+        # Shutdown with answers held: the proxy stops cleanly, without waiting for them.
+        assert svc.stop() == 0
+    finally:
+        for sock in socks:
+            sock.close()
+    assert [seen["path"] for seen in agent.recorded] == ["/in", "/in"]  # over cap: never

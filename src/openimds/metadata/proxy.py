@@ -19,6 +19,11 @@ pooled keep-alive Unix-socket connections to the agent and relay its answer verb
 Agent unreachable -> 503, no answer in time -> 504, garbled -> 502, each with a one-line body;
 the detail goes to the log, not to the VM.
 
+A VM over a limit costs as little as possible: after the agent's rate-limit 429 the proxy
+answers that source itself until the Retry-After ends (`LimitedSources`), and its own 429s
+(those, and the per-source connection cap's) wait in a bounded tarpit before they leave
+(`Tarpit`), so a VM that ignores them gets one answer per connection per delay.
+
 Only one proxy runs per state_path: it holds an flock on `$state_path/proxy/proxy.lock` and
 writes its pid to `$state_path/proxy/proxy.pid` once the first convergence is done.
 """
@@ -29,6 +34,7 @@ import asyncio
 import contextlib
 import fcntl
 import gc
+import heapq
 import logging
 import os
 import signal
@@ -40,6 +46,7 @@ from pathlib import Path
 from time import perf_counter
 
 from openimds.config import Settings
+from openimds.core.proxy_limits import Limited429, parse_limited_429
 from openimds.core.proxy_rules import (
     REQUEST_ID_HEADER,
     ListenerSpec,
@@ -166,15 +173,211 @@ class _ErrorLog:
         log.warning("%s status=%d reason=%s suppressed=%d", self._event, status, reason, more)
 
 
+# -- over-limit answers: the proxy's own 429 for a limited source, and the tarpit ----------
+
+LIMITED_RECHECK_S = 5.0  # longest the proxy answers for the agent before asking it again
+LIMITED_MAX = 65536  # sources remembered at once, all listeners (a few hundred bytes each)
+_EPISODE_GAP_S = 1.0  # a source back within this after its entry ran out: same episode
+_LIMIT_LOG_PER_S = 10  # proxy.rate_limited lines per second, all sources (the rest counted)
+
+
+class _Limited:
+    """One source the agent limited: its 429, when it came, until when the proxy answers."""
+
+    __slots__ = ("answer", "at", "until")
+
+    def __init__(self, answer: Limited429, at: float, until: float) -> None:
+        self.answer = answer
+        self.at = at
+        self.until = until
+
+
+class LimitedSources:
+    """Sources the agent answered 429 (rate limit), answered by the proxy itself until the
+    agent's Retry-After ends, without an agent hop.
+
+    Keyed per listener by source address: on one listener (one router or network) an
+    address is one port, so one VM; a VM on another listener with the same address has its
+    own table. At most `recheck_s` without asking the agent again (a port deleted and its
+    address given to a new VM costs that VM at most this long), at most `max_entries` in
+    all (beyond, the agent keeps answering, as without this table). Requests answered here
+    do not reach the agent, so they are not counted there: a source that ignores
+    Retry-After still gets no more than its budget, one agent hop per Retry-After.
+    """
+
+    __slots__ = ("answered", "episodes", "live", "max_entries", "recheck_s", "_clock",
+                 "_expiry", "_log_budget", "_log_second", "_seq", "_suppressed")
+
+    def __init__(self, *, max_entries: int = LIMITED_MAX, recheck_s: float = LIMITED_RECHECK_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.max_entries = max_entries
+        self.recheck_s = recheck_s
+        self.answered = 0  # 429s sent by the proxy itself
+        self.episodes = 0  # sources newly limited
+        self.live = 0  # entries in the tables
+        # (until, seq, table, host, entry): swept when they ran out, so that tables of
+        # sources that went quiet (or of closed listeners) do not keep them
+        self._expiry: list[tuple[float, int, dict[str, _Limited], str, _Limited]] = []
+        self._seq = 0
+        self._log_second = 0
+        self._log_budget = _LIMIT_LOG_PER_S
+        self._suppressed = 0
+
+    def learn(self, table: dict[str, _Limited], host: str, raw: bytes, scope: str) -> None:
+        """An agent's 429 for `host` on the listener of `table`: remember it."""
+        now = self._clock()
+        prev = table.get(host)
+        if prev is not None and prev.until > now:
+            return  # requests in flight before the first 429 came back: already known
+        answer = parse_limited_429(raw)
+        if answer is None:
+            return
+        self.sweep(now)
+        known = table.get(host) is not None
+        if not known and self.live >= self.max_entries:
+            return
+        entry = _Limited(answer, now, now + min(float(answer.retry_after), self.recheck_s))
+        if not known:
+            self.live += 1
+        table[host] = entry
+        self._seq += 1
+        heapq.heappush(self._expiry, (entry.until, self._seq, table, host, entry))
+        if prev is None or now - prev.until > _EPISODE_GAP_S:
+            self.episodes += 1
+            self._log(now, f"ip={host} {scope} retry_after={answer.retry_after}")
+
+    def refusal(self, table: dict[str, _Limited], host: str,
+                entry: _Limited) -> Response | None:
+        """The 429 for a remembered source, or None once its time ran out (ask the agent)."""
+        now = self._clock()
+        if now >= entry.until:
+            self.sweep(now)
+            return None
+        self.answered += 1
+        elapsed = now - entry.at
+        answer = entry.answer
+        return error_response(429, answer.body_reason(elapsed), headers=answer.headers(elapsed))
+
+    def sweep(self, now: float) -> None:
+        expiry = self._expiry
+        while expiry and expiry[0][0] + _EPISODE_GAP_S <= now:
+            _, _, table, host, entry = heapq.heappop(expiry)
+            if table.get(host) is entry:
+                del table[host]
+                self.live -= 1
+
+    def _log(self, now: float, what: str) -> None:
+        # One line per source and episode, and at most _LIMIT_LOG_PER_S a second in all: a
+        # thousand limited VMs must not flood the log either.
+        second = int(now)
+        if second != self._log_second:
+            self._log_second, self._log_budget = second, _LIMIT_LOG_PER_S
+        if self._log_budget <= 0:
+            self._suppressed += 1
+            return
+        self._log_budget -= 1
+        more, self._suppressed = self._suppressed, 0
+        log.warning("proxy.rate_limited %s (answered by the proxy until then) suppressed=%d",
+                    what, more)
+
+
+class _Held(Deferred):
+    """An answer the tarpit holds: sent when its timer fires, dropped with its connection."""
+
+    __slots__ = ("_counts", "_host", "_response", "_tarpit", "_timer")
+
+    def __init__(self, tarpit: Tarpit, counts: dict[str, int], host: str,
+                 response: AnyResponse) -> None:
+        super().__init__()
+        self._tarpit: Tarpit | None = tarpit
+        self._counts = counts
+        self._host = host
+        self._response = response
+        self._timer: asyncio.TimerHandle | None = None
+
+    def fire(self) -> None:
+        self._timer = None
+        self._release()
+        self.resolve(self._response)
+
+    def cancel(self) -> None:
+        """The connection went (or the proxy stops): nothing is sent, the slot is free."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._release()
+
+    def _release(self) -> None:
+        tarpit = self._tarpit
+        if tarpit is None:
+            return
+        self._tarpit = None
+        tarpit.held -= 1
+        tarpit.live.discard(self)
+        n = self._counts.get(self._host, 0) - 1
+        if n > 0:
+            self._counts[self._host] = n
+        else:
+            self._counts.pop(self._host, None)
+
+
+class Tarpit:
+    """Over-limit and over-cap 429s wait `delay_s` before they leave (`[proxy]
+    tarpit_delay`): a VM that ignores Retry-After and asks again at once gets at most one
+    answer per connection per delay, instead of thousands a second that each cost the
+    node a request's CPU. A held answer is a timer and nothing else (its connection exists
+    anyway: answered at once, the VM would just reconnect). At most `per_source` held per
+    VM address and listener and `max_held` in all; beyond, the answer goes at once. Only
+    answers that are 429 anyway are held: a VM within its limits never waits."""
+
+    __slots__ = ("delay_s", "delayed", "held", "live", "max_held", "overflow", "per_source")
+
+    def __init__(self, delay_s: float = 0.0, per_source: int = 128,
+                 max_held: int = 4096) -> None:
+        self.delay_s = delay_s
+        self.per_source = per_source
+        self.max_held = max_held
+        self.held = 0
+        self.delayed = 0  # answers held (counter)
+        self.overflow = 0  # answers sent at once because a bound was reached
+        self.live: set[_Held] = set()
+
+    def hold(self, counts: dict[str, int], host: str,
+             response: AnyResponse) -> AnyResponse | Deferred:
+        """`response` to be sent after the delay (a Deferred), or at once if off or full.
+        `counts`: the listener's held answers per source."""
+        if self.delay_s <= 0:
+            return response
+        n = counts.get(host, 0)
+        if n >= self.per_source or self.held >= self.max_held:
+            self.overflow += 1
+            return response
+        counts[host] = n + 1
+        self.held += 1
+        self.delayed += 1
+        held = _Held(self, counts, host, response)
+        held._timer = asyncio.get_running_loop().call_later(self.delay_s, held.fire)
+        self.live.add(held)
+        return held
+
+    def release_all(self) -> None:
+        """Shutdown: every held answer dropped, its timer cancelled."""
+        for held in list(self.live):
+            held.cancel()
+
+
 class Forwarder:
     """Relays requests to the agent; shared by every listener."""
 
     def __init__(
         self, pool: UpstreamPool, *, token_hop_limit: int = 1, access_log: bool = False,
         long_poll: UpstreamPool | None = None,
-        count: bool = True,
+        count: bool = True, tarpit: Tarpit | None = None,
     ) -> None:
         self.pool = pool
+        self.tarpit = tarpit or Tarpit()  # default: off (delay 0)
+        self.limited = LimitedSources()
         self.long_poll = long_poll or pool  # held requests (wait_for_change): own pool
         self.token_hop_limit = token_hop_limit  # IP TTL of PUT (token) answers
         self._errors = _ErrorLog()
@@ -191,11 +394,16 @@ class Forwarder:
         # once (rewrite + encode: ~3 µs of a proxied request). Bounded: keys are VM-chosen.
         self._encoded: dict[tuple[object, ...], tuple[bytes, bytes, bytes | None]] = {}
 
-    def handler_for(
-        self, spec: ListenerSpec,
-    ) -> Callable[[Request], Deferred | Awaitable[AnyResponse]]:
-        """The request handler of one listener."""
+    def handler_for(self, spec: ListenerSpec, held: dict[str, int] | None = None) -> Handler:
+        """The request handler of one listener; `held`: its tarpit's answers per source
+        (shared with its connection cap)."""
         forward = self.forward
+        # Sources of this listener the agent limited (LimitedSources). Empty unless some VM
+        # is over its budget: then one dict lookup per request, for every VM of the listener.
+        limited: dict[str, _Limited] = {}
+        refusal = self.limited.refusal
+        hold = self.tarpit.hold
+        held_here: dict[str, int] = held if held is not None else {}
         encoded = self._encoded
         encode = self.pool.encode_request
         last_host = ""
@@ -207,12 +415,19 @@ class Forwarder:
 
         count, timed = self.count, self.timed
 
-        def handle(req: Request) -> Deferred | Awaitable[AnyResponse]:
+        def handle(req: Request) -> AnyResponse | Deferred | Awaitable[AnyResponse]:
             nonlocal last_host, last_added
             if count:
                 hop.begun += 1
             t0 = perf_counter() if timed else 0.0
             host = req.peer[0] if req.peer else "0.0.0.0"
+            if limited:
+                known = limited.get(host)
+                if known is not None:
+                    denied = refusal(limited, host, known)
+                    if denied is not None:
+                        self._observe(req, 429, t0, self._new_rid(), host, scope)
+                        return hold(held_here, host, denied)
             key = (tag, host, req.method, req.target, *req.headers) if not req.body else None
             entry = encoded.get(key) if key is not None else None
             if entry is None:
@@ -234,16 +449,23 @@ class Forwarder:
                 rid = self._id_prefix + b"%x" % self._id_seq
             data = b"".join((head, _RID_LINE, rid, tail))
             if is_long_poll(req.query):
-                return Abandonable(self._forward_held(req, data, t0, rid, host, scope))
-            return forward(req, data, t0, rid, host, scope)
+                return Abandonable(self._forward_held(req, data, t0, rid, host, scope,
+                                                      limited))
+            return forward(req, data, t0, rid, host, scope, limited)
 
         return handle
 
+    def _new_rid(self) -> bytes:
+        self._id_seq += 1
+        return self._id_prefix + b"%x" % self._id_seq
+
     def forward(
         self, req: Request, data: bytes, t0: float, rid: bytes, host: str, scope: str,
+        limited: dict[str, _Limited] | None = None,
     ) -> Deferred:
         """Send the encoded request upstream; the answer is written to the client from the
-        upstream's read callback (no Task, no future per request)."""
+        upstream's read callback (no Task, no future per request). A rate-limit 429 is
+        remembered in `limited` (the listener's table) for the source's next requests."""
         reply = Deferred()
         head_only = req.method == "HEAD"
 
@@ -253,6 +475,8 @@ class Forwarder:
 
         def done(result: UpstreamResponse | BaseException) -> None:
             if isinstance(result, UpstreamResponse):
+                if result.status == 429 and limited is not None:
+                    self.limited.learn(limited, host, result.raw, scope)
                 answer(RawResponse(result.raw, close=not result.keep_alive), result.status)
             elif isinstance(result, UpstreamError):
                 answer(*self._failed(result))
@@ -279,6 +503,7 @@ class Forwarder:
 
     async def _forward_held(
         self, req: Request, data: bytes, t0: float, rid: bytes, host: str, scope: str,
+        limited: dict[str, _Limited] | None = None,
     ) -> AnyResponse:
         """A held request (wait_for_change), over the long-poll pool, as a task: when the
         VM gives up, the server cancels it, which closes the upstream connection, and so on
@@ -291,8 +516,32 @@ class Forwarder:
         else:
             resp = RawResponse(upstream.raw, close=not upstream.keep_alive)
             status = upstream.status
+            if status == 429 and limited is not None:
+                self.limited.learn(limited, host, upstream.raw, scope)
         self._observe(req, status, t0, rid, host, scope)
         return resp
+
+    def metric_families(self) -> list[Metric]:
+        """The proxy's own 429s and the tarpit, for /metrics."""
+        lim, tp = self.limited, self.tarpit
+        return [
+            counter("openimds_rate_limited",
+                    "Requests refused (429) by [metadata_rate_limiting]", lim.answered,
+                    hop="proxy"),
+            gauge("openimds_proxy_rate_limited_sources",
+                  "VM addresses the proxy answers 429 for until their Retry-After ends",
+                  lim.live),
+            counter("openimds_proxy_rate_limited_episodes",
+                    "VM addresses newly limited (one proxy.rate_limited line each)",
+                    lim.episodes),
+            gauge("openimds_proxy_tarpit_held", "429 answers held by the tarpit now",
+                  tp.held),
+            counter("openimds_proxy_tarpit_delayed", "429 answers held before sending",
+                    tp.delayed),
+            counter("openimds_proxy_tarpit_overflow",
+                    "429 answers sent at once: tarpit full for that address or in all",
+                    tp.overflow),
+        ]
 
     def _failed(self, exc: UpstreamError) -> tuple[Response, int]:
         status = 504 if isinstance(exc, UpstreamTimeout) else exc.status
@@ -307,16 +556,20 @@ class SourceCap:
 
     A connection over the cap is answered 429 (Retry-After: 1, Connection: close) once its
     request arrived, and closed after OVER_CAP_TIMEOUT_S if none does: it never counts, never
-    reaches the agent, and costs its fd for at most that long.
+    reaches the agent, and costs its fd for at most that long. The answer goes through the
+    tarpit (`tarpit`, `held`: the listener's held answers per source), so a VM reconnecting
+    in a loop gets one refusal per connection per delay.
     """
 
-    __slots__ = ("cap", "counts", "rejected", "_log")
+    __slots__ = ("cap", "counts", "held", "rejected", "tarpit", "_log")
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, held: dict[str, int] | None = None) -> None:
         self.cap = cap
         self.counts: dict[str, int] = {}
         self.rejected = 0
         self._log = _ErrorLog("proxy.connection_cap")
+        self.tarpit: Tarpit | None = None  # set by the listener when it starts
+        self.held: dict[str, int] = held if held is not None else {}
 
     def take(self, host: str) -> bool:
         n = self.counts.get(host, 0)
@@ -338,6 +591,15 @@ class SourceCap:
         return RawResponse(error_response(
             429, f"too many connections from this address (at most {self.cap} at once)",
             headers=[("Retry-After", "1")]).encode(keep_alive=False), close=True)
+
+    def refuser(self, host: str) -> Handler:
+        """The handler of a connection over the cap: its refusal, through the tarpit."""
+        refusal = self.refusal()
+        tarpit = self.tarpit
+        if tarpit is None or tarpit.delay_s <= 0:
+            return lambda _req: refusal
+        hold, held = tarpit.hold, self.held
+        return lambda _req: hold(held, host, refusal)
 
 
 OVER_CAP_TIMEOUT_S = 2.0
@@ -406,11 +668,22 @@ class _ClientProtocol(HttpProtocol):
             if cap.take(host):
                 self._source = host
             else:
-                refusal = cap.refusal()
-                self._handler = lambda _req: refusal
+                self._handler = cap.refuser(host)
                 self._arm(OVER_CAP_TIMEOUT_S)
 
+    def eof_received(self) -> bool | None:
+        held = self._deferred
+        if held is not None and type(held) is _Held:
+            # A VM that hangs up while its 429 is held gets none: answered at the EOF, a
+            # half-close after each request would skip the tarpit.
+            held.cancel()
+            return None  # the transport closes
+        return super().eof_received()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        held = self._deferred
+        if held is not None and type(held) is _Held:  # a tarpitted 429: its timer goes too
+            held.cancel()
         if self._own is not None:
             self._conns.discard(self._own)
             self._own = None
@@ -423,7 +696,7 @@ class _ClientProtocol(HttpProtocol):
 class Listener:
     """One open listening socket in one namespace, and its client connections."""
 
-    __slots__ = ("cap", "conns", "netns_inode", "server", "spec")
+    __slots__ = ("cap", "conns", "held", "netns_inode", "server", "spec")
 
     def __init__(self, spec: ListenerSpec, inode: int,
                  max_connections_per_source: int | None = None) -> None:
@@ -431,14 +704,17 @@ class Listener:
         self.netns_inode = inode
         self.server: asyncio.AbstractServer | None = None
         self.conns: set[asyncio.Transport] = set()
-        self.cap = (SourceCap(max_connections_per_source)
+        self.held: dict[str, int] = {}  # tarpitted answers per source (Tarpit)
+        self.cap = (SourceCap(max_connections_per_source, self.held)
                     if max_connections_per_source is not None else None)
 
     async def start(self, sock: socket.socket, forwarder: Forwarder, limits: Limits) -> None:
         loop = asyncio.get_running_loop()
-        handler = forwarder.handler_for(self.spec)
+        handler = forwarder.handler_for(self.spec, self.held)
         conns = self.conns
         cap = self.cap
+        if cap is not None:
+            cap.tarpit = forwarder.tarpit
         self.server = await loop.create_server(
             lambda: _ClientProtocol(handler, limits, loop, conns, cap,
                                     forwarder.token_hop_limit), sock=sock,
@@ -664,6 +940,7 @@ class NamespaceProxy:
     def close_all(self) -> None:
         for name in list(self.listeners):
             self._close(name, "proxy stopping")
+        self.forwarder.tarpit.release_all()
 
 
 # -- process-level plumbing --------------------------------------------------------------
@@ -721,9 +998,11 @@ async def run_proxy(
     paths.listeners_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     pool = pool_from_settings(settings)
     long_poll = pool_from_settings(settings, long_poll=True)
+    p = settings.proxy
     forwarder = Forwarder(pool, token_hop_limit=settings.api.token_hop_limit,
-                          access_log=settings.proxy.access_log, long_poll=long_poll,
-                          count=settings.metrics.enabled)
+                          access_log=p.access_log, long_poll=long_poll,
+                          count=settings.metrics.enabled,
+                          tarpit=Tarpit(p.tarpit_delay, p.tarpit_max_per_source, p.tarpit_max))
     proxy = NamespaceProxy(paths.listeners_dir, forwarder,
                            limits_from_settings(settings), settings.proxy.rescan_interval,
                            settings.proxy.max_connections_per_source,
@@ -731,6 +1010,7 @@ async def run_proxy(
     metrics = ServiceMetrics("proxy", worker=worker)
     metrics.hops.append(forwarder.hop)
     metrics.add(proxy.metric_families)
+    metrics.add(forwarder.metric_families)
     metrics_start: list[asyncio.Task[asyncio.AbstractServer | None]] = []
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, proxy.wake)
