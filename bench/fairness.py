@@ -29,8 +29,11 @@ of 40 per 10 s and a base of 120 per 60 s (a cloud-init boot makes 28 requests a
 Neutron's default 10 per 10 s would refuse a booting VM).
 
 Reported per arm: the 50 VMs' requests, errors (must be 0), p50/p99/max; the flood's requests,
-answers by status and rate; CPU seconds of proxy, agent, API; and per round the ratio
-p99(flood) / p99(alone) (target <= 2). Exit status 1 if a booting VM saw an error.
+answers by status and rate; CPU seconds of proxy, agent, API; who answered the 429s (the
+agent's limit, the proxy for a source the agent limited, the proxy's connection cap) and the
+proxy's tarpit (answers held, sent at once); and per round the ratio p99(flood) / p99(alone)
+(target <= 2). `--tarpit-delay 0` runs without the tarpit. Exit status 1 if a booting VM saw
+an error.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +61,29 @@ from openimds.config import Settings, load_settings  # noqa: E402
 from openimds.node.up import build_supervisor, ensure_secrets  # noqa: E402
 
 FLOOD_PATH = "/latest/meta-data/instance-id"
+# The proxy's counters (its /metrics) read around each arm: its own 429s and the tarpit.
+PROXY_COUNTERS = {
+    'openimds_rate_limited_total{hop="proxy"}': "proxy_429",
+    "openimds_proxy_tarpit_delayed_total": "tarpit_held",
+    "openimds_proxy_tarpit_overflow_total": "tarpit_overflow",
+    "openimds_proxy_connections_refused_total": "cap_refused",
+}
+
+
+def proxy_counters(settings: Settings) -> dict[str, float]:
+    """The PROXY_COUNTERS of the proxy's metrics listener (0 for any it does not have)."""
+    url = f"http://127.0.0.1:{settings.metrics.port('proxy')}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out = dict.fromkeys(PROXY_COUNTERS.values(), 0.0)
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name in PROXY_COUNTERS:
+            out[PROXY_COUNTERS[name]] = float(value)
+    return out
 
 
 # --- the flooder (a child process inside the flooding VM's namespace) -----------------------
@@ -124,11 +151,12 @@ def start_flood(vm: bs.Vm, seconds: float, conns: int, out: Path,
 
 # --- arms ------------------------------------------------------------------------------------
 
-def write_config(path: Path, state: Path, limits: bool) -> None:
+def write_config(path: Path, state: Path, limits: bool, tarpit: float | None = None) -> None:
+    proxy = "" if tarpit is None else f"[proxy]\ntarpit_delay = {tarpit}\n\n"
     path.write_text(
         f"[DEFAULT]\nstate_path = {state}\nnova_metadata_host = 127.0.0.1\n"
         "enable_isolated_metadata = true\n\n[api]\nmetadata_listen = 127.0.0.1\n\n"
-        "[registry]\nbind_host = 127.0.0.1\n\n"
+        f"[registry]\nbind_host = 127.0.0.1\n\n{proxy}"
         f"[metadata_rate_limiting]\nrate_limit_enabled = {str(limits).lower()}\n"
         "burst_window_duration = 10\nburst_query_rate_limit = 40\n"
         "base_window_duration = 60\nbase_query_rate_limit = 120\n")
@@ -150,7 +178,7 @@ async def bench(args: argparse.Namespace, settings: Settings, config: Path, stat
         report["flooder_router_neighbours"] = neighbours
 
         async def restart(limits: bool) -> dict[str, list[int]]:
-            write_config(config, state, limits)
+            write_config(config, state, limits, args.tarpit_delay)
             for name in ("agent", "api"):
                 await sup.get(name).stop()
             for name in ("api", "agent"):
@@ -168,6 +196,7 @@ async def bench(args: argparse.Namespace, settings: Settings, config: Path, stat
                 bad = await bs.probe(booters, 10)
                 assert not bad, bad
             before = bs.measure(pids)
+            counters0 = proxy_counters(settings)
             proc = None
             out = state / f"flood-{name}.json"
             if flood:
@@ -185,12 +214,15 @@ async def bench(args: argparse.Namespace, settings: Settings, config: Path, stat
             summary["flood"] = flood_stats
             stats = bs.agent_stats(settings)
             summary["agent_rate_limited_429"] = stats.get("rate_limited_429")
+            counters1 = proxy_counters(settings)
+            summary["proxy"] = {k: int(v - counters0.get(k, 0.0)) for k, v in counters1.items()}
             bs.log(f"arm {name}: {summary['requests']} requests, errors {summary['errors']}, "
                    f"p50 {summary['p50_ms']} ms, p99 {summary['p99_ms']} ms, max "
                    f"{summary['max_ms']} ms; flood {flood_stats.get('requests', 0)} requests "
                    f"{flood_stats.get('statuses', {})} ({flood_stats.get('rps', 0)}/s, "
                    f"{flood_stats.get('cpu_s', 0)} s CPU); "
-                   f"cpu {summary['processes']}")
+                   f"cpu {summary['processes']}; agent 429 "
+                   f"{summary['agent_rate_limited_429']}; proxy {summary['proxy']}")
             for sample in result.error_samples[:5]:
                 bs.log(f"  error: {sample}")
             return summary
@@ -223,6 +255,9 @@ def main() -> int:
                          "vCPUs, not the host cores the hops run on")
     ap.add_argument("--warm", action="store_true",
                     help="warm caches before each storm (one request per VM): steady state")
+    ap.add_argument("--tarpit-delay", type=float, default=None,
+                    help="[proxy] tarpit_delay for the whole run (default: the node's, "
+                         "0.25 s; 0 = off)")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--flood-serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--seconds", type=float, default=30.0, help=argparse.SUPPRESS)
@@ -241,7 +276,7 @@ def main() -> int:
     state = Path(tempfile.mkdtemp(prefix="openimds-fair-"))
     os.chmod(state, 0o755)  # noqa: S103  (the proxy may run as another user)
     config = state / "openimds.ini"
-    write_config(config, state, True)
+    write_config(config, state, True, args.tarpit_delay)
     ensure_secrets(state)
     for key in [k for k in os.environ if k.startswith("OPENIMDS_")]:
         del os.environ[key]
@@ -251,7 +286,8 @@ def main() -> int:
     report: dict[str, Any] = {"booting_vms": 50, "requests_per_vm": len(bs.BOOT_SEQUENCE),
                               "flood_nice": args.nice,
                               "caches": "warm" if args.warm else "cold",
-                              "flood_conns": args.conns, "flood_seconds": args.flood_seconds}
+                              "flood_conns": args.conns, "flood_seconds": args.flood_seconds,
+                              "tarpit_delay": settings.proxy.tarpit_delay}
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(bench(args, settings, config, state, topo, report))
@@ -269,9 +305,11 @@ def main() -> int:
 def print_report(report: dict[str, Any]) -> None:
     print(f"\nfairness: {report['booting_vms']} VMs boot ({report['requests_per_vm']} requests "
           f"each, {report['caches']} caches) while one VM floods with "
-          f"{report['flood_conns']} connections for {report['flood_seconds']:.0f} s")
+          f"{report['flood_conns']} connections for {report['flood_seconds']:.0f} s "
+          f"(proxy tarpit_delay {report['tarpit_delay']:g} s)")
     print(f"{'round':>5} {'arm':<14} {'errors':>6} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} "
-          f"{'flood req/s':>11} {'flood statuses':<28} cpu s (proxy/agent/api)")
+          f"{'flood req/s':>11} {'flood statuses':<28} {'cpu s proxy/agent/api':<22} "
+          f"429 by agent / proxy (limit) / proxy (cap); tarpit held / at once")
     for i, r in enumerate(report.get("rounds", []), 1):
         for name in ("alone", "flood", "flood-nolimit"):
             if name not in r:
@@ -279,9 +317,13 @@ def print_report(report: dict[str, Any]) -> None:
             s = r[name]
             f = s.get("flood") or {}
             cpu = "/".join(f"{v['cpu_s']:.1f}" for v in s["processes"].values())
+            px = s.get("proxy") or {}
+            who = (f"{s.get('agent_rate_limited_429') or 0} / {px.get('proxy_429', 0)} / "
+                   f"{px.get('cap_refused', 0)}; {px.get('tarpit_held', 0)} / "
+                   f"{px.get('tarpit_overflow', 0)}")
             print(f"{i:>5} {name:<14} {s['errors']:>6} {s['p50_ms']:>7.1f} {s['p99_ms']:>7.1f} "
                   f"{s['max_ms']:>7.1f} {f.get('rps', 0):>11.0f} "
-                  f"{json.dumps(f.get('statuses', {})):<28} {cpu}")
+                  f"{json.dumps(f.get('statuses', {})):<28} {cpu:<22} {who}")
     for key in ("flood_p99_ratio", "flood-nolimit_p99_ratio"):
         vals = [r[key] for r in report.get("rounds", []) if key in r]
         if vals:
