@@ -53,6 +53,7 @@ from openimds.core.proxy_rules import (
     guest_request_id,
     is_spec_filename,
     parse_listener_spec,
+    peer_address,
     plan_listeners,
     proxy_headers,
     rewrite_headers,
@@ -245,7 +246,7 @@ class LimitedSources:
         heapq.heappush(self._expiry, (entry.until, self._seq, table, host, entry))
         if prev is None or now - prev.until > _EPISODE_GAP_S:
             self.episodes += 1
-            self._log(now, f"ip={host} {scope} retry_after={answer.retry_after}")
+            self._log(now, f"ip={peer_address(host)} {scope} retry_after={answer.retry_after}")
 
     def refusal(self, table: dict[str, _Limited], host: str,
                 entry: _Limited) -> Response | None:
