@@ -25,6 +25,14 @@ to bare (target <= 3x, keep-alive), chain / bare rps (one-process floor; target 
 a new connection per request), chain / haproxy-chain rps (target >= 1.0). Ratios are medians
 of per-round ratios: the 2-core machine is shared with wrk (and with everyone else).
 
+With `--proxy-alone` the same rounds also measure **hop 1 alone** against haproxy, as
+bench/proxy_bench.py does, but side by side with the chain: `openimds proxy` (1 and 2
+workers) and haproxy with Neutron's config (`nbthread 1` and `nbthread 2`), all in front of
+one minimal backend (the lean server on a Unix socket answering a fixed meta_data.json).
+Printed: proxy w1 / haproxy t1 and proxy w2 / haproxy t2 (like with like: as many threads
+of execution each), and proxy w1 / haproxy t2 (one process against haproxy as Neutron
+renders it).
+
 With `--workers N` every service runs N worker processes (`metadata_workers`, `[api]
 workers`, `[proxy] workers`); `--workers 1,2` runs both in the same rounds and prints the
 2-worker / 1-worker throughput ratio, each worker's share of its service's CPU (`split`),
@@ -72,7 +80,16 @@ from openimds.host.netns import socket_in_netns  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
 # Neutron's rendered haproxy config and the /proc helpers, shared with the proxy bench.
-from proxy_bench import HAPROXY_CFG, cpu_s, ip, parse_wrk, rss_kib, wait_until  # noqa: E402
+from proxy_bench import (  # noqa: E402
+    BODY,
+    HAPROXY_CFG,
+    ROUTER_ID,
+    cpu_s,
+    ip,
+    parse_wrk,
+    rss_kib,
+    wait_until,
+)
 
 PY = sys.executable
 TAG = f"chb-{os.getpid()}"
@@ -81,6 +98,9 @@ PATH = "/openstack/latest/meta_data.json"
 VM_IP = "10.0.0.5"
 ROUTER_IP = "10.0.0.1"
 PORTS = {"bare": 9690, "chain": 9697, "haproxy": 9698}
+# --proxy-alone: hop 1 alone in front of a minimal backend
+ALONE_PORTS = {"alone-proxy-w1": 9681, "alone-proxy-w2": 9682, "alone-haproxy-t1": 9683,
+               "alone-haproxy-t2": 9684}
 
 
 
@@ -357,6 +377,47 @@ def start_stack(b: Bench, rns: str, workers: int, port_base: int) -> Stack:
                  {"chain": chain_port, "haproxy": hap_port}, headers, api_port)
 
 
+def start_alone(b: Bench, rns: str, vm: str) -> dict[str, tuple[int, dict[str, int]]]:
+    """Hop 1 alone: our proxy (1 and 2 workers) and haproxy (nbthread 1 and 2) in front of
+    the same minimal backend; returns name -> (port, pids to account, backend included)."""
+    sock = b.tmp / "alone-backend.sock"
+    backend = b.spawn("alone-backend", [PY, str(REPO / "bench" / "proxy_bench.py"), "backend",
+                                        str(sock)])
+    wait_until(lambda: sock.exists(), 30, "alone backend socket")
+    os.chmod(sock, 0o666)  # noqa: S103 - haproxy runs as nobody
+    out: dict[str, tuple[int, dict[str, int]]] = {}
+    for w in (1, 2):
+        name = f"alone-proxy-w{w}"
+        state = b.tmp / f"alone-w{w}"
+        specs = state / "proxy" / "listeners"
+        specs.mkdir(parents=True)
+        (specs / f"router-{ROUTER_ID}.json").write_text(json.dumps({
+            "netns": rns, "host": "0.0.0.0", "port": ALONE_PORTS[name],
+            "router_id": ROUTER_ID, "network_id": None}))
+        cfg = b.tmp / f"alone-w{w}.ini"
+        cfg.write_text(f"[DEFAULT]\nstate_path = {state}\nmetadata_proxy_socket = {sock}\n"
+                       f"[proxy]\nworkers = {w}\nspawn_from_agents = false\n"
+                       "max_connections_per_source = 4096\n"  # wrk: 100 conns, one VM
+                       "[metrics]\nenabled = false\n")
+        proc = b.spawn(name, [PY, "-m", "openimds", "--config", str(cfg), "proxy"])
+        out[name] = (ALONE_PORTS[name], {"proxy": proc.popen.pid,
+                                         "backend": backend.popen.pid})
+    for t in (1, 2):
+        name = f"alone-haproxy-t{t}"
+        hcfg = b.tmp / f"{name}.cfg"
+        hcfg.write_text(HAPROXY_CFG.format(nbthread=t, pidfile=b.tmp / f"{name}.pid",
+                                           port=ALONE_PORTS[name], socket=sock,
+                                           router_id=ROUTER_ID))
+        proc = b.spawn(name, ["ip", "netns", "exec", rns, "haproxy", "-db", "-f", str(hcfg)])
+        out[name] = (ALONE_PORTS[name], {"proxy": proc.popen.pid,
+                                         "backend": backend.popen.pid})
+    for name, (port, _) in out.items():
+        wait_until(lambda port=port: get_in(vm, port)[0] == 200, 30, f"{name} answering")
+        status, data = get_in(vm, port)
+        assert status == 200 and data.partition(b"\r\n\r\n")[2] == BODY, (name, data[:300])
+    return out
+
+
 def urlopen_ok(url: str) -> bool:
     import urllib.request
 
@@ -494,6 +555,9 @@ def main() -> int:
     p.add_argument("--pipeline", type=int, default=1, metavar="D",
                    help="with --workers: also run every worker count with wrk pipelining D "
                         "requests per write (the low-cost generator; labelled -pD)")
+    p.add_argument("--proxy-alone", action="store_true",
+                   help="also hop 1 alone: openimds proxy (1, 2 workers) vs haproxy "
+                        "(nbthread 1, 2) in front of one minimal backend, same rounds")
     p.add_argument("--no-matched", dest="matched", action="store_false",
                    help="skip the second reference: bare held at the chain's request rate")
     p.add_argument("--json", type=Path)
@@ -561,6 +625,9 @@ def main() -> int:
             hp = {k: v for k, v in pids.items() if k != "proxy"}
             hp["haproxy"] = st.services["haproxy"].popen.pid
             configs.append((f"haproxy-w{st.workers}", st.ports["haproxy"], hp, None))
+        if a.proxy_alone:
+            for name, (port, pids) in start_alone(b, rns, vm).items():
+                configs.append((name, port, pids, None))
         for rnd in range(1, a.rounds + 1):
             for conns, close in scenarios:
                 runs = list(configs)
@@ -641,7 +708,8 @@ def summarize(rows: list[dict[str, Any]], scenarios: list[tuple[int, bool]],
         label = f"c={conns}{' close' if close else ''}"
         bare = sel("bare", conns, close)
         matched = sel("bare@rate", conns, close)
-        for name in ["bare", "bare@rate"] + [f"{k}-w{w}" for w in workers for k in kinds]:
+        for name in (["bare", "bare@rate"] + [f"{k}-w{w}" for w in workers for k in kinds]
+                     + list(ALONE_PORTS)):
             rs = list(sel(name, conns, close).values())
             if not rs:
                 continue
@@ -671,6 +739,18 @@ def summarize(rows: list[dict[str, Any]], scenarios: list[tuple[int, bool]],
             xs = [ours[k]["rps"] / hap[k]["rps"] for k in ours if k in hap]
             say(f"{label} w{w}: chain with openimds proxy / with haproxy (Neutron config) "
                 f"rps = {ratio(xs)}" + ("  (target >= 1.0)" if close else ""))
+        for mine, theirs, why in (
+                ("alone-proxy-w1", "alone-haproxy-t1", "one thread each"),
+                ("alone-proxy-w2", "alone-haproxy-t2", "two each"),
+                ("alone-proxy-w1", "alone-haproxy-t2", "one process vs Neutron's nbthread 2")):
+            ours, hap = sel(mine, conns, close), sel(theirs, conns, close)
+            xs = [ours[k]["rps"] / hap[k]["rps"] for k in ours if k in hap]
+            if xs:
+                say(f"{label}: hop 1 alone, {mine} / {theirs} rps = {ratio(xs)}  ({why}"
+                    + ("; target >= 1.0)" if close else ")"))
+                xs = [ours[k]["cpu_us"]["proxy"] / hap[k]["cpu_us"]["proxy"] for k in ours
+                      if k in hap and hap[k]["cpu_us"]["proxy"]]
+                say(f"{label}: hop 1 alone, {mine} / {theirs} hop-1 CPU/req = {ratio(xs)}")
         for kd in scaled if len(workers) > 1 else ():
             gen = f"wrk pipelining {pipeline}" if kd != kind else "plain wrk"
             one = sel(f"{kd}-w{workers[0]}", conns, close)
