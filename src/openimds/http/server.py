@@ -30,6 +30,8 @@ from typing import Any
 
 import httptools
 
+from openimds.http.sockets import SocketTransport
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -292,7 +294,7 @@ class HttpProtocol(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
-            self._peer = (str(peer[0]), int(peer[1]))
+            self._peer = peer if len(peer) == 2 else (str(peer[0]), int(peer[1]))
         self._arm(self._limits.request_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -465,6 +467,13 @@ class HttpProtocol(asyncio.Protocol):
                 self._deferred = result
                 self._deferred_req = req
                 result._deliver = self._finish_deferred
+                if not req.keep_alive and not self._paused and type(result) is Deferred and (
+                        isinstance(self._transport, SocketTransport)):
+                    # The last request of the connection: later bytes would be ignored,
+                    # so the socket need not be registered with the loop while it waits
+                    # (a plain Deferred only: a subclass may want to see the client's EOF).
+                    self._transport.pause_reading()
+                    self._paused = True
                 return
             else:
                 self._busy = True
@@ -546,8 +555,14 @@ class HttpProtocol(asyncio.Protocol):
         until the close): sent apart, the client read the answer and closed first, so
         TIME_WAIT landed on the client (a VM, or wrk: 85 % of one-request connections,
         half its port range in TIME_WAIT), and each close cost one more segment."""
-        sock = self._transport.get_extra_info("socket") if self._transport else None
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        transport = self._transport
+        if transport is None or self._peer is None:  # no peer address: not TCP
+            return
+        if isinstance(transport, SocketTransport):
+            transport.cork()  # MSG_MORE on the write, no setsockopt
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
 

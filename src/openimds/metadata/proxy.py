@@ -80,6 +80,7 @@ from openimds.http.server import (
     Response,
     error_response,
 )
+from openimds.http.sockets import Acceptor, SocketTransport
 from openimds.log import access_line
 from openimds.metadata.longpoll import is_long_poll, long_poll_timeout
 from openimds.metrics import (
@@ -637,12 +638,12 @@ class _ClientProtocol(HttpProtocol):
 
     def __init__(
         self, handler: Handler, limits: Limits,
-        loop: asyncio.AbstractEventLoop, conns: set[asyncio.Transport],
+        loop: asyncio.AbstractEventLoop, conns: set[SocketTransport],
         cap: SourceCap | None = None, token_hop_limit: int = 1,
     ) -> None:
         super().__init__(handler, limits, loop)
         self._conns = conns
-        self._own: asyncio.Transport | None = None
+        self._own: SocketTransport | None = None
         self._cap = cap
         self._source: str | None = None
         self._hops = token_hop_limit
@@ -659,8 +660,7 @@ class _ClientProtocol(HttpProtocol):
         super()._send(req, resp)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, but have the same API.
-        self._own = transport  # type: ignore[assignment]
+        self._own = transport  # type: ignore[assignment]  # always a SocketTransport
         self._conns.add(transport)  # type: ignore[arg-type]
         super().connection_made(transport)
         cap = self._cap
@@ -703,24 +703,27 @@ class Listener:
                  max_connections_per_source: int | None = None) -> None:
         self.spec = spec
         self.netns_inode = inode
-        self.server: asyncio.AbstractServer | None = None
-        self.conns: set[asyncio.Transport] = set()
+        self.server: Acceptor | None = None
+        self.conns: set[SocketTransport] = set()
         self.held: dict[str, int] = {}  # tarpitted answers per source (Tarpit)
         self.cap = (SourceCap(max_connections_per_source, self.held)
                     if max_connections_per_source is not None else None)
 
     async def start(self, sock: socket.socket, forwarder: Forwarder, limits: Limits) -> None:
+        """Serve the listening socket. Connections are served off their accepted sockets
+        (`http.sockets`): a VM that asks once per connection costs accept, recv, send
+        and close, not an event-loop transport (docs/benchmarks.md, "Toward the limit")."""
         loop = asyncio.get_running_loop()
         handler = forwarder.handler_for(self.spec, self.held)
         conns = self.conns
         cap = self.cap
         if cap is not None:
             cap.tarpit = forwarder.tarpit
-        self.server = await loop.create_server(
-            lambda: _ClientProtocol(handler, limits, loop, conns, cap,
-                                    forwarder.token_hop_limit), sock=sock,
-            backlog=LISTEN_BACKLOG,
-        )
+        hops = forwarder.token_hop_limit
+        # Accepted sockets inherit it: answers are not held back by Nagle's algorithm.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server = Acceptor(
+            loop, sock, lambda: _ClientProtocol(handler, limits, loop, conns, cap, hops))
 
     def close(self) -> None:
         """Stop listening and close every client connection: nothing pins the namespace."""

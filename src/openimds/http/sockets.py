@@ -1,0 +1,248 @@
+"""Client connections served straight off their accepted sockets (the proxy's VM side).
+
+With a new connection per request (cloud-init, curl), the event loop's own TCP transport
+costs more than the request: per connection uvloop makes a handle, sets TCP_NODELAY, asks
+the kernel for both addresses, registers the fd with epoll, schedules `connection_made`
+for the next iteration and waits for epoll to report the request, then deregisters. Here
+the listener accepts itself (the peer address comes with `accept`), reads the request at
+once (it is usually there already) and registers the fd with the loop only if it has to
+wait for more bytes: a one-request connection costs accept, recv, send and close.
+
+`SocketTransport` has the part of asyncio's Transport API that `http.server.HttpProtocol`
+and the proxy use (write, close, abort, pause/resume_reading, get_extra_info); `cork()`
+makes the next write leave with the FIN (MSG_MORE, then close), without a setsockopt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Acceptor", "SocketTransport"]
+
+_READ_SIZE = 65536
+_ACCEPT_BATCH = 128  # connections accepted per wake-up of the listening socket
+# Out of fds or memory: stop accepting for a moment instead of spinning on the error.
+_ACCEPT_PAUSE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_ACCEPT_PAUSE_S = 1.0
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)
+
+
+class SocketTransport:
+    """One accepted, non-blocking client socket driven by a protocol (`asyncio.Protocol`)."""
+
+    __slots__ = ("_buffer", "_closing", "_fd", "_loop", "_more", "_paused", "_peer",
+                 "_protocol", "_reading", "_sock")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, peer: Any,
+                 protocol: asyncio.Protocol) -> None:
+        self._loop = loop
+        self._sock: socket.socket | None = sock
+        self._fd = sock.fileno()
+        self._peer = peer
+        self._protocol = protocol
+        self._reading = False  # registered with the loop for reading
+        self._paused = False
+        self._closing = False
+        self._more = 0  # send flags: MSG_MORE once corked
+        self._buffer: bytearray | None = None  # bytes the socket did not take yet
+
+    def start(self) -> None:
+        """connection_made, then the first read right away: no wait for the loop."""
+        self._protocol.connection_made(self)  # type: ignore[arg-type]
+        if not self._closing:
+            self._on_readable()
+            if not (self._closing or self._paused or self._reading):
+                self._reading = True
+                self._loop.add_reader(self._fd, self._on_readable)
+
+    # -- the transport API the protocols use --------------------------------------------
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "peername":
+            return self._peer
+        if name == "socket":
+            return self._sock
+        if name == "sockname" and self._sock is not None:
+            return self._sock.getsockname()
+        return default
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def pause_reading(self) -> None:
+        self._paused = True
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+
+    def resume_reading(self) -> None:
+        self._paused = False
+        if not self._reading and not self._closing:
+            self._reading = True
+            self._loop.add_reader(self._fd, self._on_readable)
+
+    def cork(self) -> None:
+        """The next writes are held (MSG_MORE) until close() sends them with the FIN."""
+        self._more = _MSG_MORE
+
+    def write(self, data: bytes) -> None:
+        sock = self._sock
+        if sock is None or self._closing:
+            return
+        if self._buffer:
+            self._buffer += data
+            return
+        try:
+            sent = sock.send(data, self._more)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._finalize(exc)
+            return
+        if sent < len(data):
+            self._buffer = bytearray(memoryview(data)[sent:])
+            self._loop.add_writer(self._fd, self._on_writable)
+
+    def close(self) -> None:
+        """Stop reading; close once the buffered bytes are sent."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+        if not self._buffer:
+            self._finalize(None)
+
+    def abort(self) -> None:
+        """Close now, dropping whatever was not sent."""
+        self._closing = True
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+        self._finalize(None)
+
+    # -- loop callbacks -----------------------------------------------------------------
+    def _on_readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            data = sock.recv(_READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._closing = True
+            if self._reading:
+                self._reading = False
+                self._loop.remove_reader(self._fd)
+            self._finalize(exc)
+            return
+        try:
+            if data:
+                self._protocol.data_received(data)
+                return
+            # EOF: the protocol keeps our half open (answers pending) or we close.
+            if self._reading:
+                self._reading = False
+                self._loop.remove_reader(self._fd)
+            self._paused = True
+            if not self._protocol.eof_received():
+                self.close()
+        except Exception:  # a protocol bug must not reach the loop or leak the socket
+            log.exception("http.protocol_failed fd=%d", self._fd)
+            self.abort()
+
+    def _on_writable(self) -> None:
+        sock, buf = self._sock, self._buffer
+        if sock is None or not buf:
+            return
+        try:
+            sent = sock.send(buf, self._more)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._closing = True
+            self._finalize(exc)
+            return
+        del buf[:sent]
+        if not buf:
+            self._loop.remove_writer(self._fd)
+            if self._closing:
+                self._finalize(None)
+
+    def _finalize(self, exc: Exception | None) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        self._sock = None
+        if self._buffer is not None:
+            if self._buffer:
+                self._loop.remove_writer(self._fd)
+            self._buffer = None
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+        self._closing = True
+        sock.close()  # with MSG_MORE bytes held: they leave now, with the FIN
+        self._loop.call_soon(self._protocol.connection_lost, exc)
+
+
+class Acceptor:
+    """Accepts connections on a listening socket; each gets `factory()` as its protocol."""
+
+    __slots__ = ("_factory", "_loop", "_sock")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                 factory: Callable[[], asyncio.Protocol]) -> None:
+        self._loop = loop
+        self._sock: socket.socket | None = sock
+        self._factory = factory
+        sock.setblocking(False)
+        loop.add_reader(sock.fileno(), self._on_accept)
+
+    def _on_accept(self) -> None:
+        lsock = self._sock
+        if lsock is None:
+            return
+        loop, factory = self._loop, self._factory
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, peer = lsock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_PAUSE_ERRNOS:
+                    log.warning("http.accept_paused error=%s seconds=%.0f", exc,
+                                _ACCEPT_PAUSE_S)
+                    loop.remove_reader(lsock.fileno())
+                    loop.call_later(_ACCEPT_PAUSE_S, self._resume)
+                else:
+                    log.warning("http.accept_failed error=%s", exc)
+                return
+            sock.setblocking(False)
+            transport = SocketTransport(loop, sock, peer, factory())
+            try:
+                transport.start()
+            except Exception:
+                log.exception("http.connection_failed peer=%s", peer)
+                transport.abort()
+
+    def _resume(self) -> None:
+        if self._sock is not None:
+            self._loop.add_reader(self._sock.fileno(), self._on_accept)
+
+    def close(self) -> None:
+        """Stop accepting and close the listening socket (connections are not touched)."""
+        sock = self._sock
+        if sock is None:
+            return
+        self._sock = None
+        self._loop.remove_reader(sock.fileno())
+        sock.close()
