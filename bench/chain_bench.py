@@ -66,6 +66,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -453,12 +454,14 @@ def keep_alive_bytes(answer: bytes) -> bytes:
 
 def measure(b: Bench, vm: str, port: int, pids: dict[str, int], conns: int, close: bool,
             duration: float, headers: list[str] | None = None,
-            rate: float | None = None, pipeline: int = 1) -> dict[str, Any]:
+            rate: float | None = None, pipeline: int = 1,
+            started: Callable[[], object] | None = None) -> dict[str, Any]:
     """One wrk run with CPU accounting: µs per request of each of our processes, and the
     machine's share (cores busy, idle fraction, wrk's cores, everyone else's cores), so a
     reader can tell what limited the run. `rate`: hold about that many requests/s (the
     1 s warm-up calibrates wrk's per-connection delay). Also each worker's share of its
-    service's CPU (`split`: does the kernel spread the load?) and wrk's µs per request."""
+    service's CPU (`split`: does the kernel spread the load?) and wrk's µs per request.
+    `started`: called as the measured run begins (a profiler's start)."""
     delay = None
     if rate:
         delay = max(0.0, conns / rate * 1000.0)
@@ -467,6 +470,8 @@ def measure(b: Bench, vm: str, port: int, pids: dict[str, int], conns: int, clos
             delay = max(0.0, delay - (conns / warm["rps"] * 1000.0 - delay))
     else:
         run_wrk(vm, port, conns, 1, close, headers, pipeline=pipeline)  # warm-up
+    if started is not None:
+        started()
     before = {k: tree_cpu_s(p) for k, p in pids.items()}
     workers0 = {k: worker_cpu_s(p) for k, p in pids.items()}
     busy0, idle0 = machine_cpu()
@@ -502,14 +507,34 @@ def machine_note(r: dict[str, Any]) -> str:
             f"{m['cores_wrk']:.2f}, other {m['cores_other']:.2f}), idle {100 * m['idle']:.0f}%")
 
 
-def py_spy(pid: int, seconds: float, out: Path, native: bool) -> subprocess.Popen[bytes]:
+SYSCALLS = ("epoll_wait", "epoll_pwait", "epoll_pwait2", "read", "recvfrom", "write", "writev",
+            "sendto", "sendmsg")
+
+
+def py_spy(pid: int, seconds: float, out: Path, native: bool,
+           syscalls: bool = False) -> subprocess.Popen[bytes]:
     spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
     argv = [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "1000",
             "--format", "raw", "--output", str(out), "--nonblocking"]
     if native:  # perf(1) instead: where the C and kernel time goes, by shared object
         argv = ["perf", "record", "-q", "-o", str(out.with_suffix(".perf")), "-p", str(pid),
                 "--", "sleep", str(int(seconds))]
+    if syscalls:  # perf stat: how many wake-ups, reads and writes the hop makes
+        events = ",".join(f"syscalls:sys_enter_{name}" for name in SYSCALLS)
+        argv = ["perf", "stat", "-x,", "-o", str(out.with_suffix(".stat")), "-e", events,
+                "-p", str(pid), "--", "sleep", str(int(seconds))]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def syscall_report(path: Path, requests: float) -> None:
+    """perf stat's counts per request wrk completed (the counting window is the same
+    `--duration`, started just before wrk: a ratio, not an exact split)."""
+    for line in path.read_text().splitlines():
+        fields = line.split(",")
+        if len(fields) > 2 and fields[2].startswith("syscalls:sys_enter_"):
+            count = float(fields[0]) if fields[0].replace(".", "").isdigit() else 0.0
+            name = fields[2].removeprefix("syscalls:sys_enter_")
+            print(f"  {name:12s} {count:12,.0f}  {count / max(1.0, requests):6.3f} per request")
 
 
 def profile_report(path: Path, top: int = 25) -> None:
@@ -547,6 +572,8 @@ def main() -> int:
     p.add_argument("--profile", choices=("proxy", "agent", "api"),
                    help="sample that service with py-spy during one keep-alive run")
     p.add_argument("--profile-native", action="store_true")
+    p.add_argument("--profile-syscalls", action="store_true",
+                   help="count the hop's epoll waits, reads and writes per request (perf stat)")
     p.add_argument("--profile-close", action="store_true",
                    help="profile with a new connection per request (cloud-init's pattern)")
     p.add_argument("--api-only", action="store_true",
@@ -594,12 +621,16 @@ def main() -> int:
             out = b.tmp / f"{a.profile}.raw"
             close = a.profile_close
             run_wrk(vm, st.ports["chain"], 100, 1, close)
-            spy = py_spy(pid, a.duration, out, a.profile_native)
-            r = measure(b, vm, st.ports["chain"], {a.profile: pid}, 100, close, a.duration)
-            spy.wait(60)
+            spies = []
+            r = measure(b, vm, st.ports["chain"], {a.profile: pid}, 100, close, a.duration,
+                        started=lambda: spies.append(py_spy(
+                            pid, a.duration, out, a.profile_native, a.profile_syscalls)))
+            spies[0].wait(60)
             print(f"profiled {a.profile}: {r['rps']:.0f} rps, {r['cpu_us'][a.profile]:.1f} "
                   "us/req")
-            if a.profile_native:
+            if a.profile_syscalls:
+                syscall_report(out.with_suffix(".stat"), r["requests"])
+            elif a.profile_native:
                 subprocess.run(["perf", "report", "-q", "-i", str(out.with_suffix(".perf")),
                                 "--sort", "dso,sym", "--stdio"], check=False,
                                stdout=sys.stdout, stderr=subprocess.DEVNULL)
