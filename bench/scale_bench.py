@@ -202,6 +202,11 @@ class Scale:
             time.sleep(0.1)
         rss0 = {"registry": rss_kib(registry.pid), "agent": rss_kib(agent.pid),
                 "api": rss_kib(api.pid)}
+        # the warm port index loads from /v1/topology once the feed is live: its share
+        while agent_stats(sock)["index_ports"] < size:
+            assert time.monotonic() < deadline + 60, "agent index never loaded"
+            time.sleep(0.1)
+        res["rss_kib_indexed"] = {"agent": rss_kib(agent.pid)}
         # Warm: every instance's core requests, once each (cold: a lookup and a view each).
         warm = [request(rid, ip, p) for rid, ip in self.vms for p in PATHS]
         t0 = time.monotonic()
