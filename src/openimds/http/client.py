@@ -88,11 +88,13 @@ class _Closed(Exception):
 
 class _Conn(asyncio.Protocol):
     __slots__ = ("_body", "_done", "_headers", "_head_only", "_max", "_parser", "_raw",
-                 "_raw_len", "_status", "closed", "deadline", "on_result", "timed_out",
+                 "_raw_len", "_status", "closed", "deadline", "loop", "on_result", "timed_out",
                  "timer", "timer_at", "transport", "waiter")
 
     def __init__(self, max_response_bytes: int) -> None:
         self.transport: asyncio.Transport | None = None
+        # Kept: asyncio.get_running_loop() is a getpid() syscall per call on Python 3.11.
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
         self.waiter: asyncio.Future[UpstreamResponse] | None = None
         self.on_result: ResultCallback | None = None
@@ -148,7 +150,9 @@ class _Conn(asyncio.Protocol):
     def begin_with_callback(
         self, data: bytes, head_only: bool, callback: ResultCallback, timeout_s: float,
     ) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
+        if loop is None:
+            loop = self.loop = asyncio.get_running_loop()
         self.waiter = None
         self.on_result = callback
         self.timed_out = False
@@ -166,7 +170,7 @@ class _Conn(asyncio.Protocol):
         self.timer = None
         if self.on_result is None:
             return  # idle: the next exchange arms it again
-        loop = asyncio.get_running_loop()
+        loop = self.loop or asyncio.get_running_loop()
         if loop.time() < self.deadline:
             self.timer_at = self.deadline
             self.timer = loop.call_at(self.deadline, self._on_timer)

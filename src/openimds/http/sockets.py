@@ -32,6 +32,7 @@ _ACCEPT_BATCH = 128  # connections accepted per wake-up of the listening socket
 _ACCEPT_PAUSE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _ACCEPT_PAUSE_S = 1.0
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
+_STREAM = int(socket.SOCK_STREAM)
 
 
 class SocketTransport:
@@ -197,13 +198,14 @@ class SocketTransport:
 class Acceptor:
     """Accepts connections on a listening socket; each gets `factory()` as its protocol."""
 
-    __slots__ = ("_factory", "_loop", "_sock")
+    __slots__ = ("_factory", "_family", "_loop", "_sock")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
                  factory: Callable[[], asyncio.Protocol]) -> None:
         self._loop = loop
         self._sock: socket.socket | None = sock
         self._factory = factory
+        self._family = int(sock.family)  # as a plain int: the enum costs a call per use
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self._on_accept)
 
@@ -211,10 +213,12 @@ class Acceptor:
         lsock = self._sock
         if lsock is None:
             return
-        loop, factory = self._loop, self._factory
+        loop, factory, family = self._loop, self._factory, self._family
         for _ in range(_ACCEPT_BATCH):
             try:
-                sock, peer = lsock.accept()
+                # socket.accept() without its wrapper, which converts family and type to
+                # enums per connection (two Python calls) to make the same object
+                fd, peer = lsock._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:
@@ -226,6 +230,7 @@ class Acceptor:
                 else:
                     log.warning("http.accept_failed error=%s", exc)
                 return
+            sock = socket.socket(family, _STREAM, 0, fd)
             sock.setblocking(False)
             transport = SocketTransport(loop, sock, peer, factory())
             try:
