@@ -101,7 +101,7 @@ ROUTER_IP = "10.0.0.1"
 PORTS = {"bare": 9690, "chain": 9697, "haproxy": 9698}
 # --proxy-alone: hop 1 alone in front of a minimal backend
 ALONE_PORTS = {"alone-proxy-w1": 9681, "alone-proxy-w2": 9682, "alone-haproxy-t1": 9683,
-               "alone-haproxy-t2": 9684}
+               "alone-haproxy-t2": 9684, "alone-base-w1": 9685}
 
 
 
@@ -378,29 +378,35 @@ def start_stack(b: Bench, rns: str, workers: int, port_base: int) -> Stack:
                  {"chain": chain_port, "haproxy": hap_port}, headers, api_port)
 
 
-def start_alone(b: Bench, rns: str, vm: str) -> dict[str, tuple[int, dict[str, int]]]:
+def start_alone(b: Bench, rns: str, vm: str, baseline: Path | None = None,
+                ) -> dict[str, tuple[int, dict[str, int]]]:
     """Hop 1 alone: our proxy (1 and 2 workers) and haproxy (nbthread 1 and 2) in front of
-    the same minimal backend; returns name -> (port, pids to account, backend included)."""
+    the same minimal backend; returns name -> (port, pids to account, backend included).
+    `baseline`: a checkout of other code (e.g. `git worktree add --detach DIR COMMIT`), whose
+    proxy runs as `alone-base-w1`: before and after a change in the same rounds."""
     sock = b.tmp / "alone-backend.sock"
     backend = b.spawn("alone-backend", [PY, str(REPO / "bench" / "proxy_bench.py"), "backend",
                                         str(sock)])
     wait_until(lambda: sock.exists(), 30, "alone backend socket")
     os.chmod(sock, 0o666)  # noqa: S103 - haproxy runs as nobody
     out: dict[str, tuple[int, dict[str, int]]] = {}
-    for w in (1, 2):
-        name = f"alone-proxy-w{w}"
-        state = b.tmp / f"alone-w{w}"
+    runs: list[tuple[str, int, dict[str, str] | None]] = [
+        ("alone-proxy-w1", 1, None), ("alone-proxy-w2", 2, None)]
+    if baseline is not None:
+        runs.append(("alone-base-w1", 1, {"PYTHONPATH": str(baseline / "src")}))
+    for name, w, env in runs:
+        state = b.tmp / name
         specs = state / "proxy" / "listeners"
         specs.mkdir(parents=True)
         (specs / f"router-{ROUTER_ID}.json").write_text(json.dumps({
             "netns": rns, "host": "0.0.0.0", "port": ALONE_PORTS[name],
             "router_id": ROUTER_ID, "network_id": None}))
-        cfg = b.tmp / f"alone-w{w}.ini"
+        cfg = b.tmp / f"{name}.ini"
         cfg.write_text(f"[DEFAULT]\nstate_path = {state}\nmetadata_proxy_socket = {sock}\n"
                        f"[proxy]\nworkers = {w}\nspawn_from_agents = false\n"
                        "max_connections_per_source = 4096\n"  # wrk: 100 conns, one VM
                        "[metrics]\nenabled = false\n")
-        proc = b.spawn(name, [PY, "-m", "openimds", "--config", str(cfg), "proxy"])
+        proc = b.spawn(name, [PY, "-m", "openimds", "--config", str(cfg), "proxy"], env)
         out[name] = (ALONE_PORTS[name], {"proxy": proc.popen.pid,
                                          "backend": backend.popen.pid})
     for t in (1, 2):
@@ -585,6 +591,9 @@ def main() -> int:
     p.add_argument("--proxy-alone", action="store_true",
                    help="also hop 1 alone: openimds proxy (1, 2 workers) vs haproxy "
                         "(nbthread 1, 2) in front of one minimal backend, same rounds")
+    p.add_argument("--baseline", type=Path, metavar="DIR",
+                   help="with --proxy-alone: also the proxy of the checkout in DIR "
+                        "(alone-base-w1), to compare code before/after in the same rounds")
     p.add_argument("--no-matched", dest="matched", action="store_false",
                    help="skip the second reference: bare held at the chain's request rate")
     p.add_argument("--json", type=Path)
@@ -657,7 +666,7 @@ def main() -> int:
             hp["haproxy"] = st.services["haproxy"].popen.pid
             configs.append((f"haproxy-w{st.workers}", st.ports["haproxy"], hp, None))
         if a.proxy_alone:
-            for name, (port, pids) in start_alone(b, rns, vm).items():
+            for name, (port, pids) in start_alone(b, rns, vm, a.baseline).items():
                 configs.append((name, port, pids, None))
         for rnd in range(1, a.rounds + 1):
             for conns, close in scenarios:
@@ -773,12 +782,14 @@ def summarize(rows: list[dict[str, Any]], scenarios: list[tuple[int, bool]],
         for mine, theirs, why in (
                 ("alone-proxy-w1", "alone-haproxy-t1", "one thread each"),
                 ("alone-proxy-w2", "alone-haproxy-t2", "two each"),
-                ("alone-proxy-w1", "alone-haproxy-t2", "one process vs Neutron's nbthread 2")):
+                ("alone-proxy-w1", "alone-haproxy-t2", "one process vs Neutron's nbthread 2"),
+                ("alone-proxy-w1", "alone-base-w1", "this code / --baseline's"),
+                ("alone-base-w1", "alone-haproxy-t1", "--baseline's, one thread each")):
             ours, hap = sel(mine, conns, close), sel(theirs, conns, close)
             xs = [ours[k]["rps"] / hap[k]["rps"] for k in ours if k in hap]
             if xs:
                 say(f"{label}: hop 1 alone, {mine} / {theirs} rps = {ratio(xs)}  ({why}"
-                    + ("; target >= 1.0)" if close else ")"))
+                    + ("; target >= 1.0)" if close and "haproxy" in theirs else ")"))
                 xs = [ours[k]["cpu_us"]["proxy"] / hap[k]["cpu_us"]["proxy"] for k in ours
                       if k in hap and hap[k]["cpu_us"]["proxy"]]
                 say(f"{label}: hop 1 alone, {mine} / {theirs} hop-1 CPU/req = {ratio(xs)}")
