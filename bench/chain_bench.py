@@ -550,6 +550,8 @@ def profile_report(path: Path, top: int = 25) -> None:
     total = 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
+        if not count.isdigit():  # py-spy sometimes reads a frame name mid-update
+            continue
         n = int(count)
         total += n
         frames = stack.split(";")
