@@ -18,10 +18,11 @@ The contract (docs/architecture.md, "IP reuse"):
   (`Tx.hold_s`, slept by the REST layer). The new VM cannot ask before its port exists, so
   its first request reaches the agent more than hold_s after the release: the agent has
   applied it, or asks the registry, and no longer serves what it knew.
-- A release's timestamp is taken as its transaction's last statement, in the database's
-  clock (so registry processes on several hosts agree). The one remaining assumption: a
-  release commits within `SLACK_S` of that statement (a SQLite fsync, a PostgreSQL commit).
-  Only durations are compared across hosts, never wall clocks.
+- A release's timestamp is taken by the statement that records it, one of its
+  transaction's last, in the database's clock (so registry processes on several hosts
+  agree). The one remaining assumption: a release commits within `SLACK_S` of that
+  statement (a SQLite fsync, a PostgreSQL commit). Only durations are compared across
+  hosts, never wall clocks.
 
 Releases are recorded per address and per router (`store.releases`), so reuse elsewhere
 never waits; rows older than the window are pruned by the next release. Automatic
@@ -31,7 +32,7 @@ registry/allocation.py), so only a requested fixed IP or an exhausted pool waits
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,35 +57,50 @@ SLACK_S = 1.0  # a release's commit lands within this of its timestamp
 
 
 # Built once: every port write runs several of these, and building a statement costs more
-# than running it (bench/registry_bench.py). IN lists are expanding parameters.
+# than running it (bench/registry_bench.py). IN lists are expanding parameters. The
+# database's clock is read inside the statements that need it, not by a statement of its own.
 _NOW = {
-    "postgresql": sa.select(sa.extract("epoch", sa.func.clock_timestamp())),
-    "sqlite": sa.select(sa.literal_column("((julianday('now') - 2440587.5) * 86400.0)")),
+    "postgresql": sa.extract("epoch", sa.func.clock_timestamp()),
+    "sqlite": sa.literal_column("((julianday('now') - 2440587.5) * 86400.0)"),
 }
-_ROUTERS_ON = sa.select(ports.c.device_id).distinct().where(
+_ROUTER_SCOPES = sa.select(sa.literal("r:") + ports.c.device_id).where(
     ports.c.network_id.in_(sa.bindparam("nets", expanding=True)),
     ports.c.device_owner == DEVICE_OWNER_ROUTER)
 _CURRENT_IPS = sa.select(port_ips.c.ip_address).where(
     port_ips.c.port_id == sa.bindparam("port_id"))
-_NEWEST = sa.select(sa.func.max(releases.c.at)).where(
-    releases.c.key.in_(sa.bindparam("keys", expanding=True)))
-_PRUNE = releases.delete().where(sa.or_(
-    releases.c.key.in_(sa.bindparam("keys", expanding=True)),
-    releases.c.at < sa.bindparam("before")))
-_RECORD = releases.insert()
-# the network's addresses released within the window, by the database's clock
-_RECENT = {
-    dialect: sa.select(releases.c.key).where(
-        releases.c.key.startswith(sa.bindparam("prefix")),
-        releases.c.at > now.scalar_subquery() - sa.bindparam("window"))
+# Is any of these keys, or the scope of a router on these networks, released within the
+# window? One statement: a create asks it once.
+_HELD = {
+    dialect: sa.select(sa.literal(1)).where(
+        sa.or_(releases.c.key.in_(sa.bindparam("keys", expanding=True)),
+               releases.c.key.in_(_ROUTER_SCOPES)),
+        releases.c.at > now - sa.bindparam("window")).limit(1)
     for dialect, now in _NOW.items()
+}
+_PRUNE = {
+    dialect: releases.delete().where(sa.or_(
+        releases.c.key.in_(sa.bindparam("keys", expanding=True)),
+        releases.c.at < now - sa.bindparam("window")))
+    for dialect, now in _NOW.items()
+}
+_RECORD = {dialect: releases.insert().values(key=sa.bindparam("key"), at=now)
+           for dialect, now in _NOW.items()}
+# the network's addresses released within the window, by the database's clock. SQLite: keys
+# from "n:<network>:" up to "n:<network>;" (";" follows ":" bytewise), a range of the key's
+# index (its LIKE ignores case, so a LIKE prefix read every network's releases by `at`);
+# PostgreSQL: LIKE (its text order follows the locale, where punctuation may not sort).
+_RECENT = {
+    "postgresql": sa.select(releases.c.key).where(
+        releases.c.key.startswith(sa.bindparam("prefix")),
+        releases.c.at > _NOW["postgresql"] - sa.bindparam("window")),
+    "sqlite": sa.select(releases.c.key).where(
+        releases.c.key > sa.bindparam("prefix"), releases.c.key < sa.bindparam("past"),
+        releases.c.at > _NOW["sqlite"] - sa.bindparam("window")),
 }
 
 
-def _now(tx: Tx) -> float:
-    """The database's clock, epoch seconds (one clock for every registry process)."""
-    query = _NOW["postgresql" if tx.conn.dialect.name == "postgresql" else "sqlite"]
-    return float(tx.conn.execute(query).scalar_one())
+def _dialect(conn: Connection) -> str:
+    return "postgresql" if conn.dialect.name == "postgresql" else "sqlite"
 
 
 def _addresses(attrs: Mapping[str, Any]) -> list[str]:
@@ -105,14 +121,6 @@ def _own_router(attrs: Mapping[str, Any]) -> list[str]:
     return []
 
 
-def _routers_on(tx: Tx, network_ids: Iterable[str]) -> list[str]:
-    nets = sorted(set(network_ids))
-    if not nets:
-        return []
-    rows = tx.conn.execute(_ROUTERS_ON, {"nets": nets})
-    return [f"r:{r}" for r in rows.scalars()]
-
-
 def _current_ips(tx: Tx, port_id: str) -> set[str]:
     return set(tx.conn.execute(_CURRENT_IPS, {"port_id": port_id}).scalars())
 
@@ -130,8 +138,8 @@ class ReuseHold:
     def quarantined(self, conn: Connection, network_id: str) -> list[str]:
         """The network's addresses whose reuse would be held now (one statement)."""
         prefix = f"n:{network_id}:"
-        query = _RECENT["postgresql" if conn.dialect.name == "postgresql" else "sqlite"]
-        keys = conn.execute(query, {"prefix": prefix, "window": self.window_s}).scalars()
+        keys = conn.execute(_RECENT[_dialect(conn)], {
+            "prefix": prefix, "past": prefix[:-1] + ";", "window": self.window_s}).scalars()
         return [k[len(prefix):] for k in keys]
 
     def __call__(self, tx: Tx) -> None:
@@ -159,16 +167,17 @@ class ReuseHold:
         if not released and not claimed:
             return
         conn = tx.conn
-        now = _now(tx)
+        dialect = _dialect(conn)
+        window = {"window": self.window_s}
+        if released:
+            # recorded first, so the check below also sees what this write itself released
+            keys = sorted(set(released))
+            conn.execute(_PRUNE[dialect], {"keys": keys, **window})
+            conn.execute(_RECORD[dialect], [{"key": k} for k in keys])
         if claimed:
             # a new port on a network is also reached through each router on it: a scope that
             # lost an interface moments ago may still map this address to the old port
-            keys = set(claimed) | set(_routers_on(tx, claim_nets))
-            newest = conn.execute(_NEWEST, {"keys": sorted(keys)}).scalar()
-            recent = newest is not None and now - float(newest) < self.window_s
-            if recent or keys & set(released):
+            held = conn.execute(_HELD[dialect], {"keys": sorted(set(claimed)),
+                                                 "nets": sorted(set(claim_nets)), **window})
+            if held.first() is not None:
                 tx.hold_s = self.hold_s
-        if released:
-            keys = set(released)
-            conn.execute(_PRUNE, {"keys": sorted(keys), "before": now - self.window_s})
-            conn.execute(_RECORD, [{"key": k, "at": now} for k in sorted(keys)])

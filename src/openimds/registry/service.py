@@ -789,11 +789,13 @@ class Registry:
                            "image_id", "id", "host"})
         name = parse_name(body.get("name"))
         network_id = _req_id(body, "network_id")
-        iid = _opt_str(body, "id") or new_id()
-        try:
-            iid = str(uuid.UUID(iid))
-        except ValueError:
-            raise BadRequest(f"id: {iid!r} is not a UUID") from None
+        given = _opt_str(body, "id")
+        iid = new_id()
+        if given is not None:
+            try:
+                iid = str(uuid.UUID(given))
+            except ValueError:
+                raise BadRequest(f"id: {given!r} is not a UUID") from None
         hostname = (parse_hostname(body["hostname"]) if body.get("hostname") is not None
                     else sanitize_hostname(name, iid))
         user_data = _parse_user_data(body.get("user_data"))
@@ -806,7 +808,7 @@ class Registry:
         requests = None
         if body.get("fixed_ip") is not None:
             requests = [{"ip_address": body["fixed_ip"]}]
-        with self.store.write() as tx:
+        with self.store.write(ec2_id=True) as tx:
             conn = tx.conn
             network = ref_row(conn, networks, "network", "network_id", network_id)
             pid = (self._ensure_project(tx, body["project_id"]) if body.get("project_id")
@@ -816,9 +818,10 @@ class Registry:
                 kp = _find_keypair(conn, key_name, pid)
                 keypair = {k: getattr(kp, k) for k in
                            ("id", "name", "public_key", "type", "fingerprint")}
-            if by_id(conn, instances, iid) is not None:
+            # An ID we drew ourselves is a fresh random UUID: only a caller's can be taken.
+            if given is not None and by_id(conn, instances, iid) is not None:
                 raise Conflict(f"instance {iid} already exists")
-            retired = by_id(conn, retired_instances, iid)
+            retired = by_id(conn, retired_instances, iid) if given is not None else None
             if retired is not None:
                 raise Conflict(f"id: instance {iid} was deleted at {retired.deleted_at}; an "
                                "instance ID is never reused (a metadata API may still hold "
@@ -840,7 +843,7 @@ class Registry:
                 "availability_zone": az, "flavor": flavor, "launch_index": 0,
                 "key_name": key_name, "keypair_id": keypair["id"] if keypair else None,
                 "keypair": keypair, "metadata": meta, "user_data": user_data,
-                "image_id": image_id, "ec2_id": self.store.next_ec2_id(tx), "password": None,
+                "image_id": image_id, "ec2_id": tx.ec2_id, "password": None,
                 "created_at": now(), "revision": tx.revision,
             }
             conn.execute(_INSERT_INSTANCE, values)
