@@ -116,6 +116,8 @@ ports = sa.Table(
     sa.Column("device_owner", sa.String(255), nullable=False),
     sa.Column("created_at", sa.String(32), nullable=False),
     sa.Column("revision", sa.BigInteger, nullable=False),
+    # the routers (and DHCP ports) of a network without reading all of its ports
+    sa.Index("ix_ports_network_owner", "network_id", "device_owner"),
 )
 
 port_ips = sa.Table(
