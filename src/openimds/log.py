@@ -31,7 +31,8 @@ class AccessLine:
     FLUSH_S = 0.01
     MAX_LINES = 512
 
-    __slots__ = ("_buf", "_json", "_prefix", "_second", "_stamp", "_stream", "_loop")
+    __slots__ = ("_buf", "_head", "_json", "_loop", "_milli", "_prefix", "_second", "_stamp",
+                 "_stream")
 
     def __init__(self) -> None:
         self._stream: TextIO | None = None
@@ -39,6 +40,8 @@ class AccessLine:
         self._buf: list[str] = []
         self._second = -1
         self._stamp = ""
+        self._milli = -1
+        self._head = ""  # _stamp, the millisecond and _prefix: the same for every line in it
         self._loop: asyncio.AbstractEventLoop | None = None
         self._json = False
 
@@ -50,6 +53,7 @@ class AccessLine:
             f'Z", "level": "INFO", "service": {json.dumps(component)}, '
             f'"logger": "{access.name}", "message": ' if as_json
             else f" INFO {component} {access.name} ")
+        self._milli = -1  # the head holds the prefix
         self._loop = None
 
     @property
@@ -62,17 +66,23 @@ class AccessLine:
             return
         now = time.time()
         second = int(now)
-        if second != self._second:
-            self._second = second
-            self._stamp = (
-                '{"time": "' + time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-                if self._json else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
+        msecs = int((now - second) * 1000)  # as logging.Formatter computes it
+        milli = second * 1000 + msecs
+        if milli != self._milli:  # the line's head (time, level, component) per millisecond
+            self._milli = milli
+            if second != self._second:
+                self._second = second
+                self._stamp = (
+                    '{"time": "' + time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+                    if self._json else time.strftime("%Y-%m-%d %H:%M:%S",
+                                                     time.localtime(second)))
+            self._head = (f"{self._stamp}.{msecs:03d}{self._prefix}" if self._json
+                          else f"{self._stamp},{msecs:03d}{self._prefix}")
         buf = self._buf
         if self._json:  # JsonFormatter's object, key for key
-            buf.append(f"{self._stamp}.{int((now - second) * 1000):03d}{self._prefix}"
-                       f"{json.dumps(message, ensure_ascii=False)}}}\n")
+            buf.append(f"{self._head}{json.dumps(message, ensure_ascii=False)}}}\n")
         else:
-            buf.append(f"{self._stamp},{int((now - second) * 1000):03d}{self._prefix}{message}\n")
+            buf.append(f"{self._head}{message}\n")
         if len(buf) == 1:
             loop = self._loop
             if loop is None or loop.is_closed():
