@@ -184,6 +184,30 @@ async def test_hits_send_kept_bytes_with_each_request_id_and_the_miss_headers() 
     assert len(agent._hits) == 2  # one entry per request shape, not per ID
 
 
+async def test_a_kept_hit_follows_the_cache_when_the_caller_moves() -> None:
+    """The hit memo names the caller, but the cache decides the instance: after the feed
+    moves the caller's port, the same request shape carries the new identity."""
+    agent, reg, api = make()
+    reg.add(R, "10.0.0.5", "inst-1", "proj-1")
+    r = req(extra=[(b"x-openimds-request-id", b"id-1")])
+    for _ in range(3):
+        assert (await call(agent, r)) == (200, b"hello inst-1")
+    reg.ports.clear()
+    reg.add(R, "10.0.0.5", "inst-2", "proj-2", pid="port-new")
+    reg.revision = 6  # the lookup answers after the change: its answer is kept
+    agent.apply_batch({"revision": 5, "changes": [
+        {"revision": 5, "kind": "port", "op": "delete", "id": "port-inst-1",
+         "attrs": {"ips": ["10.0.0.5"], "device_id": "inst-1"}}], "resync": False})
+    for _ in range(2):  # the miss, then a hit from the replaced memo entry
+        assert (await call(agent, r)) == (200, b"hello inst-2")
+    sent = [dict((k.lower(), v) for k, v in hs) for _, _, hs, _ in api.seen]
+    assert [h[b"x-instance-id"] for h in sent] == [b"inst-1"] * 3 + [b"inst-2"] * 2
+    assert [h[b"x-tenant-id"] for h in sent][-1] == b"proj-2"
+    assert sent[-1][b"x-instance-id-signature"] == sign_instance_id(
+        SECRET.encode(), "inst-2").encode()
+    assert len(agent._hits) == 1 and agent.stats()["cache_hits"] == 3
+
+
 async def test_a_hit_body_holding_the_id_marker_goes_whole() -> None:
     """The request-ID marker is only looked for in the head: a body may hold its bytes."""
     agent, reg, api = make()

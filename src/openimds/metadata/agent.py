@@ -96,6 +96,9 @@ _HIT_TARGET_MAX = 256  # longer request targets are not kept in the hit memo
 # the ~5 µs it saves).
 _HITS_MAX = 4096
 _Part = Any  # a hit entry's part kept once for all entries: header item, bytes or str
+# A kept hit: the caller its headers name, the resolution the bytes were made for, the
+# API-bound bytes before and after the request ID (None: no ID), the access line's part.
+_Hit = tuple[Caller, Resolution, bytes, bytes | None, str]
 # Stands in for the request ID's value while the API-bound bytes are made (a header value
 # never holds NUL: the parser refuses it), so they split around it.
 _RID_MARK = b"\x00rid\x00"
@@ -372,7 +375,7 @@ class MetadataAgent:
         # caller part: a function of (resolution, method, target, headers but the request
         # ID's value), and a VM asks the same few paths with the same headers (rewrite +
         # encode ~5 µs). Bounded (_HITS_MAX): keys are VM-chosen.
-        self._hits: dict[tuple[object, ...], tuple[bytes, bytes | None, str]] = {}
+        self._hits: dict[tuple[object, ...], _Hit] = {}
         # What those entries share, kept once: a VM's header items (the same for each of
         # its paths, most the same for every VM), the target, the bytes after the request
         # ID (its identity headers) and the access line's part (per instance). Held by the
@@ -520,14 +523,21 @@ class MetadataAgent:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Request: %s %s HTTP/%s headers=%s body_bytes=%d", req.method,
                       req.target, req.version, redact(req.headers), len(req.body))
-        try:
-            caller = self._parse_caller(req.headers)
-        except OpenImdsError as exc:
-            if req.path == STATS_PATH and self._is_local(req):
-                self.hop.begun -= self._count  # not a metadata request
-                return self._stats_response()
-            log.warning("agent.rejected status=%d reason=%s", exc.status, exc.reason)
-            return self._finish(req, None, None, t0, error_response(exc.status, exc.reason))
+        # A request seen before (less its ID) names its caller: no parse. Kept only from
+        # requests that parsed (errors are never kept); the cache still decides below.
+        shape, rid = self._shape(req)
+        hit = self._hits.get(shape) if shape is not None else None
+        if hit is not None:
+            caller = hit[0]
+        else:
+            try:
+                caller = self._parse_caller(req.headers)
+            except OpenImdsError as exc:
+                if req.path == STATS_PATH and self._is_local(req):
+                    self.hop.begun -= self._count  # not a metadata request
+                    return self._stats_response()
+                log.warning("agent.rejected status=%d reason=%s", exc.status, exc.reason)
+                return self._finish(req, None, None, t0, error_response(exc.status, exc.reason))
         active = self._active - self._held.held if self._held is not None else self._active
         if active >= self._max_concurrency:
             self.counts["saturated"] += 1
@@ -542,7 +552,7 @@ class MetadataAgent:
                 denied = self._over_budget(req, caller, res, t0)
                 if denied is not None:
                     return denied
-            return self._forward_hit(req, caller, res, t0)
+            return self._forward_hit(req, caller, res, t0, shape, rid, hit)
         if self._held is not None and is_long_poll(req.query):
             return Abandonable(self._serve(req, caller, t0))
         return self._serve(req, caller, t0)
@@ -574,12 +584,14 @@ class MetadataAgent:
             f"for this instance; retry in {verdict.retry_after} s",
             headers=limiter.headers(verdict)))
 
-    def _forward_hit(self, req: Request, caller: Caller, res: Resolution, t0: float) -> Deferred:
+    def _forward_hit(
+        self, req: Request, caller: Caller, res: Resolution, t0: float,
+        shape: tuple[object, ...] | None, rid: bytes | None, hit: _Hit | None,
+    ) -> Deferred:
         """A cache hit: send upstream and answer from the upstream's read callback (no Task,
         no future per request). Only a 404 that calls for a re-check goes async."""
         reply = Deferred()
         self._active += 1
-        rid: bytes | None = None
         who = ""
 
         def done(result: UpstreamResponse | BaseException) -> None:
@@ -605,17 +617,16 @@ class MetadataAgent:
                     req, caller, res, t0, error_response(500, "metadata agent error")))
 
         try:
-            data, rid, who = self._hit_bytes(req, caller, res)
+            data, who = self._hit_bytes(req, caller, res, shape, rid, hit)
             self._upstream.send_encoded(data, req.method == "HEAD", done)
         except Exception as exc:  # never leave the reply (and the in-flight count) hanging
             done(exc)
         return reply
 
-    def _hit_bytes(
-        self, req: Request, caller: Caller, res: Resolution,
-    ) -> tuple[bytes, bytes | None, str]:
-        """The API-bound bytes of a hit, the request ID and the access line's caller part:
-        made once per (resolution, request without its ID) and kept (see `_hits`)."""
+    @staticmethod
+    def _shape(req: Request) -> tuple[tuple[object, ...] | None, bytes | None]:
+        """The hit memo's key for `req` (method, target, headers with the request ID's value
+        masked; None when not kept: a body, a long target) and the request ID."""
         rid: bytes | None = None
         masked: list[tuple[bytes, bytes]] = []
         for item in req.headers:
@@ -624,10 +635,25 @@ class MetadataAgent:
                 masked.append(_NO_RID)
             else:
                 masked.append(item)
-        key = (res, req.method, req.target, *masked) if not req.body else None
-        entry = self._hits.get(key) if key is not None else None
-        if entry is None:
-            headers = [(REQUEST_ID, _RID_MARK) if h is _NO_RID else h for h in masked]
+        if req.body or len(req.target) > _HIT_TARGET_MAX:
+            return None, rid
+        return (req.method, req.target, *masked), rid
+
+    def _hit_bytes(
+        self, req: Request, caller: Caller, res: Resolution,
+        shape: tuple[object, ...] | None, rid: bytes | None, hit: _Hit | None,
+    ) -> tuple[bytes, str]:
+        """The API-bound bytes of a hit and the access line's caller part: made once per
+        request shape (`_shape`) and resolution, and kept (see `_hits`)."""
+        if hit is None or (hit[1] is not res and hit[1] != res):  # new, or its port changed
+            headers: list[tuple[bytes, bytes]] = []
+            marked = rid is None  # the first ID's value becomes the marker; others pass
+            for item in req.headers:
+                if not marked and item[0] == REQUEST_ID:
+                    headers.append((REQUEST_ID, _RID_MARK))
+                    marked = True
+                else:
+                    headers.append(item)
             whole = self._upstream.encode_request(
                 req.method, req.target, self._api_headers(req, caller, res, headers),
                 req.body)
@@ -637,33 +663,32 @@ class MetadataAgent:
             # in a header or target); a body may hold anything, so never search it.
             head_end = whole.find(b"\r\n\r\n") if rid is not None else -1
             at = whole.find(_RID_MARK, 0, head_end) if head_end >= 0 else -1
-            entry = ((whole[:at], whole[at + len(_RID_MARK):], who) if at >= 0
-                     else (whole, None, who))
-            if key is not None and len(req.target) <= _HIT_TARGET_MAX:
+            hit = ((caller, res, whole[:at], whole[at + len(_RID_MARK):], who) if at >= 0
+                   else (caller, res, whole, None, who))
+            if shape is not None:
                 if len(self._hits) >= _HITS_MAX:
                     self._hits.clear()
                     self._hit_parts.clear()
-                self._hits[self._shared_key(key)] = self._shared_entry(entry)
-        head, tail, who = entry
+                self._hits[self._shared_key(shape)] = self._shared_entry(hit)
+        _, _, head, tail, who = hit
         if tail is None or rid is None:
-            return head, None, who
-        return b"".join((head, rid, tail)), rid, who
+            return head, who
+        return b"".join((head, rid, tail)), who
 
     def _shared(self, part: _Part) -> _Part:
         """One kept copy of a part that many hit entries hold (see `_hit_parts`)."""
         return self._hit_parts.setdefault(part, part)
 
     def _shared_key(self, key: tuple[object, ...]) -> tuple[object, ...]:
-        # (res, method, target, header items...): the request's own objects otherwise
-        res, method, target, *items = key
+        # (method, target, header items...): the request's own objects otherwise
+        method, target, *items = key
         shared = self._shared
-        return (res, method, shared(target), *[shared(item) for item in items])
+        return (method, shared(target), *[shared(item) for item in items])
 
-    def _shared_entry(
-        self, entry: tuple[bytes, bytes | None, str],
-    ) -> tuple[bytes, bytes | None, str]:
-        head, tail, who = entry
-        return (head, None if tail is None else self._shared(tail), self._shared(who))
+    def _shared_entry(self, hit: _Hit) -> _Hit:
+        caller, res, head, tail, who = hit
+        return (caller, res, head, None if tail is None else self._shared(tail),
+                self._shared(who))
 
     async def _recheck(
         self, req: Request, caller: Caller, res: Resolution, first: UpstreamResponse,
