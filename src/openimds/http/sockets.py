@@ -38,8 +38,8 @@ _STREAM = int(socket.SOCK_STREAM)
 class SocketTransport:
     """One accepted, non-blocking client socket driven by a protocol (`asyncio.Protocol`)."""
 
-    __slots__ = ("_buffer", "_closing", "_fd", "_loop", "_more", "_paused", "_peer",
-                 "_protocol", "_reading", "_sock")
+    __slots__ = ("_buffer", "_closing", "_data_received", "_fd", "_loop", "_more", "_paused",
+                 "_peer", "_protocol", "_reading", "_recv", "_send", "_sock")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, peer: Any,
                  protocol: asyncio.Protocol) -> None:
@@ -48,6 +48,10 @@ class SocketTransport:
         self._fd = sock.fileno()
         self._peer = peer
         self._protocol = protocol
+        # Bound once: these run for every request of a keep-alive connection.
+        self._recv = sock.recv
+        self._send = sock.send
+        self._data_received = protocol.data_received
         self._reading = False  # registered with the loop for reading
         self._paused = False
         self._closing = False
@@ -93,14 +97,13 @@ class SocketTransport:
         self._more = _MSG_MORE
 
     def write(self, data: bytes) -> None:
-        sock = self._sock
-        if sock is None or self._closing:
+        if self._closing or self._sock is None:
             return
         if self._buffer:
             self._buffer += data
             return
         try:
-            sent = sock.send(data, self._more)
+            sent = self._send(data, self._more)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
@@ -131,11 +134,10 @@ class SocketTransport:
 
     # -- loop callbacks -----------------------------------------------------------------
     def _on_readable(self) -> None:
-        sock = self._sock
-        if sock is None:
+        if self._sock is None:
             return
         try:
-            data = sock.recv(_READ_SIZE)
+            data = self._recv(_READ_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -147,7 +149,7 @@ class SocketTransport:
             return
         try:
             if data:
-                self._protocol.data_received(data)
+                self._data_received(data)
                 return
             # EOF: the protocol keeps our half open (answers pending) or we close.
             if self._reading:
