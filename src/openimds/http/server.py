@@ -660,7 +660,9 @@ class HttpProtocol(asyncio.Protocol):
         self._deadline = deadline
         slot = self._slot
         if slot:
-            if self._slot_end <= deadline:
+            # Kept if it fires at most a tick after the new deadline (the wheel's bound):
+            # a request's deadline just after the connection's stays in the same slot.
+            if self._slot_end <= deadline + WHEEL_TICK_S:
                 return
             self._wheel.discard(self, slot)
         slot = self._slot = self._wheel.add(self, deadline)
