@@ -90,10 +90,10 @@ _FEED_RETRY_MIN_S = 0.2
 _FEED_RETRY_MAX_S = 5.0
 _MAX_RECHECK_KEYS = 4096
 _HIT_TARGET_MAX = 256  # longer request targets are not kept in the hit memo
-# Hit memo entries (≈ 1.8 KiB each with their key, cloud-init's headers): a busy node's
-# working set (100 VMs × cloud-init's 28 paths) fits in 7 MiB at most, where one entry per
-# instance and path would cost 70 MiB at 10,000 instances (cleared when full: a rebuild is
-# the ~5 µs it saves).
+# Hit memo entries (≈ 0.7 KiB each with their key, their repeated parts shared): a busy
+# node's working set (100 VMs × cloud-init's 28 paths) fits in ~3 MiB at most, where one
+# entry per instance and path would cost ~28 MiB at 10,000 instances (cleared when full: a
+# rebuild is the ~5 µs it saves).
 _HITS_MAX = 4096
 _Part = Any  # a hit entry's part kept once for all entries: header item, bytes or str
 # A kept hit: the caller its headers name, the resolution the bytes were made for, the
@@ -371,10 +371,11 @@ class MetadataAgent:
         # instance to keep, so only the signature is kept).
         self._callers: dict[tuple[tuple[bytes, bytes], ...], Caller] = {}
         self._signatures: dict[str, str] = {}
-        # A hit's API-bound bytes, split where the request ID goes, and the access line's
-        # caller part: a function of (resolution, method, target, headers but the request
-        # ID's value), and a VM asks the same few paths with the same headers (rewrite +
-        # encode ~5 µs). Bounded (_HITS_MAX): keys are VM-chosen.
+        # Per request shape (method, target, headers but the request ID's value): the
+        # caller those headers name, and for the resolution it had, the API-bound bytes
+        # split where the request ID goes and the access line's caller part (`_Hit`). A VM
+        # asks the same few paths with the same headers (parse + rewrite + encode ~6 µs).
+        # Bounded (_HITS_MAX): keys are VM-chosen.
         self._hits: dict[tuple[object, ...], _Hit] = {}
         # What those entries share, kept once: a VM's header items (the same for each of
         # its paths, most the same for every VM), the target, the bytes after the request
