@@ -327,7 +327,8 @@ def print_report(report: dict[str, Any]) -> None:
     for key in ("flood_p99_ratio", "flood-nolimit_p99_ratio"):
         vals = [r[key] for r in report.get("rounds", []) if key in r]
         if vals:
-            print(f"{key}: median {statistics.median(vals)} (rounds {vals}; target <= 2)")
+            print(f"{key}: median {round(statistics.median(vals), 2)} (rounds {vals}; "
+                  "target <= 2)")
 
 
 if __name__ == "__main__":
