@@ -18,7 +18,7 @@ from openimds.config import Settings
 from openimds.core.ratelimit import RateLimiter
 from openimds.errors import ConfigError
 from openimds.host.limits import raise_nofile_limit
-from openimds.host.workers import ConnectionShares, SharedAcceptor, run_workers, serve_shared
+from openimds.host.workers import run_workers
 from openimds.http.server import Limits, install_uvloop, serve
 from openimds.log import setup_logging
 from openimds.metadata.agent import (
@@ -67,8 +67,6 @@ def _agent(args: argparse.Namespace, settings: Settings) -> int:
     # limiting on, they also count into one table made here (an exact budget per instance).
     shared: dict[str, tuple[socket.socket, int]] = {}
     limiter, _ = limiter_from_settings(settings, SharedRateLimiter)
-    # How many connections each worker holds, so a burst of new ones is spread evenly.
-    shares = ConnectionShares(workers)
 
     def bind() -> None:
         sock, _ = open_socket(settings)
@@ -82,7 +80,7 @@ def _agent(args: argparse.Namespace, settings: Settings) -> int:
     def work(index: int, ready: Callable[[], None]) -> int:
         sock, inode = shared["sock"]
         return asyncio.run(run_agent(settings, worker=index, shared=(sock, inode), ready=ready,
-                                     limiter=limiter, shares=shares))
+                                     limiter=limiter))
 
     return run_workers(workers, work, name="agent", prepare=bind, finish=unlink)
 
@@ -105,7 +103,6 @@ async def run_agent(
     settings: Settings, *, worker: int = 0,
     shared: tuple[socket.socket, int] | None = None,
     ready: Callable[[], None] | None = None, limiter: RateLimiter | None = None,
-    shares: ConnectionShares | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT. A worker (`shared` given) serves the socket its parent
     bound, and leaves removing the socket file to the parent."""
@@ -140,11 +137,7 @@ async def run_agent(
         sock, inode = shared
         mode = os.stat(path).st_mode & 0o777
     limits = Limits(max_body_bytes=settings.api.max_request_bytes + 4096)
-    server: asyncio.Server | SharedAcceptor
-    if shares is None:
-        server = await serve(agent.handle, sock, limits, backlog=settings.metadata_backlog)
-    else:  # workers sharing the socket: spread its connections (host/workers.py)
-        server = serve_shared(agent.handle, sock, limits, shares, worker)
+    server = await serve(agent.handle, sock, limits, backlog=settings.metadata_backlog)
     metrics_server = await start_metrics_server(settings, metrics)
     feed_task = asyncio.create_task(
         agent.follow(lambda: ChangeFollower(feed_client, stats=feed_stats, resume=True,
