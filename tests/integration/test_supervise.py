@@ -47,7 +47,9 @@ def _sleeper(tmp: Path, name: str = "s", *, ignore_term: bool = False) -> ChildS
     code = (
         "import os, signal, sys, time, pathlib\n"
         + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignore_term else "")
-        + f"pathlib.Path({str(ready)!r}).write_text(str(os.getpid()))\n"
+        # atomic, as the supervisor child below
+        + f"pathlib.Path({str(ready)!r} + '.tmp').write_text(str(os.getpid()))\n"
+        + f"os.replace({str(ready)!r} + '.tmp', {str(ready)!r})\n"
         + "print('up', flush=True)\n"
         + "time.sleep(600)\n"
     )
@@ -66,7 +68,7 @@ async def test_start_restart_and_stop(tmp_path: Path) -> None:
     assert first is not None and pid_alive(first)
     (tmp_path / "s.ready").unlink()
     os.kill(first, signal.SIGKILL)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while (child.pid == first or not (tmp_path / "s.ready").exists()) and \
             time.monotonic() < deadline:
         await asyncio.sleep(0.05)
@@ -134,7 +136,11 @@ tmp = Path(sys.argv[1])
 child = "import os, signal, time, pathlib\\n"
 if sys.argv[2] == "ignore-term":
     child += "signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n"
-child += f"pathlib.Path({str(tmp / 'c.ready')!r}).write_text(str(os.getpid()))\\ntime.sleep(600)\\n"
+# atomic: file_ready is true once the file exists and the test reads the pid from it (a child
+# preempted between creating and writing it would hand the test an empty file)
+ready = str(tmp / "c.ready")
+child += f"pathlib.Path({ready!r} + '.tmp').write_text(str(os.getpid()))\\n"
+child += f"os.replace({ready!r} + '.tmp', {ready!r})\\ntime.sleep(600)\\n"
 async def main():
     sup = Supervisor(record=tmp / "children.json")
     sup.add(ChildSpec("c", (sys.executable, "-c", child), ready=file_ready(tmp / "c.ready"),
@@ -170,7 +176,7 @@ def _gone_within(pid: int, seconds: float) -> bool:
 
 def test_children_die_with_a_killed_supervisor(tmp_path: Path) -> None:
     _, child = _run_supervisor(tmp_path, "default", "pdeathsig")
-    assert _gone_within(child, 5), "the child outlived its kill -9'd supervisor"
+    assert _gone_within(child, 30), "the child outlived its kill -9'd supervisor"
 
 
 async def test_leftovers_of_a_killed_supervisor_are_found_and_stopped(tmp_path: Path) -> None:
@@ -188,7 +194,7 @@ async def test_leftovers_of_a_killed_supervisor_are_found_and_stopped(tmp_path: 
         assert pid_alive(child)
         stopped = await stop_recorded(tmp_path / "children.json", timeout_s=0.5)
         assert [e.pid for e in stopped] == [child]
-        assert _gone_within(child, 5)
+        assert _gone_within(child, 30)
     finally:
         if pid_alive(child):
             os.kill(child, signal.SIGKILL)
