@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
+import signal
 import socket
 import ssl
 import threading
@@ -221,7 +223,7 @@ class Stack:
     def stats(self) -> dict[str, Any]:
         return unix_request(self.socket, "/openimds-agent/stats").json()  # type: ignore[no-any-return]
 
-    def wait_feed_caught_up(self, timeout: float = 10.0) -> None:
+    def wait_feed_caught_up(self, timeout: float = 30.0) -> None:
         """Until the agent's feed applied everything the registry has written so far."""
         want = int(self.admin.health()["revision"])
         deadline = time.monotonic() + timeout
@@ -232,7 +234,7 @@ class Stack:
             time.sleep(0.02)
         raise AssertionError(f"agent feed never reached revision {want}")
 
-    def wait_feed(self, live: bool, timeout: float = 10.0) -> None:
+    def wait_feed(self, live: bool, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.stats()["feed_live"] is live:
@@ -245,6 +247,38 @@ class Stack:
                                          log_dir=self.tmp)
         self.registry.start().wait_until(http_ready(self.registry_url + "/v1/health"))
         self.services.append(self.registry)
+
+
+def children(pid: int) -> list[int]:
+    """pid's child processes (an agent's or an API's workers)."""
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def wait_children(pid: int, count: int, timeout: float = 30.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kids = children(pid)
+        if len(kids) == count:
+            return kids
+        time.sleep(0.05)
+    raise AssertionError(f"{pid} has children {children(pid)}, wanted {count}")
+
+
+@contextlib.contextmanager
+def only(st: Stack, worker: int) -> Iterator[None]:
+    """Freeze every other worker, so the shared socket's next accept is `worker`'s. (Which
+    worker wins an accept on a quiet socket is the kernel's choice: on a loaded CI machine
+    one worker took 100 sequential connections in a row.)"""
+    assert st.agent is not None
+    others = [pid for pid in children(st.agent.pid) if pid != worker]
+    for pid in others:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in others:
+            os.kill(pid, signal.SIGCONT)
 
 
 @contextlib.contextmanager

@@ -6,32 +6,24 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.agent_support import Stack, make_network, stack, unix_request, via_router
+from tests.integration.agent_support import (
+    Stack,
+    children,
+    make_network,
+    only,
+    stack,
+    unix_request,
+    via_router,
+    wait_children,
+)
 from tests.support import http_ready, openimds_service
 
 META = "/openstack/latest/meta_data.json"
-
-
-def children(pid: int) -> list[int]:
-    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    return [int(p) for p in text.split()]
-
-
-def wait_children(pid: int, count: int, timeout: float = 20.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        kids = children(pid)
-        if len(kids) == count:
-            return kids
-        time.sleep(0.05)
-    raise AssertionError(f"{pid} has children {children(pid)}, wanted {count}")
 
 
 @pytest.fixture(scope="module")
@@ -59,22 +51,6 @@ def get(w: Any, path: str = META) -> Any:
     return unix_request(st.socket, path, headers=via_router(w["r"]["id"], "10.50.0.10"))
 
 
-@contextmanager
-def only(st: Stack, worker: int) -> Iterator[None]:
-    """Freeze every other worker, so the shared socket's next accept is `worker`'s. (Which
-    worker wins an accept on a quiet socket is the kernel's choice: on a loaded CI machine
-    one worker took 100 sequential connections in a row.)"""
-    assert st.agent is not None
-    others = [pid for pid in children(st.agent.pid) if pid != worker]
-    for pid in others:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for pid in others:
-            os.kill(pid, signal.SIGCONT)
-
-
 def test_every_worker_answers_the_same(world: Any) -> None:
     st: Stack = world["st"]
     assert st.agent is not None
@@ -98,9 +74,10 @@ def test_each_worker_follows_the_feed(world: Any) -> None:
     st.admin.update("instance", world["inst"]["id"], {"metadata": {"role": "v2"}})
     for worker in workers:  # each is its own follower: each must see the change
         with only(st, worker):
-            deadline = time.monotonic() + 2.0
+            # the feed wakes within milliseconds; 30 s is for a loaded machine
+            deadline = time.monotonic() + 30.0
             while get(world).json()["meta"]["role"] != "v2":
-                assert time.monotonic() < deadline, f"worker {worker}: change not seen in 2 s"
+                assert time.monotonic() < deadline, f"worker {worker}: change not seen in 30 s"
                 time.sleep(0.02)
 
 
@@ -109,7 +86,7 @@ def test_a_dead_worker_is_replaced(world: Any) -> None:
     assert st.agent is not None
     first = children(st.agent.pid)
     os.kill(first[0], signal.SIGKILL)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while True:
         kids = children(st.agent.pid)
         if len(kids) == 2 and first[0] not in kids:
