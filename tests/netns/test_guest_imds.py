@@ -29,7 +29,8 @@ BASE = "http://169.254.169.254"
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds: 60"
 
 
-def vm_curl(stack: Any, sid: str, *args: str, timeout: int = 5) -> subprocess.CompletedProcess[str]:
+def vm_curl(stack: Any, sid: str, *args: str,
+            timeout: int = 30) -> subprocess.CompletedProcess[str]:
     return stack.vm_exec(sid, "curl", "-sS", "-m", str(timeout), *args)
 
 
@@ -85,7 +86,7 @@ class Container:
             links.delete_namespace(self.ns)  # its veth end goes with it, and the peer too
         links.remove_netns_etc(self.ns)
 
-    def curl(self, *args: str, timeout: int = 3) -> subprocess.CompletedProcess[str]:
+    def curl(self, *args: str, timeout: int = 30) -> subprocess.CompletedProcess[str]:
         return ns_exec(self.ns, "curl", "-sS", "-m", str(timeout), *args, check=False)
 
 
@@ -146,12 +147,12 @@ def test_token_rules_and_hop_limit_with_a_container_behind_the_vm(stack: Any) ->
         v1 = ctr.curl("-f", f"{BASE}/latest/meta-data/instance-id")
         assert v1.returncode == 0 and v1.stdout.startswith("i-"), v1.stderr
         # ... but the token answer (TTL 1) dies at the VM's forwarding hop: no response
-        blocked = put_token(ctr.curl)
+        blocked = put_token(lambda *a: ctr.curl(*a, timeout=3))  # no answer: curl's timeout
         assert blocked.returncode == 28, (blocked.returncode, blocked.stdout, blocked.stderr)
 
         set_hop_limit(stack, 2)
         # the restarted proxy reopens its listeners; the VM's token PUT proves it is back
-        stack.wait(lambda: put_token(vm, "-f").returncode == 0, 20, "proxy back")
+        stack.wait(lambda: put_token(vm, "-f").returncode == 0, 60, "proxy back")
         ok = put_token(ctr.curl, "-f")
         assert ok.returncode == 0 and len(ok.stdout) > 40, ok.stderr
         used = ctr.curl("-f", "-H", f"X-aws-ec2-metadata-token: {ok.stdout}",
@@ -164,10 +165,12 @@ def _unb64(text: str) -> bytes:
 
 
 def test_identity_verified_and_change_notification(make_stack: Any, tmp_path: Path) -> None:
-    # ordinary answers must come within 2 s at the proxy and the agent: held requests pass
-    # both hops over their long-poll pools, with the longer deadline (metadata.longpoll)
-    stack = make_stack(overrides={"metadata_haproxy": {"timeout_server": 2},
-                                  "metadata_agent": {"upstream_timeout": 2}})
+    # ordinary answers must come within HOP_S at the proxy and the agent: held requests pass
+    # both hops over their long-poll pools, with the longer deadline (metadata.longpoll).
+    # 4 s, not 2: on a loaded machine an ordinary answer took longer than 2 s
+    hop_s = 4
+    stack = make_stack(overrides={"metadata_haproxy": {"timeout_server": hop_s},
+                                  "metadata_agent": {"upstream_timeout": hop_s}})
     t = make_tenant(stack, "idn")
     sid = t["server"]["id"]
     pid = t["project"]["id"]
@@ -223,7 +226,8 @@ def test_identity_verified_and_change_notification(make_stack: Any, tmp_path: Pa
     assert claims["aud"] == "vault" and claims["instance_id"] == sid
     assert claims["project_id"] == pid and claims["exp"] - time.time() <= 3600
 
-    # wait_for_change: held, answered within 1 s of `server set --property` ...
+    # wait_for_change: held past the hops' deadline, answered at `server set --property`
+    # (within 10 s: a loaded machine delays the feed, but never to the 25 s timeout) ...
     url = f"{BASE}/openstack/latest/meta_data.json"
     head_resp = vm_curl(stack, sid, "-fi", url)
     etag = next(line.split(":", 1)[1].strip() for line in head_resp.stdout.splitlines()
@@ -239,8 +243,8 @@ def test_identity_verified_and_change_notification(make_stack: Any, tmp_path: Pa
 
     waiter = threading.Thread(target=hold)
     waiter.start()
-    time.sleep(3.0)
-    assert waiter.is_alive()  # held
+    time.sleep(hop_s + 1.0)
+    assert waiter.is_alive()  # held (a hop's deadline would have answered 504)
     changing = time.time()
     stack.cli("server", "set", sid, "--property", "role=db")
     changed = time.time()  # the registry has committed the change by now
@@ -249,13 +253,17 @@ def test_identity_verified_and_change_notification(make_stack: Any, tmp_path: Pa
     assert proc.returncode == 0, proc.stderr
     body, answered = proc.stdout.rstrip("\n").rsplit("\n", 1)
     assert json.loads(body)["meta"]["role"] == "db"
-    assert changing < float(answered) < changed + 1.0, (float(answered) - changed)
-    # ... and at the timeout when nothing changes (the same document, the same ETag)
+    assert changing < float(answered) < changed + 10.0, (float(answered) - changed)
+    # ... and at the timeout when nothing changes (the same document, the same ETag): not
+    # before it, and not at a hop's deadline either (the upper bound is for a loaded machine,
+    # curl gives up at 60 s)
     again = vm_curl(stack, sid, "-fi", url)
     etag2 = next(line.split(":", 1)[1].strip() for line in again.stdout.splitlines()
                  if line.lower().startswith("etag:"))
+    wait_s = hop_s + 2
     idle = vm_curl(stack, sid, "-fi", "-w", "\n%{time_total}",
-                   f"{url}?wait_for_change=true&last_etag={etag2}&timeout_sec=4", timeout=10)
+                   f"{url}?wait_for_change=true&last_etag={etag2}&timeout_sec={wait_s}",
+                   timeout=60)
     took = float(idle.stdout.rsplit("\n", 1)[1])
-    assert idle.returncode == 0 and 3.9 < took < 5.5, (took, idle.stderr)
+    assert idle.returncode == 0 and wait_s - 0.1 < took < wait_s + 20, (took, idle.stderr)
     assert f"etag: {etag2}".lower() in idle.stdout.lower()
