@@ -16,6 +16,12 @@ each router's own /24), then, at each size:
 - `reconcile()` (the reaper's tick, every second in `registry serve`): p50/max ms;
 - `--profile`: cProfile of the creates, the 20 functions with the most own time.
 
+`--shape shared` puts every instance on one network with one /16 subnet instead (10,000
+ports in one subnet: what a create's free-IP search reads). The reference, measured in the
+same run on the same file system: `fdatasync` of a 4 KiB write, p50/p99 ms — the floor of
+a durable commit (SQLite `synchronous=full` fsyncs the WAL once per commit), so a create's
+p99 can be read against the disk's own p99 at that minute.
+
 Printed: each size's figures, and large / small ratios (a flat registry stays near 1).
 """
 
@@ -49,6 +55,37 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")
 
 
+def fsync_reference(directory: str, n: int = 200) -> dict[str, float]:
+    """p50/p99 ms of fdatasync after a 4 KiB write, in `directory` (the store's disk)."""
+    path = Path(directory) / "fsync-reference"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    ms = []
+    try:
+        for i in range(n):
+            os.pwrite(fd, os.urandom(4096), (i % 16) * 4096)
+            t = time.perf_counter()
+            os.fdatasync(fd)
+            ms.append((time.perf_counter() - t) * 1000)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return {"fsync_p50_ms": pct(ms, 0.5), "fsync_p99_ms": pct(ms, 0.99)}
+
+
+def seed_shared(reg: Registry, total: int) -> str:
+    """One router, one network with one /16 subnet and `total` instances on it."""
+    r = reg.create_router({"name": "r0"})
+    nid = reg.create_network({"name": "shared"})["id"]
+    s = reg.create_subnet({"name": "s0", "network_id": nid, "cidr": "10.8.0.0/16"})
+    reg.add_interface(r["id"], {"subnet_id": s["id"]})
+    for k in range(total):
+        n = 10 + k
+        reg.create_instance({"name": f"vm{k}", "network_id": nid,
+                             "fixed_ip": f"10.8.{n // 256}.{n % 256}",
+                             "metadata": {"role": "scale", "n": str(k)}})
+    return nid
+
+
 def seed(reg: Registry, total: int, per: int) -> str:
     """Routers, networks, /24 subnets and `total` instances; returns the last network id."""
     nid = ""
@@ -72,7 +109,8 @@ def measure(url: str, size: int, a: argparse.Namespace) -> dict[str, Any]:
     store = Store(url, sqlite_synchronous="normal")
     store.create_schema()
     t0 = time.monotonic()
-    nid = seed(Registry(store), size, a.per_router)
+    nid = (seed_shared(Registry(store), size) if a.shape == "shared"
+           else seed(Registry(store), size, a.per_router))
     out: dict[str, Any] = {"instances": size, "seed_s": round(time.monotonic() - t0, 1)}
     store.dispose()
     store = Store(url, sqlite_synchronous=a.synchronous)
@@ -116,7 +154,12 @@ def measure(url: str, size: int, a: argparse.Namespace) -> dict[str, Any]:
         reg.reconcile()
         ms.append((time.perf_counter() - t) * 1000)
     out["reconcile_p50_ms"], out["reconcile_max_ms"] = pct(ms, 0.5), max(ms)
+    checkpointer = getattr(store, "checkpointer", None)  # None: an older checkout (--baseline)
+    if checkpointer is not None:
+        out["checkpoints"] = checkpointer.done
     store.dispose()
+    if a.backend == "sqlite" and store.url.database:
+        out.update(fsync_reference(str(Path(store.url.database).parent)))
     if a.profile:
         print(f"-- cProfile of {a.ops} creates at {size:,} instances (own time)")
         pstats.Stats(prof).sort_stats("tottime").print_stats(20)
@@ -130,6 +173,9 @@ def main() -> int:
     p.add_argument("--ops", type=int, default=200)
     p.add_argument("--synchronous", default="full", choices=("full", "normal"))
     p.add_argument("--backend", default="sqlite", choices=("sqlite", "postgresql"))
+    p.add_argument("--shape", default="routers", choices=("routers", "shared"),
+                   help="routers: --per-router instances per router's /24 (scale_bench's); "
+                        "shared: every instance on one /16")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
@@ -143,7 +189,7 @@ def main() -> int:
                 rows.append(measure(url, size, a))
             print(json.dumps(rows[-1]), flush=True)
     first, last = rows[0], rows[-1]
-    print(f"\n{a.backend} (synchronous={a.synchronous} on sqlite)")
+    print(f"\n{a.backend} (synchronous={a.synchronous} on sqlite), shape {a.shape}")
     print("| instances | statements per create | create p50 / p99 ms | create CPU p50 ms "
           "| changes p50 / p99 ms | changes CPU p50 ms | reconcile p50 / max ms |")
     print("|---|---|---|---|---|---|---|")
@@ -153,6 +199,12 @@ def main() -> int:
               f"{r['changes_p50_ms']:.2f} / {r['changes_p99_ms']:.2f} | "
               f"{r['changes_cpu_p50_ms']:.2f} | {r['reconcile_p50_ms']:.2f} / "
               f"{r['reconcile_max_ms']:.2f} |")
+    for r in rows:
+        if "fsync_p50_ms" in r:
+            print(f"at {r['instances']:,}: fdatasync reference p50 / p99 "
+                  f"{r['fsync_p50_ms']:.2f} / {r['fsync_p99_ms']:.2f} ms; create p99 / "
+                  f"fdatasync p99 = {r['create_p99_ms'] / r['fsync_p99_ms']:.2f}; "
+                  f"background checkpoints {r.get('checkpoints', 0)}")
     for k in ("create_p50_ms", "create_cpu_p50_ms", "changes_p50_ms", "changes_cpu_p50_ms",
               "reconcile_p50_ms"):
         print(f"{k} at {last['instances']:,} / at {first['instances']:,} = "

@@ -10,7 +10,10 @@ service code its REST API runs (far faster than 10,000 HTTP round trips; the RES
 what the create figures below measure). At each size, in this order:
 
 1. `server create` through the REST API (`RegistryClient.create_instance`, one at a time,
-   `--creates` of them): p50/p99 ms; the instances are deleted again afterwards.
+   `--creates` of them): p50/p99 ms, and the registry process's CPU per create
+   (utime+stime over the creates: what the machine's load does not inflate); the
+   instances are deleted again afterwards. Reference in the same minute: fdatasync p50/p99
+   on the store's disk (a durable SQLite commit fsyncs once).
 2. The change feed: `GET /v1/changes?since=<head - 100>` p50/p99 ms, and the wake-up of a
    long-poll (`wait=10`) after a create: ms from the create's answer to the poll's.
 3. Fresh `openimds agent` and `openimds api` (cold caches) are started; a load generator (this
@@ -21,6 +24,8 @@ what the create figures below measure). At each size, in this order:
 4. Steady load for `--duration` s, `--rounds` interleaved rounds: 100 connections cycling
    over all instances, and over the first 100 only (same processes, same minute): CPU µs
    per request of the agent and the API (utime+stime, /proc).
+
+`--registry-only` stops after step 2 (the create and feed figures alone, in a minute).
 
 Printed: CPU per request at the last size / at the first (target within 10 %), memory per
 instance (RSS difference between the sizes / instance difference; targets agent <= 4 KiB,
@@ -69,6 +74,12 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def cpu_s(pid: int) -> float:
+    """utime + stime of a process, seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -141,18 +152,23 @@ class Scale:
         svc.stop()
         self.services.remove(svc)
 
-    def registry_timings(self) -> dict[str, float]:
+    def registry_timings(self, pid: int) -> dict[str, float]:
+        from registry_bench import fsync_reference
+
         from openimds.registry.client import RegistryClient
 
         out: dict[str, float] = {}
         with RegistryClient(self.url, self.token) as admin:
             rid, nid = self.routers[-1]
             made, ms = [], []
+            cpu0 = cpu_s(pid)
             for i in range(self.args.creates):
                 t0 = time.perf_counter()
                 made.append(admin.create_instance(f"probe{i}", nid)["id"])
                 ms.append((time.perf_counter() - t0) * 1000)
+            out["create_cpu_ms"] = (cpu_s(pid) - cpu0) / self.args.creates * 1000
             out["create_p50_ms"], out["create_p99_ms"] = pct(ms, 0.5), pct(ms, 0.99)
+            out.update(fsync_reference(str(self.tmp / "state")))
             head = int(admin.health()["revision"])
             ms = []
             for _ in range(100):
@@ -191,7 +207,10 @@ class Scale:
                               ready=http_ready(self.url + "/v1/health"))
         res: dict[str, Any] = {"instances": size, "routers": len(self.routers),
                                "seed_s": round(seed_s, 1)}
-        res.update(self.registry_timings())
+        res.update(self.registry_timings(registry.pid))
+        if a.registry_only:
+            self.stop(registry)
+            return res
         port = self.cfg["DEFAULT"]["nova_metadata_port"]
         api = self.start("api", "api", ready=http_ready(f"http://127.0.0.1:{port}/"))
         sock = self.cfg["DEFAULT"]["metadata_proxy_socket"]
@@ -255,6 +274,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--sqlite-synchronous", default="full", choices=("full", "normal"),
                    help="[registry] sqlite_synchronous of the registry under test")
+    p.add_argument("--registry-only", action="store_true",
+                   help="only the create and feed figures (steps 1-2)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     enter_private_netns()
@@ -275,6 +296,21 @@ def main() -> int:
             svc.stop()
         shutil.rmtree(sc.tmp, ignore_errors=True)  # the 10,000-instance store and the logs
     first, last = rows[0], rows[-1]
+    print("\n| instances | create p50 / p99 ms | registry CPU ms per create | fdatasync p50 "
+          "/ p99 ms | changes p50 / p99 ms | long-poll wake p50 / p99 ms |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['instances']:,} | {r['create_p50_ms']:.1f} / {r['create_p99_ms']:.1f} | "
+              f"{r['create_cpu_ms']:.2f} | {r['fsync_p50_ms']:.2f} / {r['fsync_p99_ms']:.2f} | "
+              f"{r['changes_p50_ms']:.1f} / {r['changes_p99_ms']:.1f} | "
+              f"{r['feed_wake_p50_ms']:.1f} / {r['feed_wake_p99_ms']:.1f} |")
+    print(f"registry CPU per create at {last['instances']:,} / at {first['instances']:,} = "
+          f"{last['create_cpu_ms'] / first['create_cpu_ms']:.2f}")
+    if a.registry_only:
+        print(f"load average {os.getloadavg()}")
+        if a.json:
+            a.json.write_text(json.dumps(rows, indent=1))
+        return 0
     dn = last["instances"] - first["instances"]
     print("\n| instances | routers | create p50/p99 ms | changes p50/p99 ms | feed wake "
           "p50/p99 ms | agent CPU us/req | API CPU us/req | RSS KiB registry/agent/API |")
