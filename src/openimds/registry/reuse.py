@@ -85,15 +85,17 @@ _PRUNE = {
 }
 _RECORD = {dialect: releases.insert().values(key=sa.bindparam("key"), at=now)
            for dialect, now in _NOW.items()}
-# the network's addresses released within the window, by the database's clock. SQLite: keys
-# from "n:<network>:" up to "n:<network>;" (";" follows ":" bytewise), a range of the key's
-# index (its LIKE ignores case, so a LIKE prefix read every network's releases by `at`);
-# PostgreSQL: LIKE (its text order follows the locale, where punctuation may not sort).
+# the network's addresses released within the window, by the database's clock, as one
+# comma-joined text (a network churning VMs has hundreds: one row instead of one per key).
+# SQLite: keys from "n:<network>:" up to "n:<network>;" (";" follows ":" bytewise), a range
+# of the key's index (its LIKE ignores case, so a LIKE prefix read every network's releases
+# by `at`); PostgreSQL: LIKE (its text order follows the locale, where punctuation may not
+# sort).
 _RECENT = {
-    "postgresql": sa.select(releases.c.key).where(
+    "postgresql": sa.select(sa.func.string_agg(releases.c.key, ",")).where(
         releases.c.key.startswith(sa.bindparam("prefix")),
         releases.c.at > _NOW["postgresql"] - sa.bindparam("window")),
-    "sqlite": sa.select(releases.c.key).where(
+    "sqlite": sa.select(sa.func.group_concat(releases.c.key, ",")).where(
         releases.c.key > sa.bindparam("prefix"), releases.c.key < sa.bindparam("past"),
         releases.c.at > _NOW["sqlite"] - sa.bindparam("window")),
 }
@@ -138,9 +140,10 @@ class ReuseHold:
     def quarantined(self, conn: Connection, network_id: str) -> list[str]:
         """The network's addresses whose reuse would be held now (one statement)."""
         prefix = f"n:{network_id}:"
-        keys = conn.execute(_RECENT[_dialect(conn)], {
-            "prefix": prefix, "past": prefix[:-1] + ";", "window": self.window_s}).scalars()
-        return [k[len(prefix):] for k in keys]
+        joined = conn.execute(_RECENT[_dialect(conn)], {
+            "prefix": prefix, "past": prefix[:-1] + ";", "window": self.window_s}).scalar()
+        # keys are "n:<network>:<address>": no comma, and the prefix only at their start
+        return joined.replace(prefix, "").split(",") if joined else []
 
     def __call__(self, tx: Tx) -> None:
         """`Store.before_commit`: record this write's releases, and set `tx.hold_s` if it
