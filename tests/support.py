@@ -143,7 +143,9 @@ class Service:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def wait_until(self, ready: Callable[[], bool], timeout: float = 20.0) -> Service:
+    def wait_until(self, ready: Callable[[], bool], timeout: float = 60.0) -> Service:
+        """Poll ready until true; the deadline is for a loaded machine (a service's Python
+        start took seconds there), it returns as soon as ready."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():

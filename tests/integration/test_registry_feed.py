@@ -141,7 +141,7 @@ async def test_follower_resyncs_follows_and_survives_an_outage(tmp_path: Path) -
             pending = asyncio.ensure_future(_next(follower, 30))
             await asyncio.sleep(0.2)
             reg.service.stop()
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 30  # for a loaded machine; it ends at once
             while follower.registry_up and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             assert not follower.registry_up
@@ -184,7 +184,7 @@ def test_long_poll_sees_writes_of_another_registry_process(tmp_path: Path) -> No
                 written = time.monotonic()
                 t.join(10)
             assert result["answer"]["changes"][-1]["id"] == net["id"]
-            assert result["at"] - written < 1.0
+            assert result["at"] - written < 3.0  # NOTIFY, not the 5 s recheck (loaded: 1 s)
 
 
 async def test_resuming_follower_catches_up_after_an_outage_without_a_resync(
@@ -200,7 +200,7 @@ async def test_resuming_follower_catches_up_after_an_outage_without_a_resync(
             pending = asyncio.ensure_future(_next(follower, 30))
             await asyncio.sleep(0.2)
             reg.service.stop()
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 30  # for a loaded machine; it ends at once
             while follower.registry_up and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             assert not follower.registry_up
