@@ -583,17 +583,24 @@ def test_workers_each_listen_in_every_namespace(
         assert not Path(f"/proc/{pid}").exists()
 
 
-def test_connections_per_source_are_capped_for_that_source_only(
-    env: ProxyEnv, agent: RecordingAgent, router: tuple[str, str],
-) -> None:
+def two_vms_behind_router(env: ProxyEnv, router: tuple[str, str], **proxy: Any) -> Service:
+    """The router's proxy with these `[proxy]` options, its VM holding a second address
+    (10.0.0.6: another source behind the same listener)."""
     rns, vm = router
     ip("-n", vm, "addr", "add", "10.0.0.6/24", "dev", "eth0")
     env.config = write_config(env.tmp / "openimds.ini", {
         "DEFAULT": {"state_path": env.state, "metadata_proxy_socket": env.socket},
-        "proxy": {"rescan_interval": 0.2, "max_connections_per_source": 2},
+        "proxy": {"rescan_interval": 0.2, **proxy},
     })
     env.write_spec(f"router-{ROUTER_ID}", rns, "0.0.0.0", 9697, router_id=ROUTER_ID)
-    svc = env.start()
+    return env.start()
+
+
+def test_connections_per_source_are_capped_for_that_source_only(
+    env: ProxyEnv, agent: RecordingAgent, router: tuple[str, str],
+) -> None:
+    vm = router[1]
+    svc = two_vms_behind_router(env, router, max_connections_per_source=2)
     held = [connect(vm, "10.0.0.1", 9697) for _ in range(2)]
     try:
         with connect(vm, "10.0.0.1", 9697) as third:
@@ -639,14 +646,8 @@ def _from(vm: str, addr: str) -> socket.socket:
 def test_a_source_the_agent_limited_is_answered_by_the_proxy_until_retry_after(
     env: ProxyEnv, agent: RecordingAgent, router: tuple[str, str],
 ) -> None:
-    rns, vm = router
-    ip("-n", vm, "addr", "add", "10.0.0.6/24", "dev", "eth0")
-    env.config = write_config(env.tmp / "openimds.ini", {
-        "DEFAULT": {"state_path": env.state, "metadata_proxy_socket": env.socket},
-        "proxy": {"rescan_interval": 0.2, "tarpit_delay": 0.5},
-    })
-    env.write_spec(f"router-{ROUTER_ID}", rns, "0.0.0.0", 9697, router_id=ROUTER_ID)
-    svc = env.start()
+    vm = router[1]
+    svc = two_vms_behind_router(env, router, tarpit_delay=0.5)
     agent.limited["10.0.0.5"] = 3
     with _from(vm, "10.0.0.5") as sock:
         sock.sendall(request_bytes("/latest/meta-data/"))
@@ -692,15 +693,9 @@ def test_a_source_the_agent_limited_is_answered_by_the_proxy_until_retry_after(
 def test_tarpit_bounds_held_answers_and_frees_them_with_their_connection(
     env: ProxyEnv, agent: RecordingAgent, router: tuple[str, str],
 ) -> None:
-    rns, vm = router
-    ip("-n", vm, "addr", "add", "10.0.0.6/24", "dev", "eth0")
-    env.config = write_config(env.tmp / "openimds.ini", {
-        "DEFAULT": {"state_path": env.state, "metadata_proxy_socket": env.socket},
-        "proxy": {"rescan_interval": 0.2, "max_connections_per_source": 1,
-                  "tarpit_delay": 10, "tarpit_max_per_source": 2, "tarpit_max": 3},
-    })
-    env.write_spec(f"router-{ROUTER_ID}", rns, "0.0.0.0", 9697, router_id=ROUTER_ID)
-    svc = env.start()
+    vm = router[1]
+    svc = two_vms_behind_router(env, router, max_connections_per_source=1, tarpit_delay=10,
+                                tarpit_max_per_source=2, tarpit_max=3)
     socks: list[socket.socket] = []
 
     def over(addr: str) -> socket.socket:
