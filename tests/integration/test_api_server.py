@@ -317,7 +317,7 @@ def test_port_change_invalidates_network_data(stack: Stack) -> None:
                                   "device_id": "dhcp-agent",
                                   "fixed_ips": [{"subnet_id": sub["id"]}]})
     dhcp_ip = port["fixed_ips"][0]["ip_address"]
-    deadline = time.monotonic() + 1.0
+    deadline = time.monotonic() + 30.0  # for a loaded machine; ends once seen
     while {"network": "169.254.169.254", "netmask": "255.255.255.255",
            "gateway": dhcp_ip} not in routes():
         assert time.monotonic() < deadline, routes()

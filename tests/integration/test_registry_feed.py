@@ -250,12 +250,12 @@ async def test_resuming_follower_resyncs_when_the_registry_went_backwards() -> N
     await asyncio.sleep(0.3)
     # back, empty: the first batch says "caught up" (empty, no resync)
     feed.down = False
-    caught_up = await asyncio.wait_for(pending, 5)
+    caught_up = await asyncio.wait_for(pending, 30)
     assert not caught_up.resync and caught_up.changes == []
     # down again, back with an older revision (a restore): resync
     feed.down = True
     pending = asyncio.ensure_future(_next(follower, 10))
     await asyncio.sleep(0.3)
     feed.revision, feed.down = 2, False
-    again = await asyncio.wait_for(pending, 5)
+    again = await asyncio.wait_for(pending, 30)
     assert again.resync and again.revision == 2
