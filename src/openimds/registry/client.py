@@ -343,9 +343,11 @@ class AsyncRegistryClient:
     async def heartbeat(self, host: str, agent_type: str,
                         timeout_s: float | None = None) -> dict[str, Any]:
         """Report (host, agent_type) alive; the answer carries the registry's
-        agent_down_time."""
+        agent_down_time. A beat never waits for an IP's reuse hold, so it gets the read
+        timeout, not a write's (which adds the 30 s hold: a beat that slow is worthless)."""
         result: dict[str, Any] = await self.request(
-            "POST", "/v1/agents", json={"host": host, "type": agent_type}, timeout_s=timeout_s)
+            "POST", "/v1/agents", json={"host": host, "type": agent_type},
+            timeout_s=self.timeout_s if timeout_s is None else timeout_s)
         return result
 
     async def set_password(self, instance_id: str, password: str) -> dict[str, Any]:
