@@ -237,6 +237,11 @@ class Stack:
             ids["router"] |= {p.name for p in markers.iterdir() if not p.name.startswith(".")}
         return ids
 
+    def _processes_with_our_config(self) -> list[int]:
+        config = str(self.config).encode()
+        return [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != os.getpid()
+                and config in _cmdline(int(e))]
+
     def close(self) -> None:
         ids = self._known_ids()
         for name in ("dhcp-agent", "l3-agent"):
@@ -247,6 +252,11 @@ class Stack:
             kill_pid(pid)
         for name in list(reversed(list(self.services))):
             self.stop(name, timeout=5.0)
+        # A proxy the L3 agent spawned while the test restarted its own waited on the proxy
+        # lock and took over when the test's stopped: the pid file named the dead one when it
+        # was read above. Anything still running with this stack's config is ours: stop it.
+        for pid in self._processes_with_our_config():
+            kill_pid(pid)
         self.client.close()
         namespaces = set(self.plugged)
         namespaces |= {f"qrouter-{r}" for r in ids["router"]}
