@@ -1,7 +1,8 @@
 """The registry's write and feed paths in-process, at a small and a large size, same run.
 
     .venv/bin/python bench/registry_bench.py [--sizes 100,10000] [--ops 200]
-        [--synchronous full|normal] [--backend sqlite|postgresql] [--profile] [--json FILE]
+        [--synchronous full|normal] [--backend sqlite|postgresql] [--shape routers|shared]
+        [--code DIR] [--profile] [--json FILE]
 
 The profiling method behind bench/scale_bench.py's registry figures, without HTTP: one store
 per size (SQLite in a temp dir, or the scripts/setup PostgreSQL, a database of its own),
@@ -22,6 +23,9 @@ same run on the same file system: `fdatasync` of a 4 KiB write, p50/p99 ms — t
 a durable commit (SQLite `synchronous=full` fsyncs the WAL once per commit), so a create's
 p99 can be read against the disk's own p99 at that minute.
 
+`--code DIR` runs another checkout's registry (e.g. `git worktree add --detach DIR COMMIT`)
+with this script, for a before/after in one session.
+
 Printed: each size's figures, and large / small ratios (a flat registry stays near 1).
 """
 
@@ -41,7 +45,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "src"))
+# --code DIR: that checkout's registry, measured by this script (read before the imports)
+CODE = Path(sys.argv[sys.argv.index("--code") + 1]) if "--code" in sys.argv[:-1] else REPO
+sys.path.insert(0, str(CODE / "src"))
 
 from sqlalchemy import event  # noqa: E402
 from tests.support import postgres_database  # noqa: E402
@@ -136,7 +142,7 @@ def measure(url: str, size: int, a: argparse.Namespace) -> dict[str, Any]:
         out["create_statements"] = len(stmts)
         reg.delete_instance(iid)
     out["create_p50_ms"], out["create_p99_ms"] = pct(ms, 0.5), pct(ms, 0.99)
-    out["create_cpu_p50_ms"] = pct(cpu, 0.5)
+    out["create_cpu_p50_ms"], out["create_cpu_p99_ms"] = pct(cpu, 0.5), pct(cpu, 0.99)
     head = int(reg.health()["revision"])
     ms, cpu = [], []
     for _ in range(a.ops):
@@ -176,10 +182,12 @@ def main() -> int:
     p.add_argument("--shape", default="routers", choices=("routers", "shared"),
                    help="routers: --per-router instances per router's /24 (scale_bench's); "
                         "shared: every instance on one /16")
+    p.add_argument("--code", type=Path, default=REPO,
+                   help="a checkout whose src/ is measured (default: this one)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
-    print(f"load average {os.getloadavg()}", flush=True)
+    print(f"load average {os.getloadavg()}; code {CODE}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="registry-bench-") as tmp:
         for size in [int(s) for s in a.sizes.split(",")]:
@@ -190,12 +198,13 @@ def main() -> int:
             print(json.dumps(rows[-1]), flush=True)
     first, last = rows[0], rows[-1]
     print(f"\n{a.backend} (synchronous={a.synchronous} on sqlite), shape {a.shape}")
-    print("| instances | statements per create | create p50 / p99 ms | create CPU p50 ms "
+    print("| instances | statements per create | create p50 / p99 ms | create CPU p50 / p99 ms "
           "| changes p50 / p99 ms | changes CPU p50 ms | reconcile p50 / max ms |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['instances']:,} | {r['create_statements']} | {r['create_p50_ms']:.2f} / "
-              f"{r['create_p99_ms']:.2f} | {r['create_cpu_p50_ms']:.2f} | "
+              f"{r['create_p99_ms']:.2f} | {r['create_cpu_p50_ms']:.2f} / "
+              f"{r['create_cpu_p99_ms']:.2f} | "
               f"{r['changes_p50_ms']:.2f} / {r['changes_p99_ms']:.2f} | "
               f"{r['changes_cpu_p50_ms']:.2f} | {r['reconcile_p50_ms']:.2f} / "
               f"{r['reconcile_max_ms']:.2f} |")
@@ -205,8 +214,8 @@ def main() -> int:
                   f"{r['fsync_p50_ms']:.2f} / {r['fsync_p99_ms']:.2f} ms; create p99 / "
                   f"fdatasync p99 = {r['create_p99_ms'] / r['fsync_p99_ms']:.2f}; "
                   f"background checkpoints {r.get('checkpoints', 0)}")
-    for k in ("create_p50_ms", "create_cpu_p50_ms", "changes_p50_ms", "changes_cpu_p50_ms",
-              "reconcile_p50_ms"):
+    for k in ("create_p50_ms", "create_p99_ms", "create_cpu_p50_ms", "create_cpu_p99_ms",
+              "changes_p50_ms", "changes_cpu_p50_ms", "reconcile_p50_ms"):
         print(f"{k} at {last['instances']:,} / at {first['instances']:,} = "
               f"{last[k] / first[k]:.2f}")
     print(f"load average {os.getloadavg()}")

@@ -1,9 +1,11 @@
-"""Ports and their fixed IPs: MACs, free-IP search, requested IPs, insert and delete.
+"""Ports and their fixed IPs: MACs, free-IP picks, requested IPs, insert and delete.
 
 Runs inside a write transaction (`Tx`), so "first free IP" and the insert that takes it are
 one atomic step (SQLite: BEGIN IMMEDIATE; PostgreSQL: the revision row lock). IPs come from
 the subnet's allocation pools, never the gateway or an IP another port holds; a requested IP
-may lie outside the pools but must be a host address of one of the network's subnets.
+may lie outside the pools but must be a host address of one of the network's subnets. The
+subnet's free addresses are its availability ranges (registry/ipalloc.py): a pick, a
+requested address and a deleted port each keep them in step.
 
 IPv6 as Neutron: on an auto-address subnet (ipv6_address_mode slaac or dhcpv6-stateless) a
 port's address is the EUI-64 of its MAC, every non-router port gets one on each such subnet,
@@ -13,9 +15,7 @@ hand out pool addresses like IPv4 (one subnet per version when nothing is asked)
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
-from collections.abc import Callable, Collection
 from typing import Any
 
 import sqlalchemy as sa
@@ -24,13 +24,12 @@ from sqlalchemy.engine import Connection, Row
 from openimds.core import ipam
 from openimds.core.models import DEVICE_OWNER_ROUTER
 from openimds.errors import BadRequest, Conflict
+from openimds.registry import ipalloc
 from openimds.registry.records import Json, new_id, now, port_change, port_dict
 from openimds.registry.store import Tx, port_ips, ports, subnets
 
 # Built once (a create runs each of them; building a statement costs more than running it).
 _MAC_TAKEN = sa.select(ports.c.id).where(ports.c.mac_address == sa.bindparam("mac"))
-_SUBNET_IPS = sa.select(port_ips.c.ip_address).where(
-    port_ips.c.subnet_id == sa.bindparam("subnet_id"))
 _IP_TAKEN = sa.select(port_ips.c.port_id).where(
     port_ips.c.network_id == sa.bindparam("network_id"),
     port_ips.c.ip_address == sa.bindparam("ip"))
@@ -38,6 +37,14 @@ _NETWORK_SUBNETS = (sa.select(subnets).where(subnets.c.network_id == sa.bindpara
                     .order_by(subnets.c.created_at, subnets.c.id))
 _INSERT_PORT = ports.insert()
 _INSERT_PORT_IPS = port_ips.insert()
+# a port's addresses with what `ipalloc.release` needs of their subnets
+_PORT_IPS_SUBNETS = (
+    sa.select(port_ips.c.ip_address, subnets.c.id, subnets.c.network_id, subnets.c.ip_version,
+              subnets.c.ipv6_address_mode, subnets.c.allocation_pools)
+    .join(subnets, subnets.c.id == port_ips.c.subnet_id)
+    .where(port_ips.c.port_id == sa.bindparam("port_id")))
+_DELETE_PORT_IPS = port_ips.delete().where(port_ips.c.port_id == sa.bindparam("port_id"))
+_DELETE_PORT = ports.delete().where(ports.c.id == sa.bindparam("port_id"))
 
 
 def new_mac(conn: Connection) -> str:
@@ -48,18 +55,16 @@ def new_mac(conn: Connection) -> str:
     raise Conflict("could not find a free MAC address after 64 tries")
 
 
-def free_ip(conn: Connection, subnet: Row[Any],
-            quarantined: Collection[str] = ()) -> ipam.IPAddress | None:
-    """The lowest free pool address not quarantined while another is free (`ipam.pick_free`):
-    the used ones stay text (no per-address parse)."""
-    used = list(conn.execute(_SUBNET_IPS, {"subnet_id": subnet.id}).scalars())
-    if subnet.gateway_ip:
-        used.append(str(ipaddress.ip_address(subnet.gateway_ip)))
-    pools = [
-        ipam.Pool(ipaddress.ip_address(p["start"]), ipaddress.ip_address(p["end"]))
-        for p in subnet.allocation_pools
-    ]
-    return ipam.pick_free(pools, used, quarantined)
+def free_ip(tx: Tx, subnet: Row[Any], *, take: bool = True) -> ipam.IPAddress | None:
+    """The lowest free pool address, one released moments ago (the IP quarantine) only when
+    no other is free; taken from the subnet's free state unless take=False (`ipalloc.pick`)."""
+    return ipalloc.pick(tx, subnet, take=take)
+
+
+def no_free_ip(subnet: Row[Any], purpose: str = "") -> Conflict:
+    """The 409 for a full subnet, naming it."""
+    return Conflict(f"no free IP address left on subnet {subnet.id} ({subnet.cidr})"
+                    + (f" {purpose}" if purpose else ""))
 
 
 def is_auto_address(subnet: Row[Any]) -> bool:
@@ -70,26 +75,20 @@ def auto_address(subnet: Row[Any], mac: str) -> ipam.IPAddress:
     return ipam.eui64_address(ipam.parse_cidr(subnet.cidr), mac)
 
 
-Quarantine = Callable[[Connection, str], Collection[str]]
-
-
 def allocate(
-    conn: Connection, network_id: str, requests: Any, *, device_owner: str, mac: str,
-    field: str = "fixed_ips", quarantine: Quarantine | None = None,
+    tx: Tx, network_id: str, requests: Any, *, device_owner: str, mac: str,
+    field: str = "fixed_ips",
 ) -> list[tuple[str, str]]:
-    """(subnet_id, ip) pairs for a new port with this MAC on network_id. An address picked
-    for the port (none requested) avoids what `quarantine` names (addresses released
-    moments ago, `ReuseHold.quarantined`) while another is free; asked for, it is given."""
+    """(subnet_id, ip) pairs for a new port with this MAC on network_id, taken from the
+    subnets' free state. An address picked for the port (none requested) avoids those
+    released moments ago (the IP quarantine) while another is free; asked for, it is given."""
+    conn = tx.conn
     subs = list(conn.execute(_NETWORK_SUBNETS, {"network_id": network_id}))
     if not subs:
         raise BadRequest(f"network_id: network {network_id} has no subnets")
-    avoid: Collection[str] | None = None
 
     def free(subnet: Row[Any]) -> ipam.IPAddress | None:
-        nonlocal avoid
-        if avoid is None:  # asked once per port, only if it picks an address
-            avoid = quarantine(conn, network_id) if quarantine is not None else ()
-        return free_ip(conn, subnet, avoid)
+        return free_ip(tx, subnet)
 
     out: list[tuple[str, str]] = []
     if device_owner != DEVICE_OWNER_ROUTER:
@@ -104,8 +103,9 @@ def allocate(
                     out.append((s.id, str(ip)))
                     break
         if not out:
-            cidrs = ", ".join(s.cidr for s in subs)
-            raise Conflict(f"no free IP address left on network {network_id} ({cidrs})")
+            full = ", ".join(f"{s.id} ({s.cidr})" for s in subs)
+            raise Conflict(f"no free IP address left on network {network_id}: subnet {full} "
+                           "full")
         return out
     if not isinstance(requests, list) or not requests:
         raise BadRequest(f"{field}: expected a non-empty list of {{subnet_id, ip_address}}")
@@ -130,7 +130,7 @@ def allocate(
                 continue  # non-router ports have it already
             ip = free(subnet)
             if ip is None:
-                raise Conflict(f"no free IP address left on subnet {subnet.cidr}")
+                raise no_free_ip(subnet)
             out.append((subnet.id, str(ip)))
             continue
         addr = ipam.normalize_ip(ipam.parse_ip(req["ip_address"], f"{where}.ip_address"))
@@ -155,6 +155,7 @@ def allocate(
         if any(ip == str(addr) for _, ip in out) or conn.execute(
                 _IP_TAKEN, {"network_id": network_id, "ip": str(addr)}).first():
             raise Conflict(f"IP address {addr} is already in use on network {network_id}")
+        ipalloc.take(tx, subnet, addr)
         out.append((subnet.id, str(addr)))
     return out
 
@@ -186,10 +187,11 @@ def insert_port(
 
 
 def delete_port(tx: Tx, port: Row[Any]) -> None:
+    """Delete the port; its pool addresses go back to their subnets' free state."""
     conn = tx.conn
-    ips = list(conn.execute(
-        sa.select(port_ips.c.ip_address).where(port_ips.c.port_id == port.id)).scalars())
-    conn.execute(port_ips.delete().where(port_ips.c.port_id == port.id))
-    conn.execute(ports.delete().where(ports.c.id == port.id))
-    port_change(tx, "delete", port, ips)
+    held = list(conn.execute(_PORT_IPS_SUBNETS, {"port_id": port.id}))
+    conn.execute(_DELETE_PORT_IPS, {"port_id": port.id})
+    conn.execute(_DELETE_PORT, {"port_id": port.id})
+    ipalloc.release(tx, [(r, r.ip_address) for r in held])
+    port_change(tx, "delete", port, [r.ip_address for r in held])
 

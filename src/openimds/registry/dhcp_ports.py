@@ -27,7 +27,6 @@ from openimds.core.models import (
     dhcp_adopted_device_id,
     dhcp_device_id,
 )
-from openimds.errors import Conflict
 from openimds.registry.allocation import (
     auto_address,
     delete_port,
@@ -35,6 +34,7 @@ from openimds.registry.allocation import (
     insert_port,
     is_auto_address,
     new_mac,
+    no_free_ip,
 )
 from openimds.registry.records import Json, port_change
 from openimds.registry.store import Tx, networks, port_ips, ports, subnets
@@ -89,7 +89,7 @@ def create(tx: Tx, network: Any, subs: Sequence[Any], device_id: str) -> Json | 
     mac = new_mac(conn)
     fixed: list[tuple[str, str]] = []
     for s in subs:
-        ip = auto_address(s, mac) if is_auto_address(s) else free_ip(conn, s)
+        ip = auto_address(s, mac) if is_auto_address(s) else free_ip(tx, s)
         if ip is None:
             log.warning("registry.dhcp_port_no_ip network=%s subnet=%s cidr=%s device=%s",
                         network.id, s.id, s.cidr, device_id)
@@ -111,9 +111,9 @@ def add_subnet(tx: Tx, network: Any, subnet_id: str, hosts: Sequence[str]) -> No
     current = _ports_of(conn, network.id)
     for pid in sorted(current):
         port = current[pid]
-        ip = auto_address(row, port.mac_address) if is_auto_address(row) else free_ip(conn, row)
+        ip = auto_address(row, port.mac_address) if is_auto_address(row) else free_ip(tx, row)
         if ip is None:
-            raise Conflict(f"no free IP address for the DHCP port on subnet {row.cidr}")
+            raise no_free_ip(row, "for the DHCP port")
         before = list(conn.execute(sa.select(port_ips.c.ip_address)
                                    .where(port_ips.c.port_id == pid)).scalars())
         conn.execute(port_ips.insert().values(port_id=pid, subnet_id=row.id,
@@ -122,10 +122,10 @@ def add_subnet(tx: Tx, network: Any, subnet_id: str, hosts: Sequence[str]) -> No
         port_change(tx, "update", port, [*before, str(ip)])
     if not current and not hosts:
         if create(tx, network, [row], DHCP_RESERVED_DEVICE_ID) is None:
-            raise Conflict(f"no free IP address for the DHCP port on subnet {row.cidr}")
+            raise no_free_ip(row, "for the DHCP port")
         return
-    if not current and free_ip(conn, row) is None and not is_auto_address(row):
-        raise Conflict(f"no free IP address for the DHCP port on subnet {row.cidr}")
+    if not current and not is_auto_address(row) and free_ip(tx, row, take=False) is None:
+        raise no_free_ip(row, "for the DHCP port")
     sync(tx, network.id, hosts)
 
 

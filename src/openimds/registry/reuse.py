@@ -45,7 +45,7 @@ from openimds.core.models import DEVICE_OWNER_ROUTER
 from openimds.errors import BadRequest
 from openimds.registry.store import Tx, port_ips, ports, releases
 
-__all__ = ["DEFAULT_HOLD_S", "LEASE_S", "MIN_HOLD_S", "SLACK_S", "ReuseHold"]
+__all__ = ["DB_NOW", "DEFAULT_HOLD_S", "LEASE_S", "MIN_HOLD_S", "SLACK_S", "ReuseHold"]
 
 LEASE_S = 2.0  # an agent's cache is trusted this long after it sent a feed call
 # How long a reusing bind's answer waits after its commit, and so how long an agent serves
@@ -63,6 +63,7 @@ _NOW = {
     "postgresql": sa.extract("epoch", sa.func.clock_timestamp()),
     "sqlite": sa.literal_column("((julianday('now') - 2440587.5) * 86400.0)"),
 }
+DB_NOW = _NOW  # the same clock for the IP quarantine of automatic allocation (ipalloc.py)
 _ROUTER_SCOPES = sa.select(sa.literal("r:") + ports.c.device_id).where(
     ports.c.network_id.in_(sa.bindparam("nets", expanding=True)),
     ports.c.device_owner == DEVICE_OWNER_ROUTER)

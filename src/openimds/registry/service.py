@@ -34,7 +34,7 @@ from openimds.core.models import (
     sanitize_hostname,
 )
 from openimds.errors import BadRequest, Conflict, NotFound
-from openimds.registry import dhcp_ports, reuse, scheduler, views
+from openimds.registry import dhcp_ports, ipalloc, reuse, scheduler, views
 from openimds.registry.allocation import (
     allocate,
     delete_port,
@@ -172,6 +172,7 @@ class Registry:
         self.store = store
         self.reuse = reuse.ReuseHold(max(reuse_hold, reuse.MIN_HOLD_S))
         store.before_commit = self.reuse  # a reused IP waits for the agents' leases
+        store.reuse_window_s = self.reuse.window_s  # and automatic picks avoid it meanwhile
         self.max_page_size = max_page_size
         self.policy = policy or scheduler.Policy(down_time_s=10.0, dhcp_per_network=1)
         # No agent is declared dead before this process has been up for agent_down_time:
@@ -455,6 +456,7 @@ class Registry:
             for p in conn.execute(sa.select(ports).where(ports.c.network_id == nid)).all():
                 delete_port(tx, p)
             for s in conn.execute(sa.select(subnets).where(subnets.c.network_id == nid)).all():
+                ipalloc.drop(tx, s.id)
                 conn.execute(subnets.delete().where(subnets.c.id == s.id))
                 subnet_change(tx, "delete", s)
             conn.execute(segments.delete().where(segments.c.network_id == nid))
@@ -512,6 +514,10 @@ class Registry:
                 "ipv6_ra_mode": ra_mode,
             }
             conn.execute(subnets.insert().values(**values))
+            if address_mode not in ipam.AUTO_ADDRESS_MODES:
+                # its free addresses are its pools; the writes after keep them in step
+                ipalloc.build(tx, conn.execute(sa.select(subnets).where(
+                    subnets.c.id == values["id"])).one())
             subnet_change(tx, "create", values)
             if enable_dhcp:
                 self._add_dhcp_ip(tx, network, values)
@@ -583,6 +589,7 @@ class Registry:
                     conn.execute(ports.update().where(ports.c.id == port.id)
                                  .values(revision=tx.revision))
                     port_change(tx, "update", port, before)
+            ipalloc.drop(tx, sid)
             conn.execute(subnets.delete().where(subnets.c.id == sid))
             subnet_change(tx, "delete", subnet)
             return {}
@@ -706,8 +713,8 @@ class Registry:
                    else network.project_id)
             if mac is None:
                 mac = new_mac(tx.conn)
-            fixed = allocate(tx.conn, network_id, body.get("fixed_ips"), mac=mac,
-                             device_owner=owner, quarantine=self.reuse.quarantined)
+            fixed = allocate(tx, network_id, body.get("fixed_ips"), mac=mac,
+                             device_owner=owner)
             return insert_port(tx, network_id=network_id, project_id=pid,
                                      device_id=device_id, device_owner=owner, fixed=fixed,
                                      name=name, mac=mac)
@@ -828,9 +835,8 @@ class Registry:
                                "the deleted instance's documents)")
             mac = new_mac(conn)
             try:
-                fixed = allocate(conn, network_id, requests, mac=mac,
-                                 device_owner=DEVICE_OWNER_INSTANCE, field="fixed_ip",
-                                 quarantine=self.reuse.quarantined)
+                fixed = allocate(tx, network_id, requests, mac=mac,
+                                 device_owner=DEVICE_OWNER_INSTANCE, field="fixed_ip")
             except BadRequest as exc:
                 raise BadRequest(exc.reason.replace("fixed_ip[0].ip_address", "fixed_ip")) \
                     from None

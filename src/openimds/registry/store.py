@@ -131,6 +131,35 @@ port_ips = sa.Table(
     sa.UniqueConstraint("network_id", "ip_address", name="uq_port_ips_network_ip"),
 )
 
+# A subnet's free pool addresses (registry/ipalloc.py, core/ipranges.py), so a pick reads
+# two index entries instead of every used address of the subnet. Derived from port_ips and
+# the pools, kept in step by every write that takes or gives back an address, in the same
+# transaction; a subnet without its ip_alloc row (made before migration 0010) has it built
+# from port_ips by its next pick. Keys: the address as 4/16 big-endian
+# bytes (sorted by value on both backends).
+ip_alloc = sa.Table(
+    "ip_alloc", metadata,
+    sa.Column("subnet_id", ID, sa.ForeignKey("subnets.id"), primary_key=True),
+    sa.Column("built_at", sa.String(32), nullable=False),
+)
+
+ip_ranges = sa.Table(
+    "ip_ranges", metadata,
+    sa.Column("subnet_id", ID, sa.ForeignKey("subnets.id"), nullable=False),
+    sa.Column("first_key", sa.LargeBinary(16), nullable=False),
+    sa.Column("last_key", sa.LargeBinary(16), nullable=False),
+    sa.PrimaryKeyConstraint("subnet_id", "first_key"),
+)
+
+# free addresses a port gave back; quarantined while `releases` holds them (registry/reuse.py)
+ip_released = sa.Table(
+    "ip_released", metadata,
+    sa.Column("subnet_id", ID, sa.ForeignKey("subnets.id"), nullable=False),
+    sa.Column("key", sa.LargeBinary(16), nullable=False),
+    sa.Column("ip_address", sa.String(64), nullable=False),
+    sa.PrimaryKeyConstraint("subnet_id", "key"),
+)
+
 keypairs = sa.Table(
     "keypairs", metadata,
     sa.Column("id", ID, primary_key=True),
@@ -288,6 +317,9 @@ class Tx:
     ec2_id: int = 0
     # seconds the REST answer to this write must wait after commit (`registry/reuse.py`)
     hold_s: float = 0.0
+    # the IP quarantine's window: an address released more recently is picked only when no
+    # other is free (`Store.reuse_window_s`; registry/ipalloc.py)
+    reuse_window_s: float = 0.0
 
     def change(self, kind: str, op: str, obj_id: str, attrs: dict[str, Any]) -> None:
         self.changes.append(
@@ -381,6 +413,8 @@ class Store:
         # called with each write's Tx as the last step before its commit (the Registry
         # installs the IP reuse hold, registry/reuse.py)
         self.before_commit: Callable[[Tx], None] | None = None
+        # set with it: the window automatic IP allocation keeps released addresses aside
+        self.reuse_window_s = 0.0
 
     def _make_engine(self) -> Engine:
         if self.backend == "sqlite":
@@ -472,7 +506,8 @@ class Store:
             try:
                 with conn.begin() as trans:
                     rev = conn.execute(_BUMP_WITH_EC2 if ec2_id else _BUMP).one()
-                    tx = Tx(conn, int(rev[0]), ec2_id=int(rev[2]) if ec2_id else 0)
+                    tx = Tx(conn, int(rev[0]), ec2_id=int(rev[2]) if ec2_id else 0,
+                            reuse_window_s=self.reuse_window_s)
                     yield tx
                     if not tx.changes:
                         if not allow_empty:

@@ -1,0 +1,316 @@
+"""Free-IP allocation on a subnet in O(1) statements: its availability ranges (SQL side).
+
+The model is `core.ipranges`: a subnet's free pool addresses are ``ip_ranges`` (spans never
+handed out since the state was built) plus ``ip_released`` (addresses ports gave back). A
+pick reads the lowest range start, the lowest released address out of the IP quarantine
+(not in ``releases`` within the reuse hold's window, registry/reuse.py: the same record the
+acknowledgement hold reads) and the lowest released one, in one statement, whatever the
+number of ports on the subnet; before 0010 it parsed every used address of the subnet.
+
+Every write that takes or gives back a pool address keeps the state in step, inside its own
+transaction (so a crash loses neither): `pick` (automatic addresses: instance and port
+creates, DHCP ports), `take` (an address asked for), `release` (a port deleted). Writers are
+serialized (SQLite's write lock, PostgreSQL's ``state`` row lock taken by every write), and
+``UNIQUE (network_id, ip_address)`` on port_ips stays the backstop. A subnet without its
+``ip_alloc`` row (a database migrated to 0010, a restored backup of an older schema) is built
+from port_ips by its first pick, once, in O(its ports); a backup carries the state as it
+carries port_ips (one snapshot). A pick checks its address against port_ips (one
+indexed point query) and repairs the state if some write took it behind its back.
+
+Auto-address IPv6 subnets (SLAAC, DHCPv6-stateless) hand out EUI-64 addresses, never pool
+addresses: they have no state. Gateways and addresses outside the pools are not tracked.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Row
+
+from openimds.core import ipam, ipranges
+from openimds.registry.records import now
+from openimds.registry.reuse import DB_NOW
+from openimds.registry.store import (
+    Tx,
+    ip_alloc,
+    ip_ranges,
+    ip_released,
+    port_ips,
+    releases,
+)
+
+__all__ = ["build", "drop", "pick", "problems", "release", "take"]
+
+log = logging.getLogger(__name__)
+
+_S: sa.BindParameter[str] = sa.bindparam("sid")
+_K: sa.BindParameter[bytes] = sa.bindparam("k")
+_R = ip_ranges.c
+_F = ip_released.c
+_BYTES = sa.LargeBinary()
+
+
+def _part(src: int, key: Any, last: Any, where: Sequence[Any], table: sa.Table,
+          order: Any | None) -> Any:
+    sel = sa.select(sa.literal(src).label("src"), key.label("k"), last.label("l")) \
+        .select_from(table).where(*where)
+    if order is not None:
+        sel = sel.order_by(order).limit(1)
+    return sa.select(sel.subquery())
+
+
+def _quarantine_free(now: Any) -> Any:
+    """An ip_released row whose address has no release in the window (by the db clock)."""
+    return ~sa.exists().where(
+        releases.c.key == sa.bindparam("prefix", type_=sa.String) + _F.ip_address,
+        releases.c.at > now - sa.bindparam("window"))
+
+
+# One statement per pick: src 0 the lowest range, 1 the lowest released address out of
+# quarantine, 2 the lowest released one, 3 the subnet's state exists.
+_PICK = {
+    dialect: sa.union_all(
+        _part(0, _R.first_key, _R.last_key, [_R.subnet_id == _S], ip_ranges, _R.first_key),
+        _part(1, _F.key, _F.key, [_F.subnet_id == _S, _quarantine_free(now)], ip_released,
+              _F.key),
+        _part(2, _F.key, _F.key, [_F.subnet_id == _S], ip_released, _F.key),
+        _part(3, sa.cast(sa.null(), _BYTES), sa.cast(sa.null(), _BYTES),
+              [ip_alloc.c.subnet_id == _S], ip_alloc, None),
+    )
+    for dialect, now in DB_NOW.items()
+}
+_IP_TAKEN = sa.select(port_ips.c.port_id).where(
+    port_ips.c.network_id == sa.bindparam("network_id"),
+    port_ips.c.ip_address == sa.bindparam("ip"))
+_RANGE_DELETE = ip_ranges.delete().where(_R.subnet_id == _S, _R.first_key == _K)
+_RANGE_START = (ip_ranges.update().where(_R.subnet_id == _S, _R.first_key == _K)
+                .values(first_key=sa.bindparam("new_first")))
+_RANGE_END = (ip_ranges.update().where(_R.subnet_id == _S, _R.first_key == _K)
+              .values(last_key=sa.bindparam("new_last")))
+_RANGE_INSERT = ip_ranges.insert()
+# the span that would hold an address: the last one starting at or below it
+_RANGE_AT = (sa.select(_R.first_key, _R.last_key).where(_R.subnet_id == _S, _R.first_key <= _K)
+             .order_by(_R.first_key.desc()).limit(1))
+_RELEASED_DELETE = ip_released.delete().where(_F.subnet_id == _S, _F.key == _K)
+# a given-back address joins the free list only where the subnet has state (else the state,
+# built later from port_ips, sees it free anyway) and only once
+_RELEASE = ip_released.insert().from_select(
+    ["subnet_id", "key", "ip_address"],
+    sa.select(_S, _K, sa.bindparam("ip", type_=sa.String)).where(
+        sa.exists().where(ip_alloc.c.subnet_id == _S),
+        ~sa.exists().where(_F.subnet_id == _S, _F.key == _K)))
+_SUBNET_IPS = sa.select(port_ips.c.ip_address).where(port_ips.c.subnet_id == _S)
+_ALL_RANGES = sa.select(_R.first_key, _R.last_key).where(_R.subnet_id == _S)
+_ALL_RELEASED = sa.select(_F.key).where(_F.subnet_id == _S)
+_BUILT = sa.select(ip_alloc.c.subnet_id).where(ip_alloc.c.subnet_id == _S)
+# Keys of a network's releases: "n:<network>:<address>" (registry/reuse.py)
+_NETWORK_RELEASES = sa.select(releases.c.key).where(
+    releases.c.key.startswith(sa.bindparam("prefix")))
+_REPAIRS_BEFORE_REBUILD = 8
+
+
+def _dialect(conn: Connection) -> str:
+    return "postgresql" if conn.dialect.name == "postgresql" else "sqlite"
+
+
+def _pool_spans(subnet: Row[Any] | Any) -> list[ipranges.Span]:
+    return ipranges.spans_of(
+        (int(ipaddress.ip_address(p["start"])), int(ipaddress.ip_address(p["end"])))
+        for p in subnet.allocation_pools)
+
+
+def _tracked(subnet: Row[Any] | Any) -> bool:
+    """Auto-address IPv6 subnets give EUI-64 addresses, never pool ones: no state."""
+    return not (subnet.ip_version == 6 and subnet.ipv6_address_mode in ipam.AUTO_ADDRESS_MODES)
+
+
+def _address(n: int, version: int) -> ipam.IPAddress:
+    return ipaddress.IPv4Address(n) if version == 4 else ipaddress.IPv6Address(n)
+
+
+def _key(n: int, version: int) -> bytes:
+    return ipranges.key_of(n, version)
+
+
+def pick(tx: Tx, subnet: Row[Any] | Any, *, take: bool = True) -> ipam.IPAddress | None:
+    """The lowest free pool address of the subnet not quarantined (the lowest quarantined one
+    when no other is free), taken unless take=False; None when the pools are full."""
+    conn = tx.conn
+    version = int(subnet.ip_version)
+    args = {"sid": subnet.id, "prefix": f"n:{subnet.network_id}:",
+            "window": tx.reuse_window_s}
+    statement = _PICK[_dialect(conn)]
+    repairs = 0
+    while True:
+        rows = {int(r.src): r for r in conn.execute(statement, args)}
+        if 3 not in rows:
+            build(tx, subnet)
+            continue
+        if repairs > _REPAIRS_BEFORE_REBUILD:  # far out of step: start again from port_ips
+            log.warning("registry.ip_state_rebuilt subnet=%s", subnet.id)
+            drop(tx, subnet.id)
+            build(tx, subnet)
+            repairs = 0
+            continue
+        first = {src: ipranges.int_of(bytes(rows[src].k)) for src in (0, 1, 2) if src in rows}
+        choice = ipranges.choose(first.get(0), first.get(1), first.get(2))
+        if choice is None:
+            return None
+        source, n = choice
+        ip = _address(n, version)
+        key = _key(n, version)
+        if conn.execute(_IP_TAKEN, {"network_id": subnet.network_id,
+                                    "ip": str(ip)}).first() is not None:
+            # a write took it without telling the state (none should): never hand it out
+            log.warning("registry.ip_state_repaired subnet=%s ip=%s", subnet.id, ip)
+            _remove(conn, subnet.id, version, source, key, n,
+                    ipranges.int_of(bytes(rows[0].l)) if source == "range" else n)
+            repairs += 1
+            continue
+        if take:
+            _remove(conn, subnet.id, version, source, key, n,
+                    ipranges.int_of(bytes(rows[0].l)) if source == "range" else n)
+        return ip
+
+
+def _remove(conn: Connection, subnet_id: str, version: int, source: str, key: bytes,
+            n: int, last: int) -> None:
+    """Take the lowest address n of a range (first n, last `last`) or a released one."""
+    args = {"sid": subnet_id, "k": key}
+    if source != "range":
+        conn.execute(_RELEASED_DELETE, args)
+    elif n == last:
+        conn.execute(_RANGE_DELETE, args)
+    else:
+        conn.execute(_RANGE_START, {**args, "new_first": _key(n + 1, version)})
+
+
+def take(tx: Tx, subnet: Row[Any] | Any, ip: ipam.IPAddress) -> None:
+    """An address asked for (a requested fixed IP) leaves the free state, wherever it is."""
+    if not _tracked(subnet):
+        return
+    n, version = int(ip), int(subnet.ip_version)
+    if not ipranges.in_spans(_pool_spans(subnet), n):
+        return
+    conn = tx.conn
+    args = {"sid": subnet.id, "k": _key(n, version)}
+    if conn.execute(_RELEASED_DELETE, args).rowcount:
+        return
+    row = conn.execute(_RANGE_AT, args).first()
+    if row is None:
+        return
+    first, last = ipranges.int_of(bytes(row.first_key)), ipranges.int_of(bytes(row.last_key))
+    if n > last:
+        return  # not free by the state (nor by port_ips: the caller checked)
+    rest = ipranges.carve((first, last), n)
+    start = {"sid": subnet.id, "k": row.first_key}
+    if not rest:
+        conn.execute(_RANGE_DELETE, start)
+    elif n == first:
+        conn.execute(_RANGE_START, {**start, "new_first": _key(rest[0][0], version)})
+    else:
+        conn.execute(_RANGE_END, {**start, "new_last": _key(rest[0][1], version)})
+        if len(rest) == 2:
+            conn.execute(_RANGE_INSERT, {"subnet_id": subnet.id,
+                                         "first_key": _key(rest[1][0], version),
+                                         "last_key": _key(rest[1][1], version)})
+
+
+def release(tx: Tx, given_back: Iterable[tuple[Row[Any] | Any, str]]) -> None:
+    """Addresses ports gave back: (subnet row, address as stored) pairs. A pool address of a
+    subnet with state joins its released list (quarantined by `releases`)."""
+    rows = []
+    for subnet, text in given_back:
+        if not _tracked(subnet):
+            continue
+        n = int(ipaddress.ip_address(text))
+        if ipranges.in_spans(_pool_spans(subnet), n):
+            rows.append({"sid": subnet.id, "k": _key(n, int(subnet.ip_version)), "ip": text})
+    if rows:
+        tx.conn.execute(_RELEASE, rows)
+
+
+def build(tx: Tx, subnet: Row[Any] | Any) -> None:
+    """The subnet's state from port_ips and its pools (O(its ports), once per subnet): free
+    spans, minus the addresses the network released recently, which go to the released list
+    so the quarantine keeps them aside."""
+    conn = tx.conn
+    version = int(subnet.ip_version)
+    used = [int(ipaddress.ip_address(t))
+            for t in conn.execute(_SUBNET_IPS, {"sid": subnet.id}).scalars()]
+    if subnet.gateway_ip:
+        used.append(int(ipaddress.ip_address(subnet.gateway_ip)))
+    free = ipranges.free_spans(_pool_spans(subnet), used)
+    prefix = f"n:{subnet.network_id}:"
+    recent = []
+    for key in conn.execute(_NETWORK_RELEASES, {"prefix": prefix}).scalars():
+        try:
+            addr = ipaddress.ip_address(key[len(prefix):])
+        except ValueError:
+            continue
+        if addr.version == version and ipranges.in_spans(free, int(addr)):
+            recent.append(int(addr))
+    spans = ipranges.free_spans(free, recent)
+    conn.execute(ip_alloc.insert(), {"subnet_id": subnet.id, "built_at": now()})
+    if spans:
+        conn.execute(_RANGE_INSERT, [
+            {"subnet_id": subnet.id, "first_key": _key(a, version),
+             "last_key": _key(b, version)} for a, b in spans])
+    if recent:
+        conn.execute(ip_released.insert(), [
+            {"subnet_id": subnet.id, "key": _key(n, version),
+             "ip_address": str(_address(n, version))} for n in sorted(set(recent))])
+    log.info("registry.ip_state_built subnet=%s ranges=%d released=%d used=%d", subnet.id,
+             len(spans), len(set(recent)), len(used))
+
+
+def drop(tx: Tx, subnet_id: str) -> None:
+    """The subnet's state, before the subnet itself is deleted."""
+    args = {"sid": subnet_id}
+    for table in (ip_released, ip_ranges, ip_alloc):
+        tx.conn.execute(table.delete().where(table.c.subnet_id == _S), args)
+
+
+def _merged(spans: Iterable[ipranges.Span]) -> list[ipranges.Span]:
+    out: list[ipranges.Span] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def problems(conn: Connection, subnet: Row[Any] | Any) -> list[str] | None:
+    """What is wrong with the subnet's state against port_ips and its pools (tests, checks);
+    None when it has none (built by its next pick)."""
+    if conn.execute(_BUILT, {"sid": subnet.id}).first() is None:
+        return None
+    version = int(subnet.ip_version)
+    used = [int(ipaddress.ip_address(t))
+            for t in conn.execute(_SUBNET_IPS, {"sid": subnet.id}).scalars()]
+    if subnet.gateway_ip:
+        used.append(int(ipaddress.ip_address(subnet.gateway_ip)))
+    truth = _merged(ipranges.free_spans(_pool_spans(subnet), used))
+    spans = [(ipranges.int_of(bytes(a)), ipranges.int_of(bytes(b)))
+             for a, b in conn.execute(_ALL_RANGES, {"sid": subnet.id})]
+    spans += [(n, n) for n in (ipranges.int_of(bytes(k)) for k in
+                               conn.execute(_ALL_RELEASED, {"sid": subnet.id}).scalars())]
+    out = []
+    ordered = sorted(spans)
+    for (a1, b1), (a2, b2) in zip(ordered, ordered[1:], strict=False):
+        if a2 <= b1:
+            out.append(f"overlap: {_address(a1, version)}-{_address(b1, version)} and "
+                       f"{_address(a2, version)}-{_address(b2, version)}")
+    have = _merged(spans)
+    if have != truth:
+        def show(spans: list[ipranges.Span]) -> str:
+            return ", ".join(f"{_address(a, version)}-{_address(b, version)}"
+                             for a, b in spans[:4])
+        out.append(f"free by the state: {show(have)} ({len(have)} spans); by port_ips and "
+                   f"the pools: {show(truth)} ({len(truth)} spans)")
+    return out
