@@ -1,6 +1,7 @@
 """Flat at scale: the agent + API hops and the registry at 100 and at 10,000 instances.
 
     sudo .venv/bin/python bench/scale_bench.py [--sizes 100,10000] [--per-router 10]
+                                               [--shape routers|shared]
                                                [--duration 5] [--json FILE]
 
 One real registry (sqlite, `openimds registry serve`) grows from the first size to the last:
@@ -26,6 +27,8 @@ what the create figures below measure). At each size, in this order:
    per request of the agent and the API (utime+stime, /proc).
 
 `--registry-only` stops after step 2 (the create and feed figures alone, in a minute).
+`--shape shared` puts every instance on one network with one /16 subnet behind one router
+instead (a provider network: what a create's free-IP pick faces with 10,000 ports).
 
 Printed: CPU per request at the last size / at the first (target within 10 %), memory per
 instance (RSS difference between the sizes / instance difference; targets agent <= 4 KiB,
@@ -123,19 +126,22 @@ class Scale:
         reg = Registry(store)
         t0 = time.monotonic()
         per = self.args.per_router
+        shared = self.args.shape == "shared"
         while len(self.vms) < total:
             k = len(self.vms)
-            if k % per == 0:
+            if (k == 0 and not self.routers) if shared else k % per == 0:
                 i = len(self.routers)
                 r = reg.create_router({"name": f"r{i}"})
                 n = reg.create_network({"name": f"n{i}"})
-                s = reg.create_subnet({"name": f"s{i}", "network_id": n["id"],
-                                       "cidr": f"10.{i // 256}.{i % 256}.0/24"})
+                s = reg.create_subnet({"name": f"s{i}", "network_id": n["id"], "cidr":
+                                       "10.8.0.0/16" if shared else
+                                       f"10.{i // 256}.{i % 256}.0/24"})
                 reg.add_interface(r["id"], {"subnet_id": s["id"]})
                 self.routers.append((r["id"], n["id"]))
             rid, nid = self.routers[-1]
             i = len(self.routers) - 1
-            ip = f"10.{i // 256}.{i % 256}.{10 + k % per}"
+            ip = (f"10.8.{(10 + k) // 256}.{(10 + k) % 256}" if shared
+                  else f"10.{i // 256}.{i % 256}.{10 + k % per}")
             reg.create_instance({"name": f"vm{k}", "network_id": nid,
                                  "fixed_ip": ip,
                                  "metadata": {"role": "scale", "n": str(k)}})
@@ -269,6 +275,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="100,10000")
     p.add_argument("--per-router", type=int, default=10)
+    p.add_argument("--shape", default="routers", choices=("routers", "shared"),
+                   help="routers: --per-router instances per router's /24; shared: every "
+                        "instance on one /16")
     p.add_argument("--creates", type=int, default=100)
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--rounds", type=int, default=3)
