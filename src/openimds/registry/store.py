@@ -339,6 +339,8 @@ class AckHold:
 
 # Per request; asyncio.to_thread copies the context, so the worker thread fills the same one.
 ACK_HOLD: ContextVar[AckHold | None] = ContextVar("openimds_ack_hold", default=None)
+# The connection of the rehearsal the calling thread runs (`Store.rehearsal`), if any.
+_REHEARSAL: ContextVar[Connection | None] = ContextVar("openimds_rehearsal", default=None)
 
 
 class _Checkpointer:
@@ -480,6 +482,10 @@ class Store:
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
         """A read transaction (a consistent snapshot on PostgreSQL REPEATABLE READ)."""
+        rehearsal = _REHEARSAL.get()
+        if rehearsal is not None:
+            yield rehearsal
+            return
         opts: dict[str, Any] = {}
         if self.backend == "postgresql":
             opts["isolation_level"] = "REPEATABLE READ"
@@ -489,10 +495,39 @@ class Store:
     @contextlib.contextmanager
     def quiet_write(self) -> Iterator[Connection]:
         """A write transaction that bumps no revision and records no change (heartbeats)."""
+        with self._writer() as (conn, rehearsed), (
+                conn.begin_nested() if rehearsed else conn.begin()):
+            yield conn
+
+    @contextlib.contextmanager
+    def _writer(self) -> Iterator[tuple[Connection, bool]]:
+        """A write's connection under the write lock, and whether it is a rehearsal's (the
+        lock is then already held and the write is a savepoint of the rehearsal)."""
+        rehearsal = _REHEARSAL.get()
+        if rehearsal is not None:
+            yield rehearsal, True
+            return
         with self._write_lock, self.engine.connect().execution_options(
             openimds_write=True
-        ) as conn, conn.begin():
-            yield conn
+        ) as conn:
+            yield conn, False
+
+    @contextlib.contextmanager
+    def rehearsal(self) -> Iterator[None]:
+        """Run reads and writes for real, then undo them all: inside, every `read()` and
+        `write()` of the calling thread runs in one write transaction (each write a
+        savepoint of it) that is rolled back at the end, so nothing is committed, audited
+        or fed. The registry rehearses its hot paths at start-up (`Registry.warm_up`)."""
+        with self._write_lock, self.engine.connect().execution_options(
+            openimds_write=True
+        ) as conn:
+            trans = conn.begin()
+            token = _REHEARSAL.set(conn)
+            try:
+                yield
+            finally:
+                _REHEARSAL.reset(token)
+                trans.rollback()
 
     @contextlib.contextmanager
     def write(self, *, allow_empty: bool = False, ec2_id: bool = False) -> Iterator[Tx]:
@@ -500,11 +535,9 @@ class Store:
         allow_empty: a transaction that recorded no change is rolled back quietly (the
         scheduler re-checks inside the transaction and may find nothing left to do).
         ec2_id: also take the next EC2 ID (`tx.ec2_id`) in the same statement."""
-        with self._write_lock, self.engine.connect().execution_options(
-            openimds_write=True
-        ) as conn:
+        with self._writer() as (conn, rehearsed):
             try:
-                with conn.begin() as trans:
+                with (conn.begin_nested() if rehearsed else conn.begin()) as trans:
                     rev = conn.execute(_BUMP_WITH_EC2 if ec2_id else _BUMP).one()
                     tx = Tx(conn, int(rev[0]), ec2_id=int(rev[2]) if ec2_id else 0,
                             reuse_window_s=self.reuse_window_s)
@@ -527,6 +560,8 @@ class Store:
                         self.before_commit(tx)
             except IntegrityError as exc:
                 raise Conflict(_integrity_reason(exc)) from None
+            if rehearsed:
+                return
             if self.checkpointer is not None:
                 self.checkpointer.wrote()
         hold = ACK_HOLD.get()

@@ -1,0 +1,99 @@
+"""Start-up warm-up: `Store.rehearsal` undoes everything done inside it, and
+`Registry.warm_up` leaves the first real create nothing to compile. Real SQLite/PostgreSQL."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine.interfaces import CacheStats
+
+from openimds.registry.service import Registry
+from openimds.registry.store import Store, changes, instances, networks, retired_instances
+from tests.support import postgres_database
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    with contextlib.ExitStack() as stack:
+        url = (stack.enter_context(postgres_database()) if request.param == "postgres"
+               else f"sqlite:///{tmp_path / 'registry.sqlite'}")
+        store = Store(url)
+        store.create_schema()
+        stack.callback(store.dispose)
+        yield store
+
+
+def _counts(store: Store) -> dict[str, int]:
+    with store.read() as conn:
+        return {t.name: int(conn.execute(sa.select(sa.func.count()).select_from(t))
+                            .scalar_one())
+                for t in (networks, instances, changes, retired_instances)}
+
+
+def test_a_rehearsal_sees_its_own_writes_and_commits_none(store: Store) -> None:
+    reg = Registry(store)
+    net = reg.create_network({"name": "kept"})
+    rev, before = int(reg.health()["revision"]), _counts(store)
+    with store.rehearsal():
+        gone = reg.create_network({"name": "rehearsed"})
+        reg.create_subnet({"name": "s", "network_id": gone["id"], "cidr": "10.0.0.0/24"})
+        iid = reg.create_instance({"name": "vm", "network_id": gone["id"]})["id"]
+        assert reg.get_instance(iid)["name"] == "vm"  # reads inside see the writes
+        assert int(reg.health()["revision"]) > rev
+        reg.delete_instance(iid)
+    assert int(reg.health()["revision"]) == rev
+    assert _counts(store) == before
+    assert reg.changes(rev)["changes"] == []
+    assert [n["name"] for n in reg.list_networks({})["networks"]] == ["kept"]
+    # the store writes normally afterwards, with the next revision
+    reg.create_subnet({"name": "s", "network_id": net["id"], "cidr": "10.0.0.0/24"})
+    vm = reg.create_instance({"name": "after", "network_id": net["id"]})
+    assert [c["id"] for c in reg.changes(rev)["changes"]
+            if c["kind"] == "instance"] == [vm["id"]]
+
+
+def test_a_failed_write_inside_a_rehearsal_undoes_only_itself(store: Store) -> None:
+    reg = Registry(store)
+    with store.rehearsal():
+        net = reg.create_network({"name": "n"})
+        with pytest.raises(Exception, match="not found"):
+            reg.create_instance({"name": "vm", "network_id": "no-such-network"})
+        assert reg.get_network(net["id"])["name"] == "n"  # the savepoint, not the rehearsal
+    assert reg.list_networks({})["networks"] == []
+
+
+def test_after_warm_up_a_create_compiles_no_statement(store: Store) -> None:
+    reg = Registry(store)
+    net = reg.create_network({"name": "n"})
+    reg.create_subnet({"name": "s", "network_id": net["id"], "cidr": "10.0.0.0/24"})
+    router = reg.create_router({"name": "r"})
+    reg.add_interface(router["id"], {"subnet_id": reg.get_network(net["id"])["subnets"][0]})
+    rev, before = int(reg.health()["revision"]), _counts(store)
+    # a fresh store on the same database: an empty statement cache, as at start-up
+    fresh = Store(str(store.url.render_as_string(hide_password=False)))
+    try:
+        cold = Registry(fresh)
+        cold.warm_up()
+        assert int(cold.health()["revision"]) == rev and _counts(fresh) == before
+        misses: list[str] = []
+
+        @event.listens_for(fresh.engine, "after_cursor_execute")
+        def _seen(conn: Any, cursor: Any, statement: str, params: Any, context: Any,
+                  executemany: bool) -> None:
+            if context.cache_hit is CacheStats.CACHE_MISS:
+                misses.append(statement.split("\n")[0])
+
+        iid = cold.create_instance({"name": "vm", "network_id": net["id"]})["id"]
+        cold.changes(rev)
+        cold.view(iid)
+        cold.delete_instance(iid)
+        assert misses == []
+    finally:
+        fresh.dispose()
+
