@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine.interfaces import CacheStats
 
+from openimds.registry.app import settle_heap
 from openimds.registry.service import Registry
 from openimds.registry.store import Store, changes, instances, networks, retired_instances
 from tests.support import postgres_database
@@ -97,3 +99,11 @@ def test_after_warm_up_a_create_compiles_no_statement(store: Store) -> None:
     finally:
         fresh.dispose()
 
+
+def test_settle_heap_freezes_what_start_up_made() -> None:
+    made = [[i] for i in range(1000)]  # objects the collector tracks
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() >= len(made)
+    finally:
+        gc.unfreeze()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import json
 import logging
@@ -324,10 +325,12 @@ def _routes(reg: Registry) -> list[web.RouteDef]:
     ]
 
 
-async def _reap(registry: Registry, notifier: Notifier, settings: Settings) -> None:
+async def _reap(registry: Registry, notifier: Notifier, settings: Settings,
+                ticked: asyncio.Event) -> None:
     """The registry's own heartbeat (its node shows as a controller), then, a few times per
     agent_down_time: declare silent agents dead and move their work (`Registry.reconcile`).
-    Every registry process sharing a database runs this; the store serializes them."""
+    Every registry process sharing a database runs this; the store serializes them. Sets
+    `ticked` after the first round."""
     tick_s = min(1.0, settings.agent_down_time / 5)
     report_s = settings.AGENT.report_interval
     last_report = 0.0
@@ -342,7 +345,16 @@ async def _reap(registry: Registry, notifier: Notifier, settings: Settings) -> N
                 notifier.notify()
         except Exception:  # the database may be briefly away; keep trying
             log.exception("registry.reconcile_failed")
+        ticked.set()
         await asyncio.sleep(tick_s)
+
+
+def settle_heap() -> None:
+    """Everything made by start-up lives as long as the process: keep it out of the cyclic
+    collector's way. Unfrozen, each full collection walked those ~55,000 objects too and
+    paused every request ~20 ms (docs/benchmarks.md, "Create p99")."""
+    gc.collect()
+    gc.freeze()
 
 
 def make_app(registry: Registry, *, admin_token: str, reader_token: str = "") -> web.Application:
@@ -372,6 +384,10 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) 
                         reuse_hold=reg_settings.reuse_hold,
                         policy=Policy(down_time_s=settings.agent_down_time,
                                       dhcp_per_network=settings.dhcp_agents_per_network))
+    try:
+        await asyncio.to_thread(registry.warm_up)
+    except Exception:  # a cold first request is slower, not wrong: serve anyway
+        log.exception("registry.warm_up_failed")
     app = make_app(registry, admin_token=reg_settings.admin_token,
                    reader_token=reg_settings.reader_token)
     metrics = ServiceMetrics("registry")
@@ -386,25 +402,30 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    notifier = app[NOTIFIER]
+    ticked = asyncio.Event()
+    background = [asyncio.create_task(_reap(registry, notifier, settings, ticked))]
     try:
-        await site.start()
+        # The reaper's first round (a write: this node's heartbeat) before the first request,
+        # which would otherwise wait for it and its first-use statement compiles.
+        await ticked.wait()
         metrics_server = await start_metrics_server(settings, metrics)
+        settle_heap()
+        await site.start()
         backend = store.backend
         log.info("registry.start url=%s backend=%s", reg_settings.effective_url, backend)
         if ready is not None:
             ready()
-        notifier = app[NOTIFIER]
-        background = [asyncio.create_task(_reap(registry, notifier, settings))]
         if backend == "postgresql":
             notifier.listener = Listener(store.url, notifier.notify)
             background.append(asyncio.create_task(notifier.listener.run()))
         await stop.wait()
         log.info("registry.stop")
+    finally:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        app[NOTIFIER].close()
-    finally:
+        notifier.close()
         if metrics_server is not None:
             metrics_server.close()
         await runner.cleanup()
