@@ -29,6 +29,11 @@ what the create figures below measure). At each size, in this order:
 `--registry-only` stops after step 2 (the create and feed figures alone, in a minute).
 `--shape shared` puts every instance on one network with one /16 subnet behind one router
 instead (a provider network: what a create's free-IP pick faces with 10,000 ports).
+`--creates` above one /24's free addresses spreads them over the last networks (200 each).
+`--trace-registry` loads bench/registry_trace/ into the registry process and reports, for
+the creates' window, its cyclic-GC collections (generation 2: count, longest pause) and the
+statements SQLAlchemy compiled (cache misses), and which of the slowest 1 % of creates
+overlapped one.
 
 Printed: CPU per request at the last size / at the first (target within 10 %), memory per
 instance (RSS difference between the sizes / instance difference; targets agent <= 4 KiB,
@@ -96,6 +101,29 @@ def request(router_id: str, ip: str, path: str) -> bytes:
             "\r\n").encode()
 
 
+def registry_trace(path: Path, spans: list[tuple[float, float]],
+                   slow: list[int]) -> dict[str, Any]:
+    """What bench/registry_trace/ recorded between the first create's start and the last
+    one's end, and which of the `slow` creates overlapped a collection or a compile."""
+    t0, t1 = spans[0][0], spans[-1][1]
+    events = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        at, kind, ms = line.split()[:3]
+        if t0 <= float(at) <= t1 + 0.01:
+            events.append((float(at) - float(ms) / 1000, float(at), kind, float(ms)))
+    gc2 = [e[3] for e in events if e[2] == "gc2"]
+    compiles = [e[3] for e in events if e[2] == "compile"]
+
+    def during(i: int) -> list[str]:
+        a, b = spans[i]
+        return sorted({e[2] for e in events if e[0] <= b and e[1] >= a})
+
+    return {"gc2": len(gc2), "gc2_max_ms": max(gc2, default=0.0),
+            "gc1": sum(e[2] == "gc1" for e in events),
+            "compiles": len(compiles), "compile_ms": round(sum(compiles), 2),
+            "slowest_overlapped": {str(i): during(i) for i in sorted(slow)}}
+
+
 class Scale:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -112,6 +140,7 @@ class Scale:
         self.services: list[Service] = []
         self.vms: list[tuple[str, str]] = []  # (router id, ip)
         self.routers: list[tuple[str, str]] = []  # (router id, network id)
+        self.trace = self.tmp / "registry-trace.log"
 
     # -- registry ------------------------------------------------------------------------
     def seed(self, total: int) -> float:
@@ -151,6 +180,10 @@ class Scale:
 
     def start(self, name: str, *args: str, ready: Any) -> Service:
         svc = openimds_service(name, self.config, *args, log_dir=self.tmp)
+        if name == "registry" and self.args.trace_registry:
+            path = [str(REPO / "bench" / "registry_trace"), svc.env.get("PYTHONPATH", "")]
+            svc.env.update(PYTHONPATH=os.pathsep.join(p for p in path if p),
+                           BENCH_REGISTRY_TRACE=str(self.trace))
         self.services.append(svc)
         return svc.start().wait_until(ready, timeout=60)
 
@@ -163,17 +196,25 @@ class Scale:
 
         from openimds.registry.client import RegistryClient
 
-        out: dict[str, float] = {}
+        out: dict[str, Any] = {}
         with RegistryClient(self.url, self.token) as admin:
-            rid, nid = self.routers[-1]
-            made, ms = [], []
+            made, ms, spans = [], [], []
+            self.trace.unlink(missing_ok=True)  # this registry's lines only
             cpu0 = cpu_s(pid)
             for i in range(self.args.creates):
-                t0 = time.perf_counter()
+                # 200 per network: a /24 has ~240 free addresses
+                nid = self.routers[-1 - (i // 200) % len(self.routers)][1]
+                w0, t0 = time.time(), time.perf_counter()
                 made.append(admin.create_instance(f"probe{i}", nid)["id"])
                 ms.append((time.perf_counter() - t0) * 1000)
+                spans.append((w0, time.time()))
             out["create_cpu_ms"] = (cpu_s(pid) - cpu0) / self.args.creates * 1000
             out["create_p50_ms"], out["create_p99_ms"] = pct(ms, 0.5), pct(ms, 0.99)
+            slow = sorted(range(len(ms)), key=ms.__getitem__)[-max(1, len(ms) // 100):]
+            out["create_first_ms"], out["create_max_ms"] = ms[0], max(ms)
+            out["create_slowest"] = [(i, round(ms[i], 2)) for i in sorted(slow)]
+            if self.args.trace_registry:
+                out["trace"] = registry_trace(self.trace, spans, slow)
             out.update(fsync_reference(str(self.tmp / "state")))
             head = int(admin.health()["revision"])
             ms = []
@@ -285,6 +326,9 @@ def main() -> int:
                    help="[registry] sqlite_synchronous of the registry under test")
     p.add_argument("--registry-only", action="store_true",
                    help="only the create and feed figures (steps 1-2)")
+    p.add_argument("--trace-registry", action="store_true",
+                   help="report the registry's GC pauses and statement compiles during "
+                        "the creates")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     enter_private_netns()
@@ -315,6 +359,10 @@ def main() -> int:
               f"{r['feed_wake_p50_ms']:.1f} / {r['feed_wake_p99_ms']:.1f} |")
     print(f"registry CPU per create at {last['instances']:,} / at {first['instances']:,} = "
           f"{last['create_cpu_ms'] / first['create_cpu_ms']:.2f}")
+    for r in rows:
+        print(f"at {r['instances']:,}: {a.creates} creates, the first {r['create_first_ms']:.1f}"
+              f" ms, the slowest {r['create_max_ms']:.1f} ms; slowest 1 % (index, ms): "
+              f"{r['create_slowest']}" + (f"; trace {r['trace']}" if "trace" in r else ""))
     if a.registry_only:
         print(f"load average {os.getloadavg()}")
         if a.json:
