@@ -199,7 +199,6 @@ class Scale:
         out: dict[str, Any] = {}
         with RegistryClient(self.url, self.token) as admin:
             made, ms, spans = [], [], []
-            self.trace.unlink(missing_ok=True)  # this registry's lines only
             cpu0 = cpu_s(pid)
             for i in range(self.args.creates):
                 # 200 per network: a /24 has ~240 free addresses
