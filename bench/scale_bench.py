@@ -191,7 +191,7 @@ class Scale:
         svc.stop()
         self.services.remove(svc)
 
-    def registry_timings(self, pid: int) -> dict[str, float]:
+    def registry_timings(self, pid: int) -> dict[str, Any]:
         from registry_bench import fsync_reference
 
         from openimds.registry.client import RegistryClient
