@@ -9,8 +9,8 @@ Rules (Neutron's):
 - a fixed IP must lie inside the CIDR and must not be the network address or the
   IPv4 broadcast address; it may lie outside the pools.
 
-Nothing here does I/O: free-IP search gets the used set, MAC generation gets the random
-source. Every error is a `BadRequest` naming the field and the value.
+Nothing here does I/O: free-IP search gets the used set (the registry picks from each
+subnet's availability ranges, core/ipranges.py), MAC generation gets the random source. Every error is a `BadRequest` naming the field and the value.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ __all__ = [
     "eui64_address",
     "first_free",
     "first_free_of",
-    "pick_free",
     "generate_mac",
     "is_valid_mac",
     "link_local_address",
@@ -253,18 +252,6 @@ def first_free_of(pools: Sequence[Pool], used: Iterable[str]) -> IPAddress | Non
         if cand <= end:
             return type(pool.start)(cand)
     return None
-
-
-def pick_free(pools: Sequence[Pool], used: Collection[str],
-              quarantined: Collection[str] = ()) -> IPAddress | None:
-    """The lowest free address not quarantined (released moments ago: its reuse would be
-    held, registry/reuse.py); a quarantined one only when no other is free. Addresses as
-    the registry stores them (``str``), like `first_free_of`."""
-    if quarantined:
-        ip = first_free_of(pools, [*used, *quarantined])
-        if ip is not None:
-            return ip
-    return first_free_of(pools, used)
 
 
 def generate_mac(randbytes: Callable[[int], bytes]) -> str:

@@ -26,8 +26,8 @@ The contract (docs/architecture.md, "IP reuse"):
 
 Releases are recorded per address and per router (`store.releases`), so reuse elsewhere
 never waits; rows older than the window are pruned by the next release. Automatic
-allocation skips the addresses still in the window while another is free (`quarantined`,
-registry/allocation.py), so only a requested fixed IP or an exhausted pool waits.
+allocation skips the addresses still in the window while another is free (it reads these
+rows, registry/ipalloc.py), so only a requested fixed IP or an exhausted pool waits.
 """
 
 from __future__ import annotations
@@ -86,20 +86,6 @@ _PRUNE = {
 }
 _RECORD = {dialect: releases.insert().values(key=sa.bindparam("key"), at=now)
            for dialect, now in _NOW.items()}
-# the network's addresses released within the window, by the database's clock, as one
-# comma-joined text (a network churning VMs has hundreds: one row instead of one per key).
-# SQLite: keys from "n:<network>:" up to "n:<network>;" (";" follows ":" bytewise), a range
-# of the key's index (its LIKE ignores case, so a LIKE prefix read every network's releases
-# by `at`); PostgreSQL: LIKE (its text order follows the locale, where punctuation may not
-# sort).
-_RECENT = {
-    "postgresql": sa.select(sa.func.string_agg(releases.c.key, ",")).where(
-        releases.c.key.startswith(sa.bindparam("prefix")),
-        releases.c.at > _NOW["postgresql"] - sa.bindparam("window")),
-    "sqlite": sa.select(sa.func.group_concat(releases.c.key, ",")).where(
-        releases.c.key > sa.bindparam("prefix"), releases.c.key < sa.bindparam("past"),
-        releases.c.at > _NOW["sqlite"] - sa.bindparam("window")),
-}
 
 
 def _dialect(conn: Connection) -> str:
@@ -137,14 +123,6 @@ class ReuseHold:
     @property
     def window_s(self) -> float:
         return self.hold_s + SLACK_S
-
-    def quarantined(self, conn: Connection, network_id: str) -> list[str]:
-        """The network's addresses whose reuse would be held now (one statement)."""
-        prefix = f"n:{network_id}:"
-        joined = conn.execute(_RECENT[_dialect(conn)], {
-            "prefix": prefix, "past": prefix[:-1] + ";", "window": self.window_s}).scalar()
-        # keys are "n:<network>:<address>": no comma, and the prefix only at their start
-        return joined.replace(prefix, "").split(",") if joined else []
 
     def __call__(self, tx: Tx) -> None:
         """`Store.before_commit`: record this write's releases, and set `tx.hold_s` if it
