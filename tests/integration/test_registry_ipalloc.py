@@ -20,6 +20,8 @@ from openimds.errors import Conflict
 from openimds.registry import dhcp_ports, ipalloc
 from openimds.registry.service import Registry
 from openimds.registry.store import (
+    ACK_HOLD,
+    AckHold,
     Store,
     ip_alloc,
     ip_ranges,
@@ -143,6 +145,28 @@ def test_a_dhcp_port_avoids_a_just_released_address(reg: Registry) -> None:
         subs = list(tx.conn.execute(sa.select(subnets).where(subnets.c.id == sub["id"])))
         port = dhcp_ports.create(tx, row, subs, "dhcp-test")
     assert port is not None and ip_of(port) == "10.3.0.4"
+    assert state_problems(reg, sub) == []
+
+
+def test_past_the_lookahead_a_full_range_still_finds_a_released_address_out_of_quarantine(
+        reg: Registry) -> None:
+    n = ipalloc.RELEASED_LOOKAHEAD + 10
+    last = ipaddress.ip_address("10.9.0.1") + n + 1
+    net, sub = network(reg, "10.9.0.0/24",
+                       allocation_pools=[{"start": "10.9.0.2", "end": str(last)}])
+    made = [reg.create_port({"network_id": net["id"]}) for _ in range(n + 1)]
+    assert ip_of(made[-1]) == str(last)  # the range is used up
+    reg.delete_port(made[-1]["id"])
+    age_releases(reg, reg.reuse.window_s + 0.5)  # the highest is out of quarantine
+    for port in made[:n]:  # more than the lookahead, all below it, all quarantined
+        reg.delete_port(port["id"])
+    hold = AckHold()
+    token = ACK_HOLD.set(hold)
+    try:
+        got = reg.create_port({"network_id": net["id"]})
+    finally:
+        ACK_HOLD.reset(token)
+    assert ip_of(got) == str(last) and hold.seconds == 0  # not a held reuse
     assert state_problems(reg, sub) == []
 
 

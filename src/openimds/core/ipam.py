@@ -10,7 +10,8 @@ Rules (Neutron's):
   IPv4 broadcast address; it may lie outside the pools.
 
 Nothing here does I/O: free-IP search gets the used set (the registry picks from each
-subnet's availability ranges, core/ipranges.py), MAC generation gets the random source. Every error is a `BadRequest` naming the field and the value.
+subnet's availability ranges, core/ipranges.py), MAC generation gets the random source.
+Every error is a `BadRequest` naming the field and the value.
 """
 
 from __future__ import annotations
