@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -142,6 +143,13 @@ def _tracked(subnet: Row[Any] | Any) -> bool:
     return not (subnet.ip_version == 6 and subnet.ipv6_address_mode in ipam.AUTO_ADDRESS_MODES)
 
 
+def _int(text: str) -> int:
+    """An address as stored (``str`` of an address) as its integer: inet_pton is several
+    times cheaper than an ``ipaddress`` object (a build parses every port's address)."""
+    family = socket.AF_INET6 if ":" in text else socket.AF_INET
+    return int.from_bytes(socket.inet_pton(family, text), "big")
+
+
 def _address(n: int, version: int) -> ipam.IPAddress:
     return ipaddress.IPv4Address(n) if version == 4 else ipaddress.IPv6Address(n)
 
@@ -247,7 +255,7 @@ def release(tx: Tx, given_back: Iterable[tuple[Row[Any] | Any, str]]) -> None:
     for subnet, text in given_back:
         if not _tracked(subnet):
             continue
-        n = int(ipaddress.ip_address(text))
+        n = _int(text)
         if ipranges.in_spans(_pool_spans(subnet), n):
             rows.append({"sid": subnet.id, "k": _key(n, int(subnet.ip_version)), "ip": text})
     if rows:
@@ -260,10 +268,9 @@ def build(tx: Tx, subnet: Row[Any] | Any) -> None:
     so the quarantine keeps them aside."""
     conn = tx.conn
     version = int(subnet.ip_version)
-    used = [int(ipaddress.ip_address(t))
-            for t in conn.execute(_SUBNET_IPS, {"sid": subnet.id}).scalars()]
+    used = [_int(t) for t in conn.execute(_SUBNET_IPS, {"sid": subnet.id}).scalars()]
     if subnet.gateway_ip:
-        used.append(int(ipaddress.ip_address(subnet.gateway_ip)))
+        used.append(_int(subnet.gateway_ip))
     free = ipranges.free_spans(_pool_spans(subnet), used)
     prefix = f"n:{subnet.network_id}:"
     recent = []
@@ -311,10 +318,9 @@ def problems(conn: Connection, subnet: Row[Any] | Any) -> list[str] | None:
     if conn.execute(_BUILT, {"sid": subnet.id}).first() is None:
         return None
     version = int(subnet.ip_version)
-    used = [int(ipaddress.ip_address(t))
-            for t in conn.execute(_SUBNET_IPS, {"sid": subnet.id}).scalars()]
+    used = [_int(t) for t in conn.execute(_SUBNET_IPS, {"sid": subnet.id}).scalars()]
     if subnet.gateway_ip:
-        used.append(int(ipaddress.ip_address(subnet.gateway_ip)))
+        used.append(_int(subnet.gateway_ip))
     truth = _merged(ipranges.free_spans(_pool_spans(subnet), used))
     spans = [(ipranges.int_of(bytes(a)), ipranges.int_of(bytes(b)))
              for a, b in conn.execute(_ALL_RANGES, {"sid": subnet.id})]
