@@ -95,11 +95,15 @@ def count(reg: Registry, table: sa.Table) -> int:
 
 def test_sequential_picks_on_a_16_read_a_range_not_the_ports(reg: Registry) -> None:
     net, sub = network(reg, "10.20.0.0/16")
+    router = reg.create_router({"name": "r"})
+    reg.add_interface(router["id"], {"subnet_id": sub["id"]})  # the gateway, outside the pool
     got = [instance_ip(reg, net) for _ in range(300)]
     want = [str(ipaddress.ip_address("10.20.0.2") + i) for i in range(300)]
     assert got == want
     assert state_problems(reg, sub) == []
     assert count(reg, ip_ranges) == 1  # one span left: 10.20.1.46-10.20.255.254
+    reg.remove_interface(router["id"], {"subnet_id": sub["id"]})
+    assert state_problems(reg, sub) == [] and count(reg, ip_released) == 0
 
 
 def test_an_asked_for_address_then_automatic_ones(reg: Registry) -> None:
