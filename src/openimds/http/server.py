@@ -46,6 +46,7 @@ __all__ = [
     "bind_tcp",
     "bind_unix",
     "error_response",
+    "parse_one",
     "serve",
 ]
 
@@ -687,6 +688,32 @@ class HttpProtocol(asyncio.Protocol):
             # An idle keep-alive connection (or one that never sent a byte) just closes:
             # an unprompted 408 would be read as the answer to the client's next request.
             self._close()
+
+
+def parse_one(
+    data: bytes, limits: Limits, loop: asyncio.AbstractEventLoop,
+) -> Request | None:
+    """The request `data` holds, exactly as `HttpProtocol` parses it as the first read of a
+    new connection; None unless `data` is one complete request and nothing else (partial,
+    pipelined, malformed, over a limit, an upgrade, or one it would answer `100 Continue`).
+
+    For a hop that keeps what it made of a first read, keyed by its bytes: identical bytes
+    parse identically, so this is the parse every later copy would get. `Request.peer` is
+    None (the caller knows the peer)."""
+    got: list[Request] = []
+
+    def record(req: Request) -> Deferred:
+        got.append(req)
+        return Deferred()  # never resolved: a second request would stay queued
+
+    proto = HttpProtocol(record, limits, loop)
+    try:
+        proto.data_received(data)
+        one = (len(got) == 1 and not proto._queue and not proto._in_request
+               and proto._failure is None and got[0].header(b"expect") is None)
+    finally:
+        proto.connection_lost(None)  # off the timer wheel; the parser cycle broken
+    return got[0] if one else None
 
 
 def bind_tcp(

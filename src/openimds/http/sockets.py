@@ -58,11 +58,15 @@ class SocketTransport:
         self._more = 0  # send flags: MSG_MORE once corked
         self._buffer: bytearray | None = None  # bytes the socket did not take yet
 
-    def start(self) -> None:
-        """connection_made, then the first read right away: no wait for the loop."""
+    def start(self, data: bytes | None = None) -> None:
+        """connection_made, then the first read right away (or `data`, what the acceptor
+        read already; b"" is an EOF): no wait for the loop."""
         self._protocol.connection_made(self)  # type: ignore[arg-type]
         if not self._closing:
-            self._on_readable()
+            if data is None:
+                self._on_readable()
+            else:
+                self._received(data)
             if not (self._closing or self._paused or self._reading):
                 self._reading = True
                 self._loop.add_reader(self._fd, self._on_readable)
@@ -147,6 +151,9 @@ class SocketTransport:
                 self._loop.remove_reader(self._fd)
             self._finalize(exc)
             return
+        self._received(data)
+
+    def _received(self, data: bytes) -> None:
         try:
             if data:
                 self._data_received(data)
@@ -215,7 +222,7 @@ class Acceptor:
         lsock = self._sock
         if lsock is None:
             return
-        loop, factory, family = self._loop, self._factory, self._family
+        loop, family, serve = self._loop, self._family, self.serve
         for _ in range(_ACCEPT_BATCH):
             try:
                 # socket.accept() without its wrapper, which converts family and type to
@@ -232,14 +239,18 @@ class Acceptor:
                 else:
                     log.warning("http.accept_failed error=%s", exc)
                 return
-            sock = socket.socket(family, _STREAM, 0, fd)
-            sock.setblocking(False)
-            transport = SocketTransport(loop, sock, peer, factory())
-            try:
-                transport.start()
-            except Exception:
-                log.exception("http.connection_failed peer=%s", peer)
-                transport.abort()
+            serve(socket.socket(family, _STREAM, 0, fd), peer)
+
+    def serve(self, sock: socket.socket, peer: Any, data: bytes | None = None) -> None:
+        """One accepted connection (`sock` still blocking): made non-blocking and served by
+        a new protocol. `data`: its first bytes, if a subclass read them already."""
+        sock.setblocking(False)
+        transport = SocketTransport(self._loop, sock, peer, self._factory())
+        try:
+            transport.start(data)
+        except Exception:
+            log.exception("http.connection_failed peer=%s", peer)
+            transport.abort()
 
     def _resume(self) -> None:
         if self._sock is not None:

@@ -44,6 +44,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
+from typing import Any
 
 from openimds.config import Settings
 from openimds.core.proxy_limits import Limited429, parse_limited_429
@@ -79,7 +80,9 @@ from openimds.http.server import (
     Request,
     Response,
     error_response,
+    parse_one,
 )
+from openimds.http.server import _closing as closing_answer
 from openimds.http.sockets import Acceptor, SocketTransport
 from openimds.log import access_line
 from openimds.metadata.longpoll import is_long_poll, long_poll_timeout
@@ -102,6 +105,11 @@ _IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 _MEMO_MAX = 4096  # encoded upstream requests kept (cleared when full)
 _MEMO_TARGET_MAX = 256  # longer request targets are not kept
 _RID_LINE = b"\r\n" + REQUEST_ID_HEADER + b": "
+_FIRST_MEMO_MAX = 4096  # first reads kept for the fast path (the oldest goes first)
+_FIRST_MAX = 2048  # longer first reads are not kept (they are the keys)
+_READ_SIZE = 65536
+_DONTWAIT = socket.MSG_DONTWAIT  # the fast path's socket stays blocking: no ioctl
+_MORE = getattr(socket, "MSG_MORE", 0)
 
 # One-line bodies the VM sees; the reason with paths and errno goes to our log only.
 _VM_REASONS = {
@@ -369,13 +377,32 @@ class Tarpit:
             held.cancel()
 
 
+class Route:
+    """What the forwarder keeps per listener: its spec, its sources the agent limited
+    (`LimitedSources`), its tarpitted answers per source, and the identity headers of the
+    VM that asked last."""
+
+    __slots__ = ("held", "last_added", "last_host", "limited", "scope", "spec", "tag")
+
+    def __init__(self, spec: ListenerSpec, held: dict[str, int]) -> None:
+        self.spec = spec
+        self.held = held
+        # Empty unless some VM is over its budget: then one dict lookup per request.
+        self.limited: dict[str, _Limited] = {}
+        self.last_host = ""
+        self.last_added: tuple[tuple[bytes, bytes], ...] = ()
+        self.tag = object()  # this listener in memo keys (hashed by identity, unlike spec)
+        self.scope = (f"router={spec.router_id}" if spec.router_id else
+                      f"network={spec.network_id}")
+
+
 class Forwarder:
     """Relays requests to the agent; shared by every listener."""
 
     def __init__(
         self, pool: UpstreamPool, *, token_hop_limit: int = 1, access_log: bool = False,
         long_poll: UpstreamPool | None = None,
-        count: bool = True, tarpit: Tarpit | None = None,
+        count: bool = True, tarpit: Tarpit | None = None, first_memo: int = _FIRST_MEMO_MAX,
     ) -> None:
         self.pool = pool
         self.tarpit = tarpit or Tarpit()  # default: off (delay 0)
@@ -395,30 +422,32 @@ class Forwarder:
         # request: a VM asks for the same few paths with the same headers, so they are made
         # once (rewrite + encode: ~3 µs of a proxied request). Bounded: keys are VM-chosen.
         self._encoded: dict[tuple[object, ...], tuple[bytes, bytes, bytes | None]] = {}
+        # What a connection's first read comes to, by (listener, peer address, its bytes):
+        # the fast path (`FirstRequests`). At most `first_memo` entries (0: no fast path).
+        self.first_memo = first_memo
+        self.first: dict[tuple[object, str, bytes], _Hit | None] = {}
+        self.first_hits = 0  # requests answered by the fast path
 
-    def handler_for(self, spec: ListenerSpec, held: dict[str, int] | None = None) -> Handler:
-        """The request handler of one listener; `held`: its tarpit's answers per source
-        (shared with its connection cap)."""
+    def route(self, spec: ListenerSpec, held: dict[str, int] | None = None) -> Route:
+        """One listener's state here; `held`: its tarpit's answers per source (shared with
+        its connection cap)."""
+        return Route(spec, held if held is not None else {})
+
+    def handler_for(self, spec: ListenerSpec, held: dict[str, int] | None = None,
+                    route: Route | None = None) -> Handler:
+        """The request handler of one listener (of `route`, else a new one for `spec`)."""
+        r = route if route is not None else self.route(spec, held)
         forward = self.forward
-        # Sources of this listener the agent limited (LimitedSources). Empty unless some VM
-        # is over its budget: then one dict lookup per request, for every VM of the listener.
-        limited: dict[str, _Limited] = {}
+        limited = r.limited
         refusal = self.limited.refusal
         hold = self.tarpit.hold
-        held_here: dict[str, int] = held if held is not None else {}
-        encoded = self._encoded
-        encode = self.pool.encode_request
-        last_host = ""
-        last_added: tuple[tuple[bytes, bytes], ...] = ()
-        tag = object()  # this listener in memo keys (hashed by identity, unlike the spec)
+        held_here = r.held
+        encoded_for = self.encoded_for
         hop = self.hop
-        scope = (f"router={spec.router_id}" if spec.router_id else
-                 f"network={spec.network_id}")
-
+        scope = r.scope
         count, timed = self.count, self.timed
 
         def handle(req: Request) -> AnyResponse | Deferred | Awaitable[AnyResponse]:
-            nonlocal last_host, last_added
             if count:
                 hop.begun += 1
             t0 = perf_counter() if timed else 0.0
@@ -428,24 +457,10 @@ class Forwarder:
                 if known is not None:
                     denied = refusal(limited, host, known)
                     if denied is not None:
-                        self._observe(req, 429, t0, self._new_rid(), host, scope)
+                        self._observe(req.method, req.path, 429, t0, self.new_rid(), host,
+                                      scope)
                         return hold(held_here, host, denied)
-            key = (tag, host, req.method, req.target, *req.headers) if not req.body else None
-            entry = encoded.get(key) if key is not None else None
-            if entry is None:
-                if host != last_host:  # the same VM usually asks many times in a row
-                    last_added = proxy_headers(host, spec)
-                    last_host = host
-                whole = encode(req.method, req.target,
-                               rewrite_headers(req.headers, last_added), req.body)
-                # Kept split where the request ID goes: the end of the header block.
-                cut = whole.index(b"\r\n\r\n")
-                entry = (whole[:cut], whole[cut:], guest_request_id(req.headers))
-                if key is not None and len(req.target) <= _MEMO_TARGET_MAX:
-                    if len(encoded) >= _MEMO_MAX:
-                        encoded.clear()
-                    encoded[key] = entry
-            head, tail, rid = entry
+            head, tail, rid = encoded_for(r, req, host)
             if rid is None:
                 self._id_seq += 1
                 rid = self._id_prefix + b"%x" % self._id_seq
@@ -457,7 +472,29 @@ class Forwarder:
 
         return handle
 
-    def _new_rid(self) -> bytes:
+    def encoded_for(self, r: Route, req: Request, host: str) -> tuple[bytes, bytes, bytes | None]:
+        """The agent-bound request for `req` from `host` on `r`'s listener: the head up to
+        where the request ID goes, the rest, and the guest's own request ID (or None)."""
+        key = (r.tag, host, req.method, req.target, *req.headers) if not req.body else None
+        encoded = self._encoded
+        entry = encoded.get(key) if key is not None else None
+        if entry is None:
+            if host != r.last_host:  # the same VM usually asks many times in a row
+                r.last_added = proxy_headers(host, r.spec)
+                r.last_host = host
+            whole = self.pool.encode_request(req.method, req.target,
+                                             rewrite_headers(req.headers, r.last_added),
+                                             req.body)
+            # Kept split where the request ID goes: the end of the header block.
+            cut = whole.index(b"\r\n\r\n")
+            entry = (whole[:cut], whole[cut:], guest_request_id(req.headers))
+            if key is not None and len(req.target) <= _MEMO_TARGET_MAX:
+                if len(encoded) >= _MEMO_MAX:
+                    encoded.clear()
+                encoded[key] = entry
+        return entry
+
+    def new_rid(self) -> bytes:
         self._id_seq += 1
         return self._id_prefix + b"%x" % self._id_seq
 
@@ -472,7 +509,7 @@ class Forwarder:
         head_only = req.method == "HEAD"
 
         def answer(resp: AnyResponse, status: int) -> None:
-            self._observe(req, status, t0, rid, host, scope)
+            self._observe(req.method, req.path, status, t0, rid, host, scope)
             reply.resolve(resp)
 
         def done(result: UpstreamResponse | BaseException) -> None:
@@ -490,18 +527,19 @@ class Forwarder:
         return reply
 
     def _observe(
-        self, req: Request, status: int, t0: float, rid: bytes, host: str, scope: str,
+        self, method: str, path: str, status: int, t0: float, rid: bytes, host: str,
+        scope: str,
     ) -> None:
         if not self.timed:  # [metrics] enabled = false and no access line
             return
         seconds = perf_counter() - t0
         if self.count:
-            self.hop.done(status, req.path, seconds)
+            self.hop.done(status, path, seconds)
         if self.access_log and access_line.enabled:
             access_line.write(
                 f"proxy request_id={rid.decode('latin-1')} ip={host} {scope} "
-                f"status={status} ms={seconds * 1000.0:.2f} method={req.method} "
-                f"path={req.path}")
+                f"status={status} ms={seconds * 1000.0:.2f} method={method} "
+                f"path={path}")
 
     async def _forward_held(
         self, req: Request, data: bytes, t0: float, rid: bytes, host: str, scope: str,
@@ -520,7 +558,7 @@ class Forwarder:
             status = upstream.status
             if status == 429 and limited is not None:
                 self.limited.learn(limited, host, upstream.raw, scope)
-        self._observe(req, status, t0, rid, host, scope)
+        self._observe(req.method, req.path, status, t0, rid, host, scope)
         return resp
 
     def metric_families(self) -> list[Metric]:
@@ -634,14 +672,15 @@ class _ClientProtocol(HttpProtocol):
     retransmission of the token answer is limited too.
     """
 
-    __slots__ = ("_cap", "_conns", "_hops", "_lowered", "_own", "_source")
+    __slots__ = ("_answered", "_cap", "_conns", "_hops", "_lowered", "_own", "_source")
 
     def __init__(
         self, handler: Handler, limits: Limits,
-        loop: asyncio.AbstractEventLoop, conns: set[SocketTransport],
-        cap: SourceCap | None = None, token_hop_limit: int = 1,
+        loop: asyncio.AbstractEventLoop, conns: set[Connection],
+        cap: SourceCap | None = None, token_hop_limit: int = 1, answered: bool = False,
     ) -> None:
         super().__init__(handler, limits, loop)
+        self._answered = answered  # its first request was answered by the fast path
         self._conns = conns
         self._own: SocketTransport | None = None
         self._cap = cap
@@ -671,6 +710,9 @@ class _ClientProtocol(HttpProtocol):
             else:
                 self._handler = cap.refuser(host)
                 self._arm(OVER_CAP_TIMEOUT_S)
+                return
+        if self._answered:  # idle as after an answer, not waiting for a first request
+            self._arm(self._limits.keepalive_timeout_s)
 
     def eof_received(self) -> bool | None:
         held = self._deferred
@@ -704,7 +746,7 @@ class Listener:
         self.spec = spec
         self.netns_inode = inode
         self.server: Acceptor | None = None
-        self.conns: set[SocketTransport] = set()
+        self.conns: set[Connection] = set()
         self.held: dict[str, int] = {}  # tarpitted answers per source (Tarpit)
         self.cap = (SourceCap(max_connections_per_source, self.held)
                     if max_connections_per_source is not None else None)
@@ -714,16 +756,24 @@ class Listener:
         (`http.sockets`): a VM that asks once per connection costs accept, recv, send
         and close, not an event-loop transport (docs/benchmarks.md, "Toward the limit")."""
         loop = asyncio.get_running_loop()
-        handler = forwarder.handler_for(self.spec, self.held)
+        route = forwarder.route(self.spec, self.held)
+        handler = forwarder.handler_for(self.spec, route=route)
         conns = self.conns
         cap = self.cap
         if cap is not None:
             cap.tarpit = forwarder.tarpit
         hops = forwarder.token_hop_limit
+
+        def client(answered: bool = False) -> _ClientProtocol:
+            return _ClientProtocol(handler, limits, loop, conns, cap, hops, answered)
+
         # Accepted sockets inherit it: answers are not held back by Nagle's algorithm.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.server = Acceptor(
-            loop, sock, lambda: _ClientProtocol(handler, limits, loop, conns, cap, hops))
+        if forwarder.first_memo > 0:
+            self.server = FirstRequests(loop, sock, client, forwarder, route, limits, cap,
+                                        conns)
+        else:
+            self.server = Acceptor(loop, sock, client)
 
     def close(self) -> None:
         """Stop listening and close every client connection: nothing pins the namespace."""
@@ -732,6 +782,211 @@ class Listener:
         for transport in list(self.conns):
             transport.abort()
         self.conns.clear()
+
+
+# -- the fast path: a connection's first request, kept by its bytes ------------------------
+
+class _Hit:
+    """What the slow path makes of one first read: the agent-bound request (split where the
+    request ID goes; the guest's own ID or None), and what answering it depends on."""
+
+    __slots__ = ("head", "head_only", "keep_alive", "method", "path", "rid", "tail")
+
+    def __init__(self, head: bytes, tail: bytes, rid: bytes | None, req: Request) -> None:
+        self.head = head
+        self.tail = tail
+        self.rid = rid
+        self.method = req.method
+        self.path = req.path
+        self.head_only = req.method == "HEAD"
+        self.keep_alive = req.keep_alive
+
+
+_UNSEEN = _Hit(b"", b"", None, Request("GET", "/", [], b"", "1.1", False, None))
+
+
+class FirstRequests(Acceptor):
+    """A listener's acceptor, with the proxy's fast path for a connection's first request.
+
+    A VM (cloud-init) opens a connection per request and sends the same bytes again and
+    again. When a connection's first read is exactly one complete request and nothing else,
+    everything the slow path makes of it (parse, header rewrite, the agent-bound bytes,
+    keep-alive) is a function of the listener, the peer address and those bytes. So it is
+    kept (`Forwarder.first`, keyed by exactly those three), and a later copy goes straight
+    to the agent; the answer is written to the accepted socket from the pool's callback
+    (`_Relay`): no protocol, parser, Request or transport object for it.
+
+    Only a bodyless GET or HEAD is kept (`parse_one` says it is one whole request; a long
+    poll is not). What the slow path does around the request happens here too: the hop's
+    counts, the access line, the per-source connection cap, the listener's connection set.
+    A source the proxy answers 429 for (`LimitedSources`) or one at its connection cap takes
+    the slow path, which answers it as always; so does every other first read. After a
+    keep-alive answer the connection goes on as a normal one (`_ClientProtocol`).
+    """
+
+    __slots__ = ("_cap", "_client", "_conns", "_fwd", "_limits", "_memo", "_route")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+        client: Callable[..., _ClientProtocol], forwarder: Forwarder, route: Route,
+        limits: Limits, cap: SourceCap | None, conns: set[Connection],
+    ) -> None:
+        super().__init__(loop, sock, client)
+        self._client = client
+        self._fwd = forwarder
+        self._route = route
+        self._limits = limits
+        self._cap = cap
+        self._conns = conns
+        self._memo = forwarder.first
+
+    def serve(self, sock: socket.socket, peer: Any, data: bytes | None = None) -> None:
+        try:
+            data = sock.recv(_READ_SIZE, _DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            data = None  # not there yet: the slow path waits for it
+        except OSError:
+            sock.close()  # reset before a byte came: nothing to answer
+            return
+        if (data and len(data) <= _FIRST_MAX and data.endswith(b"\r\n\r\n")
+                and data.startswith((b"GET ", b"HEAD "))):
+            try:
+                key = (self._route.tag, peer[0], data)
+                hit = self._memo.get(key, _UNSEEN)
+                if hit is _UNSEEN:
+                    hit = self._learn(key, data)
+                if hit is not None and self._relay(sock, peer, hit):
+                    return
+            except Exception:  # a bug here must not reach the loop or leak the socket
+                log.exception("proxy.fast_path_failed peer=%s", peer)
+                sock.close()
+                return
+        super().serve(sock, peer, data)
+
+    def _learn(self, key: tuple[object, str, bytes], data: bytes) -> _Hit | None:
+        """What these bytes come to on the slow path (None: not for the fast path)."""
+        req = parse_one(data, self._limits, self._loop)
+        hit = None
+        if (req is not None and req.method in ("GET", "HEAD") and not req.body
+                and not is_long_poll(req.query) and len(req.target) <= _MEMO_TARGET_MAX):
+            head, tail, rid = self._fwd.encoded_for(self._route, req, key[1])
+            hit = _Hit(head, tail, rid, req)
+        memo = self._memo
+        while len(memo) >= self._fwd.first_memo:
+            del memo[next(iter(memo))]  # the oldest first
+        memo[key] = hit
+        return hit
+
+    def _relay(self, sock: socket.socket, peer: Any, hit: _Hit) -> bool:
+        """Send a kept request to the agent; False: the slow path must answer it."""
+        host = peer[0]
+        route, fwd, cap = self._route, self._fwd, self._cap
+        if route.limited and host in route.limited:
+            return False  # the proxy's own 429 (or the agent again, once it ran out)
+        if cap is not None:
+            if cap.counts.get(host, 0) >= cap.cap:
+                return False  # refused there, through the tarpit
+            cap.take(host)
+        if fwd.count:
+            fwd.hop.begun += 1
+        t0 = perf_counter() if fwd.timed else 0.0
+        rid = hit.rid or fwd.new_rid()
+        relay = _Relay(self, sock, peer, hit, rid, t0)
+        self._conns.add(relay)
+        fwd.first_hits += 1
+        fwd.pool.send_encoded(b"".join((hit.head, _RID_LINE, rid, hit.tail)), hit.head_only,
+                              relay.done)
+        return True
+
+    def go_on(self, sock: socket.socket, peer: Any, rest: bytes, keep: bool) -> None:
+        """A connection whose first answer the fast path wrote: a normal connection from
+        here (keep-alive), or the end of an answer the socket did not take at once."""
+        sock.setblocking(False)
+        proto = self._client(True)
+        transport = SocketTransport(self._loop, sock, peer, proto)
+        if not keep:
+            transport.cork()
+        if rest:
+            transport.write(rest)
+        if keep:
+            transport.start()
+        else:
+            # in the listener's set (and the source's count) until the rest left
+            proto.connection_made(transport)  # type: ignore[arg-type]
+            transport.close()
+
+
+class _Relay:
+    """A first request the fast path sent to the agent: writes the answer as the slow path
+    would (`HttpProtocol._send`), then closes or hands the connection on."""
+
+    __slots__ = ("_acceptor", "_hit", "_peer", "_rid", "_sock", "_t0")
+
+    def __init__(self, acceptor: FirstRequests, sock: socket.socket, peer: Any, hit: _Hit,
+                 rid: bytes, t0: float) -> None:
+        self._acceptor = acceptor
+        self._sock: socket.socket | None = sock
+        self._peer = peer
+        self._hit = hit
+        self._rid = rid
+        self._t0 = t0
+
+    def done(self, result: UpstreamResponse | BaseException) -> None:
+        a, hit = self._acceptor, self._hit
+        fwd, route, host = a._fwd, a._route, self._peer[0]
+        keep = hit.keep_alive
+        if isinstance(result, UpstreamResponse):
+            status = result.status
+            if status == 429:
+                fwd.limited.learn(route.limited, host, result.raw, route.scope)
+            keep = keep and result.keep_alive
+            # framed for a keep-alive hop: when the connection closes after it, say so
+            data = result.raw if keep else closing_answer(result.raw)
+        else:
+            if isinstance(result, UpstreamError):
+                resp, status = fwd._failed(result)
+            else:
+                log.error("proxy.forward_failed error=%r", result)
+                resp, status = error_response(500, "metadata proxy error"), 500
+            data = resp.encode(keep_alive=keep, head=hit.head_only)
+        fwd._observe(hit.method, hit.path, status, self._t0, self._rid, host, route.scope)
+        sock = self._release()
+        if sock is None:
+            return  # the listener closed meanwhile
+        try:
+            # not kept: the answer leaves with the FIN (MSG_MORE, then close)
+            sent = sock.send(data, _DONTWAIT if keep else _DONTWAIT | _MORE)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:  # the VM went away
+            sock.close()
+            return
+        if keep or sent < len(data):
+            try:
+                a.go_on(sock, self._peer, data[sent:], keep)
+            except Exception:  # runs in the pool's read callback: never raise into it
+                log.exception("proxy.fast_path_failed peer=%s", self._peer)
+                sock.close()
+        else:
+            sock.close()
+
+    def _release(self) -> socket.socket | None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            a = self._acceptor
+            a._conns.discard(self)
+            if a._cap is not None:
+                a._cap.release(self._peer[0])
+        return sock
+
+    def abort(self) -> None:
+        """The listener closes: the connection goes, its answer will be dropped."""
+        sock = self._release()
+        if sock is not None:
+            sock.close()
+
+
+Connection = SocketTransport | _Relay  # what a listener's connection set holds
 
 
 def open_listening_socket(
