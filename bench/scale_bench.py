@@ -2,13 +2,14 @@
 
     sudo .venv/bin/python bench/scale_bench.py [--sizes 100,10000] [--per-router 10]
                                                [--shape routers|shared]
+                                               [--backend sqlite|postgresql]
                                                [--duration 5] [--json FILE]
 
-One real registry (sqlite, `openimds registry serve`) grows from the first size to the last:
-`--per-router` instances on each router's own /24 network (10,000 instances = 1,000 routers,
-networks and subnets). The registry is seeded in-process through the same `Registry`
-service code its REST API runs (far faster than 10,000 HTTP round trips; the REST path is
-what the create figures below measure). At each size, in this order:
+One real registry (`openimds registry serve`, SQLite or PostgreSQL) grows from the first
+size to the last: `--per-router` instances on each router's own /24 network (10,000
+instances = 1,000 routers, networks and subnets). The registry is seeded in-process
+through the same `Registry` service code its REST API runs (far faster than 10,000 HTTP
+round trips; the REST path is what the create figures below measure). At each size, in this order:
 
 1. `server create` through the REST API (`RegistryClient.create_instance`, one at a time,
    `--creates` of them): p50/p99 ms, and the registry process's CPU per create
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -69,6 +71,7 @@ from tests.support import (  # noqa: E402
     base_config,
     http_ready,
     openimds_service,
+    postgres_database,
     unix_ready,
     write_config,
 )
@@ -125,14 +128,15 @@ def registry_trace(path: Path, spans: list[tuple[float, float]],
 
 
 class Scale:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, db_url: str = "") -> None:
         self.args = args
         self.tmp = Path(tempfile.mkdtemp(prefix="scale-bench-"))
         (self.tmp / "state").mkdir()
+        self.db_url = db_url or f"sqlite:///{self.tmp / 'state' / 'registry.sqlite'}"
         self.cfg = base_config(self.tmp / "state", DEFAULT={
             "metadata_proxy_socket": str(self.tmp / "agent.sock")},
             metrics={"enabled": "false"}, api={"prewarm_concurrency": 0},
-            registry={"sqlite_synchronous": args.sqlite_synchronous})
+            registry={"sqlite_synchronous": args.sqlite_synchronous, "connection": db_url})
         self.config = write_config(self.tmp / "openimds.ini", self.cfg)
         reg = self.cfg["registry"]
         self.url = f"http://{reg['bind_host']}:{reg['bind_port']}"
@@ -149,8 +153,7 @@ class Scale:
         from openimds.registry.store import Store
 
         # normal: the seed is setup, not measured (the registry then opens it as configured)
-        store = Store(f"sqlite:///{self.tmp / 'state' / 'registry.sqlite'}",
-                      sqlite_synchronous="normal")
+        store = Store(self.db_url, sqlite_synchronous="normal")
         store.create_schema()
         reg = Registry(store)
         t0 = time.monotonic()
@@ -321,6 +324,8 @@ def main() -> int:
     p.add_argument("--creates", type=int, default=100)
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--backend", default="sqlite", choices=("sqlite", "postgresql"),
+                   help="the registry's database")
     p.add_argument("--sqlite-synchronous", default="full", choices=("full", "normal"),
                    help="[registry] sqlite_synchronous of the registry under test")
     p.add_argument("--registry-only", action="store_true",
@@ -334,9 +339,12 @@ def main() -> int:
     import uvloop
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    sc = Scale(a)
+    stack = contextlib.ExitStack()
+    # postgresql: the scripts/setup server over its Unix socket, a database of its own
+    sc = Scale(a, stack.enter_context(postgres_database()) if a.backend == "postgresql"
+               else "")
     rows: list[dict[str, Any]] = []
-    print(f"load average {os.getloadavg()}; registry sqlite_synchronous="
+    print(f"load average {os.getloadavg()}; registry {a.backend}, sqlite_synchronous="
           f"{a.sqlite_synchronous}", flush=True)
     try:
         for size in [int(s) for s in a.sizes.split(",")]:
@@ -347,6 +355,7 @@ def main() -> int:
         for svc in reversed(sc.services):
             svc.stop()
         shutil.rmtree(sc.tmp, ignore_errors=True)  # the 10,000-instance store and the logs
+        stack.close()
     first, last = rows[0], rows[-1]
     print("\n| instances | create p50 / p99 ms | registry CPU ms per create | fdatasync p50 "
           "/ p99 ms | changes p50 / p99 ms | long-poll wake p50 / p99 ms |")

@@ -351,8 +351,9 @@ async def _reap(registry: Registry, notifier: Notifier, settings: Settings,
 
 def settle_heap() -> None:
     """Everything made by start-up lives as long as the process: keep it out of the cyclic
-    collector's way. Unfrozen, each full collection walked those ~55,000 objects too and
-    paused every request ~20 ms (docs/benchmarks.md, "Create p99")."""
+    collector's way. Unfrozen, a full collection while a 10,000-port topology answer was
+    built walked ~110,000 objects and held every request 27 ms; frozen, ~58,000 and 7 ms
+    (docs/benchmarks.md, "Create p99: the first create")."""
     gc.collect()
     gc.freeze()
 

@@ -968,7 +968,7 @@ class Registry:
         """Run the hot paths once on throw-away objects, all rolled back (`Store.rehearsal`:
         nothing is committed or fed). SQLAlchemy compiles each statement on its first use:
         unwarmed, the first `server create` after start-up compiled a dozen of them and took
-        4-7 times a warm one (docs/benchmarks.md, "Create p99: the first create")."""
+        3-9 times a warm one (docs/benchmarks.md, "Create p99: the first create")."""
         name = "openimds-warm-up"
         with self.store.rehearsal():
             net = self.create_network({"name": name})
