@@ -19,6 +19,10 @@ pooled keep-alive Unix-socket connections to the agent and relay its answer verb
 Agent unreachable -> 503, no answer in time -> 504, garbled -> 502, each with a one-line body;
 the detail goes to the log, not to the VM.
 
+A connection whose first read is one whole bodyless GET/HEAD that this VM sent before on
+this listener (cloud-init: a new connection per request, the same bytes every time) is
+relayed from what was kept for those bytes, without parsing it again (`FirstRequests`).
+
 A VM over a limit costs as little as possible: after the agent's rate-limit 429 the proxy
 answers that source itself until the Retry-After ends (`LimitedSources`), and its own 429s
 (those, and the per-source connection cap's) wait in a bounded tarpit before they leave
@@ -106,7 +110,7 @@ _MEMO_MAX = 4096  # encoded upstream requests kept (cleared when full)
 _MEMO_TARGET_MAX = 256  # longer request targets are not kept
 _RID_LINE = b"\r\n" + REQUEST_ID_HEADER + b": "
 _FIRST_MEMO_MAX = 4096  # first reads kept for the fast path (the oldest goes first)
-_FIRST_MAX = 2048  # longer first reads are not kept (they are the keys)
+_FIRST_MAX = 1024  # longer first reads are not kept (they are the keys; cloud-init's ~200 B)
 _READ_SIZE = 65536
 _DONTWAIT = socket.MSG_DONTWAIT  # the fast path's socket stays blocking: no ioctl
 _MORE = getattr(socket, "MSG_MORE", 0)
@@ -894,8 +898,12 @@ class FirstRequests(Acceptor):
         relay = _Relay(self, sock, peer, hit, rid, t0)
         self._conns.add(relay)
         fwd.first_hits += 1
-        fwd.pool.send_encoded(b"".join((hit.head, _RID_LINE, rid, hit.tail)), hit.head_only,
-                              relay.done)
+        try:
+            fwd.pool.send_encoded(b"".join((hit.head, _RID_LINE, rid, hit.tail)),
+                                  hit.head_only, relay.done)
+        except BaseException:
+            relay.abort()  # out of the set, the source's count given back
+            raise
         return True
 
     def go_on(self, sock: socket.socket, peer: Any, rest: bytes, keep: bool) -> None:
