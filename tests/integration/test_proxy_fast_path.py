@@ -381,6 +381,9 @@ def test_counts_and_the_access_line_on_a_hit(
             lab.ask("fast", req)
         fwd = lab.fwd["fast"]
         assert fwd.first_hits == 3
+        families = {m.name: m for m in lab.call(fwd.metric_families)}
+        assert families["openimds_proxy_first_request_hits"].samples[0].value == 3
+        assert families["openimds_proxy_first_request_kept"].samples[0].value == 1
         assert fwd.hop.begun == 3
         assert sum(fwd.hop.codes.values()) == 3
         wait_for(lambda: len([r for r in caplog.records if "proxy request_id=" in

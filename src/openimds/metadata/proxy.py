@@ -585,6 +585,12 @@ class Forwarder:
             counter("openimds_proxy_tarpit_overflow",
                     "429 answers sent at once: tarpit full for that address or in all",
                     tp.overflow),
+            counter("openimds_proxy_first_request_hits",
+                    "Requests relayed by the fast path (a first read kept by its bytes)",
+                    self.first_hits),
+            gauge("openimds_proxy_first_request_kept",
+                  "First reads kept for the fast path (bounded; the oldest goes first)",
+                  len(self.first)),
         ]
 
     def _failed(self, exc: UpstreamError) -> tuple[Response, int]:
