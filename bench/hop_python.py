@@ -87,6 +87,12 @@ class _Client:
     def get_extra_info(self, name: str) -> Any:
         return ("10.0.0.5", 40000) if name == "peername" else None
 
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
     def pause_reading(self) -> None:
         raise AssertionError("requests queued: the hop did not answer at once")
 

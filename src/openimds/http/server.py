@@ -5,7 +5,13 @@ Rules:
   A plain value is written at once, with no task per request; an awaitable runs as a task.
 - Pipelined requests are answered strictly in order: while one awaits, later ones queue
   (reading pauses once the queue is long). The answers a read produces at once leave in
-  one write: one syscall for a pipelined batch, not one per request.
+  one write (up to MAX_PIPELINE of them): one syscall for a pipelined batch, not one per
+  request.
+- Back-pressure: once a connection's unsent answers pass `Limits.write_buffer_bytes` (the
+  transport calls `pause_writing`), its queued requests wait and reading stops until they
+  drain below a quarter of that (`resume_writing`). A client that pipelines and never reads
+  costs us that much plus one read, not every answer; one that does not take a quarter of it
+  within `write_timeout_s`, or does not take the rest after we closed, is aborted (RST).
 - Limits are enforced here, once, for every hop: header bytes (431), body bytes (413),
   time to receive a whole request (408), idle keep-alive time, malformed input (400).
   Every error answer carries a one-line reason and closes the connection.
@@ -22,6 +28,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator, Sequence
@@ -65,6 +72,11 @@ class Limits:
     max_body_bytes: int = 65536 + 4096
     request_timeout_s: float = 30.0
     keepalive_timeout_s: float = 30.0
+    # Unsent answer bytes held per connection before its requests wait (the low-water mark,
+    # where they go on, is a quarter of it), and how long it may stay above the low-water
+    # mark (or hold unsent bytes once closing) before it is aborted.
+    write_buffer_bytes: int = 65536
+    write_timeout_s: float = 30.0
 
 
 class Request:
@@ -243,6 +255,7 @@ class _ProtocolError(Exception):
         self.reason = reason
 
 
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 WHEEL_TICK_S = 0.25  # how late a connection's timeout may fire
 
 
@@ -308,7 +321,7 @@ class HttpProtocol(asyncio.Protocol):
         "_abandonable",
         "_last_keep_alive", "_last_name", "_limits", "_loop", "_parser", "_paused", "_peer",
         "_queue", "_task", "_deadline", "_slot", "_slot_end", "_wheel", "_transport", "_url",
-        "_max_header_bytes", "_out",
+        "_max_header_bytes", "_out", "_write_paused",
     )
 
     def __init__(self, handler: Handler, limits: Limits, loop: asyncio.AbstractEventLoop):
@@ -327,7 +340,8 @@ class HttpProtocol(asyncio.Protocol):
         self._body_len = 0
         self._queue: deque[Request] = deque()
         self._busy = False
-        self._paused = False
+        self._paused = False  # reading paused (queue, failure, last request, write_paused)
+        self._write_paused = False  # the transport holds more than write_buffer_bytes
         self._closing = False
         self._task: asyncio.Future[AnyResponse] | None = None
         self._deferred: Deferred | None = None
@@ -354,6 +368,10 @@ class HttpProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self._peer = peer if len(peer) == 2 else (str(peer[0]), int(peer[1]))
+        high = self._limits.write_buffer_bytes
+        # uvloop's own low-water mark is 16 bytes: a client would be let go on only once it
+        # took nearly everything, one pause per high-water mark of answers.
+        transport.set_write_buffer_limits(high, high // 4)  # type: ignore[attr-defined]
         self._arm(self._limits.request_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -407,6 +425,35 @@ class HttpProtocol(asyncio.Protocol):
             else:
                 self._fail_after_queue(400, f"malformed request: {exc}")
         self._drain_queue()
+
+    def pause_writing(self) -> None:
+        """The transport holds more than write_buffer_bytes: the client does not read its
+        answers as fast as it asks. Its requests wait (answering them would only buffer
+        more) and reading stops, so what it sends stays in the kernel's buffers."""
+        self._write_paused = True
+        transport = self._transport
+        if transport is None or self._closing:
+            return
+        if not self._paused:
+            transport.pause_reading()
+            self._paused = True
+        self._arm(self._limits.write_timeout_s)
+
+    def resume_writing(self) -> None:
+        """Drained below the low-water mark: answer what waited, then read again."""
+        self._write_paused = False
+        if self._closing or self._transport is None:
+            return
+        self._arm(self._limits.request_timeout_s if self._in_request
+                  else self._limits.keepalive_timeout_s)
+        out: list[bytes] = []
+        self._out = out
+        try:
+            self._drain_queue()
+        finally:
+            self._out = None
+            if out:
+                self._write_out(out)
 
     def eof_received(self) -> bool | None:
         """The client half-closed (`nc`, `curl` with stdin): answer what it sent, then close."""
@@ -509,7 +556,7 @@ class HttpProtocol(asyncio.Protocol):
 
     # -- dispatch -----------------------------------------------------------------------
     def _drain_queue(self) -> None:
-        while self._queue and not self._busy and not self._closing:
+        while self._queue and not self._busy and not self._closing and not self._write_paused:
             req = self._queue.popleft()
             try:
                 result = self._handler(req)
@@ -543,7 +590,7 @@ class HttpProtocol(asyncio.Protocol):
                 task.add_done_callback(functools.partial(self._finish, req))
                 return
         if self._busy or self._queue or self._closing:
-            return
+            return  # (write_paused with an empty queue: reading resumes with writing)
         if self._failure is not None:
             status, reason = self._failure
             if status:
@@ -552,7 +599,7 @@ class HttpProtocol(asyncio.Protocol):
                 self._close()
         elif self._eof:
             self._close()
-        elif self._paused and self._transport:
+        elif self._paused and self._transport and not self._write_paused:
             self._transport.resume_reading()
             self._paused = False
 
@@ -600,15 +647,20 @@ class HttpProtocol(asyncio.Protocol):
             if not keep:
                 self._cork()
             data = resp.encode(keep_alive=keep, head=req.method == "HEAD")
+        if keep and not self._queue:
+            # Before the write: a pause_writing from it arms the write timeout instead.
+            self._arm(self._limits.keepalive_timeout_s)
         out = self._out
         if out is not None:
             out.append(data)
+            if len(out) >= MAX_PIPELINE:
+                # A read of many small requests must not make answers without bound before
+                # the transport can say it holds too much (pause_writing, from this write).
+                self._write_out(out)
         else:
             transport.write(data)
         if not keep:
             self._close()
-        elif not self._queue:
-            self._arm(self._limits.keepalive_timeout_s)
 
     def _cork(self) -> None:
         """The last answer on a TCP connection leaves in one segment with our FIN (TCP_CORK
@@ -645,13 +697,33 @@ class HttpProtocol(asyncio.Protocol):
 
     def _close(self) -> None:
         self._closing = True
-        if self._slot:
-            self._wheel.discard(self, self._slot)
-            self._slot = 0
         if self._out:  # answers of this read still batched: they go before the close
             self._write_out(self._out)
-        if self._transport is not None:
-            self._transport.close()
+        transport = self._transport
+        if transport is not None and transport.get_write_buffer_size():
+            # The transport closes once the client took the rest: bounded by the write
+            # timeout (its own close would wait forever for a client that never reads).
+            self._arm(self._limits.write_timeout_s)
+        elif self._slot:
+            self._wheel.discard(self, self._slot)
+            self._slot = 0
+        if transport is not None:
+            transport.close()
+
+    def _abort(self) -> None:
+        """Close now, dropping what the client did not take; a reset, so the kernel drops
+        its copy too (a plain close leaves it trying to deliver for minutes)."""
+        self._closing = True
+        transport = self._transport
+        if transport is None:
+            return
+        log.info("http.write_timeout peer=%s unsent=%d", self._peer[0] if self._peer else "-",
+                 transport.get_write_buffer_size())
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        transport.abort()
 
     def _arm(self, seconds: float) -> None:
         # A slot of the loop's timer wheel, moved lazily: re-arming for each request only
@@ -679,6 +751,11 @@ class HttpProtocol(asyncio.Protocol):
         self._on_timeout()
 
     def _on_timeout(self) -> None:
+        if self._write_paused or self._closing:
+            # Answers the client did not take within write_timeout_s (or, closing, that it
+            # still has not taken): it is not reading, a wait would hold them forever.
+            self._abort()
+            return
         if self._busy:
             # The handler owns the time now; upstream timeouts bound it.
             return

@@ -9,8 +9,10 @@ once (it is usually there already) and registers the fd with the loop only if it
 wait for more bytes: a one-request connection costs accept, recv, send and close.
 
 `SocketTransport` has the part of asyncio's Transport API that `http.server.HttpProtocol`
-and the proxy use (write, close, abort, pause/resume_reading, get_extra_info); `cork()`
-makes the next write leave with the FIN (MSG_MORE, then close), without a setsockopt.
+and the proxy use (write, close, abort, pause/resume_reading, get_extra_info, the write
+buffer's limits and size, pause/resume_writing calls to the protocol as asyncio's flow
+control makes them); `cork()` makes the next write leave with the FIN (MSG_MORE, then
+close), without a setsockopt.
 """
 
 from __future__ import annotations
@@ -33,13 +35,16 @@ _ACCEPT_PAUSE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _ACCEPT_PAUSE_S = 1.0
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
 _STREAM = int(socket.SOCK_STREAM)
+_HIGH_WATER = 65536  # asyncio's defaults: pause_writing above, resume_writing at or below
+_LOW_WATER = _HIGH_WATER // 4
 
 
 class SocketTransport:
     """One accepted, non-blocking client socket driven by a protocol (`asyncio.Protocol`)."""
 
-    __slots__ = ("_buffer", "_closing", "_data_received", "_fd", "_loop", "_more", "_paused",
-                 "_peer", "_protocol", "_reading", "_recv", "_send", "_sock")
+    __slots__ = ("_buffer", "_closing", "_data_received", "_fd", "_high", "_loop", "_low",
+                 "_more", "_paused", "_peer", "_protocol", "_reading", "_recv", "_send",
+                 "_sock", "_write_paused")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, peer: Any,
                  protocol: asyncio.Protocol) -> None:
@@ -57,6 +62,9 @@ class SocketTransport:
         self._closing = False
         self._more = 0  # send flags: MSG_MORE once corked
         self._buffer: bytearray | None = None  # bytes the socket did not take yet
+        self._high = _HIGH_WATER
+        self._low = _LOW_WATER
+        self._write_paused = False  # the protocol was told to pause_writing
 
     def start(self, data: bytes | None = None) -> None:
         """connection_made, then the first read right away (or `data`, what the acceptor
@@ -96,6 +104,23 @@ class SocketTransport:
             self._reading = True
             self._loop.add_reader(self._fd, self._on_readable)
 
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        """As asyncio's: the protocol's pause_writing above high bytes unsent, resume_writing
+        once at or below low (default high // 4)."""
+        high = _HIGH_WATER if high is None else high
+        low = high // 4 if low is None else low
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high, self._low = high, low
+        if self._buffer and len(self._buffer) > high and not self._write_paused:
+            self._pause_protocol()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._low, self._high
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._buffer) if self._buffer else 0
+
     def cork(self) -> None:
         """The next writes are held (MSG_MORE) until close() sends them with the FIN."""
         self._more = _MSG_MORE
@@ -103,8 +128,11 @@ class SocketTransport:
     def write(self, data: bytes) -> None:
         if self._closing or self._sock is None:
             return
-        if self._buffer:
-            self._buffer += data
+        buf = self._buffer
+        if buf:
+            buf += data
+            if len(buf) > self._high and not self._write_paused:
+                self._pause_protocol()
             return
         try:
             sent = self._send(data, self._more)
@@ -114,8 +142,10 @@ class SocketTransport:
             self._finalize(exc)
             return
         if sent < len(data):
-            self._buffer = bytearray(memoryview(data)[sent:])
+            buf = self._buffer = bytearray(memoryview(data)[sent:])
             self._loop.add_writer(self._fd, self._on_writable)
+            if len(buf) > self._high and not self._write_paused:
+                self._pause_protocol()
 
     def close(self) -> None:
         """Stop reading; close once the buffered bytes are sent."""
@@ -186,6 +216,23 @@ class SocketTransport:
             self._loop.remove_writer(self._fd)
             if self._closing:
                 self._finalize(None)
+                return
+        if self._write_paused and len(buf) <= self._low and not self._closing:
+            # Last: the protocol writes again from here (the writer is settled already).
+            self._write_paused = False
+            try:
+                self._protocol.resume_writing()
+            except Exception:  # a protocol bug must not reach the loop or leak the socket
+                log.exception("http.protocol_failed fd=%d", self._fd)
+                self.abort()
+
+    def _pause_protocol(self) -> None:
+        self._write_paused = True
+        try:
+            self._protocol.pause_writing()
+        except Exception:
+            log.exception("http.protocol_failed fd=%d", self._fd)
+            self.abort()
 
     def _finalize(self, exc: Exception | None) -> None:
         sock = self._sock

@@ -141,12 +141,14 @@ def limits_from_settings(settings: Settings) -> Limits:
     """Neutron's [metadata_haproxy] timeouts applied to the client side.
 
     haproxy's `timeout http-request` bounds receiving a request and `timeout client` bounds
-    client inactivity; for a request both apply, so the shorter one wins.
+    client inactivity; for a request both apply, so the shorter one wins. A VM that does not
+    take its answers is inactive too: `timeout client` is also the write timeout.
     """
     h = settings.metadata_haproxy
     return Limits(
         request_timeout_s=min(h.timeout_http_request, h.timeout_client),
         keepalive_timeout_s=h.timeout_http_keep_alive,
+        write_timeout_s=h.timeout_client,
         max_header_bytes=settings.proxy.max_header_bytes,
         max_body_bytes=settings.proxy.max_body_bytes,
     )
