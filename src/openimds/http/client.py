@@ -13,6 +13,16 @@ Rules:
   its turn-around timer). Only a request that was never written on any connection is
   retried so: one already sent may have been acted on, and not every request is idempotent.
   Connect timeouts are not retried (an upstream too busy to accept gets no extra load).
+- With `pipeline_depth` > 1, `send()` calls made in one event-loop iteration are written
+  together: up to that many on one *idle* pooled connection, in one write, their answers
+  read back in order (`openimds.core.answer_framing` finds where each ends). A request only
+  ever waits behind requests sent in the same iteration, at most depth - 1 of them: a batch
+  goes to a connection with nothing outstanding, never behind an older, possibly slow
+  answer. A batch of one, and `request()`, take the unpipelined path. When a batch ends
+  early (the connection closed or timed out, an answer too big or one that cannot be framed,
+  e.g. chunked), the requests left unanswered are retried once, alone, on a fresh
+  connection if they are GET or HEAD; any other fails (it may have been acted on: never
+  sent twice), except that the batch's first request keeps the stale-connection rule above.
 - Failures are translated here, once: cannot connect -> UpstreamUnavailable (503),
   no answer in time -> UpstreamTimeout (504), garbled or oversized -> UpstreamProtocolError (502).
 
@@ -24,12 +34,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl as ssl_module
 from collections import deque
 from collections.abc import Callable, Iterable
 
 import httptools
 
+from openimds.core.answer_framing import NotFramed, frame_answer, header_fields
 from openimds.errors import (
     UpstreamProtocolError,
     UpstreamRefused,
@@ -37,13 +49,18 @@ from openimds.errors import (
     UpstreamUnavailable,
 )
 
-__all__ = ["CONNECT_RETRIES", "CONNECT_RETRY_DELAY_S", "ResultCallback", "UpstreamPool",
-           "UpstreamResponse"]
+__all__ = ["CONNECT_RETRIES", "CONNECT_RETRY_DELAY_S", "MAX_PIPELINE_DEPTH", "ResultCallback",
+           "UpstreamPool", "UpstreamResponse"]
+
+log = logging.getLogger(__name__)
 
 CONNECT_RETRIES = 3  # haproxy's `retries 3` in Neutron's config
 # haproxy's turn-around timer before each retry, min(timeout connect, 1 s): an upstream being
 # restarted (kill -9, respawned in ~1-2 s) costs a VM latency, not a 503 (bench/faults.py)
 CONNECT_RETRY_DELAY_S = 1.0
+# Our hops' servers queue at most 32 pipelined requests per connection before they pause
+# reading (http.server.MAX_PIPELINE): a deeper batch would only wait in the socket.
+MAX_PIPELINE_DEPTH = 32
 
 # Hop-by-hop headers never forwarded (RFC 9110 §7.6.1), plus framing we recompute.
 HOP_BY_HOP = frozenset({
@@ -86,10 +103,20 @@ class _Closed(Exception):
         self.got_bytes = got_bytes
 
 
+# Why a batch ended with requests unanswered (see `_Conn.begin_batch`).
+CLOSED, OVERSIZED, UNFRAMED = "closed", "oversized", "unframed"
+
+# Receives (connection, requests left unanswered in order, why, reason, whether any answer
+# byte had arrived); called once per batch, also when every request was answered ([], "").
+BatchEnd = Callable[["_Conn", "list[_QueuedSend]", str, str, bool], None]
+
+
 class _Conn(asyncio.Protocol):
-    __slots__ = ("_body", "_done", "_headers", "_head_only", "_max", "_parser", "_raw",
-                 "_raw_len", "_status", "closed", "deadline", "loop", "on_result", "timed_out",
-                 "timer", "timer_at", "transport", "waiter")
+    __slots__ = ("_batch", "_body", "_buf", "_done", "_got", "_headers", "_head_only", "_max",
+                 "_parser", "_raw", "_raw_len", "_status", "closed", "deadline", "loop",
+                 "on_batch_end", "on_result", "timed_out", "timer", "timer_at", "transport",
+                 "waiter")
+    keep_fields = True  # pipelined answers: fill headers and body, as the parser does
 
     def __init__(self, max_response_bytes: int) -> None:
         self.transport: asyncio.Transport | None = None
@@ -112,6 +139,11 @@ class _Conn(asyncio.Protocol):
         self._status = 0
         self._head_only = False
         self._done = False
+        # A pipelined batch: requests written, oldest first, and answer bytes not yet framed.
+        self._batch: deque[_QueuedSend] = deque()
+        self._buf = b""
+        self._got = False
+        self.on_batch_end: BatchEnd | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport: no isinstance check here.
@@ -119,7 +151,9 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._pending():
+        if self._batch:
+            self._end_batch(CLOSED)
+        elif self._pending():
             self._settle(_Closed(self._raw_len > 0))
         self._parser = None  # break the conn <-> parser cycle
 
@@ -157,20 +191,103 @@ class _Conn(asyncio.Protocol):
         self.on_result = callback
         self.timed_out = False
         deadline = self.deadline = loop.time() + timeout_s
+        self._arm(deadline)
+        self._start(data, head_only)
+
+    def begin_batch(self, batch: list[_QueuedSend], on_end: BatchEnd) -> None:
+        """Write every request of `batch` (deadlines set) in one write. Each answer goes to
+        its request's `on_result` as it is framed, in order; then `on_end` is called once:
+        with [] when all were answered, else with the requests left and why."""
+        loop = self.loop
+        if loop is None:
+            loop = self.loop = asyncio.get_running_loop()
+        assert self.transport is not None and not self._batch
+        self.on_result = None
+        self.waiter = None
+        self.timed_out = False
+        self._batch.extend(batch)
+        self._buf = b""
+        self._got = False
+        self.on_batch_end = on_end
+        deadline = self.deadline = min(item.deadline for item in batch)
+        self._arm(deadline)
+        self.transport.write(b"".join([item.data for item in batch]))
+
+    def _receive_batch(self, data: bytes) -> None:
+        self._got = True
+        buf = self._buf + data if self._buf else data
+        batch = self._batch
+        start = 0
+        while batch:
+            item = batch[0]
+            try:
+                framed = frame_answer(buf, start, item.head_only)
+            except NotFramed as exc:
+                self._end_batch(UNFRAMED, str(exc))
+                return
+            if (framed.end if framed is not None else len(buf)) - start > self._max:
+                self._end_batch(OVERSIZED, f"upstream answer exceeds {self._max} bytes")
+                return
+            if framed is None or framed.end > len(buf):
+                break  # the rest of this answer is still to come
+            end = framed.end
+            raw = buf if start == 0 and end == len(buf) else buf[start:end]
+            if self.keep_fields:
+                fields = header_fields(buf, start, framed.body_start)
+                body = buf[framed.body_start:end]
+            else:
+                fields, body = [], b""
+            batch.popleft()
+            start = end
+            try:
+                item.on_result(UpstreamResponse(framed.status, fields, body, raw,
+                                                framed.keep_alive))
+            except Exception:  # one caller's bug must not strand the answers behind it
+                log.exception("http.client.callback_failed")
+            if not framed.keep_alive:
+                # The upstream ends the connection after this answer: none of the rest come.
+                self.close()
+                self._end_batch(CLOSED if batch else "")
+                return
+        self._buf = buf[start:] if start < len(buf) else b""
+        if not batch:
+            if self._buf:
+                self.close()  # bytes nobody asked for: the connection is out of step
+            self._end_batch("")
+
+    def _end_batch(self, why: str, reason: str = "") -> None:
+        """The batch is over: close unless every answer came, and tell the pool."""
+        left = list(self._batch)
+        self._batch.clear()
+        self._buf = b""
+        on_end = self.on_batch_end
+        self.on_batch_end = None
+        if why:
+            self.close()
+        if on_end is not None:
+            on_end(self, left, why, reason, self._got)
+
+    def _arm(self, deadline: float) -> None:
+        """The connection's one timer fires by `deadline` (moved lazily: it may fire earlier
+        and re-arm itself for `self.deadline`)."""
         timer = self.timer
         if timer is not None and self.timer_at > deadline:
             timer.cancel()
             timer = None
         if timer is None:
+            assert self.loop is not None
             self.timer_at = deadline
-            self.timer = loop.call_at(deadline, self._on_timer)
-        self._start(data, head_only)
+            self.timer = self.loop.call_at(deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self.timer = None
-        if self.on_result is None:
+        if self.on_result is None and not self._batch:
             return  # idle: the next exchange arms it again
         loop = self.loop or asyncio.get_running_loop()
+        if self._batch:
+            # The earliest deadline of the requests still unanswered (kept lazily: not
+            # recomputed per answer, only when the timer fires).
+            self.deadline = min(queued.deadline for queued in self._batch)
         if loop.time() < self.deadline:
             self.timer_at = self.deadline
             self.timer = loop.call_at(self.deadline, self._on_timer)
@@ -193,6 +310,9 @@ class _Conn(asyncio.Protocol):
         self.transport.write(data)
 
     def data_received(self, data: bytes) -> None:
+        if self._batch:
+            self._receive_batch(data)
+            return
         if self._parser is None or (self.on_result is None and not self._pending()):
             # Bytes nobody asked for: the connection is out of step; drop it.
             self.close()
@@ -257,9 +377,9 @@ class _Conn(asyncio.Protocol):
 
 
 class _QueuedSend:
-    """A send() waiting for a connection slot."""
+    """A send() waiting for a connection slot or for its iteration's batch to be written."""
 
-    __slots__ = ("data", "head_only", "on_result", "queued_at", "timeout_s")
+    __slots__ = ("data", "deadline", "head_only", "on_result", "queued_at", "timeout_s")
 
     def __init__(
         self, queued_at: float, data: bytes, head_only: bool, on_result: ResultCallback,
@@ -270,6 +390,7 @@ class _QueuedSend:
         self.head_only = head_only
         self.on_result = on_result
         self.timeout_s = timeout_s
+        self.deadline = 0.0  # set when it is written in a batch
 
 
 def _report(
@@ -286,6 +407,7 @@ class _RawConn(_Conn):
     callbacks from the parser. Answers carry headers=[] and body=b""."""
 
     __slots__ = ()
+    keep_fields = False
     on_header = None  # type: ignore[assignment]
     on_body = None  # type: ignore[assignment]
 
@@ -298,10 +420,13 @@ class UpstreamPool:
         ssl: ssl_module.SSLContext | None = None, server_hostname: str | None = None,
         size: int = 64, connect_timeout_s: float = 5.0, timeout_s: float = 60.0,
         max_response_bytes: int = 16 * 1024 * 1024, raw_only: bool = False,
-        connect_retries: int = 0,
+        connect_retries: int = 0, pipeline_depth: int = 1,
     ) -> None:
         if (unix_path is None) == (host is None):
             raise ValueError("UpstreamPool needs exactly one of unix_path or host")
+        if not 1 <= pipeline_depth <= MAX_PIPELINE_DEPTH:
+            raise ValueError(f"pipeline_depth must be 1-{MAX_PIPELINE_DEPTH}, "
+                             f"not {pipeline_depth}")
         self.unix_path = unix_path
         self.host = host
         self.port = port
@@ -312,6 +437,10 @@ class UpstreamPool:
         self.timeout_s = timeout_s
         self.max_response_bytes = max_response_bytes
         self.connect_retries = connect_retries
+        self.pipeline_depth = pipeline_depth
+        # send() calls of this loop iteration, written by _flush (pipeline_depth > 1 only)
+        self._pending: list[_QueuedSend] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         # raw_only: answers are relayed verbatim; skip parsing headers and body into objects.
         self._conn_class = _RawConn if raw_only else _Conn
         self._idle: deque[_Conn] = deque()
@@ -389,12 +518,13 @@ class UpstreamPool:
 
     async def _request_encoded(
         self, data: bytes, head_only: bool, timeout_s: float | None, retries: int,
-        *, written: bool = False,
+        *, written: bool = False, fresh: bool = False,
     ) -> UpstreamResponse:
         while True:
             await self._acquire()
             try:
-                return await self._exchange(data, head_only, timeout_s, written=written)
+                return await self._exchange(data, head_only, timeout_s, written=written,
+                                            fresh=fresh)
             except UpstreamRefused:
                 if retries <= 0:
                     raise
@@ -405,12 +535,14 @@ class UpstreamPool:
 
     async def _exchange(
         self, data: bytes, head_only: bool, timeout_s: float | None, *, written: bool = False,
+        fresh: bool = False,
     ) -> UpstreamResponse:
         """One request (already encoded) on a slot the caller holds. `written`: the request
-        was already written on a connection once, so a refused connect is not retriable."""
+        was already written on a connection once, so a refused connect is not retriable;
+        `fresh`: on a new connection (so this is its only retry)."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         for attempt in (0, 1):
-            conn, reused = self._take_idle()
+            conn, reused = (None, False) if fresh else self._take_idle()
             if conn is None:
                 try:
                     conn = await self._connect()
@@ -473,14 +605,27 @@ class UpstreamPool:
                     waiter.set_result(None)
                     return
                 continue
-            if asyncio.get_running_loop().time() - waiter.queued_at > self.connect_timeout_s:
-                waiter.on_result(UpstreamUnavailable(
-                    f"all {self.size} connections to {self.where} busy"))
+            now = asyncio.get_running_loop().time()
+            if self._expired(waiter, now):
                 continue
-            self._send_with_slot(waiter.data, waiter.head_only, waiter.on_result,
-                                 waiter.timeout_s)
+            run = [waiter]
+            while (len(run) < self.pipeline_depth and self._slot_waiters
+                   and isinstance(self._slot_waiters[0], _QueuedSend)):
+                queued = self._slot_waiters.popleft()
+                assert isinstance(queued, _QueuedSend)
+                if not self._expired(queued, now):
+                    run.append(queued)
+            started = self._start_with_slot(run, 0)
+            self._slot_waiters.extendleft(reversed(run[started:]))
             return
         self._free += 1
+
+    def _expired(self, queued: _QueuedSend, now: float) -> bool:
+        """A queued send that waited longer than connect_timeout_s for a slot fails."""
+        if now - queued.queued_at <= self.connect_timeout_s:
+            return False
+        queued.on_result(UpstreamUnavailable(f"all {self.size} connections to {self.where} busy"))
+        return True
 
     def send(
         self, method: str, target: str, headers: Iterable[tuple[bytes, bytes]], body: bytes,
@@ -502,6 +647,16 @@ class UpstreamPool:
     ) -> None:
         """`send()` with the request bytes already made by `encode_request` (a hop that
         forwards the same request again and again keeps them)."""
+        if self.pipeline_depth > 1:
+            # Written by _flush once this iteration's callbacks are done, with the others.
+            pending = self._pending
+            pending.append(_QueuedSend(0.0, data, head_only, on_result, timeout_s))
+            if len(pending) == 1:
+                loop = self._loop
+                if loop is None:
+                    loop = self._loop = asyncio.get_running_loop()
+                loop.call_soon(self._flush)
+            return
         if self._free > 0:
             self._free -= 1
             self._send_with_slot(data, head_only, on_result, timeout_s)
@@ -510,6 +665,80 @@ class UpstreamPool:
             # connect_timeout_s, checked when its turn comes).
             self._slot_waiters.append(_QueuedSend(
                 asyncio.get_running_loop().time(), data, head_only, on_result, timeout_s))
+
+    def _flush(self) -> None:
+        """Start the send() calls this iteration queued, in order, each batch on one slot;
+        past the pool's size they wait for a slot, as unpipelined ones do."""
+        pending = self._pending
+        self._pending = []
+        start, count = 0, len(pending)
+        while start < count:
+            if self._free <= 0:
+                assert self._loop is not None
+                now = self._loop.time()
+                for queued in pending[start:]:
+                    queued.queued_at = now
+                    self._slot_waiters.append(queued)
+                return
+            self._free -= 1
+            start += self._start_with_slot(pending, start)
+
+    def _start_with_slot(self, sends: list[_QueuedSend], start: int) -> int:
+        """Start `sends[start:]` on the one slot the caller holds: up to pipeline_depth of
+        them as a batch on an idle connection, or (alone, or no idle connection to share)
+        only the first, unpipelined. Returns how many were started."""
+        count = min(self.pipeline_depth, len(sends) - start)
+        conn = self._take_idle()[0] if count > 1 else None
+        if conn is None:
+            first = sends[start]
+            self._send_with_slot(first.data, first.head_only, first.on_result, first.timeout_s)
+            return 1
+        batch = sends[start:start + count]
+        assert self._loop is not None
+        now = self._loop.time()
+        for queued in batch:
+            queued.deadline = now + (
+                self.timeout_s if queued.timeout_s is None else queued.timeout_s)
+        conn.begin_batch(batch, self._batch_ended)
+        return count
+
+    def _batch_ended(
+        self, conn: _Conn, left: list[_QueuedSend], why: str, reason: str, got_bytes: bool,
+    ) -> None:
+        """Pool the connection again if every answer came; settle what is left (see the
+        module docstring)."""
+        if not why and not conn.closed:
+            self._idle.append(conn)
+        else:
+            conn.close()
+        self._release()
+        if not left:
+            return
+        assert self._loop is not None
+        now = self._loop.time()
+        for index, queued in enumerate(left):
+            if conn.timed_out and queued.deadline <= now:
+                timeout = self.timeout_s if queued.timeout_s is None else queued.timeout_s
+                queued.on_result(
+                    UpstreamTimeout(f"no answer from {self.where} within {timeout}s"))
+            elif index == 0 and why == OVERSIZED:
+                queued.on_result(UpstreamProtocolError(reason))
+            elif (index == 0 and why == CLOSED and not got_bytes) or (
+                    queued.head_only or queued.data.startswith(b"GET ")):
+                # Idempotent, or the stale-connection rule's first request: once more, alone.
+                self._retry_alone(queued)
+            elif index == 0 and why == UNFRAMED:
+                queued.on_result(UpstreamProtocolError(
+                    f"{self.where} sent an answer that cannot be pipelined: {reason}"))
+            else:
+                queued.on_result(UpstreamProtocolError(
+                    f"{self.where} closed the connection before a complete answer"))
+
+    def _retry_alone(self, queued: _QueuedSend) -> None:
+        task = asyncio.ensure_future(self._request_encoded(
+            queued.data, queued.head_only, queued.timeout_s, 0, written=True, fresh=True))
+        on_result = queued.on_result
+        task.add_done_callback(lambda t: _report(t, on_result, self.where))
 
     def _send_with_slot(
         self, data: bytes, head_only: bool, on_result: ResultCallback, timeout_s: float | None,
