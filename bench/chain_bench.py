@@ -344,6 +344,11 @@ def start_stack(b: Bench, rns: str, workers: int, port_base: int) -> Stack:
     url = f"http://{reg['bind_host']}:{reg['bind_port']}"
     wenv = {"OPENIMDS_METADATA_WORKERS": str(workers), "OPENIMDS_API_WORKERS": str(workers),
             "OPENIMDS_PROXY_WORKERS": str(workers)} if workers > 1 else {}
+    for item in b.args.option:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--option {item!r}: expected SECTION_KEY=VALUE")
+        wenv["OPENIMDS_" + name.upper()] = value
     sfx = f"-w{workers}"
     registry = b.cli("registry" + sfx, config, "registry", "serve")
     wait_until(lambda: urlopen_ok(url + "/v1/health"), 30, "registry")
@@ -596,6 +601,9 @@ def main() -> int:
     p.add_argument("--baseline", type=Path, metavar="DIR",
                    help="with --proxy-alone: also the proxy of the checkout in DIR "
                         "(alone-base-w1), to compare code before/after in the same rounds")
+    p.add_argument("--option", action="append", default=[], metavar="SECTION_KEY=VALUE",
+                   help="an option for every chain service, as its OPENIMDS_ variable "
+                        "without the prefix (e.g. PROXY_UPSTREAM_PIPELINE_DEPTH=1); repeatable")
     p.add_argument("--no-matched", dest="matched", action="store_false",
                    help="skip the second reference: bare held at the chain's request rate")
     p.add_argument("--json", type=Path)

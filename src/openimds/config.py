@@ -174,6 +174,9 @@ class MetadataAgentSettings:
         1024, "Requests in flight before the agent answers 503", min=1
     )
     upstream_pool_size: int = opt(64, "Keep-alive connections to the metadata API", min=1)
+    upstream_pipeline_depth: int = opt(
+        8, "Requests of one loop iteration written together on one pooled connection to the "
+        "API (1: one at a time)", min=1, max=32)
     upstream_timeout: float = opt(60.0, "Seconds to wait for the metadata API", min=0.1)
     registry_timeout: float = opt(5.0, "Seconds to wait for the registry", min=0.1)
     registry_connections: int = opt(
@@ -212,6 +215,9 @@ class RateLimitSettings:
 @dataclass(frozen=True, slots=True)
 class ProxySettings:
     upstream_pool_size: int = opt(64, "Keep-alive connections to the agent", min=1)
+    upstream_pipeline_depth: int = opt(
+        1, "Requests of one loop iteration written together on one pooled connection to the "
+        "agent (1: one at a time; the agent answers them one after the other)", min=1, max=32)
     listeners_dir: str = opt(
         "$state_path/proxy/listeners", "Directory of listener specs written by the agents"
     )

@@ -9,9 +9,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from openimds.config import load_settings
 from openimds.errors import UpstreamProtocolError, UpstreamTimeout
 from openimds.http.client import UpstreamPool, UpstreamResponse
 from openimds.http.server import Request, Response, bind_tcp, serve
+from openimds.metadata.agent import make_pool
+from openimds.metadata.proxy import pool_from_settings
 
 Result = UpstreamResponse | BaseException
 
@@ -321,3 +324,15 @@ async def test_bytes_past_the_last_answer_drop_the_connection(
         assert ok(await result(start(pool, "GET", "/next"))).raw.endswith(b"/next 2")
     finally:
         await pool.close()
+
+
+def test_the_hops_pools_take_the_setting_and_held_requests_never_pipeline() -> None:
+    settings = load_settings(environ={
+        "OPENIMDS_METADATA_AGENT_UPSTREAM_PIPELINE_DEPTH": "5",
+        "OPENIMDS_PROXY_UPSTREAM_PIPELINE_DEPTH": "3"})
+    assert make_pool(settings).pipeline_depth == 5
+    assert pool_from_settings(settings).pipeline_depth == 3
+    assert make_pool(settings, long_poll=True).pipeline_depth == 1
+    assert pool_from_settings(settings, long_poll=True).pipeline_depth == 1
+    with pytest.raises(ValueError, match="pipeline_depth must be 1-32"):
+        UpstreamPool(unix_path="/nowhere", pipeline_depth=33)

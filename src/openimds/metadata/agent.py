@@ -262,6 +262,8 @@ def make_pool(settings: Settings, *, long_poll: bool = False) -> UpstreamPool:
         raw_only=True,  # answers are relayed verbatim; only status and keep-alive are read
         # an API being restarted (its port refuses) costs a VM latency, not a 503
         connect_retries=CONNECT_RETRIES,
+        # held requests are never batched: one would hold the answers behind it
+        pipeline_depth=1 if long_poll else agent.upstream_pipeline_depth,
     )
 
 

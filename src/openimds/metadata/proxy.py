@@ -166,6 +166,8 @@ def pool_from_settings(settings: Settings, *, long_poll: bool = False) -> Upstre
         # haproxy's `retries 3`: an agent being restarted (its socket refuses) costs a VM
         # latency, not a 503
         connect_retries=CONNECT_RETRIES,
+        # held requests are never batched: one would hold the answers behind it
+        pipeline_depth=1 if long_poll else settings.proxy.upstream_pipeline_depth,
     )
 
 
