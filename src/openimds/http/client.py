@@ -681,7 +681,12 @@ class UpstreamPool:
                     self._slot_waiters.append(queued)
                 return
             self._free -= 1
-            start += self._start_with_slot(pending, start)
+            try:
+                start += self._start_with_slot(pending, start)
+            except Exception as exc:  # a bug: fail that send, not the ones queued behind it
+                self._release()
+                pending[start].on_result(exc)
+                start += 1
 
     def _start_with_slot(self, sends: list[_QueuedSend], start: int) -> int:
         """Start `sends[start:]` on the one slot the caller holds: up to pipeline_depth of
