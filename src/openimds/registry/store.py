@@ -339,6 +339,10 @@ class AckHold:
 
 # Per request; asyncio.to_thread copies the context, so the worker thread fills the same one.
 ACK_HOLD: ContextVar[AckHold | None] = ContextVar("openimds_ack_hold", default=None)
+# Connections the pool keeps (and may open beyond them, closed again on check-in). The
+# registry's threads are asyncio's default executor, min(32, cores + 4): on up to 4 cores
+# they cannot check out more than POOL_SIZE at once.
+POOL_SIZE = 8
 # The connection of the rehearsal the calling thread runs (`Store.rehearsal`), if any.
 _REHEARSAL: ContextVar[Connection | None] = ContextVar("openimds_rehearsal", default=None)
 
@@ -425,7 +429,7 @@ class Store:
                 Path(db).parent.mkdir(parents=True, exist_ok=True)
             engine = sa.create_engine(
                 self.url, connect_args={"check_same_thread": False, "timeout": 30},
-                pool_size=8, max_overflow=8,
+                pool_size=POOL_SIZE, max_overflow=POOL_SIZE,
             )
 
             @event.listens_for(engine, "connect")
@@ -447,7 +451,18 @@ class Store:
                 conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
             return engine
-        return sa.create_engine(self.url, pool_size=8, max_overflow=8, pool_pre_ping=True)
+        # No pool_recycle: a pooled connection lives until it fails its pre-ping (then the
+        # pool opens a new, cold one). Checkouts beyond POOL_SIZE open overflow connections
+        # that are closed on check-in, so each pays the first-use cost (`rehearse`).
+        return sa.create_engine(self.url, pool_size=POOL_SIZE, max_overflow=POOL_SIZE,
+                                pool_pre_ping=True)
+
+    @property
+    def warm_connections(self) -> int:
+        """How many connections `rehearse` warms: every one the pool keeps on PostgreSQL (each
+        is its own server backend, cold until used), one on SQLite (its first-use cost is the
+        engine's statement compiles; a new connection adds only the schema parse)."""
+        return POOL_SIZE if self.backend == "postgresql" else 1
 
     def create_schema(self, to: str = "head") -> tuple[str, str]:
         """Bring the schema to revision `to` (default: this release's) with the migrations
@@ -520,14 +535,33 @@ class Store:
         or fed. The registry rehearses its hot paths at start-up (`Registry.warm_up`)."""
         with self._write_lock, self.engine.connect().execution_options(
             openimds_write=True
-        ) as conn:
-            trans = conn.begin()
-            token = _REHEARSAL.set(conn)
-            try:
-                yield
-            finally:
-                _REHEARSAL.reset(token)
-                trans.rollback()
+        ) as conn, self._rehearsing(conn):
+            yield
+
+    def rehearse(self, run: Callable[[], None]) -> int:
+        """Call `run` inside a rehearsal once on each of `warm_connections` pooled connections
+        (all checked out at once, so each is a different one), then give them all back to the
+        pool. On PostgreSQL a connection's first use pays for the connect and for its new
+        backend's cold catalog caches and foreign-key check plans: ~6 ms more on a create
+        (docs/benchmarks.md, "Create p99"). Returns how many connections it warmed."""
+        n = self.warm_connections
+        with self._write_lock, contextlib.ExitStack() as held:
+            conns = [held.enter_context(self.engine.connect().execution_options(
+                openimds_write=True)) for _ in range(n)]
+            for conn in conns:
+                with self._rehearsing(conn):
+                    run()
+        return n
+
+    @contextlib.contextmanager
+    def _rehearsing(self, conn: Connection) -> Iterator[None]:
+        trans = conn.begin()
+        token = _REHEARSAL.set(conn)
+        try:
+            yield
+        finally:
+            _REHEARSAL.reset(token)
+            trans.rollback()
 
     @contextlib.contextmanager
     def write(self, *, allow_empty: bool = False, ec2_id: bool = False) -> Iterator[Tx]:
@@ -552,7 +586,9 @@ class Store:
                         # delivered at commit to every registry process (registry/notify.py)
                         conn.execute(_NOTIFY, {"revision": str(tx.revision)})
                     keep_from = tx.revision - self.change_retention
-                    if keep_from >= int(rev[1]) + self._trim_step:
+                    if rehearsed:  # trims nothing, but its statements get compiled too
+                        keep_from = int(rev[1])
+                    if rehearsed or keep_from >= int(rev[1]) + self._trim_step:
                         conn.execute(_TRIM, {"keep_from": keep_from})
                         conn.execute(_SET_FLOOR, {"keep_from": keep_from})
                     if self.before_commit is not None:
