@@ -275,6 +275,28 @@ async def test_connection_closed_mid_batch_retries_gets_never_a_post(
         await pool.close()
 
 
+async def test_a_batch_closed_before_any_answer_byte_keeps_the_stale_rule(
+    scripted: Callable[[Plan], Awaitable[tuple[Scripted, int]]],
+) -> None:
+    async def plan(conn: int, count: int, method: str, path: str) -> bytes | None:
+        if conn == 1 and count == 2:
+            return None  # the pooled connection dies with the whole batch unanswered
+        return plain(f"{method} {path} {conn}")
+
+    up, port = await scripted(plan)
+    pool = UpstreamPool(host="127.0.0.1", port=port, size=4, pipeline_depth=4)
+    try:
+        ok(await result(start(pool, "GET", "/warm")))
+        futs = [start(pool, "GET", "/first"), start(pool, "POST", "/second", b"x")]
+        first, second = [await result(f) for f in futs]
+        # The first is retried as an unpipelined request on a stale connection would be;
+        # the POST behind it was written and may have been read: not sent again.
+        assert ok(first).raw.endswith(b"GET /first 2") and up.seen["GET /first"] == 2
+        assert isinstance(second, UpstreamProtocolError) and up.seen["POST /second"] == 1
+    finally:
+        await pool.close()
+
+
 async def test_a_chunked_answer_ends_pipelining_on_that_connection(
     scripted: Callable[[Plan], Awaitable[tuple[Scripted, int]]],
 ) -> None:
