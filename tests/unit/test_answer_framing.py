@@ -95,3 +95,20 @@ def test_header_fields_are_lower_cased_and_stripped() -> None:
     assert framed is not None
     fields = header_fields(raw, 0, framed.body_start)
     assert (b"content-length", b"2") in fields and (b"x-thing", b"v") in fields
+
+
+def test_a_known_head_frames_the_same_and_a_refused_one_stays_refused() -> None:
+    raw = answer(200, b"abc")
+    first, again = frame_answer(raw, 0, False), frame_answer(b"xx" + raw, 2, False)
+    assert first is not None and again is not None
+    assert (again.end - 2, again.body_start - 2, again.status) == (first.end, first.body_start, 200)
+    head_only = frame_answer(raw, 0, True)  # the same head answering a HEAD: no body
+    assert head_only is not None and head_only.end == head_only.body_start
+    bad = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"
+    for _ in range(2):
+        with pytest.raises(NotFramed, match="more than one"):
+            frame_answer(bad, 0, False)
+    no_length = b"HTTP/1.1 200 OK\r\nX: y\r\n\r\n"
+    assert frame_answer(no_length, 0, True) is not None  # a HEAD's answer needs none
+    with pytest.raises(NotFramed, match="no Content-Length"):
+        frame_answer(no_length, 0, False)
