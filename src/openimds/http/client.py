@@ -3,8 +3,8 @@
 Rules:
 - At most `size` connections exist; callers beyond that wait for one (bounded, as measured:
   an unbounded pool doubled the upstream's CPU per request at c=1000).
-- One request per connection at a time; a connection goes back to the idle list only when
-  the answer was complete and both sides allow keep-alive.
+- One request per connection at a time (but see `pipeline_depth`); a connection goes back
+  to the idle list only when the answer was complete and both sides allow keep-alive.
 - A request that fails on a *reused* idle connection before any answer byte arrived is
   retried once on a fresh connection (the upstream closed the idle connection first).
 - With `connect_retries`, a connection the upstream *refuses* (ECONNREFUSED, or ENOENT for a
@@ -19,10 +19,12 @@ Rules:
   ever waits behind requests sent in the same iteration, at most depth - 1 of them: a batch
   goes to a connection with nothing outstanding, never behind an older, possibly slow
   answer. A batch of one, and `request()`, take the unpipelined path. When a batch ends
-  early (the connection closed or timed out, an answer too big or one that cannot be framed,
-  e.g. chunked), the requests left unanswered are retried once, alone, on a fresh
-  connection if they are GET or HEAD; any other fails (it may have been acted on: never
-  sent twice), except that the batch's first request keeps the stale-connection rule above.
+  early (the connection closed, a request's own timeout passed, an answer too big or one
+  that cannot be framed, e.g. chunked), the request at fault gets its error (504, 502) and
+  the others left unanswered are retried once, alone, on a fresh connection if they are
+  GET or HEAD (an unframed GET is that way read by the full parser); any other fails 502
+  (it may have been acted on: never sent twice), except that the batch's first request
+  keeps the stale-connection rule above when no answer byte came at all.
 - Failures are translated here, once: cannot connect -> UpstreamUnavailable (503),
   no answer in time -> UpstreamTimeout (504), garbled or oversized -> UpstreamProtocolError (502).
 
