@@ -1,0 +1,105 @@
+"""The API's hit path (`MetadataApi._hot`): one lookup by what the request carries, kept
+only while its instance is cached, never in place of a check the request needs."""
+
+from __future__ import annotations
+
+import json
+
+from openimds.http.server import RawResponse, Request, Response
+from tests.unit.test_metadata_api import (
+    PROJECT,
+    Batch,
+    body_of,
+    call,
+    header,
+    make_api,
+    signed,
+    status,
+)
+from tests.unit.test_metadata_documents import IID
+
+MD = "/openstack/latest/meta_data.json"
+
+
+def hot(api: object, path: str, headers: list[tuple[bytes, bytes]] | None = None) -> object:
+    """A keep-alive GET handled synchronously (what the hit path answers)."""
+    req = Request("GET", path, signed() if headers is None else headers, b"", "1.1", True,
+                  None)
+    return api.handle(req)  # type: ignore[attr-defined]
+
+
+async def test_seeded_meta_data_is_kept_whole_with_a_fresh_seed_per_answer() -> None:
+    api, reg = make_api()
+    first = await call(api, "GET", MD)
+    assert isinstance(first, Response)
+    a, b = hot(api, MD), hot(api, MD)
+    assert isinstance(a, RawResponse) and isinstance(b, RawResponse)
+    md_a, md_b = json.loads(body_of(a)), json.loads(body_of(b))
+    assert md_a["random_seed"] != md_b["random_seed"]
+    # the same document as the slow path, seed aside, with the same head
+    slow = json.loads(first.body)
+    assert {**md_a, "random_seed": ""} == {**slow, "random_seed": ""}
+    head = a.data.split(b"\r\n\r\n", 1)[0].decode()
+    assert f"Content-Length: {len(body_of(a))}" in head
+    assert f"ETag: {header(first, 'ETag')}" in head
+    assert reg.calls == 1
+
+
+async def test_the_hit_path_still_checks_signature_tenant_and_tokens() -> None:
+    api, reg = make_api()
+    await call(api, "GET", MD)
+    assert isinstance(hot(api, MD), RawResponse)
+    bad = [h if h[0] != b"x-instance-id-signature" else (h[0], b"00" * 32) for h in signed()]
+    assert status(await call(api, "GET", MD, bad, keep_alive=True)) == 403
+    other = await call(api, "GET", MD, signed(tenant="other"), keep_alive=True)
+    assert status(other) == 404
+    # If-None-Match and HEAD are not the kept answer
+    inm = await call(api, "GET", MD, [*signed(), (b"if-none-match", b'"x"')],
+                     keep_alive=True)
+    assert isinstance(inm, Response)
+    assert status(await call(api, "HEAD", MD, keep_alive=True)) == 200
+    assert reg.calls == 1
+
+
+async def test_required_tokens_are_not_skipped_by_a_kept_answer() -> None:
+    api, _ = make_api(imds_tokens="required")
+    put = await call(api, "PUT", "/latest/api/token",
+                     [*signed(), (b"x-aws-ec2-metadata-token-ttl-seconds", b"60")])
+    token = body_of(put)
+    path = "/latest/meta-data/instance-id"
+    with_token = [*signed(), (b"x-aws-ec2-metadata-token", token)]
+    assert status(await call(api, "GET", path, with_token)) == 200
+    again = hot(api, path, with_token)  # kept, and served after the token check
+    assert isinstance(again, RawResponse) and body_of(again) == b"i-00000007"
+    assert status(await call(api, "GET", path, keep_alive=True)) == 401
+
+
+async def test_kept_answers_go_with_their_instance() -> None:
+    """A change from the feed, an eviction and a resync drop the instance's kept answers;
+    an unkept fetch (overtaken by a change) leaves none."""
+    api, reg = make_api(cache_size=1)
+    api.apply_batch(Batch(42, resync=True))
+    other = "11111111-2222-4333-8444-555555555555"
+    reg.views[other] = json.loads(json.dumps(reg.views[IID]))
+    reg.views[other]["instance"]["id"] = other
+    path = "/latest/meta-data/hostname"
+    await call(api, "GET", path)
+    assert isinstance(hot(api, path), RawResponse)
+    # a change: dropped, and the next answer is the new view's
+    reg.views[IID]["instance"]["hostname"] = "web-1b"
+    reg.views[IID]["revision"] = 43
+    api.apply_batch(Batch(43, [{"revision": 43, "kind": "instance", "op": "update",
+                                "id": IID, "attrs": {"project_id": PROJECT}}]))
+    assert api._hot == {}
+    assert body_of(await call(api, "GET", path, keep_alive=True)) == b"web-1b.novalocal"
+    assert body_of(hot(api, path)) == b"web-1b.novalocal"  # type: ignore[arg-type]
+    # evicted by another instance (cache_size=1): nothing of it is kept
+    await call(api, "GET", path, signed(other))
+    assert list(api._cache) == [other]
+    assert all(IID.encode() not in who for answers in api._hot.values() for who in answers)
+    calls = reg.calls
+    assert status(await call(api, "GET", path, keep_alive=True)) == 200
+    assert reg.calls == calls + 1  # fetched again, not answered from a kept copy
+    # a resync drops everything
+    api.apply_batch(Batch(50, resync=True))
+    assert api._hot == {} and api._cache == {}
