@@ -97,8 +97,9 @@ _HIT_TARGET_MAX = 256  # longer request targets are not kept in the hit memo
 _HITS_MAX = 4096
 _Part = Any  # a hit entry's part kept once for all entries: header item, bytes or str
 # A kept hit: the caller its headers name, the resolution the bytes were made for, the
-# API-bound bytes before and after the request ID (None: no ID), the access line's part.
-_Hit = tuple[Caller, Resolution, bytes, bytes | None, str]
+# API-bound bytes before and after the request ID (None: no ID), the access line's part,
+# and the cache's epoch when that resolution was last the cache's answer.
+_Hit = tuple[Caller, Resolution, bytes, bytes | None, str, int]
 # Stands in for the request ID's value while the API-bound bytes are made (a header value
 # never holds NUL: the parser refuses it), so they split around it.
 _RID_MARK = b"\x00rid\x00"
@@ -547,7 +548,14 @@ class MetadataAgent:
             return self._finish(req, caller, None, t0, error_response(
                 503, f"agent saturated: {active} requests in flight",
                 headers=[("Retry-After", self._retry_after)]))
-        res = self.resolver.cached(caller)
+        # While the cache's epoch is the one the memo last checked its resolution at, that
+        # is still the cache's answer: no lookup (at 10,000 instances its key, entry and
+        # LRU links are cache misses that cost more than the lookup's own work).
+        if hit is not None and hit[5] == self.cache.epoch and self.trusts_cache():
+            res: Resolution | None = hit[1]
+            self.resolver.stats.hits += 1
+        else:
+            res = self.resolver.cached(caller)
         # a held request runs as a task (cancelled with its client, which closes the
         # upstream connection and so releases the API's hold); others stay on callbacks
         if res is not None and not (self._held is not None and is_long_poll(req.query)):
@@ -648,7 +656,12 @@ class MetadataAgent:
     ) -> tuple[bytes, str]:
         """The API-bound bytes of a hit and the access line's caller part: made once per
         request shape (`_shape`) and resolution, and kept (see `_hits`)."""
-        if hit is None or (hit[1] is not res and hit[1] != res):  # new, or its port changed
+        epoch = self.cache.epoch  # `res` is the cache's answer as of now
+        if hit is not None and hit[5] != epoch and (hit[1] is res or hit[1] == res):
+            if shape is not None:  # checked again: still the answer
+                c, r, head, tail, who, _ = hit
+                hit = self._hits[shape] = (c, r, head, tail, who, epoch)
+        elif hit is None or (hit[1] is not res and hit[1] != res):  # new, or its port changed
             headers: list[tuple[bytes, bytes]] = []
             marked = rid is None  # the first ID's value becomes the marker; others pass
             for item in req.headers:
@@ -666,14 +679,14 @@ class MetadataAgent:
             # in a header or target); a body may hold anything, so never search it.
             head_end = whole.find(b"\r\n\r\n") if rid is not None else -1
             at = whole.find(_RID_MARK, 0, head_end) if head_end >= 0 else -1
-            hit = ((caller, res, whole[:at], whole[at + len(_RID_MARK):], who) if at >= 0
-                   else (caller, res, whole, None, who))
+            hit = ((caller, res, whole[:at], whole[at + len(_RID_MARK):], who, epoch) if at >= 0
+                   else (caller, res, whole, None, who, epoch))
             if shape is not None:
                 if len(self._hits) >= _HITS_MAX:
                     self._hits.clear()
                     self._hit_parts.clear()
                 self._hits[self._shared_key(shape)] = self._shared_entry(hit)
-        _, _, head, tail, who = hit
+        _, _, head, tail, who, _ = hit
         if tail is None or rid is None:
             return head, who
         return b"".join((head, rid, tail)), who
@@ -689,9 +702,9 @@ class MetadataAgent:
         return (method, shared(target), *[shared(item) for item in items])
 
     def _shared_entry(self, hit: _Hit) -> _Hit:
-        caller, res, head, tail, who = hit
+        caller, res, head, tail, who, epoch = hit
         return (caller, res, head, None if tail is None else self._shared(tail),
-                self._shared(who))
+                self._shared(who), epoch)
 
     async def _recheck(
         self, req: Request, caller: Caller, res: Resolution, first: UpstreamResponse,

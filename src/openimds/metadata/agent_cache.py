@@ -318,6 +318,10 @@ class CallerCache:
         self._t_instance: dict[str, int] = {}
         self._t_count = 0
         self._floor = 0  # nothing that answered at or below this revision is inserted
+        # Bumped by whatever may change what a caller resolves to (an entry unlinked,
+        # evicted or cleared, any feed row, an index load): the agent's hit memo keeps the
+        # epoch it last checked an entry at, and skips this cache's lookup while it holds.
+        self.epoch = 0
         self.evictions = 0
         self.invalidations = 0
         self.index = PortIndex()
@@ -360,6 +364,7 @@ class CallerCache:
             old, old_entry = self._entries.popitem(last=False)
             self._unindex(old, old_entry)
             self.evictions += 1
+            self.epoch += 1
         return True
 
     def forget(self, caller: Caller) -> None:
@@ -376,6 +381,7 @@ class CallerCache:
             self.on_reload()
 
     def _clear_entries(self, revision: int) -> None:
+        self.epoch += 1
         self.invalidations += len(self._entries)
         self._entries.clear()
         for index in (self._by_ip, self._by_scope, self._by_port, self._by_network,
@@ -392,6 +398,7 @@ class CallerCache:
         attrs = change.get("attrs") or {}
         if not isinstance(attrs, Mapping):
             attrs = {}
+        self.epoch += 1  # the index changes with any row, even one that drops nothing
         before = len(self._entries)
         was_loaded = self.index.loaded
         self.index.apply_change(change)
@@ -495,6 +502,7 @@ class CallerCache:
             del index[name]
 
     def _unlink(self, key: Key) -> None:
+        self.epoch += 1
         entry = self._entries.pop(key)
         self._unindex(key, entry)
 
@@ -583,6 +591,7 @@ class Resolver:
             if self._load_again:
                 continue  # a resync came in while loading: load again, from then
             index.install(topology)
+            self.cache.epoch += 1
             del topology  # the parsed answer: ~10x what the index keeps of it
             trim_heap()
             self.stats.index_loads += 1
