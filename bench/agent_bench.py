@@ -147,9 +147,11 @@ async def _one(conn: _Conn, data: bytes) -> int:
 async def steady_load(path: str, reqs: list[bytes], conns: int, warmup_s: float,
                       duration_s: float, pids: list[int],
                       stats_sock: str | None = None,
-                      total: int | None = None) -> dict[str, Any]:
+                      total: int | None = None, spread: bool = False) -> dict[str, Any]:
     """`conns` keep-alive connections for warmup + duration; stats over the duration.
-    With `total`, every request in `reqs[:total]` is sent exactly once, then it stops."""
+    With `total`, every request in `reqs[:total]` is sent exactly once, then it stops.
+    Connection k starts at request 7k, or with `spread` at k * len(reqs) / conns (so that
+    a long list is cycled through whole, not only its first 7 * conns + a few hundred)."""
     perf = time.perf_counter  # uvloop's loop.time() has millisecond resolution
     start = perf()
     measure_from = start + warmup_s
@@ -191,7 +193,8 @@ async def steady_load(path: str, reqs: list[bytes], conns: int, warmup_s: float,
             queries["start"] = int(st["registry_queries"])
 
     marker = asyncio.ensure_future(cpu_mark())
-    await asyncio.gather(*(worker(k * 7) for k in range(conns)))
+    step = max(1, len(reqs) // conns) if spread else 7
+    await asyncio.gather(*(worker(k * step) for k in range(conns)))
     await marker
     cpu1 = {pid: cpu_ticks(pid) for pid in pids}
     seconds = duration_s if total is None else perf() - measure_from

@@ -24,7 +24,8 @@ round trips; the REST path is what the create figures below measure). At each si
    proxy's headers (X-Forwarded-For = the instance's IP, X-Neutron-Router-ID = its router),
    so every cache holds every instance; RSS of registry, agent and API is read then.
 4. Steady load for `--duration` s, `--rounds` interleaved rounds: 100 connections cycling
-   over all instances, and over the first 100 only (same processes, same minute): CPU µs
+   over all instances (each connection from its own 1/100 of them, so every instance is
+   asked within a round), and over the first 100 only (same processes, same minute): CPU µs
    per request of the agent and the API (utime+stime, /proc).
 
 `--registry-only` stops after step 2 (the create and feed figures alone, in a minute).
@@ -294,8 +295,10 @@ class Scale:
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in sets}
         for _ in range(a.rounds):
             for name, reqs in sets.items():
+                # spread: the 100 connections start len(reqs) / 100 apart, so "all" goes
+                # through every instance (from offsets 7k it covered only the first ~1,000)
                 r = asyncio.run(steady_load(sock, reqs, 100, 1.0, a.duration,
-                                            [agent.pid, api.pid], None))
+                                            [agent.pid, api.pid], None, spread=True))
                 runs[name].append({"rps": r["rps"], "p99_ms": r["p99_ms"],
                                    "errors": r["errors"],
                                    "cpu_us": {"agent": r["cpu_us_per_req"][agent.pid],
