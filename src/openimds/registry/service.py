@@ -969,8 +969,8 @@ class Registry:
         nothing is committed or fed), on each connection the pool keeps (`Store.rehearse`).
         SQLAlchemy compiles each statement on its first use: unwarmed, the first `server
         create` after start-up compiled a dozen of them and took 3-9 times a warm one; on
-        PostgreSQL each new connection's first create took another ~6 ms (docs/benchmarks.md,
-        "Create p99: the first create")."""
+        PostgreSQL each new connection's first create took another 2.4-6 ms
+        (docs/benchmarks.md, "Create p99: the first create")."""
         self.store.rehearse(self._rehearse_hot_paths)
 
     def _rehearse_hot_paths(self) -> None:

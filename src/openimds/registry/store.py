@@ -542,8 +542,9 @@ class Store:
         """Call `run` inside a rehearsal once on each of `warm_connections` pooled connections
         (all checked out at once, so each is a different one), then give them all back to the
         pool. On PostgreSQL a connection's first use pays for the connect and for its new
-        backend's cold catalog caches and foreign-key check plans: ~6 ms more on a create
-        (docs/benchmarks.md, "Create p99"). Returns how many connections it warmed."""
+        backend's cold catalog caches and foreign-key check plans: a create took 2.4-3.4 ms
+        more at load 1-3, ~6 at load 6 (docs/benchmarks.md, "Create p99"). Returns how many
+        connections it warmed."""
         n = self.warm_connections
         with self._write_lock, contextlib.ExitStack() as held:
             conns = [held.enter_context(self.engine.connect().execution_options(
