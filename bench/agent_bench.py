@@ -147,11 +147,15 @@ async def _one(conn: _Conn, data: bytes) -> int:
 async def steady_load(path: str, reqs: list[bytes], conns: int, warmup_s: float,
                       duration_s: float, pids: list[int],
                       stats_sock: str | None = None,
-                      total: int | None = None, spread: bool = False) -> dict[str, Any]:
+                      total: int | None = None, spread: bool = False,
+                      rate: float = 0.0) -> dict[str, Any]:
     """`conns` keep-alive connections for warmup + duration; stats over the duration.
     With `total`, every request in `reqs[:total]` is sent exactly once, then it stops.
     Connection k starts at request 7k, or with `spread` at k * len(reqs) / conns (so that
-    a long list is cycled through whole, not only its first 7 * conns + a few hundred)."""
+    a long list is cycled through whole, not only its first 7 * conns + a few hundred).
+    `rate` > 0: requests per second in all, each connection paced at rate / conns (an open
+    loop below capacity: two request sets compare at the same rate, not at whatever rate
+    each saturates at, which changes how many requests a hop handles per wake-up)."""
     perf = time.perf_counter  # uvloop's loop.time() has millisecond resolution
     start = perf()
     measure_from = start + warmup_s
@@ -162,12 +166,19 @@ async def steady_load(path: str, reqs: list[bytes], conns: int, warmup_s: float,
 
     taken = [0]
 
-    async def worker(offset: int) -> None:
+    async def worker(offset: int, k: int) -> None:
         nonlocal errors
         conn = await _connect(path)
         i = offset
         n = len(reqs)
+        gap = conns / rate if rate > 0 else 0.0
+        due = start + gap * k / conns  # staggered: the connections do not send in step
         while True:
+            if gap:
+                wait = due - perf()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                due += gap
             t0 = perf()
             if t0 >= stop_at:
                 break
@@ -194,7 +205,7 @@ async def steady_load(path: str, reqs: list[bytes], conns: int, warmup_s: float,
 
     marker = asyncio.ensure_future(cpu_mark())
     step = max(1, len(reqs) // conns) if spread else 7
-    await asyncio.gather(*(worker(k * step) for k in range(conns)))
+    await asyncio.gather(*(worker(k * step, k) for k in range(conns)))
     await marker
     cpu1 = {pid: cpu_ticks(pid) for pid in pids}
     seconds = duration_s if total is None else perf() - measure_from

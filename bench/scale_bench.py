@@ -3,7 +3,7 @@
     sudo .venv/bin/python bench/scale_bench.py [--sizes 100,10000] [--per-router 10]
                                                [--shape routers|shared]
                                                [--backend sqlite|postgresql]
-                                               [--duration 5] [--json FILE]
+                                               [--duration 5] [--rate R] [--json FILE]
 
 One real registry (`openimds registry serve`, SQLite or PostgreSQL) grows from the first
 size to the last: `--per-router` instances on each router's own /24 network (10,000
@@ -298,7 +298,8 @@ class Scale:
                 # spread: the 100 connections start len(reqs) / 100 apart, so "all" goes
                 # through every instance (from offsets 7k it covered only the first ~1,000)
                 r = asyncio.run(steady_load(sock, reqs, 100, 1.0, a.duration,
-                                            [agent.pid, api.pid], None, spread=True))
+                                            [agent.pid, api.pid], None, spread=True,
+                                            rate=a.rate))
                 runs[name].append({"rps": r["rps"], "p99_ms": r["p99_ms"],
                                    "errors": r["errors"],
                                    "cpu_us": {"agent": r["cpu_us_per_req"][agent.pid],
@@ -327,6 +328,9 @@ def main() -> int:
     p.add_argument("--creates", type=int, default=100)
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="steady load's requests/s in all (0: as fast as 100 connections go); "
+                        "below capacity both sets run at the same rate")
     p.add_argument("--backend", default="sqlite", choices=("sqlite", "postgresql"),
                    help="the registry's database")
     p.add_argument("--sqlite-synchronous", default="full", choices=("full", "normal"),
