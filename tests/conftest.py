@@ -48,6 +48,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # The lean HTTP layer runs on uvloop in production, whose transports differ from asyncio's
 # in small ways (they do not subclass asyncio.Transport): its tests run on both loops.
 _BOTH_LOOPS = ("test_http_layer.py", "test_http_pipeline.py", "test_http_send.py",
+               "test_http_concurrent.py",
                "test_http_sockets.py")
 
 

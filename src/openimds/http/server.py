@@ -3,10 +3,13 @@
 Rules:
 - A handler takes a `Request` and returns a `Response`/`RawResponse`, or an awaitable of one.
   A plain value is written at once, with no task per request; an awaitable runs as a task.
-- Pipelined requests are answered strictly in order: while one awaits, later ones queue
-  (reading pauses once the queue is long). The answers a read produces at once leave in
-  one write (up to MAX_PIPELINE of them): one syscall for a pipelined batch, not one per
-  request.
+- Pipelined requests are answered strictly in order. Safe ones (GET/HEAD, no body, keep-
+  alive) start as they are parsed, up to MAX_PIPELINE at once, while earlier ones still
+  await: an answer ready early is held until those before it are written. Any other
+  request starts only once every earlier one is answered, and later ones wait for it
+  (reading pauses once the queue is long). The answers a read produces at once, or that
+  become ready together, leave in one write (up to MAX_PIPELINE of them): one syscall for
+  a pipelined batch, not one per request.
 - Back-pressure: once a connection's unsent answers pass `Limits.write_buffer_bytes` (the
   transport calls `pause_writing`), its queued requests wait and reading stops until they
   drain below a quarter of that (`resume_writing`). A client that pipelines and never reads
@@ -61,6 +64,8 @@ _PHRASES = {s.value: s.phrase for s in HTTPStatus}
 # The usual method names as str without a decode per request.
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH")}
 MAX_PIPELINE = 32
+# Requests that may start while earlier ones on the connection are unanswered.
+_SAFE = frozenset(("GET", "HEAD"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +160,24 @@ class RawResponse:
 
 
 AnyResponse = Response | RawResponse
+
+
+class _Pending:
+    """A started request whose answer is not written yet (`resp` set once it is ready).
+    Called with the answer when it is a Deferred's (it is that Deferred's `_deliver`)."""
+
+    __slots__ = ("abandonable", "deferred", "proto", "req", "resp", "task")
+
+    def __init__(self, proto: HttpProtocol, req: Request, resp: AnyResponse | None) -> None:
+        self.proto = proto
+        self.req = req
+        self.resp = resp
+        self.deferred: Deferred | None = None
+        self.task: asyncio.Future[AnyResponse] | None = None
+        self.abandonable = False
+
+    def __call__(self, resp: AnyResponse) -> None:
+        self.proto._resolved(self, resp)
 
 
 class Abandonable:
@@ -316,12 +339,11 @@ class HttpProtocol(asyncio.Protocol):
     """One client connection."""
 
     __slots__ = (
-        "_body", "_body_len", "_busy", "_closing", "_deferred", "_deferred_req", "_handler",
+        "_barrier", "_body", "_body_len", "_closing", "_flush_due", "_handler",
         "_header_bytes", "_headers", "_in_request", "_eof", "_failure", "_in_trailers",
-        "_abandonable",
         "_last_keep_alive", "_last_name", "_limits", "_loop", "_parser", "_paused", "_peer",
-        "_queue", "_task", "_deadline", "_slot", "_slot_end", "_wheel", "_transport", "_url",
-        "_max_header_bytes", "_out", "_write_paused",
+        "_pending", "_queue", "_deadline", "_slot", "_slot_end", "_wheel", "_transport",
+        "_url", "_max_header_bytes", "_out", "_write_paused",
     )
 
     def __init__(self, handler: Handler, limits: Limits, loop: asyncio.AbstractEventLoop):
@@ -338,14 +360,13 @@ class HttpProtocol(asyncio.Protocol):
         self._last_name = b""
         self._body: list[bytes] = []
         self._body_len = 0
-        self._queue: deque[Request] = deque()
-        self._busy = False
+        self._queue: deque[Request] = deque()  # parsed, not started
+        self._pending: deque[_Pending] = deque()  # started, answer not written; in order
+        self._barrier = False  # the one started request is not safe: nothing joins it
+        self._flush_due = False  # a call_soon will write the ready answers at the head
         self._paused = False  # reading paused (queue, failure, last request, write_paused)
         self._write_paused = False  # the transport holds more than write_buffer_bytes
         self._closing = False
-        self._task: asyncio.Future[AnyResponse] | None = None
-        self._deferred: Deferred | None = None
-        self._deferred_req: Request | None = None
         self._wheel = _wheel_for(loop)
         self._slot = 0  # the timer wheel's slot this connection waits in; 0: none
         self._slot_end = 0.0  # when that slot fires
@@ -354,12 +375,21 @@ class HttpProtocol(asyncio.Protocol):
         # Hostile-input state: the client half-closed; a parse error waiting until the
         # requests before it are answered; trailer fields being skipped.
         self._eof = False
-        self._abandonable = False
         self._failure: tuple[int, str] | None = None
         self._in_trailers = False
         self._last_keep_alive = True
         # Answers produced while a read is handled, written together when it is done.
         self._out: list[bytes] | None = None
+
+    @property
+    def _busy(self) -> bool:
+        """A started request is not answered yet."""
+        return bool(self._pending)
+
+    @property
+    def _deferred(self) -> Deferred | None:
+        """The Deferred the oldest unanswered request waits on, if it is one."""
+        return self._pending[0].deferred if self._pending else None
 
     # -- transport events -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -379,11 +409,12 @@ class HttpProtocol(asyncio.Protocol):
         if self._slot:
             self._wheel.discard(self, self._slot)
             self._slot = 0
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-        if self._deferred is not None:
-            self._deferred._deliver = _ignore
-            self._deferred = self._deferred_req = None
+        for pending in self._pending:
+            if pending.task is not None and not pending.task.done():
+                pending.task.cancel()
+            if pending.deferred is not None:
+                pending.deferred._deliver = _ignore
+        self._pending.clear()
         self._queue.clear()
         self._transport = None
         # Break the protocol <-> parser cycle so the connection is freed by refcounting, not
@@ -457,9 +488,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         """The client half-closed (`nc`, `curl` with stdin): answer what it sent, then close."""
-        if self._busy and self._abandonable:
+        if any(p.abandonable for p in self._pending):
             return None  # a held request whose client went: close, which cancels it
-        if self._busy or self._queue:
+        if self._pending or self._queue:
             self._eof = True
             return True  # keep our half open for the answers
         return None  # nothing pending: the transport closes
@@ -517,7 +548,7 @@ class HttpProtocol(asyncio.Protocol):
                         413, f"body of {length} bytes exceeds {self._limits.max_body_bytes}"
                     )
             elif (name == b"expect" and value.lower() == b"100-continue" and self._transport
-                  and not self._busy and not self._queue and not continued):
+                  and not self._pending and not self._queue and not continued):
                 # Only for the request answered next: a 100 written while an earlier
                 # pipelined request waits would be read as that request's interim answer.
                 continued = True
@@ -550,46 +581,54 @@ class HttpProtocol(asyncio.Protocol):
             version, keep_alive, self._peer,
         )
         self._queue.append(req)
-        if len(self._queue) > MAX_PIPELINE and self._transport and not self._paused:
+        if (len(self._queue) + len(self._pending) > MAX_PIPELINE and self._transport
+                and not self._paused):
             self._transport.pause_reading()
             self._paused = True
 
     # -- dispatch -----------------------------------------------------------------------
     def _drain_queue(self) -> None:
-        while self._queue and not self._busy and not self._closing and not self._write_paused:
-            req = self._queue.popleft()
+        queue = self._queue
+        pending = self._pending
+        while queue and not self._closing and not self._write_paused:
+            req = queue[0]
+            if pending and (self._barrier or len(pending) >= MAX_PIPELINE or req.body
+                            or req.method not in _SAFE or not req.keep_alive):
+                break  # waits until the ones before it are answered
+            queue.popleft()
             try:
                 result = self._handler(req)
             except Exception:
                 log.exception("http.handler_failed method=%s path=%s", req.method, req.path)
-                self._send(req, error_response(500, "internal error"))
-                continue
-            if isinstance(result, Response | RawResponse):
-                self._send(req, result)
-            elif isinstance(result, Deferred):
-                if result._early is not None:
-                    self._send(req, result._early)
+                result = error_response(500, "internal error")
+            if isinstance(result, Deferred):
+                if result._early is None:
+                    slot = _Pending(self, req, None)
+                    slot.deferred = result
+                    result._deliver = slot
+                    self._started(slot)
+                    if not req.keep_alive and not self._paused and type(result) is Deferred \
+                            and isinstance(self._transport, SocketTransport):
+                        # The last request of the connection: later bytes would be ignored,
+                        # so the socket need not be registered with the loop while it waits
+                        # (a plain Deferred only: a subclass may want to see the client's
+                        # EOF).
+                        self._transport.pause_reading()
+                        self._paused = True
                     continue
-                self._busy = True
-                self._deferred = result
-                self._deferred_req = req
-                result._deliver = self._finish_deferred
-                if not req.keep_alive and not self._paused and type(result) is Deferred and (
-                        isinstance(self._transport, SocketTransport)):
-                    # The last request of the connection: later bytes would be ignored,
-                    # so the socket need not be registered with the loop while it waits
-                    # (a plain Deferred only: a subclass may want to see the client's EOF).
-                    self._transport.pause_reading()
-                    self._paused = True
-                return
-            else:
-                self._busy = True
-                self._abandonable = isinstance(result, Abandonable)
-                task = asyncio.ensure_future(result)
-                self._task = task
-                task.add_done_callback(functools.partial(self._finish, req))
-                return
-        if self._busy or self._queue or self._closing:
+                result = result._early
+            if isinstance(result, Response | RawResponse):
+                if pending:  # written once the ones before it are
+                    pending.append(_Pending(self, req, result))
+                else:
+                    self._send(req, result)
+                continue
+            slot = _Pending(self, req, None)
+            slot.abandonable = isinstance(result, Abandonable)
+            task = slot.task = asyncio.ensure_future(result)
+            task.add_done_callback(functools.partial(self._finish, slot))
+            self._started(slot)
+        if pending or queue or self._closing:
             return  # (write_paused with an empty queue: reading resumes with writing)
         if self._failure is not None:
             status, reason = self._failure
@@ -603,33 +642,69 @@ class HttpProtocol(asyncio.Protocol):
             self._transport.resume_reading()
             self._paused = False
 
-    def _finish_deferred(self, resp: AnyResponse) -> None:
-        req = self._deferred_req
-        self._busy = False
-        self._deferred = self._deferred_req = None
-        if self._closing or req is None:
-            return
-        try:
-            self._send(req, resp)
-            self._drain_queue()
-        except Exception:  # runs inside someone else's I/O callback: never raise into it
-            log.exception("http.send_failed method=%s path=%s", req.method, req.path)
-            self._close()
+    def _started(self, slot: _Pending) -> None:
+        # Only a safe request joins others; one that is not runs alone (sequential
+        # semantics for anything with effects) and nothing joins it.
+        req = slot.req
+        self._barrier = not (req.method in _SAFE and not req.body and req.keep_alive)
+        self._pending.append(slot)
 
-    def _finish(self, req: Request, task: asyncio.Future[AnyResponse]) -> None:
-        self._busy = False
-        self._abandonable = False
-        self._task = None
-        if self._closing or task.cancelled():
+    def _resolved(self, slot: _Pending, resp: AnyResponse) -> None:
+        """A started request's answer is ready: written now if it is the oldest unanswered
+        one, else when those before it are."""
+        slot.resp = resp
+        pending = self._pending
+        if self._closing or not pending or pending[0] is not slot:
             return
-        exc = task.exception()
+        if len(pending) == 1:  # the common case: no one behind it, write it now
+            pending.clear()
+            try:
+                self._send(slot.req, resp)
+                self._drain_queue()
+            except Exception:  # runs inside someone else's I/O callback: never raise into it
+                log.exception("http.send_failed method=%s path=%s",
+                              slot.req.method, slot.req.path)
+                self._close()
+        elif not self._flush_due:
+            # Others started behind it: their answers often come in the same upstream read
+            # (the pool pipelines them too), so they go in one write at the end of it.
+            self._flush_due = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write the ready answers at the head of the pending ones, in one write."""
+        self._flush_due = False
+        if self._closing:
+            return
+        pending = self._pending
+        out: list[bytes] = []
+        self._out = out
+        try:
+            while pending and pending[0].resp is not None and not self._closing:
+                slot = pending.popleft()
+                self._send(slot.req, slot.resp)  # type: ignore[arg-type]
+            self._drain_queue()
+        except Exception:  # never raise into the loop's callback
+            log.exception("http.send_failed")
+            self._close()
+        finally:
+            self._out = None
+            if out:
+                self._write_out(out)
+
+    def _finish(self, slot: _Pending, task: asyncio.Future[AnyResponse]) -> None:
+        slot.task = None
+        slot.abandonable = False
+        if self._closing:
+            return
+        req = slot.req
+        exc = asyncio.CancelledError() if task.cancelled() else task.exception()
         if exc is not None:
             log.error("http.handler_failed method=%s path=%s error=%r",
                       req.method, req.path, exc)
-            self._send(req, error_response(500, "internal error"))
+            self._resolved(slot, error_response(500, "internal error"))
         else:
-            self._send(req, task.result())
-        self._drain_queue()
+            self._resolved(slot, task.result())
 
     def _send(self, req: Request, resp: AnyResponse) -> None:
         transport = self._transport
@@ -647,7 +722,7 @@ class HttpProtocol(asyncio.Protocol):
             if not keep:
                 self._cork()
             data = resp.encode(keep_alive=keep, head=req.method == "HEAD")
-        if keep and not self._queue:
+        if keep and not self._queue and not self._pending:
             # Before the write: a pause_writing from it arms the write timeout instead.
             self._arm(self._limits.keepalive_timeout_s)
         out = self._out
@@ -756,7 +831,7 @@ class HttpProtocol(asyncio.Protocol):
             # still has not taken): it is not reading, a wait would hold them forever.
             self._abort()
             return
-        if self._busy:
+        if self._pending:
             # The handler owns the time now; upstream timeouts bound it.
             return
         if self._in_request:
