@@ -216,8 +216,8 @@ class RateLimitSettings:
 class ProxySettings:
     upstream_pool_size: int = opt(64, "Keep-alive connections to the agent", min=1)
     upstream_pipeline_depth: int = opt(
-        1, "Requests of one loop iteration written together on one pooled connection to the "
-        "agent (1: one at a time; the agent answers them one after the other)", min=1, max=32)
+        8, "Requests of one loop iteration written together on one pooled connection to the "
+        "agent (1: one at a time)", min=1, max=32)
     listeners_dir: str = opt(
         "$state_path/proxy/listeners", "Directory of listener specs written by the agents"
     )
