@@ -21,10 +21,11 @@ Rules:
   answer. A batch of one, and `request()`, take the unpipelined path. When a batch ends
   early (the connection closed, a request's own timeout passed, an answer too big or one
   that cannot be framed, e.g. chunked), the request at fault gets its error (504, 502) and
-  the others left unanswered are retried once, alone, on a fresh connection if they are
-  GET or HEAD (an unframed GET is that way read by the full parser); any other fails 502
-  (it may have been acted on: never sent twice), except that the batch's first request
-  keeps the stale-connection rule above when no answer byte came at all.
+  the others left unanswered are retried once, alone, on a fresh connection (an unframed
+  GET is that way read by the full parser); the batch's first request also keeps the
+  stale-connection rule above. Only GET and HEAD are batched: any other request is sent
+  alone, unpipelined, with the rules above (it may change state: it must never be lost
+  or sent twice because of a neighbour in a batch).
 - Failures are translated here, once: cannot connect -> UpstreamUnavailable (503),
   no answer in time -> UpstreamTimeout (504), garbled or oversized -> UpstreamProtocolError (502).
 
@@ -395,6 +396,11 @@ class _QueuedSend:
         self.deadline = 0.0  # set when it is written in a batch
 
 
+def _idempotent(queued: _QueuedSend) -> bool:
+    """GET or HEAD: safe to pipeline, and to send again if its answer was lost."""
+    return queued.head_only or queued.data.startswith(b"GET ")
+
+
 def _report(
     task: asyncio.Future[UpstreamResponse], on_result: ResultCallback, where: str,
 ) -> None:
@@ -694,7 +700,14 @@ class UpstreamPool:
         """Start `sends[start:]` on the one slot the caller holds: up to pipeline_depth of
         them as a batch on an idle connection, or (alone, or no idle connection to share)
         only the first, unpipelined. Returns how many were started."""
-        count = min(self.pipeline_depth, len(sends) - start)
+        # Only GET and HEAD join a batch: a request that may change state (a POST of the
+        # password) goes alone, so it keeps every rule of the unpipelined path and never
+        # fails because of a neighbour's answer or a stale connection it shared.
+        limit = min(start + self.pipeline_depth, len(sends))
+        end = start
+        while end < limit and _idempotent(sends[end]):
+            end += 1
+        count = end - start
         conn = self._take_idle()[0] if count > 1 else None
         if conn is None:
             first = sends[start]
@@ -730,8 +743,7 @@ class UpstreamPool:
                     UpstreamTimeout(f"no answer from {self.where} within {timeout}s"))
             elif index == 0 and why == OVERSIZED:
                 queued.on_result(UpstreamProtocolError(reason))
-            elif (index == 0 and why == CLOSED and not got_bytes) or (
-                    queued.head_only or queued.data.startswith(b"GET ")):
+            elif (index == 0 and why == CLOSED and not got_bytes) or _idempotent(queued):
                 # Idempotent, or the stale-connection rule's first request: once more, alone.
                 self._retry_alone(queued)
             elif index == 0 and why == UNFRAMED:
