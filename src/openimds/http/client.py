@@ -109,13 +109,13 @@ class _Closed(Exception):
 # Why a batch ended with requests unanswered (see `_Conn.begin_batch`).
 CLOSED, OVERSIZED, UNFRAMED = "closed", "oversized", "unframed"
 
-# Receives (connection, requests left unanswered in order, why, reason, whether any answer
-# byte had arrived); called once per batch, also when every request was answered ([], "").
-BatchEnd = Callable[["_Conn", "list[_QueuedSend]", str, str, bool], None]
+# Receives (connection, requests left unanswered in order, why, reason); called once per
+# batch, also when every request was answered ([], "").
+BatchEnd = Callable[["_Conn", "list[_QueuedSend]", str, str], None]
 
 
 class _Conn(asyncio.Protocol):
-    __slots__ = ("_batch", "_body", "_buf", "_done", "_got", "_headers", "_head_only", "_max",
+    __slots__ = ("_batch", "_body", "_buf", "_done", "_headers", "_head_only", "_max",
                  "_parser", "_raw", "_raw_len", "_status", "closed", "deadline", "loop",
                  "on_batch_end", "on_result", "timed_out", "timer", "timer_at", "transport",
                  "waiter")
@@ -145,7 +145,6 @@ class _Conn(asyncio.Protocol):
         # A pipelined batch: requests written, oldest first, and answer bytes not yet framed.
         self._batch: deque[_QueuedSend] = deque()
         self._buf = b""
-        self._got = False
         self.on_batch_end: BatchEnd | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -210,14 +209,12 @@ class _Conn(asyncio.Protocol):
         self.timed_out = False
         self._batch.extend(batch)
         self._buf = b""
-        self._got = False
         self.on_batch_end = on_end
         deadline = self.deadline = min(item.deadline for item in batch)
         self._arm(deadline)
         self.transport.write(b"".join([item.data for item in batch]))
 
     def _receive_batch(self, data: bytes) -> None:
-        self._got = True
         buf = self._buf + data if self._buf else data
         batch = self._batch
         start = 0
@@ -268,7 +265,7 @@ class _Conn(asyncio.Protocol):
         if why:
             self.close()
         if on_end is not None:
-            on_end(self, left, why, reason, self._got)
+            on_end(self, left, why, reason)
 
     def _arm(self, deadline: float) -> None:
         """The connection's one timer fires by `deadline` (moved lazily: it may fire earlier
@@ -723,7 +720,7 @@ class UpstreamPool:
         return count
 
     def _batch_ended(
-        self, conn: _Conn, left: list[_QueuedSend], why: str, reason: str, got_bytes: bool,
+        self, conn: _Conn, left: list[_QueuedSend], why: str, reason: str,
     ) -> None:
         """Pool the connection again if every answer came; settle what is left (see the
         module docstring)."""
@@ -743,15 +740,10 @@ class UpstreamPool:
                     UpstreamTimeout(f"no answer from {self.where} within {timeout}s"))
             elif index == 0 and why == OVERSIZED:
                 queued.on_result(UpstreamProtocolError(reason))
-            elif (index == 0 and why == CLOSED and not got_bytes) or _idempotent(queued):
-                # Idempotent, or the stale-connection rule's first request: once more, alone.
-                self._retry_alone(queued)
-            elif index == 0 and why == UNFRAMED:
-                queued.on_result(UpstreamProtocolError(
-                    f"{self.where} sent an answer that cannot be pipelined: {reason}"))
             else:
-                queued.on_result(UpstreamProtocolError(
-                    f"{self.where} closed the connection before a complete answer"))
+                # Only GET and HEAD are batched (`_idempotent`): once more, alone (where an
+                # unframed answer is read by the full parser).
+                self._retry_alone(queued)
 
     def _retry_alone(self, queued: _QueuedSend) -> None:
         task = asyncio.ensure_future(self._request_encoded(

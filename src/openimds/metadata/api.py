@@ -337,11 +337,9 @@ class MetadataApi:
         if (len(seen) == 3 and repeated is None and method == "GET" and req.keep_alive
                 and not req.query and not (self._any_tokens_required
                                            and self._token_required(path))):
-            answers = self._hot.get(path)
-            if answers is not None:
-                hot = answers.get(_NUL.join([seen.get(name, b"") for name in _IDENTITY_HEADERS]))
-                if hot is not None:
-                    return self._hot_answer(hot)
+            kept = self._hot_hit(path, seen)
+            if kept is not None:
+                return kept
         who = self._identify(req, seen, repeated)
         if isinstance(who, Response):
             return who
@@ -365,12 +363,18 @@ class MetadataApi:
             return self._serve_miss(req, path, instance_id, tenant_id)
         if (method == "GET" and req.keep_alive and b"if-none-match" not in seen
                 and not req.query):  # with a token checked above, say
-            answers = self._hot.get(path)
-            if answers is not None:
-                hot = answers.get(_NUL.join([seen.get(name, b"") for name in _IDENTITY_HEADERS]))
-                if hot is not None:
-                    return self._hot_answer(hot)
+            kept = self._hot_hit(path, seen)
+            if kept is not None:
+                return kept
         return self._serve(req, path, entry, tenant_id)
+
+    def _hot_hit(self, path: str, seen: dict[bytes, bytes]) -> RawResponse | None:
+        """The answer kept for `path` under exactly these identity header values, if any."""
+        answers = self._hot.get(path)
+        if answers is None:
+            return None
+        hot = answers.get(_NUL.join([seen.get(name, b"") for name in _IDENTITY_HEADERS]))
+        return None if hot is None else self._hot_answer(hot)
 
     def _hot_answer(self, hot: _Hot) -> RawResponse:
         if isinstance(hot, bytes):
