@@ -43,13 +43,20 @@ def opt(
     choices: tuple[str, ...] = (),
     min: float | None = None,
     max: float | None = None,
+    unix_path: bool = False,
 ) -> Any:
-    """Declare one option: default, one line of help, and how to validate it."""
+    """Declare one option: default, one line of help, and how to validate it. `unix_path`:
+    empty or an absolute path a Unix socket can be bound at (checked after $state_path)."""
     return field(
         default=default,
         repr=not secret,
-        metadata={"help": help, "secret": secret, "choices": choices, "min": min, "max": max},
+        metadata={"help": help, "secret": secret, "choices": choices, "min": min, "max": max,
+                  "unix_path": unix_path},
     )
+
+
+# sun_path holds 108 bytes with its terminating NUL (unix(7)); a longer path fails to bind.
+UNIX_PATH_MAX = 107
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +164,14 @@ class ApiSettings:
     workers: int = opt(
         1, "API worker processes (SO_REUSEPORT listeners; each has its own document cache "
         "and follows the change feed)", min=1, max=256,
+    )
+    unix_socket: str = opt(
+        "", "openimds only: a Unix socket the API also listens on (the TCP listener stays), "
+        "for an agent on this host (its nova_metadata_socket); empty = none", unix_path=True,
+    )
+    unix_socket_mode: str = opt(
+        "user", "Permissions of unix_socket: user (0644: only the API's user may connect), "
+        "group (0664), all (0666)", choices=("user", "group", "all"),
     )
     access_log: bool = opt(
         False, "One openimds.access line per request, with the proxy's request ID "
@@ -358,6 +373,11 @@ class Settings:
         "http", "Protocol to the metadata API", choices=("http", "https")
     )
     nova_metadata_insecure: bool = opt(False, "Do not verify the metadata API's certificate")
+    nova_metadata_socket: str = opt(
+        "", "openimds only: the metadata API's Unix socket on this host ([api] unix_socket); "
+        "when set the agent uses it instead of nova_metadata_host/port/protocol (no TLS on "
+        "it); empty = TCP", unix_path=True,
+    )
     auth_ca_cert: str = opt("", "CA bundle for https to the metadata API")
     nova_client_cert: str = opt("", "Client certificate for https to the metadata API")
     nova_client_priv_key: str = opt("", "Client key for https to the metadata API")
@@ -562,13 +582,40 @@ def load_settings(
             where = f"{source} [{section}] {key}"
             if source == "environment":
                 where = f"environment {env_name(section, key)}"
-            kwargs[key] = _parse_value(cls, _fields(cls)[key], raw, where)
+            f = _fields(cls)[key]
+            kwargs[key] = value = _parse_value(cls, f, raw, where)
+            if f.metadata["unix_path"]:
+                _check_unix_path(value, value.replace("$state_path", state_path.strip()), where)
         return cls(**kwargs)
 
     top = build(Settings, DEFAULT_SECTION)
     sections = {name: build(cls, name) for name, cls in _SECTIONS.items()}
-    settings = dataclasses.replace(top, **sections)
-    return _interpolate(settings)
+    settings = _interpolate(dataclasses.replace(top, **sections))
+    _check_socket_paths(settings)
+    return settings
+
+
+def _check_unix_path(raw: str, path: str, where: str) -> None:
+    if not path:
+        return
+    if not path.startswith("/"):
+        raise ConfigError(f"{where}: value {raw!r} is not an absolute path")
+    size = len(os.fsencode(path))
+    if size > UNIX_PATH_MAX or path.endswith("/"):
+        why = (f"is {size} bytes long; a Unix socket path holds at most {UNIX_PATH_MAX}"
+               if size > UNIX_PATH_MAX else "names a directory, not a socket file")
+        raise ConfigError(f"{where}: value {raw!r} {why}")
+
+
+def _check_socket_paths(settings: Settings) -> None:
+    """Socket paths that must differ: the agent would answer on the API's socket, or send
+    every request back to itself."""
+    agent = os.path.normpath(settings.metadata_proxy_socket)
+    for what, value in (("[api] unix_socket", settings.api.unix_socket),
+                        ("[DEFAULT] nova_metadata_socket", settings.nova_metadata_socket)):
+        if value and os.path.normpath(value) == agent:
+            raise ConfigError(f"{what}: value {value!r} is the agent's own socket "
+                              "(metadata_proxy_socket); give the metadata API another path")
 
 
 def _interpolate(settings: Settings) -> Settings:

@@ -98,3 +98,44 @@ def test_env_names_do_not_collide() -> None:
     index = _env_index()
     assert env_name("DEFAULT", "metadata_port") == "OPENIMDS_METADATA_PORT"
     assert len(index) == len(set(index.values()))
+
+
+def test_api_unix_socket_options(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, ""), environ={})
+    assert (s.api.unix_socket, s.api.unix_socket_mode, s.nova_metadata_socket) == ("", "user", "")
+    cfg = write(tmp_path, "[DEFAULT]\nstate_path = /srv/imds\n"
+                          "nova_metadata_socket = $state_path/api.sock\n"
+                          "[api]\nunix_socket = $state_path/api.sock\nunix_socket_mode = group\n")
+    s = load_settings(cfg, environ={})
+    assert s.api.unix_socket == s.nova_metadata_socket == "/srv/imds/api.sock"
+    assert s.api.unix_socket_mode == "group"
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        ("[api]\nunix_socket = run/api.sock\n", {},
+         "[api] unix_socket: value 'run/api.sock' is not an absolute path"),
+        ("", {"OPENIMDS_NOVA_METADATA_SOCKET": "api.sock"},
+         "environment OPENIMDS_NOVA_METADATA_SOCKET: value 'api.sock' is not an absolute path"),
+        (f"[api]\nunix_socket = /{'x' * 110}\n", {}, "is 111 bytes long; a Unix socket path "
+         "holds at most 107"),
+        # $state_path counts at its value: 100 bytes of it plus /api.sock is too long
+        (f"[DEFAULT]\nstate_path = /{'s' * 99}\nnova_metadata_socket = $state_path/api.sock\n",
+         {}, "[DEFAULT] nova_metadata_socket: value '$state_path/api.sock' is 109 bytes long"),
+        ("[api]\nunix_socket = /run/openimds/\n", {}, "names a directory, not a socket file"),
+        ("[api]\nunix_socket_mode = 0777\n", {}, "is not one of user, group, all"),
+        # the agent would send every request back to itself
+        ("[DEFAULT]\nmetadata_proxy_socket = /run/o/agent.sock\n"
+         "nova_metadata_socket = /run/o//agent.sock\n", {},
+         "[DEFAULT] nova_metadata_socket: value '/run/o//agent.sock' is the agent's own socket"),
+        ("[DEFAULT]\nstate_path = /srv/o\n[api]\nunix_socket = /srv/o/metadata_proxy\n", {},
+         "[api] unix_socket: value '/srv/o/metadata_proxy' is the agent's own socket"),
+    ],
+)
+def test_bad_unix_socket_paths_name_the_value(
+    tmp_path: Path, text: str, env: dict[str, str], message: str,
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, text), environ=env)
+    assert message in str(err.value)

@@ -10,7 +10,8 @@ Between the namespace proxy and the metadata API, on the Unix socket
    zero ports or several -> 404 "instance not found" (detail in the log), registry
    unreachable -> 503 + Retry-After, never a guess;
 3. `core.headers.rewrite_request_headers` + `core.signing.sign_instance_id`, then the request
-   goes over pooled keep-alive connections to nova_metadata_protocol://host:port; the API's
+   goes over pooled keep-alive connections to nova_metadata_protocol://host:port (or the
+   API's Unix socket `nova_metadata_socket`, when it runs on this host); the API's
    answer (every status, with its body) is relayed byte for byte. API unreachable -> 503 +
    Retry-After, no answer in time -> 504, garbled -> 502, each with a one-line body.
 
@@ -41,7 +42,6 @@ import os
 import pwd
 import socket
 import ssl
-import stat
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from typing import Any, Protocol
@@ -62,6 +62,7 @@ from openimds.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from openimds.host.unix_listener import listen_unix
 from openimds.http.client import CONNECT_RETRIES, UpstreamPool, UpstreamResponse
 from openimds.http.server import (
     Abandonable,
@@ -186,48 +187,15 @@ def _is_group(name: str, egid: int) -> bool:
 
 
 def open_socket(settings: Settings) -> tuple[socket.socket, int]:
-    """Bind and listen on metadata_proxy_socket with the configured mode and backlog.
-
-    The directory is created (0755) if needed; a stale socket is replaced, but a socket some
-    live process still accepts on is not (two agents would split the traffic). Returns the
-    listening socket and the mode applied.
-    """
-    path = settings.metadata_proxy_socket
+    """Bind and listen on metadata_proxy_socket with the configured mode and backlog
+    (`host.unix_listener`: a stale socket is replaced, a live one is not). Returns the
+    listening socket and the mode applied."""
     mode = socket_mode(
         settings.metadata_proxy_socket_mode, settings.metadata_proxy_user,
         settings.metadata_proxy_group, euid=os.geteuid(), egid=os.getegid(),
     )
-    try:
-        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"metadata_proxy_socket {path}: cannot create its directory: "
-                          f"{exc.strerror}") from exc
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    if st is not None:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ConfigError(f"metadata_proxy_socket {path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # nobody accepts on it: stale
-        else:
-            raise OpenImdsError(f"another process is serving on {path}; not replacing it")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        os.chmod(path, mode)
-        sock.listen(settings.metadata_backlog)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise OpenImdsError(f"cannot listen on {path}: {exc}") from exc
+    sock = listen_unix(settings.metadata_proxy_socket, mode=mode,
+                       backlog=settings.metadata_backlog, option="metadata_proxy_socket")
     return sock, mode
 
 
@@ -256,9 +224,12 @@ def upstream_ssl(settings: Settings) -> ssl.SSLContext | None:
 def make_pool(settings: Settings, *, long_poll: bool = False) -> UpstreamPool:
     """The pool to the API; `long_poll`: the one for held requests (`metadata.longpoll`)."""
     agent = settings.metadata_agent
+    # nova_metadata_socket (openimds only): the API on this host, over its Unix socket
+    unix = settings.nova_metadata_socket or None
     return UpstreamPool(
-        host=settings.nova_metadata_host, port=settings.nova_metadata_port,
-        ssl=upstream_ssl(settings), server_hostname=settings.nova_metadata_host,
+        unix_path=unix, host=None if unix else settings.nova_metadata_host,
+        port=settings.nova_metadata_port, ssl=None if unix else upstream_ssl(settings),
+        server_hostname=settings.nova_metadata_host,
         size=settings.api.max_waits if long_poll else agent.upstream_pool_size,
         connect_timeout_s=min(5.0, agent.upstream_timeout),
         timeout_s=long_poll_timeout(settings) if long_poll else agent.upstream_timeout,

@@ -18,6 +18,7 @@ from openimds.config import Settings
 from openimds.core.ratelimit import RateLimiter
 from openimds.errors import ConfigError
 from openimds.host.limits import raise_nofile_limit
+from openimds.host.unix_listener import remove_if_ours
 from openimds.host.workers import run_workers
 from openimds.http.server import Limits, install_uvloop, serve
 from openimds.log import setup_logging
@@ -75,7 +76,7 @@ def _agent(args: argparse.Namespace, settings: Settings) -> int:
     def unlink() -> None:
         if "sock" in shared:
             shared["sock"][0].close()
-            _unlink_socket(settings.metadata_proxy_socket, shared["sock"][1])
+            remove_if_ours(settings.metadata_proxy_socket, shared["sock"][1])
 
     def work(index: int, ready: Callable[[], None]) -> int:
         sock, inode = shared["sock"]
@@ -83,13 +84,6 @@ def _agent(args: argparse.Namespace, settings: Settings) -> int:
                                      limiter=limiter))
 
     return run_workers(workers, work, name="agent", prepare=bind, finish=unlink)
-
-
-def _unlink_socket(path: str, inode: int) -> None:
-    """Remove the socket file if it is still ours (a successor may have replaced it)."""
-    with contextlib.suppress(OSError):
-        if os.stat(path).st_ino == inode:
-            os.unlink(path)
 
 
 def _registry_token(settings: Settings) -> str:
@@ -151,10 +145,10 @@ async def run_agent(
     gc.freeze()
     gc.set_threshold(_GC_THRESHOLD_0, 20, 20)
     log.info(
-        "agent.started socket=%s mode=%o backlog=%d api=%s://%s:%d registry=%s cache_size=%d "
+        "agent.started socket=%s mode=%o backlog=%d api=%s registry=%s cache_size=%d "
         "max_concurrency=%d", path, mode, settings.metadata_backlog,
-        settings.nova_metadata_protocol, settings.nova_metadata_host,
-        settings.nova_metadata_port, settings.registry.effective_url,
+        pool.where if settings.nova_metadata_socket else
+        f"{settings.nova_metadata_protocol}://{pool.where}", settings.registry.effective_url,
         settings.metadata_agent.cache_size, settings.metadata_agent.max_concurrency,
     )
     if ready is not None:
@@ -176,6 +170,6 @@ async def run_agent(
         await close_quietly(registry)
         agent.log_stats()
         if shared is None:
-            _unlink_socket(path, inode)
+            remove_if_ours(path, inode)
     log.info("agent.stopped")
     return 0

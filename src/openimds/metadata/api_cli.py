@@ -1,5 +1,5 @@
 """`openimds api [serve]`: run the metadata API on [api] metadata_listen:metadata_listen_port
-until SIGTERM/SIGINT."""
+(and on the Unix socket `[api] unix_socket` when set) until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from openimds.cli import add_command
 from openimds.config import Settings
 from openimds.errors import ConfigError
 from openimds.host.limits import raise_nofile_limit
+from openimds.host.unix_listener import SOCKET_MODES, listen_unix, remove_if_ours
 from openimds.host.workers import run_workers
 from openimds.http.server import Limits, bind_tcp, install_uvloop, serve
 from openimds.log import setup_logging
@@ -47,21 +49,28 @@ def _api(args: argparse.Namespace, settings: Settings) -> int:
     if workers <= 1:
         return asyncio.run(run_api(settings))
     # One SO_REUSEPORT socket per worker, all bound here before forking: a port in use fails
-    # at once, and the kernel spreads connections over the workers.
+    # at once, and the kernel spreads connections over the workers. The Unix socket is one,
+    # bound here too: every worker accepts on it (as the agent's workers do on theirs).
     socks: list[socket.socket] = []
+    unix: list[tuple[socket.socket, int]] = []
 
     def bind() -> None:
         socks.extend(_bind(settings, reuse_port=True) for _ in range(workers))
+        unix.extend(_bind_unix(settings))
 
     def work(index: int, ready: Callable[[], None]) -> int:
         for i, other in enumerate(socks):
             if i != index:
                 other.close()
-        return asyncio.run(run_api(settings, worker=index, sock=socks[index], ready=ready))
+        return asyncio.run(run_api(settings, worker=index, sock=socks[index], ready=ready,
+                                   unix=unix[0] if unix else None))
 
     def close() -> None:
         for sock in socks:
             sock.close()
+        for usock, inode in unix:
+            usock.close()
+            remove_if_ours(settings.api.unix_socket, inode)
 
     return run_workers(workers, work, name="api", prepare=bind, finish=close)
 
@@ -77,6 +86,16 @@ def _bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
             f"{exc.strerror}") from None
 
 
+def _bind_unix(settings: Settings) -> list[tuple[socket.socket, int]]:
+    """The listening `[api] unix_socket` and its inode (to remove only our file), if set."""
+    path = settings.api.unix_socket
+    if not path:
+        return []
+    sock = listen_unix(path, mode=SOCKET_MODES[settings.api.unix_socket_mode], backlog=4096,
+                       option="[api] unix_socket")
+    return [(sock, os.stat(path).st_ino)]
+
+
 def _registry_token(settings: Settings) -> str:
     # Reads need the reader token; a guest's password POST needs the admin token.
     token = settings.registry.admin_token or settings.registry.reader_token
@@ -89,9 +108,10 @@ def _registry_token(settings: Settings) -> str:
 
 async def run_api(
     settings: Settings, *, worker: int = 0, sock: socket.socket | None = None,
-    ready: Callable[[], None] | None = None,
+    ready: Callable[[], None] | None = None, unix: tuple[socket.socket, int] | None = None,
 ) -> int:
-    """Serve until SIGTERM/SIGINT; a worker serves the socket its parent bound."""
+    """Serve until SIGTERM/SIGINT; a worker (`sock` given) serves the sockets its parent
+    bound, and leaves removing the Unix socket's file to the parent."""
     from openimds.registry.client import AsyncRegistryClient
     from openimds.registry.feed import ChangeFollower
     from openimds.registry.heartbeat import Heartbeat
@@ -107,8 +127,11 @@ async def run_api(
     # resume: after a registry outage the documents are kept and only what changed meanwhile
     # is dropped (a resync would drop them all).
     follower = ChangeFollower(registry, resume=True, backoff_max_s=1.0)
+    owned: list[tuple[socket.socket, int]] = []
     if sock is None:
-        sock = _bind(settings)
+        sock = _bind(settings)  # the port first: a second API fails before the socket file
+        owned = _bind_unix(settings)
+        unix = owned[0] if owned else None
     limits = Limits(max_body_bytes=api_cfg.max_request_bytes,
                     request_timeout_s=api_cfg.client_timeout)
     metrics = ServiceMetrics("api", worker=worker)
@@ -118,7 +141,10 @@ async def run_api(
     # Counting costs ~1 µs a request (docs/benchmarks.md); with metrics and access lines both
     # off the handler is the bare one.
     observed = settings.metrics.enabled or api.access_log
-    server = await serve(api.handle_observed if observed else api.handle, sock, limits)
+    handler = api.handle_observed if observed else api.handle
+    servers = [await serve(handler, sock, limits)]
+    if unix is not None:
+        servers.append(await serve(handler, unix[0], limits))
     metrics_server = await start_metrics_server(settings, metrics)
     feed_task = asyncio.create_task(api.follow(follower))
     # the node shows as a controller in `openimds host list` (one heartbeat per process set)
@@ -128,8 +154,9 @@ async def run_api(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("api.started listen=%s:%d registry=%s dhcp_domain=%s vendordata=%s imds_tokens=%s",
-             api_cfg.metadata_listen, api_cfg.metadata_listen_port,
+    log.info("api.started listen=%s:%d unix=%s registry=%s dhcp_domain=%s vendordata=%s "
+             "imds_tokens=%s", api_cfg.metadata_listen, api_cfg.metadata_listen_port,
+             api_cfg.unix_socket or "-",
              settings.registry.effective_url, api_cfg.dhcp_domain,
              ",".join(api_cfg.vendordata_providers), api_cfg.imds_tokens)
     if ready is not None:
@@ -137,7 +164,10 @@ async def run_api(
     try:
         await stop.wait()
     finally:
-        server.close()
+        for server in servers:
+            server.close()
+        for _, inode in owned:
+            remove_if_ours(api_cfg.unix_socket, inode)
         if metrics_server is not None:
             metrics_server.close()
         feed_task.cancel()

@@ -1,0 +1,73 @@
+"""A listening Unix socket at a configured path: the agent's `metadata_proxy_socket` and the
+API's `[api] unix_socket`.
+
+Rules:
+- The directory is created (0755) when missing; the socket file gets the mode asked for and
+  belongs to the process's user and group.
+- A socket file nobody accepts on (a server killed before it could remove it) is stale and
+  replaced. One a live process accepts on is not: two servers would split the traffic.
+  Anything else at the path (a file, a directory) is refused.
+- Every error names the option and the path, so the operator knows which value to fix.
+- The file is removed on exit only if it is still the one bound (`remove_if_ours`): a
+  successor may already have replaced it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+
+from openimds.errors import ConfigError, OpenImdsError
+
+__all__ = ["SOCKET_MODES", "listen_unix", "remove_if_ours"]
+
+# Connecting needs write permission on the socket file: user lets only its owner connect.
+SOCKET_MODES = {"user": 0o644, "group": 0o664, "all": 0o666}
+
+
+def listen_unix(path: str, *, mode: int, backlog: int, option: str) -> socket.socket:
+    """Bind and listen at `path` (non-blocking); see the module docstring."""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot create its directory: "
+                          f"{exc.strerror}") from exc
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:  # e.g. a parent is a regular file
+        raise ConfigError(f"{option} {path}: {exc.strerror}") from exc
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ConfigError(f"{option} {path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # nobody accepts on it: stale
+        else:
+            raise OpenImdsError(f"{option} {path}: another process is serving on it; "
+                                "not replacing it")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, mode)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise OpenImdsError(f"{option} {path}: cannot listen: {exc.strerror or exc}") from exc
+    return sock
+
+
+def remove_if_ours(path: str, inode: int) -> None:
+    """Remove the socket file if it is still the one with `inode` (ours)."""
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
