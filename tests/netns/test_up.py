@@ -155,6 +155,10 @@ def test_up_demo_restart_stop_and_reuse(
     for server in ("demo-a", "demo-c"):
         trace = stack.cli("trace", server, check=False)
         assert trace.returncode == 0 and "all hops OK" in trace.stdout, trace.stdout
+    # all-in-one: the agent reaches the API over its Unix socket (trace above used TCP)
+    assert f"(agent via {stack.state / 'api.sock'})" in text
+    assert re.search(r"agent\.started .* api=unix:" + re.escape(str(stack.state / "api.sock")),
+                     (stack.state / "log" / "agent.log").read_text())
 
     # a killed child is restarted (logged) and serves again
     old_agent = up.children["agent"]
@@ -178,6 +182,7 @@ def test_up_demo_restart_stop_and_reuse(
     assert "stopped." in text
     for server, uuid in uuids.items():
         assert Path(f"/run/netns/vm-{uuid[:8]}").exists(), f"{server}'s namespace was removed"
+    assert not (stack.state / "api.sock").exists()  # the API removed its socket file
     specs = list((stack.state / "proxy" / "listeners").glob("*.json"))
     assert len(specs) >= 3  # two routers + the isolated network
 

@@ -24,6 +24,12 @@ later CLI call uses them. The registry uses SQLite under state_path unless confi
 Children get the same `--config` and environment; `up` adds overrides as `OPENIMDS_*`
 variables (the demo turns on enable_isolated_metadata that way). Each child's output goes to
 `$state_path/log/<name>.log` (unless log_file is set).
+
+When it runs both the API and the agent, and the agent would reach that very API over plain
+HTTP on loopback, `up` puts the agent on the API's Unix socket instead (`[api] unix_socket` =
+`nova_metadata_socket` = `$state_path/api.sock`, `local_api_socket`): same process owner,
+same host, cheaper per request; the TCP listener stays for `doctor`, `trace` and remote
+agents. Either option set by the operator, https, or another host keeps TCP.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from openimds.config import Settings, env_name, load_settings
+from openimds.config import UNIX_PATH_MAX, Settings, env_name, load_settings
 from openimds.errors import ConfigError, OpenImdsError
 from openimds.host.supervise import (
     Child,
@@ -266,6 +272,26 @@ def supervised_overrides(overrides: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+API_SOCKET = "api.sock"
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def local_api_socket(settings: Settings, services: Sequence[str]) -> dict[str, str]:
+    """The overrides that move the agent onto the API's Unix socket (module docstring), as
+    the children would see `settings`; {} when that would change where it connects."""
+    if not {"api", "agent"} <= set(services) or settings.api.unix_socket \
+            or settings.nova_metadata_socket:
+        return {}
+    if settings.nova_metadata_protocol != "http" or settings.nova_metadata_host not in _LOOPBACK \
+            or settings.nova_metadata_port != settings.api.metadata_listen_port:
+        return {}
+    path = str(settings.path(API_SOCKET))
+    if not path.startswith("/") or len(os.fsencode(path)) > UNIX_PATH_MAX:
+        return {}  # a long state_path: TCP it stays
+    return {env_name("api", "unix_socket"): path,
+            env_name("DEFAULT", "nova_metadata_socket"): path}
+
+
 def role_services(roles: Sequence[str]) -> list[Service]:
     """The services of these roles (node/roles.py), in dependency order."""
     by_name = {s.name: s for s in SERVICES + ROLE_ONLY_SERVICES}
@@ -350,9 +376,11 @@ async def run_up(
         if exc.log_tail:
             say("  last lines of its log:\n" + _indent(exc.log_tail, 4))
         return 1
+    api_socket = overrides.get(env_name("DEFAULT", "nova_metadata_socket"))
     say(f"openimds is up in {time.monotonic() - t0:.1f} s: registry "
         f"{settings.registry.effective_url}, metadata API {settings.nova_metadata_host}:"
-        f"{settings.nova_metadata_port}, agent socket {settings.metadata_proxy_socket}")
+        f"{settings.nova_metadata_port}" + (f" (agent via {api_socket})" if api_socket else "")
+        + f", agent socket {settings.metadata_proxy_socket}")
 
     cancel = threading.Event()
     if after_start is not None:
@@ -444,7 +472,11 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             overrides.setdefault(env_name("DEFAULT", "enable_isolated_metadata"), "true")
         overrides = supervised_overrides(overrides)
         # Validate what the children will see before starting any of them.
-        load_settings(args.config, environ=child_env(overrides))
+        seen = load_settings(args.config, environ=child_env(overrides))
+        local = local_api_socket(seen, [s.name for s in services])
+        if local:
+            overrides.update(local)
+            load_settings(args.config, environ=child_env(overrides))
         setup_logging(debug=settings.debug, log_file=settings.log_file, component="up")
         if not settings.debug:
             # started/ready lines are printed as progress; deaths and restarts stay logged
@@ -465,4 +497,5 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         os.close(lock)
 
 
-__all__ = ["SERVICES", "build_supervisor", "cmd_up", "ensure_secrets", "supervised_overrides"]
+__all__ = ["SERVICES", "build_supervisor", "cmd_up", "ensure_secrets", "local_api_socket",
+           "supervised_overrides"]
