@@ -40,10 +40,12 @@ META = "/openstack/latest/meta_data.json"
 
 
 def socket_inode(path: Path) -> int:
-    """The kernel's inode of the socket bound at `path` (/proc/net/unix), not the file's."""
+    """The kernel's inode of the socket listening at `path` (/proc/net/unix), not the
+    file's. Accepted and queued connections show the listener's path too: only the entry
+    with __SO_ACCEPTCON (0x10000) in its flags is the listener."""
     for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
         fields = line.split()
-        if len(fields) >= 8 and fields[7] == str(path):
+        if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & 0x10000:
             return int(fields[6])
     raise AssertionError(f"nothing bound at {path}")
 
