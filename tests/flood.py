@@ -8,7 +8,8 @@ The server, a real process (`Service(..., [PYTHON, flood.__file__, ...])`):
 
 answers `GET /n/<i>` with ANSWER_BODY bytes starting `<i>:`, so the client can check that
 every answer came, whole and in order; `GET /big` with BIG_BODY bytes; `GET /stats` (asked
-on another connection) with how many /n/ requests it answered, as JSON. `--loop sockets`
+on another connection) with how many /n/ requests it answered and the connections its
+timeouts ended (`Limits.timeouts`), as JSON. `--loop sockets`
 serves off accepted sockets (`http.sockets`, the proxy's VM side) on uvloop.
 """
 
@@ -36,6 +37,7 @@ from openimds.http.server import (
     Limits,
     Request,
     Response,
+    TimeoutCounts,
     bind_tcp,
     bind_unix,
     error_response,
@@ -59,7 +61,7 @@ def request_for(i: int) -> bytes:
 
 # -- the server ---------------------------------------------------------------------------
 
-def _handler() -> Callable[[Request], AnyResponse]:
+def _handler(timeouts: TimeoutCounts) -> Callable[[Request], AnyResponse]:
     handled = [0]
     big = b"b" * BIG_BODY
 
@@ -70,7 +72,9 @@ def _handler() -> Callable[[Request], AnyResponse]:
             return Response(200, body_for(int(path[3:])),
                             content_type="application/octet-stream")
         if path == "/stats":
-            return Response(200, json.dumps({"handled": handled[0]}).encode(),
+            ended = {"write": timeouts.write, "request": timeouts.request,
+                     "idle": timeouts.idle}
+            return Response(200, json.dumps({"handled": handled[0], "timeouts": ended}).encode(),
                             content_type="application/json")
         if path == "/big":
             return Response(200, big, content_type="application/octet-stream")
@@ -83,9 +87,10 @@ async def _serve(args: argparse.Namespace) -> None:
     from openimds.http.sockets import Acceptor
 
     loop = asyncio.get_running_loop()
-    handle = _handler()
+    timeouts = TimeoutCounts()
+    handle = _handler(timeouts)
     limits = Limits(write_timeout_s=args.write_timeout, request_timeout_s=args.idle_timeout,
-                    keepalive_timeout_s=args.idle_timeout)
+                    keepalive_timeout_s=args.idle_timeout, timeouts=timeouts)
     if args.unix:
         sock = bind_unix(args.unix)
     else:
@@ -148,16 +153,17 @@ class Flood:
         return self.whole + (1 if self.rest else 0)
 
 
-def flood(sock: socket.socket, total_bytes: int, stall_s: float = 3.0) -> Flood:
-    """Pipeline /n/0, /n/1, ... without reading a byte, until the socket takes nothing for
-    stall_s (the server stopped reading) or total_bytes went out (it never did). A slow
-    server on a loaded machine can only make it stop later, never earlier: the kernel's
-    buffers do not empty unless the server reads."""
+def flood(sock: socket.socket, total_bytes: int, stall_s: float = 3.0,
+          request: Callable[[int], bytes] = request_for) -> Flood:
+    """Pipeline /n/0, /n/1, ... (or `request(i)`) without reading a byte, until the socket
+    takes nothing for stall_s (the server stopped reading) or total_bytes went out (it never
+    did). A slow server on a loaded machine can only make it stop later, never earlier: the
+    kernel's buffers do not empty unless the server reads."""
     stream = bytearray()
     ends: list[int] = []
     i = 0
     while len(stream) < total_bytes:
-        stream += request_for(i)
+        stream += request(i)
         ends.append(len(stream))
         i += 1
     view = memoryview(stream)
@@ -236,6 +242,19 @@ def wait_closed(sock: socket.socket, timeout: float = 90.0) -> int:
         time.sleep(0.1)
         state = tcp_state(sock)
     return state
+
+
+def wait_hung_up(sock: socket.socket, timeout: float = 90.0) -> bool:
+    """Poll (reading nothing) until the server ended the connection: True once it did.
+    For Unix sockets too, where TCP_INFO says nothing."""
+    poller = select.poll()
+    poller.register(sock, select.POLLHUP | select.POLLRDHUP | select.POLLERR)
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        for _, events in poller.poll(min(left, 0.1) * 1000):
+            if events & (select.POLLHUP | select.POLLRDHUP | select.POLLERR):
+                return True
+    return False
 
 
 def rss_bytes(pid: int) -> int:

@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,14 +45,22 @@ class FloodServer:
         sock.connect(("127.0.0.1", self.port))
         return sock
 
-    def handled(self) -> int:
-        """The /n/ requests answered so far (asked on a connection of its own)."""
+    def stats(self) -> dict[str, Any]:
+        """What /stats says (asked on a connection of its own)."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=30) as sock:
             sock.sendall(b"GET /stats HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
             data = b""
             while chunk := sock.recv(65536):
                 data += chunk
-        return int(json.loads(data.partition(b"\r\n\r\n")[2])["handled"])
+        return json.loads(data.partition(b"\r\n\r\n")[2])  # type: ignore[no-any-return]
+
+    def handled(self) -> int:
+        """The /n/ requests answered so far."""
+        return int(self.stats()["handled"])
+
+    def timeouts(self) -> dict[str, int]:
+        """The connections its timeouts ended, by kind (write, request, idle)."""
+        return dict(self.stats()["timeouts"])
 
 
 @pytest.fixture
@@ -84,6 +93,7 @@ def test_a_client_that_does_not_read_stops_being_read_and_gets_every_answer_late
         # lost or reordered while it waited, and reading resumed each time it drained.
         flood.check_answers(flood.drain(sock, sent), sent.expected)
     assert server.handled() == sent.expected
+    assert server.timeouts() == {"write": 0, "request": 0, "idle": 0}  # it read in time
     assert server.svc.alive()
 
 
@@ -100,6 +110,8 @@ def test_a_client_that_never_reads_is_reset_after_the_write_timeout(
         # close would wait for the client forever).
         state = flood.wait_closed(sock)
         assert state != flood.TCP_ESTABLISHED
+    # counted once, as a write timeout (the idle and request timeouts are 600 s here)
+    assert server.timeouts() == {"write": 1, "request": 0, "idle": 0}
     assert server.svc.alive()
 
 
@@ -114,6 +126,7 @@ def test_a_closing_answer_the_client_never_takes_is_reset_after_the_write_timeou
     with server.connect() as sock:
         sock.sendall(b"GET /big HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
         assert flood.wait_closed(sock) != flood.TCP_ESTABLISHED
+    assert server.timeouts() == {"write": 1, "request": 0, "idle": 0}
     # a client that reads gets all of it (each drain below the low-water mark restarts
     # the clock: the timeout bounds a stall, not the whole transfer)
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:

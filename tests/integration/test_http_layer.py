@@ -19,6 +19,7 @@ from openimds.http.server import (
     RawResponse,
     Request,
     Response,
+    TimeoutCounts,
     bind_tcp,
     bind_unix,
     error_response,
@@ -154,26 +155,34 @@ async def test_bad_requests_get_a_status_and_a_reason(data: bytes, status: bytes
         server.close()
 
 
+def ended(counts: TimeoutCounts) -> tuple[int, int, int]:
+    return counts.write, counts.request, counts.idle
+
+
 async def test_slow_client_times_out_with_408() -> None:
-    server, port = await start(echo, Limits(request_timeout_s=0.3))
+    counts = TimeoutCounts()
+    server, port = await start(echo, Limits(request_timeout_s=0.3, timeouts=counts))
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")  # never finishes
         out = await asyncio.wait_for(reader.read(-1), 5)
         assert out.startswith(b"HTTP/1.1 408")
         writer.close()
+        assert ended(counts) == (0, 1, 0)
     finally:
         server.close()
 
 
 async def test_idle_keepalive_closes_silently() -> None:
-    server, port = await start(echo, Limits(keepalive_timeout_s=0.2))
+    counts = TimeoutCounts()
+    server, port = await start(echo, Limits(keepalive_timeout_s=0.2, timeouts=counts))
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
         out = await asyncio.wait_for(reader.read(-1), 5)  # until the idle close
         assert out.count(b"HTTP/1.1 ") == 1 and b"408" not in out
         writer.close()
+        assert ended(counts) == (0, 0, 1)
     finally:
         server.close()
 

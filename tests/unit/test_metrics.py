@@ -71,6 +71,25 @@ def test_hop_counters_are_exposed_by_class_family_and_bucket() -> None:
                                         ("worker", "0")))] == 1
 
 
+def test_timed_out_connections_are_exposed_per_hop_and_kind() -> None:
+    m = ServiceMetrics("proxy")
+    served = m.hop("proxy")
+    m.hop("registry")  # not served by http.server: no timeout counts, none exported
+    counts = served.count_timeouts()
+    assert served.count_timeouts() is counts
+    counts.write += 1
+    counts.idle += 3
+    text = m.render()
+    got = samples(text)
+    name = "openimds_connection_timeouts_total"
+    assert got[(name, (("hop", "proxy"), ("kind", "write")))] == 1
+    assert got[(name, (("hop", "proxy"), ("kind", "request")))] == 0
+    assert got[(name, (("hop", "proxy"), ("kind", "idle")))] == 3
+    assert not [k for k in got if k[0] == name and ("hop", "registry") in k[1]]
+    assert b"# HELP openimds_connection_timeouts_total Client connections" in text
+    assert b"openimds_connection_timeouts" not in ServiceMetrics("registry").render()
+
+
 def test_feed_lag_is_zero_while_polling_and_grows_otherwise() -> None:
     feed = FeedStats()
     feed.up, feed.polling, feed.caught_up_at = True, True, 100.0
@@ -110,6 +129,7 @@ def test_exposition_passes_promtool() -> None:
     hop = m.hop("proxy")
     hop.begin()
     hop.done(200, "/", 0.001)
+    hop.count_timeouts().write += 1
     m.feed("proxy")
     proc = subprocess.run(["promtool", "check", "metrics"], input=m.render(),
                           capture_output=True, timeout=30)

@@ -15,6 +15,8 @@ Rules:
   drain below a quarter of that (`resume_writing`). A client that pipelines and never reads
   costs us that much plus one read, not every answer; one that does not take a quarter of it
   within `write_timeout_s`, or does not take the rest after we closed, is aborted (RST).
+- Connections ended by a timeout are counted in `Limits.timeouts` (a hop's /metrics), on the
+  timeout's path only: nothing is counted per request.
 - Limits are enforced here, once, for every hop: header bytes (431), body bytes (413),
   time to receive a whole request (408), idle keep-alive time, malformed input (400).
   Every error answer carries a one-line reason and closes the connection.
@@ -35,7 +37,7 @@ import struct
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
@@ -53,6 +55,7 @@ __all__ = [
     "RawResponse",
     "Request",
     "Response",
+    "TimeoutCounts",
     "bind_tcp",
     "bind_unix",
     "error_response",
@@ -66,6 +69,18 @@ _METHODS = {m.encode(): m for m in ("GET", "HEAD", "PUT", "POST", "DELETE", "OPT
 MAX_PIPELINE = 32
 # Requests that may start while earlier ones on the connection are unanswered.
 _SAFE = frozenset(("GET", "HEAD"))
+
+
+class TimeoutCounts:
+    """Connections a server ended because one of its timeouts passed, by which one. Bumped
+    only where a timeout fires (never per request); read when /metrics is scraped."""
+
+    __slots__ = ("idle", "request", "write")
+
+    def __init__(self) -> None:
+        self.write = 0  # reset: answers not taken within write_timeout_s
+        self.request = 0  # 408: a request begun and not received within request_timeout_s
+        self.idle = 0  # closed: no request begun (keep-alive timeout, or a silent new one)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +97,8 @@ class Limits:
     # mark (or hold unsent bytes once closing) before it is aborted.
     write_buffer_bytes: int = 65536
     write_timeout_s: float = 30.0
+    # Where the connections these limits ended are counted (the hop's); None: nowhere.
+    timeouts: TimeoutCounts | None = field(default=None, compare=False, repr=False)
 
 
 class Request:
@@ -792,8 +809,13 @@ class HttpProtocol(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             return
-        log.info("http.write_timeout peer=%s unsent=%d", self._peer[0] if self._peer else "-",
-                 transport.get_write_buffer_size())
+        unsent = transport.get_write_buffer_size()
+        if unsent:  # (none: the transport is closing by itself, the client took it all)
+            counts = self._limits.timeouts
+            if counts is not None:
+                counts.write += 1
+            log.info("http.write_timeout peer=%s unsent=%d",
+                     self._peer[0] if self._peer else "-", unsent)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -834,11 +856,16 @@ class HttpProtocol(asyncio.Protocol):
         if self._pending:
             # The handler owns the time now; upstream timeouts bound it.
             return
+        counts = self._limits.timeouts
         if self._in_request:
+            if counts is not None:
+                counts.request += 1
             self._fail(408, "request not received in time")
         else:
             # An idle keep-alive connection (or one that never sent a byte) just closes:
             # an unprompted 408 would be read as the answer to the client's next request.
+            if counts is not None:
+                counts.idle += 1
             self._close()
 
 

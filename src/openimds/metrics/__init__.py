@@ -12,6 +12,7 @@ prometheus-client Collector, turns them into metric families only when Prometheu
 
     metrics = ServiceMetrics("agent")
     hop = metrics.hop("agent")                 # requests, latency, in-flight, upstream errors
+    limits = Limits(timeouts=hop.count_timeouts())  # connections its server timed out
     metrics.add(lambda: [...metric families...])  # anything else, read at scrape time
     server = await start_metrics_server(settings, metrics)   # None when disabled
 
@@ -32,7 +33,14 @@ from typing import TYPE_CHECKING, Any
 
 from openimds import __version__
 from openimds.config import Settings
-from openimds.http.server import Request, Response, bind_tcp, error_response, serve
+from openimds.http.server import (
+    Request,
+    Response,
+    TimeoutCounts,
+    bind_tcp,
+    error_response,
+    serve,
+)
 
 if TYPE_CHECKING:
     from prometheus_client.core import (
@@ -110,10 +118,12 @@ class HopStats:
     answered; in flight = begun - done. `upstream_error(status)` counts 502/503/504 answers
     caused by the next hop. `done` is a closure over its tables (no attribute lookups, no
     method binding): ~0.3 µs a request on this machine (bench/metrics_bench.py --micro).
+    `count_timeouts()` is what the hop's server counts its timed-out connections in (only a
+    hop served by `http.server` has them).
     """
 
     __slots__ = ("_families", "_sum", "begun", "buckets", "codes", "done", "family_of", "hop",
-                 "upstream_errors")
+                 "timeouts", "upstream_errors")
 
     def __init__(self, hop: str, family_of: Callable[[str], int] = path_family) -> None:
         self.hop = hop
@@ -124,6 +134,7 @@ class HopStats:
         self._sum = [0.0]
         self.upstream_errors: dict[int, int] = {}
         self._families: dict[str, int] = {}
+        self.timeouts: TimeoutCounts | None = None
         self.done: Callable[[int, str, float], None] = self._make_done()
 
     def _make_done(self) -> Callable[[int, str, float], None]:
@@ -152,6 +163,12 @@ class HopStats:
 
     def begin(self) -> None:
         self.begun += 1
+
+    def count_timeouts(self) -> TimeoutCounts:
+        """The counts to give the hop's server (`Limits.timeouts`); exported from then on."""
+        if self.timeouts is None:
+            self.timeouts = TimeoutCounts()
+        return self.timeouts
 
     @property
     def sum(self) -> float:
@@ -306,7 +323,18 @@ class ServiceMetrics:
             "openimds_upstream_errors",
             "Answers 502 (bad answer), 503 (unavailable), 504 (timeout) caused by the next hop",
             labels=["hop", "status"])
+        timeouts = core.CounterMetricFamily(
+            "openimds_connection_timeouts",
+            "Client connections this hop ended because a timeout passed: write (reset: its "
+            "answers not taken within the write timeout), request (408: a request begun and "
+            "not received in time), idle (closed: no request begun in time)",
+            labels=["hop", "kind"])
         for hop in self.hops:
+            ended = hop.timeouts
+            if ended is not None:
+                timeouts.add_metric([hop.hop, "write"], ended.write)
+                timeouts.add_metric([hop.hop, "request"], ended.request)
+                timeouts.add_metric([hop.hop, "idle"], ended.idle)
             for (code, family), n in sorted(hop.by_class().items()):
                 requests.add_metric([hop.hop, code, family], n)
             cumulative, running = [], 0
@@ -319,6 +347,8 @@ class ServiceMetrics:
             for status in (502, 503, 504):
                 upstream.add_metric([hop.hop, str(status)], hop.upstream_errors.get(status, 0))
         yield from (requests, latency, in_flight, upstream)
+        if timeouts.samples:
+            yield timeouts
 
     def _feed_families(self) -> Iterator[Metric]:
         core = _families()
