@@ -153,6 +153,10 @@ class ApiSettings:
         "size of the proxy's and the agent's long-poll pools", min=1,
     )
     client_timeout: float = opt(30.0, "Seconds a client may take to send a request", min=0.1)
+    client_write_timeout: float = opt(
+        30.0, "Seconds a client (the agent) that does not read may leave its answers untaken "
+        "(over 16 KiB unsent) before its connection is reset", min=1.0, max=3600.0,
+    )
     max_request_bytes: int = opt(65536, "Largest request body accepted", min=1024)
     cache_size: int = opt(10000, "Instances whose serialized documents are kept", min=1)
     registry_timeout: float = opt(5.0, "Seconds to wait for the registry's view", min=0.1)
@@ -193,6 +197,10 @@ class MetadataAgentSettings:
         8, "Requests of one loop iteration written together on one pooled connection to the "
         "API (1: one at a time)", min=1, max=32)
     upstream_timeout: float = opt(60.0, "Seconds to wait for the metadata API", min=0.1)
+    client_write_timeout: float = opt(
+        30.0, "Seconds a client (the proxy) that does not read may leave its answers untaken "
+        "(over 16 KiB unsent) before its connection is reset", min=1.0, max=3600.0,
+    )
     registry_timeout: float = opt(5.0, "Seconds to wait for the registry", min=0.1)
     registry_connections: int = opt(
         8, "Concurrent registry lookups (more only slows a sqlite registry down)", min=2

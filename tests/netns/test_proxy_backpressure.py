@@ -28,12 +28,20 @@ from tests.netns.test_proxy import (  # noqa: F401 - fixtures
     router,
     wait_for,
 )
-from tests.support import PYTHON, Service, unix_ready, write_config
+from tests.support import (
+    PYTHON,
+    Service,
+    metric_samples,
+    scrape,
+    unix_ready,
+    write_config,
+)
 
 pytestmark = pytest.mark.netns
 
 FLOOD_BYTES = 4_000_000
 RSS_GROWTH_MAX = 32 << 20  # bounded: ~64 KiB + one read's requests; unbounded: ~95 MB
+PROXY_METRICS = 9703  # the default [metrics] proxy_port (the config here keeps defaults)
 
 
 @pytest.fixture
@@ -100,20 +108,29 @@ def test_a_vm_that_does_not_read_stops_being_read_and_gets_every_answer_later(
     assert proxy.alive()
 
 
+def write_resets() -> float:
+    """The proxy's `openimds_connection_timeouts_total{kind="write"}` (its /metrics)."""
+    got = metric_samples(scrape(PROXY_METRICS))
+    return got[("openimds_connection_timeouts_total",
+                frozenset({("hop", "proxy"), ("kind", "write")}))]
+
+
 def test_a_vm_that_never_reads_is_reset_after_timeout_client(
     env: ProxyEnv, upstream: Service, router: tuple[str, str],
 ) -> None:
     # A keep-alive timeout far beyond the wait: only the write timeout can end it.
     proxy = start_proxy(env, router, timeout_client=2.0, timeout_http_keep_alive=600.0)
+    wait_for(lambda: write_resets() == 0)  # metrics start once the listeners serve
     with vm_connect(router[1]) as sock:
         sent = flood.flood(sock, FLOOD_BYTES, stall_s=1.0)
         assert sent.stalled, sent
         assert flood.wait_closed(sock) != flood.TCP_ESTABLISHED
     wait_for(lambda: "http.write_timeout peer=10.0.0.5" in proxy.log())
+    assert write_resets() == 1  # counted once, on the reset
     assert proxy.alive()
     # the VM's next connection is served as usual
     with vm_connect(router[1]) as sock:
         sock.sendall(flood.request_for(0))
         sent = flood.Flood(1, 0, 0, b"", False)
         flood.check_answers(flood.drain(sock, sent), 1)
-
+    assert write_resets() == 1

@@ -60,6 +60,13 @@ def test_secrets_file_under_the_config_file(tmp_path: Path) -> None:
         ("", {"OPENIMDS_NOPE": "1"}, "environment OPENIMDS_NOPE: unknown option"),
         ("", {"OPENIMDS_REGISTRY_BIND_PORT": "99999"}, "environment OPENIMDS_REGISTRY_BIND_PORT"),
         ("[DEFAULT\n", {}, "cannot parse"),
+        ("[api]\nclient_write_timeout = 0.5\n", {},
+         "[api] client_write_timeout: value '0.5' is below the minimum 1.0"),
+        ("[metadata_agent]\nclient_write_timeout = 86400\n", {},
+         "[metadata_agent] client_write_timeout: value '86400' is above the maximum 3600.0"),
+        ("", {"OPENIMDS_METADATA_AGENT_CLIENT_WRITE_TIMEOUT": "soon"},
+         "environment OPENIMDS_METADATA_AGENT_CLIENT_WRITE_TIMEOUT: value 'soon' is not a "
+         "number"),
     ],
 )
 def test_bad_settings_name_file_section_key_and_reason(
@@ -139,3 +146,13 @@ def test_bad_unix_socket_paths_name_the_value(
     with pytest.raises(ConfigError) as err:
         load_settings(write(tmp_path, text), environ=env)
     assert message in str(err.value)
+
+
+def test_write_timeouts_of_the_agent_and_the_api(tmp_path: Path) -> None:
+    """Both default to the 30 s the HTTP layer had fixed; each is its own option."""
+    s = load_settings(write(tmp_path, ""), environ={})
+    assert s.api.client_write_timeout == 30.0
+    assert s.metadata_agent.client_write_timeout == 30.0
+    s = load_settings(write(tmp_path, "[api]\nclient_write_timeout = 2.5\n"),
+                      environ={"OPENIMDS_METADATA_AGENT_CLIENT_WRITE_TIMEOUT": "7"})
+    assert (s.api.client_write_timeout, s.metadata_agent.client_write_timeout) == (2.5, 7.0)

@@ -133,7 +133,9 @@ async def run_api(
         owned = _bind_unix(settings)
         unix = owned[0] if owned else None
     limits = Limits(max_body_bytes=api_cfg.max_request_bytes,
-                    request_timeout_s=api_cfg.client_timeout)
+                    request_timeout_s=api_cfg.client_timeout,
+                    write_timeout_s=api_cfg.client_write_timeout,
+                    timeouts=api.hop.count_timeouts())
     metrics = ServiceMetrics("api", worker=worker)
     metrics.hops.append(api.hop)
     metrics.add(api.metric_families)

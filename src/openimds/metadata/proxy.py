@@ -83,6 +83,7 @@ from openimds.http.server import (
     RawResponse,
     Request,
     Response,
+    TimeoutCounts,
     error_response,
     parse_one,
 )
@@ -137,8 +138,11 @@ class ProxyPaths:
                    Path(settings.proxy.listeners_dir))
 
 
-def limits_from_settings(settings: Settings) -> Limits:
-    """Neutron's [metadata_haproxy] timeouts applied to the client side.
+def limits_from_settings(
+    settings: Settings, timeouts: TimeoutCounts | None = None,
+) -> Limits:
+    """Neutron's [metadata_haproxy] timeouts applied to the client side (the connections
+    they end counted in `timeouts`).
 
     haproxy's `timeout http-request` bounds receiving a request and `timeout client` bounds
     client inactivity; for a request both apply, so the shorter one wins. A VM that does not
@@ -146,6 +150,7 @@ def limits_from_settings(settings: Settings) -> Limits:
     """
     h = settings.metadata_haproxy
     return Limits(
+        timeouts=timeouts,
         request_timeout_s=min(h.timeout_http_request, h.timeout_client),
         keepalive_timeout_s=h.timeout_http_keep_alive,
         write_timeout_s=h.timeout_client,
@@ -1281,7 +1286,8 @@ async def run_proxy(
                           count=settings.metrics.enabled,
                           tarpit=Tarpit(p.tarpit_delay, p.tarpit_max_per_source, p.tarpit_max))
     proxy = NamespaceProxy(paths.listeners_dir, forwarder,
-                           limits_from_settings(settings), settings.proxy.rescan_interval,
+                           limits_from_settings(settings, forwarder.hop.count_timeouts()),
+                           settings.proxy.rescan_interval,
                            settings.proxy.max_connections_per_source,
                            reuse_port=worker_ready is not None)
     metrics = ServiceMetrics("proxy", worker=worker)
