@@ -299,16 +299,16 @@ class Bench:
             ip("-n", ns, "link", "set", dev, "up")
         return rns, vm
 
-    def config(self, workers: int) -> tuple[Path, dict[str, Any]]:
-        state = self.tmp / f"state-w{workers}"
+    def config(self, workers: int, tag: str = "") -> tuple[Path, dict[str, Any]]:
+        state = self.tmp / f"state-w{workers}{tag}"
         state.mkdir()
         cfg = base_config(state, DEFAULT={
-            "metadata_proxy_socket": str(self.tmp / f"agent-w{workers}.sock"),
+            "metadata_proxy_socket": str(self.tmp / f"agent-w{workers}{tag}.sock"),
             "metadata_proxy_socket_mode": "all",  # haproxy runs as nobody
         }, proxy={"spawn_from_agents": "false",
                   "max_connections_per_source": 4096},  # wrk: 100 connections, one VM
             metrics={"enabled": "false"})  # two stacks in one run: no metrics ports
-        return write_config(self.tmp / f"openimds-w{workers}.ini", cfg), cfg
+        return write_config(self.tmp / f"openimds-w{workers}{tag}.ini", cfg), cfg
 
     def cli(self, name: str, config: Path, *args: str,
             env: dict[str, str] | None = None) -> Proc:
@@ -336,10 +336,12 @@ class Stack:
     ports: dict[str, int]
     api_headers: list[str]  # what the agent sends: wrk straight at the API (--api-only)
     api_port: int
+    tag: str = ""
 
 
-def start_stack(b: Bench, rns: str, workers: int, port_base: int) -> Stack:
-    config, cfg = b.config(workers)
+def start_stack(b: Bench, rns: str, workers: int, port_base: int, tag: str = "") -> Stack:
+    """`tag` "sock": the agent reaches its API over a Unix socket (`--api-socket`)."""
+    config, cfg = b.config(workers, tag)
     reg = cfg["registry"]
     url = f"http://{reg['bind_host']}:{reg['bind_port']}"
     wenv = {"OPENIMDS_METADATA_WORKERS": str(workers), "OPENIMDS_API_WORKERS": str(workers),
@@ -349,7 +351,10 @@ def start_stack(b: Bench, rns: str, workers: int, port_base: int) -> Stack:
         if not sep:
             raise SystemExit(f"--option {item!r}: expected SECTION_KEY=VALUE")
         wenv["OPENIMDS_" + name.upper()] = value
-    sfx = f"-w{workers}"
+    if tag == "sock":
+        api_sock = str(b.tmp / f"api-w{workers}.sock")
+        wenv.update(OPENIMDS_API_UNIX_SOCKET=api_sock, OPENIMDS_NOVA_METADATA_SOCKET=api_sock)
+    sfx = f"-w{workers}{tag}"
     registry = b.cli("registry" + sfx, config, "registry", "serve")
     wait_until(lambda: urlopen_ok(url + "/v1/health"), 30, "registry")
     router_id, inst = populate(url, reg["admin_token"])
@@ -380,7 +385,7 @@ def start_stack(b: Bench, rns: str, workers: int, port_base: int) -> Stack:
                f"X-Instance-ID-Signature: {sign_instance_id(secret, inst['id'])}"]
     return Stack(workers, {"registry": registry, "api": api, "agent": agent, "proxy": proxy,
                            "haproxy": haproxy},
-                 {"chain": chain_port, "haproxy": hap_port}, headers, api_port)
+                 {"chain": chain_port, "haproxy": hap_port}, headers, api_port, tag)
 
 
 def start_alone(b: Bench, rns: str, vm: str, baseline: Path | None = None,
@@ -604,6 +609,9 @@ def main() -> int:
     p.add_argument("--option", action="append", default=[], metavar="SECTION_KEY=VALUE",
                    help="an option for every chain service, as its OPENIMDS_ variable "
                         "without the prefix (e.g. PROXY_UPSTREAM_PIPELINE_DEPTH=1); repeatable")
+    p.add_argument("--api-socket", action="store_true",
+                   help="also a chain whose agent reaches its API over a Unix socket "
+                        "([api] unix_socket, nova_metadata_socket), same rounds: chainsock-wN")
     p.add_argument("--no-matched", dest="matched", action="store_false",
                    help="skip the second reference: bare held at the chain's request rate")
     p.add_argument("--json", type=Path)
@@ -626,6 +634,9 @@ def main() -> int:
         rns, vm = b.topology()
         stacks = [start_stack(b, rns, w, 9700 + 10 * i)
                   for i, w in enumerate(worker_counts)]
+        if a.api_socket:
+            stacks += [start_stack(b, rns, w, 9700 + 10 * (len(worker_counts) + i), "sock")
+                       for i, w in enumerate(worker_counts)]
         answer = b""
         for st in stacks:
             answer = check_answers(vm, st.ports) or answer
@@ -669,6 +680,9 @@ def main() -> int:
                     configs.append((f"{piped}-w{st.workers}", st.api_port, {"api": pids["api"]},
                                     st.api_headers))
                 continue
+            if st.tag:  # the same chain but for its agent -> API hop: no haproxy run
+                configs.append((f"chain{st.tag}-w{st.workers}", st.ports["chain"], pids, None))
+                continue
             configs.append((f"chain-w{st.workers}", st.ports["chain"], pids, None))
             if a.pipeline > 1:
                 configs.append((f"{piped}-w{st.workers}", st.ports["chain"], pids, None))
@@ -704,7 +718,7 @@ def main() -> int:
                         runs.insert(0, ("bare@rate", PORTS["bare"], {"bare": bare.popen.pid},
                                         None))
         for st in stacks:
-            results[f"rss_kib_w{st.workers}"] = {
+            results[f"rss_kib_w{st.workers}{st.tag}"] = {
                 k: sum(rss_kib(q) for q in tree_pids(v.popen.pid))
                 for k, v in st.services.items() if k not in ("haproxy",)}
     except KeyboardInterrupt:
@@ -764,7 +778,7 @@ def summarize(rows: list[dict[str, Any]], scenarios: list[tuple[int, bool]],
         bare = sel("bare", conns, close)
         matched = sel("bare@rate", conns, close)
         for name in (["bare", "bare@rate"] + [f"{k}-w{w}" for w in workers for k in kinds]
-                     + list(ALONE_PORTS)):
+                     + [f"chainsock-w{w}" for w in workers] + list(ALONE_PORTS)):
             rs = list(sel(name, conns, close).values())
             if not rs:
                 continue
@@ -794,6 +808,17 @@ def summarize(rows: list[dict[str, Any]], scenarios: list[tuple[int, bool]],
             xs = [ours[k]["rps"] / hap[k]["rps"] for k in ours if k in hap]
             say(f"{label} w{w}: chain with openimds proxy / with haproxy (Neutron config) "
                 f"rps = {ratio(xs)}" + ("  (target >= 1.0)" if close else ""))
+            sock = sel(f"chainsock-w{w}", conns, close)  # --api-socket
+            if sock:
+                xs = [sock[k]["rps"] / bare[k]["rps"] for k in sock if k in bare]
+                say(f"{label} w{w}: chain, agent -> API over a Unix socket / one-process "
+                    f"floor (bare) rps = {ratio(xs)}" + ("  (target >= 0.6)" if close else ""))
+                xs = [sock[k]["rps"] / ours[k]["rps"] for k in sock if k in ours]
+                say(f"{label} w{w}: chainsock / chain (TCP) rps = {ratio(xs)}")
+                for hop in hops:
+                    xs = [sock[k]["cpu_us"][hop] / ours[k]["cpu_us"][hop] for k in sock
+                          if k in ours and ours[k]["cpu_us"][hop]]
+                    say(f"{label} w{w}: chainsock / chain (TCP) {hop} CPU/req = {ratio(xs)}")
         for mine, theirs, why in (
                 ("alone-proxy-w1", "alone-haproxy-t1", "one thread each"),
                 ("alone-proxy-w2", "alone-haproxy-t2", "two each"),

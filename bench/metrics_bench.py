@@ -51,7 +51,7 @@ class MetricsBench(cb.Bench):
 
     variant = "off"
 
-    def config(self, workers: int) -> tuple[Path, dict[str, Any]]:
+    def config(self, workers: int, tag: str = "") -> tuple[Path, dict[str, Any]]:
         tag = f"m{self.variant}"
         state = self.tmp / f"state-{tag}"
         state.mkdir()
