@@ -49,7 +49,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # in small ways (they do not subclass asyncio.Transport): its tests run on both loops.
 _BOTH_LOOPS = ("test_http_layer.py", "test_http_pipeline.py", "test_http_send.py",
                "test_http_concurrent.py",
-               "test_http_sockets.py")
+               "test_http_sockets.py", "test_http_known_heads.py")
 
 
 def pytest_asyncio_loop_factories(

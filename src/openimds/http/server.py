@@ -17,6 +17,12 @@ Rules:
   within `write_timeout_s`, or does not take the rest after we closed, is aborted (RST).
 - Connections ended by a timeout are counted in `Limits.timeouts` (a hop's /metrics), on the
   timeout's path only: nothing is counted per request.
+- `Limits.known_heads`: a request head seen before is not parsed again. A complete GET/HEAD
+  head (keep-alive, no body, origin-form) that httptools parsed at a message boundary is
+  kept by its bytes, less the value of its first X-Openimds-Request-Id (each hop's requests
+  differ only there); the same bytes at a boundary later make the same `Request` with that
+  value put back, and carry `shape` (the kept key: a memo key for the hop) and `request_id`.
+  Anything else, or any doubt (an ID value outside `[A-Za-z0-9._:-]`, a limit), is parsed.
 - Limits are enforced here, once, for every hop: header bytes (431), body bytes (413),
   time to receive a whole request (408), idle keep-alive time, malformed input (400).
   Every error answer carries a one-line reason and closes the connection.
@@ -99,13 +105,16 @@ class Limits:
     write_timeout_s: float = 30.0
     # Where the connections these limits ended are counted (the hop's); None: nowhere.
     timeouts: TimeoutCounts | None = field(default=None, compare=False, repr=False)
+    # Requests whose head was seen before are made from what its parse gave (see the module
+    # docstring): the hop that opts in (its requests repeat) skips httptools' callbacks.
+    known_heads: bool = False
 
 
 class Request:
     """One parsed request. Header names are lower-cased bytes; values are raw bytes."""
 
     __slots__ = ("body", "headers", "keep_alive", "method", "path", "peer", "query",
-                 "target", "version")
+                 "request_id", "shape", "target", "version")
 
     def __init__(
         self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes,
@@ -121,6 +130,10 @@ class Request:
         self.version = version
         self.keep_alive = keep_alive
         self.peer = peer
+        # Set only for a known head (`Limits.known_heads`): its key, the same object for
+        # every request with these bytes less the ID's value, and that value (None: none).
+        self.shape: bytes | None = None
+        self.request_id: bytes | None = None
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a header (name in lower case), or None."""
@@ -295,6 +308,58 @@ class _ProtocolError(Exception):
         self.reason = reason
 
 
+# -- known heads (`Limits.known_heads`) ----------------------------------------------------
+_ID_NAME = b"x-openimds-request-id"
+_ID_AT = b"\r\n" + _ID_NAME + b":"  # in the lower-cased head: the first such header line
+_ID_MAX = 128  # longer ID values are parsed, not put into a kept head
+_ID_CHARS = b"-._:"  # with letters and digits, all an ID value may hold to be put back
+_KNOWN_MAX = 4096  # heads kept per process (cleared when full)
+_KNOWN_HEAD_MAX = 1024  # longer heads are not kept (the hops' own are ~250-450 bytes)
+_KNOWN_METHODS = frozenset(("GET", "HEAD"))
+# A kept head with any of these is parsed every time (framing, 100-continue, upgrades).
+_KNOWN_NEVER = frozenset((b"content-length", b"transfer-encoding", b"expect", b"upgrade"))
+
+
+class _Known:
+    """What httptools made of one head (`Request` less the ID's value and the peer)."""
+
+    __slots__ = ("counted", "headers", "id_at", "id_len", "key", "method", "path", "query",
+                 "target", "version")
+
+    def __init__(self, key: bytes, req: Request, counted: int, id_at: int, id_len: int) -> None:
+        self.key = key
+        self.method = req.method
+        self.target = req.target
+        self.path = req.path
+        self.query = req.query
+        self.version = req.version
+        self.headers = req.headers
+        self.counted = counted  # header bytes as the parser callbacks count them
+        self.id_at = id_at  # index of the ID header in `headers`, -1: none
+        self.id_len = id_len
+
+
+_known: dict[bytes, _Known] = {}
+
+
+def _id_value(head: bytes, low: bytes) -> tuple[int, int] | None:
+    """Where the value of the head's first X-Openimds-Request-Id is, (start, end); (0, 0)
+    for a head without one; None if it is not one a kept head can take back (not exactly
+    one space after the colon, or a byte outside letters, digits and `-._:`)."""
+    at = low.find(_ID_AT)
+    if at < 0:
+        return 0, 0
+    start = at + len(_ID_AT)
+    if head[start:start + 1] != b" ":
+        return None
+    start += 1
+    end = head.find(b"\r\n", start)
+    value = head[start:end]
+    if not 0 < len(value) <= _ID_MAX or not value.translate(None, _ID_CHARS).isalnum():
+        return None
+    return start, end
+
+
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 WHEEL_TICK_S = 0.25  # how late a connection's timeout may fire
 
@@ -360,7 +425,7 @@ class HttpProtocol(asyncio.Protocol):
         "_header_bytes", "_headers", "_in_request", "_eof", "_failure", "_in_trailers",
         "_last_keep_alive", "_last_name", "_limits", "_loop", "_parser", "_paused", "_peer",
         "_pending", "_queue", "_deadline", "_slot", "_slot_end", "_wheel", "_transport",
-        "_url", "_max_header_bytes", "_out", "_write_paused",
+        "_url", "_max_header_bytes", "_out", "_write_paused", "_known_heads",
     )
 
     def __init__(self, handler: Handler, limits: Limits, loop: asyncio.AbstractEventLoop):
@@ -389,6 +454,7 @@ class HttpProtocol(asyncio.Protocol):
         self._slot_end = 0.0  # when that slot fires
         self._deadline = 0.0
         self._max_header_bytes = limits.max_header_bytes  # read per header: one lookup
+        self._known_heads = limits.known_heads
         # Hostile-input state: the client half-closed; a parse error waiting until the
         # requests before it are answered; trailer fields being skipped.
         self._eof = False
@@ -454,7 +520,11 @@ class HttpProtocol(asyncio.Protocol):
 
     def _receive(self, data: bytes) -> None:
         try:
-            self._parser.feed_data(data)
+            if (self._known_heads and not self._in_request and self._last_keep_alive
+                    and self._failure is None):
+                data = self._take_known(data)
+            if data:
+                self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # The request asking for it is answered as if Upgrade were absent (RFC 9110 7.8
             # lets a server ignore it); the parser stops there, so the connection ends.
@@ -473,6 +543,88 @@ class HttpProtocol(asyncio.Protocol):
             else:
                 self._fail_after_queue(400, f"malformed request: {exc}")
         self._drain_queue()
+
+    def _take_known(self, data: bytes) -> bytes:
+        """Queue the requests at the start of `data` whose heads are known, parse (and learn)
+        the others one head at a time; return what is left for the parser (from the first
+        incomplete head, or a request that is not complete at its head's end)."""
+        start = 0
+        size = len(data)
+        queue = self._queue
+        while start < size:
+            end = data.find(b"\r\n\r\n", start)
+            if end < 0 or end + 4 - start > _KNOWN_HEAD_MAX:
+                break
+            end += 4
+            head = data if start == 0 and end == size else data[start:end]
+            low = head.lower()
+            where = _id_value(head, low)
+            if where is None:
+                break
+            vs, ve = where
+            key = head[:vs] + head[ve:] if ve else head
+            known = _known.get(key)
+            if known is not None:
+                value = head[vs:ve] if ve else None
+                if (known.counted + (ve - vs) - known.id_len > self._max_header_bytes
+                        or len(known.headers) > self._limits.max_headers):
+                    break  # this server's limits are not the ones it was kept under
+                req = Request.__new__(Request)
+                req.method = known.method
+                req.target = known.target
+                req.path = known.path
+                req.query = known.query
+                headers = known.headers.copy()
+                if value is not None:
+                    headers[known.id_at] = (_ID_NAME, value)
+                req.headers = headers
+                req.body = b""
+                req.version = known.version
+                req.keep_alive = True
+                req.peer = self._peer
+                req.shape = known.key
+                req.request_id = value
+                queue.append(req)
+                if (len(queue) + len(self._pending) > MAX_PIPELINE and self._transport
+                        and not self._paused):
+                    self._transport.pause_reading()
+                    self._paused = True
+                start = end
+                continue
+            queued = len(queue)
+            self._parser.feed_data(head)  # the ordinary parse (it may raise: the caller's)
+            start = end
+            if self._in_request or self._failure is not None:
+                break  # a body follows, or the stream is bad: the parser goes on
+            if len(queue) == queued + 1:
+                self._learn(key, queue[-1], head, head[vs:ve] if ve else None)
+            if not self._last_keep_alive:
+                break
+        return data[start:] if start else data
+
+    def _learn(self, key: bytes, req: Request, head: bytes, value: bytes | None) -> None:
+        """Keep `head`, which parsed into `req` alone, if every later copy may skip the parse:
+        a plain GET/HEAD whose first ID header (if any) is the one `value` was cut from."""
+        if (req.method not in _KNOWN_METHODS or not req.keep_alive or req.body
+                or not req.target.startswith("/") or len(req.headers) > self._limits.max_headers
+                or head.count(b"\n") != head.count(b"\r\n")):  # no bare LF: lines are CRLF
+            return
+        id_at = -1
+        for index, (name, header_value) in enumerate(req.headers):
+            if name in _KNOWN_NEVER:
+                return
+            if name == _ID_NAME and id_at < 0:
+                id_at = index
+                if header_value != value:  # not the value cut from the bytes: parse always
+                    return
+        if (id_at < 0) != (value is None):
+            return
+        if len(_known) >= _KNOWN_MAX:
+            _known.clear()
+        # The learning request keeps its own list: the kept one is copied for each use.
+        _known[key] = _Known(key, Request(req.method, req.target, list(req.headers), b"",
+                                          req.version, True, None),
+                             self._header_bytes, id_at, len(value) if value else 0)
 
     def pause_writing(self) -> None:
         """The transport holds more than write_buffer_bytes: the client does not read its

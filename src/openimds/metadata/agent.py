@@ -98,6 +98,9 @@ _HIT_TARGET_MAX = 256  # longer request targets are not kept in the hit memo
 # ~15 µs there: agent CPU per request 1.64× cycling 100), where one entry per instance and
 # path for all 28 paths (~190 MiB at 10,000) is not worth keeping.
 _HITS_MAX = 16384
+# A hit memo key: (method, target, header items...) with the ID's value masked, or the
+# server's bytes key of a known head (`Request.shape`): the same requests either way.
+_Shape = tuple[object, ...] | bytes
 _Part = Any  # a hit entry's part kept once for all entries: header item, bytes or str
 # A kept hit: the caller its headers name, the resolution the bytes were made for, the
 # API-bound bytes before and after the request ID (None: no ID), the access line's part,
@@ -352,7 +355,7 @@ class MetadataAgent:
         # split where the request ID goes and the access line's caller part (`_Hit`). A VM
         # asks the same few paths with the same headers (parse + rewrite + encode ~6 µs).
         # Bounded (_HITS_MAX): keys are VM-chosen.
-        self._hits: dict[tuple[object, ...], _Hit] = {}
+        self._hits: dict[_Shape, _Hit] = {}
         # What those entries share, kept once: a VM's header items (the same for each of
         # its paths, most the same for every VM), the target, the bytes after the request
         # ID (its identity headers) and the access line's part (per instance). Held by the
@@ -570,7 +573,7 @@ class MetadataAgent:
 
     def _forward_hit(
         self, req: Request, caller: Caller, res: Resolution, t0: float,
-        shape: tuple[object, ...] | None, rid: bytes | None, hit: _Hit | None,
+        shape: _Shape | None, rid: bytes | None, hit: _Hit | None,
     ) -> Deferred:
         """A cache hit: send upstream and answer from the upstream's read callback (no Task,
         no future per request). Only a 404 that calls for a re-check goes async."""
@@ -608,9 +611,14 @@ class MetadataAgent:
         return reply
 
     @staticmethod
-    def _shape(req: Request) -> tuple[tuple[object, ...] | None, bytes | None]:
+    def _shape(req: Request) -> tuple[_Shape | None, bytes | None]:
         """The hit memo's key for `req` (method, target, headers with the request ID's value
-        masked; None when not kept: a body, a long target) and the request ID."""
+        masked; None when not kept: a body, a long target) and the request ID. A head the
+        server knew (`Limits.known_heads`) comes with that key made: its bytes less the ID's
+        value, one object for every such request."""
+        shape = req.shape
+        if shape is not None:
+            return shape, req.request_id
         rid: bytes | None = None
         masked: list[tuple[bytes, bytes]] = []
         for item in req.headers:
@@ -625,7 +633,7 @@ class MetadataAgent:
 
     def _hit_bytes(
         self, req: Request, caller: Caller, res: Resolution,
-        shape: tuple[object, ...] | None, rid: bytes | None, hit: _Hit | None,
+        shape: _Shape | None, rid: bytes | None, hit: _Hit | None,
     ) -> tuple[bytes, str]:
         """The API-bound bytes of a hit and the access line's caller part: made once per
         request shape (`_shape`) and resolution, and kept (see `_hits`)."""
@@ -668,8 +676,10 @@ class MetadataAgent:
         """One kept copy of a part that many hit entries hold (see `_hit_parts`)."""
         return self._hit_parts.setdefault(part, part)
 
-    def _shared_key(self, key: tuple[object, ...]) -> tuple[object, ...]:
+    def _shared_key(self, key: _Shape) -> _Shape:
         # (method, target, header items...): the request's own objects otherwise
+        if isinstance(key, bytes):
+            return key  # the server's own key object (`Request.shape`), already shared
         method, target, *items = key
         shared = self._shared
         return (method, shared(target), *[shared(item) for item in items])

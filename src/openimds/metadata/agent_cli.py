@@ -130,9 +130,10 @@ async def run_agent(
     else:
         sock, inode = shared
         mode = os.stat(path).st_mode & 0o777
+    # known_heads: the proxy's requests differ only in their ID; parsed once per shape
     limits = Limits(max_body_bytes=settings.api.max_request_bytes + 4096,
                     write_timeout_s=settings.metadata_agent.client_write_timeout,
-                    timeouts=agent.hop.count_timeouts())
+                    timeouts=agent.hop.count_timeouts(), known_heads=True)
     server = await serve(agent.handle, sock, limits, backlog=settings.metadata_backlog)
     metrics_server = await start_metrics_server(settings, metrics)
     feed_task = asyncio.create_task(

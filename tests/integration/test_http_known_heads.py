@@ -1,0 +1,195 @@
+"""Known heads (`Limits.known_heads`), over real sockets: a request made from a kept head is
+the request httptools makes of the same bytes, byte streams that are hostile or unusual are
+answered exactly as by a server that parses everything, and a head is only reused where its
+bytes (less the request ID's value) are the same."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from openimds.http import server as server_mod
+from openimds.http.server import Limits, Request, Response, bind_tcp, serve
+
+RID = b"X-Openimds-Request-Id"
+
+
+def _describe(req: Request) -> bytes:
+    return repr((req.method, req.target, req.path, req.query, req.headers, req.body,
+                 req.version, req.keep_alive)).encode()
+
+
+class _Recorder:
+    """Answers every request with what the server made of it; keeps the requests."""
+
+    def __init__(self) -> None:
+        self.requests: list[Request] = []
+
+    def __call__(self, req: Request) -> Response:
+        self.requests.append(req)
+        return Response(200, _describe(req))
+
+
+async def _exchange(port: int, chunks: list[bytes]) -> bytes:
+    """Send `chunks` (one write each, a moment apart) and read until the server closes (a
+    server that refused the stream may close before the last chunk: what it sent counts)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    got = b""
+    try:
+        for chunk in chunks:
+            try:
+                writer.write(chunk)
+                await writer.drain()
+            except ConnectionError:
+                break
+            await asyncio.sleep(0.02)
+        while True:
+            try:
+                data = await asyncio.wait_for(reader.read(65536), 10)
+            except ConnectionError:
+                break
+            if not data:
+                break
+            got += data
+        return got
+    finally:
+        writer.close()
+
+
+class _Server:
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.recorder = _Recorder()
+
+    async def __aenter__(self) -> _Server:
+        sock = bind_tcp("127.0.0.1", 0)
+        self.port = sock.getsockname()[1]
+        self.server = await serve(self.recorder, sock, self.limits)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_memo(monkeypatch) -> None:
+    monkeypatch.setattr(server_mod, "_known", {})
+
+
+def _get(path: str, rid: bytes | None, extra: bytes = b"", *, last: bool = False) -> bytes:
+    head = b"GET " + path.encode() + b" HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 10.0.0.5\r\n"
+    if rid is not None:
+        head += RID + b": " + rid + b"\r\n"
+    return head + extra + (b"Connection: close\r\n" if last else b"") + b"\r\n"
+
+
+END = b"GET /end HTTP/1.1\r\nConnection: close\r\n\r\n"
+
+
+async def test_a_known_head_makes_the_parsed_request_with_its_own_request_id() -> None:
+    async with _Server(Limits(known_heads=True)) as on, _Server(Limits()) as off:
+        stream = [_get("/a", b"id-1") + _get("/a", b"id-2") + _get("/a", b"other.3:x_y"),
+                  _get("/a", b"id-4"), END]
+        got = await _exchange(on.port, stream)
+        assert got == await _exchange(off.port, stream)
+        reqs = on.recorder.requests
+        assert [r.request_id for r in reqs] == [None, b"id-2", b"other.3:x_y", b"id-4", None]
+        assert reqs[0].shape is None  # the first was parsed (and learned)
+        assert reqs[1].shape is not None
+        assert reqs[1].shape is reqs[2].shape is reqs[3].shape  # one key object, kept
+        assert b"id-2" not in reqs[1].shape
+        assert (RID.lower(), b"id-4") in reqs[3].headers
+        assert reqs[3].headers is not reqs[2].headers  # each request its own list
+        reqs[2].headers.append((b"x-mutated", b"1"))  # a handler's change stays its own
+        again = await _exchange(on.port, [_get("/a", b"id-5"), END])
+        assert b"x-mutated" not in again
+        assert on.recorder.requests[-2].request_id == b"id-5"
+        # Without an ID: the head is kept whole; a different path is another head.
+        stream = [_get("/b", None) * 2 + _get("/c", b"id-6"), END]
+        assert await _exchange(on.port, stream) == await _exchange(off.port, stream)
+        assert [r.shape is not None for r in on.recorder.requests[-4:]] == [
+            False, True, False, False]
+
+
+# Each stream is sent to a server with known heads twice (the first teaches it the heads)
+# and once to a server without: every answer must be the same bytes.
+STREAMS = {
+    **{f"an ID {value!r} after a known head": [_get("/a", b"ok-1") + _get("/a", value), END]
+       for value in (b"a b", b"a\tb", b"ab ", b"ab\t", b" ab", b"a\rb", b"a\nb", b"", b"x" * 200,
+                     b"a\x00b", b"a\x7fb", b"\xff", b"a,b", b"a;b", b"a\r\n b")},
+    "no space after the colon": [(b"GET /a HTTP/1.1\r\n" + RID + b":id-1\r\n\r\n") * 2, END],
+    "two spaces after the colon": [(b"GET /a HTTP/1.1\r\n" + RID + b":  id-1\r\n\r\n") * 2,
+                                   END],
+    "two IDs, the first lower-case": [
+        (b"GET /a HTTP/1.1\r\nx-openimds-request-id: one\r\n" + RID + b": two\r\n\r\n"),
+        (b"GET /a HTTP/1.1\r\nx-openimds-request-id: uno\r\n" + RID + b": dos\r\n\r\n"),
+        END],
+    "two IDs, the first without a space": [
+        (b"GET /a HTTP/1.1\r\nx-openimds-request-id:one\r\n" + RID + b": two\r\n\r\n"),
+        (b"GET /a HTTP/1.1\r\nx-openimds-request-id:one\r\n" + RID + b": dos\r\n\r\n"),
+        END],
+    "bare LF line ends": [b"GET /a HTTP/1.1\nHost: h\n" + RID + b": i1\n\n"
+                          b"GET /a HTTP/1.1\nHost: h\n" + RID + b": i2\n\n", END],
+    "a body": [_get("/a", b"i", b"Content-Length: 3\r\n") + b"abc" + _get("/a", b"j"), END],
+    "a POST": [(b"POST /a HTTP/1.1\r\n" + RID + b": p\r\nContent-Length: 0\r\n\r\n") * 2, END],
+    "a body without a length": [(b"POST /a HTTP/1.1\r\n" + RID + b": p\r\n\r\n") * 2, END],
+    "chunked": [(b"GET /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+                * 2, END],
+    "expect": [(b"GET /a HTTP/1.1\r\nExpect: 100-continue\r\n\r\n") * 2, END],
+    "an upgrade": [(b"GET /a HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n")
+                   * 2],
+    "a HEAD": [_get("/h", b"1").replace(b"GET", b"HEAD", 1) * 2, END],
+    "Connection: close, then more": [_get("/a", b"i", last=True) + _get("/a", b"j")],
+    "HTTP/1.0": [(b"GET /a HTTP/1.0\r\n" + RID + b": i\r\n\r\n")],
+    "HTTP/1.0 keep-alive": [(b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n" + RID
+                             + b": i\r\n\r\n") * 2, END],
+    "absolute form": [(b"GET http://x/a HTTP/1.1\r\n" + RID + b": i\r\n\r\n") * 2, END],
+    "garbage after a known head": [_get("/a", b"i") + b"\x00\x01garbage\r\n\r\n"],
+    "a head split across reads": [_get("/a", b"i1")[:20], _get("/a", b"i1")[20:]
+                                  + _get("/a", b"i2")[:30], _get("/a", b"i2")[30:], END],
+    "stray CRLF between requests": [_get("/a", b"i1") + b"\r\n" + _get("/a", b"i2"), END],
+    "obs-fold": [(b"GET /a HTTP/1.1\r\nX-A: 1\r\n  2\r\n" + RID + b": i\r\n\r\n") * 2, END],
+    "an HTTP/2 preface": [b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(STREAMS))
+async def test_unusual_bytes_are_answered_as_if_every_head_were_parsed(name: str) -> None:
+    stream = STREAMS[name]
+    async with _Server(Limits(known_heads=True)) as on, _Server(Limits()) as off:
+        expected = await _exchange(off.port, stream)
+        assert expected  # the stream gets an answer at all
+        assert await _exchange(on.port, stream) == expected  # teaches the heads it can
+        assert await _exchange(on.port, stream) == expected  # uses what it learned
+
+
+async def test_a_head_kept_under_larger_limits_is_still_refused_by_smaller_ones() -> None:
+    # The memo is per process; each server's limits are checked on every reuse.
+    many = b"".join(b"X-H%d: v\r\n" % i for i in range(8))
+    head = _get("/a", b"id-1", many)
+    async with _Server(Limits(known_heads=True)) as big:
+        await _exchange(big.port, [head * 2, END])
+        assert big.recorder.requests[1].shape is not None
+    for small, status in ((Limits(known_heads=True, max_headers=5), b"431"),
+                          (Limits(known_heads=True, max_header_bytes=100), b"431")):
+        async with _Server(small) as srv, _Server(Limits(max_headers=small.max_headers,
+                                               max_header_bytes=small.max_header_bytes)) as off:
+            stream = [_get("/a", b"id-22", many), END]
+            got = await _exchange(srv.port, stream)
+            assert got == await _exchange(off.port, stream)
+            assert got.startswith(b"HTTP/1.1 " + status)
+
+
+async def test_requests_made_from_kept_heads_are_pipelined_and_bounded_as_parsed_ones(
+) -> None:
+    # More known heads in one read than MAX_PIPELINE: reading pauses as for parsed ones, and
+    # every request is answered in order.
+    count = server_mod.MAX_PIPELINE * 2 + 3
+    async with _Server(Limits(known_heads=True)) as on:
+        await _exchange(on.port, [_get("/p", b"learn"), END])
+        stream = [b"".join(_get("/p", b"n%d" % i) for i in range(count)), END]
+        got = await _exchange(on.port, stream)
+        assert got.count(b"HTTP/1.1 200 OK") == count + 1
+        ids = [r.request_id for r in on.recorder.requests[2:]]
+        assert ids == [b"n%d" % i for i in range(count)] + [None]
