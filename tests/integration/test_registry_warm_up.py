@@ -16,7 +16,14 @@ from sqlalchemy.engine.interfaces import CacheStats
 
 from openimds.registry.app import settle_heap
 from openimds.registry.service import Registry
-from openimds.registry.store import Store, changes, instances, networks, retired_instances
+from openimds.registry.store import (
+    THREADS,
+    Store,
+    changes,
+    instances,
+    networks,
+    retired_instances,
+)
 from tests.support import postgres_database
 
 
@@ -29,6 +36,17 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         store.create_schema()
         stack.callback(store.dispose)
         yield store
+
+
+@pytest.fixture
+def pg_store() -> Iterator[Store]:
+    with postgres_database() as url:
+        store = Store(url)
+        store.create_schema()
+        try:
+            yield store
+        finally:
+            store.dispose()
 
 
 def _counts(store: Store) -> dict[str, int]:
@@ -103,8 +121,8 @@ def test_after_warm_up_a_create_compiles_no_statement(store: Store) -> None:
 def test_after_warm_up_every_pooled_connection_is_warm(store: Store) -> None:
     """PostgreSQL: a new connection's first create paid ~6 ms more (connect, its backend's
     cold catalog caches and foreign-key check plans), and the warm-up used only one. Now a
-    create through each connection the pool keeps opens none, compiles nothing and runs on
-    a connection the warm-up rehearsed on."""
+    create through each connection the pool keeps (one per registry thread) opens none,
+    compiles nothing and runs on a connection the warm-up rehearsed on."""
     reg = Registry(store)
     net = reg.create_network({"name": "n"})
     reg.create_subnet({"name": "s", "network_id": net["id"], "cidr": "10.0.0.0/24"})
@@ -128,7 +146,7 @@ def test_after_warm_up_every_pooled_connection_is_warm(store: Store) -> None:
         cold = Registry(fresh)
         cold.warm_up()
         n = fresh.warm_connections
-        assert n == (8 if store.backend == "postgresql" else 1)
+        assert n == (THREADS if store.backend == "postgresql" else 1)
         rehearsed = set(carried)
         assert len(connects) == n and set(connects) == rehearsed
         assert fresh.engine.pool.checkedin() == n  # type: ignore[attr-defined]
@@ -149,6 +167,88 @@ def test_after_warm_up_every_pooled_connection_is_warm(store: Store) -> None:
         assert {id(h.connection.dbapi_connection) for h in held} == rehearsed
         for h in held:
             h.close()
+    finally:
+        fresh.dispose()
+
+
+def _prepared(conn: Any) -> int:
+    """Statements prepared server-side in this connection's session."""
+    return int(conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements").scalar())
+
+
+@pytest.mark.postgres
+def test_the_warm_up_leaves_what_a_create_runs_prepared(pg_store: Store) -> None:
+    """psycopg prepares a statement on its 5th run on a connection (a round trip more, then
+    ~1 ms less per create), and forgot every plan at each ROLLBACK, the rehearsal's
+    included. After the warm-up every connection holds the create's statements prepared:
+    repeated creates past the threshold prepare nothing more, and a failed request (a
+    rollback) keeps them."""
+    reg = Registry(pg_store)
+    net = reg.create_network({"name": "n"})
+    reg.create_subnet({"name": "s", "network_id": net["id"], "cidr": "10.0.0.0/24"})
+    pg_store.dispose()
+    fresh = Store(str(pg_store.url.render_as_string(hide_password=False)))
+    try:
+        cold = Registry(fresh)
+        cold.warm_up()
+        held = [fresh.engine.connect() for _ in range(fresh.warm_connections)]
+        counts = [_prepared(h) for h in held]
+        assert min(counts) >= 20, counts
+        for h in held[1:]:
+            h.close()
+        only = held[0]
+        only.commit()
+        only.close()  # LIFO: the next checkouts get this one back
+        for i in range(7):
+            iid = cold.create_instance({"name": f"vm{i}", "network_id": net["id"]})["id"]
+            cold.changes(0)
+            cold.delete_instance(iid)
+        with pytest.raises(Exception, match="not found"):
+            cold.create_instance({"name": "vm", "network_id": "no-such-network"})
+        with fresh.engine.connect() as again:
+            assert _prepared(again) == counts[0]
+            assert again.connection.dbapi_connection is not None
+            names = again.connection.dbapi_connection._prepared._names  # type: ignore[attr-defined]
+            assert len(names) == counts[0]  # psycopg still knows them all
+    finally:
+        fresh.dispose()
+
+
+@pytest.mark.postgres
+def test_a_connection_the_database_dropped_is_replaced_and_warmed(pg_store: Store) -> None:
+    """No pre-ping: the store's BEGIN finds a dead connection, which is replaced and the
+    BEGIN sent again, and the replacement is rehearsed on before its first request (cold,
+    it paid the first-use cost, and the pool used to hand it out as it was)."""
+    reg = Registry(pg_store)
+    net = reg.create_network({"name": "n"})
+    reg.create_subnet({"name": "s", "network_id": net["id"], "cidr": "10.0.0.0/24"})
+    fresh = Store(str(pg_store.url.render_as_string(hide_password=False)))
+    try:
+        cold = Registry(fresh)
+        cold.warm_up()
+        with fresh.engine.connect() as c:
+            pids = [int(c.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())]
+            c.commit()
+        with pg_store.engine.connect() as admin:
+            assert admin.exec_driver_sql(
+                f"SELECT pg_terminate_backend({pids[0]})").scalar_one() is True
+            admin.commit()
+        misses: list[str] = []
+
+        @event.listens_for(fresh.engine, "after_cursor_execute")
+        def _ran(conn: Any, cursor: Any, statement: str, params: Any, context: Any,
+                 executemany: bool) -> None:
+            if context.cache_hit is CacheStats.CACHE_MISS:
+                misses.append(statement.split("\n")[0])
+
+        iid = cold.create_instance({"name": "vm", "network_id": net["id"]})["id"]
+        assert cold.get_instance(iid)["name"] == "vm"
+        with fresh.engine.connect() as c:
+            now = int(c.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+            assert now != pids[0]
+            assert c.info.get("openimds_warm") is True and _prepared(c) >= 20
+            c.commit()
+        assert misses == []
     finally:
         fresh.dispose()
 

@@ -9,6 +9,11 @@
 - PostgreSQL (``postgresql+psycopg://`` or ``postgresql://``): every write first bumps the one
   ``state`` row, which row-locks it, so writers from any number of processes are serialized;
   ``UNIQUE (network_id, ip_address)`` on fixed IPs is the backstop against duplicate IPs.
+  One pooled connection per registry thread (`THREADS`), each warmed at start-up and again
+  whenever it is replaced. Round trips are what a request waits for on a busy machine, so
+  none is spent on bookkeeping: the store sends BEGIN itself (autocommit connections, as on
+  SQLite), and that BEGIN is the liveness check (no pre-ping; a dead connection is replaced
+  and the BEGIN retried once); the change notification rides on the revision bump.
 
 Every write is one transaction: `Store.write()` yields a `Tx` whose revision is already bumped;
 ``tx.change(kind, op, id, attrs)`` appends change rows with that revision, and the changes
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -261,7 +267,6 @@ retired_instances = sa.Table(
 )
 
 
-_NOTIFY = sa.text("SELECT pg_notify('openimds_changes', :revision)")
 SQLITE_SYNCHRONOUS = ("FULL", "NORMAL")
 # SQLite WAL checkpoints. Left to SQLite, the write that crosses wal_autocheckpoint (1,000
 # pages, every ~50 creates here) copies the WAL into the database and fsyncs both inside
@@ -280,6 +285,12 @@ _BUMP = (state.update().where(state.c.id == 1).values(revision=state.c.revision 
 _BUMP_WITH_EC2 = (state.update().where(state.c.id == 1)
                   .values(revision=state.c.revision + 1, ec2_seq=state.c.ec2_seq + 1)
                   .returning(state.c.revision, state.c.floor, state.c.ec2_seq))
+# PostgreSQL: the same, also queueing the commit's notification to every registry process
+# (registry/notify.py). NOTIFY is transactional: delivered at commit, dropped by a rollback
+# (a rehearsal, an empty write), so it can be sent first instead of by a statement of its own.
+_NOTIFIED = sa.func.pg_notify("openimds_changes", sa.cast(state.c.revision, sa.Text))
+_BUMP_PG = _BUMP.returning(_NOTIFIED)
+_BUMP_WITH_EC2_PG = _BUMP_WITH_EC2.returning(_NOTIFIED)
 _INSERT_CHANGES = changes.insert()
 _TRIM = changes.delete().where(changes.c.revision <= sa.bindparam("keep_from"))
 _SET_FLOOR = state.update().where(state.c.id == 1).values(floor=sa.bindparam("keep_from"))
@@ -288,6 +299,46 @@ _FLOOR = sa.select(state.c.floor).where(state.c.id == 1)
 _WINDOW = sa.select(state.c.revision, state.c.floor).where(state.c.id == 1)
 # Held while the schema is created or migrated (Store.schema_lock); the key is "oimdsch".
 _SCHEMA_LOCK = sa.text("SELECT pg_advisory_xact_lock(31359640972518248)")
+# A read's BEGIN on PostgreSQL: its statements share one snapshot.
+_BEGIN_SNAPSHOT = "BEGIN ISOLATION LEVEL REPEATABLE READ"
+# Connection.info key: the connection has been rehearsed on (`Store._warm`); the pool
+# clears a connection's info when it replaces it.
+_WARM = "openimds_warm"
+
+
+def _keep_plans(dbapi_conn: Any) -> None:
+    """Keep a psycopg connection's prepared statements across rollbacks. psycopg forgets them
+    all (and sends DEALLOCATE ALL) on every ROLLBACK, in case the transaction dropped or
+    re-created what they refer to; the server keeps them (a prepared statement is not
+    transactional). Outside `Store.schema_lock` the store runs no DDL, so they stay valid:
+    the warm-up's rehearsal, which always rolls back, leaves its statements prepared, and
+    a request that fails (a 404 lookup, a 409) no longer costs the next ones their plans.
+    Uses psycopg's private prepared-statement manager; without one, nothing changes."""
+    manager = getattr(dbapi_conn, "_prepared", None)
+    clear = getattr(manager, "clear", None)
+    if manager is None or clear is None:
+        return
+
+    def kept_clear() -> bool:
+        return False if manager.openimds_keep else bool(clear())
+
+    manager.openimds_keep = True
+    manager.clear = kept_clear
+
+
+@contextlib.contextmanager
+def _plans_kept(conn: Connection, keep: bool) -> Iterator[None]:
+    """Whether the connection keeps its prepared statements across a rollback, for a while."""
+    manager = getattr(conn.connection.dbapi_connection, "_prepared", None)
+    if manager is None or not hasattr(manager, "openimds_keep"):
+        yield
+        return
+    before = manager.openimds_keep
+    manager.openimds_keep = keep
+    try:
+        yield
+    finally:
+        manager.openimds_keep = before
 
 
 def normalize_url(url: str) -> URL:
@@ -339,10 +390,13 @@ class AckHold:
 
 # Per request; asyncio.to_thread copies the context, so the worker thread fills the same one.
 ACK_HOLD: ContextVar[AckHold | None] = ContextVar("openimds_ack_hold", default=None)
-# Connections the pool keeps (and may open beyond them, closed again on check-in). The
-# registry's threads are asyncio's default executor, min(32, cores + 4): on up to 4 cores
-# they cannot check out more than POOL_SIZE at once.
+# SQLite's pool (and overflow beyond it, closed again on check-in).
 POOL_SIZE = 8
+# The registry's worker threads (`registry serve` runs every store call on an executor of
+# this size: asyncio's default size, fixed here so the pool can match it). Each holds at
+# most one connection at a time, so the PostgreSQL pool keeps one per thread and never has
+# to open a cold overflow connection under load.
+THREADS = min(32, (os.cpu_count() or 1) + 4)
 # The connection of the rehearsal the calling thread runs (`Store.rehearsal`), if any.
 _REHEARSAL: ContextVar[Connection | None] = ContextVar("openimds_rehearsal", default=None)
 
@@ -421,6 +475,8 @@ class Store:
         self.before_commit: Callable[[Tx], None] | None = None
         # set with it: the window automatic IP allocation keeps released addresses aside
         self.reuse_window_s = 0.0
+        # what `rehearse` ran: run again on each connection the pool opens later (`_warm`)
+        self._warm_run: Callable[[], None] | None = None
 
     def _make_engine(self) -> Engine:
         if self.backend == "sqlite":
@@ -451,18 +507,35 @@ class Store:
                 conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
             return engine
-        # No pool_recycle: a pooled connection lives until it fails its pre-ping (then the
-        # pool opens a new, cold one). Checkouts beyond POOL_SIZE open overflow connections
-        # that are closed on check-in, so each pays the first-use cost (`rehearse`).
-        return sa.create_engine(self.url, pool_size=POOL_SIZE, max_overflow=POOL_SIZE,
-                                pool_pre_ping=True)
+        # One connection per registry thread, kept for good (no pool_recycle), last used first
+        # (LIFO): one at a time, requests keep reusing the connection whose backend is hot.
+        # No pre-ping (a round trip per checkout): the BEGIN the store sends is the check
+        # (`_begun`). Overflow is a safety margin only: `registry serve` cannot check out
+        # more than THREADS at once.
+        engine = sa.create_engine(self.url, pool_size=THREADS, max_overflow=THREADS,
+                                  pool_use_lifo=True)
+
+        @event.listens_for(engine, "connect")
+        def _on_connect_pg(dbapi_conn: Any, _record: Any) -> None:
+            # BEGIN goes out as the store's own statement (the begin event below), as on
+            # SQLite; COMMIT and ROLLBACK stay psycopg's, which send them whenever a
+            # transaction is open.
+            dbapi_conn.autocommit = True
+            _keep_plans(dbapi_conn)
+
+        @event.listens_for(engine, "begin")
+        def _on_begin_pg(conn: Connection) -> None:
+            snapshot = conn.get_execution_options().get("openimds_snapshot", False)
+            conn.exec_driver_sql(_BEGIN_SNAPSHOT if snapshot else "BEGIN")
+
+        return engine
 
     @property
     def warm_connections(self) -> int:
         """How many connections `rehearse` warms: every one the pool keeps on PostgreSQL (each
         is its own server backend, cold until used), one on SQLite (its first-use cost is the
         engine's statement compiles; a new connection adds only the schema parse)."""
-        return POOL_SIZE if self.backend == "postgresql" else 1
+        return THREADS if self.backend == "postgresql" else 1
 
     def create_schema(self, to: str = "head") -> tuple[str, str]:
         """Bring the schema to revision `to` (default: this release's) with the migrations
@@ -486,13 +559,54 @@ class Store:
         """A write transaction holding the schema lock: SQLite's write lock (BEGIN IMMEDIATE,
         which another process waits for) or, on PostgreSQL, a transaction-scoped advisory
         lock, so registries starting together on one database migrate one after the other
-        (READ COMMITTED: the second sees what the first committed)."""
+        (READ COMMITTED: the second sees what the first committed). Its DDL may be rolled
+        back, so a rollback here drops the connection's prepared statements (`_keep_plans`)."""
         with self._write_lock, self.engine.connect().execution_options(
             openimds_write=True
-        ) as conn, conn.begin():
+        ) as conn, _plans_kept(conn, False), conn.begin():
             if self.backend == "postgresql":
                 conn.execute(_SCHEMA_LOCK)
             yield conn
+
+    @contextlib.contextmanager
+    def _begun(self, *, locked: bool, **opts: Any) -> Iterator[tuple[Connection, Any]]:
+        """A pooled connection (warmed first if it is new: `_warm`) in a transaction that is
+        committed on exit (rolled back on an exception). A connection found dead by its
+        BEGIN (the database restarted since it was last used) is replaced and the BEGIN
+        sent again, once: nothing had run on it. locked: the caller holds the write lock."""
+        for attempt in (1, 2):
+            conn = self.engine.connect().execution_options(**opts)
+            try:
+                self._warm(conn, locked=locked)
+                trans = conn.begin()
+            except sa.exc.DBAPIError as exc:
+                conn.close()
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
+                log.warning("registry.reconnect reason=%s", (str(exc.orig).splitlines() or [""])[0])
+                continue
+            with conn, trans:
+                yield conn, trans
+            return
+
+    def _warm(self, conn: Connection, *, locked: bool) -> None:
+        """Rehearse on a connection the warm-up has not seen (a replacement for one that died,
+        an overflow one) before its first request: cold, its first create paid 2.4-6 ms more
+        (docs/benchmarks.md, "Create p99"). Nothing to do before `rehearse` has run."""
+        run = self._warm_run
+        if run is None or conn.info.get(_WARM):
+            return
+        with contextlib.nullcontext() if locked else self._write_lock:
+            try:
+                with self._rehearsing(conn):
+                    run()
+            except sa.exc.DBAPIError as exc:
+                if exc.connection_invalidated:
+                    raise
+                log.exception("registry.warm_connection_failed")
+            except Exception:  # a cold connection is slower, not wrong
+                log.exception("registry.warm_connection_failed")
+        conn.info[_WARM] = True
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
@@ -501,31 +615,27 @@ class Store:
         if rehearsal is not None:
             yield rehearsal
             return
-        opts: dict[str, Any] = {}
-        if self.backend == "postgresql":
-            opts["isolation_level"] = "REPEATABLE READ"
-        with self.engine.connect().execution_options(**opts) as conn, conn.begin():
+        with self._begun(locked=False, openimds_snapshot=True) as (conn, _trans):
             yield conn
 
     @contextlib.contextmanager
     def quiet_write(self) -> Iterator[Connection]:
         """A write transaction that bumps no revision and records no change (heartbeats)."""
-        with self._writer() as (conn, rehearsed), (
-                conn.begin_nested() if rehearsed else conn.begin()):
+        with self._writer() as (conn, _trans, _rehearsed):
             yield conn
 
     @contextlib.contextmanager
-    def _writer(self) -> Iterator[tuple[Connection, bool]]:
-        """A write's connection under the write lock, and whether it is a rehearsal's (the
-        lock is then already held and the write is a savepoint of the rehearsal)."""
+    def _writer(self) -> Iterator[tuple[Connection, Any, bool]]:
+        """A write's connection under the write lock, its transaction, and whether it is a
+        rehearsal's (the lock is then already held and the transaction is a savepoint of
+        the rehearsal). Committed on exit unless the caller ended it."""
         rehearsal = _REHEARSAL.get()
         if rehearsal is not None:
-            yield rehearsal, True
+            with rehearsal.begin_nested() as savepoint:
+                yield rehearsal, savepoint, True
             return
-        with self._write_lock, self.engine.connect().execution_options(
-            openimds_write=True
-        ) as conn:
-            yield conn, False
+        with self._write_lock, self._begun(locked=True, openimds_write=True) as (conn, trans):
+            yield conn, trans, False
 
     @contextlib.contextmanager
     def rehearsal(self) -> Iterator[None]:
@@ -541,10 +651,12 @@ class Store:
     def rehearse(self, run: Callable[[], None]) -> int:
         """Call `run` inside a rehearsal once on each of `warm_connections` pooled connections
         (all checked out at once, so each is a different one), then give them all back to the
-        pool. On PostgreSQL a connection's first use pays for the connect and for its new
-        backend's cold catalog caches and foreign-key check plans: a create took 2.4-3.4 ms
-        more at load 1-3, ~6 at load 6 (docs/benchmarks.md, "Create p99"). Returns how many
-        connections it warmed."""
+        pool; from then on a connection the pool opens is rehearsed on before its first use
+        (`_warm`). On PostgreSQL a connection's first use pays for the connect and for its
+        new backend's cold catalog caches and foreign-key check plans: a create took 2.4-3.4
+        ms more at load 1-3, ~6 at load 6 (docs/benchmarks.md, "Create p99"); and every
+        statement the rehearsal runs is prepared server-side on the way (`_rehearsing`).
+        Returns how many connections it warmed."""
         n = self.warm_connections
         with self._write_lock, contextlib.ExitStack() as held:
             conns = [held.enter_context(self.engine.connect().execution_options(
@@ -552,10 +664,19 @@ class Store:
             for conn in conns:
                 with self._rehearsing(conn):
                     run()
+                conn.info[_WARM] = True
+            self._warm_run = run
         return n
 
     @contextlib.contextmanager
     def _rehearsing(self, conn: Connection) -> Iterator[None]:
+        # PostgreSQL: prepare each statement on its first run here instead of its 5th real
+        # one (psycopg's default threshold; preparing costs a round trip, and a create on
+        # unprepared statements ~1 ms more). The plans outlive the rollback (`_keep_plans`).
+        raw: Any = conn.connection.dbapi_connection if self.backend == "postgresql" else None
+        threshold = getattr(raw, "prepare_threshold", None)
+        if threshold is not None:
+            raw.prepare_threshold = 0
         trans = conn.begin()
         token = _REHEARSAL.set(conn)
         try:
@@ -563,6 +684,11 @@ class Store:
         finally:
             _REHEARSAL.reset(token)
             trans.rollback()
+            if threshold is not None:
+                # the reads' BEGIN, which a rehearsal (one write transaction) never sends
+                raw.execute(_BEGIN_SNAPSHOT)
+                raw.execute("COMMIT")
+                raw.prepare_threshold = threshold
 
     @contextlib.contextmanager
     def write(self, *, allow_empty: bool = False, ec2_id: bool = False) -> Iterator[Tx]:
@@ -570,37 +696,37 @@ class Store:
         allow_empty: a transaction that recorded no change is rolled back quietly (the
         scheduler re-checks inside the transaction and may find nothing left to do).
         ec2_id: also take the next EC2 ID (`tx.ec2_id`) in the same statement."""
-        with self._writer() as (conn, rehearsed):
-            try:
-                with (conn.begin_nested() if rehearsed else conn.begin()) as trans:
-                    rev = conn.execute(_BUMP_WITH_EC2 if ec2_id else _BUMP).one()
-                    tx = Tx(conn, int(rev[0]), ec2_id=int(rev[2]) if ec2_id else 0,
-                            reuse_window_s=self.reuse_window_s)
-                    yield tx
-                    if not tx.changes:
-                        if not allow_empty:
-                            raise RuntimeError("a write transaction recorded no change")
-                        trans.rollback()
-                        return
-                    conn.execute(_INSERT_CHANGES, tx.changes)
-                    if self.backend == "postgresql":
-                        # delivered at commit to every registry process (registry/notify.py)
-                        conn.execute(_NOTIFY, {"revision": str(tx.revision)})
-                    keep_from = tx.revision - self.change_retention
-                    if rehearsed:  # trims nothing, but its statements get compiled too
-                        keep_from = int(rev[1])
-                    if rehearsed or keep_from >= int(rev[1]) + self._trim_step:
-                        conn.execute(_TRIM, {"keep_from": keep_from})
-                        conn.execute(_SET_FLOOR, {"keep_from": keep_from})
-                    if self.before_commit is not None:
-                        # last: a release's timestamp should be as close to its commit as can be
-                        self.before_commit(tx)
-            except IntegrityError as exc:
-                raise Conflict(_integrity_reason(exc)) from None
-            if rehearsed:
-                return
-            if self.checkpointer is not None:
-                self.checkpointer.wrote()
+        pg = self.backend == "postgresql"
+        bump = ((_BUMP_WITH_EC2_PG if pg else _BUMP_WITH_EC2) if ec2_id
+                else (_BUMP_PG if pg else _BUMP))
+        try:
+            with self._writer() as (conn, trans, rehearsed):
+                rev = conn.execute(bump).one()
+                tx = Tx(conn, int(rev[0]), ec2_id=int(rev[2]) if ec2_id else 0,
+                        reuse_window_s=self.reuse_window_s)
+                yield tx
+                if not tx.changes:
+                    if not allow_empty:
+                        raise RuntimeError("a write transaction recorded no change")
+                    trans.rollback()
+                    return
+                conn.execute(_INSERT_CHANGES, tx.changes)
+                keep_from = tx.revision - self.change_retention
+                if rehearsed:  # trims nothing, but its statements get compiled too
+                    keep_from = int(rev[1])
+                if rehearsed or keep_from >= int(rev[1]) + self._trim_step:
+                    conn.execute(_TRIM, {"keep_from": keep_from})
+                    conn.execute(_SET_FLOOR, {"keep_from": keep_from})
+                if self.before_commit is not None:
+                    # last: a release's timestamp should be as close to its commit as can be
+                    self.before_commit(tx)
+                trans.commit()
+                if rehearsed:
+                    return
+                if self.checkpointer is not None:
+                    self.checkpointer.wrote()
+        except IntegrityError as exc:
+            raise Conflict(_integrity_reason(exc)) from None
         hold = ACK_HOLD.get()
         if hold is not None and tx.hold_s > hold.seconds:
             hold.seconds = tx.hold_s
