@@ -10,6 +10,7 @@ session (SQLite, or PostgreSQL reconnecting) they re-check every `RECHECK_S`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import gc
 import hmac
@@ -39,7 +40,7 @@ from openimds.registry.notify import Listener
 from openimds.registry.openapi import openapi_document
 from openimds.registry.scheduler import Policy
 from openimds.registry.service import MAX_WAIT_S, Registry
-from openimds.registry.store import ACK_HOLD, AckHold, Store
+from openimds.registry.store import ACK_HOLD, THREADS, AckHold, Store
 
 log = logging.getLogger(__name__)
 
@@ -378,6 +379,10 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) 
     if not reg_settings.admin_token:
         raise ConfigError("[registry] admin_token is empty: the registry refuses to start "
                           "without one")
+    # Every store call runs on this executor; the PostgreSQL pool keeps (and warms) one
+    # connection per thread of it, so no request ever checks out a cold one.
+    asyncio.get_running_loop().set_default_executor(
+        concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="registry"))
     store = Store(settings.registry_connection, change_retention=reg_settings.change_retention,
                   sqlite_synchronous=reg_settings.sqlite_synchronous)
     await asyncio.to_thread(store.create_schema)

@@ -111,6 +111,15 @@ _RANGE_INSERT = ip_ranges.insert()
 _RANGE_AT = (sa.select(_R.first_key, _R.last_key).where(_R.subnet_id == _S, _R.first_key <= _K)
              .order_by(_R.first_key.desc()).limit(1))
 _RELEASED_DELETE = ip_released.delete().where(_F.subnet_id == _S, _F.key == _K)
+# A pick's removal of its address also says whether a port holds it (`_IP_TAKEN`), in the
+# same statement: one round trip fewer per automatic address on PostgreSQL.
+_TAKEN_BY = _IP_TAKEN.limit(1).scalar_subquery()
+_UNCHECKED = {"released": _RELEASED_DELETE, "range_end": _RANGE_DELETE, "range": _RANGE_START}
+_TAKE_CHECKED = {
+    "released": _RELEASED_DELETE.returning(_TAKEN_BY),
+    "range_end": _RANGE_DELETE.returning(_TAKEN_BY),
+    "range": _RANGE_START.returning(_TAKEN_BY),
+}
 # a given-back address joins the free list only where the subnet has state (else the state,
 # built later from port_ips, sees it free anyway) and only once
 _RELEASE = ip_released.insert().from_select(
@@ -191,30 +200,41 @@ def pick(tx: Tx, subnet: Row[Any] | Any, *, take: bool = True) -> ipam.IPAddress
         source, n = choice
         ip = _address(n, version)
         key = _key(n, version)
-        if conn.execute(_IP_TAKEN, {"network_id": subnet.network_id,
-                                    "ip": str(ip)}).first() is not None:
+        last = ipranges.int_of(bytes(rows[0].l)) if source == "range" else n
+        taken = {"network_id": subnet.network_id, "ip": str(ip)}
+        if take:  # taken out of the state whether a port holds it or not
+            held = _remove(conn, subnet.id, version, source, key, n, last, taken)
+        else:
+            held = conn.execute(_IP_TAKEN, taken).first() is not None
+        if held:
             # a write took it without telling the state (none should): never hand it out
             log.warning("registry.ip_state_repaired subnet=%s ip=%s", subnet.id, ip)
-            _remove(conn, subnet.id, version, source, key, n,
-                    ipranges.int_of(bytes(rows[0].l)) if source == "range" else n)
+            if not take:
+                _remove(conn, subnet.id, version, source, key, n, last)
             repairs += 1
             continue
-        if take:
-            _remove(conn, subnet.id, version, source, key, n,
-                    ipranges.int_of(bytes(rows[0].l)) if source == "range" else n)
         return ip
 
 
 def _remove(conn: Connection, subnet_id: str, version: int, source: str, key: bytes,
-            n: int, last: int) -> None:
-    """Take the lowest address n of a range (first n, last `last`) or a released one."""
-    args = {"sid": subnet_id, "k": key}
+            n: int, last: int, taken: dict[str, str] | None = None) -> bool:
+    """Take the lowest address n of a range (first n, last `last`) or a released one.
+    taken ({network_id, ip}): also tell whether a port holds that address (else False)."""
+    args: dict[str, Any] = {"sid": subnet_id, "k": key}
     if source != "range":
-        conn.execute(_RELEASED_DELETE, args)
+        kind = "released"
     elif n == last:
-        conn.execute(_RANGE_DELETE, args)
+        kind = "range_end"
     else:
-        conn.execute(_RANGE_START, {**args, "new_first": _key(n + 1, version)})
+        kind = "range"
+        args["new_first"] = _key(n + 1, version)
+    if taken is None:
+        conn.execute(_UNCHECKED[kind], args)
+        return False
+    row = conn.execute(_TAKE_CHECKED[kind], {**args, **taken}).first()
+    if row is None:  # nothing removed (the state had no such entry): ask port_ips itself
+        return conn.execute(_IP_TAKEN, taken).first() is not None
+    return row[0] is not None
 
 
 def take(tx: Tx, subnet: Row[Any] | Any, ip: ipam.IPAddress) -> None:

@@ -38,6 +38,9 @@ from openimds.registry.store import (
 from openimds.registry.store import (
     changes as changes_table,
 )
+from openimds.registry.store import (
+    state as state_table,
+)
 
 
 def _view_subnets_query() -> sa.Select[Any]:
@@ -202,18 +205,28 @@ _CHANGES_SINCE = (sa.select(changes_table)
                   .limit(sa.bindparam("size")))
 _CHANGES_AT = (sa.select(changes_table).where(changes_table.c.revision == sa.bindparam("revision"))
                .order_by(changes_table.c.seq))
+# The window (state's revision and floor) and the page in one statement: a feed call is one
+# round trip to PostgreSQL besides BEGIN and COMMIT. No change newer: one row of NULLs.
+_PAGE = _CHANGES_SINCE.subquery()
+_WINDOW_AND_PAGE = (
+    sa.select(state_table.c.revision.label("head"), state_table.c.floor,
+              *[c for c in _PAGE.c])
+    .select_from(state_table.outerjoin(_PAGE, sa.true()))
+    .where(state_table.c.id == 1)
+    .order_by(_PAGE.c.revision, _PAGE.c.seq))
 
 
 def changes(store: Store, since: int, size: int, hold_s: float = DEFAULT_HOLD_S) -> Json:
     """At most about size changes newer than since, whole revisions only (a revision larger
     than size comes whole); ResyncRequired outside the retained window."""
     with store.read() as conn:
-        rev, floor = store.window(conn)
+        page = conn.execute(_WINDOW_AND_PAGE, {"since": since, "size": size + 1}).all()
+        rev, floor = int(page[0].head), int(page[0].floor)
         if since > rev or since < floor:
             raise ResyncRequired(
                 f"since: revision {since} is outside the retained window "
                 f"({floor}..{rev}); reload everything", rev)
-        rows = list(conn.execute(_CHANGES_SINCE, {"since": since, "size": size + 1}))
+        rows: list[Any] = [r for r in page if r.seq is not None]
         if len(rows) > size:
             cut = rows[size].revision
             if rows[0].revision == cut:
