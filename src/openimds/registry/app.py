@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 RECHECK_S = 0.5
 RECHECK_SLOW_S = 5.0
+LISTEN_WAIT_S = 2.0  # at start-up, for the LISTEN session before serving
 MAX_BODY_BYTES = 1024 * 1024
 OPEN_PATHS = frozenset({"/v1/health", "/v1/openapi.json"})
 # Writes the reader token (the agents' token) may make: heartbeats.
@@ -411,10 +412,20 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) 
     notifier = app[NOTIFIER]
     ticked = asyncio.Event()
     background = [asyncio.create_task(_reap(registry, notifier, settings, ticked))]
+    listener: Listener | None = None
+    if store.backend == "postgresql":
+        notifier.listener = listener = Listener(store.url, notifier.notify)
+        background.append(asyncio.create_task(listener.run()))
     try:
         # The reaper's first round (a write: this node's heartbeat) before the first request,
         # which would otherwise wait for it and its first-use statement compiles.
         await ticked.wait()
+        # Likewise the LISTEN session's connect (a new server backend, ~4 ms of the
+        # database's CPU), which overlapped the first creates; bounded: a registry whose
+        # LISTEN cannot connect still serves (its long-polls re-check every RECHECK_S).
+        if listener is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(listener.listened.wait(), LISTEN_WAIT_S)
         metrics_server = await start_metrics_server(settings, metrics)
         settle_heap()
         await site.start()
@@ -422,9 +433,6 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) 
         log.info("registry.start url=%s backend=%s", reg_settings.effective_url, backend)
         if ready is not None:
             ready()
-        if backend == "postgresql":
-            notifier.listener = Listener(store.url, notifier.notify)
-            background.append(asyncio.create_task(notifier.listener.run()))
         await stop.wait()
         log.info("registry.stop")
     finally:

@@ -38,6 +38,7 @@ class Listener:
         self.dsn = conninfo(url)
         self.wake = wake
         self.live = False
+        self.listened = asyncio.Event()  # set at the first LISTEN (start-up waits for it)
         self.notifications = 0
         self.connects = 0
 
@@ -49,6 +50,7 @@ class Listener:
                         self.dsn, autocommit=True, application_name=APPLICATION_NAME) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self.live = True
+                    self.listened.set()
                     self.connects += 1
                     delay = BACKOFF_MIN_S
                     log.info("registry.listen channel=%s connects=%d", CHANNEL, self.connects)
