@@ -39,7 +39,7 @@ from openimds.registry.allocation import (
     allocate,
     delete_port,
     insert_port,
-    new_mac,
+    network_and_mac,
 )
 from openimds.registry.records import (
     Json,
@@ -708,16 +708,18 @@ class Registry:
                 raise BadRequest(f"mac_address: {mac!r} is not a unicast MAC address")
             mac = mac.lower()
         with self.store.write() as tx:
-            network = ref_row(tx.conn, networks, "network", "network_id", network_id)
+            drawn = mac is None  # then free by the network's read: no re-check at insert
+            if mac is None:
+                network, mac = network_and_mac(tx.conn, network_id)
+            else:
+                network = ref_row(tx.conn, networks, "network", "network_id", network_id)
             pid = (self._ensure_project(tx, body["project_id"]) if body.get("project_id")
                    else network.project_id)
-            if mac is None:
-                mac = new_mac(tx.conn)
             fixed = allocate(tx, network_id, body.get("fixed_ips"), mac=mac,
                              device_owner=owner)
             return insert_port(tx, network_id=network_id, project_id=pid,
                                      device_id=device_id, device_owner=owner, fixed=fixed,
-                                     name=name, mac=mac)
+                                     name=name, mac=mac, mac_checked=drawn)
 
     def list_ports(self, q: dict[str, str]) -> Json:
         where: list[Any] = []
@@ -817,7 +819,7 @@ class Registry:
             requests = [{"ip_address": body["fixed_ip"]}]
         with self.store.write(ec2_id=True) as tx:
             conn = tx.conn
-            network = ref_row(conn, networks, "network", "network_id", network_id)
+            network, mac = network_and_mac(conn, network_id)
             pid = (self._ensure_project(tx, body["project_id"]) if body.get("project_id")
                    else network.project_id)
             keypair = None
@@ -833,7 +835,6 @@ class Registry:
                 raise Conflict(f"id: instance {iid} was deleted at {retired.deleted_at}; an "
                                "instance ID is never reused (a metadata API may still hold "
                                "the deleted instance's documents)")
-            mac = new_mac(conn)
             try:
                 fixed = allocate(tx, network_id, requests, mac=mac,
                                  device_owner=DEVICE_OWNER_INSTANCE, field="fixed_ip")
