@@ -697,6 +697,9 @@ def main() -> int:
         for rnd in range(1, a.rounds + 1):
             for conns, close in scenarios:
                 runs = list(configs)
+                if rnd % 2 == 0:  # --api-socket: its chain first every other round (order bias)
+                    sock = [c for c in runs if c[0].startswith("chainsock-")]
+                    runs = runs[:1] + sock + [c for c in runs[1:] if c not in sock]
                 while runs:
                     name, port, pids, headers = runs.pop(0)
                     rate = None
