@@ -121,9 +121,22 @@ def test_the_socket_is_no_trust_shortcut(chain: dict[str, Any]) -> None:
     assert ans.status == 400 and b"X-Instance-ID header is missing" in ans.body
 
 
-def test_stop_removes_the_socket_file(chain: dict[str, Any]) -> None:
+def test_stop_removes_the_socket_file_and_doctor_checks_the_socket(
+    chain: dict[str, Any],
+) -> None:
+    st: Stack = chain["st"]
+
+    def api_check() -> dict[str, Any]:
+        out = run_cli(st.config, "doctor", "-f", "json", timeout=120).stdout
+        return next(c for c in json.loads(out)["checks"] if c["name"] == "api")
+
+    # the agent's way to the API: the socket (its TCP port leads nowhere in this stack)
+    check = api_check()
+    assert check["status"] == "ok" and f"unix:{chain['sock']}/ answers" in check["detail"], check
     assert chain["api"].stop() == 0
     assert not chain["sock"].exists()
+    check = api_check()
+    assert check["status"] != "ok" and f"unix:{chain['sock']}" in check["detail"], check
 
 
 def test_a_stale_socket_is_replaced_a_live_one_is_not(tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ from openimds.node.checks import (
     render_line,
     run_checks,
 )
-from openimds.node.trace import proxy_pid, registry_client
+from openimds.node.trace import api_client, proxy_pid, registry_client
 
 SOCKET_MODES = {"user": 0o644, "group": 0o664, "all": 0o666}
 
@@ -221,17 +221,17 @@ def probe_registry(ctx: DoctorContext) -> str:
 
 
 def probe_api(ctx: DoctorContext) -> str:
-    s = ctx.settings
-    url = f"{s.nova_metadata_protocol}://{s.nova_metadata_host}:{s.nova_metadata_port}/"
+    # where the agent goes: nova_metadata_socket when set, else host:port (trace.api_client)
+    client, where = api_client(ctx.settings, timeout_s=5)
     try:
-        with httpx.Client(verify=not s.nova_metadata_insecure, timeout=5,
-                          trust_env=False) as client:
-            resp = client.get(url)
+        with client:
+            resp = client.get("/")
     except httpx.HTTPError as exc:
-        raise CheckFailed(f"{url} unreachable: {exc}",
-                          "start it: openimds up, or openimds api") from exc
+        advice = ("start it with [api] unix_socket = that path" if where.startswith("unix:")
+                  else "start it: openimds up, or openimds api")
+        raise CheckFailed(f"{where}/ unreachable: {exc}", advice) from exc
     # unsigned requests are refused with 400: that still proves the API answers
-    return f"{url} answers ({resp.status_code} to an unsigned request)"
+    return f"{where}/ answers ({resp.status_code} to an unsigned request)"
 
 
 def probe_agent_socket(ctx: DoctorContext) -> str:

@@ -292,6 +292,28 @@ def registry_client(settings: Settings, timeout_s: float = 5.0) -> httpx.Client:
                         timeout=timeout_s, trust_env=False)
 
 
+_API_ADVICE = ("start it: openimds up (or openimds api); check nova_metadata_host/"
+               "nova_metadata_port, or nova_metadata_socket against [api] unix_socket")
+
+
+def api_client(settings: Settings, timeout_s: float = 10.0) -> tuple[httpx.Client, str]:
+    """A client to the metadata API the way the agent reaches it: over `nova_metadata_socket`
+    when set, else nova_metadata_protocol://host:port with the agent's TLS options; and
+    where that is, for messages."""
+    s = settings
+    if s.nova_metadata_socket:
+        return (httpx.Client(base_url="http://localhost", timeout=timeout_s, trust_env=False,
+                             transport=httpx.HTTPTransport(uds=s.nova_metadata_socket)),
+                f"unix:{s.nova_metadata_socket}")
+    url = f"{s.nova_metadata_protocol}://{s.nova_metadata_host}:{s.nova_metadata_port}"
+    verify: bool | str = not s.nova_metadata_insecure
+    if s.auth_ca_cert and verify:
+        verify = s.auth_ca_cert
+    cert = (s.nova_client_cert, s.nova_client_priv_key) if s.nova_client_cert else None
+    return (httpx.Client(base_url=url, verify=verify, cert=cert, timeout=timeout_s,
+                         trust_env=False), url)
+
+
 def _get(http: httpx.Client, path: str, **params: str) -> Any:
     try:
         resp = http.get(path, params=params or None)
@@ -510,7 +532,6 @@ def _lookup(ctx: TraceContext, source: str, label: str) -> str:
 
 def _api_get(ctx: TraceContext, path: str) -> httpx.Response:
     s = ctx.settings
-    url = f"{s.nova_metadata_protocol}://{s.nova_metadata_host}:{s.nova_metadata_port}{path}"
     headers = {
         "X-Instance-ID": ctx.instance_id,
         "X-Tenant-ID": ctx.project_id,
@@ -520,17 +541,12 @@ def _api_get(ctx: TraceContext, path: str) -> httpx.Response:
     name, _, value = s.api.required_header.partition(":")
     if value.strip():  # [api] required_header: every request must carry it, ours too
         headers[name.strip()] = value.strip()
-    verify: bool | str = not s.nova_metadata_insecure
-    if s.auth_ca_cert and verify:
-        verify = s.auth_ca_cert
-    cert = (s.nova_client_cert, s.nova_client_priv_key) if s.nova_client_cert else None
+    client, where = api_client(s)
     try:
-        with httpx.Client(verify=verify, cert=cert, timeout=10, trust_env=False) as client:
-            return client.get(url, headers=headers)
+        with client:
+            return client.get(path, headers=headers)
     except httpx.HTTPError as exc:
-        raise CheckFailed(f"metadata API unreachable at {url}: {exc}",
-                          "start it: openimds up (or openimds api); check nova_metadata_host/"
-                          "nova_metadata_port") from exc
+        raise CheckFailed(f"metadata API unreachable at {where}: {exc}", _API_ADVICE) from exc
 
 
 def probe_signature(ctx: TraceContext) -> str:
