@@ -156,16 +156,19 @@ def test_a_stale_socket_is_replaced_a_live_one_is_not(tmp_path: Path) -> None:
         assert proc.returncode != 0
         assert f"[api] unix_socket {sock}: another process is serving on it" in proc.stderr
         assert socket_inode(sock) == bound and unix_ready(sock)()
+        st.start_agent()
+        net, _ = make_network(st.admin, "s", "10.42.0.0/24")
+        inst = st.admin.create_instance("s-1", net["id"])
+        headers = via_network(net["id"], inst["ports"][0]["fixed_ips"][0]["ip_address"])
+        ans = unix_request(st.socket, META, headers=headers)  # the agent's pool is open
+        assert ans.status == 200 and ans.json()["uuid"] == inst["id"]
         # killed: the file stays behind, and the next start replaces it
         api.kill()
         assert sock.exists()
         again = start_api(st, "api2")
         assert socket_inode(sock) != bound and holds(again.pid, socket_inode(sock))
-        st.start_agent()
-        net, _ = make_network(st.admin, "s", "10.42.0.0/24")
-        inst = st.admin.create_instance("s-1", net["id"])
-        ip = inst["ports"][0]["fixed_ips"][0]["ip_address"]
-        ans = unix_request(st.socket, META, headers=via_network(net["id"], ip))
+        # the running agent reconnects through the new socket (its old connection died)
+        ans = unix_request(st.socket, META, headers=headers)
         assert ans.status == 200 and ans.json()["uuid"] == inst["id"]
 
 
