@@ -8,8 +8,8 @@ Rules:
   replaced. One a live process accepts on is not: two servers would split the traffic.
   Anything else at the path (a file, a directory) is refused.
 - Every error names the option and the path, so the operator knows which value to fix.
-- The file is removed on exit only if it is still the one bound (`remove_if_ours`): a
-  successor may already have replaced it.
+- The file is removed on exit only if it is still the one bound (`file_id`,
+  `remove_if_ours`): a successor may already have replaced it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import stat
 
 from openimds.errors import ConfigError, OpenImdsError
 
-__all__ = ["SOCKET_MODES", "listen_unix", "remove_if_ours"]
+__all__ = ["SOCKET_MODES", "file_id", "listen_unix", "remove_if_ours"]
 
 # Connecting needs write permission on the socket file: user lets only its owner connect.
 SOCKET_MODES = {"user": 0o644, "group": 0o664, "all": 0o666}
@@ -66,8 +66,16 @@ def listen_unix(path: str, *, mode: int, backlog: int, option: str) -> socket.so
     return sock
 
 
-def remove_if_ours(path: str, inode: int) -> None:
-    """Remove the socket file if it is still the one with `inode` (ours)."""
+def file_id(path: str) -> int:
+    """One int naming the file at `path`: its inode number and change time. The number
+    alone is not enough: a filesystem hands a freed inode number to the next file at once
+    (a socket file replaced after an unlink came back with the same one)."""
+    st = os.stat(path)
+    return st.st_ino << 64 | st.st_ctime_ns
+
+
+def remove_if_ours(path: str, ident: int) -> None:
+    """Remove the socket file if it is still the one `file_id` named `ident` (ours)."""
     with contextlib.suppress(OSError):
-        if os.stat(path).st_ino == inode:
+        if file_id(path) == ident:
             os.unlink(path)

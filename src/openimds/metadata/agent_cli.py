@@ -18,7 +18,7 @@ from openimds.config import Settings
 from openimds.core.ratelimit import RateLimiter
 from openimds.errors import ConfigError
 from openimds.host.limits import raise_nofile_limit
-from openimds.host.unix_listener import remove_if_ours
+from openimds.host.unix_listener import file_id, remove_if_ours
 from openimds.host.workers import run_workers
 from openimds.http.server import Limits, install_uvloop, serve
 from openimds.log import setup_logging
@@ -71,7 +71,7 @@ def _agent(args: argparse.Namespace, settings: Settings) -> int:
 
     def bind() -> None:
         sock, _ = open_socket(settings)
-        shared["sock"] = (sock, os.stat(settings.metadata_proxy_socket).st_ino)
+        shared["sock"] = (sock, file_id(settings.metadata_proxy_socket))
 
     def unlink() -> None:
         if "sock" in shared:
@@ -126,7 +126,7 @@ async def run_agent(
     path = settings.metadata_proxy_socket
     if shared is None:
         sock, mode = open_socket(settings)
-        inode = os.stat(path).st_ino
+        inode = file_id(path)
     else:
         sock, inode = shared
         mode = os.stat(path).st_mode & 0o777

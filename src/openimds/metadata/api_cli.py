@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import socket
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from openimds.cli import add_command
 from openimds.config import Settings
 from openimds.errors import ConfigError
 from openimds.host.limits import raise_nofile_limit
-from openimds.host.unix_listener import SOCKET_MODES, listen_unix, remove_if_ours
+from openimds.host.unix_listener import SOCKET_MODES, file_id, listen_unix, remove_if_ours
 from openimds.host.workers import run_workers
 from openimds.http.server import Limits, bind_tcp, install_uvloop, serve
 from openimds.log import setup_logging
@@ -87,13 +86,13 @@ def _bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
 
 
 def _bind_unix(settings: Settings) -> list[tuple[socket.socket, int]]:
-    """The listening `[api] unix_socket` and its inode (to remove only our file), if set."""
+    """The listening `[api] unix_socket` and its `file_id` (to remove only our file), if set."""
     path = settings.api.unix_socket
     if not path:
         return []
     sock = listen_unix(path, mode=SOCKET_MODES[settings.api.unix_socket_mode], backlog=4096,
                        option="[api] unix_socket")
-    return [(sock, os.stat(path).st_ino)]
+    return [(sock, file_id(path))]
 
 
 def _registry_token(settings: Settings) -> str:

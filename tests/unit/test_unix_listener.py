@@ -1,0 +1,30 @@
+"""host.unix_listener: only our own socket file is removed on exit, even when the
+filesystem gave its successor the same inode number."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from openimds.host.unix_listener import SOCKET_MODES, file_id, listen_unix, remove_if_ours
+
+
+def test_a_successor_with_the_same_inode_number_is_not_removed(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.sock")
+    first = listen_unix(path, mode=SOCKET_MODES["user"], backlog=8, option="test")
+    ours, number = file_id(path), os.stat(path).st_ino
+    first.close()  # nobody accepts now: stale, so the next bind replaces the file
+    for _ in range(50):  # the change time tells them apart, not the (reusable) number
+        time.sleep(0.001)
+        second = listen_unix(path, mode=SOCKET_MODES["user"], backlog=8, option="test")
+        if os.stat(path).st_ino == number:
+            break
+        second.close()
+    try:
+        remove_if_ours(path, ours)
+        assert os.path.exists(path)  # the successor's file stays
+        remove_if_ours(path, file_id(path))
+        assert not os.path.exists(path)
+    finally:
+        second.close()
