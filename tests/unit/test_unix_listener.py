@@ -1,12 +1,17 @@
 """host.unix_listener: only our own socket file is removed on exit, even when the
-filesystem gave its successor the same inode number."""
+filesystem gave its successor the same inode number; a listener too busy to accept is not
+taken for a stale socket."""
 
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 
+import pytest
+
+from openimds.errors import OpenImdsError
 from openimds.host.unix_listener import SOCKET_MODES, file_id, listen_unix, remove_if_ours
 
 
@@ -28,3 +33,26 @@ def test_a_successor_with_the_same_inode_number_is_not_removed(tmp_path: Path) -
         assert not os.path.exists(path)
     finally:
         second.close()
+
+
+def test_a_busy_listener_is_not_taken_for_a_stale_one(tmp_path: Path) -> None:
+    path = str(tmp_path / "busy.sock")
+    busy = listen_unix(path, mode=SOCKET_MODES["user"], backlog=0, option="test")
+    ident = file_id(path)
+    waiting: list[socket.socket] = []
+    try:
+        while True:  # fill its backlog: it never accepts
+            client = socket.socket(socket.AF_UNIX)
+            client.setblocking(False)
+            waiting.append(client)
+            try:
+                client.connect(path)
+            except BlockingIOError:
+                break
+        with pytest.raises(OpenImdsError, match="did not accept in 1 s"):
+            listen_unix(path, mode=SOCKET_MODES["user"], backlog=8, option="test")
+        assert file_id(path) == ident  # still the busy one's
+    finally:
+        for client in waiting:
+            client.close()
+        busy.close()

@@ -4,8 +4,9 @@ API's `[api] unix_socket`.
 Rules:
 - The directory is created (0755) when missing; the socket file gets the mode asked for and
   belongs to the process's user and group.
-- A socket file nobody accepts on (a server killed before it could remove it) is stale and
-  replaced. One a live process accepts on is not: two servers would split the traffic.
+- A socket file nobody listens on (a server killed before it could remove it: connect is
+  refused) is stale and replaced. One a live process listens on is not, even if it does not
+  accept in time (a full backlog, a stopped process): two servers would split the traffic.
   Anything else at the path (a file, a directory) is refused.
 - Every error names the option and the path, so the operator knows which value to fix.
 - The file is removed on exit only if it is still the one bound (`file_id`,
@@ -47,8 +48,12 @@ def listen_unix(path: str, *, mode: int, backlog: int, option: str) -> socket.so
         probe.settimeout(1.0)
         try:
             probe.connect(path)
-        except OSError:
-            os.unlink(path)  # nobody accepts on it: stale
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # nobody listens on it: stale
+        except OSError as exc:  # a full backlog or a stopped server: alive, only slow
+            raise OpenImdsError(f"{option} {path}: a process listens on it but did not "
+                                f"accept in 1 s ({exc.strerror or exc}); not replacing "
+                                "it") from exc
         else:
             raise OpenImdsError(f"{option} {path}: another process is serving on it; "
                                 "not replacing it")
