@@ -112,11 +112,15 @@ def registry_trace(path: Path, spans: list[tuple[float, float]],
     t0, t1 = spans[0][0], spans[-1][1]
     events = []
     for line in path.read_text().splitlines() if path.exists() else []:
-        at, kind, ms = line.split()[:3]
+        at, kind, ms, *head = line.split()
         if t0 <= float(at) <= t1 + 0.01:
-            events.append((float(at) - float(ms) / 1000, float(at), kind, float(ms)))
+            events.append((float(at) - float(ms) / 1000, float(at), kind, float(ms),
+                           " ".join(head)))
     gc2 = [e[3] for e in events if e[2] == "gc2"]
     compiles = [e[3] for e in events if e[2] == "compile"]
+    # which statements, and when (ms after the first create's start): a compile on the
+    # reaper's thread is not a request's, though it may overlap one
+    compiled = [f"{(e[0] - t0) * 1000:.0f} ms: {e[4]}" for e in events if e[2] == "compile"]
 
     def during(i: int) -> list[str]:
         a, b = spans[i]
@@ -125,6 +129,7 @@ def registry_trace(path: Path, spans: list[tuple[float, float]],
     return {"gc2": len(gc2), "gc2_max_ms": max(gc2, default=0.0),
             "gc1": sum(e[2] == "gc1" for e in events),
             "compiles": len(compiles), "compile_ms": round(sum(compiles), 2),
+            "compiled": compiled,
             "slowest_overlapped": {str(i): during(i) for i in sorted(slow)}}
 
 

@@ -977,19 +977,25 @@ class Registry:
     def _rehearse_hot_paths(self) -> None:
         name = "openimds-warm-up"
         net = self.create_network({"name": name})
-        # TEST-NET-1; a one-address pool, so a fixed IP taken from it removes a whole range
+        # TEST-NET-1; one-address pools, so the automatic pick below and a fixed IP taken
+        # each remove a whole range (the statements that end a range, not shorten it)
         subnet = self.create_subnet({"name": name, "network_id": net["id"],
                                      "cidr": "192.0.2.0/24", "allocation_pools": [
-                                         {"start": "192.0.2.10", "end": "192.0.2.200"},
+                                         {"start": "192.0.2.9", "end": "192.0.2.9"},
+                                         {"start": "192.0.2.11", "end": "192.0.2.200"},
                                          {"start": "192.0.2.250", "end": "192.0.2.250"}]})
         router = self.create_router({"name": name})
         self.add_interface(router["id"], {"subnet_id": subnet["id"]})
         head = int(self.health()["revision"])
         iid = self.create_instance({"name": name, "network_id": net["id"]})["id"]
+        shortened = self.create_instance({"name": name, "network_id": net["id"]})["id"]
         self.update_instance(iid, {"metadata": {"warm": "up"}})
         self.view(iid)
         self.changes(head)
+        with self.store.read() as conn:  # the reaper's, from its second round on
+            conn.execute(_PLACEMENT_CHANGES, {"since": head}).all()
         self.delete_instance(iid)
+        self.delete_instance(shortened)
         fixed = self.create_instance({"name": name + "-fixed", "network_id": net["id"],
                                       "fixed_ip": "192.0.2.250"})["id"]
         self.delete_instance(fixed)
