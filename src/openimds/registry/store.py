@@ -592,9 +592,12 @@ class Store:
     def _warm(self, conn: Connection, *, locked: bool) -> None:
         """Rehearse on a connection the warm-up has not seen (a replacement for one that died,
         an overflow one) before its first request: cold, its first create paid 2.4-6 ms more
-        (docs/benchmarks.md, "Create p99"). Nothing to do before `rehearse` has run."""
+        (docs/benchmarks.md, "Create p99"). PostgreSQL only; nothing to do before `rehearse`
+        has run."""
         run = self._warm_run
-        if run is None or conn.info.get(_WARM):
+        # SQLite: a new connection costs only a schema parse, not a rehearsal (~20 ms under
+        # the write lock, which a create would wait for)
+        if run is None or self.backend != "postgresql" or conn.info.get(_WARM):
             return
         with contextlib.nullcontext() if locked else self._write_lock:
             try:
