@@ -88,6 +88,7 @@ from openimds.http.server import (
     parse_one,
 )
 from openimds.http.server import _closing as closing_answer
+from openimds.http.server import _Pending as PendingAnswer
 from openimds.http.sockets import Acceptor, SocketTransport
 from openimds.log import access_line
 from openimds.metadata.longpoll import is_long_poll, long_poll_timeout
@@ -521,23 +522,28 @@ class Forwarder:
         reply = Deferred()
         head_only = req.method == "HEAD"
 
-        def answer(resp: AnyResponse, status: int) -> None:
+        def done(result: UpstreamResponse | BaseException) -> None:
+            resp, status = self.answer_of(result, limited, host, scope)
             self._observe(req.method, req.path, status, t0, rid, host, scope)
             reply.resolve(resp)
 
-        def done(result: UpstreamResponse | BaseException) -> None:
-            if isinstance(result, UpstreamResponse):
-                if result.status == 429 and limited is not None:
-                    self.limited.learn(limited, host, result.raw, scope)
-                answer(RawResponse(result.raw, close=not result.keep_alive), result.status)
-            elif isinstance(result, UpstreamError):
-                answer(*self._failed(result))
-            else:
-                log.error("proxy.forward_failed error=%r", result)
-                answer(error_response(500, "metadata proxy error"), 500)
-
         self.pool.send_encoded(data, head_only, done)
         return reply
+
+    def answer_of(
+        self, result: UpstreamResponse | BaseException, limited: dict[str, _Limited] | None,
+        host: str, scope: str,
+    ) -> tuple[AnyResponse, int]:
+        """The VM's answer to what the pool gave (the agent's, relayed verbatim, or ours for
+        a failure) and its status; a rate-limit 429 is remembered in `limited`."""
+        if isinstance(result, UpstreamResponse):
+            if result.status == 429 and limited is not None:
+                self.limited.learn(limited, host, result.raw, scope)
+            return RawResponse(result.raw, close=not result.keep_alive), result.status
+        if isinstance(result, UpstreamError):
+            return self._failed(result)
+        log.error("proxy.forward_failed error=%r", result)
+        return error_response(500, "metadata proxy error"), 500
 
     def _observe(
         self, method: str, path: str, status: int, t0: float, rid: bytes, host: str,
@@ -689,17 +695,25 @@ class _ClientProtocol(HttpProtocol):
     NATed behind the VM (one more hop, TTL decremented to 0 there) never sees the token. The
     socket keeps that TTL until the next non-PUT answer on the connection is written, so a
     retransmission of the token answer is limited too.
+
+    A read at a request boundary that is a kept one (`KeptReads`) and keeps the connection
+    open goes straight to the agent, as a started request of this connection: its answer
+    is written like any other (in order, the timeouts and the hop limit as always); the
+    parser, the `Request` and the handler are skipped.
     """
 
-    __slots__ = ("_answered", "_cap", "_conns", "_hops", "_lowered", "_own", "_source")
+    __slots__ = ("_answered", "_cap", "_conns", "_hops", "_kept", "_lowered", "_own",
+                 "_source")
 
     def __init__(
         self, handler: Handler, limits: Limits,
         loop: asyncio.AbstractEventLoop, conns: set[Connection],
         cap: SourceCap | None = None, token_hop_limit: int = 1, answered: bool = False,
+        kept: KeptReads | None = None,
     ) -> None:
         super().__init__(handler, limits, loop)
         self._answered = answered  # its first request was answered by the fast path
+        self._kept = kept
         self._conns = conns
         self._own: SocketTransport | None = None
         self._cap = cap
@@ -728,10 +742,27 @@ class _ClientProtocol(HttpProtocol):
                 self._source = host
             else:
                 self._handler = cap.refuser(host)
+                self._kept = None  # every request gets the refusal
                 self._arm(OVER_CAP_TIMEOUT_S)
                 return
         if self._answered:  # idle as after an answer, not waiting for a first request
             self._arm(self._limits.keepalive_timeout_s)
+
+    def data_received(self, data: bytes) -> None:
+        kept = self._kept
+        # At a request boundary with nothing unanswered (a client that pipelines while an
+        # answer is pending takes the parser: its requests queue behind that one).
+        if (kept is not None and not self._pending and not self._queue
+                and not self._in_request and self._last_keep_alive and self._failure is None
+                and not self._closing and not self._write_paused and self._peer is not None):
+            hit = kept.hit(self._peer[0], data)
+            if hit is not None and hit.keep_alive:
+                slot = PendingAnswer(self, hit.req, None)
+                self._started(slot)
+                if kept.send(self._peer[0], hit, slot):
+                    return
+                self._pending.pop()
+        super().data_received(data)
 
     def eof_received(self) -> bool | None:
         held = self._deferred
@@ -783,14 +814,15 @@ class Listener:
             cap.tarpit = forwarder.tarpit
         hops = forwarder.token_hop_limit
 
+        kept = KeptReads(forwarder, route, limits) if forwarder.first_memo > 0 else None
+
         def client(answered: bool = False) -> _ClientProtocol:
-            return _ClientProtocol(handler, limits, loop, conns, cap, hops, answered)
+            return _ClientProtocol(handler, limits, loop, conns, cap, hops, answered, kept)
 
         # Accepted sockets inherit it: answers are not held back by Nagle's algorithm.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if forwarder.first_memo > 0:
-            self.server = FirstRequests(loop, sock, client, forwarder, route, limits, cap,
-                                        conns)
+        if kept is not None:
+            self.server = FirstRequests(loop, sock, client, kept, cap, conns)
         else:
             self.server = Acceptor(loop, sock, client)
 
@@ -803,18 +835,19 @@ class Listener:
         self.conns.clear()
 
 
-# -- the fast path: a connection's first request, kept by its bytes ------------------------
+# -- the fast path: a read that is one whole request, kept by its bytes --------------------
 
 class _Hit:
-    """What the slow path makes of one first read: the agent-bound request (split where the
+    """What the slow path makes of one read: the agent-bound request (split where the
     request ID goes; the guest's own ID or None), and what answering it depends on."""
 
-    __slots__ = ("head", "head_only", "keep_alive", "method", "path", "rid", "tail")
+    __slots__ = ("head", "head_only", "keep_alive", "method", "path", "req", "rid", "tail")
 
     def __init__(self, head: bytes, tail: bytes, rid: bytes | None, req: Request) -> None:
         self.head = head
         self.tail = tail
         self.rid = rid
+        self.req = req  # as parsed (peer None); never changed, so shared by its hits
         self.method = req.method
         self.path = req.path
         self.head_only = req.method == "HEAD"
@@ -824,40 +857,102 @@ class _Hit:
 _UNSEEN = _Hit(b"", b"", None, Request("GET", "/", [], b"", "1.1", False, None))
 
 
-class FirstRequests(Acceptor):
-    """A listener's acceptor, with the proxy's fast path for a connection's first request.
+class KeptReads:
+    """A listener's reads that are exactly one complete bodyless GET/HEAD, kept by their
+    bytes: for a connection's first read (`FirstRequests`) and for each later read of a
+    keep-alive connection at a request boundary (`_ClientProtocol.data_received`).
 
-    A VM (cloud-init) opens a connection per request and sends the same bytes again and
-    again. When a connection's first read is exactly one complete request and nothing else,
-    everything the slow path makes of it (parse, header rewrite, the agent-bound bytes,
-    keep-alive) is a function of the listener, the peer address and those bytes. So it is
-    kept (`Forwarder.first`, keyed by exactly those three), and a later copy goes straight
-    to the agent; the answer is written to the accepted socket from the pool's callback
-    (`_Relay`): no protocol, parser, Request or transport object for it.
-
-    Only a bodyless GET or HEAD is kept (`parse_one` says it is one whole request; a long
-    poll is not). What the slow path does around the request happens here too: the hop's
-    counts, the access line, the per-source connection cap, the listener's connection set.
-    A source the proxy answers 429 for (`LimitedSources`) or one at its connection cap takes
-    the slow path, which answers it as always; so does every other first read. After a
-    keep-alive answer the connection goes on as a normal one (`_ClientProtocol`).
+    A VM sends the same bytes again and again (cloud-init: a connection per request; a
+    keep-alive client: the same few paths). Everything the slow path makes of such a read
+    (parse, header rewrite, the agent-bound bytes, keep-alive) is a function of the
+    listener, the peer address and those bytes, so it is kept (`Forwarder.first`, keyed by
+    exactly those three) and a later copy goes straight to the agent. The entry is made by
+    the slow path's own code: `parse_one` (None for a partial, pipelined, malformed, upgrade
+    or `Expect` read) and `Forwarder.encoded_for`. A long poll is not kept.
     """
 
-    __slots__ = ("_cap", "_client", "_conns", "_fwd", "_limits", "_memo", "_route")
+    __slots__ = ("fwd", "limits", "memo", "route")
+
+    def __init__(self, forwarder: Forwarder, route: Route, limits: Limits) -> None:
+        self.fwd = forwarder
+        self.route = route
+        self.limits = limits
+        self.memo = forwarder.first
+
+    def hit(self, host: str, data: bytes) -> _Hit | None:
+        """What `data` from `host` comes to (None: not for the fast path)."""
+        if not (len(data) <= _FIRST_MAX and data.endswith(b"\r\n\r\n")
+                and data.startswith((b"GET ", b"HEAD "))):
+            return None
+        key = (self.route.tag, host, data)
+        hit = self.memo.get(key, _UNSEEN)
+        if hit is _UNSEEN:
+            hit = self._learn(key, data)
+        return hit
+
+    def _learn(self, key: tuple[object, str, bytes], data: bytes) -> _Hit | None:
+        req = parse_one(data, self.limits, asyncio.get_running_loop())
+        hit = None
+        if (req is not None and req.method in ("GET", "HEAD") and not req.body
+                and not is_long_poll(req.query) and len(req.target) <= _MEMO_TARGET_MAX):
+            head, tail, rid = self.fwd.encoded_for(self.route, req, key[1])
+            hit = _Hit(head, tail, rid, req)
+        memo = self.memo
+        while len(memo) >= self.fwd.first_memo:
+            del memo[next(iter(memo))]  # the oldest first
+        memo[key] = hit
+        return hit
+
+    def send(self, host: str, hit: _Hit,
+             then: Callable[[AnyResponse], None]) -> bool:
+        """Send a kept request to the agent; `then(answer)` once it is answered, after the
+        counts and the access line. False: the slow path must
+        answer it (a source the proxy answers 429 for, or the agent again once that ran
+        out)."""
+        route, fwd = self.route, self.fwd
+        if route.limited and host in route.limited:
+            return False
+        if fwd.count:
+            fwd.hop.begun += 1
+        t0 = perf_counter() if fwd.timed else 0.0
+        rid = hit.rid or fwd.new_rid()
+        fwd.first_hits += 1
+
+        def done(result: UpstreamResponse | BaseException) -> None:
+            resp, status = fwd.answer_of(result, route.limited, host, route.scope)
+            fwd._observe(hit.method, hit.path, status, t0, rid, host, route.scope)
+            then(resp)
+
+        fwd.pool.send_encoded(b"".join((hit.head, _RID_LINE, rid, hit.tail)), hit.head_only,
+                              done)
+        return True
+
+
+class FirstRequests(Acceptor):
+    """A listener's acceptor, with the fast path for a connection's first request.
+
+    When a new connection's first read is a kept one (`KeptReads`), it goes straight to
+    the agent and the answer is written to the accepted socket from the pool's callback
+    (`_Relay`): no protocol, parser, Request or transport object for it. What the slow path
+    does around the request happens here too: the hop's counts, the access line, the
+    per-source connection cap, the listener's connection set. A source the proxy answers
+    429 for or one at its connection cap takes the slow path, which answers it as always;
+    so does every other first read. After a keep-alive answer the connection goes on as a
+    normal one (`_ClientProtocol`), whose later kept reads take the fast path there.
+    """
+
+    __slots__ = ("_cap", "_client", "_conns", "_kept")
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-        client: Callable[..., _ClientProtocol], forwarder: Forwarder, route: Route,
-        limits: Limits, cap: SourceCap | None, conns: set[Connection],
+        client: Callable[..., _ClientProtocol], kept: KeptReads, cap: SourceCap | None,
+        conns: set[Connection],
     ) -> None:
         super().__init__(loop, sock, client)
         self._client = client
-        self._fwd = forwarder
-        self._route = route
-        self._limits = limits
+        self._kept = kept
         self._cap = cap
         self._conns = conns
-        self._memo = forwarder.first
 
     def serve(self, sock: socket.socket, peer: Any, data: bytes | None = None) -> None:
         try:
@@ -867,13 +962,9 @@ class FirstRequests(Acceptor):
         except OSError:
             sock.close()  # reset before a byte came: nothing to answer
             return
-        if (data and len(data) <= _FIRST_MAX and data.endswith(b"\r\n\r\n")
-                and data.startswith((b"GET ", b"HEAD "))):
+        if data:
             try:
-                key = (self._route.tag, peer[0], data)
-                hit = self._memo.get(key, _UNSEEN)
-                if hit is _UNSEEN:
-                    hit = self._learn(key, data)
+                hit = self._kept.hit(peer[0], data)
                 if hit is not None and self._relay(sock, peer, hit):
                     return
             except Exception:  # a bug here must not reach the loop or leak the socket
@@ -882,44 +973,24 @@ class FirstRequests(Acceptor):
                 return
         super().serve(sock, peer, data)
 
-    def _learn(self, key: tuple[object, str, bytes], data: bytes) -> _Hit | None:
-        """What these bytes come to on the slow path (None: not for the fast path)."""
-        req = parse_one(data, self._limits, self._loop)
-        hit = None
-        if (req is not None and req.method in ("GET", "HEAD") and not req.body
-                and not is_long_poll(req.query) and len(req.target) <= _MEMO_TARGET_MAX):
-            head, tail, rid = self._fwd.encoded_for(self._route, req, key[1])
-            hit = _Hit(head, tail, rid, req)
-        memo = self._memo
-        while len(memo) >= self._fwd.first_memo:
-            del memo[next(iter(memo))]  # the oldest first
-        memo[key] = hit
-        return hit
-
     def _relay(self, sock: socket.socket, peer: Any, hit: _Hit) -> bool:
-        """Send a kept request to the agent; False: the slow path must answer it."""
+        """Send a kept first request to the agent; False: the slow path must answer it."""
         host = peer[0]
-        route, fwd, cap = self._route, self._fwd, self._cap
-        if route.limited and host in route.limited:
-            return False  # the proxy's own 429 (or the agent again, once it ran out)
+        cap = self._cap
+        if cap is not None and cap.counts.get(host, 0) >= cap.cap:
+            return False  # refused there, through the tarpit
         if cap is not None:
-            if cap.counts.get(host, 0) >= cap.cap:
-                return False  # refused there, through the tarpit
             cap.take(host)
-        if fwd.count:
-            fwd.hop.begun += 1
-        t0 = perf_counter() if fwd.timed else 0.0
-        rid = hit.rid or fwd.new_rid()
-        relay = _Relay(self, sock, peer, hit, rid, t0)
-        self._conns.add(relay)
-        fwd.first_hits += 1
+        relay = _Relay(self, sock, peer, hit)
+        self._conns.add(relay)  # before the send: its answer may come at once
         try:
-            fwd.pool.send_encoded(b"".join((hit.head, _RID_LINE, rid, hit.tail)),
-                                  hit.head_only, relay.done)
+            sent = self._kept.send(host, hit, relay.done)
         except BaseException:
             relay.abort()  # out of the set, the source's count given back
             raise
-        return True
+        if not sent:
+            relay._release()  # the socket stays open for the slow path
+        return sent
 
     def go_on(self, sock: socket.socket, peer: Any, rest: bytes, keep: bool) -> None:
         """A connection whose first answer the fast path wrote: a normal connection from
@@ -943,36 +1014,24 @@ class _Relay:
     """A first request the fast path sent to the agent: writes the answer as the slow path
     would (`HttpProtocol._send`), then closes or hands the connection on."""
 
-    __slots__ = ("_acceptor", "_hit", "_peer", "_rid", "_sock", "_t0")
+    __slots__ = ("_acceptor", "_hit", "_peer", "_sock")
 
-    def __init__(self, acceptor: FirstRequests, sock: socket.socket, peer: Any, hit: _Hit,
-                 rid: bytes, t0: float) -> None:
+    def __init__(self, acceptor: FirstRequests, sock: socket.socket, peer: Any,
+                 hit: _Hit) -> None:
         self._acceptor = acceptor
         self._sock: socket.socket | None = sock
         self._peer = peer
         self._hit = hit
-        self._rid = rid
-        self._t0 = t0
 
-    def done(self, result: UpstreamResponse | BaseException) -> None:
-        a, hit = self._acceptor, self._hit
-        fwd, route, host = a._fwd, a._route, self._peer[0]
-        keep = hit.keep_alive
-        if isinstance(result, UpstreamResponse):
-            status = result.status
-            if status == 429:
-                fwd.limited.learn(route.limited, host, result.raw, route.scope)
-            keep = keep and result.keep_alive
+    def done(self, resp: AnyResponse) -> None:
+        hit = self._hit
+        if isinstance(resp, RawResponse):
+            keep = hit.keep_alive and not resp.close
             # framed for a keep-alive hop: when the connection closes after it, say so
-            data = result.raw if keep else closing_answer(result.raw)
+            data = resp.data if keep else closing_answer(resp.data)
         else:
-            if isinstance(result, UpstreamError):
-                resp, status = fwd._failed(result)
-            else:
-                log.error("proxy.forward_failed error=%r", result)
-                resp, status = error_response(500, "metadata proxy error"), 500
+            keep = hit.keep_alive
             data = resp.encode(keep_alive=keep, head=hit.head_only)
-        fwd._observe(hit.method, hit.path, status, self._t0, self._rid, host, route.scope)
         sock = self._release()
         if sock is None:
             return  # the listener closed meanwhile
@@ -986,7 +1045,7 @@ class _Relay:
             return
         if keep or sent < len(data):
             try:
-                a.go_on(sock, self._peer, data[sent:], keep)
+                self._acceptor.go_on(sock, self._peer, data[sent:], keep)
             except Exception:  # runs in the pool's read callback: never raise into it
                 log.exception("proxy.fast_path_failed peer=%s", self._peer)
                 sock.close()
