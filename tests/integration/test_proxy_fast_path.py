@@ -427,3 +427,39 @@ def test_what_the_fast_path_does_not_keep(lab: Lab, data: bytes, answer: bytes) 
     assert answers[0].startswith(answer) if answer else answers[0] == b""
     assert lab.fwd["fast"].first_hits == 0
     assert list(lab.fwd["fast"].first.values()) == [None]
+
+
+def test_later_keep_alive_reads_take_the_fast_path_with_the_slow_paths_effect(
+    lab: Lab,
+) -> None:
+    """One request per read on a kept-alive connection (spoofed identity headers, a
+    pipelined pair, a request split over two reads, HTTP/1.0 keep-alive): the agent gets
+    the same bytes and the VM the same answers on both listeners; whole single reads after
+    the first were fast-path hits on the fast listener only."""
+    plain = (b"GET /latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\n"
+             b"X-Forwarded-For: 6.6.6.6\r\nX-Neutron-Router-ID: evil\r\n"
+             b"X-Neutron-Network-ID: evil\r\n\r\n")
+    http10 = b"GET /a HTTP/1.0\r\nHost: h\r\nConnection: keep-alive\r\n\r\n"
+    reads = [[plain], [plain], [plain + plain], [plain[:20], plain[20:]], [http10], [plain]]
+    answers: dict[str, bytes] = {}
+    heads: dict[str, list[bytes]] = {}
+    for name in ("slow", "fast"):
+        with lab.connect(name, plain) as sock:
+            got = read_answers(sock, 1)
+            for chunks in reads:
+                for chunk in chunks:
+                    sock.sendall(chunk)
+                    if len(chunks) > 1:
+                        time.sleep(0.05)  # a separate read (a partial request)
+                got += read_answers(sock, plain.count(b"GET ") * len(chunks)
+                                    if len(chunks) == 1 else 1)
+            answers[name] = got
+        heads[name] = masked(lab.heads())
+    assert answers["fast"] == answers["slow"]
+    assert heads["fast"] == heads["slow"]
+    assert len(heads["fast"]) == 8
+    for head in heads["fast"]:
+        assert b"6.6.6.6" not in head and b"evil" not in head
+    assert lab.fwd["slow"].first_hits == 0
+    # the first read, three single whole reads of `plain`, the HTTP/1.0 keep-alive one
+    assert lab.fwd["fast"].first_hits == 5
