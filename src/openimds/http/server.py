@@ -240,6 +240,9 @@ def _closing(data: bytes) -> bytes:
     return head[:at] + b"\r\nConnection: close" + head[stop:] + data[end:]
 
 
+closing_answer = _closing  # public for a hop that writes a relayed answer itself
+
+
 def _ignore(response: AnyResponse) -> None:
     pass
 
@@ -817,6 +820,14 @@ class HttpProtocol(asyncio.Protocol):
         req = slot.req
         self._barrier = not (req.method in _SAFE and not req.body and req.keep_alive)
         self._pending.append(slot)
+
+    def begin_answer(self, req: Request) -> Callable[[AnyResponse], None]:
+        """Start `req` (parsed elsewhere, e.g. kept by its bytes) as this connection's next
+        request, without the handler: call what this returns once with its answer, which is
+        then written in order, as a Deferred's would be."""
+        slot = _Pending(self, req, None)
+        self._started(slot)
+        return slot
 
     def _resolved(self, slot: _Pending, resp: AnyResponse) -> None:
         """A started request's answer is ready: written now if it is the oldest unanswered

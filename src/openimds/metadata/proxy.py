@@ -84,11 +84,10 @@ from openimds.http.server import (
     Request,
     Response,
     TimeoutCounts,
+    closing_answer,
     error_response,
     parse_one,
 )
-from openimds.http.server import _closing as closing_answer
-from openimds.http.server import _Pending as PendingAnswer
 from openimds.http.sockets import Acceptor, SocketTransport
 from openimds.log import access_line
 from openimds.metadata.longpoll import is_long_poll, long_poll_timeout
@@ -600,11 +599,13 @@ class Forwarder:
             counter("openimds_proxy_tarpit_overflow",
                     "429 answers sent at once: tarpit full for that address or in all",
                     tp.overflow),
+            # (named when only first reads took the fast path; the name is kept)
             counter("openimds_proxy_first_request_hits",
-                    "Requests relayed by the fast path (a first read kept by its bytes)",
+                    "Requests relayed by the fast path (a read kept by its bytes: a "
+                    "connection's first read or a later read of a keep-alive connection)",
                     self.first_hits),
             gauge("openimds_proxy_first_request_kept",
-                  "First reads kept for the fast path (bounded; the oldest goes first)",
+                  "Reads kept for the fast path (bounded; the oldest goes first)",
                   len(self.first)),
         ]
 
@@ -755,13 +756,11 @@ class _ClientProtocol(HttpProtocol):
         if (kept is not None and not self._pending and not self._queue
                 and not self._in_request and self._last_keep_alive and self._failure is None
                 and not self._closing and not self._write_paused and self._peer is not None):
-            hit = kept.hit(self._peer[0], data)
-            if hit is not None and hit.keep_alive:
-                slot = PendingAnswer(self, hit.req, None)
-                self._started(slot)
-                if kept.send(self._peer[0], hit, slot):
-                    return
-                self._pending.pop()
+            host = self._peer[0]
+            hit = kept.hit(host, data)
+            if hit is not None and hit.keep_alive and kept.admits(host):
+                kept.send(host, hit, self.begin_answer(hit.req))
+                return
         super().data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -903,15 +902,16 @@ class KeptReads:
         memo[key] = hit
         return hit
 
-    def send(self, host: str, hit: _Hit,
-             then: Callable[[AnyResponse], None]) -> bool:
-        """Send a kept request to the agent; `then(answer)` once it is answered, after the
-        counts and the access line. False: the slow path must
-        answer it (a source the proxy answers 429 for, or the agent again once that ran
-        out)."""
+    def admits(self, host: str) -> bool:
+        """False: the slow path must answer `host` (a source the proxy answers 429 for, or
+        the agent again once that ran out)."""
+        limited = self.route.limited
+        return not limited or host not in limited
+
+    def send(self, host: str, hit: _Hit, then: Callable[[AnyResponse], None]) -> None:
+        """Send a kept request (of a source it `admits`) to the agent; `then(answer)` once
+        it is answered, after the counts and the access line."""
         route, fwd = self.route, self.fwd
-        if route.limited and host in route.limited:
-            return False
         if fwd.count:
             fwd.hop.begun += 1
         t0 = perf_counter() if fwd.timed else 0.0
@@ -925,7 +925,6 @@ class KeptReads:
 
         fwd.pool.send_encoded(b"".join((hit.head, _RID_LINE, rid, hit.tail)), hit.head_only,
                               done)
-        return True
 
 
 class FirstRequests(Acceptor):
@@ -979,18 +978,19 @@ class FirstRequests(Acceptor):
         cap = self._cap
         if cap is not None and cap.counts.get(host, 0) >= cap.cap:
             return False  # refused there, through the tarpit
+        kept = self._kept
+        if not kept.admits(host):
+            return False  # the proxy's own 429 (or the agent again): the slow path's
         if cap is not None:
             cap.take(host)
         relay = _Relay(self, sock, peer, hit)
         self._conns.add(relay)  # before the send: its answer may come at once
         try:
-            sent = self._kept.send(host, hit, relay.done)
+            kept.send(host, hit, relay.done)
         except BaseException:
             relay.abort()  # out of the set, the source's count given back
             raise
-        if not sent:
-            relay._release()  # the socket stays open for the slow path
-        return sent
+        return True
 
     def go_on(self, sock: socket.socket, peer: Any, rest: bytes, keep: bool) -> None:
         """A connection whose first answer the fast path wrote: a normal connection from
