@@ -1,0 +1,341 @@
+"""What a create costs PostgreSQL, seen from the server: a PostgreSQL of the test's own whose
+log has every statement any backend ran (with its pid), its pg_stat_activity (which backends
+exist and which ran something) and each session's pg_prepared_statements (how often each
+plan ran). A create's tail on PostgreSQL was round trips and cold backends
+(docs/benchmarks.md, "Create p99"), so these fail if the warm-up, the warming of a replaced
+connection, LIFO reuse of the hot backend, the missing pre-ping or the kept prepared
+statements regress. Counts, never timings."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+
+from openimds.registry.service import Registry
+from openimds.registry.store import THREADS, Store
+from tests.support import wait_for
+
+pytestmark = pytest.mark.postgres
+
+# What the server runs for a create on a warm connection: BEGIN, 11 statements (the change
+# rows' two-row executemany is two, pipelined in one round trip) and COMMIT; 17 at 4a9ce89,
+# 13 since fa16537, 396121b and 2e25eb3.
+CREATE_ROUND_TRIPS = 13
+
+
+class _StatPostgres:
+    """initdb in a temp dir, Unix socket only, logging every statement (the shared test
+    server's log is everyone's). fsync off: nothing here measures durability."""
+
+    def __init__(self) -> None:
+        self.bin = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))[-1].parent
+        self.dir = Path(tempfile.mkdtemp(prefix="openimds-pgstat-"))
+        user = pwd.getpwnam("postgres")
+        os.chown(self.dir, user.pw_uid, user.pw_gid)
+        self.data = self.dir / "data"
+        self.log = self.dir / "log"
+        self.admin: sa.Engine | None = None
+
+    def _run(self, *argv: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", *argv], check=True,
+                       capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U",
+                  "postgres")
+        # every statement a client sends is a line of the server's log, prefixed with its
+        # backend's pid and database: simple queries (BEGIN, COMMIT, a pre-ping's ";") as
+        # "statement:", prepared or parameterised ones as "execute"
+        opts = (f"-k {self.dir} -p 5432 -c listen_addresses='' -c fsync=off "
+                "-c log_statement=all -c log_line_prefix='%p %d ' "
+                "-c log_parameter_max_length=0")
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-w", "-l",
+                  str(self.log), "-o", opts, "start")
+        self._run(str(self.bin / "psql"), "-h", str(self.dir), "-d", "postgres", "-qc",
+                  "CREATE ROLE root SUPERUSER LOGIN")
+        self.admin = sa.create_engine(self.url("postgres"), isolation_level="AUTOCOMMIT",
+                                      poolclass=sa.pool.NullPool)
+
+    def statements(self, db: str, since: int) -> list[tuple[int, str]]:
+        """(backend pid, statement) for each statement run on database `db`, in order, from
+        log offset `since` on (continuation lines of a statement are skipped)."""
+        out: list[tuple[int, str]] = []
+        ours = False  # whether the last prefixed line was one of ours (for continuations)
+        with self.log.open("rb") as f:
+            f.seek(since)
+            for line in f.read().decode(errors="replace").splitlines():
+                pid, _, rest = line.partition(" ")
+                name, _, rest = rest.partition(" ")
+                if not pid.isdigit() or not rest.startswith(("LOG:", "DETAIL:", "ERROR:",
+                                                              "STATEMENT:", "WARNING:",
+                                                              "FATAL:")):
+                    if ours:  # the next line of a statement of several
+                        out[-1] = (out[-1][0], out[-1][1] + "\n" + line)
+                    continue
+                ours = name == db and rest.startswith(("LOG:  statement: ", "LOG:  execute "))
+                if not ours:
+                    continue
+                if rest.startswith("LOG:  statement: "):
+                    out.append((int(pid), rest[len("LOG:  statement: "):]))
+                else:  # "execute <name>: <statement>"
+                    out.append((int(pid), rest[len("LOG:  execute "):].partition(": ")[2]))
+        return out
+
+    def url(self, db: str) -> str:
+        return f"postgresql+psycopg://root@/{db}?host={self.dir}"
+
+    def sql(self, text: str, **params: Any) -> list[Any]:
+        """Run on the admin database (its own statements are counted under its own dbid)."""
+        assert self.admin is not None
+        with self.admin.connect() as conn:
+            res = conn.execute(sa.text(text), params)
+            return list(res.all()) if res.returns_rows else []
+
+    def stop(self) -> None:
+        if self.admin is not None:
+            self.admin.dispose()
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            # pg_ctl signals the postmaster named by the data dir's postmaster.pid
+            self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate",
+                      "stop")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def statpg() -> Iterator[_StatPostgres]:
+    pg = _StatPostgres()
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.stop()
+
+
+class _Db:
+    """A database of its own with one network and subnet made, and a fresh store on it
+    (an empty statement cache and pool, as at start-up) with the warm-up run."""
+
+    def __init__(self, pg: _StatPostgres) -> None:
+        self.pg = pg
+        self.name = "t_" + uuid.uuid4().hex[:12]
+        pg.sql(f"CREATE DATABASE {self.name}")
+        self.oid = int(pg.sql("SELECT oid FROM pg_database WHERE datname = :d",
+                              d=self.name)[0][0])
+        setup = Store(pg.url(self.name))
+        setup.create_schema()
+        reg = Registry(setup)
+        self.net = reg.create_network({"name": "n"})["id"]
+        reg.create_subnet({"name": "s", "network_id": self.net, "cidr": "10.0.0.0/22"})
+        setup.dispose()
+        self.store = Store(pg.url(self.name))
+        self.reg = Registry(self.store)
+        # statements the store sent, as the server runs them: an executemany's rows are
+        # one pipelined round trip but one execution each
+        self.sent: list[str] = []
+        self.mark = 0
+
+        @event.listens_for(self.store.engine, "before_cursor_execute")
+        def _sent(conn: Any, cursor: Any, statement: str, params: Any, context: Any,
+                  executemany: bool) -> None:
+            self.sent.extend([_as_server(_norm(statement))] * (len(params) if executemany
+                                                               else 1))
+
+        self.reg.warm_up()
+
+    def create(self, i: int) -> str:
+        return str(self.reg.create_instance({"name": f"vm{i}", "network_id": self.net})["id"])
+
+    def backends(self) -> dict[int, tuple[Any, Any]]:
+        """pid -> (backend_start, query_start) of every client backend on this database."""
+        rows = self.pg.sql("SELECT pid, backend_start, query_start FROM pg_stat_activity "
+                           "WHERE datid = :o AND backend_type = 'client backend'", o=self.oid)
+        return {int(r[0]): (r[1], r[2]) for r in rows}
+
+    def reset(self) -> None:
+        """Count from here: the statements sent and those the server ran."""
+        self.mark = self.pg.log.stat().st_size
+        self.sent.clear()
+
+    def ran(self) -> list[tuple[int, str]]:
+        """(pid, statement) the server ran on this database since `reset`."""
+        return [(pid, _norm(q)) for pid, q in self.pg.statements(self.name, self.mark)]
+
+    def dispose(self) -> None:
+        self.store.dispose()
+        self.pg.sql(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
+
+
+def _starts(backends: dict[int, tuple[Any, Any]]) -> dict[int, Any]:
+    """pid -> backend_start: a backend replaced under the same pid still differs."""
+    return {pid: start for pid, (start, _) in backends.items()}
+
+
+def _norm(sql: str) -> str:
+    return " ".join(sql.split())
+
+
+def _as_server(sql: str) -> str:
+    """A statement as SQLAlchemy handed it to psycopg (%(name)s placeholders) as the server
+    holds it prepared: psycopg numbers the names $1, $2... in order of first use."""
+    numbers: dict[str, int] = {}
+
+    def number(m: re.Match[str]) -> str:
+        return f"${numbers.setdefault(m.group(1), len(numbers) + 1)}"
+
+    return re.sub(r"%\((\w+)\)s", number, sql).replace("%%", "%")
+
+
+def _raw(conn: sa.Connection) -> Any:
+    raw = conn.connection.dbapi_connection
+    assert raw is not None
+    return raw
+
+
+def _session(conn: sa.Connection) -> tuple[int, dict[str, int]]:
+    """A pooled connection's backend pid and, per statement it holds prepared, how many times
+    the server ran it (generic + custom plans). Read straight through psycopg, unprepared
+    and outside any transaction, so the reading adds nothing to what it reads."""
+    raw = _raw(conn)
+    pid = int(raw.execute("SELECT pg_backend_pid()", prepare=False).fetchone()[0])
+    rows = raw.execute("SELECT statement, generic_plans + custom_plans "
+                       "FROM pg_prepared_statements", prepare=False).fetchall()
+    return pid, {_norm(s): int(n) for s, n in rows}
+
+
+@pytest.fixture
+def db(statpg: _StatPostgres) -> Iterator[_Db]:
+    d = _Db(statpg)
+    try:
+        yield d
+    finally:
+        d.dispose()
+
+
+def test_the_warm_up_opens_one_backend_per_thread_each_holding_a_create_prepared(
+        db: _Db) -> None:
+    """Before any request: one server backend per registry thread, every one of them the
+    pool's, and every one already holding prepared each statement a create sends."""
+    backends = db.backends()
+    assert len(backends) == THREADS == db.store.warm_connections
+    db.sent.clear()
+    db.create(0)
+    create = set(db.sent)
+    held = [db.store.engine.connect() for _ in range(THREADS)]
+    try:
+        sessions = [_session(c) for c in held]
+    finally:
+        for c in held:
+            c.close()
+    assert {pid for pid, _ in sessions} == set(backends)
+    for pid, prepared in sessions:
+        assert create <= set(prepared), (pid, create - set(prepared))
+    assert db.backends().keys() == backends.keys()  # the create opened none
+
+
+def test_a_create_is_its_own_statements_prepared_on_the_hot_backend(db: _Db) -> None:
+    """Creates one after another: every statement runs on the one backend used last (LIFO)
+    and is the execution of a plan the warm-up prepared (none prepared on the way); the
+    server runs what the store sent and its COMMITs, nothing else (no pre-ping, no SET), and
+    no more round trips per create than today."""
+    n = 6
+    with db.store.engine.connect() as c:
+        hot, before = _session(c)
+    backends = db.backends()
+    mark = db.pg.sql("SELECT now()")[0][0]
+    db.reset()
+    for i in range(n):
+        db.create(i)
+    sent, ran = list(db.sent), db.ran()
+    with db.store.engine.connect() as c:
+        pid, after = _session(c)
+    assert pid == hot
+    moved = {p for p, (_, q) in db.backends().items() if q is not None and q > mark}
+    assert moved == {hot}, moved  # the other warm backends stayed idle
+    assert _starts(db.backends()) == _starts(backends)  # no backend opened or replaced
+    # every statement sent ran as a prepared plan, on the hot backend: no new preparations
+    assert set(after) == set(before)
+    assert sum(after[s] - before[s] for s in after) == len(sent)
+    # the server ran exactly that, and one COMMIT per create
+    assert {p for p, _ in ran} == {hot}
+    assert [q for _, q in ran if q != "COMMIT"] == sent
+    assert len(ran) == len(sent) + n
+    assert len(ran) <= CREATE_ROUND_TRIPS * n, ran
+
+
+def test_a_feed_read_is_one_statement(db: _Db) -> None:
+    """`changes` is BEGIN, one SELECT (the window and the page together), COMMIT."""
+    db.create(0)
+    db.reset()
+    for _ in range(4):
+        db.reg.changes(0)
+    ran = [q.split()[0] for _, q in db.ran()]
+    assert ran == ["BEGIN", "SELECT", "COMMIT"] * 4, ran
+
+
+def test_a_replaced_connection_is_rehearsed_on_before_its_first_request(db: _Db) -> None:
+    """The hot backend dies (a database restart, an admin's pg_terminate_backend): the next
+    request's BEGIN finds it dead, the pool opens a new backend, and the store rehearses on
+    it before the request runs there (the server sees the rehearsal's writes rolled back);
+    the request and the next ones then run only prepared plans, on that one new backend."""
+    with db.store.engine.connect() as c:
+        hot, _ = _session(c)
+    before = db.backends()
+    assert db.pg.sql("SELECT pg_terminate_backend(:p)", p=hot)[0][0] is True
+    wait_for(lambda: hot not in db.backends(), 10, "the terminated backend to go")
+    db.reset()
+    db.create(0)
+    sent, ran = list(db.sent), db.ran()
+    now = db.backends()
+    new = set(now) - set(before)
+    assert len(new) == 1 and len(now) == THREADS
+    assert {p for p, _ in ran} == new
+    # on it, first the rehearsal (a network made and rolled back), then the create itself
+    queries = [q for _, q in ran]
+    assert any(q.startswith("INSERT INTO networks") for q in queries)
+    rollback = max(i for i, q in enumerate(queries) if q == "ROLLBACK")
+    begin = max(i for i, q in enumerate(sent) if q == "BEGIN")  # the create's own
+    # (the rehearsal ends by preparing the reads' BEGIN, outside SQLAlchemy)
+    assert queries[rollback + 1:] == ["BEGIN ISOLATION LEVEL REPEATABLE READ", "COMMIT",
+                                      *sent[begin:], "COMMIT"]
+    for i in (1, 2):
+        with db.store.engine.connect() as c:
+            pid, before_create = _session(c)
+        db.reset()
+        db.create(i)
+        sent, ran = list(db.sent), db.ran()
+        with db.store.engine.connect() as c:
+            pid_after, after_create = _session(c)
+        assert pid == pid_after == next(iter(new))
+        assert set(after_create) == set(before_create)
+        assert sum(after_create[s] - before_create[s] for s in after_create) == len(sent)
+        assert ran == [(pid, q) for q in [*sent, "COMMIT"]]
+
+
+def test_concurrent_requests_open_no_backend_beyond_the_warm_ones(db: _Db) -> None:
+    """As many requests at once as the registry has threads: each runs on a warm backend
+    (the pool keeps one per thread), none opens a new one."""
+    import concurrent.futures
+
+    before = db.backends()
+
+    def request(i: int) -> None:
+        db.reg.changes(0)  # reads are not serialized: these overlap
+        db.create(i)
+        db.reg.changes(0)
+
+    with concurrent.futures.ThreadPoolExecutor(THREADS) as pool:
+        list(pool.map(request, range(THREADS * 3)))
+    assert _starts(db.backends()) == _starts(before)
