@@ -3,7 +3,8 @@
     sudo .venv/bin/python bench/scale_bench.py [--sizes 100,10000] [--per-router 10]
                                                [--shape routers|shared]
                                                [--backend sqlite|postgresql]
-                                               [--duration 5] [--rate R] [--json FILE]
+                                               [--duration 5] [--rate R] [--load-rate R]
+                                               [--trace-registry] [--json FILE]
 
 One real registry (`openimds registry serve`, SQLite or PostgreSQL) grows from the first
 size to the last: `--per-router` instances on each router's own /24 network (10,000
@@ -27,6 +28,11 @@ round trips; the REST path is what the create figures below measure). At each si
    over all instances (each connection from its own 1/100 of them, so every instance is
    asked within a round), and over the first 100 only (same processes, same minute): CPU µs
    per request of the agent and the API (utime+stime, /proc).
+5. Steps 1-2 again under VM traffic (`--load-rate` requests/s, default 5,000, 0 skips it):
+   a child process sends it to the agent over 100 keep-alive connections, cycling over every
+   instance, while the agent and the API follow the change feed as they always do (each
+   create wakes both long-polls). Printed side by side with the quiet figures, with the
+   hops' CPU share during it.
 
 `--registry-only` stops after step 2 (the create and feed figures alone, in a minute).
 `--shape shared` puts every instance on one network with one /16 subnet behind one router
@@ -35,7 +41,11 @@ instead (a provider network: what a create's free-IP pick faces with 10,000 port
 `--trace-registry` loads bench/registry_trace/ into the registry process and reports, for
 the creates' window, its cyclic-GC collections (generation 2: count, longest pause) and the
 statements SQLAlchemy compiled (cache misses), and which of the slowest 1 % of creates
-overlapped one.
+overlapped one; and splits each create into its write transaction, that write's statement
+round trips and its COMMIT (the WAL flush on PostgreSQL, the fsync on SQLite), the rest
+being the HTTP hop, the executor thread and the write lock. `--pg-synchronous-commit off`
+(PostgreSQL, the bench's own database only; not durable, a diagnostic) shows what a create
+costs without the commit's flush.
 
 Printed: CPU per request at the last size / at the first (target within 10 %), memory per
 instance (RSS difference between the sizes / instance difference; targets agent <= 4 KiB,
@@ -108,7 +118,10 @@ def request(router_id: str, ip: str, path: str) -> bytes:
 def registry_trace(path: Path, spans: list[tuple[float, float]],
                    slow: list[int]) -> dict[str, Any]:
     """What bench/registry_trace/ recorded between the first create's start and the last
-    one's end, and which of the `slow` creates overlapped a collection or a compile."""
+    one's end, and which of the `slow` creates overlapped a collection or a compile; and each
+    create split by its write transaction(s) inside its span: the write's ms, its statements'
+    round trips (count, ms) and its COMMIT's ms. The rest of a create's wall time is the HTTP
+    hop, aiohttp, JSON and the wait for the executor thread and the write lock."""
     t0, t1 = spans[0][0], spans[-1][1]
     events = []
     for line in path.read_text().splitlines() if path.exists() else []:
@@ -126,11 +139,31 @@ def registry_trace(path: Path, spans: list[tuple[float, float]],
         a, b = spans[i]
         return sorted({e[2] for e in events if e[0] <= b and e[1] >= a})
 
+    # per create: (write ms, statements, statement ms, commit ms), its writes summed
+    parts: list[tuple[float, int, float, float]] = []
+    for a, b in spans:
+        w = [(e[3], *e[4].split()) for e in events
+             if e[2] == "write" and a <= e[0] and e[1] <= b]
+        parts.append((sum(x[0] for x in w), sum(int(x[1]) for x in w),
+                      sum(float(x[2]) for x in w), sum(float(x[3]) for x in w)))
+    split = {}
+    if any(p[0] for p in parts):
+        wall = [(b - a) * 1000 for a, b in spans]
+        cols = {"write_ms": [p[0] for p in parts], "stmt_ms": [p[2] for p in parts],
+                "commit_ms": [p[3] for p in parts],
+                "outside_write_ms": [w - p[0] for w, p in zip(wall, parts, strict=True)]}
+        split = {k: {"p50": round(pct(v, 0.5), 2), "p99": round(pct(v, 0.99), 2)}
+                 for k, v in cols.items()}
+        split["statements_per_create"] = round(pct([p[1] for p in parts], 0.5))
+        split["slowest"] = {str(i): {"wall": round(wall[i], 2), "write": round(parts[i][0], 2),
+                                     "stmts": round(parts[i][2], 2),
+                                     "commit": round(parts[i][3], 2)} for i in sorted(slow)}
     return {"gc2": len(gc2), "gc2_max_ms": max(gc2, default=0.0),
             "gc1": sum(e[2] == "gc1" for e in events),
             "compiles": len(compiles), "compile_ms": round(sum(compiles), 2),
             "compiled": compiled,
-            "slowest_overlapped": {str(i): during(i) for i in sorted(slow)}}
+            "slowest_overlapped": {str(i): during(i) for i in sorted(slow)},
+            "split": split}
 
 
 class Scale:
@@ -254,6 +287,38 @@ class Scale:
                 admin.delete("instance", iid)
         return out
 
+    def under_load(self, sock: str, reqs: list[bytes], registry_pid: int,
+                   hops: dict[str, int]) -> dict[str, Any]:
+        """The registry figures again (`registry_timings`) while VM traffic runs: a child
+        process (so the load generator takes no GIL from the creates' client) sends
+        `--load-rate` requests/s over 100 keep-alive connections to the agent, cycling over
+        every instance, and the agent and API follow the change feed as always (each create
+        wakes both long-polls, which read the feed). Also: the hops' CPU share of a core
+        during it (the load's evidence), and the requests the agent answered."""
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")
+        child = ctx.Process(target=_load_child, args=(sock, reqs, self.args.load_rate),
+                            daemon=True)
+        child.start()
+        try:
+            time.sleep(1.0)  # its connections open and reach the rate
+            before = agent_stats(sock).get("requests", 0)
+            cpu0 = {h: cpu_s(pid) for h, pid in hops.items()}
+            t0 = time.monotonic()
+            out = self.registry_timings(registry_pid)
+            wall = time.monotonic() - t0
+            out["load_cpu_share"] = {h: round((cpu_s(pid) - cpu0[h]) / wall, 3)
+                                     for h, pid in hops.items()}
+            out["load_agent_rps"] = round((agent_stats(sock).get("requests", 0) - before)
+                                          / wall)
+            out["load_alive"] = child.is_alive()
+        finally:
+            if child.pid is not None:
+                child.terminate()  # SIGTERM to that pid
+            child.join(10)
+        return out
+
     # -- one size ------------------------------------------------------------------------
     def measure(self, size: int) -> dict[str, Any]:
         a = self.args
@@ -318,9 +383,47 @@ class Scale:
             h: statistics.median(x["cpu_us"][h] / y["cpu_us"][h]
                                  for x, y in zip(runs["all"], runs["first100"], strict=True))
             for h in ("agent", "api")}
+        if a.load_rate > 0:
+            res["loaded"] = self.under_load(sock, sets["all"], registry.pid,
+                                            {"agent": agent.pid, "api": api.pid})
         for svc in (agent, api, registry):
             self.stop(svc)
         return res
+
+
+def print_phases(rows: list[dict[str, Any]]) -> None:
+    """Quiet and loaded registry figures side by side, and the creates' split (with
+    --trace-registry): write transaction, its statements' round trips, its COMMIT."""
+    print("\n| instances | VM traffic | create p50 / p99 ms | registry CPU ms per create | "
+          "changes p50 / p99 ms | wake p50 / p99 ms | fdatasync p99 ms | write / statements "
+          "/ COMMIT / outside the write, p50 · p99 ms | statements per create |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        for name, x in (("none", r), ("loaded", r.get("loaded"))):
+            if x is None:
+                continue
+            if name == "loaded":
+                share = x["load_cpu_share"]
+                name = (f"{x['load_agent_rps']:,} req/s (agent {share['agent']:.0%}, API "
+                        f"{share['api']:.0%} of a core)")
+            sp = x.get("trace", {}).get("split", {})
+            split = " / ".join(f"{sp[k]['p50']:.1f} · {sp[k]['p99']:.1f}" for k in
+                               ("write_ms", "stmt_ms", "commit_ms", "outside_write_ms")
+                               ) if sp else ""
+            print(f"| {r['instances']:,} | {name} | {x['create_p50_ms']:.1f} / "
+                  f"{x['create_p99_ms']:.1f} | {x['create_cpu_ms']:.2f} | "
+                  f"{x['changes_p50_ms']:.1f} / {x['changes_p99_ms']:.1f} | "
+                  f"{x['feed_wake_p50_ms']:.1f} / {x['feed_wake_p99_ms']:.1f} | "
+                  f"{x['fsync_p99_ms']:.2f} | {split} | "
+                  f"{sp.get('statements_per_create', '')} |")
+
+
+def _load_child(sock: str, reqs: list[bytes], rate: float) -> None:
+    """`Scale.under_load`'s load generator, until its parent terminates it."""
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    asyncio.run(steady_load(sock, reqs, 100, 0.0, 3600.0, [], None, spread=True, rate=rate))
 
 
 def main() -> int:
@@ -345,6 +448,14 @@ def main() -> int:
     p.add_argument("--trace-registry", action="store_true",
                    help="report the registry's GC pauses and statement compiles during "
                         "the creates")
+    p.add_argument("--load-rate", type=float, default=5000.0,
+                   help="requests/s of the VM traffic the registry figures are measured "
+                        "again under, after the steady rounds (0: not measured under load)")
+    p.add_argument("--pg-synchronous-commit", default="",
+                   choices=("", "on", "off", "local", "remote_write", "remote_apply"),
+                   help="set synchronous_commit on the bench's own database (default: the "
+                        "server's). off is NOT durable: a crash loses the last commits; a "
+                        "diagnostic of what the commit's WAL flush costs, not a setting")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     enter_private_netns()
@@ -353,11 +464,20 @@ def main() -> int:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     stack = contextlib.ExitStack()
     # postgresql: the scripts/setup server over its Unix socket, a database of its own
-    sc = Scale(a, stack.enter_context(postgres_database()) if a.backend == "postgresql"
-               else "")
+    db_url = stack.enter_context(postgres_database()) if a.backend == "postgresql" else ""
+    if db_url and a.pg_synchronous_commit:
+        import sqlalchemy as sa
+
+        eng = sa.create_engine(db_url, isolation_level="AUTOCOMMIT")
+        with eng.connect() as conn:
+            conn.exec_driver_sql(f"ALTER DATABASE {sa.engine.make_url(db_url).database} SET "
+                                 f"synchronous_commit = {a.pg_synchronous_commit}")
+        eng.dispose()
+    sc = Scale(a, db_url)
     rows: list[dict[str, Any]] = []
     print(f"load average {os.getloadavg()}; registry {a.backend}, sqlite_synchronous="
-          f"{a.sqlite_synchronous}", flush=True)
+          f"{a.sqlite_synchronous}, synchronous_commit="
+          f"{a.pg_synchronous_commit or 'server default'}", flush=True)
     try:
         for size in [int(s) for s in a.sizes.split(",")]:
             row = sc.measure(size)
@@ -383,6 +503,11 @@ def main() -> int:
         print(f"at {r['instances']:,}: {a.creates} creates, the first {r['create_first_ms']:.1f}"
               f" ms, the slowest {r['create_max_ms']:.1f} ms; slowest 1 % (index, ms): "
               f"{r['create_slowest']}" + (f"; trace {r['trace']}" if "trace" in r else ""))
+        if "loaded" in r:
+            x = r["loaded"]
+            print(f"at {r['instances']:,} under load: the slowest 1 % {x['create_slowest']}"
+                  + (f"; trace {x['trace']}" if "trace" in x else ""))
+    print_phases(rows)
     if a.registry_only:
         print(f"load average {os.getloadavg()}")
         if a.json:

@@ -39,3 +39,60 @@ if _PATH:
         return out
 
     elements.ClauseElement._compile_w_cache = _traced  # type: ignore[method-assign]
+
+    # Inside each `Store.write` (a create is one): how long the write took, each statement's
+    # round trip (SQLAlchemy's cursor execute, start to answer) and the COMMIT (on PostgreSQL
+    # the wait for the WAL flush, on SQLite the fsync), so the bench can split a slow create
+    # into database round trips, commit and the rest (lock wait, Python, the HTTP hop).
+    # Reads (the feed, views) are not counted: under load the agents' feed reads run on
+    # other threads at the same time.
+    import contextlib
+    import threading
+    from collections.abc import Iterator
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine, default
+
+    from openimds.registry import store as _store
+
+    _local = threading.local()
+    _write = _store.Store.write
+
+    @contextlib.contextmanager
+    def _traced_write(self: Any, **kw: Any) -> Iterator[Any]:
+        _local.stmts = []
+        _local.commit = 0.0
+        t = time.perf_counter()
+        try:
+            with _write(self, **kw) as tx:
+                yield tx
+        finally:
+            ms = (time.perf_counter() - t) * 1000
+            stmts = _local.stmts
+            _local.stmts = None
+            _out.write(f"{time.time():.6f} write {ms:.3f} {len(stmts)} "
+                       f"{sum(stmts):.3f} {_local.commit:.3f}\n")
+
+    _store.Store.write = _traced_write  # type: ignore[method-assign]
+
+    @event.listens_for(Engine, "before_cursor_execute")
+    def _before(*_args: Any) -> None:
+        _local.t = time.perf_counter()
+
+    @event.listens_for(Engine, "after_cursor_execute")
+    def _after(*_args: Any) -> None:
+        stmts = getattr(_local, "stmts", None)
+        if stmts is not None:
+            stmts.append((time.perf_counter() - _local.t) * 1000)
+
+    _do_commit = default.DefaultDialect.do_commit
+
+    def _traced_commit(self: Any, dbapi_connection: Any) -> None:
+        t = time.perf_counter()
+        try:
+            _do_commit(self, dbapi_connection)
+        finally:
+            if getattr(_local, "stmts", None) is not None:
+                _local.commit += (time.perf_counter() - t) * 1000
+
+    default.DefaultDialect.do_commit = _traced_commit  # type: ignore[method-assign]
