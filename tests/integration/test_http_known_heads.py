@@ -129,6 +129,15 @@ STREAMS = {
         (b"GET /a HTTP/1.1\r\nx-openimds-request-id:one\r\n" + RID + b": two\r\n\r\n"),
         (b"GET /a HTTP/1.1\r\nx-openimds-request-id:one\r\n" + RID + b": dos\r\n\r\n"),
         END],
+    # A head is cut at its one ID line as the hops spell it: two of them, or the name in
+    # another case, are parsed every time.
+    "two IDs, both as the hops spell them": [
+        (b"GET /a HTTP/1.1\r\n" + RID + b": one\r\n" + RID + b": one\r\n\r\n"),
+        (b"GET /a HTTP/1.1\r\n" + RID + b": one\r\n" + RID + b": two\r\n\r\n"),
+        (b"GET /a HTTP/1.1\r\n" + RID + b": uno\r\n" + RID + b": two\r\n\r\n"), END],
+    "the ID's name in lower case": [
+        b"GET /a HTTP/1.1\r\nx-openimds-request-id: i1\r\n\r\n"
+        b"GET /a HTTP/1.1\r\nx-openimds-request-id: i2\r\n\r\n", END],
     "bare LF line ends": [b"GET /a HTTP/1.1\nHost: h\n" + RID + b": i1\n\n"
                           b"GET /a HTTP/1.1\nHost: h\n" + RID + b": i2\n\n", END],
     "a body": [_get("/a", b"i", b"Content-Length: 3\r\n") + b"abc" + _get("/a", b"j"), END],

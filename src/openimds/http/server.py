@@ -19,10 +19,11 @@ Rules:
   timeout's path only: nothing is counted per request.
 - `Limits.known_heads`: a request head seen before is not parsed again. A complete GET/HEAD
   head (keep-alive, no body, origin-form) that httptools parsed at a message boundary is
-  kept by its bytes, less the value of its first X-Openimds-Request-Id (each hop's requests
-  differ only there); the same bytes at a boundary later make the same `Request` with that
-  value put back, and carry `shape` (the kept key: a memo key for the hop) and `request_id`.
-  Anything else, or any doubt (an ID value outside `[A-Za-z0-9._:-]`, a limit), is parsed.
+  kept by its bytes, less the value of its one `X-Openimds-Request-Id: ` line, spelled as
+  the hops write it (each hop's requests differ only there); the same bytes at a boundary
+  later make the same `Request` with that value put back, and carry `shape` (the kept key:
+  a memo key for the hop) and `request_id`. Anything else, or any doubt (an ID value outside
+  `[A-Za-z0-9._:-]`, two IDs, another spelling, a limit), is parsed.
 - Limits are enforced here, once, for every hop: header bytes (431), body bytes (413),
   time to receive a whole request (408), idle keep-alive time, malformed input (400).
   Every error answer carries a one-line reason and closes the connection.
@@ -39,6 +40,7 @@ import logging
 import os
 import socket
 import stat
+import string
 import struct
 import weakref
 from collections import deque
@@ -313,9 +315,13 @@ class _ProtocolError(Exception):
 
 # -- known heads (`Limits.known_heads`) ----------------------------------------------------
 _ID_NAME = b"x-openimds-request-id"
-_ID_AT = b"\r\n" + _ID_NAME + b":"  # in the lower-cased head: the first such header line
+# The ID's header line as the hops write it (`proxy_rules.REQUEST_ID_HEADER`, one space): a
+# head is cut only there. Found without a lower-cased copy of the head; a head spelling the
+# name otherwise is never kept (`_learn`), so it is parsed as before.
+_ID_LINE = b"\r\nX-Openimds-Request-Id: "
 _ID_MAX = 128  # longer ID values are parsed, not put into a kept head
-_ID_CHARS = b"-._:"  # with letters and digits, all an ID value may hold to be put back
+# All an ID value may hold to be put back (what strip() leaves of a good one is b"").
+_ID_CHARS = (string.ascii_letters + string.digits + "-._:").encode()
 _KNOWN_MAX = 4096  # heads kept per process (cleared when full)
 _KNOWN_HEAD_MAX = 1024  # longer heads are not kept (the hops' own are ~250-450 bytes)
 _KNOWN_METHODS = frozenset(("GET", "HEAD"))
@@ -326,7 +332,7 @@ _KNOWN_NEVER = frozenset((b"content-length", b"transfer-encoding", b"expect", b"
 class _Known:
     """What httptools made of one head (`Request` less the ID's value and the peer)."""
 
-    __slots__ = ("counted", "headers", "id_at", "id_len", "key", "method", "path", "query",
+    __slots__ = ("base", "headers", "id_at", "key", "method", "n_headers", "path", "query",
                  "target", "version")
 
     def __init__(self, key: bytes, req: Request, counted: int, id_at: int, id_len: int) -> None:
@@ -337,30 +343,13 @@ class _Known:
         self.query = req.query
         self.version = req.version
         self.headers = req.headers
-        self.counted = counted  # header bytes as the parser callbacks count them
+        self.n_headers = len(req.headers)
+        # header bytes as the parser callbacks count them, less the ID value's
+        self.base = counted - id_len
         self.id_at = id_at  # index of the ID header in `headers`, -1: none
-        self.id_len = id_len
 
 
 _known: dict[bytes, _Known] = {}
-
-
-def _id_value(head: bytes, low: bytes) -> tuple[int, int] | None:
-    """Where the value of the head's first X-Openimds-Request-Id is, (start, end); (0, 0)
-    for a head without one; None if it is not one a kept head can take back (not exactly
-    one space after the colon, or a byte outside letters, digits and `-._:`)."""
-    at = low.find(_ID_AT)
-    if at < 0:
-        return 0, 0
-    start = at + len(_ID_AT)
-    if head[start:start + 1] != b" ":
-        return None
-    start += 1
-    end = head.find(b"\r\n", start)
-    value = head[start:end]
-    if not 0 < len(value) <= _ID_MAX or not value.translate(None, _ID_CHARS).isalnum():
-        return None
-    return start, end
 
 
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
@@ -559,18 +548,22 @@ class HttpProtocol(asyncio.Protocol):
             if end < 0 or end + 4 - start > _KNOWN_HEAD_MAX:
                 break
             end += 4
-            head = data if start == 0 and end == size else data[start:end]
-            low = head.lower()
-            where = _id_value(head, low)
-            if where is None:
-                break
-            vs, ve = where
-            key = head[:vs] + head[ve:] if ve else head
+            at = data.rfind(_ID_LINE, start, end)
+            if at < 0:
+                vs = ve = 0
+                value = None
+                key = data if start == 0 and end == size else data[start:end]
+            else:
+                vs = at + len(_ID_LINE)
+                ve = data.find(b"\r\n", vs, end)
+                value = data[vs:ve]
+                if not 0 < ve - vs <= _ID_MAX or value.strip(_ID_CHARS):
+                    break  # not a value a kept head can take back: parsed
+                key = data[start:vs] + data[ve:end]
             known = _known.get(key)
             if known is not None:
-                value = head[vs:ve] if ve else None
-                if (known.counted + (ve - vs) - known.id_len > self._max_header_bytes
-                        or len(known.headers) > self._limits.max_headers):
+                if (known.base + (ve - vs) > self._max_header_bytes
+                        or known.n_headers > self._limits.max_headers):
                     break  # this server's limits are not the ones it was kept under
                 req = Request.__new__(Request)
                 req.method = known.method
@@ -594,20 +587,21 @@ class HttpProtocol(asyncio.Protocol):
                     self._paused = True
                 start = end
                 continue
+            head = data if start == 0 and end == size else data[start:end]
             queued = len(queue)
             self._parser.feed_data(head)  # the ordinary parse (it may raise: the caller's)
             start = end
             if self._in_request or self._failure is not None:
                 break  # a body follows, or the stream is bad: the parser goes on
             if len(queue) == queued + 1:
-                self._learn(key, queue[-1], head, head[vs:ve] if ve else None)
+                self._learn(key, queue[-1], head, value)
             if not self._last_keep_alive:
                 break
         return data[start:] if start else data
 
     def _learn(self, key: bytes, req: Request, head: bytes, value: bytes | None) -> None:
         """Keep `head`, which parsed into `req` alone, if every later copy may skip the parse:
-        a plain GET/HEAD whose first ID header (if any) is the one `value` was cut from."""
+        a plain GET/HEAD whose one ID header (if any) is the one `value` was cut from."""
         if (req.method not in _KNOWN_METHODS or not req.keep_alive or req.body
                 or not req.target.startswith("/") or len(req.headers) > self._limits.max_headers
                 or head.count(b"\n") != head.count(b"\r\n")):  # no bare LF: lines are CRLF
@@ -616,10 +610,12 @@ class HttpProtocol(asyncio.Protocol):
         for index, (name, header_value) in enumerate(req.headers):
             if name in _KNOWN_NEVER:
                 return
-            if name == _ID_NAME and id_at < 0:
-                id_at = index
-                if header_value != value:  # not the value cut from the bytes: parse always
+            if name == _ID_NAME:
+                # A second ID, or one that is not where the value was cut (another spelling
+                # of the name, another space): this head is parsed every time.
+                if id_at >= 0 or header_value != value:
                     return
+                id_at = index
         if (id_at < 0) != (value is None):
             return
         if len(_known) >= _KNOWN_MAX:
