@@ -340,7 +340,8 @@ class Stack:
 
 
 def start_stack(b: Bench, rns: str, workers: int, port_base: int, tag: str = "") -> Stack:
-    """`tag` "sock": the agent reaches its API over a Unix socket (`--api-socket`)."""
+    """`tag` "sock": the agent reaches its API over a Unix socket (`--api-socket`); "base":
+    every service runs the code of `--baseline DIR` (its `src` first on PYTHONPATH)."""
     config, cfg = b.config(workers, tag)
     reg = cfg["registry"]
     url = f"http://{reg['bind_host']}:{reg['bind_port']}"
@@ -354,6 +355,8 @@ def start_stack(b: Bench, rns: str, workers: int, port_base: int, tag: str = "")
     if tag == "sock":
         api_sock = str(b.tmp / f"api-w{workers}.sock")
         wenv.update(OPENIMDS_API_UNIX_SOCKET=api_sock, OPENIMDS_NOVA_METADATA_SOCKET=api_sock)
+    if tag == "base":
+        wenv["PYTHONPATH"] = str(b.args.baseline.resolve() / "src")
     sfx = f"-w{workers}{tag}"
     registry = b.cli("registry" + sfx, config, "registry", "serve")
     wait_until(lambda: urlopen_ok(url + "/v1/health"), 30, "registry")
@@ -604,8 +607,10 @@ def main() -> int:
                    help="also hop 1 alone: openimds proxy (1, 2 workers) vs haproxy "
                         "(nbthread 1, 2) in front of one minimal backend, same rounds")
     p.add_argument("--baseline", type=Path, metavar="DIR",
-                   help="with --proxy-alone: also the proxy of the checkout in DIR "
-                        "(alone-base-w1), to compare code before/after in the same rounds")
+                   help="also a chain (or with --api-only an API) running the code in DIR "
+                        "(DIR/src, e.g. git archive COMMIT src | tar -x -C DIR): chainbase-wN,"
+                        " and with --proxy-alone its proxy alone (alone-base-w1): before and "
+                        "after a change in the same rounds")
     p.add_argument("--option", action="append", default=[], metavar="SECTION_KEY=VALUE",
                    help="an option for every chain service, as its OPENIMDS_ variable "
                         "without the prefix (e.g. PROXY_UPSTREAM_PIPELINE_DEPTH=1); repeatable")
@@ -634,8 +639,9 @@ def main() -> int:
         rns, vm = b.topology()
         stacks = [start_stack(b, rns, w, 9700 + 10 * i)
                   for i, w in enumerate(worker_counts)]
-        if a.api_socket:
-            stacks += [start_stack(b, rns, w, 9700 + 10 * (len(worker_counts) + i), "sock")
+        extra = (["sock"] if a.api_socket else []) + (["base"] if a.baseline else [])
+        for n, tag in enumerate(extra, 1):
+            stacks += [start_stack(b, rns, w, 9700 + 10 * (n * len(worker_counts) + i), tag)
                        for i, w in enumerate(worker_counts)]
         answer = b""
         for st in stacks:
@@ -674,13 +680,15 @@ def main() -> int:
         for st in stacks:
             pids = {k: v.popen.pid for k, v in st.services.items() if k != "haproxy"}
             if a.api_only:
-                configs.append((f"api-w{st.workers}", st.api_port, {"api": pids["api"]},
+                if st.tag == "sock":
+                    continue
+                configs.append((f"api{st.tag}-w{st.workers}", st.api_port, {"api": pids["api"]},
                                 st.api_headers))
-                if a.pipeline > 1:
+                if a.pipeline > 1 and not st.tag:
                     configs.append((f"{piped}-w{st.workers}", st.api_port, {"api": pids["api"]},
                                     st.api_headers))
                 continue
-            if st.tag:  # the same chain but for its agent -> API hop: no haproxy run
+            if st.tag:  # the same chain but its agent -> API hop or its code: no haproxy
                 configs.append((f"chain{st.tag}-w{st.workers}", st.ports["chain"], pids, None))
                 continue
             configs.append((f"chain-w{st.workers}", st.ports["chain"], pids, None))
@@ -697,8 +705,9 @@ def main() -> int:
         for rnd in range(1, a.rounds + 1):
             for conns, close in scenarios:
                 runs = list(configs)
-                if rnd % 2 == 0:  # --api-socket: its chain first every other round (order bias)
-                    sock = [c for c in runs if c[0].startswith("chainsock-")]
+                if rnd % 2 == 0:  # the other chains first every other round (order bias)
+                    sock = [c for c in runs if c[0].startswith(("chainsock-", "chainbase-",
+                                                                "apibase-"))]
                     runs = runs[:1] + sock + [c for c in runs[1:] if c not in sock]
                 while runs:
                     name, port, pids, headers = runs.pop(0)
@@ -781,7 +790,8 @@ def summarize(rows: list[dict[str, Any]], scenarios: list[tuple[int, bool]],
         bare = sel("bare", conns, close)
         matched = sel("bare@rate", conns, close)
         for name in (["bare", "bare@rate"] + [f"{k}-w{w}" for w in workers for k in kinds]
-                     + [f"chainsock-w{w}" for w in workers] + list(ALONE_PORTS)):
+                     + [f"{k}{t}-w{w}" for t in ("sock", "base") for w in workers
+                        for k in ("chain", "api")] + list(ALONE_PORTS)):
             rs = list(sel(name, conns, close).values())
             if not rs:
                 continue
@@ -802,6 +812,18 @@ def summarize(rows: list[dict[str, Any]], scenarios: list[tuple[int, bool]],
                     if xs:
                         say(f"{label} w{w}: {hop} CPU/req / {refname} CPU/req = {ratio(xs)}"
                             + ("" if close else "  (target <= 3)"))
+            base = sel(f"{kind}base-w{w}", conns, close)  # --baseline
+            if base:
+                xs = [ours[k]["rps"] / base[k]["rps"] for k in ours if k in base]
+                say(f"{label} w{w}: this code / --baseline's, {kind} rps = {ratio(xs)}")
+                for hop in hops:
+                    xs = [ours[k]["cpu_us"][hop] / base[k]["cpu_us"][hop] for k in ours
+                          if k in base and base[k]["cpu_us"][hop]]
+                    say(f"{label} w{w}: this code / --baseline's, {hop} CPU/req = {ratio(xs)}")
+                if kind == "chain":
+                    xs = [base[k]["rps"] / bare[k]["rps"] for k in base if k in bare]
+                    say(f"{label} w{w}: --baseline's chain / one-process floor (bare) rps = "
+                        f"{ratio(xs)}")
             if kind != "chain":
                 continue
             xs = [ours[k]["rps"] / bare[k]["rps"] for k in ours if k in bare]
