@@ -68,6 +68,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -432,10 +433,14 @@ def start_alone(b: Bench, rns: str, vm: str, baseline: Path | None = None,
         out[name] = (ALONE_PORTS[name], {"proxy": proc.popen.pid,
                                          "backend": backend.popen.pid})
     for name, (port, _) in out.items():
-        wait_until(lambda port=port: get_in(vm, port)[0] == 200, 30, f"{name} answering")
+        wait_until(partial(answers_ok, vm, port), 30, f"{name} answering")
         status, data = get_in(vm, port)
         assert status == 200 and data.partition(b"\r\n\r\n")[2] == BODY, (name, data[:300])
     return out
+
+
+def answers_ok(vm: str, port: int) -> bool:
+    return bool(get_in(vm, port)[0] == 200)
 
 
 def urlopen_ok(url: str) -> bool:
@@ -456,7 +461,7 @@ def check_answers(vm: str, ports: dict[str, int]) -> bytes:
     """Every listener answers 200 with this VM's meta_data.json; returns the chain's bytes."""
     answer = b""
     for name, port in ports.items():
-        wait_until(lambda port=port: get_in(vm, port)[0] == 200, 30, f"{name} answering")
+        wait_until(partial(answers_ok, vm, port), 30, f"{name} answering")
         status, data = get_in(vm, port)
         body = json.loads(data.partition(b"\r\n\r\n")[2])
         assert status == 200 and body["name"] == "vm-bench", (name, data[:300])

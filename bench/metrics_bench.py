@@ -1,17 +1,25 @@
 """What counting costs: the whole chain with [metrics] enabled = true vs false, same run.
 
-    sudo .venv/bin/python bench/metrics_bench.py [--rounds 3] [--duration 5]
-                                                 [--scenarios 100,100close]
+    .venv/bin/python bench/metrics_bench.py [--rounds 3] [--duration 5]
+                                            [--scenarios 100,100close] [--baseline DIR]
 
 bench/chain_bench.py's topology and processes (a VM namespace, a router namespace, the real
 registry, API, agent and proxy started through the CLI, wrk in the VM), twice: one chain
 with metrics on (as shipped: every hop counts into plain ints, the listeners on their
 ports) and one with `[metrics] enabled = false` (no counting at all: the API's bare
-handler, the agent and proxy skip their counters). Both chains run in every round,
-interleaved per scenario, after a 1 s warm-up each. Printed: per-hop CPU µs per request
-(utime+stime of the process over the requests wrk completed) on and off, and the medians of
-the per-round on/off ratios (the target is at most a few per cent). A scrape of each
-service's /metrics during the measured run shows the counts are real.
+handler, the agent and proxy skip their counters). `--baseline DIR` (a checkout of other
+code, e.g. `git worktree add --detach DIR main`) adds a third chain, metrics on, whose
+processes run DIR's code: before and after a change, in the same rounds. Every chain runs
+in every round, in an order rotated per round, after a 1 s warm-up each. Printed: per-hop
+CPU µs per request (utime+stime of the process over the requests wrk completed) and the
+medians of the per-round ratios against "off" (the target is at most a few per cent). A
+scrape of each counting service's /metrics around the measured run shows the counts are
+real.
+
+    .venv/bin/python bench/metrics_bench.py --profile api [--profile-native]
+
+Where one hop's CPU goes in each chain (py-spy's own samples per line, or perf's per
+shared object and symbol), one keep-alive c=100 run each: the on-path, side by side.
 
     .venv/bin/python bench/metrics_bench.py --micro
 
@@ -33,12 +41,15 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import chain_bench as cb
+from proxy_bench import wait_until
 from tests.support import base_config, write_config
 
 from openimds.config import load_settings
@@ -47,9 +58,11 @@ HOPS = ("proxy", "agent", "api")
 
 
 class MetricsBench(cb.Bench):
-    """chain_bench's Bench whose next config is metrics on or off (`variant`)."""
+    """chain_bench's Bench whose next stack is metrics on, off, or on with --baseline's code
+    (`variant`)."""
 
     variant = "off"
+    baseline: Path | None = None
 
     def config(self, workers: int, tag: str = "") -> tuple[Path, dict[str, Any]]:
         tag = f"m{self.variant}"
@@ -58,9 +71,16 @@ class MetricsBench(cb.Bench):
         cfg = base_config(state, DEFAULT={
             "metadata_proxy_socket": str(self.tmp / f"agent-{tag}.sock"),
             "metadata_proxy_socket_mode": "all",
-        }, proxy={"spawn_from_agents": "false"},
-            metrics={"enabled": "true" if self.variant == "on" else "false"})
+        }, proxy={"spawn_from_agents": "false",
+                  "max_connections_per_source": 4096},  # as chain_bench: wrk, one VM
+            metrics={"enabled": "false" if self.variant == "off" else "true"})
         return write_config(self.tmp / f"openimds-{tag}.ini", cfg), cfg
+
+    def cli(self, name: str, config: Path, *args: str,
+            env: dict[str, str] | None = None) -> cb.Proc:
+        if self.variant == "base" and self.baseline is not None:
+            env = {**(env or {}), "PYTHONPATH": str(self.baseline / "src")}
+        return super().cli(name, config, *args, env=env)
 
 
 def scrape_count(port: int, hop: str) -> float:
@@ -142,11 +162,74 @@ def micro(rounds: int, n: int) -> int:
     print("\n| case | off ns/call | on ns/call | added ns | on/off |")
     print("|---|---|---|---|---|")
     for name, pairs in results.items():
-        on = statistics.median(x for x, _ in pairs)
-        off = statistics.median(y for _, y in pairs)
-        ratio = statistics.median(x / y for x, y in pairs) if off > 60 else float("nan")
-        print(f"| {name} | {off:.0f} | {on:.0f} | {on - off:.0f} | {ratio:.3f} |")
+        med_on = statistics.median(x for x, _ in pairs)
+        med_off = statistics.median(y for _, y in pairs)
+        ratio = statistics.median(x / y for x, y in pairs) if med_off > 60 else float("nan")
+        print(f"| {name} | {med_off:.0f} | {med_on:.0f} | {med_on - med_off:.0f} | "
+              f"{ratio:.3f} |")
     return 0
+
+
+def profile(b: MetricsBench, vm: str, stacks: dict[str, tuple[cb.Stack, dict[str, int]]],
+            hop: str, duration: float, native: bool) -> None:
+    """One keep-alive c=100 run per stack with `hop` sampled: where its CPU goes, on vs off
+    (py-spy's own samples per line; perf: per shared object and symbol)."""
+    for variant, (st, _) in stacks.items():
+        pid = st.services[hop].popen.pid
+        out = b.tmp / f"{hop}-{variant}.raw"
+        spies: list[subprocess.Popen[bytes]] = []
+        start = partial(lambda spies, *args: spies.append(cb.py_spy(*args)),
+                        spies, pid, duration, out, native)
+        r = cb.measure(b, vm, st.ports["chain"], {hop: pid}, 100, False, duration,
+                       started=start)
+        spies[0].wait(60)
+        print(f"\n== {hop}, metrics {variant}: {r['rps']:.0f} rps, "
+              f"{r['cpu_us'][hop]:.1f} us/req", flush=True)
+        if native:
+            subprocess.run(["perf", "report", "-q", "-i", str(out.with_suffix(".perf")),
+                            "--sort", "dso,sym", "--stdio"], check=False,
+                           stdout=sys.stdout, stderr=subprocess.DEVNULL)
+        else:
+            cb.profile_report(out, top=30)
+
+
+def summary_rows(rows: list[dict[str, Any]], scenarios: list[tuple[int, bool]],
+                 variants: tuple[str, ...]) -> None:
+    """Medians over rounds of each hop's CPU per request, and the per-round ratios of every
+    variant against "off" (and this code's "on" against --baseline's, when it ran)."""
+    def ratios(by: dict[str, dict[int, dict[str, Any]]], x: str, y: str,
+               of: Callable[[dict[str, Any]], float]) -> str:
+        xs = [of(by[x][k]) / of(by[y][k]) for k in by[x] if k in by[y] and of(by[y][k])]
+        if not xs:
+            return "-"
+        return f"{statistics.median(xs):.3f} ({min(xs):.3f}-{max(xs):.3f})"
+
+    print("\nsummary: medians over rounds; ratios are medians of per-round ratios "
+          "(min-max)")
+    pairs = [(v, "off") for v in variants if v != "off"]
+    if "base" in variants:
+        pairs.append(("on", "base"))
+    print("| scenario | hop | " + " | ".join(f"{v} us/req" for v in variants) + " | "
+          + " | ".join(f"{x}/{y}" for x, y in pairs) + " |")
+    print("|---" * (2 + len(variants) + len(pairs)) + "|")
+    for conns, close in scenarios:
+        label = f"c={conns}{' close' if close else ''}"
+        by: dict[str, dict[int, dict[str, Any]]] = {
+            v: {r["round"]: r for r in rows
+                if r["variant"] == v and r["conns"] == conns and r["close"] == close}
+            for v in variants}
+
+        for hop in (*HOPS, "all"):
+            def of(r: dict[str, Any], hop: str = hop) -> float:
+                cpu: dict[str, float] = r["cpu_us"]
+                return sum(cpu[h] for h in HOPS) if hop == "all" else cpu[hop]
+
+            meds = [f"{statistics.median(of(r) for r in by[v].values()):.1f}"
+                    if by[v] else "-" for v in variants]
+            print(f"| {label} | {hop} | " + " | ".join(meds) + " | "
+                  + " | ".join(ratios(by, x, y, of) for x, y in pairs) + " |")
+        rps = " ".join(f"{x}/{y} {ratios(by, x, y, lambda r: r['rps'])}" for x, y in pairs)
+        print(f"| {label} | rps | {rps} |")
 
 
 def main() -> int:
@@ -154,9 +237,18 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--scenarios", default="100,100close")
+    p.add_argument("--baseline", type=Path, metavar="DIR",
+                   help="a checkout of other code (git worktree add --detach DIR COMMIT): a "
+                   "third stack, metrics on, runs its processes, in the same rounds")
+    p.add_argument("--profile", choices=HOPS,
+                   help="instead: sample that hop with py-spy (or perf, --profile-native) in "
+                   "one keep-alive c=100 run of each stack; own samples per frame, side by "
+                   "side")
+    p.add_argument("--profile-native", action="store_true")
     p.add_argument("--micro", action="store_true", help="in-process handlers, on vs off")
     p.add_argument("--calls", type=int, default=200000)
     a = p.parse_args()
+    a.option = []  # chain_bench's start_stack reads it: no extra options here
     if a.micro:
         return micro(a.rounds, a.calls)
     if os.geteuid() != 0:
@@ -167,31 +259,42 @@ def main() -> int:
         subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     scenarios = [(int(s.removesuffix("close")), s.endswith("close"))
                  for s in a.scenarios.split(",")]
+    variants: tuple[str, ...] = ("off", "on", "base") if a.baseline else ("off", "on")
     b = MetricsBench(a)
+    b.baseline = a.baseline
     os.chmod(b.tmp, 0o755)  # noqa: S103 - as chain_bench: haproxy (nobody) reaches the socket
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     rows: list[dict[str, Any]] = []
     print(cb.machine(), "| load", cb.loadavg(), flush=True)
     try:
         rns, vm = b.topology()
-        stacks: dict[str, tuple[cb.Stack, dict[str, Any]]] = {}
-        for i, variant in enumerate(("on", "off")):
+        stacks: dict[str, tuple[cb.Stack, dict[str, int]]] = {}
+        for i, variant in enumerate(variants):
             b.variant = variant
             st = cb.start_stack(b, rns, 1, 9600 + 10 * i)
             settings = load_settings(str(b.tmp / f"openimds-m{variant}.ini"), environ={})
             ports = {h: settings.metrics.port(h) for h in HOPS}
             stacks[variant] = (st, ports)
             cb.check_answers(vm, {"chain": st.ports["chain"]})
+            if variant != "off":  # the proxy opens its metrics listener after its first converge
+                for h in HOPS:
+                    wait_until(partial(cb.tcp_open, "127.0.0.1", ports[h]), 30,
+                               f"{variant} {h} metrics")
+        if a.profile:
+            profile(b, vm, stacks, a.profile, a.duration, a.profile_native)
+            return 0
         for rnd in range(1, a.rounds + 1):
             for conns, close in scenarios:
-                for variant, (st, ports) in stacks.items():
+                # rotated per round: no variant always runs right after another
+                order = variants[rnd % len(variants):] + variants[:rnd % len(variants)]
+                for variant in order:
+                    st, ports = stacks[variant]
                     pids = {k: v.popen.pid for k, v in st.services.items() if k in HOPS}
-                    before = ({h: scrape_count(ports[h], h) for h in HOPS}
-                              if variant == "on" else {})
+                    counting = variant != "off"
+                    before = {h: scrape_count(ports[h], h) for h in HOPS} if counting else {}
                     r = cb.measure(b, vm, st.ports["chain"], pids, conns, close, a.duration)
-                    if variant == "on":
-                        counted = {h: scrape_count(ports[h], h) - before[h] for h in HOPS}
-                        r["counted"] = counted
+                    if counting:
+                        r["counted"] = {h: scrape_count(ports[h], h) - before[h] for h in HOPS}
                     r.update(round=rnd, variant=variant, conns=conns, close=close)
                     rows.append(r)
                     cpu = ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_us"].items())
@@ -199,34 +302,14 @@ def main() -> int:
                                                        r["counted"].items())
                              if "counted" in r else "")
                     print(f"round {rnd} c={conns}{' close' if close else '':6s} metrics "
-                          f"{variant:3s} {r['rps']:8.0f} rps | CPU us/req: {cpu}{extra}",
+                          f"{variant:4s} {r['rps']:8.0f} rps | CPU us/req: {cpu}{extra}",
                           flush=True)
     except KeyboardInterrupt:
         return 130
     finally:
         load_after = cb.loadavg()
         b.cleanup()
-    print("\nsummary: medians over rounds; ratios are medians of per-round on/off ratios")
-    for conns, close in scenarios:
-        label = f"c={conns}{' close' if close else ''}"
-
-        def sel(variant: str, conns: int = conns, close: bool = close) -> dict[int, Any]:
-            return {r["round"]: r for r in rows if r["variant"] == variant
-                    and r["conns"] == conns and r["close"] == close}
-
-        on, off = sel("on"), sel("off")
-        for hop in HOPS:
-            xs = [on[k]["cpu_us"][hop] / off[k]["cpu_us"][hop] for k in on
-                  if k in off and off[k]["cpu_us"][hop]]
-            med_on = statistics.median(r["cpu_us"][hop] for r in on.values())
-            med_off = statistics.median(r["cpu_us"][hop] for r in off.values())
-            print(f"| {label} | {hop} | {med_off:.1f} | {med_on:.1f} | "
-                  f"{statistics.median(xs):.3f} ({min(xs):.3f}-{max(xs):.3f}) |")
-        total = [sum(on[k]["cpu_us"].values()) / sum(off[k]["cpu_us"].values())
-                 for k in on if k in off]
-        rps = [on[k]["rps"] / off[k]["rps"] for k in on if k in off]
-        print(f"| {label} | all three hops | | | {statistics.median(total):.3f} "
-              f"({min(total):.3f}-{max(total):.3f}) |  rps on/off {statistics.median(rps):.3f}")
+    summary_rows(rows, scenarios, variants)
     print(f"load average after {load_after}")
     return 0
 
