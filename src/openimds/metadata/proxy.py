@@ -840,10 +840,10 @@ class _Hit:
     """What the slow path makes of one read: the agent-bound request (split where the
     request ID goes; the guest's own ID or None), and what answering it depends on."""
 
-    __slots__ = ("head", "head_only", "keep_alive", "method", "path", "req", "rid", "tail")
+    __slots__ = ("head_only", "head_rid", "keep_alive", "method", "path", "req", "rid", "tail")
 
     def __init__(self, head: bytes, tail: bytes, rid: bytes | None, req: Request) -> None:
-        self.head = head
+        self.head_rid = head + _RID_LINE  # the request ID goes after this
         self.tail = tail
         self.rid = rid
         self.req = req  # as parsed (peer None); never changed, so shared by its hits
@@ -880,12 +880,13 @@ class KeptReads:
 
     def hit(self, host: str, data: bytes) -> _Hit | None:
         """What `data` from `host` comes to (None: not for the fast path)."""
-        if not (len(data) <= _FIRST_MAX and data.endswith(b"\r\n\r\n")
-                and data.startswith((b"GET ", b"HEAD "))):
+        if len(data) > _FIRST_MAX:
             return None
         key = (self.route.tag, host, data)
         hit = self.memo.get(key, _UNSEEN)
-        if hit is _UNSEEN:
+        if hit is _UNSEEN:  # (only reads that passed this test are kept)
+            if not (data.endswith(b"\r\n\r\n") and data.startswith((b"GET ", b"HEAD "))):
+                return None
             hit = self._learn(key, data)
         return hit
 
@@ -911,20 +912,31 @@ class KeptReads:
     def send(self, host: str, hit: _Hit, then: Callable[[AnyResponse], None]) -> None:
         """Send a kept request (of a source it `admits`) to the agent; `then(answer)` once
         it is answered, after the counts and the access line."""
-        route, fwd = self.route, self.fwd
+        fwd = self.fwd
+        timed = fwd.timed  # (count implies timed)
         if fwd.count:
             fwd.hop.begun += 1
-        t0 = perf_counter() if fwd.timed else 0.0
-        rid = hit.rid or fwd.new_rid()
+        t0 = perf_counter() if timed else 0.0
+        rid = hit.rid
+        if rid is None:
+            fwd._id_seq += 1
+            rid = fwd._id_prefix + b"%x" % fwd._id_seq
         fwd.first_hits += 1
 
         def done(result: UpstreamResponse | BaseException) -> None:
-            resp, status = fwd.answer_of(result, route.limited, host, route.scope)
-            fwd._observe(hit.method, hit.path, status, t0, rid, host, route.scope)
+            # The agent's answer, relayed: `answer_of` without its calls (a 429, a failure
+            # or an answer that ends the connection take it in full).
+            if type(result) is UpstreamResponse and result.keep_alive and result.status != 429:
+                resp: AnyResponse = RawResponse(result.raw)
+                status = result.status
+            else:
+                route = self.route
+                resp, status = fwd.answer_of(result, route.limited, host, route.scope)
+            if timed:
+                fwd._observe(hit.method, hit.path, status, t0, rid, host, self.route.scope)
             then(resp)
 
-        fwd.pool.send_encoded(b"".join((hit.head, _RID_LINE, rid, hit.tail)), hit.head_only,
-                              done)
+        fwd.pool.send_encoded(b"".join((hit.head_rid, rid, hit.tail)), hit.head_only, done)
 
 
 class FirstRequests(Acceptor):
