@@ -30,7 +30,7 @@ import pytest
 
 from openimds.core.proxy_rules import ListenerSpec
 from openimds.http.client import UpstreamPool
-from openimds.http.server import Limits, bind_tcp
+from openimds.http.server import Limits, TimeoutCounts, bind_tcp
 from openimds.log import access_line
 from openimds.metadata.proxy import Forwarder, Listener
 
@@ -84,13 +84,16 @@ class Lab:
     """Listeners `fast` and `slow` on loopback, in their own uvloop thread."""
 
     def __init__(self, *, first_memo: int = 4096, cap: int | None = None,
-                 access_log: bool = False, agent: bool = True) -> None:
+                 access_log: bool = False, agent: bool = True,
+                 request_timeout_s: float = 20.0) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="fastpath-"))
         self.agent_path = self.tmp / "agent.sock"
         self.agent = Agent(self.agent_path) if agent else None
         self.first_memo = first_memo
         self.cap = cap
         self.access_log = access_log
+        self.request_timeout_s = request_timeout_s
+        self.timeouts = {"fast": TimeoutCounts(), "slow": TimeoutCounts()}
         self.loop: Any = None
         self.ports: dict[str, int] = {}
         self.fwd: dict[str, Forwarder] = {}
@@ -129,8 +132,9 @@ class Lab:
     async def _start(self) -> None:
         self.pool = UpstreamPool(unix_path=str(self.agent_path), size=8, connect_timeout_s=2.0,
                                  timeout_s=5.0, raw_only=True)
-        limits = Limits(request_timeout_s=20.0, keepalive_timeout_s=20.0)
         for name, memo in (("fast", self.first_memo), ("slow", 0)):
+            limits = Limits(request_timeout_s=self.request_timeout_s, keepalive_timeout_s=20.0,
+                            timeouts=self.timeouts[name])
             fwd = Forwarder(self.pool, first_memo=memo, access_log=self.access_log)
             spec = ListenerSpec(f"router-{name}", "test", "127.0.0.1", 1, ROUTER_ID, None)
             listener = Listener(spec, 0, self.cap)
@@ -161,6 +165,16 @@ class Lab:
             wait_for(lambda: _unacked(sock) == 0, "the proxy's kernel took the request")
         finally:
             gate.set()
+        return sock
+
+    def connect_first(self, name: str) -> socket.socket:
+        """A connection the proxy accepted (it is in the listener's set) before any byte of
+        its request came: what an idle proxy sees, woken by the handshake's last ACK."""
+        listener = self.listeners[name]
+        before = self.call(lambda: len(listener.conns))
+        sock = socket.create_connection(("127.0.0.1", self.ports[name]), timeout=20)
+        wait_for(lambda: self.call(lambda: len(listener.conns)) == before + 1,
+                 "the proxy accepted the connection")
         return sock
 
     def ask(self, name: str, data: bytes) -> bytes:
@@ -463,3 +477,99 @@ def test_later_keep_alive_reads_take_the_fast_path_with_the_slow_paths_effect(
     assert lab.fwd["slow"].first_hits == 0
     # the first read, three single whole reads of `plain`, the HTTP/1.0 keep-alive one
     assert lab.fwd["fast"].first_hits == 5
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+@pytest.mark.parametrize("request_bytes", [REQUESTS[0], REQUESTS[4]], ids=["close", "spoofed"])
+def test_a_request_that_comes_after_the_accept_takes_the_fast_path_too(
+    lab: Lab, request_bytes: bytes,
+) -> None:
+    """The first read is not there when the proxy accepts: the fast listener waits for it
+    without a protocol object and relays it as a hit, with the slow path's effect."""
+    for _ in range(2):  # learn it, then hit it, on a connection that is already there
+        lab.ask("fast", request_bytes)
+    lab.heads()
+    answers: dict[str, bytes] = {}
+    heads: dict[str, list[bytes]] = {}
+    for name in ("slow", "fast"):
+        with lab.connect_first(name) as sock:
+            time.sleep(0.05)
+            sock.sendall(request_bytes)
+            answers[name] = _read_all(sock)
+        heads[name] = masked(lab.heads())
+    assert answers["fast"] == answers["slow"]
+    assert answers["fast"].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert heads["fast"] == heads["slow"] and len(heads["fast"]) == 1
+    assert lab.fwd["fast"].first_hits == 3
+    listener = lab.listeners["fast"]
+    wait_for(lambda: lab.call(lambda: len(listener.conns)) == 0, "nothing left in the set")
+
+
+def test_a_keep_alive_request_after_the_accept_goes_on_as_a_normal_connection(lab: Lab) -> None:
+    first = b"GET /latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n"
+    lab.ask("fast", first.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+    listener = lab.listeners["fast"]
+    for _ in range(2):
+        with lab.connect_first("fast") as sock:
+            sock.sendall(first)
+            assert read_answers(sock, 1) == OK
+            sock.sendall(first + first)
+            assert read_answers(sock, 2) == OK + OK
+            assert lab.call(lambda: len(listener.conns)) == 1
+        wait_for(lambda: lab.call(lambda: len(listener.conns)) == 0, "closed by the VM")
+    # the close one, then each connection's first read (a read learned is relayed as a
+    # hit too); the pipelined pair takes the parser
+    assert lab.fwd["fast"].first_hits == 1 + 2
+    assert len(lab.heads()) == 1 + 2 * 3
+
+
+def test_a_connection_that_never_sends_is_closed_at_the_request_timeout() -> None:
+    """On both listeners: no answer, closed within the request timeout (the slow path's
+    wheel may be a tick late), counted as an idle close; its source's count given back."""
+    with Lab(request_timeout_s=1.0, cap=2) as lab:
+        for name in ("slow", "fast"):
+            with lab.connect_first(name) as sock:
+                t0 = time.monotonic()
+                assert _read_all(sock) == b""
+                secs = time.monotonic() - t0
+            assert 0.8 <= secs < 1.0 + 1.0, (name, secs)
+            assert lab.call(lambda name=name: lab.timeouts[name].idle) == 1
+            cap = lab.listeners[name].cap
+            assert cap is not None
+            wait_for(lambda cap=cap: lab.call(lambda: dict(cap.counts)) == {},
+                     "the count given back")
+        assert lab.fwd["fast"].first_hits == 0
+        assert lab.heads() == []
+
+
+def test_waiting_connections_count_against_the_cap_and_close_with_the_listener() -> None:
+    with Lab(cap=2) as lab:
+        req = b"GET /latest/meta-data/ HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+        assert lab.ask("fast", req).startswith(b"HTTP/1.1 200 ")
+        listener = lab.listeners["fast"]
+        cap = listener.cap
+        assert cap is not None
+        waiting = [lab.connect_first("fast") for _ in range(2)]
+        try:
+            assert lab.call(lambda: cap.counts.get("127.0.0.1", 0)) == 2
+            refused = lab.ask("fast", req)
+            assert refused.startswith(b"HTTP/1.1 429 ")
+            assert cap.rejected == 1
+            waiting[0].sendall(req)  # a waiting one is still served, as a hit
+            assert _read_all(waiting[0]).startswith(b"HTTP/1.1 200 ")
+            assert lab.fwd["fast"].first_hits == 2
+            wait_for(lambda: lab.call(lambda: len(listener.conns)) == 1, "one left waiting")
+            lab.call(listener.close)  # the listener goes: so does the waiting connection
+            waiting[1].settimeout(5)
+            assert _read_all(waiting[1]) == b""
+            assert lab.call(lambda: len(listener.conns)) == 0
+            assert lab.call(lambda: cap.counts.get("127.0.0.1", 0)) == 0
+        finally:
+            for sock in waiting:
+                sock.close()

@@ -113,8 +113,9 @@ _RID_LINE = b"\r\n" + REQUEST_ID_HEADER + b": "
 _FIRST_MEMO_MAX = 4096  # first reads kept for the fast path (the oldest goes first)
 _FIRST_MAX = 1024  # longer first reads are not kept (they are the keys; cloud-init's ~200 B)
 _READ_SIZE = 65536
-_DONTWAIT = socket.MSG_DONTWAIT  # the fast path's socket stays blocking: no ioctl
-_MORE = getattr(socket, "MSG_MORE", 0)
+# Plain ints: `|` on the socket module's IntFlag members is a Python call (~0.5 us).
+_DONTWAIT = int(socket.MSG_DONTWAIT)  # the fast path's socket stays blocking: no ioctl
+_DONTWAIT_MORE = _DONTWAIT | int(getattr(socket, "MSG_MORE", 0))
 
 # One-line bodies the VM sees; the reason with paths and errno goes to our log only.
 _VM_REASONS = {
@@ -950,9 +951,16 @@ class FirstRequests(Acceptor):
     429 for or one at its connection cap takes the slow path, which answers it as always;
     so does every other first read. After a keep-alive answer the connection goes on as a
     normal one (`_ClientProtocol`), whose later kept reads take the fast path there.
+
+    A connection accepted before its request arrived (an idle proxy is woken by the
+    handshake's last ACK, the request follows a moment later: a quarter to a half of the
+    connections at modest rates) waits for its first bytes with a reader on its fd
+    (`_FirstWait`), not with a protocol object: in the listener's connection set and its
+    source's count meanwhile, and closed without an answer at the request timeout, as the
+    slow path closes a connection that never sent a byte.
     """
 
-    __slots__ = ("_cap", "_client", "_conns", "_kept")
+    __slots__ = ("_cap", "_client", "_conns", "_kept", "_timer", "_waiting")
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
@@ -964,12 +972,22 @@ class FirstRequests(Acceptor):
         self._kept = kept
         self._cap = cap
         self._conns = conns
+        # waiting for their first bytes, oldest (so earliest deadline) first; one timer
+        self._waiting: dict[_FirstWait, None] = {}
+        self._timer: asyncio.TimerHandle | None = None
 
     def serve(self, sock: socket.socket, peer: Any, data: bytes | None = None) -> None:
+        self.first_read(sock, peer, False)
+
+    def first_read(self, sock: socket.socket, peer: Any, waited: bool) -> None:
+        """Read a new connection's first bytes; relay them if kept, else the slow path.
+        `waited`: the loop said they are there (`_FirstWait`)."""
         try:
             data = sock.recv(_READ_SIZE, _DONTWAIT)
         except (BlockingIOError, InterruptedError):
-            data = None  # not there yet: the slow path waits for it
+            if not waited and self._wait(sock, peer):
+                return
+            data = None  # the slow path waits for it
         except OSError:
             sock.close()  # reset before a byte came: nothing to answer
             return
@@ -983,6 +1001,42 @@ class FirstRequests(Acceptor):
                 sock.close()
                 return
         super().serve(sock, peer, data)
+
+    def _wait(self, sock: socket.socket, peer: Any) -> bool:
+        """Wait for the first bytes (False: at the source's cap, the slow path refuses)."""
+        host = peer[0]
+        cap = self._cap
+        if cap is not None:
+            if cap.counts.get(host, 0) >= cap.cap:
+                return False
+            cap.take(host)
+        loop = self._loop
+        waiter = _FirstWait(self, sock, peer,
+                            loop.time() + self._kept.limits.request_timeout_s)
+        self._conns.add(waiter)
+        self._waiting[waiter] = None
+        loop.add_reader(sock.fileno(), waiter.readable)
+        if self._timer is None:
+            self._timer = loop.call_at(waiter.deadline, self._expire)
+        return True
+
+    def _expire(self) -> None:
+        """The request timeout of the oldest waiting connections: closed (no byte came)."""
+        self._timer = None
+        now = self._loop.time()
+        waiting = self._waiting
+        while waiting:
+            waiter = next(iter(waiting))
+            if waiter.deadline > now:
+                self._timer = self._loop.call_at(waiter.deadline, self._expire)
+                return
+            waiter.expire(self._kept.limits.timeouts)
+
+    def close(self) -> None:
+        super().close()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _relay(self, sock: socket.socket, peer: Any, hit: _Hit) -> bool:
         """Send a kept first request to the agent; False: the slow path must answer it."""
@@ -1022,6 +1076,55 @@ class FirstRequests(Acceptor):
             transport.close()
 
 
+class _FirstWait:
+    """A new connection whose first bytes are not there yet (`FirstRequests`)."""
+
+    __slots__ = ("_acceptor", "_peer", "_sock", "deadline")
+
+    def __init__(self, acceptor: FirstRequests, sock: socket.socket, peer: Any,
+                 deadline: float) -> None:
+        self._acceptor = acceptor
+        self._sock: socket.socket | None = sock
+        self._peer = peer
+        self.deadline = deadline
+
+    def readable(self) -> None:
+        sock = self._release()
+        if sock is None:
+            return
+        try:
+            self._acceptor.first_read(sock, self._peer, True)
+        except Exception:  # a loop callback: never raise into it, never leak the socket
+            log.exception("proxy.fast_path_failed peer=%s", self._peer)
+            sock.close()
+
+    def expire(self, counts: TimeoutCounts | None) -> None:
+        """No byte within the request timeout: closed without an answer, counted as the
+        slow path counts it (an idle close)."""
+        sock = self._release()
+        if sock is not None:
+            if counts is not None:
+                counts.idle += 1
+            sock.close()
+
+    def _release(self) -> socket.socket | None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            a = self._acceptor
+            del a._waiting[self]
+            a._conns.discard(self)
+            if a._cap is not None:
+                a._cap.release(self._peer[0])
+            a._loop.remove_reader(sock.fileno())
+        return sock
+
+    def abort(self) -> None:
+        """The listener closes: the connection goes."""
+        sock = self._release()
+        if sock is not None:
+            sock.close()
+
+
 class _Relay:
     """A first request the fast path sent to the agent: writes the answer as the slow path
     would (`HttpProtocol._send`), then closes or hands the connection on."""
@@ -1049,7 +1152,7 @@ class _Relay:
             return  # the listener closed meanwhile
         try:
             # not kept: the answer leaves with the FIN (MSG_MORE, then close)
-            sent = sock.send(data, _DONTWAIT if keep else _DONTWAIT | _MORE)
+            sent = sock.send(data, _DONTWAIT if keep else _DONTWAIT_MORE)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:  # the VM went away
@@ -1080,7 +1183,7 @@ class _Relay:
             sock.close()
 
 
-Connection = SocketTransport | _Relay  # what a listener's connection set holds
+Connection = SocketTransport | _Relay | _FirstWait  # what a listener's connection set holds
 
 
 def open_listening_socket(
