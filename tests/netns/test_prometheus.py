@@ -188,12 +188,15 @@ def test_prometheus_scrapes_every_service_and_the_dashboard_fits(
     for hop in ("proxy", "agent", "api"):
         assert rows[hop]["requests"] >= 5 and rows[hop]["p99_ms"] > 0, rows[hop]
         assert rows[hop]["error_ratio"] == 0.0, rows[hop]
+        # every hop served by http.server shows its timed-out connections, none here
+        assert rows[hop]["timeouts"]["write"] == rows[hop]["timeouts"]["request"] == 0, \
+            rows[hop]
     assert rows["agent"]["cache_hit_ratio"] > 0.5
     assert rows["agent"]["feed_live"] is True and rows["agent"]["feed_behind"] == 0
     assert rows["l3-agent"]["routers"] == 1 and rows["dhcp-agent"]["dnsmasq_restarts"] == 1
     assert rows["proxy"]["listeners"] == 1
     table = stack.cli("status").stdout
-    assert "p99_ms" in table and "cache_hit_ratio" in table
+    assert "p99_ms" in table and "cache_hit_ratio" in table and "w=0 r=0 i=" in table
     watch_out = stack.root / "status-watch.out"
     with watch_out.open("wb") as sink:
         watch = subprocess.Popen(

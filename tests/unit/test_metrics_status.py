@@ -74,3 +74,25 @@ def test_unreachable_services_are_down_with_the_reason() -> None:
     assert [r["service"] for r in rows] == list(SERVICES)
     assert all(r["state"] == "down" for r in rows)
     assert "127.0.0.1:9702" in next(r for r in rows if r["service"] == "agent")["error"]
+
+
+def test_connections_ended_by_a_timeout_by_kind_since_start_and_in_the_window() -> None:
+    api, registry = ServiceMetrics("api"), ServiceMetrics("registry")
+    hop = api.hop("api")
+    registry.hop("registry")  # not served by http.server: no timeout counts
+    ended = hop.count_timeouts()
+    ended.write, ended.idle = 1, 40  # before the window
+    before = {"api": scrape_of(api, 100.0), "registry": scrape_of(registry, 100.0)}
+    ended.write += 2  # in the window: two clients that did not read their answers
+    ended.request += 1
+    ended.idle += 5
+    now = {"api": scrape_of(api, 101.0), "registry": scrape_of(registry, 101.0)}
+    rows = {r["service"]: r for r in summarize(now, before)}
+    assert rows["api"]["timeouts"] == {"write": 3, "request": 1, "idle": 45}
+    assert rows["api"]["timeouts_in_window"] == {"write": 2, "request": 1, "idle": 5}
+    assert "timeouts" not in rows["registry"]
+    shown = {r["service"]: r for r in table_rows(rows.values())}
+    assert shown["api"]["timeouts"] == "w=3 r=1 i=45"
+    assert shown["registry"]["timeouts"] is None
+    first = {r["service"]: r for r in summarize(now)}  # one scrape: since start only
+    assert first["api"]["timeouts"]["write"] == 3 and "timeouts_in_window" not in first["api"]

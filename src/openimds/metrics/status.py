@@ -2,7 +2,10 @@
 
 Two scrapes `interval` apart give rates (requests/s, registry writes/s) and, from the
 histogram's bucket deltas, the p99 of the requests answered in between; with no traffic in
-between the figures since start are shown (`window: "start"`). Worker processes
+between the figures since start are shown (`window: "start"`). Each hop's client
+connections ended by a timeout (`openimds_connection_timeouts_total`) are shown since
+start by kind, `w=` write, `r=` request, `i=` idle (JSON: `timeouts`, and
+`timeouts_in_window`). Worker processes
 (`[api] workers`, `metadata_workers`, `[proxy] workers`) are scraped on their own ports and
 summed. `summarize` is pure: scraped text in, plain rows out.
 """
@@ -245,6 +248,15 @@ def _hop_row(cur: Scrape, old: Scrape | None, hop: str, dt: float) -> dict[str, 
             out["req_per_s"] = 0.0
     else:
         out = {"req_per_s": None}
+    timeouts = _timeouts(cur, hop)
+    if timeouts is not None:
+        # since start; and what the window added, when there is one (a rising write or
+        # request count is a client not reading or not sending; idle is mostly routine)
+        out["timeouts"] = timeouts
+        if old is not None and dt > 0:
+            before = _timeouts(old, hop) or {}
+            out["timeouts_in_window"] = {k: max(0, n - before.get(k, 0))
+                                         for k, n in timeouts.items()}
     count = buckets.get(float("inf"), 0.0)
     ratio = _ratio(errors, count)
     p99 = _quantile(0.99, buckets)
@@ -258,8 +270,19 @@ def _hop_row(cur: Scrape, old: Scrape | None, hop: str, dt: float) -> dict[str, 
     return out
 
 
+TIMEOUT_KINDS = ("write", "request", "idle")
+
+
+def _timeouts(s: Scrape, hop: str) -> dict[str, int] | None:
+    """`openimds_connection_timeouts_total` of `hop` by kind (None: the hop has none)."""
+    name = "openimds_connection_timeouts_total"
+    if not any(n == name and ("hop", hop) in labels for n, labels in s.samples):
+        return None
+    return {kind: int(s.total(name, hop=hop, kind=kind)) for kind in TIMEOUT_KINDS}
+
+
 COLUMNS = ("service", "state", "req_per_s", "error_ratio", "p99_ms", "in_flight",
-           "cache_hit_ratio", "feed_lag_s", "feed_behind", "detail")
+           "timeouts", "cache_hit_ratio", "feed_lag_s", "feed_behind", "detail")
 
 
 def table_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -271,6 +294,9 @@ def table_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             shown["error_ratio"] = f"{row['error_ratio'] * 100:.2f}%"
         if row.get("cache_hit_ratio") is not None:
             shown["cache_hit_ratio"] = f"{row['cache_hit_ratio'] * 100:.1f}%"
+        timeouts = row.get("timeouts")
+        if timeouts is not None:  # w(rite)=.. r(equest)=.. i(dle)=.., since start
+            shown["timeouts"] = " ".join(f"{k[0]}={timeouts[k]}" for k in TIMEOUT_KINDS)
         detail = []
         for key in ("workers", "requests", "cache_entries", "revision", "writes_per_s",
                     "listeners", "namespaces", "routers", "networks", "dnsmasq_restarts",

@@ -44,8 +44,9 @@ def _status(args: argparse.Namespace, settings: Any) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = add_command(
         sub, "status",
-        _status, "every service's state, request rate, error ratio, p99 per hop, cache hit "
-        "ratio and change-feed lag, read from their /metrics ([metrics] ports)",
+        _status, "every service's state, request rate, error ratio, p99 and connections ended "
+        "by a timeout per hop, cache hit ratio and change-feed lag, read from their /metrics "
+        "([metrics] ports)",
     )
     parser.add_argument("--watch", action="store_true", help="refresh every --interval")
     parser.add_argument("--interval", type=float, default=1.0,
