@@ -36,3 +36,17 @@ def test_bad_role_and_demo_without_registry(tmp_path: Path) -> None:
     rc, out = _up(tmp_path, {"registry": {"url": "http://ctl:9696", "reader_token": "r"}},
                   "--role", "compute", "--demo")
     assert rc != 0 and "--demo" in out
+
+
+def test_a_network_node_is_warned_of_a_nova_metadata_socket_nothing_listens_on(
+        tmp_path: Path) -> None:
+    sock = tmp_path / "api.sock"
+    rc, out = _up(tmp_path, {"DEFAULT": {"state_path": str(tmp_path / "s"),
+                                         "nova_metadata_socket": str(sock)}},
+                  "--role", "network")
+    assert rc != 0 and "[registry] url" in out  # refused as before, and told of both
+    lines = [x for x in out.splitlines() if "nova_metadata_socket" in x]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"warning: [DEFAULT] nova_metadata_socket = {sock} does not exist"), out
+    rc, out = _up(tmp_path, {}, "--role", "network")
+    assert rc != 0 and "nova_metadata_socket" not in out

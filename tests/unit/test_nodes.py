@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
+from pathlib import Path
 
 import pytest
 
+from openimds.config import Settings
 from openimds.core.models import (
     DHCP_RESERVED_DEVICE_ID,
     dhcp_adopted_device_id,
@@ -20,7 +23,7 @@ from openimds.core.nodes import (
     roles_of,
 )
 from openimds.errors import ConfigError
-from openimds.node.roles import services_for
+from openimds.node.roles import api_socket_warning, services_for
 
 
 def test_new_resources_go_to_the_least_loaded_alive_node() -> None:
@@ -73,6 +76,27 @@ def test_services_for_roles() -> None:
                                                        "l3-agent", "dhcp-agent"]
     with pytest.raises(ConfigError, match="storage"):
         services_for(["storage"])
+
+
+def test_a_nova_metadata_socket_nothing_listens_on_is_named_where_no_api_runs(
+        tmp_path: Path) -> None:
+    path = tmp_path / "api.sock"
+    settings = Settings(nova_metadata_socket=str(path))
+    line = api_socket_warning(settings, ["network"])
+    assert line is not None and "\n" not in line
+    assert line.startswith(f"warning: [DEFAULT] nova_metadata_socket = {path} does not exist")
+    assert "--role network" in line and "nova_metadata_host" in line
+    assert api_socket_warning(settings, ["all"]) is None  # the API runs here: up sets it
+    assert api_socket_warning(settings, ["controller", "network"]) is None
+    assert api_socket_warning(settings, ["compute"]) is None  # no agent: not used
+    assert api_socket_warning(Settings(), ["network"]) is None  # not set
+    path.write_text("")
+    assert "is not a socket" in (api_socket_warning(settings, ["network"]) or "")
+    path.unlink()
+    with socket.socket(socket.AF_UNIX) as listener:  # something local listens there
+        listener.bind(str(path))
+        listener.listen()
+        assert api_socket_warning(settings, ["network"]) is None
 
 
 def test_gratuitous_arp_frame() -> None:

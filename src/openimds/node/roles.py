@@ -14,6 +14,8 @@ a node that lacks them instead of inventing ones the controller would reject.
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Iterable, Sequence
 
 from openimds.config import Settings
@@ -64,3 +66,26 @@ def check_remote_settings(settings: Settings, roles: Sequence[str]) -> None:
             "127.0.0.1", "localhost", "::1"):
         raise ConfigError(f"[DEFAULT] nova_metadata_host: {settings.nova_metadata_host!r}, but "
                           "this node does not run the metadata API; set it to the controller")
+
+
+def api_socket_warning(settings: Settings, roles: Sequence[str]) -> str | None:
+    """One line for `up` to print when `[DEFAULT] nova_metadata_socket` is set on a node
+    whose roles run the agent but not the metadata API and no socket is at that path: while
+    it is set the agent sends every request there, not to nova_metadata_host (on a node
+    with the API, `up` itself points it at `$state_path/api.sock`). None: nothing to say."""
+    path = settings.nova_metadata_socket
+    services = services_for(roles)
+    if not path or "api" in services or "agent" not in services:
+        return None
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            return None  # something local listens there (a relay to the controller's API)
+        what = "is not a socket"
+    except FileNotFoundError:
+        what = "does not exist"
+    except OSError as exc:
+        what = f"cannot be read ({exc.strerror})"
+    return (f"warning: [DEFAULT] nova_metadata_socket = {path} {what}, and this node does not "
+            f"run the metadata API (--role {','.join(roles)}): the agent sends its requests "
+            "there, not to nova_metadata_host, and they fail until something listens on it; "
+            "unset it to reach the API at nova_metadata_host:nova_metadata_port")

@@ -466,6 +466,9 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             raise ConfigError("--demo needs the registry on this node (--role all or "
                               "controller)")
         settings = load_settings(args.config)  # now with the secrets
+        warning = roles_mod.api_socket_warning(settings, roles)
+        if warning is not None:  # before the checks that refuse: every problem at once
+            print(warning, file=sys.stderr)
         roles_mod.check_remote_settings(settings, roles)
         overrides = settings_overrides(args.set or [])
         if args.demo:
