@@ -173,6 +173,32 @@ async def test_slow_client_times_out_with_408() -> None:
         server.close()
 
 
+async def test_a_request_begun_on_an_idle_connection_gets_the_whole_request_timeout() -> None:
+    # The request timeout starts when a request's first bytes arrive, not at the answer
+    # before it: a head begun late in a short keep-alive wait is not cut off by that wait.
+    counts = TimeoutCounts()
+    server, port = await start(echo, Limits(keepalive_timeout_s=0.3, request_timeout_s=1.5,
+                                            timeouts=counts))
+    loop = asyncio.get_running_loop()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = await asyncio.wait_for(reader.readuntil(b"GET /one"), 5)
+        assert first.startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(0.15)
+        writer.write(b"GET /two HTTP/1.1\r\nHost: x\r\n")  # never finishes
+        t0 = loop.time()
+        out = await asyncio.wait_for(reader.read(-1), 5)
+        waited = loop.time() - t0
+        assert out.startswith(b" q= n=0")  # the rest of the first answer
+        assert b"HTTP/1.1 408" in out
+        assert 1.4 <= waited < 1.5 + 0.25 + 0.5  # the request timeout, a wheel tick late at most
+        writer.close()
+        assert ended(counts) == (0, 1, 0)
+    finally:
+        server.close()
+
+
 async def test_idle_keepalive_closes_silently() -> None:
     counts = TimeoutCounts()
     server, port = await start(echo, Limits(keepalive_timeout_s=0.2, timeouts=counts))

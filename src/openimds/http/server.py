@@ -413,7 +413,7 @@ class HttpProtocol(asyncio.Protocol):
     """One client connection."""
 
     __slots__ = (
-        "_barrier", "_body", "_body_len", "_closing", "_flush_due", "_handler",
+        "_barrier", "_begun", "_body", "_body_len", "_closing", "_flush_due", "_handler",
         "_header_bytes", "_headers", "_in_request", "_eof", "_failure", "_in_trailers",
         "_last_keep_alive", "_last_name", "_limits", "_loop", "_parser", "_paused", "_peer",
         "_pending", "_queue", "_deadline", "_slot", "_slot_end", "_wheel", "_transport",
@@ -431,6 +431,7 @@ class HttpProtocol(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
         self._in_request = False
+        self._begun = False  # a request began in the read being handled
         self._last_name = b""
         self._body: list[bytes] = []
         self._body_len = 0
@@ -534,6 +535,10 @@ class HttpProtocol(asyncio.Protocol):
                 self._fail_after_queue(0, "")
             else:
                 self._fail_after_queue(400, f"malformed request: {exc}")
+        if self._begun:
+            self._begun = False
+            if self._in_request:  # begun in this read, not complete: its time runs from now
+                self._arm(self._limits.request_timeout_s)
         self._drain_queue()
 
     def _take_known(self, data: bytes) -> bytes:
@@ -680,7 +685,9 @@ class HttpProtocol(asyncio.Protocol):
         self._header_bytes = 0
         self._body = []
         self._body_len = 0
-        self._arm(self._limits.request_timeout_s)
+        # Its request timeout is armed once the read is handled, if it is still incomplete
+        # then (`_receive`): most requests end in the read they begin in.
+        self._begun = True
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -742,7 +749,7 @@ class HttpProtocol(asyncio.Protocol):
         method = _METHODS.get(raw_method) or raw_method.decode("ascii", "replace")
         if not target.startswith("/"):
             target = _origin_form(method, target, self._headers)
-        keep_alive = bool(parser.should_keep_alive())
+        keep_alive = parser.should_keep_alive()
         self._last_keep_alive = keep_alive
         req = Request(
             method, target, self._headers, b"".join(self._body) if self._body else b"",
