@@ -88,7 +88,7 @@ from openimds.http.server import (
     error_response,
     parse_one,
 )
-from openimds.http.sockets import Acceptor, SocketTransport
+from openimds.http.sockets import Accepted, Acceptor, SocketTransport
 from openimds.log import access_line
 from openimds.metadata.longpoll import is_long_poll, long_poll_timeout
 from openimds.metrics import (
@@ -976,10 +976,10 @@ class FirstRequests(Acceptor):
         self._waiting: dict[_FirstWait, None] = {}
         self._timer: asyncio.TimerHandle | None = None
 
-    def serve(self, sock: socket.socket, peer: Any, data: bytes | None = None) -> None:
+    def serve(self, sock: Accepted, peer: Any, data: bytes | None = None) -> None:
         self.first_read(sock, peer, False)
 
-    def first_read(self, sock: socket.socket, peer: Any, waited: bool) -> None:
+    def first_read(self, sock: Accepted, peer: Any, waited: bool) -> None:
         """Read a new connection's first bytes; relay them if kept, else the slow path.
         `waited`: the loop said they are there (`_FirstWait`)."""
         try:
@@ -1002,7 +1002,7 @@ class FirstRequests(Acceptor):
                 return
         super().serve(sock, peer, data)
 
-    def _wait(self, sock: socket.socket, peer: Any) -> bool:
+    def _wait(self, sock: Accepted, peer: Any) -> bool:
         """Wait for the first bytes (False: at the source's cap, the slow path refuses)."""
         host = peer[0]
         cap = self._cap
@@ -1038,7 +1038,7 @@ class FirstRequests(Acceptor):
             self._timer.cancel()
             self._timer = None
 
-    def _relay(self, sock: socket.socket, peer: Any, hit: _Hit) -> bool:
+    def _relay(self, sock: Accepted, peer: Any, hit: _Hit) -> bool:
         """Send a kept first request to the agent; False: the slow path must answer it."""
         host = peer[0]
         cap = self._cap
@@ -1058,7 +1058,7 @@ class FirstRequests(Acceptor):
             raise
         return True
 
-    def go_on(self, sock: socket.socket, peer: Any, rest: bytes, keep: bool) -> None:
+    def go_on(self, sock: Accepted, peer: Any, rest: bytes, keep: bool) -> None:
         """A connection whose first answer the fast path wrote: a normal connection from
         here (keep-alive), or the end of an answer the socket did not take at once."""
         sock.setblocking(False)
@@ -1081,10 +1081,10 @@ class _FirstWait:
 
     __slots__ = ("_acceptor", "_peer", "_sock", "deadline")
 
-    def __init__(self, acceptor: FirstRequests, sock: socket.socket, peer: Any,
+    def __init__(self, acceptor: FirstRequests, sock: Accepted, peer: Any,
                  deadline: float) -> None:
         self._acceptor = acceptor
-        self._sock: socket.socket | None = sock
+        self._sock: Accepted | None = sock
         self._peer = peer
         self.deadline = deadline
 
@@ -1107,7 +1107,7 @@ class _FirstWait:
                 counts.idle += 1
             sock.close()
 
-    def _release(self) -> socket.socket | None:
+    def _release(self) -> Accepted | None:
         sock, self._sock = self._sock, None
         if sock is not None:
             a = self._acceptor
@@ -1131,10 +1131,10 @@ class _Relay:
 
     __slots__ = ("_acceptor", "_hit", "_peer", "_sock")
 
-    def __init__(self, acceptor: FirstRequests, sock: socket.socket, peer: Any,
+    def __init__(self, acceptor: FirstRequests, sock: Accepted, peer: Any,
                  hit: _Hit) -> None:
         self._acceptor = acceptor
-        self._sock: socket.socket | None = sock
+        self._sock: Accepted | None = sock
         self._peer = peer
         self._hit = hit
 
@@ -1167,7 +1167,7 @@ class _Relay:
         else:
             sock.close()
 
-    def _release(self) -> socket.socket | None:
+    def _release(self) -> Accepted | None:
         sock, self._sock = self._sock, None
         if sock is not None:
             a = self._acceptor
