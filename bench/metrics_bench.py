@@ -137,6 +137,7 @@ def micro(rounds: int, n: int) -> int:
                    ("127.0.0.1", 1))
     asyncio.run(call(api, "GET", "/latest/meta-data/instance-id", keep_alive=True))
     api.handle(areq)  # warm: the pre-encoded answer exists now
+    observed = api.handle_observed  # as the server holds it: read once
     hop = HopStats("agent")
 
     def bookkeeping() -> None:
@@ -146,8 +147,7 @@ def micro(rounds: int, n: int) -> int:
 
     cases = {
         "proxy handler": (lambda: proxies[True](req), lambda: proxies[False](req)),
-        "api handler (warm keep-alive GET)": (lambda: api.handle_observed(areq),
-                                              lambda: api.handle(areq)),
+        "api handler (warm keep-alive GET)": (lambda: observed(areq), lambda: api.handle(areq)),
         "HopStats begin+done+2 clock reads": (bookkeeping, lambda: None),
     }
     print(cb.machine(), "| load", cb.loadavg(), f"| {n} calls x {rounds} rounds", flush=True)

@@ -71,6 +71,27 @@ def test_hop_counters_are_exposed_by_class_family_and_bucket() -> None:
                                         ("worker", "0")))] == 1
 
 
+def test_answers_given_at_once_count_as_done_and_never_in_flight() -> None:
+    m = ServiceMetrics("api")
+    hop = m.hop("api")
+    hop.answered(200, "/openstack/latest/meta_data.json", 0.00001)  # the kept-answer path
+    hop.answered(404, "/latest/meta-data/nope", 0.03)
+    hop.begin()  # a miss: in flight until its fetch answers
+    assert hop.in_flight() == 1 and hop.count == 2
+    hop.done(200, "/openstack/latest/meta_data.json", 0.004)
+    assert hop.in_flight() == 0 and hop.count == 3
+    assert hop.by_class() == {("2xx", "openstack"): 2, ("4xx", "ec2"): 1}
+    assert hop.buckets[0] == 1 and hop.buckets[6] == 1 and hop.buckets[9] == 1
+    got = samples(m.render())
+    bucket = "openimds_request_duration_seconds_bucket"
+    assert got[(bucket, (("hop", "api"), ("le", "5e-05")))] == 1
+    assert got[(bucket, (("hop", "api"), ("le", "0.005")))] == 2
+    assert got[(bucket, (("hop", "api"), ("le", "+Inf")))] == 3
+    assert got[("openimds_requests_in_flight", (("hop", "api"),))] == 0
+    assert got[("openimds_request_duration_seconds_sum", (("hop", "api"),))] == \
+        pytest.approx(0.03401)
+
+
 def test_timed_out_connections_are_exposed_per_hop_and_kind() -> None:
     m = ServiceMetrics("proxy")
     served = m.hop("proxy")

@@ -333,7 +333,7 @@ class MetadataApi:
         self.token_counts: dict[str, int] = {"issued": 0, "rejected": 0, "refused": 0}
         self.hop = HopStats("api")  # /metrics (openimds.metrics), read at scrape time
         self.access_log = api.access_log or settings.debug
-        self.handle_observed = self._observed()
+        self._observed_by_log = (self._observed(False), self._observed(True))
 
     # -- the handler --------------------------------------------------------------------
     def handle(self, req: Request) -> AnyResponse | Awaitable[AnyResponse]:
@@ -432,24 +432,29 @@ class MetadataApi:
         return self._os_tokens_required if path.startswith("/openstack") else (
             self._tokens_required)
 
-    def _observed(self) -> Callable[[Request], AnyResponse | Awaitable[AnyResponse]]:
-        """`handle_observed`: `handle`, counted for /metrics (`self.hop`) and, with
-        `self.access_log`, one openimds.access line per request (with the proxy's request
-        ID). A closure over what it calls: a kept answer costs `begun`, two clock reads and
-        one `hop.done` more than `handle` (docs/benchmarks.md, "What counting costs")."""
-        handle, hop, done = self.handle, self.hop, self.hop.done
+    @property
+    def handle_observed(self) -> Callable[[Request], AnyResponse | Awaitable[AnyResponse]]:
+        """`handle`, counted for /metrics (`self.hop`) and, with `self.access_log`, one
+        openimds.access line per request (with the proxy's request ID)."""
+        return self._observed_by_log[bool(self.access_log)]
+
+    def _observed(self, log: bool) -> Callable[[Request], AnyResponse | Awaitable[AnyResponse]]:
+        """`handle_observed`, a closure over what it calls: a kept answer costs two clock
+        reads and one `hop.answered` more than `handle` (docs/benchmarks.md, "What counting
+        costs"); `begun` is counted only for an answer that is not given at once."""
+        handle, answered, other, access = (self.handle, self.hop.answered,
+                                           self._observe_other, self._access)
 
         def handle_observed(req: Request) -> AnyResponse | Awaitable[AnyResponse]:
-            hop.begun += 1
             t0 = perf_counter()
             result = handle(req)
             # The hot path: a kept answer (2xx: "HTTP/1.1 2"; /metrics keeps status classes)
             if result.__class__ is RawResponse and result.data[9] == 50:
-                done(200, req.path, perf_counter() - t0)
-                if self.access_log:
-                    self._access(req, result, t0)
+                answered(200, req.path, perf_counter() - t0)
+                if log:
+                    access(req, result, t0)
                 return result
-            return self._observe_other(req, result, t0)
+            return other(req, result, t0)
 
         return handle_observed
 
@@ -458,14 +463,14 @@ class MetadataApi:
     ) -> AnyResponse | Awaitable[AnyResponse]:
         if isinstance(result, Response | RawResponse):
             status = result.status if isinstance(result, Response) else int(result.data[9:12])
-            self.hop.done(status, req.path, perf_counter() - t0)
-        elif isinstance(result, Abandonable):  # stays recognisable to the server
+            self.hop.answered(status, req.path, perf_counter() - t0)
+            if self.access_log:
+                self._access(req, result, t0)
+            return result
+        self.hop.begun += 1  # in flight from here until `_observe_later` counts it done
+        if isinstance(result, Abandonable):  # stays recognisable to the server
             return Abandonable(self._observe_later(req, result, t0))
-        else:
-            return self._observe_later(req, result, t0)
-        if self.access_log:
-            self._access(req, result, t0)
-        return result
+        return self._observe_later(req, result, t0)
 
     async def _observe_later(
         self, req: Request, pending: Awaitable[AnyResponse], t0: float,

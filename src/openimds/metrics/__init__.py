@@ -79,14 +79,18 @@ LATENCY_BUCKETS = (
 # Metadata path families, then the registry's (lookup, feed, the rest of its REST API).
 FAMILIES = ("ec2", "openstack", "token", "identity", "other", "lookup", "feed", "rest")
 _EC2, _OPENSTACK, _TOKEN, _IDENTITY, _OTHER, _LOOKUP, _FEED, _REST = range(8)
-# Where one request's count goes in `HopStats.codes`, a single int key per request: bits 0-4
-# its latency bucket (an index into LATENCY_BUCKETS, len() = +Inf), bits 5-7 its path
-# family, bits 8 and up its status. One dict bump per request instead of a status table and a
-# bucket list; the family and bucket sums are made when Prometheus scrapes.
-_BUCKET_MASK = (1 << 5) - 1
-_FAMILY_SHIFT = 5
+# Where one request's count goes in `HopStats.codes`, a single int key per request: bits 0-9
+# its status (HTTP's have three digits; the parsers refuse more), bits 10-12 its path
+# family, bit 13 set for an answer given in the call the request arrived in (`answered`: it
+# was never in flight), bits 14 and up its latency bucket (an index into LATENCY_BUCKETS,
+# len() = +Inf). One dict bump per request instead of a status table and a bucket list, and
+# the key is one addition (memo + status) for an answer inside the first bound; the
+# family, class and bucket sums are made when scraped.
+_STATUS_MASK = (1 << 10) - 1
+_FAMILY_SHIFT = 10
 _FAMILY_MASK = 7
-_STATUS_SHIFT = 8
+_AT_ONCE = 1 << 13
+_BUCKET_SHIFT = 14
 _MEMO_MAX = 4096
 WORKER_PORT_STEP = 100
 
@@ -121,56 +125,59 @@ class HopStats:
     """One hop's request counters: bumped on the hot path, read when scraped.
 
     `begun += 1` when a request arrives, `done(status, path, seconds)` once when it is
-    answered; in flight = begun - done. Only the status class is exported: a caller may
-    pass any status of the class. `upstream_error(status)` counts 502/503/504 answers
-    caused by the next hop. `done` is a closure over its tables (no attribute lookups, no
-    method binding) that bumps one int per request, keyed by status, path family and
-    latency bucket together (`codes`); the per-family, per-class and per-bucket sums are
-    made only when scraped (`by_class`, `buckets`). ~0.13 µs a request on this machine
+    answered; in flight = begun - done. `answered(status, path, seconds)` instead of both,
+    for an answer given in the very call the request arrived in (never in flight while a
+    scrape could look). Only the status class is exported: a caller may pass any status of
+    the class. `upstream_error(status)` counts 502/503/504 answers caused by the next hop.
+    `done` and `answered` are closures over their tables (no attribute lookups, no method
+    binding) that bump one int per request, keyed by status, path family and latency
+    bucket together (`codes`); the per-family, per-class and per-bucket sums are made only
+    when scraped (`by_class`, `buckets`). ~0.13 µs a request on this machine
     (bench/metrics_bench.py --micro). `count_timeouts()` is what the hop's server counts its
     timed-out connections in (only a hop served by `http.server` has them).
     """
 
-    __slots__ = ("_families", "_sum", "begun", "codes", "done", "family_of", "hop",
-                 "timeouts", "upstream_errors")
+    __slots__ = ("_sum", "answered", "begun", "codes", "done", "family_of", "hop", "timeouts",
+                 "upstream_errors")
 
     def __init__(self, hop: str, family_of: Callable[[str], int] = path_family) -> None:
         self.hop = hop
         self.family_of = family_of
         self.begun = 0
-        # status << 8 | family << 5 | latency bucket -> requests (see _STATUS_SHIFT)
+        # bucket << 14 | at once << 13 | family << 10 | status -> requests
         self.codes: dict[int, int] = {}
         self._sum = [0.0]
         self.upstream_errors: dict[int, int] = {}
-        self._families: dict[str, int] = {}  # path -> its family << _FAMILY_SHIFT
         self.timeouts: TimeoutCounts | None = None
-        self.done: Callable[[int, str, float], None] = self._make_done()
+        self.done: Callable[[int, str, float], None] = self._counter(0)
+        self.answered: Callable[[int, str, float], None] = self._counter(_AT_ONCE)
 
-    def _make_done(self) -> Callable[[int, str, float], None]:
-        families, codes, sums, family_of = self._families, self.codes, self._sum, self.family_of
+    def _counter(self, flag: int) -> Callable[[int, str, float], None]:
+        codes, sums, family_of = self.codes, self._sum, self.family_of
+        families: dict[str, int] = {}  # path -> its family << _FAMILY_SHIFT | flag
         bounds = LATENCY_BUCKETS
         first = bounds[0]
 
         def learn(path: str) -> int:
             if len(families) >= _MEMO_MAX:  # paths come from VMs: bounded memo
                 families.clear()
-            fam = families[path] = family_of(path) << _FAMILY_SHIFT
+            fam = families[path] = family_of(path) << _FAMILY_SHIFT | flag
             return fam
 
-        def done(status: int, path: str, seconds: float) -> None:
+        def count(status: int, path: str, seconds: float) -> None:
+            sums[0] += seconds
             try:
-                key = families[path] | status << _STATUS_SHIFT
+                key = families[path] + status
             except KeyError:
-                key = learn(path) | status << _STATUS_SHIFT
+                key = learn(path) + status
             if seconds > first:  # most answers take less than the first bound: no search
-                key |= bisect_left(bounds, seconds)  # le is inclusive, as Prometheus'
+                key += bisect_left(bounds, seconds) << _BUCKET_SHIFT  # le inclusive, as ours
             try:
                 codes[key] += 1
             except KeyError:
                 codes[key] = 1
-            sums[0] += seconds
 
-        return done
+        return count
 
     def begin(self) -> None:
         self.begun += 1
@@ -193,7 +200,7 @@ class HopStats:
         """Requests per latency bucket (not cumulative; the last one is +Inf)."""
         out = [0] * (len(LATENCY_BUCKETS) + 1)
         for key, n in list(self.codes.items()):
-            out[key & _BUCKET_MASK] += n
+            out[min(key >> _BUCKET_SHIFT, len(LATENCY_BUCKETS))] += n
         return out
 
     @property
@@ -201,13 +208,15 @@ class HopStats:
         return sum(list(self.codes.values()))
 
     def in_flight(self) -> int:
-        return max(0, self.begun - self.count)
+        """Requests begun and not answered yet (`answered` ones never were)."""
+        later = sum([n for key, n in list(self.codes.items()) if not key & _AT_ONCE])
+        return max(0, self.begun - later)
 
     def by_class(self) -> dict[tuple[str, str], int]:
         """{(status class, family): count}."""
         out: dict[tuple[str, str], int] = {}
         for key, n in list(self.codes.items()):
-            label = (status_class(key >> _STATUS_SHIFT),
+            label = (status_class(key & _STATUS_MASK),
                      FAMILIES[key >> _FAMILY_SHIFT & _FAMILY_MASK])
             out[label] = out.get(label, 0) + n
         return out
@@ -363,7 +372,7 @@ class ServiceMetrics:
                 running += n
                 cumulative.append((_le(bound), float(running)))
             latency.add_metric([hop.hop], cumulative, hop.sum)
-            in_flight.add_metric([hop.hop], max(0, hop.begun - running))
+            in_flight.add_metric([hop.hop], hop.in_flight())
             for status in (502, 503, 504):
                 upstream.add_metric([hop.hop, str(status)], hop.upstream_errors.get(status, 0))
         yield from (requests, latency, in_flight, upstream)
