@@ -356,6 +356,15 @@ _known: dict[bytes, _Known] = {}
 _seen: set[bytes] = set()
 
 
+class _Dropped(list[tuple[bytes, bytes]]):
+    """Where a request's chunked trailer fields go (`on_headers_complete`): nowhere."""
+
+    def append(self, field: tuple[bytes, bytes]) -> None:
+        pass
+
+
+_TRAILERS = _Dropped()
+
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 WHEEL_TICK_S = 0.25  # how late a connection's timeout may fire
 
@@ -418,7 +427,7 @@ class HttpProtocol(asyncio.Protocol):
 
     __slots__ = (
         "_barrier", "_begun", "_body", "_body_len", "_closing", "_flush_due", "_handler",
-        "_header_bytes", "_headers", "_in_request", "_eof", "_failure", "_in_trailers",
+        "_header_bytes", "_headers", "_in_request", "_eof", "_failure", "_head",
         "_last_keep_alive", "_last_name", "_limits", "_loop", "_parser", "_paused", "_peer",
         "_pending", "_queue", "_deadline", "_slot", "_slot_end", "_wheel", "_transport",
         "_url", "_max_header_bytes", "_out", "_write_paused", "_known_heads",
@@ -432,7 +441,10 @@ class HttpProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._peer: tuple[str, int] | None = None
         self._url = b""
+        # The header fields being parsed; once the block is complete, `_head` (and
+        # `_headers` the sink chunked trailer fields go to).
         self._headers: list[tuple[bytes, bytes]] = []
+        self._head: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
         self._in_request = False
         self._begun = False  # a request began in the read being handled
@@ -453,10 +465,9 @@ class HttpProtocol(asyncio.Protocol):
         self._max_header_bytes = limits.max_header_bytes  # read per header: one lookup
         self._known_heads = limits.known_heads
         # Hostile-input state: the client half-closed; a parse error waiting until the
-        # requests before it are answered; trailer fields being skipped.
+        # requests before it are answered.
         self._eof = False
         self._failure: tuple[int, str] | None = None
-        self._in_trailers = False
         self._last_keep_alive = True
         # Answers produced while a read is handled, written together when it is done.
         self._out: list[bytes] | None = None
@@ -689,7 +700,6 @@ class HttpProtocol(asyncio.Protocol):
     # -- parser callbacks ---------------------------------------------------------------
     def on_message_begin(self) -> None:
         self._in_request = True
-        self._in_trailers = False
         self._url = b""
         self._headers = []
         self._header_bytes = 0
@@ -711,18 +721,19 @@ class HttpProtocol(asyncio.Protocol):
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self._max_header_bytes:
             raise _ProtocolError(431, "request headers too large")
-        if self._in_trailers:
-            # Chunked trailer fields are dropped (RFC 9110 6.5.1 allows it): merged into the
-            # headers they would arrive after every check the header block went through.
-            return
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
-        self._in_trailers = True
-        if len(self._headers) > self._limits.max_headers:
+        headers = self._headers
+        # Chunked trailer fields are dropped (RFC 9110 6.5.1 allows it): merged into the
+        # headers they would arrive after every check the header block went through. They
+        # still count toward the header bytes.
+        self._head = headers
+        self._headers = _TRAILERS
+        if len(headers) > self._limits.max_headers:
             raise _ProtocolError(431, "too many request headers")
         continued = False
-        for name, value in self._headers:
+        for name, value in headers:
             if name == b"content-length":
                 try:
                     length = int(value)
@@ -758,11 +769,11 @@ class HttpProtocol(asyncio.Protocol):
         raw_method = parser.get_method()
         method = _METHODS.get(raw_method) or raw_method.decode("ascii", "replace")
         if not target.startswith("/"):
-            target = _origin_form(method, target, self._headers)
+            target = _origin_form(method, target, self._head)
         keep_alive = parser.should_keep_alive()
         self._last_keep_alive = keep_alive
         req = Request(
-            method, target, self._headers, b"".join(self._body) if self._body else b"",
+            method, target, self._head, b"".join(self._body) if self._body else b"",
             version, keep_alive, self._peer,
         )
         self._queue.append(req)
@@ -786,12 +797,21 @@ class HttpProtocol(asyncio.Protocol):
             except Exception:
                 log.exception("http.handler_failed method=%s path=%s", req.method, req.path)
                 result = error_response(500, "internal error")
+            if type(result) is RawResponse:  # the usual answer given at once
+                if pending:  # written once the ones before it are
+                    pending.append(_Pending(self, req, result))
+                else:
+                    self._send(req, result)
+                continue
             if isinstance(result, Deferred):
                 if result._early is None:
                     slot = _Pending(self, req, None)
                     slot.deferred = result
                     result._deliver = slot
-                    self._started(slot)
+                    # (as _started)
+                    self._barrier = not (req.method in _SAFE and not req.body
+                                         and req.keep_alive)
+                    pending.append(slot)
                     if not req.keep_alive and not self._paused and type(result) is Deferred \
                             and isinstance(self._transport, SocketTransport):
                         # The last request of the connection: later bytes would be ignored,
