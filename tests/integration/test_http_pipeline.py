@@ -347,6 +347,36 @@ async def test_bytes_past_the_last_answer_drop_the_connection(
         await pool.close()
 
 
+async def test_a_head_seen_again_frames_by_its_own_length_and_never_a_head_answer(
+    scripted: Callable[[Plan], Awaitable[tuple[Scripted, int]]],
+) -> None:
+    # The pool reuses the framing of the head a connection framed last when the same bytes
+    # start the next answer: a longer Content-Length of the same digits, and the answer
+    # to a HEAD (the same head, no body), must each still frame by their own bytes.
+    async def plan(conn: int, count: int, method: str, path: str) -> bytes | None:
+        body = {"/long": "same-same-same"}.get(path, "same")
+        head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        return head if method == "HEAD" else head + body.encode()
+
+    up, port = await scripted(plan)
+    pool = UpstreamPool(host="127.0.0.1", port=port, size=4, pipeline_depth=8, raw_only=True)
+    try:
+        ok(await result(start(pool, "GET", "/warm")))
+        futs = [start(pool, method, path) for method, path in (
+            ("GET", "/a"), ("GET", "/b"), ("HEAD", "/h"), ("GET", "/c"), ("GET", "/long"),
+            ("GET", "/d"), ("HEAD", "/h2"), ("GET", "/e"))]
+        got = [ok(await result(f)).raw for f in futs]
+        four = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n"
+        assert got == [four + b"same", four + b"same", four, four + b"same",
+                       b"HTTP/1.1 200 OK\r\nContent-Length: 14\r\n\r\nsame-same-same",
+                       four + b"same", four, four + b"same"]
+        # All framed in step: one connection, each request sent once, still pooled.
+        assert up.connections == 1 and set(up.seen.values()) == {1}
+        assert len(pool._idle) == 1
+    finally:
+        await pool.close()
+
+
 def test_the_hops_pools_take_the_setting_and_held_requests_never_pipeline() -> None:
     settings = load_settings(environ={
         "OPENIMDS_METADATA_AGENT_UPSTREAM_PIPELINE_DEPTH": "5",

@@ -115,8 +115,9 @@ BatchEnd = Callable[["_Conn", "list[_QueuedSend]", str, str], None]
 
 
 class _Conn(asyncio.Protocol):
-    __slots__ = ("_batch", "_body", "_buf", "_done", "_headers", "_head_only", "_max",
-                 "_parser", "_raw", "_raw_len", "_status", "closed", "deadline", "loop",
+    __slots__ = ("_batch", "_body", "_buf", "_done", "_headers", "_head_only", "_last_head",
+                 "_last_framing", "_max", "_parser", "_raw", "_raw_len", "_status", "closed",
+                 "deadline", "loop",
                  "on_batch_end", "on_result", "timed_out", "timer", "timer_at", "transport",
                  "waiter")
     keep_fields = True  # pipelined answers: fill headers and body, as the parser does
@@ -146,6 +147,10 @@ class _Conn(asyncio.Protocol):
         self._batch: deque[_QueuedSend] = deque()
         self._buf = b""
         self.on_batch_end: BatchEnd | None = None
+        # The last head `frame_answer` accepted here and its (status, keep-alive, body
+        # length): see `_receive_batch`.
+        self._last_head = b""
+        self._last_framing = (0, False, 0)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport: no isinstance check here.
@@ -196,10 +201,13 @@ class _Conn(asyncio.Protocol):
         self._arm(deadline)
         self._start(data, head_only)
 
-    def begin_batch(self, batch: list[_QueuedSend], on_end: BatchEnd) -> None:
-        """Write every request of `batch` (deadlines set) in one write. Each answer goes to
-        its request's `on_result` as it is framed, in order; then `on_end` is called once:
-        with [] when all were answered, else with the requests left and why."""
+    def begin_batch(
+        self, batch: list[_QueuedSend], deadline: float, on_end: BatchEnd,
+    ) -> None:
+        """Write every request of `batch` (deadlines set; `deadline` the earliest) in one
+        write. Each answer goes to its request's `on_result` as it is framed, in order;
+        then `on_end` is called once: with [] when all were answered, else with the
+        requests left and why."""
         loop = self.loop
         if loop is None:
             loop = self.loop = asyncio.get_running_loop()
@@ -210,46 +218,64 @@ class _Conn(asyncio.Protocol):
         self._batch.extend(batch)
         self._buf = b""
         self.on_batch_end = on_end
-        deadline = self.deadline = min(item.deadline for item in batch)
+        self.deadline = deadline
         self._arm(deadline)
         self.transport.write(b"".join([item.data for item in batch]))
 
     def _receive_batch(self, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
+        size = len(buf)
         batch = self._batch
         start = 0
         while batch:
             item = batch[0]
-            try:
-                framed = frame_answer(buf, start, item.head_only)
-            except NotFramed as exc:
-                self._end_batch(UNFRAMED, str(exc))
-                return
-            if (framed.end if framed is not None else len(buf)) - start > self._max:
+            last = self._last_head
+            if last and not item.head_only and buf.startswith(last, start):
+                # An upstream answers with the same few heads (the API's, per document):
+                # the head this connection framed last, found again at `start`, frames
+                # the same (a head ends at its first blank line, which these bytes hold
+                # once, at their end), without frame_answer's search, slice and lookup.
+                body_start = start + len(last)
+                status, keep_alive, length = self._last_framing
+                end = body_start + length
+            else:
+                try:
+                    framed = frame_answer(buf, start, item.head_only)
+                except NotFramed as exc:
+                    self._end_batch(UNFRAMED, str(exc))
+                    return
+                if framed is None:  # the head is still to come
+                    if size - start > self._max:
+                        self._end_batch(OVERSIZED, f"upstream answer exceeds {self._max} bytes")
+                        return
+                    break
+                end, body_start, status, keep_alive = framed
+                if not item.head_only:  # (a HEAD's answer frames without its length)
+                    self._last_head = buf[start:body_start]
+                    self._last_framing = (status, keep_alive, end - body_start)
+            if end - start > self._max:
                 self._end_batch(OVERSIZED, f"upstream answer exceeds {self._max} bytes")
                 return
-            if framed is None or framed.end > len(buf):
+            if end > size:
                 break  # the rest of this answer is still to come
-            end = framed.end
-            raw = buf if start == 0 and end == len(buf) else buf[start:end]
+            raw = buf if start == 0 and end == size else buf[start:end]
             if self.keep_fields:
-                fields = header_fields(buf, start, framed.body_start)
-                body = buf[framed.body_start:end]
+                fields = header_fields(buf, start, body_start)
+                body = buf[body_start:end]
             else:
                 fields, body = [], b""
             batch.popleft()
             start = end
             try:
-                item.on_result(UpstreamResponse(framed.status, fields, body, raw,
-                                                framed.keep_alive))
+                item.on_result(UpstreamResponse(status, fields, body, raw, keep_alive))
             except Exception:  # one caller's bug must not strand the answers behind it
                 log.exception("http.client.callback_failed")
-            if not framed.keep_alive:
+            if not keep_alive:
                 # The upstream ends the connection after this answer: none of the rest come.
                 self.close()
                 self._end_batch(CLOSED if batch else "")
                 return
-        self._buf = buf[start:] if start < len(buf) else b""
+        self._buf = buf[start:] if start < size else b""
         if not batch:
             if self._buf:
                 self.close()  # bytes nobody asked for: the connection is out of step
@@ -713,10 +739,14 @@ class UpstreamPool:
         batch = sends[start:start + count]
         assert self._loop is not None
         now = self._loop.time()
+        default = self.timeout_s
+        earliest = float("inf")
         for queued in batch:
-            queued.deadline = now + (
-                self.timeout_s if queued.timeout_s is None else queued.timeout_s)
-        conn.begin_batch(batch, self._batch_ended)
+            deadline = queued.deadline = now + (
+                default if queued.timeout_s is None else queued.timeout_s)
+            if deadline < earliest:
+                earliest = deadline
+        conn.begin_batch(batch, earliest, self._batch_ended)
         return count
 
     def _batch_ended(
