@@ -102,10 +102,6 @@ _HITS_MAX = 16384
 # server's bytes key of a known head (`Request.shape`): the same requests either way.
 _Shape = tuple[object, ...] | bytes
 _Part = Any  # a hit entry's part kept once for all entries: header item, bytes or str
-# A kept hit: the caller its headers name, the resolution the bytes were made for, the
-# API-bound bytes before and after the request ID (None: no ID), the access line's part,
-# and the cache's epoch when that resolution was last the cache's answer.
-_Hit = tuple[Caller, Resolution, bytes, bytes | None, str, int]
 # Stands in for the request ID's value while the API-bound bytes are made (a header value
 # never holds NUL: the parser refuses it), so they split around it.
 _RID_MARK = b"\x00rid\x00"
@@ -113,6 +109,69 @@ _NO_RID = (REQUEST_ID, b"")
 
 # One-line bodies the VM sees; the detail (ports, errno, registry URL) goes to our log only.
 _BODY_NOT_FOUND = "instance not found"
+
+
+class _Hit:
+    """A kept hit (`MetadataAgent._hits`): the caller its headers name, the resolution the
+    bytes were made for, the API-bound bytes before and after the request ID (`tail` None:
+    no ID), the access line's caller part, and the cache's epoch when that resolution was
+    last the cache's answer (moved on in place when it still is)."""
+
+    __slots__ = ("caller", "epoch", "head", "res", "tail", "who")
+
+    def __init__(self, caller: Caller, res: Resolution, head: bytes, tail: bytes | None,
+                 who: str, epoch: int) -> None:
+        self.caller = caller
+        self.res = res
+        self.head = head
+        self.tail = tail
+        self.who = who
+        self.epoch = epoch
+
+
+class _HitReply(Deferred):
+    """A kept hit on its way: the server's Deferred and the pool's answer callback
+    (`__call__`) in one object, where a closure cost a function and a cell per variable
+    for every request."""
+
+    __slots__ = ("agent", "hit", "req", "rid", "t0")
+
+    def __init__(self, agent: MetadataAgent, req: Request, hit: _Hit, rid: bytes | None,
+                 t0: float) -> None:
+        Deferred.__init__(self)
+        self.agent = agent
+        self.req = req
+        self.hit = hit
+        self.rid = rid
+        self.t0 = t0
+
+    def __call__(self, result: UpstreamResponse | BaseException) -> None:
+        """The API's answer (or why there is none): relayed, counted and logged; only a
+        404 that calls for a re-check goes async."""
+        agent, hit = self.agent, self.hit
+        if isinstance(result, UpstreamResponse):
+            status = result.status
+            if status == 403 or status >= 500:
+                agent._check_api_status(hit.caller, hit.res, status)
+            elif status == 404 and agent._may_recheck(hit.caller):
+                task = asyncio.ensure_future(
+                    agent._recheck(self.req, hit.caller, hit.res, result, self.t0))
+                task.add_done_callback(lambda t: _pass_on(t, self))
+                return
+            agent._active -= 1
+            self.resolve(agent._finish(
+                self.req, hit.caller, hit.res, self.t0,
+                RawResponse(result.raw, close=not result.keep_alive), status, self.rid,
+                hit.who))
+            return
+        agent._active -= 1
+        if isinstance(result, UpstreamError):
+            self.resolve(agent._finish(self.req, hit.caller, hit.res, self.t0,
+                                       agent._upstream_failure(result)))
+        else:
+            log.error("agent.forward_failed %s error=%r", hit.caller.describe(), result)
+            self.resolve(agent._finish(self.req, hit.caller, hit.res, self.t0,
+                                       error_response(500, "metadata agent error")))
 
 
 class RegistryLookup(Protocol):
@@ -505,10 +564,14 @@ class MetadataAgent:
                       req.target, req.version, redact(req.headers), len(req.body))
         # A request seen before (less its ID) names its caller: no parse. Kept only from
         # requests that parsed (errors are never kept); the cache still decides below.
-        shape, rid = self._shape(req)
+        shape: _Shape | None = req.shape  # a known head's key (`Limits.known_heads`)
+        if shape is not None:
+            rid = req.request_id
+        else:
+            shape, rid = self._shape(req)
         hit = self._hits.get(shape) if shape is not None else None
         if hit is not None:
-            caller = hit[0]
+            caller = hit.caller
         else:
             try:
                 caller = self._parse_caller(req.headers)
@@ -527,20 +590,21 @@ class MetadataAgent:
         # While the cache's epoch is the one the memo last checked its resolution at, that
         # is still the cache's answer: no lookup (at 10,000 instances its key, entry and
         # LRU links are cache misses that cost more than the lookup's own work).
-        if hit is not None and hit[5] == self.cache.epoch and self.trusts_cache():
-            res: Resolution | None = hit[1]
+        if hit is not None and hit.epoch == self.cache.epoch and self.trusts_cache():
+            res: Resolution | None = hit.res
             self.resolver.stats.hits += 1
         else:
             res = self.resolver.cached(caller)
         # a held request runs as a task (cancelled with its client, which closes the
         # upstream connection and so releases the API's hold); others stay on callbacks
-        if res is not None and not (self._held is not None and is_long_poll(req.query)):
+        held = bool(req.query) and self._held is not None and is_long_poll(req.query)
+        if res is not None and not held:
             if self.limiter is not None:
                 denied = self._over_budget(req, caller, res, t0)
                 if denied is not None:
                     return denied
             return self._forward_hit(req, caller, res, t0, shape, rid, hit)
-        if self._held is not None and is_long_poll(req.query):
+        if held:
             return Abandonable(self._serve(req, caller, t0))
         return self._serve(req, caller, t0)
 
@@ -576,38 +640,23 @@ class MetadataAgent:
         shape: _Shape | None, rid: bytes | None, hit: _Hit | None,
     ) -> Deferred:
         """A cache hit: send upstream and answer from the upstream's read callback (no Task,
-        no future per request). Only a 404 that calls for a re-check goes async."""
-        reply = Deferred()
+        no future per request: `_HitReply`)."""
         self._active += 1
-        who = ""
-
-        def done(result: UpstreamResponse | BaseException) -> None:
-            if isinstance(result, UpstreamResponse):
-                status = result.status
-                if status == 403 or status >= 500:
-                    self._check_api_status(caller, res, status)
-                elif status == 404 and self._may_recheck(caller):
-                    task = asyncio.ensure_future(self._recheck(req, caller, res, result, t0))
-                    task.add_done_callback(lambda t: _pass_on(t, reply))
-                    return
-                self._active -= 1
-                reply.resolve(self._finish(
-                    req, caller, res, t0, RawResponse(result.raw, close=not result.keep_alive),
-                    status, rid, who))
-                return
-            self._active -= 1
-            if isinstance(result, UpstreamError):
-                reply.resolve(self._finish(req, caller, res, t0, self._upstream_failure(result)))
-            else:
-                log.error("agent.forward_failed %s error=%r", caller.describe(), result)
-                reply.resolve(self._finish(
-                    req, caller, res, t0, error_response(500, "metadata agent error")))
-
         try:
-            data, who = self._hit_bytes(req, caller, res, shape, rid, hit)
-            self._upstream.send_encoded(data, req.method == "HEAD", done)
+            if hit is None or hit.res is not res or hit.epoch != self.cache.epoch:
+                hit = self._keep_hit(req, caller, res, shape, rid, hit)
         except Exception as exc:  # never leave the reply (and the in-flight count) hanging
-            done(exc)
+            reply = _HitReply(self, req, _Hit(caller, res, b"", None, "", 0), rid, t0)
+            reply(exc)
+            return reply
+        reply = _HitReply(self, req, hit, rid, t0)
+        tail = hit.tail
+        try:
+            self._upstream.send_encoded(
+                hit.head if tail is None or rid is None else b"".join((hit.head, rid, tail)),
+                req.method == "HEAD", reply)
+        except Exception as exc:
+            reply(exc)
         return reply
 
     @staticmethod
@@ -631,46 +680,42 @@ class MetadataAgent:
             return None, rid
         return (req.method, req.target, *masked), rid
 
-    def _hit_bytes(
+    def _keep_hit(
         self, req: Request, caller: Caller, res: Resolution,
         shape: _Shape | None, rid: bytes | None, hit: _Hit | None,
-    ) -> tuple[bytes, str]:
-        """The API-bound bytes of a hit and the access line's caller part: made once per
-        request shape (`_shape`) and resolution, and kept (see `_hits`)."""
-        epoch = self.cache.epoch  # `res` is the cache's answer as of now
-        if hit is not None and hit[5] != epoch and (hit[1] is res or hit[1] == res):
-            if shape is not None:  # checked again: still the answer
-                c, r, head, tail, who, _ = hit
-                hit = self._hits[shape] = (c, r, head, tail, who, epoch)
-        elif hit is None or (hit[1] is not res and hit[1] != res):  # new, or its port changed
-            headers: list[tuple[bytes, bytes]] = []
-            marked = rid is None  # the first ID's value becomes the marker; others pass
-            for item in req.headers:
-                if not marked and item[0] == REQUEST_ID:
-                    headers.append((REQUEST_ID, _RID_MARK))
-                    marked = True
-                else:
-                    headers.append(item)
-            whole = self._upstream.encode_request(
-                req.method, req.target, self._api_headers(req, caller, res, headers),
-                req.body)
-            kind, ident = caller.scope
-            who = f"ip={caller.ip} {kind}={ident} instance={res.instance_id}"
-            # The marker is in the head only if an ID was masked (the parser refuses NUL
-            # in a header or target); a body may hold anything, so never search it.
-            head_end = whole.find(b"\r\n\r\n") if rid is not None else -1
-            at = whole.find(_RID_MARK, 0, head_end) if head_end >= 0 else -1
-            hit = ((caller, res, whole[:at], whole[at + len(_RID_MARK):], who, epoch) if at >= 0
-                   else (caller, res, whole, None, who, epoch))
-            if shape is not None:
-                if len(self._hits) >= _HITS_MAX:
-                    self._hits.clear()
-                    self._hit_parts.clear()
-                self._hits[self._shared_key(shape)] = self._shared_entry(hit)
-        _, _, head, tail, who, _ = hit
-        if tail is None or rid is None:
-            return head, who
-        return b"".join((head, rid, tail)), who
+    ) -> _Hit:
+        """The kept hit for `req` and `res` (the cache's answer as of now): `hit` itself
+        while its resolution is still `res` (its epoch moved on), else the API-bound bytes
+        and the access line's caller part made anew, and kept (see `_hits`) per request
+        shape (`_shape`)."""
+        epoch = self.cache.epoch
+        if hit is not None and (hit.res is res or hit.res == res):
+            hit.epoch = epoch  # checked again: still the answer
+            return hit
+        headers: list[tuple[bytes, bytes]] = []
+        marked = rid is None  # the first ID's value becomes the marker; others pass
+        for item in req.headers:
+            if not marked and item[0] == REQUEST_ID:
+                headers.append((REQUEST_ID, _RID_MARK))
+                marked = True
+            else:
+                headers.append(item)
+        whole = self._upstream.encode_request(
+            req.method, req.target, self._api_headers(req, caller, res, headers), req.body)
+        kind, ident = caller.scope
+        who = f"ip={caller.ip} {kind}={ident} instance={res.instance_id}"
+        # The marker is in the head only if an ID was masked (the parser refuses NUL in a
+        # header or target); a body may hold anything, so never search it.
+        head_end = whole.find(b"\r\n\r\n") if rid is not None else -1
+        at = whole.find(_RID_MARK, 0, head_end) if head_end >= 0 else -1
+        hit = (_Hit(caller, res, whole[:at], whole[at + len(_RID_MARK):], who, epoch)
+               if at >= 0 else _Hit(caller, res, whole, None, who, epoch))
+        if shape is not None:
+            if len(self._hits) >= _HITS_MAX:
+                self._hits.clear()
+                self._hit_parts.clear()
+            hit = self._hits[self._shared_key(shape)] = self._shared_entry(hit)
+        return hit
 
     def _shared(self, part: _Part) -> _Part:
         """One kept copy of a part that many hit entries hold (see `_hit_parts`)."""
@@ -685,9 +730,10 @@ class MetadataAgent:
         return (method, shared(target), *[shared(item) for item in items])
 
     def _shared_entry(self, hit: _Hit) -> _Hit:
-        caller, res, head, tail, who, epoch = hit
-        return (caller, res, head, None if tail is None else self._shared(tail),
-                self._shared(who), epoch)
+        if hit.tail is not None:
+            hit.tail = self._shared(hit.tail)
+        hit.who = self._shared(hit.who)
+        return hit
 
     async def _recheck(
         self, req: Request, caller: Caller, res: Resolution, first: UpstreamResponse,
