@@ -39,8 +39,9 @@ _IP_TAKEN = sa.select(port_ips.c.port_id).where(
     port_ips.c.ip_address == sa.bindparam("ip"))
 _NETWORK_SUBNETS = (sa.select(subnets).where(subnets.c.network_id == sa.bindparam("network_id"))
                     .order_by(subnets.c.created_at, subnets.c.id))
-_INSERT_PORT = ports.insert()
-_INSERT_PORT_IPS = port_ips.insert()
+# inline: no implicit RETURNING of the key (given), so either may run in a pipeline (Tx.later)
+_INSERT_PORT = ports.insert().inline()
+_INSERT_PORT_IPS = port_ips.insert().inline()
 # a port's addresses with what `ipalloc.release` needs of their subnets
 _PORT_IPS_SUBNETS = (
     sa.select(port_ips.c.ip_address, subnets.c.id, subnets.c.network_id, subnets.c.ip_version,
@@ -179,10 +180,12 @@ def allocate(
 def insert_port(
     tx: Tx, *, network_id: str, project_id: str, device_id: str, device_owner: str,
     fixed: list[tuple[str, str]], name: str = "", mac: str | None = None,
-    port_id: str | None = None, mac_checked: bool = False,
+    port_id: str | None = None, mac_checked: bool = False, later: bool = False,
 ) -> Json:
-    """mac_checked: the caller took mac from `new_mac` in this transaction (no re-check)."""
+    """mac_checked: the caller took mac from `new_mac` in this transaction (no re-check).
+    later: the rows go in at commit (`Tx.later`): the caller reads neither back."""
     conn = tx.conn
+    run = tx.later if later else conn.execute
     if mac is None:
         mac = new_mac(conn)
     elif not mac_checked and conn.execute(_MAC_TAKEN, {"mac": mac}).first():
@@ -192,9 +195,9 @@ def insert_port(
         "project_id": project_id, "mac_address": mac, "device_id": device_id,
         "device_owner": device_owner, "created_at": now(), "revision": tx.revision,
     }
-    conn.execute(_INSERT_PORT, values)
+    run(_INSERT_PORT, values)
     if fixed:
-        conn.execute(_INSERT_PORT_IPS, [
+        run(_INSERT_PORT_IPS, [
             {"port_id": values["id"], "subnet_id": sid, "network_id": network_id,
              "ip_address": ip} for sid, ip in fixed
         ])

@@ -82,7 +82,9 @@ from openimds.registry.store import changes as changes_table
 log = logging.getLogger(__name__)
 
 DEFAULT_PROJECT = "default"
-_INSERT_INSTANCE = instances.insert()
+# inline (no implicit RETURNING): both run in the commit's pipeline (Tx.later)
+_INSERT_INSTANCE = instances.insert().inline()
+_INSERT_INSTANCE_HOST = instance_hosts.insert().inline()
 _AGENTS = sa.select(agents.c.host, agents.c.type, agents.c.alive, agents.c.heartbeat_at,
                     agents.c.peers)
 # Changes the reaper's plan cannot ignore outright (then instance ports are skipped by owner).
@@ -841,9 +843,12 @@ class Registry:
             except BadRequest as exc:
                 raise BadRequest(exc.reason.replace("fixed_ip[0].ip_address", "fixed_ip")) \
                     from None
+            # the port, its addresses and the instance go in with the change rows, in the
+            # commit's round trip on PostgreSQL: nothing below reads them back
             port = insert_port(
                 tx, network_id=network_id, project_id=pid, device_id=iid,
                 device_owner=DEVICE_OWNER_INSTANCE, fixed=fixed, mac=mac, mac_checked=True,
+                later=True,
             )
             values = {
                 "id": iid, "name": name, "hostname": hostname, "project_id": pid,
@@ -853,9 +858,9 @@ class Registry:
                 "image_id": image_id, "ec2_id": tx.ec2_id, "password": None,
                 "created_at": now(), "revision": tx.revision,
             }
-            conn.execute(_INSERT_INSTANCE, values)
+            tx.later(_INSERT_INSTANCE, values)
             if host is not None:
-                conn.execute(instance_hosts.insert().values(instance_id=iid, host=host))
+                tx.later(_INSERT_INSTANCE_HOST, {"instance_id": iid, "host": host})
             instance_change(tx, "create", values)
             return instance_dict(values, [port], host)
 

@@ -291,7 +291,9 @@ _BUMP_WITH_EC2 = (state.update().where(state.c.id == 1)
 _NOTIFIED = sa.func.pg_notify("openimds_changes", sa.cast(state.c.revision, sa.Text))
 _BUMP_PG = _BUMP.returning(_NOTIFIED)
 _BUMP_WITH_EC2_PG = _BUMP_WITH_EC2.returning(_NOTIFIED)
-_INSERT_CHANGES = changes.insert()
+# inline: a one-row insert would otherwise return its seq (implicit RETURNING), which
+# nothing reads and which cannot be read inside the commit's pipeline (`Store._pipelined`)
+_INSERT_CHANGES = changes.insert().inline()
 _TRIM = changes.delete().where(changes.c.revision <= sa.bindparam("keep_from"))
 _SET_FLOOR = state.update().where(state.c.id == 1).values(floor=sa.bindparam("keep_from"))
 _REVISION = sa.select(state.c.revision).where(state.c.id == 1)
@@ -371,6 +373,14 @@ class Tx:
     # the IP quarantine's window: an address released more recently is picked only when no
     # other is free (`Store.reuse_window_s`; registry/ipalloc.py)
     reuse_window_s: float = 0.0
+    # statements run with the change rows just before the commit (`later`)
+    deferred: list[tuple[Any, Any]] = field(default_factory=list)
+
+    def later(self, statement: Any, params: Any) -> None:
+        """Run `statement`, which returns nothing and which nothing later in this
+        transaction reads back, with the change rows at commit: on PostgreSQL they and the
+        COMMIT are one round trip (`Store._pipelined`) instead of one each."""
+        self.deferred.append((statement, params))
 
     def change(self, kind: str, op: str, obj_id: str, attrs: dict[str, Any]) -> None:
         self.changes.append(
@@ -713,16 +723,30 @@ class Store:
                         raise RuntimeError("a write transaction recorded no change")
                     trans.rollback()
                     return
-                conn.execute(_INSERT_CHANGES, tx.changes)
+                if self.before_commit is not None:
+                    # before the rows below: it reads only tx.changes and the database, and
+                    # what it reads back must come first (nothing can be read in a pipeline)
+                    self.before_commit(tx)
                 keep_from = tx.revision - self.change_retention
                 if rehearsed:  # trims nothing, but its statements get compiled too
                     keep_from = int(rev[1])
-                if rehearsed or keep_from >= int(rev[1]) + self._trim_step:
-                    conn.execute(_TRIM, {"keep_from": keep_from})
-                    conn.execute(_SET_FLOOR, {"keep_from": keep_from})
-                if self.before_commit is not None:
-                    # last: a release's timestamp should be as close to its commit as can be
-                    self.before_commit(tx)
+                with self._pipelined(conn) as pipelined:
+                    for statement, params in tx.deferred:
+                        conn.execute(statement, params)
+                    if pipelined:  # an executemany would end with a Sync of its own: a wait
+                        for row in tx.changes:
+                            conn.execute(_INSERT_CHANGES, row)
+                    else:
+                        conn.execute(_INSERT_CHANGES, tx.changes)
+                    if rehearsed or keep_from >= int(rev[1]) + self._trim_step:
+                        conn.execute(_TRIM, {"keep_from": keep_from})
+                        conn.execute(_SET_FLOOR, {"keep_from": keep_from})
+                    if pipelined and not rehearsed:
+                        # queued too: the pipeline's one Sync, on leaving it, is the wait for
+                        # the commit (psycopg's commit() would add a Sync of its own)
+                        conn.exec_driver_sql("COMMIT")
+                # SQLite, a rehearsal's savepoint: commit now; PostgreSQL: the transaction is
+                # over (psycopg sees it idle and sends nothing), SQLAlchemy's is closed
                 trans.commit()
                 if rehearsed:
                     return
@@ -735,6 +759,28 @@ class Store:
             hold.seconds = tx.hold_s
         audit.info("registry.write revision=%d changes=%s", tx.revision,
                    ",".join(f"{c['kind']}:{c['op']}:{c['obj_id']}" for c in tx.changes))
+
+    @contextlib.contextmanager
+    def _pipelined(self, conn: Connection) -> Iterator[bool]:
+        """PostgreSQL (yields True): the statements inside (none of which returns rows) and
+        the COMMIT go out in one psycopg pipeline, one round trip instead of one each. A
+        statement's error surfaces at the commit (or the pipeline's end), raised as
+        SQLAlchemy's. SQLite (False): as they come (no round trips)."""
+        raw = conn.connection.dbapi_connection if self.backend == "postgresql" else None
+        if raw is None:
+            yield False
+            return
+        import psycopg
+
+        try:
+            with raw.pipeline():
+                yield True
+        except psycopg.errors.IntegrityError as exc:
+            raise IntegrityError("pipeline", None, exc) from None
+        except psycopg.Error:
+            if raw.broken:  # SQLAlchemy did not see it fail: keep it out of the pool
+                conn.invalidate()
+            raise
 
     def revision(self, conn: Connection) -> int:
         return int(conn.execute(_REVISION).scalar_one())
