@@ -41,8 +41,9 @@ if _PATH:
     elements.ClauseElement._compile_w_cache = _traced  # type: ignore[method-assign]
 
     # Inside each `Store.write` (a create is one): how long the write took, each statement's
-    # round trip (SQLAlchemy's cursor execute, start to answer) and the COMMIT (on PostgreSQL
-    # the wait for the WAL flush, on SQLite the fsync), so the bench can split a slow create
+    # round trip (SQLAlchemy's cursor execute, start to answer; a statement queued in a
+    # pipeline returns at once) and the COMMIT (on PostgreSQL the wait for the WAL flush, on
+    # SQLite the fsync), so the bench can split a slow create
     # into database round trips, commit and the rest (lock wait, Python, the HTTP hop).
     # Reads (the feed, views) are not counted: under load the agents' feed reads run on
     # other threads at the same time.
@@ -96,3 +97,21 @@ if _PATH:
                 _local.commit += (time.perf_counter() - t) * 1000
 
     default.DefaultDialect.do_commit = _traced_commit  # type: ignore[method-assign]
+
+    # PostgreSQL: the write's last statements and its COMMIT go out in one pipeline whose
+    # Sync, on leaving it, is the wait for the commit; that wait is counted as the commit
+    # (less the statements queued inside, counted as statements)
+    _pipelined = _store.Store._pipelined
+
+    @contextlib.contextmanager
+    def _traced_pipelined(self: Any, conn: Any) -> Iterator[bool]:
+        stmts = getattr(_local, "stmts", None)
+        t, n = time.perf_counter(), len(stmts or ())
+        try:
+            with _pipelined(self, conn) as pipelined:
+                yield pipelined
+        finally:
+            if stmts is not None:
+                _local.commit += ((time.perf_counter() - t) * 1000 - sum(stmts[n:]))
+
+    _store.Store._pipelined = _traced_pipelined  # type: ignore[method-assign]
