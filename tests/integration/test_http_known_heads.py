@@ -76,6 +76,7 @@ class _Server:
 def _fresh_memo(monkeypatch) -> None:
     monkeypatch.setattr(server_mod, "_known", {})
     monkeypatch.setattr(server_mod, "_seen", set())
+    monkeypatch.setattr(server_mod, "_cold", 0)
 
 
 def _get(path: str, rid: bytes | None, extra: bytes = b"", *, last: bool = False) -> bytes:
@@ -122,6 +123,24 @@ async def test_a_head_is_kept_the_second_time_it_comes() -> None:
         await _exchange(on.port, [_get("/once/7", b"id-a") + _get("/once/7", b"id-b"), END])
         assert [r.shape is not None for r in on.recorder.requests[-3:]] == [False, True, False]
         assert len(server_mod._known) == 1 and len(server_mod._seen) == 50  # END: never kept
+
+
+async def test_after_a_storm_of_new_heads_most_reads_skip_the_search_until_one_is_known(
+    monkeypatch,
+) -> None:
+    monkeypatch.setattr(server_mod, "_COLD_AFTER", 3)
+    monkeypatch.setattr(server_mod, "_COLD_PROBE", 4)
+    k = [_get("/k", b"k%d" % i) for i in range(6)]
+    stream = k[:2] + [_get(f"/new/{i}", b"n") for i in range(5)] + k[2:] + [END]
+    async with _Server(Limits(known_heads=True)) as on, _Server(Limits()) as off:
+        got = await _exchange(on.port, stream)  # one read each (a write each, 20 ms apart)
+        assert got == await _exchange(off.port, stream)
+    kept = [r.shape is not None for r in on.recorder.requests if r.path == "/k"]
+    # /k seen, then kept; the new heads make a run of 3 reads without a kept head, so reads
+    # 4, 6 and 7 skip the search (5 is a probe); the next /k is read 8 (skipped: parsed),
+    # read 9 is a probe and finds its head, which ends the run: every read is searched again
+    assert kept == [False, False, False, True, True, True]
+    assert server_mod._cold == 1  # END, searched and not kept
 
 
 # Each stream is sent to a server with known heads three times (a head is kept the second
