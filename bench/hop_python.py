@@ -14,7 +14,11 @@ Rows (µs of process CPU per request, the best of `--repeat` runs of `--requests
 - **bare**: httptools parsing the request and a callback that writes a pre-encoded answer
   (what chain_bench's bare server does in Python);
 - **server**: `HttpProtocol` answering a plain `RawResponse` (the lean server's own cost);
-- **proxy** keep-alive, and **proxy close** (a new client connection per request);
+- **proxy** keep-alive, and **proxy close** (a new client connection per request), both
+  through the parser and the handler (the slow path); **proxy kept** and **proxy kept
+  close**: the same on the fast path (`KeptReads`: a keep-alive read kept by its bytes, and
+  a new connection's first read served by the listener's acceptor, `FirstRequests`, off a
+  fake accepted socket);
 - **agent** (a cache hit, metrics off as in chain_bench), with and without its access line
   (written to a file, as shipped).
 
@@ -28,6 +32,7 @@ import asyncio
 import cProfile
 import dataclasses
 import pstats
+import socket
 import sys
 import tempfile
 import time
@@ -48,11 +53,17 @@ from openimds.http.client import UpstreamPool, _RawConn  # noqa: E402
 from openimds.http.server import HttpProtocol, Limits, RawResponse  # noqa: E402
 from openimds.log import setup_logging  # noqa: E402
 from openimds.metadata.agent import MetadataAgent  # noqa: E402
-from openimds.metadata.proxy import Forwarder, _ClientProtocol  # noqa: E402
+from openimds.metadata.proxy import (  # noqa: E402
+    FirstRequests,
+    Forwarder,
+    KeptReads,
+    _ClientProtocol,
+)
 
 ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n"
           b'{"name": "vm-bench"}')
 VM_REQUEST = b"GET /openstack/latest/meta_data.json HTTP/1.1\r\nHost: 10.0.0.1:9697\r\n\r\n"
+VM_CLOSE = VM_REQUEST[:-2] + b"Connection: close\r\n\r\n"  # cloud-init's, one per connection
 # What the proxy sends the agent (the request ID changes every time, as it does there).
 AGENT_REQUEST = (b"GET /openstack/latest/meta_data.json HTTP/1.1\r\nHost: 10.0.0.1:9697\r\n"
                  b"X-Forwarded-For: 10.0.0.5\r\nX-Neutron-Router-ID: router-1\r\n"
@@ -97,6 +108,21 @@ class _Client:
         raise AssertionError("requests queued: the hop did not answer at once")
 
     resume_reading = pause_reading
+
+
+class _Accepted:
+    """An accepted VM connection whose first read is `VM_CLOSE` and which takes the answer."""
+
+    __slots__ = ()
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        return VM_CLOSE
+
+    def send(self, data: bytes, flags: int = 0) -> int:
+        return len(data)
+
+    def close(self) -> None:
+        pass
 
 
 def _pool(**kw: Any) -> UpstreamPool:
@@ -158,6 +184,39 @@ async def measure(n: int, repeat: int, profile: str | None) -> dict[str, float]:
 
     out["proxy"] = best_us(proxy_keep, n, repeat)
     out["proxy close"] = best_us(proxy_close, n, repeat)
+
+    fast = Forwarder(_pool(unix_path="/nonexistent"), count=False)
+    spec = ListenerSpec("f", "ns", "0.0.0.0", 80, "f" * 36, None)
+    route = fast.route(spec)
+    kept = KeptReads(fast, route, limits)
+    fast_handler = fast.handler_for(spec, route=route)
+    kept_conns: set[Any] = set()
+    kept_conn = _ClientProtocol(fast_handler, limits, loop, kept_conns, None, 1, False, kept)
+    kept_conn.connection_made(_Client())  # type: ignore[arg-type]
+    listening, other = socket.socketpair()  # never readable: the acceptor only needs an fd
+
+    def client(answered: bool = False) -> _ClientProtocol:
+        return _ClientProtocol(fast_handler, limits, loop, kept_conns, None, 1, answered, kept)
+
+    acceptor = FirstRequests(loop, listening, client, kept, None, kept_conns)
+    accepted, peer = _Accepted(), ("10.0.0.5", 40000)
+
+    def kept_keep(k: int) -> None:
+        for _ in range(k):
+            kept_conn.data_received(VM_REQUEST)
+
+    def kept_close(k: int) -> None:
+        for _ in range(k):
+            acceptor.serve(accepted, peer)  # type: ignore[arg-type]
+
+    kept_keep(1)
+    kept_close(1)
+    out["proxy kept"] = best_us(kept_keep, n, repeat)
+    out["proxy kept close"] = best_us(kept_close, n, repeat)
+    # every one a fast-path hit (the first of each learned it), nothing left open
+    assert fast.first_hits == 2 + 2 * n * repeat and kept_conns == {kept_conn._own}
+    acceptor.close()
+    other.close()
 
     for access in (False, True):
         settings = dataclasses.replace(
