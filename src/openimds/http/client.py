@@ -51,6 +51,7 @@ from openimds.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from openimds.http.server import RawResponse
 
 __all__ = ["CONNECT_RETRIES", "CONNECT_RETRY_DELAY_S", "MAX_PIPELINE_DEPTH", "ResultCallback",
            "UpstreamPool", "UpstreamResponse"]
@@ -72,8 +73,13 @@ HOP_BY_HOP = frozenset({
 })
 
 
-class UpstreamResponse:
-    """A complete upstream answer. Header names are lower-cased bytes."""
+class UpstreamResponse(RawResponse):
+    """A complete upstream answer. Header names are lower-cased bytes.
+
+    It is also the `RawResponse` a hop relays: its bytes exactly as received (`data`, the
+    same object as `raw`), closing the client's connection after it when the upstream
+    ended its own (`close`). A relaying hop hands it to its server as it is, with no
+    second object per answer."""
 
     __slots__ = ("body", "headers", "keep_alive", "raw", "status")
 
@@ -81,6 +87,8 @@ class UpstreamResponse:
         self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, raw: bytes,
         keep_alive: bool,
     ) -> None:
+        self.data = raw
+        self.close = not keep_alive
         self.status = status
         self.headers = headers
         self.body = body

@@ -68,7 +68,6 @@ from openimds.http.server import (
     Abandonable,
     AnyResponse,
     Deferred,
-    RawResponse,
     Request,
     Response,
     error_response,
@@ -159,10 +158,8 @@ class _HitReply(Deferred):
                 task.add_done_callback(lambda t: _pass_on(t, self))
                 return
             agent._active -= 1
-            self.resolve(agent._finish(
-                self.req, hit.caller, hit.res, self.t0,
-                RawResponse(result.raw, close=not result.keep_alive), status, self.rid,
-                hit.who))
+            self.resolve(agent._finish(  # relayed as it came (`UpstreamResponse`)
+                self.req, hit.caller, hit.res, self.t0, result, status, self.rid, hit.who))
             return
         agent._active -= 1
         if isinstance(result, UpstreamError):
@@ -753,8 +750,7 @@ class MetadataAgent:
             if fresh != res:
                 res = fresh
                 resp = await self._forward(req, caller, res)
-            return self._finish(req, caller, res, t0,
-                                RawResponse(resp.raw, close=not resp.keep_alive), resp.status)
+            return self._finish(req, caller, res, t0, resp, resp.status)
         except UpstreamError as exc:
             return self._finish(req, caller, res, t0, self._upstream_failure(exc))
         finally:
@@ -802,8 +798,7 @@ class MetadataAgent:
             if resp.status == 404 and source == "hit" and self._may_recheck(caller):
                 self._active += 1  # _recheck releases its own slot
                 return await self._recheck(req, caller, resolution, resp, t0)
-            return self._finish(req, caller, resolution, t0,
-                                RawResponse(resp.raw, close=not resp.keep_alive), resp.status)
+            return self._finish(req, caller, resolution, t0, resp, resp.status)
         except UpstreamError as exc:
             return self._finish(req, caller, resolution, t0, self._upstream_failure(exc))
         finally:
