@@ -573,3 +573,30 @@ def test_waiting_connections_count_against_the_cap_and_close_with_the_listener()
         finally:
             for sock in waiting:
                 sock.close()
+
+
+def test_a_waiting_connection_that_sends_half_a_request_or_hangs_up_gets_the_slow_path() -> None:
+    """A first read that comes after the accept but is not a whole kept request (half a
+    head, then the rest) is answered as the slow listener answers it; one that hangs up
+    without a byte is closed, and its source's count given back."""
+    with Lab(cap=4) as lab:
+        req = b"GET /latest/meta-data/ HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+        answers = {}
+        for name in ("slow", "fast"):
+            with lab.connect_first(name) as sock:
+                sock.sendall(req[:20])
+                time.sleep(0.05)  # a read of its own
+                sock.sendall(req[20:])
+                answers[name] = _read_all(sock)
+        assert answers["fast"] == answers["slow"]
+        assert answers["fast"].startswith(b"HTTP/1.1 200 ")
+        assert lab.fwd["fast"].first_hits == 0
+        cap = lab.listeners["fast"].cap
+        assert cap is not None
+        sock = lab.connect_first("fast")
+        assert lab.call(lambda: cap.counts.get("127.0.0.1", 0)) == 1
+        sock.close()
+        wait_for(lambda: lab.call(lambda: dict(cap.counts)) == {}, "the count given back")
+        wait_for(lambda: lab.call(lambda: len(lab.listeners["fast"].conns)) == 0,
+                 "the hung-up connection left the set")
+        assert len(lab.heads()) == 2
