@@ -1004,3 +1004,14 @@ class Registry:
         fixed = self.create_instance({"name": name + "-fixed", "network_id": net["id"],
                                       "fixed_ip": "192.0.2.250"})["id"]
         self.delete_instance(fixed)
+        # a subnet whose pool is used up but for an address given back: the next create
+        # takes the released address (the statements that look through the releases and
+        # take one; a churning subnet's creates run them once its ranges are gone)
+        full = self.create_network({"name": name + "-full"})
+        self.create_subnet({"name": name + "-full", "network_id": full["id"],
+                            "cidr": "198.51.100.0/24", "enable_dhcp": False,  # no DHCP port
+                            "allocation_pools": [
+                                {"start": "198.51.100.9", "end": "198.51.100.9"}]})
+        gone = self.create_instance({"name": name, "network_id": full["id"]})["id"]
+        self.delete_instance(gone)
+        self.create_instance({"name": name, "network_id": full["id"]})
