@@ -600,3 +600,23 @@ def test_a_waiting_connection_that_sends_half_a_request_or_hangs_up_gets_the_slo
         wait_for(lambda: lab.call(lambda: len(lab.listeners["fast"].conns)) == 0,
                  "the hung-up connection left the set")
         assert len(lab.heads()) == 2
+
+
+def test_waiting_connections_expire_together_and_in_order() -> None:
+    """Silent connections opened one after another each close at their own request timeout
+    (one timer for all of them), every one counted."""
+    with Lab(request_timeout_s=1.0) as lab:
+        socks, opened = [], []
+        try:
+            for _ in range(3):
+                socks.append(lab.connect_first("fast"))
+                opened.append(time.monotonic())
+                time.sleep(0.3)
+            for sock, t0 in zip(socks, opened, strict=True):
+                assert _read_all(sock) == b""
+                assert 0.8 <= time.monotonic() - t0 < 2.0
+        finally:
+            for sock in socks:
+                sock.close()
+        assert lab.call(lambda: lab.timeouts["fast"].idle) == 3
+        assert lab.call(lambda: len(lab.listeners["fast"].conns)) == 0

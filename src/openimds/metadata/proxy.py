@@ -1024,13 +1024,15 @@ class FirstRequests(Acceptor):
         """The request timeout of the oldest waiting connections: closed (no byte came)."""
         self._timer = None
         now = self._loop.time()
-        waiting = self._waiting
-        while waiting:
-            waiter = next(iter(waiting))
-            if waiter.deadline > now:
+        due: list[_FirstWait] = []
+        for waiter in self._waiting:  # one pass (a fresh iter() per entry would rescan
+            if waiter.deadline > now:  # the dict's freed slots: quadratic in a storm)
                 self._timer = self._loop.call_at(waiter.deadline, self._expire)
-                return
-            waiter.expire(self._kept.limits.timeouts)
+                break
+            due.append(waiter)
+        counts = self._kept.limits.timeouts
+        for waiter in due:
+            waiter.expire(counts)
 
     def close(self) -> None:
         super().close()
