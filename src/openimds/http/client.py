@@ -413,7 +413,8 @@ class _Conn(asyncio.Protocol):
 class _QueuedSend:
     """A send() waiting for a connection slot or for its iteration's batch to be written."""
 
-    __slots__ = ("data", "deadline", "head_only", "on_result", "queued_at", "timeout_s")
+    __slots__ = ("data", "deadline", "head_only", "on_result", "queued_at", "safe",
+                 "timeout_s")
 
     def __init__(
         self, queued_at: float, data: bytes, head_only: bool, on_result: ResultCallback,
@@ -425,11 +426,8 @@ class _QueuedSend:
         self.on_result = on_result
         self.timeout_s = timeout_s
         self.deadline = 0.0  # set when it is written in a batch
-
-
-def _idempotent(queued: _QueuedSend) -> bool:
-    """GET or HEAD: safe to pipeline, and to send again if its answer was lost."""
-    return queued.head_only or queued.data.startswith(b"GET ")
+        # GET or HEAD: safe to pipeline, and to send again if its answer was lost.
+        self.safe = head_only or data.startswith(b"GET ")
 
 
 def _report(
@@ -736,7 +734,7 @@ class UpstreamPool:
         # fails because of a neighbour's answer or a stale connection it shared.
         limit = min(start + self.pipeline_depth, len(sends))
         end = start
-        while end < limit and _idempotent(sends[end]):
+        while end < limit and sends[end].safe:
             end += 1
         count = end - start
         conn = self._take_idle()[0] if count > 1 else None
@@ -779,7 +777,7 @@ class UpstreamPool:
             elif index == 0 and why == OVERSIZED:
                 queued.on_result(UpstreamProtocolError(reason))
             else:
-                # Only GET and HEAD are batched (`_idempotent`): once more, alone (where an
+                # Only GET and HEAD are batched (`_QueuedSend.safe`): once more, alone (where an
                 # unframed answer is read by the full parser).
                 self._retry_alone(queued)
 
