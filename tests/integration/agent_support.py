@@ -89,6 +89,10 @@ class RecordingApi:
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True
+            # the real API listens with a backlog of 4096 (http.server.bind_tcp); socketserver's
+            # 5 overflowed when the agent opened its pool in a storm on a busy machine: a
+            # dropped SYN is sent again only after 1 s, then 3 s, past a 2 s connect timeout
+            request_queue_size = 4096
 
             def process_request(self, request: Any, client_address: Any) -> None:
                 with api._lock:
