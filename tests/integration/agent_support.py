@@ -47,6 +47,8 @@ class RecordingApi:
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._conns: set[socket.socket] = set()
+        self._running = threading.Event()  # cleared: frozen, see `frozen()`
+        self._running.set()
 
     def start(self) -> RecordingApi:
         api = self
@@ -58,6 +60,7 @@ class RecordingApi:
                 pass
 
             def _any(self) -> None:
+                api._running.wait()
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 record = {"method": self.command, "path": self.path,
@@ -95,6 +98,7 @@ class RecordingApi:
             request_queue_size = 4096
 
             def process_request(self, request: Any, client_address: Any) -> None:
+                api._running.wait()  # frozen: accept no more; the kernel queues them
                 with api._lock:
                     api._conns.add(request)
                 super().process_request(request, client_address)
@@ -118,6 +122,16 @@ class RecordingApi:
             for conn in conns:
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Accept nothing and answer nothing until the block ends, as an API process stopped
+        by SIGSTOP (or starved of CPU) would; connections wait in the listen backlog."""
+        self._running.clear()
+        try:
+            yield
+        finally:
+            self._running.set()
 
     def last_record(self) -> dict[str, Any]:
         with self._lock:
