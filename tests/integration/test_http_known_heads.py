@@ -76,7 +76,8 @@ class _Server:
 def _fresh_memo(monkeypatch) -> None:
     monkeypatch.setattr(server_mod, "_known", {})
     monkeypatch.setattr(server_mod, "_seen", set())
-    monkeypatch.setattr(server_mod, "_cold", 0)
+    monkeypatch.setattr(server_mod, "_credit", server_mod._CREDIT_MAX)
+    monkeypatch.setattr(server_mod, "_unsearched", 0)
 
 
 def _get(path: str, rid: bytes | None, extra: bytes = b"", *, last: bool = False) -> bytes:
@@ -125,22 +126,23 @@ async def test_a_head_is_kept_the_second_time_it_comes() -> None:
         assert len(server_mod._known) == 1 and len(server_mod._seen) == 50  # END: never kept
 
 
-async def test_after_a_storm_of_new_heads_most_reads_skip_the_search_until_one_is_known(
+async def test_while_searched_reads_find_no_kept_head_most_reads_are_not_searched(
     monkeypatch,
 ) -> None:
-    monkeypatch.setattr(server_mod, "_COLD_AFTER", 3)
-    monkeypatch.setattr(server_mod, "_COLD_PROBE", 4)
-    k = [_get("/k", b"k%d" % i) for i in range(6)]
+    monkeypatch.setattr(server_mod, "_CREDIT_MAX", 3)
+    monkeypatch.setattr(server_mod, "_credit", 3)
+    monkeypatch.setattr(server_mod, "_PROBE", 4)
+    k = [_get("/k", b"k%d" % i) for i in range(8)]
     stream = k[:2] + [_get(f"/new/{i}", b"n") for i in range(5)] + k[2:] + [END]
     async with _Server(Limits(known_heads=True)) as on, _Server(Limits()) as off:
         got = await _exchange(on.port, stream)  # one read each (a write each, 20 ms apart)
         assert got == await _exchange(off.port, stream)
     kept = [r.shape is not None for r in on.recorder.requests if r.path == "/k"]
-    # /k seen, then kept; the new heads make a run of 3 reads without a kept head, so reads
-    # 4, 6 and 7 skip the search (5 is a probe); the next /k is read 8 (skipped: parsed),
-    # read 9 is a probe and finds its head, which ends the run: every read is searched again
-    assert kept == [False, False, False, True, True, True]
-    assert server_mod._cold == 1  # END, searched and not kept
+    # Reads 1-3 (/k seen, /k kept, a new head) find nothing kept: the credit runs out. Reads
+    # 4-6 and 8-10 go straight to the parser, 7 and 11 are probes; 11 finds /k kept, and
+    # from there every read is searched while they find it.
+    assert kept == [False, False, False, False, False, True, True, True]
+    assert server_mod._credit == 2  # 11-13 found it (up to the cap of 3), END did not
 
 
 # Each stream is sent to a server with known heads three times (a head is kept the second
