@@ -386,10 +386,21 @@ async def boot(vm: Vm, result: ArmResult, record: bool, timeout_s: float) -> Non
             result.bodies[(vm.instance_id, path)] = body
 
 
-async def storm(vms: Sequence[Vm], name: str, record: bool, timeout_s: float) -> ArmResult:
+async def storm(vms: Sequence[Vm], name: str, record: bool, timeout_s: float,
+                concurrent: int = 0) -> ArmResult:
+    """Every VM boots; with `concurrent`, at most that many at once (the next VM starts as
+    one finishes), so an overloaded machine can still give an error-free storm."""
     result = ArmResult(name)
+    gate = asyncio.Semaphore(concurrent) if concurrent > 0 else None
+
+    async def one(vm: Vm) -> None:
+        if gate is None:
+            return await boot(vm, result, record, timeout_s)
+        async with gate:
+            return await boot(vm, result, record, timeout_s)
+
     t0 = time.perf_counter()
-    await asyncio.gather(*(boot(vm, result, record, timeout_s) for vm in vms))
+    await asyncio.gather(*(one(vm) for vm in vms))
     result.wall_s = time.perf_counter() - t0
     return result
 
@@ -630,14 +641,70 @@ def measure(pids: dict[str, list[int]]) -> dict[str, tuple[float, int]]:
             for name, ps in pids.items()}
 
 
+def start_profile(pids: dict[str, list[int]], hops: Sequence[str], out: Path,
+                  arm: str) -> list[tuple[subprocess.Popen[bytes], Path]]:
+    """py-spy on each hop named in `hops` (its first process), until `stop_profile`."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    started = []
+    out.mkdir(parents=True, exist_ok=True)
+    for hop in hops:
+        if not pids.get(hop):
+            continue
+        path = out / f"{arm}-{hop}.raw"
+        started.append((subprocess.Popen(
+            [spy, "record", "--pid", str(pids[hop][0]), "--rate", "1000", "--format", "raw",
+             "--output", str(path), "--nonblocking"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), path))
+    return started
+
+
+def stop_profile(started: list[tuple[subprocess.Popen[bytes], Path]], top: int = 20) -> None:
+    """Stop the samplers (SIGINT: py-spy writes its file) and log each one's top frames."""
+    for proc, _ in started:
+        signal_pid(proc.pid, signal.SIGINT)
+    for proc, path in started:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            signal_pid(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        if not path.exists():
+            log(f"profile {path.name}: py-spy wrote nothing")
+            continue
+        own: dict[str, int] = {}
+        incl: dict[str, int] = {}
+        total = 0
+        for line in path.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not count.isdigit():
+                continue
+            n = int(count)
+            total += n
+            frames = stack.split(";")
+            own[frames[-1]] = own.get(frames[-1], 0) + n
+            for fr in set(frames):
+                incl[fr] = incl.get(fr, 0) + n
+        log(f"profile {path.name}: {total} samples; own, then inclusive openimds frames")
+        for fr, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+            log(f"  own  {100 * n / max(1, total):5.1f}%  {fr}")
+        hot = [(fr, n) for fr, n in incl.items() if "openimds" in fr]
+        for fr, n in sorted(hot, key=lambda kv: -kv[1])[:top]:
+            log(f"  incl {100 * n / max(1, total):5.1f}%  {fr}")
+
+
 async def run_arm(name: str, vms: Sequence[Vm], pids: dict[str, list[int]],
-                  settings: Settings, record: bool = False) -> ArmResult:
+                  settings: Settings, record: bool = False, concurrent: int = 0,
+                  profile: Sequence[str] = (), profile_dir: Path | None = None) -> ArmResult:
+    spies = start_profile(pids, profile, profile_dir, name) if profile_dir else []
     before = measure(pids)
     drops0 = listen_drops()
     stats0 = agent_stats(settings)
-    log(f"arm {name}: {len(vms)} VMs x {len(BOOT_SEQUENCE)} requests at once")
-    result = await storm(vms, name, record, 60.0)
+    log(f"arm {name}: {len(vms)} VMs x {len(BOOT_SEQUENCE)} requests, "
+        + (f"{concurrent} VMs at a time" if concurrent > 0 else "all at once"))
+    result = await storm(vms, name, record, 60.0, concurrent)
     after = measure(pids)
+    if spies:
+        stop_profile(spies)
     result.listen_drops = listen_drops() - drops0
     stats1 = agent_stats(settings)
     if "registry_queries" in stats1:
@@ -810,18 +877,27 @@ async def bench(args: argparse.Namespace, arms: list[str], settings: Settings, c
             pid = int(settings.path("proxy", "proxy.pid").read_text())
             return pid
 
+        spied = [h.strip() for h in (args.profile or "").split(",") if h.strip()]
+
+        def profiling(rnd: int) -> dict[str, Any]:
+            """py-spy on `--profile`'s hops during the first round's ours arms."""
+            if not spied or rnd:
+                return {}
+            return {"profile": spied, "profile_dir": Path(args.profile_dir)}
+
         for rnd in range(args.rounds):
             log(f"round {rnd + 1}/{args.rounds}")
             proxy_pid = await ensure_proxy()
             backends = await restart_backends()
             results.setdefault("ours", []).append(await run_arm(
                 "ours", topo.vms, {"proxy": [proxy_pid], **backends}, settings,
-                record=(rnd == 0)))
+                record=(rnd == 0), concurrent=args.concurrent, **profiling(rnd)))
             if "ours-warm" in arms:
                 # the same storm again with the caches the first one filled: the chain's
                 # steady-state cost, without the registry misses of new instances
                 results.setdefault("ours-warm", []).append(await run_arm(
-                    "ours-warm", topo.vms, {"proxy": [proxy_pid], **backends}, settings))
+                    "ours-warm", topo.vms, {"proxy": [proxy_pid], **backends}, settings,
+                    concurrent=args.concurrent, **profiling(rnd)))
             if "haproxy" in arms or "floor" in arms:
                 await proxy.stop()
                 stray = settings.path("proxy", "proxy.pid")
@@ -834,7 +910,7 @@ async def bench(args: argparse.Namespace, arms: list[str], settings: Settings, c
                     await wait_serving(topo, timeout_s=60)
                     results.setdefault("haproxy", []).append(await run_arm(
                         "haproxy", topo.vms, {"haproxy": [p.pid for p in extra], **backends},
-                        settings))
+                        settings, concurrent=args.concurrent))
                     stop_processes(extra)
                     extra = []
             if "floor" in arms:
@@ -843,7 +919,8 @@ async def bench(args: argparse.Namespace, arms: list[str], settings: Settings, c
                     extra = [floor]
                     await wait_serving(topo, timeout_s=60)
                     results.setdefault("floor", []).append(await run_arm(
-                        "floor", topo.vms, {"floor": [floor.pid]}, settings))
+                        "floor", topo.vms, {"floor": [floor.pid]}, settings,
+                        concurrent=args.concurrent))
                     stop_processes(extra)
                     extra = []
     finally:
@@ -866,7 +943,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="interleaved rounds of all arms; medians are reported")
     parser.add_argument("--keep-api", action="store_true",
                         help="do not restart the metadata API before the cold arms: it keeps "
-                             "the views it prewarmed from the change feed")
+                             "the views it prewarmed from the change feed (and, from round 2 "
+                             "on, the answers the earlier rounds' requests left it)")
+    parser.add_argument("--concurrent", type=int, default=0,
+                        help="at most this many VMs booting at once (0: all at once); for a "
+                             "machine so loaded that N at once overloads it into errors")
+    parser.add_argument("--profile", help="comma list of proxy, agent, api, registry: "
+                        "py-spy samples each during round 1's ours and ours-warm arms (the "
+                        "sampler takes CPU: take ratios from a run without it)")
+    parser.add_argument("--profile-dir", default="storm-profile",
+                        help="where the raw py-spy stacks go (ARM-HOP.raw)")
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--keep", action="store_true", help="keep the temp state dir")
     parser.add_argument("--no-unshare", action="store_true",
@@ -926,21 +1012,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["rounds"] = args.rounds
     report["arms"] = {name: median_round(rs).summary() | {
         "rps_rounds": [round(r.rps, 1) for r in rs]} for name, rs in results.items()}
-    ratios: dict[str, Any] = {}
-    for mine, other in (("ours", "floor"), ("ours", "haproxy"), ("ours-warm", "floor")):
-        per_round = [o.rps / x.rps for o, x in zip(results.get(mine, []),
-                                                   results.get(other, []), strict=False)
-                     if x.rps]
-        if per_round:
-            key = f"{mine.replace('-', '_')}_over_{other}_rps"
-            ratios[key] = round(statistics.median(per_round), 3)
-            ratios[f"{key}_rounds"] = [round(v, 3) for v in per_round]
-    report["ratios"] = ratios
+    report["ratios"], report["ratios_refused"] = ratios_of(results)
     print_report(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     errors = sum(r.errors for rs in results.values() for r in rs)
     return 1 if errors else 0
+
+
+RATIOS = (("ours", "floor"), ("ours", "haproxy"), ("ours-warm", "floor"),
+          ("ours", "ours-warm"))
+
+
+def ratios_of(results: dict[str, list[ArmResult]]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Per-round requests/s ratios and their median; ({key: value}, {key: why refused}).
+
+    A round where either arm had an error gives no ratio: an overloaded reference (connect
+    errors, timeouts) runs faster or slower for reasons that are not the chain's, so the
+    ratio would mean nothing. Such a round is named, with its error counts, instead."""
+    ratios: dict[str, Any] = {}
+    refused: dict[str, str] = {}
+    for mine, other in RATIOS:
+        key = f"{mine.replace('-', '_')}_over_{other.replace('-', '_')}_rps"
+        per_round, why = [], []
+        for rnd, (o, x) in enumerate(zip(results.get(mine, []), results.get(other, []),
+                                         strict=False), start=1):
+            if o.errors or x.errors:
+                why.append(f"round {rnd}: {mine} {o.errors} errors, {other} {x.errors}")
+            elif x.rps:
+                per_round.append(o.rps / x.rps)
+        if per_round:
+            ratios[key] = round(statistics.median(per_round), 3)
+            ratios[f"{key}_rounds"] = [round(v, 3) for v in per_round]
+        if why:
+            refused[key] = "; ".join(why)
+    return ratios, refused
 
 
 def median_round(rounds: Sequence[ArmResult]) -> ArmResult:
@@ -963,6 +1069,8 @@ def print_report(report: dict[str, Any]) -> None:
               f"{procs}")
     for k, v in report.get("ratios", {}).items():
         print(f"{k}: {v}")
+    for k, why in report.get("ratios_refused", {}).items():
+        print(f"{k}: no ratio for rounds with errors ({why})")
     if "proxy_rss_kib_per_extra_router" in report:
         print(f"proxy RSS per extra router: {report['proxy_rss_kib_per_extra_router']} KiB")
 
