@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 from typing import Any
 
 from openimds.config import ApiSettings, Settings
 from openimds.core.metadata import parse_view
 from openimds.core.metadata.invalidation import DependencyIndex, PrewarmQueue, plan_refresh
 from openimds.errors import NotFound
-from openimds.metadata.api import MetadataApi
+from openimds.http.server import RawResponse, Response
+from openimds.metadata.api import BOOT_PATHS, MetadataApi
 from openimds.metadata.vendordata import VendorData
-from tests.unit.test_metadata_api import SECRET, Batch, body_of, call, status
+from tests.unit.test_metadata_api import SECRET, Batch, body_of, call, signed, status
 from tests.unit.test_metadata_documents import IID, PORT, PROJECT, make_view
 
 NET = make_view()["ports"][0]["network_id"]
@@ -227,3 +229,36 @@ async def test_prewarm_concurrency_is_bounded() -> None:
         await asyncio.sleep(0)
     assert len(reg.calls) == 10  # each once
     await api.stop_prewarm()
+
+
+async def test_prewarmed_instance_boot_requests_are_kept_hits_from_the_first() -> None:
+    """A prewarmed instance's cloud-init boot paths are answered from the hit path on their
+    first request (a RawResponse, no document built), with the bytes the first request of an
+    instance fetched on demand is answered with; a wrong signature or tenant is not."""
+    api, _ = make()
+    cold, _ = make(prewarm=0)
+    for a in (api, cold):
+        a.apply_batch(Batch(42, resync=True))
+    api.apply_batch(Batch(43, [change(43, "instance", "create", IID, project_id=PROJECT)]))
+    await settle(api)
+    assert api.stats["prewarmed"] == 1
+    kept = 0
+    for path in BOOT_PATHS:
+        want = await call(cold, "GET", path, keep_alive=True)
+        if status(want) != 200:
+            continue  # a document this instance lacks
+        got = await call(api, "GET", path, keep_alive=True)
+        assert isinstance(want, Response) and isinstance(got, RawResponse), path
+        wire = want.encode(keep_alive=True)
+        if path.endswith("meta_data.json"):  # a fresh random_seed in each answer
+            seed = json.loads(body_of(got))["random_seed"]
+            got = RawResponse(got.data.replace(seed.encode(), json.loads(want.body)[
+                "random_seed"].encode()))
+        assert got.data == wire, path
+        kept += 1
+    assert kept >= 20 and api.stats["misses"] == 0
+    path = "/latest/meta-data/instance-id"
+    wrong = [(k, b"0" * 64 if k == b"x-instance-id-signature" else v) for k, v in signed()]
+    assert status(await call(api, "GET", path, wrong, keep_alive=True)) == 403
+    other = status(await call(api, "GET", path, signed(tenant="other"), keep_alive=True))
+    assert other == 404

@@ -16,7 +16,9 @@ Rules:
 - Prewarming (`[api] prewarm_concurrency` background fetches, 0 = off): when the feed reports
   an instance created, or a change to an instance we hold or are fetching, its view is fetched
   again in the background instead of only dropped (`core.metadata.invalidation.plan_refresh`),
-  through the same single-flight, so a VM's first request is a cache hit. Deleted instances
+  through the same single-flight, so a VM's first request is a cache hit; a prewarmed
+  instance also gets the kept answers to cloud-init's boot paths (`BOOT_PATHS`), so its
+  boot requests take the hit path from the first one. Deleted instances
   are dropped, never fetched. A fetch overtaken by a newer change is not kept (the flight is
   marked stale, the next fetch starts a new flight, and the instance is queued again); a
   request never joins a stale flight. A resync (and the first batch) re-queues the instances
@@ -202,6 +204,60 @@ _IDENTITY_HEADERS = (b"x-instance-id", b"x-tenant-id", b"x-instance-id-signature
 # A kept answer: complete bytes, or a seeded document's bytes before and after its seed.
 _Hot = bytes | tuple[bytes, bytes]
 _SEED_LEN = len(base64.b64encode(bytes(SEED_BYTES)))
+
+
+def _kept_answer(target: Document | SeededDocument) -> _Hot | None:
+    """The complete keep-alive GET 200 answer for `target`, as `_serve` gives it (a seeded
+    document's around a NUL run where the seed goes: JSON and heads hold none); None when
+    the body is over WIRE_MAX_BODY."""
+    headers = [("ETag", target.etag)]
+    if isinstance(target, Document):
+        if len(target.body) > WIRE_MAX_BODY:
+            return None
+        return Response(200, target.body, content_type=target.content_type,
+                        headers=headers).encode(keep_alive=True)
+    hole = b"\x00" * _SEED_LEN
+    body = target.render(hole)
+    if len(body) > WIRE_MAX_BODY:
+        return None
+    whole = Response(200, body, content_type=target.content_type,
+                     headers=headers).encode(keep_alive=True)
+    at = whole.index(hole)
+    return whole[:at], whole[at + _SEED_LEN:]
+
+
+# What cloud-init's OpenStack datasource reads at boot (22.4 and 26.2, metadata-api.md §3.1),
+# normalised: answers a prewarmed instance has kept before its first request. The EC2
+# leaves that depend on the request (local-ipv4) or on the instance (a key pair) are
+# skipped where they are not plain documents.
+BOOT_PATHS: tuple[str, ...] = tuple(dict.fromkeys(normalize_path(p) for p in (
+    "/openstack",
+    "/openstack/2018-08-27/meta_data.json",
+    "/openstack/2018-08-27/user_data",
+    "/openstack/2018-08-27/vendor_data.json",
+    "/openstack/2018-08-27/vendor_data2.json",
+    "/openstack/2018-08-27/network_data.json",
+    "/latest/meta-data/",
+    "/latest/meta-data/block-device-mapping/",
+    "/latest/meta-data/block-device-mapping/ami",
+    "/latest/meta-data/block-device-mapping/root",
+    "/latest/meta-data/placement/",
+    "/latest/meta-data/placement/availability-zone",
+    "/latest/meta-data/public-keys/",
+    "/latest/meta-data/public-keys/0/openssh-key",
+    "/latest/meta-data/ami-id",
+    "/latest/meta-data/ami-launch-index",
+    "/latest/meta-data/ami-manifest-path",
+    "/latest/meta-data/hostname",
+    "/latest/meta-data/instance-action",
+    "/latest/meta-data/instance-id",
+    "/latest/meta-data/instance-type",
+    "/latest/meta-data/local-hostname",
+    "/latest/meta-data/public-hostname",
+    "/latest/meta-data/public-ipv4",
+    "/latest/meta-data/reservation-id",
+    "/latest/meta-data/security-groups",
+)))
 
 
 @dataclass(slots=True)
@@ -611,9 +667,8 @@ class MetadataApi:
             if req.method == "POST":
                 return _not_allowed(_ALLOW_READ)
             resp = _doc_response(target.body, target.content_type, target.etag, req)
-            if (req.method == "GET" and resp.status == 200
-                    and len(target.body) <= WIRE_MAX_BODY and not req.query):
-                self._keep_hot(req, path, entry, resp.encode(keep_alive=True))
+            if req.method == "GET" and resp.status == 200 and not req.query:
+                self._keep_hot(req, path, entry, target)
             return resp
         if isinstance(target, PasswordTarget):
             if req.method == "POST":
@@ -625,14 +680,8 @@ class MetadataApi:
         if isinstance(target, SeededDocument):
             seed = self._seeds.take()
             resp = _doc_response(target.render(seed), target.content_type, target.etag, req)
-            if (req.method == "GET" and resp.status == 200
-                    and len(resp.body) <= WIRE_MAX_BODY and not req.query):
-                # the answer with a NUL run where the seed goes (JSON and heads hold none)
-                hole = b"\x00" * _SEED_LEN
-                whole = Response(200, target.render(hole), content_type=target.content_type,
-                                 headers=resp.headers).encode(keep_alive=True)
-                at = whole.index(hole)
-                self._keep_hot(req, path, entry, (whole[:at], whole[at + _SEED_LEN:]))
+            if req.method == "GET" and resp.status == 200 and not req.query:
+                self._keep_hot(req, path, entry, target)
             return resp
         if isinstance(target, AddressLeaf):
             body = self._request_address(req).encode()
@@ -854,16 +903,26 @@ class MetadataApi:
         self._cache[iid] = entry
         self._index.add(entry.docs.view)
 
-    def _keep_hot(self, req: Request, path: str, entry: _Entry, answer: _Hot) -> None:
-        """Keep `answer` for the hit path (`_hot`) under the identity headers `req` carries,
-        if `entry` is the cached one (an unkept fetch must leave nothing behind).
-        At most WIRE_MAX_DOCS keys per instance."""
-        if self._cache.get(entry.docs.instance_id) is not entry or len(entry.hot) >= WIRE_MAX_DOCS:
-            return
+    def _keep_hot(self, req: Request, path: str, entry: _Entry,
+                  target: Document | SeededDocument) -> None:
+        """Keep `target`'s answer for the hit path (`_hot`) under the identity headers `req`
+        carries (see `_keep_answer`)."""
         values = [req.header_all(name) for name in _IDENTITY_HEADERS]
         if any(len(v) != 1 for v in values):
             return  # what the hit path looks up: each once (and `_identify` read these)
-        who = _NUL.join([v[0] for v in values])
+        self._keep_answer(path, entry, _NUL.join([v[0] for v in values]), target)
+
+    def _keep_answer(self, path: str, entry: _Entry, who: bytes,
+                     target: Document | SeededDocument) -> None:
+        """Keep `target`'s keep-alive GET 200 answer for the hit path under `who` (the
+        identity header values, `_IDENTITY_HEADERS` NUL-joined), if `entry` is the cached
+        one (an unkept fetch must leave nothing behind) and the body is small. At most
+        WIRE_MAX_DOCS keys per instance."""
+        if self._cache.get(entry.docs.instance_id) is not entry or len(entry.hot) >= WIRE_MAX_DOCS:
+            return
+        answer = _kept_answer(target)
+        if answer is None:
+            return
         answers = self._hot.setdefault(path, {})
         if entry.hot and entry.hot[0][1] == who:
             who = entry.hot[0][1]  # one kept copy for the instance's paths
@@ -946,15 +1005,34 @@ class MetadataApi:
             if flight is not None and not flight.stale:
                 continue  # a current fetch is running; it will be kept unless overtaken
             try:
-                await self._load(iid)
+                entry = await self._load(iid)
             except NotFound:
                 continue  # deleted meanwhile
             except _Unavailable as exc:
                 self.stats["prewarm_failed"] += 1
                 log.debug("api.prewarm_failed instance=%s reason=%s", iid, exc)
                 continue
-            if iid in self._cache:
+            if self._cache.get(iid) is entry:
                 self.stats["prewarmed"] += 1
+                self._keep_boot_answers(entry)
+
+    def _keep_boot_answers(self, entry: _Entry) -> None:
+        """Keep the answers to `BOOT_PATHS` for the hit path, under the identity headers the
+        agent will send for this instance: a new VM's boot requests are then kept hits, as a
+        rebooting VM's are, instead of each one building and encoding its document on the
+        storm's hot path (the API's CPU in a cold storm was ~2.4x a warm one's,
+        docs/benchmarks.md). Documents the instance lacks (404) are skipped."""
+        docs = entry.docs
+        iid = docs.instance_id
+        who = _NUL.join((iid.encode(), docs.project_id.encode(),
+                         sign_instance_id(self._secret, iid).encode("ascii")))
+        for path in BOOT_PATHS:
+            try:
+                target = docs.lookup(path, self._today() if path == "/openstack" else _EPOCH)
+            except NotFound:
+                continue
+            if isinstance(target, Document | SeededDocument):
+                self._keep_answer(path, entry, who, target)
 
     async def stop_prewarm(self) -> None:
         """Cancel background fetches (they are also cancelled when `follow` ends)."""
