@@ -262,3 +262,22 @@ async def test_prewarmed_instance_boot_requests_are_kept_hits_from_the_first() -
     assert status(await call(api, "GET", path, wrong, keep_alive=True)) == 403
     other = status(await call(api, "GET", path, signed(tenant="other"), keep_alive=True))
     assert other == 404
+
+
+async def test_kept_answers_the_same_for_every_instance_are_kept_once() -> None:
+    api, reg = make()
+    api.apply_batch(Batch(42, resync=True))
+    other = "a1b2c3d4-0000-4000-8000-000000000001"
+    reg.views[other] = copy.deepcopy(reg.views[IID])
+    reg.views[other]["instance"]["id"] = other
+    reg.views[other]["instance"]["hostname"] = "web-2"
+    api.apply_batch(Batch(43, [change(43, "instance", "create", i, project_id=PROJECT)
+                               for i in (IID, other)]))
+    await settle(api)
+    same = [await call(api, "GET", "/latest/meta-data/placement/availability-zone",
+                       signed(iid=i), keep_alive=True) for i in (IID, other)]
+    own = [await call(api, "GET", "/latest/meta-data/hostname", signed(iid=i),
+                      keep_alive=True) for i in (IID, other)]
+    assert all(isinstance(r, RawResponse) for r in same + own)
+    assert same[0].data is same[1].data  # type: ignore[union-attr]
+    assert [body_of(r) for r in own] == [b"web-1.novalocal", b"web-2.novalocal"]

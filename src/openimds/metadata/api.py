@@ -135,6 +135,7 @@ MEMO_KEY_MAX = 128  # longer paths / ids are not memoised (bounds the memos' mem
 WIRE_MAX_DOCS = 256
 WIRE_MAX_BODY = 4096
 SIGNATURE_MEMO = 65536
+SHARED_ANSWERS = 4096  # distinct kept answers shared between instances; cleared when full
 _WANTED = frozenset({b"x-instance-id", b"x-instance-id-signature", b"x-tenant-id",
                      TOKEN_HEADER, FC_TOKEN_HEADER, b"if-none-match"})
 _GET_HEAD = ("GET", "HEAD")
@@ -374,6 +375,7 @@ class MetadataApi:
         # request touches is a likely cache (and TLB) miss, ~0.2 us apiece on this VM. Kept
         # only for entries in `_cache` and dropped with them (`_forget`).
         self._hot: dict[str, dict[bytes, _Hot]] = {}
+        self._answers: dict[bytes, bytes] = {}  # kept answers, one copy of each (bounded)
         self._paths: dict[str, str] = {}
         self._signatures: dict[bytes, tuple[str, bytes]] = {}
         self._index = DependencyIndex()
@@ -923,6 +925,13 @@ class MetadataApi:
         answer = _kept_answer(target)
         if answer is None:
             return
+        if isinstance(answer, bytes):
+            # Many answers are the same bytes for every instance (listings, placement,
+            # empty vendor data): one copy of each, not one per instance.
+            shared = self._answers
+            if len(shared) >= SHARED_ANSWERS:
+                shared.clear()
+            answer = shared.setdefault(answer, answer)
         answers = self._hot.setdefault(path, {})
         if entry.hot and entry.hot[0][1] == who:
             who = entry.hot[0][1]  # one kept copy for the instance's paths
