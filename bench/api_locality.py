@@ -47,6 +47,9 @@ class Registry:
     async def get_view(self, instance_id: str) -> dict[str, Any]:
         return copy.deepcopy(self.views[instance_id])
 
+    async def set_password(self, instance_id: str, password: str) -> dict[str, Any]:
+        raise NotImplementedError  # the bench only reads
+
 
 class Sink:
     """A transport that counts writes."""
@@ -74,6 +77,8 @@ class Sink:
 
     def get_write_buffer_size(self) -> int:
         return 0
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None: ...
 
 
 def request(iid: str, i: int) -> bytes:
