@@ -12,7 +12,8 @@ root, inside a private network namespace, like the tests):
   JSON document (pre-encoded), so the agent's own cost is what changes between scenarios;
   it listens on TCP for the agent and on a Unix socket for the direct baseline;
 - `openimds agent` instances (access log on, as shipped): one with the cache, one with
-  `cache_size = 0` (single-flight only, a registry query per request otherwise).
+  `cache_size = 0` and `warm_index = false` (single-flight only, a registry query per
+  request otherwise).
 
 Load: this process, uvloop + httptools, keep-alive connections sending one request at a
 time, each connection cycling over the VMs' IPs (as the proxy would send them: one
@@ -23,10 +24,11 @@ Scenarios:
 - direct:   load -> stub over its Unix socket (no agent; the floor of this load generator)
 - hit:      load -> agent (cache warm) -> stub
 - hit-nolog: the same with `[metadata_agent] access_log = false` (the access line's cost)
-- nocache:  load -> agent with cache_size=0 -> registry lookup (single-flight) -> stub
+- nocache:  load -> agent with cache_size=0, warm_index=false -> registry lookup
+            (single-flight) -> stub
 - storm:    a fresh agent; `--storm-vms` VMs whose first `--storm-requests` requests all
             start at once, one connection per VM (cloud-init's pattern at boot); with the
-            cache every round, without it (cache_size=0) in the first round only.
+            cache every round, without it (as nocache) in the first round only.
             Reports registry queries per 1,000 requests.
 
 CPU µs/request comes from /proc/PID/stat (utime + stime of the agent process) over the
@@ -79,6 +81,9 @@ BODY = BODY + b" " * max(0, 505 - len(BODY))
 STUB_ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
                + str(len(BODY)).encode() + b"\r\n\r\n" + BODY)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# The nocache agents: no cache and no warm port index (which resolves every known port from
+# the feed without a lookup), so each request is a registry /v1/lookup, as documented above.
+NOCACHE = {"cache_size": 0, "warm_index": "false"}
 
 
 # -- the stub API (runs in its own process) ---------------------------------------------
@@ -358,7 +363,7 @@ class Bench:
                   f"{time.monotonic() - t0:.1f}s", file=sys.stderr)
         hit, hit_sock = self.agent("agent-hit")
         quiet, quiet_sock = self.agent("agent-quiet", access_log="false")
-        nocache, nocache_sock = self.agent("agent-nocache", cache_size=0)
+        nocache, nocache_sock = self.agent("agent-nocache", **NOCACHE)
         reqs = [request_bytes(router, ip) for ip in steady_ips]
         conns = [int(c) for c in a.conns.split(",")]
         targets = {
@@ -382,7 +387,7 @@ class Bench:
                 batch = storm_ips  # a fresh agent: every VM's first request is a miss
                 name = "storm-cache" if cache else "storm-nocache"
                 svc, sock = self.agent(f"agent-{name}-{rnd}",
-                                       **({} if cache else {"cache_size": 0}))
+                                       **({} if cache else NOCACHE))
                 per_vm = [request_bytes(router, ip) for ip in batch]
                 q0 = agent_stats(sock)["registry_queries"]
                 cpu0 = cpu_ticks(svc.pid)
