@@ -140,9 +140,9 @@ async def round_(args: argparse.Namespace, sock: str, vms: list[dict[str, Any]],
         raise RuntimeError("a woken request did not answer 200")
     out["wake_ms"] = (max(p.answered or 0 for _, p in answered) - t0) * 1000
     out["held"] = float(len(conns))
-    for _, p in conns:
-        assert p.transport is not None
-        p.transport.close()
+    for _, held in conns:
+        assert held.transport is not None
+        held.transport.close()
     await asyncio.sleep(1.0)  # the hops see the clients go; nothing stays held
     return out
 

@@ -60,6 +60,7 @@ def time_start(argv: list[str], env: dict[str, str], service: str, sock_path: st
     try:
         while not _accepts(service, sock_path):
             if proc.poll() is not None:
+                assert proc.stderr is not None
                 raise SystemExit(f"{service} exited: {proc.stderr.read().decode()[-2000:]}")
             time.sleep(0.002)
         return time.perf_counter() - t0
