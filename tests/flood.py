@@ -73,7 +73,7 @@ def _handler(timeouts: TimeoutCounts) -> Callable[[Request], AnyResponse]:
                             content_type="application/octet-stream")
         if path == "/stats":
             ended = {"write": timeouts.write, "request": timeouts.request,
-                     "idle": timeouts.idle}
+                     "idle": timeouts.idle, "silent": timeouts.silent}
             return Response(200, json.dumps({"handled": handled[0], "timeouts": ended}).encode(),
                             content_type="application/json")
         if path == "/big":

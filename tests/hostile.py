@@ -23,7 +23,7 @@ from typing import Any
 
 from openimds.core.proxy_rules import ListenerSpec
 from openimds.http.client import UpstreamPool
-from openimds.http.server import Limits, Request, Response, bind_tcp, serve
+from openimds.http.server import Limits, Request, Response, TimeoutCounts, bind_tcp, serve
 from openimds.metadata.proxy import Forwarder, Listener
 
 ROUTER_ID = "11111111-2222-4333-8444-555555555555"
@@ -152,8 +152,9 @@ class HostileLab:
 
     def __init__(self, limits: Limits | None = None, *,
                  max_connections_per_source: int | None = None) -> None:
+        # (the default's timeout counts are both servers': a test reads what it added)
         self.limits = limits or Limits(request_timeout_s=TIMEOUT_S,
-                                       keepalive_timeout_s=TIMEOUT_S)
+                                       keepalive_timeout_s=TIMEOUT_S, timeouts=TimeoutCounts())
         self.max_connections_per_source = max_connections_per_source
         self.tmp = Path(tempfile.mkdtemp(prefix="hostile-"))
         self.upstream = StrictUpstream(self.tmp / "agent.sock")

@@ -155,8 +155,9 @@ async def test_bad_requests_get_a_status_and_a_reason(data: bytes, status: bytes
         server.close()
 
 
-def ended(counts: TimeoutCounts) -> tuple[int, int, int]:
-    return counts.write, counts.request, counts.idle
+def ended(counts: TimeoutCounts) -> tuple[int, int, int, int]:
+    """(write, request, idle, silent)."""
+    return counts.write, counts.request, counts.idle, counts.silent
 
 
 async def test_slow_client_times_out_with_408() -> None:
@@ -168,7 +169,7 @@ async def test_slow_client_times_out_with_408() -> None:
         out = await asyncio.wait_for(reader.read(-1), 5)
         assert out.startswith(b"HTTP/1.1 408")
         writer.close()
-        assert ended(counts) == (0, 1, 0)
+        assert ended(counts) == (0, 1, 0, 0)
     finally:
         server.close()
 
@@ -194,7 +195,7 @@ async def test_a_request_begun_on_an_idle_connection_gets_the_whole_request_time
         assert b"HTTP/1.1 408" in out
         assert 1.4 <= waited < 1.5 + 0.25 + 0.5  # the request timeout, a wheel tick late at most
         writer.close()
-        assert ended(counts) == (0, 1, 0)
+        assert ended(counts) == (0, 1, 0, 0)
     finally:
         server.close()
 
@@ -208,7 +209,22 @@ async def test_idle_keepalive_closes_silently() -> None:
         out = await asyncio.wait_for(reader.read(-1), 5)  # until the idle close
         assert out.count(b"HTTP/1.1 ") == 1 and b"408" not in out
         writer.close()
-        assert ended(counts) == (0, 0, 1)
+        assert ended(counts) == (0, 0, 1, 0)  # answered, then quiet: the routine expiry
+    finally:
+        server.close()
+
+
+async def test_a_connection_that_never_sends_a_byte_is_counted_silent() -> None:
+    # Not the keep-alive expiry (`idle`) an operator ignores: the one to alert on.
+    counts = TimeoutCounts()
+    server, port = await start(echo, Limits(request_timeout_s=0.2, keepalive_timeout_s=60,
+                                            timeouts=counts))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        out = await asyncio.wait_for(reader.read(-1), 5)  # until the server closes it
+        assert out == b""  # closed without an unprompted 408
+        writer.close()
+        assert ended(counts) == (0, 0, 0, 1)
     finally:
         server.close()
 

@@ -85,7 +85,7 @@ class Lab:
 
     def __init__(self, *, first_memo: int = 4096, cap: int | None = None,
                  access_log: bool = False, agent: bool = True,
-                 request_timeout_s: float = 20.0) -> None:
+                 request_timeout_s: float = 20.0, keepalive_timeout_s: float = 20.0) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="fastpath-"))
         self.agent_path = self.tmp / "agent.sock"
         self.agent = Agent(self.agent_path) if agent else None
@@ -93,6 +93,7 @@ class Lab:
         self.cap = cap
         self.access_log = access_log
         self.request_timeout_s = request_timeout_s
+        self.keepalive_timeout_s = keepalive_timeout_s
         self.timeouts = {"fast": TimeoutCounts(), "slow": TimeoutCounts()}
         self.loop: Any = None
         self.ports: dict[str, int] = {}
@@ -133,7 +134,8 @@ class Lab:
         self.pool = UpstreamPool(unix_path=str(self.agent_path), size=8, connect_timeout_s=2.0,
                                  timeout_s=5.0, raw_only=True)
         for name, memo in (("fast", self.first_memo), ("slow", 0)):
-            limits = Limits(request_timeout_s=self.request_timeout_s, keepalive_timeout_s=20.0,
+            limits = Limits(request_timeout_s=self.request_timeout_s,
+                            keepalive_timeout_s=self.keepalive_timeout_s,
                             timeouts=self.timeouts[name])
             fwd = Forwarder(self.pool, first_memo=memo, access_log=self.access_log)
             spec = ListenerSpec(f"router-{name}", "test", "127.0.0.1", 1, ROUTER_ID, None)
@@ -351,6 +353,24 @@ def test_a_keep_alive_hit_goes_on_as_a_normal_connection(lab: Lab) -> None:
     assert paths == [b"/latest/meta-data/", b"/latest/user-data", b"/latest/user-data"] * 2
 
 
+def test_an_answered_connection_that_goes_quiet_is_counted_idle_not_silent() -> None:
+    """The routine keep-alive expiry: after an answer (the fast path's first one, which
+    hands the connection on, or the slow path's) nothing more comes; closed at the
+    keep-alive timeout and counted `idle`, once."""
+    first = b"GET /latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n"
+    with Lab(keepalive_timeout_s=0.5) as lab:
+        for name in ("slow", "fast"):
+            with lab.connect(name, first) as sock:
+                assert read_answers(sock, 1) == OK
+                t0 = time.monotonic()
+                assert _read_all(sock) == b""  # the keep-alive close, no unprompted 408
+                assert time.monotonic() - t0 < 0.5 + 1.0, name
+            counts = lab.timeouts[name]
+            assert lab.call(lambda counts=counts: (counts.idle, counts.silent,
+                                                   counts.request)) == (1, 0, 0), name
+        assert lab.fwd["fast"].first_hits == 1  # the fast one was the fast path's
+
+
 def test_the_connection_cap_holds_on_the_fast_path() -> None:
     with Lab(cap=1) as lab:
         req = b"GET /latest/meta-data/ HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
@@ -531,7 +551,8 @@ def test_a_keep_alive_request_after_the_accept_goes_on_as_a_normal_connection(la
 
 def test_a_connection_that_never_sends_is_closed_at_the_request_timeout() -> None:
     """On both listeners: no answer, closed within the request timeout (the slow path's
-    wheel may be a tick late), counted as an idle close; its source's count given back."""
+    wheel may be a tick late), counted as a silent close (not idle: that is the keep-alive
+    expiry of an answered one); its source's count given back."""
     with Lab(request_timeout_s=1.0, cap=2) as lab:
         for name in ("slow", "fast"):
             with lab.connect_first(name) as sock:
@@ -539,7 +560,8 @@ def test_a_connection_that_never_sends_is_closed_at_the_request_timeout() -> Non
                 assert _read_all(sock) == b""
                 secs = time.monotonic() - t0
             assert 0.8 <= secs < 1.0 + 1.0, (name, secs)
-            assert lab.call(lambda name=name: lab.timeouts[name].idle) == 1
+            counts = lab.timeouts[name]
+            assert lab.call(lambda counts=counts: (counts.silent, counts.idle)) == (1, 0)
             cap = lab.listeners[name].cap
             assert cap is not None
             wait_for(lambda cap=cap: lab.call(lambda: dict(cap.counts)) == {},
@@ -618,5 +640,6 @@ def test_waiting_connections_expire_together_and_in_order() -> None:
         finally:
             for sock in socks:
                 sock.close()
-        assert lab.call(lambda: lab.timeouts["fast"].idle) == 3
+        counts = lab.timeouts["fast"]
+        assert lab.call(lambda: (counts.silent, counts.idle)) == (3, 0)
         assert lab.call(lambda: len(lab.listeners["fast"].conns)) == 0

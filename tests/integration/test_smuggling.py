@@ -255,11 +255,22 @@ def test_silent_and_idle_connections_close_without_an_answer(
     lab: HostileLab, which: str,
 ) -> None:
     port = lab.lean_port if which == "lean" else lab.proxy_port
+    counts = lab.limits.timeouts
+    assert counts is not None
+
+    def ended() -> tuple[int, int, int]:
+        return counts.silent, counts.idle, counts.request
+
+    s0, i0, r0 = ended()  # the lab is the module's: earlier tests' counts are in there
     out, secs = _timed(lab, port, [], 0)  # never sends a byte
     assert out == b"" and secs < TIMEOUT_S + 1.5
+    # counted before the close the client saw: `silent`, the kind to alert on
+    assert ended() == (s0 + 1, i0, r0)
     out, secs = _timed(lab, port, [b"GET / HTTP/1.1\r\n" + H + b"\r\n"], 0)  # then idles
     assert [s for s, _, _ in parse_answers(out)] == [200]
     assert secs < 2 * TIMEOUT_S + 1.5
+    # answered, then quiet: the routine keep-alive expiry
+    assert ended() == (s0 + 1, i0 + 1, r0)
 
 
 # -- per-source connection cap -------------------------------------------------------------

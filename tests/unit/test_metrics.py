@@ -100,12 +100,14 @@ def test_timed_out_connections_are_exposed_per_hop_and_kind() -> None:
     assert served.count_timeouts() is counts
     counts.write += 1
     counts.idle += 3
+    counts.silent += 2
     text = m.render()
     got = samples(text)
     name = "openimds_connection_timeouts_total"
     assert got[(name, (("hop", "proxy"), ("kind", "write")))] == 1
     assert got[(name, (("hop", "proxy"), ("kind", "request")))] == 0
     assert got[(name, (("hop", "proxy"), ("kind", "idle")))] == 3
+    assert got[(name, (("hop", "proxy"), ("kind", "silent")))] == 2
     assert not [k for k in got if k[0] == name and ("hop", "registry") in k[1]]
     assert b"# HELP openimds_connection_timeouts_total Client connections" in text
     assert b"openimds_connection_timeouts" not in ServiceMetrics("registry").render()

@@ -86,13 +86,15 @@ def test_connections_ended_by_a_timeout_by_kind_since_start_and_in_the_window() 
     ended.write += 2  # in the window: two clients that did not read their answers
     ended.request += 1
     ended.idle += 5
+    ended.silent += 1  # a connection that never asked
     now = {"api": scrape_of(api, 101.0), "registry": scrape_of(registry, 101.0)}
     rows = {r["service"]: r for r in summarize(now, before)}
-    assert rows["api"]["timeouts"] == {"write": 3, "request": 1, "idle": 45}
-    assert rows["api"]["timeouts_in_window"] == {"write": 2, "request": 1, "idle": 5}
+    assert rows["api"]["timeouts"] == {"write": 3, "request": 1, "idle": 45, "silent": 1}
+    assert rows["api"]["timeouts_in_window"] == {"write": 2, "request": 1, "idle": 5,
+                                                 "silent": 1}
     assert "timeouts" not in rows["registry"]
     shown = {r["service"]: r for r in table_rows(rows.values())}
-    assert shown["api"]["timeouts"] == "w=3 r=1 i=45"
+    assert shown["api"]["timeouts"] == "w=3 r=1 i=45 s=1"
     assert shown["registry"]["timeouts"] is None
     first = {r["service"]: r for r in summarize(now)}  # one scrape: since start only
     assert first["api"]["timeouts"]["write"] == 3 and "timeouts_in_window" not in first["api"]

@@ -16,7 +16,8 @@ Rules:
   costs us that much plus one read, not every answer; one that does not take a quarter of it
   within `write_timeout_s`, or does not take the rest after we closed, is aborted (RST).
 - Connections ended by a timeout are counted in `Limits.timeouts` (a hop's /metrics), on the
-  timeout's path only: nothing is counted per request.
+  timeout's path only: nothing is counted per request. A quiet connection is `idle` once it
+  was answered (keep-alive expiry), `silent` if no first request ever began.
 - `Limits.known_heads`: a request head seen before is not parsed again. A complete GET/HEAD
   head (keep-alive, no body, origin-form) that httptools parsed at a message boundary is
   kept by its bytes, less the value of its one `X-Openimds-Request-Id: ` line, spelled as
@@ -85,12 +86,15 @@ class TimeoutCounts:
     """Connections a server ended because one of its timeouts passed, by which one. Bumped
     only where a timeout fires (never per request); read when /metrics is scraped."""
 
-    __slots__ = ("idle", "request", "write")
+    __slots__ = ("idle", "request", "silent", "write")
 
     def __init__(self) -> None:
         self.write = 0  # reset: answers not taken within write_timeout_s
         self.request = 0  # 408: a request begun and not received within request_timeout_s
-        self.idle = 0  # closed: no request begun (keep-alive timeout, or a silent new one)
+        self.idle = 0  # closed: answered, then no next request within keepalive_timeout_s
+        # closed: not one byte of a first request within request_timeout_s (a scanner, a
+        # stuck guest, a slow-loris start): kept apart from the routine keep-alive expiry
+        self.silent = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,7 +445,7 @@ class HttpProtocol(asyncio.Protocol):
         "_header_bytes", "_headers", "_in_request", "_eof", "_failure", "_head",
         "_last_keep_alive", "_last_name", "_limits", "_loop", "_parser", "_paused", "_peer",
         "_pending", "_queue", "_deadline", "_slot", "_slot_end", "_wheel", "_transport",
-        "_url", "_max_header_bytes", "_out", "_write_paused", "_known_heads",
+        "_url", "_max_header_bytes", "_out", "_write_paused", "_known_heads", "_answered",
     )
 
     def __init__(self, handler: Handler, limits: Limits, loop: asyncio.AbstractEventLoop):
@@ -469,6 +473,9 @@ class HttpProtocol(asyncio.Protocol):
         self._paused = False  # reading paused (queue, failure, last request, write_paused)
         self._write_paused = False  # the transport holds more than write_buffer_bytes
         self._closing = False
+        # A keep-alive answer was written: a quiet spell ending now is the routine `idle`,
+        # not `silent` (stored where the keep-alive timeout is armed, not per read).
+        self._answered = False
         self._wheel = _wheel_for(loop)
         self._slot = 0  # the timer wheel's slot this connection waits in; 0: none
         self._slot_end = 0.0  # when that slot fires
@@ -964,6 +971,7 @@ class HttpProtocol(asyncio.Protocol):
         if keep and not self._queue and not self._pending:
             # Before the write: a pause_writing from it arms the write timeout instead.
             self._arm(self._limits.keepalive_timeout_s)
+            self._answered = True
         out = self._out
         if out is not None:
             out.append(data)
@@ -1087,7 +1095,10 @@ class HttpProtocol(asyncio.Protocol):
             # An idle keep-alive connection (or one that never sent a byte) just closes:
             # an unprompted 408 would be read as the answer to the client's next request.
             if counts is not None:
-                counts.idle += 1
+                if self._answered:
+                    counts.idle += 1
+                else:
+                    counts.silent += 1
             self._close()
 
 

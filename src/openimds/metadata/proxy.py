@@ -704,8 +704,7 @@ class _ClientProtocol(HttpProtocol):
     parser, the `Request` and the handler are skipped.
     """
 
-    __slots__ = ("_answered", "_cap", "_conns", "_hops", "_kept", "_lowered", "_own",
-                 "_source")
+    __slots__ = ("_cap", "_conns", "_hops", "_kept", "_lowered", "_own", "_source")
 
     def __init__(
         self, handler: Handler, limits: Limits,
@@ -714,7 +713,8 @@ class _ClientProtocol(HttpProtocol):
         kept: KeptReads | None = None,
     ) -> None:
         super().__init__(handler, limits, loop)
-        self._answered = answered  # its first request was answered by the fast path
+        # its first request was answered by the fast path: a later quiet spell is `idle`
+        self._answered = answered
         self._kept = kept
         self._conns = conns
         self._own: SocketTransport | None = None
@@ -1102,11 +1102,11 @@ class _FirstWait:
 
     def expire(self, counts: TimeoutCounts | None) -> None:
         """No byte within the request timeout: closed without an answer, counted as the
-        slow path counts it (an idle close)."""
+        slow path counts it (a silent close)."""
         sock = self._release()
         if sock is not None:
             if counts is not None:
-                counts.idle += 1
+                counts.silent += 1
             sock.close()
 
     def _release(self) -> Accepted | None:

@@ -356,7 +356,9 @@ class ServiceMetrics:
             "openimds_connection_timeouts",
             "Client connections this hop ended because a timeout passed: write (reset: its "
             "answers not taken within the write timeout), request (408: a request begun and "
-            "not received in time), idle (closed: no request begun in time)",
+            "not received in time), idle (closed: answered, then no next request within the "
+            "keep-alive timeout; routine), silent (closed: not one byte of a first request "
+            "within the request timeout)",
             labels=["hop", "kind"])
         for hop in self.hops:
             ended = hop.timeouts
@@ -364,6 +366,7 @@ class ServiceMetrics:
                 timeouts.add_metric([hop.hop, "write"], ended.write)
                 timeouts.add_metric([hop.hop, "request"], ended.request)
                 timeouts.add_metric([hop.hop, "idle"], ended.idle)
+                timeouts.add_metric([hop.hop, "silent"], ended.silent)
             for (code, family), n in sorted(hop.by_class().items()):
                 requests.add_metric([hop.hop, code, family], n)
             cumulative, running = [], 0

@@ -4,8 +4,8 @@ Two scrapes `interval` apart give rates (requests/s, registry writes/s) and, fro
 histogram's bucket deltas, the p99 of the requests answered in between; with no traffic in
 between the figures since start are shown (`window: "start"`). Each hop's client
 connections ended by a timeout (`openimds_connection_timeouts_total`) are shown since
-start by kind, `w=` write, `r=` request, `i=` idle (JSON: `timeouts`, and
-`timeouts_in_window`). Worker processes
+start by kind, `w=` write, `r=` request, `i=` idle (keep-alive expiry), `s=` silent (no
+first request byte) (JSON: `timeouts`, and `timeouts_in_window`). Worker processes
 (`[api] workers`, `metadata_workers`, `[proxy] workers`) are scraped on their own ports and
 summed. `summarize` is pure: scraped text in, plain rows out.
 """
@@ -251,7 +251,8 @@ def _hop_row(cur: Scrape, old: Scrape | None, hop: str, dt: float) -> dict[str, 
     timeouts = _timeouts(cur, hop)
     if timeouts is not None:
         # since start; and what the window added, when there is one (a rising write or
-        # request count is a client not reading or not sending; idle is mostly routine)
+        # request count is a client not reading or not sending, a rising silent one a
+        # connection that never asked; idle is routine keep-alive expiry)
         out["timeouts"] = timeouts
         if old is not None and dt > 0:
             before = _timeouts(old, hop) or {}
@@ -270,7 +271,7 @@ def _hop_row(cur: Scrape, old: Scrape | None, hop: str, dt: float) -> dict[str, 
     return out
 
 
-TIMEOUT_KINDS = ("write", "request", "idle")
+TIMEOUT_KINDS = ("write", "request", "idle", "silent")
 
 
 def _timeouts(s: Scrape, hop: str) -> dict[str, int] | None:
@@ -295,7 +296,7 @@ def table_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         if row.get("cache_hit_ratio") is not None:
             shown["cache_hit_ratio"] = f"{row['cache_hit_ratio'] * 100:.1f}%"
         timeouts = row.get("timeouts")
-        if timeouts is not None:  # w(rite)=.. r(equest)=.. i(dle)=.., since start
+        if timeouts is not None:  # w(rite)= r(equest)= i(dle)= s(ilent)=, since start
             shown["timeouts"] = " ".join(f"{k[0]}={timeouts[k]}" for k in TIMEOUT_KINDS)
         detail = []
         for key in ("workers", "requests", "cache_entries", "revision", "writes_per_s",
