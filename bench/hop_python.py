@@ -1,6 +1,7 @@
 """The Python share of each hot hop's CPU per request, without the kernel.
 
     .venv/bin/python bench/hop_python.py [--requests 20000] [--repeat 5] [--profile HOP]
+    .venv/bin/python bench/hop_python.py --micro access-line [--micro-ref REV]
 
 chain_bench.py measures what a hop costs per request on real sockets; most of that is the
 kernel's and the event loop's (reads, writes, wake-ups: see docs/benchmarks.md). This bench
@@ -25,6 +26,12 @@ Rows (µs of process CPU per request, the best of `--repeat` runs of `--requests
   pool 8 deep to the API, each batch answered in one read, the access line on).
 
 `--profile HOP` (proxy, agent): cProfile of that hop's loop, by own time.
+
+`--micro access-line`: `AccessLine.write` plus its flush alone, µs per line, this tree's
+against the class at `--micro-ref` (git, loaded from `git show REV:src/openimds/log.py`)
+in the same process, rounds alternating; a second instance of the reference gives the A/A
+noise. Lines go to a real file, a batch per event-loop iteration (`--batch` lines), flushed
+as the loop's timer would.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import cProfile
 import dataclasses
 import pstats
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -304,12 +312,77 @@ async def agent_pipelined(loop: asyncio.AbstractEventLoop, n: int, repeat: int) 
     return best
 
 
+REF_LOG = "b8c3422"  # the AccessLine that formatted each line in write()
+
+
+def _ref_access_line(rev: str) -> Any:
+    """A fresh AccessLine class from `rev`'s log.py, as its own module."""
+    import importlib.util
+    import subprocess
+
+    src = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:src/openimds/log.py"],
+                         check=True, capture_output=True, text=True).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(src)
+    spec = importlib.util.spec_from_file_location(f"_ref_log_{rev}", f.name)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    Path(f.name).unlink()
+    return mod.AccessLine
+
+
+async def micro_access_line(n: int, rounds: int, batch: int, rev: str) -> dict[str, list[float]]:
+    from openimds.log import AccessLine
+
+    ref = _ref_access_line(rev)
+    message = ("agent request_id=req-0123456789abcdef ip=10.0.0.5 router=r-1 instance=inst-1 "
+               "status=200 ms=0.12 method=GET path=/openstack/latest/meta_data.json")
+    out: dict[str, list[float]] = {"ref": [], "ref again (A/A)": [], "new": []}
+    with tempfile.TemporaryDirectory(prefix="access-line-") as tmp:
+        lines: dict[str, Any] = {}
+        streams: list[Any] = []
+        for name, cls in (("ref", ref), ("ref again (A/A)", ref), ("new", AccessLine)):
+            line = lines[name] = cls()
+            streams.append(open(Path(tmp) / f"{len(lines)}.log", "a", encoding="utf-8"))
+            line.configure(streams[-1], "agent")
+        for _ in range(rounds):
+            for name, line in lines.items():
+                write, flush = line.write, line.flush
+                t = time.process_time()
+                for _ in range(n // batch):
+                    for _ in range(batch):
+                        write(message)
+                    flush()
+                out[name].append((time.process_time() - t) / (n // batch * batch) * 1e6)
+                await asyncio.sleep(0)
+        await asyncio.sleep(0.05)  # the pending timers: nothing left to write
+        for line in lines.values():
+            line.configure(None, "agent")
+        for stream in streams:
+            stream.close()
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=20000)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--profile", choices=("proxy", "agent"))
+    p.add_argument("--micro", choices=("access-line",))
+    p.add_argument("--micro-ref", default=REF_LOG)
+    p.add_argument("--batch", type=int, default=2)
     a = p.parse_args()
+    if a.micro:
+        rounds = uvloop.run(micro_access_line(a.requests, a.repeat * 4, a.batch, a.micro_ref))
+        ref = statistics.median(rounds["ref"])
+        print(f"AccessLine write+flush, {a.batch} lines a batch, {a.repeat * 4} rounds "
+              f"of {a.requests} lines, against {a.micro_ref}:")
+        for name, us in rounds.items():
+            med = statistics.median(us)
+            print(f"{name:16s} median {med:5.2f} us/line  best {min(us):5.2f}  "
+                  f"({med / ref:4.2f}x ref)")
+        return 0
     with tempfile.NamedTemporaryFile(prefix="hop-python-", suffix=".log") as log:
         setup_logging(debug=False, log_file=log.name, component="agent")
         out = uvloop.run(measure(a.requests, a.repeat, a.profile))
