@@ -1,7 +1,9 @@
 """The metadata API's and the agent's write timeouts, for real: `[api] client_write_timeout`
 and `[metadata_agent] client_write_timeout` (1 s here) reset a client that pipelines and
 never reads its answers, and each reset is one more
-`openimds_connection_timeouts_total{kind="write"}` on that hop's /metrics.
+`openimds_connection_timeouts_total{kind="write"}` on that hop's /metrics; a connection to
+the API that never sends a byte is closed at `[api] client_timeout` (1 s here) and counted
+`kind="silent"`, not `idle` (the routine keep-alive expiry).
 
 The registry, the API and the agent are real processes started through the CLI; the client
 is `tests/flood.py`'s, over TCP to the API and over the agent's Unix socket (as the proxy
@@ -30,6 +32,7 @@ from tests.support import (
 )
 
 WRITE_TIMEOUT_S = 1.0
+REQUEST_TIMEOUT_S = 1.0  # the API's: a connection that sends nothing is closed then
 # Well under the 30 s default: a reset by then is the configured timeout's, not the
 # default's (loose on purpose: a loaded machine may add seconds, not 20).
 RESET_WITHIN_S = 20.0
@@ -42,7 +45,8 @@ TCP_CLOSE = 7  # tcp_info.tcpi_state after a reset
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("write-timeout")
     short = {"client_write_timeout": WRITE_TIMEOUT_S}
-    with stack(tmp, recording_api=False, api=short, metadata_agent=short) as st:
+    api_cfg = {**short, "client_timeout": REQUEST_TIMEOUT_S}
+    with stack(tmp, recording_api=False, api=api_cfg, metadata_agent=short) as st:
         api = openimds_service("api", st.config, "api", log_dir=tmp)
         port = int(st.cfg["DEFAULT"]["nova_metadata_port"])
         api.start().wait_until(http_ready(f"http://127.0.0.1:{port}/"))
@@ -55,13 +59,18 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         yield {"st": st, "api": api, "api_port": port, "router": router["id"]}
 
 
-def write_resets(st: Stack, service: str) -> float:
+def ended(st: Stack, service: str, kind: str) -> float:
+    """`openimds_connection_timeouts_total{kind=...}` on the hop's /metrics."""
     port = int(st.cfg["metrics"][f"{service}_port"])
     got = metric_samples(scrape(port))
     key = ("openimds_connection_timeouts_total", frozenset({("hop", service),
-                                                           ("kind", "write")}))
+                                                           ("kind", kind)}))
     assert key in got, sorted(k for k in got if "timeout" in k[0])
     return got[key]
+
+
+def write_resets(st: Stack, service: str) -> float:
+    return ended(st, service, "write")
 
 
 def wait_value(read: Callable[[], float], want: float, timeout: float = 30.0) -> float:
@@ -117,6 +126,23 @@ def test_the_agent_resets_a_client_that_never_reads_and_counts_it_once(chain: An
     assert unix_request(st.socket, "/latest/meta-data/instance-id",
                         headers=via_router(chain["router"], VM_IP)).status == 200
     assert write_resets(st, "agent") == before + 1
+
+
+def test_the_api_closes_a_connection_that_never_sends_and_counts_it_silent(chain: Any) -> None:
+    st: Stack = chain["st"]
+    kinds = ("silent", "idle", "request", "write")
+    before = {kind: ended(st, "api", kind) for kind in kinds}
+    with socket.create_connection(("127.0.0.1", chain["api_port"]),
+                                  timeout=RESET_WITHIN_S) as sock:
+        t0 = time.monotonic()
+        assert sock.recv(65536) == b""  # closed, no unprompted 408
+        assert time.monotonic() - t0 < RESET_WITHIN_S
+    assert wait_value(lambda: ended(st, "api", "silent"), before["silent"] + 1) \
+        == before["silent"] + 1
+    # and nothing else: not idle (the agent's pooled connections to the API, its only
+    # other clients, expire 30 s after their last use, in the tests just before this one)
+    after = {kind: ended(st, "api", kind) for kind in kinds}
+    assert after == {**before, "silent": before["silent"] + 1}
 
 
 @pytest.mark.parametrize(("service", "section", "raw", "reason"), [
