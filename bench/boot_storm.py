@@ -885,8 +885,32 @@ async def bench(args: argparse.Namespace, arms: list[str], settings: Settings, c
                 return {}
             return {"profile": spied, "profile_dir": Path(args.profile_dir)}
 
+        async def stop_proxy() -> None:
+            await proxy.stop()
+            stray = settings.path("proxy", "proxy.pid")
+            with contextlib.suppress(OSError, ValueError):
+                await stop_pid(int(stray.read_text()))
+
+        async def floor_arm() -> None:
+            nonlocal extra
+            with ProxyLock(settings):
+                floor = start_floor(settings, topo, results["ours"][0], state / "floor")
+                extra = [floor]
+                await wait_serving(topo, timeout_s=60)
+                results.setdefault("floor", []).append(await run_arm(
+                    "floor", topo.vms, {"floor": [floor.pid]}, settings,
+                    concurrent=args.concurrent))
+                stop_processes(extra)
+                extra = []
+
         for rnd in range(args.rounds):
             log(f"round {rnd + 1}/{args.rounds}")
+            # --alternate: every second round runs the floor first (it replays what round
+            # 1's ours arm received), so a load that drifts over a round favours neither
+            floor_first = args.alternate and rnd % 2 == 1 and "floor" in arms
+            if floor_first:
+                await stop_proxy()
+                await floor_arm()
             proxy_pid = await ensure_proxy()
             backends = await restart_backends()
             results.setdefault("ours", []).append(await run_arm(
@@ -898,11 +922,8 @@ async def bench(args: argparse.Namespace, arms: list[str], settings: Settings, c
                 results.setdefault("ours-warm", []).append(await run_arm(
                     "ours-warm", topo.vms, {"proxy": [proxy_pid], **backends}, settings,
                     concurrent=args.concurrent, **profiling(rnd)))
-            if "haproxy" in arms or "floor" in arms:
-                await proxy.stop()
-                stray = settings.path("proxy", "proxy.pid")
-                with contextlib.suppress(OSError, ValueError):
-                    await stop_pid(int(stray.read_text()))
+            if "haproxy" in arms or ("floor" in arms and not floor_first):
+                await stop_proxy()
             if "haproxy" in arms:
                 with ProxyLock(settings):
                     backends = await restart_backends()
@@ -913,16 +934,8 @@ async def bench(args: argparse.Namespace, arms: list[str], settings: Settings, c
                         settings, concurrent=args.concurrent))
                     stop_processes(extra)
                     extra = []
-            if "floor" in arms:
-                with ProxyLock(settings):
-                    floor = start_floor(settings, topo, results["ours"][0], state / "floor")
-                    extra = [floor]
-                    await wait_serving(topo, timeout_s=60)
-                    results.setdefault("floor", []).append(await run_arm(
-                        "floor", topo.vms, {"floor": [floor.pid]}, settings,
-                        concurrent=args.concurrent))
-                    stop_processes(extra)
-                    extra = []
+            if "floor" in arms and not floor_first:
+                await floor_arm()
     finally:
         STOP.set()
         stop_processes(extra)
@@ -941,6 +954,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "first; ours-warm repeats it with warm caches)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="interleaved rounds of all arms; medians are reported")
+    parser.add_argument("--alternate", action="store_true",
+                        help="run the floor arm first in every second round (a drifting "
+                             "background load then favours neither side of the ratio)")
     parser.add_argument("--keep-api", action="store_true",
                         help="do not restart the metadata API before the cold arms: it keeps "
                              "the views it prewarmed from the change feed (and, from round 2 "
