@@ -4,6 +4,8 @@
     .venv/bin/python bench/boot_storm.py          # N=1000 VMs, R=100 routers, I=10 isolated
     .venv/bin/python bench/boot_storm.py --small  # N=50, R=5, I=2 (the CI smoke test)
     .venv/bin/python bench/boot_storm.py --json out.json  # also write the figures as JSON
+    .venv/bin/python bench/boot_storm.py --rounds 6 --alternate --keep-api \
+        --arms ours,ours-warm,floor     # the cold storm against the floor on a noisy machine
 
 What it does, as root, inside a private network namespace of its own (ports and bridges vanish
 with it; the named namespaces it makes are deleted at the end, even on failure):
@@ -32,7 +34,9 @@ with it; the named namespaces it makes are deleted at the end, even on failure):
 
 Reported per arm: wall time, requests/s, p50/p99/max latency, errors (must be 0), registry
 queries made by the agent, RSS and CPU seconds of proxy/haproxy, agent and API; the proxy's RSS
-per extra router; and the ratios ours/floor and ours/haproxy.
+per extra router; and the ratios ours/floor, ours/haproxy, ours-warm/floor and ours/ours-warm,
+each a median of per-round ratios. A round where either arm of a ratio had an error gives no
+ratio (the bench says which round and how many errors instead).
 """
 
 from __future__ import annotations
