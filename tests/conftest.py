@@ -21,6 +21,7 @@ import pytest
 import uvloop
 
 CLONE_NEWNET = 0x40000000
+EPHEMERAL_LOW = 45000  # tests.support.free_port picks below this
 IS_ROOT = os.geteuid() == 0
 
 
@@ -30,6 +31,12 @@ def _enter_private_netns() -> None:
         err = ctypes.get_errno()
         raise OSError(err, f"unshare(CLONE_NEWNET) failed: {os.strerror(err)}")
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    # Connections' own (ephemeral) ports come from above the range free_port() hands out,
+    # so a port a test picked and a service binds later is never taken meanwhile by some
+    # client's connect (seen: a restarted API's port, free for a moment, taken by one).
+    # The setting is this namespace's own.
+    with open("/proc/sys/net/ipv4/ip_local_port_range", "w") as fh:
+        fh.write(f"{EPHEMERAL_LOW} 60999\n")
 
 
 if IS_ROOT and os.environ.get("NO_PRIVATE_NETNS") is None:

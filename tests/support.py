@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import secrets
 import signal
 import socket
@@ -25,11 +26,31 @@ PYTHON = sys.executable
 METRICS_SERVICES = ("registry", "api", "agent", "proxy", "l3_agent", "dhcp_agent")
 
 
+_PICKED: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 of the (private) namespace we run in."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port free on 127.0.0.1 of the (private) namespace we run in, below the
+    namespace's ephemeral range (tests/conftest.py), so no connection takes it before the
+    service it is for binds it; never the same one twice in a test session."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+        low = int(fh.read().split()[0])
+    if low <= 20000:  # not in the private namespace (not root): the kernel's pick
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    for _ in range(1000):
+        port = random.randrange(20000, low)
+        if port in _PICKED:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PICKED.add(port)
+        return port
+    raise RuntimeError(f"no free port in 20000-{low - 1}")
 
 
 def write_config(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:
