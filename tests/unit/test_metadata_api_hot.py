@@ -3,12 +3,18 @@ only while its instance is cached, never in place of a check the request needs."
 
 from __future__ import annotations
 
+import datetime
 import json
 
+from openimds.config import Settings
 from openimds.http.server import RawResponse, Request, Response
+from openimds.metadata.api import MetadataApi
+from openimds.metadata.vendordata import VendorData
 from tests.unit.test_metadata_api import (
     PROJECT,
+    SECRET,
     Batch,
+    FakeRegistry,
     body_of,
     call,
     header,
@@ -103,3 +109,21 @@ async def test_kept_answers_go_with_their_instance() -> None:
     # a resync drops everything
     api.apply_batch(Batch(50, resync=True))
     assert api._hot == {} and api._cache == {}
+
+
+async def test_the_kept_openstack_version_list_follows_the_date() -> None:
+    """`/openstack` hides versions dated after today (Nova), so its kept answer is today's:
+    the day a version's date comes, the hit path answers the list that shows it."""
+    settings = Settings(metadata_proxy_shared_secret=SECRET)
+    day = [datetime.date(2025, 4, 3)]
+    api = MetadataApi(settings, FakeRegistry(), VendorData(settings.api),
+                      wall_clock=lambda: 1000.0, today=lambda: day[0])
+    first = body_of(await call(api, "GET", "/openstack", keep_alive=True))
+    assert first.endswith(b"2020-10-14\nlatest")
+    assert isinstance(hot(api, "/openstack"), RawResponse)  # kept
+    day[0] = datetime.date(2025, 4, 4)
+    after = await call(api, "GET", "/openstack", keep_alive=True)
+    assert body_of(after).endswith(b"2020-10-14\n2025-04-04\nlatest")
+    assert body_of(hot(api, "/openstack")) == body_of(after)  # type: ignore[arg-type]
+    day[0] = datetime.date(2025, 4, 3)  # a clock set back hides it again
+    assert body_of(await call(api, "GET", "/openstack", keep_alive=True)) == first

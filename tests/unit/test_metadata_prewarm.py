@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import datetime
 import json
 from typing import Any
 
@@ -281,3 +282,22 @@ async def test_kept_answers_the_same_for_every_instance_are_kept_once() -> None:
     assert all(isinstance(r, RawResponse) for r in same + own)
     assert same[0].data is same[1].data  # type: ignore[union-attr]
     assert [body_of(r) for r in own] == [b"web-1.novalocal", b"web-2.novalocal"]
+
+
+async def test_a_prewarmed_openstack_version_list_follows_the_date() -> None:
+    """The boot answers kept at prewarm include `/openstack`, whose list depends on the
+    date: past the day a version's date comes, it is not answered from the day before."""
+    settings = Settings(metadata_proxy_shared_secret=SECRET,
+                        api=ApiSettings(prewarm_concurrency=4))
+    day = [datetime.date(2025, 4, 3)]
+    api = MetadataApi(settings, SnapshotRegistry(), VendorData(settings.api),
+                      wall_clock=lambda: 1000.0, today=lambda: day[0])
+    api.apply_batch(Batch(42, resync=True))
+    api.apply_batch(Batch(43, [change(43, "instance", "create", IID, project_id=PROJECT)]))
+    await settle(api)
+    kept = await call(api, "GET", "/openstack", keep_alive=True)
+    assert isinstance(kept, RawResponse) and body_of(kept).endswith(b"2020-10-14\nlatest")
+    day[0] = datetime.date(2025, 4, 5)
+    later = await call(api, "GET", "/openstack", keep_alive=True)
+    assert body_of(later).endswith(b"2020-10-14\n2025-04-04\nlatest")
+    assert api.stats["misses"] == 0

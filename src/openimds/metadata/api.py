@@ -202,8 +202,23 @@ class Registry(Protocol):
 _HotKey = tuple[str, bytes]
 _NUL = b"\x00"
 _IDENTITY_HEADERS = (b"x-instance-id", b"x-tenant-id", b"x-instance-id-signature")
-# A kept answer: complete bytes, or a seeded document's bytes before and after its seed.
-_Hot = bytes | tuple[bytes, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class _Dated:
+    """A kept answer that holds on one day only: `/openstack`'s version list hides the
+    versions dated after today (Nova), so yesterday's list must not answer today."""
+
+    day: datetime.date
+    data: bytes
+
+
+# A kept answer: complete bytes, a seeded document's bytes before and after its seed, or
+# complete bytes for one day.
+_Hot = bytes | tuple[bytes, bytes] | _Dated
+# The one path whose documents depend on the date (`_Dated`); every other lookup is given
+# _EPOCH, so no other answer can.
+_DATED_PATH = "/openstack"
 _SEED_LEN = len(base64.b64encode(bytes(SEED_BYTES)))
 
 
@@ -479,12 +494,14 @@ class MetadataApi:
         hot = answers.get(_NUL.join([seen.get(name, b"") for name in _IDENTITY_HEADERS]))
         return None if hot is None else self._hot_answer(hot)
 
-    def _hot_answer(self, hot: _Hot) -> RawResponse:
+    def _hot_answer(self, hot: _Hot) -> RawResponse | None:
         if isinstance(hot, bytes):
             return RawResponse(hot)
-        before, after = hot  # meta_data.json: a fresh random_seed in every answer
-        return RawResponse(b"".join((before, self._seeds.take(),
-                                     after)))
+        if isinstance(hot, tuple):
+            before, after = hot  # meta_data.json: a fresh random_seed in every answer
+            return RawResponse(b"".join((before, self._seeds.take(), after)))
+        # another day's version list: answered (and kept again) by the full path
+        return RawResponse(hot.data) if hot.day == self._today() else None
 
     def _token_required(self, path: str) -> bool:
         return self._os_tokens_required if path.startswith("/openstack") else (
@@ -657,8 +674,8 @@ class MetadataApi:
             if query.json:
                 target = docs.lookup_json(path)
             else:
-                # only the /openstack version list depends on the date
-                target = docs.lookup(path, self._today() if path == "/openstack" else _EPOCH)
+                day = self._today() if path == _DATED_PATH else _EPOCH
+                target = docs.lookup(path, day)
         except NotFound:
             return error_response(404, "no such metadata path")
         if query.wait and req.method != "POST":
@@ -670,7 +687,7 @@ class MetadataApi:
                 return _not_allowed(_ALLOW_READ)
             resp = _doc_response(target.body, target.content_type, target.etag, req)
             if req.method == "GET" and resp.status == 200 and not req.query:
-                self._keep_hot(req, path, entry, target)
+                self._keep_hot(req, path, entry, target, day)
             return resp
         if isinstance(target, PasswordTarget):
             if req.method == "POST":
@@ -683,7 +700,7 @@ class MetadataApi:
             seed = self._seeds.take()
             resp = _doc_response(target.render(seed), target.content_type, target.etag, req)
             if req.method == "GET" and resp.status == 200 and not req.query:
-                self._keep_hot(req, path, entry, target)
+                self._keep_hot(req, path, entry, target, _EPOCH)
             return resp
         if isinstance(target, AddressLeaf):
             body = self._request_address(req).encode()
@@ -906,20 +923,21 @@ class MetadataApi:
         self._index.add(entry.docs.view)
 
     def _keep_hot(self, req: Request, path: str, entry: _Entry,
-                  target: Document | SeededDocument) -> None:
+                  target: Document | SeededDocument, day: datetime.date) -> None:
         """Keep `target`'s answer for the hit path (`_hot`) under the identity headers `req`
         carries (see `_keep_answer`)."""
         values = [req.header_all(name) for name in _IDENTITY_HEADERS]
         if any(len(v) != 1 for v in values):
             return  # what the hit path looks up: each once (and `_identify` read these)
-        self._keep_answer(path, entry, _NUL.join([v[0] for v in values]), target)
+        self._keep_answer(path, entry, _NUL.join([v[0] for v in values]), target, day)
 
     def _keep_answer(self, path: str, entry: _Entry, who: bytes,
-                     target: Document | SeededDocument) -> None:
+                     target: Document | SeededDocument, day: datetime.date) -> None:
         """Keep `target`'s keep-alive GET 200 answer for the hit path under `who` (the
         identity header values, `_IDENTITY_HEADERS` NUL-joined), if `entry` is the cached
-        one (an unkept fetch must leave nothing behind) and the body is small. At most
-        WIRE_MAX_DOCS keys per instance."""
+        one (an unkept fetch must leave nothing behind) and the body is small; `day` is the
+        date `target` was looked up for (`_DATED_PATH`'s answer holds on that day only). At
+        most WIRE_MAX_DOCS keys per instance."""
         if self._cache.get(entry.docs.instance_id) is not entry or len(entry.hot) >= WIRE_MAX_DOCS:
             return
         answer = _kept_answer(target)
@@ -932,6 +950,8 @@ class MetadataApi:
             if len(shared) >= SHARED_ANSWERS:
                 shared.clear()
             answer = shared.setdefault(answer, answer)
+            if path == _DATED_PATH:
+                answer = _Dated(day, answer)
         answers = self._hot.setdefault(path, {})
         if entry.hot and entry.hot[0][1] == who:
             who = entry.hot[0][1]  # one kept copy for the instance's paths
@@ -1036,12 +1056,13 @@ class MetadataApi:
         who = _NUL.join((iid.encode(), docs.project_id.encode(),
                          sign_instance_id(self._secret, iid).encode("ascii")))
         for path in BOOT_PATHS:
+            day = self._today() if path == _DATED_PATH else _EPOCH
             try:
-                target = docs.lookup(path, self._today() if path == "/openstack" else _EPOCH)
+                target = docs.lookup(path, day)
             except NotFound:
                 continue
             if isinstance(target, Document | SeededDocument):
-                self._keep_answer(path, entry, who, target)
+                self._keep_answer(path, entry, who, target, day)
 
     async def stop_prewarm(self) -> None:
         """Cancel background fetches (they are also cancelled when `follow` ends)."""
