@@ -124,13 +124,20 @@ def log(msg: str) -> None:
 
 # --- process figures from /proc ---------------------------------------------------------------
 
-def cpu_seconds(pid: int) -> float:
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of `pid`; system includes the softirq work (a veth's
+    receive path, NAT) the kernel ran in its context."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
-        return 0.0
+        return 0.0, 0.0
     fields = stat[stat.rfind(b")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tck = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tck, int(fields[12]) / tck
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_split(pid))
 
 
 def rss_kib(pid: int) -> int:
@@ -640,9 +647,14 @@ def listen_drops() -> int:
     return 0
 
 
-def measure(pids: dict[str, list[int]]) -> dict[str, tuple[float, int]]:
-    return {name: (sum(cpu_seconds(p) for p in ps), sum(rss_kib(p) for p in ps))
-            for name, ps in pids.items()}
+def measure(pids: dict[str, list[int]]) -> dict[str, tuple[float, float, int]]:
+    """{name: (user CPU s, system CPU s, RSS KiB)}, summed over each name's processes."""
+    out = {}
+    for name, ps in pids.items():
+        splits = [cpu_split(p) for p in ps]
+        out[name] = (sum(u for u, _ in splits), sum(s for _, s in splits),
+                     sum(rss_kib(p) for p in ps))
+    return out
 
 
 def start_profile(pids: dict[str, list[int]], hops: Sequence[str], out: Path,
@@ -715,15 +727,22 @@ async def run_arm(name: str, vms: Sequence[Vm], pids: dict[str, list[int]],
         result.registry_queries = int(stats1["registry_queries"]) - int(
             stats0.get("registry_queries", 0))
     for proc_name in pids:
+        user = after[proc_name][0] - before[proc_name][0]
+        system = after[proc_name][1] - before[proc_name][1]
         result.processes[proc_name] = {
-            "cpu_s": round(after[proc_name][0] - before[proc_name][0], 3),
-            "rss_mib": round(after[proc_name][1] / 1024, 1),
+            "cpu_s": round(user + system, 3), "user_s": round(user, 3),
+            "sys_s": round(system, 3),
+            "us_per_req": round(1e6 * (user + system) / max(1, result.requests), 1),
+            "rss_mib": round(after[proc_name][2] / 1024, 1),
         }
     s = result.summary()
     log(f"arm {name}: {s['requests']} requests in {s['wall_s']} s = {s['rps']} req/s, "
         f"p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms, max {s['max_ms']} ms, "
         f"errors {s['errors']}, registry queries {s['registry_queries']}, "
         f"{s['over_900ms']} over 900 ms, {s['host_listen_drops']} listen drops")
+    log(f"arm {name} CPU: " + ", ".join(
+        f"{k} usr {v['user_s']:.2f} s + sys {v['sys_s']:.2f} s = {v['us_per_req']:.0f} us/req"
+        for k, v in result.processes.items()))
     for sample in result.error_samples[:5]:
         log(f"  error: {sample}")
     return result
@@ -1081,8 +1100,10 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"{'arm':<9} {'requests':>8} {'wall s':>7} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
           f"{'max ms':>7} {'errors':>6} {'reg q':>6}  processes (CPU s, RSS MiB)")
     for s in report["arms"].values():
-        procs = ", ".join(f"{k} {v['cpu_s']:.2f}s {v['rss_mib']:.1f}M"
-                          for k, v in s["processes"].items())
+        procs = ", ".join(
+            f"{k} {v['cpu_s']:.2f}s (usr {v['user_s']:.2f} sys {v['sys_s']:.2f}, "
+            f"{v['us_per_req']:.0f} us/req) {v['rss_mib']:.1f}M"
+            for k, v in s["processes"].items())
         print(f"{s['arm']:<9} {s['requests']:>8} {s['wall_s']:>7.2f} {s['rps']:>8.0f} "
               f"{s['p50_ms']:>7.1f} {s['p99_ms']:>7.1f} {s['max_ms']:>7.1f} {s['errors']:>6} "
               f"{s['registry_queries'] if s['registry_queries'] is not None else '-':>6}  "
