@@ -107,9 +107,14 @@ GC_THRESHOLD_0 = 20000
 LOCK_WAIT_S = 0.5
 _IPV6_FREEBIND = getattr(socket, "IPV6_FREEBIND", 78)
 _IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
-_MEMO_MAX = 4096  # encoded upstream requests kept (cleared when full)
+_MEMO_MAX = 4096  # agent-bound request templates kept (cleared when full)
 _MEMO_TARGET_MAX = 256  # longer request targets are not kept
 _RID_LINE = b"\r\n" + REQUEST_ID_HEADER + b": "
+# Where the proxy's own headers go in a template (`Forwarder.template`): encoded in their
+# place, then cut out. A NUL never comes in a parsed header, so the line is found only there.
+_SPLICE = ((b"X-Openimds-Splice", b"\x00"),)
+_SPLICE_LINE = b"X-Openimds-Splice: \x00\r\n"
+_ADDED_MAX = 4096  # per listener: its sources' own header lines kept (cleared when full)
 _FIRST_MEMO_MAX = 4096  # first reads kept for the fast path (the oldest goes first)
 _FIRST_MAX = 1024  # longer first reads are not kept (they are the keys; cloud-init's ~200 B)
 _READ_SIZE = 65536
@@ -393,21 +398,32 @@ class Tarpit:
 
 class Route:
     """What the forwarder keeps per listener: its spec, its sources the agent limited
-    (`LimitedSources`), its tarpitted answers per source, and the identity headers of the
-    VM that asked last."""
+    (`LimitedSources`), its tarpitted answers per source, and each source's identity
+    header lines (`added_for`)."""
 
-    __slots__ = ("held", "last_added", "last_host", "limited", "scope", "spec", "tag")
+    __slots__ = ("added", "held", "limited", "scope", "spec")
 
     def __init__(self, spec: ListenerSpec, held: dict[str, int]) -> None:
         self.spec = spec
         self.held = held
         # Empty unless some VM is over its budget: then one dict lookup per request.
         self.limited: dict[str, _Limited] = {}
-        self.last_host = ""
-        self.last_added: tuple[tuple[bytes, bytes], ...] = ()
-        self.tag = object()  # this listener in memo keys (hashed by identity, unlike spec)
+        self.added: dict[str, bytes] = {}
         self.scope = (f"router={spec.router_id}" if spec.router_id else
                       f"network={spec.network_id}")
+
+    def added_for(self, host: str) -> bytes:
+        """The header lines the proxy sets for `host` on this listener (`proxy_headers`:
+        X-Forwarded-For and the router or network ID), CRLF between them, none after: what
+        goes into a `Forwarder.template`. Kept per source (bounded: sources are many)."""
+        lines = self.added.get(host)
+        if lines is None:
+            if len(self.added) >= _ADDED_MAX:
+                self.added.clear()
+            lines = b"\r\n".join(name + b": " + value
+                                  for name, value in proxy_headers(host, self.spec))
+            self.added[host] = lines
+        return lines
 
 
 class Forwarder:
@@ -432,14 +448,18 @@ class Forwarder:
         # Request IDs: <8 random hex>-<sequence in hex>, unique per process and start.
         self._id_prefix = os.urandom(4).hex().encode() + b"-"
         self._id_seq = 0
-        # The bytes sent to the agent are a function of the listener, the peer and the
-        # request: a VM asks for the same few paths with the same headers, so they are made
-        # once (rewrite + encode: ~3 µs of a proxied request). Bounded: keys are VM-chosen.
-        self._encoded: dict[tuple[object, ...], tuple[bytes, bytes, bytes | None]] = {}
-        # What a connection's first read comes to, by (listener, peer address, its bytes):
-        # the fast path (`FirstRequests`). At most `first_memo` entries (0: no fast path).
+        # The bytes sent to the agent are the request's (rewritten and encoded: ~3 µs) with
+        # the proxy's own header lines, which alone depend on the listener and the peer, in
+        # one place: kept per request as a template around that place (`template`), so
+        # every VM and listener asking for the same paths with the same headers shares one
+        # (a boot storm: ~28 for 1,000 VMs, not 28,000). Bounded: keys are VM-chosen.
+        self._encoded: dict[tuple[object, ...], _Template | None] = {}
+        # What a read comes to, by its bytes: the fast path (`KeptReads`), for every
+        # listener of this forwarder (they share one `Limits`, under which a read parses).
+        # At most `first_memo` entries (0: no fast path).
         self.first_memo = first_memo
-        self.first: dict[tuple[object, str, bytes], _Hit | None] = {}
+        self.first: dict[bytes, _Hit | None] = {}
+        self.first_limits: Limits | None = None
         self.first_hits = 0  # requests answered by the fast path
 
     def route(self, spec: ListenerSpec, held: dict[str, int] | None = None) -> Route:
@@ -489,24 +509,30 @@ class Forwarder:
     def encoded_for(self, r: Route, req: Request, host: str) -> tuple[bytes, bytes, bytes | None]:
         """The agent-bound request for `req` from `host` on `r`'s listener: the head up to
         where the request ID goes, the rest, and the guest's own request ID (or None)."""
-        key = (r.tag, host, req.method, req.target, *req.headers) if not req.body else None
+        t = self.template(req)
+        if t is not None:
+            return t.before + r.added_for(host) + t.after, t.tail, t.rid
+        whole = self.pool.encode_request(
+            req.method, req.target, rewrite_headers(req.headers, proxy_headers(host, r.spec)),
+            req.body)
+        cut = whole.index(b"\r\n\r\n")  # where the request ID goes: the header block's end
+        return whole[:cut], whole[cut:], guest_request_id(req.headers)
+
+    def template(self, req: Request) -> _Template | None:
+        """`req` as the agent gets it, around the place of the proxy's own header lines
+        (`Route.added_for`); None for a request with a body or a long target (not kept)."""
+        if req.body or len(req.target) > _MEMO_TARGET_MAX:
+            return None
+        key = (req.method, req.target, *req.headers)
         encoded = self._encoded
-        entry = encoded.get(key) if key is not None else None
-        if entry is None:
-            if host != r.last_host:  # the same VM usually asks many times in a row
-                r.last_added = proxy_headers(host, r.spec)
-                r.last_host = host
-            whole = self.pool.encode_request(req.method, req.target,
-                                             rewrite_headers(req.headers, r.last_added),
-                                             req.body)
-            # Kept split where the request ID goes: the end of the header block.
-            cut = whole.index(b"\r\n\r\n")
-            entry = (whole[:cut], whole[cut:], guest_request_id(req.headers))
-            if key is not None and len(req.target) <= _MEMO_TARGET_MAX:
-                if len(encoded) >= _MEMO_MAX:
-                    encoded.clear()
-                encoded[key] = entry
-        return entry
+        t = encoded.get(key, _UNMADE)
+        if t is _UNMADE:
+            t = _Template.of(req, self.pool.encode_request(
+                req.method, req.target, rewrite_headers(req.headers, _SPLICE), req.body))
+            if len(encoded) >= _MEMO_MAX:
+                encoded.clear()
+            encoded[key] = t
+        return t
 
     def new_rid(self) -> bytes:
         self._id_seq += 1
@@ -615,6 +641,35 @@ class Forwarder:
         self._errors.report(status, exc.reason)
         self.hop.upstream_error(status)
         return error_response(status, _VM_REASONS.get(status, "metadata proxy error")), status
+
+
+class _Template:
+    """An agent-bound request without the proxy's own header lines: the head is `before`
+    + those lines + `after`, then the request ID line, then `tail` (the header block's end,
+    and the body). `rid`: the guest's own request ID, or None."""
+
+    __slots__ = ("after", "before", "rid", "tail")
+
+    def __init__(self, before: bytes, after: bytes, tail: bytes, rid: bytes | None) -> None:
+        self.before = before
+        self.after = after
+        self.tail = tail
+        self.rid = rid
+
+    @staticmethod
+    def of(req: Request, spliced: bytes) -> _Template | None:
+        """From `req` encoded with `_SPLICE` in place of the proxy's headers; None if the
+        encoding did not put that line once (then each request is encoded whole)."""
+        at = spliced.find(_SPLICE_LINE)
+        if at < 0 or spliced.find(_SPLICE_LINE, at + 1) >= 0:
+            return None
+        # the lines put in have no CRLF after the last one: it starts `rest`
+        rest = spliced[at + len(_SPLICE_LINE) - 2:]
+        cut = rest.index(b"\r\n\r\n")  # where the request ID goes
+        return _Template(spliced[:at], rest[:cut], rest[cut:], guest_request_id(req.headers))
+
+
+_UNMADE = _Template(b"", b"", b"", None)
 
 
 class SourceCap:
@@ -838,15 +893,18 @@ class Listener:
 # -- the fast path: a read that is one whole request, kept by its bytes --------------------
 
 class _Hit:
-    """What the slow path makes of one read: the agent-bound request (split where the
-    request ID goes; the guest's own ID or None), and what answering it depends on."""
+    """What the slow path makes of one read: the agent-bound request (its `_Template`: the
+    source's header lines go after `before`, the request ID after `after_rid`; the guest's
+    own ID or None), and what answering it depends on."""
 
-    __slots__ = ("head_only", "head_rid", "keep_alive", "method", "path", "req", "rid", "tail")
+    __slots__ = ("after_rid", "before", "head_only", "keep_alive", "method", "path", "req",
+                 "rid", "tail")
 
-    def __init__(self, head: bytes, tail: bytes, rid: bytes | None, req: Request) -> None:
-        self.head_rid = head + _RID_LINE  # the request ID goes after this
-        self.tail = tail
-        self.rid = rid
+    def __init__(self, t: _Template, req: Request) -> None:
+        self.before = t.before
+        self.after_rid = t.after + _RID_LINE
+        self.tail = t.tail
+        self.rid = t.rid
         self.req = req  # as parsed (peer None); never changed, so shared by its hits
         self.method = req.method
         self.path = req.path
@@ -854,7 +912,7 @@ class _Hit:
         self.keep_alive = req.keep_alive
 
 
-_UNSEEN = _Hit(b"", b"", None, Request("GET", "/", [], b"", "1.1", False, None))
+_UNSEEN = _Hit(_UNMADE, Request("GET", "/", [], b"", "1.1", False, None))
 
 
 class KeptReads:
@@ -863,17 +921,23 @@ class KeptReads:
     keep-alive connection at a request boundary (`_ClientProtocol.data_received`).
 
     A VM sends the same bytes again and again (cloud-init: a connection per request; a
-    keep-alive client: the same few paths). Everything the slow path makes of such a read
-    (parse, header rewrite, the agent-bound bytes, keep-alive) is a function of the
-    listener, the peer address and those bytes, so it is kept (`Forwarder.first`, keyed by
-    exactly those three) and a later copy goes straight to the agent. The entry is made by
-    the slow path's own code: `parse_one` (None for a partial, pipelined, malformed, upgrade
-    or `Expect` read) and `Forwarder.encoded_for`. A long poll is not kept.
+    keep-alive client: the same few paths), and every VM sends the same bytes as the others
+    (the same cloud-init). Everything the slow path makes of such a read (parse, header
+    rewrite, the agent-bound bytes, keep-alive) is a function of those bytes, but for the
+    proxy's own header lines, which depend on the listener and the peer address and are
+    put in at the send (`Route.added_for`); so it is kept (`Forwarder.first`, keyed by the
+    bytes) and a later copy from any VM on any listener goes straight to the agent. The
+    entry is made by the slow path's own code: `parse_one` (None for a partial, pipelined,
+    malformed, upgrade or `Expect` read) and `Forwarder.template`. A long poll is not kept.
     """
 
     __slots__ = ("fwd", "limits", "memo", "route")
 
     def __init__(self, forwarder: Forwarder, route: Route, limits: Limits) -> None:
+        if forwarder.first_limits is None:
+            forwarder.first_limits = limits
+        elif forwarder.first_limits is not limits:  # a read kept under one, hit under another
+            raise ValueError("the listeners of one Forwarder must share one Limits")
         self.fwd = forwarder
         self.route = route
         self.limits = limits
@@ -883,25 +947,25 @@ class KeptReads:
         """What `data` from `host` comes to (None: not for the fast path)."""
         if len(data) > _FIRST_MAX:
             return None
-        key = (self.route.tag, host, data)
-        hit = self.memo.get(key, _UNSEEN)
+        hit = self.memo.get(data, _UNSEEN)
         if hit is _UNSEEN:  # (only reads that passed this test are kept)
             if not (data.endswith(b"\r\n\r\n") and data.startswith((b"GET ", b"HEAD "))):
                 return None
-            hit = self._learn(key, data)
+            hit = self._learn(data)
         return hit
 
-    def _learn(self, key: tuple[object, str, bytes], data: bytes) -> _Hit | None:
+    def _learn(self, data: bytes) -> _Hit | None:
         req = parse_one(data, self.limits, asyncio.get_running_loop())
         hit = None
         if (req is not None and req.method in ("GET", "HEAD") and not req.body
-                and not is_long_poll(req.query) and len(req.target) <= _MEMO_TARGET_MAX):
-            head, tail, rid = self.fwd.encoded_for(self.route, req, key[1])
-            hit = _Hit(head, tail, rid, req)
+                and not is_long_poll(req.query)):
+            t = self.fwd.template(req)
+            if t is not None:
+                hit = _Hit(t, req)
         memo = self.memo
         while len(memo) >= self.fwd.first_memo:
             del memo[next(iter(memo))]  # the oldest first
-        memo[key] = hit
+        memo[data] = hit
         return hit
 
     def admits(self, host: str) -> bool:
@@ -937,7 +1001,9 @@ class KeptReads:
                 fwd._observe(hit.method, hit.path, status, t0, rid, host, self.route.scope)
             then(resp)
 
-        fwd.pool.send_encoded(b"".join((hit.head_rid, rid, hit.tail)), hit.head_only, done)
+        fwd.pool.send_encoded(
+            b"".join((hit.before, self.route.added_for(host), hit.after_rid, rid, hit.tail)),
+            hit.head_only, done)
 
 
 class FirstRequests(Acceptor):
