@@ -7,7 +7,9 @@ import datetime
 import json
 
 from openimds.config import Settings
+from openimds.core.metadata.versions import EC2_VERSIONS, OS_VERSIONS
 from openimds.http.server import RawResponse, Request, Response
+from openimds.metadata import api as api_mod
 from openimds.metadata.api import MetadataApi
 from openimds.metadata.vendordata import VendorData
 from tests.unit.test_metadata_api import (
@@ -102,7 +104,7 @@ async def test_kept_answers_go_with_their_instance() -> None:
     # evicted by another instance (cache_size=1): nothing of it is kept
     await call(api, "GET", path, signed(other))
     assert list(api._cache) == [other]
-    assert all(IID.encode() not in who for answers in api._hot.values() for who in answers)
+    assert all(IID.encode() not in who for who in api._hot)
     calls = reg.calls
     assert status(await call(api, "GET", path, keep_alive=True)) == 200
     assert reg.calls == calls + 1  # fetched again, not answered from a kept copy
@@ -127,3 +129,66 @@ async def test_the_kept_openstack_version_list_follows_the_date() -> None:
     assert body_of(hot(api, "/openstack")) == body_of(after)  # type: ignore[arg-type]
     day[0] = datetime.date(2025, 4, 3)  # a clock set back hides it again
     assert body_of(await call(api, "GET", "/openstack", keep_alive=True)) == first
+
+
+async def test_a_kept_answer_is_not_held_twice_and_the_full_path_builds_it_again() -> None:
+    """Once an answer is kept for the hit path, the instance's documents drop their copy;
+    a request the hit path does not answer (HEAD, If-None-Match) gets the same bytes and
+    ETag, built again from the same view, with no registry fetch."""
+    api, reg = make_api()
+    path = "/latest/meta-data/hostname"
+    first = await call(api, "GET", path, keep_alive=True)
+    assert isinstance(first, Response)
+    assert path not in api._cache[IID].docs._memo  # kept once: on the hit path
+    kept = hot(api, path)
+    assert isinstance(kept, RawResponse) and kept.data == first.encode(keep_alive=True)
+    etag = header(first, "ETag")
+    assert etag is not None
+    again = await call(api, "GET", path, [*signed(), (b"if-none-match", etag.encode())])
+    assert status(again) == 304
+    head = await call(api, "HEAD", path)
+    assert isinstance(head, Response) and header(head, "ETag") == etag
+    assert reg.calls == 1
+
+
+async def test_kept_answers_per_instance_are_bounded_in_count_and_bytes() -> None:
+    """An instance keeps at most WIRE_MAX_DOCS answers of WIRE_MAX_BYTES in all; past that
+    its answers come from the full path, the same bytes, with no fetch."""
+    api, reg = make_api()
+    many = [f"/{v}/meta-data/{leaf}" for v in (*EC2_VERSIONS, "latest") for leaf in (
+        "hostname", "instance-id", "ami-id", "reservation-id", "ami-launch-index",
+        "security-groups", "ami-manifest-path")]  # 70 paths, in every version
+    big = (*OS_VERSIONS, "latest")  # ~3.3 KB each, more than WIRE_MAX_BYTES in all
+    other = "11111111-2222-4333-8444-555555555555"
+    reg.views[other] = json.loads(json.dumps(reg.views[IID]))
+    reg.views[other]["instance"]["id"] = other
+    reg.views[other]["instance"]["metadata"] = {f"k{n}": "v" * 450 for n in range(5)}
+    for iid, paths in ((IID, many), (other, [f"/openstack/{v}/meta_data.json" for v in big])):
+        for p in paths:
+            assert status(await call(api, "GET", p, signed(iid), keep_alive=True)) == 200
+        entry = api._cache[iid]
+        (who,) = entry.who
+        kept = api._hot[who]
+        assert entry.kept == len(kept) and entry.kept_bytes == sum(
+            api_mod._size(a) for a in kept.values())
+        assert entry.kept <= api_mod.WIRE_MAX_DOCS
+        assert entry.kept_bytes <= api_mod.WIRE_MAX_BYTES
+        assert 0 < len(kept) < len(paths)  # a bound was reached: the rest were not kept
+        for p in set(paths) - set(kept):  # answered by the full path, the same bytes
+            got = await call(api, "GET", p, signed(iid), keep_alive=True)
+            assert isinstance(got, Response), p
+            want = api._cache[iid].docs.lookup(p, datetime.date.today())
+            assert json.loads(got.body).keys() == json.loads(want.render(b"x")).keys() \
+                if p.endswith(".json") else got.body == want.body  # type: ignore[union-attr]
+    assert len(api._hot[api._cache[IID].who[0]]) == api_mod.WIRE_MAX_DOCS
+    assert reg.calls == 2
+
+
+async def test_the_shared_answer_table_is_bounded_in_bytes() -> None:
+    api, _ = make_api()
+    for n in range(3000):
+        api._shared(b"x" * 1000 + str(n).encode())
+    assert api._answers_bytes <= api_mod.SHARED_BYTES
+    assert sum(len(a) for a in api._answers) == api._answers_bytes
+    one = b"y" * 100
+    assert api._shared(bytes(one)) is api._shared(bytes(one))

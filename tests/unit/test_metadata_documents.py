@@ -375,3 +375,18 @@ def test_port_without_subnets_has_no_link() -> None:
     view["ports"][0]["subnets"] = []
     nd = get(docs(view), "/openstack/latest/network_data.json")
     assert json.loads(nd.body) == {"links": [], "networks": [], "services": []}
+
+
+def test_forget_drops_what_was_built_and_a_lookup_builds_the_same_again() -> None:
+    d = docs()
+    paths = ["/openstack", "/latest/meta-data/hostname", "/openstack/latest/network_data.json"]
+    before = [get(d, p) for p in paths]
+    assert d._memo and d._ec2 and d._os_listing
+    d.forget(normalize_path("/latest/meta-data/hostname"))
+    assert "/latest/meta-data/hostname" not in d._memo and d._ec2
+    d.forget("/openstack")
+    assert d._os_listing is None
+    d.forget()
+    assert not d._memo and not d._ec2 and d._os_listing is None
+    again = [get(d, p) for p in paths]
+    assert again == before and all(a is not b for a, b in zip(again, before, strict=True))

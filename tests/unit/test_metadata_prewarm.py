@@ -243,6 +243,8 @@ async def test_prewarmed_instance_boot_requests_are_kept_hits_from_the_first() -
     api.apply_batch(Batch(43, [change(43, "instance", "create", IID, project_id=PROJECT)]))
     await settle(api)
     assert api.stats["prewarmed"] == 1
+    built = api._cache[IID].docs
+    assert not built._memo and not built._ec2  # kept once: as the hit path's answers
     kept = 0
     for path in BOOT_PATHS:
         want = await call(cold, "GET", path, keep_alive=True)

@@ -130,12 +130,20 @@ SEED_BATCH = 128  # random_seeds drawn at once (64 KiB)
 RECENT_CHANGES = 4096
 PATH_MEMO = 4096
 MEMO_KEY_MAX = 128  # longer paths / ids are not memoised (bounds the memos' memory)
-# Pre-encoded answers per instance: how many, and only small ones (a large user-data would
-# otherwise be held twice per path alias).
-WIRE_MAX_DOCS = 256
+# Kept answers (the hit path) per instance: how many, how many bytes in all, and only small
+# ones (a large user-data would otherwise be held twice per path alias). cloud-init's boot
+# paths are 26 answers, 4.4 KiB in all for the unit tests' instance (a 4 KiB user-data and
+# as much metadata add ~8); past a bound an answer is not kept and the full path answers
+# it. Worst case ~30 KiB per cached instance with its dicts (docs/benchmarks.md).
+WIRE_MAX_DOCS = 64
+WIRE_MAX_BYTES = 24576
 WIRE_MAX_BODY = 4096
+WIRE_MAX_WHO = 4  # distinct identity header spellings kept per instance
 SIGNATURE_MEMO = 65536
-SHARED_ANSWERS = 4096  # distinct kept answers shared between instances; cleared when full
+# Kept answers shared between instances, one copy of each: how many, how many bytes (the
+# table may hold answers no instance keeps any more until it is cleared, when full).
+SHARED_ANSWERS = 4096
+SHARED_BYTES = 1 << 20
 _WANTED = frozenset({b"x-instance-id", b"x-instance-id-signature", b"x-tenant-id",
                      TOKEN_HEADER, FC_TOKEN_HEADER, b"if-none-match"})
 _GET_HEAD = ("GET", "HEAD")
@@ -196,10 +204,9 @@ class Registry(Protocol):
     async def set_password(self, instance_id: str, password: str) -> dict[str, Any]: ...
 
 
-# Where a kept answer is: the normalised path, and X-Instance-ID, X-Tenant-ID and
+# Whose kept answers (`MetadataApi._hot`): X-Instance-ID, X-Tenant-ID and
 # X-Instance-ID-Signature as the request carries them, NUL-joined (a header value never
 # holds NUL: the parser refuses it).
-_HotKey = tuple[str, bytes]
 _NUL = b"\x00"
 _IDENTITY_HEADERS = (b"x-instance-id", b"x-tenant-id", b"x-instance-id-signature")
 
@@ -222,7 +229,16 @@ _DATED_PATH = "/openstack"
 _SEED_LEN = len(base64.b64encode(bytes(SEED_BYTES)))
 
 
-def _kept_answer(target: Document | SeededDocument) -> _Hot | None:
+def _size(hot: _Hot) -> int:
+    """The bytes of a kept answer."""
+    if isinstance(hot, bytes):
+        return len(hot)
+    if isinstance(hot, tuple):
+        return len(hot[0]) + len(hot[1])
+    return len(hot.data)
+
+
+def _kept_answer(target: Document | SeededDocument) -> bytes | tuple[bytes, bytes] | None:
     """The complete keep-alive GET 200 answer for `target`, as `_serve` gives it (a seeded
     document's around a NUL run where the seed goes: JSON and heads hold none); None when
     the body is over WIRE_MAX_BODY."""
@@ -279,7 +295,9 @@ BOOT_PATHS: tuple[str, ...] = tuple(dict.fromkeys(normalize_path(p) for p in (
 @dataclass(slots=True)
 class _Entry:
     docs: InstanceDocuments
-    hot: list[_HotKey] = field(default_factory=list)  # its answers in MetadataApi._hot
+    who: list[bytes] = field(default_factory=list)  # its keys in MetadataApi._hot
+    kept: int = 0  # answers kept for it, in all
+    kept_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -384,13 +402,16 @@ class MetadataApi:
             architecture=architecture, expose_tags=api.expose_tags,
         )
         self._cache: dict[str, _Entry] = {}
-        # The hit path: path -> identity headers (`_HotKey`) -> the complete keep-alive GET
-        # answer. One lookup in a per-path dict instead of the signature memo, the cache
-        # entry, its documents and its own dict: at 10,000 instances each distinct object a
-        # request touches is a likely cache (and TLB) miss, ~0.2 us apiece on this VM. Kept
-        # only for entries in `_cache` and dropped with them (`_forget`).
-        self._hot: dict[str, dict[bytes, _Hot]] = {}
+        # The hit path: identity headers (as `_NUL` joins them) -> path -> the complete
+        # keep-alive GET answer. Two dict lookups instead of the signature memo, the cache
+        # entry, its documents and their memo: at 10,000 instances each distinct object a
+        # request touches is a likely cache (and TLB) miss, ~0.2 us apiece on this VM. One
+        # small dict per instance (not one slot per instance in a dict per path): it goes
+        # whole with its instance. Kept only for entries in `_cache` and dropped with them
+        # (`_forget`).
+        self._hot: dict[bytes, dict[str, _Hot]] = {}
         self._answers: dict[bytes, bytes] = {}  # kept answers, one copy of each (bounded)
+        self._answers_bytes = 0
         self._paths: dict[str, str] = {}
         self._signatures: dict[bytes, tuple[str, bytes]] = {}
         self._index = DependencyIndex()
@@ -488,10 +509,10 @@ class MetadataApi:
 
     def _hot_hit(self, path: str, seen: dict[bytes, bytes]) -> RawResponse | None:
         """The answer kept for `path` under exactly these identity header values, if any."""
-        answers = self._hot.get(path)
+        answers = self._hot.get(_NUL.join([seen.get(name, b"") for name in _IDENTITY_HEADERS]))
         if answers is None:
             return None
-        hot = answers.get(_NUL.join([seen.get(name, b"") for name in _IDENTITY_HEADERS]))
+        hot = answers.get(path)
         return None if hot is None else self._hot_answer(hot)
 
     def _hot_answer(self, hot: _Hot) -> RawResponse | None:
@@ -929,46 +950,70 @@ class MetadataApi:
         values = [req.header_all(name) for name in _IDENTITY_HEADERS]
         if any(len(v) != 1 for v in values):
             return  # what the hit path looks up: each once (and `_identify` read these)
-        self._keep_answer(path, entry, _NUL.join([v[0] for v in values]), target, day)
+        # a client that closes its connections is not answered by the hit path: for it the
+        # documents keep their copy too
+        self._keep_answer(path, entry, _NUL.join([v[0] for v in values]), target, day,
+                          forget=req.keep_alive)
 
     def _keep_answer(self, path: str, entry: _Entry, who: bytes,
-                     target: Document | SeededDocument, day: datetime.date) -> None:
+                     target: Document | SeededDocument, day: datetime.date, *,
+                     forget: bool = True) -> None:
         """Keep `target`'s keep-alive GET 200 answer for the hit path under `who` (the
         identity header values, `_IDENTITY_HEADERS` NUL-joined), if `entry` is the cached
         one (an unkept fetch must leave nothing behind) and the body is small; `day` is the
-        date `target` was looked up for (`_DATED_PATH`'s answer holds on that day only). At
-        most WIRE_MAX_DOCS keys per instance."""
-        if self._cache.get(entry.docs.instance_id) is not entry or len(entry.hot) >= WIRE_MAX_DOCS:
+        date `target` was looked up for (`_DATED_PATH`'s answer holds on that day only);
+        `forget`: the documents drop their own copy of what is kept. At
+        most WIRE_MAX_DOCS answers and WIRE_MAX_BYTES in all per instance, under at most
+        WIRE_MAX_WHO spellings of its identity headers."""
+        if self._cache.get(entry.docs.instance_id) is not entry:
             return
-        answer = _kept_answer(target)
-        if answer is None:
+        encoded = _kept_answer(target)
+        if encoded is None:
             return
-        if isinstance(answer, bytes):
+        answers = self._hot.get(who)
+        old = None if answers is None else answers.get(path)
+        size = _size(encoded) - (0 if old is None else _size(old))
+        if old is None and entry.kept >= WIRE_MAX_DOCS or entry.kept_bytes + size > WIRE_MAX_BYTES:
+            return
+        if answers is None:
+            if len(entry.who) >= WIRE_MAX_WHO:
+                return
+            answers = self._hot[who] = {}
+            entry.who.append(who)
+        answer: _Hot = encoded
+        if isinstance(encoded, bytes):
             # Many answers are the same bytes for every instance (listings, placement,
             # empty vendor data): one copy of each, not one per instance.
-            shared = self._answers
-            if len(shared) >= SHARED_ANSWERS:
-                shared.clear()
-            answer = shared.setdefault(answer, answer)
+            answer = shared = self._shared(encoded)
             if path == _DATED_PATH:
-                answer = _Dated(day, answer)
-        answers = self._hot.setdefault(path, {})
-        if entry.hot and entry.hot[0][1] == who:
-            who = entry.hot[0][1]  # one kept copy for the instance's paths
-        if who not in answers:
-            entry.hot.append((path, who))
-        answers[who] = answer
+                answer = _Dated(day, shared)
+        entry.kept += old is None
+        entry.kept_bytes += size
+        answers[path] = answer
+        if forget:
+            # what the hit path answers, the documents need not hold too (rebuilt if asked
+            # for by a request the hit path does not answer: HEAD, If-None-Match, a query)
+            entry.docs.forget(path)
+
+    def _shared(self, answer: bytes) -> bytes:
+        """The one kept copy of `answer` (the table cleared when over its bounds)."""
+        shared = self._answers
+        kept = shared.get(answer)
+        if kept is not None:
+            return kept
+        if len(shared) >= SHARED_ANSWERS or self._answers_bytes + len(answer) > SHARED_BYTES:
+            shared.clear()
+            self._answers_bytes = 0
+        shared[answer] = answer
+        self._answers_bytes += len(answer)
+        return answer
 
     def _forget(self, entry: _Entry) -> None:
         """Drop what the hit path keeps for `entry`."""
-        hot = self._hot
-        for path, who in entry.hot:
-            answers = hot.get(path)
-            if answers is not None:
-                answers.pop(who, None)
-                if not answers:
-                    del hot[path]
-        entry.hot.clear()
+        for who in entry.who:
+            self._hot.pop(who, None)
+        entry.who.clear()
+        entry.kept = entry.kept_bytes = 0
 
     def _changed_since(self, view: View) -> bool:
         """True when the feed already delivered a change newer than the view that touches it."""
@@ -1063,6 +1108,7 @@ class MetadataApi:
                 continue
             if isinstance(target, Document | SeededDocument):
                 self._keep_answer(path, entry, who, target, day)
+        docs.forget()  # the EC2 trees too: rebuilt only if a path not kept is asked for
 
     async def stop_prewarm(self) -> None:
         """Cancel background fetches (they are also cancelled when `follow` ends)."""

@@ -13,7 +13,8 @@ case-sensitive. Fixed quirks: below a leaf is 404 (Nova: 500); a leading `//` is
 - `PasswordTarget` — the password document; POST is allowed here;
 - `DynamicVendorTarget` — vendor_data2.json with dynamic targets: the server fetches them.
 It raises `NotFound` otherwise. Successful lookups are memoised per normalised path, so a
-document is serialised once per view (i.e. once per change of the instance).
+document is serialised once per view (i.e. once per change of the instance), until the
+caller, which keeps its own copy of an answer, says to `forget` it.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class DynamicVendorTarget:
 Target = Document | SeededDocument | AddressLeaf | PasswordTarget | DynamicVendorTarget
 _ADDRESS: Final = AddressLeaf()
 ROOT = "/"
+OPENSTACK_ROOT = "/openstack"  # the version list: the one document that depends on the date
 
 
 def root_document() -> Document:
@@ -157,6 +159,19 @@ class InstanceDocuments:
             target = self._ec2_item(tokens[1:] if tokens[0] == "ec2" else tokens)
         self._memo[path] = target
         return target
+
+    def forget(self, path: str | None = None) -> None:
+        """Drop what was built for `path` (None: everything built, the EC2 trees too); a
+        later lookup builds it again, the same bytes from the same view."""
+        if path is None:
+            self._memo.clear()
+            self._ec2.clear()
+            self._os_listing = None
+            self._identity = None
+        elif path == OPENSTACK_ROOT:
+            self._os_listing = None
+        else:
+            self._memo.pop(path, None)
 
     # -- OpenStack ----------------------------------------------------------------------
     def _openstack_versions(self, today: datetime.date) -> Document:
