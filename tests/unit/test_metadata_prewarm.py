@@ -303,3 +303,21 @@ async def test_a_prewarmed_openstack_version_list_follows_the_date() -> None:
     later = await call(api, "GET", "/openstack", keep_alive=True)
     assert body_of(later).endswith(b"2020-10-14\n2025-04-04\nlatest")
     assert api.stats["misses"] == 0
+
+
+async def test_a_boot_path_that_depends_on_the_request_is_not_kept_at_prewarm() -> None:
+    """local-ipv4 of an instance without a fixed IPv4 is the request's own address
+    (X-Forwarded-For): prewarm keeps no answer for it, and each request gets its own."""
+    api, reg = make()
+    reg.views[IID] = make_view(ports=[])
+    reg.views[IID]["revision"] = 43
+    api.apply_batch(Batch(42, resync=True))
+    api.apply_batch(Batch(43, [change(43, "instance", "create", IID, project_id=PROJECT)]))
+    await settle(api)
+    assert api.stats["prewarmed"] == 1
+    path = "/latest/meta-data/local-ipv4"
+    assert all(path not in kept for kept in api._hot.values())
+    for address in (b"10.0.0.5", b"10.0.0.6"):
+        headers = [(k, address if k == b"x-forwarded-for" else v) for k, v in signed()]
+        assert body_of(await call(api, "GET", path, headers, keep_alive=True)) == address
+    assert api.stats["misses"] == 0

@@ -259,9 +259,10 @@ def _kept_answer(target: Document | SeededDocument) -> bytes | tuple[bytes, byte
 
 
 # What cloud-init's OpenStack datasource reads at boot (22.4 and 26.2, metadata-api.md §3.1),
-# normalised: answers a prewarmed instance has kept before its first request. The EC2
-# leaves that depend on the request (local-ipv4) or on the instance (a key pair) are
-# skipped where they are not plain documents.
+# normalised: answers a prewarmed instance has kept before its first request. The crawl
+# reads every leaf /latest/meta-data/ lists; one that depends on the request (local-ipv4
+# for an instance without a fixed IPv4) or that an instance lacks (a key pair, mac) is
+# skipped where it is not a plain document.
 BOOT_PATHS: tuple[str, ...] = tuple(dict.fromkeys(normalize_path(p) for p in (
     "/openstack",
     "/openstack/2018-08-27/meta_data.json",
@@ -283,8 +284,11 @@ BOOT_PATHS: tuple[str, ...] = tuple(dict.fromkeys(normalize_path(p) for p in (
     "/latest/meta-data/hostname",
     "/latest/meta-data/instance-action",
     "/latest/meta-data/instance-id",
+    "/latest/meta-data/instance-life-cycle",
     "/latest/meta-data/instance-type",
     "/latest/meta-data/local-hostname",
+    "/latest/meta-data/local-ipv4",
+    "/latest/meta-data/mac",
     "/latest/meta-data/public-hostname",
     "/latest/meta-data/public-ipv4",
     "/latest/meta-data/reservation-id",
