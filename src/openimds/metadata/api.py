@@ -513,7 +513,9 @@ class MetadataApi:
 
     def _hot_hit(self, path: str, seen: dict[bytes, bytes]) -> RawResponse | None:
         """The answer kept for `path` under exactly these identity header values, if any."""
-        answers = self._hot.get(_NUL.join([seen.get(name, b"") for name in _IDENTITY_HEADERS]))
+        answers = self._hot.get(_NUL.join((  # as _IDENTITY_HEADERS (a tuple: no list built)
+            seen.get(b"x-instance-id", b""), seen.get(b"x-tenant-id", b""),
+            seen.get(b"x-instance-id-signature", b""))))
         if answers is None:
             return None
         hot = answers.get(path)
