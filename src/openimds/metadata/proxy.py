@@ -19,9 +19,10 @@ pooled keep-alive Unix-socket connections to the agent and relay its answer verb
 Agent unreachable -> 503, no answer in time -> 504, garbled -> 502, each with a one-line body;
 the detail goes to the log, not to the VM.
 
-A connection whose first read is one whole bodyless GET/HEAD that this VM sent before on
-this listener (cloud-init: a new connection per request, the same bytes every time) is
-relayed from what was kept for those bytes, without parsing it again (`FirstRequests`).
+A connection whose first read is one whole bodyless GET/HEAD that some VM sent before
+(cloud-init: a new connection per request, the same bytes every time and from every VM) is
+relayed from what was kept for those bytes, without parsing it again (`FirstRequests`):
+the source's own headers are put into the kept request at the send.
 
 A VM over a limit costs as little as possible: after the agent's rate-limit 429 the proxy
 answers that source itself until the Retry-After ends (`LimitedSources`), and its own 429s
