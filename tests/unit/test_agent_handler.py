@@ -181,7 +181,8 @@ async def test_hits_send_kept_bytes_with_each_request_id_and_the_miss_headers() 
         assert (b"x-openimds-request-id", b"id-%d" % n) in hs
     assert [v for k, v in seen[4] if k == b"x-openimds-request-id"] == [b"id-9", b"other"]
     assert all(b"\x00" not in v for hs in seen for _, v in hs)
-    assert len(agent._hits) == 2  # one entry per request shape, not per ID
+    # one path per request shape less its caller (not per ID), one source for the caller
+    assert len(agent._paths) == 2 and len(agent._sources) == 1
 
 
 async def test_a_kept_hit_follows_the_cache_when_the_caller_moves() -> None:
@@ -205,7 +206,8 @@ async def test_a_kept_hit_follows_the_cache_when_the_caller_moves() -> None:
     assert [h[b"x-tenant-id"] for h in sent][-1] == b"proj-2"
     assert sent[-1][b"x-instance-id-signature"] == sign_instance_id(
         SECRET.encode(), "inst-2").encode()
-    assert len(agent._hits) == 1 and agent.stats()["cache_hits"] == 3
+    assert len(agent._paths) == 1 and len(agent._sources) == 1
+    assert agent.stats()["cache_hits"] == 3
 
 
 async def test_a_hit_body_holding_the_id_marker_goes_whole() -> None:

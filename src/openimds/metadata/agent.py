@@ -73,7 +73,13 @@ from openimds.http.server import (
     error_response,
 )
 from openimds.log import access_line
-from openimds.metadata.agent_cache import CallerCache, LookupResult, Resolver, key_of
+from openimds.metadata.agent_cache import (
+    CallerCache,
+    Generations,
+    LookupResult,
+    Resolver,
+    key_of,
+)
 from openimds.metadata.feed_lease import FeedLease
 from openimds.metadata.longpoll import HeldUpstream, is_long_poll, long_poll_timeout
 from openimds.metrics import HopStats, Metric, counter, gauge
@@ -84,90 +90,122 @@ STATS_PATH = "/openimds-agent/stats"
 REQUEST_ID = b"x-openimds-request-id"
 MODE_MAP = {"user": 0o644, "group": 0o664, "all": 0o666}
 _RECHECK_INTERVAL_S = 1.0
-_MEMO_MAX = 65536  # parsed callers and signatures kept (a dict; cleared when full)
 _IDENTITY_NAMES = frozenset({b"x-forwarded-for", b"x-neutron-router-id", b"x-neutron-network-id"})
 _FEED_RETRY_MIN_S = 0.2
 _FEED_RETRY_MAX_S = 5.0
 _MAX_RECHECK_KEYS = 4096
-_HIT_TARGET_MAX = 256  # longer request targets are not kept in the hit memo
-# Hit memo entries (≈ 0.7 KiB each with their key, their repeated parts shared), cleared
-# when full: 16,384 (~11 MiB at most) holds a path for each of 10,000 instances asking in
-# turn, or a busy node's boot working set (100 VMs × cloud-init's 28 paths) several times.
-# At 4,096, 10,000 instances each polling one path missed on every request (a rebuild is
-# ~15 µs there: agent CPU per request 1.64× cycling 100), where one entry per instance and
-# path for all 28 paths (~190 MiB at 10,000) is not worth keeping.
-_HITS_MAX = 16384
-# A hit memo key: (method, target, header items...) with the ID's value masked, or the
-# server's bytes key of a known head (`Request.shape`): the same requests either way.
-_Shape = tuple[object, ...] | bytes
-_Part = Any  # a hit entry's part kept once for all entries: header item, bytes or str
+# The hot-path memos (`MetadataAgent._sources`, `_paths`, `_hits`), each two generations of
+# at most this many entries (`agent_cache.Generations`: the working set stays, at most 2x is
+# held). Worst-case bytes per entry, at the size caps below (tracemalloc,
+# tests/unit/test_agent_memo.py): a source 1.7 KiB (~41 MiB for 2 x 12,288), a path 4.9
+# KiB (~10 MiB for 2 x 1,024), a known head 1.2 KiB (~5 MiB for 2 x 2,048): ~56 MiB in all,
+# whatever the instances. A node's own VMs take one source each (~1.15 KiB with IPv4 and
+# UUIDs: ~11 MiB at 10,000 instances), the paths they ask a few dozen in all.
+_SOURCES_MAX = 12288  # callers: (X-Forwarded-For, router|network) as the proxy sends them
+_PATHS_MAX = 1024  # request shapes less the caller: cloud-init's boot is ~28, shared by all
+_HITS_MAX = 2048  # the server's known heads (`Request.shape`): it keeps 4,096 at once
+_SOURCE_BYTES_MAX = 224  # identity values (the proxy sends two) longer in all: not kept
+_HIT_TARGET_MAX = 256  # longer request targets are not kept
+_PATH_HEADERS_MAX = 16  # nor are shapes with more headers than this or more header bytes
+_PATH_BYTES_MAX = 1024
 # Stands in for the request ID's value while the API-bound bytes are made (a header value
 # never holds NUL: the parser refuses it), so they split around it.
 _RID_MARK = b"\x00rid\x00"
 _NO_RID = (REQUEST_ID, b"")
+_MARKED_RID = (REQUEST_ID, _RID_MARK)
+# Where the caller's identity headers go in a path's bytes: encoded in their place, then cut
+# out (a NUL value never comes in a parsed header, so the line is found only there).
+_SPLICE = ((b"X-Openimds-Splice", b"\x00"),)
+_SPLICE_LINE = b"X-Openimds-Splice: \x00\r\n"
 
 # One-line bodies the VM sees; the detail (ports, errno, registry URL) goes to our log only.
 _BODY_NOT_FOUND = "instance not found"
 
 
-class _Hit:
-    """A kept hit (`MetadataAgent._hits`): the caller its headers name, the resolution the
-    bytes were made for, the API-bound bytes before and after the request ID (`tail` None:
-    no ID), the access line's caller part, and the cache's epoch when that resolution was
-    last the cache's answer (moved on in place when it still is)."""
+class _Identity:
+    """What one caller's requests carry for one resolution, made once: the API-bound
+    identity header lines (X-Forwarded-For, X-Instance-ID, X-Tenant-ID, the signature) and
+    the access line's caller part. Immutable: a request in flight keeps the one it left
+    with."""
 
-    __slots__ = ("caller", "epoch", "head", "res", "tail", "who")
+    __slots__ = ("caller", "lines", "res", "who")
 
-    def __init__(self, caller: Caller, res: Resolution, head: bytes, tail: bytes | None,
-                 who: str, epoch: int) -> None:
+    def __init__(self, caller: Caller, res: Resolution, lines: bytes, who: str) -> None:
         self.caller = caller
         self.res = res
-        self.head = head
-        self.tail = tail
+        self.lines = lines
         self.who = who
-        self.epoch = epoch
+
+
+class _Source:
+    """One caller as the proxy names it (`MetadataAgent._sources`): parsed once, with its
+    identity for the resolution it last had and the cache's epoch when that resolution was
+    last the cache's answer (moved on in place while it still is)."""
+
+    __slots__ = ("caller", "epoch", "identity", "kept")
+
+    def __init__(self, caller: Caller, kept: bool) -> None:
+        self.caller = caller
+        self.kept = kept  # in the memo (else made for one request: too long to keep)
+        self.epoch = -1  # never checked
+        self.identity: _Identity | None = None
+
+
+class _Path:
+    """One request shape less its caller (`MetadataAgent._paths`), the same for every VM
+    asking it: the API-bound bytes around the request ID's value and the identity lines,
+    `head` [ID `mid`] identity `tail` (`mid` None: no ID goes in)."""
+
+    __slots__ = ("head", "kept", "mid", "tail")
+
+    def __init__(self, head: bytes, mid: bytes | None, tail: bytes, kept: bool) -> None:
+        self.head = head
+        self.mid = mid
+        self.tail = tail
+        self.kept = kept  # in the memo (else made for one request: a body, too long)
 
 
 class _HitReply(Deferred):
-    """A kept hit on its way: the server's Deferred and the pool's answer callback
-    (`__call__`) in one object, where a closure cost a function and a cell per variable
-    for every request."""
+    """A hit on its way: the server's Deferred and the pool's answer callback (`__call__`)
+    in one object, where a closure cost a function and a cell per variable for every
+    request."""
 
-    __slots__ = ("agent", "hit", "req", "rid", "t0")
+    __slots__ = ("agent", "ident", "req", "rid", "t0")
 
-    def __init__(self, agent: MetadataAgent, req: Request, hit: _Hit, rid: bytes | None,
-                 t0: float) -> None:
+    def __init__(self, agent: MetadataAgent, req: Request, ident: _Identity,
+                 rid: bytes | None, t0: float) -> None:
         Deferred.__init__(self)
         self.agent = agent
         self.req = req
-        self.hit = hit
+        self.ident = ident
         self.rid = rid
         self.t0 = t0
 
     def __call__(self, result: UpstreamResponse | BaseException) -> None:
         """The API's answer (or why there is none): relayed, counted and logged; only a
         404 that calls for a re-check goes async."""
-        agent, hit = self.agent, self.hit
+        agent, ident = self.agent, self.ident
+        caller, res = ident.caller, ident.res
         if isinstance(result, UpstreamResponse):
             status = result.status
             if status == 403 or status >= 500:
-                agent._check_api_status(hit.caller, hit.res, status)
-            elif status == 404 and agent._may_recheck(hit.caller):
+                agent._check_api_status(caller, res, status)
+            elif status == 404 and agent._may_recheck(caller):
                 task = asyncio.ensure_future(
-                    agent._recheck(self.req, hit.caller, hit.res, result, self.t0))
+                    agent._recheck(self.req, caller, res, result, self.t0))
                 task.add_done_callback(lambda t: _pass_on(t, self))
                 return
             agent._active -= 1
             self.resolve(agent._finish(  # relayed as it came (`UpstreamResponse`)
-                self.req, hit.caller, hit.res, self.t0, result, status, self.rid, hit.who))
+                self.req, caller, res, self.t0, result, status, self.rid, ident.who))
             return
         agent._active -= 1
         if isinstance(result, UpstreamError):
-            self.resolve(agent._finish(self.req, hit.caller, hit.res, self.t0,
+            self.resolve(agent._finish(self.req, caller, res, self.t0,
                                        agent._upstream_failure(result)))
         else:
-            log.error("agent.forward_failed %s error=%r", hit.caller.describe(), result)
-            self.resolve(agent._finish(self.req, hit.caller, hit.res, self.t0,
+            log.error("agent.forward_failed %s error=%r", caller.describe(), result)
+            self.resolve(agent._finish(self.req, caller, res, self.t0,
                                        error_response(500, "metadata agent error")))
 
 
@@ -401,22 +439,21 @@ class MetadataAgent:
         # Hook for exporters (metrics): called with (instance_id, ip) for every 429 sent.
         self.on_rate_limited: Callable[[str, str], None] | None = None
         self._access = cfg.access_log
-        # Hot-path memos: the same VM asks again and again (parse ~9 µs, sign ~3 µs; the
-        # identity headers around the signature are ~0.5 µs to encode, and ~600 bytes per
-        # instance to keep, so only the signature is kept).
-        self._callers: dict[tuple[tuple[bytes, bytes], ...], Caller] = {}
-        self._signatures: dict[str, str] = {}
-        # Per request shape (method, target, headers but the request ID's value): the
-        # caller those headers name, and for the resolution it had, the API-bound bytes
-        # split where the request ID goes and the access line's caller part (`_Hit`). A VM
-        # asks the same few paths with the same headers (parse + rewrite + encode ~6 µs).
-        # Bounded (_HITS_MAX): keys are VM-chosen.
-        self._hits: dict[_Shape, _Hit] = {}
-        # What those entries share, kept once: a VM's header items (the same for each of
-        # its paths, most the same for every VM), the target, the bytes after the request
-        # ID (its identity headers) and the access line's part (per instance). Held by the
-        # request's own objects, an entry cost ~1.8 KiB; shared, ~0.7 (its head's bytes).
-        self._hit_parts: dict[_Part, _Part] = {}
+        # Hot-path memos. A request's API-bound bytes are its path's (the same for every VM)
+        # with its caller's identity lines put in, so the first request of each (caller,
+        # path) is as cheap as a repeat: a boot storm brings each VM's 28 paths once, all
+        # of them new pairs (1,000 VMs: 28,000), but only 1,000 callers and 28 paths.
+        # - per caller, by its identity header items as the proxy sends them: the parsed
+        #   `Caller` and its `_Identity` (parse ~9 µs, sign ~3 µs, once per caller);
+        # - per path, by (method, target, the other headers with the request ID's value
+        #   masked): its bytes around the ID and the identity (rewrite + encode ~6 µs);
+        # - per head the server knew (`Request.shape`, its bytes less the ID's value): the
+        #   two above, one lookup for a keep-alive client's repeats.
+        # Two generations each (`Generations`, the bounds above): keys are VM-chosen.
+        self._sources: Generations[tuple[tuple[bytes, bytes], ...], _Source] = Generations(
+            _SOURCES_MAX)
+        self._paths: Generations[tuple[object, ...], _Path] = Generations(_PATHS_MAX)
+        self._hits: Generations[bytes, tuple[_Source, _Path]] = Generations(_HITS_MAX)
         self.status_counts: dict[int, int] = {}
         # `limiter`: a table shared with the other workers (their parent made it, see
         # agent_cli); otherwise this process's own, from the settings.
@@ -559,48 +596,61 @@ class MetadataAgent:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Request: %s %s HTTP/%s headers=%s body_bytes=%d", req.method,
                       req.target, req.version, redact(req.headers), len(req.body))
-        # A request seen before (less its ID) names its caller: no parse. Kept only from
-        # requests that parsed (errors are never kept); the cache still decides below.
-        shape: _Shape | None = req.shape  # a known head's key (`Limits.known_heads`)
-        if shape is not None:
-            rid = req.request_id
-        else:
-            shape, rid = self._shape(req)
-        hit = self._hits.get(shape) if shape is not None else None
+        # A head seen before (less its ID) names its caller and its path: no parse, no
+        # rewrite. Only requests that parsed are kept (errors never are); the cache still
+        # decides the instance below.
+        shape = req.shape  # a known head's key (`Limits.known_heads`)
+        hit = (self._hits.young.get(shape) or self._hits.promote(shape)
+               if shape is not None else None)
         if hit is not None:
-            caller = hit.caller
+            src, path = hit
+            rid = req.request_id
+            others: list[tuple[bytes, bytes]] | None = None
         else:
+            path = None
             try:
-                caller = self._parse_caller(req.headers)
+                src, others, rid = self._source(req)
             except OpenImdsError as exc:
                 if req.path == STATS_PATH and self._is_local(req):
                     self.hop.begun -= self._count  # not a metadata request
                     return self._stats_response()
                 log.warning("agent.rejected status=%d reason=%s", exc.status, exc.reason)
                 return self._finish(req, None, None, t0, error_response(exc.status, exc.reason))
+        caller = src.caller
         active = self._active - self._held.held if self._held is not None else self._active
         if active >= self._max_concurrency:
             self.counts["saturated"] += 1
             return self._finish(req, caller, None, t0, error_response(
                 503, f"agent saturated: {active} requests in flight",
                 headers=[("Retry-After", self._retry_after)]))
-        # While the cache's epoch is the one the memo last checked its resolution at, that
-        # is still the cache's answer: no lookup (at 10,000 instances its key, entry and
-        # LRU links are cache misses that cost more than the lookup's own work).
-        if hit is not None and hit.epoch == self.cache.epoch and self.trusts_cache():
-            res: Resolution | None = hit.res
+        # While the cache's epoch is the one the source last checked its resolution at,
+        # that is still the cache's answer: no lookup (at 10,000 instances its key, entry
+        # and LRU links are cache misses that cost more than the lookup's own work).
+        ident = src.identity
+        if ident is not None and src.epoch == self.cache.epoch and self.trusts_cache():
+            res: Resolution | None = ident.res
             self.resolver.stats.hits += 1
         else:
             res = self.resolver.cached(caller)
+            if res is not None:
+                if ident is None or (ident.res is not res and ident.res != res):
+                    ident = src.identity = self._identity(caller, res)
+                src.epoch = self.cache.epoch  # checked: the cache's answer as of now
         # a held request runs as a task (cancelled with its client, which closes the
         # upstream connection and so releases the API's hold); others stay on callbacks
         held = bool(req.query) and self._held is not None and is_long_poll(req.query)
         if res is not None and not held:
+            assert ident is not None
             if self.limiter is not None:
                 denied = self._over_budget(req, caller, res, t0)
                 if denied is not None:
                     return denied
-            return self._forward_hit(req, caller, res, t0, shape, rid, hit)
+            if path is None:
+                assert others is not None
+                path = self._path(req, others, rid)
+                if shape is not None and src.kept and path.kept:
+                    self._hits.put(shape, (src, path))
+            return self._forward_hit(req, ident, path, rid, t0)
         if held:
             return Abandonable(self._serve(req, caller, t0))
         return self._serve(req, caller, t0)
@@ -633,104 +683,95 @@ class MetadataAgent:
             headers=limiter.headers(verdict)))
 
     def _forward_hit(
-        self, req: Request, caller: Caller, res: Resolution, t0: float,
-        shape: _Shape | None, rid: bytes | None, hit: _Hit | None,
+        self, req: Request, ident: _Identity, path: _Path, rid: bytes | None, t0: float,
     ) -> Deferred:
         """A cache hit: send upstream and answer from the upstream's read callback (no Task,
         no future per request: `_HitReply`)."""
         self._active += 1
+        reply = _HitReply(self, req, ident, rid, t0)
         try:
-            if hit is None or hit.res is not res or hit.epoch != self.cache.epoch:
-                hit = self._keep_hit(req, caller, res, shape, rid, hit)
-        except Exception as exc:  # never leave the reply (and the in-flight count) hanging
-            reply = _HitReply(self, req, _Hit(caller, res, b"", None, "", 0), rid, t0)
-            reply(exc)
-            return reply
-        reply = _HitReply(self, req, hit, rid, t0)
-        tail = hit.tail
-        try:
+            mid = path.mid
             self._upstream.send_encoded(
-                hit.head if tail is None or rid is None else b"".join((hit.head, rid, tail)),
+                b"".join((path.head, ident.lines, path.tail)) if mid is None or rid is None
+                else b"".join((path.head, rid, mid, ident.lines, path.tail)),
                 req.method == "HEAD", reply)
-        except Exception as exc:
+        except Exception as exc:  # never leave the reply (and the in-flight count) hanging
             reply(exc)
         return reply
 
-    @staticmethod
-    def _shape(req: Request) -> tuple[_Shape | None, bytes | None]:
-        """The hit memo's key for `req` (method, target, headers with the request ID's value
-        masked; None when not kept: a body, a long target) and the request ID. A head the
-        server knew (`Limits.known_heads`) comes with that key made: its bytes less the ID's
-        value, one object for every such request."""
-        shape = req.shape
-        if shape is not None:
-            return shape, req.request_id
+    def _source(
+        self, req: Request,
+    ) -> tuple[_Source, list[tuple[bytes, bytes]], bytes | None]:
+        """The caller `req`'s identity headers name (parsed once per caller and kept), the
+        other headers with the first request ID's value masked (`_NO_RID`), and that
+        value. Raises for headers that do not name a caller (never kept)."""
+        ident: list[tuple[bytes, bytes]] = []
+        others: list[tuple[bytes, bytes]] = []
         rid: bytes | None = None
-        masked: list[tuple[bytes, bytes]] = []
         for item in req.headers:
-            if rid is None and item[0] == REQUEST_ID:
+            name = item[0]
+            if name in _IDENTITY_NAMES:
+                ident.append(item)
+            elif rid is None and name == REQUEST_ID:
                 rid = item[1]
-                masked.append(_NO_RID)
+                others.append(_NO_RID)
             else:
-                masked.append(item)
-        if req.body or len(req.target) > _HIT_TARGET_MAX:
-            return None, rid
-        return (req.method, req.target, *masked), rid
+                others.append(item)
+        key = tuple(ident)
+        sources = self._sources
+        src = sources.young.get(key) or sources.promote(key)
+        if src is None:
+            kept = len(key) == 2 and len(key[0][1]) + len(key[1][1]) <= _SOURCE_BYTES_MAX
+            src = _Source(parse_caller(key), kept)  # raises for bad input
+            if kept:
+                sources.put(key, src)
+        return src, others, rid
 
-    def _keep_hit(
-        self, req: Request, caller: Caller, res: Resolution,
-        shape: _Shape | None, rid: bytes | None, hit: _Hit | None,
-    ) -> _Hit:
-        """The kept hit for `req` and `res` (the cache's answer as of now): `hit` itself
-        while its resolution is still `res` (its epoch moved on), else the API-bound bytes
-        and the access line's caller part made anew, and kept (see `_hits`) per request
-        shape (`_shape`)."""
-        epoch = self.cache.epoch
-        if hit is not None and (hit.res is res or hit.res == res):
-            hit.epoch = epoch  # checked again: still the answer
-            return hit
-        headers: list[tuple[bytes, bytes]] = []
-        marked = rid is None  # the first ID's value becomes the marker; others pass
-        for item in req.headers:
-            if not marked and item[0] == REQUEST_ID:
-                headers.append((REQUEST_ID, _RID_MARK))
-                marked = True
-            else:
-                headers.append(item)
-        whole = self._upstream.encode_request(
-            req.method, req.target, self._api_headers(req, caller, res, headers), req.body)
+    def _identity(self, caller: Caller, res: Resolution) -> _Identity:
+        """`caller`'s identity lines and access-line part for `res`."""
+        lines = b"".join(name + b": " + value + b"\r\n" for name, value in identity_headers(
+            forwarded_for=caller.ip, instance_id=res.instance_id, tenant_id=res.project_id,
+            signature=sign_instance_id(self._secret, res.instance_id)))
         kind, ident = caller.scope
-        who = f"ip={caller.ip} {kind}={ident} instance={res.instance_id}"
-        # The marker is in the head only if an ID was masked (the parser refuses NUL in a
-        # header or target); a body may hold anything, so never search it.
-        head_end = whole.find(b"\r\n\r\n") if rid is not None else -1
-        at = whole.find(_RID_MARK, 0, head_end) if head_end >= 0 else -1
-        hit = (_Hit(caller, res, whole[:at], whole[at + len(_RID_MARK):], who, epoch)
-               if at >= 0 else _Hit(caller, res, whole, None, who, epoch))
-        if shape is not None:
-            if len(self._hits) >= _HITS_MAX:
-                self._hits.clear()
-                self._hit_parts.clear()
-            hit = self._hits[self._shared_key(shape)] = self._shared_entry(hit)
-        return hit
+        return _Identity(caller, res, lines,
+                         f"ip={caller.ip} {kind}={ident} instance={res.instance_id}")
 
-    def _shared(self, part: _Part) -> _Part:
-        """One kept copy of a part that many hit entries hold (see `_hit_parts`)."""
-        return self._hit_parts.setdefault(part, part)
-
-    def _shared_key(self, key: _Shape) -> _Shape:
-        # (method, target, header items...): the request's own objects otherwise
-        if isinstance(key, bytes):
-            return key  # the server's own key object (`Request.shape`), already shared
-        method, target, *items = key
-        shared = self._shared
-        return (method, shared(target), *[shared(item) for item in items])
-
-    def _shared_entry(self, hit: _Hit) -> _Hit:
-        if hit.tail is not None:
-            hit.tail = self._shared(hit.tail)
-        hit.who = self._shared(hit.who)
-        return hit
+    def _path(
+        self, req: Request, others: list[tuple[bytes, bytes]], rid: bytes | None,
+    ) -> _Path:
+        """`req`'s path bytes (`_Path`), kept per shape: method, target and `others` (its
+        headers but the identity ones, as `_source` leaves them). Not kept: a body, a long
+        target, many or long headers (made for this request only)."""
+        keep = (not req.body and len(req.target) <= _HIT_TARGET_MAX
+                and len(others) <= _PATH_HEADERS_MAX)
+        key: tuple[object, ...] = ()
+        if keep:
+            key = (req.method, req.target, *others)
+            paths = self._paths
+            path = paths.young.get(key) or paths.promote(key)
+            if path is not None:
+                return path
+            keep = sum(len(n) + len(v) for n, v in others) <= _PATH_BYTES_MAX
+        # the first ID's value becomes the marker (others pass), the identity the splice
+        headers = others if rid is None else [
+            _MARKED_RID if item is _NO_RID else item for item in others]
+        whole = self._upstream.encode_request(
+            req.method, req.target,
+            rewrite_with_identity(headers, _SPLICE, method=req.method.encode(),
+                                  body_length=len(req.body)),
+            req.body)
+        # Both marks are in the head only (the parser refuses NUL in a header or target); a
+        # body may hold anything, so it is never searched.
+        head_end = whole.find(b"\r\n\r\n") + 2
+        at = whole.find(_SPLICE_LINE, 0, head_end)
+        assert at > 0, "the identity's place is always in the head"
+        mark = whole.find(_RID_MARK, 0, at) if rid is not None else -1
+        tail = whole[at + len(_SPLICE_LINE):]
+        path = (_Path(whole[:mark], whole[mark + len(_RID_MARK):at], tail, keep) if mark >= 0
+                else _Path(whole[:at], None, tail, keep))
+        if keep:
+            self._paths.put(key, path)
+        return path
 
     async def _recheck(
         self, req: Request, caller: Caller, res: Resolution, first: UpstreamResponse,
@@ -761,16 +802,6 @@ class MetadataAgent:
         if self._held is not None and is_long_poll(req.query):
             return self._held
         return self._upstream
-
-    def _parse_caller(self, headers: list[tuple[bytes, bytes]]) -> Caller:
-        key = tuple([h for h in headers if h[0] in _IDENTITY_NAMES])
-        caller = self._callers.get(key)
-        if caller is None:
-            caller = parse_caller(key)  # raises for bad input: errors are never memoised
-            if len(self._callers) >= _MEMO_MAX:
-                self._callers.clear()
-            self._callers[key] = caller
-        return caller
 
     async def _serve(self, req: Request, caller: Caller, t0: float) -> AnyResponse:
         self._active += 1
@@ -806,21 +837,14 @@ class MetadataAgent:
 
     def _api_headers(
         self, req: Request, caller: Caller, res: Resolution,
-        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> list[tuple[bytes, bytes]]:
-        """The API-bound headers of `req` (or of `headers`, its headers as the hit path
-        marks them)."""
-        sig = self._signatures.get(res.instance_id)
-        if sig is None:
-            sig = sign_instance_id(self._secret, res.instance_id)
-            if len(self._signatures) >= _MEMO_MAX:
-                self._signatures.clear()
-            self._signatures[res.instance_id] = sig
-        identity = identity_headers(forwarded_for=caller.ip, instance_id=res.instance_id,
-                                    tenant_id=res.project_id, signature=sig)
+        """The API-bound headers of `req` on the async path (a registry lookup came first:
+        signing here is a small part of it)."""
+        identity = identity_headers(
+            forwarded_for=caller.ip, instance_id=res.instance_id, tenant_id=res.project_id,
+            signature=sign_instance_id(self._secret, res.instance_id))
         return rewrite_with_identity(
-            req.headers if headers is None else headers, identity,
-            method=req.method.encode(), body_length=len(req.body))
+            req.headers, identity, method=req.method.encode(), body_length=len(req.body))
 
     async def _forward(
         self, req: Request, caller: Caller, res: Resolution,

@@ -49,14 +49,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from openimds.core.caller import Caller, Resolution, resolve
 from openimds.core.ipam import link_local_address
 from openimds.core.models import DEVICE_OWNER_ROUTER
 from openimds.errors import BadRequest, OpenImdsError, UpstreamError
 
-__all__ = ["CacheEntry", "CallerCache", "LookupResult", "PortIndex", "Resolver", "Stats"]
+__all__ = [
+    "CacheEntry", "CallerCache", "Generations", "LookupResult", "PortIndex", "Resolver", "Stats",
+]
 
 log = logging.getLogger(__name__)
 DOWN_HOLD_S = 0.25  # after a failed lookup, serve known callers without asking for this long
@@ -72,6 +74,59 @@ ROUTER_INTERFACE_OWNERS = frozenset({
     "network:router_interface_distributed",
 })
 _K = TypeVar("_K", bound=Hashable)
+_V = TypeVar("_V")
+
+
+class Generations(Generic[_K, _V]):
+    """A bounded map that keeps its working set: two generations of at most `bound` each.
+
+    New keys go into `young`; when it is full it becomes the old generation (the previous
+    old one is dropped whole) and a new young one starts. A key found only in the old one
+    is moved back into the young one (`promote`). So a key asked for at least once per
+    `bound` new keys stays, whatever else comes, while at most 2 x `bound` entries are held
+    and every operation is O(1) (a dropped generation is freed in one go, amortised over the
+    `bound` insertions that filled it). Clear-when-full, instead, dropped the working set
+    with the rest each time a stream of new keys (a boot storm, a hostile VM) filled it.
+
+    Hot callers look in `young` first themselves (`m.young.get(k) or m.promote(k)`): one
+    dict lookup for a key in use, no method call. Values must be truthy (objects, tuples).
+    """
+
+    __slots__ = ("bound", "old", "rotations", "young")
+
+    def __init__(self, bound: int) -> None:
+        self.bound = max(1, bound)
+        self.young: dict[_K, _V] = {}
+        self.old: dict[_K, _V] = {}
+        self.rotations = 0  # how many times the young generation became the old one
+
+    def __len__(self) -> int:
+        return len(self.young) + len(self.old)
+
+    def get(self, key: _K) -> _V | None:
+        value = self.young.get(key)
+        return value if value is not None else self.promote(key)
+
+    def promote(self, key: _K) -> _V | None:
+        """The old generation's value for `key`, moved into the young one; else None."""
+        value = self.old.pop(key, None)
+        if value is not None:
+            self.put(key, value)
+        return value
+
+    def put(self, key: _K, value: _V) -> None:
+        young = self.young
+        if len(young) >= self.bound and key not in young:
+            self.old = young
+            self.young = young = {}
+            self.rotations += 1
+        else:
+            self.old.pop(key, None)  # one entry per key: the young one shadows no old one
+        young[key] = value
+
+    def clear(self) -> None:
+        self.young = {}
+        self.old = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,7 +374,7 @@ class CallerCache:
         self._t_count = 0
         self._floor = 0  # nothing that answered at or below this revision is inserted
         # Bumped by whatever may change what a caller resolves to (an entry unlinked,
-        # evicted or cleared, any feed row, an index load): the agent's hit memo keeps the
+        # evicted or cleared, any feed row, an index load): the agent's caller memo keeps the
         # epoch it last checked an entry at, and skips this cache's lookup while it holds.
         self.epoch = 0
         self.evictions = 0
