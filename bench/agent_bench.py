@@ -30,6 +30,12 @@ Scenarios:
             start at once, one connection per VM (cloud-init's pattern at boot); with the
             cache every round, without it (as nocache) in the first round only.
             Reports registry queries per 1,000 requests.
+- storm-boot: a fresh agent (its index loaded, so no VM is a registry query); the
+            `--storm-vms` VMs each send cloud-init's 28 boot paths once (BOOT_PATHS, one
+            connection per VM, all at once), so every request is the first of its (VM,
+            path): the agent's cost for a new request shape. storm-boot-again: the same
+            requests again on the same agent, every one seen before (a hit memo that cannot
+            hold VMs x 28 shapes is cold again here).
 
 CPU µs/request comes from /proc/PID/stat (utime + stime of the agent process) over the
 measured window. The load generator shares the machine's cores, so rps is bounded by it:
@@ -131,10 +137,24 @@ class _Conn(asyncio.Protocol):
             w.set_exception(ConnectionError("closed"))
 
 
-def request_bytes(router_id: str, ip: str) -> bytes:
-    return (f"GET /openstack/latest/meta_data.json HTTP/1.1\r\nHost: 169.254.169.254\r\n"
+# cloud-init's boot requests (metadata-api.md §3.1; bench/boot_storm.py's BOOT_SEQUENCE)
+BOOT_PATHS = ("/openstack", "/openstack", *(f"/openstack/2018-08-27/{p}" for p in (
+    "meta_data.json", "user_data", "vendor_data.json", "vendor_data2.json",
+    "network_data.json")), *(f"/latest/meta-data/{p}" for p in (
+    "", "block-device-mapping/", "block-device-mapping/ami", "block-device-mapping/root",
+    "placement/", "placement/availability-zone", "public-keys/", "public-keys/0/openssh-key",
+    "ami-id", "ami-launch-index", "ami-manifest-path", "hostname", "instance-action",
+    "instance-id", "instance-type", "local-hostname", "local-ipv4", "public-hostname",
+    "public-ipv4", "reservation-id", "security-groups")))
+
+
+def request_bytes(router_id: str, ip: str, path: str = "/openstack/latest/meta_data.json",
+                  rid: str | None = None) -> bytes:
+    """What the proxy sends the agent (with `rid`: its request ID line too)."""
+    return (f"GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n"
             f"User-Agent: Cloud-Init/24.1\r\nAccept: */*\r\nX-Forwarded-For: {ip}\r\n"
-            f"X-Neutron-Router-ID: {router_id}\r\n\r\n").encode()
+            f"X-Neutron-Router-ID: {router_id}\r\n"
+            + (f"X-Openimds-Request-Id: {rid}\r\n" if rid else "") + "\r\n").encode()
 
 
 async def _connect(path: str) -> _Conn:
@@ -222,17 +242,17 @@ async def steady_load(path: str, reqs: list[bytes], conns: int, warmup_s: float,
     return out
 
 
-async def storm_load(path: str, per_vm: list[bytes], requests: int) -> dict[str, Any]:
-    """Every VM opens its connection and sends its first `requests` requests, all at once."""
+async def storm_load(path: str, per_vm: list[list[bytes]]) -> dict[str, Any]:
+    """Every VM opens its connection and sends its requests in turn, all VMs at once."""
     lat: list[float] = []
     errors = 0
     gate = asyncio.Event()
 
-    async def vm(data: bytes) -> None:
+    async def vm(requests: list[bytes]) -> None:
         nonlocal errors
         conn = await _connect(path)
         await gate.wait()
-        for _ in range(requests):
+        for data in requests:
             t0 = time.perf_counter()
             status = await _one(conn, data)
             lat.append(time.perf_counter() - t0)
@@ -374,7 +394,7 @@ class Bench:
         }
         results: dict[str, list[dict[str, Any]]] = {}
         for rnd in range(a.rounds):
-            for c in conns:
+            for c in conns if not a.only_storms else ():
                 for name, (path, pids) in targets.items():
                     res = asyncio.run(steady_load(path, reqs, c, a.warmup, a.duration, pids,
                                                   None if name == "direct" else path))
@@ -388,24 +408,43 @@ class Bench:
                 name = "storm-cache" if cache else "storm-nocache"
                 svc, sock = self.agent(f"agent-{name}-{rnd}",
                                        **({} if cache else NOCACHE))
-                per_vm = [request_bytes(router, ip) for ip in batch]
-                q0 = agent_stats(sock)["registry_queries"]
-                cpu0 = cpu_ticks(svc.pid)
-                res = asyncio.run(storm_load(sock, per_vm, a.storm_requests))
-                cpu = cpu_ticks(svc.pid) - cpu0
-                st = agent_stats(sock)
-                res["registry_queries"] = st["registry_queries"] - q0
-                res["per_1000"] = 1000 * res["registry_queries"] / max(1, res["requests"])
-                res["cpu_us_per_req"] = {svc.pid: (cpu / CLK_TCK) * 1e6 / res["requests"]}
-                res["round"] = rnd
-                results.setdefault(name, []).append(res)
-                print(f"round {rnd} {name}: {res['requests']} req in {res['seconds']:.2f}s "
-                      f"p99 {res['p99_ms']:.1f} ms, registry queries "
-                      f"{res['registry_queries']} ({res['per_1000']:.1f}/1000), "
-                      f"errors {res['errors']}", file=sys.stderr)
+                per_vm = [[request_bytes(router, ip)] * a.storm_requests for ip in batch]
+                self.storm(name, rnd, svc, sock, per_vm, results)
+                svc.stop()
+                self.services.remove(svc)
+            if a.storm_vms and a.boot_storm:
+                svc, sock = self.agent(f"agent-storm-boot-{rnd}")
+                deadline = time.monotonic() + 20
+                while not agent_stats(sock)["index_loads"]:  # a storm of new VMs meets it
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("storm-boot: the agent's index never loaded")
+                    time.sleep(0.05)
+                per_vm = [[request_bytes(router, ip, p, f"{rnd:x}-{v:x}-{i:x}")
+                           for i, p in enumerate(BOOT_PATHS)] for v, ip in enumerate(storm_ips)]
+                self.storm("storm-boot", rnd, svc, sock, per_vm, results)
+                self.storm("storm-boot-again", rnd, svc, sock, per_vm, results)
                 svc.stop()
                 self.services.remove(svc)
         return results
+
+    def storm(self, name: str, rnd: int, svc: Service, sock: str, per_vm: list[list[bytes]],
+              results: dict[str, list[dict[str, Any]]]) -> None:
+        """One storm arm against `svc`: agent CPU per request and registry queries."""
+        q0 = agent_stats(sock)["registry_queries"]
+        cpu0 = cpu_ticks(svc.pid)
+        res = asyncio.run(storm_load(sock, per_vm))
+        cpu = cpu_ticks(svc.pid) - cpu0
+        st = agent_stats(sock)
+        res["registry_queries"] = st["registry_queries"] - q0
+        res["per_1000"] = 1000 * res["registry_queries"] / max(1, res["requests"])
+        res["cpu_us_per_req"] = {svc.pid: (cpu / CLK_TCK) * 1e6 / res["requests"]}
+        res["round"] = rnd
+        results.setdefault(name, []).append(res)
+        cpu_us = next(iter(res["cpu_us_per_req"].values()))
+        print(f"round {rnd} {name}: {res['requests']} req in {res['seconds']:.2f}s "
+              f"p99 {res['p99_ms']:.1f} ms, agent CPU {cpu_us:.1f} us/req, "
+              f"registry queries {res['registry_queries']} "
+              f"({res['per_1000']:.1f}/1000), errors {res['errors']}", file=sys.stderr)
 
 
 def median(xs: list[float]) -> float:
@@ -449,12 +488,13 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
     lines += ["", "| boot storm | VMs x requests | seconds | rps | p99 ms | registry queries | "
               "per 1000 requests | agent CPU µs/req | errors |",
               "|---|---|---|---|---|---|---|---|---|"]
-    for name in ("storm-cache", "storm-nocache"):
+    for name in ("storm-cache", "storm-nocache", "storm-boot", "storm-boot-again"):
         runs = results.get(name, [])
         if not runs:
             continue
+        per_vm = len(BOOT_PATHS) if name.startswith("storm-boot") else args.storm_requests
         lines.append(
-            f"| {name} | {args.storm_vms} x {args.storm_requests} | "
+            f"| {name} | {args.storm_vms} x {per_vm} | "
             f"{median([r['seconds'] for r in runs]):.2f} | "
             f"{median([r['rps'] for r in runs]):,.0f} | "
             f"{median([r['p99_ms'] for r in runs]):.1f} | "
@@ -477,6 +517,10 @@ def main() -> int:
     p.add_argument("--vms", type=int, default=200)
     p.add_argument("--storm-vms", type=int, default=400)
     p.add_argument("--storm-requests", type=int, default=20)
+    p.add_argument("--no-boot-storm", dest="boot_storm", action="store_false",
+                   help="skip the storm-boot arms (each VM's 28 boot paths, once and again)")
+    p.add_argument("--only-storms", action="store_true",
+                   help="skip the steady scenarios (direct, hit, nocache)")
     p.add_argument("--json", type=Path, help="also write the raw results here")
     args = p.parse_args()
     enter_private_netns()
