@@ -305,7 +305,7 @@ def plug_vms(settings: Settings, topo: Topology, timeout_s: float,
             vm.dhcp_ip = dhcp[vm.network_id]
         if vm.router_id is None and not by_dhcp:
             subprocess.run(["ip", "-n", vm.namespace, "route", "replace", f"{METADATA_IP}/32",
-                            "via", vm.dhcp_ip, "dev", "eth0"], check=True)
+                            "via", dhcp[vm.network_id], "dev", "eth0"], check=True)
 
 
 # --- the storm --------------------------------------------------------------------------------

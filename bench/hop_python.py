@@ -387,8 +387,8 @@ def main() -> int:
         setup_logging(debug=False, log_file=log.name, component="agent")
         out = uvloop.run(measure(a.requests, a.repeat, a.profile))
     bare = out["bare"]
-    for name, us in out.items():
-        print(f"{name:24s} {us:6.2f} us/request  ({us / bare:4.1f}x bare's Python)")
+    for name, us_req in out.items():
+        print(f"{name:24s} {us_req:6.2f} us/request  ({us_req / bare:4.1f}x bare's Python)")
     return 0
 
 

@@ -81,7 +81,7 @@ def fsync_reference(directory: str, n: int = 200) -> dict[str, float]:
 def seed_shared(reg: Registry, total: int) -> str:
     """One router, one network with one /16 subnet and `total` instances on it."""
     r = reg.create_router({"name": "r0"})
-    nid = reg.create_network({"name": "shared"})["id"]
+    nid = str(reg.create_network({"name": "shared"})["id"])
     s = reg.create_subnet({"name": "s0", "network_id": nid, "cidr": "10.8.0.0/16"})
     reg.add_interface(r["id"], {"subnet_id": s["id"]})
     for k in range(total):

@@ -126,7 +126,7 @@ def registry_trace(path: Path, spans: list[tuple[float, float]],
     round trips (count, ms) and its COMMIT's ms. The rest of a create's wall time is the HTTP
     hop, aiohttp, JSON and the wait for the executor thread and the write lock."""
     t0, t1 = spans[0][0], spans[-1][1]
-    events = []
+    events: list[tuple[float, float, str, float, str]] = []
     for line in path.read_text().splitlines() if path.exists() else []:
         at, kind, ms, *head = line.split()
         if t0 <= float(at) <= t1 + 0.01:
@@ -145,11 +145,12 @@ def registry_trace(path: Path, spans: list[tuple[float, float]],
     # per create: (write ms, statements, statement ms, commit ms), its writes summed
     parts: list[tuple[float, int, float, float]] = []
     for a, b in spans:
-        w = [(e[3], *e[4].split()) for e in events
+        # a write event's text is "<statements> <statement ms> <commit ms>"
+        w = [(e[3], e[4].split()) for e in events
              if e[2] == "write" and a <= e[0] and e[1] <= b]
-        parts.append((sum(x[0] for x in w), sum(int(x[1]) for x in w),
-                      sum(float(x[2]) for x in w), sum(float(x[3]) for x in w)))
-    split = {}
+        parts.append((sum(ms for ms, _ in w), sum(int(f[0]) for _, f in w),
+                      sum(float(f[1]) for _, f in w), sum(float(f[2]) for _, f in w)))
+    split: dict[str, Any] = {}
     if any(p[0] for p in parts):
         wall = [(b - a) * 1000 for a, b in spans]
         cols = {"write_ms": [p[0] for p in parts], "stmt_ms": [p[2] for p in parts],
@@ -330,7 +331,7 @@ class Scale:
     @property
     def networks_per_pass(self) -> int:
         """Networks one `registry_timings` pass creates on (200 creates each)."""
-        return -(-self.args.creates // 200)
+        return int(-(-self.args.creates // 200))
 
     # -- one size ------------------------------------------------------------------------
     def measure(self, size: int) -> dict[str, Any]:
@@ -549,10 +550,10 @@ def main() -> int:
         inrun = last["cpu_ratio_all_vs_first100"][hop]
         print(f"{hop} CPU/req cycling over all {last['instances']:,} / over the first 100, "
               f"same processes, interleaved rounds = {inrun:.2f} (target <= 1.10)")
-    for svc, target in (("agent", 4.0), ("api", 16.0), ("registry", None)):
-        per = (last["rss_kib"][svc] - first["rss_kib"][svc]) / dn if dn else float("nan")
+    for name, target in (("agent", 4.0), ("api", 16.0), ("registry", None)):
+        per = (last["rss_kib"][name] - first["rss_kib"][name]) / dn if dn else float("nan")
         goal = f" (target <= {target:g} KiB)" if target else ""
-        print(f"{svc} RSS per instance: {per:.2f} KiB{goal}")
+        print(f"{name} RSS per instance: {per:.2f} KiB{goal}")
     print(f"at {last['instances']:,}: create p99 {last['create_p99_ms']:.1f} ms, changes p99 "
           f"{last['changes_p99_ms']:.1f} ms, feed wake p99 {last['feed_wake_p99_ms']:.1f} ms "
           "(target < 10 ms)")

@@ -86,7 +86,7 @@ if _PATH:
         if stmts is not None:
             stmts.append((time.perf_counter() - _local.t) * 1000)
 
-    _do_commit = default.DefaultDialect.do_commit
+    _do_commit: Any = default.DefaultDialect.do_commit
 
     def _traced_commit(self: Any, dbapi_connection: Any) -> None:
         t = time.perf_counter()
