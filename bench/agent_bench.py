@@ -102,9 +102,13 @@ def run_stub(tcp_port: int, unix_path: str) -> None:
         return RawResponse(STUB_ANSWER)
 
     async def main() -> None:
-        await serve(handler, bind_tcp("127.0.0.1", tcp_port))
-        await serve(handler, bind_unix(unix_path))
+        # Held until the end: a Server nothing refers to is collected with its listener
+        # (the Unix one went after the first scenarios, and a second `direct` run was
+        # refused: ConnectionRefusedError).
+        servers = [await serve(handler, bind_tcp("127.0.0.1", tcp_port)),
+                   await serve(handler, bind_unix(unix_path))]
         await asyncio.Event().wait()
+        del servers
 
     asyncio.run(main())
 
