@@ -373,7 +373,9 @@ class Settings:
     metadata_backlog: int = opt(4096, "listen() backlog of the agent's socket", min=1)
     metadata_workers: int = opt(
         1, "Agent worker processes sharing its socket (Neutron's option; each has its own "
-        "cache and follows the change feed)", min=1, max=256,
+        "cache and follows the change feed); with more than one, each also listens on "
+        "its own metadata_proxy_socket.w<N>, which openimds' proxy spreads its pool over",
+        min=1, max=256,
     )
     nova_metadata_host: str = opt("127.0.0.1", "Host of the metadata API")
     nova_metadata_port: int = opt(8775, "Port of the metadata API", min=1, max=65535)
@@ -615,9 +617,35 @@ def _check_unix_path(raw: str, path: str, where: str) -> None:
         raise ConfigError(f"{where}: value {raw!r} {why}")
 
 
+WORKER_SOCKET_SUFFIX = ".w"
+
+
+def worker_socket(path: str, index: int) -> str:
+    """The socket agent worker `index` listens on besides the shared `path`
+    (metadata_proxy_socket): `<path>.w<index>`, beside it."""
+    return f"{path}{WORKER_SOCKET_SUFFIX}{index}"
+
+
+def worker_sockets(path: str) -> list[str]:
+    """The worker sockets (`worker_socket`) present beside `path` now, in index order; a
+    file whose worker died may be among them (connecting to it is refused)."""
+    folder, base = os.path.split(path)
+    prefix = base + WORKER_SOCKET_SUFFIX
+    try:
+        names = os.listdir(folder or ".")
+    except OSError:
+        return []
+    found = sorted((int(name[len(prefix):]), name) for name in names
+                   if name.startswith(prefix) and name[len(prefix):].isdigit())
+    return [os.path.join(folder, name) for _, name in found]
+
+
 def _check_socket_paths(settings: Settings) -> None:
     """Socket paths that must differ: the agent would answer on the API's socket, or send
-    every request back to itself."""
+    every request back to itself. The last worker socket's path must fit, too."""
+    if settings.metadata_workers > 1:
+        last = worker_socket(settings.metadata_proxy_socket, settings.metadata_workers - 1)
+        _check_unix_path(last, last, "[DEFAULT] metadata_proxy_socket (its worker sockets)")
     agent = os.path.normpath(settings.metadata_proxy_socket)
     for what, value in (("[api] unix_socket", settings.api.unix_socket),
                         ("[DEFAULT] nova_metadata_socket", settings.nova_metadata_socket)):

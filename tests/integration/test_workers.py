@@ -3,14 +3,20 @@ same answers, every worker following the change feed, a dead worker replaced, a 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import os
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from openimds.config import worker_socket, worker_sockets
+from openimds.http.client import RETIRE_S, UpstreamPool
 from tests.integration.agent_support import (
     Stack,
     children,
@@ -97,6 +103,105 @@ def test_a_dead_worker_is_replaced(world: Any) -> None:
         assert get(world).status == 200
 
 
+def burst(pool: UpstreamPool, n: int) -> Counter[int]:
+    """n requests at once through `pool` (each on a connection of its own, as the proxy's
+    pool opens them at the start of a load): how many each worker answered."""
+    async def one() -> int:
+        ans = await pool.request("GET", "/openimds-agent/stats")
+        assert ans.status == 200, ans.body
+        return int(json.loads(ans.body)["pid"])
+
+    async def run() -> list[int]:
+        return await asyncio.gather(*(one() for _ in range(n)))
+
+    return Counter(asyncio.run(run()))
+
+
+def wait_worker_sockets(st: Stack, timeout: float = 30.0) -> None:
+    """Until every worker answers on its own socket (a replaced one opens it as it starts)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            for index in (0, 1):
+                unix_request(worker_socket(st.socket, index), "/openimds-agent/stats")
+            return
+        except OSError:
+            assert time.monotonic() < deadline, "a worker socket never answered"
+            time.sleep(0.05)
+
+
+def test_each_worker_listens_on_its_own_socket(world: Any) -> None:
+    st: Stack = world["st"]
+    assert st.agent is not None
+    wait_worker_sockets(st)
+    assert worker_sockets(st.socket) == [worker_socket(st.socket, 0),
+                                         worker_socket(st.socket, 1)]
+    pids = {int(unix_request(path, "/openimds-agent/stats").json()["pid"])
+            for path in worker_sockets(st.socket)}
+    assert pids == set(children(st.agent.pid))
+    assert oct(os.stat(worker_socket(st.socket, 0)).st_mode & 0o777) == oct(
+        os.stat(st.socket).st_mode & 0o777)
+
+
+def test_a_pool_burst_splits_evenly_and_follows_a_dead_worker(world: Any) -> None:
+    st: Stack = world["st"]
+    assert st.agent is not None
+    wait_worker_sockets(st)
+    n = 64
+
+    async def make() -> UpstreamPool:
+        return UpstreamPool(unix_path=st.socket, size=n, raw_only=False,
+                            worker_paths=lambda: worker_sockets(st.socket))
+
+    # One pool across event loops is not allowed: a fresh pool (and loop) per round, each
+    # split by the same rule; the dead-worker round needs one pool kept, in one loop below.
+    pool = asyncio.run(make())
+    split = burst(pool, n)
+    assert set(split) == set(children(st.agent.pid)), split
+    assert max(split.values()) - min(split.values()) <= 1, split
+
+    async def scenario() -> tuple[Counter[int], Counter[int], Counter[int], list[int]]:
+        pool = UpstreamPool(unix_path=st.socket, size=n, connect_retries=3,
+                            worker_paths=lambda: worker_sockets(st.socket))
+
+        async def many() -> Counter[int]:
+            async def one() -> int:
+                ans = await pool.request("GET", "/openimds-agent/stats")
+                assert ans.status == 200, ans.body
+                return int(json.loads(ans.body)["pid"])
+            return Counter(await asyncio.gather(*(one() for _ in range(n))))
+
+        first = await many()
+        kids = children(st.agent.pid)
+        os.kill(kids[0], signal.SIGKILL)
+        while Path(f"/proc/{kids[0]}/stat").exists() and "Z" not in Path(
+                f"/proc/{kids[0]}/stat").read_text().split()[2]:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # its connections' EOFs reach the pool
+        during = await many()  # the dead one's socket file is still there: refused
+        deadline = time.monotonic() + 30
+        while True:
+            now = children(st.agent.pid)
+            if len(now) == 2 and kids[0] not in now and len(worker_sockets(st.socket)) == 2:
+                with contextlib.suppress(OSError):
+                    unix_request(worker_socket(st.socket, 0), "/openimds-agent/stats")
+                    break
+            assert time.monotonic() < deadline, now
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(RETIRE_S + 0.2)  # the survivor's extra connections retire
+        after = await many()
+        await pool.close()
+        return first, during, after, now
+
+    first, during, after, now = asyncio.run(scenario())
+    assert max(first.values()) - min(first.values()) <= 1 and len(first) == 2, first
+    survivor = [p for p in first if p in now]
+    assert len(survivor) == 1 and set(during) == set(survivor), (first, during, now)
+    assert sum(during.values()) == n
+    assert set(after) == set(now), after
+    assert max(after.values()) - min(after.values()) <= 1, after
+
+
 def test_stop_ends_every_worker_and_removes_the_socket(world: Any) -> None:
     st: Stack = world["st"]
     api = world["api"]
@@ -108,6 +213,7 @@ def test_stop_ends_every_worker_and_removes_the_socket(world: Any) -> None:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(
             f"/proc/{pid}/stat").read_text().split()[2]
     assert not Path(st.socket).exists()
+    assert worker_sockets(st.socket) == []
 
 
 def test_a_port_in_use_fails_at_once(tmp_path: Path) -> None:

@@ -2,7 +2,14 @@ from pathlib import Path
 
 import pytest
 
-from openimds.config import env_name, load_settings, render_settings, settings_as_dict
+from openimds.config import (
+    env_name,
+    load_settings,
+    render_settings,
+    settings_as_dict,
+    worker_socket,
+    worker_sockets,
+)
 from openimds.errors import ConfigError
 
 
@@ -156,3 +163,24 @@ def test_write_timeouts_of_the_agent_and_the_api(tmp_path: Path) -> None:
     s = load_settings(write(tmp_path, "[api]\nclient_write_timeout = 2.5\n"),
                       environ={"OPENIMDS_METADATA_AGENT_CLIENT_WRITE_TIMEOUT": "7"})
     assert (s.api.client_write_timeout, s.metadata_agent.client_write_timeout) == (2.5, 7.0)
+
+
+def test_worker_sockets_are_named_beside_the_shared_one(tmp_path: Path) -> None:
+    """`<metadata_proxy_socket>.w<N>`, found in index order; other names are not taken."""
+    base = str(tmp_path / "metadata_proxy")
+    for name in ("metadata_proxy", "metadata_proxy.w10", "metadata_proxy.w2",
+                 "metadata_proxy.wx", "metadata_proxy.w", "other.w1"):
+        (tmp_path / name).write_text("")
+    assert worker_socket(base, 3) == base + ".w3"
+    assert worker_sockets(base) == [base + ".w2", base + ".w10"]
+    assert worker_sockets(str(tmp_path / "gone" / "metadata_proxy")) == []
+
+
+def test_the_last_worker_socket_path_must_fit(tmp_path: Path) -> None:
+    """A shared path that fits but whose `.w<N>` does not is refused at load, by name."""
+    path = "/" + "a" * 104  # 105 bytes: .w1 makes it 108, over 107
+    text = f"[DEFAULT]\nmetadata_proxy_socket = {path}\nmetadata_workers = 2\n"
+    with pytest.raises(ConfigError, match="worker sockets"):
+        load_settings(write(tmp_path, text), environ={})
+    one = load_settings(write(tmp_path, text.replace("= 2", "= 1")), environ={})
+    assert one.metadata_proxy_socket == path

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from openimds.errors import OpenImdsError
-from openimds.host.unix_listener import SOCKET_MODES, file_id, listen_unix, remove_if_ours
+from openimds.host.unix_listener import (
+    SOCKET_MODES,
+    file_id,
+    listen_unix,
+    remove_if_ours,
+    remove_if_stale,
+)
 
 
 def test_a_successor_with_the_same_inode_number_is_not_removed(tmp_path: Path) -> None:
@@ -56,3 +62,17 @@ def test_a_busy_listener_is_not_taken_for_a_stale_one(tmp_path: Path) -> None:
         for client in waiting:
             client.close()
         busy.close()
+
+
+def test_remove_if_stale_keeps_a_live_socket_and_anything_else(tmp_path: Path) -> None:
+    live, stale, plain = (str(tmp_path / n) for n in ("live.sock", "stale.sock", "plain"))
+    serving = listen_unix(live, mode=SOCKET_MODES["user"], backlog=8, option="test")
+    listen_unix(stale, mode=SOCKET_MODES["user"], backlog=8, option="test").close()
+    Path(plain).write_text("x")
+    try:
+        for path in (live, stale, plain, str(tmp_path / "missing")):
+            remove_if_stale(path)
+        assert os.path.exists(live) and os.path.exists(plain)
+        assert not os.path.exists(stale)
+    finally:
+        serving.close()

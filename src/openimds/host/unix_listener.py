@@ -22,7 +22,7 @@ import stat
 
 from openimds.errors import ConfigError, OpenImdsError
 
-__all__ = ["SOCKET_MODES", "file_id", "listen_unix", "remove_if_ours"]
+__all__ = ["SOCKET_MODES", "file_id", "listen_unix", "remove_if_ours", "remove_if_stale"]
 
 # Connecting needs write permission on the socket file: user lets only its owner connect.
 SOCKET_MODES = {"user": 0o644, "group": 0o664, "all": 0o666}
@@ -84,3 +84,19 @@ def remove_if_ours(path: str, ident: int) -> None:
     with contextlib.suppress(OSError):
         if file_id(path) == ident:
             os.unlink(path)
+
+
+def remove_if_stale(path: str) -> None:
+    """Remove the socket file at `path` if nobody listens on it (its server was killed)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            probe.connect(path)
+    except ConnectionRefusedError:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        probe.close()

@@ -26,6 +26,15 @@ Rules:
   stale-connection rule above. Only GET and HEAD are batched: any other request is sent
   alone, unpipelined, with the rules above (it may change state: it must never be lost
   or sent twice because of a neighbour in a batch).
+- With `worker_paths` (a Unix upstream whose workers each also listen on a socket of their
+  own: the agent's `metadata_proxy_socket.w<N>`), each new connection goes to the worker
+  socket holding the fewest of this pool's connections (ties: lowest index), so a burst of
+  N connects splits within 1 whatever the workers' accept timing. A worker socket that
+  refuses (its worker died; the file stays until it is replaced) is skipped for
+  `REFUSED_SKIP_S`, the connection going to the next one, or to `unix_path` (shared by
+  every worker) when none accepts or none exists (one worker: today's path). A connection
+  made so, off its place, is retired (closed when next taken from the idle list) after
+  `RETIRE_S`, and made again by the same rule: a replaced worker gets its share back.
 - Failures are translated here, once: cannot connect -> UpstreamUnavailable (503),
   no answer in time -> UpstreamTimeout (504), garbled or oversized -> UpstreamProtocolError (502).
 
@@ -53,8 +62,14 @@ from openimds.errors import (
 )
 from openimds.http.server import RawResponse
 
-__all__ = ["CONNECT_RETRIES", "CONNECT_RETRY_DELAY_S", "MAX_PIPELINE_DEPTH", "ResultCallback",
-           "UpstreamPool", "UpstreamResponse"]
+__all__ = ["CONNECT_RETRIES", "CONNECT_RETRY_DELAY_S", "MAX_PIPELINE_DEPTH", "REFUSED_SKIP_S",
+           "RETIRE_S", "ResultCallback", "UpstreamPool", "UpstreamResponse"]
+
+# worker_paths: a refused worker socket is not tried again for this long; a connection made
+# off its place (its worker socket refused) is closed and made again after RETIRE_S (the
+# agent starts a dead worker again after a second, `host.workers.RESPAWN_DELAY_S`).
+REFUSED_SKIP_S = 1.0
+RETIRE_S = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +140,8 @@ BatchEnd = Callable[["_Conn", "list[_QueuedSend]", str, str], None]
 class _Conn(asyncio.Protocol):
     __slots__ = ("_batch", "_body", "_buf", "_done", "_headers", "_head_only", "_last_head",
                  "_last_framing", "_max", "_parser", "_raw", "_raw_len", "_status", "closed",
-                 "deadline", "loop",
-                 "on_batch_end", "on_result", "timed_out", "timer", "timer_at", "transport",
-                 "waiter")
+                 "deadline", "loop", "on_batch_end", "on_lost", "on_result", "path", "retire",
+                 "timed_out", "timer", "timer_at", "transport", "waiter")
     keep_fields = True  # pipelined answers: fill headers and body, as the parser does
 
     def __init__(self, max_response_bytes: int) -> None:
@@ -159,6 +173,16 @@ class _Conn(asyncio.Protocol):
         # length): see `_receive_batch`.
         self._last_head = b""
         self._last_framing = (0, False, 0)
+        # worker_paths: the worker socket it is on, and the pool's count to take it off
+        self.path: str | None = None
+        self.on_lost: Callable[[_Conn], None] | None = None
+        self.retire = False  # made off its place: close when next taken (UpstreamPool)
+
+    def _forget(self) -> None:
+        on_lost = self.on_lost
+        if on_lost is not None:
+            self.on_lost = None
+            on_lost(self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport: no isinstance check here.
@@ -166,6 +190,7 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._forget()
         if self._batch:
             self._end_batch(CLOSED)
         elif self._pending():
@@ -403,6 +428,7 @@ class _Conn(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        self._forget()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -439,6 +465,10 @@ def _report(
         on_result(task.exception() or task.result())
 
 
+def _retire(conn: _Conn) -> None:
+    conn.retire = True
+
+
 class _RawConn(_Conn):
     """A connection that keeps only the raw answer (for relaying): no per-header or body
     callbacks from the parser. Answers carry headers=[] and body=b""."""
@@ -458,9 +488,12 @@ class UpstreamPool:
         size: int = 64, connect_timeout_s: float = 5.0, timeout_s: float = 60.0,
         max_response_bytes: int = 16 * 1024 * 1024, raw_only: bool = False,
         connect_retries: int = 0, pipeline_depth: int = 1,
+        worker_paths: Callable[[], list[str]] | None = None,
     ) -> None:
         if (unix_path is None) == (host is None):
             raise ValueError("UpstreamPool needs exactly one of unix_path or host")
+        if worker_paths is not None and unix_path is None:
+            raise ValueError("worker_paths needs unix_path (the socket every worker shares)")
         if not 1 <= pipeline_depth <= MAX_PIPELINE_DEPTH:
             raise ValueError(f"pipeline_depth must be 1-{MAX_PIPELINE_DEPTH}, "
                              f"not {pipeline_depth}")
@@ -475,6 +508,9 @@ class UpstreamPool:
         self.max_response_bytes = max_response_bytes
         self.connect_retries = connect_retries
         self.pipeline_depth = pipeline_depth
+        self.worker_paths = worker_paths
+        self._spread: dict[str, int] = {}  # worker socket -> this pool's connections on it
+        self._refused_at: dict[str, float] = {}  # worker socket -> its last refused connect
         # send() calls of this loop iteration, written by _flush (pipeline_depth > 1 only)
         self._pending: list[_QueuedSend] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -493,13 +529,54 @@ class UpstreamPool:
             self._host_header = f"{hp}:{port}".encode()
             self.where = f"{hp}:{port}"
 
+    def connections_by_socket(self) -> dict[str, int]:
+        """worker_paths: this pool's open connections on each worker socket."""
+        return {path: n for path, n in self._spread.items() if n}
+
     async def _connect(self) -> _Conn:
+        if self.worker_paths is None:
+            return await self._open(self.unix_path)
+        # Fewest of our connections first (see the module docstring): deterministic, where
+        # the workers' accepts on the shared socket are not (one takes a whole burst).
+        loop = asyncio.get_running_loop()
+        listed = self.worker_paths()
+        counts, refused_at = self._spread, self._refused_at
+        now = loop.time()
+        places = sorted((p for p in listed if now - refused_at.get(p, -REFUSED_SKIP_S)
+                         >= REFUSED_SKIP_S), key=lambda p: counts.get(p, 0))
+        off_place = len(places) < len(listed)
+        for path in places:
+            counts[path] = counts.get(path, 0) + 1  # at once: a burst's connects interleave
+            try:
+                conn = await self._open(path)
+            except UpstreamRefused:
+                counts[path] -= 1
+                refused_at[path] = loop.time()
+                off_place = True
+                continue
+            except BaseException:
+                counts[path] -= 1
+                raise
+            conn.path = path
+            conn.on_lost = self._lost
+            break
+        else:  # no worker socket, or none accepts: the shared one
+            conn = await self._open(self.unix_path)
+        if off_place:
+            loop.call_later(RETIRE_S, _retire, conn)
+        return conn
+
+    def _lost(self, conn: _Conn) -> None:
+        if conn.path is not None:
+            self._spread[conn.path] -= 1
+
+    async def _open(self, unix_path: str | None) -> _Conn:
         loop = asyncio.get_running_loop()
         max_bytes = self.max_response_bytes
         conn_class = self._conn_class
         try:
-            if self.unix_path is not None:
-                coro = loop.create_unix_connection(lambda: conn_class(max_bytes), self.unix_path)
+            if unix_path is not None:
+                coro = loop.create_unix_connection(lambda: conn_class(max_bytes), unix_path)
             else:
                 assert self.host is not None and self.port is not None
                 coro = loop.create_connection(
@@ -841,6 +918,9 @@ class UpstreamPool:
         while self._idle:
             conn = self._idle.pop()
             if not conn.closed:
+                if conn.retire:  # made off its place (worker_paths): make it again
+                    conn.close()
+                    continue
                 return conn, True
         return None, False
 

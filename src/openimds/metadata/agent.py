@@ -46,7 +46,7 @@ import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
-from openimds.config import Settings
+from openimds.config import Settings, worker_socket
 from openimds.core.caller import Caller, Resolution, parse_caller
 from openimds.core.headers import identity_headers, redact, rewrite_with_identity
 from openimds.core.ratelimit import RateLimiter, Window, parse_ip_versions
@@ -283,16 +283,19 @@ def _is_group(name: str, egid: int) -> bool:
         return False
 
 
-def open_socket(settings: Settings) -> tuple[socket.socket, int]:
+def open_socket(settings: Settings, worker: int | None = None) -> tuple[socket.socket, int]:
     """Bind and listen on metadata_proxy_socket with the configured mode and backlog
-    (`host.unix_listener`: a stale socket is replaced, a live one is not). Returns the
-    listening socket and the mode applied."""
+    (`host.unix_listener`: a stale socket is replaced, a live one is not), or with `worker`
+    on that worker's own socket beside it (`config.worker_socket`). Returns the listening
+    socket and the mode applied."""
     mode = socket_mode(
         settings.metadata_proxy_socket_mode, settings.metadata_proxy_user,
         settings.metadata_proxy_group, euid=os.geteuid(), egid=os.getegid(),
     )
-    sock = listen_unix(settings.metadata_proxy_socket, mode=mode,
-                       backlog=settings.metadata_backlog, option="metadata_proxy_socket")
+    path, option = settings.metadata_proxy_socket, "metadata_proxy_socket"
+    if worker is not None:
+        path, option = worker_socket(path, worker), option + " (worker socket)"
+    sock = listen_unix(path, mode=mode, backlog=settings.metadata_backlog, option=option)
     return sock, mode
 
 

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from typing import cast
 
 from openimds.cli import add_command
-from openimds.config import Settings
+from openimds.config import Settings, worker_socket
 from openimds.core.ratelimit import RateLimiter
 from openimds.errors import ConfigError
 from openimds.host.limits import raise_nofile_limit
-from openimds.host.unix_listener import file_id, remove_if_ours
+from openimds.host.unix_listener import file_id, remove_if_ours, remove_if_stale
 from openimds.host.workers import run_workers
 from openimds.http.server import Limits, install_uvloop, serve
 from openimds.log import setup_logging
@@ -64,7 +64,10 @@ def _agent(args: argparse.Namespace, settings: Settings) -> int:
     workers = settings.metadata_workers
     if workers <= 1:
         return asyncio.run(run_agent(settings))
-    # Several workers accept on one socket, bound here once before forking; with rate
+    # Several workers accept on one socket, bound here once before forking (haproxy's and
+    # any other client's); each also listens on its own, which openimds' proxy spreads its
+    # pooled connections over (the kernel wakes the workers on the shared one, and the
+    # first takes every connection pending, a whole burst of the proxy's pool). With rate
     # limiting on, they also count into one table made here (an exact budget per instance).
     shared: dict[str, tuple[socket.socket, int]] = {}
     limiter, _ = limiter_from_settings(settings, SharedRateLimiter)
@@ -77,6 +80,8 @@ def _agent(args: argparse.Namespace, settings: Settings) -> int:
         if "sock" in shared:
             shared["sock"][0].close()
             remove_if_ours(settings.metadata_proxy_socket, shared["sock"][1])
+        for index in range(workers):  # a worker killed while stopping left its own
+            remove_if_stale(worker_socket(settings.metadata_proxy_socket, index))
 
     def work(index: int, ready: Callable[[], None]) -> int:
         sock, inode = shared["sock"]
@@ -99,7 +104,8 @@ async def run_agent(
     ready: Callable[[], None] | None = None, limiter: RateLimiter | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT. A worker (`shared` given) serves the socket its parent
-    bound, and leaves removing the socket file to the parent."""
+    bound, and leaves removing that file to the parent, and its own (`config.worker_socket`),
+    which it removes."""
     # Handlers first: the socket accepts connections (and so looks ready) before the server
     # is fully set up, and a SIGTERM in that window must still remove the socket file.
     stop = asyncio.Event()
@@ -135,6 +141,12 @@ async def run_agent(
                     write_timeout_s=settings.metadata_agent.client_write_timeout,
                     timeouts=agent.hop.count_timeouts(), known_heads=True)
     server = await serve(agent.handle, sock, limits, backlog=settings.metadata_backlog)
+    own: tuple[asyncio.Server, str, int] | None = None
+    if shared is not None:
+        own_sock, _ = open_socket(settings, worker)
+        own_path = worker_socket(path, worker)
+        own = (await serve(agent.handle, own_sock, limits, backlog=settings.metadata_backlog),
+               own_path, file_id(own_path))
     metrics_server = await start_metrics_server(settings, metrics)
     feed_task = asyncio.create_task(
         agent.follow(lambda: ChangeFollower(feed_client, stats=feed_stats, resume=True,
@@ -160,6 +172,9 @@ async def run_agent(
         await stop.wait()
     finally:
         server.close()
+        if own is not None:
+            own[0].close()
+            remove_if_ours(own[1], own[2])
         if metrics_server is not None:
             metrics_server.close()
         feed_task.cancel()

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import gc
 import heapq
 import logging
@@ -51,7 +52,7 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-from openimds.config import Settings
+from openimds.config import Settings, worker_sockets
 from openimds.core.proxy_limits import Limited429, parse_limited_429
 from openimds.core.proxy_rules import (
     REQUEST_ID_HEADER,
@@ -180,6 +181,9 @@ def pool_from_settings(settings: Settings, *, long_poll: bool = False) -> Upstre
         connect_retries=CONNECT_RETRIES,
         # held requests are never batched: one would hold the answers behind it
         pipeline_depth=1 if long_poll else settings.proxy.upstream_pipeline_depth,
+        # the agent's workers' own sockets, when it has several: our connections split
+        # evenly over them (the shared one gives a whole burst to one worker)
+        worker_paths=functools.partial(worker_sockets, settings.metadata_proxy_socket),
     )
 
 
