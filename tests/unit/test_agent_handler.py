@@ -223,6 +223,36 @@ async def test_a_hit_body_holding_the_id_marker_goes_whole() -> None:
             for _, _, hs, _ in api.seen] == [None, None, b"id-1", b"id-1"]
 
 
+async def test_a_lookup_out_of_time_is_answered_503_and_left_to_finish() -> None:
+    """The registry client's request is never cancelled (a cancelled httpx request queued
+    for a pooled connection can lose that connection for good): the VM gets its 503 at
+    registry_timeout, the lookup runs on to its own end, and the next one is answered."""
+    agent, reg, api = make(registry_timeout=0.1)
+    reg.add(R, "10.0.0.5", "inst-1")
+    ends: list[str] = []
+    lookup = reg.lookup
+
+    async def recorded(ip: str, **kw: Any) -> dict[str, Any]:
+        try:
+            out = await lookup(ip, **kw)
+        except asyncio.CancelledError:
+            ends.append("cancelled")
+            raise
+        ends.append("finished")
+        return out
+
+    reg.lookup = recorded  # type: ignore[method-assign]
+    reg.delay = 0.4
+    t0 = asyncio.get_running_loop().time()
+    resp = await settle(agent.handle(req()))
+    assert isinstance(resp, Response) and resp.status == 503
+    assert asyncio.get_running_loop().time() - t0 < 0.35 and ends == []
+    await asyncio.sleep(0.5)
+    assert ends == ["finished"]
+    reg.delay = 0.0
+    assert (await call(agent, req())) == (200, b"hello inst-1")
+
+
 async def test_feed_down_asks_every_time_and_registry_down_is_503_for_the_unknown() -> None:
     agent, reg, api = make(feed=False)
     reg.add(R, "10.0.0.5", "inst-1")

@@ -567,12 +567,16 @@ class MetadataAgent:
 
     # -- registry -----------------------------------------------------------------------
     async def _lookup(self, caller: Caller) -> LookupResult:
+        # The client's request is never cancelled: a wait that runs out leaves it to finish
+        # on its own (the client's timeout bounds it). Cancelled while queued for one of the
+        # pool's connections, httpx/httpcore can lose that connection's slot for good
+        # (encode/httpcore#1093): after a storm of uncached lookups (1,000 VMs at once) every
+        # later lookup of the agent timed out, the registry idle, until a restart.
+        call = asyncio.ensure_future(self._registry.lookup(
+            caller.ip, router_id=caller.router_id, network_id=caller.network_id))
+        call.add_done_callback(_retrieved)
         try:
-            answer = await asyncio.wait_for(
-                self._registry.lookup(
-                    caller.ip, router_id=caller.router_id, network_id=caller.network_id),
-                self._registry_timeout_s,
-            )
+            answer = await asyncio.wait_for(asyncio.shield(call), self._registry_timeout_s)
         except NotFound:
             # unknown router or network: nobody there
             return LookupResult(0, ())
@@ -1016,6 +1020,12 @@ def limiter_from_settings(
         Window("burst", cfg.burst_window_duration, cfg.burst_query_rate_limit),
         Window("base", cfg.base_window_duration, cfg.base_query_rate_limit),
     ], max_keys=max(1024, settings.metadata_agent.cache_size)), versions
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    """Mark a call nobody may await any more as retrieved (its outcome is not logged)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _pass_on(task: asyncio.Future[AnyResponse], reply: Deferred) -> None:
