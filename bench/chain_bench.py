@@ -43,6 +43,13 @@ T_2 / T_1 = 2a / (a + w). `--pipeline D` adds the same runs with wrk writing D r
 once (labelled `-pD`): a generator with a fraction of wrk's w, so the ratio shows more of
 the server's own scaling; the server answers one read's requests in one write.
 
+`--burst TRIES` (with `--workers` > 1): before the rounds, TRIES times a fresh pool of
+`[proxy] upstream_pool_size` (64) connections opened in one burst at the agent, as the
+proxy's pool opens at the start of a load, each connection asking `/openimds-agent/stats`
+which worker it reached: once through the shared socket alone (as before the worker
+sockets, and as haproxy connects) and once spread over the worker sockets (the proxy's
+way). Printed: each try's split, largest share first.
+
 Profiling a hop (the method behind docs/benchmarks.md's per-hop notes; not a flame graph):
 `--profile agent` (or proxy, api) runs one keep-alive c=100 measurement while
 `py-spy record --format raw` samples that process (100 Hz... 1 kHz, on-CPU samples only; the
@@ -66,6 +73,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -624,6 +632,10 @@ def main() -> int:
                         "([api] unix_socket, nova_metadata_socket), same rounds: chainsock-wN")
     p.add_argument("--no-matched", dest="matched", action="store_false",
                    help="skip the second reference: bare held at the chain's request rate")
+    p.add_argument("--burst", type=int, default=0, metavar="TRIES",
+                   help="with --workers N > 1: also split TRIES bursts of 64 pooled "
+                        "connections over the agent's workers, shared socket vs worker "
+                        "sockets")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     if os.geteuid() != 0:
@@ -656,6 +668,16 @@ def main() -> int:
         bare = b.spawn("bare", ["ip", "netns", "exec", rns, PY, __file__, "--bare",
                                 str(PORTS["bare"]), str(bare_file)])
         check_answers(vm, {"bare": PORTS["bare"]})
+        for st in stacks:
+            if a.burst and st.workers > 1 and st.tag != "sock":
+                sock = str(b.tmp / f"agent-w{st.workers}{st.tag}.sock")  # as Bench.config
+                for spread in (False, True) if not st.tag else (False,):
+                    splits = [burst_split(sock, 64, spread) for _ in range(a.burst)]
+                    results[f"burst_w{st.workers}{st.tag}_{'spread' if spread else 'shared'}"] \
+                        = splits
+                    print(f"burst 64 agent-w{st.workers}{st.tag} "
+                          f"{'worker sockets' if spread else 'shared socket'}: "
+                          + ", ".join("/".join(map(str, x)) for x in splits), flush=True)
         if a.profile:
             st = stacks[0]
             pid = st.services[a.profile].popen.pid
@@ -735,6 +757,13 @@ def main() -> int:
                         runs.insert(0, ("bare@rate", PORTS["bare"], {"bare": bare.popen.pid},
                                         None))
         for st in stacks:
+            if st.workers > 1 and not st.tag:  # requests each agent worker answered, all runs
+                sock = str(b.tmp / f"agent-w{st.workers}.sock")
+                counts = agent_requests(sock)
+                results[f"agent_requests_w{st.workers}"] = counts
+                print(f"agent-w{st.workers} requests per worker over the run: "
+                      + "/".join(f"{c / max(1, sum(counts)):.3f}" for c in counts)
+                      + f" of {sum(counts)}", flush=True)
             results[f"rss_kib_w{st.workers}{st.tag}"] = {
                 k: sum(rss_kib(q) for q in tree_pids(v.popen.pid))
                 for k, v in st.services.items() if k not in ("haproxy",)}
@@ -754,6 +783,47 @@ def main() -> int:
 
 
 QUIET_CORES = 0.15  # a round counts as quiet when other processes took at most this
+
+
+def agent_requests(sock: str) -> list[int]:
+    """Each agent worker's `requests` count, asked on its own socket."""
+    from openimds.config import worker_sockets
+    from openimds.http.client import UpstreamPool
+
+    async def run() -> list[int]:
+        counts = []
+        for path in worker_sockets(sock):
+            pool = UpstreamPool(unix_path=path, size=1)
+            try:
+                ans = await pool.request("GET", "/openimds-agent/stats")
+                counts.append(int(json.loads(ans.body)["requests"]))
+            finally:
+                await pool.close()
+        return sorted(counts, reverse=True)
+
+    return asyncio.run(run())
+
+
+def burst_split(sock: str, n: int, spread: bool) -> list[int]:
+    """n connections opened at once by a fresh pool at the agent's socket (`spread`: over
+    its worker sockets, as the proxy does): how many each worker took, most first."""
+    from openimds.config import worker_sockets
+    from openimds.http.client import UpstreamPool
+
+    async def run() -> list[int]:
+        pool = UpstreamPool(unix_path=sock, size=n,
+                            worker_paths=(lambda: worker_sockets(sock)) if spread else None)
+
+        async def one() -> int:
+            ans = await pool.request("GET", "/openimds-agent/stats")
+            return int(json.loads(ans.body)["pid"])
+        try:
+            pids = await asyncio.gather(*(one() for _ in range(n)))
+        finally:
+            await pool.close()
+        return sorted(Counter(pids).values(), reverse=True)
+
+    return asyncio.run(run())
 
 
 def ceiling(r: dict[str, Any], workers: int, cores: float) -> float:

@@ -103,20 +103,6 @@ def test_a_dead_worker_is_replaced(world: Any) -> None:
         assert get(world).status == 200
 
 
-def burst(pool: UpstreamPool, n: int) -> Counter[int]:
-    """n requests at once through `pool` (each on a connection of its own, as the proxy's
-    pool opens them at the start of a load): how many each worker answered."""
-    async def one() -> int:
-        ans = await pool.request("GET", "/openimds-agent/stats")
-        assert ans.status == 200, ans.body
-        return int(json.loads(ans.body)["pid"])
-
-    async def run() -> list[int]:
-        return await asyncio.gather(*(one() for _ in range(n)))
-
-    return Counter(asyncio.run(run()))
-
-
 def wait_worker_sockets(st: Stack, timeout: float = 30.0) -> None:
     """Until every worker answers on its own socket (a replaced one opens it as it starts)."""
     deadline = time.monotonic() + timeout
@@ -143,63 +129,72 @@ def test_each_worker_listens_on_its_own_socket(world: Any) -> None:
         os.stat(st.socket).st_mode & 0o777)
 
 
+def gone(pid: int) -> bool:
+    """pid exited (a zombie not reaped yet, or reaped)."""
+    try:
+        return "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        return True
+
+
 def test_a_pool_burst_splits_evenly_and_follows_a_dead_worker(world: Any) -> None:
+    """The proxy's pool (`worker_paths`): a burst of n connects splits n/2 each, so do
+    requests sent at once on the kept connections; a killed worker's share goes to the
+    survivor, and comes back once it is replaced."""
     st: Stack = world["st"]
     assert st.agent is not None
     wait_worker_sockets(st)
     n = 64
 
-    async def make() -> UpstreamPool:
-        return UpstreamPool(unix_path=st.socket, size=n, raw_only=False,
-                            worker_paths=lambda: worker_sockets(st.socket))
-
-    # One pool across event loops is not allowed: a fresh pool (and loop) per round, each
-    # split by the same rule; the dead-worker round needs one pool kept, in one loop below.
-    pool = asyncio.run(make())
-    split = burst(pool, n)
-    assert set(split) == set(children(st.agent.pid)), split
-    assert max(split.values()) - min(split.values()) <= 1, split
-
-    async def scenario() -> tuple[Counter[int], Counter[int], Counter[int], list[int]]:
+    async def scenario() -> dict[str, Any]:
         pool = UpstreamPool(unix_path=st.socket, size=n, connect_retries=3,
                             worker_paths=lambda: worker_sockets(st.socket))
 
-        async def many() -> Counter[int]:
+        async def many(count: int) -> Counter[int]:
             async def one() -> int:
                 ans = await pool.request("GET", "/openimds-agent/stats")
                 assert ans.status == 200, ans.body
                 return int(json.loads(ans.body)["pid"])
-            return Counter(await asyncio.gather(*(one() for _ in range(n))))
+            return Counter(await asyncio.gather(*(one() for _ in range(count))))
 
-        first = await many()
+        seen: dict[str, Any] = {"first": await many(n), "kept": await many(16)}
         kids = children(st.agent.pid)
         os.kill(kids[0], signal.SIGKILL)
-        while Path(f"/proc/{kids[0]}/stat").exists() and "Z" not in Path(
-                f"/proc/{kids[0]}/stat").read_text().split()[2]:
+        while not gone(kids[0]):
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.1)  # its connections' EOFs reach the pool
-        during = await many()  # the dead one's socket file is still there: refused
+        seen["during"] = await many(n)  # its socket file is still there: refused
         deadline = time.monotonic() + 30
         while True:
             now = children(st.agent.pid)
-            if len(now) == 2 and kids[0] not in now and len(worker_sockets(st.socket)) == 2:
+            if len(now) == 2 and kids[0] not in now:
                 with contextlib.suppress(OSError):
                     unix_request(worker_socket(st.socket, 0), "/openimds-agent/stats")
+                    unix_request(worker_socket(st.socket, 1), "/openimds-agent/stats")
                     break
             assert time.monotonic() < deadline, now
             await asyncio.sleep(0.05)
         await asyncio.sleep(RETIRE_S + 0.2)  # the survivor's extra connections retire
-        after = await many()
+        seen["after"] = await many(n)
+        seen["after_kept"] = await many(16)
+        seen["by_socket"] = pool.connections_by_socket()
         await pool.close()
-        return first, during, after, now
+        seen.update(before=kids, now=now)
+        return seen
 
-    first, during, after, now = asyncio.run(scenario())
-    assert max(first.values()) - min(first.values()) <= 1 and len(first) == 2, first
-    survivor = [p for p in first if p in now]
-    assert len(survivor) == 1 and set(during) == set(survivor), (first, during, now)
-    assert sum(during.values()) == n
-    assert set(after) == set(now), after
-    assert max(after.values()) - min(after.values()) <= 1, after
+    seen = asyncio.run(scenario())
+
+    def even(split: Counter[int], pids: list[int]) -> bool:
+        return set(split) == set(pids) and max(split.values()) - min(split.values()) <= 1
+
+    assert even(seen["first"], seen["before"]), seen
+    assert even(seen["kept"], seen["before"]), seen
+    survivor = [p for p in seen["before"] if p in seen["now"]]
+    assert len(survivor) == 1 and set(seen["during"]) == set(survivor), seen
+    assert sum(seen["during"].values()) == n
+    assert even(seen["after"], seen["now"]), seen
+    assert even(seen["after_kept"], seen["now"]), seen
+    assert sorted(seen["by_socket"].values()) == [n // 2, n // 2], seen
 
 
 def test_stop_ends_every_worker_and_removes_the_socket(world: Any) -> None:

@@ -469,6 +469,40 @@ def _retire(conn: _Conn) -> None:
     conn.retire = True
 
 
+class _SpreadIdle:
+    """The idle connections of a pool with worker_paths: a LIFO per worker socket, taken
+    from the one holding the most (the worker with the fewest of our requests in flight, as
+    each holds as many of our connections). One LIFO for all would split the requests
+    unevenly however evenly the connections are: the connection answered first is taken
+    first, and its worker gets the next request too (measured: agent CPU 0.70/0.30)."""
+
+    __slots__ = ("_by", "_count")
+
+    def __init__(self) -> None:
+        self._by: dict[str | None, deque[_Conn]] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def append(self, conn: _Conn) -> None:
+        idle = self._by.get(conn.path)
+        if idle is None:
+            idle = self._by[conn.path] = deque()
+        idle.append(conn)
+        self._count += 1
+
+    def pop(self) -> _Conn:
+        most: deque[_Conn] | None = None
+        for idle in self._by.values():
+            if most is None or len(idle) > len(most):
+                most = idle
+        if not most:
+            raise IndexError("pop from an empty idle list")
+        self._count -= 1
+        return most.pop()
+
+
 class _RawConn(_Conn):
     """A connection that keeps only the raw answer (for relaying): no per-header or body
     callbacks from the parser. Answers carry headers=[] and body=b""."""
@@ -516,7 +550,7 @@ class UpstreamPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         # raw_only: answers are relayed verbatim; skip parsing headers and body into objects.
         self._conn_class = _RawConn if raw_only else _Conn
-        self._idle: deque[_Conn] = deque()
+        self._idle: deque[_Conn] | _SpreadIdle = deque() if worker_paths is None else _SpreadIdle()
         self._free = size  # connection slots not in use
         # Who waits for a slot, in order: request() futures, or send() calls (queued time,
         # arguments) that are started right from _release without a Task.
