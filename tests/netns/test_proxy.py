@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from openimds.config import worker_socket
 from openimds.host.netns import socket_in_netns
 from tests.support import (
     Service,
@@ -581,6 +582,63 @@ def test_workers_each_listen_in_every_namespace(
     assert not env.pid_file.exists()
     for pid in kids:
         assert not Path(f"/proc/{pid}").exists()
+
+
+class _GatedHandler(_Handler):
+    """Answers once the server's `gate` is open (the request is recorded at once)."""
+
+    def _gated(self) -> None:
+        self.server.arrived.set()
+        assert self.server.gate.wait(30)
+        self._answer()
+
+    do_GET = _gated
+
+
+class GatedAgent(RecordingAgent):
+    """A RecordingAgent whose answers wait for `gate`; `arrived` is set by a request."""
+
+    def __init__(self, path: Path) -> None:
+        self.gate = threading.Event()
+        self.arrived = threading.Event()
+        super().__init__(path)
+        self.RequestHandlerClass = _GatedHandler
+
+
+def test_the_pool_spreads_over_the_agent_worker_sockets(
+    env: ProxyEnv, agent: RecordingAgent, router: tuple[str, str],
+) -> None:
+    """Agent worker sockets beside metadata_proxy_socket (`.w0`, `.w1`, as
+    `metadata_workers = 2` makes them): while a request is held on worker 0's, the next
+    one opens the pool's second connection on worker 1's, not on the shared socket nor
+    (as the shared socket's accept could) on the same worker again."""
+    rns, vm = router
+    w0 = GatedAgent(Path(worker_socket(str(env.socket), 0)))
+    w1 = RecordingAgent(Path(worker_socket(str(env.socket), 1)))
+    try:
+        env.write_spec(f"router-{ROUTER_ID}", rns, "0.0.0.0", 9697, router_id=ROUTER_ID)
+        env.start()
+        held: list[int] = []
+        first = threading.Thread(target=lambda: held.append(get(vm, "10.0.0.1", 9697)[0]))
+        first.start()
+        try:
+            assert w0.arrived.wait(30)  # the first connection: worker 0 (no connection yet)
+            status, body = get(vm, "10.0.0.1", 9697, "/second")
+            assert status == 200 and json.loads(body)["path"] == "/second"
+        finally:
+            w0.gate.set()
+            first.join(30)
+        assert held == [200]
+        assert [r["path"] for r in w0.recorded] == ["/latest/meta-data/"]
+        assert [r["path"] for r in w1.recorded] == ["/second"]
+        assert agent.recorded == []
+        for _ in range(10):  # kept connections: still none on the shared socket
+            assert get(vm, "10.0.0.1", 9697)[0] == 200
+        assert agent.recorded == [] and len(w0.recorded) + len(w1.recorded) == 12
+    finally:
+        w0.gate.set()
+        w0.stop()
+        w1.stop()
 
 
 def two_vms_behind_router(env: ProxyEnv, router: tuple[str, str], **proxy: Any) -> Service:
