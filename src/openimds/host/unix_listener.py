@@ -44,21 +44,16 @@ def listen_unix(path: str, *, mode: int, backlog: int, option: str) -> socket.so
     if st is not None:
         if not stat.S_ISSOCK(st.st_mode):
             raise ConfigError(f"{option} {path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
         try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)  # nobody listens on it: stale
+            stale = _stale(path)
         except OSError as exc:  # a full backlog or a stopped server: alive, only slow
             raise OpenImdsError(f"{option} {path}: a process listens on it but did not "
                                 f"accept in 1 s ({exc.strerror or exc}); not replacing "
                                 "it") from exc
-        else:
+        if not stale:
             raise OpenImdsError(f"{option} {path}: another process is serving on it; "
                                 "not replacing it")
-        finally:
-            probe.close()
+        os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
@@ -88,15 +83,21 @@ def remove_if_ours(path: str, ident: int) -> None:
 
 def remove_if_stale(path: str) -> None:
     """Remove the socket file at `path` if nobody listens on it (its server was killed)."""
+    with contextlib.suppress(OSError):  # gone, not a socket, or alive but slow: left
+        if stat.S_ISSOCK(os.lstat(path).st_mode) and _stale(path):
+            os.unlink(path)
+
+
+def _stale(path: str) -> bool:
+    """Whether nobody listens on the socket file at `path`: a connect is refused, or the
+    file went. A listener that does not accept within 1 s (a full backlog, a stopped
+    server) is alive, only slow: its OSError is raised."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            probe.connect(path)
-    except ConnectionRefusedError:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-    except OSError:
-        pass
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return True
     finally:
         probe.close()
+    return False
