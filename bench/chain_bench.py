@@ -733,9 +733,9 @@ def main() -> int:
             for conns, close in scenarios:
                 runs = list(configs)
                 if rnd % 2 == 0:  # the other chains first every other round (order bias)
-                    sock = [c for c in runs if c[0].startswith(("chainsock-", "chainbase-",
-                                                                "apibase-"))]
-                    runs = runs[:1] + sock + [c for c in runs[1:] if c not in sock]
+                    others = [c for c in runs if c[0].startswith(("chainsock-", "chainbase-",
+                                                                  "apibase-"))]
+                    runs = runs[:1] + others + [c for c in runs[1:] if c not in others]
                 while runs:
                     name, port, pids, headers = runs.pop(0)
                     rate = None
