@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,53 @@ def test_a_lost_answer_makes_peers_unknown(tmp_path: Path, lost: OpenImdsError) 
     assert beat.peers is None
     again = (tmp_path / "stamp").read_text().split()
     assert again == [stamped[0], "-1"]  # the last success's time, peers unknown
+
+
+class SlowDisk(Heartbeat):
+    """A Heartbeat whose stamp file sits on a disk that takes 0.3 s per write."""
+
+    writers: list[int]
+
+    def _stamp(self, line: str) -> None:
+        self.writers.append(threading.get_ident())
+        time.sleep(0.3)
+        super()._stamp(line)
+
+
+def test_every_success_refreshes_the_stamp_and_the_loop_runs_on_meanwhile(
+        tmp_path: Path) -> None:
+    settings = dataclasses.replace(Settings(), state_path=str(tmp_path), host="net-1")
+    reg = Registry(SOLO, {"agent_down_time": 10, "peers": 2})
+    beat = SlowDisk(reg, settings, "l3", stamp_file=tmp_path / "stamp")  # type: ignore[arg-type]
+    beat.writers = []
+
+    async def two_beats() -> tuple[list[list[str]], int]:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        seen = []
+        for _ in range(2):
+            assert await beat.beat()
+            # written when the beat returns: what it found is on disk before it counts
+            seen.append((tmp_path / "stamp").read_text().split())
+            assert seen[-1][0] == f"{beat.last_ok_wall:.3f}"
+        ticker.cancel()
+        return seen, ticks
+
+    (first, second), ticks = asyncio.run(two_beats())
+    assert first[1] == "0" and second[1] == "2"
+    assert float(second[0]) > float(first[0])  # refreshed, not only made once
+    assert threading.get_ident() not in beat.writers and len(beat.writers) == 2
+    # 0.6 s of writes: the loop kept running (inline, it would not have ticked at all)
+    assert ticks >= 10, ticks
+    assert beat._writer is not None
+    beat._writer.shutdown(wait=True)
 
 
 @pytest.mark.parametrize("kept", [
