@@ -16,7 +16,7 @@ hand out pool addresses like IPv4 (one subnet per version when nothing is asked)
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
@@ -30,15 +30,20 @@ from openimds.registry.store import Tx, networks, port_ips, ports, subnets
 
 # Built once (a create runs each of them; building a statement costs more than running it).
 _MAC_TAKEN = sa.select(ports.c.id).where(ports.c.mac_address == sa.bindparam("mac"))
-# A port's network and whether a freshly drawn MAC is free, in one statement (`network_and_mac`).
-_NETWORK_AND_MAC = sa.select(
-    networks, sa.exists(_MAC_TAKEN).label("mac_taken")).where(
-        networks.c.id == sa.bindparam("id"))
 _IP_TAKEN = sa.select(port_ips.c.port_id).where(
     port_ips.c.network_id == sa.bindparam("network_id"),
     port_ips.c.ip_address == sa.bindparam("ip"))
 _NETWORK_SUBNETS = (sa.select(subnets).where(subnets.c.network_id == sa.bindparam("network_id"))
                     .order_by(subnets.c.created_at, subnets.c.id))
+# The network, its subnets in `_NETWORK_SUBNETS` order and whether a drawn MAC is free, in one
+# statement (`port_network`): a row per subnet (one with a NULL id when it has none), each
+# usable as a subnet row, the network's project beside it.
+_PORT_NETWORK = (
+    sa.select(subnets, networks.c.project_id.label("net_project_id"),
+              sa.exists(_MAC_TAKEN).label("mac_taken"))
+    .select_from(networks.outerjoin(subnets, subnets.c.network_id == networks.c.id))
+    .where(networks.c.id == sa.bindparam("id"))
+    .order_by(subnets.c.created_at, subnets.c.id))
 # inline: no implicit RETURNING of the key (given), so either may run in a pipeline (Tx.later)
 _INSERT_PORT = ports.insert().inline()
 _INSERT_PORT_IPS = port_ips.insert().inline()
@@ -60,16 +65,24 @@ def new_mac(conn: Connection) -> str:
     raise Conflict("could not find a free MAC address after 64 tries")
 
 
-def network_and_mac(conn: Connection, network_id: str, field: str = "network_id",
-                    ) -> tuple[Row[Any], str]:
-    """The network a new port goes on (missing: 404 naming `field`, as `ref_row`) and a free
-    MAC for it: the first draw is checked by the network's own read, one round trip fewer
-    than `ref_row` then `new_mac`."""
+class PortNetwork(NamedTuple):
+    """What a new port needs of its network (`port_network`)."""
+
+    project_id: str
+    subnets: list[Row[Any]]  # in `allocate`'s order
+    mac: str  # free when read
+
+
+def port_network(conn: Connection, network_id: str, field: str = "network_id") -> PortNetwork:
+    """The network a new port goes on (missing: 404 naming `field`, as `ref_row`), its
+    subnets and a free MAC, in one round trip: the first draw is checked by the same read
+    (else `new_mac`), and `allocate` is given the subnets instead of reading them again."""
     mac = ipam.generate_mac(secrets.token_bytes)
-    row = conn.execute(_NETWORK_AND_MAC, {"id": network_id, "mac": mac}).first()
-    if row is None:
+    rows = list(conn.execute(_PORT_NETWORK, {"id": network_id, "mac": mac}))
+    if not rows:
         raise NotFound(f"{field}: network {network_id} not found")
-    return row, (new_mac(conn) if row.mac_taken else mac)
+    return PortNetwork(str(rows[0].net_project_id), [r for r in rows if r.id is not None],
+                       new_mac(conn) if rows[0].mac_taken else mac)
 
 
 def free_ip(tx: Tx, subnet: Row[Any], *, take: bool = True) -> ipam.IPAddress | None:
@@ -94,13 +107,15 @@ def auto_address(subnet: Row[Any], mac: str) -> ipam.IPAddress:
 
 def allocate(
     tx: Tx, network_id: str, requests: Any, *, device_owner: str, mac: str,
-    field: str = "fixed_ips",
+    field: str = "fixed_ips", subs: list[Row[Any]] | None = None,
 ) -> list[tuple[str, str]]:
     """(subnet_id, ip) pairs for a new port with this MAC on network_id, taken from the
     subnets' free state. An address picked for the port (none requested) avoids those
-    released moments ago (the IP quarantine) while another is free; asked for, it is given."""
+    released moments ago (the IP quarantine) while another is free; asked for, it is given.
+    subs: the network's subnets as `port_network` read them (else read here)."""
     conn = tx.conn
-    subs = list(conn.execute(_NETWORK_SUBNETS, {"network_id": network_id}))
+    if subs is None:
+        subs = list(conn.execute(_NETWORK_SUBNETS, {"network_id": network_id}))
     if not subs:
         raise BadRequest(f"network_id: network {network_id} has no subnets")
 

@@ -39,7 +39,7 @@ from openimds.registry.allocation import (
     allocate,
     delete_port,
     insert_port,
-    network_and_mac,
+    port_network,
 )
 from openimds.registry.records import (
     Json,
@@ -711,14 +711,13 @@ class Registry:
             mac = mac.lower()
         with self.store.write() as tx:
             drawn = mac is None  # then free by the network's read: no re-check at insert
+            network = port_network(tx.conn, network_id)
             if mac is None:
-                network, mac = network_and_mac(tx.conn, network_id)
-            else:
-                network = ref_row(tx.conn, networks, "network", "network_id", network_id)
+                mac = network.mac
             pid = (self._ensure_project(tx, body["project_id"]) if body.get("project_id")
                    else network.project_id)
             fixed = allocate(tx, network_id, body.get("fixed_ips"), mac=mac,
-                             device_owner=owner)
+                             device_owner=owner, subs=network.subnets)
             return insert_port(tx, network_id=network_id, project_id=pid,
                                      device_id=device_id, device_owner=owner, fixed=fixed,
                                      name=name, mac=mac, mac_checked=drawn)
@@ -821,7 +820,8 @@ class Registry:
             requests = [{"ip_address": body["fixed_ip"]}]
         with self.store.write(ec2_id=True) as tx:
             conn = tx.conn
-            network, mac = network_and_mac(conn, network_id)
+            network = port_network(conn, network_id)
+            mac = network.mac
             pid = (self._ensure_project(tx, body["project_id"]) if body.get("project_id")
                    else network.project_id)
             keypair = None
@@ -839,7 +839,8 @@ class Registry:
                                "the deleted instance's documents)")
             try:
                 fixed = allocate(tx, network_id, requests, mac=mac,
-                                 device_owner=DEVICE_OWNER_INSTANCE, field="fixed_ip")
+                                 device_owner=DEVICE_OWNER_INSTANCE, field="fixed_ip",
+                                 subs=network.subnets)
             except BadRequest as exc:
                 raise BadRequest(exc.reason.replace("fixed_ip[0].ip_address", "fixed_ip")) \
                     from None
