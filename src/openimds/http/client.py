@@ -27,14 +27,19 @@ Rules:
   alone, unpipelined, with the rules above (it may change state: it must never be lost
   or sent twice because of a neighbour in a batch).
 - With `worker_paths` (a Unix upstream whose workers each also listen on a socket of their
-  own: the agent's `metadata_proxy_socket.w<N>`), each new connection goes to the worker
-  socket holding the fewest of this pool's connections (ties: lowest index), so a burst of
-  N connects splits within 1 whatever the workers' accept timing. A worker socket that
-  refuses (its worker died; the file stays until it is replaced) is skipped for
-  `REFUSED_SKIP_S`, the connection going to the next one, or to `unix_path` (shared by
+  own: the agent's `metadata_proxy_socket.w<N>`, the API's `[api] unix_socket.w<N>`) or
+  `worker_ports` (a TCP upstream whose workers each also listen on a port of their own on
+  `host`: the API's `[api] worker_port_base` + N), each new connection goes to the worker
+  address holding the fewest of this pool's connections (ties: lowest index,
+  `worker_order`), so a burst of N connects splits within 1 whatever the workers' accept
+  timing or SO_REUSEPORT's hash. A worker address that refuses (its worker died; a socket
+  file stays until it is replaced) is skipped for `REFUSED_SKIP_S`, the connection going
+  to the next one, or to the pool's own address (`unix_path` or `host:port`, shared by
   every worker) when none accepts or none exists (one worker: today's path). A connection
   made so, off its place, is retired (closed when next taken from the idle list) after
   `RETIRE_S`, and made again by the same rule: a replaced worker gets its share back.
+  Idle connections are kept per worker address and taken from the one holding the most
+  (`_SpreadIdle`), so the requests split as evenly as the connections.
 - Failures are translated here, once: cannot connect -> UpstreamUnavailable (503),
   no answer in time -> UpstreamTimeout (504), garbled or oversized -> UpstreamProtocolError (502).
 
@@ -49,7 +54,7 @@ import contextlib
 import logging
 import ssl as ssl_module
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import httptools
 
@@ -63,13 +68,30 @@ from openimds.errors import (
 from openimds.http.server import RawResponse
 
 __all__ = ["CONNECT_RETRIES", "CONNECT_RETRY_DELAY_S", "MAX_PIPELINE_DEPTH", "REFUSED_SKIP_S",
-           "RETIRE_S", "ResultCallback", "UpstreamPool", "UpstreamResponse"]
+           "RETIRE_S", "ResultCallback", "UpstreamPool", "UpstreamResponse", "Worker",
+           "worker_order"]
 
-# worker_paths: a refused worker socket is not tried again for this long; a connection made
-# off its place (its worker socket refused) is closed and made again after RETIRE_S (the
-# agent starts a dead worker again after a second, `host.workers.RESPAWN_DELAY_S`).
+# worker_paths / worker_ports: a refused worker address is not tried again for this long; a
+# connection made off its place (its worker refused) is closed and made again after RETIRE_S
+# (a dead worker is started again after a second, `host.workers.RESPAWN_DELAY_S`).
 REFUSED_SKIP_S = 1.0
 RETIRE_S = 1.0
+
+# A worker's own address: its Unix socket path (str), or its TCP port on the pool's host.
+Worker = str | int
+
+
+def worker_order(
+    listed: Sequence[Worker], counts: dict[Worker, int], refused_at: dict[Worker, float],
+    now: float,
+) -> tuple[list[Worker], bool]:
+    """Where a pool's next connection is tried, in order: the `listed` workers not refused
+    within `REFUSED_SKIP_S` of `now`, fewest of the pool's connections (`counts`) first,
+    ties in listed order; and whether any was left out (the connection is then off its
+    place, to be made again after `RETIRE_S`)."""
+    places = sorted((w for w in listed if now - refused_at.get(w, -REFUSED_SKIP_S)
+                     >= REFUSED_SKIP_S), key=lambda w: counts.get(w, 0))
+    return places, len(places) < len(listed)
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +162,8 @@ BatchEnd = Callable[["_Conn", "list[_QueuedSend]", str, str], None]
 class _Conn(asyncio.Protocol):
     __slots__ = ("_batch", "_body", "_buf", "_done", "_headers", "_head_only", "_last_head",
                  "_last_framing", "_max", "_parser", "_raw", "_raw_len", "_status", "closed",
-                 "deadline", "loop", "on_batch_end", "on_lost", "on_result", "path", "retire",
-                 "timed_out", "timer", "timer_at", "transport", "waiter")
+                 "deadline", "loop", "on_batch_end", "on_lost", "on_result", "retire", "timed_out",
+                 "timer", "timer_at", "transport", "waiter", "worker")
     keep_fields = True  # pipelined answers: fill headers and body, as the parser does
 
     def __init__(self, max_response_bytes: int) -> None:
@@ -173,8 +195,8 @@ class _Conn(asyncio.Protocol):
         # length): see `_receive_batch`.
         self._last_head = b""
         self._last_framing = (0, False, 0)
-        # worker_paths: the worker socket it is on, and the pool's count to take it off
-        self.path: str | None = None
+        # worker_paths/ports: the worker address it is on, and the pool's count to take it off
+        self.worker: Worker | None = None
         self.on_lost: Callable[[_Conn], None] | None = None
         self.retire = False  # made off its place: close when next taken (UpstreamPool)
 
@@ -470,7 +492,7 @@ def _retire(conn: _Conn) -> None:
 
 
 class _SpreadIdle:
-    """The idle connections of a pool with worker_paths: a LIFO per worker socket, taken
+    """The idle connections of a pool with worker addresses: a LIFO per worker, taken
     from the one holding the most (the worker with the fewest of our requests in flight, as
     each holds as many of our connections), ties taken in turn. One LIFO for all split the
     requests unevenly however evenly the connections were (the connection answered first is
@@ -481,7 +503,7 @@ class _SpreadIdle:
     __slots__ = ("_by", "_count", "_queues", "_turn")
 
     def __init__(self) -> None:
-        self._by: dict[str | None, deque[_Conn]] = {}
+        self._by: dict[Worker | None, deque[_Conn]] = {}
         self._queues: list[deque[_Conn]] = []  # the same deques, for the turn
         self._count = 0
         self._turn = 0
@@ -490,9 +512,9 @@ class _SpreadIdle:
         return self._count
 
     def append(self, conn: _Conn) -> None:
-        idle = self._by.get(conn.path)
+        idle = self._by.get(conn.worker)
         if idle is None:
-            idle = self._by[conn.path] = deque()
+            idle = self._by[conn.worker] = deque()
             self._queues.append(idle)
         idle.append(conn)
         self._count += 1
@@ -532,12 +554,14 @@ class UpstreamPool:
         size: int = 64, connect_timeout_s: float = 5.0, timeout_s: float = 60.0,
         max_response_bytes: int = 16 * 1024 * 1024, raw_only: bool = False,
         connect_retries: int = 0, pipeline_depth: int = 1,
-        worker_paths: Callable[[], list[str]] | None = None,
+        worker_paths: Callable[[], list[str]] | None = None, worker_ports: Sequence[int] = (),
     ) -> None:
         if (unix_path is None) == (host is None):
             raise ValueError("UpstreamPool needs exactly one of unix_path or host")
         if worker_paths is not None and unix_path is None:
             raise ValueError("worker_paths needs unix_path (the socket every worker shares)")
+        if worker_ports and host is None:
+            raise ValueError("worker_ports needs host (and port, which every worker shares)")
         if not 1 <= pipeline_depth <= MAX_PIPELINE_DEPTH:
             raise ValueError(f"pipeline_depth must be 1-{MAX_PIPELINE_DEPTH}, "
                              f"not {pipeline_depth}")
@@ -552,15 +576,19 @@ class UpstreamPool:
         self.max_response_bytes = max_response_bytes
         self.connect_retries = connect_retries
         self.pipeline_depth = pipeline_depth
-        self.worker_paths = worker_paths
-        self._spread: dict[str, int] = {}  # worker socket -> this pool's connections on it
-        self._refused_at: dict[str, float] = {}  # worker socket -> its last refused connect
+        ports: list[Worker] = list(worker_ports)
+        # the workers' own addresses now (socket files come and go; ports are configured)
+        self._workers: Callable[[], Sequence[Worker]] | None = (
+            worker_paths if worker_paths is not None else (lambda: ports) if ports else None)
+        self._spread: dict[Worker, int] = {}  # worker -> this pool's connections on it
+        self._refused_at: dict[Worker, float] = {}  # worker -> its last refused connect
         # send() calls of this loop iteration, written by _flush (pipeline_depth > 1 only)
         self._pending: list[_QueuedSend] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         # raw_only: answers are relayed verbatim; skip parsing headers and body into objects.
         self._conn_class = _RawConn if raw_only else _Conn
-        self._idle: deque[_Conn] | _SpreadIdle = deque() if worker_paths is None else _SpreadIdle()
+        self._idle: deque[_Conn] | _SpreadIdle = (
+            deque() if self._workers is None else _SpreadIdle())
         self._free = size  # connection slots not in use
         # Who waits for a slot, in order: request() futures, or send() calls (queued time,
         # arguments) that are started right from _release without a Task.
@@ -568,74 +596,82 @@ class UpstreamPool:
         if unix_path is not None:
             self._host_header = b"localhost"
             self.where = f"unix:{unix_path}"
+            self._host_text = ""
         else:
             hp = f"[{host}]" if host and ":" in host else str(host)
             self._host_header = f"{hp}:{port}".encode()
             self.where = f"{hp}:{port}"
+            self._host_text = hp
 
-    def connections_by_socket(self) -> dict[str, int]:
-        """worker_paths: this pool's open connections on each worker socket."""
-        return {path: n for path, n in self._spread.items() if n}
+    def connections_by_socket(self) -> dict[Worker, int]:
+        """worker_paths/ports: this pool's open connections on each worker address."""
+        return {worker: n for worker, n in self._spread.items() if n}
 
     async def _connect(self) -> _Conn:
-        if self.worker_paths is None:
-            return await self._open(self.unix_path)
+        if self._workers is None:
+            return await self._open(None)
         # Fewest of our connections first (see the module docstring): deterministic, where
-        # the workers' accepts on the shared socket are not (one takes a whole burst).
+        # the workers' accepts on a shared socket are not (one takes a whole burst), nor
+        # SO_REUSEPORT's hash of a shared port.
         loop = asyncio.get_running_loop()
-        listed = self.worker_paths()
-        counts, refused_at = self._spread, self._refused_at
-        now = loop.time()
-        places = sorted((p for p in listed if now - refused_at.get(p, -REFUSED_SKIP_S)
-                         >= REFUSED_SKIP_S), key=lambda p: counts.get(p, 0))
-        off_place = len(places) < len(listed)
-        for path in places:
-            counts[path] = counts.get(path, 0) + 1  # at once: a burst's connects interleave
+        counts = self._spread
+        places, off_place = worker_order(self._workers(), counts, self._refused_at,
+                                         loop.time())
+        for worker in places:
+            counts[worker] = counts.get(worker, 0) + 1  # at once: a burst's connects interleave
             try:
-                conn = await self._open(path)
+                conn = await self._open(worker)
             except UpstreamRefused:
-                counts[path] -= 1
-                refused_at[path] = loop.time()
+                counts[worker] -= 1
+                self._refused_at[worker] = loop.time()
                 off_place = True
                 continue
             except BaseException:
-                counts[path] -= 1
+                counts[worker] -= 1
                 raise
-            conn.path = path
+            conn.worker = worker
             conn.on_lost = self._lost
             break
-        else:  # no worker socket, or none accepts: the shared one
-            conn = await self._open(self.unix_path)
+        else:  # no worker address, or none accepts: the shared one
+            conn = await self._open(None)
         if off_place:
             loop.call_later(RETIRE_S, _retire, conn)
         return conn
 
     def _lost(self, conn: _Conn) -> None:
-        if conn.path is not None:
-            self._spread[conn.path] -= 1
+        if conn.worker is not None:
+            self._spread[conn.worker] -= 1
 
-    async def _open(self, unix_path: str | None) -> _Conn:
+    async def _open(self, worker: Worker | None) -> _Conn:
+        """A new connection to `worker` (a Unix socket path, a TCP port on `host`), or with
+        None to the pool's own address."""
         loop = asyncio.get_running_loop()
         max_bytes = self.max_response_bytes
         conn_class = self._conn_class
+        if isinstance(worker, str):
+            where, unix_path, port = f"unix:{worker}", worker, None
+        elif isinstance(worker, int):
+            where, unix_path, port = f"{self._host_text}:{worker}", None, worker
+        else:
+            where, unix_path, port = self.where, self.unix_path, self.port
         try:
             if unix_path is not None:
                 coro = loop.create_unix_connection(lambda: conn_class(max_bytes), unix_path)
             else:
-                assert self.host is not None and self.port is not None
+                assert self.host is not None and port is not None
                 coro = loop.create_connection(
-                    lambda: conn_class(max_bytes), self.host, self.port, ssl=self.ssl,
+                    lambda: conn_class(max_bytes), self.host, port, ssl=self.ssl,
                     server_hostname=self.server_hostname if self.ssl else None,
                 )
             _, conn = await asyncio.wait_for(coro, self.connect_timeout_s)
         except TimeoutError:
             raise UpstreamUnavailable(
-                f"connect to {self.where} timed out after {self.connect_timeout_s}s"
+                f"connect to {where} timed out after {self.connect_timeout_s}s"
             ) from None
         except (ConnectionRefusedError, FileNotFoundError) as exc:
-            raise UpstreamRefused(f"cannot connect to {self.where}: {exc}") from exc
+            raise UpstreamRefused(f"cannot connect to {where}: {exc}") from exc
         except (OSError, ssl_module.SSLError) as exc:
-            raise UpstreamUnavailable(f"cannot connect to {self.where}: {exc}") from exc
+            raise UpstreamUnavailable(f"cannot connect to {where}: {exc}") from exc
         return conn
 
     def encode_request(
