@@ -167,11 +167,18 @@ class ApiSettings:
     )
     workers: int = opt(
         1, "API worker processes (SO_REUSEPORT listeners; each has its own document cache "
-        "and follows the change feed)", min=1, max=256,
+        "and follows the change feed); with more than one and unix_socket set, each also "
+        "listens on its own unix_socket.w<N>, which the agent spreads its pool over",
+        min=1, max=256,
     )
     unix_socket: str = opt(
         "", "openimds only: a Unix socket the API also listens on (the TCP listener stays), "
         "for an agent on this host (its nova_metadata_socket); empty = none", unix_path=True,
+    )
+    worker_port_base: int = opt(
+        0, "openimds only: API worker N (0, 1, ...) also listens on metadata_listen:"
+        "worker_port_base+N, which an agent given those ports (nova_metadata_worker_ports) "
+        "spreads its pool over; 0 = none", min=0, max=65535,
     )
     unix_socket_mode: str = opt(
         "user", "Permissions of unix_socket: user (0644: only the API's user may connect), "
@@ -387,6 +394,12 @@ class Settings:
         "", "openimds only: the metadata API's Unix socket on this host ([api] unix_socket); "
         "when set the agent uses it instead of nova_metadata_host/port/protocol (no TLS on "
         "it); empty = TCP", unix_path=True,
+    )
+    nova_metadata_worker_ports: str = opt(
+        "", "openimds only: the metadata API workers' own ports on nova_metadata_host, "
+        "FIRST-LAST ([api] worker_port_base to worker_port_base + workers - 1); the agent "
+        "spreads its pool over them, nova_metadata_port stays the fallback; empty = none "
+        "(with nova_metadata_socket the workers' sockets beside it are found, no option)",
     )
     auth_ca_cert: str = opt("", "CA bundle for https to the metadata API")
     nova_client_cert: str = opt("", "Client certificate for https to the metadata API")
@@ -621,8 +634,8 @@ WORKER_SOCKET_SUFFIX = ".w"
 
 
 def worker_socket(path: str, index: int) -> str:
-    """The socket agent worker `index` listens on besides the shared `path`
-    (metadata_proxy_socket): `<path>.w<index>`, beside it."""
+    """The socket worker `index` listens on besides the shared `path` (the agent's
+    metadata_proxy_socket, the API's [api] unix_socket): `<path>.w<index>`, beside it."""
     return f"{path}{WORKER_SOCKET_SUFFIX}{index}"
 
 
@@ -640,12 +653,46 @@ def worker_sockets(path: str) -> list[str]:
     return [os.path.join(folder, name) for _, name in found]
 
 
+def worker_ports(text: str) -> list[int]:
+    """The ports of nova_metadata_worker_ports' FIRST-LAST (or one PORT); [] when empty."""
+    where = "[DEFAULT] nova_metadata_worker_ports"
+    first, sep, last = text.strip().partition("-")
+    if not first:
+        return []
+    try:
+        low, high = int(first), int(last if sep else first)
+    except ValueError:
+        raise ConfigError(f"{where}: value {text!r} is not FIRST-LAST (e.g. 8781-8782)") from None
+    if not 1 <= low <= high <= 65535:
+        raise ConfigError(f"{where}: value {text!r} is not a range of ports (1-65535, "
+                          "FIRST <= LAST)")
+    return list(range(low, high + 1))
+
+
 def _check_socket_paths(settings: Settings) -> None:
     """Socket paths that must differ: the agent would answer on the API's socket, or send
-    every request back to itself. The last worker socket's path must fit, too."""
+    every request back to itself. The last worker socket's path must fit, too; the workers'
+    own ports must exist and not be the shared one."""
     if settings.metadata_workers > 1:
         last = worker_socket(settings.metadata_proxy_socket, settings.metadata_workers - 1)
         _check_unix_path(last, last, "[DEFAULT] metadata_proxy_socket (its worker sockets)")
+    api = settings.api
+    if api.workers > 1 and api.unix_socket:
+        last = worker_socket(api.unix_socket, api.workers - 1)
+        _check_unix_path(last, last, "[api] unix_socket (its worker sockets)")
+    if api.worker_port_base:
+        top = api.worker_port_base + api.workers - 1
+        if top > 65535 or api.worker_port_base <= api.metadata_listen_port <= top:
+            raise ConfigError(
+                f"[api] worker_port_base: value {api.worker_port_base} with workers = "
+                f"{api.workers} gives ports {api.worker_port_base}-{top}, which must stay "
+                f"within 65535 and leave out metadata_listen_port ({api.metadata_listen_port})")
+    ports = worker_ports(settings.nova_metadata_worker_ports)
+    if settings.nova_metadata_port in ports:
+        raise ConfigError(
+            f"[DEFAULT] nova_metadata_worker_ports: value {settings.nova_metadata_worker_ports!r}"
+            f" holds nova_metadata_port ({settings.nova_metadata_port}), the port every API "
+            "worker shares")
     agent = os.path.normpath(settings.metadata_proxy_socket)
     for what, value in (("[api] unix_socket", settings.api.unix_socket),
                         ("[DEFAULT] nova_metadata_socket", settings.nova_metadata_socket)):

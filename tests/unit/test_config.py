@@ -7,6 +7,7 @@ from openimds.config import (
     load_settings,
     render_settings,
     settings_as_dict,
+    worker_ports,
     worker_socket,
     worker_sockets,
 )
@@ -184,3 +185,30 @@ def test_the_last_worker_socket_path_must_fit(tmp_path: Path) -> None:
         load_settings(write(tmp_path, text), environ={})
     one = load_settings(write(tmp_path, text.replace("= 2", "= 1")), environ={})
     assert one.metadata_proxy_socket == path
+
+
+def test_the_api_workers_own_addresses_are_checked_at_load(tmp_path: Path) -> None:
+    """`[api] unix_socket.w<N>` must fit; `[api] worker_port_base` + workers stays a port
+    range without metadata_listen_port; nova_metadata_worker_ports is FIRST-LAST without
+    nova_metadata_port."""
+    path = "/" + "a" * 104
+    with pytest.raises(ConfigError, match=r"\[api\] unix_socket \(its worker sockets\)"):
+        load_settings(write(tmp_path, f"[api]\nunix_socket = {path}\nworkers = 2\n"),
+                      environ={})
+    assert load_settings(write(tmp_path, f"[api]\nunix_socket = {path}\n"),
+                         environ={}).api.unix_socket == path
+    ok = load_settings(write(tmp_path, "[api]\nworker_port_base = 8781\nworkers = 2\n"),
+                       environ={})
+    assert (ok.api.worker_port_base, ok.api.workers) == (8781, 2)
+    for text in ("[api]\nworker_port_base = 8774\nworkers = 2\n",
+                 "[api]\nworker_port_base = 65535\nworkers = 2\n"):
+        with pytest.raises(ConfigError, match="worker_port_base"):
+            load_settings(write(tmp_path, text), environ={})
+    s = load_settings(write(tmp_path, "[DEFAULT]\nnova_metadata_worker_ports = 8781-8783\n"),
+                      environ={})
+    assert worker_ports(s.nova_metadata_worker_ports) == [8781, 8782, 8783]
+    assert worker_ports("9000") == [9000] and worker_ports("") == []
+    for bad in ("8781-", "x-8782", "8782-8781", "0-2", "8774-8776"):
+        with pytest.raises(ConfigError, match="nova_metadata_worker_ports"):
+            load_settings(write(tmp_path, f"[DEFAULT]\nnova_metadata_worker_ports = {bad}\n"),
+                          environ={})

@@ -42,3 +42,12 @@ def test_anything_else_stays_as_configured(tmp_path: Path, text: str,
 def test_a_state_path_too_long_for_a_socket_stays_on_tcp(tmp_path: Path) -> None:
     s = settings(tmp_path, state="/" + "s" * 100)
     assert local_api_socket(s, BOTH) == {}
+
+
+def test_a_worker_socket_too_long_stays_on_tcp(tmp_path: Path) -> None:
+    """With [api] workers the API also listens on api.sock.w<N>: a state_path where api.sock
+    fits but api.sock.w1 does not stays on TCP (the API would refuse the config)."""
+    state = "/" + "s" * (107 - len("/api.sock") - 1)  # api.sock: 107 bytes, .w1 110
+    assert local_api_socket(settings(tmp_path, state=state), BOTH) != {}
+    two = settings(tmp_path, "[api]\nworkers = 2\n", state=state)
+    assert local_api_socket(two, BOTH) == {}

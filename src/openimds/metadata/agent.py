@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import grp
 import json
 import logging
@@ -46,7 +47,7 @@ import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
-from openimds.config import Settings, worker_socket
+from openimds.config import Settings, worker_ports, worker_socket, worker_sockets
 from openimds.core.caller import Caller, Resolution, parse_caller
 from openimds.core.headers import identity_headers, redact, rewrite_with_identity
 from openimds.core.ratelimit import RateLimiter, Window, parse_ip_versions
@@ -338,6 +339,10 @@ def make_pool(settings: Settings, *, long_poll: bool = False) -> UpstreamPool:
         connect_retries=CONNECT_RETRIES,
         # held requests are never batched: one would hold the answers behind it
         pipeline_depth=1 if long_poll else agent.upstream_pipeline_depth,
+        # the API workers' own sockets or ports: our connections and requests split evenly
+        # over them (a shared socket or SO_REUSEPORT port gives a burst to one worker)
+        worker_paths=functools.partial(worker_sockets, unix) if unix else None,
+        worker_ports=() if unix else worker_ports(settings.nova_metadata_worker_ports),
     )
 
 

@@ -1,5 +1,12 @@
 """`openimds api [serve]`: run the metadata API on [api] metadata_listen:metadata_listen_port
-(and on the Unix socket `[api] unix_socket` when set) until SIGTERM/SIGINT."""
+(and on the Unix socket `[api] unix_socket` when set) until SIGTERM/SIGINT.
+
+With `[api] workers` > 1 every worker shares those, and each also listens on addresses of its
+own, which the agent's pool spreads over (`http.client`): `<unix_socket>.w<N>` when
+unix_socket is set, and `metadata_listen:worker_port_base+N` when worker_port_base is (that
+one with a single process too). The kernel's choice on a shared address is uneven for a
+pool: SO_REUSEPORT hashes each connection, and a Unix socket's waiting connections go to
+whichever worker wakes first, while the pool opens its few connections in one burst."""
 
 from __future__ import annotations
 
@@ -12,10 +19,16 @@ import socket
 from collections.abc import Callable
 
 from openimds.cli import add_command
-from openimds.config import Settings
+from openimds.config import Settings, worker_socket
 from openimds.errors import ConfigError
 from openimds.host.limits import raise_nofile_limit
-from openimds.host.unix_listener import SOCKET_MODES, file_id, listen_unix, remove_if_ours
+from openimds.host.unix_listener import (
+    SOCKET_MODES,
+    file_id,
+    listen_unix,
+    remove_if_ours,
+    remove_if_stale,
+)
 from openimds.host.workers import run_workers
 from openimds.http.server import Limits, bind_tcp, install_uvloop, serve
 from openimds.log import setup_logging
@@ -70,19 +83,39 @@ def _api(args: argparse.Namespace, settings: Settings) -> int:
         for usock, inode in unix:
             usock.close()
             remove_if_ours(settings.api.unix_socket, inode)
+            for index in range(workers):  # a worker killed while stopping left its own
+                remove_if_stale(worker_socket(settings.api.unix_socket, index))
 
     return run_workers(workers, work, name="api", prepare=bind, finish=close)
 
 
-def _bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
+def _bind(settings: Settings, *, reuse_port: bool = False, port: int = 0) -> socket.socket:
+    """metadata_listen:metadata_listen_port, or with `port` that port on metadata_listen."""
     api_cfg = settings.api
+    port = port or api_cfg.metadata_listen_port
     try:
-        return bind_tcp(api_cfg.metadata_listen, api_cfg.metadata_listen_port,
-                        reuse_port=reuse_port)
+        return bind_tcp(api_cfg.metadata_listen, port, reuse_port=reuse_port)
     except OSError as exc:
         raise ConfigError(
-            f"[api] cannot listen on {api_cfg.metadata_listen}:{api_cfg.metadata_listen_port}: "
+            f"[api] cannot listen on {api_cfg.metadata_listen}:{port}: "
             f"{exc.strerror}") from None
+
+
+def _bind_own(settings: Settings, worker: int) -> list[tuple[socket.socket, str, int]]:
+    """This worker's own listeners (the module docstring), each with the socket file to
+    remove as it stops and that file's `file_id` ("", 0 for a port). Made by the worker, not
+    bound before forking: a dead worker's own address refuses (the agent's pool then skips
+    it) where a listener its parent held would queue connections until it is replaced."""
+    api_cfg = settings.api
+    own: list[tuple[socket.socket, str, int]] = []
+    if api_cfg.worker_port_base:
+        own.append((_bind(settings, port=api_cfg.worker_port_base + worker), "", 0))
+    if api_cfg.unix_socket and api_cfg.workers > 1:
+        path = worker_socket(api_cfg.unix_socket, worker)
+        sock = listen_unix(path, mode=SOCKET_MODES[api_cfg.unix_socket_mode], backlog=4096,
+                           option="[api] unix_socket (worker socket)")
+        own.append((sock, path, file_id(path)))
+    return own
 
 
 def _bind_unix(settings: Settings) -> list[tuple[socket.socket, int]]:
@@ -110,7 +143,8 @@ async def run_api(
     ready: Callable[[], None] | None = None, unix: tuple[socket.socket, int] | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT; a worker (`sock` given) serves the sockets its parent
-    bound, and leaves removing the Unix socket's file to the parent."""
+    bound, and leaves removing the Unix socket's file to the parent, and its own
+    (`_bind_own`), whose socket file it removes."""
     from openimds.registry.client import AsyncRegistryClient
     from openimds.registry.feed import ChangeFollower
     from openimds.registry.heartbeat import Heartbeat
@@ -128,9 +162,12 @@ async def run_api(
     follower = ChangeFollower(registry, resume=True, backoff_max_s=1.0)
     owned: list[tuple[socket.socket, int]] = []
     if sock is None:
-        sock = _bind(settings)  # the port first: a second API fails before the socket file
+        sock = _bind(settings)  # the ports first: a second API fails before the socket file
+        own = _bind_own(settings, worker)
         owned = _bind_unix(settings)
         unix = owned[0] if owned else None
+    else:
+        own = _bind_own(settings, worker)
     limits = Limits(max_body_bytes=api_cfg.max_request_bytes,
                     request_timeout_s=api_cfg.client_timeout,
                     write_timeout_s=api_cfg.client_write_timeout,
@@ -146,6 +183,8 @@ async def run_api(
     servers = [await serve(handler, sock, limits)]
     if unix is not None:
         servers.append(await serve(handler, unix[0], limits))
+    for own_sock, _, _ in own:
+        servers.append(await serve(handler, own_sock, limits))
     metrics_server = await start_metrics_server(settings, metrics)
     feed_task = asyncio.create_task(api.follow(follower))
     # the node shows as a controller in `openimds host list` (one heartbeat per process set)
@@ -169,6 +208,9 @@ async def run_api(
             server.close()
         for _, inode in owned:
             remove_if_ours(api_cfg.unix_socket, inode)
+        for _, own_path, own_inode in own:
+            if own_path:
+                remove_if_ours(own_path, own_inode)
         if metrics_server is not None:
             metrics_server.close()
         feed_task.cancel()

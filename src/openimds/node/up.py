@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from openimds.config import UNIX_PATH_MAX, Settings, env_name, load_settings
+from openimds.config import UNIX_PATH_MAX, Settings, env_name, load_settings, worker_socket
 from openimds.errors import ConfigError, OpenImdsError
 from openimds.host.supervise import (
     Child,
@@ -286,7 +286,9 @@ def local_api_socket(settings: Settings, services: Sequence[str]) -> dict[str, s
             or settings.nova_metadata_port != settings.api.metadata_listen_port:
         return {}
     path = str(settings.path(API_SOCKET))
-    if not path.startswith("/") or len(os.fsencode(path)) > UNIX_PATH_MAX:
+    # with workers, each also listens on <path>.w<N> (metadata.api_cli): those must fit too
+    longest = worker_socket(path, settings.api.workers - 1) if settings.api.workers > 1 else path
+    if not path.startswith("/") or len(os.fsencode(longest)) > UNIX_PATH_MAX:
         return {}  # a long state_path: TCP it stays
     return {env_name("api", "unix_socket"): path,
             env_name("DEFAULT", "nova_metadata_socket"): path}
