@@ -199,3 +199,46 @@ def test_a_full_pool_reuses_a_quarantined_address_and_waits(reg: Registry) -> No
     c, hold = held(reg.create_port, {"network_id": net["id"]})
     assert ip_of(c) == ip_of(a) and hold == reg.reuse.hold_s  # the only free one
     assert ip_of(b) == "10.9.0.3"
+
+
+def test_an_automatic_create_after_a_router_scope_change_is_held(reg: Registry) -> None:
+    # an automatic create asks the hold's questions on the way (its network read, its
+    # address take: Tx.released_seen); the router's scope is one of them
+    router = reg.create_router({"name": "r"})
+    m, m_sub = network(reg, "m", "10.2.0.0/24")
+    n, n_sub = network(reg, "n", "10.3.0.0/24")
+    reg.add_interface(router["id"], {"subnet_id": m_sub["id"]})
+    _, hold = held(reg.create_instance, {"name": "before", "network_id": n["id"]})
+    assert hold == 0  # n has no router: nothing of it was released
+    reg.add_interface(router["id"], {"subnet_id": n_sub["id"]})
+    reg.remove_interface(router["id"], {"subnet_id": m_sub["id"]})  # r's scope released
+    vm, hold = held(reg.create_instance, {"name": "late", "network_id": n["id"]})
+    assert hold == reg.reuse.hold_s  # reached through r, whose scope changed moments ago
+    _, hold = held(reg.create_instance, {"name": "elsewhere", "network_id": m["id"]})
+    assert hold == 0  # m has no router any more
+    age_releases(reg, reg.reuse.window_s + 0.5)
+    _, hold = held(reg.create_instance, {"name": "later", "network_id": n["id"]})
+    assert hold == 0
+    assert ip_of(vm["ports"][0]) != "10.3.0.1"
+
+
+def test_an_automatic_create_drawing_a_mac_released_moments_ago_is_held(
+        reg: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the drawn MAC's link-local address is asked by the network's read: a MAC released
+    # moments ago (a port deleted, the draw then lands on its MAC) is held like any reuse
+    from openimds.registry import allocation
+
+    net, _ = network(reg, "n", "10.0.0.0/24")
+    port = reg.create_port({"network_id": net["id"], "mac_address": "fa:16:3e:00:00:42"})
+    reg.delete_port(port["id"])
+    age_releases(reg, 0.0)
+    with reg.store.engine.begin() as conn:  # only the MAC's key stays in the window
+        conn.execute(releases.update().where(~releases.c.key.like("%fe80::%"))
+                     .values(at=releases.c.at - reg.reuse.window_s - 0.5))
+    draws = iter([b"\x00\x00\x42", b"\x00\x00\x43"])
+    monkeypatch.setattr(allocation.secrets, "token_bytes", lambda n: next(draws))
+    vm, hold = held(reg.create_instance, {"name": "same-mac", "network_id": net["id"]})
+    assert vm["ports"][0]["mac_address"] == "fa:16:3e:00:00:42"
+    assert hold == reg.reuse.hold_s
+    vm, hold = held(reg.create_instance, {"name": "other-mac", "network_id": net["id"]})
+    assert vm["ports"][0]["mac_address"] == "fa:16:3e:00:00:43" and hold == 0

@@ -26,6 +26,13 @@ from openimds.core.models import DEVICE_OWNER_ROUTER
 from openimds.errors import BadRequest, Conflict, NotFound
 from openimds.registry import ipalloc
 from openimds.registry.records import Json, new_id, now, port_change, port_dict
+from openimds.registry.reuse import (
+    DB_NOW,
+    address_key,
+    released_within,
+    routers_key,
+    routers_released_within,
+)
 from openimds.registry.store import Tx, networks, port_ips, ports, subnets
 
 # Built once (a create runs each of them; building a statement costs more than running it).
@@ -37,13 +44,20 @@ _NETWORK_SUBNETS = (sa.select(subnets).where(subnets.c.network_id == sa.bindpara
                     .order_by(subnets.c.created_at, subnets.c.id))
 # The network, its subnets in `_NETWORK_SUBNETS` order and whether a drawn MAC is free, in one
 # statement (`port_network`): a row per subnet (one with a NULL id when it has none), each
-# usable as a subnet row, the network's project beside it.
-_PORT_NETWORK = (
-    sa.select(subnets, networks.c.project_id.label("net_project_id"),
-              sa.exists(_MAC_TAKEN).label("mac_taken"))
+# usable as a subnet row, the network's project beside it; and the reuse hold's questions
+# about the new port that do not depend on its addresses (registry/reuse.py): was the drawn
+# MAC's link-local address, or the scope of a router on the network, released moments ago.
+_PORT_NETWORK = {
+    dialect: sa.select(
+        subnets, networks.c.project_id.label("net_project_id"),
+        sa.exists(_MAC_TAKEN).label("mac_taken"),
+        released_within(dialect, sa.bindparam("ll_key", type_=sa.String)).label("ll_held"),
+        routers_released_within(dialect, sa.bindparam("id")).label("routers_held"))
     .select_from(networks.outerjoin(subnets, subnets.c.network_id == networks.c.id))
     .where(networks.c.id == sa.bindparam("id"))
-    .order_by(subnets.c.created_at, subnets.c.id))
+    .order_by(subnets.c.created_at, subnets.c.id)
+    for dialect in DB_NOW
+}
 # inline: no implicit RETURNING of the key (given), so either may run in a pipeline (Tx.later)
 _INSERT_PORT = ports.insert().inline()
 _INSERT_PORT_IPS = port_ips.insert().inline()
@@ -73,16 +87,27 @@ class PortNetwork(NamedTuple):
     mac: str  # free when read
 
 
-def port_network(conn: Connection, network_id: str, field: str = "network_id") -> PortNetwork:
+def port_network(tx: Tx, network_id: str, field: str = "network_id") -> PortNetwork:
     """The network a new port goes on (missing: 404 naming `field`, as `ref_row`), its
     subnets and a free MAC, in one round trip: the first draw is checked by the same read
-    (else `new_mac`), and `allocate` is given the subnets instead of reading them again."""
+    (else `new_mac`), and `allocate` is given the subnets instead of reading them again.
+    The same read answers the reuse hold about the drawn MAC's link-local address and the
+    network's routers (`Tx.released_seen`)."""
+    conn = tx.conn
     mac = ipam.generate_mac(secrets.token_bytes)
-    rows = list(conn.execute(_PORT_NETWORK, {"id": network_id, "mac": mac}))
+    ll_key = address_key(network_id, str(ipam.link_local_address(mac)))
+    rows = list(conn.execute(
+        _PORT_NETWORK["postgresql" if conn.dialect.name == "postgresql" else "sqlite"],
+        {"id": network_id, "mac": mac, "ll_key": ll_key, "window": tx.reuse_window_s}))
     if not rows:
         raise NotFound(f"{field}: network {network_id} not found")
-    return PortNetwork(str(rows[0].net_project_id), [r for r in rows if r.id is not None],
-                       new_mac(conn) if rows[0].mac_taken else mac)
+    first = rows[0]
+    tx.released_seen[routers_key(network_id)] = bool(first.routers_held)
+    if first.mac_taken:
+        mac = new_mac(conn)  # its link-local address is left to the hold's own check
+    else:
+        tx.released_seen[ll_key] = bool(first.ll_held)
+    return PortNetwork(str(first.net_project_id), [r for r in rows if r.id is not None], mac)
 
 
 def free_ip(tx: Tx, subnet: Row[Any], *, take: bool = True) -> ipam.IPAddress | None:

@@ -45,7 +45,8 @@ from openimds.core.models import DEVICE_OWNER_ROUTER
 from openimds.errors import BadRequest
 from openimds.registry.store import Tx, port_ips, ports, releases
 
-__all__ = ["DB_NOW", "DEFAULT_HOLD_S", "LEASE_S", "MIN_HOLD_S", "SLACK_S", "ReuseHold"]
+__all__ = ["DB_NOW", "DEFAULT_HOLD_S", "LEASE_S", "MIN_HOLD_S", "SLACK_S", "ReuseHold",
+           "address_key", "released_within", "routers_key", "routers_released_within"]
 
 LEASE_S = 2.0  # an agent's cache is trusted this long after it sent a feed call
 # How long a reusing bind's answer waits after its commit, and so how long an agent serves
@@ -88,17 +89,44 @@ _RECORD = {dialect: releases.insert().values(key=sa.bindparam("key"), at=now)
            for dialect, now in _NOW.items()}
 
 
+def address_key(network_id: str, ip: str) -> str:
+    """The release key of an address (as stored) on a network."""
+    return f"n:{network_id}:{ip}"
+
+
+def routers_key(network_id: str) -> str:
+    """`Tx.released_seen`'s key for "a router on this network had its scope released"."""
+    return f"routers:{network_id}"
+
+
+def released_within(dialect: str, key: Any) -> Any:
+    """SQL: release `key` (an expression) happened within the window (bind "window"), by the
+    database's clock: the hold's own test, for a statement a write runs anyway to ask on
+    the way (`Tx.released_seen`) instead of in a statement of its own."""
+    return sa.exists().where(releases.c.key == key,
+                             releases.c.at > _NOW[dialect] - sa.bindparam("window"))
+
+
+def routers_released_within(dialect: str, network_id: Any) -> Any:
+    """SQL: the scope of a router on this network (an expression) was released within the
+    window (`released_within`)."""
+    return sa.exists().where(
+        releases.c.key.in_(sa.select(sa.literal("r:") + ports.c.device_id).where(
+            ports.c.network_id == network_id, ports.c.device_owner == DEVICE_OWNER_ROUTER)),
+        releases.c.at > _NOW[dialect] - sa.bindparam("window"))
+
+
 def _dialect(conn: Connection) -> str:
     return "postgresql" if conn.dialect.name == "postgresql" else "sqlite"
 
 
 def _addresses(attrs: Mapping[str, Any]) -> list[str]:
     net = str(attrs.get("network_id") or "")
-    out = [f"n:{net}:{ip}" for ip in attrs.get("ips") or ()]
+    out = [address_key(net, ip) for ip in attrs.get("ips") or ()]
     mac = attrs.get("mac_address")
     if isinstance(mac, str):
         try:  # link-local callers are found by the MAC's EUI-64 address
-            out.append(f"n:{net}:{link_local_address(mac)}")
+            out.append(address_key(net, str(link_local_address(mac))))
         except BadRequest:
             pass
     return out
@@ -159,7 +187,19 @@ class ReuseHold:
         if claimed:
             # a new port on a network is also reached through each router on it: a scope that
             # lost an interface moments ago may still map this address to the old port
-            held = conn.execute(_HELD[dialect], {"keys": sorted(set(claimed)),
-                                                 "nets": sorted(set(claim_nets)), **window})
-            if held.first() is not None:
+            keys = sorted(set(claimed))
+            nets = sorted(set(claim_nets))
+            seen = tx.released_seen
+            asked = [*keys, *(routers_key(n) for n in nets)]
+            if (not released and tx.reuse_window_s >= self.window_s
+                    and all(k in seen for k in asked)):
+                # every one was asked already by a statement of this write (a create's
+                # network read and address take), after its revision bump: the same answer
+                # (the writers are serialized, and this one released nothing); asked a few
+                # ms earlier, a window ending then holds at least as much
+                held = any(seen[k] for k in asked)
+            else:
+                held = conn.execute(_HELD[dialect], {"keys": keys, "nets": nets,
+                                                     **window}).first() is not None
+            if held:
                 tx.hold_s = self.hold_s

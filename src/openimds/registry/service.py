@@ -711,7 +711,7 @@ class Registry:
             mac = mac.lower()
         with self.store.write() as tx:
             drawn = mac is None  # then free by the network's read: no re-check at insert
-            network = port_network(tx.conn, network_id)
+            network = port_network(tx, network_id)
             if mac is None:
                 mac = network.mac
             pid = (self._ensure_project(tx, body["project_id"]) if body.get("project_id")
@@ -820,7 +820,7 @@ class Registry:
             requests = [{"ip_address": body["fixed_ip"]}]
         with self.store.write(ec2_id=True) as tx:
             conn = tx.conn
-            network = port_network(conn, network_id)
+            network = port_network(tx, network_id)
             mac = network.mac
             pid = (self._ensure_project(tx, body["project_id"]) if body.get("project_id")
                    else network.project_id)

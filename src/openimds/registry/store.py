@@ -373,6 +373,10 @@ class Tx:
     # the IP quarantine's window: an address released more recently is picked only when no
     # other is free (`Store.reuse_window_s`; registry/ipalloc.py)
     reuse_window_s: float = 0.0
+    # release keys (registry/reuse.py) a statement of this write already asked about, on
+    # the way, after the revision bump: key -> released within reuse_window_s. The hold
+    # reads these instead of asking again when they cover all it would ask.
+    released_seen: dict[str, bool] = field(default_factory=dict)
     # statements run with the change rows just before the commit (`later`)
     deferred: list[tuple[Any, Any]] = field(default_factory=list)
 
