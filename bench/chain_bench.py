@@ -540,7 +540,8 @@ def machine_note(r: dict[str, Any]) -> str:
 
 
 SYSCALLS = ("epoll_wait", "epoll_pwait", "epoll_pwait2", "read", "recvfrom", "write", "writev",
-            "sendto", "sendmsg")
+            "sendto", "sendmsg", "accept4", "close", "getsockname", "getpeername",
+            "setsockopt", "ioctl", "fcntl", "epoll_ctl", "getpid", "shutdown")
 
 
 def py_spy(pid: int, seconds: float, out: Path, native: bool,

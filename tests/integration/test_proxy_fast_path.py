@@ -667,3 +667,42 @@ def test_waiting_connections_expire_together_and_in_order() -> None:
         counts = lab.timeouts["fast"]
         assert lab.call(lambda: (counts.silent, counts.idle)) == (3, 0)
         assert lab.call(lambda: len(lab.listeners["fast"].conns)) == 0
+
+
+def test_two_listeners_share_one_wait_set_that_closes_with_the_last() -> None:
+    """The connections waiting for their first bytes on every listener of one forwarder
+    are in one epoll set (`_FirstWaits`): a waiting connection on each is served, one
+    listener's close leaves the other's waiting connection served, and the set's fd is
+    closed with the last listener."""
+    with Lab() as lab:
+        req = b"GET /latest/meta-data/ HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+        fwd = lab.fwd["fast"]
+        first = lab.listeners["fast"]
+        second = Listener(ListenerSpec("router-fast2", "test", "127.0.0.1", 1, ROUTER_ID, None),
+                          0)
+        sock = bind_tcp("127.0.0.1", 0)
+        port2 = sock.getsockname()[1]
+        limits = fwd.first_limits
+        assert limits is not None
+        asyncio.run_coroutine_threadsafe(second.start(sock, fwd, limits), lab.loop).result(10)
+        waits = lab.call(lambda: fwd.first_waits)
+        assert waits is not None
+        assert lab.call(lambda: waits._users) == 2
+        a = lab.connect_first("fast")
+        b = socket.create_connection(("127.0.0.1", port2), timeout=20)
+        try:
+            wait_for(lambda: lab.call(lambda: len(waits._waiting)) == 2, "both wait in the set")
+            a.sendall(req)
+            assert _read_all(a).startswith(b"HTTP/1.1 200 ")
+            lab.call(first.close)  # one listener goes; the other's waiting connection stays
+            assert lab.call(lambda: fwd.first_waits) is waits
+            assert lab.call(lambda: len(waits._waiting)) == 1
+            b.sendall(req)
+            assert _read_all(b).startswith(b"HTTP/1.1 200 ")
+            assert fwd.first_hits == 2
+            lab.call(second.close)
+            assert lab.call(lambda: fwd.first_waits) is None
+            assert waits._ep.closed
+        finally:
+            a.close()
+            b.close()

@@ -43,6 +43,7 @@ import gc
 import heapq
 import logging
 import os
+import select
 import signal
 import socket
 import time
@@ -123,6 +124,8 @@ _READ_SIZE = 65536
 # Plain ints: `|` on the socket module's IntFlag members is a Python call (~0.5 us).
 _DONTWAIT = int(socket.MSG_DONTWAIT)  # the fast path's socket stays blocking: no ioctl
 _DONTWAIT_MORE = _DONTWAIT | int(getattr(socket, "MSG_MORE", 0))
+_FIRST_WAIT_EVENTS = select.EPOLLIN | select.EPOLLONESHOT  # (errors and hang-ups always)
+_FIRST_WAIT_BATCH = 256  # ready waiting connections taken per wake-up (the rest: next one)
 
 # One-line bodies the VM sees; the reason with paths and errno goes to our log only.
 _VM_REASONS = {
@@ -466,6 +469,7 @@ class Forwarder:
         self.first: dict[bytes, _Hit | None] = {}
         self.first_limits: Limits | None = None
         self.first_hits = 0  # requests answered by the fast path
+        self.first_waits: _FirstWaits | None = None  # shared by the listeners' acceptors
 
     def route(self, spec: ListenerSpec, held: dict[str, int] | None = None) -> Route:
         """One listener's state here; `held`: its tarpit's answers per source (shared with
@@ -1025,13 +1029,13 @@ class FirstRequests(Acceptor):
 
     A connection accepted before its request arrived (an idle proxy is woken by the
     handshake's last ACK, the request follows a moment later: a quarter to a half of the
-    connections at modest rates) waits for its first bytes with a reader on its fd
-    (`_FirstWait`), not with a protocol object: in the listener's connection set and its
+    connections at modest rates) waits for its first bytes in the acceptors' own epoll set
+    (`_FirstWaits`), not with a protocol object: in the listener's connection set and its
     source's count meanwhile, and closed without an answer at the request timeout, as the
     slow path closes a connection that never sent a byte.
     """
 
-    __slots__ = ("_cap", "_client", "_conns", "_kept", "_timer", "_waiting")
+    __slots__ = ("_cap", "_client", "_conns", "_kept", "_timer", "_waiting", "_waits")
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
@@ -1046,6 +1050,7 @@ class FirstRequests(Acceptor):
         # waiting for their first bytes, oldest (so earliest deadline) first; one timer
         self._waiting: dict[_FirstWait, None] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._waits = _FirstWaits.attach(loop, kept.fwd)
 
     def serve(self, sock: Accepted, peer: Any, data: bytes | None = None) -> None:
         self.first_read(sock, peer, False)
@@ -1077,16 +1082,17 @@ class FirstRequests(Acceptor):
         """Wait for the first bytes (False: at the source's cap, the slow path refuses)."""
         host = peer[0]
         cap = self._cap
-        if cap is not None:
-            if cap.counts.get(host, 0) >= cap.cap:
-                return False
-            cap.take(host)
+        if cap is not None and cap.counts.get(host, 0) >= cap.cap:
+            return False
         loop = self._loop
         waiter = _FirstWait(self, sock, peer,
                             loop.time() + self._kept.limits.request_timeout_s)
+        if not self._waits.add(sock.fileno(), waiter):
+            return False  # (out of kernel memory for it) the slow path waits instead
+        if cap is not None:
+            cap.take(host)
         self._conns.add(waiter)
         self._waiting[waiter] = None
-        loop.add_reader(sock.fileno(), waiter.readable)
         if self._timer is None:
             self._timer = loop.call_at(waiter.deadline, self._expire)
         return True
@@ -1106,6 +1112,8 @@ class FirstRequests(Acceptor):
             waiter.expire(counts)
 
     def close(self) -> None:
+        if self._sock is not None:
+            self._waits.detach()
         super().close()
         if self._timer is not None:
             self._timer.cancel()
@@ -1149,6 +1157,70 @@ class FirstRequests(Acceptor):
             transport.close()
 
 
+class _FirstWaits:
+    """The connections of every listener that wait for their first bytes (`_FirstWait`),
+    in one private epoll set that the loop watches as one fd.
+
+    Registering a socket there is one epoll_ctl (one-shot, and its close takes it out),
+    where the loop's add_reader and remove_reader per socket were an ioctl (libuv makes
+    the fd non-blocking), four epoll_ctl calls and a poll handle made and freed: ~2 µs
+    more per waiting connection, and at modest rates a third to a half of the connections
+    wait (docs/benchmarks.md, "Toward the limit"). One set per loop and Forwarder, shared
+    by its acceptors (`attach`), closed with the last of them (`detach`)."""
+
+    __slots__ = ("_ep", "_fwd", "_loop", "_users", "_waiting")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fwd: Forwarder) -> None:
+        self._loop = loop
+        self._fwd = fwd
+        self._ep = select.epoll()
+        self._users = 0
+        self._waiting: dict[int, _FirstWait] = {}  # by fd: only open sockets are in it
+        loop.add_reader(self._ep.fileno(), self._ready)
+
+    @classmethod
+    def attach(cls, loop: asyncio.AbstractEventLoop, fwd: Forwarder) -> _FirstWaits:
+        """The forwarder's set on `loop` (made if none), with one more acceptor using it."""
+        waits = fwd.first_waits
+        if waits is None or waits._loop is not loop:
+            waits = fwd.first_waits = cls(loop, fwd)
+        waits._users += 1
+        return waits
+
+    def detach(self) -> None:
+        """An acceptor that used the set closes; the last one closes the set."""
+        self._users -= 1
+        if self._users <= 0 and not self._ep.closed:
+            self._loop.remove_reader(self._ep.fileno())
+            self._ep.close()
+            if self._fwd.first_waits is self:
+                self._fwd.first_waits = None
+
+    def add(self, fd: int, waiter: _FirstWait) -> bool:
+        """Wait for `fd` to be readable (False: it could not be registered)."""
+        try:
+            self._ep.register(fd, _FIRST_WAIT_EVENTS)
+        except (OSError, ValueError):  # ENOMEM, ENOSPC (max_user_watches); a closed set
+            return False
+        self._waiting[fd] = waiter
+        return True
+
+    def forget(self, fd: int) -> None:
+        """`fd`'s waiter is done with it (readable, or about to be closed)."""
+        self._waiting.pop(fd, None)
+
+    def _ready(self) -> None:
+        try:
+            events = self._ep.poll(0, _FIRST_WAIT_BATCH)
+        except (OSError, ValueError):  # EINTR; closed by a callback of this iteration
+            return
+        waiting = self._waiting
+        for fd, _ in events:
+            waiter = waiting.pop(fd, None)
+            if waiter is not None:
+                waiter.readable()
+
+
 class _FirstWait:
     """A new connection whose first bytes are not there yet (`FirstRequests`)."""
 
@@ -1188,7 +1260,7 @@ class _FirstWait:
             a._conns.discard(self)
             if a._cap is not None:
                 a._cap.release(self._peer[0])
-            a._loop.remove_reader(sock.fileno())
+            a._waits.forget(sock.fileno())  # (its close takes it out of the epoll set)
         return sock
 
     def abort(self) -> None:
