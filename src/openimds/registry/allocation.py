@@ -47,17 +47,27 @@ _NETWORK_SUBNETS = (sa.select(subnets).where(subnets.c.network_id == sa.bindpara
 # usable as a subnet row, the network's project beside it; and the reuse hold's questions
 # about the new port that do not depend on its addresses (registry/reuse.py): was the drawn
 # MAC's link-local address, or the scope of a router on the network, released moments ago.
-_PORT_NETWORK = {
-    dialect: sa.select(
+def _port_network(dialect: str) -> Any:
+    joined = networks.outerjoin(subnets, subnets.c.network_id == networks.c.id)
+    columns = [
         subnets, networks.c.project_id.label("net_project_id"),
         sa.exists(_MAC_TAKEN).label("mac_taken"),
         released_within(dialect, sa.bindparam("ll_key", type_=sa.String)).label("ll_held"),
-        routers_released_within(dialect, sa.bindparam("id")).label("routers_held"))
-    .select_from(networks.outerjoin(subnets, subnets.c.network_id == networks.c.id))
-    .where(networks.c.id == sa.bindparam("id"))
-    .order_by(subnets.c.created_at, subnets.c.id)
-    for dialect in DB_NOW
-}
+        routers_released_within(dialect, sa.bindparam("id")).label("routers_held")]
+    order = [subnets.c.created_at, subnets.c.id]
+    if dialect == "postgresql":
+        # with each subnet's pick rows too (`ipalloc.LATERAL_PICK`, a row per subnet and
+        # pick source), so an automatic address costs its take only: one round trip fewer.
+        # SQLite has no LATERAL, and no round trips to save: it picks as before.
+        pick = ipalloc.LATERAL_PICK
+        joined = joined.outerjoin(pick, sa.true())
+        columns += [pick.c.src, pick.c.k, pick.c.l]
+        order.append(pick.c.src)
+    return (sa.select(*columns).select_from(joined).where(networks.c.id == sa.bindparam("id"))
+            .order_by(*order))
+
+
+_PORT_NETWORK = {dialect: _port_network(dialect) for dialect in DB_NOW}
 # inline: no implicit RETURNING of the key (given), so either may run in a pipeline (Tx.later)
 _INSERT_PORT = ports.insert().inline()
 _INSERT_PORT_IPS = port_ips.insert().inline()
@@ -85,6 +95,8 @@ class PortNetwork(NamedTuple):
     project_id: str
     subnets: list[Row[Any]]  # in `allocate`'s order
     mac: str  # free when read
+    # subnet id -> its pick's rows (`ipalloc.pick`'s read), PostgreSQL only
+    picks: dict[str, list[Row[Any]]]
 
 
 def port_network(tx: Tx, network_id: str, field: str = "network_id") -> PortNetwork:
@@ -92,13 +104,16 @@ def port_network(tx: Tx, network_id: str, field: str = "network_id") -> PortNetw
     subnets and a free MAC, in one round trip: the first draw is checked by the same read
     (else `new_mac`), and `allocate` is given the subnets instead of reading them again.
     The same read answers the reuse hold about the drawn MAC's link-local address and the
-    network's routers (`Tx.released_seen`)."""
+    network's routers (`Tx.released_seen`) and, on PostgreSQL, reads each subnet's pick
+    (`PortNetwork.picks`, for `allocate`'s automatic addresses)."""
     conn = tx.conn
     mac = ipam.generate_mac(secrets.token_bytes)
     ll_key = address_key(network_id, str(ipam.link_local_address(mac)))
+    pg = conn.dialect.name == "postgresql"
     rows = list(conn.execute(
-        _PORT_NETWORK["postgresql" if conn.dialect.name == "postgresql" else "sqlite"],
-        {"id": network_id, "mac": mac, "ll_key": ll_key, "window": tx.reuse_window_s}))
+        _PORT_NETWORK["postgresql" if pg else "sqlite"],
+        {"id": network_id, "mac": mac, "ll_key": ll_key, "window": tx.reuse_window_s,
+         "prefix": address_key(network_id, "")}))
     if not rows:
         raise NotFound(f"{field}: network {network_id} not found")
     first = rows[0]
@@ -107,7 +122,17 @@ def port_network(tx: Tx, network_id: str, field: str = "network_id") -> PortNetw
         mac = new_mac(conn)  # its link-local address is left to the hold's own check
     else:
         tx.released_seen[ll_key] = bool(first.ll_held)
-    return PortNetwork(str(first.net_project_id), [r for r in rows if r.id is not None], mac)
+    subs: dict[str, Row[Any]] = {}
+    picks: dict[str, list[Row[Any]]] = {}
+    for r in rows:
+        if r.id is None:
+            continue
+        subs.setdefault(r.id, r)
+        if pg:
+            picks.setdefault(r.id, [])
+            if r.src is not None:  # (none at all: a subnet without state, built by its pick)
+                picks[r.id].append(r)
+    return PortNetwork(str(first.net_project_id), list(subs.values()), mac, picks)
 
 
 def free_ip(tx: Tx, subnet: Row[Any], *, take: bool = True) -> ipam.IPAddress | None:
@@ -133,11 +158,13 @@ def auto_address(subnet: Row[Any], mac: str) -> ipam.IPAddress:
 def allocate(
     tx: Tx, network_id: str, requests: Any, *, device_owner: str, mac: str,
     field: str = "fixed_ips", subs: list[Row[Any]] | None = None,
+    picks: dict[str, list[Row[Any]]] | None = None,
 ) -> list[tuple[str, str]]:
     """(subnet_id, ip) pairs for a new port with this MAC on network_id, taken from the
     subnets' free state. An address picked for the port (none requested) avoids those
     released moments ago (the IP quarantine) while another is free; asked for, it is given.
-    subs: the network's subnets as `port_network` read them (else read here)."""
+    subs, picks: the network's subnets and their picks as `port_network` read them in this
+    transaction (else read here)."""
     conn = tx.conn
     if subs is None:
         subs = list(conn.execute(_NETWORK_SUBNETS, {"network_id": network_id}))
@@ -151,11 +178,13 @@ def allocate(
     if device_owner != DEVICE_OWNER_ROUTER:
         out += [(s.id, str(auto_address(s, mac))) for s in subs if is_auto_address(s)]
     if requests is None:
+        # each subnet picked from at most once, nothing taken before: its pick as read
+        read = picks or {}
         for version in (4, 6):
             candidates = [s for s in subs if s.ip_version == version
                           and not is_auto_address(s)]
             for s in candidates:
-                ip = free(s)
+                ip = ipalloc.pick(tx, s, read=read.get(s.id))
                 if ip is not None:
                     out.append((s.id, str(ip)))
                     break

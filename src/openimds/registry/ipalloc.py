@@ -42,6 +42,7 @@ from openimds.registry.store import (
     ip_released,
     port_ips,
     releases,
+    subnets,
 )
 
 __all__ = ["build", "drop", "pick", "problems", "release", "take"]
@@ -57,8 +58,9 @@ _BYTES = sa.LargeBinary()
 
 def _part(src: int, key: Any, last: Any, where: Sequence[Any], table: sa.FromClause,
           order: Any | None) -> Any:
+    # correlate_except: inside the network's read (`lateral_pick`), the subnet is its row
     sel = sa.select(sa.literal(src).label("src"), key.label("k"), last.label("l")) \
-        .select_from(table).where(*where)
+        .select_from(table).where(*where).correlate_except(table)
     if order is not None:
         sel = sel.order_by(order).limit(1)
     return sa.select(sel.subquery())
@@ -76,23 +78,29 @@ def _quarantine_free(now: Any, column: Any) -> Any:
 # unbounded); past the bound a pick takes the lowest range start instead, and only a subnet
 # with no range left looks further (`_FREE_RELEASED`).
 RELEASED_LOOKAHEAD = 64
-_LOWEST_RELEASED = (sa.select(_F.key, _F.ip_address).where(_F.subnet_id == _S)
-                    .order_by(_F.key).limit(RELEASED_LOOKAHEAD).subquery())
-# One statement per pick: src 0 the lowest range, 1 the lowest released address out of
-# quarantine among the lowest RELEASED_LOOKAHEAD, 2 the lowest released one, 3 the subnet's
-# state exists.
-_PICK = {
-    dialect: sa.union_all(
-        _part(0, _R.first_key, _R.last_key, [_R.subnet_id == _S], ip_ranges, _R.first_key),
-        _part(1, _LOWEST_RELEASED.c.key, _LOWEST_RELEASED.c.key,
-              [_quarantine_free(now, _LOWEST_RELEASED.c.ip_address)], _LOWEST_RELEASED,
-              _LOWEST_RELEASED.c.key),
-        _part(2, _F.key, _F.key, [_F.subnet_id == _S], ip_released, _F.key),
+
+
+def _pick_rows(now: Any, sid: Any) -> Any:
+    """One statement per pick: src 0 the lowest range, 1 the lowest released address out of
+    quarantine among the lowest RELEASED_LOOKAHEAD, 2 the lowest released one, 3 the
+    subnet's state exists. sid: the subnet's id (a bind, or a column the network's read
+    joins it to: `lateral_pick`)."""
+    lowest = (sa.select(_F.key, _F.ip_address).where(_F.subnet_id == sid)
+              .order_by(_F.key).limit(RELEASED_LOOKAHEAD).correlate_except(ip_released)
+              .subquery())
+    return sa.union_all(
+        _part(0, _R.first_key, _R.last_key, [_R.subnet_id == sid], ip_ranges, _R.first_key),
+        _part(1, lowest.c.key, lowest.c.key, [_quarantine_free(now, lowest.c.ip_address)],
+              lowest, lowest.c.key),
+        _part(2, _F.key, _F.key, [_F.subnet_id == sid], ip_released, _F.key),
         _part(3, sa.cast(sa.null(), _BYTES), sa.cast(sa.null(), _BYTES),
-              [ip_alloc.c.subnet_id == _S], ip_alloc, None),
+              [ip_alloc.c.subnet_id == sid], ip_alloc, None),
     )
-    for dialect, now in DB_NOW.items()
-}
+
+
+_PICK = {dialect: _pick_rows(now, _S) for dialect, now in DB_NOW.items()}
+# The same rows for every subnet of a network, for its read to join (PostgreSQL: LATERAL)
+LATERAL_PICK = _pick_rows(DB_NOW["postgresql"], subnets.c.id).subquery().lateral("pick")
 _FREE_RELEASED = {
     dialect: sa.select(_F.key).where(_F.subnet_id == _S, _quarantine_free(now, _F.ip_address))
     .order_by(_F.key).limit(1)
@@ -170,9 +178,13 @@ def _key(n: int, version: int) -> bytes:
     return ipranges.key_of(n, version)
 
 
-def pick(tx: Tx, subnet: Row[Any] | Any, *, take: bool = True) -> ipam.IPAddress | None:
+def pick(tx: Tx, subnet: Row[Any] | Any, *, take: bool = True,
+         read: Sequence[Row[Any]] | None = None) -> ipam.IPAddress | None:
     """The lowest free pool address of the subnet not quarantined (the lowest quarantined one
-    when no other is free), taken unless take=False; None when the pools are full."""
+    when no other is free), taken unless take=False; None when the pools are full.
+    read: the pick's rows as the network's read already fetched them in this transaction
+    (`LATERAL_PICK`), before any address of the subnet was taken or given back: used for the
+    first look instead of asking again."""
     conn = tx.conn
     version = int(subnet.ip_version)
     args = {"sid": subnet.id, "prefix": f"n:{subnet.network_id}:",
@@ -180,7 +192,9 @@ def pick(tx: Tx, subnet: Row[Any] | Any, *, take: bool = True) -> ipam.IPAddress
     statement = _PICK[_dialect(conn)]
     repairs = 0
     while True:
-        rows = {int(r.src): r for r in conn.execute(statement, args)}
+        rows = {int(r.src): r for r in (conn.execute(statement, args) if read is None
+                                         else read)}
+        read = None  # the state may have changed since: a second look asks
         if 3 not in rows:
             build(tx, subnet)
             continue

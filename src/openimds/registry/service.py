@@ -717,7 +717,7 @@ class Registry:
             pid = (self._ensure_project(tx, body["project_id"]) if body.get("project_id")
                    else network.project_id)
             fixed = allocate(tx, network_id, body.get("fixed_ips"), mac=mac,
-                             device_owner=owner, subs=network.subnets)
+                             device_owner=owner, subs=network.subnets, picks=network.picks)
             return insert_port(tx, network_id=network_id, project_id=pid,
                                      device_id=device_id, device_owner=owner, fixed=fixed,
                                      name=name, mac=mac, mac_checked=drawn)
@@ -840,7 +840,7 @@ class Registry:
             try:
                 fixed = allocate(tx, network_id, requests, mac=mac,
                                  device_owner=DEVICE_OWNER_INSTANCE, field="fixed_ip",
-                                 subs=network.subnets)
+                                 subs=network.subnets, picks=network.picks)
             except BadRequest as exc:
                 raise BadRequest(exc.reason.replace("fixed_ip[0].ip_address", "fixed_ip")) \
                     from None
