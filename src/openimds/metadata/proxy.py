@@ -906,8 +906,8 @@ class _Hit:
     source's header lines go after `before`, the request ID after `after_rid`; the guest's
     own ID or None), and what answering it depends on."""
 
-    __slots__ = ("after_rid", "before", "head_only", "keep_alive", "method", "path", "req",
-                 "rid", "tail")
+    __slots__ = ("after_rid", "answer_head", "before", "closing_head", "head_only",
+                 "keep_alive", "method", "path", "req", "rid", "tail")
 
     def __init__(self, t: _Template, req: Request) -> None:
         self.before = t.before
@@ -919,6 +919,25 @@ class _Hit:
         self.path = req.path
         self.head_only = req.method == "HEAD"
         self.keep_alive = req.keep_alive
+        # The last answer's head and its `closing_answer` (`closing`): the agent answers a
+        # request with the same head again and again (the document's ETag, length, type).
+        self.answer_head = b""
+        self.closing_head = b""
+
+    def closing(self, data: bytes) -> bytes:
+        """`closing_answer(data)`: the answer framed for a connection that ends after it.
+        A head seen last time is not searched and rewritten again (~0.25 µs of ~0.45)."""
+        head = self.answer_head
+        if head and data.startswith(head):
+            # (`head` ends at its first blank line, so `data`'s first one is at the same place)
+            return self.closing_head + data[len(head):]
+        out = closing_answer(data)
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            end += 4
+            self.answer_head = data[:end]
+            self.closing_head = out[:len(out) - (len(data) - end)]
+        return out
 
 
 _UNSEEN = _Hit(_UNMADE, Request("GET", "/", [], b"", "1.1", False, None))
@@ -1288,7 +1307,7 @@ class _Relay:
         if isinstance(resp, RawResponse):
             keep = hit.keep_alive and not resp.close
             # framed for a keep-alive hop: when the connection closes after it, say so
-            data = resp.data if keep else closing_answer(resp.data)
+            data = resp.data if keep else hit.closing(resp.data)
         else:
             keep = hit.keep_alive
             data = resp.encode(keep_alive=keep, head=hit.head_only)
