@@ -74,8 +74,7 @@ class _Server:
 
 @pytest.fixture(autouse=True)
 def _fresh_memo(monkeypatch) -> None:
-    monkeypatch.setattr(server_mod, "_known", {})
-    monkeypatch.setattr(server_mod, "_seen", set())
+    monkeypatch.setattr(server_mod, "_tables", {})
     monkeypatch.setattr(server_mod, "_credit", server_mod._CREDIT_MAX)
     monkeypatch.setattr(server_mod, "_unsearched", 0)
 
@@ -120,10 +119,11 @@ async def test_a_head_is_kept_the_second_time_it_comes() -> None:
     # Most heads of a boot storm come once: keeping those would cost more than it saves.
     async with _Server(Limits(known_heads=True)) as on:
         await _exchange(on.port, [b"".join(_get(f"/once/{i}", b"id") for i in range(50)), END])
-        assert server_mod._known == {} and len(server_mod._seen) == 51
+        table = server_mod._tables[()]
+        assert table.known == {} and len(table.seen) == 51
         await _exchange(on.port, [_get("/once/7", b"id-a") + _get("/once/7", b"id-b"), END])
         assert [r.shape is not None for r in on.recorder.requests[-3:]] == [False, True, False]
-        assert len(server_mod._known) == 1 and len(server_mod._seen) == 50  # END: never kept
+        assert len(table.known) == 1 and len(table.seen) == 50  # END: never kept
 
 
 async def test_while_searched_reads_find_no_kept_head_most_reads_are_not_searched(
@@ -236,3 +236,132 @@ async def test_requests_made_from_kept_heads_are_pipelined_and_bounded_as_parsed
         assert got.count(b"HTTP/1.1 200 OK") == count + 1
         ids = [r.request_id for r in on.recorder.requests[3:]]
         assert ids == [b"n%d" % i for i in range(count)] + [None]
+
+
+# -- identity lines (`Limits.identity_lines`): one kept head per shape, whatever the caller --
+LINES = (b"X-Forwarded-For", b"X-Neutron-Router-ID", b"X-Neutron-Network-ID")
+NAMES = frozenset(name.lower() for name in LINES)
+
+
+def _vm(path: bytes, ip: bytes | None, router: bytes | None = None,
+        network: bytes | None = None, rid: bytes | None = b"id", extra: bytes = b"") -> bytes:
+    """A request as the proxy sends it to the agent: the caller's lines, then its ID."""
+    head = b"GET " + path + b" HTTP/1.1\r\nHost: 169.254.169.254\r\nAccept: */*\r\n"
+    if ip is not None:
+        head += b"X-Forwarded-For: " + ip + b"\r\n"
+    if router is not None:
+        head += b"X-Neutron-Router-ID: " + router + b"\r\n"
+    if network is not None:
+        head += b"X-Neutron-Network-ID: " + network + b"\r\n"
+    if rid is not None:
+        head += RID + b": " + rid + b"\r\n"
+    return head + extra + b"\r\n"
+
+
+def _check_identity(reqs: list[Request]) -> None:
+    """What a known head hands over: every header of the identity names, in order, and a
+    key that holds none of their values."""
+    for r in reqs:
+        if r.shape is None:
+            assert r.identity is None
+            continue
+        assert r.identity == tuple(h for h in r.headers if h[0] in NAMES)
+        for _, value in r.identity:
+            assert b": " + value + b"\r\n" not in r.shape
+
+
+async def test_callers_asking_one_shape_share_one_kept_head_each_with_its_own_identity(
+) -> None:
+    callers = ([(b"10.0.%d.%d" % (i // 10, 10 + i % 10), b"router-%d" % (i % 3), None)
+                for i in range(40)]
+               + [(b"fd00::%x" % i, None, b"net-%d" % i) for i in range(10)])
+    stream = [b"".join(_vm(b"/a", ip, r, n, rid=b"r%d" % k)
+                       for k, (ip, r, n) in enumerate(callers * 3)), END]
+    async with (_Server(Limits(known_heads=True, identity_lines=LINES)) as on,
+                _Server(Limits()) as off):
+        got = await _exchange(on.port, stream)
+        assert got == await _exchange(off.port, stream)  # every caller its own headers
+        reqs = on.recorder.requests[:-1]
+        # Two shapes (router-scoped, network-scoped): each seen once, kept the second time,
+        # then every other caller's request is made from it.
+        assert len(server_mod._tables[LINES].known) == 2
+        assert sum(r.shape is None for r in reqs) == 4
+        _check_identity(on.recorder.requests)
+        for r, (ip, router, network) in zip(reqs, callers * 3, strict=True):
+            if r.shape is not None:
+                assert r.identity == tuple(
+                    (name, value) for name, value in (
+                        (b"x-forwarded-for", ip), (b"x-neutron-router-id", router),
+                        (b"x-neutron-network-id", network)) if value is not None)
+        assert len({id(r.shape) for r in reqs if r.shape is not None}) == 2
+
+
+async def test_identity_tables_are_kept_apart() -> None:
+    # A key with X-Forwarded-For's value cut is the bytes of a head whose value is empty:
+    # a server cutting nothing must never make its requests from the other's kept head.
+    empty = _vm(b"/e", b"", b"router-1")
+    async with (_Server(Limits(known_heads=True, identity_lines=LINES)) as cut,
+                _Server(Limits(known_heads=True)) as whole, _Server(Limits()) as off):
+        await _exchange(cut.port, [_vm(b"/e", b"10.0.0.5", b"router-1") * 3, END])
+        assert len(server_mod._tables[LINES].known) == 1
+        stream = [empty * 3, END]
+        assert await _exchange(whole.port, stream) == await _exchange(off.port, stream)
+        assert await _exchange(whole.port, stream) == await _exchange(off.port, stream)
+        assert whole.recorder.requests[-2].shape is not None  # kept in its own table
+        assert whole.recorder.requests[-2].identity is None
+
+
+ONE = _vm(b"/a", b"10.0.0.5", b"router-1", rid=b"i1")
+# Sent (with a plain caller's head of the same path first, so that shape is kept) three times
+# to a server cutting the identity lines, and once to one that parses everything.
+IDENTITY_STREAMS = {
+    "two X-Forwarded-For, as the proxy spells it": [
+        _vm(b"/a", b"10.0.0.99", b"router-1", extra=b"X-Forwarded-For: 10.0.0.5\r\n"),
+        _vm(b"/a", b"10.0.0.98", b"router-1", extra=b"X-Forwarded-For: 10.0.0.6\r\n")],
+    "an X-Forwarded-For in lower case before the proxy's": [
+        _vm(b"/a", b"10.0.0.5", b"router-1").replace(
+            b"Accept", b"x-forwarded-for: 10.0.0.99\r\nAccept"),
+        _vm(b"/a", b"10.0.0.6", b"router-1").replace(
+            b"Accept", b"x-forwarded-for: 10.0.0.98\r\nAccept")],
+    "an X-Forwarded-For in lower case after the proxy's": [
+        _vm(b"/a", b"10.0.0.5", b"router-1", extra=b"x-forwarded-for: 10.0.0.99\r\n"),
+        _vm(b"/a", b"10.0.0.6", b"router-1", extra=b"x-forwarded-for: 10.0.0.98\r\n")],
+    "only lower-case identity lines": [
+        b"GET /a HTTP/1.1\r\nx-forwarded-for: 10.0.0.%d\r\nx-neutron-router-id: r\r\n\r\n" % i
+        for i in range(3)],
+    "router and network both": [_vm(b"/a", b"10.0.0.%d" % i, b"router-1", b"net-1")
+                                for i in range(3)],
+    "the router twice": [_vm(b"/a", b"10.0.0.%d" % i, b"router-1",
+                             extra=b"X-Neutron-Router-ID: router-%d\r\n" % i)
+                         for i in range(3)],
+    "no space after the colon": [ONE.replace(b"For: ", b"For:"), ONE.replace(
+        b"For: 10.0.0.5", b"For:10.0.0.6")],
+    "two spaces after the colon": [ONE.replace(b"For: ", b"For:  "), ONE.replace(
+        b"For: 10.0.0.5", b"For:  10.0.0.6")],
+    "an empty value": [ONE.replace(b"10.0.0.5", b""), ONE.replace(b"router-1", b"")],
+    "a longer name": [ONE.replace(b"X-Forwarded-For", b"X-Forwarded-For-Not"),
+                      ONE.replace(b"X-Forwarded-For", b"X-Forwarded-Forx")],
+    "the first line": [b"GET /a HTTP/1.1\r\nX-Forwarded-For: 10.0.0.%d\r\n"
+                       b"X-Neutron-Router-ID: r\r\n\r\n" % i for i in range(3)],
+    **{f"a value {value!r}": [ONE.replace(b"10.0.0.5", value), ONE.replace(b"router-1", value)]
+       for value in (b"10.0.0.5, 10.0.0.6", b"10.0.0.5,10.0.0.6", b"a b", b"a\tb", b" a",
+                     b"a ", b"a\x00b", b"\xff", b"a;b", b"x" * 200, b"a\rb")},
+}
+
+
+@pytest.mark.parametrize("name", sorted(IDENTITY_STREAMS))
+async def test_unusual_identity_lines_are_answered_as_if_every_head_were_parsed(
+    name: str,
+) -> None:
+    heads = IDENTITY_STREAMS[name]
+    stream = [ONE, ONE + b"".join(heads) + ONE, END]
+    async with (_Server(Limits(known_heads=True, identity_lines=LINES)) as on,
+                _Server(Limits()) as off):
+        expected = await _exchange(off.port, stream)
+        assert expected
+        for _ in range(3):
+            before = len(on.recorder.requests)
+            assert await _exchange(on.port, stream) == expected
+        # the plain head is kept: the heads after it in the read were searched
+        assert on.recorder.requests[before + 1].shape is not None
+        _check_identity(on.recorder.requests)

@@ -20,11 +20,14 @@ Rules:
   was answered (keep-alive expiry), `silent` if no first request ever began.
 - `Limits.known_heads`: a request head seen before is not parsed again. A complete GET/HEAD
   head (keep-alive, no body, origin-form) that httptools parsed at a message boundary is
-  kept by its bytes, less the value of its one `X-Openimds-Request-Id: ` line, spelled as
-  the hops write it (each hop's requests differ only there); the same bytes at a boundary
-  later make the same `Request` with that value put back, and carry `shape` (the kept key:
-  a memo key for the hop) and `request_id`. Anything else, or any doubt (an ID value outside
-  `[A-Za-z0-9._:-]`, two IDs, another spelling, a limit), is parsed. A head is kept the
+  kept by its bytes, less the values of its one `X-Openimds-Request-Id: ` line and of its
+  `Limits.identity_lines` (the caller's: `X-Forwarded-For: ` and the router or network ID
+  on the agent's socket), each spelled as the hop before writes it: one entry per request
+  *shape*, however many callers send it. The same bytes at a boundary later make the same
+  `Request` with those values put back, and carry `shape` (the kept key: a memo key for the
+  hop), `request_id` and `identity` (the identity lines as parsed headers: every header of
+  those names the request has). Anything else, or any doubt (a value outside
+  `[A-Za-z0-9._:-]`, a name twice, another spelling, a limit), is parsed. A head is kept the
   second time it comes; while searched reads mostly find nothing kept (a boot storm, more
   heads than are kept), only one read in 16 is searched.
 - Limits are enforced here, once, for every hop: header bytes (431), body bytes (413),
@@ -116,13 +119,17 @@ class Limits:
     # Requests whose head was seen before are made from what its parse gave (see the module
     # docstring): the hop that opts in (its requests repeat) skips httptools' callbacks.
     known_heads: bool = False
+    # With known_heads: header names, spelled as the hop before writes them, whose values
+    # are cut out of the kept key and handed over as `Request.identity` (each caller's
+    # requests differ there, so a key per caller would keep every head of every caller).
+    identity_lines: tuple[bytes, ...] = ()
 
 
 class Request:
     """One parsed request. Header names are lower-cased bytes; values are raw bytes."""
 
-    __slots__ = ("body", "headers", "keep_alive", "method", "path", "peer", "query",
-                 "request_id", "shape", "target", "version")
+    __slots__ = ("body", "headers", "identity", "keep_alive", "method", "path", "peer",
+                 "query", "request_id", "shape", "target", "version")
 
     def __init__(
         self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes,
@@ -139,9 +146,12 @@ class Request:
         self.keep_alive = keep_alive
         self.peer = peer
         # Set only for a known head (`Limits.known_heads`): its key, the same object for
-        # every request with these bytes less the ID's value, and that value (None: none).
+        # every request with these bytes less the cut values; the ID's value (None: none);
+        # and the headers named by `Limits.identity_lines`, (lower-cased name, value) in
+        # order: all the request has of those names (a head with any other is parsed).
         self.shape: bytes | None = None
         self.request_id: bytes | None = None
+        self.identity: tuple[tuple[bytes, bytes], ...] | None = None
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a header (name in lower case), or None."""
@@ -322,26 +332,33 @@ class _ProtocolError(Exception):
 # -- known heads (`Limits.known_heads`) ----------------------------------------------------
 _ID_NAME = b"x-openimds-request-id"
 # The ID's header line as the hops write it (`proxy_rules.REQUEST_ID_HEADER`, one space): a
-# head is cut only there. Found without a lower-cased copy of the head; a head spelling the
-# name otherwise is never kept (`_learn`), so it is parsed as before.
+# head is cut only there, and at its `Limits.identity_lines` spelled the same way. Found
+# without a lower-cased copy of the head; a head spelling one of those names otherwise is
+# never kept (`_learn`), so it is parsed as before.
 _ID_LINE = b"\r\nX-Openimds-Request-Id: "
-_ID_MAX = 128  # longer ID values are parsed, not put into a kept head
-# All an ID value may hold to be put back (what strip() leaves of a good one is b"").
+_ID_MAX = 128  # longer values (the ID's, an identity line's) are parsed, not cut
+# All a cut value may hold to be put back (what strip() leaves of a good one is b""):
+# request IDs, IP addresses, UUIDs. Nothing that could end a line or hide another.
 _ID_CHARS = (string.ascii_letters + string.digits + "-._:").encode()
-_KNOWN_MAX = 4096  # heads kept per process (cleared when full)
+_KNOWN_MAX = 4096  # heads (shapes) kept per table (cleared when full)
 _KNOWN_HEAD_MAX = 1024  # longer heads are not kept (the hops' own are ~250-450 bytes)
 _KNOWN_METHODS = frozenset(("GET", "HEAD"))
 # A kept head with any of these is parsed every time (framing, 100-continue, upgrades).
 _KNOWN_NEVER = frozenset((b"content-length", b"transfer-encoding", b"expect", b"upgrade"))
 
+# One value cut out of a head: where it was (start, end in the read), the parsed header
+# name it belongs to, and the value.
+_Cut = tuple[int, int, bytes, bytes]
+
 
 class _Known:
-    """What httptools made of one head (`Request` less the ID's value and the peer)."""
+    """What httptools made of one head (`Request` less the cut values and the peer)."""
 
-    __slots__ = ("base", "headers", "id_at", "key", "method", "n_headers", "path", "query",
+    __slots__ = ("base", "cut_at", "headers", "key", "method", "n_headers", "path", "query",
                  "target", "version")
 
-    def __init__(self, key: bytes, req: Request, counted: int, id_at: int, id_len: int) -> None:
+    def __init__(self, key: bytes, req: Request, counted: int, cut_at: tuple[int, ...],
+                 cut_len: int) -> None:
         self.key = key
         self.method = req.method
         self.target = req.target
@@ -350,21 +367,91 @@ class _Known:
         self.version = req.version
         self.headers = req.headers
         self.n_headers = len(req.headers)
-        # header bytes as the parser callbacks count them, less the ID value's
-        self.base = counted - id_len
-        self.id_at = id_at  # index of the ID header in `headers`, -1: none
+        # header bytes as the parser callbacks count them, less the cut values'
+        self.base = counted - cut_len
+        self.cut_at = cut_at  # per cut value, in head order: its index in `headers`
 
 
-_known: dict[bytes, _Known] = {}
-# Keys seen once and not kept yet: a head is kept the second time it comes. Most heads of a
-# boot storm come once (a VM asks each path once, and the proxy's requests name the VM), and
-# keeping one costs more than the parse it would save (in-process: 4 us per head kept).
-_seen: set[bytes] = set()
+class _Table:
+    """The known heads of every server cutting one set of identity lines. Never shared
+    between sets: a key made by one set's cuts may be another head's bytes under another
+    (a head whose X-Forwarded-For is empty, where one set cuts the value)."""
+
+    __slots__ = ("known", "lines", "names", "seen")
+
+    def __init__(self, identity_lines: tuple[bytes, ...]) -> None:
+        # each line's start as written, and its name as parsed
+        self.lines = tuple((b"\r\n" + name + b": ", name.lower()) for name in identity_lines)
+        self.names = frozenset(name.lower() for name in identity_lines)
+        if _ID_NAME in self.names or len(self.names) != len(identity_lines):
+            raise ValueError(f"identity_lines {identity_lines!r}: the request ID, or a name twice")
+        self.known: dict[bytes, _Known] = {}
+        # Keys seen once and not kept yet: a head is kept the second time it comes. Most
+        # heads of a boot storm come once (a VM asks each path once, and without identity
+        # lines the proxy's requests name the VM), and keeping one costs more than the parse
+        # it would save (in-process: 4 us per head kept).
+        self.seen: set[bytes] = set()
+
+
+_tables: dict[tuple[bytes, ...], _Table] = {}
+
+
+def _table_for(identity_lines: tuple[bytes, ...]) -> _Table:
+    table = _tables.get(identity_lines)
+    if table is None:
+        table = _tables[identity_lines] = _Table(identity_lines)
+    return table
+
+
+def _cut(
+    data: bytes, start: int, end: int, lines: tuple[tuple[bytes, bytes], ...],
+) -> tuple[bytes, list[_Cut], int] | None:
+    """The key of the head `data[start:end]` (its bytes less the values of its last ID line
+    and of the first line of each identity name, all as written), those values in head
+    order, and their length; None if one may not be cut (the head is parsed).
+
+    Every cut line starts with CRLF and keeps its name and ": " in the key, and no cut value
+    holds CR or LF, so cutting makes or hides no line start: the same key always has the
+    same cut lines at the same places, and the bytes come back as key + values."""
+    cuts: list[_Cut] = []
+    cut_len = 0
+    at = data.rfind(_ID_LINE, start, end)
+    if at >= 0:
+        vs = at + len(_ID_LINE)
+        ve = data.find(b"\r\n", vs, end)
+        value = data[vs:ve]
+        if not 0 < ve - vs <= _ID_MAX or value.strip(_ID_CHARS):
+            return None
+        cuts.append((vs, ve, _ID_NAME, value))
+        cut_len = ve - vs
+    for line, name in lines:
+        at = data.find(line, start, end)
+        if at >= 0:
+            vs = at + len(line)
+            ve = data.find(b"\r\n", vs, end)
+            value = data[vs:ve]
+            if not 0 < ve - vs <= _ID_MAX or value.strip(_ID_CHARS):
+                return None
+            cuts.append((vs, ve, name, value))
+            cut_len += ve - vs
+    if not cuts:
+        return (data if start == 0 and end == len(data) else data[start:end]), cuts, 0
+    if len(cuts) > 1:
+        cuts.sort()
+    parts = []
+    last = start
+    for vs, ve, _, _ in cuts:
+        parts.append(data[last:vs])
+        last = ve
+    parts.append(data[last:end])
+    return b"".join(parts), cuts, cut_len
+
+
 # The search pays only while most searched reads use a kept head (a hit saves ~1.5 us of
 # parse, a search that finds nothing costs ~1.4): a storm of new VMs, or more heads than are
-# kept (10,000 instances), would pay it on every read. `_credit` (process-wide) rises with
-# a read that used one, falls with one that did not; at 0 only one read in _PROBE is
-# searched (and its heads seen or kept), the others go straight to the parser.
+# kept, would pay it on every read. `_credit` (process-wide) rises with a read that used
+# one, falls with one that did not; at 0 only one read in _PROBE is searched (and its heads
+# seen or kept), the others go straight to the parser.
 _CREDIT_MAX = 64
 _PROBE = 16
 _credit = _CREDIT_MAX
@@ -481,7 +568,8 @@ class HttpProtocol(asyncio.Protocol):
         self._slot_end = 0.0  # when that slot fires
         self._deadline = 0.0
         self._max_header_bytes = limits.max_header_bytes  # read per header: one lookup
-        self._known_heads = limits.known_heads
+        self._known_heads = (_table_for(limits.identity_lines) if limits.known_heads
+                             else None)
         # Hostile-input state: the client half-closed; a parse error waiting until the
         # requests before it are answered.
         self._eof = False
@@ -586,6 +674,10 @@ class HttpProtocol(asyncio.Protocol):
         the others one head at a time; return what is left for the parser (from the first
         incomplete head, or a request that is not complete at its head's end)."""
         global _credit
+        table = self._known_heads
+        assert table is not None
+        known_heads = table.known
+        lines = table.lines
         used = False
         start = 0
         size = len(data)
@@ -595,21 +687,13 @@ class HttpProtocol(asyncio.Protocol):
             if end < 0 or end + 4 - start > _KNOWN_HEAD_MAX:
                 break
             end += 4
-            at = data.rfind(_ID_LINE, start, end)
-            if at < 0:
-                vs = ve = 0
-                value = None
-                key = data if start == 0 and end == size else data[start:end]
-            else:
-                vs = at + len(_ID_LINE)
-                ve = data.find(b"\r\n", vs, end)
-                value = data[vs:ve]
-                if not 0 < ve - vs <= _ID_MAX or value.strip(_ID_CHARS):
-                    break  # not a value a kept head can take back: parsed
-                key = data[start:vs] + data[ve:end]
-            known = _known.get(key)
+            got = _cut(data, start, end, lines)
+            if got is None:
+                break  # a value a kept head cannot take back: parsed
+            key, cuts, cut_len = got
+            known = known_heads.get(key)
             if known is not None:
-                if (known.base + (ve - vs) > self._max_header_bytes
+                if (known.base + cut_len > self._max_header_bytes
                         or known.n_headers > self._limits.max_headers):
                     break  # this server's limits are not the ones it was kept under
                 req = Request.__new__(Request)
@@ -618,15 +702,24 @@ class HttpProtocol(asyncio.Protocol):
                 req.path = known.path
                 req.query = known.query
                 headers = known.headers.copy()
-                if value is not None:
-                    headers[known.id_at] = (_ID_NAME, value)
+                rid = None
+                identity = []
+                # The same key has the same cut lines in the same order (`_cut`), which
+                # `_learn` matched one to one with the parsed headers.
+                for (_, _, name, value), index in zip(cuts, known.cut_at, strict=True):
+                    item = headers[index] = (name, value)
+                    if name is _ID_NAME:
+                        rid = value
+                    else:
+                        identity.append(item)
                 req.headers = headers
                 req.body = b""
                 req.version = known.version
                 req.keep_alive = True
                 req.peer = self._peer
                 req.shape = known.key
-                req.request_id = value
+                req.request_id = rid
+                req.identity = tuple(identity) if lines else None
                 used = True
                 queue.append(req)
                 if (len(queue) + len(self._pending) > MAX_PIPELINE and self._transport
@@ -636,18 +729,19 @@ class HttpProtocol(asyncio.Protocol):
                 start = end
                 continue
             head = data if start == 0 and end == size else data[start:end]
-            again = key in _seen
+            seen = table.seen
+            again = key in seen
             if not again:
-                if len(_seen) >= _KNOWN_MAX:
-                    _seen.clear()
-                _seen.add(key)
+                if len(seen) >= _KNOWN_MAX:
+                    seen.clear()
+                seen.add(key)
             queued = len(queue)
             self._parser.feed_data(head)  # the ordinary parse (it may raise: the caller's)
             start = end
             if self._in_request or self._failure is not None:
                 break  # a body follows, or the stream is bad: the parser goes on
             if again and len(queue) == queued + 1:
-                self._learn(key, queue[-1], head, value)
+                self._learn(table, key, queue[-1], head, cuts, cut_len)
             if not self._last_keep_alive:
                 break
         if used:
@@ -657,32 +751,38 @@ class HttpProtocol(asyncio.Protocol):
             _credit -= 1
         return data[start:] if start else data
 
-    def _learn(self, key: bytes, req: Request, head: bytes, value: bytes | None) -> None:
+    def _learn(self, table: _Table, key: bytes, req: Request, head: bytes, cuts: list[_Cut],
+               cut_len: int) -> None:
         """Keep `head`, which parsed into `req` alone, if every later copy may skip the parse:
-        a plain GET/HEAD whose one ID header (if any) is the one `value` was cut from."""
+        a plain GET/HEAD whose headers of the cut names (the ID, the identity lines) are
+        exactly the ones `cuts` were cut from, one to one, in order, with those values."""
         if (req.method not in _KNOWN_METHODS or not req.keep_alive or req.body
                 or not req.target.startswith("/") or len(req.headers) > self._limits.max_headers
                 or head.count(b"\n") != head.count(b"\r\n")):  # no bare LF: lines are CRLF
             return
-        id_at = -1
-        for index, (name, header_value) in enumerate(req.headers):
+        names = table.names
+        cut_at: list[int] = []
+        for index, (name, value) in enumerate(req.headers):
             if name in _KNOWN_NEVER:
                 return
-            if name == _ID_NAME:
-                # A second ID, or one that is not where the value was cut (another spelling
-                # of the name, another space): this head is parsed every time.
-                if id_at >= 0 or header_value != value:
+            if name == _ID_NAME or name in names:
+                # One not cut (a second of the name, another spelling of it, another space
+                # after the colon) would keep a caller's value in the key, or hand over an
+                # identity without it: this head is parsed every time.
+                at = len(cut_at)
+                if at >= len(cuts) or cuts[at][2] != name or cuts[at][3] != value:
                     return
-                id_at = index
-        if (id_at < 0) != (value is None):
+                cut_at.append(index)
+        if len(cut_at) != len(cuts):
             return
-        if len(_known) >= _KNOWN_MAX:
-            _known.clear()
-        _seen.discard(key)
+        known = table.known
+        if len(known) >= _KNOWN_MAX:
+            known.clear()
+        table.seen.discard(key)
         # The learning request keeps its own list: the kept one is copied for each use.
-        _known[key] = _Known(key, Request(req.method, req.target, list(req.headers), b"",
-                                          req.version, True, None),
-                             self._header_bytes, id_at, len(value) if value else 0)
+        known[key] = _Known(key, Request(req.method, req.target, list(req.headers), b"",
+                                         req.version, True, None),
+                            self._header_bytes, tuple(cut_at), cut_len)
 
     def pause_writing(self) -> None:
         """The transport holds more than write_buffer_bytes: the client does not read its

@@ -91,7 +91,11 @@ STATS_PATH = "/openimds-agent/stats"
 REQUEST_ID = b"x-openimds-request-id"
 MODE_MAP = {"user": 0o644, "group": 0o664, "all": 0o666}
 _RECHECK_INTERVAL_S = 1.0
-_IDENTITY_NAMES = frozenset({b"x-forwarded-for", b"x-neutron-router-id", b"x-neutron-network-id"})
+# The caller's identity as the proxy writes it (`core.proxy_rules`): cut out of the server's
+# known heads (`Limits.identity_lines`, see agent_cli) so that one kept head serves every VM
+# asking the same shape, each with its own identity (`Request.identity`).
+IDENTITY_LINES = (b"X-Forwarded-For", b"X-Neutron-Router-ID", b"X-Neutron-Network-ID")
+_IDENTITY_NAMES = frozenset(name.lower() for name in IDENTITY_LINES)
 _FEED_RETRY_MIN_S = 0.2
 _FEED_RETRY_MAX_S = 5.0
 _MAX_RECHECK_KEYS = 4096
@@ -104,7 +108,9 @@ _MAX_RECHECK_KEYS = 4096
 # UUIDs: ~11 MiB at 10,000 instances), the paths they ask a few dozen in all.
 _SOURCES_MAX = 12288  # callers: (X-Forwarded-For, router|network) as the proxy sends them
 _PATHS_MAX = 1024  # request shapes less the caller: cloud-init's boot is ~28, shared by all
-_HITS_MAX = 2048  # the server's known heads (`Request.shape`): it keeps 4,096 at once
+# the server's known heads (`Request.shape`, less the caller since identity_lines: a few
+# dozen for every VM); it keeps 4,096 at once
+_HITS_MAX = 2048
 _SOURCE_BYTES_MAX = 224  # identity values (the proxy sends two) longer in all: not kept
 _HIT_TARGET_MAX = 256  # longer request targets are not kept
 _PATH_HEADERS_MAX = 16  # nor are shapes with more headers than this or more header bytes
@@ -455,13 +461,15 @@ class MetadataAgent:
         #   `Caller` and its `_Identity` (parse ~9 µs, sign ~3 µs, once per caller);
         # - per path, by (method, target, the other headers with the request ID's value
         #   masked): its bytes around the ID and the identity (rewrite + encode ~6 µs);
-        # - per head the server knew (`Request.shape`, its bytes less the ID's value): the
-        #   two above, one lookup for a keep-alive client's repeats.
+        # - per head the server knew (`Request.shape`: its bytes less the ID's and the
+        #   caller's values, the same for every VM): its path, one lookup, no header walk;
+        #   the caller is the server's `Request.identity`, looked up in `_sources` apart,
+        #   so one VM's identity never answers for another's.
         # Two generations each (`Generations`, the bounds above): keys are VM-chosen.
         self._sources: Generations[tuple[tuple[bytes, bytes], ...], _Source] = Generations(
             _SOURCES_MAX)
         self._paths: Generations[tuple[object, ...], _Path] = Generations(_PATHS_MAX)
-        self._hits: Generations[bytes, tuple[_Source, _Path]] = Generations(_HITS_MAX)
+        self._hits: Generations[bytes, _Path] = Generations(_HITS_MAX)
         self.status_counts: dict[int, int] = {}
         # `limiter`: a table shared with the other workers (their parent made it, see
         # agent_cli); otherwise this process's own, from the settings.
@@ -608,26 +616,30 @@ class MetadataAgent:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Request: %s %s HTTP/%s headers=%s body_bytes=%d", req.method,
                       req.target, req.version, redact(req.headers), len(req.body))
-        # A head seen before (less its ID) names its caller and its path: no parse, no
-        # rewrite. Only requests that parsed are kept (errors never are); the cache still
-        # decides the instance below.
+        # A head seen before (less its ID and its caller's values) names its path: no parse,
+        # no rewrite; its caller is the server's cut-out identity, kept per caller. Only
+        # requests that parsed are kept (errors never are); the cache still decides the
+        # instance below.
         shape = req.shape  # a known head's key (`Limits.known_heads`)
-        hit = (self._hits.young.get(shape) or self._hits.promote(shape)
-               if shape is not None else None)
-        if hit is not None:
-            src, path = hit
-            rid = req.request_id
-            others: list[tuple[bytes, bytes]] | None = None
-        else:
-            path = None
-            try:
+        path: _Path | None = None
+        if shape is not None:
+            hits = self._hits
+            path = hits.young.get(shape) or hits.promote(shape)
+        others: list[tuple[bytes, bytes]] | None = None
+        try:
+            if path is not None:
+                identity = req.identity  # None: the server cut no identity lines
+                src = self._source_of(identity if identity is not None else tuple(
+                    item for item in req.headers if item[0] in _IDENTITY_NAMES))
+                rid = req.request_id
+            else:
                 src, others, rid = self._source(req)
-            except OpenImdsError as exc:
-                if req.path == STATS_PATH and self._is_local(req):
-                    self.hop.begun -= self._count  # not a metadata request
-                    return self._stats_response()
-                log.warning("agent.rejected status=%d reason=%s", exc.status, exc.reason)
-                return self._finish(req, None, None, t0, error_response(exc.status, exc.reason))
+        except OpenImdsError as exc:
+            if req.path == STATS_PATH and self._is_local(req):
+                self.hop.begun -= self._count  # not a metadata request
+                return self._stats_response()
+            log.warning("agent.rejected status=%d reason=%s", exc.status, exc.reason)
+            return self._finish(req, None, None, t0, error_response(exc.status, exc.reason))
         caller = src.caller
         active = self._active - self._held.held if self._held is not None else self._active
         if active >= self._max_concurrency:
@@ -660,8 +672,8 @@ class MetadataAgent:
             if path is None:
                 assert others is not None
                 path = self._path(req, others, rid)
-                if shape is not None and src.kept and path.kept:
-                    self._hits.put(shape, (src, path))
+                if shape is not None and path.kept:
+                    self._hits.put(shape, path)
             return self._forward_hit(req, ident, path, rid, t0)
         if held:
             return Abandonable(self._serve(req, caller, t0))
@@ -729,7 +741,12 @@ class MetadataAgent:
                 others.append(_NO_RID)
             else:
                 others.append(item)
-        key = tuple(ident)
+        return self._source_of(tuple(ident)), others, rid
+
+    def _source_of(self, key: tuple[tuple[bytes, bytes], ...]) -> _Source:
+        """The caller named by `key`, every identity header of a request (lower-cased name,
+        value) in order: parsed once per caller and kept. Raises for headers that do not
+        name a caller (never kept)."""
         sources = self._sources
         src = sources.young.get(key) or sources.promote(key)
         if src is None:
@@ -737,7 +754,7 @@ class MetadataAgent:
             src = _Source(parse_caller(key), kept)  # raises for bad input
             if kept:
                 sources.put(key, src)
-        return src, others, rid
+        return src
 
     def _identity(self, caller: Caller, res: Resolution) -> _Identity:
         """`caller`'s identity lines and access-line part for `res`."""

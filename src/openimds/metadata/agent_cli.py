@@ -23,6 +23,7 @@ from openimds.host.workers import run_workers
 from openimds.http.server import Limits, install_uvloop, serve
 from openimds.log import setup_logging
 from openimds.metadata.agent import (
+    IDENTITY_LINES,
     MetadataAgent,
     WatchedFeedClient,
     close_quietly,
@@ -136,10 +137,12 @@ async def run_agent(
     else:
         sock, inode = shared
         mode = os.stat(path).st_mode & 0o777
-    # known_heads: the proxy's requests differ only in their ID; parsed once per shape
+    # known_heads: the proxy's requests differ only in their ID and the caller's identity
+    # lines, which are cut out: parsed once per shape, whatever the VMs
     limits = Limits(max_body_bytes=settings.api.max_request_bytes + 4096,
                     write_timeout_s=settings.metadata_agent.client_write_timeout,
-                    timeouts=agent.hop.count_timeouts(), known_heads=True)
+                    timeouts=agent.hop.count_timeouts(), known_heads=True,
+                    identity_lines=IDENTITY_LINES)
     server = await serve(agent.handle, sock, limits, backlog=settings.metadata_backlog)
     own: tuple[asyncio.Server, str, int] | None = None
     if shared is not None:
