@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -190,6 +191,13 @@ async def run_api(
     # the node shows as a controller in `openimds host list` (one heartbeat per process set)
     beat_task = (asyncio.create_task(Heartbeat(registry, settings, "api").run())
                  if worker == 0 else None)
+    # Everything made so far (modules, settings, the server, the registry client) lives as
+    # long as the process, as in the agent and the proxy: frozen, the cyclic collector no
+    # longer walks it on each full collection, and no longer writes to its pages (less
+    # copy-on-write of the parent's pages in a forked worker). The documents come later:
+    # they are evicted, so they stay collectable.
+    gc.collect()
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
