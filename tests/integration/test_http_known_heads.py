@@ -365,3 +365,111 @@ async def test_unusual_identity_lines_are_answered_as_if_every_head_were_parsed(
         # the plain head is kept: the heads after it in the read were searched
         assert on.recorder.requests[before + 1].shape is not None
         _check_identity(on.recorder.requests)
+
+
+# -- the exact look first (`_Table.exact`): a caller's own head again, less only its ID --
+def _counting_cut(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the shape cuts (`_cut`), which the exact look spares."""
+    calls = [0]
+    cut = server_mod._cut
+
+    def counted(*args: object) -> object:
+        calls[0] += 1
+        return cut(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(server_mod, "_cut", counted)
+    return calls
+
+
+async def test_a_callers_head_again_is_made_without_the_shape_cut_with_its_own_identity(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = _counting_cut(monkeypatch)
+    # Callers of one shape, each apart from the next only in its identity values: an exact
+    # key that lost any of them would hand one caller's identity (or ID) to another.
+    callers = [(b"10.0.0.5", b"router-1", None), (b"10.0.0.6", b"router-1", None),
+               (b"10.0.0.5", b"router-2", None), (b"10.0.0.5", None, b"net-1"),
+               (b"10.0.0.5", None, b"net-2"), (b"10.0.0.50", b"router-1", None)]
+    warm = [b"".join(_vm(b"/a", ip, r, n, rid=b"w%d" % k)
+                     for k, (ip, r, n) in enumerate(callers * 3)), END]
+    again = [b"".join(_vm(b"/a", ip, r, n, rid=b"a%d" % k)
+                      for k, (ip, r, n) in enumerate(callers * 4)), END]
+    async with (_Server(Limits(known_heads=True, identity_lines=LINES)) as on,
+                _Server(Limits()) as off):
+        assert await _exchange(on.port, warm) == await _exchange(off.port, warm)
+        table = server_mod._tables[LINES]
+        assert len(table.known) == 2 and len(table.exact) == len(callers)
+        calls[0] = 0
+        got = await _exchange(on.port, again)
+        assert got == await _exchange(off.port, again)  # each its own headers and ID
+        assert calls[0] == 1  # END alone: every other head was found by its exact key
+        reqs = on.recorder.requests[-len(callers) * 4 - 1:-1]
+        _check_identity(reqs)
+        for k, (r, (ip, router, network)) in enumerate(zip(reqs, callers * 4, strict=True)):
+            assert r.shape is not None and b"10.0.0" not in r.shape
+            assert r.request_id == b"a%d" % k
+            assert r.identity == tuple(
+                (name, value) for name, value in (
+                    (b"x-forwarded-for", ip), (b"x-neutron-router-id", router),
+                    (b"x-neutron-network-id", network)) if value is not None)
+        # the shape object the agent's memo is keyed by, whichever look found the head
+        assert len({id(r.shape) for r in reqs}) == 2
+        reqs[0].headers.append((b"x-mutated", b"1"))  # a handler's change stays its own
+        one = [_vm(b"/a", *callers[0], rid=b"z"), END]
+        assert await _exchange(on.port, one) == await _exchange(off.port, one)
+        # An entry's header bytes less the ID are its shape's plus the identity values.
+        for key, entry in table.exact.items():
+            rid = dict(entry.headers).get(RID.lower(), b"")
+            whole = key.replace(RID + b": \r\n", RID + b": " + rid + b"\r\n")
+            got_cut = server_mod._cut(whole, 0, len(whole), table.lines)
+            assert got_cut is not None and got_cut[0] is not None
+            assert entry.base + len(rid) == entry.known.base + got_cut[2]
+
+
+async def test_an_exact_key_is_refused_by_smaller_limits_with_its_identity_counted() -> None:
+    # Kept under the default limits; a server whose header bytes end inside the identity
+    # values must refuse it as the parser would (431), whichever look finds it.
+    vm = _vm(b"/a", b"10.0.0.5", b"router-1", rid=b"id-1")
+    async with _Server(Limits(known_heads=True, identity_lines=LINES)) as big:
+        await _exchange(big.port, [vm * 4, END])
+        assert len(server_mod._tables[LINES].exact) == 1
+    header_bytes = len(vm) - len(b"GET /a HTTP/1.1\r\n") - 2  # header lines, about
+    for limit in range(header_bytes - 40, header_bytes + 1, 4):
+        limits = dict(max_header_bytes=limit)
+        async with (_Server(Limits(known_heads=True, identity_lines=LINES, **limits)) as srv,
+                    _Server(Limits(**limits)) as off):
+            stream = [vm.replace(b"id-1", b"id-2"), END]
+            assert await _exchange(srv.port, stream) == await _exchange(off.port, stream)
+
+
+async def test_while_exact_looks_find_nothing_most_reads_skip_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Many callers (each head back after thousands of others): the exact look is skipped
+    # but one read in _EXACT_PROBE, and comes back once a probe finds a caller again.
+    monkeypatch.setattr(server_mod, "_CREDIT_MAX", 2)
+    monkeypatch.setattr(server_mod, "_credit", 2)
+    monkeypatch.setattr(server_mod, "_EXACT_PROBE", 3)
+    monkeypatch.setattr(server_mod, "_PROBE", 1)  # every read searched: this test's look
+    calls = _counting_cut(monkeypatch)
+    a = [_vm(b"/a", b"10.0.0.1", b"r", rid=b"a%d" % i) for i in range(9)]
+    b = [_vm(b"/a", b"10.1.0.%d" % i, b"r") for i in range(3)]
+    stream = a[:5] + b + a[5:] + [END]
+    async with (_Server(Limits(known_heads=True, identity_lines=LINES)) as on,
+                _Server(Limits()) as off):
+        got = await _exchange(on.port, stream)  # one read each
+        assert got == await _exchange(off.port, stream)
+    table = server_mod._tables[LINES]
+    # Reads: 1 (seen) and 2 (kept) miss the exact look: credit 0. 3-4 skip it, 5 probes
+    # (misses, fills the first caller's), 6-7 skip, 8 probes (fills 10.1.0.2's), 9-10
+    # skip, 11 probes and finds the first caller (credit 1), 12 finds it too (credit 2),
+    # END misses (credit 1). Only 11 and 12 are made without the shape cut.
+    assert calls[0] == len(stream) - 2
+    assert table.exact_credit == 1
+    assert set(table.exact) == {
+        server_mod._cut(h, 0, len(h), ())[0]  # type: ignore[index]
+        for h in (a[4], b[2])}
+    _check_identity(on.recorder.requests)
+    assert [r.identity for r in on.recorder.requests[10:12]] == [
+        ((b"x-forwarded-for", b"10.0.0.1"), (b"x-neutron-router-id", b"r"))] * 2
+    assert [r.request_id for r in on.recorder.requests[10:12]] == [b"a7", b"a8"]
