@@ -206,7 +206,8 @@ class Registry(Protocol):
 
 # Whose kept answers (`MetadataApi._hot`): X-Instance-ID, X-Tenant-ID and
 # X-Instance-ID-Signature as the request carries them, NUL-joined (a header value never
-# holds NUL: the parser refuses it).
+# holds NUL: the parser refuses it); a kept answer's key is that, NUL, and its path
+# (`_path_key`): the first three NULs are the separators, so the key says all four apart.
 _NUL = b"\x00"
 _IDENTITY_HEADERS = (b"x-instance-id", b"x-tenant-id", b"x-instance-id-signature")
 
@@ -227,6 +228,12 @@ _Hot = bytes | tuple[bytes, bytes] | _Dated
 # _EPOCH, so no other answer can.
 _DATED_PATH = "/openstack"
 _SEED_LEN = len(base64.b64encode(bytes(SEED_BYTES)))
+
+
+def _path_key(path: str) -> bytes:
+    """`path`'s part of a kept answer's key: NUL and the path (surrogatepass: one bytes
+    string for every str, and two strs never share one)."""
+    return _NUL + path.encode("utf-8", "surrogatepass")
 
 
 def _size(hot: _Hot) -> int:
@@ -299,7 +306,8 @@ BOOT_PATHS: tuple[str, ...] = tuple(dict.fromkeys(normalize_path(p) for p in (
 @dataclass(slots=True)
 class _Entry:
     docs: InstanceDocuments
-    who: list[bytes] = field(default_factory=list)  # its keys in MetadataApi._hot
+    who: list[bytes] = field(default_factory=list)  # its identity spellings kept (`_NUL`)
+    keys: list[bytes] = field(default_factory=list)  # its keys in MetadataApi._hot
     kept: int = 0  # answers kept for it, in all
     kept_bytes: int = 0
 
@@ -406,17 +414,17 @@ class MetadataApi:
             architecture=architecture, expose_tags=api.expose_tags,
         )
         self._cache: dict[str, _Entry] = {}
-        # The hit path: identity headers (as `_NUL` joins them) -> path -> the complete
-        # keep-alive GET answer. Two dict lookups instead of the signature memo, the cache
-        # entry, its documents and their memo: at 10,000 instances each distinct object a
-        # request touches is a likely cache (and TLB) miss, ~0.2 us apiece on this VM. One
-        # small dict per instance (not one slot per instance in a dict per path): it goes
-        # whole with its instance. Kept only for entries in `_cache` and dropped with them
-        # (`_forget`).
-        self._hot: dict[bytes, dict[str, _Hot]] = {}
+        # The hit path: identity headers and path (as `_NUL` joins them, `_path_key`) ->
+        # the complete keep-alive GET answer. One dict lookup instead of the signature
+        # memo, the cache entry, its documents and their memo: at 10,000 instances each
+        # distinct object a request touches is a likely cache (and TLB) miss, ~0.2 us
+        # apiece on this VM, so one flat table (its slot, the key, the answer) rather than
+        # a dict per instance (two objects more per hit, docs/benchmarks.md). Kept only for
+        # entries in `_cache` and dropped with them (`_forget`, by the entry's `keys`).
+        self._hot: dict[bytes, _Hot] = {}
         self._answers: dict[bytes, bytes] = {}  # kept answers, one copy of each (bounded)
         self._answers_bytes = 0
-        self._paths: dict[str, str] = {}
+        self._paths: dict[str, tuple[str, bytes]] = {}  # as sent -> normalised, _path_key
         self._signatures: dict[bytes, tuple[str, bytes]] = {}
         self._index = DependencyIndex()
         self._inflight: dict[str, _Flight] = {}
@@ -435,13 +443,15 @@ class MetadataApi:
 
     # -- the handler --------------------------------------------------------------------
     def handle(self, req: Request) -> AnyResponse | Awaitable[AnyResponse]:
-        path = self._paths.get(req.path)
-        if path is None:
+        memo = self._paths.get(req.path)
+        if memo is None:
             path = normalize_path(req.path)
+            memo = (path, _path_key(path))
             if len(req.path) <= MEMO_KEY_MAX:
                 if len(self._paths) >= PATH_MEMO:
                     self._paths.clear()
-                self._paths[req.path] = path
+                self._paths[req.path] = memo
+        path, path_key = memo
         method = req.method
         gate = self._required_header
         if gate is not None and req.header(gate[0]) != gate[1]:
@@ -480,7 +490,7 @@ class MetadataApi:
         if (len(seen) == 3 and repeated is None and method == "GET" and req.keep_alive
                 and not req.query and not (self._any_tokens_required
                                            and self._token_required(path))):
-            kept = self._hot_hit(path, seen)
+            kept = self._hot_hit(path_key, seen)
             if kept is not None:
                 return kept
         who = self._identify(req, seen, repeated)
@@ -506,19 +516,17 @@ class MetadataApi:
             return self._serve_miss(req, path, instance_id, tenant_id)
         if (method == "GET" and req.keep_alive and b"if-none-match" not in seen
                 and not req.query):  # with a token checked above, say
-            kept = self._hot_hit(path, seen)
+            kept = self._hot_hit(path_key, seen)
             if kept is not None:
                 return kept
         return self._serve(req, path, entry, tenant_id)
 
-    def _hot_hit(self, path: str, seen: dict[bytes, bytes]) -> RawResponse | None:
-        """The answer kept for `path` under exactly these identity header values, if any."""
-        answers = self._hot.get(_NUL.join((  # as _IDENTITY_HEADERS (a tuple: no list built)
-            seen.get(b"x-instance-id", b""), seen.get(b"x-tenant-id", b""),
-            seen.get(b"x-instance-id-signature", b""))))
-        if answers is None:
-            return None
-        hot = answers.get(path)
+    def _hot_hit(self, path_key: bytes, seen: dict[bytes, bytes]) -> RawResponse | None:
+        """The answer kept for the path (its `_path_key`) under exactly these identity
+        header values, if any."""
+        hot = self._hot.get(b"".join((  # as _IDENTITY_HEADERS (a tuple: no list built)
+            seen.get(b"x-instance-id", b""), _NUL, seen.get(b"x-tenant-id", b""), _NUL,
+            seen.get(b"x-instance-id-signature", b""), path_key)))
         return None if hot is None else self._hot_answer(hot)
 
     def _hot_answer(self, hot: _Hot) -> RawResponse | None:
@@ -976,16 +984,17 @@ class MetadataApi:
         encoded = _kept_answer(target)
         if encoded is None:
             return
-        answers = self._hot.get(who)
-        old = None if answers is None else answers.get(path)
+        key = who + _path_key(path)
+        old = self._hot.get(key)
         size = _size(encoded) - (0 if old is None else _size(old))
         if old is None and entry.kept >= WIRE_MAX_DOCS or entry.kept_bytes + size > WIRE_MAX_BYTES:
             return
-        if answers is None:
+        if who not in entry.who:
             if len(entry.who) >= WIRE_MAX_WHO:
                 return
-            answers = self._hot[who] = {}
             entry.who.append(who)
+        if old is None:
+            entry.keys.append(key)
         answer: _Hot = encoded
         if isinstance(encoded, bytes):
             # Many answers are the same bytes for every instance (listings, placement,
@@ -995,7 +1004,7 @@ class MetadataApi:
                 answer = _Dated(day, shared)
         entry.kept += old is None
         entry.kept_bytes += size
-        answers[path] = answer
+        self._hot[key] = answer
         if forget:
             # what the hit path answers, the documents need not hold too (rebuilt if asked
             # for by a request the hit path does not answer: HEAD, If-None-Match, a query)
@@ -1016,8 +1025,9 @@ class MetadataApi:
 
     def _forget(self, entry: _Entry) -> None:
         """Drop what the hit path keeps for `entry`."""
-        for who in entry.who:
-            self._hot.pop(who, None)
+        for key in entry.keys:
+            self._hot.pop(key, None)
+        entry.keys.clear()
         entry.who.clear()
         entry.kept = entry.kept_bytes = 0
 
