@@ -41,7 +41,7 @@ CREATE_STATEMENTS = 10
 # ... in round trips: 16 at 4a9ce89, 12 since 2e25eb3, 8 with the commit's pipeline, 7 with
 # the network and its subnets one read, 6 with the hold's check folded into them, 5 with
 # the pick read with the network.
-CREATE_ROUND_TRIPS = 5
+CREATE_ROUND_TRIPS = 3
 
 
 class _StatPostgres:

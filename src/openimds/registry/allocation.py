@@ -99,21 +99,40 @@ class PortNetwork(NamedTuple):
     picks: dict[str, list[Row[Any]]]
 
 
-def port_network(tx: Tx, network_id: str, field: str = "network_id") -> PortNetwork:
-    """The network a new port goes on (missing: 404 naming `field`, as `ref_row`), its
-    subnets and a free MAC, in one round trip: the first draw is checked by the same read
-    (else `new_mac`), and `allocate` is given the subnets instead of reading them again.
-    The same read answers the reuse hold about the drawn MAC's link-local address and the
-    network's routers (`Tx.released_seen`) and, on PostgreSQL, reads each subnet's pick
-    (`PortNetwork.picks`, for `allocate`'s automatic addresses)."""
-    conn = tx.conn
+class NetworkRead(NamedTuple):
+    """`port_network`'s read, made before the write so it can go with its first round trip
+    (`Store.write(first=NetworkRead.query)`)."""
+
+    network_id: str
+    mac: str  # the drawn MAC the read checks
+    ll_key: str  # its link-local address's release key
+    query: tuple[Any, dict[str, Any]]
+
+
+def network_read(backend: str, network_id: str, window_s: float) -> NetworkRead:
+    """The read of `port_network` for a new port on network_id, with a freshly drawn MAC, on
+    `backend` ("sqlite" or "postgresql"); window_s: the store's `reuse_window_s`."""
     mac = ipam.generate_mac(secrets.token_bytes)
     ll_key = address_key(network_id, str(ipam.link_local_address(mac)))
+    params = {"id": network_id, "mac": mac, "ll_key": ll_key, "window": window_s,
+              "prefix": address_key(network_id, "")}
+    return NetworkRead(network_id, mac, ll_key, (_PORT_NETWORK[backend], params))
+
+
+def port_network(tx: Tx, read: NetworkRead, field: str = "network_id") -> PortNetwork:
+    """The network a new port goes on (missing: 404 naming `field`, as `ref_row`), its
+    subnets and a free MAC, in one read (`network_read`; its rows are `tx.first` when the
+    write ran it with the bump, else it runs here): the first draw is checked by the same
+    read (else `new_mac`), and `allocate` is given the subnets instead of reading them
+    again. The same read answers the reuse hold about the drawn MAC's link-local address
+    and the network's routers (`Tx.released_seen`) and, on PostgreSQL, reads each subnet's
+    pick (`PortNetwork.picks`, for `allocate`'s automatic addresses)."""
+    conn = tx.conn
+    network_id, mac, ll_key = read.network_id, read.mac, read.ll_key
     pg = conn.dialect.name == "postgresql"
-    rows = list(conn.execute(
-        _PORT_NETWORK["postgresql" if pg else "sqlite"],
-        {"id": network_id, "mac": mac, "ll_key": ll_key, "window": tx.reuse_window_s,
-         "prefix": address_key(network_id, "")}))
+    rows: list[Any] | None = tx.first
+    if rows is None:
+        rows = list(conn.execute(*read.query))
     if not rows:
         raise NotFound(f"{field}: network {network_id} not found")
     first = rows[0]

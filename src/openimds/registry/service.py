@@ -39,6 +39,7 @@ from openimds.registry.allocation import (
     allocate,
     delete_port,
     insert_port,
+    network_read,
     port_network,
 )
 from openimds.registry.records import (
@@ -709,9 +710,10 @@ class Registry:
             if not isinstance(mac, str) or not ipam.is_valid_mac(mac):
                 raise BadRequest(f"mac_address: {mac!r} is not a unicast MAC address")
             mac = mac.lower()
-        with self.store.write() as tx:
+        read = network_read(self.store.backend, network_id, self.store.reuse_window_s)
+        with self.store.write(first=read.query) as tx:
             drawn = mac is None  # then free by the network's read: no re-check at insert
-            network = port_network(tx, network_id)
+            network = port_network(tx, read)
             if mac is None:
                 mac = network.mac
             pid = (self._ensure_project(tx, body["project_id"]) if body.get("project_id")
@@ -818,9 +820,10 @@ class Registry:
         requests = None
         if body.get("fixed_ip") is not None:
             requests = [{"ip_address": body["fixed_ip"]}]
-        with self.store.write(ec2_id=True) as tx:
+        read = network_read(self.store.backend, network_id, self.store.reuse_window_s)
+        with self.store.write(ec2_id=True, first=read.query) as tx:
             conn = tx.conn
-            network = port_network(tx, network_id)
+            network = port_network(tx, read)
             mac = network.mac
             pid = (self._ensure_project(tx, body["project_id"]) if body.get("project_id")
                    else network.project_id)

@@ -379,6 +379,8 @@ class Tx:
     released_seen: dict[str, bool] = field(default_factory=dict)
     # statements run with the change rows just before the commit (`later`)
     deferred: list[tuple[Any, Any]] = field(default_factory=list)
+    # the rows of `Store.write(first=...)`, read with the bump; None when none was given
+    first: list[Any] | None = None
 
     def later(self, statement: Any, params: Any) -> None:
         """Run `statement`, which returns nothing and which nothing later in this
@@ -491,6 +493,8 @@ class Store:
         self.reuse_window_s = 0.0
         # what `rehearse` ran: run again on each connection the pool opens later (`_warm`)
         self._warm_run: Callable[[], None] | None = None
+        # PostgreSQL: statements `_send` runs, compiled once
+        self._compiled: dict[Any, Any] = {}
 
     def _make_engine(self) -> Engine:
         if self.backend == "sqlite":
@@ -583,25 +587,75 @@ class Store:
             yield conn
 
     @contextlib.contextmanager
-    def _begun(self, *, locked: bool, **opts: Any) -> Iterator[tuple[Connection, Any]]:
+    def _begun(self, *, locked: bool, then: Callable[[Connection], Any] | None = None,
+               **opts: Any) -> Iterator[tuple[Connection, Any, Any]]:
         """A pooled connection (warmed first if it is new: `_warm`) in a transaction that is
-        committed on exit (rolled back on an exception). A connection found dead by its
-        BEGIN (the database restarted since it was last used) is replaced and the BEGIN
-        sent again, once: nothing had run on it. locked: the caller holds the write lock."""
+        committed on exit (rolled back on an exception), and what `then(conn)` returned:
+        called right after the BEGIN, on PostgreSQL in the BEGIN's round trip (`_batch`). A
+        connection found dead by its BEGIN (the database restarted since it was last used)
+        is replaced and the BEGIN (and `then`) sent again, once: nothing had been committed
+        on it. locked: the caller holds the write lock."""
         for attempt in (1, 2):
             conn = self.engine.connect().execution_options(**opts)
             try:
                 self._warm(conn, locked=locked)
-                trans = conn.begin()
-            except sa.exc.DBAPIError as exc:
+                with self._batch(conn, then is not None):
+                    trans = conn.begin()
+                    sent = then(conn) if then is not None else None
+            except Exception as exc:
+                dead = self._dead(conn, exc)
                 conn.close()
-                if attempt == 2 or not exc.connection_invalidated:
+                if attempt == 2 or not dead:
                     raise
-                log.warning("registry.reconnect reason=%s", (str(exc.orig).splitlines() or [""])[0])
+                reason = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+                log.warning("registry.reconnect reason=%s", (str(reason).splitlines() or [""])[0])
                 continue
             with conn, trans:
-                yield conn, trans
+                yield conn, trans, sent
             return
+
+    @contextlib.contextmanager
+    def _batch(self, conn: Connection, batch: bool) -> Iterator[None]:
+        """PostgreSQL, batch: the statements sent inside go out in one psycopg pipeline,
+        whose end (its one Sync) is the only wait; what they return is read after it (a
+        read inside would be a wait of its own). Else nothing."""
+        raw = conn.connection.dbapi_connection if self.backend == "postgresql" else None
+        if not batch or raw is None:
+            yield
+            return
+        with raw.pipeline():
+            yield
+
+    @staticmethod
+    def _dead(conn: Connection, exc: BaseException) -> bool:
+        """Whether exc says the connection is gone (then it is kept out of the pool): as
+        SQLAlchemy saw it, or psycopg's at a pipeline's end, which SQLAlchemy never sees."""
+        if isinstance(exc, sa.exc.DBAPIError):
+            return bool(exc.connection_invalidated)
+        raw = None if conn.invalidated else conn.connection.dbapi_connection
+        if raw is None or not getattr(raw, "broken", False):
+            return False
+        conn.invalidate()
+        return True
+
+    def _send(self, conn: Connection, statement: Any, params: dict[str, Any]) -> Any:
+        """PostgreSQL: send `statement` on the raw psycopg cursor (inside `_batch`, whose
+        end brings its rows; SQLAlchemy's own execute would find no result there yet and
+        close it), compiled once, through SQLAlchemy's cursor event like every statement.
+        Its rows are named tuples (`_received`)."""
+        from psycopg.rows import namedtuple_row
+
+        compiled = self._compiled.get(statement)
+        if compiled is None:
+            compiled = self._compiled[statement] = statement.compile(dialect=conn.dialect)
+        sql = compiled.string
+        args = compiled.construct_params(params)
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        cursor = raw.cursor(row_factory=namedtuple_row)
+        conn.dispatch.before_cursor_execute(conn, cursor, sql, args, None, False)
+        cursor.execute(sql, args)
+        return cursor
 
     def _warm(self, conn: Connection, *, locked: bool) -> None:
         """Rehearse on a connection the warm-up has not seen (a replacement for one that died,
@@ -632,27 +686,33 @@ class Store:
         if rehearsal is not None:
             yield rehearsal
             return
-        with self._begun(locked=False, openimds_snapshot=True) as (conn, _trans):
+        with self._begun(locked=False, openimds_snapshot=True) as (conn, _trans, _):
             yield conn
 
     @contextlib.contextmanager
     def quiet_write(self) -> Iterator[Connection]:
         """A write transaction that bumps no revision and records no change (heartbeats)."""
-        with self._writer() as (conn, _trans, _rehearsed):
+        with self._writer() as (conn, _trans, _rehearsed, _):
             yield conn
 
     @contextlib.contextmanager
-    def _writer(self) -> Iterator[tuple[Connection, Any, bool]]:
-        """A write's connection under the write lock, its transaction, and whether it is a
+    def _writer(self, then: Callable[[Connection], Any] | None = None
+                ) -> Iterator[tuple[Connection, Any, bool, Any]]:
+        """A write's connection under the write lock, its transaction, whether it is a
         rehearsal's (the lock is then already held and the transaction is a savepoint of
-        the rehearsal). Committed on exit unless the caller ended it."""
+        the rehearsal), and what `then(conn)` returned, sent with the BEGIN (`_begun`).
+        Committed on exit unless the caller ended it."""
         rehearsal = _REHEARSAL.get()
         if rehearsal is not None:
-            with rehearsal.begin_nested() as savepoint:
-                yield rehearsal, savepoint, True
+            with self._batch(rehearsal, then is not None):
+                savepoint = rehearsal.begin_nested()
+                sent = then(rehearsal) if then is not None else None
+            with savepoint:
+                yield rehearsal, savepoint, True, sent
             return
-        with self._write_lock, self._begun(locked=True, openimds_write=True) as (conn, trans):
-            yield conn, trans, False
+        with self._write_lock, self._begun(locked=True, then=then,
+                                           openimds_write=True) as (conn, trans, sent):
+            yield conn, trans, False, sent
 
     @contextlib.contextmanager
     def rehearsal(self) -> Iterator[None]:
@@ -708,19 +768,39 @@ class Store:
                 raw.prepare_threshold = threshold
 
     @contextlib.contextmanager
-    def write(self, *, allow_empty: bool = False, ec2_id: bool = False) -> Iterator[Tx]:
+    def write(self, *, allow_empty: bool = False, ec2_id: bool = False,
+              first: tuple[Any, dict[str, Any]] | None = None) -> Iterator[Tx]:
         """One write transaction with the revision already bumped; changes appended on exit.
         allow_empty: a transaction that recorded no change is rolled back quietly (the
         scheduler re-checks inside the transaction and may find nothing left to do).
-        ec2_id: also take the next EC2 ID (`tx.ec2_id`) in the same statement."""
+        ec2_id: also take the next EC2 ID (`tx.ec2_id`) in the same statement.
+        first: a read (statement, params) run right after the bump, its rows in `tx.first`.
+
+        PostgreSQL: BEGIN, the bump and `first` are one round trip (`_begun`). Still three
+        statements, so READ COMMITTED gives `first` a snapshot taken after the bump got the
+        state row's lock: it sees every write committed before this one (in one statement,
+        a CTE, it would read the snapshot from before the wait)."""
         pg = self.backend == "postgresql"
         bump = ((_BUMP_WITH_EC2_PG if pg else _BUMP_WITH_EC2) if ec2_id
                 else (_BUMP_PG if pg else _BUMP))
+        statements: list[tuple[Any, dict[str, Any]]] = [(bump, {})]
+        if first is not None:
+            statements.append(first)
+
+        def send(conn: Connection) -> list[Any]:
+            return [self._send(conn, st, params) for st, params in statements]
+
         try:
-            with self._writer() as (conn, trans, rehearsed):
-                rev = conn.execute(bump).one()
+            with self._writer(send if pg else None) as (conn, trans, rehearsed, sent):
+                results: list[list[Any]]
+                if pg:
+                    results = [cursor.fetchall() for cursor in sent]
+                else:
+                    results = [list(conn.execute(st, params)) for st, params in statements]
+                rev = results[0][0]
                 tx = Tx(conn, int(rev[0]), ec2_id=int(rev[2]) if ec2_id else 0,
-                        reuse_window_s=self.reuse_window_s)
+                        reuse_window_s=self.reuse_window_s,
+                        first=results[1] if first is not None else None)
                 yield tx
                 if not tx.changes:
                     if not allow_empty:
