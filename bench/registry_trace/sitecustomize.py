@@ -115,3 +115,22 @@ if _PATH:
                 _local.commit += ((time.perf_counter() - t) * 1000 - sum(stmts[n:]))
 
     _store.Store._pipelined = _traced_pipelined  # type: ignore[method-assign]
+
+    # PostgreSQL: a write's BEGIN, revision bump and first read go out in one pipeline
+    # (`Store._batch`) whose Sync, on leaving it, is their round trip: counted as one
+    # statement's (an older checkout without it sends them one by one)
+    _batch: Any = getattr(_store.Store, "_batch", None)
+
+    @contextlib.contextmanager
+    def _traced_batch(self: Any, conn: Any, batch: bool) -> Iterator[None]:
+        stmts = getattr(_local, "stmts", None)
+        t, n = time.perf_counter(), len(stmts or ())
+        try:
+            with _batch(self, conn, batch):
+                yield
+        finally:
+            if stmts is not None and batch:
+                stmts.append((time.perf_counter() - t) * 1000 - sum(stmts[n:]))
+
+    if _batch is not None:
+        _store.Store._batch = _traced_batch  # type: ignore[method-assign]
