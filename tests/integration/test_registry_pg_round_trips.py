@@ -483,3 +483,50 @@ def test_a_conflict_in_the_commit_pipeline_is_a_conflict_and_undoes_the_write(db
     assert db.reg.get_instance(iid)["name"] == "vm1"
     with db.store.engine.connect() as c:
         assert _session(c)[0] == hot
+
+
+def test_a_backend_lost_in_a_writes_first_pipeline_is_replaced_and_the_write_sent_again(
+        db: _Db) -> None:
+    """The backend dies while it answers a write's first pipeline (BEGIN, the bump, the
+    first read): psycopg sees it only at the pipeline's end, SQLAlchemy not at all. The store
+    keeps that connection out of the pool and sends the write once more on a new backend,
+    where it commits, once (nothing had been committed on the dead one)."""
+    with db.store.engine.connect() as c:
+        c.exec_driver_sql("CREATE SEQUENCE die_once")
+        c.commit()
+        hot, _ = _session(c)
+    # sequences are not transactional: only the first sending kills its backend
+    die_once = sa.text("SELECT CASE WHEN nextval('die_once') = 1 "
+                       "THEN pg_terminate_backend(pg_backend_pid()) END AS killed")
+    rev = int(db.reg.health()["revision"])
+    with db.store.write(first=(die_once, {})) as tx:
+        assert tx.first is not None and tx.first[0].killed is None  # the second sending
+        tx.change("network", "create", "n-once", {})
+    assert int(db.reg.health()["revision"]) == rev + 1
+    with db.store.read() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM changes WHERE obj_id = 'n-once'")
+                            ).scalar_one() == 1
+    assert hot not in db.backends()
+    with db.store.engine.connect() as c:
+        assert int(c.exec_driver_sql("SELECT last_value FROM die_once").scalar_one()) == 2
+    db.create(0)  # and the pool serves on
+
+
+def test_a_failed_first_read_undoes_the_write_and_keeps_the_connection(db: _Db) -> None:
+    """A statement of the first pipeline that fails (not the connection: here 1/0) is raised
+    at the pipeline's end; the write is rolled back (no revision taken) and the same hot
+    backend, out of its failed transaction, serves the next request."""
+    import psycopg
+
+    with db.store.engine.connect() as c:
+        hot, _ = _session(c)
+    rev = int(db.reg.health()["revision"])
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        with db.store.write(first=(sa.text("SELECT 1 / 0 AS x"), {})) as tx:
+            tx.change("network", "create", "never", {})
+    assert int(db.reg.health()["revision"]) == rev
+    iid = db.create(1)
+    assert db.reg.get_instance(iid)["name"] == "vm1"
+    with db.store.engine.connect() as c:
+        assert _session(c)[0] == hot
+    assert db.backends().keys() >= {hot}
