@@ -84,7 +84,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "src"))
 
-from tests.support import base_config, clean_env, write_config  # noqa: E402
+from tests.support import base_config, clean_env, free_port, write_config  # noqa: E402
 
 from openimds.host.netns import socket_in_netns  # noqa: E402
 
@@ -346,11 +346,16 @@ class Stack:
     api_headers: list[str]  # what the agent sends: wrk straight at the API (--api-only)
     api_port: int
     tag: str = ""
+    api_worker_ports: list[int] = field(default_factory=list)  # "ports": the API workers' own
+    api_socket: str = ""  # "sock", "sockbase": the API's Unix socket
 
 
 def start_stack(b: Bench, rns: str, workers: int, port_base: int, tag: str = "") -> Stack:
     """`tag` "sock": the agent reaches its API over a Unix socket (`--api-socket`); "base":
-    every service runs the code of `--baseline DIR` (its `src` first on PYTHONPATH)."""
+    every service runs the code of `--baseline DIR` (its `src` first on PYTHONPATH);
+    "sockbase" both; "ports": the API's workers each also listen on a port of their own,
+    which the agent spreads its pool over (`--api-ports`: [api] worker_port_base,
+    nova_metadata_worker_ports)."""
     config, cfg = b.config(workers, tag)
     reg = cfg["registry"]
     url = f"http://{reg['bind_host']}:{reg['bind_port']}"
@@ -361,11 +366,17 @@ def start_stack(b: Bench, rns: str, workers: int, port_base: int, tag: str = "")
         if not sep:
             raise SystemExit(f"--option {item!r}: expected SECTION_KEY=VALUE")
         wenv["OPENIMDS_" + name.upper()] = value
-    if tag == "sock":
-        api_sock = str(b.tmp / f"api-w{workers}.sock")
+    api_sock, worker_ports = "", []
+    if tag in ("sock", "sockbase"):
+        api_sock = str(b.tmp / f"api-w{workers}{tag}.sock")
         wenv.update(OPENIMDS_API_UNIX_SOCKET=api_sock, OPENIMDS_NOVA_METADATA_SOCKET=api_sock)
-    if tag == "base":
+    if tag in ("base", "sockbase"):
         wenv["PYTHONPATH"] = str(b.args.baseline.resolve() / "src")
+    if tag == "ports":
+        first = free_ports(workers)
+        worker_ports = list(range(first, first + workers))
+        wenv.update(OPENIMDS_API_WORKER_PORT_BASE=str(first),
+                    OPENIMDS_NOVA_METADATA_WORKER_PORTS=f"{first}-{worker_ports[-1]}")
     sfx = f"-w{workers}{tag}"
     registry = b.cli("registry" + sfx, config, "registry", "serve")
     wait_until(lambda: urlopen_ok(url + "/v1/health"), 30, "registry")
@@ -397,7 +408,25 @@ def start_stack(b: Bench, rns: str, workers: int, port_base: int, tag: str = "")
                f"X-Instance-ID-Signature: {sign_instance_id(secret, inst['id'])}"]
     return Stack(workers, {"registry": registry, "api": api, "agent": agent, "proxy": proxy,
                            "haproxy": haproxy},
-                 {"chain": chain_port, "haproxy": hap_port}, headers, api_port, tag)
+                 {"chain": chain_port, "haproxy": hap_port}, headers, api_port, tag,
+                 worker_ports, api_sock)
+
+
+def free_ports(n: int) -> int:
+    """The first of n consecutive ports free on this namespace's loopback."""
+    import socket
+
+    for _ in range(100):
+        first = free_port()
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first + 1, first + n):
+                    s = held.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return first
+    raise SystemExit(f"no {n} consecutive free ports")
 
 
 def start_alone(b: Bench, rns: str, vm: str, baseline: Path | None = None,
@@ -633,10 +662,15 @@ def main() -> int:
                         "([api] unix_socket, nova_metadata_socket), same rounds: chainsock-wN")
     p.add_argument("--no-matched", dest="matched", action="store_false",
                    help="skip the second reference: bare held at the chain's request rate")
+    p.add_argument("--api-ports", action="store_true",
+                   help="also a chain whose API workers each listen on a port of their own "
+                        "([api] worker_port_base) that the agent spreads its pool over "
+                        "(nova_metadata_worker_ports), same rounds: chainports-wN")
     p.add_argument("--burst", type=int, default=0, metavar="TRIES",
                    help="with --workers N > 1: also split TRIES bursts of 64 pooled "
                         "connections over the agent's workers, shared socket vs worker "
-                        "sockets")
+                        "sockets, and over the API's (shared port or socket vs the "
+                        "workers' own, counted in /proc)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     if os.geteuid() != 0:
@@ -657,7 +691,9 @@ def main() -> int:
         rns, vm = b.topology()
         stacks = [start_stack(b, rns, w, 9700 + 10 * i)
                   for i, w in enumerate(worker_counts)]
-        extra = (["sock"] if a.api_socket else []) + (["base"] if a.baseline else [])
+        extra = ((["sock"] if a.api_socket else []) + (["ports"] if a.api_ports else [])
+                 + (["base"] if a.baseline else [])
+                 + (["sockbase"] if a.baseline and a.api_socket else []))
         for n, tag in enumerate(extra, 1):
             stacks += [start_stack(b, rns, w, 9700 + 10 * (n * len(worker_counts) + i), tag)
                        for i, w in enumerate(worker_counts)]
@@ -670,7 +706,16 @@ def main() -> int:
                                 str(PORTS["bare"]), str(bare_file)])
         check_answers(vm, {"bare": PORTS["bare"]})
         for st in stacks:
-            if a.burst and st.workers > 1 and st.tag != "sock":
+            if a.burst and st.workers > 1:
+                for spread in (False, True) if st.tag in ("sock", "ports") else (False,):
+                    splits = [api_burst_split(st, 64, spread) for _ in range(a.burst)]
+                    how = "workers' own" if spread else "shared"
+                    results[f"api_burst_w{st.workers}{st.tag}_{'spread' if spread else 'shared'}"
+                            ] = splits
+                    print(f"burst 64 api-w{st.workers}{st.tag} {how} "
+                          f"{'socket' if 'sock' in st.tag else 'port'}: "
+                          + ", ".join("/".join(map(str, x)) for x in splits), flush=True)
+            if a.burst and st.workers > 1 and st.tag in ("", "base"):
                 sock = str(b.tmp / f"agent-w{st.workers}{st.tag}.sock")  # as Bench.config
                 for spread in (False, True) if not st.tag else (False,):
                     splits = [burst_split(sock, 64, spread) for _ in range(a.burst)]
@@ -734,8 +779,9 @@ def main() -> int:
             for conns, close in scenarios:
                 runs = list(configs)
                 if rnd % 2 == 0:  # the other chains first every other round (order bias)
-                    others = [c for c in runs if c[0].startswith(("chainsock-", "chainbase-",
-                                                                  "apibase-"))]
+                    others = [c for c in runs if c[0].startswith(
+                        ("chainsock-", "chainbase-", "apibase-", "chainports-",
+                         "chainsockbase-"))]
                     runs = runs[:1] + others + [c for c in runs[1:] if c not in others]
                 while runs:
                     name, port, pids, headers = runs.pop(0)
@@ -827,6 +873,66 @@ def burst_split(sock: str, n: int, spread: bool) -> list[int]:
     return asyncio.run(run())
 
 
+def api_connections(pids: list[int], ports: set[int], paths: set[str]) -> list[int]:
+    """How many accepted connections on these TCP ports or Unix socket paths each process
+    holds (/proc/net/tcp ESTABLISHED by local port; /proc/net/unix entries that carry the
+    listener's path but are not listening)."""
+    inodes: set[str] = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) in ports:
+            inodes.add(f[9])
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        f = line.split()
+        if len(f) >= 8 and f[7] in paths and not int(f[3], 16) & 0x10000:
+            inodes.add(f[6])
+    counts = []
+    for pid in pids:
+        n = 0
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                link = os.readlink(fd)
+                n += link.startswith("socket:[") and link[8:-1] in inodes
+        counts.append(n)
+    return counts
+
+
+def api_burst_split(st: Stack, n: int, spread: bool) -> list[int]:
+    """n connections opened at once by a fresh pool at the stack's API, as the agent's pool
+    opens them (`spread`: over the API workers' own ports or sockets; else the shared port,
+    or the shared socket for a "sock" stack): how many each API worker accepted, most first
+    (its connections counted in /proc while the pool holds them, less those it held
+    before: the chain's agent keeps its own)."""
+    from openimds.config import worker_sockets
+    from openimds.http.client import UpstreamPool
+
+    workers = tree_pids(st.services["api"].popen.pid)[1:]
+    sock = st.api_socket
+    ports = {st.api_port, *st.api_worker_ports}
+    paths = {sock, *worker_sockets(sock)} if sock else set()
+    headers = [(k.encode(), v.strip().encode())
+               for k, _, v in (h.partition(":") for h in st.api_headers)]
+
+    async def run() -> list[int]:
+        if sock:
+            pool = UpstreamPool(unix_path=sock, size=n, worker_paths=(
+                lambda: worker_sockets(sock)) if spread else None)
+        else:
+            pool = UpstreamPool(host="127.0.0.1", port=st.api_port, size=n,
+                                worker_ports=st.api_worker_ports if spread else ())
+        before = api_connections(workers, ports, paths)
+        try:
+            answers = await asyncio.gather(*(pool.request("GET", PATH, headers)
+                                             for _ in range(n)))
+            assert all(ans.status == 200 for ans in answers), answers[0].raw[:200]
+            after = api_connections(workers, ports, paths)
+        finally:
+            await pool.close()
+        return sorted((x - y for x, y in zip(after, before, strict=True)), reverse=True)
+
+    return asyncio.run(run())
+
+
 def ceiling(r: dict[str, Any], workers: int, cores: float) -> float:
     """Requests/s the model allows one run's configuration: each worker process is one
     core at most (the busiest hop bounds), and our processes plus the generator share the
@@ -866,7 +972,8 @@ def summarize(rows: list[dict[str, Any]], scenarios: list[tuple[int, bool]],
         bare = sel("bare", conns, close)
         matched = sel("bare@rate", conns, close)
         for name in (["bare", "bare@rate"] + [f"{k}-w{w}" for w in workers for k in kinds]
-                     + [f"{k}{t}-w{w}" for t in ("sock", "base") for w in workers
+                     + [f"{k}{t}-w{w}" for t in ("sock", "ports", "base", "sockbase")
+                        for w in workers
                         for k in ("chain", "api")] + list(ALONE_PORTS)):
             rs = list(sel(name, conns, close).values())
             if not rs:
@@ -879,6 +986,13 @@ def summarize(rows: list[dict[str, Any]], scenarios: list[tuple[int, bool]],
                 f"{sum(r['errors'] for r in rs)} | {m['cores_busy']:.2f} busy: ours "
                 f"{m['cores_ours']:.2f}, wrk {m['cores_wrk']:.2f}, other "
                 f"{m['cores_other']:.2f}; idle {100 * m['idle']:.0f}% |")
+        for name in [f"{kind}{t}-w{w}" for t in ("", "ports", "sock", "base", "sockbase")
+                     for w in workers if w > 1]:
+            rounds = sel(name, conns, close)  # each API worker's share of the API's CPU
+            if rounds and all("api" in r["split"] for r in rounds.values()):
+                say(f"{label} {name}: api CPU split per round " + ", ".join(
+                    "/".join(f"{x:.2f}" for x in rounds[k]["split"]["api"])
+                    for k in sorted(rounds)))
         for w in workers:
             ours = sel(f"{kind}-w{w}", conns, close)
             for hop in hops:
