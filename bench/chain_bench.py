@@ -178,6 +178,18 @@ def worker_cpu_s(pid: int) -> dict[int, float]:
     return out
 
 
+def worker_wchar(pid: int) -> dict[int, int]:
+    """Bytes each worker process wrote (/proc/PID/io wchar): with the access line off, almost
+    all of it is answers, so its shares are the workers' shares of the requests."""
+    out = {}
+    for q in tree_pids(pid)[1:] or [pid]:
+        with contextlib.suppress(OSError, StopIteration):
+            text = Path(f"/proc/{q}/io").read_text()
+            out[q] = int(next(ln for ln in text.splitlines()
+                              if ln.startswith("wchar:")).split()[1])
+    return out
+
+
 def tree_cpu_s(pid: int) -> float:
     total = 0.0
     for p in tree_pids(pid):
@@ -535,21 +547,29 @@ def measure(b: Bench, vm: str, port: int, pids: dict[str, int], conns: int, clos
         started()
     before = {k: tree_cpu_s(p) for k, p in pids.items()}
     workers0 = {k: worker_cpu_s(p) for k, p in pids.items()}
+    wrote0 = {k: worker_wchar(p) for k, p in pids.items()}
     busy0, idle0 = machine_cpu()
     r: dict[str, Any] = dict(run_wrk(vm, port, conns, duration, close, headers, delay, b.tmp,
                                      pipeline))
     busy1, idle1 = machine_cpu()
     after = {k: tree_cpu_s(p) for k, p in pids.items()}
     workers1 = {k: worker_cpu_s(p) for k, p in pids.items()}
+    wrote1 = {k: worker_wchar(p) for k, p in pids.items()}
     n = max(1, int(r["requests"]))
     r["cpu_us"] = {k: (after[k] - before[k]) / n * 1e6 for k in pids}
     r["wrk_us"] = r["wrk_cpu_s"] / n * 1e6
-    r["split"] = {}
+    r["split"], r["out_split"] = {}, {}
     for k in pids:
         used = {q: workers1[k][q] - workers0[k].get(q, 0.0) for q in workers1[k]}
         total = sum(used.values())
         if len(used) > 1 and total > 0:
             r["split"][k] = sorted((u / total for u in used.values()), reverse=True)
+            # the same workers' shares of the bytes written, in the CPU split's order
+            wrote = {q: wrote1[k].get(q, 0) - wrote0[k].get(q, 0) for q in used}
+            out = sum(wrote.values())
+            if out > 0:
+                r["out_split"][k] = [wrote[q] / out
+                                     for q in sorted(used, key=used.__getitem__, reverse=True)]
     wall = (busy1 - busy0) + (idle1 - idle0)
     ours = sum(after[k] - before[k] for k in pids)
     r["machine"] = {
@@ -794,8 +814,11 @@ def main() -> int:
                     r.update(round=rnd, config=name, conns=conns, close=close)
                     results["rows"].append(r)
                     cpu = ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_us"].items())
-                    split = "".join(f" | {k} split " + "/".join(f"{x:.2f}" for x in v)
-                                    for k, v in r["split"].items())
+                    split = "".join(
+                        f" | {k} split " + "/".join(f"{x:.2f}" for x in v) + (
+                            " (out " + "/".join(f"{x:.2f}" for x in r["out_split"][k]) + ")"
+                            if k in r["out_split"] else "")
+                        for k, v in r["split"].items())
                     print(f"round {rnd} c={conns}{' close' if close else '':6s} {name:12s} "
                           f"{r['rps']:8.0f} rps p99 {r['p99_ms']:7.2f} ms errs "
                           f"{r['errors']} | CPU us/req: {cpu}, wrk {r['wrk_us']:.1f} | "
@@ -992,6 +1015,8 @@ def summarize(rows: list[dict[str, Any]], scenarios: list[tuple[int, bool]],
             if rounds and all("api" in r["split"] for r in rounds.values()):
                 say(f"{label} {name}: api CPU split per round " + ", ".join(
                     "/".join(f"{x:.2f}" for x in rounds[k]["split"]["api"])
+                    + " (out " + "/".join(f"{x:.2f}" for x in rounds[k].get(
+                        "out_split", {}).get("api", [])) + ")"
                     for k in sorted(rounds)))
         for w in workers:
             ours = sel(f"{kind}-w{w}", conns, close)
