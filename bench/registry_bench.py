@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/registry_bench.py [--sizes 100,10000] [--ops 200]
         [--synchronous full|normal] [--backend sqlite|postgresql] [--shape routers|shared]
-        [--code DIR] [--profile] [--json FILE]
+        [--code DIR] [--spin N] [--profile] [--json FILE]
 
 The profiling method behind bench/scale_bench.py's registry figures, without HTTP: one store
 per size (SQLite in a temp dir, or the scripts/setup PostgreSQL, a database of its own),
@@ -23,8 +23,13 @@ same run on the same file system: `fdatasync` of a 4 KiB write, p50/p99 ms — t
 a durable commit (SQLite `synchronous=full` fsyncs the WAL once per commit), so a create's
 p99 can be read against the disk's own p99 at that minute.
 
-`--code DIR` runs another checkout's registry (e.g. `git worktree add --detach DIR COMMIT`)
-with this script, for a before/after in one session.
+`--spin N` runs N busy-loop processes while the creates, reads and reconciles are timed
+(not during the seed): a saturated run queue, where each round trip to PostgreSQL waits
+for a core twice (its backend, then this thread), without a load generator's own traffic.
+
+The store is warmed up first (`Registry.warm_up`, as `registry serve` does). `--code DIR`
+runs another checkout's registry (e.g. `git worktree add --detach DIR COMMIT`) with this
+script, for a before/after in one session.
 
 Printed: each size's figures, and large / small ratios (a flat registry stays near 1).
 """
@@ -37,6 +42,7 @@ import cProfile
 import json
 import os
 import pstats
+import signal
 import sys
 import tempfile
 import time
@@ -76,6 +82,19 @@ def fsync_reference(directory: str, n: int = 200) -> dict[str, float]:
         os.close(fd)
         path.unlink()
     return {"fsync_p50_ms": pct(ms, 0.5), "fsync_p99_ms": pct(ms, 0.99)}
+
+
+def spin(n: int) -> list[int]:
+    """`--spin`: n child processes that burn CPU until killed, so the run queue is as busy
+    as on a loaded node (each wait on the database then also waits for a core)."""
+    pids = []
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:
+            while True:
+                pass
+        pids.append(pid)
+    return pids
 
 
 def seed_shared(reg: Registry, total: int) -> str:
@@ -121,45 +140,52 @@ def measure(url: str, size: int, a: argparse.Namespace) -> dict[str, Any]:
     store.dispose()
     store = Store(url, sqlite_synchronous=a.synchronous)
     reg = Registry(store)
+    reg.warm_up()  # as `registry serve` does before it listens (PostgreSQL: every connection)
     stmts: list[str] = []
 
     @event.listens_for(store.engine, "before_cursor_execute")
     def _count(*args: Any) -> None:
         stmts.append(str(args[2]).split()[0])
 
-    prof = cProfile.Profile()
-    ms, cpu = [], []
-    for j in range(a.ops):
-        stmts.clear()
-        t, c = time.perf_counter(), time.thread_time()
-        if a.profile:
-            prof.enable()
-        iid = reg.create_instance({"name": f"probe{j}", "network_id": nid})["id"]
-        if a.profile:
-            prof.disable()
-        ms.append((time.perf_counter() - t) * 1000)
-        cpu.append((time.thread_time() - c) * 1000)
-        out["create_statements"] = len(stmts)
-        reg.delete_instance(iid)
-    out["create_p50_ms"], out["create_p99_ms"] = pct(ms, 0.5), pct(ms, 0.99)
-    out["create_cpu_p50_ms"], out["create_cpu_p99_ms"] = pct(cpu, 0.5), pct(cpu, 0.99)
-    head = int(reg.health()["revision"])
-    ms, cpu = [], []
-    for _ in range(a.ops):
-        stmts.clear()
-        t, c = time.perf_counter(), time.thread_time()
-        reg.changes(head - 100, 100)
-        ms.append((time.perf_counter() - t) * 1000)
-        cpu.append((time.thread_time() - c) * 1000)
-    out["changes_statements"] = len(stmts)
-    out["changes_p50_ms"], out["changes_p99_ms"] = pct(ms, 0.5), pct(ms, 0.99)
-    out["changes_cpu_p50_ms"] = pct(cpu, 0.5)
-    ms = []
-    for _ in range(20):
-        t = time.perf_counter()
-        reg.reconcile()
-        ms.append((time.perf_counter() - t) * 1000)
-    out["reconcile_p50_ms"], out["reconcile_max_ms"] = pct(ms, 0.5), max(ms)
+    spinners = spin(a.spin)
+    try:
+        prof = cProfile.Profile()
+        ms, cpu = [], []
+        for j in range(a.ops):
+            stmts.clear()
+            t, c = time.perf_counter(), time.thread_time()
+            if a.profile:
+                prof.enable()
+            iid = reg.create_instance({"name": f"probe{j}", "network_id": nid})["id"]
+            if a.profile:
+                prof.disable()
+            ms.append((time.perf_counter() - t) * 1000)
+            cpu.append((time.thread_time() - c) * 1000)
+            out["create_statements"] = len(stmts)
+            reg.delete_instance(iid)
+        out["create_p50_ms"], out["create_p99_ms"] = pct(ms, 0.5), pct(ms, 0.99)
+        out["create_cpu_p50_ms"], out["create_cpu_p99_ms"] = pct(cpu, 0.5), pct(cpu, 0.99)
+        head = int(reg.health()["revision"])
+        ms, cpu = [], []
+        for _ in range(a.ops):
+            stmts.clear()
+            t, c = time.perf_counter(), time.thread_time()
+            reg.changes(head - 100, 100)
+            ms.append((time.perf_counter() - t) * 1000)
+            cpu.append((time.thread_time() - c) * 1000)
+        out["changes_statements"] = len(stmts)
+        out["changes_p50_ms"], out["changes_p99_ms"] = pct(ms, 0.5), pct(ms, 0.99)
+        out["changes_cpu_p50_ms"] = pct(cpu, 0.5)
+        ms = []
+        for _ in range(20):
+            t = time.perf_counter()
+            reg.reconcile()
+            ms.append((time.perf_counter() - t) * 1000)
+        out["reconcile_p50_ms"], out["reconcile_max_ms"] = pct(ms, 0.5), max(ms)
+    finally:
+        for pid in spinners:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
     checkpointer = getattr(store, "checkpointer", None)  # None: an older checkout (--baseline)
     if checkpointer is not None:
         out["checkpoints"] = checkpointer.done
@@ -184,6 +210,8 @@ def main() -> int:
                         "shared: every instance on one /16")
     p.add_argument("--code", type=Path, default=REPO,
                    help="a checkout whose src/ is measured (default: this one)")
+    p.add_argument("--spin", type=int, default=0,
+                   help="busy-loop processes running while the creates and reads are timed")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--json", type=Path)
     a = p.parse_args()

@@ -101,6 +101,12 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def _idle_s() -> float:
+    """Idle seconds of all cores (/proc/stat: idle + iowait)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_s(pid: int) -> float:
     """utime + stime of a process, seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -301,8 +307,10 @@ class Scale:
         process (so the load generator takes no GIL from the creates' client) sends
         `--load-rate` requests/s over 100 keep-alive connections to the agent, cycling over
         every instance, and the agent and API follow the change feed as always (each create
-        wakes both long-polls, which read the feed). Also: the hops' CPU share of a core
-        during it (the load's evidence), and the requests the agent answered."""
+        wakes both long-polls, which read the feed). Also: the CPU share of a core during
+        it of the hops (the load's evidence), the load generator, the registry and its
+        PostgreSQL backends, and the machine's idle (all cores), and the requests the
+        agent answered."""
         import multiprocessing
 
         ctx = multiprocessing.get_context("fork")
@@ -312,13 +320,23 @@ class Scale:
         try:
             time.sleep(1.0)  # its connections open and reach the rate
             before = agent_stats(sock).get("requests", 0)
-            cpu0 = {h: cpu_s(pid) for h, pid in hops.items()}
+            # the load generator and the registry too: on 2 cores, what the generator
+            # takes is CPU the registry's wake-ups wait for; idle: the machine's spare cores
+            assert child.pid is not None
+            procs = {**hops, "load": child.pid, "registry": registry_pid}
+            backends = self._pg_backends()  # PostgreSQL: the registry's server backends
+            cpu0 = {h: cpu_s(pid) for h, pid in procs.items()}
+            pg0 = sum(cpu_s(pid) for pid in backends)
+            idle0 = _idle_s()
             t0 = time.monotonic()
             # not the networks the quiet pass created on and released (its reuse hold)
             out = self.registry_timings(registry_pid, skip=self.networks_per_pass)
             wall = time.monotonic() - t0
-            out["load_cpu_share"] = {h: round((cpu_s(pid) - cpu0[h]) / wall, 3)
-                                     for h, pid in hops.items()}
+            share = {h: round((cpu_s(pid) - cpu0[h]) / wall, 3) for h, pid in procs.items()}
+            if backends:
+                share["postgres"] = round((sum(cpu_s(p) for p in backends) - pg0) / wall, 3)
+            share["idle"] = round((_idle_s() - idle0) / wall, 3)
+            out["load_cpu_share"] = share
             out["load_agent_rps"] = round((agent_stats(sock).get("requests", 0) - before)
                                           / wall)
             out["load_alive"] = child.is_alive()
@@ -327,6 +345,22 @@ class Scale:
                 child.terminate()  # SIGTERM to that pid
             child.join(10)
         return out
+
+    def _pg_backends(self) -> list[int]:
+        """PostgreSQL: the pids of the server backends on the bench's database (the
+        registry's pool; nothing else connects to it), else none."""
+        if not self.db_url.startswith("postgresql"):
+            return []
+        import sqlalchemy as sa
+
+        eng = sa.create_engine(self.db_url, poolclass=sa.pool.NullPool)
+        try:
+            with eng.connect() as conn:
+                return [int(p) for p in conn.exec_driver_sql(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND pid <> pg_backend_pid()").scalars()]
+        finally:
+            eng.dispose()
 
     @property
     def networks_per_pass(self) -> int:
@@ -419,8 +453,10 @@ def print_phases(rows: list[dict[str, Any]]) -> None:
                 continue
             if name == "loaded":
                 share = x["load_cpu_share"]
+                more = "".join(f", {k} {share[k]:.0%}" for k in
+                               ("load", "registry", "postgres", "idle") if k in share)
                 name = (f"{x['load_agent_rps']:,} req/s (agent {share['agent']:.0%}, API "
-                        f"{share['api']:.0%} of a core)")
+                        f"{share['api']:.0%}{more} of a core)")
             sp = x.get("trace", {}).get("split", {})
             split = " / ".join(f"{sp[k]['p50']:.1f} · {sp[k]['p99']:.1f}" for k in
                                ("write_ms", "stmt_ms", "commit_ms", "outside_write_ms")
