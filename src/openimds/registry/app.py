@@ -59,30 +59,121 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Notifier:
-    """Wakes every waiter when a write commits in this process."""
+    """Wakes the long-polls once per commit, and spares them the store where it can.
+
+    A wake is owed once per committed revision: revisions commit in order (the revision
+    bump row-locks, SQLite's write lock), so a wake issued after revision r committed covers
+    every r' <= r, and a later wake for one of them (a write's own after its LISTEN echo, or
+    the other way round) is dropped. A wake without a revision (the LISTEN session's
+    (re)connect or loss, the reaper, a failed write) always wakes.
+
+    A long-poll takes the current `epoch()` before it reads and waits on that one, so a
+    commit woken while its read ran makes it read again at once. What it reads (`read`):
+
+    - woken by this process's write: that write's own change rows (`AckHold.fed`), which
+      are what the store would answer for `since = revision - 1`;
+    - else one read of the store per (since, limit) since the last wake, shared by every
+      waiter asking the same (a commit of another process: its LISTEN wake);
+    - nothing yet (`current`) when it asks from the revision last woken while the LISTEN
+      session that would carry the next one is up: it waits first, reads once woken or at
+      its re-check."""
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
         self.closed = False
         self.listener: Listener | None = None  # PostgreSQL: wakes us on others' commits
+        self.woken = 0  # the highest revision a wake was issued for
+        # the LISTEN session (its connect count) that was up since before `woken` committed,
+        # so it carries every later commit's notification; None: not known
+        self._woken_session: int | None = None
+        # this process's write requests in flight: their LISTEN echo wakes no one, the
+        # write wakes the long-polls after its answer
+        self.writing: set[AckHold] = set()
+        self._reads: dict[tuple[int, int | None], asyncio.Future[Any]] = {}
+        self._fed: tuple[int, Any] | None = None  # (revision, the page after revision - 1)
+        self.wakes = 0
+        self.reads = 0
 
     @property
     def recheck_s(self) -> float:
         live = self.listener is not None and self.listener.live
         return RECHECK_SLOW_S if live else RECHECK_S
 
+    def session(self) -> int | None:
+        """The LISTEN session up now (its connect count), None when there is none."""
+        listener = self.listener
+        return listener.connects if listener is not None and listener.live else None
+
     def close(self) -> None:
         """Shutting down: every waiter answers now with what it has."""
         self.closed = True
         self.notify()
 
-    def notify(self) -> None:
+    def notify(self, revision: int | None = None, *, page: Any = None,
+               session: int | None = None) -> None:
+        """Wake every waiter: `revision` committed (None: something may have). `page`: the
+        feed after `revision - 1`, from the write's rows; `session`: the LISTEN session that
+        was up before that write began (or that carried this notification)."""
+        if revision is not None:
+            if revision <= self.woken:
+                return
+            self.woken = revision
+        self._woken_session = session if session is not None and session == self.session() \
+            else None
+        self.wakes += 1
         self._event.set()
         self._event = asyncio.Event()
+        self._reads = {}  # begun before this commit was woken: they may not have seen it
+        self._fed = (revision, page) if revision is not None and page is not None else None
 
-    async def wait(self, timeout_s: float) -> None:
+    def notified(self, revision: int | None) -> None:
+        """The LISTEN session's wake: a commit of this process's own write in flight wakes
+        the long-polls after that write is answered, not now, beside its answer."""
+        if revision is None:
+            self.notify()
+        elif not any(h.revision == revision for h in self.writing):
+            self.notify(revision, session=self.session())
+
+    def epoch(self) -> asyncio.Event:
+        """What a waiter waits on after a read begun now (set at the next wake)."""
+        return self._event
+
+    def current(self, since: int) -> bool:
+        """Nothing after `since` can have committed unwoken: it is the revision last woken,
+        and the LISTEN session up since before that commit is still up."""
+        return (since == self.woken and self._woken_session is not None
+                and self._woken_session == self.session())
+
+    async def read(self, fn: Callable[[int, int | None], Any], since: int,
+                   limit: int | None) -> Any:
+        """The feed after `since`: the waking write's rows, or `fn(since, limit)` in a worker
+        thread, shared with the waiters that ask the same before the next wake."""
+        fed = self._fed
+        if fed is not None and fed[0] == since + 1:
+            return fed[1]
+        key = (since, limit)
+        reads = self._reads
+        fut = reads.get(key)
+        if fut is None:
+            self.reads += 1
+            fut = reads[key] = asyncio.ensure_future(asyncio.to_thread(fn, since, limit))
+            # done: the next asks again (a commit of another process, not yet woken, or
+            # without a LISTEN session never woken, may be past it)
+            fut.add_done_callback(lambda f: _read_done(reads, key, f))
+        # one waiter gone (its client left) must not cancel the others' read
+        return await asyncio.shield(fut)
+
+    async def wait(self, epoch: asyncio.Event, timeout_s: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout_s)
+            await asyncio.wait_for(epoch.wait(), timeout_s)
+
+
+def _read_done(reads: dict[tuple[int, int | None], asyncio.Future[Any]],
+               key: tuple[int, int | None], fut: asyncio.Future[Any]) -> None:
+    if reads.get(key) is fut:
+        del reads[key]
+    if not fut.cancelled():
+        fut.exception()  # retrieved here too: its waiters may all have gone
 
 
 class RegistryMetrics:
@@ -195,15 +286,47 @@ async def _call(request: web.Request, fn: Callable[..., Any], *args: Any,
                 write: bool = False, status: int = 200) -> web.Response:
     hold = AckHold()
     token = ACK_HOLD.set(hold)  # the worker thread gets a copy of this context
+    if not write:
+        try:
+            result = await asyncio.to_thread(fn, *args)
+        finally:
+            ACK_HOLD.reset(token)
+        return web.json_response(result, status=status)
+    notifier = request.app[NOTIFIER]
+    notifier.writing.add(hold)
+    session = notifier.session()
     try:
-        result = await asyncio.to_thread(fn, *args)
+        try:
+            result = await asyncio.to_thread(fn, *args)
+        finally:
+            ACK_HOLD.reset(token)
+        resp = web.json_response(result, status=status)
+        if hold.seconds > 0:  # an IP reused moments after its release: see registry/reuse.py
+            # the feed tells the agents during the hold
+            _wake(notifier, request.app[REGISTRY], hold, session)
+            await asyncio.sleep(hold.seconds)
+        else:
+            # The answer first: the long-polls' reads this wakes would run beside it.
+            await resp.prepare(request)
+            await resp.write_eof()
     finally:
-        ACK_HOLD.reset(token)
-        if write:
-            request.app[NOTIFIER].notify()
-    if hold.seconds > 0:  # an IP reused moments after its release: see registry/reuse.py
-        await asyncio.sleep(hold.seconds)
-    return web.json_response(result, status=status)
+        _wake(notifier, request.app[REGISTRY], hold, session)
+    return resp
+
+
+def _wake(notifier: Notifier, registry: Registry, hold: AckHold, session: int | None) -> None:
+    """A write request is over (answered, or failed): wake the long-polls for what it
+    committed, with its rows; nothing committed wakes no one, unless its LISTEN echo may
+    have been dropped (a revision still marked in flight) or the write failed midway."""
+    notifier.writing.discard(hold)
+    if hold.revision not in (0, hold.committed):
+        notifier.notify()  # bumped, never committed: a LISTEN echo of its revision dropped
+    elif hold.committed:
+        fed = hold.fed
+        page = None
+        if fed is not None and fed[0] == hold.committed:
+            page = registry.fed(*fed)
+        notifier.notify(hold.committed, page=page, session=session)
 
 
 def _routes(reg: Registry) -> list[web.RouteDef]:
@@ -273,12 +396,17 @@ def _routes(reg: Registry) -> list[web.RouteDef]:
         notifier = request.app[NOTIFIER]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
+        # from the revision last woken: nothing to read until the next wake (or re-check)
+        waiting = wait > 0 and not notifier.closed and notifier.current(since)
         while True:
-            result = await asyncio.to_thread(reg.changes, since, limit)
-            left = deadline - loop.time()
-            if result["changes"] or left <= 0 or notifier.closed:
-                return web.json_response(result)
-            await notifier.wait(min(notifier.recheck_s, left))
+            epoch = notifier.epoch()
+            if not waiting:
+                result = await notifier.read(reg.changes, since, limit)
+                left = deadline - loop.time()
+                if result["changes"] or left <= 0 or notifier.closed:
+                    return web.json_response(result)
+            waiting = False
+            await notifier.wait(epoch, min(notifier.recheck_s, deadline - loop.time()))
 
     return [
         web.get("/v1/health", health),
@@ -414,7 +542,7 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) 
     background = [asyncio.create_task(_reap(registry, notifier, settings, ticked))]
     listener: Listener | None = None
     if store.backend == "postgresql":
-        notifier.listener = listener = Listener(store.url, notifier.notify)
+        notifier.listener = listener = Listener(store.url, notifier.notified)
         background.append(asyncio.create_task(listener.run()))
     try:
         # The reaper's first round (a write: this node's heartbeat) before the first request,

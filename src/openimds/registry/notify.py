@@ -34,7 +34,7 @@ def conninfo(url: URL) -> str:
 
 
 class Listener:
-    def __init__(self, url: URL, wake: Callable[[], None]) -> None:
+    def __init__(self, url: URL, wake: Callable[[int | None], None]) -> None:
         self.dsn = conninfo(url)
         self.wake = wake
         self.live = False
@@ -54,16 +54,24 @@ class Listener:
                     self.connects += 1
                     delay = BACKOFF_MIN_S
                     log.info("registry.listen channel=%s connects=%d", CHANNEL, self.connects)
-                    self.wake()  # whatever was committed while we were not listening
-                    async for _ in conn.notifies():
+                    self.wake(None)  # whatever was committed while we were not listening
+                    async for note in conn.notifies():
                         self.notifications += 1
-                        self.wake()
+                        self.wake(_revision(note.payload))
             except (psycopg.Error, OSError) as exc:
                 if self.live:
                     log.warning("registry.listen_lost reason=%s", str(exc).splitlines()[0]
                                 if str(exc) else type(exc).__name__)
             finally:
                 self.live = False
-            self.wake()  # long-polls fall back to the fast re-check now
+            self.wake(None)  # long-polls fall back to the fast re-check now
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX_S)
+
+
+def _revision(payload: str) -> int | None:
+    """The committed revision a notification carries (None: not one of ours, wake anyway)."""
+    try:
+        return int(payload)
+    except ValueError:
+        return None

@@ -972,6 +972,10 @@ class Registry:
         return views.changes(self.store, since, min(limit or self.max_page_size,
                                                     self.max_page_size), self.reuse.hold_s)
 
+    def fed(self, revision: int, rows: list[dict[str, Any]]) -> Json:
+        """The feed's page after `revision` from the write's own rows (`views.fed`)."""
+        return views.fed(revision, rows, self.reuse.hold_s)
+
     # ------------------------------------------------------------------ start-up
 
     def warm_up(self) -> None:

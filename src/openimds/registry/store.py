@@ -23,6 +23,7 @@ table is trimmed to the retention window on commit.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sqlite3
@@ -37,6 +38,14 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError
+
+try:  # a declared dependency, but a SQLite-only install opens no PostgreSQL URL anyway
+    import psycopg
+    from psycopg.rows import namedtuple_row
+except ImportError:  # pragma: no cover
+    HAVE_PSYCOPG = False
+else:
+    HAVE_PSYCOPG = True
 
 from openimds.errors import ConfigError, Conflict
 from openimds.log import audit
@@ -396,12 +405,20 @@ class Tx:
 
 class AckHold:
     """Filled by `Store.write` with how long the caller must wait before it acknowledges
-    the write (the REST layer sets one in `ACK_HOLD` per request; see registry/reuse.py)."""
+    the write (the REST layer sets one in `ACK_HOLD` per request; see registry/reuse.py),
+    and with the write's revision: `revision` while it is bumped and not yet rolled back
+    (the REST layer then wakes the long-polls itself, after its answer, instead of at the
+    LISTEN echo of this commit), `committed` once a write of the request committed, and
+    `fed`: its change rows, so the long-polls it wakes need not read them back."""
 
-    __slots__ = ("seconds",)
+    __slots__ = ("committed", "fed", "revision", "seconds")
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.revision = 0
+        self.committed = 0
+        # the committed write's change rows as the feed reads them back: (revision, rows)
+        self.fed: tuple[int, list[dict[str, Any]]] | None = None
 
 
 # Per request; asyncio.to_thread copies the context, so the worker thread fills the same one.
@@ -643,8 +660,6 @@ class Store:
         end brings its rows; SQLAlchemy's own execute would find no result there yet and
         close it), compiled once, through SQLAlchemy's cursor event like every statement.
         Its rows are named tuples (`_received`)."""
-        from psycopg.rows import namedtuple_row
-
         compiled = self._compiled.get(statement)
         if compiled is None:
             compiled = self._compiled[statement] = statement.compile(dialect=conn.dialect)
@@ -790,6 +805,7 @@ class Store:
         def send(conn: Connection) -> list[Any]:
             return [self._send(conn, st, params) for st, params in statements]
 
+        hold = ACK_HOLD.get()
         try:
             with self._writer(send if pg else None) as (conn, trans, rehearsed, sent):
                 results: list[list[Any]]
@@ -801,10 +817,14 @@ class Store:
                 tx = Tx(conn, int(rev[0]), ec2_id=int(rev[2]) if ec2_id else 0,
                         reuse_window_s=self.reuse_window_s,
                         first=results[1] if first is not None else None)
+                if hold is not None and not rehearsed:
+                    hold.revision = tx.revision  # before the commit, so before its NOTIFY
                 yield tx
                 if not tx.changes:
                     if not allow_empty:
                         raise RuntimeError("a write transaction recorded no change")
+                    if hold is not None:
+                        hold.revision = 0  # before the lock goes: another may take it
                     trans.rollback()
                     return
                 if self.before_commit is not None:
@@ -838,9 +858,16 @@ class Store:
                     self.checkpointer.wrote()
         except IntegrityError as exc:
             raise Conflict(_integrity_reason(exc)) from None
-        hold = ACK_HOLD.get()
-        if hold is not None and tx.hold_s > hold.seconds:
-            hold.seconds = tx.hold_s
+        if hold is not None:
+            hold.committed = tx.revision
+            # copied through JSON as the column stored them: what a read gives back, and
+            # safe from whatever the caller does with its dicts next
+            hold.fed = (tx.revision, [
+                {"revision": c["revision"], "kind": c["kind"], "op": c["op"],
+                 "id": c["obj_id"], "attrs": json.loads(json.dumps(c["attrs"]))}
+                for c in tx.changes])
+            if tx.hold_s > hold.seconds:
+                hold.seconds = tx.hold_s
         audit.info("registry.write revision=%d changes=%s", tx.revision,
                    ",".join(f"{c['kind']}:{c['op']}:{c['obj_id']}" for c in tx.changes))
 
@@ -854,8 +881,6 @@ class Store:
         if raw is None:
             yield False
             return
-        import psycopg
-
         try:
             with raw.pipeline():
                 yield True

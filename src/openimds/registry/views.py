@@ -241,3 +241,11 @@ def changes(store: Store, since: int, size: int, hold_s: float = DEFAULT_HOLD_S)
     return {"revision": out[-1]["revision"] if out else rev, "changes": out, "head": rev,
             "lease_s": LEASE_S, "hold_s": hold_s}
 
+
+
+def fed(revision: int, rows: list[dict[str, Any]], hold_s: float = DEFAULT_HOLD_S) -> Json:
+    """`changes(store, revision - 1, size)` as it reads right after the write of `revision`
+    committed, from that write's own change rows (`AckHold.fed`): its revision is whole in
+    any page size and `revision - 1` is inside the window (retention >= 10)."""
+    return {"revision": revision, "changes": rows, "head": revision, "lease_s": LEASE_S,
+            "hold_s": hold_s}
