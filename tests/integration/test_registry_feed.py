@@ -259,3 +259,49 @@ async def test_resuming_follower_resyncs_when_the_registry_went_backwards() -> N
     feed.revision, feed.down = 2, False
     again = await asyncio.wait_for(pending, 30)
     assert again.resync and again.revision == 2
+
+
+def test_followers_woken_by_writes_get_what_a_read_gets(reg: Registry) -> None:
+    """Several long-polls at one revision, woken write after write (answered from each
+    write's own change rows, or one shared read): every change once, in order, each answer
+    the page a plain read of the feed gives from the same revision."""
+    nets = 6  # inside the fixture's retention (10), so the pages can be read again after
+    with reg.client() as c:
+        since = int(c.health()["revision"])
+    got: list[list[dict[str, Any]]] = [[] for _ in range(3)]
+    answers: list[list[tuple[int, dict[str, Any]]]] = [[] for _ in got]
+
+    def follow(out: list[dict[str, Any]], seen: list[tuple[int, dict[str, Any]]]) -> None:
+        with reg.client() as pc:
+            rev, deadline = since, time.monotonic() + 20
+            while (sum(ch["kind"] == "network" for ch in out) < nets
+                   and time.monotonic() < deadline):
+                answer = pc.changes(rev, wait=10)
+                seen.append((rev, answer))
+                out.extend(answer["changes"])
+                rev = int(answer["revision"])
+
+    threads = [threading.Thread(target=follow, args=(g, a))
+               for g, a in zip(got, answers, strict=True)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    for _ in range(nets):
+        _net(reg)
+    for t in threads:
+        t.join(30)
+    with reg.client() as c:
+        head = int(c.health()["revision"])
+        expected: list[dict[str, Any]] = []
+        rev = since
+        while rev < head:
+            page = c.changes(rev)
+            expected.extend(page["changes"])
+            rev = int(page["revision"])
+        for g, seen in zip(got, answers, strict=True):
+            assert sum(ch["kind"] == "network" for ch in g) == nets
+            assert g == expected[:len(g)]
+            for at, answer in seen:  # each page is what a read from there starts with
+                page = c.changes(at)
+                assert answer["changes"] == page["changes"][:len(answer["changes"])]
+                assert answer["lease_s"] == page["lease_s"] and answer["hold_s"] == page["hold_s"]

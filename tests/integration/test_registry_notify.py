@@ -113,3 +113,55 @@ def test_two_registries_wake_each_other_within_a_second(
     time.sleep(0.3)
     again = [wake_latency(a, b), wake_latency(b, a)]
     assert max(again) < 1.0, again
+
+
+def follow(client: RegistryClient, since: int, nets: int, out: list[dict[str, Any]],
+           done: dict[str, float]) -> None:
+    """Long-poll from `since` as an agent does, appending every change, until `nets`
+    network creates came."""
+    rev = since
+    while sum(c["kind"] == "network" for c in out) < nets:
+        answer = client.changes(rev, wait=20)
+        out.extend(answer["changes"])
+        rev = int(answer["revision"])
+    done["at"] = time.monotonic()
+
+
+def test_followers_of_one_registry_get_both_registries_writes_exactly(
+        pair: tuple[str, RegistryClient, RegistryClient]) -> None:
+    """Long-polls woken by their own registry's writes (answered from the write's rows) and
+    by the other's (read from the database), several at the same revision: each gets every
+    change once, in order, the same as a plain read of the feed, and the last one at once
+    (a lost wake would wait for the 5 s re-check)."""
+    _db, a, b = pair
+    since = int(a.health()["revision"])
+    nets = 31  # the last through B: only B's notification can wake A's followers for it
+    got: list[list[dict[str, Any]]] = [[] for _ in range(3)]
+    done: list[dict[str, float]] = [{} for _ in got]
+    # each its own connection (its own token's client, the one the fixture gave A)
+    clients = [RegistryClient(a.base_url, a._http.headers["Authorization"][len("Bearer "):])
+               for _ in got]
+    threads = [threading.Thread(target=follow, args=(c, since, nets, g, d))
+               for c, g, d in zip(clients, got, done, strict=True)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # parked at `since`
+    for i in range(nets):
+        (a if i % 3 else b).create("network", {"name": f"exact-{i}"})
+    last = time.monotonic()
+    for t in threads:
+        t.join(30)
+    for c in clients:
+        c.close()
+    head = int(a.health()["revision"])
+    expected: list[dict[str, Any]] = []
+    rev = since
+    while rev < head:
+        page = a.changes(rev)
+        expected.extend(page["changes"])
+        rev = int(page["revision"])
+    assert [c["kind"] for c in expected].count("network") == nets
+    for g, d in zip(got, done, strict=True):
+        assert g == expected[:len(g)]
+        assert sum(c["kind"] == "network" for c in g) == nets
+        assert d["at"] - last < RECHECK_SLOW_S / 2, "a follower waited for its re-check"
