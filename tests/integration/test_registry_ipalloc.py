@@ -23,6 +23,7 @@ from openimds.registry.store import (
     ACK_HOLD,
     AckHold,
     Store,
+    instances,
     ip_alloc,
     ip_ranges,
     ip_released,
@@ -285,6 +286,37 @@ def test_an_address_taken_behind_the_state_s_back_is_never_handed_out(
     assert state_problems(reg, sub) == []
     with reg.store.read() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(ports)).scalar_one() == 2
+
+
+def test_a_take_at_commit_that_finds_its_address_held_is_made_again_checked(
+        reg: Registry, caplog: pytest.LogCaptureFixture) -> None:
+    # PostgreSQL takes a create's automatic address with its commit, trusting the state it
+    # read after its revision bump; a write that went around the state makes that commit
+    # fail on UNIQUE (network_id, ip_address): the create is made again, once, its take
+    # checked (which repairs the state), and only that second write is kept
+    caplog.set_level("WARNING", logger="openimds.registry")
+    net, sub = network(reg, "10.8.1.0/24")
+    first = reg.create_instance({"name": "a", "network_id": net["id"]})
+    assert ip_of(first["ports"][0]) == "10.8.1.2"
+    with reg.store.engine.begin() as conn:  # two writes that went around ipalloc
+        for ip in ("10.8.1.3", "10.8.1.5"):
+            conn.execute(port_ips.insert().values(
+                port_id=first["ports"][0]["id"], subnet_id=sub["id"], network_id=net["id"],
+                ip_address=ip))
+    rev = int(reg.health()["revision"])
+    vm = reg.create_instance({"name": "b", "network_id": net["id"]})
+    assert ip_of(vm["ports"][0]) == "10.8.1.4"
+    port = reg.create_port({"network_id": net["id"]})
+    assert ip_of(port) == "10.8.1.6"
+    assert int(reg.health()["revision"]) == rev + 2  # each create committed once
+    retried = caplog.text.count("registry.ip_take_retried")
+    assert retried == (2 if reg.store.backend == "postgresql" else 0)
+    assert caplog.text.count("registry.ip_state_repaired") == 2
+    assert state_problems(reg, sub) == []
+    with reg.store.read() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(ports)).scalar_one() == 3
+        names = [r.name for r in conn.execute(sa.select(instances.c.name))]
+    assert sorted(names) == ["a", "b"]
 
 
 def test_a_network_of_several_subnets_picks_from_each_as_its_read_found_them(

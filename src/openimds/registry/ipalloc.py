@@ -131,6 +131,14 @@ _TAKE_CHECKED = {
         for kind, statement in _UNCHECKED.items()}
     for dialect in DB_NOW
 }
+# The same removals queued with the commit (`_take_at_commit`), asking only the hold's
+# question: whether a port holds the address is UNIQUE (network_id, ip_address)'s to say there
+_TAKE_AT_COMMIT = {
+    dialect: {kind: statement.returning(
+        released_within(dialect, sa.bindparam("hold_key", type_=sa.String)))
+        for kind, statement in _UNCHECKED.items()}
+    for dialect in DB_NOW
+}
 # a given-back address joins the free list only where the subnet has state (else the state,
 # built later from port_ips, sees it free anyway) and only once
 _RELEASE = ip_released.insert().from_select(
@@ -183,8 +191,9 @@ def pick(tx: Tx, subnet: Row[Any] | Any, *, take: bool = True,
     """The lowest free pool address of the subnet not quarantined (the lowest quarantined one
     when no other is free), taken unless take=False; None when the pools are full.
     read: the pick's rows as the network's read already fetched them in this transaction
-    (`LATERAL_PICK`), before any address of the subnet was taken or given back: used for the
-    first look instead of asking again."""
+    (`LATERAL_PICK`), after its revision bump and before any address of the subnet was taken
+    or given back: used for the first look instead of asking again, and an address that look
+    finds is taken with the commit (`_take_at_commit`: no round trip of its own)."""
     conn = tx.conn
     version = int(subnet.ip_version)
     args = {"sid": subnet.id, "prefix": f"n:{subnet.network_id}:",
@@ -192,6 +201,7 @@ def pick(tx: Tx, subnet: Row[Any] | Any, *, take: bool = True,
     statement = _PICK[_dialect(conn)]
     repairs = 0
     while True:
+        at_commit = take and read is not None
         rows = {int(r.src): r for r in (conn.execute(statement, args) if read is None
                                          else read)}
         read = None  # the state may have changed since: a second look asks
@@ -219,6 +229,9 @@ def pick(tx: Tx, subnet: Row[Any] | Any, *, take: bool = True,
         key = _key(n, version)
         last = ipranges.int_of(bytes(rows[0].l)) if source == "range" else n
         taken = {"network_id": subnet.network_id, "ip": str(ip)}
+        if at_commit:
+            _take_at_commit(tx, subnet.id, version, source, key, n, last, taken)
+            return ip
         if take:  # taken out of the state whether a port holds it or not
             held = _remove(tx, subnet.id, version, source, key, n, last, taken)
         else:
@@ -233,20 +246,47 @@ def pick(tx: Tx, subnet: Row[Any] | Any, *, take: bool = True,
         return ip
 
 
+def _removal(subnet_id: str, version: int, source: str, key: bytes, n: int,
+             last: int) -> tuple[str, dict[str, Any]]:
+    """Which removal (`_UNCHECKED`'s kind) takes the lowest address n of a range (first n,
+    last `last`) or a released one, and its parameters."""
+    args: dict[str, Any] = {"sid": subnet_id, "k": key}
+    if source != "range":
+        return "released", args
+    if n == last:
+        return "range_end", args
+    args["new_first"] = _key(n + 1, version)
+    return "range", args
+
+
+def _take_at_commit(tx: Tx, subnet_id: str, version: int, source: str, key: bytes, n: int,
+                    last: int, taken: dict[str, str]) -> None:
+    """`_remove`, queued with the commit (`Tx.later`; PostgreSQL: in its round trip). The
+    state was read after this write's revision bump, so every other writer's takes are in
+    it; that no port holds the address is left to UNIQUE (network_id, ip_address) at the
+    commit (a write that went around the state: `StaleTake`, and the caller writes again
+    with its takes checked). The hold's question about the address is answered there too
+    (`Tx.asked_at_commit`)."""
+    kind, args = _removal(subnet_id, version, source, key, n, last)
+    hold_key = address_key(taken["network_id"], taken["ip"])
+
+    def answered(row: Any) -> None:
+        # no row: the state did not list it after all (not seen happen); ask no more: held
+        tx.released_seen[hold_key] = True if row is None else bool(row[0])
+
+    tx.later(_TAKE_AT_COMMIT[_dialect(tx.conn)][kind],
+             {**args, "hold_key": hold_key, "window": tx.reuse_window_s}, answered)
+    tx.asked_at_commit.add(hold_key)
+    tx.unchecked_takes = True
+
+
 def _remove(tx: Tx, subnet_id: str, version: int, source: str, key: bytes,
             n: int, last: int, taken: dict[str, str] | None = None) -> bool:
     """Take the lowest address n of a range (first n, last `last`) or a released one.
     taken ({network_id, ip}): also tell whether a port holds that address (else False),
     and note in `tx.released_seen` whether it was released within the window."""
     conn = tx.conn
-    args: dict[str, Any] = {"sid": subnet_id, "k": key}
-    if source != "range":
-        kind = "released"
-    elif n == last:
-        kind = "range_end"
-    else:
-        kind = "range"
-        args["new_first"] = _key(n + 1, version)
+    kind, args = _removal(subnet_id, version, source, key, n, last)
     if taken is None:
         conn.execute(_UNCHECKED[kind], args)
         return False

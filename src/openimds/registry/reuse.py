@@ -190,16 +190,27 @@ class ReuseHold:
             keys = sorted(set(claimed))
             nets = sorted(set(claim_nets))
             seen = tx.released_seen
+            at_commit = tx.asked_at_commit
             asked = [*keys, *(routers_key(n) for n in nets)]
             if (not released and tx.reuse_window_s >= self.window_s
-                    and all(k in seen for k in asked)):
+                    and all(k in seen or k in at_commit for k in asked)):
                 # every one was asked already by a statement of this write (a create's
                 # network read and address take), after its revision bump: the same answer
                 # (the writers are serialized, and this one released nothing); asked a few
                 # ms earlier, a window ending then holds at least as much
+                if any(k in at_commit for k in asked):
+                    # an address taken with the commit: its answer comes back with it
+                    tx.on_commit.append(lambda: self._hold_if_seen(tx, asked))
+                    return
                 held = any(seen[k] for k in asked)
             else:
                 held = conn.execute(_HELD[dialect], {"keys": keys, "nets": nets,
                                                      **window}).first() is not None
             if held:
                 tx.hold_s = self.hold_s
+
+    def _hold_if_seen(self, tx: Tx, keys: list[str]) -> None:
+        """Once the commit is back: hold if one of keys was released within the window (a
+        key left unanswered counts as released)."""
+        if any(tx.released_seen.get(k, True) for k in keys):
+            tx.hold_s = self.hold_s

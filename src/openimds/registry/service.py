@@ -14,7 +14,7 @@ import ipaddress
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -62,6 +62,7 @@ from openimds.registry.records import (
     subnet_dict,
 )
 from openimds.registry.store import (
+    StaleTake,
     Store,
     Tx,
     agents,
@@ -148,6 +149,18 @@ def _parse_user_data(raw: Any) -> bytes | None:
     if len(data) > MAX_USER_DATA_BYTES:
         raise BadRequest(f"user_data: {len(data)} bytes, larger than {MAX_USER_DATA_BYTES}")
     return data
+
+
+def _checked_if_stale(write: Callable[[bool], Json]) -> Json:
+    """A create, `write(checked)`: first with its automatic addresses taken at the commit
+    trusting the subnets' free state (checked=False, PostgreSQL: `ipalloc.pick`'s read);
+    if that state was out of step (`StaleTake`, nothing kept), once more with each take
+    checked against port_ips, which repairs the state."""
+    try:
+        return write(False)
+    except StaleTake as exc:
+        log.warning("registry.ip_take_retried reason=%s", exc.reason)
+        return write(True)
 
 
 def _find_keypair(conn: Connection, name: str, project_id: str) -> Row[Any]:
@@ -710,19 +723,22 @@ class Registry:
             if not isinstance(mac, str) or not ipam.is_valid_mac(mac):
                 raise BadRequest(f"mac_address: {mac!r} is not a unicast MAC address")
             mac = mac.lower()
-        read = network_read(self.store.backend, network_id, self.store.reuse_window_s)
-        with self.store.write(first=read.query) as tx:
-            drawn = mac is None  # then free by the network's read: no re-check at insert
-            network = port_network(tx, read)
-            if mac is None:
-                mac = network.mac
-            pid = (self._ensure_project(tx, body["project_id"]) if body.get("project_id")
-                   else network.project_id)
-            fixed = allocate(tx, network_id, body.get("fixed_ips"), mac=mac,
-                             device_owner=owner, subs=network.subnets, picks=network.picks)
-            return insert_port(tx, network_id=network_id, project_id=pid,
-                                     device_id=device_id, device_owner=owner, fixed=fixed,
-                                     name=name, mac=mac, mac_checked=drawn)
+
+        def write(checked: bool) -> Json:
+            read = network_read(self.store.backend, network_id, self.store.reuse_window_s)
+            with self.store.write(first=read.query) as tx:
+                network = port_network(tx, read)
+                pid = (self._ensure_project(tx, body["project_id"]) if body.get("project_id")
+                       else network.project_id)
+                fixed = allocate(tx, network_id, body.get("fixed_ips"),
+                                 mac=mac or network.mac, device_owner=owner,
+                                 subs=network.subnets, picks=None if checked else network.picks)
+                # a drawn MAC is free by the network's read: no re-check at insert
+                return insert_port(tx, network_id=network_id, project_id=pid,
+                                   device_id=device_id, device_owner=owner, fixed=fixed,
+                                   name=name, mac=mac or network.mac, mac_checked=mac is None)
+
+        return _checked_if_stale(write)
 
     def list_ports(self, q: dict[str, str]) -> Json:
         where: list[Any] = []
@@ -820,53 +836,58 @@ class Registry:
         requests = None
         if body.get("fixed_ip") is not None:
             requests = [{"ip_address": body["fixed_ip"]}]
-        read = network_read(self.store.backend, network_id, self.store.reuse_window_s)
-        with self.store.write(ec2_id=True, first=read.query) as tx:
-            conn = tx.conn
-            network = port_network(tx, read)
-            mac = network.mac
-            pid = (self._ensure_project(tx, body["project_id"]) if body.get("project_id")
-                   else network.project_id)
-            keypair = None
-            if key_name is not None:
-                kp = _find_keypair(conn, key_name, pid)
-                keypair = {k: getattr(kp, k) for k in
-                           ("id", "name", "public_key", "type", "fingerprint")}
-            # An ID we drew ourselves is a fresh random UUID: only a caller's can be taken.
-            if given is not None and by_id(conn, instances, iid) is not None:
-                raise Conflict(f"instance {iid} already exists")
-            retired = by_id(conn, retired_instances, iid) if given is not None else None
-            if retired is not None:
-                raise Conflict(f"id: instance {iid} was deleted at {retired.deleted_at}; an "
-                               "instance ID is never reused (a metadata API may still hold "
-                               "the deleted instance's documents)")
-            try:
-                fixed = allocate(tx, network_id, requests, mac=mac,
-                                 device_owner=DEVICE_OWNER_INSTANCE, field="fixed_ip",
-                                 subs=network.subnets, picks=network.picks)
-            except BadRequest as exc:
-                raise BadRequest(exc.reason.replace("fixed_ip[0].ip_address", "fixed_ip")) \
-                    from None
-            # the port, its addresses and the instance go in with the change rows, in the
-            # commit's round trip on PostgreSQL: nothing below reads them back
-            port = insert_port(
-                tx, network_id=network_id, project_id=pid, device_id=iid,
-                device_owner=DEVICE_OWNER_INSTANCE, fixed=fixed, mac=mac, mac_checked=True,
-                later=True,
-            )
-            values = {
-                "id": iid, "name": name, "hostname": hostname, "project_id": pid,
-                "availability_zone": az, "flavor": flavor, "launch_index": 0,
-                "key_name": key_name, "keypair_id": keypair["id"] if keypair else None,
-                "keypair": keypair, "metadata": meta, "user_data": user_data,
-                "image_id": image_id, "ec2_id": tx.ec2_id, "password": None,
-                "created_at": now(), "revision": tx.revision,
-            }
-            tx.later(_INSERT_INSTANCE, values)
-            if host is not None:
-                tx.later(_INSERT_INSTANCE_HOST, {"instance_id": iid, "host": host})
-            instance_change(tx, "create", values)
-            return instance_dict(values, [port], host)
+
+        def write(checked: bool) -> Json:
+            read = network_read(self.store.backend, network_id, self.store.reuse_window_s)
+            with self.store.write(ec2_id=True, first=read.query) as tx:
+                conn = tx.conn
+                network = port_network(tx, read)
+                mac = network.mac
+                pid = (self._ensure_project(tx, body["project_id"]) if body.get("project_id")
+                       else network.project_id)
+                keypair = None
+                if key_name is not None:
+                    kp = _find_keypair(conn, key_name, pid)
+                    keypair = {k: getattr(kp, k) for k in
+                               ("id", "name", "public_key", "type", "fingerprint")}
+                # An ID we drew ourselves is a fresh random UUID: only a caller's can be taken.
+                if given is not None and by_id(conn, instances, iid) is not None:
+                    raise Conflict(f"instance {iid} already exists")
+                retired = by_id(conn, retired_instances, iid) if given is not None else None
+                if retired is not None:
+                    raise Conflict(f"id: instance {iid} was deleted at {retired.deleted_at}; an "
+                                   "instance ID is never reused (a metadata API may still hold "
+                                   "the deleted instance's documents)")
+                try:
+                    fixed = allocate(tx, network_id, requests, mac=mac,
+                                     device_owner=DEVICE_OWNER_INSTANCE, field="fixed_ip",
+                                     subs=network.subnets,
+                                     picks=None if checked else network.picks)
+                except BadRequest as exc:
+                    raise BadRequest(exc.reason.replace("fixed_ip[0].ip_address", "fixed_ip")) \
+                        from None
+                # the port, its addresses and the instance go in with the change rows, in the
+                # commit's round trip on PostgreSQL: nothing below reads them back
+                port = insert_port(
+                    tx, network_id=network_id, project_id=pid, device_id=iid,
+                    device_owner=DEVICE_OWNER_INSTANCE, fixed=fixed, mac=mac, mac_checked=True,
+                    later=True,
+                )
+                values = {
+                    "id": iid, "name": name, "hostname": hostname, "project_id": pid,
+                    "availability_zone": az, "flavor": flavor, "launch_index": 0,
+                    "key_name": key_name, "keypair_id": keypair["id"] if keypair else None,
+                    "keypair": keypair, "metadata": meta, "user_data": user_data,
+                    "image_id": image_id, "ec2_id": tx.ec2_id, "password": None,
+                    "created_at": now(), "revision": tx.revision,
+                }
+                tx.later(_INSERT_INSTANCE, values)
+                if host is not None:
+                    tx.later(_INSERT_INSTANCE_HOST, {"instance_id": iid, "host": host})
+                instance_change(tx, "create", values)
+                return instance_dict(values, [port], host)
+
+        return _checked_if_stale(write)
 
 
     def list_instances(self, q: dict[str, str]) -> Json:

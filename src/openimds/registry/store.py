@@ -338,6 +338,28 @@ def _keep_plans(dbapi_conn: Any) -> None:
 
 
 @contextlib.contextmanager
+def _pipeline(raw: Any) -> Iterator[None]:
+    """A psycopg pipeline that, if it fails, forgets the statements psycopg took as prepared
+    inside it: their PREPARE went into the pipeline, and a pipeline skips what follows a
+    failed statement, so the server may not hold them; psycopg would forget them at the
+    ROLLBACK that follows, which the kept plans (`_keep_plans`) ignore. Those prepared
+    before the failure are prepared again under a new name when next due. Uses psycopg's
+    private prepared-statement manager, as `_keep_plans` does."""
+    manager = getattr(raw, "_prepared", None)
+    start = getattr(manager, "_prepared_idx", None)
+    try:
+        with raw.pipeline():
+            yield
+    except BaseException:
+        names = getattr(manager, "_names", None)
+        if start is not None and names is not None:
+            for key, name in list(names.items()):  # named _pg3_<its index>
+                if int(bytes(name).rpartition(b"_")[2]) >= start:
+                    del names[key]
+        raise
+
+
+@contextlib.contextmanager
 def _plans_kept(conn: Connection, keep: bool) -> Iterator[None]:
     """Whether the connection keeps its prepared statements across a rollback, for a while."""
     manager = getattr(conn.connection.dbapi_connection, "_prepared", None)
@@ -386,21 +408,40 @@ class Tx:
     # the way, after the revision bump: key -> released within reuse_window_s. The hold
     # reads these instead of asking again when they cover all it would ask.
     released_seen: dict[str, bool] = field(default_factory=dict)
-    # statements run with the change rows just before the commit (`later`)
-    deferred: list[tuple[Any, Any]] = field(default_factory=list)
+    # statements run with the change rows just before the commit (`later`), each with
+    # what takes its row once the commit is back (None: it returns nothing)
+    deferred: list[tuple[Any, Any, Callable[[Any], None] | None]] = field(
+        default_factory=list)
     # the rows of `Store.write(first=...)`, read with the bump; None when none was given
     first: list[Any] | None = None
+    # release keys a `later` statement asks about (an address taken at commit): their
+    # answers reach `released_seen` once the commit is back, not before
+    asked_at_commit: set[str] = field(default_factory=set)
+    # called once the commit is back (before the answer), after the `later` rows' takers
+    on_commit: list[Callable[[], None]] = field(default_factory=list)
+    # an address was taken at commit trusting the subnet's free state, unchecked against
+    # port_ips: UNIQUE (network_id, ip_address) checks it there (`StaleTake`)
+    unchecked_takes: bool = False
 
-    def later(self, statement: Any, params: Any) -> None:
-        """Run `statement`, which returns nothing and which nothing later in this
-        transaction reads back, with the change rows at commit: on PostgreSQL they and the
-        COMMIT are one round trip (`Store._pipelined`) instead of one each."""
-        self.deferred.append((statement, params))
+    def later(self, statement: Any, params: Any,
+              then: Callable[[Any], None] | None = None) -> None:
+        """Run `statement`, which nothing later in this transaction reads back, with the
+        change rows at commit: on PostgreSQL they and the COMMIT are one round trip
+        (`Store._pipelined`) instead of one each. then: the statement returns at most one
+        row, given to then(row or None) once the commit is back (never if it failed)."""
+        self.deferred.append((statement, params, then))
 
     def change(self, kind: str, op: str, obj_id: str, attrs: dict[str, Any]) -> None:
         self.changes.append(
             {"revision": self.revision, "kind": kind, "op": op, "obj_id": obj_id, "attrs": attrs}
         )
+
+
+class StaleTake(Conflict):
+    """The commit of a write that took an address trusting the subnet's free state
+    (`Tx.unchecked_takes`) found a port holding it: the state is out of step with port_ips
+    (some write went around it). Nothing of the write was kept; the caller writes again,
+    once, with its takes checked (which repair the state)."""
 
 
 class AckHold:
@@ -640,7 +681,7 @@ class Store:
         if not batch or raw is None:
             yield
             return
-        with raw.pipeline():
+        with _pipeline(raw):
             yield
 
     @staticmethod
@@ -806,6 +847,7 @@ class Store:
             return [self._send(conn, st, params) for st, params in statements]
 
         hold = ACK_HOLD.get()
+        made: Tx | None = None  # for the error: whether it took addresses unchecked
         try:
             with self._writer(send if pg else None) as (conn, trans, rehearsed, sent):
                 results: list[list[Any]]
@@ -817,6 +859,7 @@ class Store:
                 tx = Tx(conn, int(rev[0]), ec2_id=int(rev[2]) if ec2_id else 0,
                         reuse_window_s=self.reuse_window_s,
                         first=results[1] if first is not None else None)
+                made = tx
                 if hold is not None and not rehearsed:
                     hold.revision = tx.revision  # before the commit, so before its NOTIFY
                 yield tx
@@ -834,9 +877,16 @@ class Store:
                 keep_from = tx.revision - self.change_retention
                 if rehearsed:  # trims nothing, but its statements get compiled too
                     keep_from = int(rev[1])
+                # the rows of the `later` statements that return one, for their takers
+                answers: list[tuple[Any, Callable[[Any], None]]] = []
                 with self._pipelined(conn) as pipelined:
-                    for statement, params in tx.deferred:
-                        conn.execute(statement, params)
+                    for statement, params, then in tx.deferred:
+                        if then is None:
+                            conn.execute(statement, params)
+                        elif pipelined:  # a raw cursor, read after the Sync (`_send`)
+                            answers.append((self._send(conn, statement, params), then))
+                        else:
+                            answers.append((conn.execute(statement, params).first(), then))
                     if pipelined:  # an executemany would end with a Sync of its own: a wait
                         for row in tx.changes:
                             conn.execute(_INSERT_CHANGES, row)
@@ -849,15 +899,23 @@ class Store:
                         # queued too: the pipeline's one Sync, on leaving it, is the wait for
                         # the commit (psycopg's commit() would add a Sync of its own)
                         conn.exec_driver_sql("COMMIT")
+                rows = [(r.fetchone() if pipelined else r, then) for r, then in answers]
                 # SQLite, a rehearsal's savepoint: commit now; PostgreSQL: the transaction is
                 # over (psycopg sees it idle and sends nothing), SQLAlchemy's is closed
                 trans.commit()
+                for row, then in rows:
+                    then(row)
+                for call in tx.on_commit:
+                    call()
                 if rehearsed:
                     return
                 if self.checkpointer is not None:
                     self.checkpointer.wrote()
         except IntegrityError as exc:
-            raise Conflict(_integrity_reason(exc)) from None
+            reason = _integrity_reason(exc)
+            if made is not None and made.unchecked_takes and reason == _IP_IN_USE:
+                raise StaleTake(reason) from None
+            raise Conflict(reason) from None
         if hold is not None:
             hold.committed = tx.revision
             # copied through JSON as the column stored them: what a read gives back, and
@@ -882,7 +940,7 @@ class Store:
             yield False
             return
         try:
-            with raw.pipeline():
+            with _pipeline(raw):
                 yield True
         except psycopg.errors.IntegrityError as exc:
             raise IntegrityError("pipeline", None, exc) from None
@@ -908,10 +966,13 @@ class Store:
         self.engine.dispose()
 
 
+_IP_IN_USE = "IP address already in use on this network"
+
+
 def _integrity_reason(exc: IntegrityError) -> str:
     text = str(exc.orig) if exc.orig is not None else str(exc)
     if "uq_port_ips_network_ip" in text or "port_ips.network_id" in text:
-        return "IP address already in use on this network"
+        return _IP_IN_USE
     if "mac_address" in text:
         return "MAC address already in use"
     if "uq_keypairs_project_name" in text or "keypairs.project_id" in text:
