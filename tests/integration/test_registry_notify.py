@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -47,9 +47,18 @@ def listeners(db: str) -> int:
     return int(psql(db, "SELECT count(*) " + OURS))
 
 
+class Pair(NamedTuple):
+    """Two registry processes on one database."""
+
+    db: str
+    a: RegistryClient
+    b: RegistryClient
+    token: str  # the admin token both were configured with
+
+
 @pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[str, RegistryClient, RegistryClient]]:
-    """(database, client of registry A, client of registry B), one database."""
+def pair(tmp_path: Path) -> Iterator[Pair]:
+    """Registries A and B on one database, a client of each."""
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(postgres_database())
         db = str(make_url(url).database)
@@ -72,7 +81,7 @@ def pair(tmp_path: Path) -> Iterator[tuple[str, RegistryClient, RegistryClient]]
         while listeners(db) < 2:
             assert time.monotonic() < deadline, "the registries never LISTENed"
             time.sleep(0.1)
-        yield db, clients[0], clients[1]
+        yield Pair(db, clients[0], clients[1], shared["registry"]["admin_token"])
 
 
 def wake_latency(waiter: RegistryClient, writer: RegistryClient) -> float:
@@ -95,9 +104,8 @@ def wake_latency(waiter: RegistryClient, writer: RegistryClient) -> float:
     return float(answer["at"] - t0)
 
 
-def test_two_registries_wake_each_other_within_a_second(
-        pair: tuple[str, RegistryClient, RegistryClient]) -> None:
-    db, a, b = pair
+def test_two_registries_wake_each_other_within_a_second(pair: Pair) -> None:
+    db, a, b = pair.db, pair.a, pair.b
     times = [wake_latency(a, b) for _ in range(3)] + [wake_latency(b, a) for _ in range(3)]
     print("wake latencies s:", [f"{t:.3f}" for t in times])
     assert max(times) < 1.0, times
@@ -127,20 +135,18 @@ def follow(client: RegistryClient, since: int, nets: int, out: list[dict[str, An
     done["at"] = time.monotonic()
 
 
-def test_followers_of_one_registry_get_both_registries_writes_exactly(
-        pair: tuple[str, RegistryClient, RegistryClient]) -> None:
+def test_followers_of_one_registry_get_both_registries_writes_exactly(pair: Pair) -> None:
     """Long-polls woken by their own registry's writes (answered from the write's rows) and
     by the other's (read from the database), several at the same revision: each gets every
     change once, in order, the same as a plain read of the feed, and the last one at once
     (a lost wake would wait for the 5 s re-check)."""
-    _db, a, b = pair
+    a, b = pair.a, pair.b
     since = int(a.health()["revision"])
     nets = 31  # the last through B: only B's notification can wake A's followers for it
     got: list[list[dict[str, Any]]] = [[] for _ in range(3)]
     done: list[dict[str, float]] = [{} for _ in got]
-    # each its own connection (its own token's client, the one the fixture gave A)
-    clients = [RegistryClient(a.base_url, a._http.headers["Authorization"][len("Bearer "):])
-               for _ in got]
+    # each its own connection (a client of its own, with the token A was configured with)
+    clients = [RegistryClient(a.base_url, pair.token) for _ in got]
     threads = [threading.Thread(target=follow, args=(c, since, nets, g, d))
                for c, g, d in zip(clients, got, done, strict=True)]
     for t in threads:
