@@ -31,6 +31,7 @@ class Registry:
     reader_token: str
     service: Service
     backend: str
+    metrics_port: int  # its /metrics listener
 
     def client(self, *, admin: bool = True, token: str | None = None) -> RegistryClient:
         tok = token if token is not None else (self.admin_token if admin else self.reader_token)
@@ -65,4 +66,5 @@ def registry_process(
         with RegistryClient(url, reg["admin_token"]) as c:
             svc.wait_until(lambda: any("controller" in h["roles"] for h in c.list("host")),
                            60)
-        yield Registry(config, url, reg["admin_token"], reg["reader_token"], svc, backend)
+        yield Registry(config, url, reg["admin_token"], reg["reader_token"], svc, backend,
+                       int(cfg["metrics"]["registry_port"]))

@@ -17,7 +17,7 @@ from openimds.registry.client import AsyncRegistryClient, ResyncRequired
 from openimds.registry.feed import ChangeBatch, ChangeFollower
 from openimds.registry.reuse import DEFAULT_HOLD_S, LEASE_S
 from tests.integration.registry_support import BACKENDS, Registry, registry_process
-from tests.support import http_ready
+from tests.support import http_ready, metric_samples, promtool_check, scrape
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -305,3 +305,40 @@ def test_followers_woken_by_writes_get_what_a_read_gets(reg: Registry) -> None:
                 page = c.changes(at)
                 assert answer["changes"] == page["changes"][:len(answer["changes"])]
                 assert answer["lease_s"] == page["lease_s"] and answer["hold_s"] == page["hold_s"]
+
+
+def _feed_counters(reg: Registry) -> tuple[float, float]:
+    """The registry's /metrics: (feed wakes, feed reads) of its Notifier."""
+    text = scrape(reg.metrics_port)
+    promtool_check(text)
+    got = metric_samples(text)
+    return (got[("openimds_registry_feed_wakes_total", frozenset())],
+            got[("openimds_registry_feed_reads_total", frozenset())])
+
+
+def test_metrics_count_the_wake_of_a_long_poll_and_the_feed_reads(reg: Registry) -> None:
+    """/metrics: a write that wakes a parked long-poll moves the wakes; a call the write's
+    own rows cannot answer (from further back) is one more read of the store."""
+    with reg.client() as c:
+        since = int(c.health()["revision"])
+    answer: dict[str, Any] = {}
+
+    def poll() -> None:
+        with reg.client() as pc:
+            answer.update(pc.changes(since, wait=20))
+
+    t = threading.Thread(target=poll)
+    t.start()
+    time.sleep(0.3)  # parked at `since`
+    wakes, reads = _feed_counters(reg)
+    assert not answer
+    net = _net(reg)
+    t.join(25)
+    assert [ch["id"] for ch in answer["changes"] if ch["kind"] == "network"] == [net["id"]]
+    woken, _ = _feed_counters(reg)
+    assert woken >= wakes + 1
+    with reg.client() as c:
+        back = c.changes(since - 1)
+    assert any(ch["id"] == net["id"] for ch in back["changes"])
+    _, read = _feed_counters(reg)
+    assert read >= reads + 1

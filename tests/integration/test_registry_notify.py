@@ -24,8 +24,10 @@ from tests.support import (
     clean_env,
     free_port,
     http_ready,
+    metric_samples,
     openimds_service,
     postgres_database,
+    scrape,
     write_config,
 )
 
@@ -54,6 +56,7 @@ class Pair(NamedTuple):
     a: RegistryClient
     b: RegistryClient
     token: str  # the admin token both were configured with
+    metrics: tuple[int, int]  # A's and B's /metrics ports
 
 
 @pytest.fixture
@@ -63,7 +66,7 @@ def pair(tmp_path: Path) -> Iterator[Pair]:
         url = stack.enter_context(postgres_database())
         db = str(make_url(url).database)
         shared = base_config(tmp_path / "a" / "state", registry={"connection": url})
-        clients = []
+        clients, ports = [], []
         for name in ("a", "b"):
             cfg = base_config(tmp_path / name / "state",
                               registry={**shared["registry"], "bind_port": free_port()})
@@ -77,11 +80,13 @@ def pair(tmp_path: Path) -> Iterator[Pair]:
             client = RegistryClient(base, cfg["registry"]["admin_token"])
             stack.callback(client.close)
             clients.append(client)
+            ports.append(int(cfg["metrics"]["registry_port"]))
         deadline = time.monotonic() + 10
         while listeners(db) < 2:
             assert time.monotonic() < deadline, "the registries never LISTENed"
             time.sleep(0.1)
-        yield Pair(db, clients[0], clients[1], shared["registry"]["admin_token"])
+        yield Pair(db, clients[0], clients[1], shared["registry"]["admin_token"],
+                   (ports[0], ports[1]))
 
 
 def wake_latency(waiter: RegistryClient, writer: RegistryClient) -> float:
@@ -171,3 +176,32 @@ def test_followers_of_one_registry_get_both_registries_writes_exactly(pair: Pair
         assert g == expected[:len(g)]
         assert sum(c["kind"] == "network" for c in g) == nets
         assert d["at"] - last < RECHECK_SLOW_S / 2, "a follower waited for its re-check"
+
+
+def test_a_long_poll_woken_by_the_other_registry_counts_its_wake_and_its_read(
+        pair: Pair) -> None:
+    """A's /metrics: a long-poll parked on A, woken by B's write (A's LISTEN session), is
+    a wake and a read of the store on A (A holds no rows of B's write)."""
+    def counters() -> tuple[float, float]:
+        got = metric_samples(scrape(pair.metrics[0]))
+        return (got[("openimds_registry_feed_wakes_total", frozenset())],
+                got[("openimds_registry_feed_reads_total", frozenset())])
+
+    since = int(pair.a.health()["revision"])
+    answer: dict[str, Any] = {}
+
+    def poll() -> None:
+        with RegistryClient(pair.a.base_url, pair.token) as c:
+            answer.update(c.changes(since, wait=20))
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    time.sleep(0.3)  # parked at `since`
+    wakes, reads = counters()
+    assert not answer
+    net = pair.b.create("network", {"name": "woken-from-b"})
+    thread.join(25)
+    assert [c["id"] for c in answer["changes"] if c["kind"] == "network"] == [net["id"]]
+    woken, read = counters()
+    assert woken >= wakes + 1
+    assert read >= reads + 1

@@ -30,6 +30,7 @@ from openimds.metrics import (
     HopStats,
     Metric,
     ServiceMetrics,
+    counter,
     gauge,
     labelled,
     registry_family,
@@ -196,12 +197,21 @@ class RegistryMetrics:
             resource = parts[2] if len(parts) > 2 and parts[2] in _RESOURCES else "other"
             self.writes[resource] = self.writes.get(resource, 0) + 1
 
-    def families(self, registry: Registry) -> list[Metric]:
+    def families(self, registry: Registry, notifier: Notifier) -> list[Metric]:
         fams: list[Metric] = [
             labelled("openimds_registry_writes", "Writes committed, by resource", "counter",
                      "resource", sorted(self.writes.items())),
             labelled("openimds_registry_feed_polls", "Change-feed calls answered, by status",
                      "counter", "code", sorted((str(k), v) for k, v in self.feed_polls.items())),
+            # the Notifier's: reads per wake is what the long-polls cost the store
+            counter("openimds_registry_feed_wakes",
+                    "Wakes of the change-feed long-polls waiting in this process (one per "
+                    "committed revision; also a LISTEN session's connect or loss, a failed "
+                    "write, the reaper)", notifier.wakes),
+            counter("openimds_registry_feed_reads",
+                    "Reads of the store for change-feed calls (one per since and limit "
+                    "until the next wake, shared by the calls asking it; none for a call "
+                    "answered from the waking write's own rows)", notifier.reads),
         ]
         fams.append(gauge("openimds_registry_revision", "The registry's current revision",
                           int(registry.health()["revision"])))
@@ -527,7 +537,7 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) 
                    reader_token=reg_settings.reader_token)
     metrics = ServiceMetrics("registry")
     metrics.hops.append(app[METRICS].hop)
-    metrics.add(lambda: app[METRICS].families(registry))
+    metrics.add(lambda: app[METRICS].families(registry, app[NOTIFIER]))
     metrics_server: asyncio.AbstractServer | None = None
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()
