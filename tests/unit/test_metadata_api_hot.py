@@ -30,10 +30,8 @@ MD = "/openstack/latest/meta_data.json"
 
 
 def kept_of(api: MetadataApi, who: bytes) -> dict[str, object]:
-    """The answers kept under identity spelling `who`, by path (`_hot` is keyed by both)."""
-    prefix = who + b"\x00"
-    return {key[len(prefix):].decode("utf-8", "surrogatepass"): answer
-            for key, answer in api._hot.items() if key.startswith(prefix)}
+    """The answers kept under identity spelling `who`, by path (`_hot`: a table per path)."""
+    return {path: table[who] for path, table in api._hot.items() if who in table}
 
 
 def hot(api: object, path: str, headers: list[tuple[bytes, bytes]] | None = None) -> object:
@@ -89,6 +87,24 @@ async def test_required_tokens_are_not_skipped_by_a_kept_answer() -> None:
     assert status(await call(api, "GET", path, keep_alive=True)) == 401
 
 
+async def test_a_hit_reads_one_identity_key_per_instance_and_one_answer_object() -> None:
+    """An instance's answers in every path's table are keyed by its one identity key object
+    (not a key per answer), and its kept meta_data.json is one object: the answer with a
+    single NUL where each answer's seed goes."""
+    api, _ = make_api()
+    paths = (MD, "/openstack/latest/network_data.json", "/latest/meta-data/hostname")
+    for p in paths:
+        assert status(await call(api, "GET", p, keep_alive=True)) == 200
+    (who,) = api._cache[IID].who
+    keys = [key for table in api._hot.values() for key in table]
+    assert len(keys) == len(paths) and all(key is who for key in keys)
+    seeded = kept_of(api, who)[MD]
+    assert type(seeded) is api_mod._Seeded and seeded.count(b"\x00") == 1  # type: ignore[union-attr]
+    a = hot(api, MD)
+    assert isinstance(a, RawResponse) and b"\x00" not in a.data
+    assert len(a.data) == len(seeded) - 1 + len(json.loads(body_of(a))["random_seed"])
+
+
 async def test_kept_answers_go_with_their_instance() -> None:
     """A change from the feed, an eviction and a resync drop the instance's kept answers;
     an unkept fetch (overtaken by a change) leaves none."""
@@ -111,7 +127,7 @@ async def test_kept_answers_go_with_their_instance() -> None:
     # evicted by another instance (cache_size=1): nothing of it is kept
     await call(api, "GET", path, signed(other))
     assert list(api._cache) == [other]
-    assert all(IID.encode() not in who for who in api._hot)
+    assert all(IID.encode() not in who for table in api._hot.values() for who in table)
     calls = reg.calls
     assert status(await call(api, "GET", path, keep_alive=True)) == 200
     assert reg.calls == calls + 1  # fetched again, not answered from a kept copy
@@ -176,9 +192,9 @@ async def test_kept_answers_per_instance_are_bounded_in_count_and_bytes() -> Non
         entry = api._cache[iid]
         (who,) = entry.who
         kept = kept_of(api, who)
-        assert entry.kept == len(kept) == len(entry.keys) and entry.kept_bytes == sum(
+        assert len(kept) == len(entry.paths) and entry.kept_bytes == sum(
             api_mod._size(a) for a in kept.values())  # type: ignore[arg-type]
-        assert entry.kept <= api_mod.WIRE_MAX_DOCS
+        assert len(entry.paths) <= api_mod.WIRE_MAX_DOCS
         assert entry.kept_bytes <= api_mod.WIRE_MAX_BYTES
         assert 0 < len(kept) < len(paths)  # a bound was reached: the rest were not kept
         for p in set(paths) - set(kept):  # answered by the full path, the same bytes

@@ -316,7 +316,7 @@ async def test_a_boot_path_that_depends_on_the_request_is_not_kept_at_prewarm() 
     await settle(api)
     assert api.stats["prewarmed"] == 1
     path = "/latest/meta-data/local-ipv4"
-    assert not any(key.endswith(b"\x00" + path.encode()) for key in api._hot)
+    assert path not in api._hot
     for address in (b"10.0.0.5", b"10.0.0.6"):
         headers = [(k, address if k == b"x-forwarded-for" else v) for k, v in signed()]
         assert body_of(await call(api, "GET", path, headers, keep_alive=True)) == address

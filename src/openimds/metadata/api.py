@@ -204,10 +204,9 @@ class Registry(Protocol):
     async def set_password(self, instance_id: str, password: str) -> dict[str, Any]: ...
 
 
-# Whose kept answers (`MetadataApi._hot`): X-Instance-ID, X-Tenant-ID and
-# X-Instance-ID-Signature as the request carries them, NUL-joined (a header value never
-# holds NUL: the parser refuses it); a kept answer's key is that, NUL, and its path
-# (`_path_key`): the first three NULs are the separators, so the key says all four apart.
+# Whose kept answers (`MetadataApi._hot`, a table per path): X-Instance-ID, X-Tenant-ID
+# and X-Instance-ID-Signature as the request carries them, NUL-joined (a header value never
+# holds NUL: the parser refuses it, so the two NULs say the three apart).
 _NUL = b"\x00"
 _IDENTITY_HEADERS = (b"x-instance-id", b"x-tenant-id", b"x-instance-id-signature")
 
@@ -221,34 +220,33 @@ class _Dated:
     data: bytes
 
 
-# A kept answer: complete bytes, a seeded document's bytes before and after its seed, or
-# complete bytes for one day.
-_Hot = bytes | tuple[bytes, bytes] | _Dated
+class _Seeded(bytes):
+    """A kept seeded answer (meta_data.json): the complete answer with one NUL where its
+    random_seed goes (its head and its JSON hold no NUL, so the first one is the hole). One
+    object, not a tuple of the bytes before and after: at 10,000 instances each object a
+    hit reads is a likely cache and TLB miss (docs/benchmarks.md)."""
+
+    __slots__ = ()
+
+
+# A kept answer: complete bytes, a seeded answer with its hole, or complete bytes for one
+# day.
+_Hot = bytes | _Dated
 # The one path whose documents depend on the date (`_Dated`); every other lookup is given
 # _EPOCH, so no other answer can.
 _DATED_PATH = "/openstack"
 _SEED_LEN = len(base64.b64encode(bytes(SEED_BYTES)))
 
 
-def _path_key(path: str) -> bytes:
-    """`path`'s part of a kept answer's key: NUL and the path (surrogatepass: one bytes
-    string for every str, and two strs never share one)."""
-    return _NUL + path.encode("utf-8", "surrogatepass")
-
-
 def _size(hot: _Hot) -> int:
     """The bytes of a kept answer."""
-    if isinstance(hot, bytes):
-        return len(hot)
-    if isinstance(hot, tuple):
-        return len(hot[0]) + len(hot[1])
-    return len(hot.data)
+    return len(hot.data) if isinstance(hot, _Dated) else len(hot)
 
 
-def _kept_answer(target: Document | SeededDocument) -> bytes | tuple[bytes, bytes] | None:
+def _kept_answer(target: Document | SeededDocument) -> bytes | None:
     """The complete keep-alive GET 200 answer for `target`, as `_serve` gives it (a seeded
-    document's around a NUL run where the seed goes: JSON and heads hold none); None when
-    the body is over WIRE_MAX_BODY."""
+    document's a `_Seeded`: a NUL where the seed goes); None when the body is over
+    WIRE_MAX_BODY."""
     headers = [("ETag", target.etag)]
     if isinstance(target, Document):
         if len(target.body) > WIRE_MAX_BODY:
@@ -262,7 +260,7 @@ def _kept_answer(target: Document | SeededDocument) -> bytes | tuple[bytes, byte
     whole = Response(200, body, content_type=target.content_type,
                      headers=headers).encode(keep_alive=True)
     at = whole.index(hole)
-    return whole[:at], whole[at + _SEED_LEN:]
+    return _Seeded(whole[:at] + _NUL + whole[at + _SEED_LEN:])
 
 
 # What cloud-init's OpenStack datasource reads at boot (22.4 and 26.2, metadata-api.md §3.1),
@@ -306,9 +304,10 @@ BOOT_PATHS: tuple[str, ...] = tuple(dict.fromkeys(normalize_path(p) for p in (
 @dataclass(slots=True)
 class _Entry:
     docs: InstanceDocuments
-    who: list[bytes] = field(default_factory=list)  # its identity spellings kept (`_NUL`)
-    keys: list[bytes] = field(default_factory=list)  # its keys in MetadataApi._hot
-    kept: int = 0  # answers kept for it, in all
+    # its identity spellings kept (`_NUL`), the very keys of its answers in every table
+    who: list[bytes] = field(default_factory=list)
+    # the path (MetadataApi._hot's table) of each answer kept for it: one per answer
+    paths: list[str] = field(default_factory=list)
     kept_bytes: int = 0
 
 
@@ -414,17 +413,18 @@ class MetadataApi:
             architecture=architecture, expose_tags=api.expose_tags,
         )
         self._cache: dict[str, _Entry] = {}
-        # The hit path: identity headers and path (as `_NUL` joins them, `_path_key`) ->
-        # the complete keep-alive GET answer. One dict lookup instead of the signature
-        # memo, the cache entry, its documents and their memo: at 10,000 instances each
-        # distinct object a request touches is a likely cache (and TLB) miss, ~0.2 us
-        # apiece on this VM, so one flat table (its slot, the key, the answer) rather than
-        # a dict per instance (two objects more per hit, docs/benchmarks.md). Kept only for
-        # entries in `_cache` and dropped with them (`_forget`, by the entry's `keys`).
-        self._hot: dict[bytes, _Hot] = {}
+        # The hit path: path -> identity headers (as `_NUL` joins them) -> the complete
+        # keep-alive GET answer, instead of the signature memo, the cache entry, its
+        # documents and their memo. At 10,000 instances each distinct object a request
+        # touches is a likely cache (and TLB) miss, ~0.2 us apiece: a hit reads a slot of
+        # its path's table (10,000 slots, not one table of every path's), its instance's
+        # identity key (one object shared by all its paths) and its answer (one object,
+        # docs/benchmarks.md). Kept only for entries in `_cache` and dropped with them
+        # (`_forget`, by the entry's `who` and `paths`); a table goes when it is empty.
+        self._hot: dict[str, dict[bytes, _Hot]] = {}
         self._answers: dict[bytes, bytes] = {}  # kept answers, one copy of each (bounded)
         self._answers_bytes = 0
-        self._paths: dict[str, tuple[str, bytes]] = {}  # as sent -> normalised, _path_key
+        self._paths: dict[str, str] = {}  # as sent -> normalised
         self._signatures: dict[bytes, tuple[str, bytes]] = {}
         self._index = DependencyIndex()
         self._inflight: dict[str, _Flight] = {}
@@ -443,15 +443,13 @@ class MetadataApi:
 
     # -- the handler --------------------------------------------------------------------
     def handle(self, req: Request) -> AnyResponse | Awaitable[AnyResponse]:
-        memo = self._paths.get(req.path)
-        if memo is None:
+        path = self._paths.get(req.path)
+        if path is None:
             path = normalize_path(req.path)
-            memo = (path, _path_key(path))
             if len(req.path) <= MEMO_KEY_MAX:
                 if len(self._paths) >= PATH_MEMO:
                     self._paths.clear()
-                self._paths[req.path] = memo
-        path, path_key = memo
+                self._paths[req.path] = path
         method = req.method
         gate = self._required_header
         if gate is not None and req.header(gate[0]) != gate[1]:
@@ -490,7 +488,7 @@ class MetadataApi:
         if (len(seen) == 3 and repeated is None and method == "GET" and req.keep_alive
                 and not req.query and not (self._any_tokens_required
                                            and self._token_required(path))):
-            kept = self._hot_hit(path_key, seen)
+            kept = self._hot_hit(path, seen)
             if kept is not None:
                 return kept
         who = self._identify(req, seen, repeated)
@@ -516,25 +514,27 @@ class MetadataApi:
             return self._serve_miss(req, path, instance_id, tenant_id)
         if (method == "GET" and req.keep_alive and b"if-none-match" not in seen
                 and not req.query):  # with a token checked above, say
-            kept = self._hot_hit(path_key, seen)
+            kept = self._hot_hit(path, seen)
             if kept is not None:
                 return kept
         return self._serve(req, path, entry, tenant_id)
 
-    def _hot_hit(self, path_key: bytes, seen: dict[bytes, bytes]) -> RawResponse | None:
-        """The answer kept for the path (its `_path_key`) under exactly these identity
-        header values, if any."""
-        hot = self._hot.get(b"".join((  # as _IDENTITY_HEADERS (a tuple: no list built)
+    def _hot_hit(self, path: str, seen: dict[bytes, bytes]) -> RawResponse | None:
+        """The answer kept for the path under exactly these identity header values, if
+        any."""
+        table = self._hot.get(path)
+        if table is None:
+            return None
+        hot = table.get(b"".join((  # as _IDENTITY_HEADERS (a tuple: no list built)
             seen.get(b"x-instance-id", b""), _NUL, seen.get(b"x-tenant-id", b""), _NUL,
-            seen.get(b"x-instance-id-signature", b""), path_key)))
+            seen.get(b"x-instance-id-signature", b""))))
         return None if hot is None else self._hot_answer(hot)
 
     def _hot_answer(self, hot: _Hot) -> RawResponse | None:
+        if isinstance(hot, _Seeded):  # meta_data.json: a fresh random_seed in every answer
+            return RawResponse(hot.replace(_NUL, self._seeds.take(), 1))
         if isinstance(hot, bytes):
             return RawResponse(hot)
-        if isinstance(hot, tuple):
-            before, after = hot  # meta_data.json: a fresh random_seed in every answer
-            return RawResponse(b"".join((before, self._seeds.take(), after)))
         # another day's version list: answered (and kept again) by the full path
         return RawResponse(hot.data) if hot.day == self._today() else None
 
@@ -984,27 +984,32 @@ class MetadataApi:
         encoded = _kept_answer(target)
         if encoded is None:
             return
-        key = who + _path_key(path)
-        old = self._hot.get(key)
-        size = _size(encoded) - (0 if old is None else _size(old))
-        if old is None and entry.kept >= WIRE_MAX_DOCS or entry.kept_bytes + size > WIRE_MAX_BYTES:
+        spelled = next((known for known in entry.who if known == who), None)
+        if spelled is not None:
+            who = spelled  # one key object per spelling, in every table
+        elif len(entry.who) >= WIRE_MAX_WHO:
             return
-        if who not in entry.who:
-            if len(entry.who) >= WIRE_MAX_WHO:
-                return
+        table = self._hot.get(path)
+        old = None if table is None else table.get(who)
+        size = _size(encoded) - (0 if old is None else _size(old))
+        if (old is None and len(entry.paths) >= WIRE_MAX_DOCS
+                or entry.kept_bytes + size > WIRE_MAX_BYTES):
+            return
+        if spelled is None:
             entry.who.append(who)
+        if table is None:
+            table = self._hot[path] = {}
         if old is None:
-            entry.keys.append(key)
+            entry.paths.append(path)
         answer: _Hot = encoded
-        if isinstance(encoded, bytes):
+        if not isinstance(encoded, _Seeded):
             # Many answers are the same bytes for every instance (listings, placement,
             # empty vendor data): one copy of each, not one per instance.
             answer = shared = self._shared(encoded)
             if path == _DATED_PATH:
                 answer = _Dated(day, shared)
-        entry.kept += old is None
         entry.kept_bytes += size
-        self._hot[key] = answer
+        table[who] = answer
         if forget:
             # what the hit path answers, the documents need not hold too (rebuilt if asked
             # for by a request the hit path does not answer: HEAD, If-None-Match, a query)
@@ -1025,11 +1030,18 @@ class MetadataApi:
 
     def _forget(self, entry: _Entry) -> None:
         """Drop what the hit path keeps for `entry`."""
-        for key in entry.keys:
-            self._hot.pop(key, None)
-        entry.keys.clear()
+        hot = self._hot
+        for path in entry.paths:
+            table = hot.get(path)
+            if table is None:
+                continue  # emptied by an earlier answer of the same path (another spelling)
+            for who in entry.who:
+                table.pop(who, None)
+            if not table:
+                del hot[path]  # tables come and go with their paths' answers (tags' paths)
+        entry.paths.clear()
         entry.who.clear()
-        entry.kept = entry.kept_bytes = 0
+        entry.kept_bytes = 0
 
     def _changed_since(self, view: View) -> bool:
         """True when the feed already delivered a change newer than the view that touches it."""
