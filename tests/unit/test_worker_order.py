@@ -1,6 +1,19 @@
-"""`http.client.worker_order`: where a spread pool opens its next connection."""
+"""`http.client.worker_order` and `idle_pick`: where a spread pool opens its next
+connection, and whose idle connection its next request takes."""
 
-from openimds.http.client import REFUSED_SKIP_S, Worker, worker_order
+import random
+from collections import Counter
+
+import pytest
+
+from openimds.http.client import (
+    REFUSED_SKIP_S,
+    Worker,
+    _Conn,
+    _SpreadIdle,
+    idle_pick,
+    worker_order,
+)
 
 
 def test_fewest_connections_first_ties_in_listed_order() -> None:
@@ -28,3 +41,69 @@ def test_a_refused_worker_is_left_out_for_a_while_and_says_off_place() -> None:
     # every one refused: none to try (the pool falls back to its shared address)
     assert worker_order([8781], {}, refused, 10.5) == ([], True)
     assert worker_order([], {}, {}, 0.0) == ([], False)
+
+
+def test_idle_pick_takes_the_fewest_in_flight_not_the_most_idle() -> None:
+    # A holds 3 (1 idle: 2 in flight), B holds 2 (1 idle: 1 in flight): B, whatever the turn
+    assert idle_pick([3, 2], [1, 1], 0) == (1, 0)
+    assert idle_pick([3, 2], [1, 1], 1) == (1, 0)
+    # A 3 held, 2 idle (1 in flight); B 1 held, idle: B, though A has the most idle ones
+    assert idle_pick([3, 1], [2, 1], 0) == (1, 0)
+    # a worker with no idle connection is not taken, however few it has in flight
+    assert idle_pick([1, 3], [0, 1], 0) == (1, 0)
+    with pytest.raises(IndexError):
+        idle_pick([2, 2], [0, 0], 0)
+
+
+def test_idle_pick_ties_go_in_turn_the_turn_after_the_one_taken() -> None:
+    assert idle_pick([3, 2], [3, 2], 0) == (0, 1)
+    assert idle_pick([3, 2], [3, 2], 1) == (1, 0)
+    assert idle_pick([1, 1, 1], [1, 1, 1], 2) == (2, 0)
+    # a forced pick moves the turn too: the next tie goes to the other worker
+    assert idle_pick([2, 2], [1, 2], 0) == (1, 0)
+
+
+def spread(held: dict[Worker, int]) -> _SpreadIdle:
+    """A pool's idle list holding `held` connections per worker, all idle (real
+    connection objects, never connected: the pick only reads their worker)."""
+    counts = dict(held)
+    idle = _SpreadIdle(counts)
+    for worker, n in held.items():
+        for _ in range(n):
+            conn = _Conn(1024)
+            conn.worker = worker
+            idle.append(conn)
+    return idle
+
+
+@pytest.mark.parametrize("at_once", [1, 2, 3, 4])
+def test_a_pool_odd_connection_gets_no_more_requests_steady(at_once: int) -> None:
+    """A pool of 5 holds 3 on worker 0, 2 on worker 1 (as the agent's do): requests taken
+    `at_once` and given back, 100 times, split evenly while the pool is not full. Main's
+    "most idle" rule gave worker 0 every request one at a time, 2 of 3 three at a time."""
+    idle = spread({0: 3, 1: 2})
+    got: Counter[Worker | None] = Counter()
+    for _ in range(100):
+        taken = [idle.pop() for _ in range(at_once)]
+        got.update(conn.worker for conn in taken)
+        for conn in reversed(taken):
+            idle.append(conn)
+    assert got[0] == got[1] == 50 * at_once, got
+
+
+def test_a_pool_odd_connection_gets_no_more_requests_at_random() -> None:
+    """Requests taken and given back in a seeded random order, at most 4 in flight of 5
+    connections (3 on worker 0): worker 0 gets 0.497 (main's rule: 0.684). With all 5 in
+    flight its third connection is busy too: the pool has no even split then."""
+    rng = random.Random(7)
+    idle = spread({0: 3, 1: 2})
+    got: Counter[Worker | None] = Counter()
+    busy: list[_Conn] = []
+    for _ in range(20000):
+        if busy and (len(busy) == 4 or rng.random() < 0.5):
+            idle.append(busy.pop(rng.randrange(len(busy))))
+        else:
+            conn = idle.pop()
+            got[conn.worker] += 1
+            busy.append(conn)
+    assert 0.48 <= got[0] / (got[0] + got[1]) <= 0.52, got

@@ -38,8 +38,10 @@ Rules:
   every worker) when none accepts or none exists (one worker: today's path). A connection
   made so, off its place, is retired (closed when next taken from the idle list) after
   `RETIRE_S`, and made again by the same rule: a replaced worker gets its share back.
-  Idle connections are kept per worker address and taken from the one holding the most
-  (`_SpreadIdle`), so the requests split as evenly as the connections.
+  Idle connections are kept per worker address; a request takes one of the worker with
+  the fewest of this pool's requests in flight (its connections held minus idle; ties in
+  turn, `idle_pick`), so the requests split evenly even when the connections cannot
+  (a pool of 5 holds 3 on worker 0: "most idle" gave it 0.57-0.70 of the requests).
 - Failures are translated here, once: cannot connect -> UpstreamUnavailable (503),
   no answer in time -> UpstreamTimeout (504), garbled or oversized -> UpstreamProtocolError (502).
 
@@ -69,7 +71,7 @@ from openimds.http.server import RawResponse
 
 __all__ = ["CONNECT_RETRIES", "CONNECT_RETRY_DELAY_S", "MAX_PIPELINE_DEPTH", "REFUSED_SKIP_S",
            "RETIRE_S", "ResultCallback", "UpstreamPool", "UpstreamResponse", "Worker",
-           "worker_order"]
+           "idle_pick", "worker_order"]
 
 # worker_paths / worker_ports: a refused worker address is not tried again for this long; a
 # connection made off its place (its worker refused) is closed and made again after RETIRE_S
@@ -92,6 +94,24 @@ def worker_order(
     places = sorted((w for w in listed if now - refused_at.get(w, -REFUSED_SKIP_S)
                      >= REFUSED_SKIP_S), key=lambda w: counts.get(w, 0))
     return places, len(places) < len(listed)
+
+
+def idle_pick(held: Sequence[int], idle: Sequence[int], turn: int) -> tuple[int, int]:
+    """Whose idle connection a pool's next request takes, and the next `turn`: of the
+    workers (by index) with an idle connection, the fewest requests in flight (`held`
+    connections minus `idle`), ties to the first from `turn` on, wrapping; the next turn
+    is the one after the worker taken (with two: a tie goes to the one not taken last,
+    so forced picks and ties alternate and neither worker is favoured)."""
+    count = len(idle)
+    best, best_busy = -1, 0
+    for step in range(count):
+        index = (turn + step) % count
+        free = idle[index]
+        if free and (best < 0 or held[index] - free < best_busy):
+            best, best_busy = index, held[index] - free
+    if best < 0:
+        raise IndexError("no idle connection")
+    return best, (best + 1) % count
 
 log = logging.getLogger(__name__)
 
@@ -493,18 +513,20 @@ def _retire(conn: _Conn) -> None:
 
 class _SpreadIdle:
     """The idle connections of a pool with worker addresses: a LIFO per worker, taken
-    from the one holding the most (the worker with the fewest of our requests in flight, as
-    each holds as many of our connections), ties taken in turn. One LIFO for all split the
-    requests unevenly however evenly the connections were (the connection answered first is
-    taken first, and its worker gets the next request too: agent CPU 0.70/0.30 measured),
-    and ties to the first socket 0.56/0.44 (a pipelining pool has few connections busy, so
-    the counts are mostly equal)."""
+    from the one with the fewest of the pool's requests in flight (`idle_pick`; `held` is
+    the pool's count of its connections per worker). One LIFO for all split the requests
+    unevenly however evenly the connections were (the connection answered first is taken
+    first, and its worker gets the next request too: agent CPU 0.70/0.30 measured); the
+    worker with the most idle ones is the fewest in flight only when each holds as many
+    connections (a pool's odd one is on worker 0: API 0.57-0.70 of the requests there)."""
 
-    __slots__ = ("_by", "_count", "_queues", "_turn")
+    __slots__ = ("_by", "_count", "_held", "_queues", "_turn", "_workers")
 
-    def __init__(self) -> None:
+    def __init__(self, held: dict[Worker, int]) -> None:
+        self._held = held
         self._by: dict[Worker | None, deque[_Conn]] = {}
         self._queues: list[deque[_Conn]] = []  # the same deques, for the turn
+        self._workers: list[Worker | None] = []  # each queue's worker
         self._count = 0
         self._turn = 0
 
@@ -516,23 +538,22 @@ class _SpreadIdle:
         if idle is None:
             idle = self._by[conn.worker] = deque()
             self._queues.append(idle)
+            self._workers.append(conn.worker)
         idle.append(conn)
         self._count += 1
 
     def pop(self) -> _Conn:
         if not self._count:
             raise IndexError("pop from an empty idle list")
-        queues = self._queues
-        count = len(queues)
-        first = self._turn % count
-        self._turn = first + 1
-        most = queues[first]
-        for step in range(1, count):
-            idle = queues[(first + step) % count]
-            if len(idle) > len(most):
-                most = idle
+        held = self._held
+        idle = [len(queue) for queue in self._queues]
+        # The shared address (None) is not counted in `held`: nothing in flight is assumed
+        # (its connections are off their place and retire within RETIRE_S).
+        index, self._turn = idle_pick(
+            [idle[i] if w is None else held.get(w, 0) for i, w in enumerate(self._workers)],
+            idle, self._turn)
         self._count -= 1
-        return most.pop()
+        return self._queues[index].pop()
 
 
 class _RawConn(_Conn):
@@ -588,7 +609,7 @@ class UpstreamPool:
         # raw_only: answers are relayed verbatim; skip parsing headers and body into objects.
         self._conn_class = _RawConn if raw_only else _Conn
         self._idle: deque[_Conn] | _SpreadIdle = (
-            deque() if self._workers is None else _SpreadIdle())
+            deque() if self._workers is None else _SpreadIdle(self._spread))
         self._free = size  # connection slots not in use
         # Who waits for a slot, in order: request() futures, or send() calls (queued time,
         # arguments) that are started right from _release without a Task.
