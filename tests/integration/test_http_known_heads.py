@@ -75,8 +75,7 @@ class _Server:
 @pytest.fixture(autouse=True)
 def _fresh_memo(monkeypatch) -> None:
     monkeypatch.setattr(server_mod, "_tables", {})
-    monkeypatch.setattr(server_mod, "_credit", server_mod._CREDIT_MAX)
-    monkeypatch.setattr(server_mod, "_unsearched", 0)
+    monkeypatch.setattr(server_mod, "_search", server_mod._Credit(server_mod._PROBE))
 
 
 def _get(path: str, rid: bytes | None, extra: bytes = b"", *, last: bool = False) -> bytes:
@@ -129,9 +128,7 @@ async def test_a_head_is_kept_the_second_time_it_comes() -> None:
 async def test_while_searched_reads_find_no_kept_head_most_reads_are_not_searched(
     monkeypatch,
 ) -> None:
-    monkeypatch.setattr(server_mod, "_CREDIT_MAX", 3)
-    monkeypatch.setattr(server_mod, "_credit", 3)
-    monkeypatch.setattr(server_mod, "_PROBE", 4)
+    monkeypatch.setattr(server_mod, "_search", server_mod._Credit(4, most=3))
     k = [_get("/k", b"k%d" % i) for i in range(8)]
     stream = k[:2] + [_get(f"/new/{i}", b"n") for i in range(5)] + k[2:] + [END]
     async with _Server(Limits(known_heads=True)) as on, _Server(Limits()) as off:
@@ -142,7 +139,7 @@ async def test_while_searched_reads_find_no_kept_head_most_reads_are_not_searche
     # 4-6 and 8-10 go straight to the parser, 7 and 11 are probes; 11 finds /k kept, and
     # from there every read is searched while they find it.
     assert kept == [False, False, False, False, False, True, True, True]
-    assert server_mod._credit == 2  # 11-13 found it (up to the cap of 3), END did not
+    assert server_mod._search.credit == 2  # 11-13 found it (up to the cap of 3), END did not
 
 
 # Each stream is sent to a server with known heads three times (a head is kept the second
@@ -447,10 +444,10 @@ async def test_while_exact_looks_find_nothing_most_reads_skip_them(
 ) -> None:
     # Many callers (each head back after thousands of others): the exact look is skipped
     # but one read in _EXACT_PROBE, and comes back once a probe finds a caller again.
-    monkeypatch.setattr(server_mod, "_CREDIT_MAX", 2)
-    monkeypatch.setattr(server_mod, "_credit", 2)
+    monkeypatch.setattr(server_mod, "_CREDIT_MAX", 2)  # the table's credit (made below)
     monkeypatch.setattr(server_mod, "_EXACT_PROBE", 3)
-    monkeypatch.setattr(server_mod, "_PROBE", 1)  # every read searched: this test's look
+    # every read searched: this test's look
+    monkeypatch.setattr(server_mod, "_search", server_mod._Credit(1, most=2))
     calls = _counting_cut(monkeypatch)
     a = [_vm(b"/a", b"10.0.0.1", b"r", rid=b"a%d" % i) for i in range(9)]
     b = [_vm(b"/a", b"10.1.0.%d" % i, b"r") for i in range(3)]
@@ -465,7 +462,7 @@ async def test_while_exact_looks_find_nothing_most_reads_skip_them(
     # skip, 11 probes and finds the first caller (credit 1), 12 finds it too (credit 2),
     # END misses (credit 1). Only 11 and 12 are made without the shape cut.
     assert calls[0] == len(stream) - 2
-    assert table.exact_credit == 1
+    assert table.exact_credit.credit == 1
     assert set(table.exact) == {
         server_mod._cut(h, 0, len(h), ())[0]  # type: ignore[index]
         for h in (a[4], b[2])}

@@ -23,7 +23,7 @@ Caller = tuple[str, str | None, str | None]  # (X-Forwarded-For, router, network
 @pytest.fixture(autouse=True)
 def _fresh_heads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(server_mod, "_tables", {})
-    monkeypatch.setattr(server_mod, "_credit", server_mod._CREDIT_MAX)
+    monkeypatch.setattr(server_mod, "_search", server_mod._Credit(server_mod._PROBE))
 
 
 def head(ip: str, router: str | None, network: str | None, rid: str, path: str = "/a",

@@ -393,8 +393,7 @@ class _Table:
     between sets: a key made by one set's cuts may be another head's bytes under another
     (a head whose X-Forwarded-For is empty, where one set cuts the value)."""
 
-    __slots__ = ("exact", "exact_credit", "exact_unsearched", "known", "lines", "names",
-                 "seen")
+    __slots__ = ("exact", "exact_credit", "known", "lines", "names", "seen")
 
     def __init__(self, identity_lines: tuple[bytes, ...]) -> None:
         # each line's start as written, and its name as parsed
@@ -414,11 +413,10 @@ class _Table:
         # Exact: the key holds the identity lines as they came, and the ID's value, which
         # holds no CR or LF, cannot hide or make one (`_cut`). Filled only from a kept head.
         self.exact: dict[bytes, _Exact] = {}
-        # As `_credit`, for this first look: with many callers a caller's head comes back
+        # As `_search`, for this first look: with many callers a caller's head comes back
         # after thousands of others (10,000 VMs), and the look and its entry only cost
         # (in-process ~2 us a head); at 0 only one read in _EXACT_PROBE looks (and fills).
-        self.exact_credit = _CREDIT_MAX
-        self.exact_unsearched = 0
+        self.exact_credit = _Credit(_EXACT_PROBE)
 
 
 _tables: dict[tuple[bytes, ...], _Table] = {}
@@ -429,6 +427,11 @@ def _table_for(identity_lines: tuple[bytes, ...]) -> _Table:
     if table is None:
         table = _tables[identity_lines] = _Table(identity_lines)
     return table
+
+
+def _head(data: bytes, start: int, end: int) -> bytes:
+    """`data[start:end]`, without a copy when that is all of it (one request per read)."""
+    return data if start == 0 and end == len(data) else data[start:end]
 
 
 def _value(data: bytes, vs: int, end: int) -> bytes | None:
@@ -471,7 +474,7 @@ def _cut(
             cuts.append((vs, vs + len(value), name, value))
             cut_len += len(value)
     if not cuts:
-        return (data if start == 0 and end == len(data) else data[start:end]), cuts, 0
+        return _head(data, start, end), cuts, 0
     if len(cuts) > 1:
         cuts.sort()
     parts = []
@@ -483,18 +486,62 @@ def _cut(
     return b"".join(parts), cuts, cut_len
 
 
+def _exact_key(data: bytes, start: int, end: int) -> tuple[bytes, bytes | None] | None:
+    """The exact look's key (`_Table.exact`): the head `data[start:end]` less the value of
+    its last ID line, and that value (None: no ID line); None if the value may not be cut
+    (the head is parsed)."""
+    at = data.rfind(_ID_LINE, start, end)
+    if at < 0:
+        return _head(data, start, end), None
+    vs = at + len(_ID_LINE)
+    rid = _value(data, vs, end)
+    if rid is None:
+        return None
+    return data[start:vs] + data[vs + len(rid):end], rid
+
+
 # The search pays only while most searched reads use a kept head (a hit saves ~1.5 us of
 # parse, a search that finds nothing costs ~1.4): a storm of new VMs, or more heads than are
-# kept, would pay it on every read. `_credit` (process-wide) rises with a read that used
-# one, falls with one that did not; at 0 only one read in _PROBE is searched (and its heads
-# seen or kept), the others go straight to the parser.
+# kept, would pay it on every read. Its credit rises with a read that used one, falls with
+# one that did not; at 0 only one read in `probe` is searched (and its heads seen or kept),
+# the others go straight to the parser.
 _CREDIT_MAX = 64
 _PROBE = 16
-_credit = _CREDIT_MAX
-_unsearched = 0  # reads since the last probe, while _credit is 0
 # The same for `_Table.exact` (its credit is the table's): a probe that misses costs its
 # look and the entry it fills (~2.5 us in-process), 1 in 16 was still ~5 % of a head's cost.
 _EXACT_PROBE = 64
+
+
+class _Credit:
+    """Whether a look pays (`_search`, `_Table.exact_credit`): `credit` rises with a read
+    the look served, falls with one it did not; at 0 only one read in `probe` looks."""
+
+    __slots__ = ("credit", "most", "probe", "unsearched")
+
+    def __init__(self, probe: int, most: int | None = None) -> None:
+        self.most = _CREDIT_MAX if most is None else most
+        self.credit = self.most
+        self.probe = probe
+        self.unsearched = 0  # reads since the last probe, while credit is 0
+
+    def due(self) -> bool:
+        """At credit 0: whether this read is the one in `probe` that looks."""
+        self.unsearched += 1
+        if self.unsearched >= self.probe:
+            self.unsearched = 0
+            return True
+        return False
+
+    def tally(self, served: bool) -> None:
+        """A read that looked: did the look serve it?"""
+        if served:
+            if self.credit < self.most:
+                self.credit += 1
+        elif self.credit:
+            self.credit -= 1
+
+
+_search = _Credit(_PROBE)  # process-wide: every known-heads server's reads
 
 
 class _Dropped(list[tuple[bytes, bytes]]):
@@ -672,17 +719,10 @@ class HttpProtocol(asyncio.Protocol):
                 self._write_out(out)
 
     def _receive(self, data: bytes) -> None:
-        global _unsearched
         try:
             if (self._known_heads and not self._in_request and self._last_keep_alive
-                    and self._failure is None):
-                if _credit:
-                    data = self._take_known(data)
-                elif _unsearched + 1 >= _PROBE:
-                    _unsearched = 0
-                    data = self._take_known(data)
-                else:
-                    _unsearched += 1
+                    and self._failure is None and (_search.credit or _search.due())):
+                data = self._take_known(data)
             if data:
                 self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -712,19 +752,14 @@ class HttpProtocol(asyncio.Protocol):
         """Queue the requests at the start of `data` whose heads are known, parse (and learn)
         the others one head at a time; return what is left for the parser (from the first
         incomplete head, or a request that is not complete at its head's end)."""
-        global _credit
         table = self._known_heads
         assert table is not None
         known_heads = table.known
         exact_heads = table.exact
         lines = table.lines
         used = False
-        exact_on = table.exact_credit > 0
-        if not exact_on:
-            table.exact_unsearched += 1
-            if table.exact_unsearched >= _EXACT_PROBE:
-                table.exact_unsearched = 0
-                exact_on = True
+        exact_credit = table.exact_credit
+        exact_on = bool(exact_credit.credit) or exact_credit.due()
         exact_used = False
         start = 0
         size = len(data)
@@ -738,16 +773,10 @@ class HttpProtocol(asyncio.Protocol):
             # heads again, as a keep-alive connection sends them.
             exact = None
             if exact_on:
-                at = data.rfind(_ID_LINE, start, end)
-                if at < 0:
-                    rid = None
-                    exact_key = data if start == 0 and end == size else data[start:end]
-                else:
-                    vs = at + len(_ID_LINE)
-                    rid = _value(data, vs, end)
-                    if rid is None:
-                        break  # an ID a kept head cannot take back: parsed
-                    exact_key = data[start:vs] + data[vs + len(rid):end]
+                looked = _exact_key(data, start, end)
+                if looked is None:
+                    break  # an ID a kept head cannot take back: parsed
+                exact_key, rid = looked
                 exact = exact_heads.get(exact_key)
             if exact is not None:
                 exact_used = True
@@ -764,7 +793,7 @@ class HttpProtocol(asyncio.Protocol):
                 key, cuts, cut_len = got
                 known = known_heads.get(key)
                 if known is None:
-                    head = data if start == 0 and end == size else data[start:end]
+                    head = _head(data, start, end)
                     seen = table.seen
                     again = key in seen
                     if not again:
@@ -825,16 +854,9 @@ class HttpProtocol(asyncio.Protocol):
                 self._transport.pause_reading()
                 self._paused = True
             start = end
-        if used:
-            if _credit < _CREDIT_MAX:
-                _credit += 1
-        elif _credit:
-            _credit -= 1
-        if exact_used:
-            if table.exact_credit < _CREDIT_MAX:
-                table.exact_credit += 1
-        elif exact_on and table.exact_credit:
-            table.exact_credit -= 1
+        _search.tally(used)
+        if exact_on:
+            exact_credit.tally(exact_used)
         return data[start:] if start else data
 
     def _learn(self, table: _Table, key: bytes, req: Request, head: bytes, cuts: list[_Cut],
