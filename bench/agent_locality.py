@@ -184,8 +184,8 @@ async def run(args: argparse.Namespace) -> dict[str, list[float]]:
             got[name].append((time.process_time() - t) / args.requests * 1e6)
     from openimds.http import server
     for table in server._tables.values():
-        print(f"known heads: {len(table.known)} shapes, {len(table.exact)} exact, "
-              f"exact credit {table.exact_credit.credit}")
+        old = getattr(table, "exact_old", {})
+        print(f"known heads: {len(table.known)} shapes, {len(table.exact)} + {len(old)} exact")
     assert agent.resolver.stats.hits - hits0 >= args.rounds * len(sets) * args.requests
     if args.profile:
         for name, reqs in sets.items():

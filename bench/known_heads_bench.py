@@ -10,7 +10,8 @@ interleaved), on heads as the proxy writes them:
         --baseline /tmp/base-8f3faee
 
 Each DIR holds a `src` (git archive COMMIT src | tar -x -C DIR). Prints us per request
-(median over rounds) and the ratio this tree / each baseline.
+(median over rounds; process CPU time, so that other processes on the machine count less)
+and the ratio this tree / each baseline.
 """
 
 from __future__ import annotations
@@ -76,14 +77,14 @@ def child(scenario: str, n: int) -> None:
             queue.clear()
     total = len(reqs)
     i = 0
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     for _ in range(n):
         take(reqs[i])
         queue.clear()
         i += 1
         if i == total:
             i = 0
-    dt = time.perf_counter() - t0
+    dt = time.process_time() - t0
     print(json.dumps({"us": dt / n * 1e6}))
 
 

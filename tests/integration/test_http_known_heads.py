@@ -439,34 +439,68 @@ async def test_an_exact_key_is_refused_by_smaller_limits_with_its_identity_count
             assert await _exchange(srv.port, stream) == await _exchange(off.port, stream)
 
 
-async def test_while_exact_looks_find_nothing_most_reads_skip_them(
+def _exact_of(head: bytes) -> bytes:
+    """`head`'s exact key: its bytes less its ID's value."""
+    got = server_mod._cut(head, 0, len(head), ())
+    assert got is not None
+    return got[0]
+
+
+async def test_an_exact_entry_is_made_the_second_time_its_key_comes_while_fills_pay(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Many callers (each head back after thousands of others): the exact look is skipped
-    # but one read in _EXACT_PROBE, and comes back once a probe finds a caller again.
+    # Many callers whose heads do not come back (a storm, more than two generations hold):
+    # fills run their credit out, then only one in _EXACT_PROBE is made, until the look
+    # finds one again.
     monkeypatch.setattr(server_mod, "_CREDIT_MAX", 2)  # the table's credit (made below)
     monkeypatch.setattr(server_mod, "_EXACT_PROBE", 3)
-    # every read searched: this test's look
     monkeypatch.setattr(server_mod, "_search", server_mod._Credit(1, most=2))
     calls = _counting_cut(monkeypatch)
-    a = [_vm(b"/a", b"10.0.0.1", b"r", rid=b"a%d" % i) for i in range(9)]
-    b = [_vm(b"/a", b"10.1.0.%d" % i, b"r") for i in range(3)]
-    stream = a[:5] + b + a[5:] + [END]
+    learn = [_vm(b"/a", b"10.9.0.%d" % i, b"r") for i in range(2)]  # seen, then kept
+    c = [[_vm(b"/a", b"10.1.0.%d" % i, b"r", rid=b"c%d-%d" % (i, k)) for k in range(3)]
+         for i in range(6)]
+    stream = learn + [c[i][k] for i in range(6) for k in range(2)] + [c[0][2], c[5][2], END]
     async with (_Server(Limits(known_heads=True, identity_lines=LINES)) as on,
                 _Server(Limits()) as off):
         got = await _exchange(on.port, stream)  # one read each
         assert got == await _exchange(off.port, stream)
     table = server_mod._tables[LINES]
-    # Reads: 1 (seen) and 2 (kept) miss the exact look: credit 0. 3-4 skip it, 5 probes
-    # (misses, fills the first caller's), 6-7 skip, 8 probes (fills 10.1.0.2's), 9-10
-    # skip, 11 probes and finds the first caller (credit 1), 12 finds it too (credit 2),
-    # END misses (credit 1). Only 11 and 12 are made without the shape cut.
-    assert calls[0] == len(stream) - 2
-    assert table.exact_credit.credit == 1
-    assert set(table.exact) == {
-        server_mod._cut(h, 0, len(h), ())[0]  # type: ignore[index]
-        for h in (a[4], b[2])}
+    # Each caller's first head only marks its key. Second heads: c0's and c1's are filled
+    # (credit 2 -> 0), c2's and c3's are not, c4's is (the probe), c5's is not. c0's third
+    # is found (credit 1), so c5's third is filled. Every head but that one was cut.
+    assert calls[0] == len(stream) - 1
+    assert set(table.exact) == {_exact_of(c[i][0]) for i in (0, 1, 4, 5)}
+    assert table.exact_credit.credit == 0
     _check_identity(on.recorder.requests)
-    assert [r.identity for r in on.recorder.requests[10:12]] == [
-        ((b"x-forwarded-for", b"10.0.0.1"), (b"x-neutron-router-id", b"r"))] * 2
-    assert [r.request_id for r in on.recorder.requests[10:12]] == [b"a7", b"a8"]
+    found = on.recorder.requests[len(learn) + 12]
+    assert found.identity == ((b"x-forwarded-for", b"10.1.0.0"), (b"x-neutron-router-id", b"r"))
+    assert found.request_id == b"c0-2"
+
+
+async def test_exact_entries_are_kept_in_two_generations(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A full young generation becomes the old one; a key found there comes back young; the
+    # old one is dropped whole at the next turn.
+    monkeypatch.setattr(server_mod, "_EXACT_MAX", 2)
+    calls = _counting_cut(monkeypatch)
+    k = [[_vm(b"/a", b"10.2.0.%d" % i, b"r", rid=b"k%d-%d" % (i, n)) for n in range(3)]
+         for i in range(4)]
+    warm = [_vm(b"/a", b"10.9.0.%d" % i, b"r") for i in range(2)] + [
+        k[i][n] for n in range(2) for i in range(3)] + [END]  # k0, k1, k2 filled in turn
+    async with (_Server(Limits(known_heads=True, identity_lines=LINES)) as on,
+                _Server(Limits()) as off):
+        assert await _exchange(on.port, warm) == await _exchange(off.port, warm)
+        table = server_mod._tables[LINES]
+        assert set(table.exact) == {_exact_of(k[2][0])}
+        assert set(table.exact_old) == {_exact_of(k[i][0]) for i in (0, 1)}
+        calls[0] = 0
+        stream = [k[0][2], k[3][0], k[3][1], k[1][2], END]
+        assert await _exchange(on.port, stream) == await _exchange(off.port, stream)
+        # k0 found in the old generation, made young (no cut); k3 filled, which turned the
+        # young {k2, k0} old and dropped {k1}: k1 is cut again (and filled: seen before)
+        assert calls[0] == 4
+        assert set(table.exact) == {_exact_of(k[i][0]) for i in (3, 1)}
+        assert set(table.exact_old) == {_exact_of(k[i][0]) for i in (2, 0)}
+        assert on.recorder.requests[-5].request_id == b"k0-2"
+        _check_identity(on.recorder.requests)

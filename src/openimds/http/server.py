@@ -393,7 +393,8 @@ class _Table:
     between sets: a key made by one set's cuts may be another head's bytes under another
     (a head whose X-Forwarded-For is empty, where one set cuts the value)."""
 
-    __slots__ = ("exact", "exact_credit", "known", "lines", "names", "seen")
+    __slots__ = ("exact", "exact_credit", "exact_marked", "exact_marks", "exact_old", "known",
+                 "lines", "names", "seen")
 
     def __init__(self, identity_lines: tuple[bytes, ...]) -> None:
         # each line's start as written, and its name as parsed
@@ -411,12 +412,45 @@ class _Table:
         # keep-alive connection repeats its caller's heads, and this key is one rfind and
         # two slices where the shape's cuts every identity line too (~0.8 against ~2.2 us).
         # Exact: the key holds the identity lines as they came, and the ID's value, which
-        # holds no CR or LF, cannot hide or make one (`_cut`). Filled only from a kept head.
+        # holds no CR or LF, cannot hide or make one (`_cut`). Filled only from a kept head,
+        # the second time its key comes (`exact_marks`). Two generations of at most
+        # _EXACT_MAX each (`exact`, the young one, and `exact_old`): a key back within
+        # _EXACT_MAX others stays, so 10,000 callers' repeated heads are all found (a table
+        # cleared at 4,096 found none of them, and every such head was cut).
         self.exact: dict[bytes, _Exact] = {}
-        # As `_search`, for this first look: with many callers a caller's head comes back
-        # after thousands of others (10,000 VMs), and the look and its entry only cost
-        # (in-process ~2 us a head); at 0 only one read in _EXACT_PROBE looks (and fills).
+        self.exact_old: dict[bytes, _Exact] = {}
+        # Exact keys seen once, by hash: one bit each (a collision only fills an entry a
+        # time early), cleared once _EXACT_MARKS_MAX are set. Most heads of a boot storm
+        # come once: an entry for each would cost its making (~1.5 us) and its memory.
+        self.exact_marks = bytearray(_EXACT_MARK_BITS >> 3)
+        self.exact_marked = 0
+        # As `_search`, for the fills: a fill pays only if its key is found again before it
+        # is dropped (more callers' heads in turn than two generations hold: never). Rises
+        # with a read the exact look served, falls with a fill; at 0 only one fill in
+        # _EXACT_PROBE is made.
         self.exact_credit = _Credit(_EXACT_PROBE)
+
+    def keep_exact(self, key: bytes, entry: _Exact) -> None:
+        """`entry` for `key` in the young generation (the young one made old when full)."""
+        young = self.exact
+        if len(young) >= _EXACT_MAX and key not in young:
+            self.exact_old = young
+            self.exact = young = {}
+        young[key] = entry
+
+    def seen_before(self, key: bytes) -> bool:
+        """Whether `key` was marked (`exact_marks`); marks it if not."""
+        h = hash(key) & (_EXACT_MARK_BITS - 1)
+        marks = self.exact_marks
+        bit = 1 << (h & 7)
+        if marks[h >> 3] & bit:
+            return True
+        marks[h >> 3] |= bit
+        self.exact_marked += 1
+        if self.exact_marked >= _EXACT_MARKS_MAX:
+            self.exact_marks = bytearray(_EXACT_MARK_BITS >> 3)
+            self.exact_marked = 0
+        return False
 
 
 _tables: dict[tuple[bytes, ...], _Table] = {}
@@ -507,9 +541,11 @@ def _exact_key(data: bytes, start: int, end: int) -> tuple[bytes, bytes | None] 
 # the others go straight to the parser.
 _CREDIT_MAX = 64
 _PROBE = 16
-# The same for `_Table.exact` (its credit is the table's): a probe that misses costs its
-# look and the entry it fills (~2.5 us in-process), 1 in 16 was still ~5 % of a head's cost.
+# The same for `_Table.exact`'s fills (its credit is the table's).
 _EXACT_PROBE = 64
+_EXACT_MAX = 16384  # exact heads per generation (two are kept)
+_EXACT_MARK_BITS = 1 << 20  # 128 KiB of marks
+_EXACT_MARKS_MAX = _EXACT_MARK_BITS // 4  # cleared when a quarter is set
 
 
 class _Credit:
@@ -758,8 +794,6 @@ class HttpProtocol(asyncio.Protocol):
         exact_heads = table.exact
         lines = table.lines
         used = False
-        exact_credit = table.exact_credit
-        exact_on = bool(exact_credit.credit) or exact_credit.due()
         exact_used = False
         start = 0
         size = len(data)
@@ -771,13 +805,16 @@ class HttpProtocol(asyncio.Protocol):
             end += 4
             # First the head less its ID's value alone (`_Table.exact`): the same caller's
             # heads again, as a keep-alive connection sends them.
-            exact = None
-            if exact_on:
-                looked = _exact_key(data, start, end)
-                if looked is None:
-                    break  # an ID a kept head cannot take back: parsed
-                exact_key, rid = looked
-                exact = exact_heads.get(exact_key)
+            looked = _exact_key(data, start, end)
+            if looked is None:
+                break  # an ID a kept head cannot take back: parsed
+            exact_key, rid = looked
+            exact = exact_heads.get(exact_key)
+            if exact is None and table.exact_old:
+                exact = table.exact_old.pop(exact_key, None)
+                if exact is not None:  # back in the young generation
+                    table.keep_exact(exact_key, exact)
+                    exact_heads = table.exact
             if exact is not None:
                 exact_used = True
                 kept = exact.known
@@ -826,12 +863,14 @@ class HttpProtocol(asyncio.Protocol):
                     else:
                         identity.append(item)
                 ident = tuple(identity) if lines else None
-                if exact_on:
-                    if len(exact_heads) >= _KNOWN_MAX:
-                        exact_heads.clear()
-                    exact_heads[exact_key] = _Exact(
-                        known, list(headers), id_at, ident,
-                        cut_len - (len(rid) if rid is not None else 0))
+                if table.seen_before(exact_key):
+                    credit = table.exact_credit
+                    if credit.credit or credit.due():
+                        credit.tally(False)
+                        table.keep_exact(exact_key, _Exact(
+                            known, list(headers), id_at, ident,
+                            cut_len - (len(rid) if rid is not None else 0)))
+                        exact_heads = table.exact
             if base > self._max_header_bytes or kept.n_headers > self._limits.max_headers:
                 break  # this server's limits are not the ones it was kept under
             req = Request.__new__(Request)
@@ -855,8 +894,8 @@ class HttpProtocol(asyncio.Protocol):
                 self._paused = True
             start = end
         _search.tally(used)
-        if exact_on:
-            exact_credit.tally(exact_used)
+        if exact_used:
+            table.exact_credit.tally(True)
         return data[start:] if start else data
 
     def _learn(self, table: _Table, key: bytes, req: Request, head: bytes, cuts: list[_Cut],
