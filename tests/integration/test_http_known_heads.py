@@ -449,32 +449,40 @@ def _exact_of(head: bytes) -> bytes:
 async def test_an_exact_entry_is_made_the_second_time_its_key_comes_while_fills_pay(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Many callers whose heads do not come back (a storm, more than two generations hold):
-    # fills run their credit out, then only one in _EXACT_PROBE is made, until the look
-    # finds one again.
-    monkeypatch.setattr(server_mod, "_CREDIT_MAX", 2)  # the table's credit (made below)
+    # More callers' heads in turn than two generations hold: the young one turns old with
+    # no read served by the look since the last turn, and from then on only one fill in
+    # _EXACT_PROBE is made, until a turn finds the look served enough reads again.
+    monkeypatch.setattr(server_mod, "_EXACT_MAX", 4)  # fills pay at 4 // 4 = 1 read served
     monkeypatch.setattr(server_mod, "_EXACT_PROBE", 3)
-    monkeypatch.setattr(server_mod, "_search", server_mod._Credit(1, most=2))
+    monkeypatch.setattr(server_mod, "_search", server_mod._Credit(1))
     calls = _counting_cut(monkeypatch)
     learn = [_vm(b"/a", b"10.9.0.%d" % i, b"r") for i in range(2)]  # seen, then kept
     c = [[_vm(b"/a", b"10.1.0.%d" % i, b"r", rid=b"c%d-%d" % (i, k)) for k in range(3)]
-         for i in range(6)]
-    stream = learn + [c[i][k] for i in range(6) for k in range(2)] + [c[0][2], c[5][2], END]
+         for i in range(8)]
+    stream = learn + [c[i][k] for i in range(8) for k in range(2)] + [c[0][2], END]
     async with (_Server(Limits(known_heads=True, identity_lines=LINES)) as on,
                 _Server(Limits()) as off):
         got = await _exchange(on.port, stream)  # one read each
         assert got == await _exchange(off.port, stream)
     table = server_mod._tables[LINES]
-    # Each caller's first head only marks its key. Second heads: c0's and c1's are filled
-    # (credit 2 -> 0), c2's and c3's are not, c4's is (the probe), c5's is not. c0's third
-    # is found (credit 1), so c5's third is filled. Every head but that one was cut.
+    # Each caller's first head only marks its key; second heads fill c0-c3, and c4's turns
+    # the young generation old (no read served: fills stop) before it goes in; of c5-c7
+    # only c7's is made (the probe). c0's third is found in the old one, made young.
     assert calls[0] == len(stream) - 1
-    assert set(table.exact) == {_exact_of(c[i][0]) for i in (0, 1, 4, 5)}
-    assert table.exact_credit.credit == 0
+    assert set(table.exact_old) == {_exact_of(c[i][0]) for i in (1, 2, 3)}
+    assert set(table.exact) == {_exact_of(c[i][0]) for i in (4, 7, 0)}
+    assert table.exact_credit.credit == 0 and table.exact_hits == 1
     _check_identity(on.recorder.requests)
-    found = on.recorder.requests[len(learn) + 12]
+    found = on.recorder.requests[len(learn) + 16]
     assert found.identity == ((b"x-forwarded-for", b"10.1.0.0"), (b"x-neutron-router-id", b"r"))
     assert found.request_id == b"c0-2"
+    assert found.memo is table.exact[_exact_of(c[0][0])]
+    # the next turn finds one read served since the last: fills pay again
+    entry = table.exact[_exact_of(c[0][0])]
+    table.keep_exact(b"fourth", entry)
+    table.keep_exact(b"fifth", entry)
+    assert table.exact_credit.credit == 1 and table.exact_hits == 0
+    assert set(table.exact) == {b"fifth"}
 
 
 async def test_exact_entries_are_kept_in_two_generations(

@@ -94,7 +94,9 @@ async def test_vms_sharing_a_kept_head_each_get_their_own_identity_and_answer(
     on, _, reg, api = served
     for ip, router, network in CALLERS:
         reg.add(router or network or "", ip, f"inst-{ip}", f"proj-{ip}")
-    for n in range(4):  # seen, kept, then made from the kept head for every VM
+    # seen, kept (the shape), marked, made an exact entry, then made from that entry with
+    # the caller and path its slot keeps (`Request.memo`)
+    for n in range(6):
         order = CALLERS if n % 2 else CALLERS[::-1]
         stream = b"".join(head(ip, r, nw, rid=f"{n}-{k}") for k, (ip, r, nw) in enumerate(order))
         del api.seen[:]
@@ -111,6 +113,14 @@ async def test_vms_sharing_a_kept_head_each_get_their_own_identity_and_answer(
     assert len(server_mod._tables[IDENTITY_LINES].known) == 2
     assert len(on.agent._hits) == 2
     assert len(on.agent._sources) == len(CALLERS)
+    # each VM's exact entry keeps its own caller: the one its identity lines name
+    exact = server_mod._tables[IDENTITY_LINES].exact.values()
+    assert len(exact) == len(CALLERS)
+    for entry in exact:
+        src, path = entry.value
+        assert entry.identity is not None
+        assert dict(entry.identity)[b"x-forwarded-for"] == src.caller.ip.encode()
+        assert path is on.agent._hits.get(entry.known.key)
 
 
 # Heads the proxy never sends (it drops every VM-sent identity header): whatever the agent

@@ -65,6 +65,7 @@ __all__ = [
     "Abandonable",
     "Deferred",
     "Handler",
+    "HeadMemo",
     "Limits",
     "RawResponse",
     "Request",
@@ -128,8 +129,8 @@ class Limits:
 class Request:
     """One parsed request. Header names are lower-cased bytes; values are raw bytes."""
 
-    __slots__ = ("body", "headers", "identity", "keep_alive", "method", "path", "peer",
-                 "query", "request_id", "shape", "target", "version")
+    __slots__ = ("body", "headers", "identity", "keep_alive", "memo", "method", "path",
+                 "peer", "query", "request_id", "shape", "target", "version")
 
     def __init__(
         self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes,
@@ -152,6 +153,9 @@ class Request:
         self.shape: bytes | None = None
         self.request_id: bytes | None = None
         self.identity: tuple[tuple[bytes, bytes], ...] | None = None
+        # Set only for a head found by its exact bytes less the ID's value (or made an exact
+        # entry now): the handler's slot on that entry (`HeadMemo`).
+        self.memo: HeadMemo | None = None
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a header (name in lower case), or None."""
@@ -372,7 +376,18 @@ class _Known:
         self.cut_at = cut_at  # per cut value, in head order: its index in `headers`
 
 
-class _Exact:
+class HeadMemo:
+    """The handler's own slot on one exact known head (`Request.memo`): what it made of the
+    head's caller and shape, kept as long as the entry is. Every request carrying it has the
+    same bytes less its ID's value, so the same identity and the same shape."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: Any = None
+
+
+class _Exact(HeadMemo):
     """A kept head as it last came less only its request ID's value (`_Table.exact`): its
     parse with the identity lines' values put back, ready for the next copy but its ID."""
 
@@ -380,6 +395,7 @@ class _Exact:
 
     def __init__(self, known: _Known, headers: list[tuple[bytes, bytes]], id_at: int,
                  identity: tuple[tuple[bytes, bytes], ...] | None, identity_len: int) -> None:
+        HeadMemo.__init__(self)
         self.known = known  # method, target, ... and the shape (`Request.shape`)
         self.headers = headers
         self.n_headers = known.n_headers
@@ -393,8 +409,8 @@ class _Table:
     between sets: a key made by one set's cuts may be another head's bytes under another
     (a head whose X-Forwarded-For is empty, where one set cuts the value)."""
 
-    __slots__ = ("exact", "exact_credit", "exact_marked", "exact_marks", "exact_old", "known",
-                 "lines", "names", "seen")
+    __slots__ = ("exact", "exact_credit", "exact_hits", "exact_marked", "exact_marks",
+                 "exact_old", "known", "lines", "names", "seen")
 
     def __init__(self, identity_lines: tuple[bytes, ...]) -> None:
         # each line's start as written, and its name as parsed
@@ -424,11 +440,12 @@ class _Table:
         # come once: an entry for each would cost its making (~1.5 us) and its memory.
         self.exact_marks = bytearray(_EXACT_MARK_BITS >> 3)
         self.exact_marked = 0
-        # As `_search`, for the fills: a fill pays only if its key is found again before it
-        # is dropped (more callers' heads in turn than two generations hold: never). Rises
-        # with a read the exact look served, falls with a fill; at 0 only one fill in
-        # _EXACT_PROBE is made.
-        self.exact_credit = _Credit(_EXACT_PROBE)
+        # Whether fills pay (1) or not (0: only one in _EXACT_PROBE is made), decided each
+        # time the young generation turns old by the reads the look served since the last
+        # turn (`exact_hits`): with more callers' heads in turn than two generations hold, a
+        # head is dropped before it comes back and every fill is lost work (~1.5 us).
+        self.exact_credit = _Credit(_EXACT_PROBE, most=1)
+        self.exact_hits = 0
 
     def keep_exact(self, key: bytes, entry: _Exact) -> None:
         """`entry` for `key` in the young generation (the young one made old when full)."""
@@ -436,6 +453,8 @@ class _Table:
         if len(young) >= _EXACT_MAX and key not in young:
             self.exact_old = young
             self.exact = young = {}
+            self.exact_credit.tally(self.exact_hits >= _EXACT_MAX // 4)
+            self.exact_hits = 0
         young[key] = entry
 
     def seen_before(self, key: bytes) -> bool:
@@ -823,6 +842,7 @@ class HttpProtocol(asyncio.Protocol):
                 if rid is not None:  # the same key has its ID where the kept one had
                     headers[exact.id_at] = (_ID_NAME, rid)
                 ident = exact.identity
+                memo: HeadMemo | None = exact
             else:
                 got = _cut(data, start, end, lines)
                 if got is None:
@@ -863,13 +883,13 @@ class HttpProtocol(asyncio.Protocol):
                     else:
                         identity.append(item)
                 ident = tuple(identity) if lines else None
+                memo = None
                 if table.seen_before(exact_key):
                     credit = table.exact_credit
                     if credit.credit or credit.due():
-                        credit.tally(False)
-                        table.keep_exact(exact_key, _Exact(
-                            known, list(headers), id_at, ident,
-                            cut_len - (len(rid) if rid is not None else 0)))
+                        memo = _Exact(known, list(headers), id_at, ident,
+                                      cut_len - (len(rid) if rid is not None else 0))
+                        table.keep_exact(exact_key, memo)
                         exact_heads = table.exact
             if base > self._max_header_bytes or kept.n_headers > self._limits.max_headers:
                 break  # this server's limits are not the ones it was kept under
@@ -886,6 +906,7 @@ class HttpProtocol(asyncio.Protocol):
             req.shape = kept.key
             req.request_id = rid
             req.identity = ident
+            req.memo = memo
             used = True
             queue.append(req)
             if (len(queue) + len(self._pending) > MAX_PIPELINE and self._transport
@@ -893,9 +914,11 @@ class HttpProtocol(asyncio.Protocol):
                 self._transport.pause_reading()
                 self._paused = True
             start = end
-        _search.tally(used)
+        # (the usual read leaves both credits full: no call)
+        if not used or _search.credit < _search.most:
+            _search.tally(used)
         if exact_used:
-            table.exact_credit.tally(True)
+            table.exact_hits += 1
         return data[start:] if start else data
 
     def _learn(self, table: _Table, key: bytes, req: Request, head: bytes, cuts: list[_Cut],

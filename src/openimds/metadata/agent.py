@@ -621,13 +621,22 @@ class MetadataAgent:
         # requests that parsed are kept (errors never are); the cache still decides the
         # instance below.
         shape = req.shape  # a known head's key (`Limits.known_heads`)
+        # A head found by its exact bytes (less the ID's value) carries the server's slot for
+        # it: its caller and path as made the last time, with no lookup by value (at 10,000
+        # callers the source's key, its values and the memo's slot are cache misses).
+        memo = req.memo
+        made: tuple[_Source, _Path] | None = memo.value if memo is not None else None
         path: _Path | None = None
-        if shape is not None:
+        if made is not None:
+            src, path = made
+        elif shape is not None:
             hits = self._hits
             path = hits.young.get(shape) or hits.promote(shape)
         others: list[tuple[bytes, bytes]] | None = None
         try:
-            if path is not None:
+            if made is not None:
+                rid = req.request_id
+            elif path is not None:
                 identity = req.identity  # None: the server cut no identity lines
                 src = self._source_of(identity if identity is not None else tuple(
                     item for item in req.headers if item[0] in _IDENTITY_NAMES))
@@ -674,6 +683,8 @@ class MetadataAgent:
                 path = self._path(req, others, rid)
                 if shape is not None and path.kept:
                     self._hits.put(shape, path)
+            if memo is not None and made is None and src.kept and path.kept:
+                memo.value = (src, path)  # the same caller and shape on every use
             return self._forward_hit(req, ident, path, rid, t0)
         if held:
             return Abandonable(self._serve(req, caller, t0))
