@@ -142,8 +142,8 @@ async def run(args: argparse.Namespace) -> dict[str, list[float]]:
         c = HttpProtocol(agent.handle, limits, loop)
         c.connection_made(_Client())  # type: ignore[arg-type]
         conns.append(c)
-    # warm: every caller's 4 paths once (a miss each: a lookup), then twice more (kept)
-    for rnd in range(3):
+    # warm, as scale_bench: every caller's 4 paths once (a miss each: a lookup)
+    for rnd in range(1):
         for k, (rid, ip) in enumerate(vms):
             c = conns[k % CONNS]
             for p in PATHS:
