@@ -1,6 +1,7 @@
 """The API's keep-alive hit path in-process, cycling over 100 or over N cached instances.
 
     .venv/bin/python bench/api_locality.py [--instances 10000] [--rounds 3] [--requests 100000]
+                                           [--phases first100,all,copies]
 
 The real `HttpProtocol` and `MetadataApi` (a fake registry, a transport that drops what is
 written), driven by `data_received` with one request at a time: the user-space work per
@@ -9,6 +10,9 @@ instances, `all` over every instance in a scattered order, `copies` over the fir
 requests held as N distinct buffers (what reading the bench's own N request buffers costs).
 Same code path in all three (every request is a cache hit): the difference is where the
 objects a request touches are, i.e. the memory hierarchy (issue 13, docs/benchmarks.md).
+`--phases` runs only the sets named (`--rounds 0`: none, the warm-up alone): under
+`valgrind --tool=cachegrind`, one set's run less the warm-up's, over `--requests`, is its
+instructions and simulated cache misses per request, which the machine's load does not move.
 """
 
 from __future__ import annotations
@@ -94,6 +98,8 @@ def main() -> int:
     p.add_argument("--instances", type=int, default=10000)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--requests", type=int, default=100000, help="per phase and round")
+    p.add_argument("--phases", default="first100,all,copies",
+                   help="the request sets to run, comma-separated")
     a = p.parse_args()
     n = a.instances
     loop = uvloop.new_event_loop()
@@ -127,6 +133,10 @@ def main() -> int:
     sets = {"first100": [raws[i % 100] for i in order],
             "all": [raws[i] for i in order],
             "copies": [bytes(bytearray(raws[i % 100])) for i in order]}
+    wanted = [name.strip() for name in a.phases.split(",") if name.strip()]
+    if unknown := set(wanted) - set(sets):
+        p.error(f"--phases: unknown {sorted(unknown)}")
+    sets = {name: reqs for name, reqs in sets.items() if name in wanted}
     res: dict[str, list[float]] = {k: [] for k in sets}
     for _ in range(a.rounds):
         for name, reqs in sets.items():
@@ -139,6 +149,8 @@ def main() -> int:
     for name, xs in res.items():
         print(f"{name:9} " + " ".join(f"{x:.2f}" for x in xs) + " us/request")
     for name in ("all", "copies"):
+        if name not in res or "first100" not in res or not a.rounds:
+            continue
         ratios = " ".join(f"{x / y:.3f}" for x, y in zip(res[name], res["first100"],
                                                           strict=True))
         print(f"{name} / first100: {ratios}")
