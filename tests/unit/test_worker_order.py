@@ -1,4 +1,4 @@
-"""`http.client.worker_order` and `idle_pick`: where a spread pool opens its next
+"""`http.client.worker_order` and `_SpreadIdle.pop`: where a spread pool opens its next
 connection, and whose idle connection its next request takes."""
 
 import random
@@ -11,7 +11,6 @@ from openimds.http.client import (
     Worker,
     _Conn,
     _SpreadIdle,
-    idle_pick,
     worker_order,
 )
 
@@ -43,37 +42,48 @@ def test_a_refused_worker_is_left_out_for_a_while_and_says_off_place() -> None:
     assert worker_order([], {}, {}, 0.0) == ([], False)
 
 
-def test_idle_pick_takes_the_fewest_in_flight_not_the_most_idle() -> None:
-    # A holds 3 (1 idle: 2 in flight), B holds 2 (1 idle: 1 in flight): B, whatever the turn
-    assert idle_pick([3, 2], [1, 1], 0) == (1, 0)
-    assert idle_pick([3, 2], [1, 1], 1) == (1, 0)
-    # A 3 held, 2 idle (1 in flight); B 1 held, idle: B, though A has the most idle ones
-    assert idle_pick([3, 1], [2, 1], 0) == (1, 0)
-    # a worker with no idle connection is not taken, however few it has in flight
-    assert idle_pick([1, 3], [0, 1], 0) == (1, 0)
-    with pytest.raises(IndexError):
-        idle_pick([2, 2], [0, 0], 0)
-
-
-def test_idle_pick_ties_go_in_turn_the_turn_after_the_one_taken() -> None:
-    assert idle_pick([3, 2], [3, 2], 0) == (0, 1)
-    assert idle_pick([3, 2], [3, 2], 1) == (1, 0)
-    assert idle_pick([1, 1, 1], [1, 1, 1], 2) == (2, 0)
-    # a forced pick moves the turn too: the next tie goes to the other worker
-    assert idle_pick([2, 2], [1, 2], 0) == (1, 0)
-
-
-def spread(held: dict[Worker, int]) -> _SpreadIdle:
-    """A pool's idle list holding `held` connections per worker, all idle (real
-    connection objects, never connected: the pick only reads their worker)."""
-    counts = dict(held)
-    idle = _SpreadIdle(counts)
-    for worker, n in held.items():
+def pool(held: dict[Worker, int], idle: dict[Worker, int] | None = None) -> _SpreadIdle:
+    """A pool's idle list for `held` connections per worker, of which `idle` (all when
+    None) are idle (real connection objects, never connected: the pick only reads their
+    worker); queues in the order of `held`."""
+    spread = _SpreadIdle(dict(held))
+    for worker, n in (held if idle is None else idle).items():
         for _ in range(n):
             conn = _Conn(1024)
             conn.worker = worker
-            idle.append(conn)
-    return idle
+            spread.append(conn)
+    return spread
+
+
+def picks(idle: _SpreadIdle, n: int) -> list[Worker | None]:
+    return [idle.pop().worker for _ in range(n)]
+
+
+def test_the_pick_takes_the_fewest_in_flight_not_the_most_idle() -> None:
+    # A holds 3 (1 idle: 2 in flight), B holds 2 (1 idle: 1 in flight): B
+    assert picks(pool({0: 3, 1: 2}, {0: 1, 1: 1}), 1) == [1]
+    # A 3 held, 2 idle (1 in flight); B 1 held, idle: B, though A has the most idle ones
+    assert picks(pool({0: 3, 1: 1}, {0: 2, 1: 1}), 1) == [1]
+    # a worker with no idle connection is not taken, however few it has in flight
+    emptied = pool({0: 1, 1: 3}, {0: 1, 1: 1})
+    assert picks(emptied, 2) == [0, 1]
+    with pytest.raises(IndexError):
+        emptied.pop()
+
+
+def test_the_pick_ties_go_in_turn_the_turn_after_the_one_taken() -> None:
+    # all idle: ties from worker 0, then each pick leaves the other fewer in flight
+    assert picks(pool({0: 3, 1: 2}), 5) == [0, 1, 0, 1, 0]
+    assert picks(pool({0: 1, 1: 1, 2: 1}), 3) == [0, 1, 2]
+    # a forced pick moves the turn too: the next tie goes to the other worker
+    forced = pool({0: 2, 1: 2}, {0: 1, 1: 2})
+    assert picks(forced, 2) == [1, 0]
+    # the shared address (not counted in held) is taken as having nothing in flight
+    shared = pool({0: 2}, {0: 1})
+    conn = _Conn(1024)
+    conn.worker = None
+    shared.append(conn)
+    assert picks(shared, 2) == [None, 0]
 
 
 @pytest.mark.parametrize("at_once", [1, 2, 3, 4])
@@ -81,7 +91,7 @@ def test_a_pool_odd_connection_gets_no_more_requests_steady(at_once: int) -> Non
     """A pool of 5 holds 3 on worker 0, 2 on worker 1 (as the agent's do): requests taken
     `at_once` and given back, 100 times, split evenly while the pool is not full. Main's
     "most idle" rule gave worker 0 every request one at a time, 2 of 3 three at a time."""
-    idle = spread({0: 3, 1: 2})
+    idle = pool({0: 3, 1: 2})
     got: Counter[Worker | None] = Counter()
     for _ in range(100):
         taken = [idle.pop() for _ in range(at_once)]
@@ -96,7 +106,7 @@ def test_a_pool_odd_connection_gets_no_more_requests_at_random() -> None:
     connections (3 on worker 0): worker 0 gets 0.497 (main's rule: 0.684). With all 5 in
     flight its third connection is busy too: the pool has no even split then."""
     rng = random.Random(7)
-    idle = spread({0: 3, 1: 2})
+    idle = pool({0: 3, 1: 2})
     got: Counter[Worker | None] = Counter()
     busy: list[_Conn] = []
     for _ in range(20000):

@@ -40,7 +40,7 @@ Rules:
   `RETIRE_S`, and made again by the same rule: a replaced worker gets its share back.
   Idle connections are kept per worker address; a request takes one of the worker with
   the fewest of this pool's requests in flight (its connections held minus idle; ties in
-  turn, `idle_pick`), so the requests split evenly even when the connections cannot
+  turn, `_SpreadIdle.pop`), so the requests split evenly even when the connections cannot
   (a pool of 5 holds 3 on worker 0: "most idle" gave it 0.57-0.70 of the requests).
 - Failures are translated here, once: cannot connect -> UpstreamUnavailable (503),
   no answer in time -> UpstreamTimeout (504), garbled or oversized -> UpstreamProtocolError (502).
@@ -71,7 +71,7 @@ from openimds.http.server import RawResponse
 
 __all__ = ["CONNECT_RETRIES", "CONNECT_RETRY_DELAY_S", "MAX_PIPELINE_DEPTH", "REFUSED_SKIP_S",
            "RETIRE_S", "ResultCallback", "UpstreamPool", "UpstreamResponse", "Worker",
-           "idle_pick", "worker_order"]
+           "worker_order"]
 
 # worker_paths / worker_ports: a refused worker address is not tried again for this long; a
 # connection made off its place (its worker refused) is closed and made again after RETIRE_S
@@ -95,23 +95,6 @@ def worker_order(
                      >= REFUSED_SKIP_S), key=lambda w: counts.get(w, 0))
     return places, len(places) < len(listed)
 
-
-def idle_pick(held: Sequence[int], idle: Sequence[int], turn: int) -> tuple[int, int]:
-    """Whose idle connection a pool's next request takes, and the next `turn`: of the
-    workers (by index) with an idle connection, the fewest requests in flight (`held`
-    connections minus `idle`), ties to the first from `turn` on, wrapping; the next turn
-    is the one after the worker taken (with two: a tie goes to the one not taken last,
-    so forced picks and ties alternate and neither worker is favoured)."""
-    count = len(idle)
-    best, best_busy = -1, 0
-    for step in range(count):
-        index = (turn + step) % count
-        free = idle[index]
-        if free and (best < 0 or held[index] - free < best_busy):
-            best, best_busy = index, held[index] - free
-    if best < 0:
-        raise IndexError("no idle connection")
-    return best, (best + 1) % count
 
 log = logging.getLogger(__name__)
 
@@ -513,12 +496,16 @@ def _retire(conn: _Conn) -> None:
 
 class _SpreadIdle:
     """The idle connections of a pool with worker addresses: a LIFO per worker, taken
-    from the one with the fewest of the pool's requests in flight (`idle_pick`; `held` is
-    the pool's count of its connections per worker). One LIFO for all split the requests
-    unevenly however evenly the connections were (the connection answered first is taken
-    first, and its worker gets the next request too: agent CPU 0.70/0.30 measured); the
-    worker with the most idle ones is the fewest in flight only when each holds as many
-    connections (a pool's odd one is on worker 0: API 0.57-0.70 of the requests there)."""
+    from the one with the fewest of the pool's requests in flight (`held`, the pool's
+    count of its connections per worker, less its idle ones), ties to the first from the
+    turn on: the worker after the one taken last (with two, a tie goes to the one not
+    taken last, so forced picks and ties alternate and neither is favoured).
+
+    One LIFO for all split the requests unevenly however evenly the connections were (the
+    connection answered first is taken first, and its worker gets the next request too:
+    agent CPU 0.70/0.30 measured); the worker with the most idle ones is the fewest in
+    flight only when each holds as many connections (a pool's odd one is on worker 0: API
+    0.57-0.70 of the requests there)."""
 
     __slots__ = ("_by", "_count", "_held", "_queues", "_turn", "_workers")
 
@@ -545,15 +532,28 @@ class _SpreadIdle:
     def pop(self) -> _Conn:
         if not self._count:
             raise IndexError("pop from an empty idle list")
+        # Once per request on a spread pool: one pass over the queues, no lists built
+        # (building them cost as much again as the pop).
+        queues = self._queues
+        workers = self._workers
         held = self._held
-        idle = [len(queue) for queue in self._queues]
-        # The shared address (None) is not counted in `held`: nothing in flight is assumed
-        # (its connections are off their place and retire within RETIRE_S).
-        index, self._turn = idle_pick(
-            [idle[i] if w is None else held.get(w, 0) for i, w in enumerate(self._workers)],
-            idle, self._turn)
+        count = len(queues)
+        index = self._turn
+        found = False
+        best_index = best_busy = 0
+        for _ in range(count):
+            free = len(queues[index])
+            if free:
+                worker = workers[index]
+                # The shared address (None) is not counted in `held`: nothing in flight is
+                # assumed (its connections are off their place and retire within RETIRE_S).
+                busy = 0 if worker is None else held.get(worker, 0) - free
+                if not found or busy < best_busy:
+                    found, best_index, best_busy = True, index, busy
+            index = index + 1 if index + 1 < count else 0
+        self._turn = best_index + 1 if best_index + 1 < count else 0
         self._count -= 1
-        return self._queues[index].pop()
+        return queues[best_index].pop()
 
 
 class _RawConn(_Conn):
