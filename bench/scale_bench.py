@@ -467,6 +467,10 @@ class Scale:
                                    "cpu_us": {"agent": r["cpu_us_per_req"][agent.pid],
                                               "api": r["cpu_us_per_req"][api.pid]}})
         res["steady"] = runs
+        # again after the steady rounds: what repeated heads keep (the server layer's exact
+        # heads are made the second time a head comes, never in the warm-up's single pass)
+        res["rss_kib_steady"] = {"registry": rss_kib(registry.pid), "agent": rss_kib(agent.pid),
+                                 "api": rss_kib(api.pid)}
         res["rps"] = statistics.median(r["rps"] for r in runs["all"])
         res["errors"] = sum(r["errors"] for rs in runs.values() for r in rs)
         res["cpu_us"] = {h: statistics.median(r["cpu_us"][h] for r in runs["all"])
@@ -637,6 +641,9 @@ def main() -> int:
         per = (last["rss_kib"][name] - first["rss_kib"][name]) / dn if dn else float("nan")
         goal = f" (target <= {target:g} KiB)" if target else ""
         print(f"{name} RSS per instance: {per:.2f} KiB{goal}")
+        if "rss_kib_steady" in last and "rss_kib_steady" in first:
+            per = (last["rss_kib_steady"][name] - first["rss_kib_steady"][name]) / dn
+            print(f"{name} RSS per instance after the steady rounds: {per:.2f} KiB{goal}")
     print(f"at {last['instances']:,}: create p99 {last['create_p99_ms']:.1f} ms, changes p99 "
           f"{last['changes_p99_ms']:.1f} ms, feed wake p99 {last['feed_wake_p99_ms']:.1f} ms "
           "(target < 10 ms)")
