@@ -37,6 +37,10 @@ sys.path.insert(0, str(REPO / "src"))
 
 import uvloop  # noqa: E402
 
+# bench/hop_python.py's in-process transports: an upstream that answers every request at once
+# with its ANSWER, a client that drops the answers (its peer, unused behind the agent's socket)
+from hop_python import _Client, _Upstream  # noqa: E402
+
 from openimds.config import MetricsSettings, Settings  # noqa: E402
 from openimds.http.client import UpstreamPool, _RawConn  # noqa: E402
 from openimds.http.server import HttpProtocol, Limits  # noqa: E402
@@ -46,8 +50,6 @@ from openimds.metadata.agent import MetadataAgent  # noqa: E402
 
 PATHS = ("/openstack/latest/meta_data.json", "/openstack/latest/network_data.json",
          "/latest/meta-data/instance-id", "/latest/meta-data/local-ipv4")
-ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n"
-          b'{"name": "vm-bench"}')
 CONNS = 100
 
 
@@ -56,46 +58,6 @@ def request(router_id: str, ip: str, path: str) -> bytes:
     return (f"GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nUser-Agent: Cloud-Init/24.1\r\n"
             f"Accept: */*\r\nX-Forwarded-For: {ip}\r\nX-Neutron-Router-ID: {router_id}\r\n"
             "\r\n").encode()
-
-
-class _Upstream:
-    """An upstream connection's transport: every request is answered at once."""
-
-    def __init__(self, conn: _RawConn) -> None:
-        self.conn = conn
-
-    def write(self, data: bytes) -> None:
-        self.conn.data_received(ANSWER * data.count(b"\r\n\r\n"))
-
-    def close(self) -> None:
-        pass
-
-    def get_extra_info(self, name: str) -> Any:
-        return None
-
-
-class _Client:
-    """A client connection's transport: answers are dropped."""
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def get_extra_info(self, name: str) -> Any:
-        return None
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def pause_reading(self) -> None:
-        raise AssertionError("requests queued: the hop did not answer at once")
-
-    resume_reading = pause_reading
 
 
 class _Registry:
