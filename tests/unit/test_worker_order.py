@@ -15,10 +15,37 @@ from openimds.http.client import (
 )
 
 
-def test_fewest_connections_first_ties_in_listed_order() -> None:
+def test_fewest_connections_first_ties_in_listed_order_at_first() -> None:
     counts: dict[Worker, int] = {8781: 2, 8782: 1}
     assert worker_order([8781, 8782, 8783], counts, {}, 100.0) == ([8783, 8782, 8781], False)
     assert worker_order(["/s.w0", "/s.w1"], {}, {}, 0.0) == (["/s.w0", "/s.w1"], False)
+
+
+def test_ties_go_in_turn_from_the_worker_after_the_one_connected_to_last() -> None:
+    assert worker_order([0, 1, 2], {}, {}, 0.0, after=0) == ([1, 2, 0], False)
+    assert worker_order([0, 1, 2], {}, {}, 0.0, after=2) == ([0, 1, 2], False)
+    # fewest first still; the turn only orders the ties
+    assert worker_order([0, 1, 2], {1: 1}, {}, 0.0, after=0) == ([2, 0, 1], False)
+    assert worker_order([0, 1, 2], {0: 1}, {}, 0.0, after=1) == ([2, 1, 0], False)
+    # the last one gone from the list (its socket file removed): from the first
+    assert worker_order(["/s.w0", "/s.w1"], {}, {}, 0.0, after="/s.w2") == (
+        ["/s.w0", "/s.w1"], False)
+
+
+def test_pools_opened_at_equal_counts_again_and_again_alternate_the_odd_one() -> None:
+    """A pool that finds nothing idle connects at equal counts over and over (all its
+    connections ended): 3 at a time, 10 times, the pool's way (the turn after each pick).
+    Ties to the first gave worker 0 two of every three (20/10)."""
+    got = {0: 0, 1: 0}
+    last: Worker | None = None
+    for _ in range(10):
+        counts: dict[Worker, int] = {}
+        for _ in range(3):
+            first = worker_order([0, 1], counts, {}, 0.0, last)[0][0]
+            counts[first] = counts.get(first, 0) + 1
+            got[int(first)] += 1
+            last = first
+    assert got == {0: 15, 1: 15}
 
 
 def test_a_burst_alternates_when_each_pick_is_counted() -> None:

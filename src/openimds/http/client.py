@@ -30,14 +30,16 @@ Rules:
   own: the agent's `metadata_proxy_socket.w<N>`, the API's `[api] unix_socket.w<N>`) or
   `worker_ports` (a TCP upstream whose workers each also listen on a port of their own on
   `host`: the API's `[api] worker_port_base` + N), each new connection goes to the worker
-  address holding the fewest of this pool's connections (ties: lowest index,
-  `worker_order`), so a burst of N connects splits within 1 whatever the workers' accept
-  timing or SO_REUSEPORT's hash. A worker address that refuses (its worker died; a socket
-  file stays until it is replaced) is skipped for `REFUSED_SKIP_S`, the connection going
-  to the next one, or to the pool's own address (`unix_path` or `host:port`, shared by
-  every worker) when none accepts or none exists (one worker: today's path). A connection
-  made so, off its place, is retired (closed when next taken from the idle list) after
-  `RETIRE_S`, and made again by the same rule: a replaced worker gets its share back.
+  address holding the fewest of this pool's connections (ties in turn, from the one after
+  the worker connected to last, `worker_order`), so a burst of N connects splits within 1
+  whatever the workers' accept timing or SO_REUSEPORT's hash, and a pool that finds nothing
+  idle (every connection busy, or all ended) does not put its odd one on worker 0 each
+  time. A worker address that refuses (its worker died; a socket file stays until it is
+  replaced) is skipped for `REFUSED_SKIP_S`, the connection going to the next one, or to
+  the pool's own address (`unix_path` or `host:port`, shared by every worker) when none
+  accepts or none exists (one worker: today's path). A connection made so, off its place,
+  is retired (closed when next taken from the idle list) after `RETIRE_S`, and made again
+  by the same rule: a replaced worker gets its share back.
   Idle connections are kept per worker address; a request takes one of the worker with
   the fewest of this pool's requests in flight (its connections held minus idle; ties in
   turn, `_SpreadIdle.pop`), so the requests split evenly even when the connections cannot
@@ -85,13 +87,21 @@ Worker = str | int
 
 def worker_order(
     listed: Sequence[Worker], counts: dict[Worker, int], refused_at: dict[Worker, float],
-    now: float,
+    now: float, after: Worker | None = None,
 ) -> tuple[list[Worker], bool]:
     """Where a pool's next connection is tried, in order: the `listed` workers not refused
     within `REFUSED_SKIP_S` of `now`, fewest of the pool's connections (`counts`) first,
-    ties in listed order; and whether any was left out (the connection is then off its
-    place, to be made again after `RETIRE_S`)."""
-    places = sorted((w for w in listed if now - refused_at.get(w, -REFUSED_SKIP_S)
+    ties in turn: in listed order from the one after `after` (the worker last connected
+    to; from the first when None or no longer listed); and whether any was left out (the
+    connection is then off its place, to be made again after `RETIRE_S`).
+
+    Ties in turn, not to the first: a pool finds nothing idle and connects at equal counts
+    again and again (its connections ended by the upstream's keep-alive timeout in a lull,
+    by `Connection: close` or after each HEAD), and ties to the first gave worker 0 every
+    such connection, and the odd one of every burst."""
+    start = listed.index(after) + 1 if after is not None and after in listed else 0
+    turn = [*listed[start:], *listed[:start]]
+    places = sorted((w for w in turn if now - refused_at.get(w, -REFUSED_SKIP_S)
                      >= REFUSED_SKIP_S), key=lambda w: counts.get(w, 0))
     return places, len(places) < len(listed)
 
@@ -603,6 +613,7 @@ class UpstreamPool:
             worker_paths if worker_paths is not None else (lambda: ports) if ports else None)
         self._spread: dict[Worker, int] = {}  # worker -> this pool's connections on it
         self._refused_at: dict[Worker, float] = {}  # worker -> its last refused connect
+        self._connected_last: Worker | None = None  # worker_order's turn for ties
         # send() calls of this loop iteration, written by _flush (pipeline_depth > 1 only)
         self._pending: list[_QueuedSend] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -637,9 +648,10 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         counts = self._spread
         places, off_place = worker_order(self._workers(), counts, self._refused_at,
-                                         loop.time())
+                                         loop.time(), self._connected_last)
         for worker in places:
             counts[worker] = counts.get(worker, 0) + 1  # at once: a burst's connects interleave
+            self._connected_last = worker  # the next tie goes to the one after it
             try:
                 conn = await self._open(worker)
             except UpstreamRefused:
