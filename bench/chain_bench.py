@@ -73,6 +73,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -768,6 +769,8 @@ def main() -> int:
             return 0
         configs: list[tuple[str, int, dict[str, int], list[str] | None]] = [
             ("bare", PORTS["bare"], {"bare": bare.popen.pid}, None)]
+        stack_of: dict[str, Stack] = {}  # a configuration's stack: its pools counted per run
+        last_used: dict[int, float] = {}  # id(stack) -> when its last run ended (monotonic)
         kinds: tuple[str, ...] = ("api",) if a.api_only else ("chain",)
         piped = f"{kinds[0]}-p{a.pipeline}"  # the same, wrk pipelining (low-cost generator)
         for st in stacks:
@@ -783,13 +786,17 @@ def main() -> int:
                 continue
             if st.tag:  # the same chain but its agent -> API hop or its code: no haproxy
                 configs.append((f"chain{st.tag}-w{st.workers}", st.ports["chain"], pids, None))
+                stack_of[configs[-1][0]] = st
                 continue
             configs.append((f"chain-w{st.workers}", st.ports["chain"], pids, None))
+            stack_of[configs[-1][0]] = st
             if a.pipeline > 1:
                 configs.append((f"{piped}-w{st.workers}", st.ports["chain"], pids, None))
+                stack_of[configs[-1][0]] = st
             hp = {k: v for k, v in pids.items() if k != "proxy"}
             hp["haproxy"] = st.services["haproxy"].popen.pid
             configs.append((f"haproxy-w{st.workers}", st.ports["haproxy"], hp, None))
+            stack_of[configs[-1][0]] = st
         if a.proxy_alone:
             for name, (port, pids) in start_alone(b, rns, vm, a.baseline).items():
                 configs.append((name, port, pids, None))
@@ -809,9 +816,19 @@ def main() -> int:
                     if name == "bare@rate":  # at the rate the 1-worker chain just ran
                         rate = results["rows"][-1]["rps"]
                     depth = a.pipeline if name.startswith(piped + "-") else 1
+                    st_run = stack_of.get(name)
+                    held0 = pooled(b, st_run) if st_run else None
+                    gap = (time.monotonic() - last_used[id(st_run)]
+                           if st_run and id(st_run) in last_used else None)
                     r = measure(b, vm, port, pids, conns, close, a.duration, headers, rate,
                                 depth)
                     r.update(round=rnd, config=name, conns=conns, close=close)
+                    note = ""
+                    if st_run and held0 is not None:
+                        last_used[id(st_run)] = time.monotonic()
+                        r["pooled"] = {"before": held0, "after": pooled(b, st_run),
+                                       "unused_s": gap}
+                        note = pooled_note(held0, r["pooled"]["after"], gap)
                     results["rows"].append(r)
                     cpu = ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_us"].items())
                     split = "".join(
@@ -822,7 +839,7 @@ def main() -> int:
                     print(f"round {rnd} c={conns}{' close' if close else '':6s} {name:12s} "
                           f"{r['rps']:8.0f} rps p99 {r['p99_ms']:7.2f} ms errs "
                           f"{r['errors']} | CPU us/req: {cpu}, wrk {r['wrk_us']:.1f} | "
-                          f"{machine_note(r)}{split}", flush=True)
+                          f"{machine_note(r)}{split}{note}", flush=True)
                     if a.matched and name == f"{kinds[0]}-w{worker_counts[0]}":
                         runs.insert(0, ("bare@rate", PORTS["bare"], {"bare": bare.popen.pid},
                                         None))
@@ -918,6 +935,34 @@ def api_connections(pids: list[int], ports: set[int], paths: set[str]) -> list[i
                 n += link.startswith("socket:[") and link[8:-1] in inodes
         counts.append(n)
     return counts
+
+
+def pooled(b: Bench, st: Stack) -> dict[str, list[int]]:
+    """The connections the hops' pools hold now, per worker of the hop behind, in worker
+    order: the agent's on each API worker (`api`), the proxy's (and haproxy's) on each
+    agent worker (`agent`), counted in /proc as `api_connections` does."""
+    from openimds.config import worker_sockets
+
+    api = tree_pids(st.services["api"].popen.pid)
+    agent = tree_pids(st.services["agent"].popen.pid)
+    sock = str(b.tmp / f"agent-w{st.workers}{st.tag}.sock")  # as Bench.config
+    api_paths = {st.api_socket, *worker_sockets(st.api_socket)} if st.api_socket else set()
+    return {
+        "api": api_connections(api[1:] or api, {st.api_port, *st.api_worker_ports},
+                               api_paths),
+        "agent": api_connections(agent[1:] or agent, set(), {sock, *worker_sockets(sock)}),
+    }
+
+
+def pooled_note(before: dict[str, list[int]], after: dict[str, list[int]],
+                gap_s: float | None) -> str:
+    """`pooled` before the warm-up and after the run, and how long the stack had been
+    left alone before (its servers close a pooled connection idle for 30 s)."""
+    def fmt(counts: list[int]) -> str:
+        return "/".join(map(str, counts))
+    idle = "" if gap_s is None else f" after {gap_s:.0f} s unused"
+    return (f" | pooled{idle}: agent->api {fmt(before['api'])} -> {fmt(after['api'])}, "
+            f"->agent {fmt(before['agent'])} -> {fmt(after['agent'])}")
 
 
 def api_burst_split(st: Stack, n: int, spread: bool) -> list[int]:
