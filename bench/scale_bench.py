@@ -114,6 +114,30 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process, seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def _perf_record(pid: int, out_dir: Path | None, name: str) -> subprocess.Popen[bytes] | None:
+    """`--perf-dir`: `perf record` (software clock, kernel and user symbols) on `pid` until
+    `_perf_stop`, into DIR/NAME.data; None without the option."""
+    if out_dir is None:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "999", "-p",
+                             str(pid), "-o", str(out_dir / f"{name}.data")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _perf_stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None:
+        proc.send_signal(2)  # SIGINT to that pid: perf writes its file and exits
+        proc.wait(30)
+
+
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")
@@ -452,20 +476,34 @@ class Scale:
         res["rss_kib_fresh"] = rss0
         # Steady load, interleaved rounds: cycling over every instance, and over the first
         # 100 only (the same processes, the same minute: the in-run reference).
-        sets = {"all": [request(rid, ip, PATHS[0]) for rid, ip in self.vms],
-                "first100": [request(rid, ip, PATHS[0]) for rid, ip in self.vms[:100]]}
+        # `--steady-paths` N: each instance asks its first N core paths in turn (one head
+        # each, so N exact heads per instance in the agent's server layer).
+        asked = PATHS[:a.steady_paths]
+        sets = {"all": [request(rid, ip, p) for rid, ip in self.vms for p in asked],
+                "first100": [request(rid, ip, p) for rid, ip in self.vms[:100] for p in asked]}
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in sets}
-        for _ in range(a.rounds):
+        for rnd in range(a.rounds):
             for name, reqs in sets.items():
+                # the agent's user and system CPU over the round (its warm-up second too):
+                # whether what the larger set costs more is the kernel's or the process's
+                user0, sys0 = cpu_split(agent.pid)
+                perf = _perf_record(agent.pid, a.perf_dir, f"{size}-{name}-{rnd}")
                 # spread: the 100 connections start len(reqs) / 100 apart, so "all" goes
                 # through every instance (from offsets 7k it covered only the first ~1,000)
-                r = asyncio.run(steady_load(sock, reqs, 100, 1.0, a.duration,
-                                            [agent.pid, api.pid], None, spread=True,
-                                            rate=a.rate))
+                try:
+                    r = asyncio.run(steady_load(sock, reqs, 100, 1.0, a.duration,
+                                                [agent.pid, api.pid], None, spread=True,
+                                                rate=a.rate))
+                finally:
+                    _perf_stop(perf)
+                user1, sys1 = cpu_split(agent.pid)
                 runs[name].append({"rps": r["rps"], "p99_ms": r["p99_ms"],
                                    "errors": r["errors"],
                                    "cpu_us": {"agent": r["cpu_us_per_req"][agent.pid],
-                                              "api": r["cpu_us_per_req"][api.pid]}})
+                                              "api": r["cpu_us_per_req"][api.pid]},
+                                   "agent_sys_share": round(
+                                       (sys1 - sys0) / max(1e-9, user1 - user0 + sys1 - sys0),
+                                       3)})
         res["steady"] = runs
         # again after the steady rounds: what repeated heads keep (the server layer's exact
         # heads are made the second time a head comes, never in the warm-up's single pass)
@@ -562,6 +600,12 @@ def main() -> int:
                    help="PostgreSQL: keep each size's seeded database as a template named "
                         "after this (and the size and shape) and copy it in later runs "
                         "instead of seeding again (the same seed for runs of several trees)")
+    p.add_argument("--steady-paths", type=int, default=1, choices=(1, 2, 3, 4),
+                   help="core paths each instance asks in turn in the steady rounds (each "
+                        "a head of its own: what the agent's exact heads keep per instance)")
+    p.add_argument("--perf-dir", type=Path,
+                   help="diagnostic: `perf record` the agent during each steady round into "
+                        "DIR/<size>-<set>-<round>.data")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     enter_private_netns()
@@ -581,6 +625,13 @@ def main() -> int:
         eng.dispose()
     sc = Scale(a, db_url)
     rows: list[dict[str, Any]] = []
+    from tests.support import PYTHON, clean_env
+
+    # the services' code (PYTHONPATH may name another tree's src: one bench, two trees)
+    src = subprocess.run([PYTHON, "-c", "import openimds; print(openimds.__file__)"],
+                         capture_output=True, text=True, env=clean_env(), check=True).stdout
+    print(f"services run openimds from {Path(src.strip()).parent}; steady paths per "
+          f"instance {a.steady_paths}")
     print(f"load average {os.getloadavg()}; registry {a.backend}, sqlite_synchronous="
           f"{a.sqlite_synchronous}, synchronous_commit="
           f"{a.pg_synchronous_commit or 'server default'}", flush=True)
@@ -637,11 +688,18 @@ def main() -> int:
         inrun = last["cpu_ratio_all_vs_first100"][hop]
         print(f"{hop} CPU/req cycling over all {last['instances']:,} / over the first 100, "
               f"same processes, interleaved rounds = {inrun:.2f} (target <= 1.10)")
+    steady = last["steady"]
+    print(f"agent CPU/req by round at {last['instances']:,}, all · first100 (us): "
+          + ", ".join(f"{x['cpu_us']['agent']:.1f} · {y['cpu_us']['agent']:.1f}"
+                      for x, y in zip(steady["all"], steady["first100"], strict=True))
+          + "; its system share, all · first100: "
+          + ", ".join(f"{x['agent_sys_share']:.2f} · {y['agent_sys_share']:.2f}"
+                      for x, y in zip(steady["all"], steady["first100"], strict=True)))
     for name, target in (("agent", 4.0), ("api", 16.0), ("registry", None)):
         per = (last["rss_kib"][name] - first["rss_kib"][name]) / dn if dn else float("nan")
         goal = f" (target <= {target:g} KiB)" if target else ""
         print(f"{name} RSS per instance: {per:.2f} KiB{goal}")
-        if "rss_kib_steady" in last and "rss_kib_steady" in first:
+        if dn and "rss_kib_steady" in last and "rss_kib_steady" in first:
             per = (last["rss_kib_steady"][name] - first["rss_kib_steady"][name]) / dn
             print(f"{name} RSS per instance after the steady rounds: {per:.2f} KiB{goal}")
     print(f"at {last['instances']:,}: create p99 {last['create_p99_ms']:.1f} ms, changes p99 "

@@ -416,11 +416,40 @@ async def test_a_callers_head_again_is_made_without_the_shape_cut_with_its_own_i
         assert await _exchange(on.port, one) == await _exchange(off.port, one)
         # An entry's header bytes less the ID are its shape's plus the identity values.
         for key, entry in table.exact.items():
-            rid = dict(entry.headers).get(RID.lower(), b"")
+            rid = b"z" if RID + b": \r\n" in key else b""
             whole = key.replace(RID + b": \r\n", RID + b": " + rid + b"\r\n")
             got_cut = server_mod._cut(whole, 0, len(whole), table.lines)
             assert got_cut is not None and got_cut[0] is not None
             assert entry.base + len(rid) == entry.known.base + got_cut[2]
+
+
+async def test_a_callers_exact_heads_share_one_identity_whatever_its_paths() -> None:
+    # One caller asking several paths has an exact head per path; their identity (and every
+    # request's made from them) is one tuple per caller, not a copy per head. A shape whose
+    # identity lines are apart (a header between them) gets its caller's values put back at
+    # each of their places.
+    def apart(path: bytes, ip: bytes, router: bytes, rid: bytes) -> bytes:
+        return (b"GET " + path + b" HTTP/1.1\r\nX-Forwarded-For: " + ip + b"\r\nHost: h\r\n"
+                b"X-Neutron-Router-ID: " + router + b"\r\n" + RID + b": " + rid + b"\r\n\r\n")
+
+    callers = [(b"10.0.0.%d" % i, b"router-%d" % i) for i in range(3)]
+    heads = [lambda ip, r, k, p=p: _vm(p, ip, r, rid=b"q%d" % k) for p in (b"/a", b"/b")]
+    heads.append(lambda ip, r, k: apart(b"/c", ip, r, b"q%d" % k))
+    stream = [b"".join(make(ip, r, k) for k in range(4) for ip, r in callers for make in heads),
+              END]
+    async with (_Server(Limits(known_heads=True, identity_lines=LINES)) as on,
+                _Server(Limits()) as off):
+        assert await _exchange(on.port, stream) == await _exchange(off.port, stream)
+    table = server_mod._tables[LINES]
+    assert len(table.known) == 3 and len(table.exact) == len(callers) * len(heads)
+    for ip, router in callers:
+        mine = [e.identity for k, e in table.exact.items() if b": " + ip + b"\r\n" in k]
+        assert len(mine) == len(heads)
+        assert mine[0] == ((b"x-forwarded-for", ip), (b"x-neutron-router-id", router))
+        assert all(ident is mine[0] for ident in mine)  # one tuple, not one per head
+        made = [r for r in on.recorder.requests if r.identity == mine[0]]
+        assert len(made) >= 3 * len(heads) and all(r.identity is mine[0] for r in made)
+    _check_identity(on.recorder.requests)
 
 
 async def test_an_exact_key_is_refused_by_smaller_limits_with_its_identity_counted() -> None:

@@ -116,8 +116,14 @@ async def test_vms_sharing_a_kept_head_each_get_their_own_identity_and_answer(
     # each VM's exact entry keeps its own caller: the one its identity lines name
     exact = server_mod._tables[IDENTITY_LINES].exact.values()
     assert len(exact) == len(CALLERS)
+    # The agent's key for a caller is the entry's identity tuple itself, one per caller,
+    # where its first request was cut (not parsed: the first two of each shape's, which made
+    # their source from the parsed headers).
+    keys = {id(k): k for gen in (on.agent._sources.young, on.agent._sources.old) for k in gen}
+    shared = sum(keys.get(id(entry.identity)) is entry.identity for entry in exact)
+    assert shared == len(CALLERS) - 2 * 2
     for entry in exact:
-        src, path = entry.value
+        src, path = entry.caller, entry.shape
         assert entry.identity is not None
         assert dict(entry.identity)[b"x-forwarded-for"] == src.caller.ip.encode()
         assert path is on.agent._hits.get(entry.known.key)

@@ -192,21 +192,23 @@ class _HitReply(Deferred):
         """The API's answer (or why there is none): relayed, counted and logged; only a
         404 that calls for a re-check goes async."""
         agent, ident = self.agent, self.ident
-        caller, res = ident.caller, ident.res
         if isinstance(result, UpstreamResponse):
             status = result.status
             if status == 403 or status >= 500:
-                agent._check_api_status(caller, res, status)
-            elif status == 404 and agent._may_recheck(caller):
+                agent._check_api_status(ident.caller, ident.res, status)
+            elif status == 404 and agent._may_recheck(ident.caller):
                 task = asyncio.ensure_future(
-                    agent._recheck(self.req, caller, res, result, self.t0))
+                    agent._recheck(self.req, ident.caller, ident.res, result, self.t0))
                 task.add_done_callback(lambda t: _pass_on(t, self))
                 return
             agent._active -= 1
-            self.resolve(agent._finish(  # relayed as it came (`UpstreamResponse`)
-                self.req, caller, res, self.t0, result, status, self.rid, ident.who))
+            # relayed as it came (`UpstreamResponse`); `who` stands for the caller and its
+            # resolution in the access line, so neither is read here
+            self.resolve(agent._finish(
+                self.req, None, None, self.t0, result, status, self.rid, ident.who))
             return
         agent._active -= 1
+        caller, res = ident.caller, ident.res
         if isinstance(result, UpstreamError):
             self.resolve(agent._finish(self.req, caller, res, self.t0,
                                        agent._upstream_failure(result)))
@@ -625,10 +627,11 @@ class MetadataAgent:
         # it: its caller and path as made the last time, with no lookup by value (at 10,000
         # callers the source's key, its values and the memo's slot are cache misses).
         memo = req.memo
-        made: tuple[_Source, _Path] | None = memo.value if memo is not None else None
+        made: _Source | None = None
         path: _Path | None = None
-        if made is not None:
-            src, path = made
+        if memo is not None and memo.caller is not None:
+            src = made = memo.caller
+            path = memo.shape  # set with it
         elif shape is not None:
             hits = self._hits
             path = hits.young.get(shape) or hits.promote(shape)
@@ -649,33 +652,36 @@ class MetadataAgent:
                 return self._stats_response()
             log.warning("agent.rejected status=%d reason=%s", exc.status, exc.reason)
             return self._finish(req, None, None, t0, error_response(exc.status, exc.reason))
-        caller = src.caller
+        # A hit reads the caller's `_Source` and `_Identity` and no other object of its own
+        # (its `Caller` and `Resolution` only where needed): at 10,000 callers each is a
+        # cache miss.
         active = self._active - self._held.held if self._held is not None else self._active
         if active >= self._max_concurrency:
             self.counts["saturated"] += 1
-            return self._finish(req, caller, None, t0, error_response(
+            return self._finish(req, src.caller, None, t0, error_response(
                 503, f"agent saturated: {active} requests in flight",
                 headers=[("Retry-After", self._retry_after)]))
         # While the cache's epoch is the one the source last checked its resolution at,
         # that is still the cache's answer: no lookup (at 10,000 instances its key, entry
         # and LRU links are cache misses that cost more than the lookup's own work).
+        # `ident` None from here: the cache has no answer for the caller.
         ident = src.identity
         if ident is not None and src.epoch == self.cache.epoch and self.trusts_cache():
-            res: Resolution | None = ident.res
             self.resolver.stats.hits += 1
         else:
-            res = self.resolver.cached(caller)
-            if res is not None:
+            res = self.resolver.cached(src.caller)
+            if res is None:
+                ident = None
+            else:
                 if ident is None or (ident.res is not res and ident.res != res):
-                    ident = src.identity = self._identity(caller, res)
+                    ident = src.identity = self._identity(src.caller, res)
                 src.epoch = self.cache.epoch  # checked: the cache's answer as of now
         # a held request runs as a task (cancelled with its client, which closes the
         # upstream connection and so releases the API's hold); others stay on callbacks
         held = bool(req.query) and self._held is not None and is_long_poll(req.query)
-        if res is not None and not held:
-            assert ident is not None
+        if ident is not None and not held:
             if self.limiter is not None:
-                denied = self._over_budget(req, caller, res, t0)
+                denied = self._over_budget(req, ident.caller, ident.res, t0)
                 if denied is not None:
                     return denied
             if path is None:
@@ -684,11 +690,12 @@ class MetadataAgent:
                 if shape is not None and path.kept:
                     self._hits.put(shape, path)
             if memo is not None and made is None and src.kept and path.kept:
-                memo.value = (src, path)  # the same caller and shape on every use
+                memo.shape = path  # the same caller and shape on every use
+                memo.caller = src
             return self._forward_hit(req, ident, path, rid, t0)
         if held:
-            return Abandonable(self._serve(req, caller, t0))
-        return self._serve(req, caller, t0)
+            return Abandonable(self._serve(req, src.caller, t0))
+        return self._serve(req, src.caller, t0)
 
     def _over_budget(
         self, req: Request, caller: Caller, res: Resolution, t0: float,
@@ -752,7 +759,10 @@ class MetadataAgent:
                 others.append(_NO_RID)
             else:
                 others.append(item)
-        return self._source_of(tuple(ident)), others, rid
+        # a known head's identity is the same items, and the server's one tuple per caller
+        # (which its exact heads share): the caller is kept under that one, not a copy
+        return self._source_of(
+            req.identity if req.identity is not None else tuple(ident)), others, rid
 
     def _source_of(self, key: tuple[tuple[bytes, bytes], ...]) -> _Source:
         """The caller named by `key`, every identity header of a request (lower-cased name,
