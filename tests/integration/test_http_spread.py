@@ -94,3 +94,72 @@ async def test_a_busy_pool_grows_on_the_worker_with_fewest_then_in_turn(tmp_path
         await pool.close()
         for server in servers:
             server.close()
+
+
+class _Answering(asyncio.Protocol):
+    """A worker that answers every request at once and can be told to close the
+    connection it served least recently (as a keep-alive timeout ends the one a LIFO
+    pool left at the bottom of its idle list)."""
+
+    served = 0  # the order of last use, across every connection
+
+    def __init__(self, conns: list[_Answering]) -> None:
+        self.conns = conns
+        self.transport: asyncio.Transport | None = None
+        self.last = 0
+        self.buf = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.conns.append(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while b"\r\n\r\n" in self.buf:
+            _, _, self.buf = self.buf.partition(b"\r\n\r\n")
+            _Answering.served += 1
+            self.last = _Answering.served
+            assert self.transport is not None
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conns.remove(self)
+
+
+async def test_a_connection_ended_while_idle_no_longer_counts_as_idle(tmp_path: Path) -> None:
+    """Two connections per worker; the upstream ends worker 0's least recently used one
+    (the bottom of its idle LIFO, under the live one). It was still counted idle, so
+    worker 0 looked to have one fewer request in flight than it had: every request taken
+    one at a time went to worker 0 (10/0). Now a lost connection leaves the idle list:
+    ties in turn, 5/5."""
+    loop = asyncio.get_running_loop()
+    paths = [str(tmp_path / f"up.sock.w{i}") for i in range(2)]
+    conns: list[list[_Answering]] = [[], []]
+    servers = [await loop.create_unix_server(lambda i=i: _Answering(conns[i]), path)
+               for i, path in enumerate(paths)]
+    pool = UpstreamPool(unix_path=str(tmp_path / "up.sock"), size=8,
+                        worker_paths=lambda: paths)
+    try:
+        await asyncio.gather(*(pool.request("GET", "/") for _ in range(4)))  # 2 on each
+        for _ in range(4):  # each worker's top connection used again, its bottom one not
+            await pool.request("GET", "/")
+        assert pool.connections_by_socket() == {paths[0]: 2, paths[1]: 2}
+        oldest = min(conns[0], key=lambda c: c.last)
+        assert oldest.transport is not None
+        oldest.transport.close()
+        for _ in range(200):
+            if pool.connections_by_socket().get(paths[0]) == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert pool.connections_by_socket() == {paths[0]: 1, paths[1]: 2}
+        before = [max(c.last for c in conns[i]) for i in range(2)]
+        got = Counter()
+        for _ in range(10):
+            await pool.request("GET", "/")
+            latest = max((c for side in conns for c in side), key=lambda c: c.last)
+            got[0 if latest in conns[0] else 1] += 1
+        assert got == {0: 5, 1: 5}, (got, before)
+    finally:
+        await pool.close()
+        for server in servers:
+            server.close()

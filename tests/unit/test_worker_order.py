@@ -144,3 +144,30 @@ def test_a_pool_odd_connection_gets_no_more_requests_at_random() -> None:
             got[conn.worker] += 1
             busy.append(conn)
     assert 0.48 <= got[0] / (got[0] + got[1]) <= 0.52, got
+
+
+def test_a_connection_lost_while_idle_is_discarded_not_counted_idle() -> None:
+    """2 held and idle on each worker; worker 0's bottom one is lost (the pool takes it off
+    `held` and discards it). Left in, worker 0 looked to have -1 in flight and took every
+    pick; discarded, the picks alternate. Discarding one not idle changes nothing."""
+    held: dict[Worker, int] = {0: 2, 1: 2}
+    idle = _SpreadIdle(held)
+    conns = {}
+    for worker in (0, 1, 0, 1):
+        conn = _Conn(1024)
+        conn.worker = worker
+        idle.append(conn)
+        conns.setdefault(worker, []).append(conn)
+    held[0] -= 1
+    idle.discard(conns[0][0])
+    assert len(idle) == 3
+    taken = idle.pop()
+    idle.discard(taken)  # in use, not idle: nothing to take off
+    assert len(idle) == 2
+    idle.append(taken)
+    got = []
+    for _ in range(6):
+        conn = idle.pop()
+        got.append(conn.worker)
+        idle.append(conn)
+    assert got.count(0) == got.count(1) == 3, got

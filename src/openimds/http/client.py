@@ -43,7 +43,10 @@ Rules:
   Idle connections are kept per worker address; a request takes one of the worker with
   the fewest of this pool's requests in flight (its connections held minus idle; ties in
   turn, `_SpreadIdle.pop`), so the requests split evenly even when the connections cannot
-  (a pool of 5 holds 3 on worker 0: "most idle" gave it 0.57-0.70 of the requests).
+  (a pool of 5 holds 3 on worker 0: "most idle" gave it 0.57-0.70 of the requests). A
+  connection that closes while idle (the upstream's keep-alive timeout ends the least
+  recently used, under the live ones) leaves its idle list at once, so it is never counted
+  as idle.
 - Failures are translated here, once: cannot connect -> UpstreamUnavailable (503),
   no answer in time -> UpstreamTimeout (504), garbled or oversized -> UpstreamProtocolError (502).
 
@@ -539,6 +542,18 @@ class _SpreadIdle:
         idle.append(conn)
         self._count += 1
 
+    def discard(self, conn: _Conn) -> None:
+        """Take `conn` off its idle list if it is there (it closed while idle: left in,
+        it would count as idle, its worker seeming to have one request fewer in flight,
+        for as long as live connections above it keep it from being popped)."""
+        idle = self._by.get(conn.worker)
+        if idle is not None:
+            try:
+                idle.remove(conn)  # a scan of one worker's idle list, once per close
+            except ValueError:
+                return  # not idle: in use, or already taken
+            self._count -= 1
+
     def pop(self) -> _Conn:
         if not self._count:
             raise IndexError("pop from an empty idle list")
@@ -674,6 +689,8 @@ class UpstreamPool:
     def _lost(self, conn: _Conn) -> None:
         if conn.worker is not None:
             self._spread[conn.worker] -= 1
+            if isinstance(self._idle, _SpreadIdle):
+                self._idle.discard(conn)
 
     async def _open(self, worker: Worker | None) -> _Conn:
         """A new connection to `worker` (a Unix socket path, a TCP port on `host`), or with
