@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from openimds.core import ipam
 from openimds.errors import Conflict
-from openimds.registry import dhcp_ports, ipalloc
+from openimds.registry import dhcp_ports, ipalloc, migrations
 from openimds.registry.service import Registry
 from openimds.registry.store import (
     ACK_HOLD,
@@ -257,7 +257,7 @@ def test_a_database_migrated_from_0009_allocates_only_free_addresses(url: str) -
             used = list(conn.execute(sa.select(port_ips.c.ip_address)).scalars())
     store = Store(url)
     try:
-        assert store.create_schema() == ("0009", "0010")
+        assert store.create_schema() == ("0009", migrations.head())
         reg = Registry(store)
         assert state_problems(reg, sub) is None  # built by the first pick
         got = [instance_ip(reg, net) for _ in range(30)]

@@ -124,7 +124,8 @@ ports = sa.Table(
     "ports", metadata,
     sa.Column("id", ID, primary_key=True),
     sa.Column("name", sa.String(255), nullable=False),
-    sa.Column("network_id", ID, sa.ForeignKey("networks.id"), nullable=False, index=True),
+    # no index of its own: ix_ports_network_owner below leads with it (migration 0011)
+    sa.Column("network_id", ID, sa.ForeignKey("networks.id"), nullable=False),
     sa.Column("project_id", ID, sa.ForeignKey("projects.id"), nullable=False),
     sa.Column("mac_address", sa.String(17), nullable=False, unique=True),
     sa.Column("device_id", sa.String(255), nullable=False, index=True),
@@ -137,8 +138,8 @@ ports = sa.Table(
 
 port_ips = sa.Table(
     "port_ips", metadata,
-    sa.Column("port_id", ID, sa.ForeignKey("ports.id", ondelete="CASCADE"), nullable=False,
-              index=True),
+    # no index of its own: it leads the primary key (migration 0011)
+    sa.Column("port_id", ID, sa.ForeignKey("ports.id", ondelete="CASCADE"), nullable=False),
     sa.Column("subnet_id", ID, sa.ForeignKey("subnets.id"), nullable=False, index=True),
     sa.Column("network_id", ID, sa.ForeignKey("networks.id"), nullable=False),
     sa.Column("ip_address", sa.String(64), nullable=False),

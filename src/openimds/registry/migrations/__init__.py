@@ -13,6 +13,7 @@ one per schema change since the first release (docs/operations.md "Registry sche
     0008  retired_instances (deleted instance IDs, never reused)
     0009  index ix_ports_network_owner (a network's routers without reading its ports)
     0010  ip_alloc, ip_ranges, ip_released (free-IP state per subnet, built on first pick)
+    0011  drops ix_port_ips_port_id, ix_ports_network_id (other indexes lead with them)
 
 `upgrade(conn)` runs inside the caller's write transaction that holds the schema lock
 (`Store.schema_lock`), so two registries starting on one database migrate one after the
