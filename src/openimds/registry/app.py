@@ -411,10 +411,12 @@ def _routes(reg: Registry) -> list[web.RouteDef]:
         while True:
             epoch = notifier.epoch()
             if not waiting:
-                result = await notifier.read(reg.changes, since, limit)
+                page = await notifier.read(reg.changes_page, since, limit)
                 left = deadline - loop.time()
-                if result["changes"] or left <= 0 or notifier.closed:
-                    return web.json_response(result)
+                if page.count or left <= 0 or notifier.closed:
+                    # encoded once, in the worker thread: every long-poll it wakes sends it
+                    return web.Response(body=page.body, content_type="application/json",
+                                        charset="utf-8")
             waiting = False
             await notifier.wait(epoch, min(notifier.recheck_s, deadline - loop.time()))
 

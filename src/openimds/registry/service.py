@@ -993,7 +993,13 @@ class Registry:
         return views.changes(self.store, since, min(limit or self.max_page_size,
                                                     self.max_page_size), self.reuse.hold_s)
 
-    def fed(self, revision: int, rows: list[dict[str, Any]]) -> Json:
+    def changes_page(self, since: int, limit: int | None = None) -> views.Page:
+        """`changes` as the REST API sends it: its JSON body (`views.changes_page`)."""
+        return views.changes_page(self.store, since, min(limit or self.max_page_size,
+                                                         self.max_page_size),
+                                  self.reuse.hold_s)
+
+    def fed(self, revision: int, rows: list[tuple[str, str, str, str]]) -> views.Page:
         """The feed's page after `revision` from the write's own rows (`views.fed`)."""
         return views.fed(revision, rows, self.reuse.hold_s)
 

@@ -459,8 +459,9 @@ class AckHold:
         self.seconds = 0.0
         self.revision = 0
         self.committed = 0
-        # the committed write's change rows as the feed reads them back: (revision, rows)
-        self.fed: tuple[int, list[dict[str, Any]]] | None = None
+        # the committed write's change rows as the feed reads them back: (revision, rows
+        # of kind, op, id and attrs as stored JSON text)
+        self.fed: tuple[int, list[tuple[str, str, str, str]]] | None = None
 
 
 # Per request; asyncio.to_thread copies the context, so the worker thread fills the same one.
@@ -919,12 +920,10 @@ class Store:
             raise Conflict(reason) from None
         if hold is not None:
             hold.committed = tx.revision
-            # copied through JSON as the column stored them: what a read gives back, and
-            # safe from whatever the caller does with its dicts next
-            hold.fed = (tx.revision, [
-                {"revision": c["revision"], "kind": c["kind"], "op": c["op"],
-                 "id": c["obj_id"], "attrs": json.loads(json.dumps(c["attrs"]))}
-                for c in tx.changes])
+            # attrs encoded as the column stored them (SQLAlchemy's JSON type: json.dumps):
+            # what a read gives back, and safe from whatever the caller does with its dicts
+            hold.fed = (tx.revision, [(c["kind"], c["op"], c["obj_id"], json.dumps(c["attrs"]))
+                                      for c in tx.changes])
             if tx.hold_s > hold.seconds:
                 hold.seconds = tx.hold_s
         audit.info("registry.write revision=%d changes=%s", tx.revision,

@@ -6,6 +6,8 @@ import (building a SQLAlchemy statement costs more than running it).
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -198,12 +200,18 @@ def topology(store: Store) -> Json:
 
 # Revision order is seq order (a writer bumps the revision under the write lock before it
 # appends its changes); ordering by (revision, seq) lets the revision index answer from
-# `since` on, where ORDER BY seq alone scanned the whole retained table.
-_CHANGES_SINCE = (sa.select(changes_table)
+# `since` on, where ORDER BY seq alone scanned the whole retained table. attrs as the text
+# the column stores (SQLAlchemy's json.dumps; PostgreSQL's json type keeps its input as
+# given): a page's JSON body takes it as it is, not decoded and encoded again row by row.
+_RAW_ATTRS = sa.cast(changes_table.c.attrs, sa.Text).label("attrs")
+_FEED_COLUMNS = (changes_table.c.seq, changes_table.c.revision, changes_table.c.kind,
+                 changes_table.c.op, changes_table.c.obj_id, _RAW_ATTRS)
+_CHANGES_SINCE = (sa.select(*_FEED_COLUMNS)
                   .where(changes_table.c.revision > sa.bindparam("since"))
                   .order_by(changes_table.c.revision, changes_table.c.seq)
                   .limit(sa.bindparam("size")))
-_CHANGES_AT = (sa.select(changes_table).where(changes_table.c.revision == sa.bindparam("revision"))
+_CHANGES_AT = (sa.select(*_FEED_COLUMNS)
+               .where(changes_table.c.revision == sa.bindparam("revision"))
                .order_by(changes_table.c.seq))
 # The window (state's revision and floor) and the page in one statement: a feed call is one
 # round trip to PostgreSQL besides BEGIN and COMMIT. No change newer: one row of NULLs.
@@ -214,9 +222,35 @@ _WINDOW_AND_PAGE = (
     .select_from(state_table.outerjoin(_PAGE, sa.true()))
     .where(state_table.c.id == 1)
     .order_by(_PAGE.c.revision, _PAGE.c.seq))
+_ESC = json.encoder.encode_basestring_ascii  # json.dumps' own string encoder
 
 
-def changes(store: Store, since: int, size: int, hold_s: float = DEFAULT_HOLD_S) -> Json:
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A feed page as the REST API sends it: its JSON body, encoded once in the worker
+    thread (every long-poll a page wakes sends the same bytes), and how many changes it
+    holds (a long-poll answers only a page with some)."""
+
+    count: int
+    body: bytes
+
+
+def feed_row(revision: int, kind: str, op: str, obj_id: str, attrs: str) -> str:
+    """One change as the feed's JSON shows it (json.dumps' format), attrs already JSON."""
+    return (f'{{"revision": {revision}, "kind": {_ESC(kind)}, "op": {_ESC(op)}, '
+            f'"id": {_ESC(obj_id)}, "attrs": {attrs}}}')
+
+
+def _page(revision: int, rows: list[str], head: int, hold_s: float) -> Page:
+    # head: the registry's revision when this was read (a page that ends below it is not the
+    # whole story); lease_s: how long a consumer may trust what it applied, hold_s: how long
+    # it may serve what it knew while no registry answers (registry/reuse.py)
+    body = (f'{{"revision": {revision}, "changes": [{", ".join(rows)}], "head": {head}, '
+            f'"lease_s": {json.dumps(LEASE_S)}, "hold_s": {json.dumps(hold_s)}}}')
+    return Page(len(rows), body.encode())
+
+
+def changes_page(store: Store, since: int, size: int, hold_s: float = DEFAULT_HOLD_S) -> Page:
     """At most about size changes newer than since, whole revisions only (a revision larger
     than size comes whole); ResyncRequired outside the retained window."""
     with store.read() as conn:
@@ -233,19 +267,21 @@ def changes(store: Store, since: int, size: int, hold_s: float = DEFAULT_HOLD_S)
                 rows = list(conn.execute(_CHANGES_AT, {"revision": cut}))
             else:
                 rows = [r for r in rows if r.revision < cut]
-    out = [{"revision": r.revision, "kind": r.kind, "op": r.op, "id": r.obj_id,
-            "attrs": r.attrs} for r in rows]
-    # head: the registry's revision when this was read (a page that ends below it is not the
-    # whole story); lease_s: how long a consumer may trust what it applied, hold_s: how long
-    # it may serve what it knew while no registry answers (registry/reuse.py)
-    return {"revision": out[-1]["revision"] if out else rev, "changes": out, "head": rev,
-            "lease_s": LEASE_S, "hold_s": hold_s}
+    return _page(rows[-1].revision if rows else rev,
+                 [feed_row(r.revision, r.kind, r.op, r.obj_id, r.attrs) for r in rows],
+                 rev, hold_s)
 
 
+def changes(store: Store, since: int, size: int, hold_s: float = DEFAULT_HOLD_S) -> Json:
+    """`changes_page` as a dict (for in-process callers; the REST API sends its body)."""
+    page: Json = json.loads(changes_page(store, since, size, hold_s).body)
+    return page
 
-def fed(revision: int, rows: list[dict[str, Any]], hold_s: float = DEFAULT_HOLD_S) -> Json:
-    """`changes(store, revision - 1, size)` as it reads right after the write of `revision`
-    committed, from that write's own change rows (`AckHold.fed`): its revision is whole in
-    any page size and `revision - 1` is inside the window (retention >= 10)."""
-    return {"revision": revision, "changes": rows, "head": revision, "lease_s": LEASE_S,
-            "hold_s": hold_s}
+
+def fed(revision: int, rows: list[tuple[str, str, str, str]],
+        hold_s: float = DEFAULT_HOLD_S) -> Page:
+    """`changes_page(store, revision - 1, size)` as it reads right after the write of
+    `revision` committed, from that write's own change rows (`AckHold.fed`: kind, op, id,
+    attrs as the column stored them): its revision is whole in any page size and
+    `revision - 1` is inside the window (retention >= 10)."""
+    return _page(revision, [feed_row(revision, *r) for r in rows], revision, hold_s)
