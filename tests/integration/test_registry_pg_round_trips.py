@@ -449,6 +449,10 @@ def test_a_create_is_two_round_trips_and_a_feed_read_three(db: _Db) -> None:
         reg.warm_up()
         for op, want in ((lambda i: reg.create_instance(
                 {"name": f"vm{i}", "network_id": db.net}), CREATE_ROUND_TRIPS),
+                         # a port alone: the same two (its rows in the commit's pipeline too;
+                         # 4 before, the port and its addresses a round trip each)
+                         (lambda i: reg.create_port(
+                             {"name": f"p{i}", "network_id": db.net}), CREATE_ROUND_TRIPS),
                          (lambda i: reg.changes(0), 3)):
             counts = []
             for i in range(4):

@@ -733,10 +733,14 @@ class Registry:
                 fixed = allocate(tx, network_id, body.get("fixed_ips"),
                                  mac=mac or network.mac, device_owner=owner,
                                  subs=network.subnets, picks=None if checked else network.picks)
-                # a drawn MAC is free by the network's read: no re-check at insert
+                # a drawn MAC is free by the network's read: no re-check at insert; the port
+                # and its addresses go in with the change rows, in the commit's round trip
+                # on PostgreSQL (as an instance's): nothing below reads them back (the
+                # reuse hold asks about its own router scope by key, not through ports)
                 return insert_port(tx, network_id=network_id, project_id=pid,
                                    device_id=device_id, device_owner=owner, fixed=fixed,
-                                   name=name, mac=mac or network.mac, mac_checked=mac is None)
+                                   name=name, mac=mac or network.mac, mac_checked=mac is None,
+                                   later=True)
 
         return _checked_if_stale(write)
 
