@@ -20,10 +20,15 @@ to a `router` namespace (qr0 10.0.0.1/24). wrk runs in `vm` against 10.0.0.1, al
 
 Every configuration runs in every round, interleaved per scenario, each after a 1 s warm-up.
 CPU µs per request is utime+stime of each process (/proc/PID/stat, all threads, all worker
-processes of a service) over the requests wrk completed. Printed: per-hop CPU and its ratio
-to bare (target <= 3x, keep-alive), chain / bare rps (one-process floor; target >= 0.6 with
-a new connection per request), chain / haproxy-chain rps (target >= 1.0). Ratios are medians
-of per-round ratios: the 2-core machine is shared with wrk (and with everyone else).
+processes of a service) over the requests wrk completed. Each chain run also prints its
+pools' connections per worker of the hop behind (`pooled`: agent -> each API worker, proxy
+-> each agent worker) before its warm-up and after it: a stack left unused for 30 s or
+more starts at 0, its servers' keep-alive timeout having ended them (the warm-up opens
+them again), and a shared address shows there how evenly the kernel placed them.
+Printed: per-hop CPU and its ratio to bare (target <= 3x, keep-alive), chain / bare rps
+(one-process floor; target >= 0.6 with a new connection per request), chain /
+haproxy-chain rps (target >= 1.0). Ratios are medians of per-round ratios: the 2-core
+machine is shared with wrk (and with everyone else).
 
 With `--proxy-alone` the same rounds also measure **hop 1 alone** against haproxy, as
 bench/proxy_bench.py does, but side by side with the chain: `openimds proxy` (1 and 2
