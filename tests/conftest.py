@@ -7,6 +7,9 @@ machine, and bridges or veths the agents under test create hang off this private
 Named namespaces (`ip netns add`) are still global: tests give them unique names and delete
 them in finalizers. Do not read /sys/class/net in code under test: sysfs shows the host's
 namespace here; use netlink.
+
+Start processes with tests.reaper.spawn (tests.support.Service does): they die with pytest,
+however it dies, and a watchdog sweeps what they started (tests/reaper.py).
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import asyncio
 import ctypes
 import os
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import pytest
 import uvloop
+
+from tests import reaper
 
 CLONE_NEWNET = 0x40000000
 EPHEMERAL_LOW = 45000  # tests.support.free_port picks below this
@@ -41,6 +46,15 @@ def _enter_private_netns() -> None:
 
 if IS_ROOT and os.environ.get("NO_PRIVATE_NETNS") is None:
     _enter_private_netns()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _reap_on_exit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Whatever the tests start dies with the session, even if pytest is killed (-9 too):
+    tests/reaper.py."""
+    reaper.REAPER.start(tmp_path_factory.getbasetemp())
+    yield
+    reaper.REAPER.reap()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests import reaper
+
 REPO = Path(__file__).resolve().parent.parent
 CLOUDINIT_PATH = REPO / ".cache" / "cloud-init" / "usr" / "lib" / "python3" / "dist-packages"
 AWS_JS_PATH = REPO / ".cache" / "aws-js" / "node_modules"  # scripts/setup, from npm
@@ -110,7 +112,7 @@ def run_cli(
     timeout: float = 60, env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run `openimds --config CONFIG ARGS...` as a real subprocess."""
-    proc = subprocess.run(
+    proc = reaper.run(
         [PYTHON, "-m", "openimds", "--config", str(config), *args],
         capture_output=True, text=True, timeout=timeout, env=clean_env(env),
         input=input.decode() if input is not None else None,
@@ -129,7 +131,8 @@ def cli_json(config: Path, *args: str) -> Any:
 
 
 class Service:
-    """One real process, started from argv, stopped by its PID (never by name)."""
+    """One real process, started from argv, stopped by its PID (never by name), killed with
+    pytest if pytest dies first (tests/reaper.py)."""
 
     def __init__(
         self, name: str, argv: Sequence[str], log_dir: Path,
@@ -148,10 +151,7 @@ class Service:
 
     def start(self) -> Service:
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-            start_new_session=True,
-        )
+        self.proc = reaper.spawn(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         log.close()
         return self
 
@@ -257,8 +257,11 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
 
 
 def unique_name(prefix: str) -> str:
-    """A namespace name unique to this test process and call."""
-    return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    """A namespace name unique to this test process and call (deleted if pytest dies before
+    the test deletes it)."""
+    name = f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    reaper.register_namespace(name)
+    return name
 
 
 def scrape(port: int, host: str = "127.0.0.1", path: str = "/metrics") -> str:

@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from openimds.registry import store as st
+from tests import reaper
 from tests.integration.registry_support import BACKENDS, Registry, registry_process
 from tests.support import clean_env, http_ready
 
@@ -123,7 +124,7 @@ def test_kill_9_during_writes_loses_nothing_committed(tmp_path: Path, backend: s
         journal = tmp_path / "journal"
         script = tmp_path / "writer.py"
         script.write_text(WRITER)
-        writer = subprocess.Popen(
+        writer = reaper.spawn(
             [sys.executable, str(script), reg.url, reg.admin_token, net["id"], str(journal)],
             env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:

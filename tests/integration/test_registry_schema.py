@@ -33,6 +33,7 @@ from openimds.registry.backup import FORMAT, VERSION, _digest, dump, restore, up
 from openimds.registry.scheduler import Policy
 from openimds.registry.service import Registry
 from openimds.registry.store import Store, agents, metadata
+from tests import reaper
 from tests.support import (
     PYTHON,
     base_config,
@@ -427,7 +428,7 @@ def test_two_registries_upgrading_one_database_at_once_do_not_race(
         procs: list[subprocess.Popen[str]] = []
         try:
             with holder.schema_lock():
-                procs = [subprocess.Popen(
+                procs = [reaper.spawn(
                     [PYTHON, "-m", "openimds", "--config", str(c), "registry", "migrate"],
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                     env=clean_env()) for c in configs]

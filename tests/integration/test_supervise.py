@@ -29,6 +29,7 @@ from openimds.host.supervise import (
     unix_ready,
     write_record,
 )
+from tests import reaper
 
 PY = sys.executable
 
@@ -119,7 +120,9 @@ async def test_supervisor_order_and_rollback(tmp_path: Path) -> None:
 
 
 async def test_stop_pid_by_pid(tmp_path: Path) -> None:
-    proc = await asyncio.create_subprocess_exec(PY, "-c", "import time; time.sleep(60)")
+    proc = await asyncio.create_subprocess_exec(PY, "-c", "import time; time.sleep(60)",
+                                                **reaper.child_kwargs())
+    reaper.track(proc.pid)
     task = asyncio.create_task(proc.wait())
     killed = await stop_pid(proc.pid, timeout_s=5)
     await task
@@ -156,8 +159,8 @@ def _run_supervisor(tmp: Path, term: str, death: str) -> tuple[int, int]:
     """Start a supervisor process with one child; kill -9 the supervisor. -> pids."""
     import subprocess
 
-    sup = subprocess.Popen([PY, "-c", SUPERVISOR, str(tmp), term, death],
-                           stdout=subprocess.PIPE, text=True)
+    sup = reaper.spawn([PY, "-c", SUPERVISOR, str(tmp), term, death],
+                       stdout=subprocess.PIPE, text=True)
     assert sup.stdout is not None and sup.stdout.readline().strip() == "started"
     child = int((tmp / "c.ready").read_text())
     os.kill(sup.pid, signal.SIGKILL)
@@ -209,8 +212,12 @@ async def test_listener_ownership_names_the_process_on_the_port(tmp_path: Path) 
             "print(s.getsockname()[1], flush=True); time.sleep(60)\n")
     path = tmp_path / "l.sock"
     proc = await asyncio.create_subprocess_exec(PY, "-c", code, str(path),
-                                                stdout=asyncio.subprocess.PIPE)
-    other = await asyncio.create_subprocess_exec(PY, "-c", "import time; time.sleep(60)")
+                                                stdout=asyncio.subprocess.PIPE,
+                                                **reaper.child_kwargs())
+    other = await asyncio.create_subprocess_exec(PY, "-c", "import time; time.sleep(60)",
+                                                 **reaper.child_kwargs())
+    reaper.track(proc.pid)
+    reaper.track(other.pid)
     try:
         assert proc.stdout is not None
         port = int((await proc.stdout.readline()).decode())

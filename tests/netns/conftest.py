@@ -38,6 +38,7 @@ import pytest
 from openimds.config import Settings, load_settings
 from openimds.host import links
 from openimds.registry.client import RegistryClient
+from tests import reaper
 from tests.support import (
     Service,
     base_config,
@@ -186,6 +187,7 @@ class Stack:
     def plug(self, server: str) -> str:
         ns = self.cli("vm", "plug", server).stdout.strip()
         self.plugged.add(ns)
+        reaper.register_namespace(ns)  # nothing may run in it: deleted by name if pytest dies
         return ns
 
     def vm_exec(self, server: str, *argv: str, check: bool = False,

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from openimds.host import links
+from tests import reaper
 from tests.netns.test_routed_e2e import make_tenant, ns_exec, wait_metadata, wait_router_ready
 from tests.support import PYTHON, write_config
 
@@ -51,6 +52,7 @@ class Container:
         ns, vm = self.ns, self.vm_ns
         tag = self.ns[4:10]
         inner, outer = f"ce{tag}", f"cv{tag}"
+        reaper.register_namespace(ns)
         subprocess.run(["ip", "netns", "add", ns], check=True)
         try:
             cmds = [

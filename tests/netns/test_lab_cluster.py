@@ -32,6 +32,7 @@ from openimds.host.supervise import (
     process_tree,
 )
 from openimds.registry.client import RegistryClient
+from tests import reaper
 from tests.support import PG_SOCKET_DIR, PYTHON, clean_env
 
 pytestmark = [pytest.mark.netns, pytest.mark.postgres]
@@ -68,9 +69,9 @@ class Lab:
                                             admin=True)
 
     def spawn(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen([PYTHON, "-m", "openimds", "--config", str(self.host), *args],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=clean_env(), stdin=subprocess.DEVNULL)
+        return reaper.spawn([PYTHON, "-m", "openimds", "--config", str(self.host), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=clean_env(), stdin=subprocess.DEVNULL)
 
     def json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "-f", "json").stdout)
@@ -260,9 +261,9 @@ def test_lab_killed_minus_9_leaves_nothing_the_next_up_removes_and_a_node_up_res
     c = make_lab(start=False)
     args = ("lab", "cluster", "up", "--name", c.name, "--network-nodes", "0",
             "--compute-nodes", "0")
-    first = subprocess.Popen([PYTHON, "-m", "openimds", *args], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, env=clean_env(),
-                             stdin=subprocess.DEVNULL)
+    first = reaper.spawn([PYTHON, "-m", "openimds", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env=clean_env(),
+                         stdin=subprocess.DEVNULL)
     try:
         # half-way: the controller is booted and its `up` runs, the build is not complete
         node = wait_for(lambda: next((n for n in c.recorded().get("nodes", [])

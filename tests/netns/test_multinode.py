@@ -30,6 +30,7 @@ from openimds.agents.l3 import RouterDriver
 from openimds.core.names import bridge_name, dhcp_namespace, router_namespace
 from openimds.core.nodes import gratuitous_arp
 from openimds.host import links
+from tests import reaper
 from tests.netns.conftest import Stack
 from tests.netns.test_fabric_l3 import Topo, cleanup, leg_state, make_settings, track
 from tests.support import PYTHON, Service, cli_json, unix_ready, write_config
@@ -66,10 +67,9 @@ class Node:
         self.services: list[Service] = []
 
     def start(self) -> Node:
-        self.holder = subprocess.Popen(
+        self.holder = reaper.spawn(
             ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
-             "mount -t tmpfs -o mode=0755 node-netns /run/netns && exec sleep 100000"],
-            start_new_session=True)
+             "mount -t tmpfs -o mode=0755 node-netns /run/netns && exec sleep 100000"])
         deadline = time.monotonic() + 10
         while b"sleep" not in Path(f"/proc/{self.holder.pid}/cmdline").read_bytes():
             assert time.monotonic() < deadline, "mount namespace holder did not start"

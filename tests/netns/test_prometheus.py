@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from openimds.core.names import dhcp_namespace
+from tests import reaper
 from tests.support import (
     PYTHON,
     REPO,
@@ -199,7 +200,7 @@ def test_prometheus_scrapes_every_service_and_the_dashboard_fits(
     assert "p99_ms" in table and "cache_hit_ratio" in table and "w=0 r=0 i=" in table
     watch_out = stack.root / "status-watch.out"
     with watch_out.open("wb") as sink:
-        watch = subprocess.Popen(
+        watch = reaper.spawn(
             [PYTHON, "-m", "openimds", "--config", str(stack.config), "status", "--watch",
              "--interval", "0.3"], stdout=sink, stderr=subprocess.STDOUT, env=clean_env())
     try:

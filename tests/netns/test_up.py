@@ -19,6 +19,7 @@ import pytest
 
 from openimds.config import load_settings
 from openimds.registry.client import RegistryClient
+from tests import reaper
 from tests.support import PYTHON, clean_env
 
 pytestmark = pytest.mark.netns
@@ -58,10 +59,9 @@ def alive(pid: int) -> bool:
 class Up:
     def __init__(self, config: Path, out: Path, *args: str) -> None:
         self.out = out
-        self.proc = subprocess.Popen(
+        self.proc = reaper.spawn(
             [PYTHON, "-m", "openimds", "--config", str(config), "up", *args],
             stdout=out.open("ab"), stderr=subprocess.STDOUT, env=clean_env(),
-            start_new_session=True,
         )
         self.children: dict[str, int] = {}
 
@@ -254,7 +254,7 @@ def test_up_does_not_take_another_process_on_the_port_for_its_child(
     _config_without_secrets(stack)
     port = stack.settings.registry.bind_port
     # somebody else answers the registry's health check on its port
-    impostor = subprocess.Popen(
+    impostor = reaper.spawn(
         [PYTHON, "-c",
          "import http.server, sys\n"
          "class H(http.server.BaseHTTPRequestHandler):\n"

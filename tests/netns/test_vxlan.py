@@ -20,6 +20,7 @@ from openimds.config import FabricSettings
 from openimds.core.names import bridge_name
 from openimds.errors import ConfigError
 from openimds.host import links
+from tests import reaper
 from tests.support import unique_name
 
 pytestmark = pytest.mark.netns
@@ -92,9 +93,9 @@ def servers() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 def serve(procs: list[subprocess.Popen[bytes]], vm: str, ip: str, name: str) -> None:
     """A tiny HTTP server in the VM answering its own name (stopped by PID at the end)."""
-    procs.append(subprocess.Popen(["ip", "netns", "exec", vm, "python3", "-c", _SERVE_ONCE,
-                                   ip, name], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL))
+    procs.append(reaper.spawn(["ip", "netns", "exec", vm, "python3", "-c", _SERVE_ONCE,
+                               ip, name], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL))
 
 
 def fetch(vm: str, ip: str) -> str | None:
