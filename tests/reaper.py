@@ -295,9 +295,9 @@ def spawn(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
 
 
 def run(argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
-    """subprocess.run for a command that may hang (a CLI call): dies with pytest too."""
-    return REAPER.on_main_thread(  # type: ignore[no-any-return]
-        lambda: subprocess.run(list(argv), preexec_fn=_die_with_pytest(), **kwargs))
+    """subprocess.run for a command that may hang (a CLI call): dies with pytest too. In the
+    calling thread (which waits for it, so outlives it): calls from threads run at once."""
+    return subprocess.run(list(argv), preexec_fn=_die_with_pytest(), **kwargs)
 
 
 if __name__ == "__main__":
