@@ -40,8 +40,10 @@ from openimds.host import links
 from openimds.registry.client import RegistryClient
 from tests import reaper
 from tests.support import (
+    PYTHON,
     Service,
     base_config,
+    clean_env,
     http_ready,
     openimds_service,
     run_cli,
@@ -203,6 +205,22 @@ class Stack:
         self.plugged.add(ns)
         reaper.register_namespace(ns)  # nothing may run in it: deleted by name if pytest dies
         return ns
+
+    def plug_many(self, *servers: str) -> list[str]:
+        """`vm plug` of several servers at once (on different networks): each is a CLI
+        process whose Python start alone takes a second or two on a loaded machine."""
+        procs = [reaper.spawn([PYTHON, "-m", "openimds", "--config", str(self.config), "vm",
+                               "plug", server], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=clean_env())
+                 for server in servers]
+        namespaces = []
+        for server, proc in zip(servers, procs, strict=True):
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, f"vm plug {server} exited {proc.returncode}: {err}"
+            namespaces.append(out.strip())
+            self.plugged.add(namespaces[-1])
+            reaper.register_namespace(namespaces[-1])
+        return namespaces
 
     def vm_exec(self, server: str, *argv: str, check: bool = False,
                 timeout: float = 60.0, env: Mapping[str, str] | None = None,

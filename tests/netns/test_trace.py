@@ -42,8 +42,7 @@ class World:
         stack.wait(lambda: stack.proxy_pid() is not None, 20, "a proxy")
 
     def plug(self) -> None:
-        self.stack.plug(self.web["id"])
-        ns = self.stack.plug(self.iso["id"])
+        _, ns = self.stack.plug_many(self.web["id"], self.iso["id"])
         dhcp_ip = self.stack.wait(self._dhcp_ip, 30, "the DHCP port")
         subprocess.run(["ip", "-n", ns, "route", "replace", "169.254.169.254/32", "via",
                         dhcp_ip, "dev", "eth0"], check=True)
