@@ -76,21 +76,28 @@ def _cmdline(pid: str) -> bytes:
         return b""
 
 
+# The namespace pytest started in, read when tests/conftest.py imports this module, before
+# it moves pytest into a private one (/proc/1/ns/net is not readable on every machine).
+OUTER_NETNS = _netns("self")
+
+
 def private_netns() -> int | None:
-    """Our network namespace's inode if it is not the machine's (then nothing else is in it);
-    None when we run in the machine's own (not root): never sweep that one."""
-    ours, init = _netns("self"), _netns(1)
-    return ours if ours is not None and init is not None and ours != init else None
+    """Our network namespace's inode if it is not the one pytest started in (then nothing
+    else is in it); None when we run in that one (not root): never sweep it."""
+    ours = _netns("self")
+    return ours if ours is not None and OUTER_NETNS is not None and ours != OUTER_NETNS else None
 
 
 def sweep(*, spare: Iterable[int], netns: int | None, marker: bytes | None,
-          groups: Iterable[tuple[int, int]], rounds: int = 20) -> set[int]:
+          groups: Iterable[tuple[int, int]], outside: int | None = None,
+          rounds: int = 20) -> set[int]:
     """SIGKILL every process that is ours (see the module doc) except `spare`, round after
     round until one finds none (a supervisor may respawn a child between two kills).
     groups: (leader pid, its start time), signalled only while that leader is the same
-    process. Returns the network namespace inodes the killed processes were in."""
+    process. outside: the machine's namespace, where the marker is not looked for. Returns
+    the network namespace inodes the killed processes were in."""
     keep = set(spare) | {os.getpid()}
-    init = _netns(1)
+    init = outside if outside is not None else _netns(1)
     seen_ns: set[int] = set()
     for _ in range(rounds):
         found = 0
@@ -144,8 +151,11 @@ def delete_namespaces(names: Iterable[str], inodes: set[int]) -> None:
             (Path("/etc/netns") / name).rmdir()
 
 
-def watch(stream: IO[str], netns: int | None, marker: bytes | None) -> None:
+def watch(stream: IO[str], netns: int | None, marker: bytes | None,
+          outside: int | None) -> None:
     """The watchdog's body: read registrations until EOF, then sweep and delete."""
+    pytest_pid = os.getppid()
+    pytest_start = _start_time(pytest_pid)
     groups: list[tuple[int, int]] = []
     names: list[str] = []
     for line in stream:
@@ -155,7 +165,13 @@ def watch(stream: IO[str], netns: int | None, marker: bytes | None) -> None:
             groups.append((int(pid), int(started)))
         elif kind == "netns":
             names.append(rest)
-    inodes = sweep(spare=(), netns=netns, marker=marker, groups=groups)
+    # the pipe also ends when a pytest that finished closes its files on the way out: let it
+    # go first (it is in the namespace swept), and never kill it
+    deadline = time.monotonic() + 30
+    while _start_time(pytest_pid) == pytest_start and time.monotonic() < deadline:
+        time.sleep(0.02)
+    inodes = sweep(spare=(pytest_pid,) if _start_time(pytest_pid) == pytest_start else (),
+                   netns=netns, marker=marker, groups=groups, outside=outside)
     delete_namespaces(names, inodes)
 
 
@@ -203,7 +219,8 @@ class _Reaper:
         netns = private_netns()
         read, write = os.pipe()
         self.watchdog = subprocess.Popen(
-            [sys.executable, __file__, str(netns or ""), self.marker.decode()],
+            [sys.executable, __file__, str(netns or ""), self.marker.decode(),
+             str(OUTER_NETNS or "")],
             stdin=read, stdout=subprocess.DEVNULL, start_new_session=True)
         os.close(read)
         # the write end is not inherited (os.pipe is close-on-exec): EOF = pytest is gone
@@ -229,7 +246,8 @@ class _Reaper:
         spare = {self.watchdog.pid} if self.watchdog is not None else set()
         with self._lock:
             groups = list(self.groups)
-        inodes = sweep(spare=spare, netns=private_netns(), marker=self.marker, groups=groups)
+        inodes = sweep(spare=spare, netns=private_netns(), marker=self.marker, groups=groups,
+                       outside=OUTER_NETNS)
         if inodes:
             delete_namespaces((), inodes)
 
@@ -301,8 +319,10 @@ def run(argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
 
 
 if __name__ == "__main__":
-    # the watchdog: argv = netns inode ("" = none), base temp dir (with its trailing "/")
+    # the watchdog: argv = netns inode ("" = none), base temp dir (with its trailing "/"),
+    # the machine's netns inode
     for _sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(_sig, signal.SIG_IGN)  # it stops when pytest's pipe ends, not before
     watch(sys.stdin, int(sys.argv[1]) if sys.argv[1] else None,
-          sys.argv[2].encode() if sys.argv[2] else None)
+          sys.argv[2].encode() if sys.argv[2] else None,
+          int(sys.argv[3]) if sys.argv[3] else None)

@@ -22,7 +22,10 @@ import subprocess, sys, time
 ns, mark, out = sys.argv[1:4]
 child = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c",
                           "import time; time.sleep(600)", mark], start_new_session=True)
-open(out + ".tmp", "w").write(str(child.pid))
+# and one in pytest's own namespace, its command line naming nothing of ours
+orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                          start_new_session=True)
+open(out + ".tmp", "w").write(f"{child.pid} {orphan.pid}")
 import os; os.replace(out + ".tmp", out)
 time.sleep(600)
 """
@@ -42,7 +45,8 @@ def test_serve_and_sleep(tmp_path: Path) -> None:
             agent.wait_until(grandchild.exists, 30)
             out.with_suffix(".tmp").write_text(json.dumps({
                 "registry": reg.service.pid, "agent": agent.pid,
-                "grandchild": int(grandchild.read_text()), "namespaces": [ours, theirs],
+                "grandchild": int(grandchild.read_text().split()[0]),
+                "orphan": int(grandchild.read_text().split()[1]), "namespaces": [ours, theirs],
                 "teardown": str(tmp_path / "teardown")}))
             out.with_suffix(".tmp").replace(out)
             time.sleep(600)

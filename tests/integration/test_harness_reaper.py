@@ -41,7 +41,7 @@ def test_services_die_with_a_killed_pytest(tmp_path: Path, sig: int) -> None:
     try:
         info = wait_for(lambda: out.exists() and json.loads(out.read_text()), 120,
                         "the child pytest's services")
-        pids = [info["registry"], info["agent"], info["grandchild"]]
+        pids = [info["registry"], info["agent"], info["grandchild"], info["orphan"]]
         assert all(_alive(p) for p in pids), log.read_text()
         assert all(Path("/var/run/netns", ns).exists() for ns in info["namespaces"])
         os.kill(child.pid, sig)
@@ -60,7 +60,7 @@ def test_services_die_with_a_killed_pytest(tmp_path: Path, sig: int) -> None:
         if child.poll() is None:
             child.kill()
             child.wait(10)
-        for pid in (info.get(k) for k in ("registry", "agent", "grandchild")):
+        for pid in (info.get(k) for k in ("registry", "agent", "grandchild", "orphan")):
             if pid and _alive(pid):  # by PID: the same process (the check just made)
                 os.kill(pid, signal.SIGKILL)
         for ns in info.get("namespaces", []):
