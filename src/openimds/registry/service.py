@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import json
 import logging
 import time
 import uuid
@@ -994,11 +995,13 @@ class Registry:
         return views.topology(self.store)
 
     def changes(self, since: int, limit: int | None = None) -> Json:
-        return views.changes(self.store, since, min(limit or self.max_page_size,
-                                                    self.max_page_size), self.reuse.hold_s)
+        """`changes_page` as a dict (for in-process callers; the REST API sends its body)."""
+        page: Json = json.loads(self.changes_page(since, limit).body)
+        return page
 
     def changes_page(self, since: int, limit: int | None = None) -> views.Page:
-        """`changes` as the REST API sends it: its JSON body (`views.changes_page`)."""
+        """At most `limit` (capped at `max_page_size`) changes newer than `since`, as the
+        REST API sends them: the page's JSON body (`views.changes_page`)."""
         return views.changes_page(self.store, since, min(limit or self.max_page_size,
                                                          self.max_page_size),
                                   self.reuse.hold_s)

@@ -272,12 +272,6 @@ def changes_page(store: Store, since: int, size: int, hold_s: float = DEFAULT_HO
                  rev, hold_s)
 
 
-def changes(store: Store, since: int, size: int, hold_s: float = DEFAULT_HOLD_S) -> Json:
-    """`changes_page` as a dict (for in-process callers; the REST API sends its body)."""
-    page: Json = json.loads(changes_page(store, since, size, hold_s).body)
-    return page
-
-
 def fed(revision: int, rows: list[tuple[str, str, str, str]],
         hold_s: float = DEFAULT_HOLD_S) -> Page:
     """`changes_page(store, revision - 1, size)` as it reads right after the write of
