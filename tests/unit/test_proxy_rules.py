@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from openimds.core.proxy_rules import (
@@ -180,8 +180,16 @@ TOKEN = st.text(
 
 
 def _random_case(draw: st.DrawFn, name: str) -> str:
-    flips = draw(st.lists(st.booleans(), min_size=len(name), max_size=len(name)))
-    return "".join(c.upper() if f else c.lower() for c, f in zip(name, flips, strict=True))
+    # One draw for the whole name (bit i: upper-case letter i), not one boolean per letter:
+    # every casing is still reachable, at a fraction of the draws per example.
+    flips = draw(st.integers(0, 2 ** len(name) - 1))
+    return "".join(c.upper() if flips >> i & 1 else c.lower() for i, c in enumerate(name))
+
+
+# A header value: any bytes but CR and LF, which are dropped rather than filtered out (a
+# filter rejects up to one draw in four, at 40 bytes, and rejections count against the
+# health check's time).
+VALUE = st.binary(max_size=40).map(lambda v: v.replace(b"\r", b"").replace(b"\n", b""))
 
 
 @st.composite
@@ -192,11 +200,15 @@ def hostile_headers(draw: st.DrawFn) -> list[tuple[bytes, bytes]]:
             name = _random_case(draw, draw(st.sampled_from(SPOOF_NAMES)))
         else:
             name = draw(TOKEN)
-        value = draw(st.binary(max_size=40).filter(lambda v: b"\r" not in v and b"\n" not in v))
+        value = draw(VALUE)
         items.append((name.encode(), value))
     return items
 
 
+# Up to 25 headers an example: on a loaded machine generating them can pass the too_slow
+# health check's limit and one example the default deadline; neither says anything about
+# rewrite_headers, so only those two are lifted (the other health checks still apply).
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(hostile_headers(), st.sampled_from([ROUTER, NETWORK]),
        st.sampled_from(["10.0.0.5", "::ffff:10.9.8.7", "2001:db8::1"]))
 def test_rewrite_is_strict_for_any_input(
