@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -122,6 +123,13 @@ class RecordingApi:
             for conn in conns:
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
+
+    def listen_queue(self) -> int:
+        """Connections waiting in the listen backlog, not yet accepted: for a listening
+        socket Linux reports its accept queue's length as tcp_info's tcpi_unacked."""
+        assert self._server is not None
+        info = self._server.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+        return int(struct.unpack_from("I", info, 24)[0])  # after 8 u8 fields and 4 u32s
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:

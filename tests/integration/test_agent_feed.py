@@ -151,13 +151,13 @@ def test_boot_storm_costs_no_registry_query(world: Any) -> None:
 
 
 def test_storm_outlasts_an_api_that_stops_for_seconds(tmp_path: Path) -> None:
-    """The API stops accepting and answering for 4.5 s (as a SIGSTOPped or CPU-starved
-    process would) while 64 new VMs ask at once, through an agent whose pool is still empty:
-    each VM waits, none gets an error. The agent opens 64 connections that queue in the API's
-    listen backlog, and their requests wait on them for the answer. Before, this was how the
-    storm above failed on a busy machine: the stand-in API's backlog was socketserver's 5, so
-    connects past it lost their SYN and timed out (503), and the 2 s upstream timeout of the
-    failure tests turned a slow answer into a 504."""
+    """The API stops accepting and answering (as a SIGSTOPped or CPU-starved process would)
+    while 64 new VMs ask at once, through an agent whose pool is still empty: each VM waits,
+    none gets an error. The agent opens 64 connections that queue in the API's listen
+    backlog, and their requests wait on them for the answer; the API stays stopped until all
+    64 are there. Before, this was how the storm above failed on a busy machine: the
+    stand-in API's backlog was socketserver's 5, so connects past it lost their SYN and timed
+    out (503); such a loss now shows directly, as a queue that never fills."""
     with stack(tmp_path, metadata_agent=AGENT) as st:
         assert st.api is not None
         r = st.admin.create_router("r")
@@ -172,9 +172,14 @@ def test_storm_outlasts_an_api_that_stops_for_seconds(tmp_path: Path) -> None:
         with concurrent.futures.ThreadPoolExecutor(64) as pool:
             with st.api.frozen():
                 pending = [pool.submit(ask_as, st, r["id"], job) for job in jobs]
-                # past the SYN retransmits at 1 s and 3 s (a dropped SYN's next try, at 7 s,
-                # is past the agent's 5 s connect timeout) and past 2 s for every answer
-                time.sleep(4.5)
+                # Until every VM's connection has reached the stopped API: one taken by its
+                # accept loop (held there until the freeze ends), the others in its listen
+                # backlog. A backlog too short for them (socketserver's 5) never holds them
+                # all: the deadline fails the test.
+                deadline = time.monotonic() + 30
+                while (queued := st.api.listen_queue()) < len(jobs) - 1:
+                    assert time.monotonic() < deadline, f"{queued} in the API's listen backlog"
+                    time.sleep(0.02)
                 answered_while_frozen = sum(f.done() for f in pending)
             bad = [why for f in pending if (why := f.result()) is not None]
         assert not bad, failures(st, bad, len(jobs))
