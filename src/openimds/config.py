@@ -157,6 +157,10 @@ class ApiSettings:
         30.0, "Seconds a client (the agent) that does not read may leave its answers untaken "
         "(over 16 KiB unsent) before its connection is reset", min=1.0, max=3600.0,
     )
+    client_keepalive_timeout: float = opt(
+        30.0, "Seconds an answered keep-alive connection of a client (the agent's pooled "
+        "ones) may stay idle before it is closed", min=0.1, max=3600.0,
+    )
     max_request_bytes: int = opt(65536, "Largest request body accepted", min=1024)
     cache_size: int = opt(10000, "Instances whose serialized documents are kept", min=1)
     registry_timeout: float = opt(5.0, "Seconds to wait for the registry's view", min=0.1)
@@ -207,6 +211,10 @@ class MetadataAgentSettings:
     client_write_timeout: float = opt(
         30.0, "Seconds a client (the proxy) that does not read may leave its answers untaken "
         "(over 16 KiB unsent) before its connection is reset", min=1.0, max=3600.0,
+    )
+    client_keepalive_timeout: float = opt(
+        30.0, "Seconds an answered keep-alive connection of a client (the proxy's pooled "
+        "ones) may stay idle before it is closed", min=0.1, max=3600.0,
     )
     registry_timeout: float = opt(5.0, "Seconds to wait for the registry", min=0.1)
     registry_connections: int = opt(

@@ -72,6 +72,11 @@ def test_secrets_file_under_the_config_file(tmp_path: Path) -> None:
          "[api] client_write_timeout: value '0.5' is below the minimum 1.0"),
         ("[metadata_agent]\nclient_write_timeout = 86400\n", {},
          "[metadata_agent] client_write_timeout: value '86400' is above the maximum 3600.0"),
+        ("[api]\nclient_keepalive_timeout = 0\n", {},
+         "[api] client_keepalive_timeout: value '0' is below the minimum 0.1"),
+        ("", {"OPENIMDS_METADATA_AGENT_CLIENT_KEEPALIVE_TIMEOUT": "7200"},
+         "environment OPENIMDS_METADATA_AGENT_CLIENT_KEEPALIVE_TIMEOUT: value '7200' is above "
+         "the maximum 3600.0"),
         ("", {"OPENIMDS_METADATA_AGENT_CLIENT_WRITE_TIMEOUT": "soon"},
          "environment OPENIMDS_METADATA_AGENT_CLIENT_WRITE_TIMEOUT: value 'soon' is not a "
          "number"),
@@ -164,6 +169,20 @@ def test_write_timeouts_of_the_agent_and_the_api(tmp_path: Path) -> None:
     s = load_settings(write(tmp_path, "[api]\nclient_write_timeout = 2.5\n"),
                       environ={"OPENIMDS_METADATA_AGENT_CLIENT_WRITE_TIMEOUT": "7"})
     assert (s.api.client_write_timeout, s.metadata_agent.client_write_timeout) == (2.5, 7.0)
+
+
+def test_keepalive_timeouts_of_the_agent_and_the_api(tmp_path: Path) -> None:
+    """Both default to the 30 s the HTTP layer had fixed (and the proxy's option has); each
+    is its own option, and the proxy's stays [metadata_haproxy] timeout_http_keep_alive."""
+    s = load_settings(write(tmp_path, ""), environ={})
+    assert s.api.client_keepalive_timeout == 30.0
+    assert s.metadata_agent.client_keepalive_timeout == 30.0
+    assert s.metadata_haproxy.timeout_http_keep_alive == 30.0
+    s = load_settings(write(tmp_path, "[api]\nclient_keepalive_timeout = 0.5\n"),
+                      environ={"OPENIMDS_METADATA_AGENT_CLIENT_KEEPALIVE_TIMEOUT": "7"})
+    assert (s.api.client_keepalive_timeout, s.metadata_agent.client_keepalive_timeout) == (
+        0.5, 7.0)
+    assert s.metadata_haproxy.timeout_http_keep_alive == 30.0
 
 
 def test_worker_sockets_are_named_beside_the_shared_one(tmp_path: Path) -> None:

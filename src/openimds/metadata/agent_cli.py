@@ -140,6 +140,7 @@ async def run_agent(
     # known_heads: the proxy's requests differ only in their ID and the caller's identity
     # lines, which are cut out: parsed once per shape, whatever the VMs
     limits = Limits(max_body_bytes=settings.api.max_request_bytes + 4096,
+                    keepalive_timeout_s=settings.metadata_agent.client_keepalive_timeout,
                     write_timeout_s=settings.metadata_agent.client_write_timeout,
                     timeouts=agent.hop.count_timeouts(), known_heads=True,
                     identity_lines=IDENTITY_LINES)

@@ -171,6 +171,7 @@ async def run_api(
         own = _bind_own(settings, worker)
     limits = Limits(max_body_bytes=api_cfg.max_request_bytes,
                     request_timeout_s=api_cfg.client_timeout,
+                    keepalive_timeout_s=api_cfg.client_keepalive_timeout,
                     write_timeout_s=api_cfg.client_write_timeout,
                     timeouts=api.hop.count_timeouts())
     metrics = ServiceMetrics("api", worker=worker)
