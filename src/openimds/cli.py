@@ -20,47 +20,53 @@ from openimds.output import FORMATS, emit_one
 
 Handler = Callable[[argparse.Namespace, Any], int]
 
-# Composed from a literal list: each module has register(subparsers).
-COMMAND_MODULES = (
-    "openimds.registry.cli",
-    "openimds.metadata.api_cli",
-    "openimds.metadata.identity_cli",
-    "openimds.metadata.agent_cli",
-    "openimds.metadata.proxy_cli",
-    "openimds.agents.l3_cli",
-    "openimds.agents.dhcp_cli",
-    "openimds.agents.l2_cli",
-    "openimds.lab.cli",
-    "openimds.lab.cluster_cli",
-    "openimds.node.cli",
-    "openimds.metrics.status_cli",
-    "openimds.node.host_cli",
-)
-
-
-# The services `openimds up` (re)starts, and the one module each is in: running one of them
-# imports only that module, not every command's (~70 ms of a ~430 ms start, measured with
-# bench/restart_bench.py), so a killed service accepts again sooner.
-SERVICE_COMMANDS = {
-    "registry": "openimds.registry.cli",
-    "api": "openimds.metadata.api_cli",
-    "agent": "openimds.metadata.agent_cli",
-    "proxy": "openimds.metadata.proxy_cli",
-    "l3-agent": "openimds.agents.l3_cli",
-    "dhcp-agent": "openimds.agents.dhcp_cli",
-    "l2-agent": "openimds.agents.l2_cli",
+# Every top-level command: the module whose register(subparsers) adds it, and its one line of
+# help. An invocation imports only its own command's module (`openimds network list` had
+# imported all thirteen, the metadata API's and agent's included: ~0.1 s of every call); the
+# others stay stubs carrying this help, which is all `openimds --help` shows of them. A
+# module's commands are listed together, in the order its register adds them;
+# tests/unit/test_cli_lazy.py checks the table against the modules.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "registry": ("openimds.registry.cli", "the registry (control plane)"),
+    "project": ("openimds.registry.cli", "projects (tenants)"),
+    "network": ("openimds.registry.cli", "networks"),
+    "subnet": ("openimds.registry.cli", "subnets"),
+    "router": ("openimds.registry.cli", "routers"),
+    "keypair": ("openimds.registry.cli", "SSH key pairs"),
+    "server": ("openimds.registry.cli", "instances"),
+    "port": ("openimds.registry.cli", "ports"),
+    "api": ("openimds.metadata.api_cli", "serve the metadata API (Nova's side): EC2 and "
+            "OpenStack documents from the registry"),
+    "identity": ("openimds.metadata.identity_cli", "print the certificate (cert) or JWKS "
+                 "(jwks) that verify instance identities"),
+    "agent": ("openimds.metadata.agent_cli", "run the metadata agent: identify the VM, sign, "
+              "forward to the metadata API"),
+    "proxy": ("openimds.metadata.proxy_cli", "serve metadata in every router/network "
+              "namespace listed in [proxy] listeners_dir (one process; SIGHUP rescans)"),
+    "l3-agent": ("openimds.agents.l3_cli", "run the L3 agent: qrouter- namespaces, metadata "
+                 "rules, proxy listener specs"),
+    "dhcp-agent": ("openimds.agents.dhcp_cli", "serve DHCP (dnsmasq in qdhcp-<network> "
+                   "namespaces) and isolated-network metadata, following the registry"),
+    "l2-agent": ("openimds.agents.l2_cli", "run the L2 agent of a compute node: one bridge "
+                 "per network, heartbeats"),
+    "vm": ("openimds.lab.cli", "lab VMs: a namespace plugged into a server's network"),
+    "lab": ("openimds.lab.cluster_cli", "a lab cloud on this machine: nodes as namespaces"),
+    "up": ("openimds.node.cli", "run the registry, metadata API, agent, proxy, L3 and DHCP "
+           "agents as supervised children (Ctrl-C stops them; state is kept)"),
+    "down": ("openimds.node.cli", "stop the node `openimds up` runs (from any terminal); "
+             "--purge also removes every namespace, link, listener spec, dnsmasq and state "
+             "file it made"),
+    "trace": ("openimds.node.cli", "check each hop of a server's metadata path, from its VM "
+              "namespace to the API"),
+    "doctor": ("openimds.node.cli", "host-wide checks: binaries, kernel, services, socket, "
+               "secret, stale state"),
+    "status": ("openimds.metrics.status_cli", "every service's state, request rate, error "
+               "ratio, p99 and connections ended by a timeout per hop, cache hit ratio and "
+               "change-feed lag, read from their /metrics ([metrics] ports)"),
+    "host": ("openimds.node.host_cli", "nodes and what they serve"),
 }
 
-
-def _command_of(argv: Sequence[str]) -> str | None:
-    """The top-level command in argv (after the global options), if any."""
-    args = iter(argv)
-    for arg in args:
-        if arg == "--config":
-            next(args, None)
-        elif not arg.startswith("-"):
-            return arg
-    return None
+COMMAND_MODULES = tuple(dict.fromkeys(module for module, _ in COMMANDS.values()))
 
 
 def format_parent() -> argparse.ArgumentParser:
@@ -91,6 +97,8 @@ def _config_show(args: argparse.Namespace, settings: Any) -> int:
 
 
 def build_parser(modules: Sequence[str] = COMMAND_MODULES) -> argparse.ArgumentParser:
+    """The `openimds` parser with the commands of `modules` in full; every other command is
+    a stub with its help and no arguments (enough to list it and to tell it was chosen)."""
     parser = argparse.ArgumentParser(
         prog="openimds", description="Instance-metadata service for multi-tenant Linux clouds."
     )
@@ -103,22 +111,30 @@ def build_parser(modules: Sequence[str] = COMMAND_MODULES) -> argparse.ArgumentP
     config_sub = config.add_subparsers(dest="action", metavar="ACTION", required=True)
     add_command(config_sub, "show", _config_show, "print the effective settings, secrets masked")
 
-    for name in modules:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.register(sub)
+    registered: set[str] = set()
+    for name, (module, help) in COMMANDS.items():
+        if module not in modules:
+            # No -h of its own: `openimds NAME --help` is answered by the full parser.
+            sub.add_parser(name, help=help, add_help=False)
+        elif module not in registered:
+            registered.add(module)
+            importlib.import_module(module).register(sub)
     return parser
 
 
+def _parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser with the chosen command in full. The command is the one argparse itself
+    picks (a stub parser, so abbreviated options like `--conf X` count as they will); a
+    missing or unknown command, `--help` and `--version` are answered by that stub parser,
+    whose top level is the full parser's."""
+    chosen, _ = build_parser(()).parse_known_args(argv)
+    entry = COMMANDS.get(chosen.command)
+    return build_parser((entry[0],) if entry else ())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    command = _command_of(sys.argv[1:] if argv is None else argv)
-    only = SERVICE_COMMANDS.get(command or "")
-    parser = build_parser((only,) if only else COMMAND_MODULES)
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser_for(argv).parse_args(argv)
     try:
         settings = load_settings(args.config)
         return int(args.func(args, settings))

@@ -14,7 +14,6 @@ import sys
 
 from openimds.cli import add_command
 from openimds.config import Settings
-from openimds.metadata.identity import load_or_create
 
 __all__ = ["register"]
 
@@ -29,6 +28,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _identity(args: argparse.Namespace, settings: Settings) -> int:
+    # Imported here: cryptography (~30 ms) is not needed for `identity --help`.
+    from openimds.metadata.identity import load_or_create
+
     signer = load_or_create(settings)
     if args.what == "cert":
         sys.stdout.write(signer.cert_pem.decode("ascii"))

@@ -12,7 +12,6 @@ are accepted wherever an object is named (an ambiguous name is an error naming t
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import sys
 import uuid
@@ -22,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 from openimds.cli import add_command
 from openimds.errors import BadRequest, Conflict, NotFound
-from openimds.log import setup_logging
 from openimds.output import emit_list, emit_one
-from openimds.registry.client import RegistryClient
 
 if TYPE_CHECKING:
+    from openimds.registry.client import RegistryClient
+
     Sub = argparse._SubParsersAction[argparse.ArgumentParser]
 else:
     Sub = argparse._SubParsersAction
@@ -37,6 +36,9 @@ Obj = dict[str, Any]
 
 
 def _client(settings: Any) -> RegistryClient:
+    # Imported here, not above: httpx is for the resource commands, not serve/migrate/--help.
+    from openimds.registry.client import RegistryClient
+
     return RegistryClient.from_settings(settings, admin=True)
 
 
@@ -118,6 +120,9 @@ def _group(sub: Sub, name: str, help: str) -> Sub:
 
 
 def _serve(args: argparse.Namespace, settings: Any) -> int:
+    import asyncio
+
+    from openimds.log import setup_logging
     from openimds.registry.app import serve
 
     setup_logging(debug=settings.debug, log_file=settings.log_file, component="registry",
