@@ -28,6 +28,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -282,9 +283,15 @@ SQLITE_SYNCHRONOUS = ("FULL", "NORMAL")
 # pages, every ~50 creates here) copies the WAL into the database and fsyncs both inside
 # its own commit: a few ms on one write in fifty, which is the p99 of a create. Instead a
 # background thread runs a PASSIVE checkpoint (it neither waits for nor blocks readers and
-# writers) every CHECKPOINT_EVERY writes; the connections keep a far larger automatic
+# writers) once CHECKPOINT_EVERY writes are pending and no write came for CHECKPOINT_QUIET_S,
+# or at the latest once CHECKPOINT_MAX are: a checkpoint's page copies and database fsync
+# share the disk with the next commit's fdatasync, and one run right after the 32nd write
+# made the next create 9-13 ms instead of 2 (1 create in 32: the p99; docs/benchmarks.md,
+# "Create CPU at 10,000 (createp99)"). The connections keep a far larger automatic
 # threshold only as a backstop should that thread fall behind.
 CHECKPOINT_EVERY = 32
+CHECKPOINT_QUIET_S = 0.05
+CHECKPOINT_MAX = 512
 WAL_BACKSTOP_PAGES = 16000
 
 # The write path's statements, built once: building a Core statement per call costs more
@@ -479,11 +486,15 @@ _REHEARSAL: ContextVar[Connection | None] = ContextVar("openimds_rehearsal", def
 
 class _Checkpointer:
     """Runs SQLite's WAL checkpoints off the write path, on a thread and connection of its
-    own (see CHECKPOINT_EVERY)."""
+    own, in a pause between writes (see CHECKPOINT_EVERY)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, every: int = CHECKPOINT_EVERY,
+                 quiet_s: float = CHECKPOINT_QUIET_S, most: int = CHECKPOINT_MAX) -> None:
         self._path = path
-        self._writes = 0
+        self._every, self._quiet_s, self._most = every, quiet_s, max(every, most)
+        self._writes = 0  # writes committed, ever
+        self._covered = 0  # of them, those before the last checkpoint began
+        self._last = 0.0  # time.monotonic() of the last write
         self._wake = threading.Event()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -492,14 +503,23 @@ class _Checkpointer:
     def wrote(self) -> None:
         """One write committed (called under the store's write lock)."""
         self._writes += 1
-        if self._writes < CHECKPOINT_EVERY or self._closed:
+        self._last = time.monotonic()
+        pending = self._writes - self._covered
+        # wake the thread to wait for a pause, or to stop waiting: not at every write
+        if (pending != self._every and pending < self._most) or self._closed:
             return
-        self._writes = 0
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint",
                                             daemon=True)
             self._thread.start()
         self._wake.set()
+
+    def _due_in(self) -> float:
+        """Seconds until a checkpoint is due (<= 0: now): once no write came for quiet_s, or
+        at once when `most` writes are pending."""
+        if self._writes - self._covered >= self._most:
+            return 0.0
+        return self._last + self._quiet_s - time.monotonic()
 
     def _run(self) -> None:
         db = sqlite3.connect(self._path, timeout=30, isolation_level=None,
@@ -507,9 +527,15 @@ class _Checkpointer:
         try:
             while True:
                 self._wake.wait()
-                self._wake.clear()
-                if self._closed:
-                    return
+                while True:  # until a pause, `most` pending writes or close()
+                    self._wake.clear()
+                    if self._closed:
+                        return
+                    wait = self._due_in()
+                    if wait <= 0:
+                        break
+                    self._wake.wait(wait)
+                self._covered = self._writes
                 try:
                     db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                     self.done += 1
